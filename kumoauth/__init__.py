@@ -1,0 +1,11 @@
+"""
+kumoauth: an ESMTP submission server on Twisted with KumoMTA-style SMTP AUTH.
+
+Policy files use ``from kumoauth import kumo``.
+"""
+
+from kumoauth.policy import Reject, kumo
+
+__version__ = "0.1.0"
+
+__all__ = ["Reject", "__version__", "kumo"]

@@ -1,0 +1,165 @@
+"""
+SMTP command-line parsing and reply formatting: pure functions, no I/O.
+
+Grammar from RFC 5321 §4.1 (commands, paths, parameters); the MAIL
+parameters known here are SIZE (RFC 1870), BODY (RFC 6152) and AUTH
+(RFC 4954 §5).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF; we
+#: allow 1000 (the text-line limit of §4.5.3.1.6) as SPEC §6 says.
+MAX_COMMAND_LINE = 1000
+
+
+class CommandError(ValueError):
+    """
+    A syntactically bad command; ``reply`` is the full SMTP reply line.
+    """
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__(reply.decode("ascii", "replace"))
+        self.reply = reply
+
+
+def parse_command(line: bytes) -> tuple[str, bytes]:
+    """
+    Split a command line into an upper-case verb and its argument bytes
+    (RFC 5321 §4.1.1: verbs are case-insensitive, separated by one SP).
+    Returns ``("", b"")`` for a verb that is not 1-16 ASCII letters.
+    """
+    verb, _, arg = line.partition(b" ")
+    if not (0 < len(verb) <= 16 and verb.isalpha() and verb.isascii()):
+        return "", b""
+    return verb.decode("ascii").upper(), arg.strip(b" ")
+
+
+# RFC 5321 §4.1.2, simplified to what a submission server must accept:
+# Local-part "@" Domain, with a dot-string or quoted-string local part and a
+# domain name or address literal.  An at-domain source route ("@a,@b:") is
+# accepted and ignored (§4.1.2, Appendix C).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
+_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+_MAILBOX = re.compile(
+    rf"(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})", re.ASCII
+)
+_ROUTE = re.compile(rf"@{_DOMAIN}(?:,@{_DOMAIN})*:", re.ASCII)
+_PARAM = re.compile(rb"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
+
+
+def is_mailbox(address: str) -> bool:
+    """
+    True if *address* is an RFC 5321 §4.1.2 Mailbox (local@domain).
+    """
+    return len(address) <= 254 and _MAILBOX.fullmatch(address) is not None
+
+
+@dataclass(frozen=True)
+class Path:
+    """
+    A parsed MAIL FROM or RCPT TO argument.
+    """
+
+    address: str
+    params: dict[str, str | None]
+
+
+def parse_path(arg: bytes, keyword: bytes, allow_null: bool) -> Path:
+    """
+    Parse ``FROM:<addr> params`` or ``TO:<addr> params``.
+
+    A space between the colon and ``<`` is tolerated, because common clients
+    send it.  The null reverse-path ``<>`` is allowed only for MAIL
+    (*allow_null*).  Parameter keywords are returned upper-case.
+    """
+    head = arg[: len(keyword) + 1]
+    verb = b"MAIL FROM" if keyword == b"FROM" else b"RCPT TO"
+    syntax = CommandError(b"501 5.5.4 Syntax: " + verb + b":<address>")
+    if head.upper() != keyword + b":":
+        raise syntax
+    rest = arg[len(keyword) + 1 :].lstrip(b" ")
+    if not rest.startswith(b"<"):
+        raise syntax
+    end = rest.find(b">")
+    if end < 0:
+        raise syntax
+    raw, tail = rest[1:end], rest[end + 1 :]
+    if tail and not tail.startswith(b" "):
+        raise syntax
+    bad = CommandError(
+        b"501 5.1.7 Bad sender address syntax"
+        if allow_null
+        else b"501 5.1.3 Bad recipient address syntax"
+    )
+    try:
+        address = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise bad from None
+    route = _ROUTE.match(address)
+    if route:
+        address = address[route.end() :]
+    if address == "":
+        if not allow_null or route:
+            raise bad
+    elif not is_mailbox(address):
+        raise bad
+    return Path(address=address, params=parse_params(tail))
+
+
+def parse_params(tail: bytes) -> dict[str, str | None]:
+    """
+    Parse ``esmtp-param *(SP esmtp-param)`` (RFC 5321 §4.1.2).
+    """
+    params: dict[str, str | None] = {}
+    for word in tail.split():
+        m = _PARAM.fullmatch(word)
+        if m is None:
+            raise CommandError(b"501 5.5.4 Malformed parameter")
+        key = m.group(1).decode("ascii").upper()
+        if key in params:
+            raise CommandError(b"501 5.5.4 Duplicate parameter")
+        value = m.group(2)
+        params[key] = value.decode("ascii") if value is not None else None
+    return params
+
+
+def check_mail_params(params: dict[str, str | None], max_size: int) -> None:
+    """
+    Validate MAIL FROM parameters: SIZE (RFC 1870 §6), BODY (RFC 6152 §2),
+    AUTH (RFC 4954 §5, accepted; the identity comes from the session).
+    """
+    for key, value in params.items():
+        if key == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                raise CommandError(b"501 5.5.4 Bad SIZE parameter")
+            if int(value) > max_size:
+                raise CommandError(b"552 5.3.4 Message size exceeds fixed limit")
+        elif key == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                raise CommandError(b"501 5.5.4 Bad BODY parameter")
+        elif key == "AUTH":
+            if value is None:
+                raise CommandError(b"501 5.5.4 Bad AUTH parameter")
+        else:
+            raise CommandError(b"555 5.5.4 Unsupported parameter " + key.encode())
+
+
+def reply_lines(code: int, lines: list[str]) -> bytes:
+    """
+    Format a (possibly multi-line) reply, RFC 5321 §4.2.1: every line but the
+    last has a hyphen after the code.
+    """
+    out = []
+    last = len(lines) - 1
+    for i, text in enumerate(lines):
+        sep = " " if i == last else "-"
+        out.append(f"{code}{sep}{text}\r\n".encode())
+    return b"".join(out)

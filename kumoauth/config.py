@@ -1,0 +1,353 @@
+"""
+Configuration: the TOML file of SPEC §3, parsed with :mod:`tomllib` into
+typed, validated, immutable objects.
+
+Every operator mistake becomes one :class:`ConfigError` whose ``str()`` is a
+single line naming the file and the key (or line) at fault; the twistd plugin
+prints that line and exits non-zero, without a traceback.
+
+Relative paths in the file (certificate, key, policy, spool) are resolved
+against the directory that holds the configuration file, so a config and its
+neighbours can be moved together.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TLS_MODES = ("starttls", "implicit", "none")
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+MECHANISMS = ("PLAIN", "LOGIN")
+
+
+class ConfigError(Exception):
+    """
+    An operator's mistake in the configuration: one line, no traceback.
+    """
+
+    def __init__(self, path: Path | str, where: str, problem: str) -> None:
+        self.path = str(path)
+        self.where = where
+        self.problem = problem
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.where:
+            return f"{self.path}: {self.where}: {self.problem}"
+        return f"{self.path}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str
+    banner: str = "kumoauth"
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    idle_timeout: float = 300.0
+    max_message_size: int = 26214400
+    max_recipients: int = 100
+    max_errors: int = 10
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: Path
+    private_key: Path
+    self_signed: bool = False
+    min_version: str = "TLSv1.2"
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    endpoint: str
+    tls: str = "starttls"
+    auth_required: bool = True
+    allow_plaintext_auth: bool = False
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mechanisms: tuple[str, ...] = MECHANISMS
+    checker: str = "policy"
+    timeout: float = 10.0
+    failure_delay: float = 1.0
+    max_failures: int = 3
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: Path
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    server: ServerConfig
+    tls: TLSConfig | None
+    listeners: tuple[ListenerConfig, ...]
+    auth: AuthConfig
+    policy: PolicyConfig
+    spool: SpoolConfig
+
+
+# --- schema ---------------------------------------------------------------
+
+# A checker turns a raw TOML value into the typed value, or returns a string
+# describing what was expected.
+Check = Callable[[Any], Any]
+
+
+class _Bad(Exception):
+    pass
+
+
+def _int(minimum: int = 0) -> Check:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _Bad(f"expected an integer, got {_show(v)}")
+        if v < minimum:
+            raise _Bad(f"must be at least {minimum}, got {v}")
+        return v
+
+    return check
+
+
+def _number(minimum: float = 0.0) -> Check:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise _Bad(f"expected a number of seconds, got {_show(v)}")
+        if v < minimum:
+            raise _Bad(f"must be at least {minimum}, got {v}")
+        return float(v)
+
+    return check
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"expected a string, got {_show(v)}")
+    if not v:
+        raise _Bad("must not be empty")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _Bad(f"expected true or false, got {_show(v)}")
+    return v
+
+
+def _choice(*options: str) -> Check:
+    def check(v: Any) -> str:
+        if v not in options:
+            allowed = ", ".join(f'"{o}"' for o in options)
+            raise _Bad(f"expected one of {allowed}, got {_show(v)}")
+        return str(v)
+
+    return check
+
+
+def _table(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _Bad(f"expected a table, got {_show(v)}")
+    return dict(v)
+
+
+def _mechanisms(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(m, str) for m in v):
+        raise _Bad(f"expected a list of strings, got {_show(v)}")
+    names = tuple(m.upper() for m in v)
+    for name in names:
+        if name not in MECHANISMS:
+            raise _Bad(f'unsupported mechanism "{name}" (supported: PLAIN, LOGIN)')
+    if not names:
+        raise _Bad("must name at least one mechanism")
+    return tuple(dict.fromkeys(names))
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, dict):
+        return "a table"
+    if isinstance(v, list):
+        return "a list"
+    return repr(v)
+
+
+SCHEMA: dict[str, dict[str, Check]] = {
+    "server": {
+        "hostname": _str,
+        "banner": _str,
+        "max_connections": _int(1),
+        "max_connections_per_ip": _int(1),
+        "idle_timeout": _number(0.001),
+        "max_message_size": _int(1),
+        "max_recipients": _int(1),
+        "max_errors": _int(1),
+    },
+    "tls": {
+        "certificate": _str,
+        "private_key": _str,
+        "self_signed": _bool,
+        "min_version": _choice(*TLS_VERSIONS),
+    },
+    "listener": {
+        "endpoint": _str,
+        "tls": _choice(*TLS_MODES),
+        "auth_required": _bool,
+        "allow_plaintext_auth": _bool,
+        "meta": _table,
+    },
+    "auth": {
+        "mechanisms": _mechanisms,
+        "checker": _str,
+        "timeout": _number(0.001),
+        "failure_delay": _number(0.0),
+        "max_failures": _int(1),
+    },
+    "policy": {"path": _str},
+    "spool": {"path": _str},
+}
+
+REQUIRED = {
+    "tls": ("certificate", "private_key"),
+    "listener": ("endpoint",),
+    "spool": ("path",),
+}
+
+
+def _section(
+    source: Path, name: str, raw: Any, label: str | None = None
+) -> dict[str, Any]:
+    label = label or f"[{name}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(source, label, f"expected a table, got {_show(raw)}")
+    schema = SCHEMA[name]
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        check = schema.get(key)
+        if check is None:
+            known = ", ".join(schema)
+            raise ConfigError(source, f"{label} {key}", f"unknown key (known: {known})")
+        try:
+            out[key] = check(value)
+        except _Bad as e:
+            raise ConfigError(source, f"{label} {key}", str(e)) from None
+    for key in REQUIRED.get(name, ()):
+        if key not in out:
+            raise ConfigError(source, f"{label} {key}", "required key is missing")
+    return out
+
+
+def _path(source: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        p = source.parent / p
+    return p
+
+
+def parse(text: str, source: Path | str = "<config>") -> Config:
+    """
+    Parse and validate configuration text.  Raises :class:`ConfigError`.
+    """
+    source = Path(source)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "", f"TOML syntax error: {e}") from None
+
+    for key in data:
+        if key not in SCHEMA:
+            known = ", ".join(f"[{k}]" for k in SCHEMA)
+            raise ConfigError(source, f"[{key}]", f"unknown section (known: {known})")
+
+    server = _section(source, "server", data.get("server", {}))
+    server.setdefault("hostname", socket.getfqdn())
+
+    raw_listeners = data.get("listener")
+    if raw_listeners is None:
+        raise ConfigError(source, "[[listener]]", "at least one listener is required")
+    if not isinstance(raw_listeners, list) or not raw_listeners:
+        raise ConfigError(
+            source, "[[listener]]", "expected one or more [[listener]] blocks"
+        )
+    listeners = tuple(
+        ListenerConfig(
+            **_section(source, "listener", raw, f"[[listener]] #{i + 1}"),
+        )
+        for i, raw in enumerate(raw_listeners)
+    )
+
+    for i, listener in enumerate(listeners):
+        if listener.auth_required and listener.tls == "none" and not listener.allow_plaintext_auth:
+            raise ConfigError(
+                source,
+                f"[[listener]] #{i + 1} auth_required",
+                'no client could ever send: AUTH needs TLS, and tls = "none" '
+                "(set allow_plaintext_auth = true behind a TLS proxy, or auth_required = false)",
+            )
+
+    tls: TLSConfig | None = None
+    if "tls" in data:
+        t = _section(source, "tls", data["tls"])
+        t["certificate"] = _path(source, t["certificate"])
+        t["private_key"] = _path(source, t["private_key"])
+        tls = TLSConfig(**t)
+    else:
+        for i, listener in enumerate(listeners):
+            if listener.tls != "none":
+                raise ConfigError(
+                    source,
+                    "[tls]",
+                    f'missing, but [[listener]] #{i + 1} uses tls = "{listener.tls}"',
+                )
+
+    auth = AuthConfig(**_section(source, "auth", data.get("auth", {})))
+
+    p = _section(source, "policy", data.get("policy", {}))
+    policy = PolicyConfig(path=_path(source, p["path"]) if "path" in p else None)
+
+    if "spool" not in data:
+        raise ConfigError(source, "[spool] path", "required key is missing")
+    s = _section(source, "spool", data["spool"])
+    spool = SpoolConfig(path=_path(source, s["path"]))
+
+    return Config(
+        source=source,
+        server=ServerConfig(**server),
+        tls=tls,
+        listeners=listeners,
+        auth=auth,
+        policy=policy,
+        spool=spool,
+    )
+
+
+def load(path: Path | str) -> Config:
+    """
+    Read and validate the configuration file at *path*.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, "", "configuration file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "configuration file is not UTF-8") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read configuration: {e.strerror}") from None
+    return parse(text, path.resolve())

@@ -1,0 +1,243 @@
+"""
+Twisted Cred for SMTP AUTH (SPEC §5): credentials, checkers and the realm.
+
+The protocol builds :class:`PlainCredentials` for each attempt and hands them
+to a :class:`~twisted.cred.portal.Portal`.  Every checker in that portal
+speaks :class:`IPlainCredentials`:
+
+- :class:`PolicyChecker` wraps the policy's ``smtp_server_auth_plain``;
+- :class:`UsernamePasswordChecker` wraps any stock ``IUsernamePassword``
+  checker (``FilePasswordDB``, strcred's ``memory:`` and ``file:``, …) and
+  refuses a proxy authorization (authz ≠ authc) it cannot judge.
+
+The realm hands back a :class:`~kumoauth.delivery.Delivery` avatar carrying
+``authn_id``, ``authz_id`` and conn_meta into every message.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib
+from typing import Any
+
+from twisted.cred import error
+from twisted.cred.checkers import (
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from zope.interface import Attribute, implementer
+
+from kumoauth.delivery import Delivery, IMessageDelivery, Store
+from kumoauth.meta import ConnMeta
+from kumoauth.policy import Handler, invoke
+
+
+class IPlainCredentials(IUsernamePassword):
+    """
+    The credentials of one SASL PLAIN or LOGIN attempt.
+
+    As an ``IUsernamePassword``, ``username`` is authc and ``password`` the
+    password, both UTF-8 bytes, so stock checkers work unchanged.
+    """
+
+    authz = Attribute("Authorization identity (str); authc when the client sent none.")
+    authc = Attribute("Authentication identity (str).")
+    conn_meta = Attribute("The connection's ConnMeta.")
+
+    def password_text() -> str:
+        """
+        The password as str, for checkers that want text.
+        """
+
+
+@implementer(IPlainCredentials)
+class PlainCredentials:
+    __slots__ = ("authz", "authc", "username", "password", "conn_meta")
+
+    def __init__(self, authz: str, authc: str, password: str, conn_meta: ConnMeta) -> None:
+        self.authc = authc
+        self.authz = authz or authc  # SPEC §1: empty authz means authc
+        self.username = authc.encode("utf-8")
+        self.password = password.encode("utf-8")
+        self.conn_meta = conn_meta
+
+    def password_text(self) -> str:
+        return self.password.decode("utf-8")
+
+    def checkPassword(self, password: bytes | str) -> bool:
+        """
+        Constant-time comparison (``hmac.compare_digest``), so the reply time
+        does not tell how much of a guess was right.
+        """
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        return hmac.compare_digest(self.password, password)
+
+    def __repr__(self) -> str:
+        return f"<PlainCredentials authz={self.authz!r} authc={self.authc!r} password=<hidden>>"
+
+
+class CheckerError(Exception):
+    """
+    The checker failed (not "wrong password"): the client gets 454.
+    """
+
+
+@implementer(ICredentialsChecker)
+class PolicyChecker:
+    """
+    The policy's ``smtp_server_auth_plain(authz, authc, password, conn_meta)``
+    as a Cred checker.  Sync, Deferred and coroutine handlers alike; the
+    result must be a ``bool`` and arrive within *timeout* seconds.
+    """
+
+    credentialInterfaces = (IPlainCredentials,)
+
+    def __init__(self, handler: Handler, timeout: float, clock: IReactorTime) -> None:
+        self.handler = handler
+        self.timeout = timeout
+        self.clock = clock
+
+    def requestAvatarId(self, credentials: IPlainCredentials) -> defer.Deferred[str]:
+        try:
+            result = invoke(
+                self.handler,
+                credentials.authz,
+                credentials.authc,
+                credentials.password_text(),
+                credentials.conn_meta,
+            )
+        except Exception:
+            return defer.fail(Failure())
+        d = result if isinstance(result, defer.Deferred) else defer.succeed(result)
+        if isinstance(result, defer.Deferred):
+            d.addTimeout(self.timeout, self.clock)
+
+        def decide(ok: object) -> str:
+            if ok is True:
+                return str(credentials.authc)
+            if ok is False:
+                raise error.UnauthorizedLogin()
+            raise CheckerError(
+                f"smtp_server_auth_plain returned {type(ok).__name__}, not bool"
+            )
+
+        return d.addCallback(decide)
+
+
+@implementer(ICredentialsChecker)
+class UsernamePasswordChecker:
+    """
+    Adapt a checker that only knows ``IUsernamePassword``.  It cannot judge
+    whether authc may act as a different authz, so such attempts fail
+    (SPEC §5).
+    """
+
+    credentialInterfaces = (IPlainCredentials,)
+
+    def __init__(self, inner: ICredentialsChecker) -> None:
+        self.inner = inner
+
+    def requestAvatarId(self, credentials: IPlainCredentials) -> defer.Deferred[Any]:
+        if credentials.authz != credentials.authc:
+            return defer.fail(error.UnauthorizedLogin())
+        return defer.maybeDeferred(self.inner.requestAvatarId, credentials)
+
+
+def normalize_checker(checker: ICredentialsChecker) -> ICredentialsChecker:
+    """
+    Make any checker speak ``IPlainCredentials``.
+
+    strcred's ``memory:`` stores str user names and passwords while every
+    other stock checker (``FilePasswordDB``) uses bytes, as
+    ``IUsernamePassword`` says; we convert the former so both work.
+    """
+    if IPlainCredentials in getattr(checker, "credentialInterfaces", ()):
+        return checker
+    if not any(
+        issubclass(IPlainCredentials, i) or i is IUsernamePassword
+        for i in getattr(checker, "credentialInterfaces", ())
+    ):
+        raise TypeError(
+            f"{type(checker).__name__} accepts neither IPlainCredentials "
+            "nor IUsernamePassword"
+        )
+    if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+        checker.users = {
+            _b(name): _b(password) for name, password in checker.users.items()
+        }
+    return UsernamePasswordChecker(checker)
+
+
+def _b(value: str | bytes) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def load_checker_factory(spec: str) -> ICredentialsChecker:
+    """
+    Load ``package.module:factory`` and call the factory with no arguments.
+    Raises ``ValueError`` with one line on any failure.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f'"{spec}" is not "policy" or "package.module:factory"')
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ValueError(f"cannot import {module_name}: {type(e).__name__}: {e}") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ValueError(f"{module_name} has no attribute {attr}")
+    try:
+        checker = factory()
+    except Exception as e:
+        raise ValueError(f"{spec}() failed: {type(e).__name__}: {e}") from None
+    if not ICredentialsChecker.providedBy(checker):
+        raise ValueError(f"{spec}() did not return an ICredentialsChecker")
+    try:
+        return normalize_checker(checker)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+
+
+class AuthContext:
+    """
+    The *mind* passed to ``Portal.login``: what the realm needs besides the
+    avatar id to build the session's delivery avatar.
+    """
+
+    __slots__ = ("authz", "conn_meta")
+
+    def __init__(self, authz: str, conn_meta: ConnMeta) -> None:
+        self.authz = authz
+        self.conn_meta = conn_meta
+
+
+@implementer(IRealm)
+class SubmissionRealm:
+    """
+    Gives each authenticated session an ``IMessageDelivery`` avatar that
+    stamps ``authn_id`` and ``authz_id`` on its conn_meta and stores
+    messages with *store* (the spool).
+    """
+
+    def __init__(self, store: Store | None = None) -> None:
+        self.store = store
+
+    def requestAvatar(
+        self, avatarId: Any, mind: AuthContext, *interfaces: Any
+    ) -> tuple[Any, Delivery, Any]:
+        if IMessageDelivery not in interfaces:
+            raise NotImplementedError("SubmissionRealm only provides IMessageDelivery")
+        authn = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else str(avatarId)
+        delivery = Delivery(mind.conn_meta, authn_id=authn, authz_id=mind.authz, store=self.store)
+        return IMessageDelivery, delivery, delivery.logout
+
+
+def make_portal(checkers: list[ICredentialsChecker], store: Store | None = None) -> Portal:
+    return Portal(SubmissionRealm(store), [normalize_checker(c) for c in checkers])

@@ -1,0 +1,111 @@
+"""
+Listeners: one protocol factory per ``[[listener]]``, and the run-time state
+they share (:class:`Runtime`).
+
+A connection captures the :class:`Runtime` current when it is accepted and
+keeps it to the end, so replacing ``factory.runtime`` (a reload) changes what
+new connections get without touching live sessions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.cred.portal import Portal
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from kumoauth.config import AuthConfig, ListenerConfig, ServerConfig
+from kumoauth.delivery import Message
+from kumoauth.policy import Policy
+from kumoauth.tls import ServerContextFactory
+
+
+class ConnectionLimits:
+    """
+    Counts open connections server-wide and per client IP (SPEC §3
+    ``max_connections``, ``max_connections_per_ip``).
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_ip: dict[str, int] = {}
+
+    def acquire(self, ip: str, server: ServerConfig) -> bool:
+        """
+        Count a new connection; False (and nothing counted) if over a limit.
+        """
+        n = self.per_ip.get(ip, 0)
+        if self.total >= server.max_connections or n >= server.max_connections_per_ip:
+            return False
+        self.total += 1
+        self.per_ip[ip] = n + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        n = self.per_ip[ip] - 1
+        if n:
+            self.per_ip[ip] = n
+        else:
+            del self.per_ip[ip]
+
+
+@dataclass
+class Runtime:
+    """
+    Everything a session needs, shared by all listeners.
+    """
+
+    server: ServerConfig
+    auth: AuthConfig
+    policy: Policy
+    portal: Portal
+    store: Callable[[Message], Any]
+    clock: IReactorTime
+    tls: ServerContextFactory | None = None
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+
+    def ehlo_keywords(self, listener: ListenerConfig, secure: bool) -> list[str]:
+        """
+        The EHLO extensions for a listener in a given TLS state (SPEC §6):
+        STARTTLS only before TLS, AUTH only inside TLS (or where plaintext
+        AUTH is allowed).
+        """
+        words = [
+            "PIPELINING",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            f"SIZE {self.server.max_message_size}",
+        ]
+        if listener.tls == "starttls" and not secure:
+            words.append("STARTTLS")
+        if secure or listener.allow_plaintext_auth:
+            words.append("AUTH " + " ".join(self.auth.mechanisms))
+        return words
+
+
+class SubmissionFactory(Factory):
+    """
+    Builds :class:`~kumoauth.protocol.SubmissionProtocol` for one listener.
+    """
+
+    def __init__(self, listener: ListenerConfig, runtime: Runtime) -> None:
+        from kumoauth.protocol import SubmissionProtocol
+
+        self.protocol = SubmissionProtocol
+        self.listener = listener
+        self.runtime = runtime
+
+
+def wrap_listener(factory: SubmissionFactory) -> Factory:
+    """
+    The factory to listen with: wrapped in TLS for ``tls = "implicit"``.
+    """
+    if factory.listener.tls == "implicit":
+        assert factory.runtime.tls is not None
+        return TLSMemoryBIOFactory(factory.runtime.tls, False, factory)
+    return factory

@@ -1,0 +1,72 @@
+"""
+Connection and message metadata (SPEC §4).
+
+One :class:`ConnMeta` exists per connection and is shared by every policy
+event of that connection.  When DATA completes, a snapshot of it becomes the
+message's meta.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class MetaError(ValueError):
+    """
+    A value given to ``set_meta`` cannot be stored (not JSON-serialisable).
+    """
+
+
+class Meta:
+    """
+    A string-keyed store of JSON-serialisable values.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, Any] | None = None) -> None:
+        self._values: dict[str, Any] = dict(values) if values else {}
+
+    def get_meta(self, key: str) -> Any:
+        """
+        Return the value stored under *key*, or ``None``.
+        """
+        return self._values.get(key)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """
+        Store *value* under *key*.  The value must survive a JSON round trip,
+        because it ends up in the spool's ``.json`` file.
+        """
+        if not isinstance(key, str):
+            raise MetaError(f"meta keys are strings, not {type(key).__name__}")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise MetaError(f"meta value for {key!r} is not JSON-serialisable: {e}") from None
+        self._values[key] = value
+
+    def snapshot(self) -> dict[str, Any]:
+        """
+        A deep copy of every key and value, safe to keep after the
+        connection changes its meta again.
+        """
+        return json.loads(json.dumps(self._values))
+
+    def keys(self) -> list[str]:
+        return list(self._values)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._values!r}>"
+
+
+class ConnMeta(Meta):
+    """
+    The metadata of one connection (``conn_meta`` in the policy API).
+    """
+
+    __slots__ = ()

@@ -1,0 +1,208 @@
+"""
+Assembly: configuration → TLS, policy, checker, spool → one listener
+service per ``[[listener]]``, all under one ``MultiService``.
+
+Operator mistakes found here raise :class:`OperatorError` (one line); the
+twistd plugin turns that into a message on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.logger import Logger
+
+from kumoauth.config import Config, ConfigError, load
+from kumoauth.cred import PolicyChecker, load_checker_factory, make_portal
+from kumoauth.listener import Runtime, SubmissionFactory, wrap_listener
+from kumoauth.policy import Policy, PolicyError, load_policy
+from kumoauth.spool import Spool, SpoolWriter
+from kumoauth.tls import ServerContextFactory, TLSError, build_context, make_self_signed
+
+log = Logger(namespace="kumoauth")
+
+
+class OperatorError(Exception):
+    """
+    A mistake in the configuration or environment: one line, exit non-zero.
+    """
+
+
+def build_tls(cfg: Config) -> ServerContextFactory | None:
+    tls = cfg.tls
+    if tls is None:
+        return None
+    if tls.self_signed and not tls.certificate.exists() and not tls.private_key.exists():
+        make_self_signed(tls.certificate, tls.private_key, cfg.server.hostname)
+        log.warn(
+            "created a self-signed certificate at {path} (self_signed = true): "
+            "for development only",
+            path=str(tls.certificate),
+        )
+    try:
+        return ServerContextFactory(build_context(tls))
+    except TLSError as e:
+        raise OperatorError(f"{cfg.source}: {e}") from None
+
+
+def build_policy(cfg: Config) -> Policy:
+    if cfg.policy.path is None:
+        return Policy()
+    try:
+        return load_policy(cfg.policy.path)
+    except PolicyError as e:
+        raise OperatorError(f"{cfg.source}: [policy] path: {e}") from None
+
+
+def build_checkers(
+    cfg: Config, policy: Policy, reactor: Any, override: list[ICredentialsChecker] | None
+) -> list[ICredentialsChecker]:
+    """
+    ``--auth`` checkers if given; else the policy handler or the
+    ``[auth] checker`` factory.
+    """
+    if override:
+        return list(override)
+    if cfg.auth.checker == "policy":
+        handler = policy.handler("smtp_server_auth_plain")
+        if handler is None:
+            if any(listener.auth_required for listener in cfg.listeners):
+                raise OperatorError(
+                    f'{cfg.source}: [auth] checker = "policy", but the policy has no '
+                    "smtp_server_auth_plain handler (and a listener has auth_required)"
+                )
+            return []
+        return [PolicyChecker(handler, cfg.auth.timeout, reactor)]
+    try:
+        return [load_checker_factory(cfg.auth.checker)]
+    except ValueError as e:
+        raise OperatorError(f"{cfg.source}: [auth] checker: {e}") from None
+
+
+class SpoolService(service.Service):
+    """
+    Owns the spool's writer threads.
+    """
+
+    def __init__(self, writer: SpoolWriter) -> None:
+        self.writer = writer
+
+    def startService(self) -> None:
+        super().startService()
+        self.writer.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.writer.stop()
+
+
+class ListenerService(service.Service):
+    """
+    Binds one listener in ``privilegedStartService`` (before twistd drops
+    privileges).  A listener that cannot bind is an operator error: one
+    line on stderr and exit status 1.
+    """
+
+    def __init__(self, description: str, endpoint: Any, factory: Any, source: str) -> None:
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.source = source
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        result: list[Any] = []
+        self.endpoint.listen(self.factory).addBoth(result.append)
+        if not result or not IListeningPort.providedBy(result[0]):
+            reason = result[0].getErrorMessage() if result else "did not bind at once"
+            message = f"{self.source}: [[listener]] endpoint \"{self.description}\": cannot listen: {reason}"
+            log.critical("{message}", message=message)
+            sys.stderr.write(f"kumoauth: error: {message}\n")
+            sys.stderr.flush()
+            raise SystemExit(1)
+        self.port = result[0]
+        log.info("listening on {address} ({tls})", address=str(self.port.getHost()), tls=self.factory_tls)
+
+    @property
+    def factory_tls(self) -> str:
+        f = self.factory
+        inner = getattr(f, "wrappedFactory", f)
+        return str(inner.listener.tls)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+def make_service(
+    config_path: str, reactor: IReactorCore | None = None, checkers: list[Any] | None = None
+) -> service.MultiService:
+    """
+    Build the whole service from a configuration file.  Raises
+    :class:`OperatorError`.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor  # type: ignore[assignment]
+    try:
+        cfg = load(config_path)
+    except ConfigError as e:
+        raise OperatorError(str(e)) from None
+    return make_service_from_config(cfg, reactor, checkers)
+
+
+def make_service_from_config(
+    cfg: Config, reactor: Any, checkers: list[Any] | None = None
+) -> service.MultiService:
+    tls = build_tls(cfg)
+    policy = build_policy(cfg)
+    checker_list = build_checkers(cfg, policy, reactor, checkers)
+
+    spool = Spool(cfg.spool.path)
+    try:
+        spool.create()
+        removed = spool.recover()
+    except OSError as e:
+        raise OperatorError(f"{cfg.source}: [spool] path: {cfg.spool.path}: {e.strerror}") from None
+    if removed:
+        log.warn("spool recovery removed {n} incomplete files", n=len(removed))
+    writer = SpoolWriter(spool, reactor)
+
+    runtime = Runtime(
+        server=cfg.server,
+        auth=cfg.auth,
+        policy=policy,
+        portal=make_portal(checker_list, writer.store),
+        store=writer.store,
+        clock=reactor,
+        tls=tls,
+    )
+
+    top = service.MultiService()
+    SpoolService(writer).setServiceParent(top)
+    for i, listener in enumerate(cfg.listeners):
+        try:
+            endpoint = endpoints.serverFromString(reactor, listener.endpoint)
+        except Exception as e:
+            raise OperatorError(
+                f'{cfg.source}: [[listener]] #{i + 1} endpoint: "{listener.endpoint}": '
+                f"cannot parse: {e}"
+            ) from None
+        factory = wrap_listener(SubmissionFactory(listener, runtime))
+        ListenerService(listener.endpoint, endpoint, factory, str(cfg.source)).setServiceParent(top)
+    return top

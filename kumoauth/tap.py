@@ -1,0 +1,42 @@
+"""
+The twistd plugin's options and entry point: ``twistd kumoauth --config FILE``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.cred import strcred
+from twisted.python import usage
+
+from kumoauth.service import OperatorError, make_service
+
+
+class Options(usage.Options, strcred.AuthOptionMixin):
+    synopsis = "--config FILE [--auth STRCRED]"
+    longdesc = (
+        "kumoauth: an ESMTP submission server with KumoMTA-style SMTP AUTH. "
+        "--auth (e.g. memory:scott:tiger or file:/etc/kumoauth/passwd) replaces "
+        "the checker named in the configuration."
+    )
+    optParameters = [
+        ["config", "c", None, "The TOML configuration file."],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required")
+
+
+def makeService(options: Options | dict[str, Any]) -> service.IService:
+    """
+    Build the service; an operator error prints one line and exits 1.
+    """
+    try:
+        return make_service(options["config"], checkers=options.get("credCheckers"))
+    except OperatorError as e:
+        sys.stderr.write(f"kumoauth: error: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None
