@@ -93,6 +93,8 @@ class SubmissionFactory(Factory):
     Builds :class:`~kumoauth.protocol.SubmissionProtocol` for one listener.
     """
 
+    noisy = False
+
     def __init__(self, listener: ListenerConfig, runtime: Runtime) -> None:
         from kumoauth.protocol import SubmissionProtocol
 

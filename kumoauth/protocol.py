@@ -449,10 +449,10 @@ class SubmissionProtocol(Protocol):
     def smtp_STARTTLS(self, arg: bytes) -> None:
         if arg:
             self._error(R_NO_ARGS)
-        elif self._secure:
-            self._error(b"503 5.5.1 TLS already active")
         elif self.factory.listener.tls != "starttls" or self.rt.tls is None:
             self._error(b"502 5.5.1 STARTTLS not available on this port")
+        elif self._secure:
+            self._error(b"503 5.5.1 TLS already active")
         else:
             self._send(b"220 2.0.0 Ready to start TLS")
             # RFC 3207 §4.2 / CVE-2011-0411: anything the client pipelined
@@ -752,7 +752,10 @@ class SubmissionProtocol(Protocol):
             else:
                 self._send(R_AUTH_FAILED)
 
-        self._wait(task.deferLater(clock, wait, lambda: None), answer, answer)
+        if wait > 0:
+            self._wait(task.deferLater(clock, wait, lambda: None), answer, answer)
+        else:
+            answer(None)
 
     def _sasl_done(self, result: str) -> None:
         """

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 
 from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 from kumoauth.config import TLSConfig
 
@@ -36,20 +38,21 @@ class TLSError(Exception):
     """
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class ServerContextFactory:
     """
-    An old-style Twisted context factory (``getContext``) that returns the one
-    shared, pre-built context.  ``startTLS`` and ``TLSMemoryBIOFactory``
-    accept it as is.
+    Creates each server-side TLS connection from the one shared, pre-built
+    context (so a connection costs an ``SSL_new``, not a context).
     """
-
-    isClient = False
 
     def __init__(self, context: SSL.Context) -> None:
         self._context = context
 
     def getContext(self) -> SSL.Context:
         return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
 
 
 def build_context(cfg: TLSConfig) -> SSL.Context:

@@ -1,0 +1,477 @@
+"""
+The SMTP dialogue of SPEC §6 (all but the AUTH rows), driven through
+StringTransport with a fake clock: deterministic, no sockets.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kumoauth.config import ServerConfig
+from kumoauth.policy import Policy
+from kumoauth.testing import Session, plain_b64
+from tests.conftest import read_only
+
+HOST = "mail.example.com"
+
+
+def scott_policy() -> Policy:
+    policy = Policy()
+    policy.on("smtp_server_auth_plain", lambda authz, authc, pw, meta: authc == "scott" and pw == "tiger")
+    return policy
+
+
+def authed(make_session, **kw) -> Session:
+    s = make_session(scott_policy(), **kw)
+    s.command("EHLO client.example")
+    assert s.command("AUTH PLAIN " + plain_b64("", "scott", "tiger")).startswith("235 ")
+    return s
+
+
+def codes(text: str) -> list[str]:
+    return [line[:3] for line in text.split("\r\n") if line]
+
+
+def test_banner(make_session):
+    s = make_session()
+    assert s.banner == f"220 {HOST} ESMTP kumoauth\r\n"
+
+
+def test_banner_text_is_configurable(make_session):
+    s = make_session(server=ServerConfig(hostname="mx.test", banner="Ready"))
+    assert s.banner == "220 mx.test ESMTP Ready\r\n"
+
+
+def test_ehlo_before_tls_offers_starttls_not_auth(make_session):
+    s = make_session(tls="starttls")
+    lines = s.command("EHLO client.example").split("\r\n")
+    assert lines[0] == f"250-{HOST} Hello client.example"
+    keywords = [line[4:] for line in lines if line]
+    assert keywords[1:] == [
+        "PIPELINING",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "SIZE 26214400",
+        "STARTTLS",
+    ]
+    assert lines[-2].startswith("250 STARTTLS")
+    assert not any(k.startswith("AUTH") for k in keywords)
+
+
+def test_ehlo_inside_tls_offers_auth_not_starttls(make_session):
+    s = make_session(tls="implicit")
+    reply = s.command("EHLO client.example")
+    assert "250 AUTH PLAIN LOGIN\r\n" in reply
+    assert "STARTTLS" not in reply
+
+
+def test_ehlo_after_starttls_offers_auth(make_session):
+    s = make_session(tls="starttls")
+    s.command("EHLO client.example")
+    assert s.command("STARTTLS") == "220 2.0.0 Ready to start TLS\r\n"
+    assert s.transport.tls_started
+    reply = s.command("EHLO client.example")
+    assert "AUTH PLAIN LOGIN" in reply and "STARTTLS" not in reply
+
+
+def test_allow_plaintext_auth_offers_auth_in_clear(make_session):
+    s = make_session(tls="none", allow_plaintext_auth=True)
+    assert "250 AUTH PLAIN LOGIN" in s.command("EHLO client.example")
+
+
+def test_ehlo_needs_a_domain(make_session):
+    s = make_session()
+    assert s.command("EHLO").startswith("501 5.5.4")
+    assert s.command("HELO").startswith("501 5.5.4")
+
+
+def test_helo_is_plain_smtp(make_session):
+    s = make_session(auth_required=False)
+    assert s.command("HELO client.example") == f"250 {HOST} Hello client.example\r\n"
+    s.command("MAIL FROM:<a@example.com>")
+    s.command("RCPT TO:<b@example.net>")
+    s.command("DATA")
+    assert s.send(b"hi\r\n.\r\n").startswith("250 ")
+    (msg,) = s.messages()
+    assert b" with SMTP id " in msg.read_bytes()
+
+
+def test_starttls_discards_pipelined_commands(make_session):
+    """CVE-2011-0411: RSET sent in the same packet as STARTTLS is never answered."""
+    s = make_session(tls="starttls")
+    s.command("EHLO client.example")
+    out = s.send(b"STARTTLS\r\nRSET\r\nNOOP\r\n")
+    assert out == "220 2.0.0 Ready to start TLS\r\n"
+    # The first thing said inside TLS is answered, nothing queued before it.
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+
+
+def test_session_is_new_after_starttls(make_session):
+    s = make_session(tls="starttls", auth_required=False)
+    s.command("EHLO client.example")
+    assert s.meta.get_meta("ehlo_domain") == "client.example"
+    s.command("STARTTLS")
+    assert s.meta.get_meta("ehlo_domain") is None
+    assert s.command("MAIL FROM:<a@example.com>").startswith("503 5.5.1")
+    assert s.command("AUTH PLAIN").startswith("503 5.5.1")
+
+
+def test_starttls_transaction_is_forgotten(make_session):
+    s = make_session(tls="starttls", auth_required=False)
+    s.command("EHLO client.example")
+    assert s.command("MAIL FROM:<a@example.com>").startswith("250")
+    s.command("STARTTLS")
+    s.command("EHLO client.example")
+    assert s.command("RCPT TO:<b@example.net>").startswith("503 5.5.1")
+
+
+def test_starttls_with_arguments(make_session):
+    s = make_session(tls="starttls")
+    s.command("EHLO client.example")
+    assert s.command("STARTTLS now").startswith("501 5.5.4")
+    assert not s.transport.tls_started
+
+
+def test_starttls_twice(make_session):
+    s = make_session(tls="starttls")
+    s.command("EHLO client.example")
+    s.command("STARTTLS")
+    s.command("EHLO client.example")
+    assert s.command("STARTTLS").startswith("503 5.5.1")
+
+
+@pytest.mark.parametrize("tls", ["implicit", "none"])
+def test_starttls_on_listener_without_it(make_session, tls):
+    s = make_session(tls=tls, auth_required=False)
+    s.command("EHLO client.example")
+    assert s.command("STARTTLS").startswith("502 5.5.1")
+
+
+def test_mail_before_auth_on_auth_required_listener(make_session):
+    s = make_session(scott_policy())
+    s.command("EHLO client.example")
+    assert s.command("MAIL FROM:<a@example.com>").startswith("530 5.7.0")
+
+
+def test_mail_before_ehlo(make_session):
+    s = make_session(auth_required=False)
+    assert s.command("MAIL FROM:<a@example.com>").startswith("503 5.5.1")
+
+
+def test_mail_with_auth_and_size_parameters(make_session):
+    s = authed(make_session)
+    reply = s.command("MAIL FROM:<scott@example.com> AUTH=<scott@example.com> SIZE=1000 BODY=8BITMIME")
+    assert reply == "250 2.1.0 Sender OK\r\n"
+
+
+def test_mail_size_over_limit(make_session):
+    s = authed(make_session, server=ServerConfig(hostname=HOST, max_message_size=1000))
+    assert s.command("MAIL FROM:<a@example.com> SIZE=1001").startswith("552 5.3.4")
+    assert s.command("MAIL FROM:<a@example.com> SIZE=1000").startswith("250")
+
+
+@pytest.mark.parametrize(
+    "line,code",
+    [
+        ("MAIL FROM:a@example.com", "501 5.5.4"),
+        ("MAIL TO:<a@example.com>", "501 5.5.4"),
+        ("MAIL FROM:<not an address>", "501 5.1.7"),
+        ("MAIL FROM:<a@example.com> FOO=1", "555 5.5.4"),
+        ("MAIL FROM:<a@example.com> SIZE=big", "501 5.5.4"),
+    ],
+)
+def test_mail_syntax_errors(make_session, line, code):
+    s = authed(make_session)
+    assert s.command(line).startswith(code)
+    assert s.command("MAIL FROM:<a@example.com>").startswith("250")
+
+
+def test_null_sender_is_accepted(make_session):
+    s = authed(make_session)
+    assert s.command("MAIL FROM:<>").startswith("250")
+    assert s.command("RCPT TO:<>").startswith("501 5.1.3")
+
+
+def test_nested_mail(make_session):
+    s = authed(make_session)
+    s.command("MAIL FROM:<a@example.com>")
+    assert s.command("MAIL FROM:<a@example.com>").startswith("503 5.5.1")
+
+
+def test_rcpt_before_mail(make_session):
+    s = authed(make_session)
+    assert s.command("RCPT TO:<b@example.net>").startswith("503 5.5.1")
+
+
+def test_too_many_recipients(make_session):
+    s = authed(make_session, server=ServerConfig(hostname=HOST, max_recipients=2))
+    s.command("MAIL FROM:<a@example.com>")
+    assert s.command("RCPT TO:<b1@example.net>").startswith("250 2.1.5")
+    assert s.command("RCPT TO:<b2@example.net>").startswith("250 2.1.5")
+    assert s.command("RCPT TO:<b3@example.net>").startswith("452 4.5.3")
+    s.command("DATA")
+    assert s.send(b"x\r\n.\r\n").startswith("250")
+    assert s.messages()[0].envelope["rcpt_to"] == ["b1@example.net", "b2@example.net"]
+
+
+def test_data_without_recipients(make_session):
+    s = authed(make_session)
+    assert s.command("DATA").startswith("503 5.5.1")
+    s.command("MAIL FROM:<a@example.com>")
+    assert s.command("DATA").startswith("554 5.5.1")
+
+
+def send_message(s: Session, body: bytes) -> str:
+    s.command("MAIL FROM:<scott@example.com>")
+    s.command("RCPT TO:<b@example.net>")
+    assert s.command("DATA").startswith("354 ")
+    return s.send(body)
+
+
+def test_message_is_spooled_with_meta(make_session):
+    s = authed(make_session, listener_meta={"tenant": "acme"})
+    reply = send_message(s, b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+    assert reply.startswith("250 2.0.0 ")
+    (msg,) = s.messages()
+    assert reply.strip().endswith(msg.id)
+    env = msg.envelope
+    assert env["mail_from"] == "scott@example.com"
+    assert env["rcpt_to"] == ["b@example.net"]
+    meta = env["meta"]
+    assert meta["authn_id"] == "scott" and meta["authz_id"] == "scott"
+    assert meta["received_from"] == "127.0.0.1:50000"
+    assert meta["received_via"] == "127.0.0.1:587"
+    assert meta["reception_protocol"] == "ESMTP"
+    assert meta["hostname"] == HOST
+    assert meta["ehlo_domain"] == "client.example"
+    assert meta["tenant"] == "acme"
+    data = msg.read_bytes()
+    assert data.startswith(b"Received: from client.example ([127.0.0.1])\r\n\tby mail.example.com (kumoauth) with ESMTPSA id " + msg.id.encode())
+    assert data.endswith(b"\r\n\r\nSubject: hi\r\n\r\nhello\r\n".split(b"\r\n\r\n", 1)[1] and b"Subject: hi\r\n\r\nhello\r\n")
+
+
+def test_bare_lf_dot_never_ends_a_message(make_session):
+    s = authed(make_session)
+    body = b"line one\n.\nstill the same message\r.\rand more\r\n"
+    reply = send_message(s, body + b".\r\n")
+    assert reply.startswith("250 ")
+    (msg,) = s.messages()
+    assert msg.read_bytes().endswith(body)
+
+
+def test_dot_stuffing_is_removed(make_session):
+    s = authed(make_session)
+    send_message(s, b"..leading dot\r\n...\r\n.\r\n")
+    (msg,) = s.messages()
+    assert msg.read_bytes().endswith(b"\r\n.leading dot\r\n..\r\n")
+
+
+def test_data_split_across_packets(make_session):
+    s = authed(make_session)
+    s.command("MAIL FROM:<scott@example.com>")
+    s.command("RCPT TO:<b@example.net>")
+    s.command("DATA")
+    assert s.send(b"part one\r") == ""
+    assert s.send(b"\npart two\r\n.") == ""
+    assert s.send(b"\r\n").startswith("250 ")
+    assert s.messages()[0].read_bytes().endswith(b"part one\r\npart two\r\n")
+
+
+def test_oversized_message_is_refused_and_not_spooled(make_session, spool_dir):
+    s = authed(make_session, server=ServerConfig(hostname=HOST, max_message_size=100))
+    reply = send_message(s, b"x" * 60 + b"\r\n" + b"y" * 60 + b"\r\n.\r\n")
+    assert reply.startswith("552 5.3.4")
+    assert s.messages() == []
+    assert sorted(p.name for p in spool_dir.iterdir()) == ["tmp"]
+    # The session goes on.
+    assert send_message(s, b"small\r\n.\r\n").startswith("250 ")
+
+
+def test_one_enormous_data_line_is_refused(make_session):
+    s = authed(make_session, server=ServerConfig(hostname=HOST, max_message_size=1000))
+    s.command("MAIL FROM:<scott@example.com>")
+    s.command("RCPT TO:<b@example.net>")
+    s.command("DATA")
+    for _ in range(10):
+        assert s.send(b"z" * 500) == ""
+    assert s.send(b"\r\n.\r\n").startswith("552 5.3.4")
+    assert s.messages() == []
+
+
+def test_read_only_spool_gives_451_and_leaves_nothing(make_session, spool_dir):
+    s = authed(make_session)
+    with read_only(spool_dir):
+        reply = send_message(s, b"hello\r\n.\r\n")
+    assert reply.startswith("451 4.3.0")
+    assert s.messages() == []
+    assert sorted(p.name for p in spool_dir.iterdir()) == ["tmp"]
+    assert list((spool_dir / "tmp").iterdir()) == []
+    assert send_message(s, b"again\r\n.\r\n").startswith("250 ")
+
+
+def test_spool_write_error_gives_451_and_session_goes_on(make_session, spool_dir):
+    """Works as root too: the tmp directory is replaced by a file."""
+    s = authed(make_session)
+    tmp = spool_dir / "tmp"
+    tmp.rmdir()
+    tmp.write_bytes(b"not a directory")
+    assert send_message(s, b"hello\r\n.\r\n").startswith("451 4.3.0")
+    assert s.messages() == []
+    tmp.unlink()
+    tmp.mkdir()
+    assert send_message(s, b"again\r\n.\r\n").startswith("250 2.0.0")
+    assert len(s.messages()) == 1
+
+
+def test_unknown_command(make_session):
+    s = make_session()
+    assert s.command("FOO bar") == "500 5.5.2 Command unrecognized\r\n"
+    assert s.command("\x00\x01") == "500 5.5.2 Command unrecognized\r\n"
+
+
+def test_line_over_1000_octets(make_session):
+    s = make_session()
+    assert s.command("NOOP " + "x" * 1000).startswith("500 5.5.2")
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+
+
+def test_endless_line_is_discarded_without_buffering(make_session):
+    s = make_session()
+    for _ in range(100):
+        assert s.send(b"x" * 10000) == ""
+    assert len(s.protocol._buf) < 20000
+    assert s.send(b"\r\nNOOP\r\n") == "500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n"
+
+
+def test_idle_timeout(make_session):
+    s = make_session(server=ServerConfig(hostname=HOST, idle_timeout=30))
+    s.clock.advance(20)
+    s.command("NOOP")
+    s.clock.advance(20)
+    assert not s.closed
+    s.clock.advance(11)
+    assert s.output().startswith("421 4.4.2")
+    assert s.closed
+
+
+def test_partial_line_does_not_reset_idle_timer(make_session):
+    s = make_session(server=ServerConfig(hostname=HOST, idle_timeout=30))
+    for _ in range(4):
+        s.send(b"N")
+        s.clock.advance(10)
+    assert s.closed
+
+
+def test_rset_keeps_ehlo_and_authentication(make_session):
+    s = authed(make_session)
+    s.command("MAIL FROM:<a@example.com>")
+    assert s.command("RSET") == "250 2.0.0 OK\r\n"
+    assert s.command("RCPT TO:<b@example.net>").startswith("503")
+    assert s.command("MAIL FROM:<a@example.com>").startswith("250")
+
+
+def test_quit(make_session):
+    s = make_session()
+    assert s.command("QUIT") == f"221 2.0.0 {HOST} closing connection\r\n"
+    assert s.closed
+
+
+def test_noop_vrfy_help(make_session):
+    s = make_session()
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+    assert s.command("VRFY scott").startswith("252 2.5.0")
+    assert s.command("HELP").startswith("214 2.0.0")
+
+
+def test_pipelined_commands_answered_in_order(make_session):
+    s = authed(make_session)
+    out = s.send(
+        b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<bad>\r\n"
+        b"DATA\r\nhello\r\n.\r\nNOOP\r\nQUIT\r\n"
+    )
+    assert codes(out) == ["250", "250", "501", "354", "250", "250", "221"]
+
+
+def test_max_errors_closes(make_session):
+    s = make_session(server=ServerConfig(hostname=HOST, max_errors=3))
+    s.command("BAD")
+    s.command("BAD")
+    assert not s.closed
+    out = s.command("BAD")
+    assert out == "500 5.5.2 Command unrecognized\r\n421 4.7.0 Too many errors, closing connection\r\n"
+    assert s.closed
+
+
+def test_max_connections_per_ip(make_session):
+    first = make_session(server=ServerConfig(hostname=HOST, max_connections_per_ip=2))
+    rt = first.runtime
+    second = make_session(runtime=rt)
+    assert second.banner.startswith("220 ")
+    third = make_session(runtime=rt)
+    assert third.banner.startswith("421 4.7.0")
+    assert third.closed
+    other_ip = make_session(runtime=rt, client=("192.0.2.7", 4000))
+    assert other_ip.banner.startswith("220 ")
+    first.close()
+    assert make_session(runtime=rt).banner.startswith("220 ")
+
+
+def test_max_connections(make_session):
+    first = make_session(server=ServerConfig(hostname=HOST, max_connections=1))
+    other = make_session(runtime=first.runtime, client=("192.0.2.7", 4000))
+    assert other.banner.startswith("421 4.7.0")
+    third = make_session(runtime=first.runtime, client=("192.0.2.8", 4000))
+    assert third.banner.startswith("421 4.7.0")
+    assert first.runtime.limits.total == 1
+    first.close()
+    assert first.runtime.limits.total == 0
+
+
+def test_conn_meta_presets(make_session):
+    s = make_session(tls="starttls", listener_meta={"port_kind": "submission"})
+    meta = s.meta
+    assert meta.get_meta("reception_protocol") == "ESMTP"
+    assert meta.get_meta("received_from") == "127.0.0.1:50000"
+    assert meta.get_meta("received_via") == "127.0.0.1:587"
+    assert meta.get_meta("hostname") == HOST
+    assert meta.get_meta("port_kind") == "submission"
+    assert meta.get_meta("ehlo_domain") is None
+    s.command("EHLO client.example")
+    assert meta.get_meta("ehlo_domain") == "client.example"
+
+
+def test_received_header_says_esmtps_without_auth(make_session):
+    s = make_session(tls="implicit", auth_required=False)
+    s.command("EHLO client.example")
+    send_message(s, b"x\r\n.\r\n")
+    assert b" with ESMTPS id " in s.messages()[0].read_bytes()
+
+
+def test_received_header_says_esmtp_in_clear(make_session):
+    s = make_session(tls="none", auth_required=False)
+    s.command("EHLO client.example")
+    send_message(s, b"x\r\n.\r\n")
+    assert b" with ESMTP id " in s.messages()[0].read_bytes()
+
+
+def test_policy_bug_costs_the_client_a_451(make_session, captured_log):
+    policy = Policy()
+
+    def broken(sender, meta):
+        raise KeyError("oops")
+
+    policy.on("smtp_server_mail_from", broken)
+    s = make_session(policy, auth_required=False)
+    s.command("EHLO client.example")
+    assert s.command("MAIL FROM:<a@example.com>").startswith("451 4.3.0")
+    assert "KeyError" in captured_log.text()
+    assert s.command("NOOP").startswith("250")
+
+
+def test_written_spool_has_no_temporary_leftovers(make_session, spool_dir: Path):
+    s = authed(make_session)
+    send_message(s, b"x\r\n.\r\n")
+    assert list((spool_dir / "tmp").iterdir()) == []
