@@ -8,7 +8,7 @@ twistd plugin turns that into a message on stderr and a non-zero exit.
 
 from __future__ import annotations
 
-import sys
+import os
 from typing import Any
 
 from twisted.application import service
@@ -123,8 +123,9 @@ class ListenerService(service.Service):
             reason = result[0].getErrorMessage() if result else "did not bind at once"
             message = f"{self.source}: [[listener]] endpoint \"{self.description}\": cannot listen: {reason}"
             log.critical("{message}", message=message)
-            sys.stderr.write(f"kumoauth: error: {message}\n")
-            sys.stderr.flush()
+            # twistd has redirected sys.stderr into the log by now; the
+            # operator's terminal is still file descriptor 2.
+            os.write(2, f"kumoauth: error: {message}\n".encode())
             raise SystemExit(1)
         self.port = result[0]
         log.info("listening on {address} ({tls})", address=str(self.port.getHost()), tls=self.factory_tls)

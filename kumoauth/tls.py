@@ -75,14 +75,16 @@ def build_context(cfg: TLSConfig) -> SSL.Context:
     ctx.set_cipher_list(CIPHERS)
     # A session cache keyed by this server, so returning clients resume.
     ctx.set_session_id(b"kumoauth")
-    try:
-        ctx.use_certificate_chain_file(str(cfg.certificate).encode())
-    except SSL.Error:
-        raise TLSError(f"[tls] certificate: {cfg.certificate}: not a PEM certificate chain") from None
+    # The key first: loaded after the certificate, OpenSSL would report a
+    # mismatch as an unreadable key.
     try:
         ctx.use_privatekey_file(str(cfg.private_key).encode())
     except SSL.Error:
         raise TLSError(f"[tls] private_key: {cfg.private_key}: not a PEM private key") from None
+    try:
+        ctx.use_certificate_chain_file(str(cfg.certificate).encode())
+    except SSL.Error:
+        raise TLSError(f"[tls] certificate: {cfg.certificate}: not a PEM certificate chain") from None
     try:
         ctx.check_privatekey()
     except SSL.Error:

@@ -1,0 +1,254 @@
+"""
+Configuration: parsing and validation, and every operator error of SPEC §2
+through the real twistd as a subprocess (one line, non-zero exit, no
+traceback).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from kumoauth.config import ConfigError, parse
+from tests.server import make_certs, run_twistd
+
+MINIMAL = """
+[[listener]]
+endpoint = "tcp:2525"
+tls = "none"
+auth_required = false
+
+[spool]
+path = "spool"
+"""
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    cfg = parse(
+        MINIMAL
+        + """
+[tls]
+certificate = "tls/cert.pem"
+private_key = "/abs/key.pem"
+""",
+        tmp_path / "kumoauth.toml",
+    )
+    assert cfg.server.max_connections == 1000
+    assert cfg.server.max_connections_per_ip == 50
+    assert cfg.server.idle_timeout == 300
+    assert cfg.server.max_message_size == 26214400
+    assert cfg.server.max_recipients == 100
+    assert cfg.server.max_errors == 10
+    assert cfg.server.banner == "kumoauth"
+    assert cfg.server.hostname
+    assert cfg.auth.mechanisms == ("PLAIN", "LOGIN")
+    assert cfg.auth.checker == "policy"
+    assert (cfg.auth.timeout, cfg.auth.failure_delay, cfg.auth.max_failures) == (10.0, 1.0, 3)
+    assert cfg.spool.path == tmp_path / "spool"
+    assert cfg.tls is not None
+    assert cfg.tls.certificate == tmp_path / "tls/cert.pem"
+    assert cfg.tls.private_key == Path("/abs/key.pem")
+    assert cfg.tls.min_version == "TLSv1.2"
+    listener = cfg.listeners[0]
+    assert (listener.tls, listener.auth_required, listener.allow_plaintext_auth) == ("none", False, False)
+
+
+def test_sample_config_parses():
+    cfg = parse(Path("etc/kumoauth.toml").read_text(), Path("etc/kumoauth.toml").resolve())
+    assert [listener.tls for listener in cfg.listeners] == ["starttls", "implicit"]
+    assert cfg.tls is not None and cfg.tls.self_signed
+
+
+@pytest.mark.parametrize(
+    "text,where,problem",
+    [
+        ("[server]\nmax_conections = 5\n" + MINIMAL, "[server] max_conections", "unknown key"),
+        ("[server]\nmax_connections = \"5\"\n" + MINIMAL, "[server] max_connections", "expected an integer"),
+        ("[server]\nmax_connections = true\n" + MINIMAL, "[server] max_connections", "expected an integer"),
+        ("[server]\nidle_timeout = 0\n" + MINIMAL, "[server] idle_timeout", "at least"),
+        ("[bogus]\n" + MINIMAL, "[bogus]", "unknown section"),
+        ("[spool]\npath = 'x'\n", "[[listener]]", "at least one listener"),
+        (MINIMAL.replace('tls = "none"', 'tls = "maybe"'), "[[listener]] #1 tls", "expected one of"),
+        (MINIMAL.replace('tls = "none"', 'tls = "starttls"'), "[tls]", "missing"),
+        (MINIMAL.replace("auth_required = false", "auth_required = true"), "[[listener]] #1 auth_required", "AUTH needs TLS"),
+        (MINIMAL + "[auth]\nmechanisms = ['CRAM-MD5']\n", "[auth] mechanisms", "unsupported mechanism"),
+        (MINIMAL.replace("[spool]\npath = \"spool\"\n", ""), "[spool] path", "required"),
+    ],
+)
+def test_config_errors(text, where, problem):
+    with pytest.raises(ConfigError) as e:
+        parse(text, "/etc/kumoauth.toml")
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("/etc/kumoauth.toml: ")
+    assert where in message
+    assert problem in message
+
+
+def test_toml_syntax_error_names_the_line():
+    with pytest.raises(ConfigError) as e:
+        parse(MINIMAL + "\n[server\n", "k.toml")
+    assert "line 10" in str(e.value)
+
+
+# --- through the real twistd --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def listener_config(certs, port=None, extra="", policy=None, auth_required=False):
+    port = port or 2525
+    policy_part = f'[policy]\npath = "{policy}"\n' if policy else ""
+    return f"""
+[tls]
+certificate = "{certs.chain}"
+private_key = "{certs.key}"
+
+[[listener]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+tls = "starttls"
+auth_required = {str(auth_required).lower()}
+
+{policy_part}
+[spool]
+path = "spool"
+{extra}
+"""
+
+
+def assert_operator_error(tmp_path, config_text, *expected, config_name="kumoauth.toml"):
+    config = tmp_path / config_name
+    if config_text is not None:
+        config.write_text(config_text)
+    result = run_twistd(["kumoauth", "--config", str(config)], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    (line,) = lines
+    assert line.startswith("kumoauth: error: ")
+    assert str(config) in line
+    for text in expected:
+        assert text in line
+    return line
+
+
+@pytest.mark.e2e
+def test_twistd_lists_the_plugin(tmp_path):
+    result = run_twistd(["--help"], cwd=tmp_path)
+    assert result.returncode == 0
+    assert "kumoauth" in result.stdout
+
+
+@pytest.mark.e2e
+def test_missing_config_file(tmp_path):
+    assert_operator_error(tmp_path, None, "not found")
+
+
+@pytest.mark.e2e
+def test_toml_syntax_error(tmp_path, certs):
+    assert_operator_error(tmp_path, "[server]\nhostname = \n", "TOML syntax error", "line 2")
+
+
+@pytest.mark.e2e
+def test_unknown_key(tmp_path, certs):
+    assert_operator_error(tmp_path, listener_config(certs, extra="bogus = 1"), "[spool] bogus", "unknown key")
+
+
+@pytest.mark.e2e
+def test_wrong_type(tmp_path, certs):
+    text = "[server]\nmax_recipients = 'ten'\n" + listener_config(certs)
+    assert_operator_error(tmp_path, text, "[server] max_recipients", "expected an integer")
+
+
+@pytest.mark.e2e
+def test_missing_certificate(tmp_path, certs):
+    text = listener_config(certs).replace(str(certs.chain), str(tmp_path / "nope.pem"))
+    assert_operator_error(tmp_path, text, "[tls] certificate", "nope.pem", "not found")
+
+
+@pytest.mark.e2e
+def test_certificate_that_is_not_pem(tmp_path, certs):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("this is not a certificate\n")
+    text = listener_config(certs).replace(str(certs.chain), str(bad))
+    assert_operator_error(tmp_path, text, "[tls] certificate", "not a PEM")
+
+
+@pytest.mark.e2e
+def test_unreadable_key(tmp_path, certs):
+    text = listener_config(certs).replace(str(certs.key), str(tmp_path))
+    assert_operator_error(tmp_path, text, "[tls] private_key")
+
+
+@pytest.mark.e2e
+def test_key_that_does_not_match(tmp_path, certs):
+    other = make_certs(tmp_path / "other")
+    text = listener_config(certs).replace(str(certs.key), str(other.key))
+    assert_operator_error(tmp_path, text, "[tls] private_key", "does not match")
+
+
+@pytest.mark.e2e
+def test_endpoint_that_does_not_parse(tmp_path, certs):
+    text = listener_config(certs).replace("tcp:2525:interface=127.0.0.1", "tcpx:whatever")
+    assert_operator_error(tmp_path, text, "[[listener]] #1 endpoint", "tcpx:whatever", "cannot parse")
+
+
+@pytest.mark.e2e
+def test_endpoint_that_cannot_bind(tmp_path, certs):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_operator_error(tmp_path, listener_config(certs, port=port), f"tcp:{port}", "cannot listen")
+
+
+@pytest.mark.e2e
+def test_policy_that_fails_to_import(tmp_path, certs):
+    (tmp_path / "policy.py").write_text("from kumoauth import kumo\n\nimport no_such_module_here\n")
+    line = assert_operator_error(
+        tmp_path, listener_config(certs, policy="policy.py"), "[policy] path", "policy.py:3:", "ModuleNotFoundError"
+    )
+    assert "no_such_module_here" in line
+
+
+@pytest.mark.e2e
+def test_policy_with_syntax_error(tmp_path, certs):
+    (tmp_path / "policy.py").write_text("def broken(:\n")
+    assert_operator_error(tmp_path, listener_config(certs, policy="policy.py"), "policy.py:1:", "syntax error")
+
+
+@pytest.mark.e2e
+def test_policy_registering_twice(tmp_path, certs):
+    (tmp_path / "policy.py").write_text(
+        "from kumoauth import kumo\n"
+        "kumo.on('smtp_server_ehlo', lambda d, m: None)\n"
+        "kumo.on('smtp_server_ehlo', lambda d, m: None)\n"
+    )
+    assert_operator_error(tmp_path, listener_config(certs, policy="policy.py"), "policy.py:3:", "second handler")
+
+
+@pytest.mark.e2e
+def test_auth_required_without_checker(tmp_path, certs):
+    (tmp_path / "policy.py").write_text("from kumoauth import kumo\n")
+    assert_operator_error(
+        tmp_path, listener_config(certs, policy="policy.py", auth_required=True), "smtp_server_auth_plain"
+    )
+
+
+@pytest.mark.e2e
+def test_checker_factory_that_does_not_import(tmp_path, certs):
+    text = listener_config(certs) + "\n[auth]\nchecker = 'nowhere.to.be:found'\n"
+    assert_operator_error(tmp_path, text, "[auth] checker", "cannot import nowhere.to.be")
+
+
+@pytest.mark.e2e
+def test_spool_that_cannot_be_created(tmp_path, certs):
+    (tmp_path / "file").write_text("x")
+    text = listener_config(certs).replace('path = "spool"', 'path = "file/spool"')
+    assert_operator_error(tmp_path, text, "[spool] path")
