@@ -101,6 +101,11 @@ def write_config(
     server: str = "",
 ) -> Path:
     starttls, implicit, plain = ports
+    defaults = {"failure_delay": "0.2", "timeout": "1.0"}
+    given = [line for line in auth.splitlines() if line.strip()]
+    for line in given:
+        defaults.pop(line.split("=")[0].strip(), None)
+    auth_lines = "\n".join([f"{k} = {v}" for k, v in defaults.items()] + given)
     policy_line = ""
     if policy is not None:
         (directory / "policy.py").write_text(textwrap.dedent(policy))
@@ -131,9 +136,7 @@ auth_required = false
 {extra_listeners}
 
 [auth]
-failure_delay = 0.2
-timeout = 2.0
-{auth}
+{auth_lines}
 
 {policy_line}
 

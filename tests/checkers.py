@@ -1,0 +1,30 @@
+"""
+Checker factories for ``[auth] checker = "tests.checkers:..."`` in end-to-end
+tests.
+"""
+
+from __future__ import annotations
+
+from twisted.cred import error
+from twisted.internet import defer
+from zope.interface import implementer
+
+from kumoauth.cred import IPlainCredentials
+from twisted.cred.checkers import ICredentialsChecker
+
+
+@implementer(ICredentialsChecker)
+class TenantChecker:
+    """Accepts any password that is the reversed authc, and stamps conn_meta."""
+
+    credentialInterfaces = (IPlainCredentials,)
+
+    def requestAvatarId(self, credentials):
+        if credentials.password_text() == credentials.authc[::-1]:
+            credentials.conn_meta.set_meta("checked_by", "TenantChecker")
+            return defer.succeed(credentials.authc)
+        return defer.fail(error.UnauthorizedLogin())
+
+
+def tenant_checker():
+    return TenantChecker()
