@@ -230,9 +230,7 @@ REQUIRED = {
 }
 
 
-def _section(
-    source: Path, name: str, raw: Any, label: str | None = None
-) -> dict[str, Any]:
+def _section(source: Path, name: str, raw: Any, label: str | None = None) -> dict[str, Any]:
     label = label or f"[{name}]"
     if not isinstance(raw, dict):
         raise ConfigError(source, label, f"expected a table, got {_show(raw)}")
@@ -282,9 +280,7 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
     if raw_listeners is None:
         raise ConfigError(source, "[[listener]]", "at least one listener is required")
     if not isinstance(raw_listeners, list) or not raw_listeners:
-        raise ConfigError(
-            source, "[[listener]]", "expected one or more [[listener]] blocks"
-        )
+        raise ConfigError(source, "[[listener]]", "expected one or more [[listener]] blocks")
     listeners = tuple(
         ListenerConfig(
             **_section(source, "listener", raw, f"[[listener]] #{i + 1}"),

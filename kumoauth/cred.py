@@ -103,7 +103,7 @@ class PolicyChecker:
         self.timeout = timeout
         self.clock = clock
 
-    def requestAvatarId(self, credentials: IPlainCredentials) -> defer.Deferred[str]:
+    def requestAvatarId(self, credentials: IPlainCredentials) -> defer.Deferred[Any]:
         try:
             result = invoke(
                 self.handler,
@@ -123,9 +123,7 @@ class PolicyChecker:
                 return str(credentials.authc)
             if ok is False:
                 raise error.UnauthorizedLogin()
-            raise CheckerError(
-                f"smtp_server_auth_plain returned {type(ok).__name__}, not bool"
-            )
+            raise CheckerError(f"smtp_server_auth_plain returned {type(ok).__name__}, not bool")
 
         return d.addCallback(decide)
 
@@ -164,13 +162,10 @@ def normalize_checker(checker: ICredentialsChecker) -> ICredentialsChecker:
         for i in getattr(checker, "credentialInterfaces", ())
     ):
         raise TypeError(
-            f"{type(checker).__name__} accepts neither IPlainCredentials "
-            "nor IUsernamePassword"
+            f"{type(checker).__name__} accepts neither IPlainCredentials nor IUsernamePassword"
         )
     if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
-        checker.users = {
-            _b(name): _b(password) for name, password in checker.users.items()
-        }
+        checker.users = {_b(name): _b(password) for name, password in checker.users.items()}
     return UsernamePasswordChecker(checker)
 
 
@@ -230,8 +225,9 @@ class SubmissionRealm:
         self.store = store
 
     def requestAvatar(
-        self, avatarId: Any, mind: AuthContext, *interfaces: Any
+        self, avatarId: Any, mind: object, *interfaces: Any
     ) -> tuple[Any, Delivery, Any]:
+        assert isinstance(mind, AuthContext)
         if IMessageDelivery not in interfaces:
             raise NotImplementedError("SubmissionRealm only provides IMessageDelivery")
         authn = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else str(avatarId)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.cred.portal import Portal
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -98,12 +98,12 @@ class SubmissionFactory(Factory):
     def __init__(self, listener: ListenerConfig, runtime: Runtime) -> None:
         from kumoauth.protocol import SubmissionProtocol
 
-        self.protocol = SubmissionProtocol
+        self.protocol = SubmissionProtocol  # type: ignore[assignment]
         self.listener = listener
         self.runtime = runtime
 
 
-def wrap_listener(factory: SubmissionFactory) -> Factory:
+def wrap_listener(factory: SubmissionFactory) -> IProtocolFactory:
     """
     The factory to listen with: wrapped in TLS for ``tls = "implicit"``.
     """

@@ -68,11 +68,7 @@ class Reject(Exception):
 
 def _is_enhanced(word: str, code: int) -> bool:
     parts = word.split(".")
-    return (
-        len(parts) == 3
-        and all(p.isdigit() for p in parts)
-        and parts[0] == str(code // 100)
-    )
+    return len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] == str(code // 100)
 
 
 class Policy:
@@ -89,9 +85,7 @@ class Policy:
         Register *fn* for *event*; without *fn*, return a decorator.
         """
         if event not in EVENTS:
-            raise PolicyError(
-                f"unknown event {event!r} (known: {', '.join(EVENTS)})"
-            )
+            raise PolicyError(f"unknown event {event!r} (known: {', '.join(EVENTS)})")
         if fn is None:
 
             def decorator(f: Handler) -> Handler:

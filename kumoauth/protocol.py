@@ -78,6 +78,8 @@ def scrub(text: str, secrets: list[bytes]) -> str:
 class SubmissionProtocol(Protocol):
     factory: SubmissionFactory
     rt: Runtime
+    # A TCP transport, or a TLS wrapper around one (startTLS, getHandle).
+    transport: Any
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -135,7 +137,9 @@ class SubmissionProtocol(Protocol):
         self.delivery = Delivery(self.conn_meta, store=rt.store)
         if not rt.limits.acquire(self._ip, rt.server):
             log.info("refused {client}: connection limit reached", client=self.client)
-            self._close(b"421 4.7.0 " + rt.server.hostname.encode() + b" Too many connections, try later")
+            self._close(
+                b"421 4.7.0 " + rt.server.hostname.encode() + b" Too many connections, try later"
+            )
             return
         self._counted = True
         self._touch()
@@ -388,7 +392,7 @@ class SubmissionProtocol(Protocol):
             if on_reject is not None:
                 on_reject()
             if f.check(Reject):
-                reject: Reject = f.value
+                reject: Reject = f.value  # type: ignore[assignment]
                 if reject.closes or closing:
                     self._close(reject.reply)
                 else:

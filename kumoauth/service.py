@@ -121,14 +121,19 @@ class ListenerService(service.Service):
         self.endpoint.listen(self.factory).addBoth(result.append)
         if not result or not IListeningPort.providedBy(result[0]):
             reason = result[0].getErrorMessage() if result else "did not bind at once"
-            message = f"{self.source}: [[listener]] endpoint \"{self.description}\": cannot listen: {reason}"
+            message = (
+                f'{self.source}: [[listener]] endpoint "{self.description}": '
+                f"cannot listen: {reason}"
+            )
             log.critical("{message}", message=message)
             # twistd has redirected sys.stderr into the log by now; the
             # operator's terminal is still file descriptor 2.
             os.write(2, f"kumoauth: error: {message}\n".encode())
             raise SystemExit(1)
         self.port = result[0]
-        log.info("listening on {address} ({tls})", address=str(self.port.getHost()), tls=self.factory_tls)
+        log.info(
+            "listening on {address} ({tls})", address=str(self.port.getHost()), tls=self.factory_tls
+        )
 
     @property
     def factory_tls(self) -> str:

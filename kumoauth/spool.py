@@ -135,24 +135,24 @@ class Spool:
         """
         mid = message.id
         when = received_at or datetime.now(UTC)
-        envelope = {
-            "id": mid,
-            "received_at": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "mail_from": message.sender,
-            "rcpt_to": message.recipients,
-            "meta": message.snapshot(),
-        }
         eml_tmp = self.tmp / f"{mid}{EML}{TMP}"
         json_tmp = self.tmp / f"{mid}{JSON}{TMP}"
         eml = self.path / f"{mid}{EML}"
         jsn = self.path / f"{mid}{JSON}"
         try:
+            envelope = {
+                "id": mid,
+                "received_at": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "mail_from": message.sender,
+                "rcpt_to": message.recipients,
+                "meta": message.snapshot(),
+            }
             _write_file(eml_tmp, message.data)
             _write_file(json_tmp, json.dumps(envelope, ensure_ascii=False).encode("utf-8"))
             os.rename(eml_tmp, eml)
             os.rename(json_tmp, jsn)
             _fsync_dir(self.path)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError) as e:
             # Undo in reverse order; the .json goes first so no reader ever
             # sees a pair whose .eml is about to disappear.
             for p in (jsn, eml, json_tmp, eml_tmp):

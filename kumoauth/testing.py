@@ -182,9 +182,11 @@ class Session:
             peer=address.IPv4Address("TCP", *client),
             host=address.IPv4Address("TCP", "127.0.0.1", 587),
         )
-        self.protocol: SubmissionProtocol = self.factory.buildProtocol(self.transport.getPeer())
-        self.banner = ""
-        self._lost = False
+        protocol = self.factory.buildProtocol(self.transport.getPeer())
+        assert isinstance(protocol, SubmissionProtocol)
+        self.protocol: SubmissionProtocol = protocol
+        self.banner: str = ""
+        self._lost: bool = False
         if connect:
             self.connect()
 

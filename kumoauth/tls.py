@@ -84,7 +84,9 @@ def build_context(cfg: TLSConfig) -> SSL.Context:
     try:
         ctx.use_certificate_chain_file(str(cfg.certificate).encode())
     except SSL.Error:
-        raise TLSError(f"[tls] certificate: {cfg.certificate}: not a PEM certificate chain") from None
+        raise TLSError(
+            f"[tls] certificate: {cfg.certificate}: not a PEM certificate chain"
+        ) from None
     try:
         ctx.check_privatekey()
     except SSL.Error:
@@ -149,4 +151,3 @@ def describe(connection: SSL.Connection) -> dict[str, str]:
             f"{k.decode()}={v.decode('utf-8', 'replace')}" for k, v in subject.get_components()
         )
     return meta
-

@@ -6,11 +6,11 @@ tests.
 from __future__ import annotations
 
 from twisted.cred import error
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from zope.interface import implementer
 
 from kumoauth.cred import IPlainCredentials
-from twisted.cred.checkers import ICredentialsChecker
 
 
 @implementer(ICredentialsChecker)

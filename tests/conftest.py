@@ -3,7 +3,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -80,7 +79,7 @@ def read_only(path: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            os.chmod(path, 0o750)
+            os.chmod(path, 0o750)  # noqa: S103 - restores the spool mode
         return
     subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
     try:

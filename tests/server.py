@@ -148,11 +148,14 @@ path = "spool"
     return path
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], logfile: Path, timeout: float = 20) -> None:
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes], logfile: Path, timeout: float = 20
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"twistd exited with {proc.returncode}:\n{logfile.read_text(errors='replace') if logfile.exists() else ''}")
+            log = logfile.read_text(errors="replace") if logfile.exists() else ""
+            raise RuntimeError(f"twistd exited with {proc.returncode}:\n{log}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
@@ -176,7 +179,16 @@ def running_server(
     config = write_config(directory, certs, ports, policy, auth, server=server)
     logfile = directory / "twistd.log"
     proc = subprocess.Popen(
-        [*TWISTD, "-n", "--pidfile=", f"--logfile={logfile}", "kumoauth", "--config", str(config), *(args or [])],
+        [
+            *TWISTD,
+            "-n",
+            "--pidfile=",
+            f"--logfile={logfile}",
+            "kumoauth",
+            "--config",
+            str(config),
+            *(args or []),
+        ],
         cwd=directory,
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,

@@ -265,7 +265,10 @@ def test_login_empty_password(session, checker):
 
 def test_true_gives_235_and_identities(session):
     s = session()
-    assert s.command("AUTH PLAIN " + plain_b64("", "scott", PW)) == "235 2.7.0 Authentication successful\r\n"
+    assert (
+        s.command("AUTH PLAIN " + plain_b64("", "scott", PW))
+        == "235 2.7.0 Authentication successful\r\n"
+    )
     assert s.meta.get_meta("authn_id") == "scott"
     assert s.meta.get_meta("authz_id") == "scott"
 
@@ -318,7 +321,9 @@ def test_commands_pipelined_during_failure_delay_wait(make_session, checker):
 def test_failure_delay_counts_from_the_attempt_start(make_session):
     clock = task.Clock()
     policy = Policy()
-    policy.on("smtp_server_auth_plain", lambda a, c, p, m: task.deferLater(clock, 0.4, lambda: False))
+    policy.on(
+        "smtp_server_auth_plain", lambda a, c, p, m: task.deferLater(clock, 0.4, lambda: False)
+    )
     s = make_session(policy, clock=clock, auth=AuthConfig(failure_delay=1.0))
     s.command("EHLO client.example")
     s.command("AUTH PLAIN " + plain_b64("", "scott", "x"))
@@ -340,7 +345,9 @@ def test_max_failures_closes_with_421(make_session, checker):
 def test_deferred_checker(make_session):
     clock = task.Clock()
     policy = Policy()
-    policy.on("smtp_server_auth_plain", lambda a, c, p, m: task.deferLater(clock, 2, lambda: p == PW))
+    policy.on(
+        "smtp_server_auth_plain", lambda a, c, p, m: task.deferLater(clock, 2, lambda: p == PW)
+    )
     s = make_session(policy, clock=clock)
     s.command("EHLO client.example")
     assert s.send(("AUTH PLAIN " + plain_b64("", "scott", PW) + "\r\nNOOP\r\n").encode()) == ""
@@ -388,7 +395,10 @@ def test_checker_errors_give_454_and_session_goes_on(make_session, answer, captu
     policy.on("smtp_server_auth_plain", check)
     s = make_session(policy)
     s.command("EHLO client.example")
-    assert s.command("AUTH PLAIN " + plain_b64("", "scott", PW)) == "454 4.7.0 Temporary authentication failure\r\n"
+    assert (
+        s.command("AUTH PLAIN " + plain_b64("", "scott", PW))
+        == "454 4.7.0 Temporary authentication failure\r\n"
+    )
     assert not s.closed
     assert "Traceback" in captured_log.text()
     state["broken"] = False

@@ -50,7 +50,11 @@ def test_parse_command_never_raises(line):
         (b"FROM:<@relay.example:a@example.com>", "a@example.com", {}),
         (b'FROM:<"john doe"@example.com>', '"john doe"@example.com', {}),
         (b"FROM:<a@[192.0.2.1]>", "a@[192.0.2.1]", {}),
-        (b"FROM:<a@example.com> SIZE=100 body=8bitmime", "a@example.com", {"SIZE": "100", "BODY": "8bitmime"}),
+        (
+            b"FROM:<a@example.com> SIZE=100 body=8bitmime",
+            "a@example.com",
+            {"SIZE": "100", "BODY": "8bitmime"},
+        ),
         (b"FROM:<a@example.com> AUTH=<>", "a@example.com", {"AUTH": "<>"}),
     ],
 )
@@ -97,7 +101,9 @@ def test_parse_path_raises_only_command_error(arg):
         assert path.address == "" or is_mailbox(path.address)
 
 
-local = st.from_regex(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,20}(\.[A-Za-z0-9_-]{1,10}){0,2}", fullmatch=True)
+local = st.from_regex(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,20}(\.[A-Za-z0-9_-]{1,10}){0,2}", fullmatch=True
+)
 domain = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?(\.[a-z]{2,6}){1,2}", fullmatch=True)
 
 

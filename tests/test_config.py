@@ -52,7 +52,11 @@ private_key = "/abs/key.pem"
     assert cfg.tls.private_key == Path("/abs/key.pem")
     assert cfg.tls.min_version == "TLSv1.2"
     listener = cfg.listeners[0]
-    assert (listener.tls, listener.auth_required, listener.allow_plaintext_auth) == ("none", False, False)
+    assert (listener.tls, listener.auth_required, listener.allow_plaintext_auth) == (
+        "none",
+        False,
+        False,
+    )
 
 
 def test_sample_config_parses():
@@ -65,16 +69,36 @@ def test_sample_config_parses():
     "text,where,problem",
     [
         ("[server]\nmax_conections = 5\n" + MINIMAL, "[server] max_conections", "unknown key"),
-        ("[server]\nmax_connections = \"5\"\n" + MINIMAL, "[server] max_connections", "expected an integer"),
-        ("[server]\nmax_connections = true\n" + MINIMAL, "[server] max_connections", "expected an integer"),
+        (
+            '[server]\nmax_connections = "5"\n' + MINIMAL,
+            "[server] max_connections",
+            "expected an integer",
+        ),
+        (
+            "[server]\nmax_connections = true\n" + MINIMAL,
+            "[server] max_connections",
+            "expected an integer",
+        ),
         ("[server]\nidle_timeout = 0\n" + MINIMAL, "[server] idle_timeout", "at least"),
         ("[bogus]\n" + MINIMAL, "[bogus]", "unknown section"),
         ("[spool]\npath = 'x'\n", "[[listener]]", "at least one listener"),
-        (MINIMAL.replace('tls = "none"', 'tls = "maybe"'), "[[listener]] #1 tls", "expected one of"),
+        (
+            MINIMAL.replace('tls = "none"', 'tls = "maybe"'),
+            "[[listener]] #1 tls",
+            "expected one of",
+        ),
         (MINIMAL.replace('tls = "none"', 'tls = "starttls"'), "[tls]", "missing"),
-        (MINIMAL.replace("auth_required = false", "auth_required = true"), "[[listener]] #1 auth_required", "AUTH needs TLS"),
-        (MINIMAL + "[auth]\nmechanisms = ['CRAM-MD5']\n", "[auth] mechanisms", "unsupported mechanism"),
-        (MINIMAL.replace("[spool]\npath = \"spool\"\n", ""), "[spool] path", "required"),
+        (
+            MINIMAL.replace("auth_required = false", "auth_required = true"),
+            "[[listener]] #1 auth_required",
+            "AUTH needs TLS",
+        ),
+        (
+            MINIMAL + "[auth]\nmechanisms = ['CRAM-MD5']\n",
+            "[auth] mechanisms",
+            "unsupported mechanism",
+        ),
+        (MINIMAL.replace('[spool]\npath = "spool"\n', ""), "[spool] path", "required"),
     ],
 )
 def test_config_errors(text, where, problem):
@@ -157,7 +181,9 @@ def test_toml_syntax_error(tmp_path, certs):
 
 @pytest.mark.e2e
 def test_unknown_key(tmp_path, certs):
-    assert_operator_error(tmp_path, listener_config(certs, extra="bogus = 1"), "[spool] bogus", "unknown key")
+    assert_operator_error(
+        tmp_path, listener_config(certs, extra="bogus = 1"), "[spool] bogus", "unknown key"
+    )
 
 
 @pytest.mark.e2e
@@ -196,7 +222,9 @@ def test_key_that_does_not_match(tmp_path, certs):
 @pytest.mark.e2e
 def test_endpoint_that_does_not_parse(tmp_path, certs):
     text = listener_config(certs).replace("tcp:2525:interface=127.0.0.1", "tcpx:whatever")
-    assert_operator_error(tmp_path, text, "[[listener]] #1 endpoint", "tcpx:whatever", "cannot parse")
+    assert_operator_error(
+        tmp_path, text, "[[listener]] #1 endpoint", "tcpx:whatever", "cannot parse"
+    )
 
 
 @pytest.mark.e2e
@@ -205,14 +233,20 @@ def test_endpoint_that_cannot_bind(tmp_path, certs):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert_operator_error(tmp_path, listener_config(certs, port=port), f"tcp:{port}", "cannot listen")
+        assert_operator_error(
+            tmp_path, listener_config(certs, port=port), f"tcp:{port}", "cannot listen"
+        )
 
 
 @pytest.mark.e2e
 def test_policy_that_fails_to_import(tmp_path, certs):
     (tmp_path / "policy.py").write_text("from kumoauth import kumo\n\nimport no_such_module_here\n")
     line = assert_operator_error(
-        tmp_path, listener_config(certs, policy="policy.py"), "[policy] path", "policy.py:3:", "ModuleNotFoundError"
+        tmp_path,
+        listener_config(certs, policy="policy.py"),
+        "[policy] path",
+        "policy.py:3:",
+        "ModuleNotFoundError",
     )
     assert "no_such_module_here" in line
 
@@ -220,7 +254,9 @@ def test_policy_that_fails_to_import(tmp_path, certs):
 @pytest.mark.e2e
 def test_policy_with_syntax_error(tmp_path, certs):
     (tmp_path / "policy.py").write_text("def broken(:\n")
-    assert_operator_error(tmp_path, listener_config(certs, policy="policy.py"), "policy.py:1:", "syntax error")
+    assert_operator_error(
+        tmp_path, listener_config(certs, policy="policy.py"), "policy.py:1:", "syntax error"
+    )
 
 
 @pytest.mark.e2e
@@ -230,14 +266,18 @@ def test_policy_registering_twice(tmp_path, certs):
         "kumo.on('smtp_server_ehlo', lambda d, m: None)\n"
         "kumo.on('smtp_server_ehlo', lambda d, m: None)\n"
     )
-    assert_operator_error(tmp_path, listener_config(certs, policy="policy.py"), "policy.py:3:", "second handler")
+    assert_operator_error(
+        tmp_path, listener_config(certs, policy="policy.py"), "policy.py:3:", "second handler"
+    )
 
 
 @pytest.mark.e2e
 def test_auth_required_without_checker(tmp_path, certs):
     (tmp_path / "policy.py").write_text("from kumoauth import kumo\n")
     assert_operator_error(
-        tmp_path, listener_config(certs, policy="policy.py", auth_required=True), "smtp_server_auth_plain"
+        tmp_path,
+        listener_config(certs, policy="policy.py", auth_required=True),
+        "smtp_server_auth_plain",
     )
 
 

@@ -86,7 +86,9 @@ def starttls_client(server, **kw) -> smtplib.SMTP:
 
 
 def implicit_client(server) -> smtplib.SMTP:
-    s = smtplib.SMTP_SSL("127.0.0.1", server.implicit_port, timeout=10, context=server.certs.client_context())
+    s = smtplib.SMTP_SSL(
+        "127.0.0.1", server.implicit_port, timeout=10, context=server.certs.client_context()
+    )
     s.ehlo("client.example")
     return s
 
@@ -114,7 +116,9 @@ def send(s: smtplib.SMTP, body: bytes = b"Subject: test\r\n\r\nhello\r\n") -> st
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
-@pytest.mark.parametrize("connect", [starttls_client, implicit_client], ids=["starttls", "implicit"])
+@pytest.mark.parametrize(
+    "connect", [starttls_client, implicit_client], ids=["starttls", "implicit"]
+)
 def test_login_and_send(server, connect, mechanism):
     with connect(server) as s:
         assert "PLAIN" in s.esmtp_features["auth"]
@@ -254,7 +258,9 @@ def test_bare_lf_dot_is_spooled_whole_as_one_message(server):
     queued = [line for line in lines if line.startswith(b"250 2.0.0 OK queued")]
     assert len(queued) == 1
     msg = spooled(server, queued_id(queued[0].strip()))
-    assert msg.read_bytes().endswith(b"Subject: dots\r\n\r\nfirst\n.\nsecond\r\n. stuffed\r\nlast\r\n")
+    assert msg.read_bytes().endswith(
+        b"Subject: dots\r\n\r\nfirst\n.\nsecond\r\n. stuffed\r\nlast\r\n"
+    )
 
 
 def test_oversized_message_gets_552_and_nothing_is_spooled(tmp_path, certs):
@@ -312,7 +318,9 @@ def test_twisted_esmtp_sender_with_require_transport_security(server, tmp_path):
         task.react(main)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr + result.stdout
     assert "SENT 1" in result.stdout
 
@@ -345,7 +353,11 @@ def test_auth_file_with_a_password_file(tmp_path, certs):
 
 def test_custom_checker_from_config(tmp_path, certs):
     with running_server(
-        tmp_path, certs, POLICY, auth='checker = "tests.checkers:tenant_checker"', env={"PYTHONPATH": str(REPO)}
+        tmp_path,
+        certs,
+        POLICY,
+        auth='checker = "tests.checkers:tenant_checker"',
+        env={"PYTHONPATH": str(REPO)},
     ) as srv:
         with starttls_client(srv) as s:
             with pytest.raises(smtplib.SMTPAuthenticationError):
@@ -377,8 +389,17 @@ def test_readme_run_command_serves_the_sample_config(tmp_path):
     shutil.copytree(REPO / "etc", tmp_path / "etc", ignore=shutil.ignore_patterns("tls"))
     log = tmp_path / "twistd.log"
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-         "-n", "--pidfile=", f"--logfile={log}", "kumoauth", "--config", "etc/kumoauth.toml"],
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            f"--logfile={log}",
+            "kumoauth",
+            "--config",
+            "etc/kumoauth.toml",
+        ],
         cwd=tmp_path,
     )
     try:

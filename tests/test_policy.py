@@ -36,7 +36,10 @@ def sample():
     ],
 )
 def test_kumomta_sample(sample, authz, authc, password, expected):
-    assert call_event(sample, "smtp_server_auth_plain", authz, authc, password, conn_meta()) is expected
+    assert (
+        call_event(sample, "smtp_server_auth_plain", authz, authc, password, conn_meta())
+        is expected
+    )
 
 
 def test_kumomta_sample_in_a_session(sample, make_session):
@@ -68,8 +71,16 @@ def test_sender_login_map(sender_login, make_session):
 
 
 def test_sender_login_refuses_proxy_authorization(sender_login):
-    assert call_event(sender_login, "smtp_server_auth_plain", "newsletter", "scott", "tiger", conn_meta()) is False
-    assert call_event(sender_login, "smtp_server_auth_plain", "scott", "scott", "tiger", conn_meta()) is True
+    assert (
+        call_event(
+            sender_login, "smtp_server_auth_plain", "newsletter", "scott", "tiger", conn_meta()
+        )
+        is False
+    )
+    assert (
+        call_event(sender_login, "smtp_server_auth_plain", "scott", "scott", "tiger", conn_meta())
+        is True
+    )
 
 
 # --- registration ---------------------------------------------------------------

@@ -49,7 +49,9 @@ def test_in_memory_attempts_leave_no_secret_in_logs(make_session, captured_log):
 
     policy = Policy()
     policy.on("smtp_server_auth_plain", check)
-    s = make_session(policy, clock=clock, auth=AuthConfig(failure_delay=0, max_failures=100, timeout=1))
+    s = make_session(
+        policy, clock=clock, auth=AuthConfig(failure_delay=0, max_failures=100, timeout=1)
+    )
     s.command("EHLO client.example")
     for user in ("scott", "raise", "fail-deferred"):
         s.command("AUTH PLAIN " + plain_b64("", user, SECRET))

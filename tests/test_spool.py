@@ -1,0 +1,138 @@
+"""
+The durable spool of SPEC §7 and the kumoauth-spool command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kumoauth.delivery import Message
+from kumoauth.spool import Spool, SpoolError, is_id, new_id
+
+
+def message(mid=None, data=b"Subject: x\r\n\r\nbody\r\n", **meta):
+    return Message(
+        mid or new_id(), "a@example.com", ["b@example.net"], data, {"authn_id": "scott", **meta}
+    )
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(tmp_path / "spool")
+    s.create()
+    return s
+
+
+def test_ids_are_unique_and_sortable():
+    ids = [new_id() for _ in range(2000)]
+    assert len(set(ids)) == 2000
+    assert all(is_id(i) for i in ids)
+    assert sorted(ids)[0][:16] <= ids[-1][:16]
+
+
+def test_write_and_read_a_pair(spool):
+    msg = message()
+    assert spool.write(msg) == msg.id
+    assert sorted(p.name for p in spool.path.iterdir()) == sorted(
+        [f"{msg.id}.eml", f"{msg.id}.json", "tmp"]
+    )
+    stored = spool.read(msg.id)
+    assert stored.read_bytes() == msg.data
+    env = json.loads((spool.path / f"{msg.id}.json").read_text())
+    assert set(env) == {"id", "received_at", "mail_from", "rcpt_to", "meta"}
+    assert env["id"] == msg.id
+    assert env["mail_from"] == "a@example.com" and env["rcpt_to"] == ["b@example.net"]
+    assert env["meta"] == {"authn_id": "scott"}
+    assert env["received_at"].endswith("Z") and len(env["received_at"]) == 20
+    assert list(spool.ids()) == [msg.id]
+
+
+def test_files_are_not_world_readable(spool):
+    msg = message()
+    spool.write(msg)
+    for suffix in (".eml", ".json"):
+        assert os.stat(spool.path / f"{msg.id}{suffix}").st_mode & 0o007 == 0
+
+
+def test_failure_leaves_nothing(spool):
+    msg = message()
+    msg._values["bad"] = object()  # slipped past set_meta: not JSON
+    with pytest.raises(SpoolError) as e:
+        spool.write(msg)
+    assert msg.id in str(e.value)
+    assert sorted(p.name for p in spool.path.iterdir()) == ["tmp"]
+    assert list(spool.tmp.iterdir()) == []
+
+
+def test_id_collision_fails_cleanly(spool):
+    msg = message()
+    (spool.tmp / f"{msg.id}.json.tmp").write_text("someone else's")
+    with pytest.raises(SpoolError):
+        spool.write(msg)
+    assert list(spool.ids()) == []
+
+
+def test_recover_removes_orphans_and_keeps_pairs(spool):
+    good = message()
+    spool.write(good)
+    orphan = new_id()
+    (spool.path / f"{orphan}.eml").write_bytes(b"half")
+    (spool.tmp / "x.eml.tmp").write_bytes(b"partial")
+    # A reader never sees the orphan, before or after recovery.
+    assert list(spool.ids()) == [good.id]
+    removed = spool.recover()
+    assert sorted(removed) == sorted([f"{orphan}.eml", "tmp/x.eml.tmp"])
+    assert list(spool.ids()) == [good.id]
+    assert not (spool.path / f"{orphan}.eml").exists()
+
+
+def test_read_unknown(spool):
+    with pytest.raises(KeyError):
+        spool.read("0" * 24)
+    with pytest.raises(KeyError):
+        spool.read("../etc/passwd")
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "kumoauth.spoolcli", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_spool_cli_list_and_show(spool):
+    msgs = [message(), message(data=b"Subject: two\r\n\r\n2\r\n")]
+    for m in msgs:
+        spool.write(m)
+    listing = run_cli("--spool", str(spool.path), "list")
+    assert listing.returncode == 0
+    lines = listing.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [m.id for m in msgs]
+    assert "authn=scott" in lines[0] and "from=<a@example.com>" in lines[0]
+    shown = run_cli("--spool", str(spool.path), "show", msgs[1].id)
+    assert shown.stdout == "Subject: two\r\n\r\n2\r\n".replace(
+        "\r\n", "\n"
+    ) or shown.stdout.startswith("Subject: two")
+    meta = run_cli("--spool", str(spool.path), "show", "--meta", msgs[0].id)
+    assert json.loads(meta.stdout)["id"] == msgs[0].id
+    missing = run_cli("--spool", str(spool.path), "show", "0" * 24)
+    assert missing.returncode == 1 and "no complete message" in missing.stderr
+
+
+def test_spool_cli_with_config(tmp_path):
+    config = tmp_path / "k.toml"
+    config.write_text(
+        '[[listener]]\nendpoint="tcp:1"\ntls="none"\nauth_required=false\n[spool]\npath="sp"\n'
+    )
+    Spool(tmp_path / "sp").create()
+    result = run_cli("--config", str(config), "list")
+    assert result.returncode == 0 and result.stdout == ""
+    bad = run_cli("--config", str(tmp_path / "nope.toml"), "list")
+    assert bad.returncode == 1 and "not found" in bad.stderr
