@@ -72,12 +72,28 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True)
+class ThrottleConfig:
+    """
+    ``[auth.throttle]``: failed attempts counted per client IP and per authc
+    over a sliding window (SPEC §8).
+    """
+
+    window: float = 900.0
+    max_failures_per_ip: int = 10
+    max_failures_per_authc: int = 5
+    store: str = "memory"
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     mechanisms: tuple[str, ...] = MECHANISMS
     checker: str = "policy"
     timeout: float = 10.0
     failure_delay: float = 1.0
     max_failures: int = 3
+    max_in_flight: int = 100
+    threads: int = 10
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
 
 
 @dataclass(frozen=True)
@@ -218,6 +234,14 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "timeout": _number(0.001),
         "failure_delay": _number(0.0),
         "max_failures": _int(1),
+        "max_in_flight": _int(1),
+        "threads": _int(1),
+    },
+    "auth.throttle": {
+        "window": _number(1.0),
+        "max_failures_per_ip": _int(1),
+        "max_failures_per_authc": _int(1),
+        "store": _str,
     },
     "policy": {"path": _str},
     "spool": {"path": _str},
@@ -269,8 +293,8 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
         raise ConfigError(source, "", f"TOML syntax error: {e}") from None
 
     for key in data:
-        if key not in SCHEMA:
-            known = ", ".join(f"[{k}]" for k in SCHEMA)
+        if key not in SCHEMA or "." in key:
+            known = ", ".join(f"[{k}]" for k in SCHEMA if "." not in k)
             raise ConfigError(source, f"[{key}]", f"unknown section (known: {known})")
 
     server = _section(source, "server", data.get("server", {}))
@@ -312,7 +336,10 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
                     f'missing, but [[listener]] #{i + 1} uses tls = "{listener.tls}"',
                 )
 
-    auth = AuthConfig(**_section(source, "auth", data.get("auth", {})))
+    raw_auth = data.get("auth", {})
+    raw_throttle = raw_auth.pop("throttle", {}) if isinstance(raw_auth, dict) else {}
+    throttle = ThrottleConfig(**_section(source, "auth.throttle", raw_throttle))
+    auth = AuthConfig(**_section(source, "auth", raw_auth), throttle=throttle)
 
     p = _section(source, "policy", data.get("policy", {}))
     policy = PolicyConfig(path=_path(source, p["path"]) if "path" in p else None)

@@ -34,7 +34,7 @@ from zope.interface import Attribute, implementer
 
 from kumoauth.delivery import Delivery, IMessageDelivery, Store
 from kumoauth.meta import ConnMeta
-from kumoauth.policy import Handler, invoke
+from kumoauth.policy import Handler, Invoke, invoke
 
 
 class IPlainCredentials(IUsernamePassword):
@@ -98,14 +98,17 @@ class PolicyChecker:
 
     credentialInterfaces = (IPlainCredentials,)
 
-    def __init__(self, handler: Handler, timeout: float, clock: IReactorTime) -> None:
+    def __init__(
+        self, handler: Handler, timeout: float, clock: IReactorTime, invoke: Invoke = invoke
+    ) -> None:
         self.handler = handler
         self.timeout = timeout
         self.clock = clock
+        self.invoke = invoke
 
     def requestAvatarId(self, credentials: IPlainCredentials) -> defer.Deferred[Any]:
         try:
-            result = invoke(
+            result = self.invoke(
                 self.handler,
                 credentials.authz,
                 credentials.authc,

@@ -20,7 +20,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from kumoauth.config import AuthConfig, ListenerConfig, ServerConfig
 from kumoauth.delivery import Message
-from kumoauth.policy import Policy
+from kumoauth.policy import Invoke, Policy, invoke
+from kumoauth.throttle import Throttle
 from kumoauth.tls import ServerContextFactory
 
 
@@ -68,6 +69,12 @@ class Runtime:
     clock: IReactorTime
     tls: ServerContextFactory | None = None
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    #: calls policy handlers (blocking ones in a thread pool)
+    invoke: Invoke = invoke
+    #: failed-attempt throttles; None disables them
+    throttle: Throttle | None = None
+    #: checker calls in progress, against ``auth.max_in_flight``
+    in_flight: int = 0
 
     def ehlo_keywords(self, listener: ListenerConfig, secure: bool) -> list[str]:
         """

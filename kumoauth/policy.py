@@ -18,7 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from twisted.internet import threads
 from twisted.internet.defer import Deferred
+from twisted.python.threadpool import ThreadPool
 
 EVENTS = (
     "smtp_server_connection_accepted",
@@ -104,6 +106,22 @@ class Policy:
         return self.handlers.get(event)
 
 
+def blocking(fn: Handler) -> Handler:
+    """
+    Mark a handler that blocks (sqlite, a synchronous HTTP call, bcrypt):
+    kumoauth runs it in a bounded thread pool (``[auth] threads``) instead of
+    on the reactor thread, so it never stalls other sessions.  Such a handler
+    should only read conn_meta; ``set_meta`` from it is not ordered with
+    the other events of the connection.
+    """
+    fn.kumoauth_blocking = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_blocking(fn: Handler) -> bool:
+    return bool(getattr(fn, "kumoauth_blocking", False))
+
+
 class _Kumo:
     """
     The ``kumo`` object policy files import.  Registrations go to the policy
@@ -111,6 +129,7 @@ class _Kumo:
     """
 
     Reject = Reject
+    blocking = staticmethod(blocking)
 
     def __init__(self) -> None:
         self.default = Policy("<default>")
@@ -177,10 +196,14 @@ def _line_in(e: BaseException, path: Path) -> str:
     return line
 
 
+Invoke = Callable[..., Any]
+
+
 def invoke(fn: Handler, *args: Any) -> Any:
     """
-    Call a handler: a plain value comes back as is, a Deferred as is, and a
-    coroutine (``async def``) as a Deferred.  Exceptions propagate.
+    Call a handler on this thread: a plain value comes back as is, a
+    Deferred as is, and a coroutine (``async def``) as a Deferred.
+    Exceptions propagate.
     """
     result = fn(*args)
     if inspect.isawaitable(result) and not isinstance(result, Deferred):
@@ -190,3 +213,19 @@ def invoke(fn: Handler, *args: Any) -> Any:
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
+
+
+class Invoker:
+    """
+    Calls handlers: those marked :func:`blocking` in *pool* (through
+    *reactor*), all others with :func:`invoke` on the reactor thread.
+    """
+
+    def __init__(self, reactor: Any = None, pool: ThreadPool | None = None) -> None:
+        self.reactor = reactor
+        self.pool = pool
+
+    def __call__(self, fn: Handler, *args: Any) -> Any:
+        if self.pool is not None and is_blocking(fn):
+            return threads.deferToThreadPool(self.reactor, self.pool, fn, *args)
+        return invoke(fn, *args)

@@ -37,7 +37,7 @@ from kumoauth.commands import (
 from kumoauth.cred import AuthContext, PlainCredentials
 from kumoauth.delivery import Delivery, IMessageDelivery, Message
 from kumoauth.meta import ConnMeta
-from kumoauth.policy import Reject, invoke
+from kumoauth.policy import Reject
 from kumoauth.spool import SpoolError, new_id
 from kumoauth.tls import describe
 
@@ -405,7 +405,7 @@ class SubmissionProtocol(Protocol):
                 self._send(R_INTERNAL)
 
         try:
-            result = invoke(handler, *args)
+            result = self.rt.invoke(handler, *args)
         except Exception:
             failed(Failure())
             return
@@ -710,12 +710,47 @@ class SubmissionProtocol(Protocol):
         exchange.secrets.append(password.encode("utf-8"))
         creds = PlainCredentials(authz, authc, password, self.conn_meta)
         exchange.authc, exchange.authz = creds.authc, creds.authz
-        if not authc or not password:
+        throttle = self.rt.throttle
+        if throttle is None:
+            self._check(exchange, creds)
+            return
+
+        def decide(reason: str | None) -> None:
+            if reason is None:
+                self._check(exchange, creds)
+            else:
+                self._throttled(reason)
+
+        def store_failed(f: Failure) -> None:
+            # Fail closed: without counters, brute force would be unlimited.
+            log.failure("failure store unavailable", f)
+            self._sasl_done("tempfail")
+            self._send(R_TEMPFAIL_AUTH)
+
+        self._wait(throttle.check(self._ip, creds.authc), decide, store_failed)
+
+    def _throttled(self, reason: str) -> None:
+        self._sasl_done("throttled", reason)
+        self._send(b"454 4.7.0 Too many failed attempts or checks in progress, try later")
+
+    def _check(self, exchange: _SASLExchange, creds: PlainCredentials) -> None:
+        if not creds.authc or not creds.password:
             # SPEC §6: nothing to check; refused without calling the checker.
             self._auth_failed(exchange)
             return
-        exchange.checked_at = self.rt.clock.seconds()
-        d = self.rt.portal.login(creds, AuthContext(creds.authz, self.conn_meta), IMessageDelivery)
+        rt = self.rt
+        if rt.in_flight >= rt.auth.max_in_flight:
+            self._throttled("in_flight")
+            return
+        exchange.checked_at = rt.clock.seconds()
+        rt.in_flight += 1
+        d = rt.portal.login(creds, AuthContext(creds.authz, self.conn_meta), IMessageDelivery)
+
+        def release(result: object) -> object:
+            rt.in_flight -= 1
+            return result
+
+        d.addBoth(release)
 
         def success(result: tuple[Any, Delivery, Any]) -> None:
             self.delivery = result[1]
@@ -747,6 +782,10 @@ class SubmissionProtocol(Protocol):
         """
         self._auth_failures += 1
         self._sasl_done("failure")
+        if self.rt.throttle is not None and exchange.authc is not None:
+            self.rt.throttle.failed(self._ip, exchange.authc).addErrback(
+                lambda f: log.failure("recording a failed attempt", f)
+            )
         clock = self.rt.clock
         wait = max(0.0, exchange.started + self.rt.auth.failure_delay - clock.seconds())
 
@@ -761,7 +800,7 @@ class SubmissionProtocol(Protocol):
         else:
             answer(None)
 
-    def _sasl_done(self, result: str) -> None:
+    def _sasl_done(self, result: str, reason: str | None = None) -> None:
         """
         Emit the one auth log event of this attempt (SPEC §9) and forget it.
         """
@@ -773,7 +812,8 @@ class SubmissionProtocol(Protocol):
             latency = self.rt.clock.seconds() - exchange.checked_at
         auth_log.info(
             "AUTH {mechanism} {result} authc={authc} authz={authz} client={client} "
-            "listener={listener} checker_latency={checker_latency:.3f}s",
+            "listener={listener} checker_latency={checker_latency:.3f}s"
+            + (" reason={reason}" if reason else ""),
             mechanism=exchange.mechanism,
             result=result,
             authc=exchange.authc,
@@ -781,6 +821,7 @@ class SubmissionProtocol(Protocol):
             client=self.client,
             listener=self.factory.listener.endpoint,
             checker_latency=latency,
+            reason=reason,
         )
         exchange.secrets.clear()
 

@@ -16,12 +16,14 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from kumoauth.config import Config, ConfigError, load
 from kumoauth.cred import PolicyChecker, load_checker_factory, make_portal
 from kumoauth.listener import Runtime, SubmissionFactory, wrap_listener
-from kumoauth.policy import Policy, PolicyError, load_policy
+from kumoauth.policy import Invoker, Policy, PolicyError, load_policy
 from kumoauth.spool import Spool, SpoolWriter
+from kumoauth.throttle import Throttle, make_store
 from kumoauth.tls import ServerContextFactory, TLSError, build_context, make_self_signed
 
 log = Logger(namespace="kumoauth")
@@ -60,7 +62,11 @@ def build_policy(cfg: Config) -> Policy:
 
 
 def build_checkers(
-    cfg: Config, policy: Policy, reactor: Any, override: list[ICredentialsChecker] | None
+    cfg: Config,
+    policy: Policy,
+    reactor: Any,
+    override: list[ICredentialsChecker] | None,
+    invoker: Invoker,
 ) -> list[ICredentialsChecker]:
     """
     ``--auth`` checkers if given; else the policy handler or the
@@ -77,28 +83,29 @@ def build_checkers(
                     "smtp_server_auth_plain handler (and a listener has auth_required)"
                 )
             return []
-        return [PolicyChecker(handler, cfg.auth.timeout, reactor)]
+        return [PolicyChecker(handler, cfg.auth.timeout, reactor, invoker)]
     try:
         return [load_checker_factory(cfg.auth.checker)]
     except ValueError as e:
         raise OperatorError(f"{cfg.source}: [auth] checker: {e}") from None
 
 
-class SpoolService(service.Service):
+class ThreadPoolService(service.Service):
     """
-    Owns the spool's writer threads.
+    Starts and stops a thread pool with the application (stopping waits for
+    work in progress, such as a spool write, to finish).
     """
 
-    def __init__(self, writer: SpoolWriter) -> None:
-        self.writer = writer
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
 
     def startService(self) -> None:
         super().startService()
-        self.writer.start()
+        self.pool.start()
 
     def stopService(self) -> None:
         super().stopService()
-        self.writer.stop()
+        self.pool.stop()
 
 
 class ListenerService(service.Service):
@@ -177,7 +184,13 @@ def make_service_from_config(
 ) -> service.MultiService:
     tls = build_tls(cfg)
     policy = build_policy(cfg)
-    checker_list = build_checkers(cfg, policy, reactor, checkers)
+    checker_pool = ThreadPool(minthreads=0, maxthreads=cfg.auth.threads, name="kumoauth-checker")
+    invoker = Invoker(reactor, checker_pool)
+    checker_list = build_checkers(cfg, policy, reactor, checkers, invoker)
+    try:
+        store = make_store(cfg.auth.throttle.store, reactor)
+    except ValueError as e:
+        raise OperatorError(f"{cfg.source}: [auth.throttle] store: {e}") from None
 
     spool = Spool(cfg.spool.path)
     try:
@@ -197,10 +210,13 @@ def make_service_from_config(
         store=writer.store,
         clock=reactor,
         tls=tls,
+        invoke=invoker,
+        throttle=Throttle(store, cfg.auth.throttle),
     )
 
     top = service.MultiService()
-    SpoolService(writer).setServiceParent(top)
+    ThreadPoolService(writer.pool).setServiceParent(top)
+    ThreadPoolService(checker_pool).setServiceParent(top)
     for i, listener in enumerate(cfg.listeners):
         try:
             endpoint = endpoints.serverFromString(reactor, listener.endpoint)

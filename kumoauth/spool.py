@@ -200,19 +200,13 @@ class Spool:
 class SpoolWriter:
     """
     Runs :meth:`Spool.write` in a small thread pool so fsync never stalls the
-    reactor.  Start and stop it with the service.
+    reactor.  The service starts and stops ``pool``.
     """
 
     def __init__(self, spool: Spool, reactor: IReactorFromThreads, threads_max: int = 4) -> None:
         self.spool = spool
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=0, maxthreads=threads_max, name="kumoauth-spool")
-
-    def start(self) -> None:
-        self.pool.start()
-
-    def stop(self) -> None:
-        self.pool.stop()
 
     def store(self, message: Message) -> defer.Deferred[str]:
         return threads.deferToThreadPool(self.reactor, self.pool, self.spool.write, message)

@@ -44,6 +44,7 @@ from kumoauth.meta import ConnMeta
 from kumoauth.policy import Policy, Reject, invoke, load_policy
 from kumoauth.protocol import SubmissionProtocol
 from kumoauth.spool import Spool, SpooledMessage
+from kumoauth.throttle import MemoryFailureStore, Throttle
 
 __all__ = [
     "Reject",
@@ -168,6 +169,7 @@ class Session:
                 store=store,
                 clock=self.clock,
                 tls=_NO_TLS if tls != "none" else None,
+                throttle=Throttle(MemoryFailureStore(self.clock), auth.throttle),
             )
         self.runtime = runtime
         listener = ListenerConfig(
