@@ -41,9 +41,9 @@ class Certs:
         return ctx
 
 
-def make_certs(directory: Path) -> Certs:
+def make_certs(directory: Path, key_type: trustme.KeyType = trustme.KeyType.ECDSA) -> Certs:
     ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.ECDSA)
+    cert = ca.issue_cert("localhost", "127.0.0.1", key_type=key_type)
     directory.mkdir(parents=True, exist_ok=True)
     chain = directory / "fullchain.pem"
     key = directory / "privkey.pem"
@@ -66,17 +66,29 @@ def run_twistd(args: list[str], cwd: Path, timeout: float = 30) -> subprocess.Co
 
 @dataclass
 class Server:
-    """A running twistd kumoauth."""
+    """A running twistd kumoauth (restartable on the same configuration)."""
 
     proc: subprocess.Popen[bytes]
     directory: Path
+    config: Path
     starttls_port: int
     implicit_port: int
     plain_port: int
-    spool: Path
-    logfile: Path
     certs: Certs
-    extra: dict[str, int] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def spool(self) -> Path:
+        return self.directory / "spool"
+
+    @property
+    def logfile(self) -> Path:
+        return self.directory / "twistd.log"
+
+    @property
+    def ports(self) -> tuple[int, int, int]:
+        return (self.starttls_port, self.implicit_port, self.plain_port)
 
     def log(self) -> str:
         return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
@@ -90,6 +102,22 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
 
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def start(self) -> None:
+        self.proc = spawn(self.directory, self.config, self.args, self.env)
+        for port in self.ports:
+            wait_for_port(port, self.proc, self.logfile)
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
 
 def write_config(
     directory: Path,
@@ -97,24 +125,23 @@ def write_config(
     ports: tuple[int, int, int],
     policy: str | None,
     auth: str = "",
-    extra_listeners: str = "",
     server: str = "",
+    throttle: str = "",
 ) -> Path:
     starttls, implicit, plain = ports
-    defaults = {"failure_delay": "0.2", "timeout": "1.0"}
-    given = [line for line in auth.splitlines() if line.strip()]
-    for line in given:
-        defaults.pop(line.split("=")[0].strip(), None)
-    auth_lines = "\n".join([f"{k} = {v}" for k, v in defaults.items()] + given)
+    auth_lines = _merge({"failure_delay": "0.2", "timeout": "1.0"}, auth)
+    # Tests share 127.0.0.1: throttles high unless a test sets them.
+    throttle_lines = _merge(
+        {"max_failures_per_ip": "100000", "max_failures_per_authc": "100000"}, throttle
+    )
+    server_lines = _merge({"hostname": '"localhost"', "idle_timeout": "30"}, server)
     policy_line = ""
     if policy is not None:
         (directory / "policy.py").write_text(textwrap.dedent(policy))
         policy_line = '[policy]\npath = "policy.py"\n'
     config = f"""
 [server]
-hostname = "localhost"
-idle_timeout = 30
-{server}
+{server_lines}
 
 [tls]
 certificate = "{certs.chain}"
@@ -133,10 +160,12 @@ tls = "implicit"
 endpoint = "tcp:{plain}:interface=127.0.0.1"
 tls = "none"
 auth_required = false
-{extra_listeners}
 
 [auth]
 {auth_lines}
+
+[auth.throttle]
+{throttle_lines}
 
 {policy_line}
 
@@ -146,6 +175,13 @@ path = "spool"
     path = directory / "kumoauth.toml"
     path.write_text(config)
     return path
+
+
+def _merge(defaults: dict[str, str], given: str) -> str:
+    lines = [line for line in given.splitlines() if line.strip()]
+    for line in lines:
+        defaults.pop(line.split("=")[0].strip(), None)
+    return "\n".join([f"{k} = {v}" for k, v in defaults.items()] + lines)
 
 
 def wait_for_port(
@@ -164,6 +200,29 @@ def wait_for_port(
     raise RuntimeError(f"port {port} never opened")
 
 
+def spawn(
+    directory: Path, config: Path, args: list[str], env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    logfile = directory / "twistd.log"
+    with open(directory / "stderr.txt", "ab") as stderr:
+        return subprocess.Popen(
+            [
+                *TWISTD,
+                "-n",
+                "--pidfile=",
+                f"--logfile={logfile}",
+                "kumoauth",
+                "--config",
+                str(config),
+                *args,
+            ],
+            cwd=directory,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+
+
 @contextlib.contextmanager
 def running_server(
     directory: Path,
@@ -173,31 +232,15 @@ def running_server(
     args: list[str] | None = None,
     env: dict[str, str] | None = None,
     server: str = "",
+    throttle: str = "",
 ) -> Iterator[Server]:
     directory.mkdir(parents=True, exist_ok=True)
     ports = (free_port(), free_port(), free_port())
-    config = write_config(directory, certs, ports, policy, auth, server=server)
-    logfile = directory / "twistd.log"
-    proc = subprocess.Popen(
-        [
-            *TWISTD,
-            "-n",
-            "--pidfile=",
-            f"--logfile={logfile}",
-            "kumoauth",
-            "--config",
-            str(config),
-            *(args or []),
-        ],
-        cwd=directory,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=open(directory / "stderr.txt", "wb"),  # noqa: SIM115
-    )
-    srv = Server(proc, directory, *ports, spool=directory / "spool", logfile=logfile, certs=certs)
+    config = write_config(directory, certs, ports, policy, auth, server=server, throttle=throttle)
+    srv = Server(None, directory, config, *ports, certs=certs, args=args or [], env=env or {})  # type: ignore[arg-type]
     try:
-        for port in ports:
-            wait_for_port(port, proc, logfile)
+        srv.start()
         yield srv
     finally:
-        srv.stop()
+        if srv.proc is not None:
+            srv.stop()

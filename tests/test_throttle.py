@@ -55,7 +55,7 @@ def attempt(s, user, password):
 def test_per_ip_limit(world):
     checker, clock, connect = world
     attacker = connect("203.0.113.9")
-    users = ["u%d" % i for i in range(10)]
+    users = [f"u{i}" for i in range(10)]
     for user in users:
         assert attempt(attacker, user, "guess").startswith("535")
     calls = len(checker.calls)
@@ -148,7 +148,9 @@ def test_authc_keys_fold_case():
 def test_in_flight_limit(make_session):
     pending = []
     policy = Policy()
-    policy.on("smtp_server_auth_plain", lambda a, c, p, m: pending.append(defer.Deferred()) or pending[-1])
+    policy.on(
+        "smtp_server_auth_plain", lambda a, c, p, m: pending.append(defer.Deferred()) or pending[-1]
+    )
     clock = task.Clock()
     auth = AuthConfig(failure_delay=0, max_in_flight=2, timeout=60)
     first = make_session(policy, clock=clock, auth=auth)
