@@ -1,0 +1,469 @@
+"""
+Run kumoauth, aiosmtpd and stock twisted.mail side by side on 127.0.0.1 and
+write the figures to BENCHMARKS.md and a JSON file.
+
+    python -m bench                 # the full run recorded in BENCHMARKS.md
+    python -m bench --quick         # a smoke run: tiny numbers, seconds
+
+Every server gets the same ECDSA P-256 certificate, the same user
+(scott/tiger) and the same client.  CPU is the server process's own
+(utime + stime from /proc/<pid>/stat, all threads); figures are medians
+over alternating runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trustme
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+BENCH_POLICY = """
+from twisted.internet import reactor, task
+from kumoauth import kumo
+
+USERS = {"scott": "tiger"}
+
+
+@kumo.on("smtp_server_auth_plain")
+def check(authz, authc, password, conn_meta):
+    if authc == "slow":
+        # Workload (f): a checker that answers through a Deferred after 100 ms.
+        return task.deferLater(reactor, 0.1, lambda: True)
+    return USERS.get(authc) == password
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+@dataclass
+class Server:
+    name: str
+    workdir: Path
+    cert: Path
+    key: Path
+    async_checker: bool = True
+    proc: subprocess.Popen[bytes] | None = None
+    starttls_port: int = 0
+    implicit_port: int = 0
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.starttls_port, self.implicit_port = free_port(), free_port()
+        log = open(self.workdir / f"{self.name}.out", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.command(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT
+        )
+        wait_port(self.starttls_port, self.proc)
+        wait_port(self.implicit_port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cpu(self) -> float:
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def status(self, key: str) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+    def rss_kib(self) -> int:
+        return self.status("VmRSS")
+
+    def peak_kib(self) -> int:
+        return self.status("VmHWM")
+
+
+class Kumoauth(Server):
+    def command(self) -> list[str]:
+        spool = self.workdir / "kumoauth-spool"
+        (self.workdir / "bench_policy.py").write_text(textwrap.dedent(BENCH_POLICY))
+        config = self.workdir / "kumoauth.toml"
+        config.write_text(
+            f"""
+[server]
+hostname = "localhost"
+max_connections = 100000
+max_connections_per_ip = 100000
+
+[tls]
+certificate = "{self.cert}"
+private_key = "{self.key}"
+
+[[listener]]
+endpoint = "tcp:{self.starttls_port}:interface=127.0.0.1"
+tls = "starttls"
+
+[[listener]]
+endpoint = "tcp:{self.implicit_port}:interface=127.0.0.1"
+tls = "implicit"
+
+[auth]
+failure_delay = 0
+max_failures = 1000
+max_in_flight = 100000
+
+# Workload (c) fails on purpose from one address: no throttling here.
+[auth.throttle]
+max_failures_per_ip = 1000000000
+max_failures_per_authc = 1000000000
+
+[policy]
+path = "bench_policy.py"
+
+[spool]
+path = "{spool}"
+"""
+        )
+        return [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            f"--logfile={self.workdir / 'kumoauth.log'}",
+            "kumoauth",
+            "--config",
+            str(config),
+        ]
+
+
+class Aiosmtpd(Server):
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "bench.aiosmtpd_server",
+            str(self.cert),
+            str(self.key),
+            str(self.starttls_port),
+            str(self.implicit_port),
+            str(self.workdir / "aiosmtpd-spool"),
+        ]
+
+
+class TwistedMail(Server):
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "bench.twisted_mail_server",
+            str(self.cert),
+            str(self.key),
+            str(self.starttls_port),
+            str(self.implicit_port),
+        ]
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    workdir: Path
+    ca: Path
+    servers: list[Server]
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, server: Server, mode: str, *extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.load",
+                mode,
+                "--ca",
+                str(self.ca),
+                *extra,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+
+    def sessions(self, server: Server, tls: str, n: int, messages: int, fail: bool) -> dict:
+        port = server.starttls_port if tls == "starttls" else server.implicit_port
+        extra = [
+            "--port", str(port), "--tls", tls, "--sessions", str(n),
+            "--concurrency", str(self.args.concurrency), "--messages", str(messages),
+        ]  # fmt: skip
+        if fail:
+            extra.append("--fail")
+        cpu0 = server.cpu()
+        proc = self.load(server, "session", *extra)
+        out, _ = proc.communicate(timeout=3600)
+        cpu1 = server.cpu()
+        result = json.loads(out.strip().splitlines()[-1])
+        lat = sorted(result["latencies"])
+        done = len(lat)
+        return {
+            "cpu_us_per_session": (cpu1 - cpu0) / max(done, 1) * 1e6,
+            "sessions_per_s": done / result["elapsed"],
+            "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
+            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else None,
+            "errors": result["errors"],
+            "sessions": done,
+            "peak_rss_mib": server.peak_kib() / 1024,
+        }
+
+    def throughput(self) -> None:
+        a = self.args
+        workloads = {
+            "a": ("starttls", a.sessions, 1, False),
+            "b": ("implicit", a.sessions, 1, False),
+            "c": ("starttls", a.sessions, 1, True),
+            "d": ("starttls", max(1, a.sessions // 5), 10, False),
+        }
+        for key, (tls, n, messages, fail) in workloads.items():
+            if key not in a.workloads:
+                continue
+            runs: dict[str, list[dict]] = {s.name: [] for s in self.servers}
+            for server in self.servers:  # warm-up, not counted
+                self.sessions(server, tls, max(10, n // 10), messages, fail)
+            for _ in range(a.runs):
+                for server in self.servers:
+                    runs[server.name].append(self.sessions(server, tls, n, messages, fail))
+            self.results[key] = {
+                name: {
+                    k: statistics.median(r[k] for r in rs if r[k] is not None)
+                    for k in rs[0]
+                    if any(r[k] is not None for r in rs)
+                }
+                for name, rs in runs.items()
+            }
+            progress(f"workload {key} done: " + ", ".join(
+                f"{n} {r['cpu_us_per_session']:.0f} µs" for n, r in self.results[key].items()
+            ))  # fmt: skip
+
+    def idle(self) -> None:
+        """(e) RSS per idle authenticated TLS session, on fresh servers."""
+        n = self.args.idle
+        self.results["e"] = {}
+        for server in self.servers:
+            server.stop()
+            server.start()
+            self.sessions(server, "starttls", 200 if not self.args.quick else 10, 1, False)
+            time.sleep(0.5)
+            before = server.rss_kib()
+            proc = self.load(
+                server, "idle", "--port", str(server.starttls_port), "--concurrency", str(n)
+            )
+            assert proc.stdout is not None and proc.stdin is not None
+            line = proc.stdout.readline()
+            assert line.strip() == "READY", line
+            time.sleep(0.5)
+            during = server.rss_kib()
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            proc.communicate(timeout=600)
+            self.results["e"][server.name] = {
+                "rss_kib_per_idle_session": (during - before) / n,
+                "rss_before_mib": before / 1024,
+                "rss_with_idle_mib": during / 1024,
+                "sessions": n,
+            }
+        progress("workload e done")
+
+    def burst(self) -> None:
+        """(f) 500 clients AUTH at once against a 100 ms Deferred checker."""
+        n = self.args.burst
+        self.results["f"] = {}
+        for server in self.servers:
+            if not server.async_checker:
+                self.results["f"][server.name] = {"note": "synchronous authenticator only"}
+                continue
+            probe = self.load(server, "probe", "--port", str(server.starttls_port))
+            burst = self.load(
+                server,
+                "burst",
+                "--port", str(server.starttls_port),
+                "--concurrency", str(n),
+                "--user", "slow",
+            )  # fmt: skip
+            assert burst.stdout is not None and burst.stdin is not None
+            line = burst.stdout.readline()
+            assert line.strip() == "READY", line
+            time.sleep(0.3)
+            burst.stdin.write("\n")
+            burst.stdin.flush()
+            out, _ = burst.communicate(timeout=600)
+            result = json.loads(out.strip().splitlines()[-1])
+            time.sleep(0.1)
+            pout, _ = probe.communicate("\n", timeout=60)
+            samples = json.loads(pout.strip().splitlines()[-1])["samples"]
+            window = [
+                lat
+                for t, lat in samples
+                if result["start_monotonic"] - 0.01 <= t <= result["end_monotonic"]
+            ]
+            self.results["f"][server.name] = {
+                "wall_s": result["wall"],
+                "max_stall_ms": max(window) * 1000 if window else None,
+                "probe_samples": len(window),
+            }
+        progress("workload f done")
+
+    def long_run(self) -> None:
+        """(g) many sessions in a row: RSS growth after the first tenth."""
+        n = self.args.long
+        self.results["g"] = {}
+        for server in self.servers:
+            first = max(1, n // 10)
+            self.sessions(server, "starttls", first, 1, False)
+            early = server.rss_kib()
+            r = self.sessions(server, "starttls", n - first, 1, False)
+            late = server.rss_kib()
+            self.results["g"][server.name] = {
+                "sessions": n,
+                "rss_after_tenth_mib": early / 1024,
+                "rss_at_end_mib": late / 1024,
+                "rss_growth_pct": (late - early) / early * 100,
+                "cpu_us_per_session": r["cpu_us_per_session"],
+            }
+            progress(f"workload g done for {server.name}")
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def make_certs(workdir: Path) -> tuple[Path, Path, Path]:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.ECDSA)
+    cert, key, ca_file = workdir / "cert.pem", workdir / "key.pem", workdir / "ca.pem"
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return cert, key, ca_file
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    import twisted
+
+    return {
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "memory": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "twisted": twisted.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny numbers")
+    p.add_argument("--runs", type=int, default=3, help="alternating runs per workload")
+    p.add_argument("--sessions", type=int, default=2000, help="sessions per run for a-c")
+    p.add_argument("--concurrency", type=int, default=20)
+    p.add_argument("--idle", type=int, default=1000, help="idle sessions for (e)")
+    p.add_argument("--burst", type=int, default=500, help="clients for (f)")
+    p.add_argument("--long", type=int, default=100000, help="sessions in a row for (g)")
+    p.add_argument("--workloads", default="abcdefg")
+    p.add_argument("--servers", default="kumoauth,aiosmtpd,twisted.mail")
+    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    p.add_argument("--json", default=str(REPO / "bench" / "results.json"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.runs, args.sessions, args.concurrency = 1, 20, 5
+        args.idle, args.burst, args.long = 20, 20, 40
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    workdir = Path(tempfile.mkdtemp(prefix="kumoauth-bench-"))
+    cert, key, ca = make_certs(workdir)
+    kinds = {"kumoauth": Kumoauth, "aiosmtpd": Aiosmtpd, "twisted.mail": TwistedMail}
+    servers = [kinds[name](name, workdir, cert, key) for name in args.servers.split(",")]
+    for s in servers:
+        if s.name == "aiosmtpd":
+            s.async_checker = False
+    bench = Bench(args, workdir, ca, servers)
+    started = time.time()
+    try:
+        for s in servers:
+            s.start()
+        bench.throughput()
+        if "f" in args.workloads:
+            bench.burst()
+        if "g" in args.workloads:
+            bench.long_run()
+        if "e" in args.workloads:
+            bench.idle()
+    finally:
+        for s in servers:
+            s.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    from bench.report import write
+
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    data = {
+        "command": command.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "duration_s": round(time.time() - started),
+        "machine": machine(),
+        "parameters": {k: v for k, v in vars(args).items() if k not in ("out", "json")},
+        "results": bench.results,
+    }
+    Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+    write(Path(args.out), data)
+    progress(f"wrote {args.out} and {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

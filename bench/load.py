@@ -1,0 +1,214 @@
+"""
+The load client: asyncio (uvloop when installed), closed loop, N sessions
+over C concurrent connections.  Prints one JSON object on stdout.
+
+Modes:
+
+- ``session``: banner, EHLO, [STARTTLS, EHLO], AUTH PLAIN, then ``messages``
+  times MAIL, RCPT, DATA (2 KB), and QUIT.  ``--fail`` sends a wrong
+  password (AUTH gets 535, then QUIT).
+- ``idle``: open ``concurrency`` authenticated sessions, print ``READY``,
+  hold them until a line arrives on stdin, then QUIT them all.
+- ``burst``: like idle, but once all are connected (TLS up, EHLO done)
+  print ``READY``, wait for stdin, then every session sends AUTH at once;
+  reports the wall time until the last reply.
+- ``probe``: one plain connection sending NOOP every 5 ms until stdin
+  closes; reports every (send time, latency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import ssl
+import sys
+import time
+
+BODY = (
+    b"From: scott@example.com\r\nTo: b@example.net\r\nSubject: bench\r\n\r\n"
+    + (b"x" * 76 + b"\r\n") * 25
+)  # about 2 KB
+
+
+class SMTPError(Exception):
+    pass
+
+
+async def reply(reader: asyncio.StreamReader) -> int:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise SMTPError("connection closed")
+        if line[3:4] != b"-":
+            return int(line[:3])
+
+
+async def command(reader, writer, line: bytes, expect: int) -> None:
+    writer.write(line)
+    code = await reply(reader)
+    if code != expect:
+        raise SMTPError(f"{line[:20]!r} -> {code}")
+
+
+class Client:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.ctx = ssl.create_default_context(cafile=args.ca)
+        password = "wrong" if args.fail else "tiger"
+        self.plain = b"AUTH PLAIN " + base64.b64encode(f"\0{args.user}\0{password}".encode()) + b"\r\n"
+
+    async def connect(self):
+        a = self.args
+        if a.tls == "implicit":
+            r, w = await asyncio.open_connection(
+                "127.0.0.1", a.port, ssl=self.ctx, server_hostname="localhost"
+            )
+        else:
+            r, w = await asyncio.open_connection("127.0.0.1", a.port)
+        if await reply(r) != 220:
+            raise SMTPError("banner")
+        await command(r, w, b"EHLO bench.example\r\n", 250)
+        if a.tls == "starttls":
+            await command(r, w, b"STARTTLS\r\n", 220)
+            await w.start_tls(self.ctx, server_hostname="localhost")
+            await command(r, w, b"EHLO bench.example\r\n", 250)
+        return r, w
+
+    async def auth(self, r, w) -> None:
+        await command(r, w, self.plain, 535 if self.args.fail else 235)
+
+    async def mail(self, r, w) -> None:
+        await command(r, w, b"MAIL FROM:<scott@example.com>\r\n", 250)
+        await command(r, w, b"RCPT TO:<b@example.net>\r\n", 250)
+        await command(r, w, b"DATA\r\n", 354)
+        await command(r, w, BODY + b".\r\n", 250)
+
+    async def quit(self, r, w) -> None:
+        try:
+            await command(r, w, b"QUIT\r\n", 221)
+        finally:
+            w.close()
+            try:
+                await w.wait_closed()
+            except (OSError, ssl.SSLError):
+                pass
+
+    async def session(self) -> float:
+        start = time.perf_counter()
+        r, w = await self.connect()
+        await self.auth(r, w)
+        if not self.args.fail:
+            for _ in range(self.args.messages):
+                await self.mail(r, w)
+        await self.quit(r, w)
+        return time.perf_counter() - start
+
+
+async def run_sessions(client: Client, n: int, concurrency: int) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    remaining = n
+
+    async def worker() -> None:
+        nonlocal remaining, errors
+        while remaining > 0:
+            remaining -= 1
+            try:
+                latencies.append(await client.session())
+            except (OSError, ssl.SSLError, SMTPError, asyncio.IncompleteReadError):
+                errors += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"elapsed": time.perf_counter() - start, "latencies": latencies, "errors": errors}
+
+
+async def stdin_line() -> None:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.readline)
+
+
+async def run_idle(client: Client, n: int) -> dict:
+    sem = asyncio.Semaphore(100)
+
+    async def open_one():
+        async with sem:
+            r, w = await client.connect()
+            await client.auth(r, w)
+            return r, w
+
+    conns = await asyncio.gather(*(open_one() for _ in range(n)))
+    print("READY", flush=True)
+    await stdin_line()
+    await asyncio.gather(*(client.quit(r, w) for r, w in conns), return_exceptions=True)
+    return {"opened": len(conns)}
+
+
+async def run_burst(client: Client, n: int) -> dict:
+    sem = asyncio.Semaphore(100)
+
+    async def open_one():
+        async with sem:
+            return await client.connect()
+
+    conns = await asyncio.gather(*(open_one() for _ in range(n)))
+    print("READY", flush=True)
+    await stdin_line()
+    start = time.perf_counter()
+    t0 = time.monotonic()
+    await asyncio.gather(*(client.auth(r, w) for r, w in conns))
+    wall = time.perf_counter() - start
+    await asyncio.gather(*(client.quit(r, w) for r, w in conns), return_exceptions=True)
+    return {"wall": wall, "start_monotonic": t0, "end_monotonic": t0 + wall}
+
+
+async def run_probe(args: argparse.Namespace) -> dict:
+    r, w = await asyncio.open_connection("127.0.0.1", args.port)
+    await reply(r)
+    samples: list[tuple[float, float]] = []
+    done = asyncio.ensure_future(stdin_line())
+    while not done.done():
+        t = time.monotonic()
+        w.write(b"NOOP\r\n")
+        await reply(r)
+        samples.append((t, time.monotonic() - t))
+        await asyncio.sleep(0.005)
+    w.close()
+    return {"samples": samples}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["session", "idle", "burst", "probe"])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--tls", choices=["starttls", "implicit"], default="starttls")
+    p.add_argument("--ca", default=None)
+    p.add_argument("--sessions", type=int, default=100)
+    p.add_argument("--concurrency", type=int, default=20)
+    p.add_argument("--messages", type=int, default=1)
+    p.add_argument("--user", default="scott")
+    p.add_argument("--fail", action="store_true")
+    args = p.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    if args.mode == "probe":
+        result = asyncio.run(run_probe(args))
+    else:
+        client = Client(args)
+        if args.mode == "session":
+            result = asyncio.run(run_sessions(client, args.sessions, args.concurrency))
+        elif args.mode == "idle":
+            result = asyncio.run(run_idle(client, args.concurrency))
+        else:
+            result = asyncio.run(run_burst(client, args.concurrency))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""
+Write the benchmark's figures into BENCHMARKS.md, between markers, keeping
+whatever the file says outside them (the optimisation log).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+BEGIN = "<!-- bench:begin (written by python -m bench; edits inside are overwritten) -->"
+END = "<!-- bench:end -->"
+
+WORKLOADS = {
+    "a": "(a) full session over STARTTLS: EHLO, STARTTLS, EHLO, AUTH PLAIN, MAIL, RCPT, DATA 2 KB, QUIT",
+    "b": "(b) the same over implicit TLS",
+    "c": "(c) failed AUTH sessions (wrong password, `failure_delay = 0`)",
+    "d": "(d) 10 messages per session",
+}
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _ratio(ours: Any, theirs: Any) -> str:
+    if not ours or not theirs:
+        return "–"
+    return f"{ours / theirs:.2f}×"
+
+
+def render(data: dict[str, Any]) -> str:
+    results = data["results"]
+    names = sorted({name for r in results.values() for name in r}, key=_order)
+    peers = [n for n in names if n != "kumoauth"]
+    out = [BEGIN, ""]
+    m = data["machine"]
+    out += [
+        f"Run {data['date']}, {data['duration_s']} s: `{data['command']}`",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; Linux {m['kernel']}; "
+        f"Python {m['python']}; {m['openssl']}; Twisted {m['twisted']}.",
+        "",
+        "Server CPU is the server process's own (utime + stime, all threads) divided by the "
+        "sessions completed; medians of "
+        f"{data['parameters']['runs']} alternating runs of {data['parameters']['sessions']} "
+        f"sessions at concurrency {data['parameters']['concurrency']} (d: a fifth as many "
+        "sessions). Ratios are kumoauth / peer: below 1 is better for kumoauth.",
+        "",
+    ]
+    for key, title in WORKLOADS.items():
+        if key not in results:
+            continue
+        r = results[key]
+        out += [f"### {title}", ""]
+        out += [
+            "| server | CPU µs / session | sessions/s | p50 ms | p99 ms | peak RSS MiB | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name in names:
+            x = r.get(name, {})
+            out.append(
+                f"| {name} | {_fmt(x.get('cpu_us_per_session'))} | "
+                f"{_fmt(x.get('sessions_per_s'))} | {_fmt(x.get('p50_ms'), 1)} | "
+                f"{_fmt(x.get('p99_ms'), 1)} | {_fmt(x.get('peak_rss_mib'), 1)} | "
+                f"{_fmt(x.get('errors'))} |"
+            )
+        k = r.get("kumoauth", {})
+        for peer in peers:
+            x = r.get(peer, {})
+            out.append(
+                f"| **kumoauth / {peer}** | **{_ratio(k.get('cpu_us_per_session'), x.get('cpu_us_per_session'))}** | "
+                f"{_ratio(k.get('sessions_per_s'), x.get('sessions_per_s'))} | "
+                f"{_ratio(k.get('p50_ms'), x.get('p50_ms'))} | "
+                f"{_ratio(k.get('p99_ms'), x.get('p99_ms'))} | "
+                f"{_ratio(k.get('peak_rss_mib'), x.get('peak_rss_mib'))} | |"
+            )
+        out.append("")
+    if "e" in results:
+        r = results["e"]
+        n = next(iter(r.values()))["sessions"]
+        out += [
+            f"### (e) {n} concurrent idle authenticated TLS sessions",
+            "",
+            "| server | RSS KiB / idle session | RSS before MiB | RSS with sessions MiB |",
+            "|---|---:|---:|---:|",
+        ]
+        for name in names:
+            x = r[name]
+            out.append(
+                f"| {name} | {_fmt(x['rss_kib_per_idle_session'], 1)} | "
+                f"{_fmt(x['rss_before_mib'], 1)} | {_fmt(x['rss_with_idle_mib'], 1)} |"
+            )
+        for peer in peers:
+            out.append(
+                f"| **kumoauth / {peer}** | **{_ratio(r['kumoauth']['rss_kib_per_idle_session'], r[peer]['rss_kib_per_idle_session'])}** | | |"
+            )
+        out.append("")
+    if "f" in results:
+        r = results["f"]
+        out += [
+            f"### (f) {data['parameters']['burst']} clients AUTH at once; the checker answers "
+            "through a Deferred after 100 ms",
+            "",
+            "Clients connect, STARTTLS and EHLO first; the clock runs from the moment all send "
+            "AUTH to the last reply. The stall is the worst NOOP round trip seen meanwhile by a "
+            "separate probe connection.",
+            "",
+            "| server | wall time s | largest stall ms |",
+            "|---|---:|---:|",
+        ]
+        for name in names:
+            x = r[name]
+            if "note" in x:
+                out.append(f"| {name} | n/a ({x['note']}) | |")
+            else:
+                out.append(f"| {name} | {_fmt(x['wall_s'], 3)} | {_fmt(x['max_stall_ms'], 1)} |")
+        out.append("")
+    if "g" in results:
+        r = results["g"]
+        n = next(iter(r.values()))["sessions"]
+        out += [
+            f"### (g) {n:,} sessions (a) in a row",
+            "",
+            "| server | RSS after first tenth MiB | RSS at end MiB | growth | CPU µs / session |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name in names:
+            x = r[name]
+            out.append(
+                f"| {name} | {_fmt(x['rss_after_tenth_mib'], 1)} | {_fmt(x['rss_at_end_mib'], 1)} | "
+                f"{x['rss_growth_pct']:+.1f} % | {_fmt(x['cpu_us_per_session'])} |"
+            )
+        out.append("")
+    out.append(END)
+    return "\n".join(out)
+
+
+def _order(name: str) -> tuple[int, str]:
+    return (0 if name == "kumoauth" else 1, name)
+
+
+def write(path: Path, data: dict[str, Any]) -> None:
+    block = render(data)
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
