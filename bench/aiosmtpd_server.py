@@ -57,7 +57,9 @@ class SpoolHandler:
             "meta": {"authn_id": session.auth_data.decode() if session.auth_data else None},
         }
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, write_pair, self.spool, mid, envelope.original_content, meta)
+        await loop.run_in_executor(
+            None, write_pair, self.spool, mid, envelope.original_content, meta
+        )
         return f"250 2.0.0 OK queued as {mid}"
 
 

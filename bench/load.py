@@ -57,7 +57,9 @@ class Client:
         self.args = args
         self.ctx = ssl.create_default_context(cafile=args.ca)
         password = "wrong" if args.fail else "tiger"
-        self.plain = b"AUTH PLAIN " + base64.b64encode(f"\0{args.user}\0{password}".encode()) + b"\r\n"
+        self.plain = (
+            b"AUTH PLAIN " + base64.b64encode(f"\0{args.user}\0{password}".encode()) + b"\r\n"
+        )
 
     async def connect(self):
         a = self.args

@@ -60,6 +60,7 @@ class TLSConfig:
     private_key: Path
     self_signed: bool = False
     min_version: str = "TLSv1.2"
+    session_tickets: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "private_key": _str,
         "self_signed": _bool,
         "min_version": _choice(*TLS_VERSIONS),
+        "session_tickets": _bool,
     },
     "listener": {
         "endpoint": _str,

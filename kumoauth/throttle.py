@@ -108,24 +108,26 @@ class Throttle:
         self.store = store
         self.config = config
 
-    @defer.inlineCallbacks
-    def check(self, ip: str, authc: str) -> Any:
+    def check(self, ip: str, authc: str) -> defer.Deferred[str | None]:
         """
         Fire with ``None`` if the attempt may go on, else the reason:
         ``"ip"`` or ``"authc"``.
         """
         cfg = self.config
-        ip_failures = yield self.store.count(ip_key(ip), cfg.window)
-        if ip_failures >= cfg.max_failures_per_ip:
-            return "ip"
-        if ip_failures == 0:
-            # A clean client is always checked: a locked-out authc cannot
-            # lock out its owner (module docstring).
-            return None
-        authc_failures = yield self.store.count(authc_key(authc), cfg.window)
-        if authc_failures >= cfg.max_failures_per_authc:
-            return "authc"
-        return None
+
+        def by_ip(ip_failures: int) -> Any:
+            if ip_failures >= cfg.max_failures_per_ip:
+                return "ip"
+            if ip_failures == 0:
+                # A clean client is always checked: a locked-out authc
+                # cannot lock out its owner (module docstring).
+                return None
+            return self.store.count(authc_key(authc), cfg.window).addCallback(by_authc)
+
+        def by_authc(authc_failures: int) -> str | None:
+            return "authc" if authc_failures >= cfg.max_failures_per_authc else None
+
+        return self.store.count(ip_key(ip), cfg.window).addCallback(by_ip)
 
     def failed(self, ip: str, authc: str) -> defer.Deferred[Any]:
         window = self.config.window

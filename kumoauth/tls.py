@@ -73,8 +73,15 @@ def build_context(cfg: TLSConfig) -> SSL.Context:
         | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
     )
     ctx.set_cipher_list(CIPHERS)
-    # A session cache keyed by this server, so returning clients resume.
     ctx.set_session_id(b"kumoauth")
+    if not cfg.session_tickets:
+        # Issuing TLS 1.3 tickets (OpenSSL sends two after every handshake)
+        # costs about 0.3 ms of CPU per session here, wasted on clients that
+        # never resume; see BENCHMARKS.md.  Off unless asked for.
+        ctx.set_options(SSL.OP_NO_TICKET)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    else:
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
     # The key first: loaded after the certificate, OpenSSL would report a
     # mismatch as an unreadable key.
     try:

@@ -1,0 +1,78 @@
+"""
+Profile kumoauth under workload (a).
+
+    python -m bench.profile [--sessions N] [--out FILE]
+
+Starts kumoauth as the benchmark does and runs the (a) session load against
+it while py-spy (``pip install py-spy``) samples the server, every thread,
+including native frames (OpenSSL) with ``--native``.  Writes py-spy's
+"raw" (collapsed stacks) output and prints the top functions by own and
+by total samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.__main__ import Bench, Kumoauth, make_certs
+
+
+def summarize(raw: Path, top: int = 30) -> str:
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        samples += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for f in set(frames):
+            total[f] += n
+    out = [f"{samples} samples", "", "own:"]
+    out += [f"{n / samples:6.1%}  {f}" for f, n in own.most_common(top)]
+    out += ["", "total:"]
+    out += [f"{n / samples:6.1%}  {f}" for f, n in total.most_common(top)]
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sessions", type=int, default=3000)
+    p.add_argument("--concurrency", type=int, default=20)
+    p.add_argument("--out", default="kumoauth-profile.txt")
+    p.add_argument("--native", action="store_true")
+    args = p.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="kumoauth-profile-"))
+    cert, key, ca = make_certs(workdir)
+    server = Kumoauth("kumoauth", workdir, cert, key)
+    server.start()
+    try:
+        assert server.proc is not None
+        bench = Bench(args, workdir, ca, [server])  # type: ignore[arg-type]
+        bench.sessions(server, "starttls", 200, 1, False)
+        cmd = ["py-spy", "record", "--pid", str(server.proc.pid), "--format", "raw",
+               "--rate", "500", "--output", args.out, "--nonblocking"]  # fmt: skip
+        if args.native:
+            cmd.append("--native")
+        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = bench.sessions(server, "starttls", args.sessions, 1, False)
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
+        print(f"{result['cpu_us_per_session']:.0f} µs CPU per session under the profiler")
+        print(summarize(Path(args.out)))
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
