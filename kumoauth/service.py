@@ -9,7 +9,7 @@ twistd plugin turns that into a message on stderr and a non-zero exit.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.cred.checkers import ICredentialsChecker
@@ -90,13 +90,20 @@ def build_checkers(
         raise OperatorError(f"{cfg.source}: [auth] checker: {e}") from None
 
 
+class Startable(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class ThreadPoolService(service.Service):
     """
-    Starts and stops a thread pool with the application (stopping waits for
-    work in progress, such as a spool write, to finish).
+    Starts and stops a thread pool (or the spool writer) with the
+    application; stopping waits for work in progress, such as a spool
+    write, to finish.
     """
 
-    def __init__(self, pool: ThreadPool) -> None:
+    def __init__(self, pool: Startable) -> None:
         self.pool = pool
 
     def startService(self) -> None:
@@ -215,7 +222,7 @@ def make_service_from_config(
     )
 
     top = service.MultiService()
-    ThreadPoolService(writer.pool).setServiceParent(top)
+    ThreadPoolService(writer).setServiceParent(top)
     ThreadPoolService(checker_pool).setServiceParent(top)
     for i, listener in enumerate(cfg.listeners):
         try:

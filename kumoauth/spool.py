@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.python.threadpool import ThreadPool
+from twisted.python.failure import Failure
 
 from kumoauth.delivery import Message
 
@@ -127,14 +128,45 @@ class Spool:
             _fsync_dir(self.path)
         return removed
 
-    def write(self, message: Message, received_at: datetime | None = None) -> str:
+    def write(self, message: Message) -> str:
         """
         Make *message* durable as ``<id>.eml`` + ``<id>.json``; return the
         id.  On failure nothing partial is left and :class:`SpoolError` is
         raised.
         """
+        (result,) = self.write_batch([message])
+        if isinstance(result, SpoolError):
+            raise result
+        return result
+
+    def write_batch(self, messages: list[Message]) -> list[str | SpoolError]:
+        """
+        Make several messages durable with one directory fsync (group
+        commit); return each one's id or its :class:`SpoolError`.
+        """
+        results: list[str | SpoolError] = []
+        for message in messages:
+            try:
+                results.append(self._place(message))
+            except SpoolError as e:
+                results.append(e)
+        placed = [i for i, r in enumerate(results) if not isinstance(r, SpoolError)]
+        if placed:
+            try:
+                _fsync_dir(self.path)
+            except OSError as e:
+                for i in placed:
+                    mid = str(results[i])
+                    self._remove(self.path / f"{mid}{JSON}", self.path / f"{mid}{EML}")
+                    results[i] = SpoolError(f"cannot spool {mid}: {e.strerror}")
+        return results
+
+    def _place(self, message: Message) -> str:
+        """
+        Write both files under ``tmp/``, fsync them, rename them into place
+        (``.eml`` first).  The caller fsyncs the directory.
+        """
         mid = message.id
-        when = received_at or datetime.now(UTC)
         eml_tmp = self.tmp / f"{mid}{EML}{TMP}"
         json_tmp = self.tmp / f"{mid}{JSON}{TMP}"
         eml = self.path / f"{mid}{EML}"
@@ -142,7 +174,7 @@ class Spool:
         try:
             envelope = {
                 "id": mid,
-                "received_at": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "received_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "mail_from": message.sender,
                 "rcpt_to": message.recipients,
                 "meta": message.snapshot(),
@@ -151,18 +183,21 @@ class Spool:
             _write_file(json_tmp, json.dumps(envelope, ensure_ascii=False).encode("utf-8"))
             os.rename(eml_tmp, eml)
             os.rename(json_tmp, jsn)
-            _fsync_dir(self.path)
         except (OSError, ValueError, TypeError) as e:
             # Undo in reverse order; the .json goes first so no reader ever
             # sees a pair whose .eml is about to disappear.
-            for p in (jsn, eml, json_tmp, eml_tmp):
-                try:
-                    p.unlink(missing_ok=True)
-                except OSError:
-                    pass
+            self._remove(jsn, eml, json_tmp, eml_tmp)
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise SpoolError(f"cannot spool {mid}: {reason}") from None
         return mid
+
+    @staticmethod
+    def _remove(*paths: Path) -> None:
+        for p in paths:
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     def ids(self) -> Iterator[str]:
         """
@@ -199,14 +234,71 @@ class Spool:
 
 class SpoolWriter:
     """
-    Runs :meth:`Spool.write` in a small thread pool so fsync never stalls the
-    reactor.  The service starts and stops ``pool``.
+    Writes messages in one dedicated thread, so fsync never stalls the
+    reactor, with group commit: whatever queued up while the previous batch
+    was being written goes out as the next batch, with one directory fsync
+    and one hand-back to the reactor.  Under load that replaces a thread
+    round trip per message with one per batch.
     """
 
-    def __init__(self, spool: Spool, reactor: IReactorFromThreads, threads_max: int = 4) -> None:
+    #: most messages in one batch
+    BATCH = 64
+
+    def __init__(self, spool: Spool, reactor: IReactorFromThreads) -> None:
         self.spool = spool
         self.reactor = reactor
-        self.pool = ThreadPool(minthreads=0, maxthreads=threads_max, name="kumoauth-spool")
+        self._queue: list[tuple[Message, defer.Deferred[str]]] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="kumoauth-spool", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """
+        Finish what is queued, then end the thread.
+        """
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
     def store(self, message: Message) -> defer.Deferred[str]:
-        return threads.deferToThreadPool(self.reactor, self.pool, self.spool.write, message)
+        d: defer.Deferred[str] = defer.Deferred()
+        with self._cond:
+            if self._thread is None:
+                return defer.fail(SpoolError("the spool writer is not running"))
+            self._queue.append((message, d))
+            if len(self._queue) == 1:
+                self._cond.notify()
+        return d
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = self._queue[: self.BATCH]
+                del self._queue[: self.BATCH]
+            try:
+                results: list[Any] = self.spool.write_batch([m for m, _ in batch])
+            except Exception:  # a bug: fail this batch, keep the thread
+                results = [Failure()] * len(batch)
+            self.reactor.callFromThread(_fire, [d for _, d in batch], results)
+
+
+def _fire(deferreds: list[defer.Deferred[str]], results: list[Any]) -> None:
+    for d, result in zip(deferreds, results, strict=True):
+        if d.called:
+            continue  # cancelled: the client went away (the message is spooled regardless)
+        if isinstance(result, (SpoolError, Failure)):
+            d.errback(result)
+        else:
+            d.callback(result)
