@@ -1,0 +1,42 @@
+"""
+A smoke run of the benchmark (tiny numbers, seconds) so it cannot rot.
+The performance targets live in the benchmark itself, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.e2e
+
+
+def test_quick_bench_produces_every_figure_for_every_server(tmp_path):
+    out, data = tmp_path / "BENCH.md", tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--json", str(data)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(data.read_text())["results"]
+    servers = {"kumoauth", "aiosmtpd", "twisted.mail"}
+    for key in "abcd":
+        assert set(results[key]) == servers
+        for name, figures in results[key].items():
+            assert figures["errors"] == 0, (key, name)
+            assert figures["sessions"] > 0 and figures["cpu_us_per_session"] > 0
+    assert set(results["e"]) == servers
+    assert results["f"]["kumoauth"]["wall_s"] > 0.1  # the checker waits 100 ms
+    assert "note" in results["f"]["aiosmtpd"]
+    assert set(results["g"]) == servers
+    text = out.read_text()
+    assert "kumoauth / aiosmtpd" in text and "kumoauth / twisted.mail" in text
