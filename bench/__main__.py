@@ -27,6 +27,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def wait_port(
+    port: int,
+    proc: subprocess.Popen[bytes],
+    timeout: float = 30,
+    describe: Callable[[], str] = lambda: "",
+) -> None:
+    """
+    Wait until *port* on 127.0.0.1 accepts connections; fail if *proc*
+    exits first (with ``describe()`` — a log, say — in the message).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+            raise RuntimeError(f"server exited with {proc.returncode}\n{describe()}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return

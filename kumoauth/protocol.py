@@ -59,7 +59,6 @@ COMMAND, AUTH, DATA = range(3)
 
 R_TOO_LONG = b"500 5.5.2 Line too long"
 R_UNKNOWN = b"500 5.5.2 Command unrecognized"
-R_BAD_SEQUENCE = b"503 5.5.1 Bad sequence of commands"
 R_NO_ARGS = b"501 5.5.4 Syntax error: no arguments allowed"
 R_INTERNAL = b"451 4.3.0 Internal error, try again later"
 R_TEMPFAIL_AUTH = b"454 4.7.0 Temporary authentication failure"

@@ -13,12 +13,13 @@ import ssl
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trustme
+
+from bench.__main__ import wait_port
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
@@ -187,17 +188,10 @@ def _merge(defaults: dict[str, str], given: str) -> str:
 def wait_for_port(
     port: int, proc: subprocess.Popen[bytes], logfile: Path, timeout: float = 20
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log = logfile.read_text(errors="replace") if logfile.exists() else ""
-            raise RuntimeError(f"twistd exited with {proc.returncode}:\n{log}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} never opened")
+    def log() -> str:
+        return logfile.read_text(errors="replace") if logfile.exists() else ""
+
+    wait_port(port, proc, timeout, describe=log)
 
 
 def spawn(
