@@ -52,6 +52,7 @@ class ServerConfig:
     max_message_size: int = 26214400
     max_recipients: int = 100
     max_errors: int = 10
+    shutdown_grace: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_message_size": _int(1),
         "max_recipients": _int(1),
         "max_errors": _int(1),
+        "shutdown_grace": _number(0.0),
     },
     "tls": {
         "certificate": _str,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.cred.portal import Portal
+from twisted.internet import defer
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -55,6 +56,50 @@ class ConnectionLimits:
             del self.per_ip[ip]
 
 
+class Sessions:
+    """
+    The live sessions, so a shutdown can drain them (SPEC §9).
+    """
+
+    def __init__(self) -> None:
+        self.live: set[Any] = set()
+        self.draining = False
+        self._waiters: list[defer.Deferred[None]] = []
+
+    def add(self, session: Any) -> None:
+        self.live.add(session)
+        if self.draining:
+            session.drain()
+
+    def discard(self, session: Any) -> None:
+        self.live.discard(session)
+        if not self.live:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self, grace: float, clock: IReactorTime) -> defer.Deferred[None]:
+        """
+        Ask every session to finish: idle ones close now with 421 4.3.2,
+        ones in a transaction after it.  Fires once all are gone; after
+        *grace* seconds whatever is left is closed.
+        """
+        self.draining = True
+        for session in list(self.live):
+            session.drain()
+        if not self.live:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(d)
+        timer = clock.callLater(grace, self._force)
+        d.addBoth(lambda r: timer.cancel() if timer.active() else None)
+        return d
+
+    def _force(self) -> None:
+        for session in list(self.live):
+            session.shutdown_now()
+
+
 @dataclass
 class Runtime:
     """
@@ -69,6 +114,7 @@ class Runtime:
     clock: IReactorTime
     tls: ServerContextFactory | None = None
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    sessions: Sessions = field(default_factory=Sessions)
     #: calls policy handlers (blocking ones in a thread pool)
     invoke: Invoke = invoke
     #: failed-attempt throttles; None disables them

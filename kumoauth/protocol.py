@@ -54,6 +54,8 @@ _PAUSE_BUFFER = 256 * 1024  # stop reading while this much waits unprocessed
 # Dot-stuffing makes the wire form of a message slightly longer than the
 # message; this much over max_message_size is read before giving up early.
 _DATA_SLACK = 64 * 1024
+# Seconds a closing connection may take to say goodbye before it is aborted.
+_CLOSE_TIMEOUT = 5.0
 
 COMMAND, AUTH, DATA = range(3)
 
@@ -61,6 +63,7 @@ R_TOO_LONG = b"500 5.5.2 Line too long"
 R_UNKNOWN = b"500 5.5.2 Command unrecognized"
 R_NO_ARGS = b"501 5.5.4 Syntax error: no arguments allowed"
 R_INTERNAL = b"451 4.3.0 Internal error, try again later"
+R_SHUTDOWN = b"421 4.3.2 Service shutting down, try again later"
 R_TEMPFAIL_AUTH = b"454 4.7.0 Temporary authentication failure"
 R_AUTH_FAILED = b"535 5.7.8 Authentication credentials invalid"
 
@@ -87,6 +90,7 @@ class SubmissionProtocol(Protocol):
         self._buf = bytearray()
         self._mode = COMMAND
         self._paused = False
+        self._draining = False
         self._in_process = False
         self._active_at = 0.0
         self._reading_paused = False
@@ -146,11 +150,40 @@ class SubmissionProtocol(Protocol):
             )
             return
         self._counted = True
+        rt.sessions.add(self)
         self._touch()
         self._timer = rt.clock.callLater(rt.server.idle_timeout, self._idle_check)
         self._call_policy(
             "smtp_server_connection_accepted", (self.conn_meta,), self._banner, closing=True
         )
+
+    # --- shutdown (SPEC §9) -------------------------------------------------
+
+    def drain(self) -> None:
+        """
+        The server is stopping: close now if idle, else once the
+        transaction in progress is answered.
+        """
+        self._draining = True
+        self._finish_drain()
+
+    def _finish_drain(self) -> None:
+        if (
+            self._draining
+            and not self._paused
+            and self._mode == COMMAND
+            and self._mail_from is None
+        ):
+            self._close(R_SHUTDOWN, abort_after=1.0)
+
+    def shutdown_now(self) -> None:
+        """
+        The grace period is over.
+        """
+        if self._closing:
+            self.transport.abortConnection()
+        else:
+            self._close(R_SHUTDOWN, abort_after=0.5)
 
     def _banner(self) -> None:
         s = self.rt.server
@@ -172,6 +205,7 @@ class SubmissionProtocol(Protocol):
         if self._counted:
             self._counted = False
             self.rt.limits.release(self._ip)
+            self.rt.sessions.discard(self)
         if self.delivery is not None:
             self.delivery.logout()
         if isinstance(reason, Failure) and _is_tls_failure(reason):
@@ -217,7 +251,7 @@ class SubmissionProtocol(Protocol):
         if not self._closing:
             self.transport.write(reply + b"\r\n")
 
-    def _close(self, reply: bytes | None = None) -> None:
+    def _close(self, reply: bytes | None = None, abort_after: float = _CLOSE_TIMEOUT) -> None:
         if self._closing:
             return
         if reply is not None:
@@ -226,6 +260,9 @@ class SubmissionProtocol(Protocol):
         self._cancel_timer()
         self._buf.clear()
         self.transport.loseConnection()
+        # A TLS close waits for the client's close_notify; a client that
+        # stopped reading would keep its slot forever.
+        self._timer = self.rt.clock.callLater(abort_after, self.transport.abortConnection)
 
     def _error(self, reply: bytes) -> None:
         """
@@ -266,6 +303,8 @@ class SubmissionProtocol(Protocol):
         if self._reading_paused and not self._paused and not self._closing:
             self._reading_paused = False
             self.transport.resumeProducing()
+        if self._draining:
+            self._finish_drain()
 
     def _process_lines(self) -> None:
         buf = self._buf

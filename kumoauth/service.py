@@ -9,11 +9,12 @@ twistd plugin turns that into a message on stderr and a non-zero exit.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -96,25 +97,6 @@ class Startable(Protocol):
     def stop(self) -> None: ...
 
 
-class ThreadPoolService(service.Service):
-    """
-    Starts and stops a thread pool (or the spool writer) with the
-    application; stopping waits for work in progress, such as a spool
-    write, to finish.
-    """
-
-    def __init__(self, pool: Startable) -> None:
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
-
-
 class ListenerService(service.Service):
     """
     Binds one listener in ``privilegedStartService`` (before twistd drops
@@ -160,12 +142,68 @@ class ListenerService(service.Service):
             self.privilegedStartService()
         super().startService()
 
-    def stopService(self) -> Any:
-        super().stopService()
+    def stop_listening(self) -> Any:
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
         return None
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.stop_listening()
+
+
+class KumoauthService(service.MultiService):
+    """
+    The whole server.  Stopping it (SIGTERM) is ordered: stop accepting at
+    once, let sessions finish their transactions for ``shutdown_grace``
+    seconds (then ``421 4.3.2`` to the rest), and only then stop the spool
+    writer and the checker threads, so a message in DATA is still spooled.
+    """
+
+    def __init__(self, runtime: Runtime, pools: list[Startable], reactor: Any) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.pools = pools
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        for pool in self.pools:
+            pool.start()
+        super().startService()
+        # Twisted's own SIGTERM handler makes the process end "killed by
+        # SIGTERM"; a drained, orderly stop is a success: exit status 0.
+        # (Installed once the reactor runs, after Twisted's handlers.)
+        self.reactor.callWhenRunning(self._handle_sigterm)
+
+    def _handle_sigterm(self) -> None:
+        def on_sigterm(signum: int, frame: Any) -> None:
+            log.info("SIGTERM: stopping")
+            self.reactor.callFromThread(self.reactor.stop)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def stopService(self) -> defer.Deferred[Any]:
+        listeners = [s for s in self if isinstance(s, ListenerService)]
+        d = defer.gatherResults([defer.maybeDeferred(s.stop_listening) for s in listeners])
+        live = len(self.runtime.sessions.live)
+        if live:
+            log.info(
+                "stopping: {n} sessions get up to {grace}s to finish",
+                n=live,
+                grace=self.runtime.server.shutdown_grace,
+            )
+        d.addCallback(
+            lambda _: self.runtime.sessions.drain(self.runtime.server.shutdown_grace, self.reactor)
+        )
+
+        def stop_pools(_: object) -> None:
+            for pool in self.pools:
+                pool.stop()
+
+        d.addCallback(stop_pools)
+        d.addCallback(lambda _: super(KumoauthService, self).stopService())
+        return d
 
 
 def make_service(
@@ -221,9 +259,7 @@ def make_service_from_config(
         throttle=Throttle(store, cfg.auth.throttle),
     )
 
-    top = service.MultiService()
-    ThreadPoolService(writer).setServiceParent(top)
-    ThreadPoolService(checker_pool).setServiceParent(top)
+    top = KumoauthService(runtime, [writer, checker_pool], reactor)
     for i, listener in enumerate(cfg.listeners):
         try:
             endpoint = endpoints.serverFromString(reactor, listener.endpoint)
