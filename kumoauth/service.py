@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application import service
 from twisted.cred.checkers import ICredentialsChecker
@@ -91,12 +91,6 @@ def build_checkers(
         raise OperatorError(f"{cfg.source}: [auth] checker: {e}") from None
 
 
-class Startable(Protocol):
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
 class ListenerService(service.Service):
     """
     Binds one listener in ``privilegedStartService`` (before twistd drops
@@ -104,10 +98,13 @@ class ListenerService(service.Service):
     line on stderr and exit status 1.
     """
 
-    def __init__(self, description: str, endpoint: Any, factory: Any, source: str) -> None:
+    def __init__(
+        self, description: str, endpoint: Any, factory: SubmissionFactory, source: str
+    ) -> None:
         self.description = description
         self.endpoint = endpoint
-        self.factory = factory
+        self.submission_factory = factory
+        self.factory = wrap_listener(factory)
         self.source = source
         self.port: IListeningPort | None = None
 
@@ -133,9 +130,7 @@ class ListenerService(service.Service):
 
     @property
     def factory_tls(self) -> str:
-        f = self.factory
-        inner = getattr(f, "wrappedFactory", f)
-        return str(inner.listener.tls)
+        return self.submission_factory.listener.tls
 
     def startService(self) -> None:
         if self.port is None:
@@ -155,53 +150,132 @@ class ListenerService(service.Service):
 
 class KumoauthService(service.MultiService):
     """
-    The whole server.  Stopping it (SIGTERM) is ordered: stop accepting at
-    once, let sessions finish their transactions for ``shutdown_grace``
-    seconds (then ``421 4.3.2`` to the rest), and only then stop the spool
-    writer and the checker threads, so a message in DATA is still spooled.
+    The whole server.
+
+    Stopping it (SIGTERM) is ordered: stop accepting at once, let sessions
+    finish their transactions for ``shutdown_grace`` seconds (then
+    ``421 4.3.2`` to the rest), and only then stop the spool writer and the
+    checker threads, so a message in DATA is still spooled.
+
+    SIGHUP reloads the configuration for new connections: certificate and
+    key, policy, checker, limits, throttles.  Live sessions keep what they
+    started with.  A reload that fails keeps everything as it was.
     """
 
-    def __init__(self, runtime: Runtime, pools: list[Startable], reactor: Any) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        runtime: Runtime,
+        writer: SpoolWriter,
+        checker_pool: ThreadPool,
+        reactor: Any,
+        override: list[ICredentialsChecker] | None,
+    ) -> None:
         super().__init__()
+        self.cfg = cfg
         self.runtime = runtime
-        self.pools = pools
+        self.writer = writer
+        self.checker_pool = checker_pool
         self.reactor = reactor
+        self.override = override
+        self.reloads = 0
+        self.reload_failures = 0
+
+    @property
+    def listeners(self) -> list[ListenerService]:
+        return [s for s in self if isinstance(s, ListenerService)]
 
     def startService(self) -> None:
-        for pool in self.pools:
-            pool.start()
+        self.writer.start()
+        self.checker_pool.start()
         super().startService()
-        # Twisted's own SIGTERM handler makes the process end "killed by
-        # SIGTERM"; a drained, orderly stop is a success: exit status 0.
-        # (Installed once the reactor runs, after Twisted's handlers.)
-        self.reactor.callWhenRunning(self._handle_sigterm)
+        # Installed once the reactor runs, after Twisted's own handlers.
+        self.reactor.callWhenRunning(self._install_signals)
 
-    def _handle_sigterm(self) -> None:
+    def _install_signals(self) -> None:
         def on_sigterm(signum: int, frame: Any) -> None:
-            log.info("SIGTERM: stopping")
+            # Twisted's handler would make the process end "killed by
+            # SIGTERM"; a drained, orderly stop is a success: exit 0.
             self.reactor.callFromThread(self.reactor.stop)
 
+        def on_sighup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+
         signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGHUP, on_sighup)
+
+    # --- reload ------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """
+        Re-read the configuration file and apply it to new connections.
+        Returns False (and changes nothing) if anything in it is wrong.
+        """
+        try:
+            cfg = load(self.cfg.source)
+            runtime = build_runtime(
+                cfg,
+                self.reactor,
+                self.override,
+                self.writer,
+                Invoker(self.reactor, self.checker_pool),
+                previous=self.runtime,
+            )
+        except (ConfigError, OperatorError) as e:
+            self.reload_failures += 1
+            log.error("reload failed, configuration unchanged: {error}", error=str(e))
+            return False
+        self._report_restart_only(cfg)
+        by_endpoint = {listener.endpoint: listener for listener in cfg.listeners}
+        for ls in self.listeners:
+            factory = ls.submission_factory
+            new = by_endpoint.get(ls.description)
+            if new is not None and new.tls == factory.listener.tls:
+                factory.listener = new
+            factory.runtime = runtime
+        self.cfg, self.runtime = cfg, runtime
+        self.reloads += 1
+        log.info("reloaded configuration from {path}", path=str(cfg.source))
+        return True
+
+    def _report_restart_only(self, cfg: Config) -> None:
+        old = {(li.endpoint, li.tls) for li in self.cfg.listeners}
+        new = {(li.endpoint, li.tls) for li in cfg.listeners}
+        for endpoint, tls in sorted(new - old):
+            log.warn(
+                "listener {endpoint} ({tls}) is new or changed: it needs a restart",
+                endpoint=endpoint,
+                tls=tls,
+            )
+        for endpoint, tls in sorted(old - new):
+            log.warn(
+                "listener {endpoint} ({tls}) was removed or changed: it stays until a restart",
+                endpoint=endpoint,
+                tls=tls,
+            )
+        if cfg.spool.path != self.cfg.spool.path:
+            log.warn("[spool] path changed: it needs a restart")
+        if cfg.auth.threads != self.cfg.auth.threads:
+            log.warn("[auth] threads changed: it needs a restart")
+
+    # --- stop --------------------------------------------------------------
 
     def stopService(self) -> defer.Deferred[Any]:
-        listeners = [s for s in self if isinstance(s, ListenerService)]
-        d = defer.gatherResults([defer.maybeDeferred(s.stop_listening) for s in listeners])
-        live = len(self.runtime.sessions.live)
-        if live:
+        d = defer.gatherResults([defer.maybeDeferred(s.stop_listening) for s in self.listeners])
+        sessions, grace = self.runtime.sessions, self.runtime.server.shutdown_grace
+        if sessions.live:
             log.info(
                 "stopping: {n} sessions get up to {grace}s to finish",
-                n=live,
-                grace=self.runtime.server.shutdown_grace,
+                n=len(sessions.live),
+                grace=grace,
             )
-        d.addCallback(
-            lambda _: self.runtime.sessions.drain(self.runtime.server.shutdown_grace, self.reactor)
-        )
+        d.addCallback(lambda _: sessions.drain(grace, self.reactor))
 
-        def stop_pools(_: object) -> None:
-            for pool in self.pools:
-                pool.stop()
+        def stop_threads(_: object) -> None:
+            self.writer.stop()
+            self.checker_pool.stop()
 
-        d.addCallback(stop_pools)
+        d.addCallback(stop_threads)
         d.addCallback(lambda _: super(KumoauthService, self).stopService())
         return d
 
@@ -224,19 +298,59 @@ def make_service(
     return make_service_from_config(cfg, reactor, checkers)
 
 
+def build_runtime(
+    cfg: Config,
+    reactor: Any,
+    override: list[ICredentialsChecker] | None,
+    writer: SpoolWriter,
+    invoker: Invoker,
+    previous: Runtime | None = None,
+) -> Runtime:
+    """
+    Everything a new connection needs, from *cfg*.  On a reload,
+    *previous* hands over what must outlive it: connection counts, the
+    live sessions, the TLS context holder (its context is replaced only
+    once everything else has been built) and, if its setting is
+    unchanged, the throttle store with its counters.
+    """
+    tls = build_tls(cfg)
+    policy = build_policy(cfg)
+    checker_list = build_checkers(cfg, policy, reactor, override, invoker)
+    store = None
+    if previous is not None and previous.throttle is not None:
+        if previous.auth.throttle.store == cfg.auth.throttle.store:
+            store = previous.throttle.store
+    if store is None:
+        try:
+            store = make_store(cfg.auth.throttle.store, reactor)
+        except ValueError as e:
+            raise OperatorError(f"{cfg.source}: [auth.throttle] store: {e}") from None
+    holder = tls
+    if previous is not None and previous.tls is not None and tls is not None:
+        holder = previous.tls
+    extra: dict[str, Any] = {}
+    if previous is not None:
+        extra = {"limits": previous.limits, "sessions": previous.sessions}
+    runtime = Runtime(
+        server=cfg.server,
+        auth=cfg.auth,
+        policy=policy,
+        portal=make_portal(checker_list, writer.store),
+        store=writer.store,
+        clock=reactor,
+        tls=holder,
+        invoke=invoker,
+        throttle=Throttle(store, cfg.auth.throttle),
+        **extra,
+    )
+    if holder is not tls and holder is not None and tls is not None:
+        holder.set_context(tls.getContext())  # last: nothing can fail after it
+    return runtime
+
+
 def make_service_from_config(
     cfg: Config, reactor: Any, checkers: list[Any] | None = None
 ) -> service.MultiService:
-    tls = build_tls(cfg)
-    policy = build_policy(cfg)
-    checker_pool = ThreadPool(minthreads=0, maxthreads=cfg.auth.threads, name="kumoauth-checker")
-    invoker = Invoker(reactor, checker_pool)
-    checker_list = build_checkers(cfg, policy, reactor, checkers, invoker)
-    try:
-        store = make_store(cfg.auth.throttle.store, reactor)
-    except ValueError as e:
-        raise OperatorError(f"{cfg.source}: [auth.throttle] store: {e}") from None
-
     spool = Spool(cfg.spool.path)
     try:
         spool.create()
@@ -246,20 +360,10 @@ def make_service_from_config(
     if removed:
         log.warn("spool recovery removed {n} incomplete files", n=len(removed))
     writer = SpoolWriter(spool, reactor)
+    checker_pool = ThreadPool(minthreads=0, maxthreads=cfg.auth.threads, name="kumoauth-checker")
+    runtime = build_runtime(cfg, reactor, checkers, writer, Invoker(reactor, checker_pool))
 
-    runtime = Runtime(
-        server=cfg.server,
-        auth=cfg.auth,
-        policy=policy,
-        portal=make_portal(checker_list, writer.store),
-        store=writer.store,
-        clock=reactor,
-        tls=tls,
-        invoke=invoker,
-        throttle=Throttle(store, cfg.auth.throttle),
-    )
-
-    top = KumoauthService(runtime, [writer, checker_pool], reactor)
+    top = KumoauthService(cfg, runtime, writer, checker_pool, reactor, checkers)
     for i, listener in enumerate(cfg.listeners):
         try:
             endpoint = endpoints.serverFromString(reactor, listener.endpoint)
@@ -268,6 +372,6 @@ def make_service_from_config(
                 f'{cfg.source}: [[listener]] #{i + 1} endpoint: "{listener.endpoint}": '
                 f"cannot parse: {e}"
             ) from None
-        factory = wrap_listener(SubmissionFactory(listener, runtime))
+        factory = SubmissionFactory(listener, runtime)
         ListenerService(listener.endpoint, endpoint, factory, str(cfg.source)).setServiceParent(top)
     return top

@@ -51,6 +51,13 @@ class ServerContextFactory:
     def getContext(self) -> SSL.Context:
         return self._context
 
+    def set_context(self, context: SSL.Context) -> None:
+        """
+        Use *context* for connections from now on (a reload); connections
+        already made keep theirs.
+        """
+        self._context = context
+
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return SSL.Connection(self._context, None)
 
