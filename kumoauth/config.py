@@ -109,6 +109,16 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """
+    ``[log]`` (beyond SPEC §3): where to write JSON lines of kumoauth's
+    events, besides twistd's text log.
+    """
+
+    json_path: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     server: ServerConfig
@@ -117,6 +127,7 @@ class Config:
     auth: AuthConfig
     policy: PolicyConfig
     spool: SpoolConfig
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # --- schema ---------------------------------------------------------------
@@ -249,6 +260,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
     },
     "policy": {"path": _str},
     "spool": {"path": _str},
+    "log": {"json_path": _str},
 }
 
 REQUIRED = {
@@ -353,8 +365,14 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
     s = _section(source, "spool", data["spool"])
     spool = SpoolConfig(path=_path(source, s["path"]))
 
+    raw_log = _section(source, "log", data.get("log", {}))
+    log = LogConfig(
+        json_path=_path(source, raw_log["json_path"]) if "json_path" in raw_log else None
+    )
+
     return Config(
         source=source,
+        log=log,
         server=ServerConfig(**server),
         tls=tls,
         listeners=listeners,

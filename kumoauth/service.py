@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort, IReactorCore
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, globalLogPublisher, jsonFileLogObserver
 from twisted.python.threadpool import ThreadPool
+from zope.interface import provider
 
 from kumoauth.config import Config, ConfigError, load
 from kumoauth.cred import PolicyChecker, load_checker_factory, make_portal
@@ -180,6 +182,7 @@ class KumoauthService(service.MultiService):
         self.override = override
         self.reloads = 0
         self.reload_failures = 0
+        self._json_log: Any = None
 
     @property
     def listeners(self) -> list[ListenerService]:
@@ -188,6 +191,8 @@ class KumoauthService(service.MultiService):
     def startService(self) -> None:
         self.writer.start()
         self.checker_pool.start()
+        if self.cfg.log.json_path is not None:
+            self._json_log = open_json_log(self.cfg.log.json_path)
         super().startService()
         # Installed once the reactor runs, after Twisted's own handlers.
         self.reactor.callWhenRunning(self._install_signals)
@@ -257,6 +262,8 @@ class KumoauthService(service.MultiService):
             log.warn("[spool] path changed: it needs a restart")
         if cfg.auth.threads != self.cfg.auth.threads:
             log.warn("[auth] threads changed: it needs a restart")
+        if cfg.log != self.cfg.log:
+            log.warn("[log] changed: it needs a restart")
 
     # --- stop --------------------------------------------------------------
 
@@ -274,10 +281,31 @@ class KumoauthService(service.MultiService):
         def stop_threads(_: object) -> None:
             self.writer.stop()
             self.checker_pool.stop()
+            if self._json_log is not None:
+                globalLogPublisher.removeObserver(self._json_log)
+                self._json_log = None
 
         d.addCallback(stop_threads)
         d.addCallback(lambda _: super(KumoauthService, self).stopService())
         return d
+
+
+def open_json_log(path: Path) -> Any:
+    """
+    Add an observer that writes kumoauth's own events (namespaces
+    ``kumoauth``, ``kumoauth.auth``, ``kumoauth.smtp``) as JSON lines.
+    """
+    stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    json_observer = jsonFileLogObserver(stream)
+
+    @provider(ILogObserver)
+    def kumoauth_only(event: dict[str, Any]) -> None:
+        namespace = event.get("log_namespace") or ""
+        if namespace == "kumoauth" or namespace.startswith("kumoauth."):
+            json_observer(event)
+
+    globalLogPublisher.addObserver(kumoauth_only)
+    return kumoauth_only
 
 
 def make_service(

@@ -128,6 +128,7 @@ def write_config(
     auth: str = "",
     server: str = "",
     throttle: str = "",
+    extra: str = "",
 ) -> Path:
     starttls, implicit, plain = ports
     auth_lines = _merge({"failure_delay": "0.2", "timeout": "1.0"}, auth)
@@ -172,6 +173,8 @@ auth_required = false
 
 [spool]
 path = "spool"
+
+{extra}
 """
     path = directory / "kumoauth.toml"
     path.write_text(config)
@@ -227,10 +230,13 @@ def running_server(
     env: dict[str, str] | None = None,
     server: str = "",
     throttle: str = "",
+    extra: str = "",
 ) -> Iterator[Server]:
     directory.mkdir(parents=True, exist_ok=True)
     ports = (free_port(), free_port(), free_port())
-    config = write_config(directory, certs, ports, policy, auth, server=server, throttle=throttle)
+    config = write_config(
+        directory, certs, ports, policy, auth, server=server, throttle=throttle, extra=extra
+    )
     srv = Server(None, directory, config, *ports, certs=certs, args=args or [], env=env or {})  # type: ignore[arg-type]
     try:
         srv.start()

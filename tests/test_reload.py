@@ -51,7 +51,9 @@ def test_certificate_swap_reaches_new_connections_only(tmp_path):
         ) as s:
             assert s.noop()[0] == 250
         with pytest.raises(ssl.SSLCertVerificationError):
-            smtplib.SMTP_SSL("127.0.0.1", srv.implicit_port, timeout=10, context=old.client_context())
+            smtplib.SMTP_SSL(
+                "127.0.0.1", srv.implicit_port, timeout=10, context=old.client_context()
+            )
         # ...while the session from before the reload sends as if nothing happened.
         mid = send(veteran)
         veteran.quit()
@@ -104,3 +106,34 @@ def test_policy_and_limits_reload(tmp_path):
         assert veteran.rcpt("b@example.net")[0] == 250
         assert veteran.rcpt("c@example.net")[0] == 250
         veteran.quit()
+
+
+def test_json_log_has_one_event_per_attempt(tmp_path):
+    import base64
+    import json
+
+    certs = make_certs(tmp_path / "certs")
+    srv_dir = tmp_path / "srv"
+    srv_dir.mkdir()
+    with running_server(
+        srv_dir, certs, POLICY, server="", extra='[log]\njson_path = "events.jsonl"'
+    ) as srv:
+        with starttls_client(srv) as s:
+            login(s, "PLAIN", "scott", "tiger")
+        with starttls_client(srv) as s:
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                login(s, "PLAIN", "scott", "Secret-Pass-1")
+            assert s.docmd("AUTH", "PLAIN QR==")[0] == 501
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                login(s, "PLAIN", "raise", "Secret-Pass-1")
+        srv.stop()
+        text = (srv.directory / "events.jsonl").read_text()
+    events = [json.loads(line) for line in text.splitlines() if line.strip()]
+    auth = [e for e in events if e.get("log_namespace") == "kumoauth.auth"]
+    assert [e["result"] for e in auth] == ["success", "failure", "malformed", "tempfail"]
+    first = auth[0]
+    assert (first["mechanism"], first["authc"], first["authz"]) == ("PLAIN", "scott", "scott")
+    assert first["client"].startswith("127.0.0.1:") and first["listener"].startswith("tcp:")
+    assert isinstance(first["checker_latency"], float) and "log_time" in first
+    assert "Secret-Pass-1" not in text
+    assert base64.b64encode(b"\0scott\0Secret-Pass-1").decode() not in text
