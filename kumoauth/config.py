@@ -109,6 +109,15 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """
+    ``[metrics]``: a Twisted endpoint for Prometheus' ``/metrics``.
+    """
+
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """
     ``[log]`` (beyond SPEC §3): where to write JSON lines of kumoauth's
@@ -128,6 +137,7 @@ class Config:
     policy: PolicyConfig
     spool: SpoolConfig
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # --- schema ---------------------------------------------------------------
@@ -261,6 +271,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
     "policy": {"path": _str},
     "spool": {"path": _str},
     "log": {"json_path": _str},
+    "metrics": {"endpoint": _str},
 }
 
 REQUIRED = {
@@ -370,9 +381,12 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
         json_path=_path(source, raw_log["json_path"]) if "json_path" in raw_log else None
     )
 
+    metrics = MetricsConfig(**_section(source, "metrics", data.get("metrics", {})))
+
     return Config(
         source=source,
         log=log,
+        metrics=metrics,
         server=ServerConfig(**server),
         tls=tls,
         listeners=listeners,

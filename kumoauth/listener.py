@@ -21,6 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from kumoauth.config import AuthConfig, ListenerConfig, ServerConfig
 from kumoauth.delivery import Message
+from kumoauth.metrics import Metrics
 from kumoauth.policy import Invoke, Policy, invoke
 from kumoauth.throttle import Throttle
 from kumoauth.tls import ServerContextFactory
@@ -115,6 +116,7 @@ class Runtime:
     tls: ServerContextFactory | None = None
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     sessions: Sessions = field(default_factory=Sessions)
+    metrics: Metrics = field(default_factory=Metrics)
     #: calls policy handlers (blocking ones in a thread pool)
     invoke: Invoke = invoke
     #: failed-attempt throttles; None disables them

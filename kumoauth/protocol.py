@@ -144,12 +144,15 @@ class SubmissionProtocol(Protocol):
         )
         self.delivery = Delivery(self.conn_meta, store=rt.store)
         if not rt.limits.acquire(self._ip, rt.server):
+            rt.metrics.connections_rejected.labels("limit").inc()
             log.info("refused {client}: connection limit reached", client=self.client)
             self._close(
                 b"421 4.7.0 " + rt.server.hostname.encode() + b" Too many connections, try later"
             )
             return
         self._counted = True
+        rt.metrics.connections.inc()
+        rt.metrics.connections_total.labels(listener.endpoint).inc()
         rt.sessions.add(self)
         self._touch()
         self._timer = rt.clock.callLater(rt.server.idle_timeout, self._idle_check)
@@ -190,6 +193,7 @@ class SubmissionProtocol(Protocol):
         self._send(f"220 {s.hostname} ESMTP {s.banner}".encode())
 
     def handshakeCompleted(self) -> None:
+        self.rt.metrics.tls_handshakes.inc()
         try:
             for key, value in describe(self.transport.getHandle()).items():
                 self.conn_meta.set_meta(key, value)
@@ -205,10 +209,12 @@ class SubmissionProtocol(Protocol):
         if self._counted:
             self._counted = False
             self.rt.limits.release(self._ip)
+            self.rt.metrics.connections.dec()
             self.rt.sessions.discard(self)
         if self.delivery is not None:
             self.delivery.logout()
         if isinstance(reason, Failure) and _is_tls_failure(reason):
+            self.rt.metrics.tls_failures.inc()
             log.info(
                 "TLS handshake with {client} failed: {reason}",
                 client=self.client,
@@ -645,6 +651,8 @@ class SubmissionProtocol(Protocol):
 
         def stored(mid: str) -> None:
             size, n = len(message.data), len(message.recipients)
+            self.rt.metrics.messages_spooled.inc()
+            self.rt.metrics.bytes_spooled.inc(size)
             log.info(
                 "{text}",
                 text=f"spooled {mid} from {self.client} ({size} bytes, {n} recipients)",
@@ -656,6 +664,7 @@ class SubmissionProtocol(Protocol):
             self._send(b"250 2.0.0 OK queued as " + mid.encode())
 
         def not_stored(f: Failure) -> None:
+            self.rt.metrics.spool_errors.inc()
             if f.check(SpoolError):
                 log.error("spool write failed: {reason}", reason=f.getErrorMessage())
             else:
@@ -862,9 +871,14 @@ class SubmissionProtocol(Protocol):
         exchange, self._sasl = self._sasl, None
         if exchange is None:
             return
+        metrics = self.rt.metrics
+        metrics.auth_attempts.labels(exchange.mechanism, result).inc()
+        if reason:
+            metrics.throttle_hits.labels(reason).inc()
         latency = 0.0
         if exchange.checked_at is not None:
             latency = self.rt.clock.seconds() - exchange.checked_at
+            metrics.checker_latency.observe(latency)
         listener = self.factory.listener.endpoint
         # The text is built here with an f-string: formatting a many-field
         # format string through twisted.logger costs 4x more, per attempt.

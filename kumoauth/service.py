@@ -19,11 +19,13 @@ from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.logger import ILogObserver, Logger, globalLogPublisher, jsonFileLogObserver
 from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
 from zope.interface import provider
 
 from kumoauth.config import Config, ConfigError, load
 from kumoauth.cred import PolicyChecker, load_checker_factory, make_portal
 from kumoauth.listener import Runtime, SubmissionFactory, wrap_listener
+from kumoauth.metrics import site_root
 from kumoauth.policy import Invoker, Policy, PolicyError, load_policy
 from kumoauth.spool import Spool, SpoolWriter
 from kumoauth.throttle import Throttle, make_store
@@ -101,13 +103,19 @@ class ListenerService(service.Service):
     """
 
     def __init__(
-        self, description: str, endpoint: Any, factory: SubmissionFactory, source: str
+        self,
+        description: str,
+        endpoint: Any,
+        factory: Any,
+        source: str,
+        key: str = "[[listener]] endpoint",
     ) -> None:
         self.description = description
         self.endpoint = endpoint
-        self.submission_factory = factory
-        self.factory = wrap_listener(factory)
+        self.submission_factory = factory if isinstance(factory, SubmissionFactory) else None
+        self.factory = wrap_listener(factory) if self.submission_factory else factory
         self.source = source
+        self.key = key
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -116,10 +124,7 @@ class ListenerService(service.Service):
         self.endpoint.listen(self.factory).addBoth(result.append)
         if not result or not IListeningPort.providedBy(result[0]):
             reason = result[0].getErrorMessage() if result else "did not bind at once"
-            message = (
-                f'{self.source}: [[listener]] endpoint "{self.description}": '
-                f"cannot listen: {reason}"
-            )
+            message = f'{self.source}: {self.key} "{self.description}": cannot listen: {reason}'
             log.critical("{message}", message=message)
             # twistd has redirected sys.stderr into the log by now; the
             # operator's terminal is still file descriptor 2.
@@ -132,6 +137,8 @@ class ListenerService(service.Service):
 
     @property
     def factory_tls(self) -> str:
+        if self.submission_factory is None:
+            return "metrics"
         return self.submission_factory.listener.tls
 
     def startService(self) -> None:
@@ -188,6 +195,10 @@ class KumoauthService(service.MultiService):
     def listeners(self) -> list[ListenerService]:
         return [s for s in self if isinstance(s, ListenerService)]
 
+    @property
+    def smtp_listeners(self) -> list[ListenerService]:
+        return [s for s in self.listeners if s.submission_factory is not None]
+
     def startService(self) -> None:
         self.writer.start()
         self.checker_pool.start()
@@ -228,18 +239,21 @@ class KumoauthService(service.MultiService):
             )
         except (ConfigError, OperatorError) as e:
             self.reload_failures += 1
+            self.runtime.metrics.reloads.labels("failure").inc()
             log.error("reload failed, configuration unchanged: {error}", error=str(e))
             return False
         self._report_restart_only(cfg)
         by_endpoint = {listener.endpoint: listener for listener in cfg.listeners}
-        for ls in self.listeners:
+        for ls in self.smtp_listeners:
             factory = ls.submission_factory
+            assert factory is not None
             new = by_endpoint.get(ls.description)
             if new is not None and new.tls == factory.listener.tls:
                 factory.listener = new
             factory.runtime = runtime
         self.cfg, self.runtime = cfg, runtime
         self.reloads += 1
+        runtime.metrics.reloads.labels("success").inc()
         log.info("reloaded configuration from {path}", path=str(cfg.source))
         return True
 
@@ -262,6 +276,8 @@ class KumoauthService(service.MultiService):
             log.warn("[spool] path changed: it needs a restart")
         if cfg.auth.threads != self.cfg.auth.threads:
             log.warn("[auth] threads changed: it needs a restart")
+        if cfg.metrics != self.cfg.metrics:
+            log.warn("[metrics] changed: it needs a restart")
         if cfg.log != self.cfg.log:
             log.warn("[log] changed: it needs a restart")
 
@@ -288,6 +304,17 @@ class KumoauthService(service.MultiService):
         d.addCallback(stop_threads)
         d.addCallback(lambda _: super(KumoauthService, self).stopService())
         return d
+
+
+class _QuietSite(Site):
+    """
+    No access-log line per scrape.
+    """
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
 
 
 def open_json_log(path: Path) -> Any:
@@ -358,7 +385,11 @@ def build_runtime(
         holder = previous.tls
     extra: dict[str, Any] = {}
     if previous is not None:
-        extra = {"limits": previous.limits, "sessions": previous.sessions}
+        extra = {
+            "limits": previous.limits,
+            "sessions": previous.sessions,
+            "metrics": previous.metrics,
+        }
     runtime = Runtime(
         server=cfg.server,
         auth=cfg.auth,
@@ -402,4 +433,15 @@ def make_service_from_config(
             ) from None
         factory = SubmissionFactory(listener, runtime)
         ListenerService(listener.endpoint, endpoint, factory, str(cfg.source)).setServiceParent(top)
+    if cfg.metrics.endpoint is not None:
+        try:
+            endpoint = endpoints.serverFromString(reactor, cfg.metrics.endpoint)
+        except Exception as e:
+            raise OperatorError(
+                f'{cfg.source}: [metrics] endpoint: "{cfg.metrics.endpoint}": cannot parse: {e}'
+            ) from None
+        site = _QuietSite(site_root(runtime.metrics))
+        ListenerService(
+            cfg.metrics.endpoint, endpoint, site, str(cfg.source), key="[metrics] endpoint"
+        ).setServiceParent(top)
     return top

@@ -1,0 +1,93 @@
+"""
+Prometheus metrics (SPEC §9), with ``prometheus_client`` served by
+``twisted.web`` at ``/metrics`` on ``[metrics] endpoint``.
+
+Each server has its own :class:`Metrics` (its own registry), carried over
+reloads, so counters never reset while the process lives.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.web import resource
+from twisted.web.server import Request
+
+#: Checker latency buckets, seconds: from an in-memory dict to a slow LDAP.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.connections = Gauge("kumoauth_open_connections", "Open connections", registry=r)
+        self.connections_total = Counter(
+            "kumoauth_connections", "Connections accepted", ["listener"], registry=r
+        )
+        self.connections_rejected = Counter(
+            "kumoauth_connections_rejected",
+            "Connections refused with 421 by a limit",
+            ["reason"],
+            registry=r,
+        )
+        self.auth_attempts = Counter(
+            "kumoauth_auth_attempts",
+            "AUTH attempts by mechanism and result",
+            ["mechanism", "result"],
+            registry=r,
+        )
+        self.checker_latency = Histogram(
+            "kumoauth_checker_latency_seconds",
+            "Time the checker took to answer",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.throttle_hits = Counter(
+            "kumoauth_throttle_hits",
+            "AUTH attempts refused by a throttle",
+            ["reason"],
+            registry=r,
+        )
+        self.messages_spooled = Counter(
+            "kumoauth_messages_spooled", "Messages made durable", registry=r
+        )
+        self.bytes_spooled = Counter(
+            "kumoauth_spooled_bytes", "Bytes of messages made durable", registry=r
+        )
+        self.spool_errors = Counter(
+            "kumoauth_spool_errors", "Messages that could not be spooled (451)", registry=r
+        )
+        self.tls_handshakes = Counter(
+            "kumoauth_tls_handshakes", "TLS handshakes completed", registry=r
+        )
+        self.tls_failures = Counter(
+            "kumoauth_tls_handshake_failures", "TLS handshakes that failed", registry=r
+        )
+        self.reloads = Counter(
+            "kumoauth_reloads", "Configuration reloads (SIGHUP)", ["result"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsResource(resource.Resource):
+    """
+    ``GET /metrics`` in the Prometheus text format.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return self.metrics.render()
+
+
+def site_root(metrics: Metrics) -> resource.Resource:
+    root = resource.Resource()
+    root.putChild(b"metrics", MetricsResource(metrics))
+    return root

@@ -1,0 +1,88 @@
+"""
+Prometheus metrics over HTTP against a real twistd (SPEC §9).
+"""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import socket
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server import free_port, make_certs, running_server
+from tests.test_e2e import POLICY, login, send, starttls_client
+
+pytestmark = pytest.mark.e2e
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert r.headers["content-type"].startswith("text/plain")
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(m, name, **labels):
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_move_with_real_sessions(tmp_path):
+    certs = make_certs(tmp_path / "certs")
+    port = free_port()
+    with running_server(
+        tmp_path / "srv",
+        certs,
+        POLICY,
+        server="max_connections_per_ip = 3",
+        extra=f'[metrics]\nendpoint = "tcp:{port}:interface=127.0.0.1"',
+    ) as srv:
+        before = scrape(port)
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+            send(s, b"Subject: m\r\n\r\n" + b"x" * 1000 + b"\r\n")
+        with starttls_client(srv) as s:
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                login(s, "PLAIN", "scott", "nope")
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                login(s, "PLAIN", "raise", "x")
+        # A TLS handshake that fails, and connections over the per-IP limit.
+        with socket.create_connection(("127.0.0.1", srv.implicit_port)) as raw:
+            raw.sendall(b"this is not TLS\r\n" * 20)
+            raw.settimeout(5)
+            try:
+                raw.recv(100)
+            except OSError:
+                pass
+        held = [socket.create_connection(("127.0.0.1", srv.plain_port)) for _ in range(4)]
+        time.sleep(0.3)
+        during = scrape(port)
+        for sock in held:
+            sock.close()
+        srv.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        after = scrape(port)
+
+    def delta(name, m=after, **labels):
+        return value(m, name, **labels) - value(before, name, **labels)
+
+    assert delta("kumoauth_auth_attempts_total", mechanism="PLAIN", result="success") == 1
+    assert delta("kumoauth_auth_attempts_total", mechanism="PLAIN", result="failure") == 1
+    assert delta("kumoauth_auth_attempts_total", mechanism="PLAIN", result="tempfail") == 1
+    assert delta("kumoauth_checker_latency_seconds_count") == 3
+    assert delta("kumoauth_messages_spooled_total") == 1
+    assert delta("kumoauth_spooled_bytes_total") > 1000
+    assert delta("kumoauth_tls_handshakes_total") >= 2
+    assert delta("kumoauth_tls_handshake_failures_total") >= 1
+    assert delta("kumoauth_connections_rejected_total", reason="limit") >= 1
+    assert value(during, "kumoauth_open_connections") >= 3
+    assert delta("kumoauth_reloads_total", result="success") == 1
+    total = sum(v for (n, _), v in after.items() if n == "kumoauth_connections_total")
+    assert total >= 7
