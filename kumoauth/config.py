@@ -53,6 +53,7 @@ class ServerConfig:
     max_recipients: int = 100
     max_errors: int = 10
     shutdown_grace: float = 30.0
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_recipients": _int(1),
         "max_errors": _int(1),
         "shutdown_grace": _number(0.0),
+        "workers": _int(1),
     },
     "tls": {
         "certificate": _str,

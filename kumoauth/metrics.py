@@ -20,7 +20,12 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.connections = Gauge("kumoauth_open_connections", "Open connections", registry=r)
+        self.connections = Gauge(
+            "kumoauth_open_connections",
+            "Open connections",
+            registry=r,
+            multiprocess_mode="livesum",  # with [server] workers: summed over live ones
+        )
         self.connections_total = Counter(
             "kumoauth_connections", "Connections accepted", ["listener"], registry=r
         )
@@ -67,9 +72,6 @@ class Metrics:
             "kumoauth_reloads", "Configuration reloads (SIGHUP)", ["result"], registry=r
         )
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
 
 class MetricsResource(resource.Resource):
     """
@@ -78,16 +80,29 @@ class MetricsResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()
-        self.metrics = metrics
+        self.registry = registry
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return self.metrics.render()
+        return generate_latest(self.registry)
 
 
 def site_root(metrics: Metrics) -> resource.Resource:
     root = resource.Resource()
-    root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(b"metrics", MetricsResource(metrics.registry))
+    return root
+
+
+def multiprocess_site_root(path: str) -> resource.Resource:
+    """
+    ``/metrics`` summed over the worker processes that write to *path*.
+    """
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    root = resource.Resource()
+    root.putChild(b"metrics", MetricsResource(registry))
     return root

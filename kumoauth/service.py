@@ -95,6 +95,24 @@ def build_checkers(
         raise OperatorError(f"{cfg.source}: [auth] checker: {e}") from None
 
 
+def bind(endpoint: Any, factory: Any, source: str, key: str, description: str) -> Any:
+    """
+    Listen on *endpoint* now.  Failure is an operator error: one line on
+    stderr and exit status 1.
+    """
+    result: list[Any] = []
+    endpoint.listen(factory).addBoth(result.append)
+    if not result or not IListeningPort.providedBy(result[0]):
+        reason = result[0].getErrorMessage() if result else "did not bind at once"
+        message = f'{source}: {key} "{description}": cannot listen: {reason}'
+        log.critical("{message}", message=message)
+        # twistd has redirected sys.stderr into the log by now; the
+        # operator's terminal is still file descriptor 2.
+        os.write(2, f"kumoauth: error: {message}\n".encode())
+        raise SystemExit(1)
+    return result[0]
+
+
 class ListenerService(service.Service):
     """
     Binds one listener in ``privilegedStartService`` (before twistd drops
@@ -118,19 +136,19 @@ class ListenerService(service.Service):
         self.key = key
         self.port: IListeningPort | None = None
 
+    #: (file descriptor, address family) of a socket a supervisor bound for
+    #: this worker (``[server] workers``); None: bind the endpoint here.
+    adopt: tuple[int, int] | None = None
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        result: list[Any] = []
-        self.endpoint.listen(self.factory).addBoth(result.append)
-        if not result or not IListeningPort.providedBy(result[0]):
-            reason = result[0].getErrorMessage() if result else "did not bind at once"
-            message = f'{self.source}: {self.key} "{self.description}": cannot listen: {reason}'
-            log.critical("{message}", message=message)
-            # twistd has redirected sys.stderr into the log by now; the
-            # operator's terminal is still file descriptor 2.
-            os.write(2, f"kumoauth: error: {message}\n".encode())
-            raise SystemExit(1)
-        self.port = result[0]
+        if self.adopt is not None:
+            from twisted.internet import reactor
+
+            fd, family = self.adopt
+            self.port = reactor.adoptStreamPort(fd, family, self.factory)  # type: ignore[attr-defined]
+        else:
+            self.port = bind(self.endpoint, self.factory, self.source, self.key, self.description)
         log.info(
             "listening on {address} ({tls})", address=str(self.port.getHost()), tls=self.factory_tls
         )
@@ -306,7 +324,7 @@ class KumoauthService(service.MultiService):
         return d
 
 
-class _QuietSite(Site):
+class QuietSite(Site):
     """
     No access-log line per scrape.
     """
@@ -336,7 +354,10 @@ def open_json_log(path: Path) -> Any:
 
 
 def make_service(
-    config_path: str, reactor: IReactorCore | None = None, checkers: list[Any] | None = None
+    config_path: str,
+    reactor: IReactorCore | None = None,
+    checkers: list[Any] | None = None,
+    auth_args: list[str] | None = None,
 ) -> service.MultiService:
     """
     Build the whole service from a configuration file.  Raises
@@ -350,7 +371,7 @@ def make_service(
         cfg = load(config_path)
     except ConfigError as e:
         raise OperatorError(str(e)) from None
-    return make_service_from_config(cfg, reactor, checkers)
+    return make_service_from_config(cfg, reactor, checkers, auth_args=auth_args)
 
 
 def build_runtime(
@@ -407,17 +428,39 @@ def build_runtime(
     return runtime
 
 
-def make_service_from_config(
-    cfg: Config, reactor: Any, checkers: list[Any] | None = None
-) -> service.MultiService:
+def prepare_spool(cfg: Config, recover: bool = True) -> Spool:
+    """
+    Create the spool and (once per server, never in a worker: others may be
+    writing) remove what a crash left.
+    """
     spool = Spool(cfg.spool.path)
     try:
         spool.create()
-        removed = spool.recover()
+        removed = spool.recover() if recover else []
     except OSError as e:
         raise OperatorError(f"{cfg.source}: [spool] path: {cfg.spool.path}: {e.strerror}") from None
     if removed:
         log.warn("spool recovery removed {n} incomplete files", n=len(removed))
+    return spool
+
+
+def make_service_from_config(
+    cfg: Config,
+    reactor: Any,
+    checkers: list[Any] | None = None,
+    adopt: dict[int, tuple[int, int]] | None = None,
+    auth_args: list[str] | None = None,
+) -> service.MultiService:
+    """
+    The server in this process.  With *adopt* (listener index -> socket) it
+    is a worker: the listening sockets come from the supervisor, the spool
+    is not recovered here, and metrics are served by the supervisor.
+    """
+    if adopt is None and cfg.server.workers > 1:
+        from kumoauth.workers import make_supervisor
+
+        return make_supervisor(cfg, reactor, checkers, auth_args or [])
+    spool = prepare_spool(cfg, recover=adopt is None)
     writer = SpoolWriter(spool, reactor)
     checker_pool = ThreadPool(minthreads=0, maxthreads=cfg.auth.threads, name="kumoauth-checker")
     runtime = build_runtime(cfg, reactor, checkers, writer, Invoker(reactor, checker_pool))
@@ -432,15 +475,18 @@ def make_service_from_config(
                 f"cannot parse: {e}"
             ) from None
         factory = SubmissionFactory(listener, runtime)
-        ListenerService(listener.endpoint, endpoint, factory, str(cfg.source)).setServiceParent(top)
-    if cfg.metrics.endpoint is not None:
+        ls = ListenerService(listener.endpoint, endpoint, factory, str(cfg.source))
+        if adopt is not None:
+            ls.adopt = adopt[i]
+        ls.setServiceParent(top)
+    if cfg.metrics.endpoint is not None and adopt is None:
         try:
             endpoint = endpoints.serverFromString(reactor, cfg.metrics.endpoint)
         except Exception as e:
             raise OperatorError(
                 f'{cfg.source}: [metrics] endpoint: "{cfg.metrics.endpoint}": cannot parse: {e}'
             ) from None
-        site = _QuietSite(site_root(runtime.metrics))
+        site = QuietSite(site_root(runtime.metrics))
         ListenerService(
             cfg.metrics.endpoint, endpoint, site, str(cfg.source), key="[metrics] endpoint"
         ).setServiceParent(top)

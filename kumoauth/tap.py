@@ -25,6 +25,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["config", "c", None, "The TOML configuration file."],
     ]
 
+    def opt_auth(self, description: str) -> None:
+        # Keep the strings too: [server] workers hands them to each worker.
+        self.setdefault("authArgs", []).append(description)
+        super().opt_auth(description)
+
+    opt_auth.__doc__ = strcred.AuthOptionMixin.opt_auth.__doc__
+
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config FILE is required")
@@ -35,7 +42,11 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
     Build the service; an operator error prints one line and exits 1.
     """
     try:
-        return make_service(options["config"], checkers=options.get("credCheckers"))
+        return make_service(
+            options["config"],
+            checkers=options.get("credCheckers"),
+            auth_args=options.get("authArgs"),
+        )
     except OperatorError as e:
         sys.stderr.write(f"kumoauth: error: {e}\n")
         sys.stderr.flush()
