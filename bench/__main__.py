@@ -113,17 +113,27 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
 
-    def cpu(self) -> float:
+    def pids(self) -> list[int]:
+        """The server's processes: itself and its children (workers)."""
         assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        pid = self.proc.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [pid, *(int(c) for c in children)]
+
+    def cpu(self) -> float:
+        total = 0.0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return total
 
     def status(self, key: str) -> int:
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-        raise KeyError(key)
+        total = 0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+        return total
 
     def rss_kib(self) -> int:
         return self.status("VmRSS")
@@ -133,6 +143,8 @@ class Server:
 
 
 class Kumoauth(Server):
+    workers = 1
+
     def command(self) -> list[str]:
         spool = self.workdir / "kumoauth-spool"
         (self.workdir / "bench_policy.py").write_text(textwrap.dedent(BENCH_POLICY))
@@ -141,6 +153,7 @@ class Kumoauth(Server):
             f"""
 [server]
 hostname = "localhost"
+workers = {self.workers}
 max_connections = 100000
 max_connections_per_ip = 100000
 
@@ -184,6 +197,12 @@ path = "{spool}"
             "--config",
             str(config),
         ]
+
+
+class KumoauthWorkers(Kumoauth):
+    """kumoauth with [server] workers = 2: throughput on both cores."""
+
+    workers = 2
 
 
 class Aiosmtpd(Server):
@@ -237,6 +256,10 @@ class Bench:
             text=True,
             cwd=REPO,
         )
+
+    def single_process(self) -> list[Server]:
+        """Workloads e-g measure one process; the workers variant sits them out."""
+        return [s for s in self.servers if getattr(s, "workers", 1) == 1]
 
     def sessions(self, server: Server, tls: str, n: int, messages: int, fail: bool) -> dict:
         port = server.starttls_port if tls == "starttls" else server.implicit_port
@@ -296,7 +319,7 @@ class Bench:
         """(e) RSS per idle authenticated TLS session, on fresh servers."""
         n = self.args.idle
         self.results["e"] = {}
-        for server in self.servers:
+        for server in self.single_process():
             server.stop()
             server.start()
             self.sessions(server, "starttls", 200 if not self.args.quick else 10, 1, False)
@@ -325,7 +348,7 @@ class Bench:
         """(f) 500 clients AUTH at once against a 100 ms Deferred checker."""
         n = self.args.burst
         self.results["f"] = {}
-        for server in self.servers:
+        for server in self.single_process():
             if not server.async_checker:
                 self.results["f"][server.name] = {"note": "synchronous authenticator only"}
                 continue
@@ -364,7 +387,7 @@ class Bench:
         """(g) many sessions in a row: RSS growth after the first tenth."""
         n = self.args.long
         self.results["g"] = {}
-        for server in self.servers:
+        for server in self.single_process():
             first = max(1, n // 10)
             self.sessions(server, "starttls", first, 1, False)
             early = server.rss_kib()
@@ -423,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--burst", type=int, default=500, help="clients for (f)")
     p.add_argument("--long", type=int, default=100000, help="sessions in a row for (g)")
     p.add_argument("--workloads", default="abcdefg")
-    p.add_argument("--servers", default="kumoauth,aiosmtpd,twisted.mail")
+    p.add_argument("--servers", default="kumoauth,aiosmtpd,twisted.mail,kumoauth-2w")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(REPO / "bench" / "results.json"))
     args = p.parse_args(argv)
@@ -436,7 +459,12 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="kumoauth-bench-"))
     cert, key, ca = make_certs(workdir)
-    kinds = {"kumoauth": Kumoauth, "aiosmtpd": Aiosmtpd, "twisted.mail": TwistedMail}
+    kinds = {
+        "kumoauth": Kumoauth,
+        "kumoauth-2w": KumoauthWorkers,
+        "aiosmtpd": Aiosmtpd,
+        "twisted.mail": TwistedMail,
+    }
     servers = [kinds[name](name, workdir, cert, key) for name in args.servers.split(",")]
     for s in servers:
         if s.name == "aiosmtpd":

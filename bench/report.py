@@ -36,7 +36,7 @@ def _ratio(ours: Any, theirs: Any) -> str:
 def render(data: dict[str, Any]) -> str:
     results = data["results"]
     names = sorted({name for r in results.values() for name in r}, key=_order)
-    peers = [n for n in names if n != "kumoauth"]
+    peers = [n for n in names if not n.startswith("kumoauth")]
     out = [BEGIN, ""]
     m = data["machine"]
     out += [
@@ -49,7 +49,9 @@ def render(data: dict[str, Any]) -> str:
         "sessions completed; medians of "
         f"{data['parameters']['runs']} alternating runs of {data['parameters']['sessions']} "
         f"sessions at concurrency {data['parameters']['concurrency']} (d: a fifth as many "
-        "sessions). Ratios are kumoauth / peer: below 1 is better for kumoauth.",
+        "sessions). Ratios are kumoauth / peer: below 1 is better for kumoauth. "
+        "`kumoauth-2w` is kumoauth with `[server] workers = 2` (CPU and RSS summed over "
+        "the supervisor and both workers); it sits out the per-process workloads e-g.",
         "",
     ]
     for key, title in WORKLOADS.items():
@@ -89,7 +91,7 @@ def render(data: dict[str, Any]) -> str:
             "| server | RSS KiB / idle session | RSS before MiB | RSS with sessions MiB |",
             "|---|---:|---:|---:|",
         ]
-        for name in names:
+        for name in [n for n in names if n in r]:
             x = r[name]
             out.append(
                 f"| {name} | {_fmt(x['rss_kib_per_idle_session'], 1)} | "
@@ -113,7 +115,7 @@ def render(data: dict[str, Any]) -> str:
             "| server | wall time s | largest stall ms |",
             "|---|---:|---:|",
         ]
-        for name in names:
+        for name in [n for n in names if n in r]:
             x = r[name]
             if "note" in x:
                 out.append(f"| {name} | n/a ({x['note']}) | |")
@@ -129,7 +131,7 @@ def render(data: dict[str, Any]) -> str:
             "| server | RSS after first tenth MiB | RSS at end MiB | growth | CPU µs / session |",
             "|---|---:|---:|---:|---:|",
         ]
-        for name in names:
+        for name in [n for n in names if n in r]:
             x = r[name]
             out.append(
                 f"| {name} | {_fmt(x['rss_after_tenth_mib'], 1)} | {_fmt(x['rss_at_end_mib'], 1)} | "
@@ -141,7 +143,7 @@ def render(data: dict[str, Any]) -> str:
 
 
 def _order(name: str) -> tuple[int, str]:
-    return (0 if name == "kumoauth" else 1, name)
+    return (0 if name == "kumoauth" else 2 if name.startswith("kumoauth") else 1, name)
 
 
 def write(path: Path, data: dict[str, Any]) -> None:
