@@ -68,6 +68,9 @@ def test_metrics_move_with_real_sessions(tmp_path):
             sock.close()
         srv.proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
+        (srv.directory / "policy.py").write_text("this is not python\n")
+        srv.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
         after = scrape(port)
 
     def delta(name, m=after, **labels):
@@ -84,5 +87,6 @@ def test_metrics_move_with_real_sessions(tmp_path):
     assert delta("kumoauth_connections_rejected_total", reason="limit") >= 1
     assert value(during, "kumoauth_open_connections") >= 3
     assert delta("kumoauth_reloads_total", result="success") == 1
+    assert delta("kumoauth_reloads_total", result="failure") == 1
     total = sum(v for (n, _), v in after.items() if n == "kumoauth_connections_total")
     assert total >= 7
