@@ -42,6 +42,7 @@ from kumoauth.spool import SpoolError, new_id
 from kumoauth.tls import describe
 
 if TYPE_CHECKING:
+    from kumoauth.config import ListenerConfig
     from kumoauth.listener import Runtime, SubmissionFactory
 
 log = Logger(namespace="kumoauth.smtp")
@@ -82,7 +83,10 @@ def scrub(text: str, secrets: list[bytes]) -> str:
 @implementer(IHandshakeListener)
 class SubmissionProtocol(Protocol):
     factory: SubmissionFactory
+    # Both captured when the connection is made, so a reload (which swaps
+    # them on the factory) never changes a live session.
     rt: Runtime
+    listener: ListenerConfig
     # A TCP transport, or a TLS wrapper around one (startTLS, getHandle).
     transport: Any
 
@@ -127,7 +131,7 @@ class SubmissionProtocol(Protocol):
     def connectionMade(self) -> None:
         factory = self.factory
         self.rt = rt = factory.runtime
-        listener = factory.listener
+        self.listener = listener = factory.listener
         peer = self.transport.getPeer()
         host = self.transport.getHost()
         self._ip = getattr(peer, "host", None) or "local"
@@ -482,7 +486,7 @@ class SubmissionProtocol(Protocol):
             self._esmtp = esmtp
             host = self.rt.server.hostname
             if esmtp:
-                words = self.rt.ehlo_keywords(self.factory.listener, self._secure)
+                words = self.rt.ehlo_keywords(self.listener, self._secure)
                 self._send(reply_lines(250, [f"{host} Hello {domain}", *words])[:-2])
             else:
                 self._send(f"250 {host} Hello {domain}".encode())
@@ -495,7 +499,7 @@ class SubmissionProtocol(Protocol):
     def smtp_STARTTLS(self, arg: bytes) -> None:
         if arg:
             self._error(R_NO_ARGS)
-        elif self.factory.listener.tls != "starttls" or self.rt.tls is None:
+        elif self.listener.tls != "starttls" or self.rt.tls is None:
             self._error(b"502 5.5.1 STARTTLS not available on this port")
         elif self._secure:
             self._error(b"503 5.5.1 TLS already active")
@@ -538,7 +542,7 @@ class SubmissionProtocol(Protocol):
         if not self._greeted:
             self._error(b"503 5.5.1 Send EHLO first")
             return
-        if self.factory.listener.auth_required and not self.authenticated:
+        if self.listener.auth_required and not self.authenticated:
             self._send(b"530 5.7.0 Authentication required")
             return
         if self._mail_from is not None:
@@ -711,7 +715,7 @@ class SubmissionProtocol(Protocol):
     # --- AUTH (RFC 4954) -------------------------------------------------
 
     def smtp_AUTH(self, arg: bytes) -> None:
-        listener = self.factory.listener
+        listener = self.listener
         if not self._secure and not listener.allow_plaintext_auth:
             self._error(b"538 5.7.11 Encryption required for requested authentication mechanism")
             return
@@ -879,7 +883,7 @@ class SubmissionProtocol(Protocol):
         if exchange.checked_at is not None:
             latency = self.rt.clock.seconds() - exchange.checked_at
             metrics.checker_latency.observe(latency)
-        listener = self.factory.listener.endpoint
+        listener = self.listener.endpoint
         # The text is built here with an f-string: formatting a many-field
         # format string through twisted.logger costs 4x more, per attempt.
         # The fields stay in the event for JSON observers.

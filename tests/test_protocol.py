@@ -483,3 +483,19 @@ def test_written_spool_has_no_temporary_leftovers(make_session, spool_dir: Path)
     s = authed(make_session)
     send_message(s, b"x\r\n.\r\n")
     assert list((spool_dir / "tmp").iterdir()) == []
+
+
+def test_reload_leaves_live_sessions_alone(make_session):
+    """A reload swaps the factory's listener and runtime; a live session keeps its own."""
+    import dataclasses
+
+    s = make_session(scott_policy(), server=ServerConfig(hostname=HOST, max_recipients=1))
+    s.command("EHLO client.example")
+    old_runtime = s.runtime
+    s.factory.listener = dataclasses.replace(s.factory.listener, auth_required=False)
+    s.factory.runtime = dataclasses.replace(old_runtime, server=ServerConfig(hostname="new"))
+    assert s.command("MAIL FROM:<a@example.com>").startswith("530 5.7.0")
+    assert s.protocol.rt is old_runtime
+    late = make_session(runtime=s.factory.runtime, auth_required=False)
+    late.command("EHLO client.example")
+    assert late.command("MAIL FROM:<a@example.com>").startswith("250")
