@@ -121,6 +121,13 @@ def render(data: dict[str, Any]) -> str:
                 out.append(f"| {name} | n/a ({x['note']}) | |")
             else:
                 out.append(f"| {name} | {_fmt(x['wall_s'], 3)} | {_fmt(x['max_stall_ms'], 1)} |")
+        k = r.get("kumoauth", {})
+        for peer in [p for p in peers if "wall_s" in r.get(p, {})]:
+            x = r[peer]
+            out.append(
+                f"| **kumoauth / {peer}** | **{_ratio(k.get('wall_s'), x['wall_s'])}** | "
+                f"{_ratio(k.get('max_stall_ms'), x['max_stall_ms'])} |"
+            )
         out.append("")
     if "g" in results:
         r = results["g"]
@@ -136,6 +143,14 @@ def render(data: dict[str, Any]) -> str:
             out.append(
                 f"| {name} | {_fmt(x['rss_after_tenth_mib'], 1)} | {_fmt(x['rss_at_end_mib'], 1)} | "
                 f"{x['rss_growth_pct']:+.1f} % | {_fmt(x['cpu_us_per_session'])} |"
+            )
+        k = r["kumoauth"]
+        for peer in [p for p in peers if p in r]:
+            x = r[peer]
+            out.append(
+                f"| **kumoauth / {peer}** | {_ratio(k['rss_after_tenth_mib'], x['rss_after_tenth_mib'])} | "
+                f"{_ratio(k['rss_at_end_mib'], x['rss_at_end_mib'])} | | "
+                f"**{_ratio(k['cpu_us_per_session'], x['cpu_us_per_session'])}** |"
             )
         out.append("")
     out.append(END)

@@ -40,3 +40,4 @@ def test_quick_bench_produces_every_figure_for_every_server(tmp_path):
     assert set(results["g"]) == servers - {"kumoauth-2w"}
     text = out.read_text()
     assert "kumoauth / aiosmtpd" in text and "kumoauth / twisted.mail" in text
+    assert text.count("kumoauth / twisted.mail") == 7  # a-g: a ratio row for every workload

@@ -33,6 +33,9 @@ def test_ids_are_unique_and_sortable():
     assert len(set(ids)) == 2000
     assert all(is_id(i) for i in ids)
     assert sorted(ids)[0][:16] <= ids[-1][:16]
+    # Ids sort by arrival: the time prefixes never go backwards.
+    prefixes = [i[:16] for i in ids]
+    assert prefixes == sorted(prefixes)
 
 
 def test_write_and_read_a_pair(spool):
