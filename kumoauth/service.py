@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,27 @@ class ListenerService(service.Service):
         return self.stop_listening()
 
 
+def install_signals(reactor: Any, on_hup: Callable[[], object]) -> None:
+    """
+    Once the reactor runs (after Twisted has installed its own handlers):
+    SIGHUP calls *on_hup*; SIGTERM stops the reactor like Twisted's
+    handler, but without making the process end "killed by SIGTERM" — a
+    drained, orderly stop is a success, exit status 0.
+    """
+
+    def install() -> None:
+        def on_sigterm(signum: int, frame: Any) -> None:
+            reactor.callFromThread(reactor.stop)
+
+        def on_sighup(signum: int, frame: Any) -> None:
+            reactor.callFromThread(on_hup)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGHUP, on_sighup)
+
+    reactor.callWhenRunning(install)
+
+
 class KumoauthService(service.MultiService):
     """
     The whole server.
@@ -205,8 +227,6 @@ class KumoauthService(service.MultiService):
         self.checker_pool = checker_pool
         self.reactor = reactor
         self.override = override
-        self.reloads = 0
-        self.reload_failures = 0
         self._json_log: Any = None
 
     @property
@@ -223,20 +243,7 @@ class KumoauthService(service.MultiService):
         if self.cfg.log.json_path is not None:
             self._json_log = open_json_log(self.cfg.log.json_path)
         super().startService()
-        # Installed once the reactor runs, after Twisted's own handlers.
-        self.reactor.callWhenRunning(self._install_signals)
-
-    def _install_signals(self) -> None:
-        def on_sigterm(signum: int, frame: Any) -> None:
-            # Twisted's handler would make the process end "killed by
-            # SIGTERM"; a drained, orderly stop is a success: exit 0.
-            self.reactor.callFromThread(self.reactor.stop)
-
-        def on_sighup(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.reload)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-        signal.signal(signal.SIGHUP, on_sighup)
+        install_signals(self.reactor, self.reload)
 
     # --- reload ------------------------------------------------------------
 
@@ -256,7 +263,6 @@ class KumoauthService(service.MultiService):
                 previous=self.runtime,
             )
         except (ConfigError, OperatorError) as e:
-            self.reload_failures += 1
             self.runtime.metrics.reloads.labels("failure").inc()
             log.error("reload failed, configuration unchanged: {error}", error=str(e))
             return False
@@ -270,7 +276,6 @@ class KumoauthService(service.MultiService):
                 factory.listener = new
             factory.runtime = runtime
         self.cfg, self.runtime = cfg, runtime
-        self.reloads += 1
         runtime.metrics.reloads.labels("success").inc()
         log.info("reloaded configuration from {path}", path=str(cfg.source))
         return True

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -107,7 +106,6 @@ class Supervisor(service.Service):
         self.ports: list[tuple[Any, int]] = []
         self.workers: dict[int, WorkerProcess] = {}
         self.stopping = False
-        self.restarts = 0
         self._all_ended: defer.Deferred[None] | None = None
         self.metrics_dir = tempfile.mkdtemp(prefix="kumoauth-metrics-")
 
@@ -137,17 +135,9 @@ class Supervisor(service.Service):
         super().startService()
         for index in range(self.cfg.server.workers):
             self.spawn(index)
-        self.reactor.callWhenRunning(self._install_signals)
+        from kumoauth.service import install_signals
 
-    def _install_signals(self) -> None:
-        def on_sigterm(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.reactor.stop)
-
-        def on_sighup(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.signal_workers, "HUP", ready_only=True)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-        signal.signal(signal.SIGHUP, on_sighup)
+        install_signals(self.reactor, lambda: self.signal_workers("HUP", ready_only=True))
 
     def spawn(self, index: int) -> None:
         args = [
@@ -183,7 +173,6 @@ class Supervisor(service.Service):
             if not self.workers and self._all_ended is not None:
                 self._all_ended.callback(None)
             return
-        self.restarts += 1
         log.error(
             "worker {index} (pid {pid}) died: {reason}; restarting",
             index=worker.index,
