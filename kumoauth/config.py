@@ -13,6 +13,7 @@ neighbours can be moved together.
 
 from __future__ import annotations
 
+import functools
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from typing import Any
 TLS_MODES = ("starttls", "implicit", "none")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 MECHANISMS = ("PLAIN", "LOGIN")
+BARE_NEWLINES = ("normalize", "reject")
 
 
 class ConfigError(Exception):
@@ -54,6 +56,8 @@ class ServerConfig:
     max_errors: int = 10
     shutdown_grace: float = 30.0
     workers: int = 1
+    #: RFC 5321 §2.3.8: what to do with a bare CR or LF inside DATA
+    bare_newlines: str = "normalize"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,13 @@ class TLSConfig:
     self_signed: bool = False
     min_version: str = "TLSv1.2"
     session_tickets: bool = False
+    #: seconds from connect (implicit) or the 220 to STARTTLS until the
+    #: handshake is complete
+    handshake_timeout: float = 30.0
+    #: key-exchange groups, OpenSSL names; None: kumoauth's default list
+    groups: tuple[str, ...] | None = None
+    #: TLS 1.2 cipher suites, an OpenSSL cipher string; None: the default
+    ciphers: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,9 @@ class AuthConfig:
 @dataclass(frozen=True)
 class PolicyConfig:
     path: Path | None = None
+    #: deadline for every policy event but smtp_server_auth_plain (which
+    #: has ``[auth] timeout``)
+    timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +230,14 @@ def _mechanisms(v: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(m, str) and m for m in v):
+        raise _Bad(f"expected a list of names, got {_show(v)}")
+    if not v:
+        raise _Bad("must name at least one")
+    return tuple(dict.fromkeys(v))
+
+
 def _show(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -240,6 +262,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_errors": _int(1),
         "shutdown_grace": _number(0.0),
         "workers": _int(1),
+        "bare_newlines": _choice(*BARE_NEWLINES),
     },
     "tls": {
         "certificate": _str,
@@ -247,6 +270,9 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "self_signed": _bool,
         "min_version": _choice(*TLS_VERSIONS),
         "session_tickets": _bool,
+        "handshake_timeout": _number(0.001),
+        "groups": _names,
+        "ciphers": _str,
     },
     "listener": {
         "endpoint": _str,
@@ -270,7 +296,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_failures_per_authc": _int(1),
         "store": _str,
     },
-    "policy": {"path": _str},
+    "policy": {"path": _str, "timeout": _number(0.001)},
     "spool": {"path": _str},
     "log": {"json_path": _str},
     "metrics": {"endpoint": _str},
@@ -311,6 +337,11 @@ def _path(source: Path, value: str) -> Path:
     return p
 
 
+@functools.cache
+def _fqdn() -> str:
+    return socket.getfqdn()
+
+
 def parse(text: str, source: Path | str = "<config>") -> Config:
     """
     Parse and validate configuration text.  Raises :class:`ConfigError`.
@@ -327,7 +358,10 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
             raise ConfigError(source, f"[{key}]", f"unknown section (known: {known})")
 
     server = _section(source, "server", data.get("server", {}))
-    server.setdefault("hostname", socket.getfqdn())
+    if "hostname" not in server:
+        # Resolved once per process: a reload must not do reverse DNS on
+        # the reactor thread (and gets the same answer anyway).
+        server["hostname"] = _fqdn()
 
     raw_listeners = data.get("listener")
     if raw_listeners is None:
@@ -371,7 +405,9 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
     auth = AuthConfig(**_section(source, "auth", raw_auth), throttle=throttle)
 
     p = _section(source, "policy", data.get("policy", {}))
-    policy = PolicyConfig(path=_path(source, p["path"]) if "path" in p else None)
+    if "path" in p:
+        p["path"] = _path(source, p["path"])
+    policy = PolicyConfig(**p)
 
     if "spool" not in data:
         raise ConfigError(source, "[spool] path", "required key is missing")
