@@ -1,15 +1,17 @@
 """
 SMTP command-line parsing and reply formatting: pure functions, no I/O.
 
-Grammar from RFC 5321 §4.1 (commands, paths, parameters); the MAIL
-parameters known here are SIZE (RFC 1870), BODY (RFC 6152) and AUTH
-(RFC 4954 §5).
+Grammar from RFC 5321 §4.1 (commands, paths, parameters), extended for
+UTF-8 addresses by RFC 6531 §3.3; the MAIL parameters known here are SIZE
+(RFC 1870), BODY (RFC 6152), AUTH (RFC 4954 §5) and SMTPUTF8 (RFC 6531).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+import idna
 
 #: RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF; we
 #: allow 1000 (the text-line limit of §4.5.3.1.6) as SPEC §6 says.
@@ -50,14 +52,54 @@ _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
 _LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
 _MAILBOX = re.compile(rf"(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})", re.ASCII)
 _ROUTE = re.compile(rf"@{_DOMAIN}(?:,@{_DOMAIN})*:", re.ASCII)
+# RFC 6531 §3.3: atext, quoted text and sub-domains may also hold any
+# non-ASCII UTF-8 character (printable ones only here: see is_mailbox).
+_U = r"[^\x00-\x7f]"
+_UATEXT = rf"(?:{_ATEXT}|{_U})"
+_U_DOT_STRING = rf"{_UATEXT}+(?:\.{_UATEXT}+)*"
+_U_QUOTED = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|{_U}|\\[\x20-\x7e])*"'
+_U_LABEL = rf"(?:[A-Za-z0-9]|{_U})(?:(?:[A-Za-z0-9-]|{_U}){{0,61}}(?:[A-Za-z0-9]|{_U}))?"
+_U_DOMAIN = rf"{_U_LABEL}(?:\.{_U_LABEL})*\.?"
+_U_MAILBOX = re.compile(rf"(?:{_U_DOT_STRING}|{_U_QUOTED})@(?:{_U_DOMAIN}|{_LITERAL})")
+# RFC 5321 §4.1.1.1 EHLO/HELO argument: a Domain or an address literal.
+# Underscores are tolerated in labels: Windows machine names carry them and
+# refusing those clients helps nobody; nothing else outside the grammar is.
+_HELO_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HELO_DOMAIN = rf"{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?"
+_HELO = re.compile(rf"(?:{_HELO_DOMAIN}|\[[\x21-\x5a\x5e-\x7e]{{1,253}}\])".encode())
+
+
+def is_helo_domain(arg: bytes) -> bool:
+    """
+    True if *arg* may be the argument of EHLO/HELO: printable ASCII only, a
+    Domain of letters, digits, hyphens (and underscores), or an address
+    literal.  It goes into the reply and the Received header.
+    """
+    return len(arg) <= 255 and _HELO.fullmatch(arg) is not None
+
+
 _PARAM = re.compile(rb"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?")
 
 
-def is_mailbox(address: str) -> bool:
+def is_mailbox(address: str, utf8: bool = False) -> bool:
     """
-    True if *address* is an RFC 5321 §4.1.2 Mailbox (local@domain).
+    True if *address* is an RFC 5321 §4.1.2 Mailbox (local@domain), or with
+    *utf8* an RFC 6531 one; a non-ASCII domain must also be valid IDNA.
     """
-    return len(address) <= 254 and _MAILBOX.fullmatch(address) is not None
+    if len(address.encode("utf-8")) > 254:
+        return False
+    if address.isascii():
+        return _MAILBOX.fullmatch(address) is not None
+    if not utf8 or not address.isprintable() or _U_MAILBOX.fullmatch(address) is None:
+        return False
+    domain = address.rpartition("@")[2]
+    if domain.startswith("[") or domain.isascii():
+        return True
+    try:
+        idna.encode(domain.rstrip("."), uts46=True)
+    except idna.IDNAError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -70,13 +112,16 @@ class Path:
     params: dict[str, str | None]
 
 
-def parse_path(arg: bytes, keyword: bytes, allow_null: bool) -> Path:
+def parse_path(arg: bytes, keyword: bytes, allow_null: bool, utf8: bool = False) -> Path:
     """
     Parse ``FROM:<addr> params`` or ``TO:<addr> params``.
 
     A space between the colon and ``<`` is tolerated, because common clients
     send it.  The null reverse-path ``<>`` is allowed only for MAIL
-    (*allow_null*).  Parameter keywords are returned upper-case.
+    (*allow_null*), and ``<postmaster>`` without a domain only for RCPT
+    (RFC 5321 §4.1.1.3, §4.5.1).  With *utf8* the address may be UTF-8
+    (RFC 6531); whether the transaction allows it is the caller's
+    business.  Parameter keywords are returned upper-case.
     """
     head = arg[: len(keyword) + 1]
     verb = b"MAIL FROM" if keyword == b"FROM" else b"RCPT TO"
@@ -98,7 +143,7 @@ def parse_path(arg: bytes, keyword: bytes, allow_null: bool) -> Path:
         else b"501 5.1.3 Bad recipient address syntax"
     )
     try:
-        address = raw.decode("ascii")
+        address = raw.decode("utf-8" if utf8 else "ascii")
     except UnicodeDecodeError:
         raise bad from None
     route = _ROUTE.match(address)
@@ -107,7 +152,9 @@ def parse_path(arg: bytes, keyword: bytes, allow_null: bool) -> Path:
     if address == "":
         if not allow_null or route:
             raise bad
-    elif not is_mailbox(address):
+    elif not allow_null and address.lower() == "postmaster":
+        pass
+    elif not is_mailbox(address, utf8):
         raise bad
     return Path(address=address, params=parse_params(tail))
 
@@ -146,6 +193,9 @@ def check_mail_params(params: dict[str, str | None], max_size: int) -> None:
         elif key == "AUTH":
             if value is None:
                 raise CommandError(b"501 5.5.4 Bad AUTH parameter")
+        elif key == "SMTPUTF8":
+            if value is not None:
+                raise CommandError(b"501 5.5.4 SMTPUTF8 takes no value")
         else:
             raise CommandError(b"555 5.5.4 Unsupported parameter " + key.encode())
 

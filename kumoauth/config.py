@@ -221,10 +221,13 @@ def _table(v: Any) -> dict[str, Any]:
 def _mechanisms(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(m, str) for m in v):
         raise _Bad(f"expected a list of strings, got {_show(v)}")
+    from kumoauth.mechanisms import REGISTRY
+
     names = tuple(m.upper() for m in v)
     for name in names:
-        if name not in MECHANISMS:
-            raise _Bad(f'unsupported mechanism "{name}" (supported: PLAIN, LOGIN)')
+        if name not in REGISTRY:
+            supported = ", ".join(REGISTRY)
+            raise _Bad(f'unsupported mechanism "{name}" (supported: {supported})')
     if not names:
         raise _Bad("must name at least one mechanism")
     return tuple(dict.fromkeys(names))

@@ -19,8 +19,10 @@ from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from kumoauth.authenticator import Authenticator, AuthLog, InFlight
 from kumoauth.config import AuthConfig, ListenerConfig, ServerConfig
 from kumoauth.delivery import Message
+from kumoauth.loglimit import LogLimiter
 from kumoauth.metrics import Metrics
 from kumoauth.policy import Invoke, Policy, invoke
 from kumoauth.throttle import Throttle
@@ -121,8 +123,27 @@ class Runtime:
     invoke: Invoke = invoke
     #: failed-attempt throttles; None disables them
     throttle: Throttle | None = None
-    #: checker calls in progress, against ``auth.max_in_flight``
-    in_flight: int = 0
+    #: checker calls in progress, against ``auth.max_in_flight`` (process-lived)
+    in_flight: InFlight = field(default_factory=InFlight)
+    #: ``[policy] timeout``: deadline of every policy event but AUTH
+    policy_timeout: float = 30.0
+    #: ``[tls] handshake_timeout``
+    handshake_timeout: float = 30.0
+    #: summarises repeated log events per client (process-lived)
+    log_limiter: LogLimiter | None = None
+    authenticator: Authenticator = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.log_limiter is None:
+            self.log_limiter = LogLimiter(self.clock)
+        self.authenticator = Authenticator(
+            portal=self.portal,
+            clock=self.clock,
+            auth=self.auth,
+            log=AuthLog(self.metrics, self.log_limiter),
+            in_flight=self.in_flight,
+            throttle=self.throttle,
+        )
 
     def ehlo_keywords(self, listener: ListenerConfig, secure: bool) -> list[str]:
         """
@@ -134,6 +155,7 @@ class Runtime:
             "PIPELINING",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
             f"SIZE {self.server.max_message_size}",
         ]
         if listener.tls == "starttls" and not secure:

@@ -22,6 +22,8 @@ from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 
+from kumoauth.textsafe import escape
+
 EVENTS = (
     "smtp_server_connection_accepted",
     "smtp_server_ehlo",
@@ -51,7 +53,9 @@ class Reject(Exception):
             raise ValueError(f"kumo.reject code must be 400-599, got {code!r}")
         super().__init__(code, text)
         self.code = code
-        self.text = " ".join(str(text).split())  # one line, no CR/LF injection
+        # One line, and no control character reaches the client (the text
+        # may quote what the client sent).
+        self.text = escape(" ".join(str(text).split()), 400)
 
     @property
     def reply(self) -> bytes:

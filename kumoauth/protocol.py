@@ -12,30 +12,40 @@ replies therefore always come in order.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from twisted.cred import error as cred_error
-from twisted.internet import defer, task
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kumoauth import sasl
+from kumoauth.authenticator import Attempt, Outcome
 from kumoauth.commands import (
     MAX_COMMAND_LINE,
     CommandError,
     check_mail_params,
+    is_helo_domain,
     parse_command,
     parse_path,
     reply_lines,
 )
-from kumoauth.cred import AuthContext, PlainCredentials
-from kumoauth.delivery import Delivery, IMessageDelivery, Message
+from kumoauth.cred import PlainCredentials
+from kumoauth.data import (
+    DataReader,
+    has_bare_newline,
+    normalize_newlines,
+    protocol_type,
+    received_header,
+)
+from kumoauth.delivery import Delivery, Message
+from kumoauth.mechanisms import REGISTRY, Mechanism
 from kumoauth.meta import ConnMeta
 from kumoauth.policy import Reject
 from kumoauth.spool import SpoolError, new_id
@@ -52,9 +62,6 @@ auth_log = Logger(namespace="kumoauth.auth")
 # AUTH line, which carries an initial response of up to 12288 (RFC 4954 §4).
 _AUTH_LINE_MAX = sasl.MAX_RESPONSE + 32
 _PAUSE_BUFFER = 256 * 1024  # stop reading while this much waits unprocessed
-# Dot-stuffing makes the wire form of a message slightly longer than the
-# message; this much over max_message_size is read before giving up early.
-_DATA_SLACK = 64 * 1024
 # Seconds a closing connection may take to say goodbye before it is aborted.
 _CLOSE_TIMEOUT = 5.0
 
@@ -67,20 +74,11 @@ R_INTERNAL = b"451 4.3.0 Internal error, try again later"
 R_SHUTDOWN = b"421 4.3.2 Service shutting down, try again later"
 R_TEMPFAIL_AUTH = b"454 4.7.0 Temporary authentication failure"
 R_AUTH_FAILED = b"535 5.7.8 Authentication credentials invalid"
+R_CLEARTEXT = b"538 5.7.11 Encryption required for requested authentication mechanism"
+R_BAD_DOMAIN = b"501 5.5.4 Invalid domain name"
 
 
-def scrub(text: str, secrets: list[bytes]) -> str:
-    """
-    Remove every secret (and its text form) from *text* before it is logged.
-    """
-    for secret in secrets:
-        if len(secret) < 2:
-            continue
-        text = text.replace(secret.decode("utf-8", "replace"), "<hidden>")
-    return text
-
-
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class SubmissionProtocol(Protocol):
     factory: SubmissionFactory
     # Both captured when the connection is made, so a reload (which swaps
@@ -98,11 +96,13 @@ class SubmissionProtocol(Protocol):
         self._in_process = False
         self._active_at = 0.0
         self._reading_paused = False
+        self._output_blocked = False
         self._closing = False
         self._counted = False
         self._discarding = False
         self._discard_reply = R_TOO_LONG
         self._timer: Any = None
+        self._handshake_timer: Any = None
         self._pending: defer.Deferred[Any] | None = None
         self._errors = 0
         self._auth_failures = 0
@@ -111,15 +111,15 @@ class SubmissionProtocol(Protocol):
         self._esmtp = False
         self._sasl: _SASLExchange | None = None
         self._mail_from: str | None = None
+        self._smtputf8 = False
         self._rcpts: list[str] = []
-        # DATA: the raw (dot-stuffed) bytes so far, after a CRLF sentinel so
-        # that the terminator is always CRLF "." CRLF, even for an empty message.
-        self._data = bytearray()
-        self._data_scanned = 0
-        self._data_too_big = False
+        self._reader: DataReader | None = None
         self._ip = ""
         self.client = ""
         self.conn_meta = ConnMeta()
+        # conn_meta as the server knew it before the client said anything:
+        # what STARTTLS goes back to (RFC 3207 §4.2).
+        self._initial_meta: dict[str, Any] = {}
         self.delivery: Delivery | None = None
 
     @property
@@ -158,10 +158,18 @@ class SubmissionProtocol(Protocol):
         rt.metrics.connections.inc()
         rt.metrics.connections_total.labels(listener.endpoint).inc()
         rt.sessions.add(self)
+        # Backpressure: the transport pauses us when the client does not
+        # read its replies, and we stop reading its commands.
+        self.transport.registerProducer(self, True)
         self._touch()
         self._timer = rt.clock.callLater(rt.server.idle_timeout, self._idle_check)
+        if self._secure:
+            self._start_handshake_timer()
         self._call_policy(
-            "smtp_server_connection_accepted", (self.conn_meta,), self._banner, closing=True
+            "smtp_server_connection_accepted",
+            (self.conn_meta,),
+            self._banner,
+            closing=True,
         )
 
     # --- shutdown (SPEC §9) -------------------------------------------------
@@ -194,9 +202,66 @@ class SubmissionProtocol(Protocol):
 
     def _banner(self) -> None:
         s = self.rt.server
+        self._initial_meta = dict(self.conn_meta._values)
         self._send(f"220 {s.hostname} ESMTP {s.banner}".encode())
 
+    # --- TLS handshake deadline ([tls] handshake_timeout) ------------------
+
+    def _start_handshake_timer(self) -> None:
+        self._handshake_timer = self.rt.clock.callLater(
+            self.rt.handshake_timeout, self._handshake_expired
+        )
+
+    def _cancel_handshake_timer(self) -> None:
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self._closing:
+            return
+        self.rt.metrics.tls_failures.inc()
+        log.info("TLS handshake timeout for {client}", client=self.client)
+        # Nothing can be said to a client half-way through a handshake.
+        self._closing = True
+        self._cancel_timer()
+        self.transport.abortConnection()
+
+    # --- backpressure (IPushProducer, for the transport) -------------------
+
+    def pauseProducing(self) -> None:
+        self._output_blocked = True
+        self._sync_reading()
+
+    def resumeProducing(self) -> None:
+        if not self._output_blocked:
+            return
+        self._output_blocked = False
+        self._sync_reading()
+        if not self._paused and not self._closing:
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _sync_reading(self) -> None:
+        """
+        Read from the client only while its replies drain and unprocessed
+        input stays small.
+        """
+        if self._closing:
+            return
+        want_paused = self._output_blocked or (self._paused and len(self._buf) > _PAUSE_BUFFER)
+        if want_paused and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        elif not want_paused and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
     def handshakeCompleted(self) -> None:
+        self._cancel_handshake_timer()
         self.rt.metrics.tls_handshakes.inc()
         try:
             for key, value in describe(self.transport.getHandle()).items():
@@ -207,6 +272,7 @@ class SubmissionProtocol(Protocol):
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._closing = True
         self._cancel_timer()
+        self._cancel_handshake_timer()
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
@@ -268,6 +334,7 @@ class SubmissionProtocol(Protocol):
             self.transport.write(reply + b"\r\n")
         self._closing = True
         self._cancel_timer()
+        self._cancel_handshake_timer()
         self._buf.clear()
         self.transport.loseConnection()
         # A TLS close waits for the client's close_notify; a client that
@@ -289,11 +356,10 @@ class SubmissionProtocol(Protocol):
         if self._closing:
             return
         self._buf += data
-        if not self._paused:
+        if not self._paused and not self._output_blocked:
             self._process()
         elif len(self._buf) > _PAUSE_BUFFER and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pauseProducing()
+            self._sync_reading()
 
     def _limit(self) -> int:
         if self._mode == AUTH:
@@ -310,15 +376,14 @@ class SubmissionProtocol(Protocol):
             self._process_lines()
         finally:
             self._in_process = False
-        if self._reading_paused and not self._paused and not self._closing:
-            self._reading_paused = False
-            self.transport.resumeProducing()
+        if self._reading_paused:
+            self._sync_reading()
         if self._draining:
             self._finish_drain()
 
     def _process_lines(self) -> None:
         buf = self._buf
-        while buf and not self._paused and not self._closing:
+        while buf and not self._paused and not self._closing and not self._output_blocked:
             if self._mode == DATA:
                 if not self._data_chunk(buf):
                     return
@@ -373,14 +438,20 @@ class SubmissionProtocol(Protocol):
         d: defer.Deferred[Any],
         ok: Callable[[Any], None],
         failed: Callable[[Failure], None],
+        timeout: float | None = None,
     ) -> None:
         """
         Stop reading commands until *d* fires, then call *ok* or *failed*;
         go on with buffered commands unless that started another wait.
-        An exception there is a bug: logged, 421 to this client only.
+        With *timeout*, *d* is cancelled after that many seconds and
+        *failed* gets a ``defer.TimeoutError``: nothing a session waits on
+        can hold it forever.  An exception in *ok* or *failed* is a bug:
+        logged, 421 to this client only.
         """
         self._paused = True
         self._pending = d
+        if timeout is not None:
+            d.addTimeout(timeout, self.rt.clock)
 
         def fire(result: Any) -> None:
             if self._closing or self._pending is not d:
@@ -410,11 +481,13 @@ class SubmissionProtocol(Protocol):
             if len(line) > MAX_COMMAND_LINE and verb != "AUTH":
                 self._error(R_TOO_LONG)
                 return
-            handler = _COMMANDS.get(verb)
+            # Looked up at call time (as Twisted does), so a subclass may
+            # override any smtp_VERB.
+            handler = getattr(self, "smtp_" + verb, None) if verb else None
             if handler is None:
                 self._error(R_UNKNOWN)
             else:
-                handler(self, arg)
+                handler(arg)
 
     def _call_policy(
         self,
@@ -444,7 +517,15 @@ class SubmissionProtocol(Protocol):
                 else:
                     self._send(reject.reply)
                 return
-            log.failure("policy handler {event} failed", f, event=event)
+            if f.check(defer.TimeoutError):
+                log.error(
+                    "policy handler {event} did not answer within {timeout}s ({client})",
+                    event=event,
+                    timeout=self.rt.policy_timeout,
+                    client=self.client,
+                )
+            else:
+                log.failure("policy handler {event} failed", f, event=event)
             if closing:
                 self._close(b"421 4.3.0 Internal error, closing connection")
             else:
@@ -456,7 +537,7 @@ class SubmissionProtocol(Protocol):
             failed(Failure())
             return
         if isinstance(result, defer.Deferred):
-            self._wait(result, lambda _: then(), failed)
+            self._wait(result, lambda _: then(), failed, timeout=self.rt.policy_timeout)
         else:
             then()
 
@@ -472,11 +553,13 @@ class SubmissionProtocol(Protocol):
         if not arg or b" " in arg:
             self._error(b"501 5.5.4 Syntax: " + (b"EHLO" if esmtp else b"HELO") + b" hostname")
             return
-        try:
-            domain = arg.decode("ascii")
-        except UnicodeDecodeError:
-            self._error(b"501 5.5.4 Invalid domain")
+        # RFC 5321 §4.1.1.1: a Domain or an address literal.  It goes into
+        # the reply and the Received header: nothing else may (no CR, LF,
+        # control characters, spaces, 8-bit bytes).
+        if not is_helo_domain(arg):
+            self._error(R_BAD_DOMAIN)
             return
+        domain = arg.decode("ascii")
         # RFC 5321 §4.1.4: EHLO/HELO resets the transaction state.
         self._reset_transaction()
         self.conn_meta.set_meta("ehlo_domain", domain)
@@ -512,8 +595,16 @@ class SubmissionProtocol(Protocol):
             self._reset_transaction()
             self._greeted = False
             self._esmtp = False
-            self.conn_meta._values.pop("ehlo_domain", None)
+            # Identity too: a man in the middle could otherwise log the
+            # victim's session in as himself before TLS.
+            if self.delivery is not None:
+                self.delivery.logout()
+            self.conn_meta._values.clear()
+            self.conn_meta._values.update(self._initial_meta)
+            self.delivery = Delivery(self.conn_meta, store=self.rt.store)
+            self._auth_failures = 0
             self._secure = True
+            self._start_handshake_timer()
             self.transport.startTLS(self.rt.tls)
 
     def smtp_NOOP(self, arg: bytes) -> None:
@@ -549,8 +640,12 @@ class SubmissionProtocol(Protocol):
             self._error(b"503 5.5.1 Nested MAIL command")
             return
         try:
-            path = parse_path(arg, b"FROM", allow_null=True)
+            path = parse_path(arg, b"FROM", allow_null=True, utf8=True)
             check_mail_params(path.params, self.rt.server.max_message_size)
+            smtputf8 = "SMTPUTF8" in path.params
+            if not smtputf8 and not path.address.isascii():
+                # RFC 6531 §3.4: UTF-8 addresses only with SMTPUTF8.
+                raise CommandError(b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter")
         except CommandError as e:
             if e.reply.startswith(b"552"):
                 self._send(e.reply)
@@ -560,6 +655,7 @@ class SubmissionProtocol(Protocol):
 
         def accept() -> None:
             self._mail_from = path.address
+            self._smtputf8 = smtputf8
             self._rcpts = []
             self._send(b"250 2.1.0 Sender OK")
 
@@ -570,9 +666,11 @@ class SubmissionProtocol(Protocol):
             self._error(b"503 5.5.1 Need MAIL command first")
             return
         try:
-            path = parse_path(arg, b"TO", allow_null=False)
+            path = parse_path(arg, b"TO", allow_null=False, utf8=True)
             if path.params:
                 raise CommandError(b"555 5.5.4 RCPT TO parameters are not supported")
+            if not self._smtputf8 and not path.address.isascii():
+                raise CommandError(b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter")
         except CommandError as e:
             self._error(e.reply)
             return
@@ -598,58 +696,48 @@ class SubmissionProtocol(Protocol):
             self._error(b"554 5.5.1 No valid recipients")
             return
         self._mode = DATA
-        self._data = bytearray(b"\r\n")
-        self._data_scanned = 0
-        self._data_too_big = False
+        self._reader = DataReader(self.rt.server.max_message_size)
         self._send(b"354 End data with <CR><LF>.<CR><LF>")
 
     def _data_chunk(self, buf: bytearray) -> bool:
         """
         Move message bytes from *buf* into the message; True once the end
         of data was found (the rest of *buf* is commands again).
-
-        RFC 5321 §4.1.1.4: only CRLF "." CRLF ends the data, so a bare CR
-        or LF never ends or splits a message.  The whole chunk is handled
-        at once, not line by line.
         """
-        data = self._data
-        start = len(data)
-        data += buf
-        end = data.find(b"\r\n.\r\n", max(0, self._data_scanned - 4))
-        if end < 0:
-            # Activity is a complete line (as for commands), so a client
-            # that trickles bytes cannot hold the connection.
-            if b"\n" in buf:
-                self._touch()
-            buf.clear()
-            self._data_scanned = len(data)
-            if len(data) > self.rt.server.max_message_size + _DATA_SLACK:
-                # Too big already: keep only what the terminator search needs.
-                self._data_too_big = True
-                del data[:-4]
-                self._data_scanned = len(data)
+        reader = self._reader
+        assert reader is not None
+        # Activity is a complete line (as for commands), so a client that
+        # trickles bytes cannot hold the connection.
+        if b"\n" in buf:
+            self._touch()
+        if not reader.feed(buf):
             return False
-        self._touch()
-        consumed = end + 5 - start  # bytes of buf up to and including "\r\n.\r\n"
-        del buf[:consumed]
-        del data[end + 2 :]
         self._end_data()
         return True
 
     def _end_data(self) -> None:
         self._mode = COMMAND
-        sender, recipients = self._mail_from or "", self._rcpts
+        sender, recipients, smtputf8 = self._mail_from or "", self._rcpts, self._smtputf8
         self._reset_transaction()
-        raw, self._data = self._data, bytearray()
-        # RFC 5321 §4.5.2: remove the leading dot of every line (the CRLF
-        # sentinel in front makes the first line no exception).
-        body = bytes(raw).replace(b"\r\n.", b"\r\n")[2:]
-        if self._data_too_big or len(body) > self.rt.server.max_message_size:
+        reader, self._reader = self._reader, None
+        assert reader is not None
+        # The limit is on the message, not its dot-stuffed wire form.
+        if reader.too_big or reader.message_size > self.rt.server.max_message_size:
             self._send(b"552 5.3.4 Message size exceeds fixed limit")
             return
+        body = reader.message()
+        if has_bare_newline(body):
+            # RFC 5321 §2.3.8; passed on raw, bare line ends are the stuff
+            # of SMTP smuggling at the next hop.
+            if self.rt.server.bare_newlines == "reject":
+                self._send(b"550 5.6.0 Message contains bare CR or LF characters")
+                return
+            body = normalize_newlines(body)
         mid = new_id()
-        data = self._received_header(mid) + body
+        data = self._received_header(mid, smtputf8) + body
         message = Message(mid, sender, recipients, data, self.conn_meta.snapshot())
+        if smtputf8:
+            message.set_meta("smtputf8", True)
         delivery = self.delivery
         assert delivery is not None
 
@@ -680,44 +768,51 @@ class SubmissionProtocol(Protocol):
 
         self._call_policy("smtp_server_message_received", (message, self.conn_meta), spool)
 
-    def _received_header(self, mid: str) -> bytes:
+    def _received_header(self, mid: str, smtputf8: bool) -> bytes:
         """
-        RFC 5321 §4.4 trace header, with the RFC 3848 protocol type.
+        RFC 5321 §4.4 trace header, with the RFC 3848 / RFC 6531 protocol type.
         """
-        proto = "ESMTP" if self._esmtp else "SMTP"
-        if self._esmtp:
-            if self._secure:
-                proto += "S"
-            if self.authenticated:
-                proto += "A"
-        helo = self.conn_meta.get_meta("ehlo_domain") or "unknown"
-        tls = ""
-        if self._secure:
-            version = self.conn_meta.get_meta("tls_protocol_version")
-            cipher = self.conn_meta.get_meta("tls_cipher")
-            if version:
-                tls = f"\r\n\t(using {version} with cipher {cipher})"
-        date = email.utils.format_datetime(datetime.now(UTC))
-        return (
-            f"Received: from {helo} ({self._ip_literal()})\r\n"
-            f"\tby {self.rt.server.hostname} (kumoauth) with {proto} id {mid}{tls};\r\n"
-            f"\t{date}\r\n"
-        ).encode("utf-8", "replace")
-
-    def _ip_literal(self) -> str:
-        ip = self._ip
-        return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+        meta = self.conn_meta
+        version = meta.get_meta("tls_protocol_version") if self._secure else None
+        return received_header(
+            helo=meta.get_meta("ehlo_domain") or "unknown",
+            ip=self._ip,
+            hostname=self.rt.server.hostname,
+            protocol=protocol_type(self._esmtp, self._secure, self.authenticated, smtputf8),
+            message_id=mid,
+            date=email.utils.format_datetime(datetime.now(UTC)),
+            tls_version=version,
+            tls_cipher=meta.get_meta("tls_cipher") if version else None,
+        )
 
     def _reset_transaction(self) -> None:
         self._mail_from = None
+        self._smtputf8 = False
         self._rcpts = []
 
     # --- AUTH (RFC 4954) -------------------------------------------------
+    # The protocol only frames the exchange: the mechanism object decodes
+    # (kumoauth.mechanisms), the Authenticator decides (kumoauth.authenticator).
+
+    def _attempt_for(self, mechanism: str) -> Attempt:
+        return Attempt(
+            mechanism=mechanism,
+            started=self.rt.clock.seconds(),
+            client_ip=self._ip,
+            client=self.client,
+            listener=self.listener.endpoint,
+            conn_meta=self.conn_meta,
+        )
 
     def smtp_AUTH(self, arg: bytes) -> None:
         listener = self.listener
+        words = arg.split(b" ")
+        name = words[0].decode("ascii", "replace").upper() if arg else ""
         if not self._secure and not listener.allow_plaintext_auth:
-            self._error(b"538 5.7.11 Encryption required for requested authentication mechanism")
+            # The attempt an operator most needs to see: a client about to
+            # send its password in clear.  Logged (never the secret).
+            self.rt.authenticator.log.record(self._attempt_for(name), "cleartext")
+            self._error(R_CLEARTEXT)
             return
         if not self._greeted or not self._esmtp:
             self._error(b"503 5.5.1 Send EHLO first")
@@ -728,210 +823,101 @@ class SubmissionProtocol(Protocol):
         if self._mail_from is not None:
             self._error(b"503 5.5.1 AUTH not permitted during a mail transaction")
             return
-        words = arg.split(b" ")
         if not arg or len(words) > 2:
             self._error(b"501 5.5.4 Syntax: AUTH mechanism [initial-response]")
             return
-        mechanism = words[0].decode("ascii", "replace").upper()
-        if mechanism not in self.rt.auth.mechanisms:
+        factory = REGISTRY.get(name) if name in self.rt.auth.mechanisms else None
+        if factory is None:
+            self.rt.authenticator.log.record(self._attempt_for(name), "unsupported")
             self._error(b"504 5.5.4 Unrecognized authentication type")
             return
-        exchange = self._sasl = _SASLExchange(mechanism, self.rt.clock.seconds())
+        mechanism = factory()
+        attempt = self._sasl = _SASLExchange(mechanism, self._attempt_for(name))
         initial = words[1] if len(words) == 2 else None
         if initial is None:
             self._mode = AUTH
-            self._send(b"334 " if mechanism == "PLAIN" else b"334 " + sasl.LOGIN_USERNAME_PROMPT)
+            self._challenge(mechanism.initial_challenge())
             return
-        exchange.secrets.append(initial)
+        attempt.attempt.secrets.append(initial)
         self._sasl_step(initial)
+
+    def _challenge(self, challenge: bytes) -> None:
+        self._send(b"334 " + base64.b64encode(challenge))
 
     def _sasl_response(self, line: bytes) -> None:
         assert self._sasl is not None
-        self._sasl.secrets.append(line)
+        self._sasl.attempt.secrets.append(line)
         self._sasl_step(line)
 
     def _sasl_step(self, line: bytes) -> None:
         exchange = self._sasl
         assert exchange is not None
         try:
-            data = sasl.decode_response(line)
-            if exchange.mechanism == "PLAIN":
-                plain = sasl.decode_plain(data)
-                self._mode = COMMAND
-                self._attempt(plain.authz, plain.authc, plain.password)
-            elif exchange.username is None:
-                exchange.username = sasl.decode_login_field(data, "username")
+            result = exchange.mechanism.respond(sasl.decode_response(line))
+            if isinstance(result, bytes):
                 self._mode = AUTH
-                self._send(b"334 " + sasl.LOGIN_PASSWORD_PROMPT)
-            else:
-                password = sasl.decode_login_field(data, "password")
-                self._mode = COMMAND
-                self._attempt("", exchange.username, password)
+                self._challenge(result)
+                return
+            self._mode = COMMAND
+            # RFC 4616 §2 / RFC 4013: names are prepared before any checker,
+            # log or meta sees them (a decomposed "jürgen" is "jürgen").
+            authc = sasl.prepare_name(result.authc, "authcid")
+            authz = sasl.prepare_name(result.authz, "authzid")
         except sasl.SASLError as e:
             self._mode = COMMAND
             self._sasl_done(e.kind)
             self._error(e.reply)
-
-    def _attempt(self, authz: str, authc: str, password: str) -> None:
-        exchange = self._sasl
-        assert exchange is not None
-        exchange.secrets.append(password.encode("utf-8"))
-        creds = PlainCredentials(authz, authc, password, self.conn_meta)
-        exchange.authc, exchange.authz = creds.authc, creds.authz
-        throttle = self.rt.throttle
-        if throttle is None:
-            self._check(exchange, creds)
             return
+        creds = PlainCredentials(authz, authc, result.password, self.conn_meta)
+        self._wait(
+            self.rt.authenticator.authenticate(exchange.attempt, creds),
+            self._auth_outcome,
+            self._auth_bug,
+        )
 
-        def decide(reason: str | None) -> None:
-            if reason is None:
-                self._check(exchange, creds)
-            else:
-                self._throttled(reason)
-
-        def store_failed(f: Failure) -> None:
-            # Fail closed: without counters, brute force would be unlimited.
-            log.failure("failure store unavailable", f)
-            self._sasl_done("tempfail")
-            self._send(R_TEMPFAIL_AUTH)
-
-        self._wait(throttle.check(self._ip, creds.authc), decide, store_failed)
-
-    def _throttled(self, reason: str) -> None:
-        self._sasl_done("throttled", reason)
-        self._send(b"454 4.7.0 Too many failed attempts or checks in progress, try later")
-
-    def _check(self, exchange: _SASLExchange, creds: PlainCredentials) -> None:
-        if not creds.authc or not creds.password:
-            # SPEC §6: nothing to check; refused without calling the checker.
-            self._auth_failed(exchange)
-            return
-        rt = self.rt
-        if rt.in_flight >= rt.auth.max_in_flight:
-            self._throttled("in_flight")
-            return
-        exchange.checked_at = rt.clock.seconds()
-        rt.in_flight += 1
-        d = rt.portal.login(creds, AuthContext(creds.authz, self.conn_meta), IMessageDelivery)
-
-        def release(result: object) -> object:
-            rt.in_flight -= 1
-            return result
-
-        d.addBoth(release)
-
-        def success(result: tuple[Any, Delivery, Any]) -> None:
-            self.delivery = result[1]
-            self._sasl_done("success")
-            self._send(b"235 2.7.0 Authentication successful")
-
-        def failure(f: Failure) -> None:
-            if f.check(cred_error.UnauthorizedLogin):
-                self._auth_failed(exchange)
-                return
-            # Checker raised, its Deferred failed, non-bool, or timeout.
-            log.error(
-                "checker failed for authc={authc} from {client}: {error}\n{traceback}",
-                authc=exchange.authc,
-                client=self.client,
-                error=scrub(f.getErrorMessage(), exchange.secrets),
-                traceback=scrub(f.getTraceback(), exchange.secrets),
-            )
-            self._sasl_done("tempfail")
-            self._send(R_TEMPFAIL_AUTH)
-
-        self._wait(d, success, failure)
-
-    def _auth_failed(self, exchange: _SASLExchange) -> None:
-        """
-        535 once ``failure_delay`` has passed since the attempt began (so a
-        fast "no such user" and a slow "wrong password" look alike), or 421
-        and close at ``max_failures``.
-        """
-        self._auth_failures += 1
-        self._sasl_done("failure")
-        if self.rt.throttle is not None and exchange.authc is not None:
-            self.rt.throttle.failed(self._ip, exchange.authc).addErrback(
-                lambda f: log.failure("recording a failed attempt", f)
-            )
-        clock = self.rt.clock
-        wait = max(0.0, exchange.started + self.rt.auth.failure_delay - clock.seconds())
-
-        def answer(_: object) -> None:
+    def _auth_outcome(self, outcome: Outcome) -> None:
+        self._sasl = None
+        if outcome.result == "success":
+            self.delivery = outcome.delivery
+            self._send(outcome.reply)
+        elif outcome.result == "failure":
+            self._auth_failures += 1
             if self._auth_failures >= self.rt.auth.max_failures:
                 self._close(b"421 4.7.0 Too many authentication failures, closing connection")
             else:
-                self._send(R_AUTH_FAILED)
-
-        if wait > 0:
-            self._wait(task.deferLater(clock, wait, lambda: None), answer, answer)
+                self._send(outcome.reply)
+        elif outcome.result == "throttled":
+            # A throttled client repeating itself is a protocol error too,
+            # so a flood ends at max_errors.
+            self._error(outcome.reply)
         else:
-            answer(None)
+            self._send(outcome.reply)
 
-    def _sasl_done(self, result: str, reason: str | None = None) -> None:
+    def _auth_bug(self, f: Failure) -> None:
+        self._sasl = None
+        log.failure("bug in an AUTH attempt from {client}", f, client=self.client)
+        self._send(R_TEMPFAIL_AUTH)
+
+    def _sasl_done(self, result: str) -> None:
         """
-        Emit the one auth log event of this attempt (SPEC §9) and forget it.
+        An exchange that ended before its credentials were checked
+        (malformed, cancelled, too long): log it and forget it.
         """
         exchange, self._sasl = self._sasl, None
-        if exchange is None:
-            return
-        metrics = self.rt.metrics
-        metrics.auth_attempts.labels(exchange.mechanism, result).inc()
-        if reason:
-            metrics.throttle_hits.labels(reason).inc()
-        latency = 0.0
-        if exchange.checked_at is not None:
-            latency = self.rt.clock.seconds() - exchange.checked_at
-            metrics.checker_latency.observe(latency)
-        listener = self.listener.endpoint
-        # The text is built here with an f-string: formatting a many-field
-        # format string through twisted.logger costs 4x more, per attempt.
-        # The fields stay in the event for JSON observers.
-        text = (
-            f"AUTH {exchange.mechanism} {result} authc={exchange.authc} "
-            f"authz={exchange.authz} client={self.client} listener={listener} "
-            f"checker_latency={latency:.3f}s"
-        )
-        if reason:
-            text += f" reason={reason}"
-        auth_log.info(
-            "{text}",
-            text=text,
-            mechanism=exchange.mechanism,
-            result=result,
-            authc=exchange.authc,
-            authz=exchange.authz,
-            client=self.client,
-            listener=listener,
-            checker_latency=latency,
-            reason=reason,
-        )
-        exchange.secrets.clear()
+        if exchange is not None:
+            self.rt.authenticator.log.record(exchange.attempt, result)
 
 
 class _SASLExchange:
     """
-    One AUTH attempt in progress.  ``secrets`` holds what must be scrubbed
-    from anything logged about it.
+    One AUTH exchange in progress: the mechanism and the attempt.
     """
 
-    __slots__ = ("mechanism", "started", "checked_at", "username", "authc", "authz", "secrets")
+    __slots__ = ("mechanism", "attempt")
 
-    def __init__(self, mechanism: str, started: float) -> None:
+    def __init__(self, mechanism: Mechanism, attempt: Attempt) -> None:
         self.mechanism = mechanism
-        self.started = started
-        self.checked_at: float | None = None
-        self.username: str | None = None
-        self.authc: str | None = None
-        self.authz: str | None = None
-        self.secrets: list[bytes] = []
-
-
-_COMMANDS: dict[str, Callable[[SubmissionProtocol, bytes], None]] = {
-    name[len("smtp_") :]: getattr(SubmissionProtocol, name)
-    for name in dir(SubmissionProtocol)
-    if name.startswith("smtp_")
-}
+        self.attempt = attempt
 
 
 def _addr(address: Any) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import stringprep
+import unicodedata
 from dataclasses import dataclass
 
 #: RFC 4954 §4: a client response line is at most 12288 octets.
@@ -143,3 +145,83 @@ def decode_login_field(data: bytes, name: str) -> str:
     if b"\x00" in data:
         raise _err(f"{name} contains NUL")
     return _text(data, name)
+
+
+# SASLprep (RFC 4013), the stringprep (RFC 3454) profile RFC 4616 §2 names
+# for PLAIN identities.  The stdlib's stringprep tables are those of RFC 3454
+# (Unicode 3.2), so normalization uses the matching Unicode 3.2 database.
+_UCD = unicodedata.ucd_3_2_0
+
+_PROHIBITED = (
+    stringprep.in_table_c12,  # non-ASCII space (after mapping: none left)
+    stringprep.in_table_c21,  # ASCII control
+    stringprep.in_table_c22,  # non-ASCII control, incl. U+2028, U+2029
+    stringprep.in_table_c3,  # private use
+    stringprep.in_table_c4,  # non-character code points
+    stringprep.in_table_c5,  # surrogate codes
+    stringprep.in_table_c6,  # inappropriate for plain text
+    stringprep.in_table_c7,  # inappropriate for canonical representation
+    stringprep.in_table_c8,  # change display properties / deprecated
+    stringprep.in_table_c9,  # tagging characters
+)
+
+
+def _prohibited(field: str) -> SASLError:
+    return _err(f"{field} contains a prohibited character")
+
+
+def prepare_name(name: str, field: str) -> str:
+    """
+    Prepare a user name (authcid, authzid or a LOGIN user name) with SASLprep
+    (RFC 4013) as a *stored* string (RFC 3454 §7), the preparation RFC 4616
+    §2 asks servers to apply; RFC 8265 (PRECIS) is its successor and agrees
+    on everything this does.  A decomposed ``"ju\\u0308rgen"`` (NFD, as some
+    macOS clients send) comes out as the NFC ``"j\\u00fcrgen"``.
+
+    1. Map: non-ASCII spaces (table C.1.2) become SPACE; characters
+       "commonly mapped to nothing" (B.1: SOFT HYPHEN, zero-width joiners,
+       variation selectors...) are removed.
+    2. Normalize: NFKC (``"\\u2168"`` ROMAN NUMERAL NINE becomes ``"IX"``).
+    3. Prohibit: tables C.1.2, C.2.1, C.2.2, C.3 to C.9 (controls, private
+       use, non-characters, surrogates, bidi overrides, tags...) and, since
+       names are stored strings, code points unassigned in Unicode 3.2
+       (A.1).
+    4. Bidi (RFC 3454 §6): a name with a right-to-left character has no
+       left-to-right one and starts and ends with a right-to-left one.
+
+    There is **no case folding**: whether ``"Scott"`` and ``"scott"`` are one
+    user is the checker's (the user database's) decision, not the wire's.
+
+    An empty name stays empty (the caller turns an empty authz into authc
+    and refuses an empty authc with 535).  A prohibited character raises
+    :class:`SASLError` with ``501 5.5.2 <field> contains a prohibited
+    character``; a non-empty name that maps to nothing (only SOFT HYPHENs,
+    say) raises ``501 5.5.2 <field> is empty after preparation``, so that an
+    authz cannot silently turn into authc.  *field* names the field in that
+    reply (``"authcid"``, ``"authzid"``, ``"username"``); the name itself is
+    never part of an error.
+
+    Passwords are deliberately **not** prepared: Dovecot and most password
+    stores compare (or hash) the octets as the client sent them, and a
+    stored hash made from an unprepared password would no longer match its
+    prepared form, locking its owner out.
+    """
+    if not name:
+        return name
+    if any(stringprep.in_table_a1(c) for c in name):
+        raise _prohibited(field)
+    mapped = "".join(
+        " " if stringprep.in_table_c12(c) else c for c in name if not stringprep.in_table_b1(c)
+    )
+    prepared = _UCD.normalize("NFKC", mapped)
+    if not prepared:
+        raise _err(f"{field} is empty after preparation")
+    for c in prepared:
+        if any(prohibited(c) for prohibited in _PROHIBITED) or stringprep.in_table_a1(c):
+            raise _prohibited(field)
+    if any(stringprep.in_table_d1(c) for c in prepared):
+        if any(stringprep.in_table_d2(c) for c in prepared):
+            raise _prohibited(field)
+        if not (stringprep.in_table_d1(prepared[0]) and stringprep.in_table_d1(prepared[-1])):
+            raise _prohibited(field)
+    return prepared

@@ -415,6 +415,8 @@ def build_runtime(
             "limits": previous.limits,
             "sessions": previous.sessions,
             "metrics": previous.metrics,
+            "in_flight": previous.in_flight,
+            "log_limiter": previous.log_limiter,
         }
     runtime = Runtime(
         server=cfg.server,
@@ -425,7 +427,15 @@ def build_runtime(
         clock=reactor,
         tls=holder,
         invoke=invoker,
-        throttle=Throttle(store, cfg.auth.throttle),
+        # The salt of the password fingerprints lives as long as the store
+        # (a reload must not make a retried password count again).
+        throttle=Throttle(
+            store,
+            cfg.auth.throttle,
+            salt=previous.throttle.salt if previous and previous.throttle else None,
+        ),
+        policy_timeout=cfg.policy.timeout,
+        handshake_timeout=cfg.tls.handshake_timeout if cfg.tls is not None else 30.0,
         **extra,
     )
     if holder is not tls and holder is not None and tls is not None:

@@ -120,8 +120,13 @@ class TLSStringTransport(StringTransport):
         super().__init__(hostAddress=host, peerAddress=peer)
         self.tls_started = False
 
+    #: called once "TLS" is up (the in-memory handshake completes at once)
+    on_tls: Any = None
+
     def startTLS(self, contextFactory: Any) -> None:
         self.tls_started = True
+        if self.on_tls is not None:
+            self.on_tls()
 
 
 class Session:
@@ -187,6 +192,9 @@ class Session:
         protocol = self.factory.buildProtocol(self.transport.getPeer())
         assert isinstance(protocol, SubmissionProtocol)
         self.protocol: SubmissionProtocol = protocol
+        # No real handshake happens in memory: it is complete at once (the
+        # TLS parameters stay absent from conn_meta).
+        self.transport.on_tls = protocol._cancel_handshake_timer
         self.banner: str = ""
         self._lost: bool = False
         if connect:
@@ -199,6 +207,7 @@ class Session:
 
     def connect(self) -> str:
         self.protocol.makeConnection(self.transport)
+        self.protocol._cancel_handshake_timer()
         self.banner = self.output()
         return self.banner
 

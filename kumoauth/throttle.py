@@ -1,24 +1,48 @@
 """
-Failed-attempt throttles (SPEC §8): failures counted per client IP and per
-authc over a sliding window.
+Failed-attempt throttles (SPEC §8): *distinct* wrong passwords counted per
+client address and per authc over a sliding window.
 
-The counters live behind :class:`IFailureStore`, whose methods return
-Deferreds, so several kumoauth instances can later share one store (Redis)
-without the protocol changing.  :class:`MemoryFailureStore` is the
-per-process implementation.
+Distinct, because clients retry: smtplib's ``login()`` tries PLAIN then
+LOGIN, Twisted's client tries PLAIN twice, Thunderbird falls back from PLAIN
+to LOGIN.  Counting attempts, one typo would cost two failures and three
+typos would lock a user out.  So, like Dovecot, each key keeps a short list
+of salted fingerprints of the failed passwords: the same wrong password
+retried counts once, each distinct guess counts.  A fingerprint is
+HMAC-SHA256 under a process-random salt of ``authc NUL password``, cut to
+:data:`FINGERPRINT_SIZE` bytes: it is never the password, is useless outside
+this process, and is never logged.
+
+Two keys per failure:
+
+- the client key (:func:`client_key`: an IPv4 address, or the /64 of an
+  IPv6 address, since one host commonly holds a whole /64) counts distinct
+  (authc, password) pairs from that client;
+- the authc key (case-folded, independent of the address) counts distinct
+  passwords tried for that user from anywhere.
 
 The per-authc limit is a lever an attacker can pull against a victim: fail
 five times as ``alice`` and alice is locked out.  To blunt that, the
-per-authc limit only applies to clients whose IP has failures of its own in
-the window; alice, logging in from an address that has not been failing, is
+per-authc limit only applies to clients whose own key has failures in the
+window; alice, logging in from an address that has not been failing, is
 still checked (see docs/security.md).
+
+The counters live behind :class:`IFailureStore`, whose methods return
+Deferreds, so several kumoauth instances can share one store (Redis)
+without the protocol changing; :meth:`IFailureStore.record` adds and counts
+in one atomic step.  :class:`MemoryFailureStore` is the per-process
+implementation.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib
-from collections import deque
-from typing import Any
+import ipaddress
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -26,30 +50,45 @@ from zope.interface import Interface, implementer
 
 from kumoauth.config import ThrottleConfig
 
+#: bytes kept of each HMAC-SHA256 fingerprint
+FINGERPRINT_SIZE = 12
+
 
 class IFailureStore(Interface):
     """
-    Sliding-window counters of failed AUTH attempts, by key.
+    Sliding-window sets of failed-attempt fingerprints, by key.
+
+    A key holds at most *keep* fingerprints (the most recently seen); a
+    fingerprint seen again within the window is refreshed, not added, so the
+    count is the number of *distinct* failures in the window, capped at
+    *keep*.  A shared implementation must make :meth:`record` atomic (one
+    Lua script or MULTI in Redis) so that parallel connections get exact
+    counts.
     """
 
-    def count(key: str, window: float) -> defer.Deferred[int]:
+    def record(key: str, fingerprint: bytes, window: float, keep: int) -> defer.Deferred[int]:
         """
-        Fire with the number of failures recorded under *key* in the last
-        *window* seconds.
+        Atomically: drop what is older than *window* seconds under *key*,
+        add *fingerprint* now (or refresh its time if already there), drop
+        the oldest beyond *keep*, and fire with the distinct count now in the
+        window (at most *keep*).
         """
 
-    def record(key: str, window: float) -> defer.Deferred[None]:
+    def count(key: str, window: float) -> defer.Deferred[tuple[int, float]]:
         """
-        Record one failure under *key* now; it counts for *window* seconds.
+        Fire with ``(failures, retry_after)``: the distinct failures under
+        *key* in the last *window* seconds, and the seconds until the oldest
+        of them leaves the window (``0.0`` when there are none).
         """
 
 
 @implementer(IFailureStore)
 class MemoryFailureStore:
     """
-    Per-process store: a deque of timestamps per key.  Keys whose failures
-    have all expired are swept out, so memory follows the attack, not its
-    history.
+    Per-process store: per key, an insertion-ordered map of fingerprint to
+    the time it was last seen.  At most *keep* fingerprints per key, and
+    keys whose failures have all expired are swept out, so memory follows
+    the attack, not its history.
     """
 
     #: sweep expired keys after this many records
@@ -57,40 +96,70 @@ class MemoryFailureStore:
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        self._events: dict[str, deque[float]] = {}
+        self._keys: dict[str, OrderedDict[bytes, float]] = {}
         self._records = 0
 
-    def _prune(self, key: str, window: float, now: float) -> deque[float] | None:
-        events = self._events.get(key)
-        if events is None:
+    def _prune(self, key: str, window: float, now: float) -> OrderedDict[bytes, float] | None:
+        seen = self._keys.get(key)
+        if seen is None:
             return None
         horizon = now - window
-        while events and events[0] <= horizon:
-            events.popleft()
-        if not events:
-            del self._events[key]
+        while seen and next(iter(seen.values())) <= horizon:
+            seen.popitem(last=False)
+        if not seen:
+            del self._keys[key]
             return None
-        return events
+        return seen
 
-    def count(self, key: str, window: float) -> defer.Deferred[int]:
-        events = self._prune(key, window, self.clock.seconds())
-        return defer.succeed(len(events) if events is not None else 0)
-
-    def record(self, key: str, window: float) -> defer.Deferred[None]:
+    def record(self, key: str, fingerprint: bytes, window: float, keep: int) -> defer.Deferred[int]:
         now = self.clock.seconds()
-        self._events.setdefault(key, deque()).append(now)
+        seen = self._prune(key, window, now)
+        if seen is None:
+            seen = self._keys[key] = OrderedDict()
+        seen.pop(fingerprint, None)
+        seen[fingerprint] = now
+        while len(seen) > max(keep, 1):
+            seen.popitem(last=False)
         self._records += 1
         if self._records % self.SWEEP_EVERY == 0:
-            for k in list(self._events):
+            for k in list(self._keys):
                 self._prune(k, window, now)
-        return defer.succeed(None)
+        return defer.succeed(len(seen))
+
+    def count(self, key: str, window: float) -> defer.Deferred[tuple[int, float]]:
+        now = self.clock.seconds()
+        seen = self._prune(key, window, now)
+        if seen is None:
+            return defer.succeed((0, 0.0))
+        oldest = next(iter(seen.values()))
+        return defer.succeed((len(seen), max(0.0, oldest + window - now)))
 
     def __len__(self) -> int:
-        return len(self._events)
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"<MemoryFailureStore: {len(self._keys)} keys>"
 
 
-def ip_key(ip: str) -> str:
-    return "ip:" + ip
+def client_key(ip: str, ipv6_prefix: int = 64) -> str:
+    """
+    The throttle key of a client address: an IPv4 address on its own, an
+    IPv6 address by its */ipv6_prefix* network (64 by default: a single
+    host commonly gets a whole /64 and can pick any address in it).  An
+    IPv4-mapped IPv6 address counts as its IPv4 address; a zone index is
+    ignored; anything that is not an address (a UNIX socket's "local") is
+    used as it is.
+    """
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return "ip:" + ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return "ip:" + str(address.ipv4_mapped)
+        net = ipaddress.IPv6Network((address, ipv6_prefix), strict=False)
+        return "ip:" + str(net)
+    return "ip:" + str(address)
 
 
 def authc_key(authc: str) -> str:
@@ -99,45 +168,108 @@ def authc_key(authc: str) -> str:
     return "authc:" + authc.casefold()
 
 
+@dataclass(frozen=True)
+class Throttled:
+    """
+    Why an attempt is refused: ``reason`` is ``"ip"`` or ``"authc"``, and
+    ``retry_after`` the seconds until the oldest counted failure leaves the
+    window (for the 454 reply).
+    """
+
+    reason: Literal["ip", "authc"]
+    retry_after: float
+
+
 class Throttle:
     """
-    Decides whether an attempt may reach the checker.
+    Decides whether an attempt may reach the checker, and records failures.
+
+    *salt* keys the password fingerprints; by default a fresh random one per
+    process.  Instances sharing a store should share a salt, or a password
+    retried through two instances counts twice.  *ipv6_prefix* groups IPv6
+    clients (:func:`client_key`).
     """
 
-    def __init__(self, store: IFailureStore, config: ThrottleConfig) -> None:
+    def __init__(
+        self,
+        store: IFailureStore,
+        config: ThrottleConfig,
+        *,
+        salt: bytes | None = None,
+        ipv6_prefix: int = 64,
+    ) -> None:
+        if not 0 <= ipv6_prefix <= 128:
+            raise ValueError(f"ipv6_prefix {ipv6_prefix} is not in 0..128")
         self.store = store
         self.config = config
+        self.ipv6_prefix = ipv6_prefix
+        self._salt = os.urandom(32) if salt is None else salt
 
-    def check(self, ip: str, authc: str) -> defer.Deferred[str | None]:
+    @property
+    def salt(self) -> bytes:
         """
-        Fire with ``None`` if the attempt may go on, else the reason:
-        ``"ip"`` or ``"authc"``.
+        The fingerprint key, to hand to the throttle a reload builds.
+        """
+        return self._salt
+
+    def client_key(self, ip: str) -> str:
+        return client_key(ip, self.ipv6_prefix)
+
+    def __repr__(self) -> str:
+        return f"<Throttle {self.config!r} store={self.store!r}>"
+
+    def fingerprint(self, authc: str, password: str | bytes) -> bytes:
+        """
+        HMAC-SHA256(salt, casefold(authc) NUL password), truncated.  Neither
+        field can hold NUL (the SASL decoders refuse it), so the pair is
+        unambiguous.  A ``str`` password is taken as UTF-8, so ``"pw"`` and
+        ``b"pw"`` give one fingerprint.
+        """
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        message = authc.casefold().encode("utf-8") + b"\x00" + password
+        return hmac.new(self._salt, message, hashlib.sha256).digest()[:FINGERPRINT_SIZE]
+
+    def check(self, ip: str, authc: str) -> defer.Deferred[Throttled | None]:
+        """
+        Fire with ``None`` if the attempt may go on, else a :class:`Throttled`.
         """
         cfg = self.config
 
-        def by_ip(ip_failures: int) -> Any:
+        def by_ip(result: tuple[int, float]) -> Any:
+            ip_failures, retry_after = result
             if ip_failures >= cfg.max_failures_per_ip:
-                return "ip"
+                return Throttled("ip", retry_after)
             if ip_failures == 0:
                 # A clean client is always checked: a locked-out authc
                 # cannot lock out its owner (module docstring).
                 return None
             return self.store.count(authc_key(authc), cfg.window).addCallback(by_authc)
 
-        def by_authc(authc_failures: int) -> str | None:
-            return "authc" if authc_failures >= cfg.max_failures_per_authc else None
+        def by_authc(result: tuple[int, float]) -> Throttled | None:
+            authc_failures, retry_after = result
+            if authc_failures >= cfg.max_failures_per_authc:
+                return Throttled("authc", retry_after)
+            return None
 
-        return self.store.count(ip_key(ip), cfg.window).addCallback(by_ip)
+        return self.store.count(self.client_key(ip), cfg.window).addCallback(by_ip)
 
-    def failed(self, ip: str, authc: str) -> defer.Deferred[Any]:
-        window = self.config.window
-        return defer.gatherResults(
+    def failed(self, ip: str, authc: str, password: str | bytes) -> defer.Deferred[tuple[int, int]]:
+        """
+        Record a failed attempt under the client key and the authc key; fire
+        with the distinct failure counts ``(per_ip, per_authc)`` now in the
+        window.
+        """
+        cfg = self.config
+        fp = self.fingerprint(authc, password)
+        d: defer.Deferred[list[int]] = defer.gatherResults(
             [
-                self.store.record(ip_key(ip), window),
-                self.store.record(authc_key(authc), window),
+                self.store.record(self.client_key(ip), fp, cfg.window, cfg.max_failures_per_ip),
+                self.store.record(authc_key(authc), fp, cfg.window, cfg.max_failures_per_authc),
             ],
             consumeErrors=True,
         )
+        return d.addCallback(lambda counts: (counts[0], counts[1]))
 
 
 def make_store(spec: str, clock: IReactorTime) -> IFailureStore:

@@ -122,7 +122,8 @@ def test_valid_addresses_round_trip(lp, dom, params):
         ({"SIZE": "101"}, b"552 5.3.4"),
         ({"BODY": "BINARYMIME"}, b"501 5.5.4"),
         ({"AUTH": None}, b"501 5.5.4"),
-        ({"SMTPUTF8": None}, b"555 5.5.4"),
+        ({"SMTPUTF8": "yes"}, b"501 5.5.4"),
+        ({"X-UNKNOWN": None}, b"555 5.5.4"),
     ],
 )
 def test_bad_mail_params(params, code):

@@ -5,6 +5,7 @@ SASL decoders (RFC 4954 §4, RFC 4616 §2): examples and hypothesis properties.
 from __future__ import annotations
 
 import base64
+import unicodedata
 
 import pytest
 from hypothesis import assume, given
@@ -121,3 +122,139 @@ def test_errors_never_carry_the_data():
 def test_repr_hides_password():
     r = sasl.decode_plain(b"\x00scott\x00tiger")
     assert "tiger" not in repr(r)
+
+
+# SASLprep (RFC 4013) for user names: prepare_name.
+
+CONTROLS = [chr(c) for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029)]
+
+
+def prepared_or_none(name: str) -> str | None:
+    try:
+        return sasl.prepare_name(name, "authcid")
+    except SASLError as e:
+        assert e.reply == b"501 5.5.2 authcid contains a prohibited character" or (
+            e.reply == b"501 5.5.2 authcid is empty after preparation"
+        )
+        return None
+
+
+@pytest.mark.parametrize(
+    ("name", "prepared"),
+    [
+        # RFC 4013 §3 examples
+        ("I\u00adX", "IX"),  # SOFT HYPHEN mapped to nothing
+        ("user", "user"),  # no transformation
+        ("USER", "USER"),  # case preserved (no folding)
+        ("\u00aa", "a"),  # FEMININE ORDINAL INDICATOR, NFKC
+        ("\u2168", "IX"),  # ROMAN NUMERAL NINE, NFKC
+        # non-ASCII spaces become SPACE
+        ("a\u00a0b", "a b"),
+        ("a\u3000b", "a b"),
+        ("a\u1680b", "a b"),
+        # NFD from macOS clients
+        ("ju\u0308rgen", "j\u00fcrgen"),
+        ("", ""),
+        ("\u0627\u0628", "\u0627\u0628"),  # right-to-left only: fine
+        ("\u05d0" + "1" + "\u05d1", "\u05d0" + "1" + "\u05d1"),  # RandAL at both ends
+    ],
+)
+def test_prepare_name_examples(name, prepared):
+    assert sasl.prepare_name(name, "authcid") == prepared
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\u0007",  # RFC 4013 §3: prohibited character
+        "\u0627\u0031",  # RFC 4013 §3: violates the bidi rule (ends with a digit)
+        "a\u0627",  # mixes left-to-right and right-to-left
+        "\u0627a\u0627",
+        "a\u202eb",  # RIGHT-TO-LEFT OVERRIDE (C.8)
+        "a\ue000",  # private use (C.3)
+        "a\ufffe",  # non-character (C.4)
+        "a\ud800",  # surrogate (C.5)
+        "a\ufffd",  # REPLACEMENT CHARACTER (C.6)
+        "a\u2ff0",  # ideographic description character (C.7)
+        "a\U000e0041",  # tag (C.9)
+        "a\u0221",  # unassigned in Unicode 3.2 (A.1)
+        "a\U0001f600",  # emoji: unassigned in Unicode 3.2 (A.1)
+        "a\u200e",  # LEFT-TO-RIGHT MARK (C.8)
+        "a\ufff9",  # interlinear annotation (C.2.2)
+    ],
+)
+def test_prepare_name_refuses(name):
+    with pytest.raises(SASLError) as e:
+        sasl.prepare_name(name, "authzid")
+    assert e.value.reply == b"501 5.5.2 authzid contains a prohibited character"
+    assert e.value.kind == "malformed"
+
+
+@pytest.mark.parametrize("control", [*CONTROLS, "\x1b", "\x7f"])
+def test_prepare_name_refuses_every_control(control):
+    for name in (control, "a" + control, control + "b", "a" + control + "b"):
+        assert prepared_or_none(name) is None
+
+
+def test_name_that_maps_to_nothing_is_refused():
+    # An authz of only SOFT HYPHENs must not silently become the authc.
+    with pytest.raises(SASLError) as e:
+        sasl.prepare_name("\u00ad\u200b", "authzid")
+    assert e.value.reply == b"501 5.5.2 authzid is empty after preparation"
+
+
+def test_prepare_name_errors_never_carry_the_name():
+    secret = "hunter2-secret"
+    for name in (secret + "\x07", secret + "\u0627", "\u00ad" * 3):
+        with pytest.raises(SASLError) as e:
+            sasl.prepare_name(name, "username")
+        assert secret not in str(e.value) and secret.encode() not in e.value.reply
+        assert secret not in e.value.reason
+
+
+def test_decoders_do_not_prepare():
+    # decode_plain and decode_login_field stay pure decoders.
+    nfd = "ju\u0308rgen"
+    assert sasl.decode_plain(sasl.encode_plain("I\u00adX", nfd, "pw")).authc == nfd
+    assert sasl.decode_plain(sasl.encode_plain("I\u00adX", nfd, "pw")).authz == "I\u00adX"
+    assert sasl.decode_login_field(nfd.encode(), "username") == nfd
+
+
+names = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",)),
+    max_size=32,
+)
+
+
+@given(names)
+def test_prepare_name_is_idempotent(name):
+    prepared = prepared_or_none(name)
+    if prepared is not None:
+        assert sasl.prepare_name(prepared, "authcid") == prepared
+
+
+@given(names | st.text(alphabet=st.sampled_from(CONTROLS + ["a", "\u00ad", "\u0627"])))
+def test_prepared_names_have_no_control_or_format_characters(name):
+    prepared = prepared_or_none(name)
+    if prepared is not None:
+        assert not [c for c in prepared if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+
+
+latin = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x24F, blacklist_categories=("Cc",)),
+    max_size=32,
+)
+
+
+@given(latin)
+def test_nfd_and_nfc_latin_names_prepare_alike(name):
+    nfc = prepared_or_none(unicodedata.normalize("NFC", name))
+    nfd = prepared_or_none(unicodedata.normalize("NFD", name))
+    assert nfc == nfd
+
+
+@given(latin.filter(lambda s: s.strip()))
+def test_prepared_latin_names_are_nfc(name):
+    prepared = prepared_or_none(unicodedata.normalize("NFD", name))
+    if prepared is not None:
+        assert unicodedata.is_normalized("NFC", prepared)

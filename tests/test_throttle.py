@@ -1,6 +1,6 @@
 """
-Failed-attempt throttles and the in-flight limit (SPEC §8), through the
-real protocol with a fake clock.
+Failed-attempt throttles and the in-flight limit (SPEC §8): the store and
+the throttle on their own, and through the real protocol with a fake clock.
 """
 
 from __future__ import annotations
@@ -8,11 +8,21 @@ from __future__ import annotations
 import pytest
 from twisted.internet import defer, task
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from kumoauth.config import AuthConfig, ThrottleConfig
 from kumoauth.policy import Policy
-from kumoauth.testing import plain_b64
-from kumoauth.throttle import IFailureStore, MemoryFailureStore, Throttle, authc_key
+from kumoauth.testing import login_b64, plain_b64
+from kumoauth.throttle import (
+    FINGERPRINT_SIZE,
+    IFailureStore,
+    MemoryFailureStore,
+    Throttle,
+    Throttled,
+    authc_key,
+    client_key,
+    make_store,
+)
 
 PASSWORDS = {"alice": "wonderland", "bob": "builder", "scott": "tiger"}
 
@@ -52,6 +62,22 @@ def attempt(s, user, password):
     return s.command("AUTH PLAIN " + plain_b64("", user, password))
 
 
+def attempt_login(s, user, password):
+    assert s.command("AUTH LOGIN").startswith("334 ")
+    assert s.command(login_b64(user)).startswith("334 ")
+    return s.command(login_b64(password))
+
+
+def result(d):
+    """The result of a Deferred that has already fired."""
+    out = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    if isinstance(out[0], Exception) or hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
 def test_per_ip_limit(world):
     checker, clock, connect = world
     attacker = connect("203.0.113.9")
@@ -72,10 +98,10 @@ def test_per_ip_limit(world):
 def test_per_authc_limit_spares_clean_clients(world):
     checker, clock, connect = world
     attacker = connect("203.0.113.9")
-    for _ in range(5):
-        assert attempt(attacker, "alice", "guess").startswith("535")
+    for i in range(5):
+        assert attempt(attacker, "alice", f"guess{i}").startswith("535")
     calls = len(checker.calls)
-    assert attempt(attacker, "alice", "guess2").startswith("454 4.7.0")
+    assert attempt(attacker, "alice", "guess5").startswith("454 4.7.0")
     assert attempt(connect("203.0.113.9"), "ALICE", "x").startswith("454 4.7.0")
     # A second attacker address that has been failing too is throttled for alice...
     other_attacker = connect("203.0.113.10")
@@ -91,10 +117,13 @@ def test_per_authc_limit_spares_clean_clients(world):
 def test_empty_password_attempts_count(world):
     checker, clock, connect = world
     s = connect("203.0.113.9")
-    for _ in range(5):
+    # An empty password is one distinct failure (retried, still one).
+    for _ in range(3):
         assert attempt(s, "scott", "").startswith("535")
+    for i in range(4):
+        assert attempt(s, "scott", f"guess{i}").startswith("535")
     assert attempt(s, "scott", "tiger").startswith("454")
-    assert checker.calls == []
+    assert checker.calls == ["scott"] * 4
 
 
 def test_throttled_attempt_is_logged(world, captured_log):
@@ -111,14 +140,12 @@ def test_memory_store_forgets_expired_keys():
     clock = task.Clock()
     store = MemoryFailureStore(clock)
     for i in range(store.SWEEP_EVERY - 1):
-        store.record(f"ip:{i}", 10)
+        store.record(f"ip:{i}", b"fp", 10, 5)
     assert len(store) == store.SWEEP_EVERY - 1
     clock.advance(11)
-    store.record("ip:new", 10)
+    store.record("ip:new", b"fp", 10, 5)
     assert len(store) == 1
-    result = []
-    store.count("ip:new", 10).addCallback(result.append)
-    assert result == [1]
+    assert result(store.count("ip:new", 10)) == (1, 10.0)
 
 
 @implementer(IFailureStore)
@@ -126,7 +153,7 @@ class BrokenStore:
     def count(self, key, window):
         return defer.fail(ConnectionError("redis down"))
 
-    def record(self, key, window):
+    def record(self, key, fingerprint, window, keep):
         return defer.fail(ConnectionError("redis down"))
 
 
@@ -135,7 +162,7 @@ def test_unavailable_store_fails_closed(make_session):
     policy = Policy()
     policy.on("smtp_server_auth_plain", checker)
     s = make_session(policy)
-    s.runtime.throttle = Throttle(BrokenStore(), ThrottleConfig())
+    s.runtime.authenticator.throttle = Throttle(BrokenStore(), ThrottleConfig())
     s.command("EHLO client.example")
     assert attempt(s, "scott", "tiger").startswith("454 4.7.0")
     assert checker.calls == []
@@ -163,9 +190,298 @@ def test_in_flight_limit(make_session):
     assert len(pending) == 2
     pending[0].callback(True)
     assert sessions[0].output().startswith("235")
-    assert first.runtime.in_flight == 1
+    assert first.runtime.in_flight.count == 1
     assert attempt(sessions[2], "scott", "tiger") == ""
-    assert first.runtime.in_flight == 2
+    assert first.runtime.in_flight.count == 2
     # A client that goes away releases its slot.
     sessions[1].close()
-    assert first.runtime.in_flight == 1
+    assert first.runtime.in_flight.count == 1
+
+
+# Distinct wrong passwords (one typo must not lock a user out).
+
+CONFIG = ThrottleConfig(window=900, max_failures_per_ip=10, max_failures_per_authc=5)
+
+
+def throttle(clock=None, config=CONFIG, **kwargs):
+    clock = clock or task.Clock()
+    return Throttle(MemoryFailureStore(clock), config, **kwargs), clock
+
+
+def test_memory_store_provides_the_interface():
+    verifyObject(IFailureStore, MemoryFailureStore(task.Clock()))
+
+
+def test_same_wrong_password_counts_once():
+    t, clock = throttle()
+    for _ in range(10):
+        assert result(t.failed("203.0.113.9", "alice", "typo")) == (1, 1)
+        clock.advance(1)
+    assert result(t.check("203.0.113.9", "alice")) is None
+    # The last retry (at 9 s) refreshed it: it leaves the window at 909 s.
+    assert result(t.store.count(authc_key("alice"), 900)) == (1, 899.0)
+
+
+def test_same_wrong_password_in_another_case_of_the_user_counts_once():
+    t, clock = throttle()
+    t.failed("203.0.113.9", "alice", "typo")
+    assert result(t.failed("203.0.113.9", "Alice", "typo")) == (1, 1)
+
+
+def test_distinct_wrong_passwords_lock():
+    t, clock = throttle()
+    for i in range(4):
+        t.failed("203.0.113.9", "alice", f"guess{i}")
+        assert result(t.check("203.0.113.9", "alice")) is None
+    assert result(t.failed("203.0.113.9", "alice", "guess4")) == (5, 5)
+    assert result(t.check("203.0.113.9", "alice")) == Throttled("authc", 900.0)
+    # A clean client is still checked for alice; the failing one may try others.
+    assert result(t.check("192.0.2.50", "alice")) is None
+    assert result(t.check("203.0.113.9", "bob")) is None
+
+
+def test_per_ip_counts_distinct_user_password_pairs():
+    t, clock = throttle()
+    for i in range(9):
+        t.failed("203.0.113.9", f"user{i}", "123456")
+        t.failed("203.0.113.9", f"user{i}", "123456")
+    assert result(t.check("203.0.113.9", "someone")) is None
+    t.failed("203.0.113.9", "user0", "password")
+    assert result(t.check("203.0.113.9", "someone")) == Throttled("ip", 900.0)
+
+
+def test_retry_after_follows_the_oldest_failure():
+    t, clock = throttle()
+    for i in range(5):
+        t.failed("203.0.113.9", "alice", f"guess{i}")
+        clock.advance(100)
+    # Failures at 0, 100, 200, 300, 400; now 500: the first leaves at 900.
+    assert result(t.check("203.0.113.9", "alice")) == Throttled("authc", 400.0)
+    clock.advance(399.5)
+    assert result(t.check("203.0.113.9", "alice")) == Throttled("authc", 0.5)
+    clock.advance(0.5)
+    assert result(t.check("203.0.113.9", "alice")) is None
+    # Retrying a counted password refreshes it: it is now the newest.
+    t.failed("203.0.113.9", "alice", "guess1")
+    t.failed("203.0.113.9", "alice", "guess5")
+    # Now 900: guess2, 3, 4 (at 200, 300, 400), guess1 and guess5 (at 900).
+    assert result(t.check("203.0.113.9", "alice")) == Throttled("authc", 200.0)
+
+
+def test_retry_after_for_the_ip_limit():
+    t, clock = throttle()
+    for i in range(10):
+        t.failed("203.0.113.9", f"user{i}", "x")
+        clock.advance(10)
+    assert result(t.check("203.0.113.9", "anyone")) == Throttled("ip", 800.0)
+
+
+def test_count_when_empty():
+    store = MemoryFailureStore(task.Clock())
+    assert result(store.count("ip:192.0.2.1", 900)) == (0, 0.0)
+
+
+def test_record_keeps_at_most_keep_fingerprints():
+    clock = task.Clock()
+    store = MemoryFailureStore(clock)
+    for i in range(100):
+        assert result(store.record("authc:alice", b"%d" % i, 900, 5)) == min(i + 1, 5)
+        clock.advance(1)
+    assert len(store._keys["authc:alice"]) == 5
+    # The oldest kept one (recorded at 95) leaves at 995.
+    assert result(store.count("authc:alice", 900)) == (5, 895.0)
+
+
+def test_memory_stays_bounded_after_many_keys():
+    clock = task.Clock()
+    store = MemoryFailureStore(clock)
+    t = Throttle(store, CONFIG)
+    for i in range(5000):
+        for j in range(20):
+            t.failed(f"198.51.{i % 256}.{i // 256}", f"user{i}", f"guess{j}")
+        clock.advance(1)
+    assert len(store) <= 2 * 900 + store.SWEEP_EVERY
+    assert all(len(v) <= CONFIG.max_failures_per_ip for v in store._keys.values())
+    clock.advance(901)
+    for i in range(store.SWEEP_EVERY):
+        t.failed("203.0.113.9", "bob", f"{i}")
+    assert len(store) == 2
+
+
+@implementer(IFailureStore)
+class DeferredStore:
+    """
+    A memory store whose answers come later, in any order: a stand-in for a
+    shared store with many connections in flight at once.
+    """
+
+    def __init__(self, clock):
+        self.inner = MemoryFailureStore(clock)
+        self.pending = []
+
+    def record(self, key, fingerprint, window, keep):
+        d = defer.Deferred()
+        self.pending.append((d, self.inner.record(key, fingerprint, window, keep)))
+        return d
+
+    def count(self, key, window):
+        return self.inner.count(key, window)
+
+    def flush(self):
+        pending, self.pending = self.pending, []
+        for d, answer in reversed(pending):
+            answer.chainDeferred(d)
+
+
+def test_parallel_records_give_exact_counts():
+    clock = task.Clock()
+    store = DeferredStore(clock)
+    t = Throttle(store, CONFIG)
+    counts = [t.failed("203.0.113.9", "alice", f"guess{i}") for i in range(8)]
+    again = [t.failed("203.0.113.9", "alice", "guess0") for _ in range(8)]
+    store.flush()
+    per_ip, per_authc = zip(*(result(d) for d in counts), strict=True)
+    # Each failure saw its own count: no two parallel callers share one.
+    assert sorted(per_ip) == list(range(1, 9))
+    assert sorted(per_authc) == [1, 2, 3, 4, 5, 5, 5, 5]
+    assert {result(d) for d in again} == {(8, 5)}
+    assert result(store.count(client_key("203.0.113.9"), 900)) == (8, 900.0)
+
+
+def test_parallel_records_on_one_key():
+    clock = task.Clock()
+    store = MemoryFailureStore(clock)
+    ds = [store.record("authc:alice", b"%d" % (i % 50), 900, 1000) for i in range(500)]
+    assert sorted(result(d) for d in ds[:50]) == list(range(1, 51))
+    assert {result(d) for d in ds[50:]} == {50}
+    assert result(store.count("authc:alice", 900)) == (50, 900.0)
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("192.0.2.1", "ip:192.0.2.1"),
+        ("2001:db8:1:2:3:4:5:6", "ip:2001:db8:1:2::/64"),
+        ("2001:DB8:1:2::ffff", "ip:2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "ip:2001:db8:1:3::/64"),
+        ("::ffff:192.0.2.1", "ip:192.0.2.1"),
+        ("fe80::1%eth0", "ip:fe80::/64"),
+        ("local", "ip:local"),
+        ("", "ip:"),
+    ],
+)
+def test_client_key(ip, key):
+    assert client_key(ip) == key
+
+
+def test_client_key_prefix():
+    assert client_key("2001:db8:1:2:3:4:5:6", 48) == "ip:2001:db8:1::/48"
+    assert client_key("2001:db8:1:2:3:4:5:6", 128) == "ip:2001:db8:1:2:3:4:5:6/128"
+    assert client_key("192.0.2.1", 48) == "ip:192.0.2.1"
+
+
+def test_ipv6_clients_are_counted_per_64():
+    t, clock = throttle()
+    for i in range(10):
+        t.failed(f"2001:db8:0:1::{i + 1:x}", f"user{i}", "x")
+    assert result(t.check("2001:db8:0:1:ffff::1", "anyone")) == Throttled("ip", 900.0)
+    assert result(t.check("2001:db8:0:2::1", "anyone")) is None
+    t128, _ = throttle(clock, ipv6_prefix=128)
+    for i in range(10):
+        t128.failed(f"2001:db8:0:1::{i + 1:x}", f"user{i}", "x")
+    assert result(t128.check("2001:db8:0:1::1", "anyone")) is None
+    with pytest.raises(ValueError):
+        Throttle(MemoryFailureStore(clock), CONFIG, ipv6_prefix=129)
+
+
+def test_fingerprints_are_salted_and_truncated():
+    t1, _ = throttle()
+    t2, _ = throttle()
+    fp = t1.fingerprint("alice", "secret")
+    assert len(fp) == FINGERPRINT_SIZE
+    assert fp == t1.fingerprint("ALICE", "secret") == t1.fingerprint("alice", b"secret")
+    assert t1.fingerprint("j\u00fcrgen", "s\u00e9") == t1.fingerprint(
+        "j\u00fcrgen", "s\u00e9".encode()
+    )
+    assert fp != t1.fingerprint("alice", "Secret")
+    assert fp != t2.fingerprint("alice", "secret")
+    assert b"secret" not in fp
+    same, _ = throttle(salt=b"shared")
+    also, _ = throttle(salt=b"shared")
+    assert same.fingerprint("alice", "secret") == also.fingerprint("alice", "secret")
+
+
+def test_nothing_shows_a_password_or_fingerprint():
+    password = "hunter2-very-secret"
+    t, clock = throttle()
+    fp = t.fingerprint("alice", password)
+    for i in range(5):
+        t.failed("203.0.113.9", "alice", password + str(i))
+    failed = result(t.failed("203.0.113.9", "alice", password))
+    decision = result(t.check("203.0.113.9", "alice"))
+    fingerprints = [f for seen in t.store._keys.values() for f in seen]
+    assert fp in fingerprints
+    texts = [repr(x) + str(x) for x in (t, t.store, decision, failed, t.config)]
+    for text in texts:
+        assert password not in text
+        for f in fingerprints:
+            assert f.hex() not in text and repr(f) not in text and str(f) not in text
+
+
+def test_failed_ignores_the_ip_for_the_authc_key():
+    t, clock = throttle()
+    for i in range(5):
+        t.failed(f"203.0.113.{i}", "alice", f"guess{i}")
+    # Every one of those addresses has failures, so each is held off for alice.
+    assert result(t.check("203.0.113.0", "alice")) == Throttled("authc", 900.0)
+    assert result(t.store.count(authc_key("ALICE"), 900)) == (5, 900.0)
+
+
+def memory_factory(clock):
+    return MemoryFailureStore(clock)
+
+
+def test_make_store():
+    clock = task.Clock()
+    assert isinstance(make_store("memory", clock), MemoryFailureStore)
+    store = make_store("tests.test_throttle:memory_factory", clock)
+    assert isinstance(store, MemoryFailureStore) and store.clock is clock
+    for spec in ("redis", "tests.test_throttle:nothing", "tests.test_throttle:CONFIG"):
+        with pytest.raises(ValueError):
+            make_store(spec, clock)
+
+
+# Through the protocol.
+
+
+def test_same_wrong_password_retried_does_not_lock_out(world):
+    checker, clock, connect = world
+    for _ in range(10):
+        assert attempt(connect("203.0.113.9"), "alice", "wonderlad").startswith("535")
+    assert attempt(connect("203.0.113.9"), "alice", "wonderland").startswith("235")
+
+
+def test_plain_then_login_with_one_wrong_password_counts_once(world):
+    checker, clock, connect = world
+    s = connect("203.0.113.9")
+    # smtplib's login(): PLAIN, then LOGIN with the same credentials.
+    assert attempt(s, "alice", "wonderlad").startswith("535")
+    assert attempt_login(s, "alice", "wonderlad").startswith("535")
+    store = s.runtime.throttle.store
+    assert result(store.count(authc_key("alice"), 900)) == (1, 900.0)
+    assert result(store.count(client_key("203.0.113.9"), 900)) == (1, 900.0)
+    # Four more typos of the same kind: still not locked out.
+    for typo in ("wonderlnad", "wonderlan", "Wonderland"):
+        assert attempt(s, "alice", typo).startswith("535")
+        assert attempt_login(s, "alice", typo).startswith("535")
+    assert attempt(s, "alice", "wonderland").startswith("235")
+
+
+def test_five_distinct_wrong_passwords_lock_through_the_protocol(world):
+    checker, clock, connect = world
+    s = connect("203.0.113.9")
+    for i in range(5):
+        assert attempt(s, "alice", f"guess{i}").startswith("535")
+    assert attempt(s, "alice", "wonderland").startswith("454 4.7.0")
+    clock.advance(901)
+    assert attempt(connect("203.0.113.9"), "alice", "wonderland").startswith("235")

@@ -1,0 +1,314 @@
+"""
+One AUTH attempt, from credentials to outcome, outside the protocol:
+throttle → in-flight limit → Cred portal (with a deadline) → failure delay
+→ log and metrics.  :meth:`Authenticator.authenticate` returns a Deferred
+of an :class:`Outcome`; the protocol only sends its reply.
+
+Testable without a transport: give it a portal, a clock and a throttle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.cred import error as cred_error
+from twisted.cred.portal import Portal
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kumoauth.config import AuthConfig
+from kumoauth.cred import AuthContext
+from kumoauth.delivery import Delivery, IMessageDelivery
+from kumoauth.loglimit import LogLimiter
+from kumoauth.mechanisms import REGISTRY
+from kumoauth.meta import ConnMeta
+from kumoauth.metrics import Metrics
+from kumoauth.textsafe import escape
+from kumoauth.throttle import Throttle
+
+log = Logger(namespace="kumoauth")
+auth_log = Logger(namespace="kumoauth.auth")
+
+R_TEMPFAIL = b"454 4.7.0 Temporary authentication failure"
+R_FAILED = b"535 5.7.8 Authentication credentials invalid"
+R_IN_FLIGHT = b"454 4.7.0 Too many authentication checks in progress, try again later"
+R_SUCCESS = b"235 2.7.0 Authentication successful"
+
+#: results a client can repeat at will: their log lines are rate-limited
+#: per client (metrics still count every one)
+NOISY_RESULTS = frozenset({"throttled", "cleartext", "unsupported", "malformed", "cancelled"})
+
+
+def scrub(text: str, secrets: list[bytes]) -> str:
+    """
+    Remove every secret (and its text form) from *text* before it is logged.
+    """
+    for secret in secrets:
+        if len(secret) < 2:
+            continue
+        text = text.replace(secret.decode("utf-8", "replace"), "<hidden>")
+    return text
+
+
+@dataclass
+class Attempt:
+    """
+    One AUTH attempt as the protocol saw it.  ``secrets`` holds everything
+    that must be scrubbed from what is logged about it (the base64 lines,
+    the password) and is emptied once the attempt is over.
+    """
+
+    mechanism: str
+    started: float
+    client_ip: str
+    client: str
+    listener: str
+    conn_meta: ConnMeta
+    authc: str | None = None
+    authz: str | None = None
+    secrets: list[bytes] = field(default_factory=list)
+    checked_at: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Attempt {self.mechanism} authc={self.authc!r} client={self.client}>"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """
+    What became of an attempt: ``result`` for the log and metrics
+    (success, failure, tempfail, throttled), ``reply`` for the client.
+    """
+
+    result: str
+    reply: bytes
+    delivery: Delivery | None = None
+
+
+class InFlight:
+    """
+    Checker calls in progress, process-wide (a reload must not multiply
+    ``max_in_flight``).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class AuthLog:
+    """
+    The one log event per attempt (and the auth metrics).  Noisy results
+    are rate-limited per client; every value a client chose is escaped in
+    the text (the JSON log gets the raw fields).
+    """
+
+    def __init__(self, metrics: Metrics, limiter: LogLimiter) -> None:
+        self.metrics = metrics
+        self.limiter = limiter
+
+    def record(
+        self,
+        attempt: Attempt,
+        result: str,
+        reason: str | None = None,
+        latency: float | None = None,
+    ) -> None:
+        metrics = self.metrics
+        metrics.auth_attempts.labels(_mechanism_label(attempt.mechanism), result).inc()
+        if result == "throttled" and reason:
+            metrics.throttle_hits.labels(reason).inc()
+        if latency is not None:
+            metrics.checker_latency.observe(latency)
+        attempt.secrets.clear()
+        if result in NOISY_RESULTS:
+            key = (attempt.client_ip, result)
+            if not self.limiter.allow(key, lambda n: self._summary(attempt, result, n)):
+                return
+        # The text is built with an f-string: formatting a many-field
+        # format string through twisted.logger costs 4x more, per attempt.
+        parts = [f"AUTH {escape(attempt.mechanism, 20)} {result}"]
+        if attempt.authc is not None:
+            parts.append(f"authc={escape(attempt.authc)}")
+        if attempt.authz is not None:
+            parts.append(f"authz={escape(attempt.authz)}")
+        parts.append(f"client={attempt.client} listener={attempt.listener}")
+        if latency is not None:
+            parts.append(f"checker_latency={latency:.3f}s")
+        if reason:
+            parts.append(f"reason={reason}")
+        auth_log.info(
+            "{text}",
+            text=" ".join(parts),
+            mechanism=attempt.mechanism,
+            result=result,
+            authc=attempt.authc,
+            authz=attempt.authz,
+            client=attempt.client,
+            listener=attempt.listener,
+            checker_latency=latency or 0.0,
+            reason=reason,
+        )
+
+    def _summary(self, attempt: Attempt, result: str, n: int) -> None:
+        text = (
+            f"AUTH {result}: {n} more from client={attempt.client} "
+            f"in the last {self.limiter.interval:.0f}s (not logged one by one)"
+        )
+        auth_log.info("{text}", text=text, result=result, client=attempt.client, suppressed=n)
+
+
+def _mechanism_label(name: str) -> str:
+    # A metrics label must not take any value a client sends.
+    return name if name in REGISTRY else "other"
+
+
+class Authenticator:
+    """
+    Decides one attempt.  *throttle* may be None (no failure counting).
+    """
+
+    def __init__(
+        self,
+        portal: Portal,
+        clock: IReactorTime,
+        auth: AuthConfig,
+        log: AuthLog,
+        in_flight: InFlight,
+        throttle: Throttle | None = None,
+    ) -> None:
+        self.portal = portal
+        self.clock = clock
+        self.auth = auth
+        self.log = log
+        self.in_flight = in_flight
+        self.throttle = throttle
+
+    def authenticate(self, attempt: Attempt, credentials: Any) -> defer.Deferred[Outcome]:
+        """
+        Fire with the :class:`Outcome` of *attempt* for *credentials*
+        (``IPlainCredentials`` today).  Never fails: a bug becomes a
+        tempfail, logged with its traceback (secrets scrubbed).
+        """
+        attempt.authc = credentials.authc
+        attempt.authz = credentials.authz
+        password = getattr(credentials, "password", b"") or b""
+        if password:
+            attempt.secrets.append(password)
+        throttle = self.throttle
+        if throttle is None:
+            d: defer.Deferred[Outcome] = self._check(attempt, credentials)
+        else:
+            checked = throttle.check(attempt.client_ip, credentials.authc)
+            checked.addTimeout(self.auth.timeout, self.clock)
+
+            def decide(verdict: Any) -> Any:
+                if verdict is None:
+                    return self._check(attempt, credentials)
+                return self._throttled(attempt, verdict.reason, verdict.retry_after)
+
+            def store_failed(f: Failure) -> Outcome:
+                # Fail closed: without counters, brute force is unlimited.
+                log.failure("failure store unavailable", f)
+                self.log.record(attempt, "tempfail", reason="store")
+                return Outcome("tempfail", R_TEMPFAIL)
+
+            d = checked.addCallbacks(decide, store_failed)
+        return d.addErrback(self._bug, attempt)
+
+    def _bug(self, f: Failure, attempt: Attempt) -> Outcome:
+        if f.check(defer.CancelledError):
+            return f  # type: ignore[return-value]  # the session went away
+        log.error(
+            "bug authenticating {client}: {traceback}",
+            client=attempt.client,
+            traceback=scrub(f.getTraceback(), attempt.secrets),
+        )
+        attempt.secrets.clear()
+        return Outcome("tempfail", R_TEMPFAIL)
+
+    def _throttled(self, attempt: Attempt, reason: str, retry_after: float) -> Outcome:
+        self.log.record(attempt, "throttled", reason=reason)
+        wait = max(1, math.ceil(retry_after))
+        return Outcome(
+            "throttled",
+            b"454 4.7.0 Too many failed attempts, try again in %d seconds" % wait,
+        )
+
+    def _check(self, attempt: Attempt, credentials: Any) -> defer.Deferred[Outcome]:
+        if not credentials.authc or not getattr(credentials, "password", True):
+            # Nothing to check: refused without calling the checker.
+            return self._failed(attempt, credentials, latency=None)
+        if self.in_flight.count >= self.auth.max_in_flight:
+            self.log.record(attempt, "throttled", reason="in_flight")
+            return defer.succeed(Outcome("throttled", R_IN_FLIGHT))
+        attempt.checked_at = self.clock.seconds()
+        self.in_flight.count += 1
+        d = self.portal.login(
+            credentials, AuthContext(credentials.authz, credentials.conn_meta), IMessageDelivery
+        )
+        # One deadline for every checker, whatever its kind.
+        d.addTimeout(self.auth.timeout, self.clock)
+
+        def release(result: object) -> object:
+            self.in_flight.count -= 1
+            return result
+
+        d.addBoth(release)
+
+        def success(result: tuple[Any, Delivery, Any]) -> Outcome:
+            self.log.record(attempt, "success", latency=self._latency(attempt))
+            return Outcome("success", R_SUCCESS, delivery=result[1])
+
+        def failure(f: Failure) -> Any:
+            if f.check(defer.CancelledError):
+                return f
+            latency = self._latency(attempt)
+            if f.check(cred_error.UnauthorizedLogin):
+                return self._failed(attempt, credentials, latency)
+            if f.check(defer.TimeoutError):
+                log.error(
+                    "checker did not answer within {timeout}s for authc={authc} from {client}",
+                    timeout=self.auth.timeout,
+                    authc=escape(attempt.authc),
+                    client=attempt.client,
+                )
+            else:
+                # The checker raised, its Deferred failed, or it gave a non-bool.
+                log.error(
+                    "checker failed for authc={authc} from {client}: {error}\n{traceback}",
+                    authc=escape(attempt.authc),
+                    client=attempt.client,
+                    error=escape(scrub(f.getErrorMessage(), attempt.secrets), 1000),
+                    traceback=scrub(f.getTraceback(), attempt.secrets),
+                )
+            self.log.record(attempt, "tempfail", latency=latency)
+            return Outcome("tempfail", R_TEMPFAIL)
+
+        return d.addCallbacks(success, failure)
+
+    def _latency(self, attempt: Attempt) -> float:
+        if attempt.checked_at is None:
+            return 0.0
+        return self.clock.seconds() - attempt.checked_at
+
+    def _failed(
+        self, attempt: Attempt, credentials: Any, latency: float | None
+    ) -> defer.Deferred[Outcome]:
+        """
+        535 once ``failure_delay`` has passed since the attempt began (so a
+        fast "no such user" and a slow "wrong password" look alike).
+        """
+        if self.throttle is not None and credentials.authc:
+            self.throttle.failed(
+                attempt.client_ip, credentials.authc, getattr(credentials, "password", b"")
+            ).addErrback(lambda f: log.failure("recording a failed attempt", f))
+        self.log.record(attempt, "failure", latency=latency)
+        outcome = Outcome("failure", R_FAILED)
+        wait = max(0.0, attempt.started + self.auth.failure_delay - self.clock.seconds())
+        if wait <= 0:
+            return defer.succeed(outcome)
+        return task.deferLater(self.clock, wait, lambda: outcome)

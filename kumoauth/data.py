@@ -1,0 +1,168 @@
+"""
+The message half of SMTP, as pure code: reading DATA (RFC 5321 §4.1.1.4,
+§4.5.2), bare line endings (§2.3.8) and the trace header (§4.4).
+
+No I/O here; the protocol feeds bytes in and gets a message out.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: RFC 5321 §4.1.1.4: the only end of data.
+TERMINATOR = b"\r\n.\r\n"
+
+
+class DataReader:
+    """
+    Reads one message from the bytes after ``354``: finds the terminating
+    CRLF "." CRLF, removes the transparency dots (RFC 5321 §4.5.2) as the
+    bytes arrive, and counts the size of the *unstuffed* message.
+
+    Memory is bounded by *max_size* plus one partial line: complete lines
+    are unstuffed and appended to the message as they come, and once the
+    message is over *max_size* nothing more is kept but the few bytes the
+    terminator search needs.  A bare CR or LF never ends or splits a line
+    here; see :func:`has_bare_newline`.
+    """
+
+    __slots__ = ("max_size", "_body", "_raw", "_scanned", "size", "too_big")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._body = bytearray()
+        # Unprocessed wire bytes, always starting at a line boundary: a CRLF
+        # sentinel first, so the first line is no exception and an empty
+        # message ends with the same CRLF "." CRLF as any other.
+        self._raw = bytearray(b"\r\n")
+        self._scanned = 0
+        #: unstuffed octets so far, CRLFs included
+        self.size = 0
+        self.too_big = False
+
+    def feed(self, buf: bytearray) -> bool:
+        """
+        Take message bytes from the front of *buf*.  Returns True once the
+        end of data was found; what follows it stays in *buf* (the next
+        commands, when pipelined).
+        """
+        raw = self._raw
+        start = len(raw)
+        raw += buf
+        end = raw.find(TERMINATOR, max(0, self._scanned - 4))
+        if end >= 0:
+            del buf[: end + len(TERMINATOR) - start]
+            del raw[end + 2 :]  # keep the CRLF that ends the last line
+            self._take(len(raw))
+            return True
+        buf.clear()
+        if self.too_big:
+            del raw[:-4]  # only the terminator search matters now
+            self._scanned = len(raw)
+            return False
+        # Everything before the last CRLF is whole lines: unstuff them now.
+        # No "\r\n." can straddle that cut: it would need a CRLF after it.
+        cut = raw.rfind(b"\r\n")
+        if cut > 0:
+            self._take(cut)
+        self._scanned = len(raw)
+        # The partial line loses at most its one stuffed dot.
+        if self.size + len(raw) - 3 > self.max_size:
+            self._overflow()
+        return False
+
+    def _take(self, n: int) -> None:
+        if self.too_big:
+            del self._raw[:n]
+            return
+        chunk = bytes(self._raw[:n]).replace(b"\r\n.", b"\r\n")
+        del self._raw[:n]
+        self.size += len(chunk)
+        self._body += chunk
+        if self.size - 2 > self.max_size:
+            self._overflow()
+
+    def _overflow(self) -> None:
+        self.too_big = True
+        self._body = bytearray()
+        del self._raw[:-4]
+        self._scanned = len(self._raw)
+
+    def message(self) -> bytes:
+        """
+        The unstuffed message, each line ending as received, once
+        :meth:`feed` returned True; empty if it was too big.
+        """
+        if self.too_big:
+            return b""
+        return bytes(self._body[2:])
+
+    @property
+    def message_size(self) -> int:
+        """
+        Unstuffed octets read so far (exact once the end was found, unless
+        the message was too big).
+        """
+        return max(0, self.size - 2)
+
+
+def has_bare_newline(data: bytes) -> bool:
+    """
+    True if *data* has a CR not followed by LF or an LF not preceded by CR
+    (RFC 5321 §2.3.8), the material of SMTP smuggling.
+    """
+    pairs = data.count(b"\r\n")
+    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def normalize_newlines(data: bytes) -> bytes:
+    """
+    Every bare CR and bare LF becomes CRLF, so the message has one kind of
+    line end; a lone "." after a bare LF becomes an ordinary line that is
+    dot-stuffed when the message is sent on.
+    """
+    if not has_bare_newline(data):
+        return data
+    return _LINE_END.sub(b"\r\n", data)
+
+
+def protocol_type(esmtp: bool, tls: bool, authenticated: bool, utf8: bool) -> str:
+    """
+    The ``with`` keyword of a Received header: RFC 3848 (ESMTP, ESMTPS,
+    ESMTPA, ESMTPSA) and RFC 6531 §3.7.3 (UTF8SMTP…) for SMTPUTF8 mail.
+    """
+    if not esmtp:
+        return "SMTP"
+    base = "UTF8SMTP" if utf8 else "ESMTP"
+    return base + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+def received_header(
+    helo: str,
+    ip: str,
+    hostname: str,
+    protocol: str,
+    message_id: str,
+    date: str,
+    tls_version: str | None = None,
+    tls_cipher: str | None = None,
+) -> bytes:
+    """
+    The RFC 5321 §4.4 trace header kumoauth prepends to every message.
+
+    *helo* must already be a validated Domain or address literal (the
+    protocol refuses anything else with 501), so no client byte can end
+    the header early or add one.
+    """
+    literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+    tls = ""
+    if tls_version:
+        tls = f"\r\n\t(using {tls_version} with cipher {tls_cipher})"
+    return (
+        f"Received: from {helo} ({literal})\r\n"
+        f"\tby {hostname} (kumoauth) with {protocol} id {message_id}{tls};\r\n"
+        f"\t{date}\r\n"
+    ).encode("utf-8", "replace")

@@ -1,0 +1,65 @@
+"""
+Rate-limited logging of events a client can repeat at will.
+
+A throttled client pipelining 2,000 AUTH lines must not write 2,000 log
+lines: the first event per (client, kind) is logged, the repeats within
+*interval* are only counted, and one summary line says how many there were
+once the interval is over.  Metrics still count every event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+#: seconds during which repeats of one (client, kind) are summarised
+INTERVAL = 60.0
+
+
+class LogLimiter:
+    """
+    Process-lived (it survives reloads); memory is bounded by the number of
+    clients active within one interval.
+    """
+
+    def __init__(self, clock: IReactorTime, interval: float = INTERVAL) -> None:
+        self.clock = clock
+        self.interval = interval
+        # key -> [window start, suppressed count, summary callback]
+        self._windows: dict[tuple[str, ...], list[Any]] = {}
+
+    def allow(self, key: tuple[str, ...], summarise: Callable[[int], None]) -> bool:
+        """
+        True if the event under *key* should be logged now.  Otherwise it is
+        counted, and *summarise(n)* is called once at the end of the
+        interval with the number suppressed.
+        """
+        now = self.clock.seconds()
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.interval:
+            if window is not None and window[1] and window[2] is not None:
+                window[2](window[1])
+            self._windows[key] = [now, 0, None]
+            if len(self._windows) == 1 and window is None:
+                self.clock.callLater(self.interval, self._sweep)
+            return True
+        window[1] += 1
+        window[2] = summarise
+        return False
+
+    def _sweep(self) -> None:
+        now = self.clock.seconds()
+        for key, (start, suppressed, summarise) in list(self._windows.items()):
+            if now - start < self.interval:
+                continue
+            del self._windows[key]
+            if suppressed and summarise is not None:
+                summarise(suppressed)
+        if self._windows:
+            oldest = min(w[0] for w in self._windows.values())
+            self.clock.callLater(max(0.0, oldest + self.interval - now), self._sweep)
+
+    def __len__(self) -> int:
+        return len(self._windows)

@@ -1,0 +1,58 @@
+"""
+Client-controlled text made safe for a text log line or an SMTP reply.
+
+A value a client chose (authc, authz, the EHLO name, an address, a reason
+from a decoder) must never split one log event into two lines, forge a line
+(CR, LF, U+2028, NEL, vertical tab, form feed…: everything ``str.splitlines``
+splits on) or reach a terminal as an escape sequence.  :func:`escape` turns
+every character that is not printable into a visible escape, and doubles
+the backslash so the result is unambiguous.  The JSON log keeps the raw
+values (JSON escapes them itself).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+#: Longest escaped value written to a log line; the rest is elided.
+MAX_LOGGED = 256
+
+
+@lru_cache(maxsize=4096)
+def _escape(value: str) -> str:
+    out = []
+    for ch in value:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            n = ord(ch)
+            if n <= 0xFF:
+                out.append(f"\\x{n:02x}")
+            elif n <= 0xFFFF:
+                out.append(f"\\u{n:04x}")
+            else:
+                out.append(f"\\U{n:08x}")
+    return "".join(out)
+
+
+def escape(value: object, limit: int = MAX_LOGGED) -> str:
+    """
+    *value* as one printable line: bytes are decoded as UTF-8 (invalid
+    bytes escaped), every non-printable character and the backslash are
+    escaped, and more than *limit* characters are cut with ``…``.
+    ``None`` is ``-``.
+    """
+    if value is None:
+        return "-"
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("utf-8", "backslashreplace")
+    else:
+        text = str(value)
+    if len(text) > limit:
+        text = text[:limit]
+        return _escape(text) + "…"
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # the common case: nothing to do
+    return _escape(text)
