@@ -252,7 +252,11 @@ class SubmissionProtocol(Protocol):
         """
         if self._closing:
             return
-        want_paused = self._output_blocked or (self._paused and len(self._buf) > _PAUSE_BUFFER)
+        # During a TLS handshake the TLS layer holds our writes back (and
+        # says so by pausing us) until the handshake, which needs reading,
+        # is done: never stop reading then.
+        blocked = self._output_blocked and self._handshake_timer is None
+        want_paused = blocked or (self._paused and len(self._buf) > _PAUSE_BUFFER)
         if want_paused and not self._reading_paused:
             self._reading_paused = True
             self.transport.pauseProducing()
@@ -262,6 +266,7 @@ class SubmissionProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         self._cancel_handshake_timer()
+        self._sync_reading()
         self.rt.metrics.tls_handshakes.inc()
         try:
             for key, value in describe(self.transport.getHandle()).items():

@@ -258,8 +258,9 @@ def test_bare_lf_dot_is_spooled_whole_as_one_message(server):
     queued = [line for line in lines if line.startswith(b"250 2.0.0 OK queued")]
     assert len(queued) == 1
     msg = spooled(server, queued_id(queued[0].strip()))
+    # One message; bare line ends became CRLF ([server] bare_newlines).
     assert msg.read_bytes().endswith(
-        b"Subject: dots\r\n\r\nfirst\n.\nsecond\r\n. stuffed\r\nlast\r\n"
+        b"Subject: dots\r\n\r\nfirst\r\n.\r\nsecond\r\n. stuffed\r\nlast\r\n"
     )
 
 
