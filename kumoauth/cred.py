@@ -238,5 +238,45 @@ class SubmissionRealm:
         return IMessageDelivery, delivery, delivery.logout
 
 
+@implementer(ICredentialsChecker)
+class CheckerChain:
+    """
+    Several checkers tried in order (``--auth a --auth b``), as Dovecot tries
+    its passdbs: the first that says yes wins; "no" from one passes the
+    attempt to the next; an error in one (a backend down) is remembered and
+    the next is tried.  At the end: an error if any checker failed and none
+    said yes (454, so a user of the broken backend is not told their
+    password is wrong), else ``UnauthorizedLogin`` (535).
+    """
+
+    credentialInterfaces = (IPlainCredentials,)
+
+    def __init__(self, checkers: list[ICredentialsChecker]) -> None:
+        self.checkers = checkers
+
+    async def _check(self, credentials: IPlainCredentials) -> Any:
+        error_seen: Failure | None = None
+        for checker in self.checkers:
+            try:
+                return await defer.maybeDeferred(checker.requestAvatarId, credentials)
+            except error.UnauthorizedLogin:
+                continue
+            except defer.CancelledError:
+                raise
+            except Exception:
+                error_seen = error_seen or Failure()
+        if error_seen is not None:
+            error_seen.raiseException()
+        raise error.UnauthorizedLogin()
+
+    def requestAvatarId(self, credentials: IPlainCredentials) -> defer.Deferred[Any]:
+        return defer.Deferred.fromCoroutine(self._check(credentials))
+
+
 def make_portal(checkers: list[ICredentialsChecker], store: Store | None = None) -> Portal:
-    return Portal(SubmissionRealm(store), [normalize_checker(c) for c in checkers])
+    normalized = [normalize_checker(c) for c in checkers]
+    if len(normalized) > 1:
+        # A Portal keeps one checker per credentials interface: several
+        # become one chain, or all but the last would be ignored.
+        normalized = [CheckerChain(normalized)]
+    return Portal(SubmissionRealm(store), normalized)

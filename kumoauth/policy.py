@@ -18,11 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from twisted.internet import threads
 from twisted.internet.defer import Deferred
-from twisted.python.threadpool import ThreadPool
 
 from kumoauth.textsafe import escape
+from kumoauth.threads import BlockingPool
 
 EVENTS = (
     "smtp_server_connection_accepted",
@@ -221,15 +220,16 @@ async def _await(awaitable: Any) -> Any:
 
 class Invoker:
     """
-    Calls handlers: those marked :func:`blocking` in *pool* (through
-    *reactor*), all others with :func:`invoke` on the reactor thread.
+    Calls handlers: those marked :func:`blocking` in *pool* (a bounded
+    :class:`~kumoauth.threads.BlockingPool`), all others with :func:`invoke`
+    on the reactor thread.
     """
 
-    def __init__(self, reactor: Any = None, pool: ThreadPool | None = None) -> None:
+    def __init__(self, reactor: Any = None, pool: BlockingPool | None = None) -> None:
         self.reactor = reactor
         self.pool = pool
 
     def __call__(self, fn: Handler, *args: Any) -> Any:
         if self.pool is not None and is_blocking(fn):
-            return threads.deferToThreadPool(self.reactor, self.pool, fn, *args)
+            return self.pool.call(fn, *args)
         return invoke(fn, *args)

@@ -19,7 +19,6 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.logger import ILogObserver, Logger, globalLogPublisher, jsonFileLogObserver
-from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 from zope.interface import provider
 
@@ -29,10 +28,16 @@ from kumoauth.listener import Runtime, SubmissionFactory, wrap_listener
 from kumoauth.metrics import site_root
 from kumoauth.policy import Invoker, Policy, PolicyError, load_policy
 from kumoauth.spool import Spool, SpoolWriter
+from kumoauth.threads import BlockingPool, stop_within
 from kumoauth.throttle import Throttle, make_store
 from kumoauth.tls import ServerContextFactory, TLSError, build_context, make_self_signed
 
 log = Logger(namespace="kumoauth")
+
+#: blocking calls that may wait per checker thread before new ones get a 4xx
+QUEUED_PER_THREAD = 10
+#: seconds a shutdown waits for the spool writer and checker threads
+STOP_THREADS_WITHIN = 5.0
 
 
 class OperatorError(Exception):
@@ -216,7 +221,7 @@ class KumoauthService(service.MultiService):
         cfg: Config,
         runtime: Runtime,
         writer: SpoolWriter,
-        checker_pool: ThreadPool,
+        checker_pool: BlockingPool,
         reactor: Any,
         override: list[ICredentialsChecker] | None,
     ) -> None:
@@ -317,12 +322,17 @@ class KumoauthService(service.MultiService):
             )
         d.addCallback(lambda _: sessions.drain(grace, self.reactor))
 
-        def stop_threads(_: object) -> None:
-            self.writer.stop()
-            self.checker_pool.stop()
+        def stop_threads(_: object) -> defer.Deferred[None]:
+            # Joined off the reactor thread, and not waited for past a few
+            # seconds: a hung handler must not hold SIGTERM.
             if self._json_log is not None:
                 globalLogPublisher.removeObserver(self._json_log)
                 self._json_log = None
+            return stop_within(
+                defer.gatherResults([self.writer.stop(), self.checker_pool.stop()]),
+                STOP_THREADS_WITHIN,
+                self.reactor,
+            )
 
         d.addCallback(stop_threads)
         d.addCallback(lambda _: super(KumoauthService, self).stopService())
@@ -477,7 +487,12 @@ def make_service_from_config(
         return make_supervisor(cfg, reactor, checkers, auth_args or [])
     spool = prepare_spool(cfg, recover=adopt is None)
     writer = SpoolWriter(spool, reactor)
-    checker_pool = ThreadPool(minthreads=0, maxthreads=cfg.auth.threads, name="kumoauth-checker")
+    checker_pool = BlockingPool(
+        reactor,
+        threads=cfg.auth.threads,
+        max_queued=cfg.auth.threads * QUEUED_PER_THREAD,
+        name="kumoauth-checker",
+    )
     runtime = build_runtime(cfg, reactor, checkers, writer, Invoker(reactor, checker_pool))
 
     top = KumoauthService(cfg, runtime, writer, checker_pool, reactor, checkers)

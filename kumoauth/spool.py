@@ -257,16 +257,26 @@ class SpoolWriter:
         self._thread = threading.Thread(target=self._run, name="kumoauth-spool", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self) -> defer.Deferred[None]:
         """
-        Finish what is queued, then end the thread.
+        Finish what is queued, then end the thread; fires on the reactor
+        thread once it has ended (the join happens in a helper thread, so a
+        slow disk never blocks the reactor).
         """
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def join() -> None:
+            thread.join()
+            self.reactor.callFromThread(d.callback, None)
+
+        threading.Thread(target=join, name="kumoauth-spool-stop", daemon=True).start()
+        return d
 
     def store(self, message: Message) -> defer.Deferred[str]:
         d: defer.Deferred[str] = defer.Deferred()
