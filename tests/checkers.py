@@ -28,3 +28,17 @@ class TenantChecker:
 
 def tenant_checker():
     return TenantChecker()
+
+
+@implementer(ICredentialsChecker)
+class NeverChecker:
+    """A backend that never answers (a hung LDAP, say)."""
+
+    credentialInterfaces = (IPlainCredentials,)
+
+    def requestAvatarId(self, credentials):
+        return defer.Deferred()
+
+
+def never_checker():
+    return NeverChecker()

@@ -20,3 +20,12 @@ def test_testing_policies_example(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     result = pytest.main(["-q", "-p", "no:cacheprovider", str(example)])
     assert result == 0
+
+
+def test_security_md_names_tests_that_exist():
+    """Every [`test_…`] cited as a defence's proof is a real test."""
+    cited = set(re.findall(r"`(test_[a-z0-9_]+)`", (REPO / "docs/security.md").read_text()))
+    defined = set()
+    for path in (REPO / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^(?:async )?def (test_[a-z0-9_]+)", path.read_text(), re.M))
+    assert cited - defined == set()
