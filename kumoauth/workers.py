@@ -156,10 +156,20 @@ class Supervisor(service.Service):
             args += ["--adopt", f"{i}:{fd}:{family}"]
         for auth in self.auth_args:
             args += ["--auth", auth]
+        args.append("--ticket-secret-stdin")
         env = dict(os.environ, **{MULTIPROC_ENV: self.metrics_dir})
         worker = WorkerProcess(self, index)
         self.workers[index] = worker
-        self.reactor.spawnProcess(worker, sys.executable, args, env=env, childFDs=child_fds)
+        transport = self.reactor.spawnProcess(
+            worker, sys.executable, args, env=env, childFDs=child_fds
+        )
+        # TLS session-ticket keys (kumoauth.tls): every worker derives them
+        # from this process's secret, so a ticket from one is good at all.
+        # Through the stdin pipe: never in argv, the environment or a log.
+        from kumoauth.tls import ticket_secret
+
+        transport.write(ticket_secret().hex().encode() + b"\n")
+        transport.closeStdin()
 
     def ended(self, worker: WorkerProcess, reason: Any) -> None:
         from prometheus_client import multiprocess
@@ -281,7 +291,12 @@ def worker_main(argv: list[str] | None = None) -> None:
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--adopt", action="append", default=[])
     p.add_argument("--auth", action="append", default=[])
+    p.add_argument("--ticket-secret-stdin", action="store_true")
     args = p.parse_args(argv)
+    if args.ticket_secret_stdin:
+        from kumoauth.tls import adopt_ticket_secret
+
+        adopt_ticket_secret(bytes.fromhex(sys.stdin.readline().strip()))
     # Lines for the supervisor, which adds its own timestamp.
     observer = FileLogObserver(sys.stdout, _line)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
