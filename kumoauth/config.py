@@ -221,7 +221,7 @@ def _table(v: Any) -> dict[str, Any]:
 def _mechanisms(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(m, str) for m in v):
         raise _Bad(f"expected a list of strings, got {_show(v)}")
-    from kumoauth.mechanisms import REGISTRY
+    from kumoauth.auth.mechanisms import REGISTRY
 
     names = tuple(m.upper() for m in v)
     for name in names:

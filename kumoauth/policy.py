@@ -20,8 +20,8 @@ from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred
 
+from kumoauth.ops.threads import BlockingPool
 from kumoauth.textsafe import escape
-from kumoauth.threads import BlockingPool
 
 EVENTS = (
     "smtp_server_connection_accepted",
@@ -221,7 +221,7 @@ async def _await(awaitable: Any) -> Any:
 class Invoker:
     """
     Calls handlers: those marked :func:`blocking` in *pool* (a bounded
-    :class:`~kumoauth.threads.BlockingPool`), all others with :func:`invoke`
+    :class:`~kumoauth.ops.threads.BlockingPool`), all others with :func:`invoke`
     on the reactor thread.
     """
 

@@ -11,7 +11,7 @@ from twisted.application import service
 from twisted.cred import strcred
 from twisted.python import usage
 
-from kumoauth.service import OperatorError, make_service
+from kumoauth.ops.assembly import OperatorError, load_config
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -39,14 +39,22 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
 def makeService(options: Options | dict[str, Any]) -> service.IService:
     """
-    Build the service; an operator error prints one line and exits 1.
+    Build the service: one process, or with ``[server] workers > 1`` a
+    supervisor and its workers.  An operator error prints one line and
+    exits 1.
     """
+    from twisted.internet import reactor
+
     try:
-        return make_service(
-            options["config"],
-            checkers=options.get("credCheckers"),
-            auth_args=options.get("authArgs"),
-        )
+        cfg = load_config(options["config"])
+        checkers = options.get("credCheckers")
+        if cfg.server.workers > 1:
+            from kumoauth.ops.workers import make_supervisor
+
+            return make_supervisor(cfg, reactor, checkers, options.get("authArgs") or [])
+        from kumoauth.ops.service import make_service_from_config
+
+        return make_service_from_config(cfg, reactor, checkers)
     except OperatorError as e:
         sys.stderr.write(f"kumoauth: error: {e}\n")
         sys.stderr.flush()

@@ -36,15 +36,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from kumoauth.auth.cred import PolicyChecker, make_portal
+from kumoauth.auth.throttle import MemoryFailureStore, Throttle
 from kumoauth.config import AuthConfig, ListenerConfig, ServerConfig
-from kumoauth.cred import PolicyChecker, make_portal
-from kumoauth.delivery import Message
-from kumoauth.listener import Runtime, SubmissionFactory
 from kumoauth.meta import ConnMeta
 from kumoauth.policy import Policy, Reject, invoke, load_policy
-from kumoauth.protocol import SubmissionProtocol
-from kumoauth.spool import Spool, SpooledMessage
-from kumoauth.throttle import MemoryFailureStore, Throttle
+from kumoauth.smtp.protocol import SubmissionFactory, SubmissionProtocol
+from kumoauth.smtp.runtime import ProcessState, Runtime
+from kumoauth.storage.delivery import Message
+from kumoauth.storage.spool import Spool, SpooledMessage
 
 __all__ = [
     "Reject",
@@ -166,14 +166,15 @@ class Session:
                 handler = policy.handler("smtp_server_auth_plain")
                 checkers = [PolicyChecker(handler, auth.timeout, self.clock)] if handler else []
             store = self._store
+            process = ProcessState(
+                clock=self.clock, store=store, tls=_NO_TLS if tls != "none" else None
+            )
             runtime = Runtime(
+                process=process,
                 server=server or ServerConfig(hostname="mail.example.com"),
                 auth=auth,
                 policy=policy,
                 portal=make_portal(list(checkers), store),
-                store=store,
-                clock=self.clock,
-                tls=_NO_TLS if tls != "none" else None,
                 throttle=Throttle(MemoryFailureStore(self.clock), auth.throttle),
             )
         self.runtime = runtime

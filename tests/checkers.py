@@ -10,7 +10,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from zope.interface import implementer
 
-from kumoauth.cred import IPlainCredentials
+from kumoauth.auth.cred import IPlainCredentials
 
 
 @implementer(ICredentialsChecker)

@@ -8,7 +8,7 @@ import pytest
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, task
 
-from kumoauth import sasl
+from kumoauth.auth import sasl
 from kumoauth.config import AuthConfig
 from kumoauth.policy import Policy
 from kumoauth.testing import login_b64, plain_b64

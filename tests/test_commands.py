@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kumoauth.commands import (
+from kumoauth.smtp.commands import (
     CommandError,
     check_mail_params,
     is_mailbox,

@@ -17,15 +17,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from zope.interface import implementer
 
-from kumoauth.authenticator import Attempt, Authenticator, AuthLog, InFlight
+from kumoauth.auth.authenticator import Attempt, Authenticator, AuthLog, InFlight
+from kumoauth.auth.cred import CheckerChain, IPlainCredentials, PlainCredentials, make_portal
+from kumoauth.auth.mechanisms import REGISTRY, Login, Plain, SASLResult
+from kumoauth.auth.throttle import MemoryFailureStore, Throttle
 from kumoauth.config import AuthConfig, ConfigError, ThrottleConfig, parse
-from kumoauth.cred import CheckerChain, IPlainCredentials, PlainCredentials, make_portal
-from kumoauth.loglimit import LogLimiter
-from kumoauth.mechanisms import REGISTRY, Login, Plain, SASLResult
 from kumoauth.meta import ConnMeta
-from kumoauth.metrics import Metrics
-from kumoauth.threads import BlockingPool, QueueFull
-from kumoauth.throttle import MemoryFailureStore, Throttle
+from kumoauth.ops.loglimit import LogLimiter
+from kumoauth.ops.metrics import Metrics
+from kumoauth.ops.threads import BlockingPool, QueueFull
 
 # --- BlockingPool -----------------------------------------------------------------
 
@@ -187,8 +187,8 @@ def test_chain_error_is_tempfail_only_if_nobody_said_yes():
 
 def test_portal_with_two_checkers_uses_both():
     portal = make_portal([Fixed({"alice": "x"}), Fixed({"bob": "y"})])
-    from kumoauth.cred import AuthContext
-    from kumoauth.delivery import IMessageDelivery
+    from kumoauth.auth.cred import AuthContext
+    from kumoauth.storage.delivery import IMessageDelivery
 
     for user, password in (("alice", "x"), ("bob", "y")):
         c = creds(user, password)

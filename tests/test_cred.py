@@ -10,7 +10,7 @@ from twisted.cred.checkers import FilePasswordDB, InMemoryUsernamePasswordDataba
 from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import defer, task
 
-from kumoauth.cred import (
+from kumoauth.auth.cred import (
     AuthContext,
     IPlainCredentials,
     PlainCredentials,
@@ -19,8 +19,8 @@ from kumoauth.cred import (
     load_checker_factory,
     make_portal,
 )
-from kumoauth.delivery import IMessageDelivery
 from kumoauth.meta import ConnMeta
+from kumoauth.storage.delivery import IMessageDelivery
 
 
 def result_of(d: defer.Deferred):
@@ -116,7 +116,7 @@ def test_realm_only_gives_message_delivery():
     [
         ("nocolon", "is not"),
         ("no_such_module_x:f", "cannot import"),
-        ("kumoauth.cred:nothing_here", "has no attribute"),
+        ("kumoauth.auth.cred:nothing_here", "has no attribute"),
         ("kumoauth.meta:ConnMeta", "did not return an ICredentialsChecker"),
     ],
 )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from kumoauth.spool import Spool
+from kumoauth.storage.spool import Spool
 from tests.conftest import read_only
 from tests.server import make_certs, running_server, wait_for_port
 

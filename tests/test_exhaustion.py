@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kumoauth.config import AuthConfig, ServerConfig, ThrottleConfig
-from kumoauth.data import DataReader
+from kumoauth.smtp.data import DataReader
 from kumoauth.testing import Session, plain_b64
 from tests.test_protocol import HOST, authed, scott_policy, send_message
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from kumoauth.spool import Spool
+from kumoauth.storage.spool import Spool
 from tests.server import Certs, make_certs, running_server
 from tests.test_e2e import POLICY, login, starttls_client
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from twisted.logger import formatEventAsClassicLogText
 
 from kumoauth.config import ServerConfig
-from kumoauth.data import has_bare_newline, normalize_newlines, received_header
 from kumoauth.policy import Reject
+from kumoauth.smtp.data import has_bare_newline, normalize_newlines, received_header
 from kumoauth.testing import Session, plain_b64
 from kumoauth.textsafe import escape
 from tests.test_protocol import HOST, authed, scott_policy, send_message

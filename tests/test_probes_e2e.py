@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from kumoauth.spool import Spool
+from kumoauth.storage.spool import Spool
 from tests.server import free_port, make_certs, running_server
 from tests.test_e2e import POLICY, queued_id, starttls_client
 

@@ -7,6 +7,7 @@ every handler and checker, handlers looked up at call time.
 
 from __future__ import annotations
 
+import dataclasses
 import unicodedata
 
 import pytest
@@ -14,10 +15,10 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from zope.interface import implementer
 
+from kumoauth.auth.cred import IPlainCredentials
 from kumoauth.config import AuthConfig
-from kumoauth.cred import IPlainCredentials
 from kumoauth.policy import Policy
-from kumoauth.protocol import SubmissionProtocol
+from kumoauth.smtp.protocol import SubmissionProtocol
 from kumoauth.testing import Session, login_b64, plain_b64
 from tests.test_protocol import HOST, authed, scott_policy
 
@@ -202,8 +203,9 @@ def test_starttls_forgets_meta_the_client_caused(make_session):
 def test_policy_handler_that_never_answers(tmp_path, event, command, reply):
     policy = scott_policy()
     policy.on(event, lambda *a: defer.Deferred())
-    s = Session(policy, spool_dir=tmp_path)
-    s.runtime.policy_timeout = 5.0
+    s = Session(policy, spool_dir=tmp_path, connect=False)
+    s.factory.runtime = dataclasses.replace(s.runtime, policy_timeout=5.0)
+    s.connect()
     if event != "smtp_server_ehlo":
         s.command("EHLO client.example")
         s.command("AUTH PLAIN " + plain_b64("", "scott", "tiger"))
@@ -218,7 +220,7 @@ def test_connection_handler_that_never_answers_gets_421(tmp_path):
     policy = Policy()
     policy.on("smtp_server_connection_accepted", lambda meta: defer.Deferred())
     s = Session(policy, spool_dir=tmp_path, connect=False)
-    s.runtime.policy_timeout = 5.0
+    s.factory.runtime = dataclasses.replace(s.runtime, policy_timeout=5.0)
     assert s.connect() == ""
     s.clock.advance(5)
     assert s.output().startswith("421 4.3.0")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from kumoauth.spool import Spool
+from kumoauth.storage.spool import Spool
 from tests.server import make_certs, running_server
 from tests.test_e2e import POLICY, login, send, starttls_client
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from kumoauth import sasl
-from kumoauth.sasl import SASLError
+from kumoauth.auth import sasl
+from kumoauth.auth.sasl import SASLError
 
 field = st.text(
     alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),

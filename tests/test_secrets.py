@@ -11,8 +11,8 @@ import smtplib
 import pytest
 from twisted.internet import defer, task
 
+from kumoauth.auth.cred import PlainCredentials
 from kumoauth.config import AuthConfig
-from kumoauth.cred import PlainCredentials
 from kumoauth.meta import ConnMeta
 from kumoauth.policy import Policy
 from kumoauth.testing import login_b64, plain_b64

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from kumoauth.config import ServerConfig
-from kumoauth.spool import Spool
+from kumoauth.storage.spool import Spool
 from kumoauth.testing import plain_b64
 from tests.server import make_certs, running_server
 from tests.test_e2e import POLICY, login, starttls_client

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from kumoauth.delivery import Message
-from kumoauth.spool import Spool, SpoolError, is_id, new_id
+from kumoauth.storage.delivery import Message
+from kumoauth.storage.spool import Spool, SpoolError, is_id, new_id
 
 
 def message(mid=None, data=b"Subject: x\r\n\r\nbody\r\n", **meta):
@@ -103,7 +103,7 @@ def test_read_unknown(spool):
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "kumoauth.spoolcli", *args],
+        [sys.executable, "-m", "kumoauth.cli.spool", *args],
         capture_output=True,
         text=True,
         timeout=30,

@@ -5,15 +5,14 @@ the throttle on their own, and through the real protocol with a fake clock.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from twisted.internet import defer, task
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from kumoauth.config import AuthConfig, ThrottleConfig
-from kumoauth.policy import Policy
-from kumoauth.testing import login_b64, plain_b64
-from kumoauth.throttle import (
+from kumoauth.auth.throttle import (
     FINGERPRINT_SIZE,
     IFailureStore,
     MemoryFailureStore,
@@ -23,6 +22,9 @@ from kumoauth.throttle import (
     client_key,
     make_store,
 )
+from kumoauth.config import AuthConfig, ThrottleConfig
+from kumoauth.policy import Policy
+from kumoauth.testing import login_b64, plain_b64
 
 PASSWORDS = {"alice": "wonderland", "bob": "builder", "scott": "tiger"}
 
@@ -161,8 +163,10 @@ def test_unavailable_store_fails_closed(make_session):
     checker = Checker()
     policy = Policy()
     policy.on("smtp_server_auth_plain", checker)
-    s = make_session(policy)
-    s.runtime.authenticator.throttle = Throttle(BrokenStore(), ThrottleConfig())
+    s = make_session(policy, connect=False)
+    broken = Throttle(BrokenStore(), ThrottleConfig())
+    s.factory.runtime = dataclasses.replace(s.runtime, throttle=broken)
+    s.connect()
     s.command("EHLO client.example")
     assert attempt(s, "scott", "tiger").startswith("454 4.7.0")
     assert checker.calls == []

@@ -29,8 +29,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL.SSL import WantReadError
 
-from kumoauth import tls
 from kumoauth.config import TLSConfig
+from kumoauth.tls import context as tls
 from tests.server import Certs, Server, free_port, make_certs, write_config
 from tests.test_e2e import POLICY
 
@@ -211,7 +211,7 @@ def test_bad_groups_or_ciphers_stop_startup_with_one_line(
     tmp_path: Path, certs: Certs, lines: str, message: str
 ) -> None:
     from kumoauth.config import load
-    from kumoauth.service import OperatorError, build_tls
+    from kumoauth.ops.service import OperatorError, build_tls
 
     with pytest.raises(OperatorError) as e:
         build_tls(load(_config(tmp_path, certs, lines)))

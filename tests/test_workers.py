@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kumoauth.spool import Spool
+from kumoauth.storage.spool import Spool
 from tests.server import free_port, make_certs, running_server
 from tests.test_e2e import POLICY, login, send, starttls_client
 

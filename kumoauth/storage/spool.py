@@ -34,7 +34,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 
-from kumoauth.delivery import Message
+from kumoauth.storage.delivery import Message
 
 EML = ".eml"
 JSON = ".json"

@@ -2,7 +2,7 @@
 ``[server] workers = N``: N reactor processes sharing the listening sockets.
 
 The supervisor (the twistd process) binds every listener itself, before
-dropping privileges, and starts N workers (``python -m kumoauth.workers``),
+dropping privileges, and starts N workers (``python -m kumoauth.ops.workers``),
 handing each the sockets as inherited file descriptors; a worker adopts them
 (``adoptStreamPort``) and runs the ordinary kumoauth service on them, so the
 kernel spreads new connections across workers.  The supervisor:
@@ -36,6 +36,15 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import Logger
 
 from kumoauth.config import Config
+from kumoauth.ops.assembly import OperatorError, build_runtime, prepare_spool
+from kumoauth.ops.listening import (
+    ListenError,
+    ListenerService,
+    QuietSite,
+    bind,
+    fail_start,
+    install_signals,
+)
 
 log = Logger(namespace="kumoauth.workers")
 
@@ -110,18 +119,20 @@ class Supervisor(service.Service):
         self.metrics_dir = tempfile.mkdtemp(prefix="kumoauth-metrics-")
 
     def privilegedStartService(self) -> None:
-        from kumoauth.service import bind
 
         super().privilegedStartService()
         for i, listener in enumerate(self.cfg.listeners):
             endpoint = endpoints.serverFromString(self.reactor, listener.endpoint)
-            port = bind(
-                endpoint,
-                _Unused(),
-                str(self.cfg.source),
-                f"[[listener]] #{i + 1} endpoint",
-                listener.endpoint,
-            )
+            try:
+                port = bind(
+                    endpoint,
+                    _Unused(),
+                    str(self.cfg.source),
+                    f"[[listener]] #{i + 1} endpoint",
+                    listener.endpoint,
+                )
+            except ListenError as e:
+                fail_start(str(e))
             port.stopReading()  # the workers accept, not us
             self.ports.append((port, _family(port.getHost())))
             log.info(
@@ -135,7 +146,6 @@ class Supervisor(service.Service):
         super().startService()
         for index in range(self.cfg.server.workers):
             self.spawn(index)
-        from kumoauth.service import install_signals
 
         install_signals(self.reactor, lambda: self.signal_workers("HUP", ready_only=True))
 
@@ -143,7 +153,7 @@ class Supervisor(service.Service):
         args = [
             sys.executable,
             "-m",
-            "kumoauth.workers",
+            "kumoauth.ops.workers",
             "--config",
             str(self.cfg.source),
             "--index",
@@ -166,7 +176,7 @@ class Supervisor(service.Service):
         # TLS session-ticket keys (kumoauth.tls): every worker derives them
         # from this process's secret, so a ticket from one is good at all.
         # Through the stdin pipe: never in argv, the environment or a log.
-        from kumoauth.tls import ticket_secret
+        from kumoauth.tls.context import ticket_secret
 
         transport.write(ticket_secret().hex().encode() + b"\n")
         transport.closeStdin()
@@ -241,16 +251,10 @@ def make_supervisor(
     here first (so an operator error stops start-up), then the supervisor
     binds and runs the workers.
     """
-    from kumoauth.metrics import multiprocess_site_root
-    from kumoauth.service import (
-        Invoker,
-        ListenerService,
-        OperatorError,
-        QuietSite,
-        build_runtime,
-        prepare_spool,
-    )
-    from kumoauth.spool import SpoolWriter
+    from kumoauth.ops.metrics import multiprocess_site_root
+    from kumoauth.policy import Invoker
+    from kumoauth.smtp.runtime import ProcessState
+    from kumoauth.storage.spool import SpoolWriter
 
     for listener in cfg.listeners:
         if listener.endpoint.startswith(("haproxy:", "systemd:")):
@@ -260,7 +264,8 @@ def make_supervisor(
             )
     spool = prepare_spool(cfg, recover=True)
     # Validate TLS, policy, checker and throttle store like a single process.
-    build_runtime(cfg, reactor, checkers, SpoolWriter(spool, reactor), Invoker())
+    process = ProcessState(clock=reactor, store=SpoolWriter(spool, reactor).store)
+    build_runtime(cfg, process, checkers, Invoker())
     top = service.MultiService()
     supervisor = Supervisor(cfg, reactor, auth_args)
     supervisor.setServiceParent(top)
@@ -284,9 +289,9 @@ def worker_main(argv: list[str] | None = None) -> None:
     from twisted.logger import FileLogObserver, globalLogBeginner
 
     from kumoauth.config import load
-    from kumoauth.service import make_service_from_config
+    from kumoauth.ops.service import make_service_from_config
 
-    p = argparse.ArgumentParser(prog="python -m kumoauth.workers")
+    p = argparse.ArgumentParser(prog="python -m kumoauth.ops.workers")
     p.add_argument("--config", required=True)
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--adopt", action="append", default=[])
@@ -294,7 +299,7 @@ def worker_main(argv: list[str] | None = None) -> None:
     p.add_argument("--ticket-secret-stdin", action="store_true")
     args = p.parse_args(argv)
     if args.ticket_secret_stdin:
-        from kumoauth.tls import adopt_ticket_secret
+        from kumoauth.tls.context import adopt_ticket_secret
 
         adopt_ticket_secret(bytes.fromhex(sys.stdin.readline().strip()))
     # Lines for the supervisor, which adds its own timestamp.

@@ -10,7 +10,7 @@ speaks :class:`IPlainCredentials`:
   checker (``FilePasswordDB``, strcred's ``memory:`` and ``file:``, …) and
   refuses a proxy authorization (authz ≠ authc) it cannot judge.
 
-The realm hands back a :class:`~kumoauth.delivery.Delivery` avatar carrying
+The realm hands back a :class:`~kumoauth.storage.delivery.Delivery` avatar carrying
 ``authn_id``, ``authz_id`` and conn_meta into every message.
 """
 
@@ -32,9 +32,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import Attribute, implementer
 
-from kumoauth.delivery import Delivery, IMessageDelivery, Store
 from kumoauth.meta import ConnMeta
 from kumoauth.policy import Handler, Invoke, invoke
+from kumoauth.storage.delivery import Delivery, IMessageDelivery, Store
 
 
 class IPlainCredentials(IUsernamePassword):

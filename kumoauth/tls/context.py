@@ -11,7 +11,7 @@ of our own, shared by every ``[server] workers`` process and by every
 context a reload builds, and rotated hourly (the previous key still
 decrypts).
 
-The context and connections are :mod:`kumoauth.tls_openssl`'s (the system
+The context and connections are :mod:`kumoauth.tls.openssl`'s (the system
 OpenSSL 3 ``libssl``), not pyOpenSSL's: pyOpenSSL cannot stop TLS 1.3
 tickets, set the groups list or the ticket keys.  See docs/decisions.md.
 """
@@ -32,8 +32,8 @@ from typing import Any
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
-from kumoauth import tls_openssl as ossl
 from kumoauth.config import TLSConfig
+from kumoauth.tls import openssl as ossl
 
 #: TLS 1.2 suites: ECDHE key exchange with AES-GCM or ChaCha20-Poly1305 only
 #: (no RSA key exchange, no CBC, no SHA-1 MACs, no 3DES/RC4/NULL/export): a

@@ -2,7 +2,7 @@
 The ESMTP submission protocol: the state machine of SPEC §6.
 
 It frames lines, keeps session state and calls out to the pieces around it:
-:mod:`kumoauth.commands` parses, :mod:`kumoauth.sasl` decodes, the Cred
+:mod:`kumoauth.smtp.commands` parses, :mod:`kumoauth.auth.sasl` decodes, the Cred
 portal checks, the policy handlers decide, the delivery avatar spools.
 
 Pipelining (RFC 2920) is served by processing buffered lines one at a time
@@ -19,15 +19,20 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kumoauth import sasl
-from kumoauth.authenticator import Attempt, Outcome
-from kumoauth.commands import (
+from kumoauth.auth import sasl
+from kumoauth.auth.authenticator import Attempt, Outcome
+from kumoauth.auth.cred import PlainCredentials
+from kumoauth.auth.mechanisms import REGISTRY, Mechanism
+from kumoauth.meta import ConnMeta
+from kumoauth.policy import Reject
+from kumoauth.smtp.commands import (
     MAX_COMMAND_LINE,
     CommandError,
     check_mail_params,
@@ -36,24 +41,20 @@ from kumoauth.commands import (
     parse_path,
     reply_lines,
 )
-from kumoauth.cred import PlainCredentials
-from kumoauth.data import (
+from kumoauth.smtp.data import (
     DataReader,
     has_bare_newline,
     normalize_newlines,
     protocol_type,
     received_header,
 )
-from kumoauth.delivery import Delivery, Message
-from kumoauth.mechanisms import REGISTRY, Mechanism
-from kumoauth.meta import ConnMeta
-from kumoauth.policy import Reject
-from kumoauth.spool import SpoolError, new_id
-from kumoauth.tls import describe
+from kumoauth.smtp.runtime import Runtime
+from kumoauth.storage.delivery import Delivery, Message
+from kumoauth.storage.spool import SpoolError, new_id
+from kumoauth.tls.context import describe
 
 if TYPE_CHECKING:
     from kumoauth.config import ListenerConfig
-    from kumoauth.listener import Runtime, SubmissionFactory
 
 log = Logger(namespace="kumoauth.smtp")
 auth_log = Logger(namespace="kumoauth.auth")
@@ -797,7 +798,7 @@ class SubmissionProtocol(Protocol):
 
     # --- AUTH (RFC 4954) -------------------------------------------------
     # The protocol only frames the exchange: the mechanism object decodes
-    # (kumoauth.mechanisms), the Authenticator decides (kumoauth.authenticator).
+    # (kumoauth.auth.mechanisms), the Authenticator decides (kumoauth.auth.authenticator).
 
     def _attempt_for(self, mechanism: str) -> Attempt:
         return Attempt(
@@ -939,3 +940,27 @@ def _is_tls_failure(reason: Failure) -> bool:
     from OpenSSL import SSL
 
     return reason.check(SSL.Error) is not None
+
+
+class SubmissionFactory(Factory):
+    """
+    Builds :class:`SubmissionProtocol` for one listener.  ``runtime`` is the
+    configuration generation new connections get; a reload replaces it.
+    """
+
+    noisy = False
+    protocol = SubmissionProtocol  # type: ignore[assignment]
+
+    def __init__(self, listener: ListenerConfig, runtime: Runtime) -> None:
+        self.listener = listener
+        self.runtime = runtime
+
+
+def wrap_listener(factory: SubmissionFactory) -> IProtocolFactory:
+    """
+    The factory to listen with: wrapped in TLS for ``tls = "implicit"``.
+    """
+    if factory.listener.tls == "implicit":
+        assert factory.runtime.tls is not None
+        return TLSMemoryBIOFactory(factory.runtime.tls, False, factory)
+    return factory

@@ -13,7 +13,7 @@ import json
 import sys
 
 from kumoauth.config import ConfigError, load
-from kumoauth.spool import Spool
+from kumoauth.storage.spool import Spool
 
 
 def main(argv: list[str] | None = None) -> int:

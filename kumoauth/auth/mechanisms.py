@@ -5,7 +5,7 @@ Each mechanism is a class registered by name; the protocol makes one
 object per AUTH attempt and feeds it the decoded client responses:
 :meth:`Mechanism.respond` returns either the next challenge (bytes, which
 the protocol sends base64-encoded after ``334``) or the finished
-:class:`SASLResult`.  Malformed input raises :class:`~kumoauth.sasl.SASLError`.
+:class:`SASLResult`.  Malformed input raises :class:`~kumoauth.auth.sasl.SASLError`.
 Twisted's ``IChallengeResponse`` is the model; a new mechanism is one new
 class here (or anywhere, with :func:`register`), not a branch in the state
 machine.
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kumoauth import sasl
+from kumoauth.auth import sasl
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ def stop_within(d: defer.Deferred[Any], seconds: float, clock: Any) -> defer.Def
     threads, then goes on (they are daemon threads; the process can exit).
     """
     out: defer.Deferred[None] = defer.Deferred()
+
     def give_up() -> None:
         if not out.called:
             out.callback(None)

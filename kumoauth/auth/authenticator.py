@@ -20,15 +20,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kumoauth.auth.cred import AuthContext
+from kumoauth.auth.mechanisms import REGISTRY
+from kumoauth.auth.throttle import Throttle
 from kumoauth.config import AuthConfig
-from kumoauth.cred import AuthContext
-from kumoauth.delivery import Delivery, IMessageDelivery
-from kumoauth.loglimit import LogLimiter
-from kumoauth.mechanisms import REGISTRY
 from kumoauth.meta import ConnMeta
-from kumoauth.metrics import Metrics
+from kumoauth.ops.loglimit import LogLimiter
+from kumoauth.ops.metrics import Metrics
+from kumoauth.storage.delivery import Delivery, IMessageDelivery
 from kumoauth.textsafe import escape
-from kumoauth.throttle import Throttle
 
 log = Logger(namespace="kumoauth")
 auth_log = Logger(namespace="kumoauth.auth")

@@ -1,32 +1,33 @@
 """
-Listeners: one protocol factory per ``[[listener]]``, and the run-time state
-they share (:class:`Runtime`).
+What sessions share: the process-lived state (:class:`ProcessState`:
+connection limits, live sessions, metrics, checks in flight…) and the
+immutable configuration generation over it (:class:`Runtime`).
 
 A connection captures the :class:`Runtime` current when it is accepted and
 keeps it to the end, so replacing ``factory.runtime`` (a reload) changes what
-new connections get without touching live sessions.
+new connections get without touching live sessions; the process-lived part
+is the same object in every generation.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.cred.portal import Portal
 from twisted.internet import defer
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime
-from twisted.internet.protocol import Factory
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet.interfaces import IReactorTime
 
-from kumoauth.authenticator import Authenticator, AuthLog, InFlight
+from kumoauth.auth.authenticator import Authenticator, AuthLog, InFlight
+from kumoauth.auth.throttle import Throttle
 from kumoauth.config import AuthConfig, ListenerConfig, ServerConfig
-from kumoauth.delivery import Message
-from kumoauth.loglimit import LogLimiter
-from kumoauth.metrics import Metrics
+from kumoauth.ops.loglimit import LogLimiter
+from kumoauth.ops.metrics import Metrics
 from kumoauth.policy import Invoke, Policy, invoke
-from kumoauth.throttle import Throttle
-from kumoauth.tls import ServerContextFactory
+from kumoauth.storage.delivery import Message
+from kumoauth.tls.context import ServerContextFactory
 
 
 class ConnectionLimits:
@@ -104,52 +105,103 @@ class Sessions:
 
 
 @dataclass
-class Runtime:
+class ProcessState:
     """
-    Everything a session needs, shared by all listeners.
+    What lives as long as the process, whatever the configuration: a
+    reload hands it to the new generation unchanged.  Connection counts,
+    live sessions, metrics, checks in flight, log summaries, the spool, the
+    TLS context holder (whose context a reload replaces) and the failure
+    stores with the salt of their fingerprints.
     """
 
-    server: ServerConfig
-    auth: AuthConfig
-    policy: Policy
-    portal: Portal
-    store: Callable[[Message], Any]
     clock: IReactorTime
+    store: Callable[[Message], Any]
     tls: ServerContextFactory | None = None
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     sessions: Sessions = field(default_factory=Sessions)
     metrics: Metrics = field(default_factory=Metrics)
+    in_flight: InFlight = field(default_factory=InFlight)
+    log_limiter: LogLimiter = field(init=False)
+    #: failure stores by their ``[auth.throttle] store`` setting
+    failure_stores: dict[str, Any] = field(default_factory=dict)
+    #: key of the failed-password fingerprints (kumoauth.auth.throttle)
+    throttle_salt: bytes = field(default_factory=lambda: os.urandom(32))
+
+    def __post_init__(self) -> None:
+        self.log_limiter = LogLimiter(self.clock)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """
+    One configuration generation: everything a session needs that a reload
+    replaces (settings, policy, portal, throttle), over the process-lived
+    :class:`ProcessState`.  A session captures the generation current when
+    it connects and keeps it to the end.
+    """
+
+    process: ProcessState
+    server: ServerConfig
+    auth: AuthConfig
+    policy: Policy
+    portal: Portal
     #: calls policy handlers (blocking ones in a thread pool)
     invoke: Invoke = invoke
     #: failed-attempt throttles; None disables them
     throttle: Throttle | None = None
-    #: checker calls in progress, against ``auth.max_in_flight`` (process-lived)
-    in_flight: InFlight = field(default_factory=InFlight)
     #: ``[policy] timeout``: deadline of every policy event but AUTH
     policy_timeout: float = 30.0
     #: ``[tls] handshake_timeout``
     handshake_timeout: float = 30.0
-    #: summarises repeated log events per client (process-lived)
-    log_limiter: LogLimiter | None = None
     authenticator: Authenticator = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.log_limiter is None:
-            self.log_limiter = LogLimiter(self.clock)
-        self.authenticator = Authenticator(
+        process = self.process
+        authenticator = Authenticator(
             portal=self.portal,
-            clock=self.clock,
+            clock=process.clock,
             auth=self.auth,
-            log=AuthLog(self.metrics, self.log_limiter),
-            in_flight=self.in_flight,
+            log=AuthLog(process.metrics, process.log_limiter),
+            in_flight=process.in_flight,
             throttle=self.throttle,
         )
+        object.__setattr__(self, "authenticator", authenticator)
+
+    # The process-lived parts, as a session sees them.
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self.process.clock
+
+    @property
+    def store(self) -> Callable[[Message], Any]:
+        return self.process.store
+
+    @property
+    def tls(self) -> ServerContextFactory | None:
+        return self.process.tls
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        return self.process.limits
+
+    @property
+    def sessions(self) -> Sessions:
+        return self.process.sessions
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.process.metrics
+
+    @property
+    def in_flight(self) -> InFlight:
+        return self.process.in_flight
 
     def ehlo_keywords(self, listener: ListenerConfig, secure: bool) -> list[str]:
         """
-        The EHLO extensions for a listener in a given TLS state (SPEC §6):
-        STARTTLS only before TLS, AUTH only inside TLS (or where plaintext
-        AUTH is allowed).
+        The EHLO extensions for a listener in a given TLS state: STARTTLS
+        only before TLS, AUTH only inside TLS (or where plaintext AUTH is
+        allowed).
         """
         words = [
             "PIPELINING",
@@ -163,28 +215,3 @@ class Runtime:
         if secure or listener.allow_plaintext_auth:
             words.append("AUTH " + " ".join(self.auth.mechanisms))
         return words
-
-
-class SubmissionFactory(Factory):
-    """
-    Builds :class:`~kumoauth.protocol.SubmissionProtocol` for one listener.
-    """
-
-    noisy = False
-
-    def __init__(self, listener: ListenerConfig, runtime: Runtime) -> None:
-        from kumoauth.protocol import SubmissionProtocol
-
-        self.protocol = SubmissionProtocol  # type: ignore[assignment]
-        self.listener = listener
-        self.runtime = runtime
-
-
-def wrap_listener(factory: SubmissionFactory) -> IProtocolFactory:
-    """
-    The factory to listen with: wrapped in TLS for ``tls = "implicit"``.
-    """
-    if factory.listener.tls == "implicit":
-        assert factory.runtime.tls is not None
-        return TLSMemoryBIOFactory(factory.runtime.tls, False, factory)
-    return factory

@@ -1,0 +1,262 @@
+"""
+The whole server in one process: one listener service per
+``[[listener]]`` (and the metrics site) under :class:`KumoauthService`,
+which owns the reload (SIGHUP) and the ordered stop (SIGTERM).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer, endpoints, threads
+from twisted.logger import Logger, globalLogPublisher
+
+from kumoauth.config import Config
+from kumoauth.ops.assembly import (
+    OperatorError,
+    build_policy,
+    build_runtime,
+    build_tls,
+    load_config,
+    prepare_spool,
+)
+from kumoauth.ops.listening import ListenerService, QuietSite, install_signals, open_json_log
+from kumoauth.ops.metrics import site_root
+from kumoauth.ops.threads import BlockingPool, stop_within
+from kumoauth.policy import Invoker
+from kumoauth.smtp.protocol import SubmissionFactory
+from kumoauth.smtp.runtime import ProcessState, Runtime
+from kumoauth.storage.spool import SpoolWriter
+
+log = Logger(namespace="kumoauth")
+
+#: blocking calls that may wait per checker thread before new ones get a 4xx
+QUEUED_PER_THREAD = 10
+#: seconds a shutdown waits for the spool writer and checker threads
+STOP_THREADS_WITHIN = 5.0
+
+
+class KumoauthService(service.MultiService):
+    """
+    The whole server.
+
+    Stopping it (SIGTERM) is ordered: stop accepting at once, let sessions
+    finish their transactions for ``shutdown_grace`` seconds (then
+    ``421 4.3.2`` to the rest), and only then stop the spool writer and the
+    checker threads, so a message in DATA is still spooled.
+
+    SIGHUP reloads the configuration for new connections: certificate and
+    key, policy, checker, limits, throttles.  Live sessions keep what they
+    started with.  A reload that fails keeps everything as it was.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        runtime: Runtime,
+        writer: SpoolWriter,
+        checker_pool: BlockingPool,
+        reactor: Any,
+        override: list[ICredentialsChecker] | None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.runtime = runtime
+        self.process = runtime.process
+        self.writer = writer
+        self.checker_pool = checker_pool
+        self.reactor = reactor
+        self.override = override
+        self._json_log: Any = None
+        self._reloads: defer.Deferred[Any] = defer.succeed(None)
+
+    @property
+    def listeners(self) -> list[ListenerService]:
+        return [s for s in self if isinstance(s, ListenerService)]
+
+    @property
+    def smtp_listeners(self) -> list[ListenerService]:
+        return [s for s in self.listeners if s.submission_factory is not None]
+
+    def startService(self) -> None:
+        self.writer.start()
+        self.checker_pool.start()
+        if self.cfg.log.json_path is not None:
+            self._json_log = open_json_log(self.cfg.log.json_path)
+        super().startService()
+        install_signals(self.reactor, self.reload)
+
+    # --- reload ------------------------------------------------------------
+
+    def reload(self) -> defer.Deferred[bool]:
+        """
+        Re-read the configuration file and apply it to new connections.
+        Fires with False (and changes nothing) if anything in it is wrong.
+
+        The slow, blocking part — reading the file, the certificate and key,
+        importing the policy — runs in a thread; the reactor only assembles
+        and swaps the new generation.
+        """
+        source = str(self.cfg.source)
+
+        def prepare() -> tuple[Config, Any, Any]:
+            cfg = load_config(source)
+            return cfg, build_tls(cfg), build_policy(cfg)
+
+        def apply(prepared: tuple[Config, Any, Any]) -> bool:
+            cfg, tls, policy = prepared
+            runtime = build_runtime(
+                cfg,
+                self.process,
+                self.override,
+                Invoker(self.reactor, self.checker_pool),
+                tls=tls,
+                policy=policy,
+            )
+            self._swap(cfg, runtime)
+            return True
+
+        def failed(f: Any) -> bool:
+            if not f.check(OperatorError):
+                log.failure("reload failed, configuration unchanged", f)
+            else:
+                log.error(
+                    "reload failed, configuration unchanged: {error}", error=f.getErrorMessage()
+                )
+            self.process.metrics.reloads.labels("failure").inc()
+            return False
+
+        def run(_: object) -> defer.Deferred[bool]:
+            d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), prepare)
+            return d.addCallback(apply).addErrback(failed)
+
+        # One at a time, in the order asked: a quick second SIGHUP must not
+        # be overtaken by the first.
+        self._reloads = self._reloads.addBoth(run)
+        result: defer.Deferred[bool] = defer.Deferred()
+
+        def report(ok: Any) -> Any:
+            result.callback(ok)
+            return ok
+
+        self._reloads.addBoth(report)
+        return result
+
+    def _swap(self, cfg: Config, runtime: Runtime) -> None:
+        self._report_restart_only(cfg)
+        by_endpoint = {listener.endpoint: listener for listener in cfg.listeners}
+        for ls in self.smtp_listeners:
+            factory = ls.submission_factory
+            assert factory is not None
+            new = by_endpoint.get(ls.description)
+            if new is not None and new.tls == factory.listener.tls:
+                factory.listener = new
+            factory.runtime = runtime
+        self.cfg, self.runtime = cfg, runtime
+        self.process.metrics.reloads.labels("success").inc()
+        log.info("reloaded configuration from {path}", path=str(cfg.source))
+
+    def _report_restart_only(self, cfg: Config) -> None:
+        old = {(li.endpoint, li.tls) for li in self.cfg.listeners}
+        new = {(li.endpoint, li.tls) for li in cfg.listeners}
+        for endpoint, tls in sorted(new - old):
+            log.warn(
+                "listener {endpoint} ({tls}) is new or changed: it needs a restart",
+                endpoint=endpoint,
+                tls=tls,
+            )
+        for endpoint, tls in sorted(old - new):
+            log.warn(
+                "listener {endpoint} ({tls}) was removed or changed: it stays until a restart",
+                endpoint=endpoint,
+                tls=tls,
+            )
+        if cfg.spool.path != self.cfg.spool.path:
+            log.warn("[spool] path changed: it needs a restart")
+        if cfg.auth.threads != self.cfg.auth.threads:
+            log.warn("[auth] threads changed: it needs a restart")
+        if cfg.metrics != self.cfg.metrics:
+            log.warn("[metrics] changed: it needs a restart")
+        if cfg.log != self.cfg.log:
+            log.warn("[log] changed: it needs a restart")
+
+    # --- stop --------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[Any]:
+        d = defer.gatherResults([defer.maybeDeferred(s.stop_listening) for s in self.listeners])
+        sessions, grace = self.process.sessions, self.runtime.server.shutdown_grace
+        if sessions.live:
+            log.info(
+                "stopping: {n} sessions get up to {grace}s to finish",
+                n=len(sessions.live),
+                grace=grace,
+            )
+        d.addCallback(lambda _: sessions.drain(grace, self.reactor))
+
+        def stop_threads(_: object) -> defer.Deferred[None]:
+            # Joined off the reactor thread, and not waited for past a few
+            # seconds: a hung handler must not hold SIGTERM.
+            if self._json_log is not None:
+                globalLogPublisher.removeObserver(self._json_log)
+                self._json_log = None
+            return stop_within(
+                defer.gatherResults([self.writer.stop(), self.checker_pool.stop()]),
+                STOP_THREADS_WITHIN,
+                self.reactor,
+            )
+
+        d.addCallback(stop_threads)
+        d.addCallback(lambda _: super(KumoauthService, self).stopService())
+        return d
+
+
+def make_service_from_config(
+    cfg: Config,
+    reactor: Any,
+    checkers: list[Any] | None = None,
+    adopt: dict[int, tuple[int, int]] | None = None,
+) -> service.MultiService:
+    """
+    The server in this process.  With *adopt* (listener index -> socket) it
+    is a worker: the listening sockets come from the supervisor, the spool
+    is not recovered here, and metrics are served by the supervisor.
+    """
+    spool = prepare_spool(cfg, recover=adopt is None)
+    writer = SpoolWriter(spool, reactor)
+    checker_pool = BlockingPool(
+        reactor,
+        threads=cfg.auth.threads,
+        max_queued=cfg.auth.threads * QUEUED_PER_THREAD,
+        name="kumoauth-checker",
+    )
+    process = ProcessState(clock=reactor, store=writer.store)
+    runtime = build_runtime(cfg, process, checkers, Invoker(reactor, checker_pool))
+
+    top = KumoauthService(cfg, runtime, writer, checker_pool, reactor, checkers)
+    for i, listener in enumerate(cfg.listeners):
+        try:
+            endpoint = endpoints.serverFromString(reactor, listener.endpoint)
+        except Exception as e:
+            raise OperatorError(
+                f'{cfg.source}: [[listener]] #{i + 1} endpoint: "{listener.endpoint}": '
+                f"cannot parse: {e}"
+            ) from None
+        factory = SubmissionFactory(listener, runtime)
+        ls = ListenerService(listener.endpoint, endpoint, factory, str(cfg.source))
+        if adopt is not None:
+            ls.adopt = adopt[i]
+        ls.setServiceParent(top)
+    if cfg.metrics.endpoint is not None and adopt is None:
+        try:
+            endpoint = endpoints.serverFromString(reactor, cfg.metrics.endpoint)
+        except Exception as e:
+            raise OperatorError(
+                f'{cfg.source}: [metrics] endpoint: "{cfg.metrics.endpoint}": cannot parse: {e}'
+            ) from None
+        site = QuietSite(site_root(process.metrics))
+        ListenerService(
+            cfg.metrics.endpoint, endpoint, site, str(cfg.source), key="[metrics] endpoint"
+        ).setServiceParent(top)
+    return top

@@ -1,0 +1,4 @@
+"""
+Storage: the session's delivery avatar and the message (:mod:`.delivery`)
+and the durable spool (:mod:`.spool`).
+"""
