@@ -101,9 +101,11 @@ def test_read_unknown(spool):
         spool.read("../etc/passwd")
 
 
-def run_cli(*args):
+def run_cli(*args, alias: bool = False):
+    # `kumoauth spool ...`, or the old `kumoauth-spool ...` alias.
+    command = ["-m", "kumoauth.cli.spool"] if alias else ["-m", "kumoauth.cli", "spool"]
     return subprocess.run(
-        [sys.executable, "-m", "kumoauth.cli.spool", *args],
+        [sys.executable, *command, *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -139,3 +141,19 @@ def test_spool_cli_with_config(tmp_path):
     assert result.returncode == 0 and result.stdout == ""
     bad = run_cli("--config", str(tmp_path / "nope.toml"), "list")
     assert bad.returncode == 1 and "not found" in bad.stderr
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_kumoauth_spool_alias_still_works(spool):
+    spool.write(message())
+    listing = run_cli("--spool", str(spool.path), "list", alias=True)
+    assert listing.returncode == 0 and "authn=scott" in listing.stdout
+
+
+def test_kumoauth_command_lists_its_subcommands():
+    result = subprocess.run(
+        [sys.executable, "-m", "kumoauth.cli", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "spool" in result.stdout
+    none = subprocess.run([sys.executable, "-m", "kumoauth.cli"], capture_output=True, text=True)
+    assert none.returncode == 2 and "COMMAND" in none.stderr

@@ -1,0 +1,58 @@
+"""
+``kumoauth``: the operator's command, one subcommand per concern.
+
+    kumoauth spool --config FILE list
+    kumoauth spool --config FILE show ID [--meta]
+
+Each subcommand is a module of this package with ``add_parser(subparsers)``
+(which registers its arguments and sets ``run``) and a ``run(args) -> int``;
+later ones (``pw``, ``auth test``, ``throttle``, queue actions) are new
+modules listed in :data:`COMMANDS`, not branches here.  Exit status: 0 for
+success, 1 for an operator's mistake (one line on stderr), other values as
+each subcommand documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand modules, in the order ``--help`` lists them
+COMMANDS = ("spool",)
+
+
+class CommandError(Exception):
+    """
+    An operator's mistake: one line on stderr, exit status 1.
+    """
+
+
+def build_parser(prog: str = "kumoauth") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="kumoauth administration (the server itself is `twistd kumoauth`)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"kumoauth.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "kumoauth") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return int(args.run(args))
+    except CommandError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def console() -> None:
+    """
+    The ``kumoauth`` console script.
+    """
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

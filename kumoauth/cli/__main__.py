@@ -1,0 +1,3 @@
+from kumoauth.cli import console
+
+console()
