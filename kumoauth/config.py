@@ -108,6 +108,8 @@ class AuthConfig:
     max_in_flight: int = 100
     threads: int = 10
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    #: ``[auth.<name>]`` tables for checkers, raw (their factory validates)
+    tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -405,7 +407,13 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
     raw_auth = data.get("auth", {})
     raw_throttle = raw_auth.pop("throttle", {}) if isinstance(raw_auth, dict) else {}
     throttle = ThrottleConfig(**_section(source, "auth.throttle", raw_throttle))
-    auth = AuthConfig(**_section(source, "auth", raw_auth), throttle=throttle)
+    # Every other sub-table is a checker's own ([auth.<name>]): its factory
+    # validates it (kumoauth.auth.checkers), once the checker is known.
+    tables: dict[str, Mapping[str, Any]] = {}
+    if isinstance(raw_auth, dict):
+        for name in [k for k, v in raw_auth.items() if isinstance(v, dict)]:
+            tables[name] = raw_auth.pop(name)
+    auth = AuthConfig(**_section(source, "auth", raw_auth), throttle=throttle, tables=tables)
 
     p = _section(source, "policy", data.get("policy", {}))
     if "path" in p:

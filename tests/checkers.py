@@ -10,6 +10,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from zope.interface import implementer
 
+from kumoauth.auth.checkers import ICheckerLifecycle
 from kumoauth.auth.cred import IPlainCredentials
 
 
@@ -42,3 +43,51 @@ class NeverChecker:
 
 def never_checker():
     return NeverChecker()
+
+
+@implementer(ICredentialsChecker, ICheckerLifecycle)
+class JournalChecker:
+    """
+    A checker with configuration and a lifecycle: ``[auth.journal_checker]``
+    names a file where start/reload/stop are written, and the users.
+    """
+
+    credentialInterfaces = (IPlainCredentials,)
+
+    def __init__(self, config):
+        self.config = config
+
+    def note(self, event: str) -> None:
+        with open(self.config["journal"], "a") as f:
+            f.write(event + "\n")
+
+    def start(self):
+        self.note("start")
+
+    def reload(self, config):
+        self.config = config
+        self.note("reload " + ",".join(sorted(config["users"])))
+
+    def stop(self):
+        self.note("stop")
+
+    def requestAvatarId(self, credentials):
+        if self.config["users"].get(credentials.authc) == credentials.password_text():
+            return defer.succeed(credentials.authc)
+        return defer.fail(error.UnauthorizedLogin())
+
+
+def journal_checker(config, reactor, pool):
+    return JournalChecker(config)
+
+
+def _validate(table):
+    unknown = set(table) - {"journal", "users"}
+    if unknown:
+        raise ValueError(f"{sorted(unknown)[0]}: unknown key (known: journal, users)")
+    if "journal" not in table:
+        raise ValueError("journal: required key is missing")
+    return {"journal": table["journal"], "users": dict(table.get("users", {}))}
+
+
+journal_checker.validate = _validate  # type: ignore[attr-defined]

@@ -10,13 +10,13 @@ from twisted.cred.checkers import FilePasswordDB, InMemoryUsernamePasswordDataba
 from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import defer, task
 
+from kumoauth.auth import checkers
 from kumoauth.auth.cred import (
     AuthContext,
     IPlainCredentials,
     PlainCredentials,
     PolicyChecker,
     SubmissionRealm,
-    load_checker_factory,
     make_portal,
 )
 from kumoauth.meta import ConnMeta
@@ -116,10 +116,10 @@ def test_realm_only_gives_message_delivery():
     [
         ("nocolon", "is not"),
         ("no_such_module_x:f", "cannot import"),
-        ("kumoauth.auth.cred:nothing_here", "has no attribute"),
+        ("kumoauth.auth.cred:nothing_here", "has no callable"),
         ("kumoauth.meta:ConnMeta", "did not return an ICredentialsChecker"),
     ],
 )
 def test_load_checker_factory_errors(spec, message):
     with pytest.raises(ValueError, match=message):
-        load_checker_factory(spec)
+        checkers.build(checkers.resolve(spec, {}), reactor=None, pool=None)

@@ -17,7 +17,6 @@ The realm hands back a :class:`~kumoauth.storage.delivery.Delivery` avatar carry
 from __future__ import annotations
 
 import hmac
-import importlib
 from typing import Any
 
 from twisted.cred import error
@@ -174,33 +173,6 @@ def normalize_checker(checker: ICredentialsChecker) -> ICredentialsChecker:
 
 def _b(value: str | bytes) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
-
-
-def load_checker_factory(spec: str) -> ICredentialsChecker:
-    """
-    Load ``package.module:factory`` and call the factory with no arguments.
-    Raises ``ValueError`` with one line on any failure.
-    """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f'"{spec}" is not "policy" or "package.module:factory"')
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise ValueError(f"cannot import {module_name}: {type(e).__name__}: {e}") from None
-    factory = getattr(module, attr, None)
-    if factory is None:
-        raise ValueError(f"{module_name} has no attribute {attr}")
-    try:
-        checker = factory()
-    except Exception as e:
-        raise ValueError(f"{spec}() failed: {type(e).__name__}: {e}") from None
-    if not ICredentialsChecker.providedBy(checker):
-        raise ValueError(f"{spec}() did not return an ICredentialsChecker")
-    try:
-        return normalize_checker(checker)
-    except TypeError as e:
-        raise ValueError(str(e)) from None
 
 
 class AuthContext:

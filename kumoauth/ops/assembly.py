@@ -10,12 +10,14 @@ twistd plugin turns that into a message on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.logger import Logger
 
-from kumoauth.auth.cred import PolicyChecker, load_checker_factory, make_portal
+from kumoauth.auth.checkers import CheckerSpec, build, resolve, resolve_tables_only
+from kumoauth.auth.cred import PolicyChecker, make_portal
 from kumoauth.auth.throttle import Throttle, make_store
 from kumoauth.config import Config, ConfigError, load
 from kumoauth.policy import Invoker, Policy, PolicyError, load_policy
@@ -71,17 +73,27 @@ def build_policy(cfg: Config) -> Policy:
 def build_checkers(
     cfg: Config,
     policy: Policy,
-    reactor: Any,
+    process: ProcessState,
     override: list[ICredentialsChecker] | None,
     invoker: Invoker,
-) -> list[ICredentialsChecker]:
+    previous: Runtime | None = None,
+) -> tuple[list[ICredentialsChecker], tuple[CheckerSpec, Any] | None]:
     """
     ``--auth`` checkers if given; else the policy handler or the
-    ``[auth] checker`` factory.
+    ``[auth] checker`` factory with its ``[auth.<name>]`` table.  On a
+    reload, a factory checker that is configured again is kept (its
+    ``reload`` hook gets the new table once the generation is swapped).
+    Returns the checkers and the factory checker with its spec, if any.
     """
+    try:
+        spec = None if cfg.auth.checker == "policy" else resolve(cfg.auth.checker, cfg.auth.tables)
+        if spec is None:
+            resolve_tables_only(cfg.auth.tables)
+    except ValueError as e:
+        raise OperatorError(f"{cfg.source}: [auth] checker: {e}") from None
     if override:
-        return list(override)
-    if cfg.auth.checker == "policy":
+        return list(override), None
+    if spec is None:
         handler = policy.handler("smtp_server_auth_plain")
         if handler is None:
             if any(listener.auth_required for listener in cfg.listeners):
@@ -89,12 +101,16 @@ def build_checkers(
                     f'{cfg.source}: [auth] checker = "policy", but the policy has no '
                     "smtp_server_auth_plain handler (and a listener has auth_required)"
                 )
-            return []
-        return [PolicyChecker(handler, cfg.auth.timeout, reactor, invoker)]
+            return [], None
+        return [PolicyChecker(handler, cfg.auth.timeout, process.clock, invoker)], None
+    kept = previous.checker if previous is not None else None
+    if kept is not None and kept[0].name == spec.name and kept[0].factory is spec.factory:
+        return [kept[1]], (spec, kept[1])
     try:
-        return [load_checker_factory(cfg.auth.checker)]
+        checker = build(spec, process.clock, invoker.pool)
     except ValueError as e:
         raise OperatorError(f"{cfg.source}: [auth] checker: {e}") from None
+    return [checker], (spec, checker)
 
 
 def build_runtime(
@@ -104,6 +120,7 @@ def build_runtime(
     invoker: Invoker,
     tls: ServerContextFactory | None = None,
     policy: Policy | None = None,
+    previous: Runtime | None = None,
 ) -> Runtime:
     """
     The configuration generation for *cfg* over the process-lived *process*.
@@ -118,7 +135,7 @@ def build_runtime(
         tls = build_tls(cfg)
     if policy is None:
         policy = build_policy(cfg)
-    checker_list = build_checkers(cfg, policy, clock, override, invoker)
+    checker_list, checker = build_checkers(cfg, policy, process, override, invoker, previous)
     spec = cfg.auth.throttle.store
     store = process.failure_stores.get(spec)
     if store is None:
@@ -136,6 +153,7 @@ def build_runtime(
         throttle=Throttle(store, cfg.auth.throttle, salt=process.throttle_salt),
         policy_timeout=cfg.policy.timeout,
         handshake_timeout=cfg.tls.handshake_timeout if cfg.tls is not None else 30.0,
+        checker=checker,
     )
     # Nothing can fail from here on.
     process.failure_stores.clear()
@@ -148,14 +166,24 @@ def build_runtime(
     return runtime
 
 
-def prepare_spool(cfg: Config, recover: bool = True) -> Spool:
+def prepare_spool(
+    cfg: Config, recover: bool = True, owner: tuple[int, int] | None = None
+) -> Spool:
     """
     Create the spool and (once per server, never in a worker: others may be
     writing) remove what a crash left.
+
+    *owner* (uid, gid; -1 leaves one unchanged): the directories created
+    here are given to them — start-up runs as root, the server then runs as
+    twistd's ``--uid``/``--gid``.
     """
     spool = Spool(cfg.spool.path)
     try:
+        created = [p for p in (spool.tmp, spool.path, *spool.path.parents) if not p.exists()]
         spool.create()
+        if owner is not None:
+            for p in created:
+                os.chown(p, *owner)
         removed = spool.recover() if recover else []
     except OSError as e:
         raise OperatorError(f"{cfg.source}: [spool] path: {cfg.spool.path}: {e.strerror}") from None

@@ -153,6 +153,9 @@ class Runtime:
     policy_timeout: float = 30.0
     #: ``[tls] handshake_timeout``
     handshake_timeout: float = 30.0
+    #: the ``[auth] checker`` factory's checker with its spec (for its
+    #: lifecycle hooks and for a reload to keep it), if one is configured
+    checker: tuple[Any, Any] | None = None
     authenticator: Authenticator = field(init=False)
 
     def __post_init__(self) -> None:
