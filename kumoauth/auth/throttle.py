@@ -41,6 +41,7 @@ import importlib
 import ipaddress
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -272,21 +273,45 @@ class Throttle:
         return d.addCallback(lambda counts: (counts[0], counts[1]))
 
 
+StoreFactory = Callable[[str, IReactorTime], IFailureStore]
+
+#: failure-store factories by the scheme of ``[auth.throttle] store``
+#: ("memory"; a shared store registers "redis", "rediss", "unix"), each
+#: called with the whole setting and the reactor
+STORES: dict[str, StoreFactory] = {
+    "memory": lambda spec, clock: MemoryFailureStore(clock),
+}
+
+
+def register_store(scheme: str, factory: StoreFactory) -> None:
+    """
+    Make ``store = "<scheme>"`` or ``"<scheme>://…"`` build a store with *factory*.
+    """
+    STORES[scheme] = factory
+
+
 def make_store(spec: str, clock: IReactorTime) -> IFailureStore:
     """
-    ``"memory"``, or ``"package.module:factory"`` called with the reactor.
-    Raises ``ValueError`` with one line.
+    A registered store (``"memory"``, ``"<scheme>://…"``), or
+    ``"package.module:factory"`` called with the reactor.  Raises
+    ``ValueError`` with one line.
     """
-    if spec == "memory":
-        return MemoryFailureStore(clock)
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
-        raise ValueError(f'"{spec}" is not "memory" or "package.module:factory"')
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-        store = factory(clock)
-    except Exception as e:
-        raise ValueError(f"{spec}: {type(e).__name__}: {e}") from None
+    scheme = spec.split("://", 1)[0] if "://" in spec else spec
+    factory = STORES.get(scheme)
+    if factory is not None:
+        try:
+            store = factory(spec, clock)
+        except ValueError as e:
+            raise ValueError(f'"{spec}": {e}') from None
+    else:
+        module_name, sep, attr = spec.partition(":")
+        if not sep or "/" in spec:
+            known = ", ".join(f'"{name}"' for name in STORES)
+            raise ValueError(f'"{spec}" is not one of {known} or "package.module:factory"')
+        try:
+            store = getattr(importlib.import_module(module_name), attr)(clock)
+        except Exception as e:
+            raise ValueError(f"{spec}: {type(e).__name__}: {e}") from None
     if not IFailureStore.providedBy(store):
         raise ValueError(f"{spec} did not return an IFailureStore")
     return store
