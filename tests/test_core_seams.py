@@ -274,3 +274,61 @@ def test_config_validates_mechanisms_against_the_registry():
     with pytest.raises(ConfigError, match="unsupported mechanism"):
         parse(base + '[auth]\nmechanisms = ["CRAM-MD5"]\n')
     assert parse(base + '[auth]\nmechanisms = ["login"]\n').auth.mechanisms == ("LOGIN",)
+
+
+# --- checker factories: tables and lifecycle -----------------------------------------
+
+
+def config_with(auth: str, tmp_path) -> str:
+    return (
+        '[server]\nhostname = "h"\n[[listener]]\nendpoint = "tcp:1"\ntls = "none"\n'
+        f'auth_required = false\n[spool]\npath = "{tmp_path}/s"\n{auth}'
+    )
+
+
+def assemble(text: str):
+    from kumoauth.ops.assembly import build_runtime
+    from kumoauth.policy import Invoker
+    from kumoauth.smtp.runtime import ProcessState
+
+    cfg = parse(text, "/etc/kumoauth.toml")
+    process = ProcessState(clock=task.Clock(), store=lambda m: defer.succeed(m.id))
+    return build_runtime(cfg, process, None, Invoker())
+
+
+def test_checker_table_is_validated_by_its_factory(tmp_path):
+    from kumoauth.ops.assembly import OperatorError
+
+    journal = tmp_path / "journal"
+    good = (
+        '[auth]\nchecker = "tests.checkers:journal_checker"\n'
+        f'[auth.journal_checker]\njournal = "{journal}"\nusers = {{ scott = "tiger" }}\n'
+    )
+    runtime = assemble(config_with(good, tmp_path))
+    spec, checker = runtime.checker
+    assert spec.table == "journal_checker" and checker.config["users"] == {"scott": "tiger"}
+    bad_key = good.replace("users =", "userz =")
+    with pytest.raises(OperatorError, match=r"\[auth.journal_checker\] userz: unknown key"):
+        assemble(config_with(bad_key, tmp_path))
+    stray = good + "[auth.ldap]\nurl = 'x'\n"
+    with pytest.raises(OperatorError, match=r"\[auth.ldap\]: no such table"):
+        assemble(config_with(stray, tmp_path))
+    with pytest.raises(OperatorError, match=r"\[auth.typo\]: no such table"):
+        assemble(config_with("[auth.typo]\nx = 1\n", tmp_path))
+
+
+def test_reload_keeps_a_checker_configured_again(tmp_path):
+    from kumoauth.ops.assembly import build_runtime
+    from kumoauth.policy import Invoker
+
+    journal = tmp_path / "journal"
+    text = config_with(
+        '[auth]\nchecker = "tests.checkers:journal_checker"\n'
+        f'[auth.journal_checker]\njournal = "{journal}"\n',
+        tmp_path,
+    )
+    first = assemble(text)
+    cfg = parse(text.replace(f'"{journal}"\n', f'"{journal}"\nusers = {{ a = "b" }}\n'), "/x")
+    second = build_runtime(cfg, first.process, None, Invoker(), previous=first)
+    assert second.checker[1] is first.checker[1]
+    assert second.checker[0].config["users"] == {"a": "b"}
