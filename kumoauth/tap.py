@@ -4,6 +4,8 @@ The twistd plugin's options and entry point: ``twistd kumoauth --config FILE``.
 
 from __future__ import annotations
 
+import os
+import pwd
 import sys
 from typing import Any
 
@@ -37,6 +39,24 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("--config FILE is required")
 
 
+def owner(options: Any) -> tuple[int, int] | None:
+    """
+    The (uid, gid) twistd will switch to after start-up (``twistd --uid``/
+    ``--gid``; -1: not changed), if this process is root and will switch;
+    else None.  What start-up creates as root (the spool, the workers'
+    metrics directory) is given to them.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None or os.geteuid() != 0:
+        return None
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if uid is None and gid is None:
+        return None
+    if uid is not None and gid is None:
+        gid = pwd.getpwuid(uid).pw_gid  # as twistd does
+    return (-1 if uid is None else uid, -1 if gid is None else gid)
+
+
 def makeService(options: Options | dict[str, Any]) -> service.IService:
     """
     Build the service: one process, or with ``[server] workers > 1`` a
@@ -51,10 +71,12 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         if cfg.server.workers > 1:
             from kumoauth.ops.workers import make_supervisor
 
-            return make_supervisor(cfg, reactor, checkers, options.get("authArgs") or [])
+            return make_supervisor(
+                cfg, reactor, checkers, options.get("authArgs") or [], owner=owner(options)
+            )
         from kumoauth.ops.service import make_service_from_config
 
-        return make_service_from_config(cfg, reactor, checkers)
+        return make_service_from_config(cfg, reactor, checkers, owner=owner(options))
     except OperatorError as e:
         sys.stderr.write(f"kumoauth: error: {e}\n")
         sys.stderr.flush()

@@ -103,3 +103,14 @@ def test_modules_are_grouped_by_concern():
     }
     for concern in ("smtp", "auth", "storage", "tls", "ops", "cli"):
         assert (PACKAGE / concern / "__init__.py").is_file()
+
+
+def test_setup_cfg_installs_every_package():
+    """A package missing from setup.cfg works editable and breaks `pip install .`."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(PACKAGE.parent / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    packages = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert packages <= listed, packages - listed

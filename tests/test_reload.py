@@ -137,3 +137,23 @@ def test_json_log_has_one_event_per_attempt(tmp_path):
     assert isinstance(first["checker_latency"], float) and "log_time" in first
     assert "Secret-Pass-1" not in text
     assert base64.b64encode(b"\0scott\0Secret-Pass-1").decode() not in text
+
+
+def test_checker_lifecycle_over_start_reload_and_stop(tmp_path):
+    journal = tmp_path / "journal"
+    table = f'[auth.journal_checker]\njournal = "{journal}"\nusers = {{ scott = "tiger" }}\n'
+    auth = 'checker = "tests.checkers:journal_checker"'
+    with running_server(
+        tmp_path, make_certs(tmp_path / "certs"), None, auth=auth, extra=table
+    ) as srv:
+        with starttls_client(srv) as s:
+            assert s.login("scott", "tiger")[0] == 235
+        srv.config.write_text(srv.config.read_text().replace('scott = "tiger"', 'alice = "x"'))
+        hup_and_wait(srv, "reloaded configuration")
+        with starttls_client(srv) as s:
+            assert s.login("alice", "x")[0] == 235
+        with starttls_client(srv) as s, pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login("scott", "tiger")
+        srv.stop()
+        assert srv.proc.returncode == 0
+    assert journal.read_text().splitlines() == ["start", "reload alice", "stop"]

@@ -7,19 +7,47 @@ summed over workers.
 from __future__ import annotations
 
 import concurrent.futures
+import grp
 import os
+import pwd
 import re
+import shutil
 import signal
 import smtplib
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
+from kumoauth.config import parse
+from kumoauth.ops.workers import (
+    RESTART_MIN,
+    RESTART_RESET_AFTER,
+    Inherited,
+    Netstrings,
+    Supervisor,
+    WorkerProcess,
+    encode,
+    read_message,
+    worker_config,
+)
 from kumoauth.storage.spool import Spool
-from tests.server import free_port, make_certs, running_server
-from tests.test_e2e import POLICY, login, send, starttls_client
+from tests.server import (
+    Server,
+    free_port,
+    make_certs,
+    running_server,
+    wait_for_port,
+    write_config,
+)
+from tests.test_e2e import POLICY, implicit_client, login, send, starttls_client
 
 pytestmark = pytest.mark.e2e
 
@@ -97,3 +125,480 @@ def test_two_workers(tmp_path):
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(20) == 0
         assert not any(Path(f"/proc/{pid}").exists() for pid in new)
+
+
+# --- configuration generations ----------------------------------------------------
+
+
+def worker_pids(srv) -> dict[int, int]:
+    """Worker index -> pid of its latest process, from the supervisor's log."""
+    found = re.findall(r"worker (\d+) started \(pid (\d+)\)", srv.log())
+    return {int(index): int(pid) for index, pid in found}
+
+
+def ready_count(srv) -> int:
+    return srv.log().count("worker ready")
+
+
+def kill_worker(srv, index: int) -> int:
+    """SIGKILL worker *index*; wait for its successor to be ready; its pid."""
+    pid = worker_pids(srv)[index]
+    ready = ready_count(srv)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: ready_count(srv) > ready and worker_pids(srv)[index] != pid, timeout=30)
+    return worker_pids(srv)[index]
+
+
+def implicit_session(srv) -> str:
+    with implicit_client(srv) as s:
+        assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+        return send(s)
+
+
+def test_restarted_worker_runs_the_supervisors_configuration(tmp_path):
+    certs = make_certs(tmp_path / "certs")
+    with running_server(
+        tmp_path / "srv", certs, POLICY, server="workers = 2\nshutdown_grace = 5"
+    ) as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+        # The file changes but nobody says SIGHUP: the STARTTLS and implicit
+        # listeners swap their tls, the spool moves.
+        original = srv.config.read_text()
+        edited = (
+            original.replace('tls = "starttls"', 'tls = "@"')
+            .replace('tls = "implicit"', 'tls = "starttls"')
+            .replace('tls = "@"', 'tls = "implicit"')
+            .replace('path = "spool"', 'path = "elsewhere"')
+        )
+        assert edited != original
+        srv.config.write_text(edited)
+        # A restarted worker still runs what the supervisor runs.
+        kill_worker(srv, 0)
+        ids = [one_session(srv) for _ in range(16)] + [implicit_session(srv) for _ in range(8)]
+        assert set(Spool(srv.spool).ids()) >= set(ids)
+        assert not (srv.directory / "elsewhere").exists()
+        assert "worker 0 (pid" in srv.log() and "restarting in 1s" in srv.log()
+
+        # Now SIGHUP: generation 2 has the swapped listeners and the new
+        # spool, which need a restart.  A worker restarted now serves each
+        # socket with the listener it was bound for, and the same spool.
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: srv.log().count("running configuration generation 2") == 2)
+        kill_worker(srv, 0)
+        # Dying again soon after: a longer wait.
+        assert "restarting in 2s" in srv.log()
+        restarted = srv.log().rsplit("worker 0 started", 1)[1]
+        assert "(configuration generation 2)" in restarted
+        assert (
+            f"listener tcp:{srv.implicit_port}:interface=127.0.0.1 (starttls) is new" in restarted
+        )
+        assert "was removed or changed: it stays until a restart" in restarted
+        ids = [one_session(srv) for _ in range(16)] + [implicit_session(srv) for _ in range(8)]
+        assert set(Spool(srv.spool).ids()) >= set(ids)
+        assert not (srv.directory / "elsewhere").exists()
+
+        # A broken file on SIGHUP: one line from the supervisor, no worker
+        # sees it, and a worker restarted afterwards starts fine.
+        srv.config.write_text(original + "\n[server]\nbroken = \n")
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload failed, configuration unchanged" in srv.log())
+        failures = [line for line in srv.log().splitlines() if "reload failed" in line]
+        assert len(failures) == 1 and "[worker" not in failures[0], failures
+        kill_worker(srv, 1)
+        for _ in range(6):
+            one_session(srv)
+        assert "[worker 1] [kumoauth#critical]" not in srv.log()
+
+        # A good file on SIGHUP: generation 3 in every worker.
+        srv.config.write_text(original)
+        (srv.directory / "policy.py").write_text(
+            POLICY.replace('"scott": "tiger"', '"scott": "lion"')
+        )
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: srv.log().count("running configuration generation 3") == 2)
+        assert "configuration generation 3 from" in srv.log()
+        for _ in range(4):
+            with starttls_client(srv) as s:
+                with pytest.raises(smtplib.SMTPAuthenticationError):
+                    login(s, "PLAIN", "scott", "tiger")
+        # ... and in a worker started after it.
+        kill_worker(srv, 1)
+        assert "(configuration generation 3)" in srv.log().rsplit("worker 1 started", 1)[1]
+        for _ in range(4):
+            with starttls_client(srv) as s:
+                assert login(s, "PLAIN", "scott", "lion")[0] == 235
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(20) == 0
+        assert "supervisor is gone" not in srv.log()
+
+
+def test_metric_files_per_worker_index(tmp_path):
+    certs = make_certs(tmp_path / "certs")
+    mport = free_port()
+    with running_server(
+        tmp_path / "srv",
+        certs,
+        POLICY,
+        server="workers = 2\nshutdown_grace = 5",
+        extra=f'[metrics]\nendpoint = "tcp:{mport}:interface=127.0.0.1"',
+    ) as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+
+        def successes() -> float:
+            url = f"http://127.0.0.1:{mport}/metrics"
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            pattern = r'kumoauth_auth_attempts_total\{mechanism="PLAIN",result="success"\} (\S+)'
+            match = re.search(pattern, text)
+            return float(match.group(1)) if match else 0.0
+
+        for _ in range(6):
+            one_session(srv)
+        assert successes() == 6
+        pid = worker_pids(srv)[0]
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        directory = Path(
+            next(e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+            .split(b"=", 1)[1]
+            .decode()
+        )
+        kill_worker(srv, 0)
+        kill_worker(srv, 0)
+        # Counters carry on over restarts, and no file per process id.
+        assert successes() == 6
+        one_session(srv)
+        assert successes() == 7
+        names = sorted(p.name for p in directory.iterdir())
+        assert names and all(re.fullmatch(r"\w+_w[01]\.db", n) for n in names), names
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(20) == 0
+        assert not directory.exists()
+
+
+#: An interpreter user nobody can run, with kumoauth installed: .ci/run makes
+#: one outside /root (whose 0700 hides the usual one from nobody).
+UID_PYTHON = os.environ.get("KUMOAUTH_UID_PYTHON", sys.executable)
+UID_TWISTD = [UID_PYTHON, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def nobody_runs_python() -> bool:
+    """Root, and nobody can run this interpreter (not one under a 0700 /root)."""
+    if os.geteuid() != 0:
+        return False
+    probe = [UID_PYTHON, "-c", "import kumoauth.ops.workers"]
+    try:
+        done = subprocess.run(probe, user="nobody", group="nogroup", cwd="/", capture_output=True)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+# In CI (root, and .ci/run provides the interpreter) these must run, not skip.
+needs_nobody = pytest.mark.skipif(
+    not nobody_runs_python() and not os.environ.get("CI"),
+    reason="needs root, and an interpreter user nobody can run (KUMOAUTH_UID_PYTHON)",
+)
+
+
+@needs_nobody
+def test_uid_gid_workers(tmp_path):
+    # nobody must read the configuration, policy, certificate and key.
+    top = Path(tempfile.mkdtemp(prefix="kumoauth-uid-"))
+    try:
+        top.chmod(0o755)
+        certs = make_certs(top / "certs")
+        for p in (top / "certs", certs.chain, certs.key):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        directory = top / "srv"
+        directory.mkdir(mode=0o755)
+        ports = (free_port(), free_port(), free_port())
+        mport = free_port()
+        config = write_config(
+            directory,
+            certs,
+            ports,
+            POLICY,
+            server="workers = 2\nshutdown_grace = 5",
+            extra=f'[metrics]\nendpoint = "tcp:{mport}:interface=127.0.0.1"',
+        )
+        config.write_text(config.read_text().replace('path = "spool"', 'path = "new/spool"'))
+        logfile = directory / "twistd.log"
+        with open(directory / "stderr.txt", "ab") as stderr:
+            proc = subprocess.Popen(
+                [
+                    *UID_TWISTD,
+                    "-n",
+                    "--pidfile=",
+                    f"--logfile={logfile}",
+                    "--uid=nobody",
+                    "--gid=nogroup",
+                    "kumoauth",
+                    "--config",
+                    str(config),
+                ],
+                cwd=directory,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        srv = Server(proc, directory, config, *ports, certs=certs)
+        try:
+            for port in srv.ports:
+                wait_for_port(port, proc, logfile)
+            wait_for(lambda: ready_count(srv) == 2)
+            nobody = pwd.getpwnam("nobody").pw_uid
+            nogroup = grp.getgrnam("nogroup").gr_gid
+            assert {Path(f"/proc/{pid}").stat().st_uid for pid in children(proc.pid)} == {nobody}
+            mid = one_session(srv)
+            spool = directory / "new" / "spool"
+            assert Spool(spool).read(mid) is not None
+            owned = [spool.parent, spool, spool / "tmp", *spool.glob(f"{mid}.*")]
+            assert len(owned) == 5
+            for p in owned:
+                assert (p.stat().st_uid, p.stat().st_gid) == (nobody, nogroup), p
+            metrics_dir = Path(
+                next(
+                    e
+                    for e in Path(f"/proc/{worker_pids(srv)[0]}/environ").read_bytes().split(b"\0")
+                    if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")
+                )
+                .split(b"=", 1)[1]
+                .decode()
+            )
+            for p in [metrics_dir, *metrics_dir.iterdir()]:
+                assert p.stat().st_uid == nobody, p
+            url = f"http://127.0.0.1:{mport}/metrics"
+            assert "kumoauth_messages_spooled_total 1.0" in (
+                urllib.request.urlopen(url, timeout=5).read().decode()
+            )
+            assert "died" not in srv.log(), srv.log()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        finally:
+            srv.stop()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@needs_nobody
+def test_single_process_uid_gid_spool(tmp_path):
+    """The single-process path: a spool created as root is the runtime user's."""
+    top = Path(tempfile.mkdtemp(prefix="kumoauth-uid-"))
+    try:
+        top.chmod(0o755)
+        certs = make_certs(top / "certs")
+        for p in (top / "certs", certs.chain, certs.key):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        directory = top / "srv"
+        directory.mkdir(mode=0o755)
+        ports = (free_port(), free_port(), free_port())
+        config = write_config(directory, certs, ports, POLICY)
+        logfile = directory / "twistd.log"
+        proc = subprocess.Popen(
+            [*UID_TWISTD, "-n", "--pidfile=", f"--logfile={logfile}", "--uid=nobody"]
+            + ["kumoauth", "--config", str(config)],
+            cwd=directory,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        srv = Server(proc, directory, config, *ports, certs=certs)
+        try:
+            for port in srv.ports:
+                wait_for_port(port, proc, logfile)
+            mid = one_session(srv)
+            nobody = pwd.getpwnam("nobody")
+            for p in [srv.spool, srv.spool / "tmp", *srv.spool.glob(f"{mid}.*")]:
+                assert (p.stat().st_uid, p.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid), p
+        finally:
+            srv.stop()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+# --- the supervisor's bookkeeping, on a fake reactor ---------------------------
+
+
+class FakeTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.written: list[bytes] = []
+        self.signals: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class FakeReactor(Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+        self.spawned: list[tuple[WorkerProcess, FakeTransport]] = []
+
+    def spawnProcess(self, proto, executable, args, env=None, childFDs=None):
+        if self.failures:
+            self.failures -= 1
+            raise OSError(24, "Too many open files")
+        transport = FakeTransport(1000 + len(self.spawned))
+        proto.makeConnection(transport)
+        self.spawned.append((proto, transport))
+        return transport
+
+
+def fake_supervisor(tmp_path, workers: int = 1) -> tuple[Supervisor, FakeReactor]:
+    text = f"""
+[server]
+workers = {workers}
+shutdown_grace = 1
+[[listener]]
+endpoint = "tcp:0:interface=127.0.0.1"
+tls = "none"
+auth_required = false
+[spool]
+path = "spool"
+"""
+    path = tmp_path / "kumoauth.toml"
+    path.write_text(text)
+    reactor = FakeReactor()
+    return Supervisor(parse(text, path), reactor, [], text=text), reactor
+
+
+def died(supervisor: Supervisor, worker: WorkerProcess) -> None:
+    worker.processEnded(Failure(ProcessTerminated(signal=9)))
+
+
+def test_failed_spawn_is_not_a_worker(tmp_path):
+    supervisor, reactor = fake_supervisor(tmp_path)
+    reactor.failures = 1
+    supervisor.spawn(0)
+    assert supervisor.workers == {}
+    assert [c.getTime() for c in reactor.getDelayedCalls()] == [1.0]
+    # Retried after the backoff.
+    reactor.advance(1.0)
+    assert list(supervisor.workers) == [0]
+    message = Netstrings().feed(reactor.spawned[0][1].written[0])[0]
+    assert message["type"] == "start" and message["generation"] == 1
+    assert message["text"] == supervisor.text
+    # A stop with a spawn that failed does not wait for it.
+    reactor.failures = 1
+    died(supervisor, supervisor.workers[0])
+    reactor.advance(2.0)
+    assert supervisor.workers == {}
+    done = []
+    supervisor.stopService().addCallback(done.append)
+    assert done == [None]
+    assert reactor.getDelayedCalls() == []
+
+
+def test_restart_backoff(tmp_path):
+    supervisor, reactor = fake_supervisor(tmp_path)
+    supervisor.spawn(0)
+    delays = []
+    for _ in range(9):
+        died(supervisor, supervisor.workers[0])
+        (call,) = reactor.getDelayedCalls()
+        delays.append(call.getTime() - reactor.seconds())
+        reactor.advance(delays[-1])
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    # Up for a while: back to one second.
+    reactor.advance(RESTART_RESET_AFTER)
+    died(supervisor, supervisor.workers[0])
+    (call,) = reactor.getDelayedCalls()
+    assert call.getTime() - reactor.seconds() == RESTART_MIN
+    supervisor.stopService()
+
+
+def test_worker_config_matches_sockets_by_endpoint_and_tls():
+    boot = parse(
+        """
+[[listener]]
+endpoint = "tcp:1"
+tls = "none"
+auth_required = false
+[[listener]]
+endpoint = "tcp:2"
+tls = "none"
+auth_required = false
+meta = { name = "old" }
+[spool]
+path = "/a"
+[auth]
+threads = 3
+""",
+        "/etc/k.toml",
+    )
+    current = parse(
+        """
+[[listener]]
+endpoint = "tcp:3"
+tls = "none"
+auth_required = false
+[[listener]]
+endpoint = "tcp:2"
+tls = "none"
+auth_required = false
+meta = { name = "new" }
+[[listener]]
+endpoint = "tcp:1"
+tls = "none"
+allow_plaintext_auth = true
+[spool]
+path = "/b"
+[auth]
+threads = 4
+max_in_flight = 7
+""",
+        "/etc/k.toml",
+    )
+    sockets = [Inherited("tcp:1", "none", 4, 2), Inherited("tcp:2", "none", 5, 2)]
+    cfg, adopt, warnings = worker_config(boot, current, sockets)
+    assert [(li.endpoint, li.meta) for li in cfg.listeners] == [
+        ("tcp:1", {}),
+        ("tcp:2", {"name": "new"}),
+    ]
+    assert cfg.listeners[0].allow_plaintext_auth  # unchanged (endpoint, tls): the new one
+    assert adopt == {0: (4, 2), 1: (5, 2)}
+    assert warnings == ["listener tcp:3 (none) is new or changed: it needs a restart"]
+    assert cfg.spool.path == Path("/a") and cfg.auth.threads == 3
+    assert cfg.auth.max_in_flight == 7
+    # tls changed for an endpoint: the socket keeps the listener it was bound for.
+    changed = parse(
+        """
+[tls]
+certificate = "c.pem"
+private_key = "k.pem"
+[[listener]]
+endpoint = "tcp:1"
+tls = "implicit"
+[spool]
+path = "/b"
+""",
+        "/etc/k.toml",
+    )
+    cfg, adopt, warnings = worker_config(boot, changed, sockets)
+    assert [(li.endpoint, li.tls) for li in cfg.listeners] == [("tcp:1", "none"), ("tcp:2", "none")]
+    assert cfg.listeners == boot.listeners
+    assert warnings == [
+        "listener tcp:1 (none) was removed or changed: it stays until a restart",
+        "listener tcp:2 (none) was removed or changed: it stays until a restart",
+        "listener tcp:1 (implicit) is new or changed: it needs a restart",
+    ]
+
+
+def test_control_messages_round_trip():
+    decoder = Netstrings()
+    data = encode({"type": "config", "text": "a:b,c", "generation": 2}) + encode({"type": "x"})
+    out = []
+    for i in range(len(data)):
+        out += decoder.feed(data[i : i + 1])
+    assert out == [{"type": "config", "text": "a:b,c", "generation": 2}, {"type": "x"}]
+    with pytest.raises(ValueError):
+        Netstrings().feed(b"x3:abc,")
+    r, w = os.pipe()
+    try:
+        os.write(w, data)
+        assert read_message(r) == out[0]
+        assert read_message(r) == out[1]
+    finally:
+        os.close(r)
+        os.close(w)

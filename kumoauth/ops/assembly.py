@@ -166,9 +166,7 @@ def build_runtime(
     return runtime
 
 
-def prepare_spool(
-    cfg: Config, recover: bool = True, owner: tuple[int, int] | None = None
-) -> Spool:
+def prepare_spool(cfg: Config, recover: bool = True, owner: tuple[int, int] | None = None) -> Spool:
     """
     Create the spool and (once per server, never in a worker: others may be
     writing) remove what a crash left.

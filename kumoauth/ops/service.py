@@ -13,7 +13,8 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, endpoints, threads
 from twisted.logger import Logger, globalLogPublisher
 
-from kumoauth.config import Config
+from kumoauth.auth.checkers import call_hook
+from kumoauth.config import Config, ConfigError, parse
 from kumoauth.ops.assembly import (
     OperatorError,
     build_policy,
@@ -86,14 +87,21 @@ class KumoauthService(service.MultiService):
         if self.cfg.log.json_path is not None:
             self._json_log = open_json_log(self.cfg.log.json_path)
         super().startService()
+        if self.runtime.checker is not None:
+            call_hook(self.runtime.checker[1], "start")
         install_signals(self.reactor, self.reload)
 
     # --- reload ------------------------------------------------------------
 
-    def reload(self) -> defer.Deferred[bool]:
+    def reload(self, text: str | None = None) -> defer.Deferred[bool]:
         """
         Re-read the configuration file and apply it to new connections.
         Fires with False (and changes nothing) if anything in it is wrong.
+
+        With *text* (a worker under ``[server] workers``: the configuration
+        generation its supervisor validated), that text is used instead of
+        the file, with relative paths still resolved against the file's
+        directory.
 
         The slow, blocking part — reading the file, the certificate and key,
         importing the policy — runs in a thread; the reactor only assembles
@@ -102,7 +110,13 @@ class KumoauthService(service.MultiService):
         source = str(self.cfg.source)
 
         def prepare() -> tuple[Config, Any, Any]:
-            cfg = load_config(source)
+            if text is None:
+                cfg = load_config(source)
+            else:
+                try:
+                    cfg = parse(text, source)
+                except ConfigError as e:
+                    raise OperatorError(str(e)) from None
             return cfg, build_tls(cfg), build_policy(cfg)
 
         def apply(prepared: tuple[Config, Any, Any]) -> bool:
@@ -114,8 +128,11 @@ class KumoauthService(service.MultiService):
                 Invoker(self.reactor, self.checker_pool),
                 tls=tls,
                 policy=policy,
+                previous=self.runtime,
             )
+            previous = self.runtime.checker
             self._swap(cfg, runtime)
+            self._checker_lifecycle(previous, runtime.checker)
             return True
 
         def failed(f: Any) -> bool:
@@ -158,6 +175,22 @@ class KumoauthService(service.MultiService):
         self.process.metrics.reloads.labels("success").inc()
         log.info("reloaded configuration from {path}", path=str(cfg.source))
 
+    @staticmethod
+    def _checker_lifecycle(old: tuple[Any, Any] | None, new: tuple[Any, Any] | None) -> None:
+        """
+        After a swap: a checker configured again gets ``reload(config)``; a
+        new one ``start()``, the one it replaced ``stop()`` (sessions of the
+        previous generation that authenticate later get 454 from it).
+        """
+        if new is not None and old is not None and new[1] is old[1]:
+            if new[0].config != old[0].config:
+                call_hook(new[1], "reload", new[0].config)
+            return
+        if new is not None:
+            call_hook(new[1], "start")
+        if old is not None:
+            call_hook(old[1], "stop")
+
     def _report_restart_only(self, cfg: Config) -> None:
         old = {(li.endpoint, li.tls) for li in self.cfg.listeners}
         new = {(li.endpoint, li.tls) for li in cfg.listeners}
@@ -194,6 +227,9 @@ class KumoauthService(service.MultiService):
                 grace=grace,
             )
         d.addCallback(lambda _: sessions.drain(grace, self.reactor))
+        if self.runtime.checker is not None:
+            checker = self.runtime.checker[1]
+            d.addCallback(lambda _: call_hook(checker, "stop"))
 
         def stop_threads(_: object) -> defer.Deferred[None]:
             # Joined off the reactor thread, and not waited for past a few
@@ -217,13 +253,18 @@ def make_service_from_config(
     reactor: Any,
     checkers: list[Any] | None = None,
     adopt: dict[int, tuple[int, int]] | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> service.MultiService:
     """
     The server in this process.  With *adopt* (listener index -> socket) it
     is a worker: the listening sockets come from the supervisor, the spool
     is not recovered here, and metrics are served by the supervisor.
+
+    *owner* (uid, gid; -1 leaves one unchanged): who the process will run
+    as once twistd drops privileges (``--uid``/``--gid``); a spool
+    directory created here, as root, is given to them.
     """
-    spool = prepare_spool(cfg, recover=adopt is None)
+    spool = prepare_spool(cfg, recover=adopt is None, owner=owner)
     writer = SpoolWriter(spool, reactor)
     checker_pool = BlockingPool(
         reactor,

@@ -5,38 +5,75 @@ The supervisor (the twistd process) binds every listener itself, before
 dropping privileges, and starts N workers (``python -m kumoauth.ops.workers``),
 handing each the sockets as inherited file descriptors; a worker adopts them
 (``adoptStreamPort``) and runs the ordinary kumoauth service on them, so the
-kernel spreads new connections across workers.  The supervisor:
+kernel spreads new connections across workers.
+
+Workers never read the configuration file.  The supervisor holds the
+configuration it validated — its text, and a generation number — and hands
+it to every worker it starts, and to every running worker on a reload, over
+a control channel: netstrings of JSON on the worker's stdin (file
+descriptor 0), answers on descriptor 3.  The first message also carries the
+sockets, each named by its listener's ``(endpoint, tls)``, the ``--auth``
+checkers and the TLS session-ticket secret (never in argv, the environment
+or a log).  A worker serves each inherited socket with the listener of the
+same ``(endpoint, tls)`` in the current generation — or, if that listener
+was removed or changed since start-up, with the one the socket was bound
+for; keys that need a restart (``[spool] path``, ``[auth] threads``,
+``[log]``, ``[metrics]``) keep their start-up values.  A listener without a
+socket is logged ("needs a restart") and skipped.
+
+The supervisor:
 
 - recovers the spool once, before any worker writes to it;
-- restarts a worker that dies (one second later);
-- forwards SIGHUP (reload) and SIGTERM (graceful drain) to every worker, and
-  exits 0 once they all have;
-- serves ``[metrics]`` for all workers together: they write their counters
-  to a shared directory (``prometheus_client`` multiprocess mode).
+- restarts a worker that dies, after a delay that doubles from
+  :data:`RESTART_MIN` to :data:`RESTART_MAX` while it keeps dying, and
+  starts over once a worker has stayed up :data:`RESTART_RESET_AFTER`
+  seconds; a worker that cannot even be spawned is retried the same way;
+- on SIGHUP reads and validates the file itself: if it is good, the
+  generation goes up and every worker reloads from that text; if not, one
+  line in the log and nothing changes (workers never see a broken file);
+- on SIGTERM stops every worker (each drains), and exits 0 once they all
+  have;
+- serves ``[metrics]`` for all workers together: they write their values to
+  a shared directory (``prometheus_client`` multiprocess mode), under a
+  name per worker index (``w0``, ``w1``…), so a restarted worker carries on
+  its predecessor's counters and the files do not pile up.
 
-Per-process today: connection limits (``max_connections`` is per worker)
-and the in-memory throttle counters.
+Per-process: connection limits (``max_connections`` is per worker) and the
+in-memory throttle counters.
+
+A worker whose control channel closes (the supervisor is gone) stops as if
+sent SIGTERM.  A SIGHUP sent to a worker directly reloads its current
+generation (certificate, key and policy are read again), not the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
 import sys
 import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
 from twisted.cred import strcred
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, endpoints, protocol, threads
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
 from twisted.logger import Logger
 
-from kumoauth.config import Config
-from kumoauth.ops.assembly import OperatorError, build_runtime, prepare_spool
+from kumoauth.config import Config, ConfigError, ListenerConfig, parse
+from kumoauth.ops.assembly import (
+    OperatorError,
+    build_policy,
+    build_runtime,
+    build_tls,
+    prepare_spool,
+)
 from kumoauth.ops.listening import (
     ListenError,
     ListenerService,
@@ -50,7 +87,186 @@ log = Logger(namespace="kumoauth.workers")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 READY = b"worker ready"
-RESTART_DELAY = 1.0
+#: seconds before the first restart of a worker that died
+RESTART_MIN = 1.0
+#: the longest wait between restarts of a worker that keeps dying
+RESTART_MAX = 60.0
+#: a worker that stayed up this many seconds is restarted after RESTART_MIN again
+RESTART_RESET_AFTER = 60.0
+#: the worker reads the supervisor's messages here (its stdin) …
+CONTROL_IN = 0
+#: … and writes its own here
+CONTROL_OUT = 3
+#: the inherited listening sockets start here
+FIRST_SOCKET = 4
+#: the largest control message (a configuration file is far smaller)
+MAX_MESSAGE = 16 * 1024 * 1024
+
+
+# --- control channel ----------------------------------------------------------
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One control message: a netstring of JSON."""
+    payload = json.dumps(message).encode()
+    return b"%d:%s," % (len(payload), payload)
+
+
+class Netstrings:
+    """Incremental decoder: bytes in, complete JSON messages out."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._buffer += data
+        messages: list[dict[str, Any]] = []
+        while True:
+            length, sep, rest = self._buffer.partition(b":")
+            if not sep:
+                if len(length) > 10 or not length.isdigit() and length:
+                    raise ValueError("bad control message")
+                return messages
+            if not length.isdigit() or int(length) > MAX_MESSAGE:
+                raise ValueError("bad control message")
+            n = int(length)
+            if len(rest) < n + 1:
+                return messages
+            if rest[n : n + 1] != b",":
+                raise ValueError("bad control message")
+            messages.append(json.loads(rest[:n]))
+            self._buffer = rest[n + 1 :]
+
+
+def read_message(fd: int) -> dict[str, Any]:
+    """
+    Read exactly one control message from *fd*, blocking, and nothing more
+    (what follows stays in the pipe for the reactor).
+    """
+    length = b""
+    while True:
+        c = os.read(fd, 1)
+        if not c:
+            raise EOFError("control channel closed")
+        if c == b":":
+            break
+        length += c
+        if not length.isdigit() or len(length) > 10:
+            raise ValueError("bad control message")
+    n = int(length)
+    if n > MAX_MESSAGE:
+        raise ValueError("bad control message")
+    data = b""
+    while len(data) < n + 1:
+        chunk = os.read(fd, n + 1 - len(data))
+        if not chunk:
+            raise EOFError("control channel closed")
+        data += chunk
+    if data[-1:] != b",":
+        raise ValueError("bad control message")
+    result: dict[str, Any] = json.loads(data[:-1])
+    return result
+
+
+# --- configuration --------------------------------------------------------------
+
+
+def read_config(source: Path | str) -> tuple[str, Config]:
+    """
+    The configuration file's text and what it says; an error is an
+    :class:`OperatorError` (one line).
+    """
+    path = Path(source)
+    try:
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise ConfigError(path, "", "configuration file not found") from None
+        except UnicodeDecodeError:
+            raise ConfigError(path, "", "configuration file is not UTF-8") from None
+        except OSError as e:
+            raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
+        return text, parse(text, path)
+    except ConfigError as e:
+        raise OperatorError(str(e)) from None
+
+
+def validate(
+    cfg: Config,
+    reactor: Any,
+    checkers: list[Any] | None,
+    spool: Any,
+    tls: Any = None,
+    policy: Any = None,
+) -> None:
+    """
+    Everything a worker will build, built once here and thrown away: TLS,
+    policy, checker, throttle store.  Raises :class:`OperatorError`.
+    """
+    from kumoauth.policy import Invoker
+    from kumoauth.smtp.runtime import ProcessState
+    from kumoauth.storage.spool import SpoolWriter
+
+    process = ProcessState(clock=reactor, store=SpoolWriter(spool, reactor).store)
+    build_runtime(cfg, process, checkers, Invoker(), tls=tls, policy=policy)
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """A listening socket the supervisor bound, as a worker receives it."""
+
+    endpoint: str
+    tls: str
+    fd: int
+    family: int
+
+
+def worker_config(
+    boot: Config, current: Config, sockets: list[Inherited]
+) -> tuple[Config, dict[int, tuple[int, int]], list[str]]:
+    """
+    What a worker runs: *current* (the supervisor's generation), on the
+    sockets the supervisor bound for *boot* (its start-up configuration).
+
+    Each socket gets the listener of the same ``(endpoint, tls)`` in
+    *current*, or if there is none any more the one it was bound for (it
+    stays until a restart, as in a single process).  What needs a restart
+    keeps its *boot* value.  Returns the configuration, the sockets by
+    listener index (``make_service_from_config(adopt=)``) and warnings.
+    """
+    now = {(li.endpoint, li.tls): li for li in current.listeners}
+    then = {(li.endpoint, li.tls): li for li in boot.listeners}
+    listeners: list[ListenerConfig] = []
+    adopt: dict[int, tuple[int, int]] = {}
+    warnings = []
+    for s in sockets:
+        key = (s.endpoint, s.tls)
+        listener = now.get(key) or then.get(key)
+        if listener is None:  # not from this supervisor's configuration
+            warnings.append(f"socket for {s.endpoint} ({s.tls}) has no listener: not served")
+            continue
+        if key not in now:
+            warnings.append(
+                f"listener {s.endpoint} ({s.tls}) was removed or changed: it stays until a restart"
+            )
+        adopt[len(listeners)] = (s.fd, s.family)
+        listeners.append(listener)
+    bound = {(s.endpoint, s.tls) for s in sockets}
+    for endpoint, tls in sorted(set(now) - bound):
+        warnings.append(f"listener {endpoint} ({tls}) is new or changed: it needs a restart")
+    cfg = replace(
+        current,
+        listeners=tuple(listeners),
+        server=replace(current.server, workers=boot.server.workers),
+        auth=replace(current.auth, threads=boot.auth.threads),
+        spool=boot.spool,
+        log=boot.log,
+        metrics=boot.metrics,
+    )
+    return cfg, adopt, warnings
+
+
+# --- supervisor -----------------------------------------------------------------
 
 
 def _family(address: Any) -> int:
@@ -61,6 +277,11 @@ def _family(address: Any) -> int:
     if isinstance(address, UNIXAddress):
         return socket.AF_UNIX
     raise ValueError(f"cannot hand {address!r} to a worker")
+
+
+def metrics_id(index: int) -> str:
+    """The name under which worker *index* writes its metric files."""
+    return f"w{index}"
 
 
 class _Unused(protocol.Factory):
@@ -75,25 +296,33 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.index = index
         self.pid: int | None = None
         self.ready = False
-        self.pending_hup = False
+        #: the configuration generation the worker last said it runs
+        self.generation = 0
+        self.started_at = 0.0
         self._partial = b""
+        self._control = Netstrings()
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
         log.info("worker {index} started (pid {pid})", index=self.index, pid=self.pid)
 
-    def outReceived(self, data: bytes) -> None:
+    def send(self, message: dict[str, Any]) -> None:
+        self.transport.write(encode(message))  # type: ignore[union-attr]
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == CONTROL_OUT:
+            try:
+                messages = self._control.feed(data)
+            except ValueError:
+                log.error("worker {index}: bad control message", index=self.index)
+                return
+            for message in messages:
+                self.controlReceived(message)
+            return
         # The worker logs text lines to its stdout; they become ours.
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         for line in lines:
-            if line.endswith(READY):
-                self.ready = True
-                if self.pending_hup:
-                    # A reload asked for while it was starting: it may have
-                    # read the file just before it changed.
-                    self.pending_hup = False
-                    self.transport.signalProcess("HUP")  # type: ignore[union-attr]
             if line.strip():
                 log.info(
                     "[worker {index}] {line}",
@@ -101,25 +330,59 @@ class WorkerProcess(protocol.ProcessProtocol):
                     line=line.decode("utf-8", "replace"),
                 )
 
-    errReceived = outReceived
+    def controlReceived(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "ready":
+            self.ready = True
+            self.generation = int(message.get("generation", 0))
+        elif kind == "reloaded":
+            if message.get("ok"):
+                self.generation = int(message.get("generation", 0))
+            else:
+                log.error(
+                    "worker {index} could not apply configuration generation {generation}",
+                    index=self.index,
+                    generation=message.get("generation"),
+                )
 
     def processEnded(self, reason: Any) -> None:
         self.supervisor.ended(self, reason)
 
 
 class Supervisor(service.Service):
-    def __init__(self, cfg: Config, reactor: Any, auth_args: list[str]) -> None:
-        self.cfg = cfg
+    def __init__(
+        self,
+        cfg: Config,
+        reactor: Any,
+        auth_args: list[str],
+        text: str | None = None,
+        owner: tuple[int, int] | None = None,
+        checkers: list[Any] | None = None,
+        spool: Any = None,
+    ) -> None:
+        #: the configuration the sockets were bound for
+        self.boot_cfg = self.cfg = cfg
+        #: the validated text of the current generation
+        self.boot_text = self.text = text if text is not None else read_config(cfg.source)[0]
+        self.generation = 1
         self.reactor = reactor
         self.auth_args = auth_args
-        self.ports: list[tuple[Any, int]] = []
+        self.checkers = checkers
+        self.spool = spool
+        self.ports: list[tuple[ListenerConfig, Any, int]] = []
         self.workers: dict[int, WorkerProcess] = {}
         self.stopping = False
         self._all_ended: defer.Deferred[None] | None = None
+        self._delays: dict[int, float] = {}
+        self._restarts: dict[int, Any] = {}
+        self._reloads: defer.Deferred[Any] = defer.succeed(None)
         self.metrics_dir = tempfile.mkdtemp(prefix="kumoauth-metrics-")
+        if owner is not None:
+            # Created as root; the supervisor and the workers write there
+            # after twistd has dropped privileges.
+            os.chown(self.metrics_dir, *owner)
 
     def privilegedStartService(self) -> None:
-
         super().privilegedStartService()
         for i, listener in enumerate(self.cfg.listeners):
             endpoint = endpoints.serverFromString(self.reactor, listener.endpoint)
@@ -134,7 +397,7 @@ class Supervisor(service.Service):
             except ListenError as e:
                 fail_start(str(e))
             port.stopReading()  # the workers accept, not us
-            self.ports.append((port, _family(port.getHost())))
+            self.ports.append((listener, port, _family(port.getHost())))
             log.info(
                 "listening on {address} ({tls}) for {n} workers",
                 address=str(port.getHost()),
@@ -144,48 +407,76 @@ class Supervisor(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        for index in range(self.cfg.server.workers):
+        for index in range(self.boot_cfg.server.workers):
             self.spawn(index)
+        install_signals(self.reactor, self.reload)
 
-        install_signals(self.reactor, lambda: self.signal_workers("HUP", ready_only=True))
+    # --- workers -------------------------------------------------------------
 
     def spawn(self, index: int) -> None:
-        args = [
-            sys.executable,
-            "-m",
-            "kumoauth.ops.workers",
-            "--config",
-            str(self.cfg.source),
-            "--index",
-            str(index),
-        ]
-        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
-        for i, (port, family) in enumerate(self.ports):
-            fd = 3 + i
+        """
+        Start worker *index*.  It is registered only once it runs: a spawn
+        that fails is retried later, like a worker that died.
+        """
+        args = [sys.executable, "-m", "kumoauth.ops.workers", "--index", str(index)]
+        child_fds: dict[int, Any] = {CONTROL_IN: "w", 1: "r", 2: "r", CONTROL_OUT: "r"}
+        sockets = []
+        for i, (listener, port, family) in enumerate(self.ports):
+            fd = FIRST_SOCKET + i
             child_fds[fd] = port.fileno()
-            args += ["--adopt", f"{i}:{fd}:{family}"]
-        for auth in self.auth_args:
-            args += ["--auth", auth]
-        args.append("--ticket-secret-stdin")
+            sockets.append(
+                {"endpoint": listener.endpoint, "tls": listener.tls, "fd": fd, "family": family}
+            )
         env = dict(os.environ, **{MULTIPROC_ENV: self.metrics_dir})
         worker = WorkerProcess(self, index)
+        try:
+            self.reactor.spawnProcess(worker, sys.executable, args, env=env, childFDs=child_fds)
+        except Exception as e:
+            delay = self._next_delay(index, uptime=0.0)
+            log.error(
+                "worker {index} could not be started: {error}; retrying in {delay:g}s",
+                index=index,
+                error=f"{type(e).__name__}: {e}",
+                delay=delay,
+            )
+            self._restart_later(index, delay)
+            return
+        worker.started_at = self.reactor.seconds()
         self.workers[index] = worker
-        transport = self.reactor.spawnProcess(
-            worker, sys.executable, args, env=env, childFDs=child_fds
-        )
         # TLS session-ticket keys (kumoauth.tls): every worker derives them
         # from this process's secret, so a ticket from one is good at all.
-        # Through the stdin pipe: never in argv, the environment or a log.
         from kumoauth.tls.context import ticket_secret
 
-        transport.write(ticket_secret().hex().encode() + b"\n")
-        transport.closeStdin()
+        worker.send(
+            {
+                "type": "start",
+                "index": index,
+                "source": str(self.cfg.source),
+                "generation": self.generation,
+                "text": self.text,
+                "boot_text": self.boot_text,
+                "sockets": sockets,
+                "auth": self.auth_args,
+                "ticket_secret": ticket_secret().hex(),
+            }
+        )
+
+    def _next_delay(self, index: int, uptime: float) -> float:
+        if uptime >= RESTART_RESET_AFTER:
+            self._delays.pop(index, None)
+        delay = self._delays.get(index, RESTART_MIN)
+        self._delays[index] = min(delay * 2, RESTART_MAX)
+        return delay
+
+    def _restart_later(self, index: int, delay: float) -> None:
+        self._restarts[index] = self.reactor.callLater(delay, self._respawn, index)
 
     def ended(self, worker: WorkerProcess, reason: Any) -> None:
         from prometheus_client import multiprocess
 
-        if worker.pid is not None:
-            multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
+        # Its live gauges (open connections) end with it; its counters stay
+        # for the next worker of the same index to carry on.
+        multiprocess.mark_process_dead(metrics_id(worker.index), self.metrics_dir)
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         if self.stopping:
@@ -193,39 +484,97 @@ class Supervisor(service.Service):
             if not self.workers and self._all_ended is not None:
                 self._all_ended.callback(None)
             return
+        delay = self._next_delay(worker.index, self.reactor.seconds() - worker.started_at)
         log.error(
-            "worker {index} (pid {pid}) died: {reason}; restarting",
+            "worker {index} (pid {pid}) died: {reason}; restarting in {delay:g}s",
             index=worker.index,
             pid=worker.pid,
             reason=reason.getErrorMessage(),
+            delay=delay,
         )
-        self.reactor.callLater(RESTART_DELAY, self._respawn, worker.index)
+        self._restart_later(worker.index, delay)
 
     def _respawn(self, index: int) -> None:
+        self._restarts.pop(index, None)
         if not self.stopping and index not in self.workers:
             self.spawn(index)
 
-    def signal_workers(self, name: str, ready_only: bool = False) -> None:
-        """
-        Send a signal to the workers.  A reload skips workers still
-        starting: they read the configuration file as they start anyway,
-        and a SIGHUP before their handler is installed would kill them.
-        """
+    def signal_workers(self, name: str) -> None:
         for worker in list(self.workers.values()):
-            if ready_only and not worker.ready:
-                worker.pending_hup = True
-                continue
             try:
                 worker.transport.signalProcess(name)  # type: ignore[union-attr]
             except ProcessExitedAlready:
                 pass  # its processEnded is on the way
 
+    # --- reload --------------------------------------------------------------
+
+    def reload(self) -> defer.Deferred[bool]:
+        """
+        SIGHUP: read and validate the file here; if it is good, make it the
+        current generation and send it to every worker.  Fires with whether
+        it was.
+        """
+        source = self.boot_cfg.source
+
+        def prepare() -> tuple[str, Config, Any, Any]:
+            text, cfg = read_config(source)
+            return text, cfg, build_tls(cfg), build_policy(cfg)
+
+        def apply(prepared: tuple[str, Config, Any, Any]) -> bool:
+            text, cfg, tls, policy = prepared
+            validate(cfg, self.reactor, self.checkers, self.spool, tls=tls, policy=policy)
+            if self.stopping:
+                return False
+            self.generation += 1
+            self.cfg, self.text = cfg, text
+            if cfg.server.workers != self.boot_cfg.server.workers:
+                log.warn("[server] workers changed: it needs a restart")
+            log.info(
+                "configuration generation {generation} from {path}: sent to {n} workers",
+                generation=self.generation,
+                path=str(source),
+                n=len(self.workers),
+            )
+            for worker in self.workers.values():
+                worker.send({"type": "config", "generation": self.generation, "text": text})
+            return True
+
+        def failed(f: Any) -> bool:
+            if f.check(OperatorError):
+                message = f.getErrorMessage()
+            else:
+                message = f"{f.type.__name__}: {f.getErrorMessage()}"
+            log.error("reload failed, configuration unchanged: {error}", error=message)
+            return False
+
+        def run(_: object) -> defer.Deferred[bool]:
+            d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), prepare)
+            return d.addCallback(apply).addErrback(failed)
+
+        # One at a time, in the order asked.
+        self._reloads = self._reloads.addBoth(run)
+        result: defer.Deferred[bool] = defer.Deferred()
+
+        def report(ok: Any) -> Any:
+            result.callback(ok)
+            return ok
+
+        self._reloads.addBoth(report)
+        return result
+
+    # --- stop ----------------------------------------------------------------
+
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
         self.stopping = True
-        for port, _ in self.ports:
+        for timer in self._restarts.values():
+            if timer.active():
+                timer.cancel()
+        self._restarts.clear()
+        for _, port, _ in self.ports:
             port.stopListening()
         if not self.workers:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
             return defer.succeed(None)
         self._all_ended = defer.Deferred()
         self.signal_workers("TERM")
@@ -244,30 +593,36 @@ class Supervisor(service.Service):
 
 
 def make_supervisor(
-    cfg: Config, reactor: Any, checkers: list[Any] | None, auth_args: list[str]
+    cfg: Config,
+    reactor: Any,
+    checkers: list[Any] | None,
+    auth_args: list[str],
+    owner: tuple[int, int] | None = None,
 ) -> service.MultiService:
     """
     The twistd-side service for ``workers > 1``: everything is validated
     here first (so an operator error stops start-up), then the supervisor
-    binds and runs the workers.
+    binds and runs the workers.  *owner* (uid, gid): who twistd will run
+    as (``--uid``/``--gid``), for the directories created here as root.
     """
     from kumoauth.ops.metrics import multiprocess_site_root
-    from kumoauth.policy import Invoker
-    from kumoauth.smtp.runtime import ProcessState
-    from kumoauth.storage.spool import SpoolWriter
 
+    # The text the workers will run, and what it says (read once: the
+    # file may change under us).
+    text, cfg = read_config(cfg.source)
     for listener in cfg.listeners:
         if listener.endpoint.startswith(("haproxy:", "systemd:")):
             raise OperatorError(
                 f'{cfg.source}: [[listener]] endpoint "{listener.endpoint}": '
                 "not supported with [server] workers > 1 yet"
             )
-    spool = prepare_spool(cfg, recover=True)
+    spool = prepare_spool(cfg, recover=True, owner=owner)
     # Validate TLS, policy, checker and throttle store like a single process.
-    process = ProcessState(clock=reactor, store=SpoolWriter(spool, reactor).store)
-    build_runtime(cfg, process, checkers, Invoker())
+    validate(cfg, reactor, checkers, spool)
     top = service.MultiService()
-    supervisor = Supervisor(cfg, reactor, auth_args)
+    supervisor = Supervisor(
+        cfg, reactor, auth_args, text=text, owner=owner, checkers=checkers, spool=spool
+    )
     supervisor.setServiceParent(top)
     if cfg.metrics.endpoint is not None:
         site = QuietSite(multiprocess_site_root(supervisor.metrics_dir))
@@ -281,45 +636,131 @@ def make_supervisor(
     return top
 
 
+# --- worker ---------------------------------------------------------------------
+
+
+class WorkerControl(protocol.Protocol):
+    """
+    A worker's end of the control channel: new configuration generations
+    in, their outcome out.  When the supervisor goes away, the worker stops.
+    """
+
+    def __init__(self, server: Any, reactor: Any, generation: int, text: str) -> None:
+        self.server = server
+        self.reactor = reactor
+        self.generation = generation
+        self.text = text
+        self.stopping = False
+        self._decoder = Netstrings()
+
+    def tell(self, message: dict[str, Any]) -> None:
+        if self.transport is not None:
+            self.transport.write(encode(message))
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except ValueError:
+            log.error("bad control message from the supervisor")
+            return
+        for message in messages:
+            if message.get("type") == "config":
+                self.apply(int(message["generation"]), message["text"])
+
+    def apply(self, generation: int, text: str) -> defer.Deferred[Any]:
+        def done(ok: bool) -> None:
+            if ok:
+                self.generation, self.text = generation, text
+                log.info("running configuration generation {generation}", generation=generation)
+            self.tell({"type": "reloaded", "generation": generation, "ok": bool(ok)})
+
+        d = self.server.reload(text)
+        d.addCallback(done)
+        return d
+
+    def reapply(self) -> None:
+        """A SIGHUP sent to this worker: its current generation, again."""
+        self.server.reload(self.text)
+
+    def shutting_down(self) -> None:
+        self.stopping = True
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.stopping:  # the reactor closing everything
+            return
+        log.info("the supervisor is gone: stopping")
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+
 def worker_main(argv: list[str] | None = None) -> None:
     """
-    A worker: adopt the sockets, run the service, exit when it stops.
+    A worker: receive the configuration and the sockets from the
+    supervisor, run the service, exit when it stops.
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor, stdio
     from twisted.logger import FileLogObserver, globalLogBeginner
 
-    from kumoauth.config import load
-    from kumoauth.ops.service import make_service_from_config
+    from kumoauth.ops.service import KumoauthService, make_service_from_config
+    from kumoauth.tls.context import adopt_ticket_secret
 
     p = argparse.ArgumentParser(prog="python -m kumoauth.ops.workers")
-    p.add_argument("--config", required=True)
     p.add_argument("--index", type=int, default=0)
-    p.add_argument("--adopt", action="append", default=[])
-    p.add_argument("--auth", action="append", default=[])
-    p.add_argument("--ticket-secret-stdin", action="store_true")
     args = p.parse_args(argv)
-    if args.ticket_secret_stdin:
-        from kumoauth.tls.context import adopt_ticket_secret
-
-        adopt_ticket_secret(bytes.fromhex(sys.stdin.readline().strip()))
     # Lines for the supervisor, which adds its own timestamp.
     observer = FileLogObserver(sys.stdout, _line)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    cfg = load(args.config)
-    adopt = {}
-    for item in args.adopt:
-        index, fd, family = (int(x) for x in item.split(":"))
-        adopt[index] = (fd, family)
-    checkers = [strcred.makeChecker(a) for a in args.auth] or None
+    start = read_message(CONTROL_IN)
+    if os.environ.get(MULTIPROC_ENV):
+        # Metric files named after the worker index, not the pid (before
+        # any metric exists): a restarted worker carries on the counters.
+        from prometheus_client import values
+
+        index = args.index
+        values.ValueClass = values.MultiProcessValue(  # type: ignore[misc]
+            process_identifier=lambda: metrics_id(index)
+        )
+    adopt_ticket_secret(bytes.fromhex(start["ticket_secret"]))
+    source = start["source"]
+    try:
+        boot = parse(start["boot_text"], source)
+        current = parse(start["text"], source)
+    except ConfigError as e:
+        log.critical("{error}", error=str(e))
+        raise SystemExit(1) from None
+    sockets = [
+        Inherited(s["endpoint"], s["tls"], int(s["fd"]), int(s["family"])) for s in start["sockets"]
+    ]
+    cfg, adopt, warnings = worker_config(boot, current, sockets)
+    for warning in warnings:
+        log.warn("{warning}", warning=warning)
+    checkers = [strcred.makeChecker(a) for a in start["auth"]] or None
     top = make_service_from_config(cfg, reactor, checkers, adopt=adopt)
+    assert isinstance(top, KumoauthService)
     top.privilegedStartService()
     top.startService()
-    for fd, _ in adopt.values():
-        os.close(fd)  # adoptStreamPort duplicated it
+    for s in sockets:
+        os.close(s.fd)  # adoptStreamPort duplicated it (or it is not served)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    # After the service's signal handlers are in (they go in when the reactor
-    # runs), tell the supervisor this worker may be sent SIGHUP.
-    reactor.callWhenRunning(lambda: reactor.callLater(0, log.info, READY.decode()))
+    generation = int(start["generation"])
+    control = WorkerControl(top, reactor, generation, start["text"])
+    reactor.addSystemEventTrigger("before", "shutdown", control.shutting_down)
+    stdio.StandardIO(control, stdin=CONTROL_IN, stdout=CONTROL_OUT, reactor=reactor)  # type: ignore[call-arg]
+    # After the service's own (installed when the reactor runs): a SIGHUP
+    # sent to a worker must not read the file.
+    install_signals(reactor, control.reapply)
+
+    def ready() -> None:
+        log.info(
+            "{ready} (configuration generation {generation})",
+            ready=READY.decode(),
+            generation=generation,
+        )
+        control.tell({"type": "ready", "generation": generation})
+
+    reactor.callWhenRunning(lambda: reactor.callLater(0, ready))
     reactor.run()  # type: ignore[attr-defined]
 
 
