@@ -122,19 +122,23 @@ class ListenerService(service.Service):
 
 def install_signals(reactor: Any, on_hup: Callable[[], object]) -> None:
     """
-    Once the reactor runs (after Twisted has installed its own handlers):
-    SIGHUP calls *on_hup*; SIGTERM stops the reactor like Twisted's
+    SIGHUP calls *on_hup*, from now on: the listeners are bound before the
+    reactor runs, and a SIGHUP in that moment must not kill the process
+    (its default action).  Once the reactor runs (after Twisted has
+    installed its own handlers), SIGTERM stops the reactor like Twisted's
     handler, but without making the process end "killed by SIGTERM" — a
     drained, orderly stop is a success, exit status 0.
     """
 
+    def on_sighup(signum: int, frame: Any) -> None:
+        reactor.callFromThread(on_hup)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGHUP, on_sighup)
+
     def install() -> None:
-        def on_sigterm(signum: int, frame: Any) -> None:
-            reactor.callFromThread(reactor.stop)
-
-        def on_sighup(signum: int, frame: Any) -> None:
-            reactor.callFromThread(on_hup)
-
         signal.signal(signal.SIGTERM, on_sigterm)
         signal.signal(signal.SIGHUP, on_sighup)
 

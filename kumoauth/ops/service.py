@@ -81,6 +81,12 @@ class KumoauthService(service.MultiService):
     def smtp_listeners(self) -> list[ListenerService]:
         return [s for s in self.listeners if s.submission_factory is not None]
 
+    def privilegedStartService(self) -> None:
+        # Before the listeners bind: a SIGHUP as soon as a port answers must
+        # reload, not kill the process.
+        install_signals(self.reactor, self.reload)
+        super().privilegedStartService()
+
     def startService(self) -> None:
         self.writer.start()
         self.checker_pool.start()
@@ -89,7 +95,6 @@ class KumoauthService(service.MultiService):
         super().startService()
         if self.runtime.checker is not None:
             call_hook(self.runtime.checker[1], "start")
-        install_signals(self.reactor, self.reload)
 
     # --- reload ------------------------------------------------------------
 

@@ -383,6 +383,7 @@ class Supervisor(service.Service):
             os.chown(self.metrics_dir, *owner)
 
     def privilegedStartService(self) -> None:
+        install_signals(self.reactor, self.reload)  # before a port answers
         super().privilegedStartService()
         for i, listener in enumerate(self.cfg.listeners):
             endpoint = endpoints.serverFromString(self.reactor, listener.endpoint)
@@ -409,7 +410,6 @@ class Supervisor(service.Service):
         super().startService()
         for index in range(self.boot_cfg.server.workers):
             self.spawn(index)
-        install_signals(self.reactor, self.reload)
 
     # --- workers -------------------------------------------------------------
 
