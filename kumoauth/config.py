@@ -144,6 +144,40 @@ class LogConfig:
     json_path: Path | None = None
 
 
+RELAY_TLS = ("starttls", "implicit", "none")
+RELAY_IDENTITY = ("authz", "header", "none")
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """
+    ``[relay]``: hand every accepted message to one upstream MTA.  Absent:
+    spool only.  The password and the header key live in files of their
+    own; their contents are read at start-up and on SIGHUP, never logged.
+    """
+
+    host: str
+    port: int = 587
+    tls: str = "starttls"
+    ca_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    identity: str = "authz"
+    header_key_file: Path | None = None
+    concurrency: int = 10
+    retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 3600.0, 14400.0)
+    max_age: float = 432000.0
+    #: tls = "none" to a host other than 127.0.0.1 / ::1 / localhost
+    allow_plaintext: bool = False
+    connect_timeout: float = 30.0
+    #: seconds the upstream may take to answer one command
+    command_timeout: float = 300.0
+    #: messages sent over one upstream session before it is closed
+    max_messages_per_session: int = 100
+    #: seconds an idle upstream session is kept for reuse
+    idle_timeout: float = 10.0
+
+
 @dataclass(frozen=True)
 class Config:
     source: Path
@@ -155,6 +189,7 @@ class Config:
     spool: SpoolConfig
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    relay: RelayConfig | None = None
 
 
 # --- schema ---------------------------------------------------------------
@@ -243,6 +278,19 @@ def _names(v: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(v))
 
 
+def _port(v: Any) -> int:
+    port = _int(1)(v)
+    if port > 65535:
+        raise _Bad(f"must be a port number (1-65535), got {port}")
+    return port
+
+
+def _schedule(v: Any) -> tuple[float, ...]:
+    if not isinstance(v, list) or not v:
+        raise _Bad(f"expected a non-empty list of seconds, got {_show(v)}")
+    return tuple(_number(1.0)(x) for x in v)
+
+
 def _show(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -305,9 +353,27 @@ SCHEMA: dict[str, dict[str, Check]] = {
     "spool": {"path": _str},
     "log": {"json_path": _str},
     "metrics": {"endpoint": _str},
+    "relay": {
+        "host": _str,
+        "port": _port,
+        "tls": _choice(*RELAY_TLS),
+        "ca_file": _str,
+        "username": _str,
+        "password_file": _str,
+        "identity": _choice(*RELAY_IDENTITY),
+        "header_key_file": _str,
+        "concurrency": _int(1),
+        "retry_schedule": _schedule,
+        "max_age": _number(1.0),
+        "allow_plaintext": _bool,
+        "connect_timeout": _number(0.001),
+        "command_timeout": _number(0.001),
+        "max_messages_per_session": _int(1),
+        "idle_timeout": _number(0.0),
+    },
 }
 
-REQUIRED = {
+REQUIRED: dict[str, tuple[str, ...]] = {
     "tls": ("certificate", "private_key"),
     "listener": ("endpoint",),
     "spool": ("path",),
@@ -431,11 +497,13 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
     )
 
     metrics = MetricsConfig(**_section(source, "metrics", data.get("metrics", {})))
+    relay = _relay(source, data["relay"]) if "relay" in data else None
 
     return Config(
         source=source,
         log=log,
         metrics=metrics,
+        relay=relay,
         server=ServerConfig(**server),
         tls=tls,
         listeners=listeners,
@@ -443,6 +511,39 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
         policy=policy,
         spool=spool,
     )
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _relay(source: Path, raw: Any) -> RelayConfig:
+    r = _section(source, "relay", raw)
+    if "host" not in r:
+        raise ConfigError(source, "[relay] host", "required key is missing")
+    for key in ("ca_file", "password_file", "header_key_file"):
+        if key in r:
+            r[key] = _path(source, r[key])
+    if ("username" in r) != ("password_file" in r):
+        raise ConfigError(
+            source, "[relay] username", "username and password_file go together (AUTH PLAIN)"
+        )
+    if r.get("tls") == "none" and r["host"] not in _LOOPBACK and not r.get("allow_plaintext"):
+        raise ConfigError(
+            source,
+            "[relay] tls",
+            f'"none" sends mail and the relay password in clear to {r["host"]}: '
+            "only to 127.0.0.1 / ::1, or set allow_plaintext = true",
+        )
+    if r.get("identity", "authz") == "authz" and "username" not in r:
+        raise ConfigError(
+            source,
+            "[relay] identity",
+            '"authz" passes the user as the SASL authzid, which needs username and '
+            'password_file (or set identity = "header" or "none")',
+        )
+    if r.get("identity") == "header" and "header_key_file" not in r:
+        raise ConfigError(source, "[relay] header_key_file", 'required with identity = "header"')
+    return RelayConfig(**r)
 
 
 def load(path: Path | str) -> Config:

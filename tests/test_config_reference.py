@@ -42,6 +42,7 @@ DATACLASSES = {
     "spool": config.SpoolConfig,
     "log": config.LogConfig,
     "metrics": config.MetricsConfig,
+    "relay": config.RelayConfig,
 }
 
 
