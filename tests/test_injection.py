@@ -224,3 +224,33 @@ def test_policy_with_a_reject_text_quoting_the_client(make_session):
     s.command("AUTH PLAIN " + plain_b64("", "scott", "tiger"))
     reply = s.command("MAIL FROM:<a@example.com>")
     assert reply == "550 5.7.1 sender a@example.com\\x1b[0m refused\r\n"
+
+
+def test_a_clients_identity_header_is_removed(make_session):
+    s = authed(make_session)
+    forged = (
+        b"X-Kumoauth-Identity: authn=ceo; authz=ceo; id=x; sig=00\r\n"
+        b"Subject: hi\r\nx-kumoauth-identity : folded\r\n continued\r\n\r\n"
+        b"X-Kumoauth-Identity: in the body stays\r\n"
+    )
+    assert send_message(s, forged + b".\r\n").startswith("250")
+    (msg,) = s.messages()
+    head, _, body = msg.read_bytes().partition(b"\r\n\r\n")
+    assert b"kumoauth-identity" not in head.lower() and b"continued" not in head
+    assert b"Subject: hi" in head
+    assert body == b"X-Kumoauth-Identity: in the body stays\r\n"
+
+
+@given(st.binary(max_size=300))
+def test_strip_identity_header_only_touches_that_field(data):
+    from kumoauth.smtp.data import strip_identity_header
+
+    out = strip_identity_header(data)
+    end = out.find(b"\r\n\r\n")
+    head = out if end < 0 else out[: end + 2]
+    assert not any(
+        line.lower().replace(b" ", b"").replace(b"\t", b"").startswith(b"x-kumoauth-identity:")
+        for line in head.split(b"\r\n")
+    )
+    if b"kumoauth-identity" not in data.lower():
+        assert out == data

@@ -166,3 +166,29 @@ def received_header(
         f"\tby {hostname} (kumoauth) with {protocol} id {message_id}{tls};\r\n"
         f"\t{date}\r\n"
     ).encode("utf-8", "replace")
+
+
+#: the header kumoauth signs for the upstream (``[relay] identity = "header"``)
+IDENTITY_HEADER = b"x-kumoauth-identity"
+_IDENTITY_FIELD = re.compile(rb"(?im)^x-kumoauth-identity[ \t]*:")
+
+
+def strip_identity_header(message: bytes) -> bytes:
+    """
+    Remove every ``X-Kumoauth-Identity`` field (with its folded lines) from
+    the header section: only kumoauth writes that header, so a client must
+    never be able to bring one of its own.
+    """
+    end = message.find(b"\r\n\r\n")
+    head_end = len(message) if end < 0 else end + 2
+    if _IDENTITY_FIELD.search(message, 0, head_end) is None:
+        return message
+    out: list[bytes] = []
+    skipping = False
+    for line in message[:head_end].split(b"\r\n"):
+        if skipping and line[:1] in (b" ", b"\t"):
+            continue
+        skipping = _IDENTITY_FIELD.match(line) is not None
+        if not skipping:
+            out.append(line)
+    return b"\r\n".join(out) + message[head_end:]

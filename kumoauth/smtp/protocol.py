@@ -47,6 +47,7 @@ from kumoauth.smtp.data import (
     normalize_newlines,
     protocol_type,
     received_header,
+    strip_identity_header,
 )
 from kumoauth.smtp.runtime import Runtime
 from kumoauth.storage.delivery import Delivery, Message
@@ -739,6 +740,9 @@ class SubmissionProtocol(Protocol):
                 self._send(b"550 5.6.0 Message contains bare CR or LF characters")
                 return
             body = normalize_newlines(body)
+        # Only kumoauth writes the identity header it signs for the
+        # upstream ([relay] identity = "header"): never a client's copy.
+        body = strip_identity_header(body)
         mid = new_id()
         data = self._received_header(mid, smtputf8) + body
         message = Message(mid, sender, recipients, data, self.conn_meta.snapshot())
