@@ -1,0 +1,1137 @@
+"""
+The SMTP client that hands accepted messages to the one configured upstream
+MTA (the "null client" job: no MX lookups).
+
+:func:`connect` opens an authenticated, TLS-protected :class:`UpstreamSession`
+(banner, EHLO, STARTTLS or implicit TLS with the certificate always verified,
+EHLO again, AUTH PLAIN with an optional authzid); :meth:`UpstreamSession.send`
+runs one mail transaction and returns a :class:`SendResult` with the reply
+for each recipient; the session is then reset and can carry the next message
+for the same identity.  Failures of the session itself (refused, timeout, TLS,
+AUTH refused, 421, connection lost) are :class:`UpstreamError`: the caller
+defers the whole message.
+
+Why our own client rather than ``twisted.mail.smtp.ESMTPSenderFactory``:
+that factory sends one message per connection, reports recipients only as a
+list of accepted ones plus a single failure, has no SMTPUTF8, no way to
+refuse (instead of silently downgrading) 8-bit mail, no SASL authzid, and
+normalises line ends on its own terms.  See docs/decisions.md.
+
+The pure parts (:func:`dot_stuff`, :class:`ReplyParser`, :func:`parse_reply`,
+:func:`parse_ehlo`) have no I/O and are property tested.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+from collections import deque
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+from twisted.internet import defer, error, ssl
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from kumoauth.auth.sasl import encode_plain
+from kumoauth.config import RelayConfig
+from kumoauth.smtp.data import normalize_newlines
+from kumoauth.textsafe import escape
+
+log = Logger(namespace="kumoauth.relay")
+
+T = TypeVar("T")
+
+#: Longest reply line we accept from the upstream (RFC 5321 §4.5.3.1.5 says
+#: 512 octets; we are lenient but bounded).
+MAX_REPLY_LINE = 4096
+#: Most lines in one multi-line reply (an EHLO reply has one per extension).
+MAX_REPLY_LINES = 200
+#: Longest upstream text kept in a reason or a recipient result.
+MAX_REPLY_TEXT = 512
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------
+
+
+def crlf_body(body: bytes) -> bytes:
+    """
+    *body* with every bare CR and bare LF turned into CRLF and a final CRLF
+    added if it lacks one (an empty body stays empty): the message exactly as
+    it goes out, before dot-stuffing.  Its length is the SIZE we declare.
+    """
+    data = normalize_newlines(body)
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+def _stuff(data: bytes) -> bytes:
+    # *data* is CRLF-only and ends with CRLF (or is empty).
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """
+    The bytes to send after ``354`` (RFC 5321 §4.5.2): CRLF line ends only
+    (bare CR and LF become CRLF, so no line end is ambiguous for the
+    upstream), a final CRLF added if missing, every line that starts with
+    "." gets another, and the terminating "." CRLF.  The result always ends
+    with CRLF "." CRLF, except for an empty body, which is just "." CRLF
+    (the CRLF before it is the one that ended the DATA command).
+    """
+    return _stuff(crlf_body(body))
+
+
+class ReplyError(ValueError):
+    """A reply from the upstream that is not SMTP (RFC 5321 §4.2)."""
+
+
+_REPLY_LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?", re.S)
+_ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: +|$)")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """
+    One SMTP reply: the code, the enhanced status code (RFC 3463, when the
+    upstream gave one on the first line), and the text of each line without
+    the code and the enhanced code.
+    """
+
+    code: int
+    lines: tuple[str, ...]
+    enhanced: str | None = None
+
+    @property
+    def text(self) -> str:
+        """All lines joined by a space, escaped: one printable line."""
+        return escape(" ".join(line for line in self.lines if line), MAX_REPLY_TEXT)
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    def __str__(self) -> str:
+        parts = [str(self.code)]
+        if self.enhanced:
+            parts.append(self.enhanced)
+        text = self.text
+        if text:
+            parts.append(text)
+        return " ".join(parts)
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def make_reply(code: int, raw_lines: Sequence[bytes]) -> Reply:
+    """Build a :class:`Reply` from the text parts of its lines."""
+    lines = [_decode(raw) for raw in raw_lines]
+    enhanced = None
+    m = _ENHANCED.match(lines[0]) if lines else None
+    if m is not None and m[1] == str(code)[0]:
+        enhanced = f"{m[1]}.{int(m[2])}.{int(m[3])}"
+        stripped = []
+        for line in lines:
+            # RFC 2034 §3: every line of the reply carries the code; strip it
+            # where it is there.
+            lm = _ENHANCED.match(line)
+            if lm is not None and (lm[1], int(lm[2]), int(lm[3])) == (
+                m[1],
+                int(m[2]),
+                int(m[3]),
+            ):
+                line = line[lm.end() :]
+            stripped.append(line)
+        lines = stripped
+    return Reply(code=code, lines=tuple(lines), enhanced=enhanced)
+
+
+class ReplyParser:
+    """
+    Assembles replies from lines (CRLF already removed): ``250-...``
+    continues a multi-line reply, ``250 ...`` (or a bare ``250``) ends it.
+    Every line of one reply must carry the same code.
+    """
+
+    __slots__ = ("_code", "_lines")
+
+    def __init__(self) -> None:
+        self._code: int | None = None
+        self._lines: list[bytes] = []
+
+    @property
+    def pending(self) -> bool:
+        """True in the middle of a multi-line reply."""
+        return self._code is not None
+
+    def line(self, line: bytes) -> Reply | None:
+        """Take one line; return the reply it completes, if any."""
+        if len(line) > MAX_REPLY_LINE:
+            raise ReplyError("reply line too long")
+        m = _REPLY_LINE.fullmatch(line)
+        if m is None:
+            raise ReplyError(f"malformed reply line: {escape(line, 80)}")
+        code = int(m[1])
+        if self._code is not None and code != self._code:
+            raise ReplyError(f"reply code changed within a reply: {escape(line, 80)}")
+        if len(self._lines) >= MAX_REPLY_LINES:
+            raise ReplyError("too many lines in one reply")
+        self._code = code
+        self._lines.append(m[3] or b"")
+        if m[2] == b"-":
+            return None
+        reply = make_reply(code, self._lines)
+        self._code = None
+        self._lines = []
+        return reply
+
+
+def parse_replies(data: bytes) -> list[Reply]:
+    """
+    Every complete reply in *data* (lines ending in CRLF; a bare LF is
+    tolerated); raises :class:`ReplyError` on a malformed line or an
+    unfinished reply at the end.
+    """
+    parser = ReplyParser()
+    replies = []
+    lines = data.split(b"\n")
+    if lines[-1] != b"":
+        raise ReplyError("unterminated reply line")
+    for raw in lines[:-1]:
+        reply = parser.line(raw.removesuffix(b"\r"))
+        if reply is not None:
+            replies.append(reply)
+    if parser.pending:
+        raise ReplyError("unfinished multi-line reply")
+    return replies
+
+
+def parse_reply(data: bytes) -> Reply:
+    """Exactly one reply (see :func:`parse_replies`)."""
+    replies = parse_replies(data)
+    if len(replies) != 1:
+        raise ReplyError(f"expected one reply, got {len(replies)}")
+    return replies[0]
+
+
+def format_reply(code: int, lines: Sequence[str], enhanced: str | None = None) -> bytes:
+    """The wire form of a reply (for tests and fakes): the inverse of parsing."""
+    if not lines:
+        lines = [""]
+    out = []
+    for i, text in enumerate(lines):
+        sep = " " if i == len(lines) - 1 else "-"
+        body = f"{enhanced} {text}" if enhanced else text
+        out.append(f"{code}{sep}{body}".rstrip(" ").encode("utf-8") + b"\r\n")
+    return b"".join(out)
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """
+    The extensions of an EHLO reply (RFC 5321 §4.1.1.1): upper-case keyword
+    to its parameters (``""`` when it has none).  The first line is the
+    upstream's name, not an extension.
+    """
+    ext: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            ext[keyword.upper()] = params.strip()
+    return ext
+
+
+def size_limit(extensions: dict[str, str]) -> int | None:
+    """The upstream's SIZE limit (RFC 1870); None when none is stated."""
+    value = extensions.get("SIZE")
+    if value is None or not value.isdigit() or int(value) == 0:
+        return None
+    return int(value)
+
+
+# ---------------------------------------------------------------------------
+# Results and errors
+# ---------------------------------------------------------------------------
+
+
+class UpstreamError(Exception):
+    """
+    The upstream session failed: connection refused, timeout, TLS or
+    certificate verification failure, AUTH refused, 421, connection lost,
+    a malformed reply.  The whole message is deferred.  ``reason`` is one
+    printable line (upstream text escaped) and never holds a password;
+    ``permanent`` is True when the upstream answered with a 5xx reply, which
+    retrying the same configuration will not change.
+    """
+
+    def __init__(self, reason: str, permanent: bool = False, reply: Reply | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+        self.reply = reply
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def __repr__(self) -> str:
+        return f"UpstreamError({self.reason!r}, permanent={self.permanent})"
+
+
+class RecipientResult(NamedTuple):
+    """The outcome for one recipient: ``(code, enhanced, text)``."""
+
+    code: int
+    enhanced: str | None
+    text: str
+
+    @property
+    def delivered(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def line(self) -> str:
+        """``code enhanced text``, one printable line."""
+        return str(self)
+
+    @classmethod
+    def of(cls, reply: Reply) -> RecipientResult:
+        return cls(reply.code, reply.enhanced, reply.text)
+
+    def __str__(self) -> str:
+        return " ".join(str(p) for p in (self.code, self.enhanced, self.text) if p)
+
+
+@dataclass
+class SendResult:
+    """
+    The outcome of one message.  ``recipients`` maps each recipient (in the
+    order given, duplicates removed) to its result: the RCPT reply, or for a
+    recipient accepted at RCPT the reply to DATA or to the end of data; a
+    failed MAIL or a local refusal (SIZE, SMTPUTF8, 8BITMIME) applies to all.
+    ``data_sent`` is True when the message bytes went to the upstream and
+    ``final`` is the reply to them.
+    """
+
+    recipients: dict[str, RecipientResult]
+    data_sent: bool = False
+    final: RecipientResult | None = None
+
+    @property
+    def delivered(self) -> list[str]:
+        return [r for r, res in self.recipients.items() if res.delivered]
+
+    @property
+    def deferred(self) -> list[str]:
+        return [r for r, res in self.recipients.items() if res.transient]
+
+    @property
+    def bounced(self) -> list[str]:
+        return [r for r, res in self.recipients.items() if res.permanent]
+
+
+class OutboundMessage(Protocol):
+    """
+    What :meth:`UpstreamSession.send` needs of a message.  The bytes may
+    also be called ``data`` instead of ``body``.
+    """
+
+    @property
+    def mail_from(self) -> str: ...
+    @property
+    def rcpt_to(self) -> Sequence[str]: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def smtputf8(self) -> bool: ...
+    @property
+    def eightbit(self) -> bool: ...
+    @property
+    def body(self) -> bytes: ...
+
+
+def _body(message: Any) -> bytes:
+    body = getattr(message, "body", None)
+    if body is None:
+        body = message.data
+    return bytes(body)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A plain :class:`OutboundMessage`."""
+
+    mail_from: str
+    rcpt_to: list[str]
+    body: bytes
+    size: int = 0
+    smtputf8: bool = False
+    eightbit: bool = False
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """
+    What :func:`connect` needs from ``[relay]``.  ``password`` is the text
+    of ``password_file``; it is left out of ``repr``.  ``tls_name`` is the
+    name the certificate must carry (default: ``host``).  ``helo_name`` is
+    our hostname.  ``allow_plaintext`` permits ``tls = "none"`` to a host
+    that is not a loopback address.  ``command_timeout`` bounds the wait for
+    each reply, ``data_timeout`` the one for the reply to the message.
+    """
+
+    host: str
+    port: int = 587
+    tls: str = "starttls"
+    ca_file: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    helo_name: str = "localhost"
+    tls_name: str | None = None
+    allow_plaintext: bool = False
+    connect_timeout: float = 30.0
+    command_timeout: float = 60.0
+    data_timeout: float = 600.0
+
+    @classmethod
+    def from_config(
+        cls, config: RelayConfig, hostname: str, password: str | None
+    ) -> ClientSettings:
+        """From ``[relay]``, our ``[server] hostname`` and the password file's text."""
+        return cls(
+            host=config.host,
+            port=config.port,
+            tls=config.tls,
+            ca_file=None if config.ca_file is None else str(config.ca_file),
+            username=config.username,
+            password=password,
+            helo_name=hostname,
+            allow_plaintext=config.allow_plaintext,
+            connect_timeout=config.connect_timeout,
+            command_timeout=config.command_timeout,
+            data_timeout=max(600.0, config.command_timeout),
+        )
+
+
+def client_settings(settings: Any) -> ClientSettings:
+    """
+    *settings* as :class:`ClientSettings`: itself, or built from an object
+    with ``config`` (a :class:`~kumoauth.config.RelayConfig`), ``hostname``
+    and ``password`` (the scheduler's settings).
+    """
+    if isinstance(settings, ClientSettings):
+        return settings
+    config = getattr(settings, "config", None)
+    if config is None:
+        raise TypeError(f"not relay settings: {type(settings).__name__}")
+    return ClientSettings.from_config(config, settings.hostname, settings.password)
+
+
+# ---------------------------------------------------------------------------
+# The wire
+# ---------------------------------------------------------------------------
+
+
+class _Waiter(NamedTuple):
+    deferred: defer.Deferred[Reply]
+    what: str
+    timeout: float
+    #: the last plaintext reply before TLS: nothing may follow it
+    before_tls: bool
+
+
+def _describe_tls_failure(value: BaseException, expected: str) -> str:
+    parts: list[str] = []
+    args = getattr(value, "args", ())
+    if args and isinstance(args[0], list):
+        for item in args[0]:
+            if isinstance(item, tuple) and item:
+                parts.append(str(item[-1]))
+    if not parts:
+        parts.append(str(value) or type(value).__name__)
+    detail = escape("; ".join(p for p in parts if p), 200)
+    name = type(value).__name__
+    text = detail.lower()
+    if name == "VerificationError" or "verif" in text or "certificate" in text:
+        if name == "VerificationError":
+            detail = f"the certificate is not for {escape(expected)}"
+        return f"certificate verification failed: {detail}"
+    return f"TLS handshake failed: {detail}"
+
+
+@implementer(IHandshakeListener)
+class _ClientProtocol(TwistedProtocol):
+    """
+    Line framing, reply parsing and a FIFO of waiters (so commands can be
+    pipelined), one timer for the oldest outstanding reply, and the TLS
+    switch.  Everything that goes wrong becomes an :class:`UpstreamError`
+    for every waiter.
+    """
+
+    def __init__(self, reactor: IReactorTime, implicit_tls: Any = None, tls_name: str = "") -> None:
+        self._reactor = reactor
+        self._tls_name = tls_name
+        self._implicit_tls = implicit_tls
+        self._buffer = bytearray()
+        self._parser = ReplyParser()
+        self._waiters: deque[_Waiter] = deque()
+        self._timer: IDelayedCall | None = None
+        self.error: UpstreamError | None = None
+        self.connected_ = False
+        self.tls_started = False
+        self.tls_version: str | None = None
+        self.closing = False
+        self._lost_waiters: list[defer.Deferred[None]] = []
+
+    # -- Twisted ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected_ = True
+        if self._implicit_tls is not None:
+            self.start_tls(self._implicit_tls)
+
+    def handshakeCompleted(self) -> None:
+        try:
+            handle = self.transport.getHandle()  # type: ignore[union-attr]
+            self.tls_version = handle.get_protocol_version_name()
+        except Exception:  # noqa: BLE001 - informational only
+            self.tls_version = "TLS"
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        self._buffer += data
+        while self.error is None:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_REPLY_LINE:
+                    self.fail(UpstreamError("protocol error: reply line too long from upstream"))
+                return
+            line = bytes(self._buffer[:end]).removesuffix(b"\r")
+            del self._buffer[: end + 1]
+            try:
+                reply = self._parser.line(line)
+            except ReplyError as e:
+                self.fail(UpstreamError(f"protocol error: {e}"))
+                return
+            if reply is not None:
+                self._deliver(reply)
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.connected_ = False
+        self._cancel_timer()
+        if self.error is None:
+            if self.tls_started and self.tls_version is None:
+                err = UpstreamError(
+                    _describe_tls_failure(reason.value or Exception(), self._tls_name)
+                )
+            elif self.closing:
+                err = UpstreamError("session closed")
+            elif reason.check(error.ConnectionDone):
+                err = UpstreamError("upstream closed the connection")
+            else:
+                err = UpstreamError(f"connection lost: {escape(reason.getErrorMessage(), 200)}")
+            self.error = err
+        self._fail_waiters(self.error)
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # -- ours ---------------------------------------------------------------
+
+    def when_lost(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.connected_:
+            self._lost_waiters.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def start_tls(self, options: Any) -> None:
+        self.tls_started = True
+        self.transport.startTLS(options)  # type: ignore[union-attr]
+
+    def expect(self, what: str, timeout: float, before_tls: bool = False) -> defer.Deferred[Reply]:
+        d: defer.Deferred[Reply] = defer.Deferred()
+        if self.error is not None:
+            d.errback(self.error)
+            return d
+        self._waiters.append(_Waiter(d, what, timeout, before_tls))
+        if self._timer is None:
+            self._start_timer()
+        return d
+
+    def command(
+        self, line: bytes, what: str, timeout: float, before_tls: bool = False
+    ) -> defer.Deferred[Reply]:
+        if b"\r" in line or b"\n" in line:
+            raise ValueError("a command line must not contain CR or LF")
+        if self.error is None:
+            self.transport.write(line + b"\r\n")  # type: ignore[union-attr]
+        return self.expect(what, timeout, before_tls)
+
+    def send_data(self, wire: bytes, timeout: float) -> defer.Deferred[Reply]:
+        if self.error is None:
+            self.transport.write(wire)  # type: ignore[union-attr]
+        return self.expect("the end of data", timeout)
+
+    def fail(self, err: UpstreamError) -> None:
+        """Fail every waiter with *err* and drop the connection."""
+        if self.error is None:
+            self.error = err
+        self._cancel_timer()
+        self._fail_waiters(self.error)
+        if self.connected_ and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _fail_waiters(self, err: UpstreamError) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.deferred.errback(err)
+
+    def _deliver(self, reply: Reply) -> None:
+        self._cancel_timer()
+        if not self._waiters:
+            if reply.code == 421:
+                self.fail(UpstreamError(f"upstream closing the session: {reply}"))
+            else:
+                self.fail(UpstreamError(f"protocol error: unexpected reply {reply}"))
+            return
+        waiter = self._waiters.popleft()
+        if waiter.before_tls and (self._buffer or self._parser.pending):
+            # Bytes after the reply that starts TLS were sent in plaintext
+            # and would be read as if they came through TLS (CVE-2011-0411,
+            # the client side): refuse the session.
+            self._waiters.appendleft(waiter)
+            self.fail(UpstreamError("protocol error: upstream sent data after its STARTTLS reply"))
+            return
+        if self._waiters:
+            self._start_timer()
+        waiter.deferred.callback(reply)
+
+    def _start_timer(self) -> None:
+        waiter = self._waiters[0]
+        self._timer = self._reactor.callLater(waiter.timeout, self._timed_out, waiter)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self, waiter: _Waiter) -> None:
+        self._timer = None
+        self.fail(
+            UpstreamError(
+                f"timeout: no reply to {waiter.what} from upstream within {waiter.timeout:g} s"
+            )
+        )
+
+
+class _ClientFactory(Factory):
+    noisy = False
+
+    def __init__(self, reactor: IReactorTime, implicit_tls: Any, tls_name: str) -> None:
+        self.reactor = reactor
+        self.implicit_tls = implicit_tls
+        self.tls_name = tls_name
+
+    def buildProtocol(self, addr: Any) -> _ClientProtocol:
+        return _ClientProtocol(self.reactor, self.implicit_tls, self.tls_name)
+
+
+# ---------------------------------------------------------------------------
+# Sessions
+# ---------------------------------------------------------------------------
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> defer.Deferred[T]:
+    return defer.Deferred.fromCoroutine(coro)
+
+
+async def _gather(ds: list[defer.Deferred[Reply]]) -> list[Reply]:
+    """Await pipelined replies in order; the first failure raises, the rest are consumed."""
+    results = await defer.DeferredList(ds, consumeErrors=True)
+    out = []
+    for ok, value in results:
+        if not ok:
+            assert isinstance(value, Failure)
+            value.raiseException()
+        out.append(value)
+    return out
+
+
+_ADDRESS_FORBIDDEN = re.compile(r"[\x00-\x20\x7f<>]")
+
+
+def _valid_address(address: str) -> bool:
+    return _ADDRESS_FORBIDDEN.search(address) is None and len(address.encode()) <= 1000
+
+
+def _raise_421(reply: Reply, what: str) -> None:
+    if reply.code == 421:
+        raise UpstreamError(f"upstream closing the session at {what}: {reply}")
+
+
+class UpstreamSession:
+    """
+    One authenticated SMTP session to the upstream, for one identity
+    (``authzid``).  :meth:`send` one message at a time; after each the
+    session is reset and, while :attr:`reusable`, can send the next.
+    """
+
+    def __init__(
+        self, protocol: _ClientProtocol, settings: ClientSettings, authzid: str | None
+    ) -> None:
+        self._proto = protocol
+        self._settings = settings
+        self.authzid = authzid
+        self.authenticated_as: str | None = None
+        self.extensions: dict[str, str] = {}
+        self.messages = 0
+        self._busy = False
+        self._broken = False
+
+    def __repr__(self) -> str:
+        s = self._settings
+        return (
+            f"<UpstreamSession {s.host}:{s.port} tls={self.tls_version or 'none'} "
+            f"authc={self.authenticated_as!r} authzid={self.authzid!r} "
+            f"messages={self.messages} reusable={self.reusable}>"
+        )
+
+    @property
+    def tls_version(self) -> str | None:
+        return self._proto.tls_version
+
+    @property
+    def size_limit(self) -> int | None:
+        return size_limit(self.extensions)
+
+    @property
+    def reusable(self) -> bool:
+        """True when the session is connected, idle and in a known state."""
+        p = self._proto
+        return (
+            p.connected_
+            and p.error is None
+            and not p.closing
+            and not self._busy
+            and not (self._broken)
+        )
+
+    def when_closed(self) -> defer.Deferred[None]:
+        """Fires (with None) when the connection is gone, for whatever reason."""
+        return self._proto.when_lost()
+
+    # -- setting up ---------------------------------------------------------
+
+    async def _ehlo(self) -> None:
+        s = self._settings
+        reply = await self._proto.command(
+            b"EHLO " + s.helo_name.encode("ascii"), "EHLO", s.command_timeout
+        )
+        if not reply.positive:
+            raise UpstreamError(f"upstream refused EHLO: {reply}", reply.permanent, reply)
+        self.extensions = parse_ehlo(reply)
+
+    async def _open(self, tls_options: Any) -> None:
+        s = self._settings
+        proto = self._proto
+        banner = await proto.expect("the greeting", s.command_timeout)
+        if banner.code != 220:
+            raise UpstreamError(f"upstream refused the session: {banner}", banner.permanent, banner)
+        await self._ehlo()
+        if s.tls == "starttls":
+            if "STARTTLS" not in self.extensions:
+                raise UpstreamError(
+                    "upstream does not offer STARTTLS (tls = starttls): not sending in plaintext"
+                )
+            reply = await proto.command(b"STARTTLS", "STARTTLS", s.command_timeout, True)
+            if reply.code != 220:
+                raise UpstreamError(
+                    f"upstream refused STARTTLS: {reply} (not sending in plaintext)",
+                    reply.permanent,
+                    reply,
+                )
+            proto.start_tls(tls_options)
+            await self._ehlo()  # RFC 3207 §4.2: forget what was said in plaintext
+        if s.username is not None:
+            await self._auth(s.username, s.password or "")
+
+    async def _auth(self, username: str, password: str) -> None:
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        if "PLAIN" not in mechanisms:
+            raise UpstreamError("upstream does not offer AUTH PLAIN")
+        try:
+            blob = encode_plain(self.authzid or "", username, password)
+        except UnicodeEncodeError:
+            raise UpstreamError("relay credentials are not valid UTF-8") from None
+        fields = blob.split(b"\x00")
+        if len(fields) != 3 or any(len(f) > 255 for f in fields):
+            raise UpstreamError("relay user name, authzid or password unusable for SASL PLAIN")
+        line = b"AUTH PLAIN " + base64.b64encode(blob)
+        reply = await self._proto.command(line, "AUTH", self._settings.command_timeout)
+        if reply.code == 334:
+            # We gave the initial response; a challenge means it was not
+            # understood.  Cancel (RFC 4954 §4) and give up.
+            reply = await self._proto.command(b"*", "AUTH", self._settings.command_timeout)
+            raise UpstreamError(f"upstream refused AUTH as {escape(username)}: {reply}")
+        if reply.code != 235:
+            raise UpstreamError(
+                f"upstream refused AUTH as {escape(username)}"
+                + (f" for {escape(self.authzid)}" if self.authzid else "")
+                + f": {reply}",
+                reply.permanent,
+                reply,
+            )
+        self.authenticated_as = username
+
+    # -- sending --------------------------------------------------------------
+
+    def send(self, message: OutboundMessage) -> defer.Deferred[SendResult]:
+        """
+        Run one mail transaction for *message*.  Fires with a
+        :class:`SendResult`, or fails with :class:`UpstreamError` when the
+        session breaks (the message is then to be deferred whole).
+        """
+        return _run(self._send(message))
+
+    async def _send(self, message: OutboundMessage) -> SendResult:
+        if self._busy:
+            raise RuntimeError("UpstreamSession.send: a message is already in progress")
+        err = self._proto.error
+        if err is not None:
+            raise UpstreamError(err.reason, err.permanent, err.reply)
+        if not self.reusable:
+            raise UpstreamError("session is closed")
+        self._busy = True
+        try:
+            return await self._transaction(message)
+        except UpstreamError as e:
+            self._broken = True
+            self._proto.fail(e)
+            raise
+        except Exception:
+            # A bug: the session is in an unknown state.
+            self._broken = True
+            self._proto.fail(UpstreamError("session abandoned after an internal error"))
+            raise
+        finally:
+            self._busy = False
+
+    def _refusal(
+        self, message: OutboundMessage, utf8: bool, eightbit: bool, size: int
+    ) -> RecipientResult | None:
+        if utf8 and "SMTPUTF8" not in self.extensions:
+            return RecipientResult(
+                554, "5.6.7", "upstream does not offer SMTPUTF8, which this message needs"
+            )
+        if eightbit and "8BITMIME" not in self.extensions:
+            return RecipientResult(
+                554, "5.6.3", "upstream does not offer 8BITMIME, which this message needs"
+            )
+        limit = self.size_limit
+        if limit is not None and size > limit:
+            return RecipientResult(
+                552,
+                "5.3.4",
+                f"message size {size} exceeds the upstream's limit of {limit} octets",
+            )
+        if not _valid_address(message.mail_from):
+            return RecipientResult(553, "5.1.7", "invalid sender address")
+        return None
+
+    async def _transaction(self, message: OutboundMessage) -> SendResult:
+        s = self._settings
+        proto = self._proto
+        recipients = list(dict.fromkeys(message.rcpt_to))
+        results: dict[str, RecipientResult] = {}
+        body = _body(message)
+        utf8 = (
+            bool(message.smtputf8)
+            or not message.mail_from.isascii()
+            or not all(r.isascii() for r in recipients)
+        )
+        eightbit = bool(message.eightbit) or not body.isascii()
+        data = crlf_body(body)
+        size = max(int(message.size or 0), len(data))
+
+        refusal = self._refusal(message, utf8, eightbit, size)
+        if refusal is not None:
+            return SendResult({r: refusal for r in recipients})
+        to_send = []
+        for r in recipients:
+            if _valid_address(r) and r:
+                to_send.append(r)
+            else:
+                results[r] = RecipientResult(553, "5.1.3", "invalid recipient address")
+        if not to_send:
+            return SendResult(results)
+
+        params = []
+        if "SIZE" in self.extensions:
+            params.append(f"SIZE={size}")
+        if eightbit:
+            params.append("BODY=8BITMIME")
+        if utf8:
+            params.append("SMTPUTF8")
+        mail = " ".join([f"MAIL FROM:<{message.mail_from}>", *params]).encode("utf-8")
+
+        def rcpt(r: str) -> bytes:
+            return f"RCPT TO:<{r}>".encode()
+
+        t = s.command_timeout
+        if "PIPELINING" in self.extensions:
+            # RFC 2920: MAIL and every RCPT in one go, the replies in order.
+            pending = [proto.command(mail, "MAIL FROM", t)]
+            pending += [proto.command(rcpt(r), "RCPT TO", t) for r in to_send]
+            replies = await _gather(pending)
+            mail_reply, rcpt_replies = replies[0], replies[1:]
+            _raise_421(mail_reply, "MAIL FROM")
+            if mail_reply.positive:
+                for each in rcpt_replies:
+                    _raise_421(each, "RCPT TO")
+        else:
+            mail_reply = await proto.command(mail, "MAIL FROM", t)
+            _raise_421(mail_reply, "MAIL FROM")
+            rcpt_replies = []
+            if mail_reply.positive:
+                for r in to_send:
+                    reply = await proto.command(rcpt(r), "RCPT TO", t)
+                    _raise_421(reply, "RCPT TO")
+                    rcpt_replies.append(reply)
+
+        if not mail_reply.positive:
+            for r in to_send:
+                results[r] = RecipientResult.of(mail_reply)
+            await self._reset()
+            return SendResult(self._ordered(recipients, results))
+
+        accepted = []
+        for r, reply in zip(to_send, rcpt_replies, strict=True):
+            if reply.code // 100 not in (2, 4, 5):
+                raise UpstreamError(f"protocol error: unexpected reply to RCPT TO: {reply}")
+            results[r] = RecipientResult.of(reply)
+            if reply.positive:
+                accepted.append(r)
+        result = SendResult(self._ordered(recipients, results))
+        if not accepted:
+            await self._reset()
+            return result
+
+        go = await proto.command(b"DATA", "DATA", t)
+        _raise_421(go, "DATA")
+        if go.code != 354:
+            if go.positive:
+                raise UpstreamError(f"protocol error: unexpected reply to DATA: {go}")
+            for r in accepted:
+                result.recipients[r] = RecipientResult.of(go)
+            await self._reset()
+            return result
+
+        final = await proto.send_data(_stuff(data), s.data_timeout)
+        _raise_421(final, "the end of data")
+        if final.code // 100 not in (2, 4, 5):
+            raise UpstreamError(f"protocol error: unexpected reply to the end of data: {final}")
+        result.data_sent = True
+        result.final = RecipientResult.of(final)
+        for r in accepted:
+            result.recipients[r] = result.final
+        self.messages += 1
+        await self._reset()
+        return result
+
+    @staticmethod
+    def _ordered(
+        recipients: list[str], results: dict[str, RecipientResult]
+    ) -> dict[str, RecipientResult]:
+        return {r: results[r] for r in recipients if r in results}
+
+    async def _reset(self) -> None:
+        """RSET after a transaction; a failure only costs the session, not the result."""
+        try:
+            reply = await self._proto.command(b"RSET", "RSET", self._settings.command_timeout)
+        except UpstreamError:
+            self._broken = True
+            return
+        if not reply.positive:
+            self._broken = True
+            self._proto.fail(UpstreamError(f"upstream refused RSET: {reply}"))
+
+    # -- ending -----------------------------------------------------------------
+
+    def close(self) -> defer.Deferred[None]:
+        """Send QUIT and close the connection; never fails."""
+        return _run(self._close())
+
+    async def _close(self) -> None:
+        proto = self._proto
+        if not proto.connected_:
+            return
+        proto.closing = True
+        if proto.error is None and not self._busy:
+            try:
+                await proto.command(b"QUIT", "QUIT", min(self._settings.command_timeout, 10.0))
+            except UpstreamError:
+                pass
+        if proto.connected_ and proto.transport is not None:
+            proto.transport.loseConnection()
+        await proto.when_lost()
+
+    def abort(self) -> None:
+        """Drop the connection at once."""
+        self._proto.closing = True
+        self._proto.fail(UpstreamError("session aborted"))
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _trust_root(ca_file: str | None) -> Any:
+    if ca_file is None:
+        return ssl.platformTrust()
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        with open(ca_file, "rb") as f:
+            pem = f.read()
+        certs = x509.load_pem_x509_certificates(pem)
+    except (OSError, ValueError) as e:
+        reason = f"cannot load ca_file {escape(ca_file)}: {escape(str(e), 200)}"
+        raise UpstreamError(reason) from None
+    return ssl.trustRootFromCertificates(
+        [ssl.Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certs]
+    )
+
+
+def tls_options(settings: ClientSettings) -> Any:
+    """The client TLS options: certificate verified against ``ca_file`` and the name."""
+    return ssl.optionsForClientTLS(
+        settings.tls_name or settings.host,
+        trustRoot=_trust_root(settings.ca_file),
+        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+    )
+
+
+_HELO_NAME = re.compile(r"[A-Za-z0-9._:\[\]-]+")
+
+
+def connect(reactor: Any, settings: Any, authzid: str | None) -> defer.Deferred[UpstreamSession]:
+    """
+    Open a session to the upstream: TCP, greeting, EHLO, TLS (STARTTLS or
+    implicit, always verified), EHLO again, AUTH PLAIN as
+    ``settings.username`` with *authzid* (when a user name is configured).
+    Fails with :class:`UpstreamError`.  *settings* is a
+    :class:`ClientSettings` or anything :func:`client_settings` takes.
+    """
+    try:
+        flat = client_settings(settings)
+    except TypeError as e:
+        return defer.fail(e)
+    return _run(_connect(reactor, flat, authzid))
+
+
+async def _connect(reactor: Any, s: ClientSettings, authzid: str | None) -> UpstreamSession:
+    if s.tls not in ("starttls", "implicit", "none"):
+        raise UpstreamError(f"unknown relay tls mode {escape(s.tls)}")
+    if s.tls == "none" and not (s.allow_plaintext or _is_loopback(s.host)):
+        raise UpstreamError(
+            f"refusing a plaintext relay session to {escape(s.host)}: "
+            "tls = none is only allowed to a loopback address without allow_plaintext"
+        )
+    if not _HELO_NAME.fullmatch(s.helo_name):
+        raise UpstreamError(f"unusable EHLO name {escape(s.helo_name)}")
+    options = None if s.tls == "none" else tls_options(s)
+    where = f"{escape(s.host)}:{s.port}"
+    endpoint = HostnameEndpoint(reactor, s.host, s.port, timeout=s.connect_timeout)
+    factory = _ClientFactory(
+        reactor, options if s.tls == "implicit" else None, s.tls_name or s.host
+    )
+    try:
+        proto = await endpoint.connect(factory)
+    except error.ConnectionRefusedError:
+        raise UpstreamError(f"connection to {where} refused") from None
+    except (error.TimeoutError, defer.TimeoutError):
+        raise UpstreamError(
+            f"connection to {where} timed out after {s.connect_timeout:g} s"
+        ) from None
+    except error.DNSLookupError as e:
+        raise UpstreamError(f"cannot resolve {escape(s.host)}: {escape(str(e), 200)}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to connect defers the message
+        raise UpstreamError(f"cannot connect to {where}: {escape(str(e), 200)}") from None
+    assert isinstance(proto, _ClientProtocol)
+    session = UpstreamSession(proto, s, authzid)
+    try:
+        await session._open(options)
+    except UpstreamError as e:
+        proto.fail(e)
+        log.info("relay: session to {where} failed: {reason}", where=where, reason=e.reason)
+        raise
+    log.info(
+        "relay: session to {where} ({tls}) authenticated as {authc} for {authzid}",
+        where=where,
+        tls=session.tls_version or "plaintext",
+        authc=escape(session.authenticated_as),
+        authzid=escape(authzid),
+    )
+    return session
+
+
+__all__ = [
+    "Message",
+    "OutboundMessage",
+    "RecipientResult",
+    "ClientSettings",
+    "Reply",
+    "ReplyError",
+    "ReplyParser",
+    "SendResult",
+    "UpstreamError",
+    "UpstreamSession",
+    "client_settings",
+    "connect",
+    "crlf_body",
+    "dot_stuff",
+    "format_reply",
+    "parse_ehlo",
+    "parse_replies",
+    "parse_reply",
+    "size_limit",
+    "tls_options",
+]

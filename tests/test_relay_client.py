@@ -1,0 +1,689 @@
+"""
+kumoauth.relay.client against a real upstream (tests/upstream.py: aiosmtpd
+on 127.0.0.1 with real TLS) on the real reactor (in a thread), and its pure
+helpers (dot-stuffing, reply parsing) with hypothesis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from kumoauth.relay.client import (
+    ClientSettings,
+    Message,
+    RecipientResult,
+    Reply,
+    ReplyError,
+    ReplyParser,
+    SendResult,
+    UpstreamError,
+    UpstreamSession,
+    client_settings,
+    connect,
+    crlf_body,
+    dot_stuff,
+    format_reply,
+    parse_ehlo,
+    parse_replies,
+    parse_reply,
+)
+from kumoauth.smtp.data import DataReader, has_bare_newline
+from tests.server import free_port
+from tests.upstream import Upstream, in_reactor, running_upstream, start_reactor
+
+PASSWORD = "relay-secret"
+BODY = b"Subject: hello\r\nFrom: a@example.com\r\n\r\nhi there\r\n"
+
+
+@pytest.fixture(scope="module")
+def reactor() -> Any:
+    return start_reactor()
+
+
+def settings_for(up: Upstream, tmp_path: Path, **kw: Any) -> ClientSettings:
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": up.port,
+        "tls": up.tls,
+        "ca_file": str(up.write_ca(tmp_path / "upstream-ca.pem")),
+        "username": "kumoauth",
+        "password": PASSWORD,
+        "helo_name": "relay.test",
+        "connect_timeout": 5.0,
+        "command_timeout": 5.0,
+        "data_timeout": 5.0,
+    }
+    values.update(kw)
+    return ClientSettings(**values)
+
+
+def open_session(reactor: Any, settings: ClientSettings, authzid: str | None = None) -> Any:
+    return in_reactor(connect, reactor, settings, authzid)
+
+
+def send(session: UpstreamSession, message: Message) -> SendResult:
+    return in_reactor(session.send, message)
+
+
+def close(session: UpstreamSession) -> None:
+    in_reactor(session.close)
+
+
+def message(*rcpts: str, body: bytes = BODY, **kw: Any) -> Message:
+    return Message(
+        mail_from=kw.pop("mail_from", "scott@example.com"),
+        rcpt_to=list(rcpts),
+        body=body,
+        size=len(body),
+        **kw,
+    )
+
+
+def connect_error(reactor: Any, settings: ClientSettings, authzid: str | None = None) -> Any:
+    with pytest.raises(UpstreamError) as info:
+        open_session(reactor, settings, authzid)
+    return info.value
+
+
+# ---------------------------------------------------------------------------
+# Delivery
+# ---------------------------------------------------------------------------
+
+
+def test_starttls_delivery_with_authzid(reactor, tmp_path):
+    with running_upstream() as up:
+        session = open_session(reactor, settings_for(up, tmp_path), "scott@example.com")
+        assert session.tls_version in ("TLSv1.2", "TLSv1.3")
+        result = send(session, message("b@example.net"))
+        assert result.recipients == {"b@example.net": (250, "2.0.0", "OK queued")}
+        assert result.delivered == ["b@example.net"] and result.data_sent
+        assert session.reusable
+        close(session)
+        [got] = up.messages
+        assert got.data == BODY
+        assert got.mail_from == "scott@example.com"
+        assert got.rcpt_tos == ["b@example.net"]
+        assert f"SIZE={len(BODY)}" in got.mail_options
+        assert "BODY=8BITMIME" not in got.mail_options
+        assert "SMTPUTF8" not in got.mail_options
+        assert (got.authc, got.authzid) == ("kumoauth", "scott@example.com")
+        assert got.tls_version in ("TLSv1.2", "TLSv1.3")
+        [record] = up.sessions
+        assert record.plaintext_verbs() == ["EHLO", "STARTTLS"]
+        assert record.ehlo == ["relay.test", "relay.test"]
+        assert record.verbs()[-1] == "QUIT"
+
+
+def test_implicit_tls_delivery(reactor, tmp_path):
+    with running_upstream(tls="implicit") as up:
+        session = open_session(reactor, settings_for(up, tmp_path), "alice")
+        result = send(session, message("b@example.net", "c@example.net"))
+        assert result.delivered == ["b@example.net", "c@example.net"]
+        close(session)
+        [got] = up.messages
+        assert got.tls_version in ("TLSv1.2", "TLSv1.3")
+        assert got.authzid == "alice"
+        assert "STARTTLS" not in up.all_verbs()
+
+
+def test_certificate_name_checked_against_tls_name(reactor, tmp_path):
+    with running_upstream() as up:
+        session = open_session(reactor, settings_for(up, tmp_path, tls_name="localhost"))
+        close(session)
+        err = connect_error(reactor, settings_for(up, tmp_path, tls_name="mx.example.org"))
+        assert err.reason == (
+            "certificate verification failed: the certificate is not for mx.example.org"
+        )
+        assert up.sessions[-1].verbs() == ["EHLO", "STARTTLS"]
+
+
+def test_without_authzid_and_without_auth(reactor, tmp_path):
+    with running_upstream(auth_required=False) as up:
+        session = open_session(reactor, settings_for(up, tmp_path), None)
+        send(session, message("b@example.net"))
+        close(session)
+        session = open_session(reactor, settings_for(up, tmp_path, username=None), None)
+        send(session, message("b@example.net"))
+        close(session)
+        first, second = up.messages
+        assert (first.authc, first.authzid) == ("kumoauth", None)
+        assert (second.authc, second.authzid) == (None, None)
+        assert up.sessions[1].auth_attempts == 0
+
+
+# ---------------------------------------------------------------------------
+# Per-recipient results
+# ---------------------------------------------------------------------------
+
+SCRIPT = {
+    "later@example.net": "451 4.7.1 try later",
+    "nobody@example.net": "550 5.1.1 no such user",
+}
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
+def test_per_recipient_results(reactor, tmp_path, pipelining):
+    with running_upstream(rcpt_replies=dict(SCRIPT), pipelining=pipelining) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        assert ("PIPELINING" in session.extensions) is pipelining
+        result = send(session, message("ok@example.net", "later@example.net", "nobody@example.net"))
+        assert result.recipients == {
+            "ok@example.net": (250, "2.0.0", "OK queued"),
+            "later@example.net": (451, "4.7.1", "try later"),
+            "nobody@example.net": (550, "5.1.1", "no such user"),
+        }
+        assert result.delivered == ["ok@example.net"]
+        assert result.deferred == ["later@example.net"]
+        assert result.bounced == ["nobody@example.net"]
+        assert isinstance(result.recipients["nobody@example.net"], RecipientResult)
+        assert result.recipients["nobody@example.net"].line == "550 5.1.1 no such user"
+        assert session.reusable
+        close(session)
+        [got] = up.messages
+        assert got.rcpt_tos == ["ok@example.net"]
+
+
+def test_data_refused_applies_to_accepted_recipients_only(reactor, tmp_path):
+    with running_upstream(
+        rcpt_replies={"nobody@example.net": "550 5.1.1 no such user"},
+        data_reply="554 5.7.1 message refused as spam",
+    ) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message("a@example.net", "nobody@example.net"))
+        assert result.recipients == {
+            "a@example.net": (554, "5.7.1", "message refused as spam"),
+            "nobody@example.net": (550, "5.1.1", "no such user"),
+        }
+        assert result.final == (554, "5.7.1", "message refused as spam")
+        assert session.reusable
+        close(session)
+
+
+def test_no_data_when_no_recipient_is_accepted(reactor, tmp_path):
+    with running_upstream(rcpt_replies=dict(SCRIPT)) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message("later@example.net", "nobody@example.net"))
+        assert result.deferred == ["later@example.net"]
+        assert result.bounced == ["nobody@example.net"]
+        assert not result.data_sent
+        assert "DATA" not in up.all_verbs()
+        assert up.all_verbs()[-1] == "RSET"
+        assert session.reusable
+        close(session)
+
+
+def test_mail_refused_applies_to_every_recipient(reactor, tmp_path):
+    with running_upstream(mail_reply="550 5.7.1 sender not allowed") as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message("a@example.net", "b@example.net"))
+        assert result.bounced == ["a@example.net", "b@example.net"]
+        assert result.recipients["a@example.net"] == (550, "5.7.1", "sender not allowed")
+        assert "RCPT" not in up.all_verbs()
+        close(session)
+
+
+def test_multiline_reply_text(reactor, tmp_path):
+    with running_upstream(
+        rcpt_replies={"x@example.net": "550-5.1.1 no such user\n550 5.1.1 see the docs"}
+    ) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message("x@example.net"))
+        assert result.recipients["x@example.net"] == (550, "5.1.1", "no such user see the docs")
+        close(session)
+
+
+def test_session_reused_for_three_messages_with_one_auth(reactor, tmp_path):
+    with running_upstream() as up:
+        session = open_session(reactor, settings_for(up, tmp_path), "scott")
+        for i in range(3):
+            body = f"Subject: {i}\r\n\r\nmessage {i}\r\n".encode()
+            result = send(session, message(f"r{i}@example.net", body=body))
+            assert result.delivered == [f"r{i}@example.net"]
+            assert session.reusable
+        assert session.messages == 3
+        close(session)
+        [record] = up.sessions
+        assert record.auth_attempts == 1 and record.messages == 3
+        assert record.verbs().count("AUTH") == 1
+        assert record.verbs().count("RSET") == 3
+        assert [m.data for m in up.messages] == [
+            f"Subject: {i}\r\n\r\nmessage {i}\r\n".encode() for i in range(3)
+        ]
+        assert {m.authzid for m in up.messages} == {"scott"}
+
+
+# ---------------------------------------------------------------------------
+# SMTPUTF8, 8BITMIME, SIZE
+# ---------------------------------------------------------------------------
+
+UTF8_BODY = "Subject: δοκιμή\r\n\r\nγεια\r\n".encode()
+
+
+def test_smtputf8_needed_and_offered(reactor, tmp_path):
+    with running_upstream() as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(
+            session,
+            message(
+                "δοκιμή@example.net",
+                mail_from="χρήστης@example.com",
+                body=UTF8_BODY,
+                smtputf8=True,
+                eightbit=True,
+            ),
+        )
+        assert result.delivered == ["δοκιμή@example.net"]
+        close(session)
+        [got] = up.messages
+        assert "SMTPUTF8" in got.mail_options and "BODY=8BITMIME" in got.mail_options
+        assert got.mail_from == "χρήστης@example.com"
+        assert got.data == UTF8_BODY
+
+
+def test_smtputf8_needed_not_offered_bounces_and_sends_nothing(reactor, tmp_path):
+    with running_upstream(smtputf8=False) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(
+            session, message("δοκιμή@example.net", body=UTF8_BODY, smtputf8=True, eightbit=True)
+        )
+        assert result.recipients == {
+            "δοκιμή@example.net": (
+                554,
+                "5.6.7",
+                "upstream does not offer SMTPUTF8, which this message needs",
+            )
+        }
+        assert not result.data_sent
+        assert "MAIL" not in up.all_verbs()
+        assert session.reusable
+        close(session)
+        assert up.messages == []
+
+
+def test_8bitmime_needed_and_offered(reactor, tmp_path):
+    body = "Subject: caf\u00e9\r\n\r\ncaf\u00e9\r\n".encode("latin-1")
+    with running_upstream() as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message("b@example.net", body=body, eightbit=True))
+        assert result.delivered == ["b@example.net"]
+        close(session)
+        [got] = up.messages
+        assert "BODY=8BITMIME" in got.mail_options and "SMTPUTF8" not in got.mail_options
+        assert got.data == body
+
+
+def test_8bitmime_needed_not_offered_bounces(reactor, tmp_path):
+    # eightbit=False on the message: the client looks at the bytes itself.
+    body = "Subject: caf\u00e9\r\n\r\ncaf\u00e9\r\n".encode()
+    with running_upstream(eightbitmime=False) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message("b@example.net", body=body))
+        [(code, enhanced, text)] = result.recipients.values()
+        assert (code, enhanced) == (554, "5.6.3")
+        assert "8BITMIME" in text
+        assert "MAIL" not in up.all_verbs()
+        close(session)
+
+
+def test_size_over_upstream_limit_bounces_without_sending(reactor, tmp_path):
+    body = b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 40
+    with running_upstream(size=1000) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        assert session.size_limit == 1000
+        result = send(session, message("b@example.net", body=body))
+        [(code, enhanced, text)] = result.recipients.values()
+        assert (code, enhanced) == (552, "5.3.4")
+        assert "1000" in text
+        assert "MAIL" not in up.all_verbs()
+        small = send(session, message("b@example.net"))
+        assert small.delivered == ["b@example.net"]
+        close(session)
+
+
+def test_no_size_parameter_when_upstream_has_no_size(reactor, tmp_path):
+    with running_upstream(size=None) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        send(session, message("b@example.net"))
+        close(session)
+        assert not any(o.startswith("SIZE=") for o in up.messages[0].mail_options)
+
+
+# ---------------------------------------------------------------------------
+# Failures of the session
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_untrusted_certificate_never_falls_back_to_plaintext(reactor, tmp_path, tls):
+    other = trustme.CA()
+    with running_upstream(tls=tls) as up:
+        ca_file = tmp_path / "other-ca.pem"
+        other.cert_pem.write_to_path(str(ca_file))
+        err = connect_error(reactor, settings_for(up, tmp_path, ca_file=str(ca_file)))
+        assert err.reason.startswith("certificate verification failed"), err.reason
+        assert "\n" not in err.reason
+        assert not err.permanent
+        verbs = up.all_verbs()
+        assert "MAIL" not in verbs and "AUTH" not in verbs
+        assert verbs == (["EHLO", "STARTTLS"] if tls == "starttls" else [])
+        assert up.messages == []
+
+
+def test_starttls_not_offered_is_refused(reactor, tmp_path):
+    with running_upstream(tls="none", auth_required=False) as up:
+        settings = settings_for(up, tmp_path, tls="starttls")
+        err = connect_error(reactor, settings)
+        assert "does not offer STARTTLS" in err.reason
+        assert up.all_verbs() == ["EHLO"]
+
+
+def test_plaintext_only_to_loopback(reactor, tmp_path):
+    with running_upstream(tls="none", auth_required=False) as up:
+        session = open_session(reactor, settings_for(up, tmp_path, tls="none", username=None))
+        assert session.tls_version is None
+        assert send(session, message("b@example.net")).delivered == ["b@example.net"]
+        close(session)
+    err = connect_error(reactor, ClientSettings(host="192.0.2.1", port=25, tls="none"))
+    assert "plaintext" in err.reason
+
+
+def test_connection_refused(reactor):
+    settings = ClientSettings(host="127.0.0.1", port=free_port(), connect_timeout=5)
+    err = connect_error(reactor, settings)
+    assert "refused" in err.reason
+    assert not err.permanent
+
+
+def test_silent_upstream_times_out(reactor):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)  # TCP completes in the backlog; nobody ever answers
+        port = listener.getsockname()[1]
+        settings = ClientSettings(host="127.0.0.1", port=port, command_timeout=0.5)
+        err = connect_error(reactor, settings)
+        assert "timeout" in err.reason and "greeting" in err.reason
+
+
+def test_stalled_data_times_out(reactor, tmp_path):
+    with running_upstream(stall_on="DATA") as up:
+        session = open_session(reactor, settings_for(up, tmp_path, command_timeout=0.5))
+        with pytest.raises(UpstreamError, match="timeout: no reply to DATA"):
+            send(session, message("b@example.net"))
+        assert not session.reusable
+
+
+def _raw_upstream(script: list[tuple[bytes | None, bytes]]) -> tuple[int, threading.Thread]:
+    """A one-connection fake: for each step, read a line starting with the prefix, then send."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            conn.settimeout(5)
+            f = conn.makefile("rb")
+            for expect, answer in script:
+                if expect is not None:
+                    assert f.readline().startswith(expect)
+                conn.sendall(answer)
+            with contextlib.suppress(OSError):
+                conn.recv(1024)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread
+
+
+def test_data_injected_after_starttls_reply_is_refused(reactor):
+    port, thread = _raw_upstream(
+        [
+            (None, b"220 fake ESMTP\r\n"),
+            (b"EHLO", b"250-fake\r\n250 STARTTLS\r\n"),
+            (b"STARTTLS", b"220 go ahead\r\n250-injected\r\n250 AUTH PLAIN\r\n"),
+        ]
+    )
+    err = connect_error(reactor, ClientSettings(host="127.0.0.1", port=port))
+    assert "sent data after its STARTTLS reply" in err.reason
+    thread.join(5)
+
+
+def test_malformed_reply_is_a_protocol_error(reactor):
+    port, thread = _raw_upstream([(None, b"220 fake\r\n"), (b"EHLO", b"hello there\r\n")])
+    err = connect_error(reactor, ClientSettings(host="127.0.0.1", port=port))
+    assert err.reason.startswith("protocol error: malformed reply line")
+    thread.join(5)
+
+
+def test_auth_refused(reactor, tmp_path, captured_log):
+    with running_upstream(users={"kumoauth": "something else"}) as up:
+        err = connect_error(reactor, settings_for(up, tmp_path), "scott")
+        assert "refused AUTH as kumoauth for scott" in err.reason
+        assert "535 5.7.8" in err.reason
+        assert err.permanent
+        assert err.reply is not None and err.reply.code == 535
+        assert PASSWORD not in str(err) and PASSWORD not in repr(err)
+        assert PASSWORD not in captured_log.text()
+        assert "MAIL" not in up.all_verbs()
+
+
+def test_auth_reply_is_escaped_to_one_line(reactor, tmp_path):
+    with running_upstream(auth_reply="454-4.7.0 temporary\n454 4.7.0 \x1b[31mfailure") as up:
+        err = connect_error(reactor, settings_for(up, tmp_path))
+        assert not err.permanent
+        assert "\n" not in err.reason and "\x1b" not in err.reason
+        assert "454 4.7.0 temporary \\x1b[31mfailure" in err.reason
+
+
+def test_421_mid_session_defers_the_message(reactor, tmp_path):
+    with running_upstream(rcpt_replies={"b@example.net": "421 4.3.2 shutting down"}) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        with pytest.raises(UpstreamError, match="421 4.3.2 shutting down") as info:
+            send(session, message("a@example.net", "b@example.net"))
+        assert not info.value.permanent
+        assert not session.reusable
+        with pytest.raises(UpstreamError):
+            send(session, message("a@example.net"))
+        assert up.messages == []
+
+
+def test_dropped_connection_mid_session(reactor, tmp_path):
+    with running_upstream(disconnect_on="DATA") as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        with pytest.raises(UpstreamError, match="closed the connection|connection lost"):
+            send(session, message("b@example.net"))
+        assert not session.reusable
+        in_reactor(session.when_closed)
+
+
+def test_smuggling_payload_arrives_as_one_message_with_crlf_lines(reactor, tmp_path):
+    body = (
+        b"Subject: smuggle\n\nhello\n.\nMAIL FROM:<evil@example.com>\n"
+        b"RCPT TO:<victim@example.net>\nDATA\nforged\r.\r\n.\nend"
+    )
+    with running_upstream() as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message("b@example.net", body=body))
+        assert result.delivered == ["b@example.net"]
+        close(session)
+        [got] = up.messages
+        assert up.all_verbs().count("MAIL") == 1
+        assert not has_bare_newline(got.data)
+        assert got.data == (
+            b"Subject: smuggle\r\n\r\nhello\r\n.\r\nMAIL FROM:<evil@example.com>\r\n"
+            b"RCPT TO:<victim@example.net>\r\nDATA\r\nforged\r\n.\r\n.\r\nend\r\n"
+        )
+
+
+def test_leading_dots_survive(reactor, tmp_path):
+    body = b".\r\n..\r\n.hidden\r\nplain\r\n."
+    with running_upstream() as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        send(session, message("b@example.net", body=body))
+        close(session)
+        assert up.messages[0].data == body + b"\r\n"
+
+
+def test_no_password_in_exceptions_logs_or_reprs(reactor, tmp_path, captured_log):
+    with running_upstream() as up:
+        settings = settings_for(up, tmp_path)
+        session = open_session(reactor, settings, "scott")
+        send(session, message("b@example.net"))
+        texts = [repr(settings), str(settings), repr(session)]
+        close(session)
+        texts.append(repr(session))
+        up.users["kumoauth"] = "changed"
+        err = connect_error(reactor, settings, "scott")
+        texts += [str(err), repr(err), err.reason]
+    texts.append(captured_log.text())
+    assert captured_log.namespace("kumoauth.relay"), "the client logs its sessions"
+    for text in texts:
+        assert PASSWORD not in text
+
+
+def test_client_settings_from_relay_config(tmp_path):
+    from kumoauth.config import RelayConfig
+
+    class SchedulerSettings:
+        config = RelayConfig(host="mx.internal", port=2525, ca_file=tmp_path / "ca.pem")
+        hostname = "submit.example.com"
+        password = "pw"
+
+    flat = client_settings(SchedulerSettings())
+    assert (flat.host, flat.port, flat.tls) == ("mx.internal", 2525, "starttls")
+    assert flat.ca_file == str(tmp_path / "ca.pem")
+    assert flat.helo_name == "submit.example.com" and flat.password == "pw"
+    assert "pw" not in repr(flat)
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------
+
+
+def _unstuff_with_reader(wire: bytes) -> tuple[bytes, bytes]:
+    """What our own server reads from *wire*: the message, and what follows it."""
+    reader = DataReader(max_size=10**9)
+    buf = bytearray(wire + b"NEXT")
+    assert reader.feed(buf)
+    return reader.message(), bytes(buf)
+
+
+@given(st.binary(max_size=300))
+def test_dot_stuff_properties(body):
+    wire = dot_stuff(body)
+    assert not has_bare_newline(wire)
+    if body:
+        assert wire.endswith(b"\r\n.\r\n")
+    else:
+        assert wire == b".\r\n"
+    # Every line starting with "." was stuffed: the only "." line is the last.
+    lines = wire.split(b"\r\n")
+    assert lines[-2:] == [b".", b""]
+    assert all(line.startswith(b"..") for line in lines[:-2] if line.startswith(b"."))
+    # A server finds exactly one message, ending where we meant it to.
+    if body:
+        got, rest = _unstuff_with_reader(wire)
+        assert got == crlf_body(body)
+        assert rest == b"NEXT"
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"..", b"x.y"]), max_size=30))
+def test_dot_stuff_roundtrip_on_line_material(parts):
+    body = b"".join(parts)
+    wire = dot_stuff(body)
+    expected = crlf_body(body)
+    assert not has_bare_newline(expected)
+    if body:
+        got, rest = _unstuff_with_reader(wire)
+        assert (got, rest) == (expected, b"NEXT")
+
+
+def test_dot_stuff_examples():
+    assert dot_stuff(b"a\nb") == b"a\r\nb\r\n.\r\n"
+    assert dot_stuff(b".a\r\n.\r\n") == b"..a\r\n..\r\n.\r\n"
+    assert dot_stuff(b"x\r.\r\n") == b"x\r\n..\r\n.\r\n"
+    assert dot_stuff(b"\n.\n") == b"\r\n..\r\n.\r\n"
+
+
+_enhanced = st.builds(
+    lambda c, s, d: f"{c}.{s}.{d}",
+    st.sampled_from("245"),
+    st.integers(0, 999),
+    st.integers(0, 999),
+)
+_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=40
+).map(str.strip)
+
+
+@given(
+    code=st.integers(200, 599).filter(lambda c: (c // 10) % 10 <= 5),
+    lines=st.lists(_text, min_size=1, max_size=5),
+    with_enhanced=st.booleans(),
+    enhanced=_enhanced,
+)
+def test_reply_roundtrip(code, lines, with_enhanced, enhanced):
+    if with_enhanced and code // 100 != 3:
+        enhanced = str(code)[0] + enhanced[1:]
+    else:
+        enhanced = None
+        assume(not _looks_enhanced(lines[0]))
+    reply = parse_reply(format_reply(code, lines, enhanced))
+    assert reply.code == code
+    assert reply.enhanced == enhanced
+    assert list(reply.lines) == lines
+
+
+def _looks_enhanced(text: str) -> bool:
+    return re.match(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}( |$)", text) is not None
+
+
+@given(st.binary(max_size=200))
+def test_reply_parser_never_crashes(data):
+    parser = ReplyParser()
+    for line in data.split(b"\n"):
+        try:
+            parser.line(line.removesuffix(b"\r"))
+        except ReplyError:
+            parser = ReplyParser()
+
+
+def test_reply_parsing_examples():
+    ehlo = parse_reply(
+        b"250-upstream.test\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
+        b"250-AUTH PLAIN LOGIN\r\n250 SMTPUTF8\r\n"
+    )
+    assert ehlo.code == 250 and ehlo.enhanced is None
+    assert parse_ehlo(ehlo) == {
+        "SIZE": "1000",
+        "8BITMIME": "",
+        "AUTH": "PLAIN LOGIN",
+        "SMTPUTF8": "",
+    }
+    r = parse_reply(b"550-5.1.1 first\r\n550 5.1.1 second\r\n")
+    assert (r.code, r.enhanced, r.lines, r.text) == (
+        550,
+        "5.1.1",
+        ("first", "second"),
+        "first second",
+    )
+    assert str(r) == "550 5.1.1 first second"
+    assert parse_reply(b"250\r\n") == Reply(250, ("",), None)
+    # An enhanced code of another class is text, not a status code.
+    assert parse_reply(b"250 5.0.0 odd\r\n").enhanced is None
+    assert parse_reply(b"451 4.07.001 x\r\n").enhanced == "4.7.1"
+    assert [x.code for x in parse_replies(b"250 a\n354 b\r\n")] == [250, 354]
+    for bad in (b"25 x\r\n", b"250-a\r\n251 b\r\n", b"abc\r\n", b"250-a\r\n", b"250 a"):
+        with pytest.raises(ReplyError):
+            parse_replies(bad)
