@@ -1,0 +1,1350 @@
+"""
+The durable relay queue: accepted messages and their delivery state, on disk.
+
+Pure file I/O (no Twisted).  :class:`SegmentWriter` and :class:`QueueStore`
+serialise their own calls with a lock (a store's ``append_batch`` writes and
+syncs outside it, so a writer thread never stalls the scheduler's reads of
+the index); :class:`QueueReader` is for one thread.
+
+One queue, one owner: :class:`QueueStore` (recovery, the journal, relaying,
+compaction) exists only in the process holding ``flock(LOCK_EX)`` on
+``<path>/lock``; a second process gets :class:`QueueLocked` and changes
+nothing.  So no other process can ever relay; within the owner,
+:meth:`QueueStore.claim` keeps two upstream sessions off one message.
+Workers only append (:class:`SegmentWriter`) and the owner picks their
+records up with :meth:`QueueStore.scan_new`.
+
+Layout of a queue directory::
+
+    <path>/lock                         flock(LOCK_EX) by the owner; its pid
+    <path>/journal-<seq:016x>.log       state journal (owner only)
+    <path>/seg/<writer>-<seq:016x>.q    append-only segments, one writer each
+
+**Segments.**  Each writing process (``writer``: ``"0"`` for a single
+process, ``"w0"``, ``"w1"``… for workers) appends only to its own current
+segment, which it holds ``flock(LOCK_EX)`` on while it is current.  A record
+is a 32-byte header, the envelope (UTF-8 JSON) and the message bytes::
+
+    magic "KQr1" | flags u32 | env_len u32 | body_len u64 |
+    body_crc u32 | env_crc u32 | header_crc u32          (little-endian)
+
+``header_crc`` covers the 28 bytes before it, ``env_crc`` the envelope,
+``body_crc`` the message.  Flag ``FIRST`` marks the first record of a batch.
+:meth:`SegmentWriter.append_batch` writes a whole batch and does **one**
+``fdatasync`` for it (plus one directory fsync when it has just created the
+segment); a message is acknowledged only after that.  A failed write or
+sync abandons the segment: the next batch starts a new one, so no
+acknowledged record ever follows a doubtful one.
+
+**Journal.**  JSON lines, appended by the owner only: ``deferred`` (attempts,
+next attempt, last error, per-recipient status), ``held``, ``released``,
+``done`` and ``deleted`` (both leave the queue).  Lines are written to the
+file at once (a kill -9 loses none); ``held``, ``released`` and ``deleted``
+are fdatasynced at once, ``deferred`` and ``done`` by :meth:`QueueStore.flush`.
+
+**Recovery** (:meth:`QueueStore.open`) reads the journal, then walks every
+segment's headers and envelopes, seeking past message bytes, except in the
+last batch of a segment no writer holds, whose bodies are checksummed: that
+batch is the only place a crash can tear.  The tail from the first bad or
+incomplete record of such a segment is truncated (it was never
+acknowledged).  Message bytes are checked against ``body_crc`` whenever
+they are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import heapq
+import json
+import os
+import re
+import struct
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Protocol, TypeVar
+
+MAGIC = b"KQr1"
+HEADER = struct.Struct("<4sIIQIII")
+HEADER_SIZE = HEADER.size  # 32
+FIRST = 1  # flag: first record of a batch
+
+#: a writer starts a new segment once its current one is this big
+SEGMENT_MAX = 64 * 1024 * 1024
+#: an envelope larger than this is corruption, not data
+MAX_ENVELOPE = 16 * 1024 * 1024
+#: a body larger than this is corruption, not data
+MAX_BODY = 1 << 40
+
+SEG_DIR = "seg"
+SEG_SUFFIX = ".q"
+NEW_SUFFIX = ".new"
+LOCK_NAME = "lock"
+JOURNAL_RE = re.compile(r"^journal-([0-9a-f]{16})\.log$")
+JOURNAL_TMP = "journal.tmp"
+WRITER_RE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+SEGMENT_RE = re.compile(r"^([A-Za-z0-9_]{1,32})-([0-9a-f]{16})\.q$")
+
+#: journal ops that take a message out of the queue
+TERMINAL = ("done", "deleted")
+
+#: rewrite the journal when it has at least this many lines, more than half dead
+JOURNAL_COMPACT_MIN = 4096
+
+_IOV_MAX = 512
+
+
+class QueueError(Exception):
+    """
+    A message could not be made durable, or the queue cannot be used.
+    """
+
+
+class QueueLocked(QueueError):
+    """
+    Another process owns the queue (holds its lock).
+    """
+
+
+class QueueCorrupt(QueueError):
+    """
+    Stored bytes fail their checksum.
+    """
+
+
+class Submission(Protocol):
+    """
+    What :meth:`SegmentWriter.append_batch` takes: a
+    :class:`kumoauth.storage.delivery.Message` fits.
+    """
+
+    id: str
+    sender: str
+    recipients: list[str]
+    data: bytes
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+@dataclass(slots=True)
+class Entry:
+    """
+    One queued message in the index: where it is, its envelope (without
+    meta, which stays on disk: :attr:`envelope`) and its delivery state.
+    Never holds the message bytes.
+    """
+
+    id: str
+    directory: Path  # seg/ (one object shared by every entry)
+    segment: str  # file name under seg/
+    offset: int  # of the record header
+    env_len: int
+    body_len: int
+    body_crc: int
+    arrival: float  # received_at, in seconds since the epoch
+    mail_from: str
+    rcpt_to: tuple[str, ...]
+    smtputf8: bool
+    # state, from the journal
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str | None = None
+    rcpts: dict[str, str] | None = None  # rcpt -> status, as the scheduler wrote it
+    held: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.body_len
+
+    @property
+    def body_offset(self) -> int:
+        return self.offset + HEADER_SIZE + self.env_len
+
+    @property
+    def received_at(self) -> str:
+        return datetime.fromtimestamp(self.arrival, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        """
+        The whole envelope, meta included, read from the segment on each
+        use (:class:`QueueCorrupt` if damaged, ``KeyError`` if gone).
+        """
+        return _read_envelope(self.directory, self)
+
+    def rcpt_status(self) -> dict[str, str]:
+        """Each recipient's status; ``"pending"`` until one is set."""
+        status = dict.fromkeys(self.rcpt_to, "pending")
+        if self.rcpts:
+            status.update(self.rcpts)
+        return status
+
+    def set_rcpt(self, rcpt: str, status: str) -> None:
+        """
+        Set one recipient's status in memory; it reaches the journal with
+        the next :meth:`QueueStore.defer` of this message.
+        """
+        if self.rcpts is None:
+            self.rcpts = {}
+        self.rcpts[rcpt] = status
+
+
+# --------------------------------------------------------------------------
+# records
+
+
+def encode_envelope(envelope: dict[str, Any]) -> bytes:
+    return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _header(env: bytes, body_len: int, body_crc: int, flags: int) -> bytes:
+    head = struct.pack("<4sIIQII", MAGIC, flags, len(env), body_len, body_crc, zlib.crc32(env))
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def encode_record(envelope: bytes, body: bytes, flags: int = 0) -> list[bytes]:
+    """
+    The record for *envelope* (encoded) and *body*, as buffers to write in
+    order.
+    """
+    return [_header(envelope, len(body), zlib.crc32(body), flags), envelope, body]
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    flags: int
+    env_len: int
+    body_len: int
+    body_crc: int
+    env_crc: int
+
+    @property
+    def length(self) -> int:
+        return HEADER_SIZE + self.env_len + self.body_len
+
+
+def decode_header(raw: bytes) -> Header | None:
+    """
+    The header in *raw* (32 bytes), or None if it is not a valid one.
+    """
+    if len(raw) != HEADER_SIZE:
+        return None
+    magic, flags, env_len, body_len, body_crc, env_crc, hcrc = HEADER.unpack(raw)
+    if magic != MAGIC or zlib.crc32(raw[:28]) != hcrc:
+        return None
+    if env_len > MAX_ENVELOPE or body_len > MAX_BODY:
+        return None
+    return Header(flags, env_len, body_len, body_crc, env_crc)
+
+
+def decode_envelope(header: Header, raw: bytes) -> dict[str, Any] | None:
+    if len(raw) != header.env_len or zlib.crc32(raw) != header.env_crc:
+        return None
+    try:
+        env = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(env, dict) or not isinstance(env.get("id"), str):
+        return None
+    return env
+
+
+def decode_records(data: bytes) -> tuple[list[tuple[dict[str, Any], bytes]], int]:
+    """
+    Every complete, valid record at the start of *data* (fully checked),
+    and the length of that valid prefix.  For tests and tools.
+    """
+    out: list[tuple[dict[str, Any], bytes]] = []
+    o = 0
+    while True:
+        header = decode_header(data[o : o + HEADER_SIZE])
+        if header is None or o + header.length > len(data):
+            return out, o
+        env = decode_envelope(header, data[o + HEADER_SIZE : o + HEADER_SIZE + header.env_len])
+        body = data[o + HEADER_SIZE + header.env_len : o + header.length]
+        if env is None or zlib.crc32(body) != header.body_crc:
+            return out, o
+        out.append((env, body))
+        o += header.length
+
+
+@dataclass(slots=True)
+class _Scan:
+    entries: list[Entry]
+    end: int  # offset just past the last valid record
+    clean: bool  # the file ends exactly at `end`
+
+
+_last_arrival: tuple[str, float] = ("", 0.0)
+
+
+def _arrival(received_at: object) -> float:
+    """``received_at`` ("2026-01-02T03:04:05Z") in epoch seconds (0 if unreadable)."""
+    global _last_arrival
+    text, value = _last_arrival
+    if received_at == text:  # messages of the same second come together
+        return value
+    try:
+        value = datetime.fromisoformat(str(received_at)).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        value = 0.0
+    _last_arrival = (str(received_at), value)
+    return value
+
+
+def _entry(seg_dir: Path, name: str, offset: int, header: Header, env: dict[str, Any]) -> Entry:
+    rcpts = env.get("rcpt_to") or ()
+    return Entry(
+        id=env["id"],
+        directory=seg_dir,
+        segment=name,
+        offset=offset,
+        env_len=header.env_len,
+        body_len=header.body_len,
+        body_crc=header.body_crc,
+        arrival=_arrival(env.get("received_at")),
+        mail_from=sys.intern(str(env.get("mail_from", ""))),
+        rcpt_to=tuple(sys.intern(str(r)) for r in rcpts),
+        smtputf8=bool(env.get("smtputf8")),
+    )
+
+
+def _scan_segment(
+    f: IO[bytes], seg_dir: Path, name: str, start: int, size: int, check_last_batch: bool
+) -> _Scan:
+    """
+    Walk the records of segment *name* (open as *f*, *size* bytes) from
+    *start*: headers and envelopes only, seeking past bodies.  With
+    *check_last_batch*, the bodies of the last batch are checksummed too,
+    and the scan ends before the first one that fails.
+    """
+    entries: list[Entry] = []
+    headers: list[Header] = []
+    batch_start = 0
+    o = start
+    f.seek(o)
+    while o + HEADER_SIZE <= size:
+        header = decode_header(f.read(HEADER_SIZE))
+        if header is None or o + header.length > size:
+            break
+        env = decode_envelope(header, f.read(header.env_len))
+        if env is None:
+            break
+        if header.flags & FIRST:
+            batch_start = len(entries)
+        entries.append(_entry(seg_dir, name, o, header, env))
+        headers.append(header)
+        o += header.length
+        f.seek(o)
+    if check_last_batch:
+        for i in range(batch_start, len(entries)):
+            e = entries[i]
+            f.seek(e.body_offset)
+            if _crc_stream(f, e.body_len) != e.body_crc:
+                del entries[i:]
+                o = e.offset
+                break
+    return _Scan(entries, o, o == size)
+
+
+def _crc_stream(f: IO[bytes], n: int) -> int:
+    crc = 0
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            return -1
+        crc = zlib.crc32(chunk, crc)
+        n -= len(chunk)
+    return crc
+
+
+# --------------------------------------------------------------------------
+# small file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, buffers: list[bytes]) -> None:
+    """
+    Write *buffers* in order (``writev``, short writes resumed).
+    """
+    views = [memoryview(b) for b in buffers if b]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i : i + _IOV_MAX])
+        while n > 0:
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+
+
+def _try_flock(path: Path) -> int | None:
+    """
+    Open *path* and take ``LOCK_EX`` without waiting: the fd, or None if
+    another open file holds it (a live writer) or it is gone.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _received_at() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _segments(seg_dir: Path) -> list[str]:
+    try:
+        names = os.listdir(seg_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if SEGMENT_RE.match(n))
+
+
+def _journals(path: Path) -> list[tuple[int, str]]:
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return []
+    found = []
+    for n in names:
+        m = JOURNAL_RE.match(n)
+        if m:
+            found.append((int(m.group(1), 16), n))
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------
+# writing
+
+
+class SegmentWriter:
+    """
+    Appends messages to this writer's own segments in ``<path>/seg``.  Any
+    process may have one (no queue lock needed); two live writers never
+    share a segment.
+    """
+
+    def __init__(self, path: Path | str, writer: str = "0") -> None:
+        if not WRITER_RE.match(writer):
+            raise ValueError(f"bad writer id {writer!r}")
+        self.path = Path(path)
+        self.seg_dir = self.path / SEG_DIR
+        self.writer = writer
+        self._fd: int | None = None
+        self._name: str | None = None
+        self._size = 0
+        self._last_seq = 0
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> str | None:
+        """The name of the current segment, if one is open."""
+        return self._name
+
+    def create(self) -> None:
+        self.seg_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+
+    def _open_segment(self) -> None:
+        seq = max(time.time_ns(), self._last_seq + 1)
+        self._last_seq = seq
+        name = f"{self.writer}-{seq:016x}{SEG_SUFFIX}"
+        tmp = self.seg_dir / f".{name}{NEW_SUFFIX}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        try:
+            # Locked before it has its real name: the owner never mistakes
+            # a segment being created for a dead one.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(tmp, self.seg_dir / name)
+            _fsync_dir(self.seg_dir)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._fd, self._name, self._size = fd, name, 0
+
+    def _abandon(self) -> None:
+        fd, self._fd, self._name = self._fd, None, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            self._abandon()
+
+    def append_batch(self, messages: Iterable[Submission]) -> list[tuple[str, Entry] | QueueError]:
+        """
+        Append *messages* with one ``fdatasync``; for each, its index entry
+        (with the segment and offset) or its :class:`QueueError`.  Nothing
+        is acknowledged before the sync has returned.
+        """
+        with self._lock:
+            return self._append(list(messages))
+
+    def _append(self, messages: list[Submission]) -> list[tuple[str, Entry] | QueueError]:
+        results: list[tuple[str, Entry] | QueueError] = []
+        # (result index, envelope, its encoding, body)
+        encoded: list[tuple[int, dict[str, Any], bytes, bytes]] = []
+        seen: set[str] = set()
+        for message in messages:
+            mid = message.id
+            try:
+                if mid in seen:
+                    raise ValueError("duplicate id in batch")
+                seen.add(mid)
+                meta = message.snapshot()
+                data = bytes(message.data)
+                addresses = [message.sender, *message.recipients]
+                envelope = {
+                    "id": mid,
+                    "received_at": _received_at(),
+                    "mail_from": message.sender,
+                    "rcpt_to": list(message.recipients),
+                    "meta": meta,
+                    "smtputf8": bool(meta.get("smtputf8"))
+                    or not all(a.isascii() for a in addresses),
+                    "size": len(data),
+                }
+                encoded.append((len(results), envelope, encode_envelope(envelope), data))
+                results.append(QueueError(f"cannot queue {mid}: not written"))
+            except (ValueError, TypeError, AttributeError) as e:
+                results.append(QueueError(f"cannot queue {mid}: {e}"))
+        if not encoded:
+            return results
+        try:
+            if self._fd is None or self._size >= SEGMENT_MAX:
+                self._abandon()
+                self._open_segment()
+            fd, name = self._fd, self._name
+            assert fd is not None and name is not None
+            buffers: list[bytes] = []
+            placed: list[tuple[int, Header]] = []
+            o = self._size
+            for n, (_, _, env, body) in enumerate(encoded):
+                crc = zlib.crc32(body)
+                flags = FIRST if n == 0 else 0
+                buffers += (_header(env, len(body), crc, flags), env, body)
+                placed.append((o, Header(flags, len(env), len(body), crc, 0)))
+                o += HEADER_SIZE + len(env) + len(body)
+            _write_all(fd, buffers)
+            self._size = o
+            os.fdatasync(fd)
+        except OSError as e:
+            # The segment may now end in a torn or unsynced batch: never
+            # append to it again (recovery truncates what is torn).
+            self._abandon()
+            reason = e.strerror or str(e)
+            for i, *_ in encoded:
+                results[i] = QueueError(f"cannot queue {messages[i].id}: {reason}")
+            return results
+        for (i, envelope, _, _), (off, header) in zip(encoded, placed, strict=True):
+            results[i] = (messages[i].id, _entry(self.seg_dir, name, off, header, envelope))
+        return results
+
+
+# --------------------------------------------------------------------------
+# the owner
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Run *method* holding the store's mutex."""
+
+    @functools.wraps(method)
+    def wrapper(self: QueueStore, *args: Any, **kwargs: Any) -> Any:
+        with self._mutex:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class QueueStore:
+    """
+    The queue as its owner sees it: the only process that relays, keeps
+    the journal, recovers and compacts.  Get one with :meth:`open`.
+    """
+
+    def __init__(self, path: Path | str, writer: str = "0") -> None:
+        self.path = Path(path)
+        self.seg_dir = self.path / SEG_DIR
+        self.writer = SegmentWriter(self.path, writer)
+        self._lock_fd: int | None = None
+        self._index: dict[str, Entry] = {}
+        # segment name -> [bytes scanned, ids still live]
+        self._segs: dict[str, _SegInfo] = {}
+        # done/deleted ids whose segment still exists (journal must keep them)
+        self._done: dict[str, str] = {}
+        self._claimed: set[str] = set()
+        # what is due now, in the order it became due (oldest first)
+        self._ready: dict[str, None] = {}
+        # (next attempt, id) of the rest; stale pairs are skipped
+        self._later: list[tuple[float, str]] = []
+        self._journal_fd: int | None = None
+        self._journal_seq = 0
+        self._journal_lines = 0
+        self._journal_dirty = False
+        self._journal_bad = False
+        self._mutex = threading.RLock()
+
+    # -- opening -------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path | str, writer: str = "0") -> QueueStore:
+        """
+        Take the queue's lock (or raise :class:`QueueLocked`), recover and
+        index it.  Raises :class:`QueueError` (``OSError`` wrapped) if the
+        directory cannot be used.
+        """
+        store = cls(path, writer)
+        try:
+            store._lock()
+            store._recover()
+        except QueueError:
+            store.close()
+            raise
+        except OSError as e:
+            store.close()
+            raise QueueError(f"{store.path}: cannot open the queue: {e}") from None
+        return store
+
+    def _lock(self) -> None:
+        self.path.mkdir(mode=0o750, parents=True, exist_ok=True)
+        lock = self.path / LOCK_NAME
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            try:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            except OSError:
+                holder = ""
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise QueueLocked(
+                f"{self.path}: the queue is in use by another kumoauth{who}; not starting"
+            ) from None
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _recover(self) -> None:
+        self.writer.create()
+        self._remove_stale_new()
+        states = self._read_journal()
+        for name in _segments(self.seg_dir):
+            self._recover_segment(name)
+        rewrite = False
+        for mid, state in states.items():
+            op = state.get("op")
+            entry = self._index.get(mid)
+            if entry is None:
+                rewrite = True  # its segment is gone: the line is dead
+                continue
+            if op in TERMINAL:
+                self._forget(entry)
+                self._done[mid] = entry.segment
+            else:
+                _apply_state(entry, state)
+        self._ready.clear()
+        for mid in sorted(self._index):
+            self._schedule(self._index[mid])
+        self._open_journal(rewrite)
+
+    def _remove_stale_new(self) -> None:
+        for n in os.listdir(self.seg_dir):
+            if n.startswith(".") and n.endswith(NEW_SUFFIX):
+                fd = _try_flock(self.seg_dir / n)
+                if fd is not None:  # a crash between create and rename
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.seg_dir / n)
+                    os.close(fd)
+
+    def _recover_segment(self, name: str) -> None:
+        path = self.seg_dir / name
+        fd = _try_flock(path)
+        dead = fd is not None
+        try:
+            with open(path, "rb", buffering=1 << 20) as f:
+                size = os.fstat(f.fileno()).st_size
+                scan = _scan_segment(f, self.seg_dir, name, 0, size, check_last_batch=dead)
+            if dead and not scan.clean:
+                # A torn tail no writer will complete: it was never
+                # acknowledged (its batch's fdatasync did not return).
+                assert fd is not None
+                os.ftruncate(fd, scan.end)
+                os.fsync(fd)
+            if dead and scan.end == 0:
+                os.unlink(path)
+                _fsync_dir(self.seg_dir)
+                return
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self._segs[name] = _SegInfo(scan.end)
+        self._add(scan.entries)
+
+    def _add(self, entries: list[Entry]) -> list[Entry]:
+        added = []
+        for e in entries:
+            if e.id in self._index or e.id in self._done:
+                continue  # an id written twice (never by kumoauth): first wins
+            self._index[e.id] = e
+            self._ready[e.id] = None
+            info = self._segs.get(e.segment)
+            if info is None:
+                info = self._segs[e.segment] = _SegInfo(0)
+            info.live.add(e.id)
+            added.append(e)
+        return added
+
+    def _schedule(self, e: Entry) -> None:
+        """Put *e* where :meth:`due` finds it when its time comes."""
+        self._ready.pop(e.id, None)
+        if e.held:
+            return
+        if e.next_attempt <= 0:
+            self._ready[e.id] = None
+        else:
+            heapq.heappush(self._later, (e.next_attempt, e.id))
+
+    def _forget(self, entry: Entry) -> None:
+        self._index.pop(entry.id, None)
+        self._ready.pop(entry.id, None)
+        self._claimed.discard(entry.id)
+        info = self._segs.get(entry.segment)
+        if info is not None:
+            info.live.discard(entry.id)
+
+    # -- journal -------------------------------------------------------
+
+    def _read_journal(self) -> dict[str, dict[str, Any]]:
+        journals = _journals(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path / JOURNAL_TMP)
+        states: dict[str, dict[str, Any]] = {}
+        if not journals:
+            return states
+        seq, name = journals[-1]
+        for _, old in journals[:-1]:  # a compaction that crashed before its unlink
+            os.unlink(self.path / old)
+        self._journal_seq = seq
+        lines, good_end, bad = _parse_journal(self.path / name, states)
+        self._journal_lines = lines
+        if bad:
+            self._journal_bad = True  # rewritten (without the bad lines) below
+        else:
+            with open(self.path / name, "r+b") as f:
+                if os.fstat(f.fileno()).st_size != good_end:
+                    f.truncate(good_end)  # a torn last line
+                    os.fsync(f.fileno())
+        return states
+
+    def _open_journal(self, rewrite: bool) -> None:
+        if rewrite or self._journal_seq == 0 or self._journal_bad:
+            self._rewrite_journal()
+            return
+        name = self._journal_name(self._journal_seq)
+        self._journal_fd = os.open(self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    @staticmethod
+    def _journal_name(seq: int) -> str:
+        return f"journal-{seq:016x}.log"
+
+    def _live_lines(self) -> list[bytes]:
+        lines = []
+        for e in self._index.values():
+            if e.attempts or e.rcpts or e.last_error or e.next_attempt or e.held:
+                lines.append(_jline(_state_line(e)))
+        for mid in self._done:
+            lines.append(_jline({"id": mid, "op": "done"}))
+        return lines
+
+    def _rewrite_journal(self) -> None:
+        """
+        Write a journal holding only what is still needed, and rename it in.
+        """
+        lines = self._live_lines()
+        tmp = self.path / JOURNAL_TMP
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            _write_all(fd, lines)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        old_seq = self._journal_seq
+        seq = old_seq + 1
+        name = self._journal_name(seq)
+        os.rename(tmp, self.path / name)
+        _fsync_dir(self.path)
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+        if old_seq:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path / self._journal_name(old_seq))
+        self._journal_seq = seq
+        self._journal_lines = len(lines)
+        self._journal_fd = os.open(self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._journal_dirty = False
+        self._journal_bad = False
+
+    def _journal(self, record: dict[str, Any], sync: bool) -> None:
+        if self._journal_fd is None:
+            raise QueueError(f"{self.path}: the queue is closed")
+        _write_all(self._journal_fd, [_jline(record)])
+        self._journal_lines += 1
+        self._journal_dirty = True
+        if sync:
+            self.flush()
+
+    @_locked
+    def flush(self) -> None:
+        """
+        Make every journal line written so far durable (one fdatasync).
+        """
+        if self._journal_dirty and self._journal_fd is not None:
+            os.fdatasync(self._journal_fd)
+            self._journal_dirty = False
+
+    # -- appending and tailing ----------------------------------------
+
+    def append_batch(self, messages: Iterable[Submission]) -> list[str | QueueError]:
+        """
+        Append *messages* through this process's own writer (one fdatasync
+        for the batch) and index them; each one's id or its error.
+        """
+        batch = list(messages)
+        results: list[str | QueueError] = []
+        with self._mutex:
+            for m in batch:
+                if m.id in self._index or m.id in self._done:
+                    results.append(QueueError(f"cannot queue {m.id}: id already queued"))
+                else:
+                    results.append(m.id)
+        todo = [m for m, r in zip(batch, results, strict=True) if isinstance(r, str)]
+        # The write and its fdatasync happen outside the mutex: a scheduler
+        # thread keeps using the index meanwhile.
+        written = iter(self.writer.append_batch(todo))
+        with self._mutex:
+            self._index_appended(results, written)
+        return results
+
+    def _index_appended(
+        self, results: list[str | QueueError], written: Iterator[tuple[str, Entry] | QueueError]
+    ) -> None:
+        for i, r in enumerate(results):
+            if isinstance(r, str):
+                w = next(written)
+                if isinstance(w, QueueError):
+                    results[i] = w
+                else:
+                    entry = w[1]
+                    self._add([entry])
+                    info = self._segs[entry.segment]
+                    info.scanned = max(info.scanned, entry.body_offset + entry.body_len)
+
+    @_locked
+    def scan_new(self) -> list[Entry]:
+        """
+        Index the records appended since the last scan, by any writer
+        (this process's own appends are indexed already).  Cheap when
+        nothing changed: a directory listing and a stat per segment.
+        """
+        new: list[Entry] = []
+        for name in _segments(self.seg_dir):
+            info = self._segs.get(name)
+            scanned = info.scanned if info is not None else 0
+            path = self.seg_dir / name
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                continue
+            if size <= scanned:
+                continue
+            try:
+                with open(path, "rb", buffering=1 << 20) as f:
+                    scan = _scan_segment(
+                        f, self.seg_dir, name, scanned, size, check_last_batch=False
+                    )
+            except FileNotFoundError:
+                continue
+            if info is None:
+                info = self._segs[name] = _SegInfo(0)
+            info.scanned = scan.end
+            new.extend(self._add(scan.entries))
+        return new
+
+    # -- reading -------------------------------------------------------
+
+    @_locked
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @_locked
+    def __contains__(self, mid: object) -> bool:
+        return mid in self._index
+
+    @_locked
+    def ids(self) -> list[str]:
+        """Live ids, oldest first."""
+        return sorted(self._index)
+
+    @_locked
+    def entries(self) -> list[Entry]:
+        """Live entries with their state, oldest first."""
+        return [self._index[mid] for mid in sorted(self._index)]
+
+    @_locked
+    def get(self, mid: str) -> Entry:
+        """The live entry *mid*; ``KeyError`` if there is none."""
+        return self._index[mid]
+
+    def read_message(self, mid: str) -> bytes:
+        """The message bytes of *mid*, checksummed (:class:`QueueCorrupt`)."""
+        with self._mutex:
+            entry = self._index[mid]
+        return _read_body(self.seg_dir, entry)
+
+    @_locked
+    def read_envelope(self, mid: str) -> dict[str, Any]:
+        """The full envelope of *mid* (with ``meta``), from disk."""
+        return _read_envelope(self.seg_dir, self._index[mid])
+
+    @_locked
+    def message_path(self, mid: str) -> tuple[Path, int, int]:
+        """Where *mid*'s bytes are: (segment path, offset, length)."""
+        e = self._index[mid]
+        return self.seg_dir / e.segment, e.body_offset, e.body_len
+
+    # -- claiming (in memory: only the lock holder relays) -------------
+
+    def due(self, now: float | None = None) -> Iterator[Entry]:
+        """
+        Entries to relay now (next attempt reached, not held, not claimed),
+        oldest first, yielded lazily: stop when no more can be started, and
+        the rest stay due.  Costs what is consumed, not the queue's size.
+        """
+        now = time.time() if now is None else now
+        with self._mutex:
+            later = self._later
+            while later and later[0][0] <= now:
+                t, mid = heapq.heappop(later)
+                e = self._index.get(mid)
+                if e is not None and not e.held and e.next_attempt == t:
+                    self._ready[mid] = None
+            ids = list(self._ready)
+        for mid in ids:
+            with self._mutex:
+                e = self._index.get(mid)
+                if e is None or e.held or mid in self._claimed or mid not in self._ready:
+                    continue
+            yield e
+
+    @_locked
+    def claim(self, mid: str) -> bool:
+        """
+        Mark *mid* as being relayed; False if it is claimed already, held,
+        or not queued.
+        """
+        e = self._index.get(mid)
+        if e is None or e.held or mid in self._claimed:
+            return False
+        self._claimed.add(mid)
+        return True
+
+    @_locked
+    def release_claim(self, mid: str) -> None:
+        self._claimed.discard(mid)
+
+    @_locked
+    def is_claimed(self, mid: str) -> bool:
+        return mid in self._claimed
+
+    # -- state changes -------------------------------------------------
+
+    @_locked
+    def deferred(
+        self,
+        mid: str,
+        attempts: int,
+        next_attempt: float,
+        error: str | None,
+        rcpts: dict[str, str] | None = None,
+    ) -> None:
+        """
+        Record a failed attempt (journalled; durable at the next :meth:`flush`).
+        """
+        e = self._index[mid]
+        e.attempts, e.next_attempt, e.last_error = attempts, next_attempt, error
+        if rcpts is not None:
+            e.rcpts = dict(rcpts)
+        self._schedule(e)
+        self._journal(_state_line(e), sync=False)
+
+    #: the name the scheduler uses
+    defer = deferred
+
+    @_locked
+    def hold(self, mid: str) -> None:
+        """Keep *mid* from being relayed until :meth:`release` (synced at once)."""
+        e = self._index[mid]
+        e.held = True
+        self._ready.pop(mid, None)
+        self._journal({"id": mid, "op": "held"}, sync=True)
+
+    @_locked
+    def release(self, mid: str) -> None:
+        e = self._index[mid]
+        e.held = False
+        self._schedule(e)
+        self._journal({"id": mid, "op": "released"}, sync=True)
+
+    @_locked
+    def done(self, mid: str, outcome: str = "delivered") -> None:
+        """
+        *mid* leaves the queue (delivered or bounced).  Written to the
+        journal at once but fdatasynced only by :meth:`flush`: lost to a
+        power cut before that, the message is sent again (at-least-once).
+        """
+        e = self._index[mid]
+        self._forget(e)
+        self._done[mid] = e.segment
+        self._journal({"id": mid, "op": "done", "outcome": outcome}, sync=False)
+
+    @_locked
+    def delete(self, mid: str) -> None:
+        """*mid* leaves the queue without being sent (synced at once)."""
+        e = self._index[mid]
+        self._forget(e)
+        self._done[mid] = e.segment
+        self._journal({"id": mid, "op": "deleted"}, sync=True)
+
+    # -- compaction ----------------------------------------------------
+
+    @_locked
+    def compact(self) -> tuple[list[str], bool]:
+        """
+        Delete every segment whose messages have all left the queue (and
+        that no writer holds), then rewrite the journal if more than half
+        of it is dead.  Returns (segments removed, journal rewritten).
+        """
+        self.flush()
+        removed = []
+        for name, info in list(self._segs.items()):
+            if info.live or name == self.writer.current:
+                continue
+            path = self.seg_dir / name
+            fd = _try_flock(path)
+            if fd is None:
+                continue  # a live writer's current segment
+            try:
+                if os.fstat(fd).st_size > info.scanned:
+                    continue  # records we have not indexed yet
+                os.unlink(path)
+            finally:
+                os.close(fd)
+            del self._segs[name]
+            removed.append(name)
+        if removed:
+            # Segments go before the journal forgets their done ids: a crash
+            # in between must not bring delivered messages back.
+            _fsync_dir(self.seg_dir)
+            gone = set(removed)
+            self._done = {m: s for m, s in self._done.items() if s not in gone}
+        live = len(self._done) + sum(
+            1
+            for e in self._index.values()
+            if e.attempts or e.rcpts or e.last_error or e.next_attempt or e.held
+        )
+        rewrite = self._journal_lines >= JOURNAL_COMPACT_MIN and live * 2 < self._journal_lines
+        if rewrite:
+            self._rewrite_journal()
+        return removed, rewrite
+
+    @_locked
+    def rewrite_journal(self) -> None:
+        """Rewrite the journal now (what :meth:`compact` does when it is worth it)."""
+        self.flush()
+        self._rewrite_journal()
+
+    @_locked
+    def close(self) -> None:
+        """Flush the journal, close the writer, release the lock."""
+        with contextlib.suppress(OSError):
+            self.flush()
+        self.writer.close()
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> QueueStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _SegInfo:
+    __slots__ = ("scanned", "live")
+
+    def __init__(self, scanned: int) -> None:
+        self.scanned = scanned
+        self.live: set[str] = set()
+
+
+def _jline(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def _state_line(e: Entry) -> dict[str, Any]:
+    line: dict[str, Any] = {
+        "id": e.id,
+        "op": "deferred",
+        "attempts": e.attempts,
+        "next": e.next_attempt,
+        "error": e.last_error,
+        "rcpts": e.rcpts,
+    }
+    if e.held:
+        line["held"] = True
+    return line
+
+
+def _apply_state(e: Entry, state: dict[str, Any]) -> None:
+    e.attempts = int(state.get("attempts", 0))
+    e.next_attempt = float(state.get("next", 0.0))
+    e.last_error = state.get("error")
+    rcpts = state.get("rcpts")
+    e.rcpts = dict(rcpts) if isinstance(rcpts, dict) else None
+    e.held = bool(state.get("held"))
+
+
+def _merge(states: dict[str, dict[str, Any]], line: dict[str, Any]) -> None:
+    """Fold one journal line into *states* (id -> the state so far)."""
+    mid, op = line["id"], line.get("op")
+    prev = states.get(mid)
+    if prev is not None and prev.get("op") in TERMINAL:
+        return
+    if op == "deferred":
+        state = dict(line)
+        state["held"] = bool(line.get("held", prev.get("held") if prev else False))
+        states[mid] = state
+    elif op in ("held", "released"):
+        state = dict(prev) if prev else {"id": mid, "op": "deferred"}
+        state["held"] = op == "held"
+        states[mid] = state
+    elif op in TERMINAL:
+        states[mid] = {"id": mid, "op": op}
+
+
+def _parse_journal(path: Path, states: dict[str, dict[str, Any]]) -> tuple[int, int, bool]:
+    """
+    Fold journal *path* into *states*.  Returns (lines read, offset past the
+    last complete line, whether a complete line was unreadable).
+    """
+    lines = 0
+    good_end = 0
+    bad = False
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # a torn last line: never synced, never relied on
+            good_end += len(raw)
+            lines += 1
+            try:
+                line = json.loads(raw)
+                if not isinstance(line, dict) or not isinstance(line.get("id"), str):
+                    raise ValueError(raw)
+            except ValueError:
+                bad = True
+                continue
+            _merge(states, line)
+    return lines, good_end, bad
+
+
+def _read_body(seg_dir: Path, e: Entry) -> bytes:
+    try:
+        fd = os.open(seg_dir / e.segment, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KeyError(e.id) from None
+    try:
+        parts = []
+        o, n = e.body_offset, e.body_len
+        while n > 0:
+            chunk = os.pread(fd, n, o)
+            if not chunk:
+                break
+            parts.append(chunk)
+            o += len(chunk)
+            n -= len(chunk)
+    finally:
+        os.close(fd)
+    body = b"".join(parts)
+    if len(body) != e.body_len or zlib.crc32(body) != e.body_crc:
+        raise QueueCorrupt(f"{seg_dir / e.segment}@{e.offset}: message {e.id} fails its checksum")
+    return body
+
+
+def _read_envelope(seg_dir: Path, e: Entry) -> dict[str, Any]:
+    try:
+        fd = os.open(seg_dir / e.segment, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KeyError(e.id) from None
+    try:
+        raw = os.pread(fd, HEADER_SIZE + e.env_len, e.offset)
+    finally:
+        os.close(fd)
+    header = decode_header(raw[:HEADER_SIZE])
+    env = decode_envelope(header, raw[HEADER_SIZE:]) if header else None
+    if env is None or env.get("id") != e.id:
+        raise QueueCorrupt(f"{seg_dir / e.segment}@{e.offset}: envelope of {e.id} is damaged")
+    return env
+
+
+# --------------------------------------------------------------------------
+# reading without the lock
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """
+    One queued message as a reader sees it (the shape of
+    :class:`kumoauth.storage.spool.SpooledMessage`).
+    """
+
+    id: str
+    envelope: dict[str, Any]
+    entry: Entry
+    seg_dir: Path
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.envelope.get("meta", {}))
+
+    @property
+    def size(self) -> int:
+        return self.entry.body_len
+
+    def read_bytes(self) -> bytes:
+        return _read_body(self.seg_dir, self.entry)
+
+
+class QueueReader:
+    """
+    A read-only view of a queue, safe while its owner runs (no lock, no
+    writes): the segments and the journal as they are now.  A message the
+    journal says is done or deleted is not listed.  :meth:`refresh` (done
+    lazily by the first read) takes a new snapshot.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.seg_dir = self.path / SEG_DIR
+        self._index: dict[str, Entry] | None = None
+
+    def refresh(self) -> None:
+        states: dict[str, dict[str, Any]] = {}
+        for _ in range(5):  # the owner may rename a new journal in meanwhile
+            journals = _journals(self.path)
+            if not journals:
+                break
+            try:
+                states.clear()
+                _parse_journal(self.path / journals[-1][1], states)
+                break
+            except FileNotFoundError:
+                continue
+        index: dict[str, Entry] = {}
+        for name in _segments(self.seg_dir):
+            try:
+                with open(self.seg_dir / name, "rb", buffering=1 << 20) as f:
+                    size = os.fstat(f.fileno()).st_size
+                    scan = _scan_segment(f, self.seg_dir, name, 0, size, check_last_batch=False)
+            except FileNotFoundError:
+                continue
+            for e in scan.entries:
+                index.setdefault(e.id, e)
+        for mid, state in states.items():
+            found = index.get(mid)
+            if found is None:
+                continue
+            if state.get("op") in TERMINAL:
+                del index[mid]
+            else:
+                _apply_state(found, state)
+        self._index = index
+
+    def _entries(self) -> dict[str, Entry]:
+        if self._index is None:
+            self.refresh()
+        assert self._index is not None
+        return self._index
+
+    def ids(self) -> Iterator[str]:
+        """Ids of queued messages, oldest first."""
+        yield from sorted(self._entries())
+
+    def entries(self) -> list[Entry]:
+        index = self._entries()
+        return [index[m] for m in sorted(index)]
+
+    def get(self, mid: str) -> Entry:
+        return self._entries()[mid]
+
+    def read(self, mid: str) -> QueuedMessage:
+        """
+        One queued message; ``KeyError`` if there is none (or it has just
+        left the queue).
+        """
+        e = self._entries().get(mid)
+        if e is None:
+            self.refresh()  # perhaps it arrived since the snapshot
+            e = self._entries().get(mid)
+            if e is None:
+                raise KeyError(mid)
+        try:
+            env = _read_envelope(self.seg_dir, e)
+        except QueueCorrupt:
+            raise KeyError(mid) from None
+        return QueuedMessage(id=mid, envelope=env, entry=e, seg_dir=self.seg_dir)
+
+    def __iter__(self) -> Iterator[QueuedMessage]:
+        for mid in self.ids():
+            try:
+                yield self.read(mid)
+            except KeyError:
+                continue

@@ -1,0 +1,783 @@
+"""
+The relay queue store (kumoauth.relay.queue): record format, group commit,
+recovery, journal, compaction, the owner's lock, tailing other writers,
+the lock-free reader, restart time and memory, kill -9.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kumoauth.relay import queue as q
+from kumoauth.relay.queue import (
+    QueueCorrupt,
+    QueueError,
+    QueueLocked,
+    QueueReader,
+    QueueStore,
+    SegmentWriter,
+    decode_records,
+    encode_envelope,
+    encode_record,
+)
+from kumoauth.storage.delivery import Message
+from kumoauth.storage.spool import new_id
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def message(mid: str | None = None, data: bytes | None = None, **meta: object) -> Message:
+    mid = mid or new_id()
+    if data is None:
+        data = b"Subject: " + mid.encode() + b"\r\n\r\nbody\r\n"
+    return Message(mid, "a@example.com", ["b@example.net"], data, {"authn_id": "scott", **meta})
+
+
+def batch(n: int, size: int | None = None) -> list[Message]:
+    return [message(data=None if size is None else os.urandom(size)) for _ in range(n)]
+
+
+def tree(path: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file under *path*: (size, mtime_ns, sha256)."""
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st_ = p.stat()
+            out[str(p.relative_to(path))] = (
+                st_.st_size,
+                st_.st_mtime_ns,
+                hashlib.sha256(p.read_bytes()).hexdigest(),
+            )
+    return out
+
+
+def segments(path: Path) -> list[Path]:
+    return sorted((path / "seg").glob("*.q"))
+
+
+def run_python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture
+def qdir(tmp_path: Path) -> Path:
+    return tmp_path / "queue"
+
+
+# --------------------------------------------------------------------------
+# the record format
+
+json_scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+envelopes = st.fixed_dictionaries(
+    {
+        "id": st.text(min_size=1, max_size=30),
+        "received_at": st.text(max_size=25),
+        "mail_from": st.text(max_size=40),
+        "rcpt_to": st.lists(st.text(max_size=40), max_size=5),
+        "meta": st.dictionaries(st.text(max_size=10), json_values, max_size=5),
+        "smtputf8": st.booleans(),
+        "size": st.integers(0, 2**40),
+    }
+)
+
+
+@given(st.lists(st.tuples(envelopes, st.binary(max_size=3000)), min_size=1, max_size=5))
+def test_record_round_trip(records):
+    data = b"".join(
+        b"".join(encode_record(encode_envelope(env), body, q.FIRST if i == 0 else 0))
+        for i, (env, body) in enumerate(records)
+    )
+    decoded, end = decode_records(data)
+    assert end == len(data)
+    assert decoded == records
+
+
+def test_envelope_json_is_utf8_not_escaped():
+    raw = encode_envelope({"id": "x", "mail_from": "jöran@exämple.com"})
+    assert "jöran@exämple.com".encode() in raw
+
+
+@given(
+    st.lists(st.tuples(envelopes, st.binary(max_size=500)), min_size=2, max_size=5),
+    st.data(),
+)
+def test_truncated_or_corrupted_tail_is_detected(records, data):
+    encoded = [b"".join(encode_record(encode_envelope(env), body)) for env, body in records]
+    head = b"".join(encoded[:-1])
+    last = encoded[-1]
+    if data.draw(st.booleans(), label="truncate"):
+        cut = data.draw(st.integers(0, len(last) - 1), label="cut")
+        damaged = last[:cut]
+    else:
+        pos = data.draw(st.integers(0, len(last) - 1), label="pos")
+        flip = data.draw(st.integers(1, 255), label="xor")
+        damaged = last[:pos] + bytes([last[pos] ^ flip]) + last[pos + 1 :]
+    decoded, end = decode_records(head + damaged)
+    assert end == len(head)
+    assert decoded == records[:-1]
+
+
+class Plain:
+    """A submission without twisted or a Meta."""
+
+    def __init__(self, mid: str, data: bytes, sender: str = "a@example.com") -> None:
+        self.id, self.data, self.sender, self.recipients = mid, data, sender, ["b@example.net"]
+
+    def snapshot(self) -> dict[str, object]:
+        return {"authn_id": "scott"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    bodies=st.lists(st.binary(min_size=0, max_size=300), min_size=16, max_size=16),
+    data=st.data(),
+)
+def test_recovery_truncates_a_damaged_last_batch_on_disk(sizes, bodies, data):
+    """
+    Damage anywhere in a segment's last batch (truncation, or one byte
+    changed, in a header, an envelope or a body): reopening keeps every
+    record before the damaged one and truncates the file there.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        store = QueueStore.open(path)
+        written: list[tuple[str, bytes]] = []
+        k = 0
+        for n in sizes:
+            msgs = [Plain(new_id(), bodies[(k + i) % 16]) for i in range(n)]
+            k += n
+            assert all(isinstance(r, str) for r in store.append_batch(msgs))
+            written += [(m.id, m.data) for m in msgs]
+        last_batch = written[-sizes[-1] :]
+        starts = {mid: store.get(mid).offset for mid, _ in written}
+        seg = store.seg_dir / store.get(written[-1][0]).segment
+        store.close()
+        size = seg.stat().st_size
+        first = starts[last_batch[0][0]]
+        raw = bytearray(seg.read_bytes())
+        if data.draw(st.booleans(), label="truncate"):
+            pos = data.draw(st.integers(first, size - 1), label="cut")
+            os.truncate(seg, pos)
+        else:
+            pos = data.draw(st.integers(first, size - 1), label="pos")
+            raw[pos] ^= data.draw(st.integers(1, 255), label="xor")
+            seg.write_bytes(bytes(raw))
+        # the damaged record: the last one that starts at or before pos
+        damaged = max(i for i, (mid, _) in enumerate(written) if starts[mid] <= pos)
+        store = QueueStore.open(path)
+        try:
+            assert store.ids() == sorted(mid for mid, _ in written[:damaged])
+            for mid, body in written[:damaged]:
+                assert store.read_message(mid) == body
+            expected_size = starts[written[damaged][0]]
+            if expected_size:
+                assert seg.stat().st_size == expected_size
+            else:
+                assert not seg.exists()  # nothing valid left: removed
+        finally:
+            store.close()
+
+
+# --------------------------------------------------------------------------
+# group commit
+
+
+def test_group_commit_one_fdatasync_per_batch(qdir, monkeypatch):
+    store = QueueStore.open(qdir)
+    calls: list[str] = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+
+    def fdatasync(fd):
+        calls.append("fdatasync")
+        real_fdatasync(fd)
+
+    def fsync(fd):
+        calls.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    # First batch: creates the segment, so one directory fsync too.
+    results = store.append_batch(batch(20))
+    assert all(isinstance(r, str) for r in results)
+    assert calls == ["fsync", "fdatasync"]
+    for n in (1, 20, 64):
+        calls.clear()
+        results = store.append_batch(batch(n))
+        assert all(isinstance(r, str) for r in results)
+        assert calls == ["fdatasync"], n
+    # done is written at once but synced with the next flush: one fdatasync
+    calls.clear()
+    for mid in store.ids()[:50]:
+        store.done(mid)
+    assert calls == []
+    store.flush()
+    assert calls == ["fdatasync"]
+    store.close()
+
+
+def test_rotation_makes_new_segments(qdir, monkeypatch):
+    monkeypatch.setattr(q, "SEGMENT_MAX", 10_000)
+    store = QueueStore.open(qdir)
+    ids = []
+    for _ in range(10):
+        ids += [r for r in store.append_batch(batch(4, size=1000)) if isinstance(r, str)]
+    assert len(ids) == 40
+    assert len(segments(qdir)) >= 3
+    store.close()
+    store = QueueStore.open(qdir)
+    assert store.ids() == sorted(ids)
+    store.close()
+
+
+def test_a_bad_message_fails_alone(qdir):
+    store = QueueStore.open(qdir)
+    good = message()
+    bad = message()
+    bad.set_meta("x", 1)
+    bad._values["x"] = object()  # not JSON: fails to encode
+    dup = message(mid=good.id)
+    results = store.append_batch([good, bad, dup])
+    assert results[0] == good.id
+    assert isinstance(results[1], QueueError) and isinstance(results[2], QueueError)
+    assert store.ids() == [good.id]
+    again = store.append_batch([message(mid=good.id)])
+    assert isinstance(again[0], QueueError)
+    store.close()
+
+
+def test_a_failed_sync_fails_the_batch_and_abandons_the_segment(qdir, monkeypatch):
+    store = QueueStore.open(qdir)
+    first = store.append_batch(batch(3))
+    seg = store.writer.current
+
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    failed = store.append_batch(batch(3))
+    assert all(isinstance(r, QueueError) and "Input/output" in str(r) for r in failed)
+    monkeypatch.undo()
+    later = store.append_batch(batch(2))
+    assert all(isinstance(r, str) for r in later)
+    assert store.writer.current != seg  # never appends after a doubtful batch
+    store.close()
+    store = QueueStore.open(qdir)
+    assert set(first) | set(later) <= set(store.ids())
+    store.close()
+
+
+# --------------------------------------------------------------------------
+# recovery and the journal
+
+
+def test_recovery_after_a_torn_tail(qdir):
+    store = QueueStore.open(qdir)
+    msgs = batch(5)
+    ids = store.append_batch(msgs)
+    seg = segments(qdir)[0]
+    store.close()
+    good = seg.stat().st_size
+    # half a record: a header and part of an envelope
+    with open(seg, "ab") as f:
+        f.write(b"".join(encode_record(b'{"id":"x"}', b"y" * 100))[:40])
+    store = QueueStore.open(qdir)
+    assert seg.stat().st_size == good
+    assert store.ids() == sorted(ids)
+    for m in msgs:
+        assert store.read_message(m.id) == m.data
+        assert store.read_envelope(m.id)["meta"] == {"authn_id": "scott"}
+    more = store.append_batch(batch(2))
+    store.close()
+    store = QueueStore.open(qdir)
+    assert store.ids() == sorted(ids + more)
+    store.close()
+
+
+def test_journal_states_survive_reopen(qdir):
+    store = QueueStore.open(qdir)
+    ids = store.append_batch(batch(6))
+    a, b, c, d, e, f = ids
+    store.deferred(a, 2, 1234.5, "451 4.3.0 try later", {"b@example.net": "deferred"})
+    store.deferred(b, 1, 99.0, None)
+    store.deferred(b, 3, 199.0, "421 busy", {"b@example.net": "deferred", "x@y": "sent"})
+    store.hold(c)
+    store.deferred(c, 1, 5.0, "x")
+    store.hold(d)
+    store.release(d)
+    store.done(e)
+    store.delete(f)
+    store.close()
+    store = QueueStore.open(qdir)
+    assert store.ids() == sorted([a, b, c, d])
+    ea, eb, ec, ed = (store.get(x) for x in (a, b, c, d))
+    assert (ea.attempts, ea.next_attempt, ea.last_error, ea.rcpts) == (
+        2,
+        1234.5,
+        "451 4.3.0 try later",
+        {"b@example.net": "deferred"},
+    )
+    assert (eb.attempts, eb.next_attempt, eb.last_error) == (3, 199.0, "421 busy")
+    assert eb.rcpts == {"b@example.net": "deferred", "x@y": "sent"}
+    assert ec.held and ec.attempts == 1
+    assert not ed.held and ed.attempts == 0
+    for x in (e, f):
+        with pytest.raises(KeyError):
+            store.get(x)
+    assert not store.claim(c)  # held
+    store.close()
+
+
+def test_a_torn_journal_line_is_ignored(qdir):
+    store = QueueStore.open(qdir)
+    a, b = store.append_batch(batch(2))
+    store.deferred(a, 1, 1.0, "e")
+    store.close()
+    (journal,) = qdir.glob("journal-*.log")
+    with open(journal, "ab") as f:
+        f.write(b'{"id":"' + b.encode() + b'","op":"do')
+    store = QueueStore.open(qdir)
+    assert store.ids() == sorted([a, b]) and store.get(a).attempts == 1
+    store.close()
+    assert journal.read_bytes().endswith(b"\n")
+
+
+def test_claims(qdir):
+    store = QueueStore.open(qdir)
+    a, b = store.append_batch(batch(2))
+    assert store.claim(a)
+    assert not store.claim(a)
+    assert store.claim(b)
+    store.release_claim(a)
+    assert store.claim(a)
+    store.done(a)
+    assert not store.is_claimed(a)
+    assert not store.claim("nope")
+    store.close()
+
+
+def test_the_index_holds_envelopes_not_bodies(qdir):
+    store = QueueStore.open(qdir)
+    (mid,) = store.append_batch(
+        [Message(new_id(), "jöran@exämple.com", ["ü@exämple.net"], b"hi\r\n", {"smtputf8": True})]
+    )
+    store.close()
+    store = QueueStore.open(qdir)
+    e = store.get(mid)
+    assert e.mail_from == "jöran@exämple.com" and e.rcpt_to == ("ü@exämple.net",)
+    assert e.size == 4 and e.received_at.endswith("Z")
+    assert not any(isinstance(getattr(e, f), bytes) for f in e.__slots__)
+    env = store.read_envelope(mid)
+    assert set(env) == {"id", "received_at", "mail_from", "rcpt_to", "meta", "smtputf8", "size"}
+    assert env["smtputf8"] is True and env["size"] == 4
+    path, offset, length = store.message_path(mid)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        assert f.read(length) == b"hi\r\n"
+    store.close()
+
+
+def test_a_corrupt_body_is_reported_when_read(qdir):
+    store = QueueStore.open(qdir)
+    ids = store.append_batch(batch(3))
+    store.append_batch(batch(1))  # so the damaged record is not in the last batch
+    path, offset, _ = store.message_path(ids[0])
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"X")
+    with pytest.raises(QueueCorrupt):
+        store.read_message(ids[0])
+    assert store.read_message(ids[1])
+    store.close()
+
+
+# --------------------------------------------------------------------------
+# compaction
+
+
+def test_compaction(qdir, monkeypatch):
+    monkeypatch.setattr(q, "SEGMENT_MAX", 4000)
+    monkeypatch.setattr(q, "JOURNAL_COMPACT_MIN", 10)
+    store = QueueStore.open(qdir)
+    ids: list[str] = []
+    for _ in range(6):
+        ids += store.append_batch(batch(3, size=600))
+    before_segs = segments(qdir)
+    assert len(before_segs) >= 3
+    first_seg = store.get(ids[0]).segment
+    in_first = [m for m in ids if store.get(m).segment == first_seg]
+    for m in in_first:
+        store.done(m)
+    for m in ids[len(in_first) :][:2]:
+        for n in range(5):
+            store.deferred(m, n + 1, float(n), f"try {n}")
+    keep = ids[len(in_first) + 2]
+    store.hold(keep)
+    removed, rewritten = store.compact()
+    assert removed == [first_seg]
+    assert rewritten
+    assert not (qdir / "seg" / first_seg).exists()
+    (journal,) = qdir.glob("journal-*.log")
+    # only live states are left: 2 deferred + 1 held, and no done lines
+    assert len(journal.read_text().splitlines()) == 3
+    snapshot = [
+        (e.id, e.attempts, e.next_attempt, e.last_error, e.rcpts, e.held) for e in store.entries()
+    ]
+    bodies = {e.id: store.read_message(e.id) for e in store.entries()}
+    store.close()
+    store = QueueStore.open(qdir)
+    assert [
+        (e.id, e.attempts, e.next_attempt, e.last_error, e.rcpts, e.held) for e in store.entries()
+    ] == snapshot
+    assert {e.id: store.read_message(e.id) for e in store.entries()} == bodies
+    # done lines are kept while their segment still exists
+    rest = store.ids()
+    some = [m for m in rest if store.get(m).segment != store.get(rest[-1]).segment][:1]
+    store.done(some[0])
+    store.rewrite_journal()
+    store.close()
+    store = QueueStore.open(qdir)
+    assert some[0] not in store
+    # everything done: every segment goes
+    for m in store.ids():
+        store.done(m)
+    store.compact()
+    assert segments(qdir) == []
+    store.close()
+    store = QueueStore.open(qdir)
+    assert len(store) == 0
+    store.close()
+
+
+def test_compaction_spares_a_live_writers_segment(qdir):
+    store = QueueStore.open(qdir)
+    other = SegmentWriter(qdir, "w1")
+    results = other.append_batch(batch(3))
+    store.scan_new()
+    for mid, _ in results:  # type: ignore[misc]
+        store.done(mid)
+    assert store.compact()[0] == []  # w1 still holds it
+    assert len(segments(qdir)) == 1
+    other.close()
+    assert len(store.compact()[0]) == 1
+    assert segments(qdir) == []
+    store.close()
+
+
+# --------------------------------------------------------------------------
+# one owner
+
+
+def test_a_second_instance_refuses_and_touches_nothing(qdir):
+    store = QueueStore.open(qdir)
+    store.append_batch(batch(3))
+    store.deferred(store.ids()[0], 1, 1.0, "e")
+    store.flush()
+    before = tree(qdir)
+    proc = run_python(
+        """
+        import sys
+        from kumoauth.relay.queue import QueueStore, QueueLocked
+        try:
+            QueueStore.open(sys.argv[1])
+        except QueueLocked as e:
+            print(e)
+            sys.exit(3)
+        """,
+        str(qdir),
+    )
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1
+    assert str(qdir) in lines[0] and f"pid {os.getpid()}" in lines[0]
+    assert tree(qdir) == before
+    store.close()
+    # once the owner is gone, the next one may open it
+    QueueStore.open(qdir).close()
+
+
+def test_lock_in_the_same_process(qdir):
+    store = QueueStore.open(qdir)
+    with pytest.raises(QueueLocked, match="in use"):
+        QueueStore.open(qdir)
+    store.close()
+
+
+# --------------------------------------------------------------------------
+# tailing other writers
+
+
+def test_scan_new_sees_other_writers(qdir):
+    store = QueueStore.open(qdir)
+    own = store.append_batch(batch(2))
+    assert store.scan_new() == []
+    other = SegmentWriter(qdir, "w1")
+    theirs = [r[0] for r in other.append_batch(batch(3))]  # type: ignore[index]
+    proc = run_python(
+        """
+        import sys
+        from kumoauth.relay.queue import SegmentWriter
+        from kumoauth.storage.delivery import Message
+        from kumoauth.storage.spool import new_id
+        w = SegmentWriter(sys.argv[1], "w2")
+        for _ in range(2):
+            for r in w.append_batch(
+                [Message(new_id(), "a@x", ["b@y"], b"from w2", {}) for _ in range(4)]
+            ):
+                print(r[0])
+        """,
+        str(qdir),
+    )
+    assert proc.returncode == 0, proc.stderr
+    remote = proc.stdout.split()
+    new = store.scan_new()
+    assert sorted(e.id for e in new) == sorted(theirs + remote)
+    assert store.scan_new() == []  # nothing changed
+    assert store.read_message(remote[0]) == b"from w2"
+    more = [r[0] for r in other.append_batch(batch(1))]  # type: ignore[index]
+    assert [e.id for e in store.scan_new()] == more
+    assert store.ids() == sorted(own + theirs + remote + more)
+    other.close()
+    store.close()
+    store = QueueStore.open(qdir)
+    assert store.ids() == sorted(own + theirs + remote + more)
+    store.close()
+
+
+def test_owner_restart_does_not_truncate_a_live_writer(qdir):
+    store = QueueStore.open(qdir)
+    other = SegmentWriter(qdir, "w1")
+    other.append_batch(batch(2))
+    store.close()
+    (seg,) = segments(qdir)
+    # a batch being written right now: half a record
+    with open(seg, "ab") as f:
+        f.write(b"".join(encode_record(b'{"id":"x"}', b"y" * 10))[:20])
+    size = seg.stat().st_size
+    store = QueueStore.open(qdir)
+    assert len(store) == 2 and seg.stat().st_size == size
+    other.close()
+    store.close()
+    store = QueueStore.open(qdir)  # now no one holds it: truncated
+    assert len(store) == 2 and seg.stat().st_size == size - 20
+    store.close()
+
+
+# --------------------------------------------------------------------------
+# reading without the lock (the Spool API)
+
+
+def test_reader_works_while_the_owner_holds_the_lock(qdir):
+    store = QueueStore.open(qdir)
+    msgs = batch(4)
+    ids = store.append_batch(msgs)
+    store.done(ids[1])
+    store.deferred(ids[2], 1, 7.0, "451")
+    before = tree(qdir)
+    reader = QueueReader(qdir)
+    assert list(reader.ids()) == sorted([ids[0], ids[2], ids[3]])
+    m = reader.read(ids[0])
+    assert m.id == ids[0] and m.read_bytes() == msgs[0].data
+    assert m.envelope["mail_from"] == "a@example.com" and m.meta == {"authn_id": "scott"}
+    assert m.envelope["rcpt_to"] == ["b@example.net"] and m.size == len(msgs[0].data)
+    assert reader.get(ids[2]).attempts == 1
+    assert [x.id for x in reader] == list(reader.ids())
+    with pytest.raises(KeyError):
+        reader.read(ids[1])
+    later = store.append_batch(batch(1))
+    assert reader.read(later[0]).id == later[0]  # an unknown id triggers a fresh look
+    assert tree(qdir) != before  # (the owner wrote; the reader did not)
+    snapshot = tree(qdir)
+    list(QueueReader(qdir))
+    assert tree(qdir) == snapshot
+    store.close()
+
+
+def test_reader_of_a_queue_being_written_by_a_worker(qdir):
+    store = QueueStore.open(qdir)
+    store.close()
+    w = SegmentWriter(qdir, "w0")
+    (r,) = w.append_batch(batch(1))
+    assert list(QueueReader(qdir).ids()) == [r[0]]  # type: ignore[index]
+    w.close()
+
+
+# --------------------------------------------------------------------------
+# restart: time and memory
+
+
+def test_reopen_100k_messages_fast_and_without_bodies(tmp_path):
+    path = tmp_path / "big"
+    writer = SegmentWriter(path, "0")
+    writer.create()
+    body = b"x" * 2048
+    n = 100_000
+    for k in range(0, n, 500):
+        writer.append_batch([Plain(f"{k + i:024x}", body) for i in range(500)])
+    writer.close()
+    t = time.perf_counter()
+    store = QueueStore.open(path)
+    elapsed = time.perf_counter() - t
+    assert len(store) == n
+    store.close()
+    tracemalloc.start()
+    try:
+        store = QueueStore.open(path)
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(store) == n
+    store.close()
+    print(
+        f"\nreopen of {n} queued messages (2 KB): {elapsed:.2f} s; "
+        f"index {current / 1e6:.0f} MB, peak {peak / 1e6:.0f} MB "
+        f"(bodies: {n * len(body) / 1e6:.0f} MB)"
+    )
+    assert elapsed <= 10
+    assert peak < 100e6  # far below the 205 MB of bodies
+
+
+# --------------------------------------------------------------------------
+# kill -9
+
+APPENDER = """
+import sys
+from kumoauth.relay.queue import QueueStore
+
+class M:
+    def __init__(self, mid):
+        self.id = mid
+        self.sender = "a@example.com"
+        self.recipients = ["b@example.net"]
+        self.data = (mid * 40).encode()
+
+    def snapshot(self):
+        return {"authn_id": "scott"}
+
+store = QueueStore.open(sys.argv[1])
+prefix = sys.argv[2]
+k = 0
+while True:
+    size = 1 + k % 17
+    ids = store.append_batch([M(f"{prefix}{k + i:020x}") for i in range(size)])
+    k += size
+    for mid in ids:
+        if isinstance(mid, str):
+            sys.stdout.write(mid + "\\n")
+    sys.stdout.flush()
+    for mid in ids[:2]:
+        if k % 3 == 0:
+            store.deferred(mid, 1, 2.0, "again")
+"""
+
+
+@pytest.mark.parametrize("round_", range(4))
+def test_kill_9_loses_no_acknowledged_message(qdir, round_):
+    acknowledged: list[str] = []
+    for attempt in range(2):  # twice on the same queue: recovery after recovery
+        proc = subprocess.Popen(
+            [sys.executable, "-c", APPENDER, str(qdir), f"{round_:02x}{attempt:02x}"],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # it is running
+        time.sleep(random.uniform(0.05, 0.6))
+        os.kill(proc.pid, signal.SIGKILL)
+        out = first + proc.stdout.read()
+        proc.wait()
+        lines = out.split(b"\n")
+        acknowledged += [x.decode() for x in lines[:-1]]  # the last one may be cut
+        assert acknowledged
+        store = QueueStore.open(qdir)
+        try:
+            missing = [m for m in acknowledged if m not in store]
+            assert missing == []
+            for mid in acknowledged:
+                assert store.read_message(mid) == (mid * 40).encode()
+            assert json.dumps(store.read_envelope(acknowledged[-1])["meta"]) == (
+                '{"authn_id": "scott"}'
+            )
+        finally:
+            store.close()
+
+
+# --------------------------------------------------------------------------
+# what the scheduler uses
+
+
+def test_due_claims_and_recipient_status(qdir):
+    store = QueueStore.open(qdir)
+    ids = store.append_batch(batch(5))
+    a, b, c, d, e = ids
+    assert [x.id for x in store.due(0)] == ids  # oldest first
+    store.defer(a, attempts=1, next_attempt=100.0, error="451 later")
+    store.hold(b)
+    assert store.claim(c)
+    assert [x.id for x in store.due(50.0)] == [d, e]
+    due = store.due(150.0)
+    first = next(due)
+    assert first.id in (d, a)
+    assert sorted([first.id, *(x.id for x in due)]) == sorted([a, d, e])
+    store.release(b)
+    assert b in [x.id for x in store.due(150.0)]
+    entry = store.get(a)
+    assert entry.rcpt_status() == {"b@example.net": "pending"}
+    entry.set_rcpt("b@example.net", "failed")
+    store.defer(a, attempts=2, next_attempt=200.0, error="x")
+    store.done(c)
+    store.close()
+    store = QueueStore.open(qdir)
+    entry = store.get(a)
+    assert entry.rcpt_status() == {"b@example.net": "failed"} and entry.attempts == 2
+    assert [x.id for x in store.due(150.0)] == [b, d, e]
+    assert [x.id for x in store.due(250.0)] == [b, d, e, a]
+    assert entry.envelope["meta"] == {"authn_id": "scott"}
+    assert abs(entry.arrival - time.time()) < 60
+    assert entry.received_at.endswith("Z") and not entry.smtputf8
+    store.close()
+
+
+def test_due_is_lazy_and_survives_changes_while_iterating(qdir):
+    store = QueueStore.open(qdir)
+    ids = store.append_batch(batch(10))
+    seen = []
+    for entry in store.due(0):
+        seen.append(entry.id)
+        store.claim(entry.id)
+        if len(seen) == 1:
+            store.done(ids[1])  # leaves the queue while we iterate
+        if len(seen) == 5:
+            break
+    assert seen == [ids[0], *ids[2:6]]
+    assert [x.id for x in store.due(0)] == ids[6:]
+    store.close()
