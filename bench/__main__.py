@@ -146,7 +146,8 @@ class Kumoauth(Server):
     workers = 1
 
     def command(self) -> list[str]:
-        spool = self.workdir / "kumoauth-spool"
+        # Each server its own queue: one owner per queue.
+        spool = self.workdir / f"{self.name}-spool"
         (self.workdir / "bench_policy.py").write_text(textwrap.dedent(BENCH_POLICY))
         config = self.workdir / "kumoauth.toml"
         config.write_text(

@@ -44,7 +44,7 @@ from kumoauth.policy import Policy, Reject, invoke, load_policy
 from kumoauth.smtp.protocol import SubmissionFactory, SubmissionProtocol
 from kumoauth.smtp.runtime import ProcessState, Runtime
 from kumoauth.storage.delivery import Message
-from kumoauth.storage.spool import Spool, SpooledMessage
+from kumoauth.storage.spool import Spool, SpooledMessage, release_store
 
 __all__ = [
     "Reject",
@@ -251,6 +251,7 @@ class Session:
             self._lost = True
             self.transport.loseConnection()
             self.protocol.connectionLost(Failure(error.ConnectionDone()))
+            release_store(self.spool.path)
 
 
 class _NoTLS:

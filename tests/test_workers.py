@@ -268,7 +268,8 @@ def test_metric_files_per_worker_index(tmp_path):
         one_session(srv)
         assert successes() == 7
         names = sorted(p.name for p in directory.iterdir())
-        assert names and all(re.fullmatch(r"\w+_w[01]\.db", n) for n in names), names
+        # Per worker index, and the supervisor's own (queue and relay metrics).
+        assert names and all(re.fullmatch(r"\w+_(w[01]|sup)\.db", n) for n in names), names
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(20) == 0
         assert not directory.exists()

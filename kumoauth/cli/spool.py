@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{msg.id}  {env.get('received_at', '?')}  "
                 f"authn={meta.get('authn_id') or '-'}  "
                 f"from=<{env.get('mail_from', '')}>  to={rcpts}  "
-                f"{msg.eml_path.stat().st_size} bytes"
+                f"{msg.size} bytes"
             )
         return 0
     try:

@@ -11,6 +11,7 @@ twistd plugin turns that into a message on stderr and a non-zero exit.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -21,8 +22,9 @@ from kumoauth.auth.cred import PolicyChecker, make_portal
 from kumoauth.auth.throttle import Throttle, make_store
 from kumoauth.config import Config, ConfigError, load
 from kumoauth.policy import Invoker, Policy, PolicyError, load_policy
+from kumoauth.relay.queue import QueueError, QueueLocked, QueueStore, SegmentWriter
+from kumoauth.relay.scheduler import RelaySettings
 from kumoauth.smtp.runtime import ProcessState, Runtime
-from kumoauth.storage.spool import Spool
 from kumoauth.tls.context import ServerContextFactory, TLSError, build_context, make_self_signed
 
 log = Logger(namespace="kumoauth")
@@ -166,25 +168,75 @@ def build_runtime(
     return runtime
 
 
-def prepare_spool(cfg: Config, recover: bool = True, owner: tuple[int, int] | None = None) -> Spool:
+def open_queue(cfg: Config, owner: tuple[int, int] | None = None) -> QueueStore:
     """
-    Create the spool and (once per server, never in a worker: others may be
-    writing) remove what a crash left.
+    Take the queue (``[spool] path``) as its one owner: lock it, recover
+    what a crash left, index it.  Another kumoauth on the same queue is an
+    operator error (one line, and nothing touched).
 
-    *owner* (uid, gid; -1 leaves one unchanged): the directories created
-    here are given to them — start-up runs as root, the server then runs as
-    twistd's ``--uid``/``--gid``.
+    *owner* (uid, gid; -1 leaves one unchanged): who the server runs as once
+    twistd drops privileges; what is created here, as root, is given to them.
     """
-    spool = Spool(cfg.spool.path)
+    path = cfg.spool.path
+    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
-        created = [p for p in (spool.tmp, spool.path, *spool.path.parents) if not p.exists()]
-        spool.create()
-        if owner is not None:
+        queue = QueueStore.open(path)
+    except QueueLocked as e:
+        raise OperatorError(f"{cfg.source}: [spool] path: {e}") from None
+    except QueueError as e:
+        raise OperatorError(f"{cfg.source}: [spool] path: {e}") from None
+    if owner is not None:
+        try:
             for p in created:
                 os.chown(p, *owner)
-        removed = spool.recover() if recover else []
+            os.chown(path, *owner)
+            for p in path.iterdir():
+                if p.name == "seg" or p.name == "lock" or p.name.startswith("journal-"):
+                    os.chown(p, *owner)
+        except OSError as e:
+            queue.close()
+            raise OperatorError(f"{cfg.source}: [spool] path: {path}: {e.strerror}") from None
+    return queue
+
+
+def worker_segments(cfg: Config, writer: str) -> SegmentWriter:
+    """
+    A worker's own segments in the queue its supervisor owns.
+    """
+    segments = SegmentWriter(cfg.spool.path, writer)
+    try:
+        segments.create()
     except OSError as e:
         raise OperatorError(f"{cfg.source}: [spool] path: {cfg.spool.path}: {e.strerror}") from None
-    if removed:
-        log.warn("spool recovery removed {n} incomplete files", n=len(removed))
-    return spool
+    return segments
+
+
+def relay_settings(cfg: Config) -> RelaySettings | None:
+    """
+    ``[relay]`` with its secrets read from their files (operator errors if
+    they cannot be read); None without ``[relay]``.
+    """
+    relay = cfg.relay
+    if relay is None:
+        return None
+    password = header_key = None
+    if relay.password_file is not None:
+        password = _secret(cfg, "password_file", relay.password_file).decode("utf-8", "strict")
+    if relay.header_key_file is not None:
+        header_key = _secret(cfg, "header_key_file", relay.header_key_file)
+    if relay.ca_file is not None and not relay.ca_file.is_file():
+        raise OperatorError(f"{cfg.source}: [relay] ca_file: {relay.ca_file}: file not found")
+    return RelaySettings(
+        config=relay, hostname=cfg.server.hostname, password=password, header_key=header_key
+    )
+
+
+def _secret(cfg: Config, key: str, path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise OperatorError(f"{cfg.source}: [relay] {key}: {path}: {e.strerror}") from None
+    data = data.rstrip(b"\r\n")
+    if not data:
+        raise OperatorError(f"{cfg.source}: [relay] {key}: {path}: the file is empty")
+    return data

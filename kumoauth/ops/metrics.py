@@ -71,6 +71,32 @@ class Metrics:
         self.reloads = Counter(
             "kumoauth_reloads", "Configuration reloads (SIGHUP)", ["result"], registry=r
         )
+        self.queue_messages = Gauge(
+            "kumoauth_queue_messages",
+            "Messages in the queue by state (queued, deferred, held)",
+            ["state"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.queue_oldest = Gauge(
+            "kumoauth_queue_oldest_seconds",
+            "Age of the oldest message in the queue by state",
+            ["state"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.relay_attempts = Counter(
+            "kumoauth_relay_attempts",
+            "Delivery attempts to the upstream by result (delivered, deferred, bounced)",
+            ["result"],
+            registry=r,
+        )
+        self.relay_latency = Histogram(
+            "kumoauth_relay_latency_seconds",
+            "Time one message took to hand to the upstream (connect included)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
 
 class MetricsResource(resource.Resource):

@@ -21,12 +21,16 @@ from kumoauth.ops.assembly import (
     build_runtime,
     build_tls,
     load_config,
-    prepare_spool,
+    open_queue,
+    relay_settings,
+    worker_segments,
 )
 from kumoauth.ops.listening import ListenerService, QuietSite, install_signals, open_json_log
 from kumoauth.ops.metrics import site_root
 from kumoauth.ops.threads import BlockingPool, stop_within
 from kumoauth.policy import Invoker
+from kumoauth.relay.scheduler import Relay
+from kumoauth.relay.service import QueueService
 from kumoauth.smtp.protocol import SubmissionFactory
 from kumoauth.smtp.runtime import ProcessState, Runtime
 from kumoauth.storage.spool import SpoolWriter
@@ -114,7 +118,7 @@ class KumoauthService(service.MultiService):
         """
         source = str(self.cfg.source)
 
-        def prepare() -> tuple[Config, Any, Any]:
+        def prepare() -> tuple[Config, Any, Any, Any]:
             if text is None:
                 cfg = load_config(source)
             else:
@@ -122,10 +126,10 @@ class KumoauthService(service.MultiService):
                     cfg = parse(text, source)
                 except ConfigError as e:
                     raise OperatorError(str(e)) from None
-            return cfg, build_tls(cfg), build_policy(cfg)
+            return cfg, build_tls(cfg), build_policy(cfg), relay_settings(cfg)
 
-        def apply(prepared: tuple[Config, Any, Any]) -> bool:
-            cfg, tls, policy = prepared
+        def apply(prepared: tuple[Config, Any, Any, Any]) -> bool:
+            cfg, tls, policy, relay = prepared
             runtime = build_runtime(
                 cfg,
                 self.process,
@@ -136,6 +140,7 @@ class KumoauthService(service.MultiService):
                 previous=self.runtime,
             )
             previous = self.runtime.checker
+            self._relay_reload(cfg, relay)
             self._swap(cfg, runtime)
             self._checker_lifecycle(previous, runtime.checker)
             return True
@@ -165,6 +170,14 @@ class KumoauthService(service.MultiService):
 
         self._reloads.addBoth(report)
         return result
+
+    def _relay_reload(self, cfg: Config, settings: Any) -> None:
+        queue = next((s for s in self if isinstance(s, QueueService)), None)
+        relay = queue.relay if queue is not None else None
+        if relay is not None and settings is not None:
+            relay.reload(settings)
+        elif (relay is None) != (settings is None) and queue is not None:
+            log.warn("[relay] added or removed: it needs a restart")
 
     def _swap(self, cfg: Config, runtime: Runtime) -> None:
         self._report_restart_only(cfg)
@@ -253,12 +266,61 @@ class KumoauthService(service.MultiService):
         return d
 
 
+def attach_queue(
+    parent: service.MultiService,
+    queue: Any,
+    cfg: Config,
+    reactor: Any,
+    metrics: Any,
+    writer: SpoolWriter | None,
+) -> QueueService:
+    """
+    The queue's owner under *parent*, with the relay if ``[relay]`` is
+    configured.  *writer* (this process's, if it accepts mail) stores the
+    bounces and tells the relay about new messages at once.
+    """
+    from kumoauth.relay import client, dsn
+    from kumoauth.storage.delivery import Message
+    from kumoauth.storage.spool import new_id
+
+    owner = QueueService(queue, reactor, metrics)
+    settings = relay_settings(cfg)
+    if settings is not None:
+
+        def store_bounce(data: bytes, sender: str) -> defer.Deferred[str]:
+            message = Message(new_id(), "", [sender], data, {"dsn": True})
+            if writer is not None:
+                return writer.store(message)
+            return threads.deferToThread(queue.append_batch, [message]).addCallback(
+                lambda results: (
+                    results[0] if isinstance(results[0], str) else defer.fail(results[0])
+                )
+            )
+
+        owner.set_relay(
+            Relay(
+                queue,
+                settings,
+                reactor,
+                metrics,
+                connect=client.connect,
+                store_bounce=store_bounce,
+                build_bounce=dsn.build_dsn,
+            )
+        )
+    if writer is not None:
+        writer.on_stored = owner.notify
+    owner.setServiceParent(parent)
+    return owner
+
+
 def make_service_from_config(
     cfg: Config,
     reactor: Any,
     checkers: list[Any] | None = None,
     adopt: dict[int, tuple[int, int]] | None = None,
     owner: tuple[int, int] | None = None,
+    writer_id: str = "0",
 ) -> service.MultiService:
     """
     The server in this process.  With *adopt* (listener index -> socket) it
@@ -269,8 +331,13 @@ def make_service_from_config(
     as once twistd drops privileges (``--uid``/``--gid``); a spool
     directory created here, as root, is given to them.
     """
-    spool = prepare_spool(cfg, recover=adopt is None, owner=owner)
-    writer = SpoolWriter(spool, reactor)
+    queue = None
+    if adopt is None:
+        queue = open_queue(cfg, owner)  # the lock: one owner per queue
+        appender: Any = queue
+    else:
+        appender = worker_segments(cfg, writer_id)
+    writer = SpoolWriter(appender, reactor)
     checker_pool = BlockingPool(
         reactor,
         threads=cfg.auth.threads,
@@ -281,6 +348,8 @@ def make_service_from_config(
     runtime = build_runtime(cfg, process, checkers, Invoker(reactor, checker_pool))
 
     top = KumoauthService(cfg, runtime, writer, checker_pool, reactor, checkers)
+    if queue is not None:
+        attach_queue(top, queue, cfg, reactor, process.metrics, writer)
     for i, listener in enumerate(cfg.listeners):
         try:
             endpoint = endpoints.serverFromString(reactor, listener.endpoint)

@@ -72,7 +72,8 @@ from kumoauth.ops.assembly import (
     build_policy,
     build_runtime,
     build_tls,
-    prepare_spool,
+    open_queue,
+    relay_settings,
 )
 from kumoauth.ops.listening import (
     ListenError,
@@ -369,6 +370,8 @@ class Supervisor(service.Service):
         self.auth_args = auth_args
         self.checkers = checkers
         self.spool = spool
+        #: the queue's owner service (and the relay), in this process
+        self.queue_service: Any = None
         self.ports: list[tuple[ListenerConfig, Any, int]] = []
         self.workers: dict[int, WorkerProcess] = {}
         self.stopping = False
@@ -516,15 +519,18 @@ class Supervisor(service.Service):
         """
         source = self.boot_cfg.source
 
-        def prepare() -> tuple[str, Config, Any, Any]:
+        def prepare() -> tuple[str, Config, Any, Any, Any]:
             text, cfg = read_config(source)
-            return text, cfg, build_tls(cfg), build_policy(cfg)
+            return text, cfg, build_tls(cfg), build_policy(cfg), relay_settings(cfg)
 
-        def apply(prepared: tuple[str, Config, Any, Any]) -> bool:
-            text, cfg, tls, policy = prepared
+        def apply(prepared: tuple[str, Config, Any, Any, Any]) -> bool:
+            text, cfg, tls, policy, relay = prepared
             validate(cfg, self.reactor, self.checkers, self.spool, tls=tls, policy=policy)
             if self.stopping:
                 return False
+            owner = self.queue_service
+            if owner is not None and owner.relay is not None and relay is not None:
+                owner.relay.reload(relay)
             self.generation += 1
             self.cfg, self.text = cfg, text
             if cfg.server.workers != self.boot_cfg.server.workers:
@@ -616,14 +622,33 @@ def make_supervisor(
                 f'{cfg.source}: [[listener]] endpoint "{listener.endpoint}": '
                 "not supported with [server] workers > 1 yet"
             )
-    spool = prepare_spool(cfg, recover=True, owner=owner)
-    # Validate TLS, policy, checker and throttle store like a single process.
-    validate(cfg, reactor, checkers, spool)
+    # The supervisor owns the queue (its lock): it recovers it before any
+    # worker writes, and it is the one process that relays.
+    queue = open_queue(cfg, owner)
+    try:
+        # Validate TLS, policy, checker and throttle store like a single process.
+        validate(cfg, reactor, checkers, queue)
+        relay_settings(cfg)
+    except OperatorError:
+        queue.close()
+        raise
     top = service.MultiService()
     supervisor = Supervisor(
-        cfg, reactor, auth_args, text=text, owner=owner, checkers=checkers, spool=spool
+        cfg, reactor, auth_args, text=text, owner=owner, checkers=checkers, spool=queue
     )
     supervisor.setServiceParent(top)
+    # The supervisor's own metrics (queue, relay) go to the workers' shared
+    # directory, so /metrics sums them with theirs.
+    from prometheus_client import values
+
+    os.environ[MULTIPROC_ENV] = supervisor.metrics_dir
+    values.ValueClass = values.MultiProcessValue(  # type: ignore[misc]
+        process_identifier=lambda: "sup"
+    )
+    from kumoauth.ops.metrics import Metrics
+    from kumoauth.ops.service import attach_queue
+
+    supervisor.queue_service = attach_queue(top, queue, cfg, reactor, Metrics(), writer=None)
     if cfg.metrics.endpoint is not None:
         site = QuietSite(multiprocess_site_root(supervisor.metrics_dir))
         ListenerService(
@@ -737,7 +762,9 @@ def worker_main(argv: list[str] | None = None) -> None:
     for warning in warnings:
         log.warn("{warning}", warning=warning)
     checkers = [strcred.makeChecker(a) for a in start["auth"]] or None
-    top = make_service_from_config(cfg, reactor, checkers, adopt=adopt)
+    top = make_service_from_config(
+        cfg, reactor, checkers, adopt=adopt, writer_id=metrics_id(args.index)
+    )
     assert isinstance(top, KumoauthService)
     top.privilegedStartService()
     top.startService()

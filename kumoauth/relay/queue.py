@@ -542,6 +542,7 @@ class SegmentWriter:
                 self._open_segment()
             fd, name = self._fd, self._name
             assert fd is not None and name is not None
+            acknowledged = self._size
             buffers: list[bytes] = []
             placed: list[tuple[int, Header]] = []
             o = self._size
@@ -555,8 +556,13 @@ class SegmentWriter:
             self._size = o
             os.fdatasync(fd)
         except OSError as e:
-            # The segment may now end in a torn or unsynced batch: never
-            # append to it again (recovery truncates what is torn).
+            # The segment may now end in a torn or unsynced batch: cut it
+            # back to what was acknowledged (a full disk gets its space
+            # back) and never append to it again (recovery truncates what
+            # a failed cut leaves).
+            if self._fd is not None:
+                with contextlib.suppress(OSError, UnboundLocalError):
+                    os.ftruncate(self._fd, acknowledged)
             self._abandon()
             reason = e.strerror or str(e)
             for i, *_ in encoded:

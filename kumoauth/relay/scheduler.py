@@ -1,0 +1,517 @@
+"""
+The relay scheduler: takes due messages from the queue, hands them to the
+upstream over a bounded pool of reusable sessions, and records each
+recipient's fate.
+
+- 2xx recipients are done; 4xx recipients stay and are retried after
+  ``retry_schedule[attempts - 1]`` (the last value repeats); 5xx
+  recipients, and 4xx ones once the message is older than ``max_age``,
+  are bounced (RFC 3464, :mod:`kumoauth.relay.dsn`), the bounce queued like
+  any message.  A message leaves the queue only once every recipient is
+  done or bounced.
+- A connection failure (refused, timeout, TLS verification, AUTH refused)
+  defers the whole message, logged once per attempt with the reason.
+- With ``identity = "authz"`` an upstream session is per identity (AUTH
+  once, with the user's ``authn_id`` as SASL authzid) and reused for that
+  identity's next messages; at most ``concurrency`` sessions exist.
+- Only the queue's owner (the process holding its lock) runs a scheduler,
+  and a message is claimed while it is being sent, so it is never sent by
+  two sessions at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+from kumoauth.config import RelayConfig
+from kumoauth.textsafe import escape
+
+log = Logger(namespace="kumoauth.relay")
+
+#: seconds between looks at the queue for messages other processes stored
+#: (workers) and for retries that came due
+TICK = 0.5
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """
+    ``[relay]`` with its secrets read from their files.  ``repr`` hides them.
+    """
+
+    config: RelayConfig
+    hostname: str
+    password: str | None = field(default=None, repr=False)
+    header_key: bytes | None = field(default=None, repr=False)
+
+    def retry_delay(self, attempts: int) -> float:
+        schedule = self.config.retry_schedule
+        return schedule[min(max(attempts, 1), len(schedule)) - 1]
+
+
+def identity_header(key: bytes, authn: str, authz: str, message_id: str) -> bytes:
+    """
+    ``X-Kumoauth-Identity`` for ``identity = "header"``: the identities and
+    the queue id, signed with HMAC-SHA256 under the shared key so the
+    upstream can trust it (docs/relay.md shows the check).
+    """
+    fields = f"authn={authn}; authz={authz}; id={message_id}"
+    sig = hmac.new(key, fields.encode("utf-8"), hashlib.sha256).hexdigest()
+    return f"X-Kumoauth-Identity: {fields}; sig={sig}\r\n".encode()
+
+
+class _Pool:
+    """
+    Upstream sessions: idle ones by identity, and a count of all, bounded
+    by ``concurrency``.
+    """
+
+    def __init__(self) -> None:
+        self.idle: dict[str | None, deque[tuple[Any, float]]] = {}
+        self.count = 0
+
+    def take(self, identity: str | None) -> Any | None:
+        sessions = self.idle.get(identity)
+        while sessions:
+            session, _ = sessions.popleft()
+            if getattr(session, "reusable", True):
+                return session
+            self.count -= 1
+            _close(session)
+        return None
+
+    def put(self, identity: str | None, session: Any, now: float) -> None:
+        self.idle.setdefault(identity, deque()).append((session, now))
+
+    def evict_one(self) -> bool:
+        """
+        Close the longest-idle session (to make room for another identity).
+        """
+        oldest: tuple[str | None, float] | None = None
+        for identity, sessions in self.idle.items():
+            if sessions and (oldest is None or sessions[0][1] < oldest[1]):
+                oldest = (identity, sessions[0][1])
+        if oldest is None:
+            return False
+        session, _ = self.idle[oldest[0]].popleft()
+        self.count -= 1
+        _close(session)
+        return True
+
+    def expire(self, now: float, idle_timeout: float) -> None:
+        for sessions in self.idle.values():
+            while sessions and now - sessions[0][1] >= idle_timeout:
+                session, _ = sessions.popleft()
+                self.count -= 1
+                _close(session)
+
+    def close_all(self) -> None:
+        for sessions in self.idle.values():
+            while sessions:
+                session, _ = sessions.popleft()
+                self.count -= 1
+                _close(session)
+
+
+def _close(session: Any) -> None:
+    try:
+        d = session.close()
+        if isinstance(d, defer.Deferred):
+            d.addErrback(lambda _: None)
+    except Exception:
+        log.failure("closing an upstream session")
+
+
+class Relay(service.Service):
+    """
+    The scheduler, as a service of the queue's owner.
+
+    *queue* is a :class:`kumoauth.relay.queue.QueueStore` opened (and
+    locked) by the caller; *connect* makes an upstream session
+    (:func:`kumoauth.relay.client.connect`); *bounce* builds a DSN
+    (:func:`kumoauth.relay.dsn.build_dsn`).
+    """
+
+    def __init__(
+        self,
+        queue: Any,
+        settings: RelaySettings,
+        reactor: Any,
+        metrics: Any,
+        connect: Callable[..., defer.Deferred[Any]],
+        store_bounce: Callable[[bytes, str], defer.Deferred[str]],
+        build_bounce: Callable[..., bytes | None],
+    ) -> None:
+        self.queue = queue
+        self.settings = settings
+        self.reactor = reactor
+        self.metrics = metrics
+        self.connect = connect
+        self.store_bounce = store_bounce
+        self.build_bounce = build_bounce
+        self.pool = _Pool()
+        self.in_flight: dict[str, defer.Deferred[None]] = {}
+        self._loop: task.LoopingCall | None = None
+        self._kicked = False
+        self._stopping = False
+
+    # --- service --------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self.kick)
+        self._loop.clock = self.reactor
+        self._loop.start(TICK, now=True).addErrback(
+            lambda f: log.failure("relay scheduler stopped", f)
+        )
+
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Take no new work; let what is being sent finish (it stays queued if
+        the process goes first), then close idle sessions.
+        """
+        super().stopService()
+        self._stopping = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        waiting = list(self.in_flight.values())
+        d: defer.Deferred[Any] = defer.DeferredList(waiting, consumeErrors=True)
+
+        def close(_: object) -> None:
+            self.pool.close_all()
+            self.queue.flush()
+
+        return d.addBoth(close)
+
+    def reload(self, settings: RelaySettings) -> None:
+        """
+        SIGHUP: new sessions use *settings*; idle sessions of the old ones
+        are closed, busy ones finish their message first.
+        """
+        self.settings = settings
+        self.pool.close_all()
+
+    # --- scheduling -----------------------------------------------------
+
+    def notify(self) -> None:
+        """
+        A message was just stored in this process: look now, not at the
+        next tick.
+        """
+        if not self._kicked and not self._stopping:
+            self._kicked = True
+            self.reactor.callLater(0, self.kick)
+
+    def kick(self) -> None:
+        self._kicked = False
+        if self._stopping:
+            return
+        try:
+            self.queue.scan_new()
+            now = time.time()
+            self.pool.expire(now, self.settings.config.idle_timeout)
+            for entry in self.queue.due(now):
+                if not self._start(entry, now):
+                    break
+        except Exception:
+            log.failure("bug in the relay scheduler")
+
+    def _start(self, entry: Any, now: float) -> bool:
+        """
+        Send *entry* if a session is free or can be made; False when the
+        pool is full (nothing more can start this round).
+        """
+        if entry.id in self.in_flight or not self.queue.claim(entry.id):
+            return True
+        identity = self._identity(entry)
+        session = self.pool.take(identity)
+        if session is None:
+            if self.pool.count >= self.settings.config.concurrency and not self.pool.evict_one():
+                self.queue.release_claim(entry.id)
+                return False
+            self.pool.count += 1
+        d = defer.Deferred.fromCoroutine(self._send(entry, identity, session))
+        self.in_flight[entry.id] = d
+
+        def done(_: object) -> None:
+            self.in_flight.pop(entry.id, None)
+            self.queue.release_claim(entry.id)
+            if not self._stopping:
+                self.notify()
+
+        d.addErrback(lambda f: log.failure("bug relaying {id}", f, id=entry.id))
+        d.addBoth(done)
+        return True
+
+    def _identity(self, entry: Any) -> str | None:
+        if self.settings.config.identity != "authz":
+            return None
+        meta = entry.envelope.get("meta", {})
+        return meta.get("authn_id") or None
+
+    async def _send(self, entry: Any, identity: str | None, session: Any) -> None:
+        settings = self.settings
+        started = time.monotonic()
+        pending = [r for r, status in entry.rcpt_status().items() if status == "pending"]
+        try:
+            if session is None:
+                session = await self.connect(self.reactor, settings, identity)
+            data = await threads.deferToThread(self.queue.read_message, entry.id)
+            data = self._outgoing(entry, data)
+            result = await session.send(_Outgoing(entry, pending, data))
+        except Exception as e:
+            self.pool.count -= 1
+            if session is not None:
+                _close(session)
+            reason = _reason(e)
+            self._deferred(entry, pending, {}, reason, started)
+            return
+        latency = time.monotonic() - started
+        self.metrics.relay_latency.observe(latency)
+        if getattr(session, "reusable", False) and not self._stopping:
+            self.pool.put(identity, session, time.time())
+        else:
+            self.pool.count -= 1
+            _close(session)
+        self._record(entry, pending, result, started)
+
+    def _outgoing(self, entry: Any, data: bytes) -> bytes:
+        settings = self.settings
+        if settings.config.identity == "header" and settings.header_key is not None:
+            meta = entry.envelope.get("meta", {})
+            authn = meta.get("authn_id")
+            if authn:
+                header = identity_header(
+                    settings.header_key, authn, meta.get("authz_id") or authn, entry.id
+                )
+                return header + data
+        return data
+
+    # --- outcomes -------------------------------------------------------
+
+    def _record(self, entry: Any, pending: list[str], result: Any, started: float) -> None:
+        """
+        Per-recipient results of one attempt.
+        """
+        done: list[str] = []
+        failed: dict[str, Any] = {}
+        later: dict[str, Any] = {}
+        for rcpt in pending:
+            reply = result.recipients.get(rcpt)
+            if reply is None:
+                later[rcpt] = None
+            elif 200 <= reply.code < 300:
+                done.append(rcpt)
+            elif reply.code >= 500:
+                failed[rcpt] = reply
+            else:
+                later[rcpt] = reply
+        self._log_attempt(entry, done, failed, later, result, started)
+        for rcpt in done:
+            entry.set_rcpt(rcpt, "done")
+        if later and self._too_old(entry):
+            for rcpt, reply in later.items():
+                failed[rcpt] = reply or _Expired()
+            later = {}
+        if failed:
+            self._bounce(entry, failed)
+        if later:
+            reason = next((escape(r.line) for r in later.values() if r is not None), "deferred")
+            self._defer(entry, reason)
+        else:
+            self.queue.done(entry.id)
+            self.metrics.relay_attempts.labels("delivered" if not failed else "bounced").inc()
+
+    def _deferred(
+        self,
+        entry: Any,
+        pending: list[str],
+        _: dict[str, Any],
+        reason: str,
+        started: float,
+    ) -> None:
+        log.info(
+            "{text}",
+            text=(
+                f"relay {entry.id} deferred: {reason} "
+                f"(attempt {entry.attempts + 1}, {len(pending)} recipients)"
+            ),
+            id=entry.id,
+            result="deferred",
+            reason=reason,
+        )
+        if self._too_old(entry):
+            self._bounce(entry, {rcpt: _Expired(reason) for rcpt in pending})
+            self.queue.done(entry.id)
+            self.metrics.relay_attempts.labels("bounced").inc()
+            return
+        self._defer(entry, reason)
+
+    def _defer(self, entry: Any, reason: str) -> None:
+        attempts = entry.attempts + 1
+        delay = self.settings.retry_delay(attempts)
+        self.queue.defer(
+            entry.id, attempts=attempts, next_attempt=time.time() + delay, error=reason
+        )
+        self.metrics.relay_attempts.labels("deferred").inc()
+
+    def _too_old(self, entry: Any) -> bool:
+        return time.time() - entry.arrival >= self.settings.config.max_age
+
+    def bounce_now(self, entry: Any, status: str, text: str) -> None:
+        """
+        The operator's ``kumoauth spool bounce ID``: every recipient still
+        pending is bounced now and the message leaves the queue.
+        """
+        pending = [r for r, st in entry.rcpt_status().items() if st == "pending"]
+        self._bounce(entry, {rcpt: _Operator(status, text) for rcpt in pending})
+        self.queue.done(entry.id, "bounced")
+        self.metrics.relay_attempts.labels("bounced").inc()
+
+    def _bounce(self, entry: Any, failed: dict[str, Any]) -> None:
+        from kumoauth.relay.dsn import FailedRecipient
+
+        for rcpt in failed:
+            entry.set_rcpt(rcpt, "failed")
+        recipients = [
+            FailedRecipient(
+                address=rcpt,
+                status=_status(reply),
+                action="failed",
+                diagnostic=reply.line,
+                remote_mta=self.settings.config.host if reply.code else None,
+                last_attempt=datetime.now(UTC),
+            )
+            for rcpt, reply in failed.items()
+        ]
+        try:
+            original = self.queue.read_message(entry.id)
+        except Exception:
+            original = b""
+        dsn = self.build_bounce(
+            reporting_mta=self.settings.hostname,
+            message_id=entry.id,
+            envelope_from=entry.envelope.get("mail_from", ""),
+            arrival=datetime.fromtimestamp(entry.arrival, UTC),
+            recipients=recipients,
+            original=original,
+            smtputf8=bool(entry.envelope.get("smtputf8")),
+        )
+        if dsn is None:
+            log.info("relay {id}: no bounce (null sender or a report)", id=entry.id)
+            return
+        sender = entry.envelope.get("mail_from", "")
+        self.store_bounce(dsn, sender).addCallbacks(
+            lambda bid: log.info("relay {id}: bounce {bid} queued", id=entry.id, bid=bid),
+            lambda f: log.failure("queuing the bounce for {id}", f, id=entry.id),
+        )
+
+    def _log_attempt(
+        self,
+        entry: Any,
+        done: list[str],
+        failed: dict[str, Any],
+        later: dict[str, Any],
+        result: Any,
+        started: float,
+    ) -> None:
+        parts = [f"relay {entry.id} to {self.settings.config.host}:"]
+        if done:
+            parts.append(f"delivered={','.join(escape(r) for r in done)}")
+        if failed:
+            parts.append(f"failed={','.join(escape(r) for r in failed)}")
+        if later:
+            parts.append(f"deferred={','.join(escape(r) for r in later)}")
+        reply = getattr(result, "final", None)
+        if reply is not None:
+            parts.append(f"reply={escape(reply.line)!r}")
+        parts.append(f"latency={time.monotonic() - started:.3f}s")
+        log.info(
+            "{text}",
+            text=" ".join(parts),
+            id=entry.id,
+            delivered=done,
+            failed=list(failed),
+            deferred=list(later),
+        )
+
+
+class _Outgoing:
+    """
+    What the client sends for one attempt: only the recipients still pending.
+    """
+
+    def __init__(self, entry: Any, recipients: list[str], data: bytes) -> None:
+        envelope = entry.envelope
+        self.id = entry.id
+        self.mail_from = envelope.get("mail_from", "")
+        self.rcpt_to = recipients
+        self.data = data
+        self.size = len(data)
+        self.smtputf8 = bool(envelope.get("smtputf8"))
+        self.eightbit = _has_8bit(data)
+
+
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+
+
+def _status(reply: Any) -> str:
+    """
+    The RFC 3463 status for a DSN: the upstream's enhanced code if it is
+    well formed, else one from the reply code.
+    """
+    enhanced = getattr(reply, "enhanced", None)
+    if enhanced and _ENHANCED.fullmatch(enhanced):
+        if reply.code and str(reply.code)[0] != enhanced[0]:
+            return f"{str(reply.code)[0]}.0.0"
+        return str(enhanced)
+    return "5.0.0" if reply.code >= 500 else "4.0.0"
+
+
+def _has_8bit(data: bytes) -> bool:
+    try:
+        data.decode("ascii")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+class _Operator:
+    """
+    A recipient the operator bounced.
+    """
+
+    code = 0
+
+    def __init__(self, enhanced: str, text: str) -> None:
+        self.enhanced = enhanced
+        self.line = text
+
+
+class _Expired:
+    """
+    A recipient out of time: RFC 3463 4.4.7.
+    """
+
+    code = 0
+    enhanced = "4.4.7"
+
+    def __init__(self, reason: str = "") -> None:
+        self.line = f"delivery time expired{': ' + reason if reason else ''}"
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return escape(text, 400)

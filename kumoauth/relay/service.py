@@ -1,0 +1,198 @@
+"""
+The queue's owner, as a Twisted service: it holds the queue (and its lock)
+for the life of the process, flushes the journal, compacts, applies the
+operator's requests (``kumoauth spool hold ID`` …) and, with ``[relay]``,
+runs the scheduler (:class:`~kumoauth.relay.scheduler.Relay`).
+
+Operator requests while a server runs: the queue is locked, so ``kumoauth
+spool`` drops a request file into ``<queue>/control/`` (written under a
+temporary name, then renamed: never half-read) and the owner applies it
+within a second, then removes it.  Without a running server the command
+takes the lock and applies the request itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+from kumoauth.relay.queue import QueueStore
+from kumoauth.textsafe import escape
+
+log = Logger(namespace="kumoauth.relay")
+
+CONTROL_DIR = "control"
+#: operator requests: what each does to one message (or all: flush)
+OPERATIONS = ("flush", "retry", "hold", "release", "delete", "bounce")
+#: seconds between flushes of the journal, looks at control/, metrics
+HOUSEKEEPING = 1.0
+#: seconds between compactions
+COMPACT_EVERY = 300.0
+
+
+def request(queue_path: Path, op: str, mid: str | None) -> Path:
+    """
+    Leave a request for the running owner of *queue_path*.  Returns its path.
+    """
+    if op not in OPERATIONS:
+        raise ValueError(f"unknown operation {op!r}")
+    directory = queue_path / CONTROL_DIR
+    directory.mkdir(mode=0o750, exist_ok=True)
+    name = f"{time.time_ns():016x}-{os.getpid()}-{op}.json"
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(json.dumps({"op": op, "id": mid}))
+    os.rename(tmp, directory / name)
+    return directory / name
+
+
+def apply(queue: QueueStore, op: str, mid: str | None, relay: Any = None) -> str:
+    """
+    Apply one operator request to *queue*; a one-line description of what
+    happened.  ``KeyError`` if the message is not queued.
+    """
+    now = time.time()
+    if op == "flush":
+        n = 0
+        for entry in queue.entries():
+            if not entry.held and entry.next_attempt > now:
+                queue.deferred(entry.id, entry.attempts, now, entry.last_error)
+                n += 1
+        return f"{n} deferred messages are due now"
+    assert mid is not None
+    entry = queue.get(mid)
+    if op == "retry":
+        queue.deferred(mid, entry.attempts, now, entry.last_error)
+        return f"{mid} is due now"
+    if op == "hold":
+        queue.hold(mid)
+        return f"{mid} is held"
+    if op == "release":
+        queue.release(mid)
+        return f"{mid} is released"
+    if op == "delete":
+        queue.delete(mid)
+        return f"{mid} is deleted"
+    if op == "bounce":
+        if relay is None:
+            raise ValueError("bounce needs [relay] (the bounce is sent through the upstream)")
+        relay.bounce_now(entry, "5.0.0", "bounced by the operator")
+        return f"{mid} is bounced"
+    raise ValueError(f"unknown operation {op!r}")
+
+
+class QueueService(service.MultiService):
+    """
+    Owns *queue* for the process; its child, if any, is the relay.
+    """
+
+    def __init__(self, queue: QueueStore, reactor: Any, metrics: Any) -> None:
+        super().__init__()
+        self.queue = queue
+        self.reactor = reactor
+        self.metrics = metrics
+        self.relay: Any = None
+        self._loop: task.LoopingCall | None = None
+        self._last_compact = time.monotonic()
+        self._busy = False
+
+    def set_relay(self, relay: Any) -> None:
+        self.relay = relay
+        relay.setServiceParent(self)
+
+    def notify(self, ids: list[str]) -> None:
+        """
+        Messages were just stored in this process.
+        """
+        if self.relay is not None:
+            self.relay.notify()
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self._housekeeping)
+        self._loop.clock = self.reactor
+        self._loop.start(HOUSEKEEPING, now=False).addErrback(
+            lambda f: log.failure("queue housekeeping stopped", f)
+        )
+
+    def stopService(self) -> defer.Deferred[None]:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        d = defer.maybeDeferred(super().stopService)
+
+        def close(_: object) -> None:
+            self.queue.flush()
+            self.queue.close()
+
+        return d.addBoth(close)
+
+    def _housekeeping(self) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        compact = time.monotonic() - self._last_compact >= COMPACT_EVERY
+        if compact:
+            self._last_compact = time.monotonic()
+
+        def work() -> list[tuple[str, str | None]]:
+            # Off the reactor thread: these sync and read directories.
+            self.queue.flush()
+            if compact:
+                self.queue.compact()
+            return self._take_requests()
+
+        def then(requests: list[tuple[str, str | None]]) -> None:
+            for op, mid in requests:
+                try:
+                    what = apply(self.queue, op, mid, self.relay)
+                except (KeyError, ValueError) as e:
+                    what = f"{op} {escape(mid)} not done: {escape(str(e))}"
+                log.info("operator request: {what}", what=what)
+            if requests and self.relay is not None:
+                self.relay.notify()
+            self._gauges()
+
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
+        d.addCallback(then)
+        d.addErrback(lambda f: log.failure("queue housekeeping", f))
+        d.addBoth(lambda _: setattr(self, "_busy", False))
+
+    def _take_requests(self) -> list[tuple[str, str | None]]:
+        directory = self.queue.path / CONTROL_DIR
+        try:
+            names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            path = directory / name
+            try:
+                req = json.loads(path.read_text())
+                op, mid = str(req["op"]), req.get("id")
+                if op in OPERATIONS:
+                    out.append((op, str(mid) if mid is not None else None))
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warn("ignored a malformed operator request {name}", name=name)
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        return out
+
+    def _gauges(self) -> None:
+        now = time.time()
+        counts = {"queued": 0, "deferred": 0, "held": 0}
+        oldest = {"queued": 0.0, "deferred": 0.0, "held": 0.0}
+        for entry in self.queue.entries():
+            state = "held" if entry.held else ("deferred" if entry.attempts else "queued")
+            counts[state] += 1
+            oldest[state] = max(oldest[state], now - entry.arrival)
+        for state in counts:
+            self.metrics.queue_messages.labels(state).set(counts[state])
+            self.metrics.queue_oldest.labels(state).set(oldest[state])
