@@ -1,28 +1,101 @@
 """
-``kumoauth spool``: list and show spooled messages.
+``kumoauth spool``: look at the queue and act on its messages.
 
-    kumoauth spool --config etc/kumoauth.toml list
+    kumoauth spool --config etc/kumoauth.toml list [--json]
     kumoauth spool --config etc/kumoauth.toml show ID [--meta]
+    kumoauth spool --config etc/kumoauth.toml flush
+    kumoauth spool --config etc/kumoauth.toml retry|hold|release|delete|bounce ID
     kumoauth spool --spool var/spool list
 
-Read-only, and safe against a running server: only complete messages
-(whose ``.json`` commit record exists) are listed.  ``kumoauth-spool`` is
-an alias kept for existing scripts.
+``list`` prints one line per message, oldest first: id, received time,
+state (``queued``; ``deferred next=<time> attempts=N error="…"``;
+``held``), ``authn=``, ``from=<…>``, ``to=`` each recipient with its status
+(``pending``, ``done``, ``failed``) and the size.  ``--json`` prints one
+JSON object per message and line instead.  ``show ID`` prints the message,
+``show ID --meta`` its envelope with its delivery state (``"state"``).
+Both only read (no lock), so they are safe while a server runs.
+
+The actions (``flush``: every deferred message is due now; ``retry ID``;
+``hold ID``; ``release ID``; ``delete ID``; ``bounce ID``: a bounce to the
+sender for every recipient still pending, and the message leaves the
+queue) change the queue, which only the process holding its lock may do:
+
+- **No server running** (the lock is free): the command takes the lock,
+  applies the change (:func:`kumoauth.relay.service.apply`) and lets go at
+  once.  ``bounce`` is refused then: it is sent through ``[relay]`` by the
+  running service, so start it first.
+- **A server running** (:class:`~kumoauth.relay.queue.QueueLocked`): the
+  command leaves a request file in ``<spool>/control/``
+  (:func:`kumoauth.relay.service.request`), which the server applies
+  within a second.  With ``--wait SECONDS`` (the default, 5 s) it waits
+  until the server has taken the request and reports what it shows in the
+  queue; ``--no-wait`` leaves it and returns.  A request nobody took stays
+  in ``control/`` and is applied by the next start (delete the file to
+  cancel it).
+
+An ID that is not 24 hex digits is refused before anything is touched; an
+ID not in the queue is refused with one line (and no request is left).
+
+Exit status:
+
+- 0: done (or, with ``--no-wait``, the request is left for the server);
+- 1: an operator's mistake or an unusable spool, one line on stderr (bad
+  or unknown ID, no such spool, configuration error, ``bounce`` without a
+  running server or without ``[relay]``);
+- 2: wrong usage (argparse);
+- 3: the request was left for the running server, which did not take it
+  within ``--wait`` seconds (it is still in ``control/``: the line says
+  which file), or took it but the queue does not show the change soon
+  after (e.g. ``bounce`` to a server without ``[relay]``: its log says
+  why).
+
+``kumoauth-spool`` is an alias kept for existing scripts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from kumoauth.config import ConfigError, load
-from kumoauth.storage.spool import Spool
+from kumoauth.config import Config, ConfigError, load
+from kumoauth.relay import service
+from kumoauth.relay.queue import Entry, QueueError, QueueLocked, QueueReader, QueueStore
+from kumoauth.storage.spool import Spool, is_id
+from kumoauth.textsafe import escape
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+#: the request is left for the running server, its effect not seen within --wait
+EXIT_PENDING = 3
+
+#: default seconds to wait for a running server to take a request
+WAIT = 5.0
+#: seconds between looks at control/ while waiting
+POLL = 0.05
+#: longest wait, once the server took a request, for the queue to show it
+CONFIRM = 2.0
+
+#: what each action on one message does, for --help
+ACTIONS = {
+    "retry": "make a deferred message due now",
+    "hold": "keep a message from being relayed until released",
+    "release": "let a held message be relayed again",
+    "delete": "remove a message from the queue without sending it",
+    "bounce": "bounce a message to its sender now (needs the running service and [relay])",
+}
+
+#: longest address or identity shown in a list line
+ADDRESS_LIMIT = 1024
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("spool", help="list and show spooled messages")
+    parser = subparsers.add_parser("spool", help="list, show and act on queued messages")
     configure(parser)
 
 
@@ -31,54 +104,312 @@ def configure(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--config", help="kumoauth TOML configuration (uses [spool] path)")
     where.add_argument("--spool", help="spool directory")
     sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("list", help="one line per complete message, oldest first")
+    listing = sub.add_parser("list", help="one line per queued message, oldest first")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
     show = sub.add_parser("show", help="print one message")
     show.add_argument("id")
-    show.add_argument("--meta", action="store_true", help="print the .json envelope only")
+    show.add_argument(
+        "--meta", action="store_true", help="print the envelope and delivery state as JSON"
+    )
+
+    waiting = argparse.ArgumentParser(add_help=False)
+    group = waiting.add_mutually_exclusive_group()
+    group.add_argument(
+        "--wait",
+        type=float,
+        default=WAIT,
+        metavar="SECONDS",
+        help=f"with a server running, wait this long for it to take the request (default {WAIT:g})",
+    )
+    group.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_const",
+        const=0.0,
+        help="with a server running, leave the request and return",
+    )
+    sub.add_parser(
+        "flush", parents=[waiting], help="make every deferred message due now (held ones stay)"
+    )
+    for name, text in ACTIONS.items():
+        action = sub.add_parser(name, parents=[waiting], help=text)
+        action.add_argument("id")
     parser.set_defaults(run=run)
 
 
-def open_spool(args: argparse.Namespace) -> Spool:
+# --------------------------------------------------------------------------
+# where the spool is
+
+
+def locate(args: argparse.Namespace) -> tuple[Path, Config | None]:
+    """
+    The spool directory the arguments name, and the configuration if
+    ``--config`` was given.  ``CommandError`` if either is unusable.
+    """
     from kumoauth.cli import CommandError
 
+    cfg = None
     if args.config:
         try:
-            path = load(args.config).spool.path
+            cfg = load(args.config)
         except ConfigError as e:
             raise CommandError(str(e)) from None
+        path = Path(cfg.spool.path)
     else:
-        path = args.spool
-    spool = Spool(path)
-    if not spool.path.is_dir():
-        raise CommandError(f"{spool.path}: no such spool directory")
-    return spool
+        path = Path(args.spool)
+    if not path.is_dir():
+        raise CommandError(f"{escape(str(path))}: no such spool directory")
+    return path, cfg
+
+
+def open_spool(args: argparse.Namespace) -> Spool:
+    return Spool(locate(args)[0])
+
+
+def check_id(mid: str) -> str:
+    from kumoauth.cli import CommandError
+
+    if not is_id(mid):
+        raise CommandError(f"{escape(mid)}: not a message id (24 lowercase hex digits)")
+    return mid
+
+
+# --------------------------------------------------------------------------
+# describing a message
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def state_of(entry: Entry, now: float) -> str:
+    """``held``, ``deferred`` or ``queued``."""
+    if entry.held:
+        return "held"
+    if entry.attempts or entry.next_attempt > now:
+        return "deferred"
+    return "queued"
+
+
+def state_json(entry: Entry, now: float) -> dict[str, Any]:
+    """An entry's delivery state, for ``--json`` and ``show --meta``."""
+    return {
+        "state": state_of(entry, now),
+        "held": entry.held,
+        "attempts": entry.attempts,
+        "next_attempt": _iso(entry.next_attempt) if entry.next_attempt else None,
+        "last_error": entry.last_error,
+        "recipients": entry.rcpt_status(),
+    }
+
+
+def state_text(entry: Entry, now: float) -> str:
+    state = state_of(entry, now)
+    if state != "deferred":
+        return state
+    text = f"deferred next={_iso(entry.next_attempt)} attempts={entry.attempts}"
+    if entry.last_error is not None:
+        error = escape(entry.last_error).replace('"', '\\"')
+        text += f' error="{error}"'
+    return text
+
+
+def list_line(mid: str, envelope: dict[str, Any], entry: Entry, now: float) -> str:
+    meta = envelope.get("meta") or {}
+    authn = meta.get("authn_id") if isinstance(meta, dict) else None
+    rcpts = ",".join(
+        f"{escape(rcpt, ADDRESS_LIMIT)}({status})" for rcpt, status in entry.rcpt_status().items()
+    )
+    return (
+        f"{mid}  {envelope.get('received_at') or entry.received_at}  "
+        f"{state_text(entry, now)}  "
+        f"authn={escape(authn, ADDRESS_LIMIT) if authn else '-'}  "
+        f"from=<{escape(entry.mail_from, ADDRESS_LIMIT)}>  to={rcpts}  "
+        f"{entry.size} bytes"
+    )
+
+
+def list_json(mid: str, envelope: dict[str, Any], entry: Entry, now: float) -> str:
+    meta = envelope.get("meta") or {}
+    record = {
+        "id": mid,
+        "received_at": envelope.get("received_at") or entry.received_at,
+        **state_json(entry, now),
+        "authn_id": meta.get("authn_id") if isinstance(meta, dict) else None,
+        "mail_from": entry.mail_from,
+        "size": entry.size,
+    }
+    return json.dumps(record, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------
+# the commands
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        return do_list(args)
+    mid = check_id(args.id) if getattr(args, "id", None) is not None else None
+    if args.action == "show":
+        assert mid is not None
+        return do_show(args, mid)
+    return do_action(args, args.action, mid)
+
+
+def do_list(args: argparse.Namespace) -> int:
+    spool = open_spool(args)
+    now = time.time()
+    line = list_json if args.json else list_line
+    out = sys.stdout
+    try:
+        for msg in spool:
+            out.write(line(msg.id, msg.envelope, msg.entry, now) + "\n")
+        out.flush()
+    except BrokenPipeError:
+        # `kumoauth spool list | head`: the reader has what it wanted.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+    except QueueError as e:
+        from kumoauth.cli import CommandError
+
+        raise CommandError(str(e)) from None
+    return EXIT_OK
+
+
+def do_show(args: argparse.Namespace, mid: str) -> int:
     from kumoauth.cli import CommandError
 
     spool = open_spool(args)
-    if args.action == "list":
-        for msg in spool:
-            env = msg.envelope
-            meta = env.get("meta", {})
-            rcpts = ",".join(env.get("rcpt_to", []))
-            print(
-                f"{msg.id}  {env.get('received_at', '?')}  "
-                f"authn={meta.get('authn_id') or '-'}  "
-                f"from=<{env.get('mail_from', '')}>  to={rcpts}  "
-                f"{msg.size} bytes"
-            )
-        return 0
     try:
-        msg = spool.read(args.id)
+        msg = spool.read(mid)
+        if args.meta:
+            envelope = dict(msg.envelope)
+            envelope["state"] = state_json(msg.entry, time.time())
+            print(json.dumps(envelope, indent=2, ensure_ascii=False))
+        else:
+            sys.stdout.buffer.write(msg.read_bytes())
     except KeyError:
-        raise CommandError(f"no complete message {args.id!r}") from None
-    if args.meta:
-        print(json.dumps(msg.envelope, indent=2, ensure_ascii=False))
-    else:
-        sys.stdout.buffer.write(msg.read_bytes())
-    return 0
+        raise CommandError(f"no complete message {mid!r}") from None
+    except QueueError as e:
+        raise CommandError(str(e)) from None
+    return EXIT_OK
+
+
+def do_action(args: argparse.Namespace, op: str, mid: str | None) -> int:
+    from kumoauth.cli import CommandError
+
+    path, cfg = locate(args)
+    if op == "bounce" and cfg is not None and cfg.relay is None:
+        raise CommandError(
+            "bounce needs [relay] (the bounce is sent through the upstream), "
+            f"and {escape(str(args.config))} has none"
+        )
+    try:
+        store = QueueStore.open(path)
+    except QueueLocked:
+        return leave_request(path, op, mid, args.wait)
+    except QueueError as e:
+        raise CommandError(str(e)) from None
+    try:
+        if op == "bounce":
+            raise CommandError(
+                "bounce needs the running service (it sends the bounce through [relay]): "
+                "no server holds the queue; start it, then bounce again"
+            )
+        try:
+            what = service.apply(store, op, mid)
+        except KeyError:
+            raise CommandError(f"no message {mid} in the queue") from None
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+    finally:
+        store.close()
+    print(what)
+    return EXIT_OK
+
+
+def _owner(path: Path) -> str:
+    """`` (pid N)`` of the lock's holder, if it wrote one."""
+    try:
+        pid = (path / "lock").read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def leave_request(path: Path, op: str, mid: str | None, wait: float) -> int:
+    """
+    A server holds the queue: leave *op* for it in ``control/`` and, for
+    up to *wait* seconds, watch it being taken.
+    """
+    from kumoauth.cli import CommandError
+
+    what = op if mid is None else f"{op} {mid}"
+    if mid is not None:
+        try:
+            QueueReader(path).read(mid)
+        except KeyError:
+            raise CommandError(f"no message {mid} in the queue") from None
+        except QueueError as e:
+            raise CommandError(str(e)) from None
+    try:
+        req = service.request(path, op, mid)
+    except OSError as e:
+        raise CommandError(f"{path / service.CONTROL_DIR}: cannot leave the request: {e}") from None
+    owner = _owner(path)
+    if wait <= 0:
+        print(f"{what}: queued for the running server{owner} ({req})")
+        return EXIT_OK
+    deadline = time.monotonic() + wait
+    try:
+        while req.exists():
+            if time.monotonic() >= deadline:
+                print(
+                    f"{what}: the running server{owner} has not taken the request within "
+                    f"{wait:g}s; it is still queued ({req}): delete that file to cancel it",
+                    file=sys.stderr,
+                )
+                return EXIT_PENDING
+            time.sleep(POLL)
+    except KeyboardInterrupt:
+        print(f"\n{what}: the request is still queued ({req})", file=sys.stderr)
+        return EXIT_PENDING
+    line, seen = confirm(path, op, mid, owner)
+    print(line, file=sys.stdout if seen else sys.stderr)
+    return EXIT_OK if seen else EXIT_PENDING
+
+
+def _shows(path: Path, op: str, mid: str) -> str | None:
+    """What the queue shows of *op* on *mid* having been applied, if it does."""
+    try:
+        entry = QueueReader(path).get(mid)
+    except KeyError:
+        return f"{mid} has left the queue" if op in ("delete", "bounce", "retry") else None
+    if op == "hold" and entry.held:
+        return f"{mid} is held"
+    if op == "release" and not entry.held:
+        return f"{mid} is released"
+    if op == "retry" and entry.next_attempt <= time.time():
+        return f"{mid} is due now"
+    return None
+
+
+def confirm(path: Path, op: str, mid: str | None, owner: str) -> tuple[str, bool]:
+    """
+    The server took the request (it applies it just after): once the queue
+    shows the change, say so; if it does not soon, point at its log.
+    Returns the line and whether the change is seen.
+    """
+    taken = f"taken by the running server{owner}"
+    if mid is None:
+        return f"{op}: {taken}", True
+    deadline = time.monotonic() + CONFIRM
+    while True:
+        shown = _shows(path, op, mid)
+        if shown is not None:
+            return f"{shown} ({taken})", True
+        if time.monotonic() >= deadline:
+            return f"{op} {mid}: {taken}, but the queue does not show it: see its log", False
+        time.sleep(0.1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,349 @@
+"""
+``kumoauth spool``: list (each state, ``--json``), show, and the actions
+(flush, retry, hold, release, delete, bounce) with and without a process
+owning the queue, run as the real command.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kumoauth.relay import service
+from kumoauth.relay.queue import QueueReader, QueueStore
+from kumoauth.storage.delivery import Message
+from kumoauth.storage.spool import new_id
+from tests.server import make_certs, running_server
+
+DATA = b"Subject: hello\r\n\r\nhi\r\n"
+ERROR = '451 4.3.0 "busy"\r\nInjected: line\x1b[31m'
+
+
+def run_cli(spool: Path | None, *args: str, alias: bool = False, config: Path | None = None):
+    command = ["-m", "kumoauth.cli.spool"] if alias else ["-m", "kumoauth.cli", "spool"]
+    where = ["--config", str(config)] if config is not None else ["--spool", str(spool)]
+    return subprocess.run(
+        [sys.executable, *command, *where, *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def message(authn: str | None = "scott", rcpts: tuple[str, ...] = ("b@example.net",)) -> Message:
+    meta = {"authn_id": authn} if authn else {}
+    return Message(new_id(), "a@example.com", list(rcpts), DATA, meta)
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> tuple[Path, list[str]]:
+    """
+    A queue with one message of each state, oldest first: queued, deferred
+    (one recipient done), held.
+    """
+    path = tmp_path / "spool"
+    msgs = [
+        message(),
+        message(rcpts=("b@example.net", "c@example.net")),
+        message(authn=None),
+    ]
+    with QueueStore.open(path) as store:
+        assert store.append_batch(msgs) == [m.id for m in msgs]
+        store.deferred(msgs[1].id, 3, time.time() + 3600, ERROR, {"b@example.net": "done"})
+        store.hold(msgs[2].id)
+    return path, [m.id for m in msgs]
+
+
+def state(path: Path, mid: str):
+    """The entry of *mid* as the owner sees it (None if it left the queue)."""
+    with QueueStore.open(path) as store:
+        return store.get(mid) if mid in store else None
+
+
+# --------------------------------------------------------------------------
+# reading
+
+
+def test_list_shows_each_state(queue):
+    path, (queued, deferred, held) = queue
+    result = run_cli(path, "list")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [queued, deferred, held]
+
+    assert lines[0].split()[2] == "queued"
+    assert "authn=scott" in lines[0] and "from=<a@example.com>" in lines[0]
+    assert "to=b@example.net(pending)" in lines[0] and lines[0].endswith(f"{len(DATA)} bytes")
+
+    assert "  deferred next=" in lines[1] and " attempts=3 " in lines[1]
+    # One line, the error escaped (quotes too): no CR, LF or ESC reaches the terminal.
+    assert 'error="451 4.3.0 \\"busy\\"\\x0d\\x0aInjected: line\\x1b[31m"' in lines[1]
+    assert "to=b@example.net(done),c@example.net(pending)" in lines[1]
+    next_at = lines[1].split("next=")[1].split()[0]
+    assert next_at.endswith("Z") and time.strptime(next_at, "%Y-%m-%dT%H:%M:%SZ")
+
+    assert lines[2].split()[2] == "held" and "authn=-" in lines[2]
+    assert len(lines) == 3 and "\x1b" not in result.stdout
+
+
+def test_list_json(queue):
+    path, (queued, deferred, held) = queue
+    result = run_cli(path, "list", "--json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in records] == [queued, deferred, held]
+    assert [r["state"] for r in records] == ["queued", "deferred", "held"]
+    assert records[0]["authn_id"] == "scott" and records[2]["authn_id"] is None
+    assert records[1]["attempts"] == 3 and records[1]["last_error"] == ERROR
+    assert records[1]["next_attempt"].endswith("Z")
+    assert records[1]["recipients"] == {"b@example.net": "done", "c@example.net": "pending"}
+    assert records[0]["mail_from"] == "a@example.com" and records[0]["size"] == len(DATA)
+
+
+def test_show_and_show_meta_with_state(queue):
+    path, (_, deferred, held) = queue
+    shown = subprocess.run(
+        [sys.executable, "-m", "kumoauth.cli", "spool", "--spool", str(path), "show", deferred],
+        capture_output=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0 and shown.stdout == DATA
+    meta = json.loads(run_cli(path, "show", deferred, "--meta").stdout)
+    assert meta["id"] == deferred and meta["meta"]["authn_id"] == "scott"
+    assert meta["state"]["state"] == "deferred" and meta["state"]["attempts"] == 3
+    assert meta["state"]["recipients"]["b@example.net"] == "done"
+    assert json.loads(run_cli(path, "show", "--meta", held).stdout)["state"]["held"] is True
+
+
+def test_empty_queue_lists_nothing(tmp_path):
+    QueueStore.open(tmp_path).close()
+    result = run_cli(tmp_path, "list")
+    assert result.returncode == 0 and result.stdout == ""
+
+
+# --------------------------------------------------------------------------
+# actions with no server running: applied by the command itself
+
+
+def test_hold_release_delete_applied_directly(queue):
+    path, (queued, deferred, held) = queue
+    result = run_cli(path, "hold", queued)
+    assert result.returncode == 0 and result.stdout == f"{queued} is held\n", result.stderr
+    assert state(path, queued).held
+
+    result = run_cli(path, "release", held)
+    assert result.returncode == 0 and result.stdout == f"{held} is released\n"
+    assert not state(path, held).held
+
+    result = run_cli(path, "delete", deferred)
+    assert result.returncode == 0 and result.stdout == f"{deferred} is deleted\n"
+    assert state(path, deferred) is None
+    assert [line.split()[0] for line in run_cli(path, "list").stdout.splitlines()] == [
+        queued,
+        held,
+    ]
+    # Nothing was left for a server: the command did it all.
+    assert not list((path / service.CONTROL_DIR).glob("*.json"))
+
+
+def test_retry_and_flush_applied_directly(queue):
+    path, (_, deferred, _) = queue
+    before = time.time()
+    result = run_cli(path, "retry", deferred)
+    assert result.returncode == 0 and result.stdout == f"{deferred} is due now\n"
+    entry = state(path, deferred)
+    assert entry.next_attempt <= time.time() and entry.attempts == 3
+    assert entry.last_error == ERROR and entry.next_attempt >= before - 1
+
+    with QueueStore.open(path) as store:
+        store.deferred(deferred, 4, time.time() + 3600, "later")
+    result = run_cli(path, "flush")
+    assert result.returncode == 0 and "1 deferred messages are due now" in result.stdout
+    assert state(path, deferred).next_attempt <= time.time()
+
+
+def test_bounce_needs_the_running_service(queue):
+    path, (queued, *_) = queue
+    result = run_cli(path, "bounce", queued)
+    assert result.returncode == 1
+    assert "bounce needs the running service" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert state(path, queued) is not None
+
+
+def test_unknown_id(queue):
+    path, _ = queue
+    for action in ("hold", "release", "retry", "delete", "show"):
+        result = run_cli(path, action, "0" * 24)
+        assert result.returncode == 1, action
+        assert result.stderr.count("\n") == 1 and "0" * 24 in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "ABCDEF0123456789ABCDEF01", "0" * 23, "-"])
+def test_bad_id_refused_before_touching_anything(tmp_path, bad):
+    missing = tmp_path / "nowhere"
+    for action in ("hold", "delete", "bounce", "show"):
+        result = run_cli(missing, action, bad)
+        assert result.returncode == 1, (action, result.stderr)
+        assert "not a message id" in result.stderr and result.stderr.count("\n") == 1
+    assert not missing.exists()
+
+
+def test_no_such_spool(tmp_path):
+    result = run_cli(tmp_path / "nowhere", "hold", "0" * 24)
+    assert result.returncode == 1 and "no such spool directory" in result.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_alias_runs_actions(queue):
+    path, (queued, *_) = queue
+    result = run_cli(path, "hold", queued, alias=True)
+    assert result.returncode == 0 and state(path, queued).held
+
+
+# --------------------------------------------------------------------------
+# actions while another process owns the queue: a request it applies
+
+HOLDER = r"""
+import json, os, sys, time
+from pathlib import Path
+from kumoauth.relay import service
+from kumoauth.relay.queue import QueueStore
+
+path, mode = Path(sys.argv[1]), sys.argv[2]
+store = QueueStore.open(path)
+
+
+class Relay:
+    # What bounce asks of the relay: here, only that the message leaves.
+    def bounce_now(self, entry, status, text):
+        store.done(entry.id, "bounced")
+
+
+print("ready", flush=True)
+control = path / service.CONTROL_DIR
+while True:
+    time.sleep(0.1)
+    if mode != "apply" or not control.is_dir():
+        continue
+    # What the server's housekeeping does: take each request, then apply it.
+    for name in sorted(n for n in os.listdir(control) if n.endswith(".json")):
+        request = json.loads((control / name).read_text())
+        (control / name).unlink()
+        try:
+            print(service.apply(store, request["op"], request["id"], Relay()), flush=True)
+        except (KeyError, ValueError) as e:
+            print("not done", e, flush=True)
+    store.flush()
+"""
+
+
+def owner(path: Path, mode: str) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n", proc.stderr
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def applying_owner(queue):
+    yield from owner(queue[0], "apply")
+
+
+@pytest.fixture
+def idle_owner(queue):
+    yield from owner(queue[0], "idle")
+
+
+def test_actions_reach_a_running_owner(queue, applying_owner):
+    path, (queued, deferred, held) = queue
+    pid = applying_owner.pid
+
+    result = run_cli(path, "hold", queued)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{queued} is held (taken by the running server (pid {pid}))\n"
+    assert QueueReader(path).get(queued).held
+
+    result = run_cli(path, "release", held)
+    assert result.returncode == 0 and result.stdout.startswith(f"{held} is released (taken")
+    assert not QueueReader(path).get(held).held
+
+    result = run_cli(path, "retry", deferred)
+    assert result.returncode == 0 and result.stdout.startswith(f"{deferred} is due now (taken")
+    assert QueueReader(path).get(deferred).next_attempt <= time.time()
+
+    result = run_cli(path, "flush")
+    assert (
+        result.returncode == 0
+        and result.stdout == f"flush: taken by the running server (pid {pid})\n"
+    )
+
+    result = run_cli(path, "delete", deferred)
+    assert result.returncode == 0 and result.stdout.startswith(f"{deferred} has left the queue")
+    result = run_cli(path, "bounce", held)
+    assert result.returncode == 0 and result.stdout.startswith(f"{held} has left the queue")
+    assert [e.id for e in QueueReader(path).entries()] == [queued]
+    assert not list((path / service.CONTROL_DIR).iterdir())
+
+
+def test_request_not_taken_in_time(queue, idle_owner):
+    path, (queued, *_) = queue
+    control = path / service.CONTROL_DIR
+
+    result = run_cli(path, "hold", queued, "--wait", "0.3")
+    assert result.returncode == 3
+    assert "has not taken the request within 0.3s" in result.stderr
+    (left,) = control.glob("*.json")
+    assert str(left) in result.stderr
+    assert json.loads(left.read_text()) == {"op": "hold", "id": queued}
+    left.unlink()
+
+    result = run_cli(path, "delete", queued, "--no-wait")
+    assert result.returncode == 0 and "queued for the running server" in result.stdout
+    (left,) = control.glob("*.json")
+    assert json.loads(left.read_text()) == {"op": "delete", "id": queued}
+    left.unlink()
+
+    # An unknown id is refused here too, and leaves no request.
+    result = run_cli(path, "hold", "f" * 24)
+    assert result.returncode == 1 and "no message" in result.stderr
+    assert not list(control.glob("*.json"))
+    assert not QueueReader(path).get(queued).held
+
+
+def test_real_server_applies_requests(tmp_path):
+    directory = tmp_path / "srv"
+    directory.mkdir()
+    msgs = [message(), message()]
+    with QueueStore.open(directory / "spool") as store:
+        store.append_batch(msgs)
+    certs = make_certs(tmp_path / "certs")
+    with running_server(directory, certs, None, args=["--auth", "memory:carol:s3cret"]) as srv:
+        config = srv.config
+        result = run_cli(None, "hold", msgs[0].id, config=config)
+        assert result.returncode == 0, (result.stderr, srv.log())
+        assert f"{msgs[0].id} is held (taken by the running server (pid" in result.stdout
+        result = run_cli(None, "delete", msgs[1].id, config=config)
+        assert result.returncode == 0 and "has left the queue" in result.stdout
+
+        listing = run_cli(None, "list", config=config)
+        (line,) = listing.stdout.splitlines()
+        assert line.split()[0] == msgs[0].id and line.split()[2] == "held"
+
+        # No [relay] in this configuration: bounce is refused, nothing left.
+        result = run_cli(None, "bounce", msgs[0].id, config=config)
+        assert result.returncode == 1 and "bounce needs [relay]" in result.stderr
+        assert not list((srv.spool / service.CONTROL_DIR).glob("*.json"))
+        assert "operator request: " in srv.log()
