@@ -34,6 +34,8 @@ from typing import Any
 
 import trustme
 
+from bench.relay import PostfixNullClient, Sink, postfix_missing, tree_cpu, tree_rss_kib
+
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -149,7 +151,7 @@ class Kumoauth(Server):
         # Each server its own queue: one owner per queue.
         spool = self.workdir / f"{self.name}-spool"
         (self.workdir / "bench_policy.py").write_text(textwrap.dedent(BENCH_POLICY))
-        config = self.workdir / "kumoauth.toml"
+        config = self.workdir / f"{self.name}.toml"
         config.write_text(
             f"""
 [server]
@@ -185,7 +187,7 @@ path = "bench_policy.py"
 
 [spool]
 path = "{spool}"
-"""
+{self.relay_table()}"""
         )
         return [
             sys.executable,
@@ -193,17 +195,46 @@ path = "{spool}"
             "from twisted.scripts.twistd import run; run()",
             "-n",
             "--pidfile=",
-            f"--logfile={self.workdir / 'kumoauth.log'}",
+            f"--logfile={self.workdir / (self.name + '.log')}",
             "kumoauth",
             "--config",
             str(config),
         ]
+
+    def relay_table(self) -> str:
+        return ""
 
 
 class KumoauthWorkers(Kumoauth):
     """kumoauth with [server] workers = 2: throughput on both cores."""
 
     workers = 2
+
+
+class KumoauthRelay(Kumoauth):
+    """
+    Workload (i): kumoauth with ``[relay]`` to the sink, in clear and with
+    ``identity = "none"`` (what Postfix does towards it: no smtp_sasl, no TLS).
+    """
+
+    relay_port = 0
+
+    def relay_table(self) -> str:
+        return f"""
+[relay]
+host = "127.0.0.1"
+port = {self.relay_port}
+tls = "none"
+identity = "none"
+"""
+
+    def cpu_parts(self) -> dict[str, float]:
+        assert self.proc is not None
+        return {"kumoauth": tree_cpu(self.proc.pid)}
+
+    def rss_total_kib(self) -> int:
+        assert self.proc is not None
+        return tree_rss_kib(self.proc.pid)
 
 
 class Aiosmtpd(Server):
@@ -239,6 +270,8 @@ class Bench:
     workdir: Path
     ca: Path
     servers: list[Server]
+    cert: Path
+    key: Path
     results: dict[str, Any] = field(default_factory=dict)
 
     def load(self, server: Server, mode: str, *extra: str) -> subprocess.Popen[str]:
@@ -384,6 +417,84 @@ class Bench:
             }
         progress("workload f done")
 
+    def relayed(self, server: Any, sink: Sink, n: int) -> dict:
+        """
+        *n* sessions of one message each to *server*; the clock and the CPU
+        count run until the sink has every message the server accepted.
+        """
+        a = self.args
+        cpu0 = server.cpu_parts()
+        before = sink.count()
+        start = time.perf_counter()
+        proc = self.load(
+            server,
+            "session",
+            "--port", str(server.starttls_port), "--tls", "starttls",
+            "--sessions", str(n), "--concurrency", str(a.relay_concurrency),
+        )  # fmt: skip
+        out, _ = proc.communicate(timeout=3600)
+        result = json.loads(out.strip().splitlines()[-1])
+        accepted = len(result["latencies"])
+        got = sink.wait(before + accepted, timeout=60 + n * 0.05) - before
+        wall = time.perf_counter() - start
+        cpu1 = server.cpu_parts()
+        used = {k: cpu1[k] - cpu0[k] for k in cpu0}
+        lat = sorted(result["latencies"])
+        figures = {
+            "cpu_us_per_message": sum(used.values()) / max(got, 1) * 1e6,
+            "wall_s": wall,
+            "messages_per_s": got / wall,
+            "accept_s": result["elapsed"],
+            "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
+            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else None,
+            "relayed": got,
+            "undelivered": accepted - got,
+            "errors": result["errors"],
+            "rss_mib": server.rss_total_kib() / 1024,
+        }
+        if "dovecot" in used:
+            figures["dovecot_us_per_message"] = used["dovecot"] / max(got, 1) * 1e6
+        return figures
+
+    def relay(self) -> None:
+        """(i) accept and relay: kumoauth with [relay] vs Postfix as a null client."""
+        a = self.args
+        n = a.relay_sessions
+        sink = Sink(self.workdir, free_port())
+        kumo = KumoauthRelay("kumoauth-relay", self.workdir, self.cert, self.key)
+        kumo.relay_port = sink.port
+        servers: dict[str, Any] = {"kumoauth": kumo}
+        self.results["i"] = {}
+        problems = postfix_missing()
+        if problems:
+            self.results["i"]["postfix"] = {"note": "; ".join(problems)}
+        else:
+            servers["postfix"] = PostfixNullClient(self.cert, self.key, sink.port)
+        try:
+            sink.start()
+            for server in servers.values():
+                server.start()
+            runs: dict[str, list[dict]] = {name: [] for name in servers}
+            for server in servers.values():  # warm-up, not counted
+                self.relayed(server, sink, max(10, n // 10))
+            for _ in range(a.runs):
+                for name, server in servers.items():
+                    runs[name].append(self.relayed(server, sink, n))
+        finally:
+            for server in servers.values():
+                server.stop()
+            sink.stop()
+        for name, rs in runs.items():
+            self.results["i"][name] = {
+                k: statistics.median(r[k] for r in rs if r[k] is not None)
+                for k in rs[0]
+                if any(r[k] is not None for r in rs)
+            }
+        progress("workload i done: " + ", ".join(
+            f"{n} {r['cpu_us_per_message']:.0f} µs" for n, r in self.results["i"].items()
+            if "cpu_us_per_message" in r
+        ))  # fmt: skip
+
     def long_run(self) -> None:
         """(g) many sessions in a row: RSS growth after the first tenth."""
         n = self.args.long
@@ -446,7 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=int, default=1000, help="idle sessions for (e)")
     p.add_argument("--burst", type=int, default=500, help="clients for (f)")
     p.add_argument("--long", type=int, default=100000, help="sessions in a row for (g)")
-    p.add_argument("--workloads", default="abcdefg")
+    p.add_argument("--relay-sessions", type=int, default=2000, help="messages per run for (i)")
+    p.add_argument("--relay-concurrency", type=int, default=10, help="clients for (i)")
+    p.add_argument("--workloads", default="abcdefgi")
     p.add_argument("--servers", default="kumoauth,aiosmtpd,twisted.mail,kumoauth-2w")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(REPO / "bench" / "results.json"))
@@ -454,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.runs, args.sessions, args.concurrency = 1, 20, 5
         args.idle, args.burst, args.long = 20, 20, 40
+        args.relay_sessions, args.relay_concurrency = 20, 5
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -470,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in servers:
         if s.name == "aiosmtpd":
             s.async_checker = False
-    bench = Bench(args, workdir, ca, servers)
+    bench = Bench(args, workdir, ca, servers, cert, key)
     started = time.time()
     try:
         for s in servers:
@@ -482,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.long_run()
         if "e" in args.workloads:
             bench.idle()
+        if "i" in args.workloads:
+            bench.relay()
     finally:
         for s in servers:
             s.stop()

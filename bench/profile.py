@@ -1,13 +1,14 @@
 """
-Profile kumoauth under workload (a).
+Profile kumoauth under workload (a), or (i) (accept and relay to the sink).
 
-    python -m bench.profile [--sessions N] [--out FILE]
+    python -m bench.profile [--workload a|i] [--sessions N] [--out FILE]
 
-Starts kumoauth as the benchmark does and runs the (a) session load against
-it while py-spy (``pip install py-spy``) samples the server, every thread,
-including native frames (OpenSSL) with ``--native``.  Writes py-spy's
-"raw" (collapsed stacks) output and prints the top functions by own and
-by total samples.
+Starts kumoauth as the benchmark does (for (i): with ``[relay]`` to
+``bench/sink.py``) and runs the session load against it while py-spy
+(``pip install py-spy``) samples the server, every thread, including
+native frames (OpenSSL) with ``--native``.  Writes py-spy's "raw"
+(collapsed stacks) output and prints the top functions by own and by
+total samples.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.__main__ import Bench, Kumoauth, make_certs
+from bench.__main__ import Bench, Kumoauth, KumoauthRelay, free_port, make_certs
+from bench.relay import Sink
 
 
 def summarize(raw: Path, top: int = 30) -> str:
@@ -49,27 +51,48 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=20)
     p.add_argument("--out", default="kumoauth-profile.txt")
     p.add_argument("--native", action="store_true")
+    p.add_argument("--workload", choices=["a", "i"], default="a")
     args = p.parse_args()
+    args.relay_concurrency = args.concurrency
     workdir = Path(tempfile.mkdtemp(prefix="kumoauth-profile-"))
     cert, key, ca = make_certs(workdir)
-    server = Kumoauth("kumoauth", workdir, cert, key)
+    sink: Sink | None = None
+    if args.workload == "i":
+        sink = Sink(workdir, free_port())
+        sink.start()
+        server: Kumoauth = KumoauthRelay("kumoauth-relay", workdir, cert, key)
+        server.relay_port = sink.port  # type: ignore[attr-defined]
+    else:
+        server = Kumoauth("kumoauth", workdir, cert, key)
     server.start()
     try:
         assert server.proc is not None
-        bench = Bench(args, workdir, ca, [server])  # type: ignore[arg-type]
-        bench.sessions(server, "starttls", 200, 1, False)
-        cmd = ["py-spy", "record", "--pid", str(server.proc.pid), "--format", "raw",
+        bench = Bench(args, workdir, ca, [server], cert, key)  # type: ignore[arg-type]
+        if sink is not None:
+            bench.relayed(server, sink, 200)
+        else:
+            bench.sessions(server, "starttls", 200, 1, False)
+        spy_exe = Path(sys.executable).parent / "py-spy"
+        spy_cmd = str(spy_exe) if spy_exe.exists() else "py-spy"
+        cmd = [spy_cmd, "record", "--pid", str(server.proc.pid), "--format", "raw",
                "--rate", "500", "--output", args.out, "--nonblocking"]  # fmt: skip
         if args.native:
             cmd.append("--native")
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        result = bench.sessions(server, "starttls", args.sessions, 1, False)
+        if sink is not None:
+            result = bench.relayed(server, sink, args.sessions)
+            figure = f"{result['cpu_us_per_message']:.0f} µs CPU per relayed message"
+        else:
+            result = bench.sessions(server, "starttls", args.sessions, 1, False)
+            figure = f"{result['cpu_us_per_session']:.0f} µs CPU per session"
         spy.send_signal(signal.SIGINT)
         spy.wait(30)
-        print(f"{result['cpu_us_per_session']:.0f} µs CPU per session under the profiler")
+        print(f"{figure} under the profiler")
         print(summarize(Path(args.out)))
     finally:
         server.stop()
+        if sink is not None:
+            sink.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

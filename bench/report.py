@@ -35,7 +35,8 @@ def _ratio(ours: Any, theirs: Any) -> str:
 
 def render(data: dict[str, Any]) -> str:
     results = data["results"]
-    names = sorted({name for r in results.values() for name in r}, key=_order)
+    # (i) has servers of its own (Postfix); the peers of a-g are these.
+    names = sorted({name for key, r in results.items() if key != "i" for name in r}, key=_order)
     peers = [n for n in names if not n.startswith("kumoauth")]
     out = [BEGIN, ""]
     m = data["machine"]
@@ -153,8 +154,60 @@ def render(data: dict[str, Any]) -> str:
                 f"**{_ratio(k['cpu_us_per_session'], x['cpu_us_per_session'])}** |"
             )
         out.append("")
+    if "i" in results:
+        out += _relay(data)
     out.append(END)
     return "\n".join(out)
+
+
+def _relay(data: dict[str, Any]) -> list[str]:
+    r = data["results"]["i"]
+    params = data["parameters"]
+    out = [
+        "### (i) accept and relay: kumoauth with `[relay]` against Postfix as a null client",
+        "",
+        f"{params.get('relay_concurrency')} clients, {params.get('relay_sessions'):,} sessions "
+        "per run, each (a): STARTTLS, AUTH PLAIN, one 2 KB message; the server relays every "
+        "message to the same sink (`bench/sink.py`, its own process, plaintext, no AUTH: "
+        'kumoauth `tls = "none"`, `identity = "none"`; Postfix `relayhost`, no smtp_sasl, '
+        "no smtp TLS). The clock and the CPU count stop when the sink has every message. CPU "
+        "is the server's whole process tree, exited children included: kumoauth's twistd; "
+        "Postfix's master and everything under it (smtpd, cleanup, qmgr, smtp, "
+        "trivial-rewrite, anvil, postlogd, …) **plus Dovecot's auth server** (its SASL), "
+        "shown separately too.",
+        "",
+        "| server | CPU µs / relayed message | of which Dovecot | wall s | relayed / s "
+        "| accept s | p50 ms | p99 ms | RSS MiB | errors | undelivered |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in sorted(r, key=_order):
+        x = r[name]
+        if "note" in x:
+            out.append(f"| {name} | n/a ({x['note']}) | | | | | | | | | |")
+            continue
+        out.append(
+            f"| {name} | {_fmt(x.get('cpu_us_per_message'))} | "
+            f"{_fmt(x.get('dovecot_us_per_message'))} | {_fmt(x.get('wall_s'), 2)} | "
+            f"{_fmt(x.get('messages_per_s'))} | {_fmt(x.get('accept_s'), 2)} | "
+            f"{_fmt(x.get('p50_ms'), 1)} | {_fmt(x.get('p99_ms'), 1)} | "
+            f"{_fmt(x.get('rss_mib'), 1)} | {_fmt(x.get('errors'))} | "
+            f"{_fmt(x.get('undelivered'))} |"
+        )
+    k = r.get("kumoauth", {})
+    for peer in [n for n in sorted(r, key=_order) if n != "kumoauth" and "note" not in r[n]]:
+        x = r[peer]
+        out.append(
+            f"| **kumoauth / {peer}** | "
+            f"**{_ratio(k.get('cpu_us_per_message'), x.get('cpu_us_per_message'))}** | | "
+            f"{_ratio(k.get('wall_s'), x.get('wall_s'))} | "
+            f"{_ratio(k.get('messages_per_s'), x.get('messages_per_s'))} | "
+            f"{_ratio(k.get('accept_s'), x.get('accept_s'))} | "
+            f"{_ratio(k.get('p50_ms'), x.get('p50_ms'))} | "
+            f"{_ratio(k.get('p99_ms'), x.get('p99_ms'))} | "
+            f"{_ratio(k.get('rss_mib'), x.get('rss_mib'))} | | |"
+        )
+    out.append("")
+    return out
 
 
 def _order(name: str) -> tuple[int, str]:

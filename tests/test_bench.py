@@ -38,6 +38,16 @@ def test_quick_bench_produces_every_figure_for_every_server(tmp_path):
     assert results["f"]["kumoauth"]["wall_s"] > 0.1  # the checker waits 100 ms
     assert "note" in results["f"]["aiosmtpd"]
     assert set(results["g"]) == servers - {"kumoauth-2w"}
+    # (i) accept and relay: kumoauth against Postfix (a note when Postfix
+    # and Dovecot are not installed, or we are not root).
+    relay = results["i"]
+    assert set(relay) == {"kumoauth", "postfix"}
+    for name, figures in relay.items():
+        if "note" in figures:
+            assert name == "postfix"
+            continue
+        assert figures["errors"] == 0 and figures["undelivered"] == 0, name
+        assert figures["relayed"] > 0 and figures["cpu_us_per_message"] > 0
     text = out.read_text()
     assert "kumoauth / aiosmtpd" in text and "kumoauth / twisted.mail" in text
     assert text.count("kumoauth / twisted.mail") == 7  # a-g: a ratio row for every workload

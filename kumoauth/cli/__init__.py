@@ -1,8 +1,9 @@
 """
 ``kumoauth``: the operator's command, one subcommand per concern.
 
-    kumoauth spool --config FILE list
+    kumoauth spool --config FILE list [--json]
     kumoauth spool --config FILE show ID [--meta]
+    kumoauth spool --config FILE flush | retry ID | hold ID | release ID | delete ID | bounce ID
 
 Each subcommand is a module of this package with ``add_parser(subparsers)``
 (which registers its arguments and sets ``run``) and a ``run(args) -> int``;

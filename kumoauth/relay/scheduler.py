@@ -323,7 +323,8 @@ class Relay(service.Service):
             entry.set_rcpt(rcpt, "done")
         if later and self._too_old(entry):
             for rcpt, reply in later.items():
-                failed[rcpt] = reply or _Expired()
+                # RFC 3463 4.4.7 (out of time), with the upstream's last word
+                failed[rcpt] = _Expired(reply=reply)
             later = {}
         if failed:
             self._bounce(entry, failed)
@@ -502,14 +503,19 @@ class _Operator:
 
 class _Expired:
     """
-    A recipient out of time: RFC 3463 4.4.7.
+    A recipient out of time: RFC 3463 4.4.7, with the upstream's last reply
+    (its 4xx) as the diagnostic when there is one.
     """
 
-    code = 0
     enhanced = "4.4.7"
 
-    def __init__(self, reason: str = "") -> None:
-        self.line = f"delivery time expired{': ' + reason if reason else ''}"
+    def __init__(self, reason: str = "", reply: Any = None) -> None:
+        if reply is not None:
+            self.code = reply.code
+            self.line = reply.line
+        else:
+            self.code = 0
+            self.line = f"delivery time expired{': ' + reason if reason else ''}"
 
 
 def _reason(e: BaseException) -> str:
