@@ -43,6 +43,9 @@ log = Logger(namespace="kumoauth.relay")
 #: seconds between looks at the queue for messages other processes stored
 #: (workers) and for retries that came due
 TICK = 0.5
+#: seconds a stop waits for the messages being sent; then their sessions
+#: are dropped and they stay queued (sent again later: at-least-once)
+STOP_WITHIN = 5.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,8 @@ class Relay(service.Service):
         self.build_bounce = build_bounce
         self.pool = _Pool()
         self.in_flight: dict[str, defer.Deferred[None]] = {}
+        #: the session each in-flight message is being sent over
+        self.sending: dict[str, Any] = {}
         self._loop: task.LoopingCall | None = None
         self._kicked = False
         self._stopping = False
@@ -188,12 +193,28 @@ class Relay(service.Service):
             self._loop.stop()
         waiting = list(self.in_flight.values())
         d: defer.Deferred[Any] = defer.DeferredList(waiting, consumeErrors=True)
+        timer = self.reactor.callLater(STOP_WITHIN, self._abandon) if waiting else None
 
         def close(_: object) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
             self.pool.close_all()
             self.queue.flush()
 
         return d.addBoth(close)
+
+    def _abandon(self) -> None:
+        """
+        The stop has waited long enough (an upstream that stalls must not
+        hold SIGTERM): drop what is still being sent; it stays queued.
+        """
+        log.info("stopping: {n} messages still being sent stay queued", n=len(self.in_flight))
+        for mid, d in list(self.in_flight.items()):
+            session = self.sending.get(mid)
+            if session is not None:
+                session.abort()
+            else:
+                d.cancel()  # still connecting
 
     def reload(self, settings: RelaySettings) -> None:
         """
@@ -268,24 +289,30 @@ class Relay(service.Service):
         try:
             if session is None:
                 session = await self.connect(self.reactor, settings, identity)
+            self.sending[entry.id] = session
             data = await threads.deferToThread(self.queue.read_message, entry.id)
             data = self._outgoing(entry, data)
             result = await session.send(_Outgoing(entry, pending, data))
         except Exception as e:
+            self.sending.pop(entry.id, None)
             self.pool.count -= 1
             if session is not None:
                 _close(session)
             reason = _reason(e)
-            self._deferred(entry, pending, {}, reason, started)
+            await self._deferred(entry, pending, {}, reason, started)
             return
+        self.sending.pop(entry.id, None)
         latency = time.monotonic() - started
         self.metrics.relay_latency.observe(latency)
-        if getattr(session, "reusable", False) and not self._stopping:
+        # A session made before a reload (SIGHUP) is not used again: it may
+        # be to the previous upstream, or with its credentials.
+        fresh = self.settings is settings
+        if getattr(session, "reusable", False) and not self._stopping and fresh:
             self.pool.put(identity, session, time.time())
         else:
             self.pool.count -= 1
             _close(session)
-        self._record(entry, pending, result, started)
+        await self._record(entry, pending, result, started)
 
     def _outgoing(self, entry: Any, data: bytes) -> bytes:
         settings = self.settings
@@ -301,9 +328,11 @@ class Relay(service.Service):
 
     # --- outcomes -------------------------------------------------------
 
-    def _record(self, entry: Any, pending: list[str], result: Any, started: float) -> None:
+    async def _record(self, entry: Any, pending: list[str], result: Any, started: float) -> None:
         """
-        Per-recipient results of one attempt.
+        Per-recipient results of one attempt.  A bounce is stored before
+        the message leaves the queue: a crash in between sends it again,
+        it never loses the bounce.
         """
         done: list[str] = []
         failed: dict[str, Any] = {}
@@ -327,7 +356,7 @@ class Relay(service.Service):
                 failed[rcpt] = _Expired(reply=reply)
             later = {}
         if failed:
-            self._bounce(entry, failed)
+            await self._bounce(entry, failed)
         if later:
             reason = next((escape(r.line) for r in later.values() if r is not None), "deferred")
             self._defer(entry, reason)
@@ -335,7 +364,7 @@ class Relay(service.Service):
             self.queue.done(entry.id)
             self.metrics.relay_attempts.labels("delivered" if not failed else "bounced").inc()
 
-    def _deferred(
+    async def _deferred(
         self,
         entry: Any,
         pending: list[str],
@@ -354,7 +383,7 @@ class Relay(service.Service):
             reason=reason,
         )
         if self._too_old(entry):
-            self._bounce(entry, {rcpt: _Expired(reason) for rcpt in pending})
+            await self._bounce(entry, {rcpt: _Expired(reason) for rcpt in pending})
             self.queue.done(entry.id)
             self.metrics.relay_attempts.labels("bounced").inc()
             return
@@ -381,7 +410,11 @@ class Relay(service.Service):
         self.queue.done(entry.id, "bounced")
         self.metrics.relay_attempts.labels("bounced").inc()
 
-    def _bounce(self, entry: Any, failed: dict[str, Any]) -> None:
+    def _bounce(self, entry: Any, failed: dict[str, Any]) -> defer.Deferred[None]:
+        """
+        Queue the bounce for *failed*; fires once it is stored (or could
+        not be: that is logged).
+        """
         from kumoauth.relay.dsn import FailedRecipient
 
         for rcpt in failed:
@@ -401,23 +434,33 @@ class Relay(service.Service):
             original = self.queue.read_message(entry.id)
         except Exception:
             original = b""
-        dsn = self.build_bounce(
-            reporting_mta=self.settings.hostname,
-            message_id=entry.id,
-            envelope_from=entry.envelope.get("mail_from", ""),
-            arrival=datetime.fromtimestamp(entry.arrival, UTC),
-            recipients=recipients,
-            original=original,
-            smtputf8=bool(entry.envelope.get("smtputf8")),
-        )
+        try:
+            envelope = entry.envelope
+            dsn = self.build_bounce(
+                reporting_mta=self.settings.hostname,
+                message_id=entry.id,
+                envelope_from=envelope.get("mail_from", ""),
+                arrival=datetime.fromtimestamp(entry.arrival, UTC),
+                recipients=recipients,
+                original=original,
+                smtputf8=bool(envelope.get("smtputf8")),
+            )
+        except Exception:
+            # Not a reason to send the message again and again.
+            log.failure("building the bounce for {id}", id=entry.id)
+            return defer.succeed(None)
         if dsn is None:
             log.info("relay {id}: no bounce (null sender or a report)", id=entry.id)
-            return
-        sender = entry.envelope.get("mail_from", "")
-        self.store_bounce(dsn, sender).addCallbacks(
-            lambda bid: log.info("relay {id}: bounce {bid} queued", id=entry.id, bid=bid),
-            lambda f: log.failure("queuing the bounce for {id}", f, id=entry.id),
-        )
+            return defer.succeed(None)
+        sender = envelope.get("mail_from", "")
+
+        def stored(bid: str) -> None:
+            log.info("relay {id}: bounce {bid} queued", id=entry.id, bid=bid)
+
+        def not_stored(f: Any) -> None:
+            log.failure("queuing the bounce for {id}", f, id=entry.id)
+
+        return self.store_bounce(dsn, sender).addCallbacks(stored, not_stored)
 
     def _log_attempt(
         self,

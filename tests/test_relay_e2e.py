@@ -1,0 +1,715 @@
+"""
+The relay end to end: a real ``twistd kumoauth`` with ``[relay]`` hands
+what it accepts to a real upstream, the scripted aiosmtpd one
+(tests/upstream.py) or a real Postfix + Dovecot (tests/postfix.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import email.message
+import email.parser
+import hashlib
+import hmac
+import os
+import random
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trustme
+
+from kumoauth.storage.spool import Spool
+from tests import postfix as pf
+from tests import upstream as upstream_module
+from tests.server import Certs, free_port, make_certs, run_twistd, running_server
+from tests.test_e2e import POLICY, starttls_client
+from tests.upstream import Upstream, running_upstream
+
+pytestmark = pytest.mark.e2e
+
+T = TypeVar("T")
+
+SENDER = "scott@example.com"
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 15, what: str = "it") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def relay_toml(
+    directory: Path,
+    port: int,
+    ca: trustme.CA,
+    password: str = upstream_module.DEFAULT_USERS["kumoauth"],
+    **settings: str,
+) -> str:
+    """A ``[relay]`` table; *settings* values are TOML already."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_file = directory / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    secret = directory / "relay.secret"
+    secret.write_text(password + "\n")
+    secret.chmod(0o600)
+    table = {
+        "host": '"localhost"',
+        "port": str(port),
+        "ca_file": f'"{ca_file}"',
+        "username": '"kumoauth"',
+        "password_file": f'"{secret}"',
+        "retry_schedule": "[1, 1]",
+        "connect_timeout": "5",
+        "command_timeout": "20",
+    }
+    table.update(settings)
+    return "[relay]\n" + "".join(f"{k} = {v}\n" for k, v in table.items())
+
+
+def submit(
+    srv: Any,
+    rcpts: list[str],
+    body: bytes,
+    sender: str = SENDER,
+    mail_options: tuple[str, ...] = (),
+) -> str:
+    """One message from scott through the submission port; its queue id."""
+    with starttls_client(srv) as s:
+        s.login("scott", "tiger")
+        return send_on(s, rcpts, body, sender, mail_options)
+
+
+def send_on(
+    s: smtplib.SMTP,
+    rcpts: list[str],
+    body: bytes,
+    sender: str = SENDER,
+    mail_options: tuple[str, ...] = (),
+) -> str:
+    code, reply = s.mail(sender, list(mail_options))
+    assert code == 250, reply
+    for rcpt in rcpts:
+        code, reply = s.rcpt(rcpt)
+        assert code == 250, reply
+    code, reply = s.data(body)
+    assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[-1]
+
+
+def queue_ids(srv: Any) -> list[str]:
+    return list(Spool(srv.spool).ids())
+
+
+def wait_queue_empty(srv: Any, timeout: float = 10) -> None:
+    wait_until(lambda: not queue_ids(srv), timeout, "the queue to be empty")
+
+
+def with_tag(up: Upstream, tag: str) -> list[upstream_module.Received]:
+    return [m for m in list(up.messages) if tag.encode() in m.data]
+
+
+def bounces(up: Upstream) -> list[upstream_module.Received]:
+    return [m for m in list(up.messages) if m.mail_from in ("", "<>")]
+
+
+def dsn_blocks(data: bytes) -> tuple[email.message.Message, list[dict[str, str]]]:
+    """The DSN and its delivery-status blocks (per-message first)."""
+    msg = email.message_from_bytes(data)
+    assert msg.get_content_type() == "multipart/report", msg.get_content_type()
+    report = next(
+        p
+        for p in msg.walk()
+        if p.get_content_type() in ("message/delivery-status", "message/global-delivery-status")
+    )
+    payload = report.get_payload()
+    if report.get_content_type() == "message/delivery-status":
+        assert isinstance(payload, list)
+        return msg, [dict(block.items()) for block in payload]
+    # message/global-delivery-status: parsed as one message, the first
+    # block its header and the others its body
+    raw = payload[0].as_bytes() if isinstance(payload, list) else report.get_payload(decode=True)
+    assert isinstance(raw, bytes)
+    text = raw.decode("utf-8").replace("\r\n", "\n")
+    parser = email.parser.HeaderParser()
+    blocks = [b for b in re.split(r"\n\s*\n", text) if b.strip()]
+    return msg, [dict(parser.parsestr(b + "\n").items()) for b in blocks]
+
+
+def verify_identity(value: str, key: bytes) -> dict[str, str] | None:
+    """docs/relay.md's verification, verbatim."""
+    fields, sep, sig = value.rpartition("; sig=")
+    good = hmac.new(key, fields.encode(), hashlib.sha256).hexdigest()
+    if not sep or not hmac.compare_digest(good, sig.strip()):
+        return None
+    return dict(part.split("=", 1) for part in fields.split("; "))
+
+
+def only_received_before(data: bytes, body: bytes) -> None:
+    """*data* is exactly one Received field (ours) followed by *body*."""
+    assert data.endswith(body), data
+    head = data[: len(data) - len(body)]
+    assert re.fullmatch(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", head), head
+
+
+class Forwarder:
+    """A TCP port that forwards to another (the upstream "on that port")."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.target = target
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(16)
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@contextlib.contextmanager
+def relaying(
+    tmp_path: Path, certs: Certs, up: Upstream, server: str = "", **settings: str
+) -> Iterator[Any]:
+    extra = relay_toml(tmp_path / "relay", up.port, up.ca, **settings)
+    with running_server(tmp_path / "srv", certs, POLICY, extra=extra, server=server) as srv:
+        yield srv
+
+
+# ---------------------------------------------------------------------------
+# 1. delivery, authzid, session reuse
+
+
+def test_delivery_authzid_and_session_reuse(tmp_path: Path, certs: Certs) -> None:
+    with running_upstream() as up, relaying(tmp_path, certs, up) as srv:
+        bodies = [
+            f"Subject: reuse {i}\r\nX-Tag: tag-{i}\r\n\r\nhello {i}\r\n..dots\r\n".encode()
+            for i in range(3)
+        ]
+        with starttls_client(srv) as s:
+            s.login("scott", "tiger")
+            for i, body in enumerate(bodies):
+                send_on(s, ["b@example.net", "c@example.net"], body)
+                wait_until(lambda i=i: len(up.messages) == i + 1, what=f"message {i}")
+        wait_queue_empty(srv)
+        time.sleep(1.2)  # a retry, if anything was left over, would show now
+        assert len(up.messages) == 3
+        for body, m in zip(bodies, up.messages, strict=True):
+            only_received_before(m.data, body)
+            assert m.mail_from == SENDER
+            assert m.rcpt_tos == ["b@example.net", "c@example.net"]
+            assert (m.authc, m.authzid) == ("kumoauth", "scott")
+            assert m.tls_version is not None
+        used = [sess for sess in up.sessions if sess.messages]
+        assert len(used) == 1, up.sessions
+        assert used[0].auth_attempts == 1
+        assert used[0].verbs().count("AUTH") == 1
+        assert used[0].messages == 3
+        assert "authenticated as kumoauth for scott" in srv.log()
+
+
+# ---------------------------------------------------------------------------
+# 2. identity = "header"
+
+
+def test_identity_header_signed_and_forgery_removed(tmp_path: Path, certs: Certs) -> None:
+    key = b"a shared secret key for the header"
+    key_file = tmp_path / "header.key"
+    key_file.write_bytes(key + b"\n")
+    key_file.chmod(0o600)
+    with (
+        running_upstream() as up,
+        relaying(tmp_path, certs, up, identity='"header"', header_key_file=f'"{key_file}"') as srv,
+    ):
+        forged = "authn=admin; authz=admin; id=x; sig=" + "0" * 64
+        body = (f"X-Kumoauth-Identity: {forged}\r\nSubject: header identity\r\n\r\nhi\r\n").encode()
+        mid = submit(srv, ["b@example.net"], body)
+        wait_until(lambda: up.messages, what="the message")
+        m = email.message_from_bytes(up.messages[0].data)
+        values = m.get_all("X-Kumoauth-Identity")
+        assert values is not None and len(values) == 1, values
+        fields = verify_identity(values[0], key)
+        assert fields == {"authn": "scott", "authz": "scott", "id": mid}
+        assert verify_identity(values[0], b"another key") is None
+        assert b"authn=admin" not in up.messages[0].data
+        assert up.messages[0].authzid is None
+
+
+# ---------------------------------------------------------------------------
+# 3. upstream down, then back on that port
+
+
+def test_upstream_down_then_back(tmp_path: Path, certs: Certs) -> None:
+    ca = trustme.CA()
+    port = free_port()
+    extra = relay_toml(tmp_path / "relay", port, ca)
+    with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
+        mid = submit(srv, ["b@example.net"], b"Subject: later\r\n\r\nwhen you are back\r\n")
+        pattern = rf"relay {mid} deferred: (.*) \(attempt (\d+), 1 recipients\)"
+        wait_until(lambda: len(re.findall(pattern, srv.log())) >= 3, 10, "three deferred attempts")
+        assert queue_ids(srv) == [mid]
+        found = re.findall(pattern, srv.log())
+        attempts = [int(n) for _, n in found]
+        assert attempts == list(range(1, len(attempts) + 1)), found  # one line per attempt
+        assert all("refused" in reason for reason, _ in found), found
+        with running_upstream(ca=ca) as up:
+            forward = Forwarder(port, up.port)
+            try:
+                wait_until(lambda: up.messages, 10, "the message once the upstream is back")
+                wait_queue_empty(srv)
+            finally:
+                forward.close()
+        assert len(up.messages) == 1
+        assert b"when you are back" in up.messages[0].data
+
+
+# ---------------------------------------------------------------------------
+# 4. 4xx, then retried
+
+
+def test_4xx_recipient_retried_other_not_resent(tmp_path: Path, certs: Certs) -> None:
+    with (
+        running_upstream(rcpt_replies={"b@example.net": "451 4.7.1 try again later"}) as up,
+        relaying(tmp_path, certs, up) as srv,
+    ):
+        mid = submit(srv, ["b@example.net", "c@example.net"], b"Subject: 4xx\r\n\r\nretry\r\n")
+        wait_until(lambda: up.messages, what="the first attempt")
+        up.rcpt_replies = {}
+        wait_until(lambda: len(up.messages) >= 2, 10, "the retry")
+        wait_queue_empty(srv)
+        time.sleep(1.2)
+        assert [m.rcpt_tos for m in up.messages] == [["c@example.net"], ["b@example.net"]]
+        assert re.search(
+            rf"relay {mid} to localhost: delivered=c@example.net deferred=b", srv.log()
+        )
+        assert not bounces(up)
+
+
+# ---------------------------------------------------------------------------
+# 5. 5xx: a bounce; never a bounce of a bounce
+
+
+def test_5xx_bounce_and_no_bounce_of_bounce(tmp_path: Path, certs: Certs) -> None:
+    with (
+        running_upstream(rcpt_replies={"x@example.net": "550 5.1.1 no such user here"}) as up,
+        relaying(tmp_path, certs, up) as srv,
+    ):
+        body = b"Subject: some fail\r\nMessage-ID: <orig@example.com>\r\n\r\nhello\r\n"
+        mid = submit(srv, ["b@example.net", "x@example.net", "c@example.net"], body)
+        wait_until(lambda: bounces(up), 10, "the bounce")
+        wait_queue_empty(srv)
+        delivered = [m for m in up.messages if m.mail_from == SENDER]
+        assert len(delivered) == 1
+        assert delivered[0].rcpt_tos == ["b@example.net", "c@example.net"]
+        (bounce,) = bounces(up)
+        assert bounce.rcpt_tos == [SENDER]
+        msg, blocks = dsn_blocks(bounce.data)
+        per_message, per_rcpt = blocks[0], blocks[1:]
+        assert per_message["Reporting-MTA"] == "dns; localhost"
+        assert mid in msg.as_string()
+        assert len(per_rcpt) == 1
+        (r,) = per_rcpt
+        assert r["Final-Recipient"].lower() == "rfc822; x@example.net"
+        assert r["Action"] == "failed"
+        assert re.fullmatch(r"5\.\d+\.\d+", r["Status"]), r["Status"]
+        assert r["Status"] == "5.1.1"
+        assert r["Diagnostic-Code"].startswith("smtp; 550")
+        assert "no such user here" in r["Diagnostic-Code"]
+        assert "Subject: some fail" in msg.as_string()  # the headers are returned
+
+        # A message from <> (a bounce itself) whose recipient fails: no bounce.
+        before = len(up.messages)
+        mid2 = submit(srv, ["x@example.net"], b"Subject: null sender\r\n\r\nx\r\n", sender="")
+        wait_until(
+            lambda: re.search(rf"relay {mid2} to localhost: failed=x@example.net", srv.log()),
+            10,
+            "the failed attempt",
+        )
+        wait_queue_empty(srv)
+        time.sleep(1.5)
+        assert len(up.messages) == before
+        assert f"relay {mid2}: no bounce" in srv.log()
+
+
+# ---------------------------------------------------------------------------
+# 6. max_age: bounced with 4.4.7
+
+
+def test_max_age_bounce(tmp_path: Path, certs: Certs) -> None:
+    with (
+        running_upstream(rcpt_replies={"slow@example.net": "451 4.3.0 mailbox busy"}) as up,
+        relaying(tmp_path, certs, up, max_age="2", retry_schedule="[1]") as srv,
+    ):
+        submit(srv, ["slow@example.net"], b"Subject: too slow\r\n\r\nhi\r\n")
+        wait_until(lambda: bounces(up), 15, "the bounce after max_age")
+        wait_queue_empty(srv)
+        (bounce,) = bounces(up)
+        _, blocks = dsn_blocks(bounce.data)
+        (r,) = blocks[1:]
+        assert r["Final-Recipient"].lower() == "rfc822; slow@example.net"
+        assert r["Action"] == "failed"
+        assert r["Status"] == "4.4.7"
+        assert "mailbox busy" in r.get("Diagnostic-Code", ""), r
+
+
+# ---------------------------------------------------------------------------
+# 7. an untrusted certificate: deferred, never plaintext
+
+
+def test_untrusted_certificate_deferred_never_plaintext(tmp_path: Path, certs: Certs) -> None:
+    with running_upstream() as up:
+        extra = relay_toml(tmp_path / "relay", up.port, trustme.CA())  # not up's CA
+        with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
+            mid = submit(srv, ["b@example.net"], b"Subject: secret\r\n\r\nhidden\r\n")
+            pattern = rf"relay {mid} deferred: certificate verification failed"
+            wait_until(lambda: len(re.findall(pattern, srv.log())) >= 2, 10, "two deferrals")
+            assert queue_ids(srv) == [mid]
+        assert not up.messages
+        verbs = up.all_verbs()
+        assert "MAIL" not in verbs and "AUTH" not in verbs, verbs
+        for sess in up.sessions:
+            assert set(sess.plaintext_verbs()) <= {"EHLO", "STARTTLS"}, sess.commands
+
+
+# ---------------------------------------------------------------------------
+# 8. a second instance on the same queue
+
+
+def test_second_instance_refused(tmp_path: Path, certs: Certs) -> None:
+    with running_upstream() as up, relaying(tmp_path, certs, up) as srv:
+        submit(srv, ["b@example.net"], b"Subject: first\r\n\r\n1\r\n")
+        wait_until(lambda: up.messages, what="the first message")
+        wait_queue_empty(srv)
+        time.sleep(1.2)  # the journal flushed
+
+        def snapshot() -> dict[str, tuple[int, int]]:
+            return {
+                str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+                for p in sorted(srv.spool.rglob("*"))
+                if p.is_file()
+            }
+
+        # The second one has ports of its own: only the queue is shared.
+        second = srv.directory / "second.toml"
+        text = srv.config.read_text()
+        for port in srv.ports:
+            text = text.replace(f"tcp:{port}:", f"tcp:{free_port()}:")
+        second.write_text(text)
+        before = snapshot()
+        done = run_twistd(["kumoauth", "--config", str(second)], srv.directory, timeout=30)
+        output = (done.stdout + done.stderr).strip()
+        print(f"\nsecond instance: {output}")
+        assert done.returncode == 1, output
+        assert len(output.splitlines()) == 1, output
+        assert "in use by another kumoauth" in output, output
+        assert str(srv.proc.pid) in output, output
+        assert snapshot() == before
+        assert srv.proc.poll() is None
+        # The first keeps working.
+        submit(srv, ["c@example.net"], b"Subject: second\r\n\r\n2\r\n")
+        wait_until(lambda: len(up.messages) == 2, 10, "delivery by the first instance")
+        wait_queue_empty(srv)
+
+
+# ---------------------------------------------------------------------------
+# 9. kill -9 while relaying under concurrent clients
+
+
+def test_kill9_under_load_loses_nothing(tmp_path: Path, certs: Certs) -> None:
+    with running_upstream() as up, relaying(tmp_path, certs, up) as srv:
+        acked: list[str] = []
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            n = 0
+            while not stop.is_set():
+                try:
+                    with starttls_client(srv) as s:
+                        s.login("scott", "tiger")
+                        while not stop.is_set():
+                            tag = f"kill9-{k}-{n}-end"
+                            n += 1
+                            body = f"Subject: {tag}\r\n\r\nnumber {tag}\r\n".encode()
+                            s.mail(SENDER)
+                            s.rcpt("b@example.net")
+                            code, _ = s.data(body)
+                            if code == 250:
+                                with lock:
+                                    acked.append(tag)
+                except (OSError, smtplib.SMTPException):
+                    time.sleep(0.05)
+
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(4)]
+        for t in threads:
+            t.start()
+        rng = random.Random()
+        kills = 3
+        for _ in range(kills):
+            time.sleep(rng.uniform(0.4, 1.5))
+            srv.kill()
+            srv.start()
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(20)
+        assert len(acked) > 20, len(acked)
+
+        def arrived() -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for m in list(up.messages):
+                found = re.search(rb"kill9-\d+-\d+-end", m.data)
+                assert found is not None
+                tag = found.group().decode()
+                counts[tag] = counts.get(tag, 0) + 1
+            return counts
+
+        wait_until(lambda: set(acked) <= set(arrived()), 30, "every acknowledged message")
+        wait_queue_empty(srv, 15)
+        counts = arrived()
+        lost = set(acked) - set(counts)
+        duplicates = sum(n - 1 for n in counts.values())
+        print(
+            f"\nkill -9 x{kills}: {len(acked)} acknowledged, {len(counts)} arrived "
+            f"({len(counts) - len(set(acked))} not acknowledged), {duplicates} duplicates"
+        )
+        assert not lost
+
+
+# ---------------------------------------------------------------------------
+# 10. SIGHUP: a new upstream; SIGTERM while a message is being sent
+
+
+def test_sighup_new_upstream(tmp_path: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = upstream_module._Handler.handle_DATA
+    slow: list[Upstream] = []
+
+    async def slow_data(self: Any, server: Any, session: Any, envelope: Any) -> str:
+        if self.up in slow:
+            await asyncio.sleep(2)
+        return await original(self, server, session, envelope)
+
+    monkeypatch.setattr(upstream_module._Handler, "handle_DATA", slow_data)
+    ca = trustme.CA()
+    with (
+        running_upstream(ca=ca) as up1,
+        running_upstream(ca=ca) as up2,
+        relaying(tmp_path, certs, up1) as srv,
+    ):
+        submit(srv, ["b@example.net"], b"Subject: one\r\n\r\nto the first\r\n")
+        wait_until(lambda: up1.messages, what="delivery to the first upstream")
+        # The reload comes while a message is being sent over a session to
+        # the first upstream: that message finishes there, the session is
+        # not used again.
+        slow.append(up1)
+        submit(srv, ["b@example.net"], b"Subject: one\r\n\r\nbusy at the reload\r\n")
+        wait_until(lambda: up1.all_verbs().count("DATA") >= 2, 10, "the second DATA")
+        text = srv.config.read_text()
+        assert text.count(f"port = {up1.port}\n") == 1
+        srv.config.write_text(text.replace(f"port = {up1.port}\n", f"port = {up2.port}\n"))
+        reloads = srv.log().count("reloaded configuration")
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: srv.log().count("reloaded configuration") > reloads, 10, "reload")
+        wait_until(lambda: len(up1.messages) == 2, 10, "the busy message at the first upstream")
+        wait_queue_empty(srv)
+        submit(srv, ["b@example.net"], b"Subject: two\r\n\r\nto the second\r\n")
+        wait_until(lambda: up2.messages, what="delivery to the second upstream")
+        time.sleep(0.5)
+        assert [b"to the second" in m.data for m in up1.messages] == [False, False]
+        assert [b"to the second" in m.data for m in up2.messages] == [True]
+
+
+@pytest.mark.parametrize("stall", [2.0, 60.0], ids=["short-stall", "long-stall"])
+def test_sigterm_while_sending(
+    tmp_path: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch, stall: float
+) -> None:
+    original = upstream_module._Handler.handle_DATA
+    stalling = {"on": True}
+
+    async def slow_data(self: Any, server: Any, session: Any, envelope: Any) -> str:
+        if stalling["on"]:
+            await asyncio.sleep(stall)
+        return await original(self, server, session, envelope)
+
+    monkeypatch.setattr(upstream_module._Handler, "handle_DATA", slow_data)
+    with running_upstream() as up, relaying(tmp_path, certs, up) as srv:
+        mid = submit(srv, ["b@example.net"], b"Subject: term\r\n\r\nduring DATA\r\n")
+        wait_until(lambda: "DATA" in up.all_verbs(), 10, "the upstream to get DATA")
+        time.sleep(0.3)  # the message's bytes are on their way
+        started = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            code = srv.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+            srv.proc.wait()
+            pytest.fail(f"SIGTERM did not stop kumoauth within 30s\n{srv.log()[-3000:]}")
+        took = time.monotonic() - started
+        assert code == 0, srv.log()[-3000:]
+        queued = mid in queue_ids(srv)
+        delivered_now = bool(with_tag(up, "during DATA"))
+        print(f"\nSIGTERM after {took:.1f}s: queued={queued} delivered={delivered_now}")
+        assert queued or delivered_now
+        if stall > 10:
+            assert took < 15, took
+        # What stayed queued goes out after a restart.
+        stalling["on"] = False
+        srv.start()
+        wait_until(lambda: with_tag(up, "during DATA"), 15, "delivery after restart")
+        wait_queue_empty(srv)
+
+
+# ---------------------------------------------------------------------------
+# 11. smuggling
+
+
+def test_smuggling_payload_is_one_message_crlf_only(tmp_path: Path, certs: Certs) -> None:
+    with running_upstream() as up, relaying(tmp_path, certs, up) as srv:
+        with starttls_client(srv) as s:
+            s.login("scott", "tiger")
+            s.mail(SENDER)
+            s.rcpt("b@example.net")
+            code, _ = s.docmd("DATA")
+            assert code == 354
+            s.send(
+                b"Subject: smuggle\r\n\r\nfirst\r\n"
+                b"lf\n.\nMAIL FROM:<evil@example.org>\nRCPT TO:<victim@example.org>\nDATA\n"
+                b"smuggled lf\n"
+                b"cr\r.\rMAIL FROM:<evil@example.org>\rRCPT TO:<victim@example.org>\rDATA\r"
+                b"smuggled cr\r\n"
+                b"last\r\n.\r\n"
+            )
+            code, reply = s.getreply()
+            assert code == 250, reply
+        wait_until(lambda: up.messages, what="the message")
+        time.sleep(1.0)
+        assert len(up.messages) == 1, up.messages
+        (m,) = up.messages
+        assert m.rcpt_tos == ["b@example.net"] and m.mail_from == SENDER
+        assert re.search(rb"\r(?!\n)|(?<!\r)\n", m.data) is None, m.data
+        assert b"smuggled lf" in m.data and b"smuggled cr" in m.data
+        assert m.data.endswith(b"last\r\n")
+        assert up.all_verbs().count("MAIL") == 1
+
+
+# ---------------------------------------------------------------------------
+# 12. SMTPUTF8
+
+
+def test_smtputf8_end_to_end(tmp_path: Path, certs: Certs) -> None:
+    sender, rcpt = "scött@exämple.com", "bjørn@exämple.net"
+    body = "Subject: grüße\r\n\r\nÜnïcödé\r\n".encode()
+    with running_upstream() as up, relaying(tmp_path, certs, up) as srv:
+        submit(srv, [rcpt], body, sender=sender, mail_options=("SMTPUTF8",))
+        wait_until(lambda: up.messages, what="the message")
+        (m,) = up.messages
+        assert "SMTPUTF8" in m.mail_options
+        assert (m.mail_from, m.rcpt_tos) == (sender, [rcpt])
+        assert m.data.endswith(body)
+
+
+def test_smtputf8_refused_by_upstream_bounces_567(tmp_path: Path, certs: Certs) -> None:
+    rcpt = "bjørn@exämple.net"
+    body = "Subject: grüße\r\n\r\nÜnïcödé\r\n".encode()
+    with running_upstream(smtputf8=False) as up, relaying(tmp_path, certs, up) as srv:
+        submit(srv, [rcpt], body, mail_options=("SMTPUTF8",))
+        wait_until(lambda: bounces(up), 10, "the bounce")
+        wait_queue_empty(srv)
+        assert not [m for m in up.messages if m.mail_from == SENDER]
+        (bounce,) = bounces(up)
+        assert bounce.rcpt_tos == [SENDER]
+        _, blocks = dsn_blocks(bounce.data)
+        (r,) = blocks[1:]
+        assert r["Action"] == "failed"
+        assert r["Status"] == "5.6.7"
+        assert "SMTPUTF8" in r["Diagnostic-Code"]
+
+
+# ---------------------------------------------------------------------------
+# the real Postfix + Dovecot
+
+
+def test_real_postfix_authzid_names_the_user(tmp_path: Path, certs: Certs) -> None:
+    pf.require_postfix()
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    master = "kumoauth-master-secret"
+    with pf.service_directory() as base, pf.RecordingSink() as sink:
+        chain, key = base / "fullchain.pem", base / "privkey.pem"
+        cert.private_key_pem.write_to_path(str(key))
+        chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        with (
+            pf.running_dovecot_auth(
+                base / "dovecot", {"scott": "dovecot-side"}, {"kumoauth": master}
+            ) as dovecot,
+            pf.running_postfix(
+                base / "postfix",
+                port=pf.free_port(),
+                relayhost=sink.address,
+                sasl_socket=dovecot.socket,
+                tls=(chain, key),
+            ) as postfix,
+        ):
+            extra = relay_toml(tmp_path / "relay", postfix.port, ca, password=master)
+            with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
+                tag = f"postfix-{os.getpid()}-{time.time_ns()}"
+                body = f"From: {SENDER}\r\nTo: someone@example.net\r\nSubject: {tag}\r\n\r\nhi\r\n"
+                submit(srv, ["someone@example.net"], body.encode())
+                envelope = sink.wait_for(
+                    lambda e: tag.encode() in (e.original_content or b""), timeout=20
+                )
+                wait_queue_empty(srv)
+            relayed = email.message_from_bytes(envelope.original_content or b"")
+            received = relayed.get_all("Received") or []
+            assert "(Authenticated sender: scott)" in received[0].replace("\r\n", ""), received
+            assert envelope.mail_from == SENDER
+            postfix.wait_log(r"sasl_method=PLAIN, sasl_username=scott$")
+            assert pf.wait_for(lambda: "Master user logging in as scott" in dovecot.log(), 5)
