@@ -351,8 +351,11 @@ def test_uid_gid_workers(tmp_path):
             mid = one_session(srv)
             spool = directory / "new" / "spool"
             assert Spool(spool).read(mid) is not None
-            owned = [spool.parent, spool, spool / "tmp", *spool.glob(f"{mid}.*")]
-            assert len(owned) == 5
+            # The queue: its directory, lock, journal, segment directory and
+            # the segment the worker wrote the message to.
+            owned = [spool.parent, spool, *spool.rglob("*")]
+            assert {p.name for p in owned} >= {"lock", "seg"}
+            assert any(p.suffix == ".q" for p in owned)
             for p in owned:
                 assert (p.stat().st_uid, p.stat().st_gid) == (nobody, nogroup), p
             metrics_dir = Path(
@@ -406,7 +409,10 @@ def test_single_process_uid_gid_spool(tmp_path):
                 wait_for_port(port, proc, logfile)
             mid = one_session(srv)
             nobody = pwd.getpwnam("nobody")
-            for p in [srv.spool, srv.spool / "tmp", *srv.spool.glob(f"{mid}.*")]:
+            assert Spool(srv.spool).read(mid) is not None
+            owned = [srv.spool, *srv.spool.rglob("*")]
+            assert any(p.suffix == ".q" for p in owned)
+            for p in owned:
                 assert (p.stat().st_uid, p.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid), p
         finally:
             srv.stop()

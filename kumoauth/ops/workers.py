@@ -648,7 +648,13 @@ def make_supervisor(
     from kumoauth.ops.metrics import Metrics
     from kumoauth.ops.service import attach_queue
 
-    supervisor.queue_service = attach_queue(top, queue, cfg, reactor, Metrics(), writer=None)
+    metrics = Metrics()
+    if owner is not None:
+        # Its files were created here, as root: the supervisor writes them
+        # after twistd has dropped privileges.
+        for path in Path(supervisor.metrics_dir).iterdir():
+            os.chown(path, *owner)
+    supervisor.queue_service = attach_queue(top, queue, cfg, reactor, metrics, writer=None)
     if cfg.metrics.endpoint is not None:
         site = QuietSite(multiprocess_site_root(supervisor.metrics_dir))
         ListenerService(
