@@ -35,6 +35,8 @@ OPERATIONS = ("flush", "retry", "hold", "release", "delete", "bounce")
 HOUSEKEEPING = 1.0
 #: seconds between compactions
 COMPACT_EVERY = 300.0
+#: seconds between updates of the queue gauges (a walk over the index)
+GAUGES_EVERY = 10.0
 
 
 def request(queue_path: Path, op: str, mid: str | None) -> Path:
@@ -100,6 +102,7 @@ class QueueService(service.MultiService):
         self.relay: Any = None
         self._loop: task.LoopingCall | None = None
         self._last_compact = time.monotonic()
+        self._last_gauges = 0.0
         self._busy = False
 
     def set_relay(self, relay: Any) -> None:
@@ -136,15 +139,22 @@ class QueueService(service.MultiService):
         if self._busy:
             return
         self._busy = True
-        compact = time.monotonic() - self._last_compact >= COMPACT_EVERY
+        now = time.monotonic()
+        compact = now - self._last_compact >= COMPACT_EVERY
         if compact:
-            self._last_compact = time.monotonic()
+            self._last_compact = now
+        gauges = now - self._last_gauges >= GAUGES_EVERY
+        if gauges:
+            self._last_gauges = now
 
         def work() -> list[tuple[str, str | None]]:
-            # Off the reactor thread: these sync and read directories.
+            # Off the reactor thread: these sync, read directories and walk
+            # the whole index.
             self.queue.flush()
             if compact:
                 self.queue.compact()
+            if gauges:
+                self._gauges()
             return self._take_requests()
 
         def then(requests: list[tuple[str, str | None]]) -> None:
@@ -156,7 +166,6 @@ class QueueService(service.MultiService):
                 log.info("operator request: {what}", what=what)
             if requests and self.relay is not None:
                 self.relay.notify()
-            self._gauges()
 
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
         d.addCallback(then)
