@@ -254,6 +254,12 @@ def test_delivery_authzid_and_session_reuse(tmp_path: Path, certs: Certs) -> Non
         assert used[0].verbs().count("AUTH") == 1
         assert used[0].messages == 3
         assert "authenticated as kumoauth for scott" in srv.log()
+        # The relay password is in its file, nowhere else.
+        password = upstream_module.DEFAULT_USERS["kumoauth"]
+        assert password not in srv.log()
+        for path in srv.spool.rglob("*"):
+            if path.is_file():
+                assert password.encode() not in path.read_bytes(), path
 
 
 # ---------------------------------------------------------------------------
