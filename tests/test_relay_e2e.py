@@ -719,3 +719,37 @@ def test_real_postfix_authzid_names_the_user(tmp_path: Path, certs: Certs) -> No
             assert envelope.mail_from == SENDER
             postfix.wait_log(r"sasl_method=PLAIN, sasl_username=scott$")
             assert pf.wait_for(lambda: "Master user logging in as scott" in dovecot.log(), 5)
+
+
+# ---------------------------------------------------------------------------
+# metrics
+
+
+def test_relay_and_queue_metrics(tmp_path: Path, certs: Certs) -> None:
+    import urllib.request
+
+    from tests.server import free_port
+
+    mport = free_port()
+    with running_upstream(rcpt_replies={"later@example.net": "451 4.7.1 try later"}) as up:
+        extra = relay_toml(tmp_path / "relay", up.port, up.ca, retry_schedule="[3600]")
+        extra += f'\n[metrics]\nendpoint = "tcp:{mport}:interface=127.0.0.1"\n'
+        with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
+            submit(srv, ["b@example.net"], b"Subject: one\r\n\r\n1\r\n")
+            submit(srv, ["later@example.net"], b"Subject: two\r\n\r\n2\r\n")
+            wait_until(lambda: len(up.messages) == 1, what="the delivered one")
+
+            def scrape() -> str:
+                url = f"http://127.0.0.1:{mport}/metrics"
+                return urllib.request.urlopen(url, timeout=5).read().decode()  # noqa: S310
+
+            wait_until(
+                lambda: 'kumoauth_queue_messages{state="deferred"} 1.0' in scrape(),
+                what="the queue gauge",
+                timeout=20,
+            )
+            text = scrape()
+            assert 'kumoauth_relay_attempts_total{result="delivered"} 1.0' in text
+            assert 'kumoauth_relay_attempts_total{result="deferred"} 1.0' in text
+            assert "kumoauth_relay_latency_seconds_count" in text
+            assert 'kumoauth_queue_oldest_seconds{state="deferred"}' in text
