@@ -9,6 +9,14 @@ Every server gets the same ECDSA P-256 certificate, the same user
 (scott/tiger) and the same client.  CPU is the server process's own
 (utime + stime from /proc/<pid>/stat, all threads); figures are medians
 over alternating runs.
+
+Workload (i), accept and relay, pits kumoauth with ``[relay]`` against a
+real Postfix null client with Dovecot SASL (``tests/postfix.py``; needs
+root, Postfix >= 3.4 and Dovecot, else Postfix's row is a note), both
+relaying to one sink (``bench/sink.py``); CPU there is each server's whole
+process tree, exited children included, until the sink has every message.
+It is in ``--quick`` too (20 messages; a few seconds, most of them Postfix
+starting and stopping).
 """
 
 from __future__ import annotations

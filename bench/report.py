@@ -167,7 +167,8 @@ def _relay(data: dict[str, Any]) -> list[str]:
         "### (i) accept and relay: kumoauth with `[relay]` against Postfix as a null client",
         "",
         f"{params.get('relay_concurrency')} clients, {params.get('relay_sessions'):,} sessions "
-        "per run, each (a): STARTTLS, AUTH PLAIN, one 2 KB message; the server relays every "
+        f"per run, medians of {params['runs']} alternating runs after a warm-up; each session "
+        "as in (a): STARTTLS, AUTH PLAIN, one 2 KB message; the server relays every "
         "message to the same sink (`bench/sink.py`, its own process, plaintext, no AUTH: "
         'kumoauth `tls = "none"`, `identity = "none"`; Postfix `relayhost`, no smtp_sasl, '
         "no smtp TLS). The clock and the CPU count stop when the sink has every message. CPU "
