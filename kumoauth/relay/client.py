@@ -967,7 +967,8 @@ class UpstreamSession:
         for r in accepted:
             result.recipients[r] = result.final
         self.messages += 1
-        await self._reset()
+        # RFC 5321 §4.1.1.4: the reply to the end of data ends the
+        # transaction; no RSET is needed before the next MAIL.
         return result
 
     @staticmethod

@@ -40,6 +40,8 @@ from kumoauth.textsafe import escape
 
 log = Logger(namespace="kumoauth.relay")
 
+#: messages up to this size are read on the reactor thread
+READ_INLINE = 256 * 1024
 #: seconds between looks at the queue for messages other processes stored
 #: (workers) and for retries that came due
 TICK = 0.5
@@ -290,7 +292,12 @@ class Relay(service.Service):
             if session is None:
                 session = await self.connect(self.reactor, settings, identity)
             self.sending[entry.id] = session
-            data = await threads.deferToThread(self.queue.read_message, entry.id)
+            if entry.size <= READ_INLINE:
+                # A pread of a few KB from the page cache: cheaper than a
+                # thread round trip.
+                data = self.queue.read_message(entry.id)
+            else:
+                data = await threads.deferToThread(self.queue.read_message, entry.id)
             data = self._outgoing(entry, data)
             result = await session.send(_Outgoing(entry, pending, data))
         except Exception as e:
