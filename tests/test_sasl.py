@@ -258,3 +258,16 @@ def test_prepared_latin_names_are_nfc(name):
     prepared = prepared_or_none(unicodedata.normalize("NFD", name))
     if prepared is not None:
         assert unicodedata.is_normalized("NFC", prepared)
+
+
+def test_printable_ascii_fast_path_agrees_with_full_preparation():
+    """The shortcut for printable ASCII gives what the full SASLprep gives."""
+    import stringprep
+    import unicodedata
+
+    for code in range(0x20, 0x7F):
+        c = chr(code)
+        assert not stringprep.in_table_b1(c) and not stringprep.in_table_c12(c)
+        assert unicodedata.normalize("NFKC", c) == c
+        assert not stringprep.in_table_c21_c22(c) and not stringprep.in_table_d1(c)
+        assert sasl.prepare_name(f"x{c}y", "authcid") == f"x{c}y"

@@ -208,6 +208,10 @@ def prepare_name(name: str, field: str) -> str:
     """
     if not name:
         return name
+    if name.isascii() and name.isprintable():
+        # The common case, and a fixed point: no printable ASCII character
+        # is mapped, changed by NFKC, prohibited or right-to-left.
+        return name
     if any(stringprep.in_table_a1(c) for c in name):
         raise _prohibited(field)
     mapped = "".join(
