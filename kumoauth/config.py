@@ -546,17 +546,23 @@ def _relay(source: Path, raw: Any) -> RelayConfig:
     return RelayConfig(**r)
 
 
-def load(path: Path | str) -> Config:
+def read_text(path: Path) -> str:
     """
-    Read and validate the configuration file at *path*.
+    The configuration file's text.  Raises :class:`ConfigError`.
     """
-    path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(path, "", "configuration file not found") from None
     except UnicodeDecodeError:
         raise ConfigError(path, "", "configuration file is not UTF-8") from None
     except OSError as e:
         raise ConfigError(path, "", f"cannot read configuration: {e.strerror}") from None
-    return parse(text, path.resolve())
+
+
+def load(path: Path | str) -> Config:
+    """
+    Read and validate the configuration file at *path*.
+    """
+    path = Path(path)
+    return parse(read_text(path), path.resolve())

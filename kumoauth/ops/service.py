@@ -27,7 +27,7 @@ from kumoauth.ops.assembly import (
 )
 from kumoauth.ops.listening import ListenerService, QuietSite, install_signals, open_json_log
 from kumoauth.ops.metrics import site_root
-from kumoauth.ops.threads import BlockingPool, stop_within
+from kumoauth.ops.threads import BlockingPool, Serial, stop_within
 from kumoauth.policy import Invoker
 from kumoauth.relay.scheduler import Relay
 from kumoauth.relay.service import QueueService
@@ -75,7 +75,7 @@ class KumoauthService(service.MultiService):
         self.reactor = reactor
         self.override = override
         self._json_log: Any = None
-        self._reloads: defer.Deferred[Any] = defer.succeed(None)
+        self._reloads = Serial()
 
     @property
     def listeners(self) -> list[ListenerService]:
@@ -161,15 +161,7 @@ class KumoauthService(service.MultiService):
 
         # One at a time, in the order asked: a quick second SIGHUP must not
         # be overtaken by the first.
-        self._reloads = self._reloads.addBoth(run)
-        result: defer.Deferred[bool] = defer.Deferred()
-
-        def report(ok: Any) -> Any:
-            result.callback(ok)
-            return ok
-
-        self._reloads.addBoth(report)
-        return result
+        return self._reloads.run(run)
 
     def _relay_reload(self, cfg: Config, settings: Any) -> None:
         queue = next((s for s in self if isinstance(s, QueueService)), None)

@@ -149,3 +149,23 @@ def stop_within(d: defer.Deferred[Any], seconds: float, clock: Any) -> defer.Def
 
     d.addBoth(done)
     return out
+
+
+class Serial:
+    """
+    Runs Deferred-returning calls one at a time, in the order asked (a quick
+    second SIGHUP must not overtake the first).
+    """
+
+    def __init__(self) -> None:
+        self._last: defer.Deferred[Any] = defer.succeed(None)
+
+    def run(self, fn: Callable[[object], Any]) -> defer.Deferred[Any]:
+        result: defer.Deferred[Any] = defer.Deferred()
+
+        def report(value: Any) -> None:
+            result.callback(value)
+
+        self._last = self._last.addBoth(fn)
+        self._last.addBoth(report)
+        return result

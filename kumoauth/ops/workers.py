@@ -66,7 +66,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
 from twisted.logger import Logger
 
-from kumoauth.config import Config, ConfigError, ListenerConfig, parse
+from kumoauth.config import Config, ConfigError, ListenerConfig, parse, read_text
 from kumoauth.ops.assembly import (
     OperatorError,
     build_policy,
@@ -83,6 +83,7 @@ from kumoauth.ops.listening import (
     fail_start,
     install_signals,
 )
+from kumoauth.ops.threads import Serial
 
 log = Logger(namespace="kumoauth.workers")
 
@@ -179,14 +180,7 @@ def read_config(source: Path | str) -> tuple[str, Config]:
     """
     path = Path(source)
     try:
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise ConfigError(path, "", "configuration file not found") from None
-        except UnicodeDecodeError:
-            raise ConfigError(path, "", "configuration file is not UTF-8") from None
-        except OSError as e:
-            raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
+        text = read_text(path)
         return text, parse(text, path)
     except ConfigError as e:
         raise OperatorError(str(e)) from None
@@ -378,7 +372,7 @@ class Supervisor(service.Service):
         self._all_ended: defer.Deferred[None] | None = None
         self._delays: dict[int, float] = {}
         self._restarts: dict[int, Any] = {}
-        self._reloads: defer.Deferred[Any] = defer.succeed(None)
+        self._reloads = Serial()
         self.metrics_dir = tempfile.mkdtemp(prefix="kumoauth-metrics-")
         if owner is not None:
             # Created as root; the supervisor and the workers write there
@@ -558,15 +552,7 @@ class Supervisor(service.Service):
             return d.addCallback(apply).addErrback(failed)
 
         # One at a time, in the order asked.
-        self._reloads = self._reloads.addBoth(run)
-        result: defer.Deferred[bool] = defer.Deferred()
-
-        def report(ok: Any) -> Any:
-            result.callback(ok)
-            return ok
-
-        self._reloads.addBoth(report)
-        return result
+        return self._reloads.run(run)
 
     # --- stop ----------------------------------------------------------------
 
