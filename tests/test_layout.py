@@ -101,7 +101,7 @@ def test_modules_are_grouped_by_concern():
         "testing.py",
         "textsafe.py",
     }
-    for concern in ("smtp", "auth", "storage", "tls", "ops", "cli", "relay"):
+    for concern in ("smtp", "auth", "backends", "storage", "tls", "ops", "cli", "relay"):
         assert (PACKAGE / concern / "__init__.py").is_file()
 
 
