@@ -753,3 +753,29 @@ def test_relay_and_queue_metrics(tmp_path: Path, certs: Certs) -> None:
             assert 'kumoauth_relay_attempts_total{result="deferred"} 1.0' in text
             assert "kumoauth_relay_latency_seconds_count" in text
             assert 'kumoauth_queue_oldest_seconds{state="deferred"}' in text
+
+
+# ---------------------------------------------------------------------------
+# [server] workers: the supervisor owns the queue and relays what the workers store
+
+
+def test_workers_store_and_the_supervisor_relays_each_message_once(
+    tmp_path: Path, certs: Certs
+) -> None:
+    with running_upstream() as up:
+        extra = relay_toml(tmp_path / "relay", up.port, up.ca)
+        with running_server(
+            tmp_path / "srv", certs, POLICY, extra=extra, server="workers = 2"
+        ) as srv:
+            for i in range(12):
+                submit(srv, ["b@example.net"], f"Subject: n{i}\r\n\r\nmessage {i}\r\n".encode())
+            wait_until(lambda: len(up.messages) >= 12, what="12 messages")
+            wait_queue_empty(srv)
+            time.sleep(1.2)  # a second send of any of them would show now
+            bodies = sorted(m.data.rsplit(b"\r\n\r\n", 1)[1] for m in up.messages)
+            assert bodies == sorted(f"message {i}\r\n".encode() for i in range(12))
+            log = srv.log()
+            # Workers accepted the mail; only the supervisor relayed it.
+            assert "[kumoauth.smtp#info] spooled" in log
+            assert "[worker 0] [kumoauth.relay" not in log
+            assert "[worker 1] [kumoauth.relay" not in log
