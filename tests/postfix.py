@@ -61,6 +61,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import Envelope, Session
 
+from tests.server import free_port
+
 APT_PACKAGES = ("postfix", "dovecot-core")
 DEBCONF_SELECTIONS = "postfix postfix/main_mailer_type select No configuration"
 
@@ -207,12 +209,6 @@ def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.05)
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------

@@ -85,18 +85,7 @@ def mkpasswd_hash(method: str) -> str:
     return run([need("mkpasswd"), "-m", method, PASSWORD])
 
 
-DOVEADM_SCHEMES = [
-    "ARGON2ID",
-    "ARGON2I",
-    "BLF-CRYPT",
-    "SHA512-CRYPT",
-    "SHA256-CRYPT",
-    "SSHA512",
-    "SSHA256",
-    "SSHA",
-    "PLAIN",
-    "CLEAR",
-]
+DOVEADM_SCHEMES = [*HASH_SCHEMES, "PLAIN", "CLEAR"]
 
 
 # --------------------------------------------------------------------------

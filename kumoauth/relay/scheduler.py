@@ -512,7 +512,9 @@ class _Outgoing:
         self.data = data
         self.size = len(data)
         self.smtputf8 = bool(envelope.get("smtputf8"))
-        self.eightbit = _has_8bit(data)
+        # The client looks at the bytes itself (BODY=8BITMIME if any is
+        # 8-bit): no second scan of the message here.
+        self.eightbit = False
 
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -529,14 +531,6 @@ def _status(reply: Any) -> str:
             return f"{str(reply.code)[0]}.0.0"
         return str(enhanced)
     return "5.0.0" if reply.code >= 500 else "4.0.0"
-
-
-def _has_8bit(data: bytes) -> bool:
-    try:
-        data.decode("ascii")
-    except UnicodeDecodeError:
-        return True
-    return False
 
 
 class _Operator:

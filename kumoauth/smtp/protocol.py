@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kumoauth.auth import sasl
-from kumoauth.auth.authenticator import Attempt, Outcome
+from kumoauth.auth.authenticator import R_TEMPFAIL, Attempt, Outcome
 from kumoauth.auth.cred import PlainCredentials
 from kumoauth.auth.mechanisms import REGISTRY, Mechanism
 from kumoauth.meta import ConnMeta
@@ -74,8 +74,6 @@ R_UNKNOWN = b"500 5.5.2 Command unrecognized"
 R_NO_ARGS = b"501 5.5.4 Syntax error: no arguments allowed"
 R_INTERNAL = b"451 4.3.0 Internal error, try again later"
 R_SHUTDOWN = b"421 4.3.2 Service shutting down, try again later"
-R_TEMPFAIL_AUTH = b"454 4.7.0 Temporary authentication failure"
-R_AUTH_FAILED = b"535 5.7.8 Authentication credentials invalid"
 R_CLEARTEXT = b"538 5.7.11 Encryption required for requested authentication mechanism"
 R_BAD_DOMAIN = b"501 5.5.4 Invalid domain name"
 
@@ -906,7 +904,7 @@ class SubmissionProtocol(Protocol):
     def _auth_bug(self, f: Failure) -> None:
         self._sasl = None
         log.failure("bug in an AUTH attempt from {client}", f, client=self.client)
-        self._send(R_TEMPFAIL_AUTH)
+        self._send(R_TEMPFAIL)
 
     def _sasl_done(self, result: str) -> None:
         """
