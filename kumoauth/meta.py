@@ -54,6 +54,18 @@ class Meta:
         """
         return json.loads(json.dumps(self._values))
 
+    def values_now(self) -> dict[str, Any]:
+        """
+        A shallow copy of the values (cheap; for :meth:`restore`).
+        """
+        return dict(self._values)
+
+    def restore(self, values: dict[str, Any]) -> None:
+        """
+        Make the values exactly *values* (taken with :meth:`values_now`).
+        """
+        self._values = dict(values)
+
     def keys(self) -> list[str]:
         return list(self._values)
 

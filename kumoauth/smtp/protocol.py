@@ -202,7 +202,9 @@ class SubmissionProtocol(Protocol):
 
     def _banner(self) -> None:
         s = self.rt.server
-        self._initial_meta = dict(self.conn_meta._values)
+        if self.listener.tls == "starttls":
+            # Only where a STARTTLS can come, which goes back to it.
+            self._initial_meta = self.conn_meta.values_now()
         self._send(f"220 {s.hostname} ESMTP {s.banner}".encode())
 
     # --- TLS handshake deadline ([tls] handshake_timeout) ------------------
@@ -604,8 +606,7 @@ class SubmissionProtocol(Protocol):
             # victim's session in as himself before TLS.
             if self.delivery is not None:
                 self.delivery.logout()
-            self.conn_meta._values.clear()
-            self.conn_meta._values.update(self._initial_meta)
+            self.conn_meta.restore(self._initial_meta)
             self.delivery = Delivery(self.conn_meta, store=self.rt.store)
             self._auth_failures = 0
             self._secure = True
