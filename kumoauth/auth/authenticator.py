@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kumoauth.auth.cred import AuthContext
+from kumoauth.auth.cred import AuthContext, BackendUnavailable
 from kumoauth.auth.mechanisms import REGISTRY
 from kumoauth.auth.throttle import Throttle
 from kumoauth.config import AuthConfig
@@ -276,6 +276,8 @@ class Authenticator:
                     authc=escape(attempt.authc),
                     client=attempt.client,
                 )
+            elif f.check(BackendUnavailable):
+                pass  # the store logged its state change itself: no line per attempt
             else:
                 # The checker raised, its Deferred failed, or it gave a non-bool.
                 log.error(

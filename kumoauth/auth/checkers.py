@@ -28,6 +28,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -40,7 +41,17 @@ from kumoauth.auth.cred import normalize_checker
 log = Logger(namespace="kumoauth")
 
 #: ``[auth.<name>]`` tables that belong to kumoauth itself, not a checker
-RESERVED_TABLES = frozenset({"throttle"})
+RESERVED_TABLES = frozenset({"throttle", "cache"})
+
+#: the built-in credential stores (:mod:`kumoauth.backends`), imported only
+#: when configured: ``[auth] checker = "<name>"`` with ``[auth.<name>]``
+BUILTIN: dict[str, str] = {
+    "passwd-file": "kumoauth.backends.passwdfile:factory",
+    "dovecot": "kumoauth.backends.dovecot:factory",
+    "ldap": "kumoauth.backends.ldap:factory",
+    "sql": "kumoauth.backends.sql:factory",
+    "http": "kumoauth.backends.http:factory",
+}
 
 
 class ICheckerLifecycle(Interface):
@@ -92,13 +103,26 @@ class CheckerSpec:
     config: Any
 
 
-def resolve(spec: str, tables: Mapping[str, Mapping[str, Any]]) -> CheckerSpec:
+def builtin(name: str) -> CheckerFactory:
     """
-    Find the factory for *spec* and validate its table.  Raises
+    The factory of the built-in store *name* (imports its module).
+    """
+    factory = REGISTRY.get(name)
+    if factory is None:
+        factory = REGISTRY[name] = _import(BUILTIN[name])
+    return factory
+
+
+def resolve(
+    spec: str, tables: Mapping[str, Mapping[str, Any]], base: Path | None = None
+) -> CheckerSpec:
+    """
+    Find the factory for *spec* and validate its table (relative paths in
+    it are against *base*, the configuration file's directory).  Raises
     ``ValueError`` with one line (the caller adds the file name).
     """
-    if spec in REGISTRY:
-        factory, table = REGISTRY[spec], spec
+    if spec in REGISTRY or spec in BUILTIN:
+        factory, table = builtin(spec), spec
     else:
         factory, table = _import(spec), spec.partition(":")[2]
     for name in tables:
@@ -115,7 +139,7 @@ def resolve(spec: str, tables: Mapping[str, Mapping[str, Any]]) -> CheckerSpec:
         config: Any = raw
     else:
         try:
-            config = validate(raw)
+            config = validate(raw, base=base) if _accepts(validate, "base") else validate(raw)
         except ValueError as e:
             raise ValueError(f"[auth.{table}] {e}") from None
     return CheckerSpec(name=spec, table=table, factory=factory, config=config)
@@ -134,7 +158,7 @@ def resolve_tables_only(tables: Mapping[str, Mapping[str, Any]]) -> None:
 def _import(spec: str) -> CheckerFactory:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        known = ", ".join(f'"{n}"' for n in ("policy", *REGISTRY))
+        known = ", ".join(f'"{n}"' for n in ("policy", *dict.fromkeys([*BUILTIN, *REGISTRY])))
         raise ValueError(f'"{spec}" is not one of {known} or "package.module:factory"')
     try:
         module = importlib.import_module(module_name)
@@ -146,7 +170,7 @@ def _import(spec: str) -> CheckerFactory:
     return factory
 
 
-def build(spec: CheckerSpec, reactor: Any, pool: Any) -> ICredentialsChecker:
+def build(spec: CheckerSpec, reactor: Any, pool: Any, metrics: Any = None) -> ICredentialsChecker:
     """
     Call the factory and make its checker speak ``IPlainCredentials``.
     Raises ``ValueError`` with one line.
@@ -154,7 +178,8 @@ def build(spec: CheckerSpec, reactor: Any, pool: Any) -> ICredentialsChecker:
     factory = spec.factory
     try:
         if _takes_arguments(factory):
-            checker = factory(config=spec.config, reactor=reactor, pool=pool)
+            extra = {"metrics": metrics} if _accepts(factory, "metrics") else {}
+            checker = factory(config=spec.config, reactor=reactor, pool=pool, **extra)
         else:
             checker = factory()
     except ValueError as e:
@@ -171,11 +196,15 @@ def build(spec: CheckerSpec, reactor: Any, pool: Any) -> ICredentialsChecker:
 
 
 def _takes_arguments(factory: CheckerFactory) -> bool:
+    return _accepts(factory, "config")
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
     try:
-        parameters = inspect.signature(factory).parameters
+        parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return "config" in parameters
+    return name in parameters
 
 
 def call_hook(checker: Any, hook: str, *args: Any) -> defer.Deferred[None]:

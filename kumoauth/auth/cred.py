@@ -87,6 +87,13 @@ class CheckerError(Exception):
     """
 
 
+class BackendUnavailable(CheckerError):
+    """
+    The credential store could not answer and has logged why itself (one
+    line per change of its state): 454, and no traceback per attempt.
+    """
+
+
 @implementer(ICredentialsChecker)
 class PolicyChecker:
     """

@@ -88,7 +88,7 @@ def build_checkers(
     Returns the checkers and the factory checker with its spec, if any.
     """
     try:
-        spec = None if cfg.auth.checker == "policy" else resolve(cfg.auth.checker, cfg.auth.tables)
+        spec = None if cfg.auth.checker == "policy" else resolve(cfg.auth.checker, cfg.auth.tables, base=cfg.source.parent)
         if spec is None:
             resolve_tables_only(cfg.auth.tables)
     except ValueError as e:
@@ -109,7 +109,7 @@ def build_checkers(
     if kept is not None and kept[0].name == spec.name and kept[0].factory is spec.factory:
         return [kept[1]], (spec, kept[1])
     try:
-        checker = build(spec, process.clock, invoker.pool)
+        checker = build(spec, process.clock, invoker.pool, metrics=process.metrics)
     except ValueError as e:
         raise OperatorError(f"{cfg.source}: [auth] checker: {e}") from None
     return [checker], (spec, checker)

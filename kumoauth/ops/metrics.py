@@ -47,6 +47,25 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.backend_requests = Counter(
+            "kumoauth_auth_backend_requests",
+            "Questions to the credential store by backend and answer (ok, denied, error)",
+            ["backend", "result"],
+            registry=r,
+        )
+        self.backend_latency = Histogram(
+            "kumoauth_auth_backend_latency_seconds",
+            "Time the credential store took to answer",
+            ["backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "kumoauth_auth_cache_lookups",
+            "Verified-credential cache lookups by result (hit, negative_hit, miss)",
+            ["result"],
+            registry=r,
+        )
         self.throttle_hits = Counter(
             "kumoauth_throttle_hits",
             "AUTH attempts refused by a throttle",

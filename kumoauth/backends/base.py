@@ -1,0 +1,426 @@
+"""
+What every credential store shares: the verdict, the error that means "ask
+again later", the checker that puts a store behind the Cred portal, and
+the lookup-then-verify store that passwd-file and SQL are.
+
+A store provides :class:`ICredentialStore`: ``check(authz, authc, password,
+conn_meta)`` returns (or fires a Deferred with) a :class:`Verdict`.  A
+policy may call a store directly and add meta of its own::
+
+    from kumoauth.backends import PasswdFile
+    users = PasswdFile("/etc/kumoauth/users")
+
+    async def smtp_server_auth_plain(authz, authc, password, conn_meta):
+        verdict = await users.check(authz, authc, password, conn_meta)
+        ...
+
+Inside the server, :class:`StoreChecker` is the store as an
+``ICredentialsChecker``: ``True`` → 235 with the verdict's meta merged into
+conn_meta, ``False`` → 535, :class:`BackendError` → 454 with one log line
+per change of the backend's state (down, up again), never a traceback per
+attempt.  Any other exception is a bug: the authenticator logs it with its
+traceback and answers 454.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from twisted.cred import error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from kumoauth.auth.checkers import ICheckerLifecycle
+from kumoauth.auth.cred import BackendUnavailable, IPlainCredentials
+from kumoauth.backends import schemes
+from kumoauth.textsafe import escape
+
+log = Logger(namespace="kumoauth.backends")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """
+    A store's answer: *ok*, and on success the meta to merge into conn_meta
+    (an HTTP auth API's ``meta``, a tenant column).  Truthy when ok.
+    """
+
+    ok: bool
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+DENIED = Verdict(False)
+
+
+class BackendError(Exception):
+    """
+    The store could not answer (unreachable, timed out, answered nonsense,
+    a stored hash it cannot read): the client gets ``454 4.7.0``.
+
+    The message is logged: it must name the cause and never a password,
+    a hash or a secret.  *outage* is false for a problem with one user's
+    entry (a malformed hash): it does not mark the whole backend down.
+    """
+
+    def __init__(self, message: str, outage: bool = True) -> None:
+        super().__init__(message)
+        self.outage = outage
+
+
+class ICredentialStore(Interface):
+    """
+    Somewhere users and their passwords live.
+    """
+
+    name = Attribute("The backend's label in logs and metrics: passwd-file, sql, ...")
+
+    def check(authz: str, authc: str, password: str, conn_meta: Any) -> Any:
+        """
+        A :class:`Verdict` (or a Deferred firing with one) for this attempt;
+        raise or fail with :class:`BackendError` when the store cannot say.
+        """
+
+    def subscribe(listener: Callable[[], None]) -> None:
+        """
+        Call *listener* whenever the store's content changed (a passwd-file
+        re-read): the verified-credential cache drops its entries.  A store
+        that cannot tell does nothing.
+        """
+
+
+class BackendHealth:
+    """
+    Logs a backend's state changes, one line each: the first error after
+    success ("unavailable: reason"), and the first success after errors
+    ("available again").  Attempts in between log nothing.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.down: str | None = None
+        self.errors_while_down = 0
+
+    def failed(self, reason: str) -> None:
+        if self.down is None:
+            self.down = reason
+            self.errors_while_down = 0
+            log.error(
+                "auth backend {backend} unavailable: {reason}",
+                backend=self.name,
+                reason=escape(reason, 300),
+            )
+        self.errors_while_down += 1
+
+    def succeeded(self) -> None:
+        if self.down is not None:
+            log.info(
+                "auth backend {backend} available again ({n} attempts answered 454)",
+                backend=self.name,
+                n=self.errors_while_down,
+            )
+            self.down = None
+
+
+class OncePer:
+    """
+    Remember up to *size* keys, so a problem with one user's entry is logged
+    once, not at every attempt (the oldest key is forgotten first).
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self.seen: collections.OrderedDict[Any, None] = collections.OrderedDict()
+
+    def first(self, key: Any) -> bool:
+        if key in self.seen:
+            return False
+        self.seen[key] = None
+        if len(self.seen) > self.size:
+            self.seen.popitem(last=False)
+        return True
+
+    def clear(self) -> None:
+        self.seen.clear()
+
+
+@implementer(ICredentialsChecker, ICheckerLifecycle)
+class StoreChecker:
+    """
+    A :class:`ICredentialStore` behind the Cred portal, with its health log
+    and metrics (``kumoauth_auth_backend_requests``, ``…_latency_seconds``).
+    Lifecycle hooks pass through to the store.
+    """
+
+    credentialInterfaces = (IPlainCredentials,)
+
+    def __init__(self, store: Any, clock: Any, metrics: Any = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.metrics = metrics
+        self.health = BackendHealth(store.name)
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        started = self.clock.seconds()
+        d = defer.maybeDeferred(
+            self.store.check,
+            credentials.authz,
+            credentials.authc,
+            credentials.password_text(),
+            credentials.conn_meta,
+        )
+
+        def answered(verdict: Any) -> Any:
+            self._count("ok" if verdict else "denied", started)
+            self.health.succeeded()
+            if not isinstance(verdict, Verdict) or not verdict.ok:
+                raise error.UnauthorizedLogin()
+            for key, value in verdict.meta.items():
+                credentials.conn_meta.set_meta(key, value)
+            return credentials.authc
+
+        def failed(f: Failure) -> Any:
+            if f.check(BackendError):
+                e = f.value
+                self._count("error", started)
+                if e.outage:
+                    self.health.failed(str(e))
+                raise BackendUnavailable(f"{self.store.name}: {e}")
+            return f
+
+        return d.addCallbacks(answered, failed)
+
+    def _count(self, result: str, started: float) -> None:
+        if self.metrics is None:
+            return
+        name = self.store.name
+        self.metrics.backend_requests.labels(name, result).inc()
+        self.metrics.backend_latency.labels(name).observe(self.clock.seconds() - started)
+
+    def start(self) -> Any:
+        return _maybe(self.store, "start")
+
+    def reload(self, config: Any) -> Any:
+        return _maybe(self.store, "reload", config)
+
+    def stop(self) -> Any:
+        return _maybe(self.store, "stop")
+
+    def __repr__(self) -> str:
+        return f"<StoreChecker {self.store.name}>"
+
+
+def _maybe(obj: Any, hook: str, *args: Any) -> Any:
+    fn = getattr(obj, hook, None)
+    return fn(*args) if fn is not None else None
+
+
+# --------------------------------------------------------------------------
+# lookup, then verify a stored hash
+
+
+@dataclass(frozen=True)
+class Entry:
+    """
+    What a store found for a user: the stored hash (any form
+    :func:`schemes.verify` reads), the meta a success adds, and where the
+    entry is (``"line 12"``) for the operator's log.
+    """
+
+    hash: str
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    where: str = ""
+
+
+class ReactorThreads:
+    """
+    The reactor's own thread pool as a ``pool`` (``call(fn, *args)``), for
+    a store a policy makes without kumoauth's checker pool.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
+
+
+def default_reactor(reactor: Any) -> Any:
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        return global_reactor
+    return reactor
+
+
+@implementer(ICredentialStore)
+class HashStore:
+    """
+    A store that finds a user's stored hash (:meth:`lookup`) and verifies
+    the password against it in *pool* (never on the reactor thread).
+
+    - authz must equal authc: a hash store cannot say whether one user may
+      act as another (a policy can, by calling :meth:`check` with authz =
+      authc and deciding the rest itself);
+    - an empty password is refused without a lookup;
+    - an unknown user is verified against a dummy hash of the scheme the
+      store's users last had, so the answer takes as long;
+    - a stored value no scheme reads is an operator's error: logged once
+      per user with where it is, answered 454 (:class:`BackendError` with
+      ``outage=False``).
+    """
+
+    name = "hash-store"
+
+    def __init__(self, pool: Any = None, reactor: Any = None) -> None:
+        self.reactor = default_reactor(reactor)
+        self.pool = pool if pool is not None else ReactorThreads(self.reactor)
+        self.dummy_scheme = "ARGON2ID"
+        self.bad_entries = OncePer()
+        self.listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self.listeners.append(listener)
+
+    def changed(self) -> None:
+        """
+        The content changed: forget logged bad entries, tell subscribers.
+        """
+        self.bad_entries.clear()
+        for listener in list(self.listeners):
+            listener()
+
+    def lookup(self, authc: str) -> Entry | None | defer.Deferred[Entry | None]:
+        """
+        The user's entry, or None.  Raise (or fail with)
+        :class:`BackendError` when the store cannot be read.
+        """
+        raise NotImplementedError
+
+    def check(
+        self, authz: str, authc: str, password: str, conn_meta: Any = None
+    ) -> defer.Deferred[Verdict]:
+        return defer.Deferred.fromCoroutine(self._check(authz or authc, authc, password))
+
+    async def _check(self, authz: str, authc: str, password: str) -> Verdict:
+        if not authc or not password or authz != authc:
+            return DENIED
+        entry = await defer.maybeDeferred(self.lookup, authc)
+        if entry is None:
+            await self.pool.call(_dummy_verify, self.dummy_scheme, password)
+            return DENIED
+        try:
+            ok = await self.pool.call(_verify, entry.hash, password)
+        except schemes.SchemeError as e:
+            where = f" ({entry.where})" if entry.where else ""
+            if self.bad_entries.first((authc, entry.hash)):
+                log.error(
+                    "auth backend {backend}: user {user}{where}: {problem}; "
+                    "this user gets 454 until the entry is fixed",
+                    backend=self.name,
+                    user=escape(authc),
+                    where=where,
+                    problem=str(e),
+                )
+            raise BackendError(f"unusable stored hash for a user{where}", outage=False) from None
+        return Verdict(True, entry.meta) if ok else DENIED
+
+
+def _verify(stored: str, password: str) -> bool:
+    return schemes.verify(stored, password)
+
+
+def _dummy_verify(scheme: str, password: str) -> bool:
+    try:
+        schemes.verify(schemes.dummy(scheme), password)
+    except ValueError:
+        schemes.verify(schemes.dummy("ARGON2ID"), password)
+    return False
+
+
+def note_scheme(store: HashStore, stored: str) -> None:
+    """
+    Remember *stored*'s scheme as the one an unknown user's dummy uses.
+    """
+    try:
+        scheme = schemes.scheme_of(stored)
+    except ValueError:
+        return
+    if scheme in schemes.DUMMY_SCHEMES:
+        store.dummy_scheme = scheme
+
+
+# --------------------------------------------------------------------------
+# configuration tables
+
+
+def parse_table(
+    cls: type,
+    raw: Mapping[str, Any],
+    checks: Mapping[str, Callable[[Any], Any]],
+    *,
+    required: tuple[str, ...] = (),
+    paths: tuple[str, ...] = (),
+    base: Path | None = None,
+) -> Any:
+    """
+    A backend's ``[auth.<name>]`` table as an instance of the dataclass
+    *cls*: each key through its check from :mod:`kumoauth.config` (which
+    raise ``config._Bad``), *paths* made absolute against *base* (the
+    configuration file's directory).  ``ValueError`` with one line
+    (``key: problem``); the caller adds the table's name.
+    """
+    from kumoauth.config import _Bad
+
+    known = {f.name for f in fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        check = checks.get(key)
+        if check is None or key not in known:
+            raise ValueError(f"{key}: unknown key (known: {', '.join(checks)})")
+        try:
+            out[key] = check(value)
+        except _Bad as e:
+            raise ValueError(f"{key}: {e}") from None
+    for key in required:
+        if key not in out:
+            raise ValueError(f"{key}: required key is missing")
+    for key in paths:
+        if key in out and out[key]:
+            p = Path(out[key]).expanduser()
+            if not p.is_absolute() and base is not None:
+                p = base / p
+            out[key] = p
+    return cls(**out)
+
+
+def read_secret_file(path: Path | None, what: str) -> str | None:
+    """
+    The first line of a secret file (a bind password, a client secret),
+    or None without a path.  ``ValueError`` naming the file, never its
+    content.
+    """
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{what}: {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what}: {path}: not UTF-8") from None
+    secret = text.splitlines()[0] if text else ""
+    if not secret:
+        raise ValueError(f"{what}: {path}: empty")
+    return secret
+
