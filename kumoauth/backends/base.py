@@ -190,7 +190,7 @@ class StoreChecker:
 
         def failed(f: Failure) -> Any:
             if f.check(BackendError):
-                e = f.value
+                e: Any = f.value
                 self._count("error", started)
                 if e.outage:
                     self.health.failed(str(e))
@@ -316,7 +316,8 @@ class HashStore:
     async def _check(self, authz: str, authc: str, password: str) -> Verdict:
         if not authc or not password or authz != authc:
             return DENIED
-        entry = await defer.maybeDeferred(self.lookup, authc)
+        found: Any = await defer.maybeDeferred(self.lookup, authc)
+        entry: Entry | None = found
         if entry is None:
             await self.pool.call(_dummy_verify, self.dummy_scheme, password)
             return DENIED
@@ -423,4 +424,3 @@ def read_secret_file(path: Path | None, what: str) -> str | None:
     if not secret:
         raise ValueError(f"{what}: {path}: empty")
     return secret
-

@@ -88,7 +88,11 @@ def build_checkers(
     Returns the checkers and the factory checker with its spec, if any.
     """
     try:
-        spec = None if cfg.auth.checker == "policy" else resolve(cfg.auth.checker, cfg.auth.tables, base=cfg.source.parent)
+        spec = (
+            None
+            if cfg.auth.checker == "policy"
+            else resolve(cfg.auth.checker, cfg.auth.tables, base=cfg.source.parent)
+        )
         if spec is None:
             resolve_tables_only(cfg.auth.tables)
     except ValueError as e:
