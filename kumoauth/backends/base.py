@@ -424,3 +424,36 @@ def read_secret_file(path: Path | None, what: str) -> str | None:
     if not secret:
         raise ValueError(f"{what}: {path}: empty")
     return secret
+
+
+# --------------------------------------------------------------------------
+# what a store may tell its server about the connection
+
+
+def client_ip(conn_meta: Any) -> str | None:
+    """
+    The client's address without the port (``received_from`` is
+    ``"192.0.2.1:5000"`` or ``"[2001:db8::1]:5000"``), or None.
+    """
+    value = conn_meta.get_meta("received_from") if conn_meta is not None else None
+    if not isinstance(value, str) or ":" not in value:
+        return None
+    if value.startswith("["):
+        return value[1:].partition("]")[0] or None
+    return value.rpartition(":")[0] or None
+
+
+def listener_address(conn_meta: Any) -> str | None:
+    """
+    The local address the client connected to (``received_via``), or None.
+    """
+    value = conn_meta.get_meta("received_via") if conn_meta is not None else None
+    return value if isinstance(value, str) else None
+
+
+def secured(conn_meta: Any) -> bool:
+    """
+    Whether TLS is up on the connection (kumoauth offers AUTH only then,
+    unless a listener allows plaintext AUTH behind a TLS proxy).
+    """
+    return conn_meta is not None and conn_meta.get_meta("tls_protocol_version") is not None
