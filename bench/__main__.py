@@ -184,12 +184,13 @@ tls = "implicit"
 failure_delay = 0
 max_failures = 1000
 max_in_flight = 100000
+{self.auth_lines()}
 
 # Workload (c) fails on purpose from one address: no throttling here.
 [auth.throttle]
 max_failures_per_ip = 1000000000
 max_failures_per_authc = 1000000000
-
+{self.auth_tables()}
 [policy]
 path = "bench_policy.py"
 
@@ -211,6 +212,66 @@ path = "{spool}"
 
     def relay_table(self) -> str:
         return ""
+
+    def auth_lines(self) -> str:
+        return ""
+
+    def auth_tables(self) -> str:
+        return ""
+
+
+class KumoauthArgon2(Kumoauth):
+    """
+    Workload (j): users from a passwd-file of Argon2id hashes
+    (``[auth] checker = "passwd-file"``), no verified-credential cache.
+    """
+
+    cache = False
+
+    def auth_lines(self) -> str:
+        return 'checker = "passwd-file"'
+
+    def auth_tables(self) -> str:
+        users = self.workdir / "argon2-users"
+        table = f'\n[auth.passwd-file]\npath = "{users}"\n'
+        if self.cache:
+            table += "\n[auth.cache]\nttl = 300\nnegative_ttl = 30\n"
+        return table
+
+
+class KumoauthArgon2Cache(KumoauthArgon2):
+    """Workload (j) with ``[auth.cache]``."""
+
+    cache = True
+
+
+class AiosmtpdArgon2(Server):
+    """Workload (j) for aiosmtpd: its (synchronous) authenticator verifies the hashes."""
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "bench.aiosmtpd_server",
+            str(self.cert),
+            str(self.key),
+            str(self.starttls_port),
+            str(self.implicit_port),
+            str(self.workdir / "aiosmtpd-argon2-spool"),
+            str(self.workdir / "argon2-users"),
+        ]
+
+
+def make_users(workdir: Path, n: int) -> None:
+    """
+    *n* accounts ``user<i>@example.com`` / ``pw<i>`` with Argon2id hashes at
+    Dovecot's default cost (``doveadm pw -s ARGON2ID``: t=3, 64 MiB), as
+    ``kumoauth pw`` makes them.
+    """
+    from kumoauth.backends.schemes import hash_password
+
+    lines = [f"user{i}@example.com:{hash_password(f'pw{i}')}\n" for i in range(n)]
+    (workdir / "argon2-users").write_text("".join(lines))
 
 
 class KumoauthWorkers(Kumoauth):
@@ -503,6 +564,76 @@ class Bench:
             if "cpu_us_per_message" in r
         ))  # fmt: skip
 
+    def logins(self) -> None:
+        """
+        (j) 50 users with Argon2id hashes log in over and over (AUTH-only
+        sessions): sessions/s, server CPU per login and the worst reactor
+        stall seen by a NOOP probe, with and without ``[auth.cache]``.
+        """
+        a = self.args
+        make_users(self.workdir, a.login_users)
+        kinds = {
+            "kumoauth (no cache)": KumoauthArgon2,
+            "kumoauth + [auth.cache]": KumoauthArgon2Cache,
+            "aiosmtpd": AiosmtpdArgon2,
+        }
+        servers = [k(name, self.workdir, self.cert, self.key) for name, k in kinds.items()]
+        runs: dict[str, list[dict]] = {s.name: [] for s in servers}
+        try:
+            for server in servers:
+                server.start()
+                # warm-up: every account once (the cache's first misses)
+                self.login_run(server, a.login_users)
+            for _ in range(a.runs):
+                for server in servers:
+                    runs[server.name].append(self.login_run(server, a.login_sessions))
+        finally:
+            for server in servers:
+                server.stop()
+        self.results["j"] = {
+            name: {
+                k: statistics.median(r[k] for r in rs if r[k] is not None)
+                for k in rs[0]
+                if any(r[k] is not None for r in rs)
+            }
+            for name, rs in runs.items()
+        }
+        progress("workload j done: " + ", ".join(
+            f"{n} {r['sessions_per_s']:.0f}/s" for n, r in self.results["j"].items()
+        ))  # fmt: skip
+
+    def login_run(self, server: Server, n: int) -> dict:
+        a = self.args
+        probe = self.load(server, "probe", "--port", str(server.starttls_port))
+        time.sleep(0.2)
+        cpu0 = server.cpu()
+        t0 = time.monotonic()
+        proc = self.load(
+            server,
+            "login",
+            "--port", str(server.starttls_port), "--tls", "starttls",
+            "--sessions", str(n), "--concurrency", str(a.login_concurrency),
+            "--users", str(a.login_users),
+        )  # fmt: skip
+        out, _ = proc.communicate(timeout=3600)
+        t1 = time.monotonic()
+        cpu1 = server.cpu()
+        pout, _ = probe.communicate("\n", timeout=60)
+        result = json.loads(out.strip().splitlines()[-1])
+        samples = json.loads(pout.strip().splitlines()[-1])["samples"]
+        window = [lat for t, lat in samples if t0 <= t <= t1]
+        lat = sorted(result["latencies"])
+        done = len(lat)
+        return {
+            "sessions_per_s": done / result["elapsed"],
+            "cpu_us_per_session": (cpu1 - cpu0) / max(done, 1) * 1e6,
+            "max_stall_ms": max(window) * 1000 if window else None,
+            "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
+            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else None,
+            "errors": result["errors"],
+            "sessions": done,
+        }
+
     def long_run(self) -> None:
         """(g) many sessions in a row: RSS growth after the first tenth."""
         n = self.args.long
@@ -567,7 +698,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long", type=int, default=100000, help="sessions in a row for (g)")
     p.add_argument("--relay-sessions", type=int, default=2000, help="messages per run for (i)")
     p.add_argument("--relay-concurrency", type=int, default=10, help="clients for (i)")
-    p.add_argument("--workloads", default="abcdefgi")
+    p.add_argument("--login-sessions", type=int, default=500, help="logins per run for (j)")
+    p.add_argument("--login-users", type=int, default=50, help="Argon2id accounts for (j)")
+    p.add_argument("--login-concurrency", type=int, default=20, help="clients for (j)")
+    p.add_argument("--workloads", default="abcdefgij")
     p.add_argument("--servers", default="kumoauth,aiosmtpd,twisted.mail,kumoauth-2w")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(REPO / "bench" / "results.json"))
@@ -576,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         args.runs, args.sessions, args.concurrency = 1, 20, 5
         args.idle, args.burst, args.long = 20, 20, 40
         args.relay_sessions, args.relay_concurrency = 20, 5
+        args.login_sessions, args.login_users, args.login_concurrency = 20, 5, 5
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -606,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.idle()
         if "i" in args.workloads:
             bench.relay()
+        if "j" in args.workloads:
+            bench.logins()
     finally:
         for s in servers:
             s.stop()

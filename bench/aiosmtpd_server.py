@@ -3,7 +3,11 @@ The aiosmtpd peer: STARTTLS and implicit-TLS listeners, AUTH only over TLS,
 the same user, and a handler that writes and fsyncs each message like
 kumoauth's spool (in a thread, as kumoauth does).
 
-    python -m bench.aiosmtpd_server CERT KEY STARTTLS_PORT IMPLICIT_PORT SPOOL
+    python -m bench.aiosmtpd_server CERT KEY STARTTLS_PORT IMPLICIT_PORT SPOOL [USERS]
+
+With USERS (a passwd-file of Argon2id hashes, workload (j)), the
+authenticator verifies against it: aiosmtpd's authenticator is a plain
+function called on the event loop, so each verification holds the loop.
 """
 
 from __future__ import annotations
@@ -18,10 +22,18 @@ import uuid
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 USERS = {b"scott": b"tiger"}
+HASHES: dict[bytes, str] = {}
 
 
 def authenticator(server, session, envelope, mechanism, auth_data):
-    if isinstance(auth_data, LoginPassword) and USERS.get(auth_data.login) == auth_data.password:
+    if not isinstance(auth_data, LoginPassword):
+        return AuthResult(success=False, handled=False)
+    if auth_data.login in HASHES:
+        from kumoauth.backends.schemes import verify
+
+        if verify(HASHES[auth_data.login], auth_data.password.decode()):
+            return AuthResult(success=True, auth_data=auth_data.login)
+    elif USERS.get(auth_data.login) == auth_data.password:
         return AuthResult(success=True, auth_data=auth_data.login)
     return AuthResult(success=False, handled=False)
 
@@ -65,6 +77,10 @@ class SpoolHandler:
 
 async def main() -> None:
     cert, key, starttls_port, implicit_port, spool = sys.argv[1:6]
+    if len(sys.argv) > 6:
+        for line in open(sys.argv[6], encoding="utf-8"):
+            user, _, hashed = line.strip().partition(":")
+            HASHES[user.encode()] = hashed
     os.makedirs(os.path.join(spool, "tmp"), exist_ok=True)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)

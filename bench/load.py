@@ -12,6 +12,9 @@ Modes:
 - ``burst``: like idle, but once all are connected (TLS up, EHLO done)
   print ``READY``, wait for stdin, then every session sends AUTH at once;
   reports the wall time until the last reply.
+- ``login``: sessions that only log in (EHLO, STARTTLS, EHLO, AUTH PLAIN,
+  QUIT), the user cycling through ``--users`` accounts ``user<i>@example.com``
+  with password ``pw<i>`` (workload (j)).
 - ``probe``: one plain connection sending NOOP every 5 ms until stdin
   closes; reports every (send time, latency).
 """
@@ -60,6 +63,12 @@ class Client:
         self.plain = (
             b"AUTH PLAIN " + base64.b64encode(f"\0{args.user}\0{password}".encode()) + b"\r\n"
         )
+        #: workload (j): one AUTH line per account, used in turn
+        self.logins = [
+            b"AUTH PLAIN " + base64.b64encode(f"\0user{i}@example.com\0pw{i}".encode()) + b"\r\n"
+            for i in range(getattr(args, "users", 0) or 0)
+        ]
+        self.turn = 0
 
     async def connect(self):
         a = self.args
@@ -100,6 +109,12 @@ class Client:
     async def session(self) -> float:
         start = time.perf_counter()
         r, w = await self.connect()
+        if self.logins:
+            line = self.logins[self.turn % len(self.logins)]
+            self.turn += 1
+            await command(r, w, line, 235)
+            await self.quit(r, w)
+            return time.perf_counter() - start
         await self.auth(r, w)
         if not self.args.fail:
             for _ in range(self.args.messages):
@@ -183,7 +198,7 @@ async def run_probe(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["session", "idle", "burst", "probe"])
+    p.add_argument("mode", choices=["session", "idle", "burst", "probe", "login"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--tls", choices=["starttls", "implicit"], default="starttls")
     p.add_argument("--ca", default=None)
@@ -192,6 +207,7 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=1)
     p.add_argument("--user", default="scott")
     p.add_argument("--fail", action="store_true")
+    p.add_argument("--users", type=int, default=0, help="accounts for the login mode")
     args = p.parse_args()
     try:
         import uvloop
@@ -203,7 +219,7 @@ def main() -> None:
         result = asyncio.run(run_probe(args))
     else:
         client = Client(args)
-        if args.mode == "session":
+        if args.mode in ("session", "login"):
             result = asyncio.run(run_sessions(client, args.sessions, args.concurrency))
         elif args.mode == "idle":
             result = asyncio.run(run_idle(client, args.concurrency))

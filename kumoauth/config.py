@@ -99,6 +99,22 @@ class ThrottleConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """
+    ``[auth.cache]``: the verified-credential cache
+    (:mod:`kumoauth.backends.cache`).  Without the table, no cache.
+    """
+
+    ttl: float = 300.0
+    negative_ttl: float = 30.0
+    max_entries: int = 100_000
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl > 0 or self.negative_ttl > 0
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     mechanisms: tuple[str, ...] = MECHANISMS
     checker: str = "policy"
@@ -108,6 +124,8 @@ class AuthConfig:
     max_in_flight: int = 100
     threads: int = 10
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    #: ``[auth.cache]``, or None without the table (no cache)
+    cache: CacheConfig | None = None
     #: ``[auth.<name>]`` tables for checkers, raw (their factory validates)
     tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -349,6 +367,11 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_failures_per_authc": _int(1),
         "store": _str,
     },
+    "auth.cache": {
+        "ttl": _number(0.0),
+        "negative_ttl": _number(0.0),
+        "max_entries": _int(1),
+    },
     "policy": {"path": _str, "timeout": _number(0.001)},
     "spool": {"path": _str},
     "log": {"json_path": _str},
@@ -473,13 +496,19 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
     raw_auth = data.get("auth", {})
     raw_throttle = raw_auth.pop("throttle", {}) if isinstance(raw_auth, dict) else {}
     throttle = ThrottleConfig(**_section(source, "auth.throttle", raw_throttle))
+    raw_cache = raw_auth.pop("cache", None) if isinstance(raw_auth, dict) else None
+    cache = None
+    if raw_cache is not None:
+        cache = CacheConfig(**_section(source, "auth.cache", raw_cache))
     # Every other sub-table is a checker's own ([auth.<name>]): its factory
     # validates it (kumoauth.auth.checkers), once the checker is known.
     tables: dict[str, Mapping[str, Any]] = {}
     if isinstance(raw_auth, dict):
         for name in [k for k, v in raw_auth.items() if isinstance(v, dict)]:
             tables[name] = raw_auth.pop(name)
-    auth = AuthConfig(**_section(source, "auth", raw_auth), throttle=throttle, tables=tables)
+    auth = AuthConfig(
+        **_section(source, "auth", raw_auth), throttle=throttle, cache=cache, tables=tables
+    )
 
     p = _section(source, "policy", data.get("policy", {}))
     if "path" in p:

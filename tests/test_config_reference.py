@@ -12,6 +12,7 @@ documented must exist, and a default written as a TOML literal right after
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import tomllib
 from pathlib import Path
@@ -20,12 +21,13 @@ from typing import Any
 import pytest
 
 from kumoauth import config
-from kumoauth.config import SCHEMA
+from kumoauth.auth.checkers import BUILTIN
+from kumoauth.config import SCHEMA as CORE_SCHEMA
 
 REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 _SECTION = re.compile(r"^## (?P<title>.*)$")
-_TABLE = re.compile(r"^`\[(?P<open>\[?)(?P<name>[a-z_][a-z0-9_.]*)\]?\]`$")
+_TABLE = re.compile(r"^`\[(?P<open>\[?)(?P<name>[a-z_][a-z0-9_.-]*)\]?\]`$")
 _KEY = re.compile(r"^### (?P<title>.*)$")
 _KEY_TITLE = re.compile(r"^`(?P<key>[a-z_][a-z0-9_]*)`$")
 _DEFAULT = re.compile(r"^\s*-\s+\*\*Default:\*\*\s+(?P<rest>.*)$")
@@ -38,12 +40,22 @@ DATACLASSES = {
     "listener": config.ListenerConfig,
     "auth": config.AuthConfig,
     "auth.throttle": config.ThrottleConfig,
+    "auth.cache": config.CacheConfig,
     "policy": config.PolicyConfig,
     "spool": config.SpoolConfig,
     "log": config.LogConfig,
     "metrics": config.MetricsConfig,
     "relay": config.RelayConfig,
 }
+
+#: every table an operator can write: kumoauth's own, and the built-in
+#: credential stores' ``[auth.<name>]`` (each module's ``SCHEMA`` and
+#: ``Config``)
+SCHEMA: dict[str, dict[str, Any]] = dict(CORE_SCHEMA)
+for _name, _target in BUILTIN.items():
+    _module = importlib.import_module(_target.partition(":")[0])
+    SCHEMA[f"auth.{_name}"] = _module.SCHEMA
+    DATACLASSES[f"auth.{_name}"] = _module.Config
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ The realm hands back a :class:`~kumoauth.storage.delivery.Delivery` avatar carry
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 from twisted.cred import error
@@ -252,10 +253,20 @@ class CheckerChain:
         return defer.Deferred.fromCoroutine(self._check(credentials))
 
 
-def make_portal(checkers: list[ICredentialsChecker], store: Store | None = None) -> Portal:
+def make_portal(
+    checkers: list[ICredentialsChecker],
+    store: Store | None = None,
+    wrap: Callable[[ICredentialsChecker], ICredentialsChecker] | None = None,
+) -> Portal:
+    """
+    The portal over *checkers*, each made to speak ``IPlainCredentials``;
+    *wrap* goes around the result (the verified-credential cache).
+    """
     normalized = [normalize_checker(c) for c in checkers]
     if len(normalized) > 1:
         # A Portal keeps one checker per credentials interface: several
         # become one chain, or all but the last would be ignored.
         normalized = [CheckerChain(normalized)]
+    if wrap is not None and normalized:
+        normalized = [wrap(normalized[0])]
     return Portal(SubmissionRealm(store), normalized)

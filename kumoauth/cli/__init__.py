@@ -5,6 +5,7 @@
     kumoauth spool --config FILE show ID [--meta]
     kumoauth spool --config FILE flush | retry ID | hold ID | release ID | delete ID | bounce ID
     kumoauth pw [-s SCHEME]            a password hash in Dovecot {SCHEME} form
+    kumoauth auth test --config FILE USER   check a password as a session would
 
 Each subcommand is a module of this package with ``add_parser(subparsers)``
 (which registers its arguments and sets ``run``) and a ``run(args) -> int``;
@@ -21,7 +22,7 @@ import importlib
 import sys
 
 #: subcommand modules, in the order ``--help`` lists them
-COMMANDS = ("spool", "pw")
+COMMANDS = ("spool", "pw", "auth")
 
 
 class CommandError(Exception):

@@ -119,6 +119,30 @@ def build_checkers(
     return [checker], (spec, checker)
 
 
+def _cache(cfg: Config, process: ProcessState, checkers: list[Any]) -> Any:
+    """
+    The ``[auth.cache]`` wrapper for this generation's checker, or None.
+    The cache lives as long as the process; each build (start-up,
+    SIGHUP) clears it, so a reload invalidates every entry.
+    """
+    settings = cfg.auth.cache
+    if settings is None or not settings.enabled:
+        if process.credential_cache is not None:
+            process.credential_cache.clear()
+        return None
+    from kumoauth.backends.cache import CredentialCache
+
+    cache = process.credential_cache
+    if cache is None:
+        cache = process.credential_cache = CredentialCache(
+            process.clock, settings, process.metrics
+        )
+    else:
+        cache.configure(settings)
+    cache.watch(checkers)
+    return cache.wrap
+
+
 def build_runtime(
     cfg: Config,
     process: ProcessState,
@@ -154,7 +178,7 @@ def build_runtime(
         server=cfg.server,
         auth=cfg.auth,
         policy=policy,
-        portal=make_portal(checker_list, process.store),
+        portal=make_portal(checker_list, process.store, wrap=_cache(cfg, process, checker_list)),
         invoke=invoker,
         throttle=Throttle(store, cfg.auth.throttle, salt=process.throttle_salt),
         policy_timeout=cfg.policy.timeout,

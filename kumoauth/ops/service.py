@@ -99,6 +99,9 @@ class KumoauthService(service.MultiService):
         super().startService()
         if self.runtime.checker is not None:
             call_hook(self.runtime.checker[1], "start")
+        for checker in self.override or ():
+            # --auth checkers (strcred plugins, the built-in stores among them)
+            call_hook(checker, "start")
 
     # --- reload ------------------------------------------------------------
 
@@ -237,9 +240,9 @@ class KumoauthService(service.MultiService):
                 grace=grace,
             )
         d.addCallback(lambda _: sessions.drain(grace, self.reactor))
-        if self.runtime.checker is not None:
-            checker = self.runtime.checker[1]
-            d.addCallback(lambda _: call_hook(checker, "stop"))
+        stopping = [self.runtime.checker[1]] if self.runtime.checker is not None else []
+        for checker in [*stopping, *(self.override or ())]:
+            d.addCallback(_stop_checker, checker)
 
         def stop_threads(_: object) -> defer.Deferred[None]:
             # Joined off the reactor thread, and not waited for past a few
@@ -367,3 +370,7 @@ def make_service_from_config(
             cfg.metrics.endpoint, endpoint, site, str(cfg.source), key="[metrics] endpoint"
         ).setServiceParent(top)
     return top
+
+
+def _stop_checker(_: object, checker: Any) -> defer.Deferred[None]:
+    return call_hook(checker, "stop")

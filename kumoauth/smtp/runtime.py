@@ -126,6 +126,8 @@ class ProcessState:
     failure_stores: dict[str, Any] = field(default_factory=dict)
     #: key of the failed-password fingerprints (kumoauth.auth.throttle)
     throttle_salt: bytes = field(default_factory=lambda: os.urandom(32))
+    #: the verified-credential cache (kumoauth.backends.cache), once configured
+    credential_cache: Any = None
 
     def __post_init__(self) -> None:
         self.log_limiter = LogLimiter(self.clock)

@@ -1,0 +1,173 @@
+"""
+The verified-credential cache (``[auth.cache]``), in front of any checker.
+
+An argon2id verification costs ~150 ms of a core here: a mail client that
+opens a session per message, or a fleet of devices polling every minute,
+would keep the checker pool busy re-proving what it proved a moment ago.
+The cache remembers recent answers:
+
+- **Key**: HMAC-SHA256 under a random per-process secret of the attempt's
+  authz, authc and password (each length-prefixed, so no two attempts
+  share a key).  Neither the password nor a plain hash of it is kept, so a
+  memory dump does not give an offline dictionary attack anything cheaper
+  than the secret; keys are never logged.
+- **Positive entries** (``ttl``): the avatar id and the meta the checker
+  added to conn_meta (the difference it made, captured around the call),
+  replayed on a hit, so a policy's tenant lookup survives caching.
+- **Negative entries** (``negative_ttl``): a wrong password is answered
+  from the cache for a short time (the authenticator still counts the
+  failure and applies the failure delay, so guessing gets no faster).
+- **Errors are never cached**: a backend outage answers 454 unless a
+  still-valid positive entry exists, so users seen recently keep working
+  through a short outage.
+- **Invalidation**: :meth:`CredentialCache.clear` on SIGHUP and whenever a
+  store reports a content change (``subscribe``: a passwd-file re-read).
+- **Bounded**: at most ``max_entries``, the least recently used dropped
+  first; expired entries are dropped when met.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import os
+from typing import Any
+
+from twisted.cred import error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from kumoauth.auth.cred import IPlainCredentials
+from kumoauth.config import CacheConfig
+
+_MISSING = object()
+
+
+class _Entry:
+    __slots__ = ("expires", "avatar", "meta")
+
+    def __init__(self, expires: float, avatar: Any, meta: dict[str, Any] | None) -> None:
+        self.expires = expires
+        self.avatar = avatar  # None: a negative entry
+        self.meta = meta
+
+
+class CredentialCache:
+    """
+    The entries, shared by every configuration generation of the process
+    (a reload clears it and may change its settings).
+    """
+
+    def __init__(self, clock: Any, config: CacheConfig, metrics: Any = None) -> None:
+        self.clock = clock
+        self.config = config
+        self.metrics = metrics
+        self._secret = os.urandom(32)
+        self._entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
+        self._subscribed: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def configure(self, config: CacheConfig) -> None:
+        self.config = config
+        self.clear()
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def key(self, authz: str, authc: str, password: bytes) -> bytes:
+        mac = hmac.new(self._secret, digestmod=hashlib.sha256)
+        for part in (authz.encode("utf-8"), authc.encode("utf-8"), password):
+            mac.update(len(part).to_bytes(4, "big"))
+            mac.update(part)
+        return mac.digest()
+
+    def get(self, key: bytes) -> _Entry | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires <= self.clock.seconds():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: bytes, avatar: Any, meta: dict[str, Any] | None) -> None:
+        ttl = self.config.ttl if avatar is not None else self.config.negative_ttl
+        if ttl <= 0:
+            return
+        self._entries[key] = _Entry(self.clock.seconds() + ttl, avatar, meta)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.config.max_entries:
+            self._entries.popitem(last=False)
+
+    def count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_lookups.labels(result).inc()
+
+    def watch(self, checkers: list[Any]) -> None:
+        """
+        Clear the cache whenever one of *checkers*' stores changes (a
+        store is subscribed once, however many reloads keep it).
+        """
+        for checker in checkers:
+            store = getattr(checker, "store", None)
+            subscribe = getattr(store, "subscribe", None)
+            if subscribe is None or id(store) in self._subscribed:
+                continue
+            self._subscribed.add(id(store))
+            subscribe(self.clear)
+
+    def wrap(self, checker: ICredentialsChecker) -> ICredentialsChecker:
+        return CachingChecker(checker, self)
+
+
+@implementer(ICredentialsChecker)
+class CachingChecker:
+    """
+    *inner* behind the cache.
+    """
+
+    credentialInterfaces = (IPlainCredentials,)
+
+    def __init__(self, inner: ICredentialsChecker, cache: CredentialCache) -> None:
+        self.inner = inner
+        self.cache = cache
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        cache = self.cache
+        key = cache.key(credentials.authz, credentials.authc, credentials.password)
+        entry = cache.get(key)
+        if entry is not None:
+            if entry.avatar is None:
+                cache.count("negative_hit")
+                return defer.fail(error.UnauthorizedLogin())
+            cache.count("hit")
+            conn_meta = credentials.conn_meta
+            for name, value in (entry.meta or {}).items():
+                conn_meta.set_meta(name, value)
+            return defer.succeed(entry.avatar)
+        cache.count("miss")
+        conn_meta = credentials.conn_meta
+        before = conn_meta.values_now()
+        d = defer.maybeDeferred(self.inner.requestAvatarId, credentials)
+
+        def verified(avatar: Any) -> Any:
+            after = conn_meta.values_now()
+            added = {k: v for k, v in after.items() if before.get(k, _MISSING) != v}
+            cache.put(key, avatar, added or None)
+            return avatar
+
+        def refused(f: Failure) -> Failure:
+            if f.check(error.UnauthorizedLogin):
+                cache.put(key, None, None)
+            return f
+
+        return d.addCallbacks(verified, refused)
+
+    def __repr__(self) -> str:
+        return f"<CachingChecker {self.inner!r}>"

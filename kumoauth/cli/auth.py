@@ -1,0 +1,207 @@
+"""
+``kumoauth auth test``: the ``doveadm auth test`` of kumoauth.
+
+    kumoauth auth test --config FILE [--authz NAME] [--client-ip IP] [--cache] USER
+
+Reads the password (on a terminal: asked once, not echoed; otherwise one
+line of standard input), then runs the configured checker exactly as a
+session would after STARTTLS: the policy's ``smtp_server_auth_plain``, a
+built-in store (``[auth] checker = "passwd-file"`` …) or a factory, through
+the same Cred portal, with the user name prepared (SASLprep) like one from
+the wire.  It prints the result and what the attempt would put in
+conn_meta (``authn_id``, ``authz_id`` and any meta the checker adds).
+
+The verified-credential cache is bypassed unless ``--cache`` is given;
+then the attempt runs twice through ``[auth.cache]`` (a miss, then what
+the cache answers), which shows the cache's settings at work.
+
+Exit status: 0 success (235); 1 failure (535); 2 the checker could not
+decide (454: backend down or erroring, timeout), or the configuration or
+arguments are wrong (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from typing import Any
+
+EXIT_SUCCESS, EXIT_FAILURE, EXIT_ERROR = 0, 1, 2
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("auth", help="authentication tools (auth test)")
+    actions = parser.add_subparsers(dest="auth_command", required=True, metavar="ACTION")
+    test = actions.add_parser(
+        "test",
+        help="check USER's password with the configured checker, as a session would",
+        description="Run the configured checker for USER (password from a prompt or stdin). "
+        "Exit 0 success, 1 failure, 2 backend error or bad configuration.",
+    )
+    test.add_argument("--config", "-c", required=True, help="the kumoauth TOML configuration")
+    test.add_argument("--authz", default="", help="authorization identity (default: USER)")
+    test.add_argument(
+        "--client-ip", default="127.0.0.1", help="client address the checker sees (127.0.0.1)"
+    )
+    test.add_argument(
+        "--cache",
+        action="store_true",
+        help="go through [auth.cache]: the attempt twice (a miss, then the cache's answer)",
+    )
+    test.add_argument("user", help="the user name (authc)")
+    test.set_defaults(run=run)
+
+
+def read_password() -> str:
+    if sys.stdin.isatty():
+        return getpass.getpass("Password: ")
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n") if line.endswith("\n") else line
+
+
+def run(args: argparse.Namespace) -> int:
+    from twisted.internet import defer, task
+
+    password = read_password()
+    code: list[int] = [EXIT_ERROR]
+
+    def main(reactor: Any) -> defer.Deferred[None]:
+        async def go() -> None:
+            code[0] = await _test(reactor, args, password)
+
+        return defer.Deferred.fromCoroutine(go())
+
+    try:
+        task.react(main)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return EXIT_ERROR
+    return code[0]
+
+
+def _fail(message: str) -> int:
+    print(f"kumoauth auth test: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+async def _test(reactor: Any, args: argparse.Namespace, password: str) -> int:
+    from twisted.cred import error
+    from twisted.internet import defer
+
+    from kumoauth.auth.authenticator import scrub
+    from kumoauth.auth.checkers import call_hook
+    from kumoauth.auth.cred import AuthContext, PlainCredentials, make_portal
+    from kumoauth.auth.sasl import SASLError, prepare_name
+    from kumoauth.meta import ConnMeta
+    from kumoauth.ops.assembly import OperatorError, build_checkers, build_policy, load_config
+    from kumoauth.ops.threads import BlockingPool
+    from kumoauth.policy import Invoker
+    from kumoauth.smtp.runtime import ProcessState
+    from kumoauth.storage.delivery import Delivery, IMessageDelivery
+
+    _log_errors_to_stderr()
+    try:
+        cfg = load_config(args.config)
+        policy = build_policy(cfg)
+    except OperatorError as e:
+        return _fail(str(e))
+    try:
+        authc = prepare_name(args.user, "authcid")
+        authz = prepare_name(args.authz, "authzid")
+    except SASLError as e:
+        return _fail(e.reply.decode("ascii", "replace"))
+    if not authc:
+        return _fail("empty user name")
+
+    pool = BlockingPool(reactor, cfg.auth.threads, cfg.auth.max_in_flight, "kumoauth-auth-test")
+    pool.start()
+    process = ProcessState(clock=reactor, store=lambda message: defer.succeed(None))
+    try:
+        checkers, spec = build_checkers(cfg, policy, process, None, Invoker(reactor, pool))
+    except OperatorError as e:
+        return _fail(str(e))
+    if not checkers:
+        return _fail('[auth] checker = "policy", but the policy has no smtp_server_auth_plain')
+    for checker in checkers:
+        await call_hook(checker, "start")
+
+    wrap = None
+    if args.cache:
+        if cfg.auth.cache is None or not cfg.auth.cache.enabled:
+            return _fail("--cache, but the configuration has no [auth.cache] (or both ttls are 0)")
+        from kumoauth.backends.cache import CredentialCache
+
+        cache = CredentialCache(reactor, cfg.auth.cache, process.metrics)
+        cache.watch(checkers)
+        wrap = cache.wrap
+    portal = make_portal(checkers, None, wrap=wrap)
+
+    listener_meta = dict(cfg.listeners[0].meta) if cfg.listeners else {}
+    rounds = 2 if args.cache else 1
+    result = EXIT_ERROR
+    try:
+        for n in range(rounds):
+            start = {
+                "reception_protocol": "ESMTPSA",
+                "received_from": f"[{args.client_ip}]:0"
+                if ":" in args.client_ip
+                else f"{args.client_ip}:0",
+                "received_via": "kumoauth-auth-test",
+                "hostname": cfg.server.hostname,
+                "tls_protocol_version": "TLSv1.3",
+                "tls_cipher": "TLS_AES_256_GCM_SHA384",
+                **listener_meta,
+            }
+            meta = ConnMeta(start)
+            credentials = PlainCredentials(authz, authc, password, meta)
+            d = portal.login(credentials, AuthContext(credentials.authz, meta), IMessageDelivery)
+            d.addTimeout(cfg.auth.timeout, reactor)
+            label = ("first attempt", "second attempt (cache)")[n] if args.cache else "result"
+            try:
+                _, delivery, logout = await d
+                assert isinstance(delivery, Delivery)
+            except error.UnauthorizedLogin:
+                print(f"{label}: failure (535 5.7.8)")
+                result = EXIT_FAILURE
+                continue
+            except defer.TimeoutError:
+                print(f"{label}: tempfail (454 4.7.0): no answer within {cfg.auth.timeout}s")
+                result = EXIT_ERROR
+                continue
+            except Exception as e:
+                text = scrub(f"{type(e).__name__}: {e}", [password.encode("utf-8")])
+                print(f"{label}: tempfail (454 4.7.0): {text}")
+                result = EXIT_ERROR
+                continue
+            added = {k: v for k, v in meta.values_now().items() if k not in start or start[k] != v}
+            added.setdefault("authn_id", delivery.authn_id)
+            added.setdefault("authz_id", delivery.authz_id)
+            print(f"{label}: success (235 2.7.0)")
+            print("meta: " + json.dumps(added, sort_keys=True, ensure_ascii=False))
+            logout()
+            result = EXIT_SUCCESS
+    finally:
+        for checker in checkers:
+            await call_hook(checker, "stop")
+        await pool.stop()
+    return result
+
+
+def _log_errors_to_stderr() -> None:
+    """
+    Warnings and errors (a backend going down, a malformed stored hash)
+    on stderr, one line each, as the server would log them.
+    """
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

@@ -1,0 +1,282 @@
+"""
+The verified-credential cache (``[auth.cache]``, kumoauth.backends.cache):
+hits, misses, expiry, negative entries, meta replay, invalidation by a
+store change and by SIGHUP, errors never cached, the key never the
+password.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.cred import error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer, task
+from zope.interface import implementer
+
+from kumoauth.auth.cred import IPlainCredentials, PlainCredentials, make_portal
+from kumoauth.backends.base import BackendError, StoreChecker, Verdict
+from kumoauth.backends.cache import CredentialCache
+from kumoauth.config import CacheConfig, ConfigError, parse
+from kumoauth.meta import ConnMeta
+from kumoauth.ops.metrics import Metrics
+
+
+def result_of(d: defer.Deferred) -> Any:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "Deferred has not fired"
+    return box[0]
+
+
+class CountingStore:
+    """
+    A credential store whose answers the test sets, counting questions;
+    adds a tenant to the meta on success.
+    """
+
+    name = "counting"
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self.users = users
+        self.calls = 0
+        self.down = False
+        self.listeners: list[Any] = []
+
+    def check(self, authz: str, authc: str, password: str, conn_meta: Any) -> Verdict:
+        self.calls += 1
+        if self.down:
+            raise BackendError("connection refused")
+        if self.users.get(authc) == password and authz == authc:
+            return Verdict(True, {"tenant": authc.split("@")[-1]})
+        return Verdict(False)
+
+    def subscribe(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def changed(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+
+@pytest.fixture
+def clock() -> task.Clock:
+    return task.Clock()
+
+
+def make(clock: task.Clock, ttl: float = 300, negative_ttl: float = 30, max_entries: int = 100):
+    store = CountingStore({"alice@a.example": "right", "bob@b.example": "pw"})
+    metrics = Metrics()
+    cache = CredentialCache(clock, CacheConfig(ttl, negative_ttl, max_entries), metrics)
+    checker = StoreChecker(store, clock, metrics)
+    cache.watch([checker])
+    return store, cache, cache.wrap(checker), metrics
+
+
+def attempt(checker: Any, user: str, password: str, authz: str = "") -> tuple[Any, ConnMeta]:
+    meta = ConnMeta({"received_from": "192.0.2.1:5000"})
+    return result_of(checker.requestAvatarId(PlainCredentials(authz, user, password, meta))), meta
+
+
+def lookups(metrics: Metrics, result: str) -> float:
+    return metrics.registry.get_sample_value(
+        "kumoauth_auth_cache_lookups_total", {"result": result}
+    )
+
+
+def test_positive_hit_skips_the_store_and_replays_meta(clock):
+    store, cache, checker, metrics = make(clock)
+    first, meta1 = attempt(checker, "alice@a.example", "right")
+    second, meta2 = attempt(checker, "alice@a.example", "right")
+    assert first == second == "alice@a.example"
+    assert store.calls == 1
+    assert meta2.get_meta("tenant") == "a.example" == meta1.get_meta("tenant")
+    assert lookups(metrics, "miss") == 1 and lookups(metrics, "hit") == 1
+
+
+def test_entries_expire(clock):
+    store, cache, checker, _ = make(clock, ttl=300, negative_ttl=30)
+    attempt(checker, "alice@a.example", "right")
+    attempt(checker, "alice@a.example", "wrong")
+    clock.advance(29)
+    attempt(checker, "alice@a.example", "wrong")
+    assert store.calls == 2  # both answered from the cache
+    clock.advance(2)  # the negative entry expired, the positive one did not
+    failed, _ = attempt(checker, "alice@a.example", "wrong")
+    assert failed.check(error.UnauthorizedLogin) and store.calls == 3
+    attempt(checker, "alice@a.example", "right")
+    assert store.calls == 3
+    clock.advance(300)
+    attempt(checker, "alice@a.example", "right")
+    assert store.calls == 4
+
+
+def test_negative_hit_is_still_a_refusal(clock):
+    store, cache, checker, metrics = make(clock)
+    for _ in range(3):
+        failed, _ = attempt(checker, "alice@a.example", "wrong")
+        assert failed.check(error.UnauthorizedLogin)
+    assert store.calls == 1 and lookups(metrics, "negative_hit") == 2
+
+
+def test_every_part_of_the_attempt_is_in_the_key(clock):
+    store, cache, checker, _ = make(clock)
+    attempt(checker, "alice@a.example", "right")
+    # a different password, user or authz is not the cached success
+    assert attempt(checker, "alice@a.example", "righ")[0].check(error.UnauthorizedLogin)
+    assert attempt(checker, "alice@a.example", "right", authz="bob@b.example")[0].check(
+        error.UnauthorizedLogin
+    )
+    # length prefixes: "ab"+"c" and "a"+"bc" are different attempts
+    k1 = cache.key("ab", "c", b"x")
+    k2 = cache.key("a", "bc", b"x")
+    k3 = cache.key("a", "b", b"cx")
+    assert len({k1, k2, k3}) == 3
+    assert store.calls == 3
+
+
+def test_key_is_not_derived_from_the_password_alone():
+    clock = task.Clock()
+    one = CredentialCache(clock, CacheConfig())
+    two = CredentialCache(clock, CacheConfig())
+    # another process (another secret) cannot compute this process's keys
+    assert one.key("u", "u", b"pw") != two.key("u", "u", b"pw")
+    assert b"pw" not in one.key("u", "u", b"pw")
+
+
+def test_errors_are_not_cached_and_positive_entries_outlive_an_outage(clock):
+    store, cache, checker, _ = make(clock)
+    attempt(checker, "alice@a.example", "right")
+    store.down = True
+    ok, meta = attempt(checker, "alice@a.example", "right")
+    assert ok == "alice@a.example" and meta.get_meta("tenant") == "a.example"
+    failed, _ = attempt(checker, "bob@b.example", "pw")
+    assert not failed.check(error.UnauthorizedLogin)  # 454, not 535
+    store.down = False
+    assert attempt(checker, "bob@b.example", "pw")[0] == "bob@b.example"
+    assert store.calls == 3
+
+
+def test_a_store_change_clears_the_cache(clock):
+    store, cache, checker, _ = make(clock)
+    attempt(checker, "alice@a.example", "right")
+    attempt(checker, "alice@a.example", "new")
+    assert len(cache) == 2
+    store.users["alice@a.example"] = "new"
+    store.changed()
+    assert len(cache) == 0
+    assert attempt(checker, "alice@a.example", "new")[0] == "alice@a.example"
+    assert attempt(checker, "alice@a.example", "right")[0].check(error.UnauthorizedLogin)
+
+
+def test_a_store_is_subscribed_once(clock):
+    store, cache, checker, _ = make(clock)
+    cache.watch([checker])
+    cache.watch([checker])
+    assert len(store.listeners) == 1
+
+
+def test_ttl_zero_caches_nothing(clock):
+    store, cache, checker, _ = make(clock, ttl=0, negative_ttl=0)
+    for _ in range(2):
+        attempt(checker, "alice@a.example", "right")
+        attempt(checker, "alice@a.example", "wrong")
+    assert store.calls == 4 and len(cache) == 0
+
+
+def test_size_is_bounded_least_recently_used_first(clock):
+    store, cache, checker, _ = make(clock, max_entries=3)
+    for i in range(5):
+        attempt(checker, "alice@a.example", f"wrong{i}")
+    assert len(cache) == 3
+    calls = store.calls
+    attempt(checker, "alice@a.example", "wrong0")  # evicted: asks again
+    attempt(checker, "alice@a.example", "wrong4")  # kept
+    assert store.calls == calls + 1
+
+
+@implementer(ICredentialsChecker)
+class PolicyLike:
+    """
+    A checker that adds meta of its own (as a policy's tenant lookup does)
+    and changes a key that was already there.
+    """
+
+    credentialInterfaces = (IPlainCredentials,)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        self.calls += 1
+        credentials.conn_meta.set_meta("plan", "gold")
+        credentials.conn_meta.set_meta("received_from", "rewritten")
+        return defer.succeed(credentials.authc)
+
+
+def test_meta_replay_carries_only_what_the_checker_changed(clock):
+    inner = PolicyLike()
+    cache = CredentialCache(clock, CacheConfig())
+    portal_checker = cache.wrap(inner)
+    attempt(portal_checker, "carol", "pw")
+    ok, meta = attempt(portal_checker, "carol", "pw")
+    assert ok == "carol" and inner.calls == 1
+    assert meta.get_meta("plan") == "gold" and meta.get_meta("received_from") == "rewritten"
+
+
+def test_portal_wraps_a_chain_once(clock):
+    cache = CredentialCache(clock, CacheConfig())
+    a, b = PolicyLike(), PolicyLike()
+    portal = make_portal([a, b], wrap=cache.wrap)
+    (checker,) = portal.checkers.values()
+    assert type(checker).__name__ == "CachingChecker"
+
+
+# --- configuration and assembly ------------------------------------------------------
+
+BASE = (
+    '[server]\nhostname = "h"\n[[listener]]\nendpoint = "tcp:1"\ntls = "none"\n'
+    'auth_required = false\n[spool]\npath = "/tmp/kumoauth-cache-test"\n'
+)
+
+
+def test_cache_table_parses_with_defaults_and_checks_values():
+    assert parse(BASE).auth.cache is None
+    cfg = parse(BASE + "[auth.cache]\n")
+    assert cfg.auth.cache == CacheConfig(300.0, 30.0, 100_000)
+    assert parse(BASE + "[auth.cache]\nttl = 0\nnegative_ttl = 0\n").auth.cache.enabled is False
+    with pytest.raises(ConfigError, match=r"\[auth.cache\] ttl"):
+        parse(BASE + "[auth.cache]\nttl = -1\n")
+    with pytest.raises(ConfigError, match=r"\[auth.cache\] size: unknown key"):
+        parse(BASE + "[auth.cache]\nsize = 1\n")
+
+
+def test_assembly_wraps_the_checker_and_a_reload_clears_the_cache(tmp_path):
+    from kumoauth.ops.assembly import build_runtime
+    from kumoauth.policy import Invoker
+    from kumoauth.smtp.runtime import ProcessState
+
+    policy = tmp_path / "policy.py"
+    policy.write_text(
+        "from kumoauth import kumo\n"
+        "@kumo.on('smtp_server_auth_plain')\n"
+        "def check(authz, authc, password, conn_meta):\n"
+        "    return password == 'tiger'\n"
+    )
+    text = BASE + f'[policy]\npath = "{policy}"\n[auth.cache]\nttl = 60\n'
+    cfg = parse(text, tmp_path / "kumoauth.toml")
+    process = ProcessState(clock=task.Clock(), store=lambda m: defer.succeed(m.id))
+    first = build_runtime(cfg, process, None, Invoker())
+    (checker,) = first.portal.checkers.values()
+    assert type(checker).__name__ == "CachingChecker"
+    attempt(checker, "scott", "tiger")
+    assert len(process.credential_cache) == 1
+    second = build_runtime(cfg, process, None, Invoker(), previous=first)
+    assert process.credential_cache is not None and len(process.credential_cache) == 0
+    (checker2,) = second.portal.checkers.values()
+    assert checker2.cache is process.credential_cache
+    # without the table: no wrapper
+    plain = build_runtime(parse(BASE + f'[policy]\npath = "{policy}"\n'), process, None, Invoker())
+    (checker3,) = plain.portal.checkers.values()
+    assert type(checker3).__name__ == "PolicyChecker"
