@@ -287,6 +287,9 @@ class HashStore:
         self.reactor = default_reactor(reactor)
         self.pool = pool if pool is not None else ReactorThreads(self.reactor)
         self.dummy_scheme = "ARGON2ID"
+        #: a hash of a random password with the store's own costs (set by a
+        #: store that knows them); preferred over a dummy of dummy_scheme
+        self.dummy_hash: str | None = None
         self.bad_entries = OncePer()
         self.listeners: list[Callable[[], None]] = []
 
@@ -319,7 +322,10 @@ class HashStore:
         found: Any = await defer.maybeDeferred(self.lookup, authc)
         entry: Entry | None = found
         if entry is None:
-            await self.pool.call(_dummy_verify, self.dummy_scheme, password)
+            if self.dummy_hash is not None:
+                await self.pool.call(_dummy_verify_hash, self.dummy_hash, password)
+            else:
+                await self.pool.call(_dummy_verify, self.dummy_scheme, password)
             return DENIED
         try:
             ok = await self.pool.call(_verify, entry.hash, password)
@@ -340,6 +346,14 @@ class HashStore:
 
 def _verify(stored: str, password: str) -> bool:
     return schemes.verify(stored, password)
+
+
+def _dummy_verify_hash(stored: str, password: str) -> bool:
+    try:
+        schemes.verify(stored, password)
+    except ValueError:
+        schemes.verify(schemes.dummy("ARGON2ID"), password)
+    return False
 
 
 def _dummy_verify(scheme: str, password: str) -> bool:
