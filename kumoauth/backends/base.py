@@ -40,6 +40,7 @@ from zope.interface import Attribute, Interface, implementer
 from kumoauth.auth.checkers import ICheckerLifecycle
 from kumoauth.auth.cred import BackendUnavailable, IPlainCredentials
 from kumoauth.backends import schemes
+from kumoauth.ops.threads import QueueFull
 from kumoauth.textsafe import escape
 
 log = Logger(namespace="kumoauth.backends")
@@ -153,6 +154,20 @@ class OncePer:
         self.seen.clear()
 
 
+#: conn_meta keys kumoauth sets itself: a store's meta never replaces them
+RESERVED_META = frozenset(
+    {
+        "authn_id",
+        "authz_id",
+        "received_from",
+        "received_via",
+        "hostname",
+        "reception_protocol",
+        "ehlo_domain",
+    }
+)
+
+
 @implementer(ICredentialsChecker, ICheckerLifecycle)
 class StoreChecker:
     """
@@ -168,6 +183,7 @@ class StoreChecker:
         self.clock = clock
         self.metrics = metrics
         self.health = BackendHealth(store.name)
+        self.reserved_logged = OncePer(100)
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
         started = self.clock.seconds()
@@ -185,6 +201,14 @@ class StoreChecker:
             if not isinstance(verdict, Verdict) or not verdict.ok:
                 raise error.UnauthorizedLogin()
             for key, value in verdict.meta.items():
+                if key in RESERVED_META or key.startswith("tls_"):
+                    if self.reserved_logged.first(key):
+                        log.warn(
+                            "auth backend {backend}: ignoring meta key {key} (kumoauth's own)",
+                            backend=self.store.name,
+                            key=escape(key, 64),
+                        )
+                    continue
                 credentials.conn_meta.set_meta(key, value)
             return credentials.authc
 
@@ -322,13 +346,18 @@ class HashStore:
         found: Any = await defer.maybeDeferred(self.lookup, authc)
         entry: Entry | None = found
         if entry is None:
-            if self.dummy_hash is not None:
-                await self.pool.call(_dummy_verify_hash, self.dummy_hash, password)
-            else:
-                await self.pool.call(_dummy_verify, self.dummy_scheme, password)
+            try:
+                if self.dummy_hash is not None:
+                    await self.pool.call(_dummy_verify_hash, self.dummy_hash, password)
+                else:
+                    await self.pool.call(_dummy_verify, self.dummy_scheme, password)
+            except QueueFull:
+                raise BackendError(BUSY, outage=False) from None
             return DENIED
         try:
             ok = await self.pool.call(_verify, entry.hash, password)
+        except QueueFull:
+            raise BackendError(BUSY, outage=False) from None
         except schemes.SchemeError as e:
             where = f" ({entry.where})" if entry.where else ""
             if self.bad_entries.first((authc, entry.hash)):
@@ -342,6 +371,9 @@ class HashStore:
                 )
             raise BackendError(f"unusable stored hash for a user{where}", outage=False) from None
         return Verdict(True, entry.meta) if ok else DENIED
+
+
+BUSY = "too many checks waiting for a thread"
 
 
 def _verify(stored: str, password: str) -> bool:

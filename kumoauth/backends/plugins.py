@@ -42,7 +42,7 @@ STORES: dict[str, tuple[str, str, str]] = {
     "sql": (
         "kumoauth.backends.sql",
         "A SQL query (SQLAlchemy) returning the user's password hash.",
-        "see kumoauth.backends.sql.from_argstring",
+        "PATH of a TOML file holding the [auth.sql] keys",
     ),
     "http": (
         "kumoauth.backends.http",
