@@ -96,6 +96,25 @@ class ThrottleConfig:
     max_failures_per_ip: int = 10
     max_failures_per_authc: int = 5
     store: str = "memory"
+    #: "closed": 454 while the store is unreachable; "open": let AUTH through
+    on_store_error: str = "closed"
+    #: IPv6 clients are counted per network of this many bits
+    ipv6_prefix: int = 64
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """
+    ``[limits]``: per authenticated user (authn_id) sending limits over a
+    window, across every instance sharing the store.  None: no limit of
+    that kind.
+    """
+
+    window: float = 3600.0
+    max_messages_per_user: int | None = None
+    max_recipients_per_user: int | None = None
+    store: str = "memory"
+    on_store_error: str = "closed"
 
 
 @dataclass(frozen=True)
@@ -208,6 +227,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     relay: RelayConfig | None = None
+    #: ``[limits]``, or None without the table (no sending limits)
+    limits: LimitsConfig | None = None
 
 
 # --- schema ---------------------------------------------------------------
@@ -303,6 +324,13 @@ def _port(v: Any) -> int:
     return port
 
 
+def _prefix(v: Any) -> int:
+    bits = _int(0)(v)
+    if bits > 128:
+        raise _Bad(f"must be an IPv6 prefix length (0-128), got {bits}")
+    return bits
+
+
 def _schedule(v: Any) -> tuple[float, ...]:
     if not isinstance(v, list) or not v:
         raise _Bad(f"expected a non-empty list of seconds, got {_show(v)}")
@@ -366,6 +394,15 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_failures_per_ip": _int(1),
         "max_failures_per_authc": _int(1),
         "store": _str,
+        "on_store_error": _choice("closed", "open"),
+        "ipv6_prefix": _prefix,
+    },
+    "limits": {
+        "window": _number(1.0),
+        "max_messages_per_user": _int(1),
+        "max_recipients_per_user": _int(1),
+        "store": _str,
+        "on_store_error": _choice("closed", "open"),
     },
     "auth.cache": {
         "ttl": _number(0.0),
@@ -527,12 +564,16 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
 
     metrics = MetricsConfig(**_section(source, "metrics", data.get("metrics", {})))
     relay = _relay(source, data["relay"]) if "relay" in data else None
+    limits = None
+    if "limits" in data:
+        limits = LimitsConfig(**_section(source, "limits", data["limits"]))
 
     return Config(
         source=source,
         log=log,
         metrics=metrics,
         relay=relay,
+        limits=limits,
         server=ServerConfig(**server),
         tls=tls,
         listeners=listeners,

@@ -30,6 +30,7 @@ EVENTS = (
     "smtp_server_mail_from",
     "smtp_server_rcpt_to",
     "smtp_server_message_received",
+    "smtp_server_limit_exceeded",
 )
 
 Handler = Callable[..., Any]

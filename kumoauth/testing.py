@@ -38,13 +38,15 @@ from twisted.python.failure import Failure
 
 from kumoauth.auth.cred import PolicyChecker, make_portal
 from kumoauth.auth.throttle import MemoryFailureStore, Throttle
-from kumoauth.config import AuthConfig, ListenerConfig, ServerConfig
+from kumoauth.config import AuthConfig, LimitsConfig, ListenerConfig, ServerConfig
 from kumoauth.meta import ConnMeta
 from kumoauth.policy import Policy, Reject, invoke, load_policy
+from kumoauth.smtp.limits import SendingLimits
 from kumoauth.smtp.protocol import SubmissionFactory, SubmissionProtocol
 from kumoauth.smtp.runtime import ProcessState, Runtime
 from kumoauth.storage.delivery import Message
 from kumoauth.storage.spool import Spool, SpooledMessage, release_store
+from kumoauth.stores.memory import MemoryStore
 
 __all__ = [
     "Reject",
@@ -155,6 +157,8 @@ class Session:
         clock: Clock | None = None,
         runtime: Runtime | None = None,
         connect: bool = True,
+        limits: LimitsConfig | None = None,
+        limits_store: Any = None,
     ) -> None:
         self.clock = clock or Clock()
         self.spool = Spool(spool_dir)
@@ -169,6 +173,17 @@ class Session:
             process = ProcessState(
                 clock=self.clock, store=store, tls=_NO_TLS if tls != "none" else None
             )
+            sending_limits = None
+            if limits is not None:
+                sending_limits = SendingLimits(
+                    limits_store if limits_store is not None else MemoryStore(self.clock),
+                    limits,
+                    process.limits_store_state,
+                    process.log_limiter,
+                    process.metrics,
+                    policy,
+                    invoke,
+                )
             runtime = Runtime(
                 process=process,
                 server=server or ServerConfig(hostname="mail.example.com"),
@@ -176,6 +191,7 @@ class Session:
                 policy=policy,
                 portal=make_portal(list(checkers), store),
                 throttle=Throttle(MemoryFailureStore(self.clock), auth.throttle),
+                sending_limits=sending_limits,
             )
         self.runtime = runtime
         listener = ListenerConfig(

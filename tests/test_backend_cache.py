@@ -280,3 +280,32 @@ def test_assembly_wraps_the_checker_and_a_reload_clears_the_cache(tmp_path):
     plain = build_runtime(parse(BASE + f'[policy]\npath = "{policy}"\n'), process, None, Invoker())
     (checker3,) = plain.portal.checkers.values()
     assert type(checker3).__name__ == "PolicyChecker"
+
+
+def test_invalidation_reaches_every_process_sharing_the_store(clock):
+    """
+    Two caches (two processes) following one shared store's generation: a
+    clear in one empties the other within a poll interval.
+    """
+    from kumoauth.stores.memory import MemoryStore
+
+    class Shared(MemoryStore):
+        shared = True
+
+    shared = Shared(clock)
+    store_a, cache_a, checker_a, _ = make(clock)
+    store_b, cache_b, checker_b, _ = make(clock)
+    cache_a.share(shared)
+    cache_b.share(shared)
+    attempt(checker_a, "alice@a.example", "right")
+    attempt(checker_b, "alice@a.example", "right")
+    assert len(cache_a) == len(cache_b) == 1
+    store_a.changed()  # a passwd-file re-read in process A
+    assert len(cache_a) == 0 and len(cache_b) == 1
+    clock.advance(1.0)
+    assert len(cache_b) == 0
+    attempt(checker_b, "alice@a.example", "right")
+    clock.advance(1.0)
+    assert len(cache_b) == 1  # no change since: kept
+    cache_a.stop()
+    cache_b.stop()

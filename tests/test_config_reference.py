@@ -46,6 +46,7 @@ DATACLASSES = {
     "log": config.LogConfig,
     "metrics": config.MetricsConfig,
     "relay": config.RelayConfig,
+    "limits": config.LimitsConfig,
 }
 
 #: every table an operator can write: kumoauth's own, and the built-in

@@ -491,21 +491,24 @@ def test_five_distinct_wrong_passwords_lock_through_the_protocol(world):
     assert attempt(connect("203.0.113.9"), "alice", "wonderland").startswith("235")
 
 
+seen_specs: list[str] = []
+
+
+def kv_factory(spec, clock):
+    seen_specs.append(spec)
+    if spec.endswith("bad"):
+        raise ValueError("no such database")
+    return MemoryFailureStore(clock)
+
+
 def test_registered_store_schemes(monkeypatch):
-    from kumoauth.auth import throttle
+    from kumoauth import stores
 
-    seen = []
-
-    def factory(spec, clock):
-        seen.append(spec)
-        if spec.endswith("bad"):
-            raise ValueError("no such database")
-        return MemoryFailureStore(clock)
-
-    monkeypatch.setitem(throttle.STORES, "kv", factory)
+    monkeypatch.setitem(stores.STORES, "kv", "tests.test_throttle:kv_factory")
+    seen_specs.clear()
     clock = task.Clock()
     assert isinstance(make_store("kv://127.0.0.1/0", clock), MemoryFailureStore)
-    assert seen == ["kv://127.0.0.1/0"]
+    assert seen_specs == ["kv://127.0.0.1/0"]
     with pytest.raises(ValueError, match='"kv://host/bad": no such database'):
         make_store("kv://host/bad", clock)
     with pytest.raises(ValueError, match='is not one of "memory"'):

@@ -25,9 +25,10 @@ from kumoauth.auth.mechanisms import REGISTRY
 from kumoauth.auth.throttle import Throttle
 from kumoauth.config import AuthConfig
 from kumoauth.meta import ConnMeta
-from kumoauth.ops.loglimit import LogLimiter
+from kumoauth.ops.loglimit import LogLimiter, StateLog
 from kumoauth.ops.metrics import Metrics
 from kumoauth.storage.delivery import Delivery, IMessageDelivery
+from kumoauth.stores import StoreUnavailable
 from kumoauth.textsafe import escape
 
 log = Logger(namespace="kumoauth")
@@ -179,6 +180,7 @@ class Authenticator:
         log: AuthLog,
         in_flight: InFlight,
         throttle: Throttle | None = None,
+        store_state: StateLog | None = None,
     ) -> None:
         self.portal = portal
         self.clock = clock
@@ -186,6 +188,8 @@ class Authenticator:
         self.log = log
         self.in_flight = in_flight
         self.throttle = throttle
+        #: the failure store's state, logged once per change
+        self.store_state = store_state if store_state is not None else StateLog("failure store")
 
     def authenticate(self, attempt: Attempt, credentials: Any) -> defer.Deferred[Outcome]:
         """
@@ -210,13 +214,29 @@ class Authenticator:
                     return self._check(attempt, credentials)
                 return self._throttled(attempt, verdict.reason, verdict.retry_after)
 
-            def store_failed(f: Failure) -> Outcome:
+            def store_failed(f: Failure) -> Any:
+                if f.check(defer.CancelledError):
+                    return f
+                if not f.check(StoreUnavailable, defer.TimeoutError):
+                    log.failure("failure store: unexpected error", f)
+                open_ = self.auth.throttle.on_store_error == "open"
+                self.store_state.failed(
+                    f.getErrorMessage() or type(f.value).__name__,
+                    "AUTH goes on without throttles (on_store_error = open)"
+                    if open_
+                    else "AUTH gets 454 (on_store_error = closed)",
+                )
+                if open_:
+                    return self._check(attempt, credentials)
                 # Fail closed: without counters, brute force is unlimited.
-                log.failure("failure store unavailable", f)
                 self.log.record(attempt, "tempfail", reason="store")
                 return Outcome("tempfail", R_TEMPFAIL)
 
-            d = checked.addCallbacks(decide, store_failed)
+            def store_answered(verdict: Any) -> Any:
+                self.store_state.succeeded()
+                return decide(verdict)
+
+            d = checked.addCallbacks(store_answered, store_failed)
         return d.addErrback(self._bug, attempt)
 
     def _bug(self, f: Failure, attempt: Attempt) -> Outcome:
@@ -292,6 +312,12 @@ class Authenticator:
 
         return d.addCallbacks(success, failure)
 
+    def _record_failed(self, f: Failure) -> None:
+        if f.check(StoreUnavailable, defer.TimeoutError):
+            self.store_state.failed(f.getErrorMessage() or "timeout", "")
+            return
+        log.failure("recording a failed attempt", f)
+
     def _latency(self, attempt: Attempt) -> float:
         if attempt.checked_at is None:
             return 0.0
@@ -307,7 +333,7 @@ class Authenticator:
         if self.throttle is not None and credentials.authc:
             self.throttle.failed(
                 attempt.client_ip, credentials.authc, getattr(credentials, "password", b"")
-            ).addErrback(lambda f: log.failure("recording a failed attempt", f))
+            ).addErrback(self._record_failed)
         self.log.record(attempt, "failure", latency=latency)
         outcome = Outcome("failure", R_FAILED)
         wait = max(0.0, attempt.started + self.auth.failure_delay - self.clock.seconds())

@@ -29,117 +29,26 @@ still checked (see docs/security.md).
 The counters live behind :class:`IFailureStore`, whose methods return
 Deferreds, so several kumoauth instances can share one store (Redis)
 without the protocol changing; :meth:`IFailureStore.record` adds and counts
-in one atomic step.  :class:`MemoryFailureStore` is the per-process
-implementation.
+in one atomic step.  The stores live in :mod:`kumoauth.stores`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib
 import ipaddress
 import os
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
-from zope.interface import Interface, implementer
 
 from kumoauth.config import ThrottleConfig
+from kumoauth.stores import IFailureStore, make_store  # noqa: F401  (re-exported)
+from kumoauth.stores.memory import MemoryFailureStore  # noqa: F401  (re-exported)
 
 #: bytes kept of each HMAC-SHA256 fingerprint
 FINGERPRINT_SIZE = 12
-
-
-class IFailureStore(Interface):
-    """
-    Sliding-window sets of failed-attempt fingerprints, by key.
-
-    A key holds at most *keep* fingerprints (the most recently seen); a
-    fingerprint seen again within the window is refreshed, not added, so the
-    count is the number of *distinct* failures in the window, capped at
-    *keep*.  A shared implementation must make :meth:`record` atomic (one
-    Lua script or MULTI in Redis) so that parallel connections get exact
-    counts.
-    """
-
-    def record(key: str, fingerprint: bytes, window: float, keep: int) -> defer.Deferred[int]:
-        """
-        Atomically: drop what is older than *window* seconds under *key*,
-        add *fingerprint* now (or refresh its time if already there), drop
-        the oldest beyond *keep*, and fire with the distinct count now in the
-        window (at most *keep*).
-        """
-
-    def count(key: str, window: float) -> defer.Deferred[tuple[int, float]]:
-        """
-        Fire with ``(failures, retry_after)``: the distinct failures under
-        *key* in the last *window* seconds, and the seconds until the oldest
-        of them leaves the window (``0.0`` when there are none).
-        """
-
-
-@implementer(IFailureStore)
-class MemoryFailureStore:
-    """
-    Per-process store: per key, an insertion-ordered map of fingerprint to
-    the time it was last seen.  At most *keep* fingerprints per key, and
-    keys whose failures have all expired are swept out, so memory follows
-    the attack, not its history.
-    """
-
-    #: sweep expired keys after this many records
-    SWEEP_EVERY = 1024
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self.clock = clock
-        self._keys: dict[str, OrderedDict[bytes, float]] = {}
-        self._records = 0
-
-    def _prune(self, key: str, window: float, now: float) -> OrderedDict[bytes, float] | None:
-        seen = self._keys.get(key)
-        if seen is None:
-            return None
-        horizon = now - window
-        while seen and next(iter(seen.values())) <= horizon:
-            seen.popitem(last=False)
-        if not seen:
-            del self._keys[key]
-            return None
-        return seen
-
-    def record(self, key: str, fingerprint: bytes, window: float, keep: int) -> defer.Deferred[int]:
-        now = self.clock.seconds()
-        seen = self._prune(key, window, now)
-        if seen is None:
-            seen = self._keys[key] = OrderedDict()
-        seen.pop(fingerprint, None)
-        seen[fingerprint] = now
-        while len(seen) > max(keep, 1):
-            seen.popitem(last=False)
-        self._records += 1
-        if self._records % self.SWEEP_EVERY == 0:
-            for k in list(self._keys):
-                self._prune(k, window, now)
-        return defer.succeed(len(seen))
-
-    def count(self, key: str, window: float) -> defer.Deferred[tuple[int, float]]:
-        now = self.clock.seconds()
-        seen = self._prune(key, window, now)
-        if seen is None:
-            return defer.succeed((0, 0.0))
-        oldest = next(iter(seen.values()))
-        return defer.succeed((len(seen), max(0.0, oldest + window - now)))
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __repr__(self) -> str:
-        return f"<MemoryFailureStore: {len(self._keys)} keys>"
 
 
 def client_key(ip: str, ipv6_prefix: int = 64) -> str:
@@ -204,14 +113,31 @@ class Throttle:
         self.store = store
         self.config = config
         self.ipv6_prefix = ipv6_prefix
-        self._salt = os.urandom(32) if salt is None else salt
+        # A store shared by several processes (Redis) gives the salt: the
+        # same wrong password tried through two instances counts once.
+        self._salt: bytes | None = None
+        if not getattr(store, "shared", False):
+            self._salt = os.urandom(32) if salt is None else salt
 
     @property
-    def salt(self) -> bytes:
+    def salt(self) -> bytes | None:
         """
-        The fingerprint key, to hand to the throttle a reload builds.
+        The fingerprint key, to hand to the throttle a reload builds (None
+        until a shared store has given it).
         """
         return self._salt
+
+    def _with_salt(self) -> defer.Deferred[bytes]:
+        if self._salt is not None:
+            return defer.succeed(self._salt)
+
+        def got(secret: bytes) -> bytes:
+            self._salt = secret
+            return secret
+
+        shared: Any = self.store  # a shared store also provides ISharedState
+        d: defer.Deferred[bytes] = shared.secret("fingerprint-salt")
+        return d.addCallback(got)
 
     def client_key(self, ip: str) -> str:
         return client_key(ip, self.ipv6_prefix)
@@ -228,6 +154,7 @@ class Throttle:
         """
         if isinstance(password, str):
             password = password.encode("utf-8")
+        assert self._salt is not None, "fingerprint before the shared salt arrived"
         message = authc.casefold().encode("utf-8") + b"\x00" + password
         return hmac.new(self._salt, message, hashlib.sha256).digest()[:FINGERPRINT_SIZE]
 
@@ -262,56 +189,24 @@ class Throttle:
         window.
         """
         cfg = self.config
-        fp = self.fingerprint(authc, password)
-        d: defer.Deferred[list[int]] = defer.gatherResults(
-            [
-                self.store.record(self.client_key(ip), fp, cfg.window, cfg.max_failures_per_ip),
-                self.store.record(authc_key(authc), fp, cfg.window, cfg.max_failures_per_authc),
-            ],
-            consumeErrors=True,
-        )
-        return d.addCallback(lambda counts: (counts[0], counts[1]))
+
+        def record(_: bytes) -> defer.Deferred[tuple[int, int]]:
+            fp = self.fingerprint(authc, password)
+            d: defer.Deferred[list[int]] = defer.gatherResults(
+                [
+                    self.store.record(self.client_key(ip), fp, cfg.window, cfg.max_failures_per_ip),
+                    self.store.record(authc_key(authc), fp, cfg.window, cfg.max_failures_per_authc),
+                ],
+                consumeErrors=True,
+            )
+            d.addErrback(_first_error)
+            return d.addCallback(lambda counts: (counts[0], counts[1]))
+
+        return self._with_salt().addCallback(record)
 
 
-StoreFactory = Callable[[str, IReactorTime], IFailureStore]
-
-#: failure-store factories by the scheme of ``[auth.throttle] store``
-#: ("memory"; a shared store registers "redis", "rediss", "unix"), each
-#: called with the whole setting and the reactor
-STORES: dict[str, StoreFactory] = {
-    "memory": lambda spec, clock: MemoryFailureStore(clock),
-}
-
-
-def register_store(scheme: str, factory: StoreFactory) -> None:
-    """
-    Make ``store = "<scheme>"`` or ``"<scheme>://…"`` build a store with *factory*.
-    """
-    STORES[scheme] = factory
-
-
-def make_store(spec: str, clock: IReactorTime) -> IFailureStore:
-    """
-    A registered store (``"memory"``, ``"<scheme>://…"``), or
-    ``"package.module:factory"`` called with the reactor.  Raises
-    ``ValueError`` with one line.
-    """
-    scheme = spec.split("://", 1)[0] if "://" in spec else spec
-    factory = STORES.get(scheme)
-    if factory is not None:
-        try:
-            store = factory(spec, clock)
-        except ValueError as e:
-            raise ValueError(f'"{spec}": {e}') from None
-    else:
-        module_name, sep, attr = spec.partition(":")
-        if not sep or "/" in spec:
-            known = ", ".join(f'"{name}"' for name in STORES)
-            raise ValueError(f'"{spec}" is not one of {known} or "package.module:factory"')
-        try:
-            store = getattr(importlib.import_module(module_name), attr)(clock)
-        except Exception as e:
-            raise ValueError(f"{spec}: {type(e).__name__}: {e}") from None
-    if not IFailureStore.providedBy(store):
-        raise ValueError(f"{spec} did not return an IFailureStore")
-    return store
+def _first_error(f: Any) -> Any:
+    """The failure inside gatherResults' FirstError (StoreUnavailable, say)."""
+    if f.check(defer.FirstError):
+        return f.value.subFailure
+    return f

@@ -21,7 +21,10 @@ The cache remembers recent answers:
   still-valid positive entry exists, so users seen recently keep working
   through a short outage.
 - **Invalidation**: :meth:`CredentialCache.clear` on SIGHUP and whenever a
-  store reports a content change (``subscribe``: a passwd-file re-read).
+  store reports a content change (``subscribe``: a passwd-file re-read);
+  with a shared ``[auth.throttle] store`` (Redis), through a generation
+  number every process polls each second, so one instance's invalidation
+  reaches all.
 - **Bounded**: at most ``max_entries``, the least recently used dropped
   first; expired entries are dropped when met.
 """
@@ -44,6 +47,11 @@ from kumoauth.auth.cred import IPlainCredentials
 from kumoauth.config import CacheConfig
 
 _MISSING = object()
+
+#: the shared store's name for the cache generation
+GENERATION = "credential-cache"
+#: seconds between looks at the shared generation
+POLL_INTERVAL = 1.0
 
 
 class _Entry:
@@ -68,6 +76,9 @@ class CredentialCache:
         self._secret = os.urandom(32)
         self._entries: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
         self._subscribed: set[int] = set()
+        self._shared: Any = None
+        self._poll: Any = None
+        self._generation: int | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -77,7 +88,52 @@ class CredentialCache:
         self.clear()
 
     def clear(self) -> None:
+        """
+        Drop every entry here and, with a shared store, everywhere: the
+        generation it keeps is bumped, and every process polling it clears
+        its own cache within :data:`POLL_INTERVAL`.
+        """
         self._entries.clear()
+        if self._shared is not None:
+            self._shared.bump(GENERATION).addErrback(lambda f: None)  # the store logs outages
+
+    def share(self, store: Any) -> None:
+        """
+        Follow *store*'s cache generation when other processes share it
+        (``[auth.throttle] store`` is Redis): a passwd-file re-read or a
+        SIGHUP on any instance clears every instance's cache.
+        """
+        if not getattr(store, "shared", False):
+            store = None
+        if store is self._shared:
+            return
+        self._shared = store
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        self._poll = None
+        self._generation = None
+        if store is not None:
+            from twisted.internet.task import LoopingCall
+
+            self._poll = LoopingCall(self._check_generation)
+            self._poll.clock = self.clock
+            self._poll.start(POLL_INTERVAL, now=True)
+
+    def _check_generation(self) -> None:
+        store = self._shared
+        if store is None:
+            return
+
+        def got(generation: int) -> None:
+            if self._generation is not None and generation != self._generation:
+                self._entries.clear()
+            self._generation = generation
+
+        store.generation(GENERATION).addCallbacks(got, lambda f: None)
+
+    def stop(self) -> None:
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
 
     def key(self, authz: str, authc: str, password: bytes) -> bytes:
         mac = hmac.new(self._secret, digestmod=hashlib.sha256)

@@ -24,6 +24,7 @@ from kumoauth.config import Config, ConfigError, load
 from kumoauth.policy import Invoker, Policy, PolicyError, load_policy
 from kumoauth.relay.queue import QueueError, QueueLocked, QueueStore, SegmentWriter
 from kumoauth.relay.scheduler import RelaySettings
+from kumoauth.smtp.limits import SendingLimits
 from kumoauth.smtp.runtime import ProcessState, Runtime
 from kumoauth.tls.context import ServerContextFactory, TLSError, build_context, make_self_signed
 
@@ -119,11 +120,12 @@ def build_checkers(
     return [checker], (spec, checker)
 
 
-def _cache(cfg: Config, process: ProcessState, checkers: list[Any]) -> Any:
+def _cache(cfg: Config, process: ProcessState, checkers: list[Any], shared: Any) -> Any:
     """
     The ``[auth.cache]`` wrapper for this generation's checker, or None.
     The cache lives as long as the process; each build (start-up,
-    SIGHUP) clears it, so a reload invalidates every entry.
+    SIGHUP) clears it, so a reload invalidates every entry.  With a
+    *shared* throttle store, invalidations reach every instance.
     """
     settings = cfg.auth.cache
     if settings is None or not settings.enabled:
@@ -134,11 +136,9 @@ def _cache(cfg: Config, process: ProcessState, checkers: list[Any]) -> Any:
 
     cache = process.credential_cache
     if cache is None:
-        cache = process.credential_cache = CredentialCache(
-            process.clock, settings, process.metrics
-        )
-    else:
-        cache.configure(settings)
+        cache = process.credential_cache = CredentialCache(process.clock, settings, process.metrics)
+    cache.share(shared)
+    cache.configure(settings)
     cache.watch(checkers)
     return cache.wrap
 
@@ -166,28 +166,59 @@ def build_runtime(
     if policy is None:
         policy = build_policy(cfg)
     checker_list, checker = build_checkers(cfg, policy, process, override, invoker, previous)
-    spec = cfg.auth.throttle.store
-    store = process.failure_stores.get(spec)
-    if store is None:
-        try:
-            store = make_store(spec, clock)
-        except ValueError as e:
-            raise OperatorError(f"{cfg.source}: [auth.throttle] store: {e}") from None
+    # One store per setting, shared by the throttle and [limits] when they
+    # name the same one, and kept across reloads while it is still named.
+    stores: dict[str, Any] = {}
+
+    def store_for(spec: str, where: str) -> Any:
+        if spec not in stores:
+            found = process.failure_stores.get(spec)
+            if found is None:
+                try:
+                    found = make_store(spec, clock)
+                except ValueError as e:
+                    raise OperatorError(f"{cfg.source}: {where} store: {e}") from None
+            stores[spec] = found
+        return stores[spec]
+
+    store = store_for(cfg.auth.throttle.store, "[auth.throttle]")
+    limits = None
+    if cfg.limits is not None:
+        limits = SendingLimits(
+            store_for(cfg.limits.store, "[limits]"),
+            cfg.limits,
+            process.limits_store_state,
+            process.log_limiter,
+            process.metrics,
+            policy,
+            invoker,
+        )
     runtime = Runtime(
         process=process,
         server=cfg.server,
         auth=cfg.auth,
         policy=policy,
-        portal=make_portal(checker_list, process.store, wrap=_cache(cfg, process, checker_list)),
+        portal=make_portal(
+            checker_list, process.store, wrap=_cache(cfg, process, checker_list, store)
+        ),
         invoke=invoker,
-        throttle=Throttle(store, cfg.auth.throttle, salt=process.throttle_salt),
+        throttle=Throttle(
+            store,
+            cfg.auth.throttle,
+            salt=process.throttle_salt,
+            ipv6_prefix=cfg.auth.throttle.ipv6_prefix,
+        ),
         policy_timeout=cfg.policy.timeout,
         handshake_timeout=cfg.tls.handshake_timeout if cfg.tls is not None else 30.0,
         checker=checker,
+        sending_limits=limits,
     )
     # Nothing can fail from here on.
+    for spec, old in process.failure_stores.items():
+        if spec not in stores and hasattr(old, "close"):
+            old.close()  # a store no longer named (a shared one's connection)
     process.failure_stores.clear()
-    process.failure_stores[spec] = store
+    process.failure_stores.update(stores)
     if tls is not None:
         if process.tls is None:
             process.tls = tls

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+_log = Logger(namespace="kumoauth")
 
 #: seconds during which repeats of one (client, kind) are summarised
 INTERVAL = 60.0
@@ -63,3 +66,40 @@ class LogLimiter:
 
     def __len__(self) -> int:
         return len(self._windows)
+
+
+class StateLog:
+    """
+    One log line per change of a dependency's state: the first failure
+    after success (with the reason and what it means for clients), and the
+    first success after failures (with how many there were), never one line
+    per attempt.  Process-lived: a reload keeps it.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.down: str | None = None
+        self.failures = 0
+
+    def failed(self, reason: str, consequence: str = "") -> None:
+        from kumoauth.textsafe import escape
+
+        if self.down is None:
+            self.down = reason
+            self.failures = 0
+            _log.error(
+                "{what} unavailable: {reason}{consequence}",
+                what=self.what,
+                reason=escape(reason, 300),
+                consequence=f"; {consequence}" if consequence else "",
+            )
+        self.failures += 1
+
+    def succeeded(self) -> None:
+        if self.down is not None:
+            _log.info(
+                "{what} available again ({n} operations met it down)",
+                what=self.what,
+                n=self.failures,
+            )
+            self.down = None

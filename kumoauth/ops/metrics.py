@@ -66,6 +66,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.limit_exceeded = Counter(
+            "kumoauth_limit_exceeded",
+            "MAIL or RCPT refused by a [limits] sending limit, by kind and user",
+            ["kind", "user"],
+            registry=r,
+        )
         self.throttle_hits = Counter(
             "kumoauth_throttle_hits",
             "AUTH attempts refused by a throttle",

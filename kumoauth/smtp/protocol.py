@@ -49,6 +49,7 @@ from kumoauth.smtp.data import (
     received_header,
     strip_identity_header,
 )
+from kumoauth.smtp.limits import MESSAGES, RECIPIENTS
 from kumoauth.smtp.runtime import Runtime
 from kumoauth.storage.delivery import Delivery, Message
 from kumoauth.storage.spool import SpoolError, new_id
@@ -665,7 +666,10 @@ class SubmissionProtocol(Protocol):
             self._rcpts = []
             self._send(b"250 2.1.0 Sender OK")
 
-        self._call_policy("smtp_server_mail_from", (path.address, self.conn_meta), accept)
+        def counted() -> None:
+            self._within_limit(MESSAGES, accept)
+
+        self._call_policy("smtp_server_mail_from", (path.address, self.conn_meta), counted)
 
     def smtp_RCPT(self, arg: bytes) -> None:
         if self._mail_from is None:
@@ -688,7 +692,39 @@ class SubmissionProtocol(Protocol):
             self._rcpts.append(path.address)
             self._send(b"250 2.1.5 Recipient OK")
 
-        self._call_policy("smtp_server_rcpt_to", (path.address, self.conn_meta), accept)
+        def counted() -> None:
+            self._within_limit(RECIPIENTS, accept)
+
+        self._call_policy("smtp_server_rcpt_to", (path.address, self.conn_meta), counted)
+
+    def _within_limit(self, kind: str, then: Callable[[], None]) -> None:
+        """
+        Count one more of *kind* against the user's ``[limits]``, then
+        *then*; over the limit (or the store down, failing closed), the
+        reply instead.
+        """
+        limits = self.rt.sending_limits
+        user = self.delivery.authn_id if self.delivery is not None else None
+        if limits is None or user is None:
+            then()
+            return
+
+        def checked(reply: bytes | None) -> None:
+            if reply is None:
+                then()
+            else:
+                self._send(reply)
+
+        def failed(f: Failure) -> None:
+            log.failure("sending limits for {client}", f, client=self.client)
+            self._send(R_INTERNAL)
+
+        self._wait(
+            limits.check(kind, user, self.conn_meta),
+            checked,
+            failed,
+            timeout=self.rt.policy_timeout,
+        )
 
     def smtp_DATA(self, arg: bytes) -> None:
         if arg:

@@ -23,9 +23,10 @@ from twisted.internet.interfaces import IReactorTime
 from kumoauth.auth.authenticator import Authenticator, AuthLog, InFlight
 from kumoauth.auth.throttle import Throttle
 from kumoauth.config import AuthConfig, ListenerConfig, ServerConfig
-from kumoauth.ops.loglimit import LogLimiter
+from kumoauth.ops.loglimit import LogLimiter, StateLog
 from kumoauth.ops.metrics import Metrics
 from kumoauth.policy import Invoke, Policy, invoke
+from kumoauth.smtp.limits import SendingLimits
 from kumoauth.storage.delivery import Message
 from kumoauth.tls.context import ServerContextFactory
 
@@ -128,6 +129,10 @@ class ProcessState:
     throttle_salt: bytes = field(default_factory=lambda: os.urandom(32))
     #: the verified-credential cache (kumoauth.backends.cache), once configured
     credential_cache: Any = None
+    #: the failure store's state for AUTH, logged once per change
+    failure_store_state: StateLog = field(default_factory=lambda: StateLog("failure store"))
+    #: the [limits] store's state, logged once per change
+    limits_store_state: StateLog = field(default_factory=lambda: StateLog("sending-limits store"))
 
     def __post_init__(self) -> None:
         self.log_limiter = LogLimiter(self.clock)
@@ -158,6 +163,8 @@ class Runtime:
     #: the ``[auth] checker`` factory's checker with its spec (for its
     #: lifecycle hooks and for a reload to keep it), if one is configured
     checker: tuple[Any, Any] | None = None
+    #: ``[limits]``: per-user sending limits; None without the table
+    sending_limits: SendingLimits | None = None
     authenticator: Authenticator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -169,6 +176,7 @@ class Runtime:
             log=AuthLog(process.metrics, process.log_limiter),
             in_flight=process.in_flight,
             throttle=self.throttle,
+            store_state=process.failure_store_state,
         )
         object.__setattr__(self, "authenticator", authenticator)
 

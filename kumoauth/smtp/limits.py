@@ -1,0 +1,149 @@
+"""
+Per-user sending limits (``[limits]``): how many messages and recipients
+one authenticated user may send per window, across every instance that
+shares the store.  A phished account's spam run stops at the limit
+instead of getting the service's addresses blocklisted.
+
+The user is ``authn_id`` (the account that logged in: a stolen password
+is an account's, whatever identity it then asks for), case-folded as the
+throttles fold user names.  A message is counted when MAIL is accepted, a
+recipient when RCPT is, both after the policy's own ``smtp_server_mail_from``
+/ ``smtp_server_rcpt_to`` said yes (what the policy refuses costs nothing).
+Over the limit: ``451 4.7.1`` saying when the window resets, one log line
+per user and kind per minute (repeats are summarised), a metric, and the
+policy event ``smtp_server_limit_exceeded(authn_id, kind, conn_meta)`` so a
+policy can also act on the account (hold it, alert).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kumoauth.config import LimitsConfig
+from kumoauth.ops.loglimit import LogLimiter, StateLog
+from kumoauth.stores import StoreUnavailable
+from kumoauth.textsafe import escape
+
+log = Logger(namespace="kumoauth")
+
+#: kinds of limit, as the policy event and the metric name them
+MESSAGES, RECIPIENTS = "messages", "recipients"
+
+R_STORE_DOWN = b"451 4.7.1 Cannot check sending limits now, try again later"
+
+
+def counter_key(kind: str, user: str) -> str:
+    return f"limit:{kind}:{user.casefold()}"
+
+
+class SendingLimits:
+    """
+    The ``[limits]`` of one configuration generation over its store.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        config: LimitsConfig,
+        state: StateLog,
+        log_limiter: LogLimiter,
+        metrics: Any,
+        policy: Any = None,
+        invoke: Any = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.state = state
+        self.log_limiter = log_limiter
+        self.metrics = metrics
+        self.policy = policy
+        self.invoke = invoke
+
+    def limit_of(self, kind: str) -> int | None:
+        if kind == MESSAGES:
+            return self.config.max_messages_per_user
+        return self.config.max_recipients_per_user
+
+    def check(self, kind: str, user: str, conn_meta: Any) -> defer.Deferred[bytes | None]:
+        """
+        Count one more of *kind* for *user*; fire with None when within the
+        limit, else with the reply to send.
+        """
+        limit = self.limit_of(kind)
+        if limit is None:
+            return defer.succeed(None)
+        cfg = self.config
+        d: defer.Deferred[Any] = self.store.add(counter_key(kind, user), 1, cfg.window, limit)
+
+        def counted(result: tuple[bool, int, float]) -> bytes | None:
+            self.state.succeeded()
+            allowed, count, reset_in = result
+            if allowed:
+                return None
+            return self._exceeded(kind, user, limit, reset_in, conn_meta)
+
+        def failed(f: Failure) -> Any:
+            if f.check(defer.CancelledError):
+                return f  # the session went away
+            if not f.check(StoreUnavailable, defer.TimeoutError):
+                log.failure("sending limits: unexpected error from the store", f)
+            open_ = cfg.on_store_error == "open"
+            self.state.failed(
+                f.getErrorMessage() or type(f.value).__name__,
+                "mail goes on without sending limits (on_store_error = open)"
+                if open_
+                else "MAIL and RCPT get 451 (on_store_error = closed)",
+            )
+            return None if open_ else R_STORE_DOWN
+
+        return d.addCallbacks(counted, failed)
+
+    def _exceeded(self, kind: str, user: str, limit: int, reset_in: float, conn_meta: Any) -> bytes:
+        wait = max(1, math.ceil(reset_in))
+        self.metrics.limit_exceeded.labels(kind, escape(user, 64)).inc()
+        key = ("limit", kind, user.casefold())
+
+        def summarise(n: int) -> None:
+            log.warn(
+                "sending limit: {n} more {kind} refused for user {user}",
+                n=n,
+                kind=kind,
+                user=escape(user),
+            )
+
+        if self.log_limiter.allow(key, summarise):
+            log.warn(
+                "sending limit: user {user} reached {limit} {kind} per {window}s "
+                "(resets in {wait}s); refusing more with 451",
+                user=escape(user),
+                limit=limit,
+                kind=kind,
+                window=int(self.config.window),
+                wait=wait,
+            )
+        self._tell_policy(user, kind, conn_meta)
+        what = b"messages" if kind == MESSAGES else b"recipients"
+        return (
+            b"451 4.7.1 Sending limit reached (%d %s per %d seconds), try again in %d seconds"
+            % (
+                limit,
+                what,
+                int(self.config.window),
+                wait,
+            )
+        )
+
+    def _tell_policy(self, user: str, kind: str, conn_meta: Any) -> None:
+        handler = self.policy.handler("smtp_server_limit_exceeded") if self.policy else None
+        if handler is None:
+            return
+        try:
+            d = defer.maybeDeferred(self.invoke, handler, user, kind, conn_meta)
+        except Exception:  # pragma: no cover - maybeDeferred catches
+            d = defer.fail(Failure())
+        d.addErrback(lambda f: log.failure("policy handler smtp_server_limit_exceeded failed", f))

@@ -1,0 +1,191 @@
+"""
+Per-user sending limits (``[limits]``, kumoauth.smtp.limits) through the
+protocol on StringTransport: 451 4.7.1 at MAIL and RCPT with the reset
+time, counted per authn_id after the policy said yes, the policy event,
+the metric, one log line per user and kind per minute, and
+``on_store_error``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+
+from kumoauth.config import LimitsConfig, parse
+from kumoauth.policy import Policy, Reject
+from kumoauth.smtp.limits import counter_key
+from kumoauth.stores import StoreUnavailable
+from kumoauth.stores.memory import MemoryStore
+from kumoauth.testing import Session, plain_b64
+
+LIMIT_EVENTS: list[tuple[str, str]] = []
+
+
+def users_policy(extra: Any = None) -> Policy:
+    policy = Policy()
+    policy.on("smtp_server_auth_plain", lambda authz, authc, pw, meta: pw == "pw")
+    policy.on(
+        "smtp_server_limit_exceeded",
+        lambda user, kind, meta: LIMIT_EVENTS.append((user, kind)),
+    )
+    if extra:
+        extra(policy)
+    return policy
+
+
+def session(make_session, limits: LimitsConfig, user: str = "alice", **kw: Any) -> Session:
+    s = make_session(users_policy(kw.pop("extra", None)), limits=limits, **kw)
+    s.command("EHLO client.example")
+    assert s.command("AUTH PLAIN " + plain_b64("", user, "pw")).startswith("235 ")
+    return s
+
+
+def send(s: Session, rcpts: int = 1) -> list[str]:
+    replies = [s.command("MAIL FROM:<a@example.com>")]
+    for i in range(rcpts):
+        replies.append(s.command(f"RCPT TO:<r{i}@example.net>"))
+    return replies
+
+
+def test_message_limit_refuses_mail_with_the_reset_time(make_session, captured_log):
+    LIMIT_EVENTS.clear()
+    s = session(make_session, LimitsConfig(window=3600, max_messages_per_user=2))
+    for _ in range(2):
+        assert send(s)[0].startswith("250 ")
+        s.command("RSET")
+    s.clock.advance(200)
+    refused = s.command("MAIL FROM:<a@example.com>")
+    assert refused.startswith("451 4.7.1 Sending limit reached (2 messages per 3600 seconds)")
+    assert "try again in 3400 seconds" in refused
+    assert LIMIT_EVENTS == [("alice", "messages")]
+    metrics = s.runtime.metrics.registry
+    value = metrics.get_sample_value(
+        "kumoauth_limit_exceeded_total", {"kind": "messages", "user": "alice"}
+    )
+    assert value == 1
+    assert "sending limit: user alice reached 2 messages per 3600s" in captured_log.text()
+    # the window ends: mail again
+    for _ in range(17):
+        s.clock.advance(200)
+        s.command("NOOP")
+    assert s.command("MAIL FROM:<a@example.com>").startswith("250 ")
+
+
+def test_recipient_limit_refuses_rcpt(make_session):
+    LIMIT_EVENTS.clear()
+    s = session(make_session, LimitsConfig(max_recipients_per_user=3))
+    replies = send(s, rcpts=5)
+    assert [r[:3] for r in replies] == ["250", "250", "250", "250", "451", "451"]
+    assert replies[4].startswith("451 4.7.1 Sending limit reached (3 recipients")
+    # the message with the recipients that were accepted still goes
+    assert s.command("DATA").startswith("354")
+    assert s.send(b"Subject: x\r\n\r\nhi\r\n.\r\n").startswith("250 ")
+    assert LIMIT_EVENTS == [("alice", "recipients")] * 2
+
+
+def test_limits_are_per_user_across_sessions_and_case(make_session, spool_dir):
+    store = MemoryStore(None)  # type: ignore[arg-type]
+    limits = LimitsConfig(max_messages_per_user=1)
+
+    def make(user: str) -> Session:
+        s = session(make_session, limits, user=user, limits_store=store)
+        store.clock = s.clock
+        return s
+
+    assert send(make("alice"))[0].startswith("250 ")
+    assert send(make("ALICE"))[0].startswith("451 ")  # same budget, folded
+    assert send(make("bob"))[0].startswith("250 ")
+
+
+def test_what_the_policy_refuses_is_not_counted(make_session):
+    def refuse_some(policy: Policy) -> None:
+        def rcpt(address: str, meta: Any) -> None:
+            if address.startswith("bad"):
+                raise Reject(550, "no such user")
+
+        policy.on("smtp_server_rcpt_to", rcpt)
+
+    s = session(make_session, LimitsConfig(max_recipients_per_user=2), extra=refuse_some)
+    s.command("MAIL FROM:<a@example.com>")
+    for _ in range(5):
+        assert s.command("RCPT TO:<bad@example.net>").startswith("550")
+    assert s.command("RCPT TO:<ok1@example.net>").startswith("250")
+    assert s.command("RCPT TO:<ok2@example.net>").startswith("250")
+    assert s.command("RCPT TO:<ok3@example.net>").startswith("451")
+
+
+def test_log_line_once_per_user_and_kind(make_session, captured_log):
+    s = session(make_session, LimitsConfig(max_messages_per_user=1))
+    send(s)
+    s.command("RSET")
+    for _ in range(20):
+        s.command("MAIL FROM:<a@example.com>")
+    lines = [ln for ln in captured_log.text().splitlines() if ln.startswith("sending limit: user")]
+    assert len(lines) == 1
+    s.clock.advance(61)
+    assert "sending limit: 19 more messages refused for user alice" in captured_log.text()
+
+
+class DownStore(MemoryStore):
+    """A store whose counters are unreachable (as a Redis outage looks)."""
+
+    down = True
+
+    def add(self, key: str, amount: int, window: float, limit: int) -> Any:
+        if self.down:
+            return defer.fail(StoreUnavailable("connection refused"))
+        return super().add(key, amount, window, limit)
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_store_outage_follows_on_store_error(make_session, captured_log, mode):
+    store = DownStore(None)  # type: ignore[arg-type]
+    s = session(
+        make_session,
+        LimitsConfig(max_messages_per_user=5, on_store_error=mode),
+        limits_store=store,
+    )
+    store.clock = s.clock
+    for _ in range(5):
+        reply = s.command("MAIL FROM:<a@example.com>")
+        if mode == "closed":
+            assert reply.startswith("451 4.7.1 Cannot check sending limits")
+        else:
+            assert reply.startswith("250 ")
+            s.command("RSET")
+    text = captured_log.text()
+    assert text.count("sending-limits store unavailable: connection refused") == 1
+    assert "Traceback" not in text
+    store.down = False
+    assert s.command("MAIL FROM:<a@example.com>").startswith("250 ")
+    assert captured_log.text().count("sending-limits store available again") == 1
+
+
+def test_unauthenticated_sessions_are_not_counted(make_session):
+    s = make_session(
+        users_policy(), limits=LimitsConfig(max_messages_per_user=1), auth_required=False
+    )
+    s.command("EHLO client.example")
+    for _ in range(3):
+        assert s.command("MAIL FROM:<a@example.com>").startswith("250 ")
+        s.command("RSET")
+
+
+def test_counter_keys_fold_case():
+    assert counter_key("messages", "Alice@Example.COM") == "limit:messages:alice@example.com"
+
+
+def test_limits_table_parses():
+    base = (
+        '[[listener]]\nendpoint = "tcp:1"\ntls = "none"\nauth_required = false\n'
+        '[spool]\npath = "s"\n[server]\nhostname = "h"\n'
+    )
+    assert parse(base).limits is None
+    cfg = parse(base + "[limits]\nwindow = 60\nmax_recipients_per_user = 10\n")
+    assert cfg.limits == LimitsConfig(window=60.0, max_recipients_per_user=10)
+    from kumoauth.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\[limits\] on_store_error"):
+        parse(base + '[limits]\non_store_error = "maybe"\n')
