@@ -6,6 +6,8 @@
     kumoauth spool --config FILE flush | retry ID | hold ID | release ID | delete ID | bounce ID
     kumoauth pw [-s SCHEME]            a password hash in Dovecot {SCHEME} form
     kumoauth auth test --config FILE USER   check a password as a session would
+    kumoauth throttle --config FILE list | clear KEY   AUTH failure throttles
+    kumoauth limits --config FILE show USER | reset USER   per-user sending limits
 
 Each subcommand is a module of this package with ``add_parser(subparsers)``
 (which registers its arguments and sets ``run``) and a ``run(args) -> int``;
@@ -22,7 +24,7 @@ import importlib
 import sys
 
 #: subcommand modules, in the order ``--help`` lists them
-COMMANDS = ("spool", "pw", "auth")
+COMMANDS = ("spool", "pw", "auth", "throttle", "limits")
 
 
 class CommandError(Exception):
