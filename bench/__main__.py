@@ -190,6 +190,7 @@ max_in_flight = 100000
 [auth.throttle]
 max_failures_per_ip = 1000000000
 max_failures_per_authc = 1000000000
+{self.throttle_lines()}
 {self.auth_tables()}
 [policy]
 path = "bench_policy.py"
@@ -216,8 +217,24 @@ path = "{spool}"
     def auth_lines(self) -> str:
         return ""
 
+    def throttle_lines(self) -> str:
+        return ""
+
     def auth_tables(self) -> str:
         return ""
+
+
+class KumoauthRedis(Kumoauth):
+    """
+    kumoauth with its failure counters in Redis (``[auth.throttle] store``,
+    the machine's redis-server on 127.0.0.1:6379, a prefix of its own): the
+    cost of shared throttles per AUTH attempt, against ``kumoauth``'s memory
+    store in the same run.
+    """
+
+    def throttle_lines(self) -> str:
+        url = os.environ.get("KUMOAUTH_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+        return f'store = "{url}?prefix=kumoauth-bench-{os.getpid()}:"'
 
 
 class KumoauthArgon2(Kumoauth):
@@ -720,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {
         "kumoauth": Kumoauth,
         "kumoauth-2w": KumoauthWorkers,
+        "kumoauth-redis": KumoauthRedis,
         "aiosmtpd": Aiosmtpd,
         "twisted.mail": TwistedMail,
     }

@@ -75,6 +75,15 @@ def render(data: dict[str, Any]) -> str:
                 f"{_fmt(x.get('errors'))} |"
             )
         k = r.get("kumoauth", {})
+        for variant in [n for n in names if n.startswith("kumoauth-redis") and n in r]:
+            x = r[variant]
+            out.append(
+                f"| **{variant} / kumoauth** | "
+                f"**{_ratio(x.get('cpu_us_per_session'), k.get('cpu_us_per_session'))}** | "
+                f"{_ratio(x.get('sessions_per_s'), k.get('sessions_per_s'))} | "
+                f"{_ratio(x.get('p50_ms'), k.get('p50_ms'))} | "
+                f"{_ratio(x.get('p99_ms'), k.get('p99_ms'))} | | |"
+            )
         for peer in peers:
             x = r.get(peer, {})
             out.append(
