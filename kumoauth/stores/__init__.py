@@ -197,9 +197,10 @@ def _safe(spec: str) -> str:
     """
     *spec* without a password (``redis://:secret@host`` -> ``redis://:***@host``).
     """
-    scheme, sep, rest = spec.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
+    if "@" not in spec:
         return spec
-    userinfo, _, host = rest.partition("@")
-    user = userinfo.partition(":")[0]
-    return f"{scheme}://{user}:***@{host}"
+    head, _, host = spec.rpartition("@")
+    scheme, sep, rest = head.partition("://")
+    if not sep:
+        return f"{head.partition(':')[0]}:***@{host}"
+    return f"{scheme}://{rest.partition(':')[0]}:***@{host}"
