@@ -13,6 +13,13 @@ from typing import Any
 
 EXIT_STORE_DOWN = 2
 
+MEMORY_EXPLAINED = (
+    '[auth.throttle] store = "memory": the counters live inside each server process, '
+    "where this command cannot reach them; they clear on their own after "
+    "[auth.throttle] window, or on a restart (a shared store, redis://, makes them "
+    "visible here)"
+)
+
 
 def fail(message: str, code: int) -> int:
     print(f"kumoauth: error: {message}", file=sys.stderr)
@@ -43,8 +50,6 @@ def run_on_store(
     if spec is None:
         return fail(f"{cfg.source} has no {table} table", 1)
     if spec == "memory":
-        from kumoauth.cli.throttle import MEMORY_EXPLAINED
-
         return fail(MEMORY_EXPLAINED.replace("[auth.throttle]", table, 1), 1)
     code = [1]
 

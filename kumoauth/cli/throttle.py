@@ -27,13 +27,6 @@ import ipaddress
 import json
 from typing import Any
 
-MEMORY_EXPLAINED = (
-    '[auth.throttle] store = "memory": the counters live inside each server process, '
-    "where this command cannot reach them; they clear on their own after "
-    "[auth.throttle] window, or on a restart (a shared store, redis://, makes them "
-    "visible here)"
-)
-
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("throttle", help="list and clear AUTH failure throttles")
