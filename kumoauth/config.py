@@ -145,6 +145,9 @@ class AuthConfig:
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     #: ``[auth.cache]``, or None without the table (no cache)
     cache: CacheConfig | None = None
+    #: ``[auth.oauth]`` (kumoauth.backends.oauth.Config), or None: no
+    #: XOAUTH2/OAUTHBEARER
+    oauth: Any = None
     #: ``[auth.<name>]`` tables for checkers, raw (their factory validates)
     tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -533,6 +536,8 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
     raw_auth = data.get("auth", {})
     raw_throttle = raw_auth.pop("throttle", {}) if isinstance(raw_auth, dict) else {}
     throttle = ThrottleConfig(**_section(source, "auth.throttle", raw_throttle))
+    raw_oauth = raw_auth.pop("oauth", None) if isinstance(raw_auth, dict) else None
+    oauth = _oauth(source, raw_oauth) if raw_oauth is not None else None
     raw_cache = raw_auth.pop("cache", None) if isinstance(raw_auth, dict) else None
     cache = None
     if raw_cache is not None:
@@ -544,8 +549,21 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
         for name in [k for k, v in raw_auth.items() if isinstance(v, dict)]:
             tables[name] = raw_auth.pop(name)
     auth = AuthConfig(
-        **_section(source, "auth", raw_auth), throttle=throttle, cache=cache, tables=tables
+        **_section(source, "auth", raw_auth),
+        throttle=throttle,
+        cache=cache,
+        oauth=oauth,
+        tables=tables,
     )
+    from kumoauth.auth.mechanisms import REGISTRY as MECHANISM_REGISTRY
+
+    for name in auth.mechanisms:
+        if MECHANISM_REGISTRY[name].needs_oauth and oauth is None:
+            raise ConfigError(
+                source,
+                "[auth] mechanisms",
+                f"{name} needs an [auth.oauth] table (the token issuer to trust)",
+            )
 
     p = _section(source, "policy", data.get("policy", {}))
     if "path" in p:
@@ -581,6 +599,24 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
         policy=policy,
         spool=spool,
     )
+
+
+def _oauth(source: Path, raw: Any) -> Any:
+    """
+    ``[auth.oauth]``, validated by the token validator's module (imported
+    only when the table exists: JOSE libraries are not loaded otherwise).
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "[auth.oauth]", f"expected a table, got {_show(raw)}")
+    from kumoauth.backends import oauth
+
+    try:
+        return oauth.validate(raw, base=source.parent)
+    except ValueError as e:
+        key, sep, problem = str(e).partition(": ")
+        if sep and " " not in key:
+            raise ConfigError(source, f"[auth.oauth] {key}", problem) from None
+        raise ConfigError(source, "[auth.oauth]", str(e)) from None
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")

@@ -31,6 +31,7 @@ EVENTS = (
     "smtp_server_rcpt_to",
     "smtp_server_message_received",
     "smtp_server_limit_exceeded",
+    "smtp_server_auth_oauth",
 )
 
 Handler = Callable[..., Any]

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kumoauth.auth.cred import AuthContext, BackendUnavailable
+from kumoauth.auth.cred import AuthContext, BackendUnavailable, IBearerCredentials
 from kumoauth.auth.mechanisms import REGISTRY
 from kumoauth.auth.throttle import Throttle
 from kumoauth.config import AuthConfig
@@ -88,6 +88,9 @@ class Outcome:
     result: str
     reply: bytes
     delivery: Delivery | None = None
+    #: for a refused bearer token: the RFC 7628 §3.2.2 error to send as a
+    #: 334 challenge before *reply*, once the client answered it
+    challenge: bytes | None = None
 
 
 class InFlight:
@@ -259,7 +262,8 @@ class Authenticator:
         )
 
     def _check(self, attempt: Attempt, credentials: Any) -> defer.Deferred[Outcome]:
-        if not credentials.authc or not getattr(credentials, "password", True):
+        bearer = IBearerCredentials.providedBy(credentials)
+        if (not credentials.authc and not bearer) or not getattr(credentials, "password", True):
             # Nothing to check: refused without calling the checker.
             return self._failed(attempt, credentials, latency=None)
         if self.in_flight.count >= self.auth.max_in_flight:
@@ -268,7 +272,9 @@ class Authenticator:
         attempt.checked_at = self.clock.seconds()
         self.in_flight.count += 1
         d = self.portal.login(
-            credentials, AuthContext(credentials.authz, credentials.conn_meta), IMessageDelivery
+            credentials,
+            AuthContext(credentials.authz, credentials.conn_meta, credentials),
+            IMessageDelivery,
         )
         # One deadline for every checker, whatever its kind.
         d.addTimeout(self.auth.timeout, self.clock)
@@ -288,7 +294,8 @@ class Authenticator:
                 return f
             latency = self._latency(attempt)
             if f.check(cred_error.UnauthorizedLogin):
-                return self._failed(attempt, credentials, latency)
+                challenge = getattr(f.value, "challenge", None)
+                return self._failed(attempt, credentials, latency, challenge)
             if f.check(defer.TimeoutError):
                 log.error(
                     "checker did not answer within {timeout}s for authc={authc} from {client}",
@@ -324,7 +331,11 @@ class Authenticator:
         return self.clock.seconds() - attempt.checked_at
 
     def _failed(
-        self, attempt: Attempt, credentials: Any, latency: float | None
+        self,
+        attempt: Attempt,
+        credentials: Any,
+        latency: float | None,
+        challenge: bytes | None = None,
     ) -> defer.Deferred[Outcome]:
         """
         535 once ``failure_delay`` has passed since the attempt began (so a
@@ -335,7 +346,7 @@ class Authenticator:
                 attempt.client_ip, credentials.authc, getattr(credentials, "password", b"")
             ).addErrback(self._record_failed)
         self.log.record(attempt, "failure", latency=latency)
-        outcome = Outcome("failure", R_FAILED)
+        outcome = Outcome("failure", R_FAILED, challenge=challenge)
         wait = max(0.0, attempt.started + self.auth.failure_delay - self.clock.seconds())
         if wait <= 0:
             return defer.succeed(outcome)

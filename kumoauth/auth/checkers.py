@@ -41,7 +41,7 @@ from kumoauth.auth.cred import normalize_checker
 log = Logger(namespace="kumoauth")
 
 #: ``[auth.<name>]`` tables that belong to kumoauth itself, not a checker
-RESERVED_TABLES = frozenset({"throttle", "cache"})
+RESERVED_TABLES = frozenset({"throttle", "cache", "oauth"})
 
 #: the built-in credential stores (:mod:`kumoauth.backends`), imported only
 #: when configured: ``[auth] checker = "<name>"`` with ``[auth.<name>]``

@@ -30,7 +30,7 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from zope.interface import Attribute, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from kumoauth.meta import ConnMeta
 from kumoauth.policy import Handler, Invoke, invoke
@@ -80,6 +80,54 @@ class PlainCredentials:
 
     def __repr__(self) -> str:
         return f"<PlainCredentials authz={self.authz!r} authc={self.authc!r} password=<hidden>>"
+
+
+class IBearerCredentials(Interface):
+    """
+    The credentials of one XOAUTH2 or OAUTHBEARER attempt.  Not an
+    ``IUsernamePassword``: no password checker may ever see a token.
+    """
+
+    authz = Attribute(
+        "The identity asked for (str, may be empty); once the token is "
+        "verified, the identity the session acts as."
+    )
+    authc = Attribute("The identity asked for, for throttles and the log (str, may be empty).")
+    token = Attribute("The bearer token (str).")
+    password = Attribute("The token as bytes: fingerprints and log scrubbing treat it as a secret.")
+    conn_meta = Attribute("The connection's ConnMeta.")
+
+
+@implementer(IBearerCredentials)
+class BearerCredentials:
+    __slots__ = ("authz", "authc", "token", "password", "conn_meta")
+
+    def __init__(self, authz: str, token: str, conn_meta: ConnMeta) -> None:
+        self.authz = authz
+        self.authc = authz
+        self.token = token
+        self.password = token.encode("ascii")
+        self.conn_meta = conn_meta
+
+    def __repr__(self) -> str:
+        return f"<BearerCredentials authz={self.authz!r} token=<hidden>>"
+
+
+def credentials_for(result: Any, conn_meta: ConnMeta) -> Any:
+    """
+    The Cred credentials for a finished SASL exchange, with the names
+    prepared (SASLprep, RFC 4616 §2) before any checker, log or meta sees
+    them.  Raises :class:`~kumoauth.auth.sasl.SASLError` for a name SASLprep
+    refuses.
+    """
+    from kumoauth.auth.mechanisms import BearerResult
+    from kumoauth.auth.sasl import prepare_name
+
+    if isinstance(result, BearerResult):
+        return BearerCredentials(prepare_name(result.authz, "authzid"), result.token, conn_meta)
+    authc = prepare_name(result.authc, "authcid")
+    authz = prepare_name(result.authz, "authzid")
+    return PlainCredentials(authz, authc, result.password, conn_meta)
 
 
 class CheckerError(Exception):
@@ -186,14 +234,23 @@ def _b(value: str | bytes) -> bytes:
 class AuthContext:
     """
     The *mind* passed to ``Portal.login``: what the realm needs besides the
-    avatar id to build the session's delivery avatar.
+    avatar id to build the session's delivery avatar.  With *credentials*,
+    authz is read from them when the realm asks (a bearer checker sets it
+    once the token names the user).
     """
 
-    __slots__ = ("authz", "conn_meta")
+    __slots__ = ("_authz", "conn_meta", "credentials")
 
-    def __init__(self, authz: str, conn_meta: ConnMeta) -> None:
-        self.authz = authz
+    def __init__(self, authz: str, conn_meta: ConnMeta, credentials: Any = None) -> None:
+        self._authz = authz
         self.conn_meta = conn_meta
+        self.credentials = credentials
+
+    @property
+    def authz(self) -> str:
+        if self.credentials is not None:
+            return str(self.credentials.authz)
+        return self._authz
 
 
 @implementer(IRealm)
@@ -257,10 +314,13 @@ def make_portal(
     checkers: list[ICredentialsChecker],
     store: Store | None = None,
     wrap: Callable[[ICredentialsChecker], ICredentialsChecker] | None = None,
+    bearer: ICredentialsChecker | None = None,
 ) -> Portal:
     """
     The portal over *checkers*, each made to speak ``IPlainCredentials``;
-    *wrap* goes around the result (the verified-credential cache).
+    *wrap* goes around the result (the verified-credential cache).  The
+    *bearer* checker (``[auth.oauth]``) answers ``IBearerCredentials``: it
+    is neither chained nor cached (a token's validity is its own clock).
     """
     normalized = [normalize_checker(c) for c in checkers]
     if len(normalized) > 1:
@@ -269,4 +329,6 @@ def make_portal(
         normalized = [CheckerChain(normalized)]
     if wrap is not None and normalized:
         normalized = [wrap(normalized[0])]
+    if bearer is not None:
+        normalized.append(bearer)
     return Portal(SubmissionRealm(store), normalized)

@@ -35,6 +35,20 @@ class SASLResult:
         return f"SASLResult(authz={self.authz!r}, authc={self.authc!r}, password=<hidden>)"
 
 
+@dataclass(frozen=True)
+class BearerResult:
+    """
+    What a finished bearer-token exchange yields (XOAUTH2, OAUTHBEARER):
+    the identity asked for (may be empty) and the token; ``repr`` hides it.
+    """
+
+    authz: str
+    token: str
+
+    def __repr__(self) -> str:
+        return f"BearerResult(authz={self.authz!r}, token=<hidden>)"
+
+
 class Mechanism:
     """
     One exchange of one mechanism.
@@ -48,7 +62,10 @@ class Mechanism:
         """
         return b""
 
-    def respond(self, data: bytes) -> bytes | SASLResult:
+    #: True for mechanisms that need ``[auth.oauth]`` (a token validator)
+    needs_oauth: ClassVar[bool] = False
+
+    def respond(self, data: bytes) -> bytes | SASLResult | BearerResult:
         """
         Take one decoded client response; return the next challenge or the
         result.
@@ -90,6 +107,35 @@ class Login(Mechanism):
         return SASLResult("", self._username, password)
 
 
+class XOAuth2(Mechanism):
+    """
+    Google's XOAUTH2: one message, ``user=…^Aauth=Bearer …^A^A``.  On a
+    refused token the server sends an error challenge and the client an
+    empty response (the protocol's failure challenge).
+    """
+
+    name = "XOAUTH2"
+    needs_oauth = True
+
+    def respond(self, data: bytes) -> BearerResult:
+        bearer = sasl.decode_xoauth2(data)
+        return BearerResult(bearer.authz, bearer.token)
+
+
+class OAuthBearer(Mechanism):
+    """
+    RFC 7628 OAUTHBEARER: a GS2 header with an optional ``a=`` authzid,
+    then ``auth=Bearer …``.
+    """
+
+    name = "OAUTHBEARER"
+    needs_oauth = True
+
+    def respond(self, data: bytes) -> BearerResult:
+        bearer = sasl.decode_oauthbearer(data)
+        return BearerResult(bearer.authz, bearer.token)
+
+
 REGISTRY: dict[str, type[Mechanism]] = {}
 
 
@@ -103,3 +149,5 @@ def register(mechanism: type[Mechanism]) -> type[Mechanism]:
 
 register(Plain)
 register(Login)
+register(XOAuth2)
+register(OAuthBearer)

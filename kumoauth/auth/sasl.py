@@ -147,6 +147,150 @@ def decode_login_field(data: bytes, name: str) -> str:
     return _text(data, name)
 
 
+# --- bearer tokens: XOAUTH2 and OAUTHBEARER (RFC 7628) ---------------------
+
+#: RFC 6750 §2.1 b64token: the characters a bearer token may hold
+_B64TOKEN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/")
+
+#: RFC 7628 §3.1 kvsep
+_KVSEP = b"\x01"
+
+
+@dataclass(frozen=True)
+class BearerResponse:
+    """
+    A decoded XOAUTH2 or OAUTHBEARER message: the identity the client asks
+    for (``user=`` / ``a=``; may be empty for OAUTHBEARER) and the token.
+    ``repr`` hides the token.
+    """
+
+    authz: str
+    token: str
+
+    def __repr__(self) -> str:
+        return f"BearerResponse(authz={self.authz!r}, token=<hidden>)"
+
+
+def _bearer(value: bytes) -> str:
+    """
+    ``Bearer`` 1*SP b64token (RFC 6750 §2.1; RFC 7628 §3.1 auth-value);
+    the scheme name is case-insensitive.
+    """
+    scheme, sep, token = value.partition(b" ")
+    if not sep or scheme.lower() != b"bearer":
+        raise _err("auth must be a Bearer token")
+    token = token.lstrip(b" ")
+    body = token.rstrip(b"=")
+    if not body or any(c not in _B64TOKEN for c in body):
+        raise _err("malformed bearer token")
+    return token.decode("ascii")
+
+
+def decode_xoauth2(message: bytes) -> BearerResponse:
+    """
+    Google's XOAUTH2: ``user=`` USER ^A ``auth=Bearer `` TOKEN ^A ^A, exactly
+    those two fields in that order.  The user name is at most 255 octets of
+    UTF-8 without control characters.
+    """
+    if not message.endswith(_KVSEP + _KVSEP):
+        raise _err("XOAUTH2 response must end with two ^A")
+    fields = message[:-2].split(_KVSEP)
+    if len(fields) != 2 or not fields[0].startswith(b"user=") or not fields[1].startswith(b"auth="):
+        raise _err("XOAUTH2 response must be user=...^Aauth=Bearer ...^A^A")
+    user = _text(fields[0][5:], "user")
+    if not user or any(ord(c) < 0x20 or c == "\x7f" for c in user):
+        raise _err("malformed XOAUTH2 user")
+    return BearerResponse(authz=user, token=_bearer(fields[1][5:]))
+
+
+def _saslname(value: bytes) -> str:
+    """
+    RFC 5801 §4 saslname: ``=2C`` is ``,`` and ``=3D`` is ``=``; any other
+    ``=`` or a bare ``,`` is malformed.
+    """
+    out = bytearray()
+    i = 0
+    while i < len(value):
+        c = value[i : i + 1]
+        if c == b",":
+            raise _err("malformed authzid")
+        if c == b"=":
+            escape = value[i + 1 : i + 3]
+            if escape == b"2C":
+                out += b","
+            elif escape == b"3D":
+                out += b"="
+            else:
+                raise _err("malformed authzid")
+            i += 3
+            continue
+        out += c
+        i += 1
+    return _text(bytes(out), "authzid")
+
+
+def decode_oauthbearer(message: bytes) -> BearerResponse:
+    """
+    RFC 7628 §3.1: ``gs2-header kvsep *kvpair kvsep``.  The GS2 header is
+    ``n,`` or ``y,`` (no channel binding: ``p=`` is refused) then an
+    optional ``a=`` authzid and ``,``.  Each kvpair is ``key=value`` ^A with
+    a key of letters; ``auth`` is required, once, and must be a Bearer
+    token; ``host`` and ``port`` are allowed, others ignored (the RFC
+    allows extensions).
+    """
+    head, sep, rest = message.partition(_KVSEP)
+    if not sep:
+        raise _err("OAUTHBEARER response has no kvsep")
+    parts = head.split(b",")
+    if len(parts) != 3 or parts[2] != b"":
+        raise _err("malformed GS2 header")
+    flag, authzid = parts[0], parts[1]
+    if flag not in (b"n", b"y"):
+        raise _err("channel binding is not supported")
+    if authzid and not authzid.startswith(b"a="):
+        raise _err("malformed GS2 header")
+    authz = _saslname(authzid[2:]) if authzid else ""
+    if not rest.endswith(_KVSEP):
+        raise _err("OAUTHBEARER response must end with ^A^A")
+    pairs = rest[:-1].split(_KVSEP)
+    if pairs and pairs[-1] == b"":
+        pairs.pop()
+    else:
+        raise _err("OAUTHBEARER response must end with ^A^A")
+    token: str | None = None
+    for pair in pairs:
+        key, eq, value = pair.partition(b"=")
+        if not eq or not key.isalpha() or not key.isascii():
+            raise _err("malformed OAUTHBEARER key/value")
+        if any(c < 0x20 and c not in (0x09, 0x0A, 0x0D) or c == 0x7F for c in value):
+            raise _err("malformed OAUTHBEARER value")
+        if key == b"auth":
+            if token is not None:
+                raise _err("OAUTHBEARER auth given twice")
+            token = _bearer(value)
+    if token is None:
+        raise _err("OAUTHBEARER response has no auth")
+    return BearerResponse(authz=authz, token=token)
+
+
+def encode_xoauth2(user: str, token: str) -> bytes:
+    """Build an XOAUTH2 message, for clients and tests."""
+    return (
+        b"user=" + user.encode("utf-8") + b"\x01auth=Bearer " + token.encode("ascii") + b"\x01\x01"
+    )
+
+
+def encode_oauthbearer(authz: str, token: str, host: str = "", port: int = 0) -> bytes:
+    """Build an OAUTHBEARER message (RFC 7628 §3.1), for clients and tests."""
+    name = authz.replace("=", "=3D").replace(",", "=2C").encode("utf-8")
+    out = b"n," + (b"a=" + name if authz else b"") + b"," + _KVSEP
+    if host:
+        out += b"host=" + host.encode("ascii") + _KVSEP
+    if port:
+        out += b"port=%d" % port + _KVSEP
+    return out + b"auth=Bearer " + token.encode("ascii") + _KVSEP + _KVSEP
+
+
 # SASLprep (RFC 4013), the stringprep (RFC 3454) profile RFC 4616 §2 names
 # for PLAIN identities.  The stdlib's stringprep tables are those of RFC 3454
 # (Unicode 3.2), so normalization uses the matching Unicode 3.2 database.

@@ -168,9 +168,10 @@ class Throttle:
             ip_failures, retry_after = result
             if ip_failures >= cfg.max_failures_per_ip:
                 return Throttled("ip", retry_after)
-            if ip_failures == 0:
+            if ip_failures == 0 or not authc:
                 # A clean client is always checked: a locked-out authc
-                # cannot lock out its owner (module docstring).
+                # cannot lock out its owner (module docstring).  A bearer
+                # token naming no user has no authc budget.
                 return None
             return self.store.count(authc_key(authc), cfg.window).addCallback(by_authc)
 
@@ -192,15 +193,16 @@ class Throttle:
 
         def record(_: bytes) -> defer.Deferred[tuple[int, int]]:
             fp = self.fingerprint(authc, password)
-            d: defer.Deferred[list[int]] = defer.gatherResults(
-                [
-                    self.store.record(self.client_key(ip), fp, cfg.window, cfg.max_failures_per_ip),
-                    self.store.record(authc_key(authc), fp, cfg.window, cfg.max_failures_per_authc),
-                ],
-                consumeErrors=True,
-            )
+            records = [
+                self.store.record(self.client_key(ip), fp, cfg.window, cfg.max_failures_per_ip)
+            ]
+            if authc:  # a bearer token without a named user has no authc to count
+                records.append(
+                    self.store.record(authc_key(authc), fp, cfg.window, cfg.max_failures_per_authc)
+                )
+            d: defer.Deferred[list[int]] = defer.gatherResults(records, consumeErrors=True)
             d.addErrback(_first_error)
-            return d.addCallback(lambda counts: (counts[0], counts[1]))
+            return d.addCallback(lambda counts: (counts[0], counts[1] if authc else 0))
 
         return self._with_salt().addCallback(record)
 

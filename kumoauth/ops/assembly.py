@@ -193,13 +193,34 @@ def build_runtime(
             policy,
             invoker,
         )
+    oauth = cfg.auth.oauth
+    validator = None
+    bearer = None
+    if oauth is not None:
+        from kumoauth.auth.bearer import BearerChecker
+        from kumoauth.backends.oauth import TokenValidator
+
+        validator = process.oauth_validator
+        if validator is None:
+            validator = TokenValidator(oauth, reactor=clock, pool=invoker.pool)
+        bearer = BearerChecker(
+            validator,
+            oauth.username_claim,
+            policy.handler("smtp_server_auth_oauth"),
+            invoker,
+            cfg.policy.timeout,
+            clock,
+        )
     runtime = Runtime(
         process=process,
         server=cfg.server,
         auth=cfg.auth,
         policy=policy,
         portal=make_portal(
-            checker_list, process.store, wrap=_cache(cfg, process, checker_list, store)
+            checker_list,
+            process.store,
+            wrap=_cache(cfg, process, checker_list, store),
+            bearer=bearer,
         ),
         invoke=invoker,
         throttle=Throttle(
@@ -219,6 +240,14 @@ def build_runtime(
             old.close()  # a store no longer named (a shared one's connection)
     process.failure_stores.clear()
     process.failure_stores.update(stores)
+    if validator is not None:
+        if process.oauth_validator is None:
+            process.oauth_validator = validator
+        elif validator.config != oauth:
+            validator.reload(oauth)
+    elif process.oauth_validator is not None:
+        process.oauth_validator.stop()
+        process.oauth_validator = None
     if tls is not None:
         if process.tls is None:
             process.tls = tls

@@ -102,6 +102,8 @@ class KumoauthService(service.MultiService):
         for checker in self.override or ():
             # --auth checkers (strcred plugins, the built-in stores among them)
             call_hook(checker, "start")
+        if self.process.oauth_validator is not None:
+            _start_validator(self.process.oauth_validator)
 
     # --- reload ------------------------------------------------------------
 
@@ -243,6 +245,8 @@ class KumoauthService(service.MultiService):
         stopping = [self.runtime.checker[1]] if self.runtime.checker is not None else []
         for checker in [*stopping, *(self.override or ())]:
             d.addCallback(_stop_checker, checker)
+        if self.process.oauth_validator is not None:
+            d.addCallback(_stop_validator, self.process.oauth_validator)
 
         def stop_threads(_: object) -> defer.Deferred[None]:
             # Joined off the reactor thread, and not waited for past a few
@@ -374,3 +378,17 @@ def make_service_from_config(
 
 def _stop_checker(_: object, checker: Any) -> defer.Deferred[None]:
     return call_hook(checker, "stop")
+
+
+def _start_validator(validator: Any) -> None:
+    # A prefetch of the JWKS: an IdP that is down is not a start-up error
+    # (tokens get 454 until it answers).
+    defer.maybeDeferred(validator.start).addErrback(
+        lambda f: log.failure("OAuth validator start", f)
+    )
+
+
+def _stop_validator(_: object, validator: Any) -> defer.Deferred[Any]:
+    return defer.maybeDeferred(validator.stop).addErrback(
+        lambda f: log.failure("OAuth validator stop", f)
+    )

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from kumoauth.auth import sasl
 from kumoauth.auth.authenticator import R_TEMPFAIL, Attempt, Outcome
-from kumoauth.auth.cred import PlainCredentials
+from kumoauth.auth.cred import credentials_for
 from kumoauth.auth.mechanisms import REGISTRY, Mechanism
 from kumoauth.meta import ConnMeta
 from kumoauth.policy import Reject
@@ -111,6 +111,8 @@ class SubmissionProtocol(Protocol):
         self._greeted = False
         self._esmtp = False
         self._sasl: _SASLExchange | None = None
+        #: a refused bearer token's outcome, sent once the client answered its challenge
+        self._final: Outcome | None = None
         self._mail_from: str | None = None
         self._smtputf8 = False
         self._rcpts: list[str] = []
@@ -891,6 +893,13 @@ class SubmissionProtocol(Protocol):
 
     def _sasl_response(self, line: bytes) -> None:
         assert self._sasl is not None
+        final, self._final = self._final, None
+        if final is not None:
+            # The answer to a failure challenge ends the exchange with the
+            # reply decided before; its content does not matter.
+            self._mode = COMMAND
+            self._auth_outcome(Outcome(final.result, final.reply))
+            return
         self._sasl.attempt.secrets.append(line)
         self._sasl_step(line)
 
@@ -906,14 +915,12 @@ class SubmissionProtocol(Protocol):
             self._mode = COMMAND
             # RFC 4616 §2 / RFC 4013: names are prepared before any checker,
             # log or meta sees them (a decomposed "jürgen" is "jürgen").
-            authc = sasl.prepare_name(result.authc, "authcid")
-            authz = sasl.prepare_name(result.authz, "authzid")
+            creds = credentials_for(result, self.conn_meta)
         except sasl.SASLError as e:
             self._mode = COMMAND
             self._sasl_done(e.kind)
             self._error(e.reply)
             return
-        creds = PlainCredentials(authz, authc, result.password, self.conn_meta)
         self._wait(
             self.rt.authenticator.authenticate(exchange.attempt, creds),
             self._auth_outcome,
@@ -921,6 +928,13 @@ class SubmissionProtocol(Protocol):
         )
 
     def _auth_outcome(self, outcome: Outcome) -> None:
+        if outcome.result == "failure" and outcome.challenge is not None:
+            # RFC 7628 §3.2.2: the error goes as a challenge; the final
+            # reply follows the client's (dummy) response, whatever it is.
+            self._final = outcome
+            self._mode = AUTH
+            self._challenge(outcome.challenge)
+            return
         self._sasl = None
         if outcome.result == "success":
             self.delivery = outcome.delivery

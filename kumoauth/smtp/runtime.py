@@ -131,6 +131,9 @@ class ProcessState:
     credential_cache: Any = None
     #: the failure store's state for AUTH, logged once per change
     failure_store_state: StateLog = field(default_factory=lambda: StateLog("failure store"))
+    #: the bearer-token validator (``[auth.oauth]``): its JWKS cache
+    #: outlives reloads
+    oauth_validator: Any = None
     #: the [limits] store's state, logged once per change
     limits_store_state: StateLog = field(default_factory=lambda: StateLog("sending-limits store"))
 
