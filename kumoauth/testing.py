@@ -159,6 +159,7 @@ class Session:
         connect: bool = True,
         limits: LimitsConfig | None = None,
         limits_store: Any = None,
+        bearer: ICredentialsChecker | None = None,
     ) -> None:
         self.clock = clock or Clock()
         self.spool = Spool(spool_dir)
@@ -189,7 +190,7 @@ class Session:
                 server=server or ServerConfig(hostname="mail.example.com"),
                 auth=auth,
                 policy=policy,
-                portal=make_portal(list(checkers), store),
+                portal=make_portal(list(checkers), store, bearer=bearer),
                 throttle=Throttle(MemoryFailureStore(self.clock), auth.throttle),
                 sending_limits=sending_limits,
             )

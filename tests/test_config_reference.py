@@ -57,6 +57,10 @@ for _name, _target in BUILTIN.items():
     _module = importlib.import_module(_target.partition(":")[0])
     SCHEMA[f"auth.{_name}"] = _module.SCHEMA
     DATACLASSES[f"auth.{_name}"] = _module.Config
+# [auth.oauth]: the token validator's own table
+_oauth = importlib.import_module("kumoauth.backends.oauth")
+SCHEMA["auth.oauth"] = _oauth.SCHEMA
+DATACLASSES["auth.oauth"] = _oauth.Config
 
 
 @dataclasses.dataclass
