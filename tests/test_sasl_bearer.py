@@ -54,7 +54,10 @@ def test_arbitrary_input_raises_only_sasl_error(data):
 
 
 def test_xoauth2_exact_wire_form():
-    message = b"user=someuser@example.com\x01auth=Bearer ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg\x01\x01"
+    message = (
+        b"user=someuser@example.com\x01"
+        b"auth=Bearer ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg\x01\x01"
+    )
     decoded = sasl.decode_xoauth2(message)
     assert decoded.authz == "someuser@example.com"
     assert decoded.token == "ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg"
