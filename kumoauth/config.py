@@ -232,6 +232,9 @@ class Config:
     relay: RelayConfig | None = None
     #: ``[limits]``, or None without the table (no sending limits)
     limits: LimitsConfig | None = None
+    #: ``[sender_binding]`` (kumoauth.auth.senders.SenderBindingConfig), or
+    #: None: any authenticated user may use any sender address
+    sender_binding: Any = None
 
 
 # --- schema ---------------------------------------------------------------
@@ -487,6 +490,8 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
         raise ConfigError(source, "", f"TOML syntax error: {e}") from None
 
     for key in data:
+        if key in EXTERNAL_SECTIONS:
+            continue
         if key not in SCHEMA or "." in key:
             known = ", ".join(f"[{k}]" for k in SCHEMA if "." not in k)
             raise ConfigError(source, f"[{key}]", f"unknown section (known: {known})")
@@ -582,6 +587,9 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
 
     metrics = MetricsConfig(**_section(source, "metrics", data.get("metrics", {})))
     relay = _relay(source, data["relay"]) if "relay" in data else None
+    sender_binding = None
+    if "sender_binding" in data:
+        sender_binding = _sender_binding(source, data["sender_binding"], auth)
     limits = None
     if "limits" in data:
         limits = LimitsConfig(**_section(source, "limits", data["limits"]))
@@ -592,6 +600,7 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
         metrics=metrics,
         relay=relay,
         limits=limits,
+        sender_binding=sender_binding,
         server=ServerConfig(**server),
         tls=tls,
         listeners=listeners,
@@ -599,6 +608,35 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
         policy=policy,
         spool=spool,
     )
+
+
+#: sections validated by the module that owns them (imported only when present)
+EXTERNAL_SECTIONS = frozenset({"sender_binding"})
+
+
+def _sender_binding(source: Path, raw: Any, auth: AuthConfig) -> Any:
+    """
+    ``[sender_binding]``, validated by :mod:`kumoauth.auth.senders`; a
+    source other than the map needs the store's ``[auth.<source>]`` table.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "[sender_binding]", f"expected a table, got {_show(raw)}")
+    from kumoauth.auth import senders
+
+    try:
+        binding = senders.validate(raw, base=source.parent)
+    except ValueError as e:
+        key, sep, problem = str(e).partition(": ")
+        if sep and " " not in key:
+            raise ConfigError(source, f"[sender_binding] {key}", problem) from None
+        raise ConfigError(source, "[sender_binding]", str(e)) from None
+    if binding.source != "map" and binding.source not in auth.tables:
+        raise ConfigError(
+            source,
+            "[sender_binding] source",
+            f'"{binding.source}" reads the [auth.{binding.source}] table, which is missing',
+        )
+    return binding
 
 
 def _oauth(source: Path, raw: Any) -> Any:

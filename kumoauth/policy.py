@@ -32,6 +32,7 @@ EVENTS = (
     "smtp_server_message_received",
     "smtp_server_limit_exceeded",
     "smtp_server_auth_oauth",
+    "smtp_server_sender_binding",
 )
 
 Handler = Callable[..., Any]

@@ -114,7 +114,10 @@ def builtin(name: str) -> CheckerFactory:
 
 
 def resolve(
-    spec: str, tables: Mapping[str, Mapping[str, Any]], base: Path | None = None
+    spec: str,
+    tables: Mapping[str, Mapping[str, Any]],
+    base: Path | None = None,
+    also: frozenset[str] = frozenset(),
 ) -> CheckerSpec:
     """
     Find the factory for *spec* and validate its table (relative paths in
@@ -126,7 +129,7 @@ def resolve(
     else:
         factory, table = _import(spec), spec.partition(":")[2]
     for name in tables:
-        if name != table and name not in RESERVED_TABLES:
+        if name != table and name not in RESERVED_TABLES and name not in also:
             raise ValueError(
                 f'[auth.{name}]: no such table (the checker is "{spec}", whose table is '
                 f"[auth.{table}])"
@@ -145,13 +148,16 @@ def resolve(
     return CheckerSpec(name=spec, table=table, factory=factory, config=config)
 
 
-def resolve_tables_only(tables: Mapping[str, Mapping[str, Any]]) -> None:
+def resolve_tables_only(
+    tables: Mapping[str, Mapping[str, Any]], also: frozenset[str] = frozenset()
+) -> None:
     """
     With the policy (or ``--auth``) as checker, no checker table may be
-    there: a typo in a table name must not pass silently.
+    there (but those *also* names: a store ``[sender_binding]`` reads): a
+    typo in a table name must not pass silently.
     """
     for name in tables:
-        if name not in RESERVED_TABLES:
+        if name not in RESERVED_TABLES and name not in also:
             raise ValueError(f"[auth.{name}]: no such table (no checker named {name!r})")
 
 

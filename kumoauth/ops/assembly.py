@@ -88,14 +88,18 @@ def build_checkers(
     ``reload`` hook gets the new table once the generation is swapped).
     Returns the checkers and the factory checker with its spec, if any.
     """
+    binding = cfg.sender_binding
+    also: frozenset[str] = frozenset()
+    if binding is not None and binding.source != "map":
+        also = frozenset({binding.source})  # [sender_binding] reads that store's table
     try:
         spec = (
             None
             if cfg.auth.checker == "policy"
-            else resolve(cfg.auth.checker, cfg.auth.tables, base=cfg.source.parent)
+            else resolve(cfg.auth.checker, cfg.auth.tables, base=cfg.source.parent, also=also)
         )
         if spec is None:
-            resolve_tables_only(cfg.auth.tables)
+            resolve_tables_only(cfg.auth.tables, also)
     except ValueError as e:
         raise OperatorError(f"{cfg.source}: [auth] checker: {e}") from None
     if override:
@@ -141,6 +145,38 @@ def _cache(cfg: Config, process: ProcessState, checkers: list[Any], shared: Any)
     cache.configure(settings)
     cache.watch(checkers)
     return cache.wrap
+
+
+def _sender_gate(
+    cfg: Config, process: ProcessState, policy: Policy, invoker: Invoker
+) -> tuple[Any, Any]:
+    """
+    The ``[sender_binding]`` engine (kept while its settings and the store
+    table it reads are unchanged) and this generation's gate over it.
+    """
+    settings = cfg.sender_binding
+    if settings is None:
+        return None, None
+    from kumoauth.auth.senders import SenderBinding
+    from kumoauth.smtp.sender_gate import SenderGate
+
+    table = cfg.auth.tables.get(settings.source) if settings.source != "map" else None
+    key = (settings, repr(table))
+    kept = process.sender_binding
+    if kept is not None and kept[0] == key:
+        binding = kept
+    else:
+        try:
+            engine = SenderBinding(
+                settings, cfg.auth.tables, process.clock, invoker.pool, cfg.source.parent
+            )
+        except ValueError as e:
+            raise OperatorError(f"{cfg.source}: [sender_binding] {e}") from None
+        binding = (key, engine)
+    gate = SenderGate(
+        binding[1], policy, invoker, process.metrics, cfg.policy.timeout, process.clock
+    )
+    return binding, gate
 
 
 def build_runtime(
@@ -211,6 +247,7 @@ def build_runtime(
             cfg.policy.timeout,
             clock,
         )
+    binding, gate = _sender_gate(cfg, process, policy, invoker)
     runtime = Runtime(
         process=process,
         server=cfg.server,
@@ -233,6 +270,7 @@ def build_runtime(
         handshake_timeout=cfg.tls.handshake_timeout if cfg.tls is not None else 30.0,
         checker=checker,
         sending_limits=limits,
+        sender_gate=gate,
     )
     # Nothing can fail from here on.
     for spec, old in process.failure_stores.items():
@@ -240,6 +278,12 @@ def build_runtime(
             old.close()  # a store no longer named (a shared one's connection)
     process.failure_stores.clear()
     process.failure_stores.update(stores)
+    if binding is not process.sender_binding:
+        if process.sender_binding is not None:
+            process.sender_binding[1].stop()
+        process.sender_binding = binding
+        if binding is not None:
+            binding[1].start()
     if validator is not None:
         if process.oauth_validator is None:
             process.oauth_validator = validator

@@ -66,6 +66,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.sender_binding = Counter(
+            "kumoauth_sender_binding",
+            "Sender-binding decisions by where (envelope, header) and result "
+            "(allowed, refused, error)",
+            ["where", "result"],
+            registry=r,
+        )
         self.limit_exceeded = Counter(
             "kumoauth_limit_exceeded",
             "MAIL or RCPT refused by a [limits] sending limit, by kind and user",

@@ -247,6 +247,8 @@ class KumoauthService(service.MultiService):
             d.addCallback(_stop_checker, checker)
         if self.process.oauth_validator is not None:
             d.addCallback(_stop_validator, self.process.oauth_validator)
+        if self.process.sender_binding is not None:
+            d.addCallback(_stop_validator, self.process.sender_binding[1])
 
         def stop_threads(_: object) -> defer.Deferred[None]:
             # Joined off the reactor thread, and not waited for past a few
@@ -388,7 +390,8 @@ def _start_validator(validator: Any) -> None:
     )
 
 
-def _stop_validator(_: object, validator: Any) -> defer.Deferred[Any]:
-    return defer.maybeDeferred(validator.stop).addErrback(
-        lambda f: log.failure("OAuth validator stop", f)
+def _stop_validator(_: object, part: Any) -> defer.Deferred[Any]:
+    # the OAuth validator, the sender-binding engine: connections to close
+    return defer.maybeDeferred(part.stop).addErrback(
+        lambda f: log.failure("stopping {part}", f, part=type(part).__name__)
     )

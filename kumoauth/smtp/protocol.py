@@ -51,6 +51,7 @@ from kumoauth.smtp.data import (
 )
 from kumoauth.smtp.limits import MESSAGES, RECIPIENTS
 from kumoauth.smtp.runtime import Runtime
+from kumoauth.smtp.sender_gate import failed_reply
 from kumoauth.storage.delivery import Delivery, Message
 from kumoauth.storage.spool import SpoolError, new_id
 from kumoauth.tls.context import describe
@@ -671,7 +672,36 @@ class SubmissionProtocol(Protocol):
         def counted() -> None:
             self._within_limit(MESSAGES, accept)
 
-        self._call_policy("smtp_server_mail_from", (path.address, self.conn_meta), counted)
+        def bound() -> None:
+            self._call_policy("smtp_server_mail_from", (path.address, self.conn_meta), counted)
+
+        gate = self.rt.sender_gate
+        authz = self.delivery.authz_id if self.delivery is not None else None
+        if gate is None or authz is None:
+            bound()
+            return
+        self._through_gate(gate.envelope(authz, path.address, self.conn_meta), bound)
+
+    def _through_gate(self, d: defer.Deferred[bytes | None], then: Callable[[], None]) -> None:
+        """
+        Wait for a sender-binding decision: None goes on with *then*, a
+        reply is sent instead; a policy Reject is its reply; a bug is 451.
+        """
+
+        def decided(reply: bytes | None) -> None:
+            if reply is None:
+                then()
+            else:
+                self._send(reply)
+
+        def failed(f: Failure) -> None:
+            if f.check(Reject):
+                reject: Reject = f.value  # type: ignore[assignment]
+                self._send(reject.reply)
+            else:
+                self._send(failed_reply(f))
+
+        self._wait(d, decided, failed, timeout=self.rt.policy_timeout)
 
     def smtp_RCPT(self, arg: bytes) -> None:
         if self._mail_from is None:
@@ -813,7 +843,16 @@ class SubmissionProtocol(Protocol):
         def spool() -> None:
             self._wait(delivery.deliver(message), stored, not_stored)
 
-        self._call_policy("smtp_server_message_received", (message, self.conn_meta), spool)
+        def received() -> None:
+            self._call_policy("smtp_server_message_received", (message, self.conn_meta), spool)
+
+        gate = self.rt.sender_gate
+        authz = delivery.authz_id
+        if gate is None or authz is None or not gate.check_headers:
+            received()
+            return
+        # From:/Sender: must be the user's too: nothing stored otherwise.
+        self._through_gate(gate.headers(authz, body, smtputf8, self.conn_meta), received)
 
     def _received_header(self, mid: str, smtputf8: bool) -> bytes:
         """

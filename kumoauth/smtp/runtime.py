@@ -131,6 +131,9 @@ class ProcessState:
     credential_cache: Any = None
     #: the failure store's state for AUTH, logged once per change
     failure_store_state: StateLog = field(default_factory=lambda: StateLog("failure store"))
+    #: ``[sender_binding]``: (its settings, the engine), kept across reloads
+    #: while unchanged (a map file's watch, a store's connections)
+    sender_binding: Any = None
     #: the bearer-token validator (``[auth.oauth]``): its JWKS cache
     #: outlives reloads
     oauth_validator: Any = None
@@ -168,6 +171,8 @@ class Runtime:
     checker: tuple[Any, Any] | None = None
     #: ``[limits]``: per-user sending limits; None without the table
     sending_limits: SendingLimits | None = None
+    #: ``[sender_binding]``: who may send as whom; None without the table
+    sender_gate: Any = None
     authenticator: Authenticator = field(init=False)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,136 @@
+"""
+Sender binding at the two places the protocol asks (``[sender_binding]``):
+the envelope sender at ``MAIL FROM`` and the From:/Sender: addresses at
+the end of ``DATA``.  The engine (:mod:`kumoauth.auth.senders`) says
+whether *authz* may use an address and by which rule; this module turns
+that into replies, log events, metrics and the policy's say:
+
+``smtp_server_sender_binding(authz, sender, allowed, conn_meta)`` (sync,
+Deferred or async) runs for every decision: ``True`` allows, ``False``
+refuses, ``None`` keeps the engine's answer.  It runs before the policy's
+own ``smtp_server_mail_from``, which can still refuse what was allowed.
+
+Replies: ``553 5.7.1 Sender address rejected: not owned by user <authz>``
+at MAIL FROM; ``550 5.7.1`` with the same text at the end of DATA (nothing
+stored); ``451 4.7.1`` when the store behind the binding cannot answer,
+never an open pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kumoauth.textsafe import escape
+
+log = Logger(namespace="kumoauth.auth")
+
+R_LOOKUP_DOWN = b"451 4.7.1 Cannot verify the sender address now, try again later"
+
+
+def _refusal(code: bytes, authz: str) -> bytes:
+    # The user is the client's own identity; escaped like any client value.
+    name = escape(authz, 200).encode("utf-8", "replace")
+    return code + b" 5.7.1 Sender address rejected: not owned by user <" + name + b">"
+
+
+class SenderGate:
+    def __init__(
+        self,
+        binding: Any,
+        policy: Any,
+        invoke: Any,
+        metrics: Any,
+        timeout: float,
+        clock: Any,
+    ) -> None:
+        self.binding = binding
+        self.policy = policy
+        self.invoke = invoke
+        self.metrics = metrics
+        self.timeout = timeout
+        self.clock = clock
+
+    @property
+    def check_headers(self) -> bool:
+        return bool(self.binding.config.check_header_from)
+
+    def envelope(self, authz: str, sender: str, conn_meta: Any) -> defer.Deferred[bytes | None]:
+        """
+        None when *authz* may use *sender* (``""``: the null sender) in MAIL
+        FROM, else the reply.
+        """
+        return defer.Deferred.fromCoroutine(self._decide(authz, [sender], conn_meta, "envelope"))
+
+    def headers(
+        self, authz: str, body: bytes, smtputf8: bool, conn_meta: Any
+    ) -> defer.Deferred[bytes | None]:
+        """
+        None when every address the message's Sender: (or else From:)
+        header names is *authz*'s, else the reply.
+        """
+        from kumoauth.auth.senders import header_addresses
+
+        head = body.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+        addresses = header_addresses(head, smtputf8)
+        if not addresses:
+            return defer.succeed(None)
+        return defer.Deferred.fromCoroutine(self._decide(authz, addresses, conn_meta, "header"))
+
+    async def _decide(
+        self, authz: str, addresses: list[str], conn_meta: Any, where: str
+    ) -> bytes | None:
+        from kumoauth.auth.senders import SenderLookupError
+
+        for address in addresses:
+            try:
+                decision = await self.binding.check(authz, address)
+            except SenderLookupError as e:
+                log.warn(
+                    "sender binding: cannot check {address} for user {user}: {reason}",
+                    address=escape(address),
+                    user=escape(authz),
+                    reason=escape(str(e), 200),
+                )
+                self.metrics.sender_binding.labels(where, "error").inc()
+                return R_LOOKUP_DOWN
+            allowed = await self._policy(authz, address, decision.allowed, conn_meta)
+            if not allowed:
+                log.info(
+                    "sender binding: user {user} may not send as {address} ({where}; {rule})",
+                    user=escape(authz),
+                    address=escape(address or "<>"),
+                    where=where,
+                    rule=escape(decision.rule, 200),
+                )
+                self.metrics.sender_binding.labels(where, "refused").inc()
+                return _refusal(b"553" if where == "envelope" else b"550", authz)
+        self.metrics.sender_binding.labels(where, "allowed").inc()
+        return None
+
+    async def _policy(self, authz: str, address: str, allowed: bool, conn_meta: Any) -> bool:
+        handler = self.policy.handler("smtp_server_sender_binding") if self.policy else None
+        if handler is None:
+            return allowed
+        result = self.invoke(handler, authz, address, allowed, conn_meta)
+        if isinstance(result, defer.Deferred):
+            result.addTimeout(self.timeout, self.clock)
+            result = await result
+        if result is None:
+            return allowed
+        if not isinstance(result, bool):
+            raise TypeError(
+                f"smtp_server_sender_binding returned {type(result).__name__}, not bool or None"
+            )
+        return result
+
+
+def failed_reply(f: Failure) -> bytes:
+    """
+    A bug in the gate (or the policy handler failing): logged, 451.
+    """
+    log.failure("sender binding failed", f)
+    return b"451 4.3.0 Internal error, try again later"
