@@ -25,6 +25,7 @@ traceback and answers 454.
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -348,14 +349,14 @@ class HashStore:
         if entry is None:
             try:
                 if self.dummy_hash is not None:
-                    await self.pool.call(_dummy_verify_hash, self.dummy_hash, password)
+                    await _cpu_bound(self.pool, _dummy_verify_hash, self.dummy_hash, password)
                 else:
-                    await self.pool.call(_dummy_verify, self.dummy_scheme, password)
+                    await _cpu_bound(self.pool, _dummy_verify, self.dummy_scheme, password)
             except QueueFull:
                 raise BackendError(BUSY, outage=False) from None
             return DENIED
         try:
-            ok = await self.pool.call(_verify, entry.hash, password)
+            ok = await _cpu_bound(self.pool, _verify, entry.hash, password)
         except QueueFull:
             raise BackendError(BUSY, outage=False) from None
         except schemes.SchemeError as e:
@@ -374,6 +375,16 @@ class HashStore:
 
 
 BUSY = "too many checks waiting for a thread"
+
+#: hash verifications running at once, process-wide: one per core.  More
+#: would not verify faster (Argon2 and bcrypt are CPU- and memory-bound)
+#: but would take the cores from the reactor thread (stalls) and fight
+#: over memory bandwidth (each Argon2id check touches 64 MiB).
+_VERIFY_SLOTS = defer.DeferredSemaphore(max(1, os.cpu_count() or 1))
+
+
+def _cpu_bound(pool: Any, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    return _VERIFY_SLOTS.run(pool.call, fn, *args)
 
 
 def _verify(stored: str, password: str) -> bool:
