@@ -175,3 +175,13 @@ def test_the_shipped_sample_users_file_verifies():
     )
     user, _, stored = line.partition(":")
     assert user == "scott@example.com" and verify(stored, "tiger")
+
+
+def test_auth_test_prints_the_addresses_the_user_may_send_as(tmp_path):
+    config = policy_config(tmp_path, "    return True\n")
+    (tmp_path / "senders").write_text("scott@example.com scott\n@example.org scott\n")
+    config.write_text(config.read_text() + '[sender_binding]\nmap = "senders"\n')
+    result = run_auth_test(config, "scott")
+    assert result.returncode == 0, result.stderr
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("may send as: "))
+    assert "scott@example.com" in line and "@example.org" in line

@@ -61,6 +61,10 @@ for _name, _target in BUILTIN.items():
 _oauth = importlib.import_module("kumoauth.backends.oauth")
 SCHEMA["auth.oauth"] = _oauth.SCHEMA
 DATACLASSES["auth.oauth"] = _oauth.Config
+# [sender_binding]: the binding engine's own table
+_senders = importlib.import_module("kumoauth.auth.senders")
+SCHEMA["sender_binding"] = _senders.SCHEMA
+DATACLASSES["sender_binding"] = _senders.SenderBindingConfig
 
 
 @dataclasses.dataclass

@@ -565,9 +565,9 @@ class HTTP:
             raise BackendError(f"{client.where}: HTTP {code} ({what})")
         return _verdict(client.where, data)
 
-    def _post(self, client: _Client, body: bytes) -> defer.Deferred[Any]:
+    def _post(self, client: _Client, body: bytes, url: Any = None) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = client.http.post(
-            client.url,
+            client.url if url is None else url,
             data=body,
             headers=client.request_headers(),
             allow_redirects=False,
@@ -575,6 +575,51 @@ class HTTP:
             reactor=self.reactor,
         )
         return d
+
+    # -- other requests (sender binding) ---------------------------------
+
+    def post_json(self, payload: Mapping[str, Any], path: str = "") -> defer.Deferred[Any]:
+        """
+        One JSON POST of *payload* to the store's URL with *path* appended
+        to its path (``"senders"``: ``https://auth.example.net/smtp`` →
+        ``.../smtp/senders``), with the same token, CA, connections and
+        ``timeout`` as authentication: the decoded JSON of a ``200`` answer.
+        Anything else (another status, a body that is not JSON or is over
+        :data:`MAX_BODY`, no answer, a network or TLS failure) is a
+        :class:`BackendError`.
+        """
+        client = self._client
+        where = client.where
+        url = client.url
+        if path:
+            parts = urlsplit(client.config.url)
+            joined = parts._replace(path=parts.path.rstrip("/") + "/" + path.lstrip("/"))
+            url = _ready_url(joined.geturl())
+            where = _where(joined.geturl())
+        body = json.dumps(payload).encode("utf-8")
+        d = defer.Deferred.fromCoroutine(self._ask_json(client, url, where, body))
+        d.addTimeout(client.config.timeout, self.reactor, onTimeoutCancel=_timed_out(client))
+        return d.addErrback(self._failed, client)
+
+    async def _ask_json(self, client: _Client, url: Any, where: str, body: bytes) -> Any:
+        try:
+            response = await self._post(client, body, url)
+        except Exception as e:
+            if not _closed_unanswered(e):
+                raise
+            response = await self._post(client, body, url)
+        code = response.code
+        try:
+            data = await _read_body(response)
+        except _TooBig:
+            raise BackendError(f"{where}: HTTP {code} with a body over {MAX_BODY} bytes") from None
+        if code != 200:
+            what = "a redirect, not followed" if 300 <= code < 400 else "expected 200"
+            raise BackendError(f"{where}: HTTP {code} ({what})")
+        try:
+            return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError):
+            raise BackendError(f"{where}: HTTP 200 with a body that is not JSON") from None
 
     def _failed(self, f: Failure, client: _Client) -> Any:
         if f.check(BackendError):

@@ -733,6 +733,98 @@ class LDAP:
             raise BackendError(f"bind answered {result_name(code)}", outage=False)
         raise BackendError(f"{binds.settings.url}: bind answered {result_name(code)}")
 
+    # -- other lookups (sender binding) ------------------------------------
+
+    def attribute_values(self, user: str, attribute: str) -> defer.Deferred[list[str] | None]:
+        """
+        The values of *attribute* in *user*'s entry, found with the same
+        escaped search as authentication (``filter`` under ``base``, on the
+        search connections): ``[]`` when the entry has none, None when no
+        entry or more than one matches (the latter logged once per user).
+        Values are UTF-8 decoded (what does not decode is replaced).
+        :class:`BackendError` when the directory cannot answer.
+        """
+        return defer.Deferred.fromCoroutine(self._attribute_values(user, attribute))
+
+    async def _attribute_values(self, user: str, attribute: str) -> list[str] | None:
+        if not user or not _utf8(user):
+            return None
+        searches = self.searches
+        try:
+            search_filter = filter_for(searches.settings.filter, user)
+        except ValueError:
+            return None
+        found = await self._on(
+            searches,
+            lambda c: self._search_values(c, searches.settings, search_filter, attribute),
+        )
+        if len(found) != 1:
+            if len(found) > 1 and self.ambiguous.first(user):
+                log.warn(
+                    "auth backend ldap: {n} entries match user {user} under {base}; refused "
+                    "until exactly one does",
+                    n="2 or more",
+                    user=escape(user),
+                    base=escape(searches.settings.base),
+                )
+            return None
+        return found[0]
+
+    async def _search_values(
+        self, conn: _Connection, s: _Settings, search_filter: Any, attribute: str
+    ) -> list[list[str]]:
+        """
+        For each of up to two entries matching *search_filter*, the values
+        of *attribute* (its name compared without case, options ignored).
+        """
+        done: defer.Deferred[Any] = defer.Deferred()
+        found: list[list[str]] = []
+        wanted = attribute.split(";")[0].lower()
+
+        def text(value: Any) -> str:
+            if isinstance(value, bytes | bytearray):
+                return bytes(value).decode("utf-8", "replace")
+            return str(value)
+
+        def answer(message: Any) -> bool:
+            if isinstance(message, pureldap.LDAPSearchResultEntry):
+                values: list[str] = []
+                for name, vals in message.attributes:
+                    if text(name).split(";")[0].lower() == wanted:
+                        values.extend(text(v) for v in vals)
+                found.append(values)
+                return False
+            if isinstance(message, pureldap.LDAPSearchResultDone):
+                if not done.called:
+                    done.callback(message)
+                return True
+            return False  # a search reference: referrals are not followed
+
+        request = pureldap.LDAPSearchRequest(
+            baseObject=s.base,
+            scope=s.scope,
+            derefAliases=0,
+            sizeLimit=2,
+            timeLimit=max(1, int(s.timeout)),
+            typesOnly=0,
+            filter=search_filter,
+            attributes=[attribute],
+        )
+        try:
+            sent = conn.send_multiResponse(request, answer)
+        except Exception:
+            raise _Lost(conn.why or "connection lost") from None
+        sent.addErrback(lambda f: None if done.called else done.errback(f))
+        result = await self._timed(s, done, conn, "search")
+        code = result.resultCode
+        if code == SUCCESS or (code == SIZE_LIMIT_EXCEEDED and len(found) > 1):
+            return found
+        detail = escape(result.errorMessage, 120) if result.errorMessage else ""
+        raise BackendError(
+            f"{s.url}: search under {escape(s.base, 120)} answered {result_name(code)}"
+            + (f": {detail}" if detail else "")
+        )
+
     # -- lifecycle -------------------------------------------------------
 
     def reload(self, config: Config) -> None:

@@ -324,6 +324,7 @@ class SQL(HashStore):
         self.unusable_columns = OncePer(1000)
         self.stopped = False
         self.current = _open(config)
+        self.statements: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<SQL {self.current.shown}>"
@@ -382,6 +383,31 @@ class SQL(HashStore):
                 continue
             meta[key] = value
         return meta
+
+    # --- other lookups (sender binding) --------------------------------------
+
+    def values(self, query: str, user: str) -> defer.Deferred[list[str]]:
+        """
+        The first column of every row *query* (one statement binding only
+        ``:user``, checked like ``query``) returns for *user*, as text, in
+        the same pool and on the same connections as authentication; NULLs
+        are skipped, at most :data:`MAX_VALUES` rows are read.
+        :class:`BackendError` when the database cannot answer;
+        ``ValueError`` (at once) for a query :func:`validate` would refuse.
+        """
+        if self.stopped:
+            return defer.fail(BackendError("the sql store was stopped", outage=False))
+        if not _bindable(user):
+            return defer.succeed([])
+        statement = self.statements.get(query)
+        if statement is None:
+            _check_query(query)
+            statement = self.statements[query] = text(query)
+        current = self.current
+        d = self.pool.call(_fetch_values, current, statement, user)
+        d.addTimeout(_BACKSTOP * current.timeout, self.reactor, onTimeoutCancel=_timed_out)
+        d.addErrback(_pool_failed)
+        return d
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -522,6 +548,42 @@ def _fetch(current: _Engine, authc: str) -> tuple[list[str], list[tuple[Any, ...
         message = _scrub(_first_line(str(e)), current.secrets)
         raise BackendError(f"{current.shown}: {type(e).__name__}: {message}") from None
     return keys, rows
+
+
+#: most rows :meth:`SQL.values` reads
+MAX_VALUES = 10_000
+
+
+def _fetch_values(current: _Engine, statement: Any, user: str) -> list[str]:
+    """
+    :meth:`SQL.values` in the pool: the first column of up to
+    :data:`MAX_VALUES` rows, as text.
+    """
+    try:
+        with current.engine.connect() as conn:
+            result = conn.execute(statement, {"user": user})
+            if not result.returns_rows:
+                raise _Problem("the query returns no rows (it must be a SELECT)")
+            rows = result.fetchmany(MAX_VALUES)
+            result.close()
+    except _Problem as e:
+        raise BackendError(f"{current.shown}: {e}") from None
+    except exc.TimeoutError:
+        raise BackendError(
+            f"{current.shown}: no free connection within {current.timeout:g}s "
+            f"(all {current.pool_size} busy)"
+        ) from None
+    except exc.DBAPIError as e:
+        raise BackendError(f"{current.shown}: {_driver_message(e, current.secrets)}") from None
+    except exc.SQLAlchemyError as e:
+        message = _scrub(_first_line(str(e)), current.secrets)
+        raise BackendError(f"{current.shown}: {type(e).__name__}: {message}") from None
+    out: list[str] = []
+    for row in rows:
+        value = _hash_text(row[0]) if len(row) else None
+        if value:
+            out.append(value)
+    return out
 
 
 def _driver_message(e: Any, secrets: Sequence[str]) -> str:

@@ -8,6 +8,7 @@
     kumoauth auth test --config FILE USER   check a password as a session would
     kumoauth throttle --config FILE list | clear KEY   AUTH failure throttles
     kumoauth limits --config FILE show USER | reset USER   per-user sending limits
+    kumoauth sender check --config FILE USER ADDRESS   may USER send as ADDRESS
 
 Each subcommand is a module of this package with ``add_parser(subparsers)``
 (which registers its arguments and sets ``run``) and a ``run(args) -> int``;
@@ -24,7 +25,7 @@ import importlib
 import sys
 
 #: subcommand modules, in the order ``--help`` lists them
-COMMANDS = ("spool", "pw", "auth", "throttle", "limits")
+COMMANDS = ("spool", "pw", "auth", "throttle", "limits", "sender")
 
 
 class CommandError(Exception):

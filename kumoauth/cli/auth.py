@@ -180,6 +180,8 @@ async def _test(reactor: Any, args: argparse.Namespace, password: str) -> int:
             added.setdefault("authz_id", delivery.authz_id)
             print(f"{label}: success (235 2.7.0)")
             print("meta: " + json.dumps(added, sort_keys=True, ensure_ascii=False))
+            if n == 0 and cfg.sender_binding is not None:
+                print("may send as: " + await _senders(reactor, cfg, pool, added["authz_id"]))
             logout()
             result = EXIT_SUCCESS
     finally:
@@ -187,6 +189,25 @@ async def _test(reactor: Any, args: argparse.Namespace, password: str) -> int:
             await call_hook(checker, "stop")
         await pool.stop()
     return result
+
+
+async def _senders(reactor: Any, cfg: Any, pool: Any, authz: str) -> str:
+    """
+    The addresses ``[sender_binding]`` lets *authz* use, or why they cannot
+    be listed.
+    """
+    from twisted.internet import defer
+
+    from kumoauth.auth.senders import SenderBinding, SenderLookupError
+
+    binding = SenderBinding(cfg.sender_binding, cfg.auth.tables, reactor, pool, cfg.source.parent)
+    try:
+        addresses = await binding.allowed_addresses(authz)
+    except SenderLookupError as e:
+        return f"(cannot tell: {e})"
+    finally:
+        await defer.maybeDeferred(binding.stop)
+    return ", ".join(addresses) if addresses else "(none)"
 
 
 def _log_errors_to_stderr() -> None:

@@ -1,0 +1,988 @@
+"""
+kumoauth.auth.senders, the sender binding engine: address normalization,
+the map parser (with property tests), the From:/Sender: extraction on
+real-world headers, the map source on a fake clock (wildcards both ways,
++detail, null sender, re-read on change, a bad new map kept out), the
+LDAP source against a real slapd (tests/slapd.py), the SQL source on
+SQLite and the PostgreSQL at 127.0.0.1:5432 (a database of our own,
+dropped afterwards), the HTTP source against a loopback twisted.web API,
+and ``kumoauth sender check`` as a subprocess.  Outages are real: slapd
+stopped, a PostgreSQL port nobody listens on, the API gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import defer, task
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from kumoauth.auth.senders import (
+    UNPARSEABLE,
+    Decision,
+    SenderBinding,
+    SenderBindingConfig,
+    SenderLookupError,
+    header_addresses,
+    normalize,
+    parse_map,
+    strip_detail,
+    validate,
+)
+from tests.server import free_port
+from tests.upstream import in_reactor, start_reactor
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+class InlinePool:
+    """A pool that runs the call at once (the map source on a fake clock)."""
+
+    def call(self, fn: Any, *args: Any) -> defer.Deferred[Any]:
+        return defer.maybeDeferred(fn, *args)
+
+
+def fired(d: defer.Deferred[Any]) -> Any:
+    """The result of a Deferred that has already fired (raised if a failure)."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    result = out[0]
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
+
+
+MAP = """\
+# who may send as whom
+alice@example.com      alice
+sales@example.com      alice, bob	carol
+ceo@example.com        ceo
+
+@example.com           scott
+@example.net           @example.net
+"John Doe"@example.com john
+@bücher.example        buch
+alice+news@example.com newsletter
+"""
+
+
+@pytest.fixture
+def map_file(tmp_path: Path) -> Path:
+    path = tmp_path / "sender_logins"
+    path.write_text(MAP, encoding="utf-8")
+    return path
+
+
+def map_binding(path: Path, clock: Any = None, **kw: Any) -> SenderBinding:
+    config = SenderBindingConfig(source="map", map=path, **kw)
+    return SenderBinding(config, {}, clock or task.Clock(), InlinePool())
+
+
+def check(binding: SenderBinding, user: str, address: str) -> Decision:
+    decision: Decision = fired(binding.check(user, address))
+    return decision
+
+
+# --------------------------------------------------------------------------
+# normalization
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("Alice@EXAMPLE.com", "Alice@example.com"),
+        ("x@xn--bcher-kva.example", "x@bücher.example"),
+        ("x@BÜCHER.Example", "x@bücher.example"),
+        ("x@XN--BCHER-KVA.example", "x@bücher.example"),
+        ("x@example.com.", "x@example.com"),
+        ('"alice"@example.com', "alice@example.com"),
+        ('"john doe"@Example.com', '"john doe"@example.com'),
+        ("ju\u0308rgen@example.com", "j\u00fcrgen@example.com"),  # NFD → NFC
+        ("x@[192.0.2.1]", "x@[192.0.2.1]"),
+        ("x@_dmarc.Example.COM", "x@_dmarc.example.com"),
+        ("", ""),
+    ],
+)
+def test_normalize_equal(a, b):
+    assert normalize(a) == normalize(b) == b
+
+
+def test_normalize_local_part_is_exact():
+    assert normalize("Alice@example.com") != normalize("alice@example.com")
+    assert normalize("ünï@bücher.example") != normalize("ÜNÏ@bücher.example")
+
+
+@given(st.text(max_size=60))
+def test_normalize_never_raises(text):
+    out = normalize(text)
+    assert isinstance(out, str)
+    assert normalize(out) == out
+
+
+@pytest.mark.parametrize(
+    "address, separators, expected",
+    [
+        ("alice+news@x", "+", "alice@x"),
+        ("alice+a+b@x", "+", "alice@x"),
+        ("alice-news@x", "+-", "alice@x"),
+        ("+news@x", "+", "+news@x"),  # nothing before the separator: kept
+        ("alice@x", "+", "alice@x"),
+        ('"a+b"@x', "+", '"a+b"@x'),
+        ("", "+", ""),
+    ],
+)
+def test_strip_detail(address, separators, expected):
+    assert strip_detail(address, separators) == expected
+
+
+# --------------------------------------------------------------------------
+# the map parser
+
+
+def test_parse_map_example():
+    m = parse_map(MAP, "sender_logins")
+    assert set(m.exact) == {
+        "alice@example.com",
+        "sales@example.com",
+        "ceo@example.com",
+        '"John Doe"@example.com',
+        "alice+news@example.com",
+    }
+    assert set(m.domains) == {"example.com", "example.net", "bücher.example"}
+    assert m.exact["sales@example.com"][0].logins == {"alice", "bob", "carol"}
+    assert m.exact["sales@example.com"][0].line == 3
+    assert m.domains["example.net"][0].login_domains == {"example.net"}
+
+
+def test_parse_map_the_same_key_twice_counts_both_lines():
+    m = parse_map("a@x one\n# c\na@X two\n", "f")
+    assert [r.line for r in m.exact["a@x"]] == [1, 3]
+    assert m.decide("two", ["a@x"]) == Decision(True, 'map line 3: "a@X two"')
+
+
+def test_parse_map_bom_and_crlf():
+    m = parse_map("\ufeffa@x one\r\n\r\n# c\r\n@y two, three\r\n", "f")
+    assert set(m.exact) == {"a@x"} and m.domains["y"][0].logins == {"two", "three"}
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("alice@example.com", 'no login after "alice@example.com"'),
+        ("alice@example.com   \t ,", 'no login after "alice@example.com"'),
+        ("alice alice", 'the key "alice" is neither an address nor @domain'),
+        ("a@x alice # the boss", "a comment must be on a line of its own"),
+        (" a@x alice", "starts with a space or tab"),
+        ("\ta@x alice", "starts with a space or tab"),
+        ("a@x,alice", 'a comma in the key "a@x,alice"'),
+        ("a@b@c alice", 'the key "a@b@c" is not one address'),
+        ("@ alice", 'the key "@": no domain'),
+        ("a@b..c alice", "an empty label"),
+        ("a@xn--a-ecp.example alice", "not a valid internationalized domain name"),
+        ('"a b@x alice', "a quoted local part without its closing quote"),
+        ("a@x alice\x0bbob", "a control or odd space character (U+000B)"),
+        ("a@x alice\u00a0bob", "a control or odd space character (U+00A0)"),
+        ("a@x @bad..domain", 'the login domain "@bad..domain"'),
+    ],
+)
+def test_parse_map_bad_line(line, problem):
+    text = "# header\nok@example.com ok\n\n" + line + "\nlater@example.com ok\n"
+    with pytest.raises(ValueError) as e:
+        parse_map(text, "/etc/kumoauth/sender_logins")
+    message = str(e.value)
+    assert message.startswith("/etc/kumoauth/sender_logins line 4: "), message
+    assert problem in message
+    assert "\n" not in message
+
+
+# property tests
+
+_ATEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!$%&'*+/=?^_`{|}~-"
+_atext = st.text(alphabet=_ATEXT, min_size=1, max_size=8)
+_label = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=8)
+_domain = st.lists(_label, min_size=1, max_size=3).map(".".join)
+_login = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-@", min_size=1, max_size=10)
+_login_token = _login.filter(lambda s: not s.startswith(("@", "#")))
+_key_sep = st.sampled_from([" ", "\t", "  \t ", "\t\t"])
+_value_sep = st.sampled_from([",", ", ", " ", "\t", " , ", ",,", " ,\t"])
+_trailing = st.sampled_from(["", " ", "\t", " \t "])
+_noise = st.sampled_from(["", "   ", "\t", "# a comment", "  # indented comment", "#", "#x@y z"])
+
+
+@st.composite
+def map_entry(draw: Any) -> tuple[str, str, str | None, list[str]]:
+    """A valid line: (line, domain, local part or None, logins)."""
+    domain = draw(_domain)
+    local = draw(st.none() | _atext)
+    logins = draw(st.lists(_login_token, min_size=1, max_size=4))
+    key = f"{local}@{domain}" if local is not None else f"@{domain}"
+    values = logins[0] + "".join(draw(_value_sep) + login for login in logins[1:])
+    lead = draw(st.sampled_from(["", ","]))
+    line = key + draw(_key_sep) + lead + values + draw(_trailing)
+    return line, domain, local, logins
+
+
+@st.composite
+def map_text(draw: Any) -> tuple[list[str], list[tuple[str, str, str | None, list[str]]]]:
+    entries = draw(st.lists(map_entry(), max_size=8))
+    lines: list[str] = []
+    for entry in entries:
+        lines.extend(draw(st.lists(_noise, max_size=2)))
+        lines.append(entry[0])
+    lines.extend(draw(st.lists(_noise, max_size=2)))
+    return lines, entries
+
+
+@given(map_text(), st.sampled_from(["\n", "\r\n"]))
+def test_property_valid_maps_parse_to_their_entries(generated, newline):
+    lines, entries = generated
+    m = parse_map(newline.join(lines), "f")
+    expected_exact: dict[str, set[str]] = {}
+    expected_domains: dict[str, set[str]] = {}
+    for _, domain, local, logins in entries:
+        target = (
+            expected_exact.setdefault(f"{local}@{domain}", set())
+            if local is not None
+            else expected_domains.setdefault(domain, set())
+        )
+        target.update(logins)
+    assert {k: set().union(*(r.logins for r in v)) for k, v in m.exact.items()} == expected_exact
+    assert {
+        k: set().union(*(r.logins for r in v)) for k, v in m.domains.items()
+    } == expected_domains
+
+
+_bad_lines = st.sampled_from(
+    [
+        "lonely@example.com",
+        "nodomain alice",
+        "a@x alice # comment",
+        " a@x alice",
+        "a@x,alice",
+        "a@b@c alice",
+        "@ alice",
+        '"open@x alice',
+        "a@x al\x01ice",
+        "a@x..y alice",
+    ]
+)
+
+
+@given(map_text(), _bad_lines, st.data())
+def test_property_a_bad_line_is_one_error_with_its_number(generated, bad, data):
+    lines, _ = generated
+    at = data.draw(st.integers(min_value=0, max_value=len(lines)))
+    lines = lines[:at] + [bad] + lines[at:]
+    with pytest.raises(ValueError) as e:
+        parse_map("\n".join(lines), "map.txt")
+    assert str(e.value).startswith(f"map.txt line {at + 1}: ")
+    assert "\n" not in str(e.value)
+
+
+@given(st.text(max_size=200))
+def test_property_any_text_parses_or_is_one_clear_error(text):
+    try:
+        parse_map(text, "f")
+    except ValueError as e:
+        assert str(e).startswith("f line ") and "\n" not in str(e)
+
+
+@given(st.binary(max_size=200))
+def test_property_any_bytes_as_a_file(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("m") / "map"
+    path.write_bytes(data)
+    try:
+        validate({"map": str(path)})
+    except ValueError as e:
+        assert str(e).startswith(f"map: {path}") and "\n" not in str(e)
+
+
+# --------------------------------------------------------------------------
+# the map source
+
+
+def test_exact_entries(map_file):
+    b = map_binding(map_file)
+    assert check(b, "alice", "alice@example.com") == Decision(
+        True, 'map line 2: "alice@example.com alice"'
+    )
+    assert check(b, "carol", "sales@EXAMPLE.COM").allowed
+    assert not check(b, "bob", "alice@example.com").allowed
+    assert check(b, "john", '"John Doe"@example.com').allowed
+    assert not check(b, "john", '"john doe"@example.com').allowed  # local part exact
+
+
+def test_local_part_is_case_sensitive_domain_is_not(map_file):
+    b = map_binding(map_file)
+    assert check(b, "alice", "alice@EXAMPLE.com").allowed
+    d = check(b, "alice", "Alice@example.com")
+    assert not d.allowed  # "Alice@" is not in the map; @example.com is scott's
+    assert d.rule == 'map line 6: "@example.com scott" (does not list this user)'
+
+
+def test_domain_wildcard_key(map_file):
+    b = map_binding(map_file)
+    assert check(b, "scott", "anything@example.com") == Decision(
+        True, 'map line 6: "@example.com scott"'
+    )
+    assert check(b, "scott", "x@Example.COM").allowed
+    assert not check(b, "scott", "x@sub.example.com").allowed  # no subdomains
+    assert check(b, "scott", "x@elsewhere.org") == Decision(False, "no rule for this address")
+
+
+def test_an_exact_entry_protects_its_address_from_the_domain_wildcard(map_file):
+    b = map_binding(map_file)
+    assert check(b, "ceo", "ceo@example.com").allowed
+    d = check(b, "scott", "ceo@example.com")
+    assert d == Decision(False, 'map line 4: "ceo@example.com ceo" (does not list this user)')
+
+
+def test_login_domain_wildcard(map_file):
+    b = map_binding(map_file)
+    assert check(b, "dave@example.net", "team@example.net").allowed
+    assert check(b, "dave@EXAMPLE.net", "x@example.net").allowed
+    assert not check(b, "dave@example.org", "x@example.net").allowed
+    assert not check(b, "dave", "x@example.net").allowed
+
+
+def test_idna_both_forms(map_file):
+    b = map_binding(map_file)
+    assert check(b, "buch", "info@bücher.example").allowed
+    assert check(b, "buch", "info@xn--bcher-kva.example").allowed
+    assert check(b, "buch", "info@BÜCHER.example").allowed
+    assert not check(b, "alice", "info@bücher.example").allowed
+
+
+def test_smtputf8_local_part(tmp_path):
+    path = tmp_path / "m"
+    path.write_text("jürgen@bücher.example juergen\n", encoding="utf-8")
+    b = map_binding(path)
+    assert check(b, "juergen", "jürgen@xn--bcher-kva.example").allowed
+    assert check(b, "juergen", "ju\u0308rgen@bücher.example").allowed  # NFD from a client
+    assert not check(b, "juergen", "JÜRGEN@bücher.example").allowed
+
+
+def test_detail_stripping_off(map_file):
+    b = map_binding(map_file)
+    assert not check(b, "alice", "alice+shop@example.com").allowed  # @example.com: scott's
+    assert check(b, "newsletter", "alice+news@example.com").allowed
+    assert not check(b, "alice", "alice+news@example.com").allowed
+
+
+def test_detail_stripping_on(map_file):
+    b = map_binding(map_file, strip_detail=True)
+    assert check(b, "alice", "alice+shop@example.com") == Decision(
+        True, 'map line 2: "alice@example.com alice"'
+    )
+    # an entry for the full address still decides first
+    assert check(b, "newsletter", "alice+news@example.com").allowed
+    assert not check(b, "alice", "alice+news@example.com").allowed
+    b2 = map_binding(map_file, strip_detail=True, detail_separator="-")
+    assert check(b2, "alice", "alice-shop@example.com").allowed
+    assert not check(b2, "alice", "alice+shop@example.com").allowed
+
+
+def test_null_sender(map_file):
+    assert check(map_binding(map_file), "anyone", "") == Decision(True, "null sender allowed")
+    d = check(map_binding(map_file, allow_null_sender=False), "alice", "")
+    assert not d.allowed and "allow_null_sender = false" in d.rule
+
+
+def test_odd_addresses_are_refused(map_file):
+    b = map_binding(map_file)
+    assert not check(b, "alice", UNPARSEABLE).allowed
+    assert not check(b, "alice", "alice").allowed
+    assert not check(b, "alice", "alice@").allowed
+    assert not check(b, "", "alice@example.com").allowed
+
+
+def test_allowed_addresses(map_file):
+    b = map_binding(map_file)
+    assert fired(b.allowed_addresses("alice")) == ["alice@example.com", "sales@example.com"]
+    assert fired(b.allowed_addresses("scott")) == [
+        '@example.com (except "John Doe"@example.com, alice+news@example.com, '
+        "alice@example.com, ceo@example.com, sales@example.com)"
+    ]
+    assert fired(b.allowed_addresses("x@example.net")) == ["@example.net"]
+    assert fired(b.allowed_addresses("nobody")) == []
+
+
+def test_map_reload_on_change(map_file, captured_log):
+    clock = task.Clock()
+    b = map_binding(map_file, clock)
+    assert not check(b, "zoe", "zoe@example.org").allowed
+    map_file.write_text(MAP + "zoe@example.org zoe\n")
+    # stat()ed at most once a second: not seen yet
+    assert not check(b, "zoe", "zoe@example.org").allowed
+    clock.advance(1)
+    assert check(b, "zoe", "zoe@example.org") == Decision(
+        True, 'map line 11: "zoe@example.org zoe"'
+    )
+    assert "re-read (9 entries)" in captured_log.text()
+
+
+def test_a_bad_new_map_keeps_the_old_one_and_is_logged_once(map_file, captured_log):
+    clock = task.Clock()
+    b = map_binding(map_file, clock)
+    map_file.write_text("zoe@example.org zoe\nbroken line\n")
+    for _ in range(3):
+        clock.advance(1)
+        assert check(b, "alice", "alice@example.com").allowed  # the old map
+        assert not check(b, "zoe", "zoe@example.org").allowed
+    errors = [e for e in captured_log.events if e.get("log_level").name == "error"]
+    assert len(errors) == 1, captured_log.text()
+    assert f"{map_file} line 2:" in captured_log.text()
+    assert "keeping the previous map (8 entries)" in captured_log.text()
+    # fixed: taken
+    map_file.write_text("zoe@example.org zoe\n")
+    clock.advance(1)
+    assert check(b, "zoe", "zoe@example.org").allowed
+    assert not check(b, "alice", "alice@example.com").allowed
+
+
+def test_a_deleted_map_keeps_the_old_one(map_file, captured_log):
+    clock = task.Clock()
+    b = map_binding(map_file, clock)
+    map_file.unlink()
+    for _ in range(2):
+        clock.advance(1)
+        assert check(b, "alice", "alice@example.com").allowed
+    errors = [e for e in captured_log.events if e.get("log_level").name == "error"]
+    assert len(errors) == 1 and "No such file" in errors[0]["problem"]
+
+
+def test_a_bad_map_at_start_is_a_value_error(tmp_path):
+    path = tmp_path / "m"
+    path.write_text("ok@x ok\n\nno-logins@x\n")
+    with pytest.raises(ValueError, match=r"^map: .*/m line 3: no login after"):
+        validate({"map": str(path)})
+    with pytest.raises(ValueError, match=r"line 3: no login after"):
+        map_binding(path)
+    path.write_bytes(b"ok@x ok\n\xff@x y\n")
+    with pytest.raises(ValueError, match=r"line 2: not UTF-8"):
+        validate({"map": str(path)})
+    with pytest.raises(ValueError, match=r"No such file"):
+        validate({"map": str(tmp_path / "missing")})
+
+
+def test_reload_settings(map_file):
+    clock = task.Clock()
+    b = map_binding(map_file, clock)
+    new = SenderBindingConfig(source="map", map=map_file, allow_null_sender=False)
+    assert b.reload(new) is None
+    assert not check(b, "alice", "").allowed
+
+
+# --------------------------------------------------------------------------
+# validate
+
+
+def test_validate_defaults_and_paths(tmp_path, map_file):
+    cfg = validate({"map": "sender_logins"}, base=map_file.parent)
+    assert cfg == SenderBindingConfig(map=map_file)
+    assert SenderBindingConfig().source == "map"
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({}, 'map: required with source = "map"'),
+        ({"source": "ldap", "map": "x"}, 'map: only used with source = "map"'),
+        ({"source": "sql"}, 'sql_query: required with source = "sql"'),
+        ({"source": "sql", "sql_query": "SELECT a FROM t"}, "sql_query: must contain"),
+        (
+            {"source": "sql", "sql_query": "SELECT a FROM t WHERE u = :user AND d = :d"},
+            "sql_query: only :user is bound",
+        ),
+        ({"source": "ldap", "sql_query": "x"}, 'sql_query: only used with source = "sql"'),
+        ({"source": "sql", "sql_query": "x :user", "ldap_attribute": "m"}, "ldap_attribute:"),
+        ({"source": "ldap", "ldap_attribute": "(mail)"}, "ldap_attribute: not an LDAP"),
+        ({"source": "ldap", "detail_separator": "@"}, "detail_separator:"),
+        ({"source": "nis"}, "source: expected one of"),
+        ({"source": "ldap", "bogus": 1}, "bogus: unknown key"),
+        ({"source": "ldap", "strip_detail": "yes"}, "strip_detail: expected true or false"),
+    ],
+)
+def test_validate_errors(raw, message):
+    with pytest.raises(ValueError) as e:
+        validate(raw)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_missing_auth_table_is_a_value_error():
+    cfg = validate({"source": "ldap"})
+    with pytest.raises(ValueError, match=r"\[auth.ldap\] table, which is missing"):
+        SenderBinding(cfg, {}, task.Clock(), InlinePool())
+
+
+# --------------------------------------------------------------------------
+# header addresses
+
+
+def h(text: str) -> bytes:
+    return text.replace("\n", "\r\n").encode("utf-8") + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ("From: Alice <alice@example.com>\nTo: bob@example.org\n", ["alice@example.com"]),
+        ("From: a@x.example, B <b@y.example>\n", ["a@x.example", "b@y.example"]),
+        ("From: a@x.example\nFrom: b@y.example\n", ["a@x.example", "b@y.example"]),
+        ("From: ceo@example.com\nSender: alice@example.com\n", ["alice@example.com"]),
+        ("sender: Alice <alice@example.com>\nfrom: ceo@example.com\n", ["alice@example.com"]),
+        (
+            'From: "=?utf-8?q?ceo=40example.com?=" <alice@example.com>\n',
+            ["alice@example.com"],
+        ),
+        ("From: =?utf-8?b?w4RsaWNl?= <alice@example.com>\n", ["alice@example.com"]),
+        ("From: Team: a@x.example, b@y.example;\n", ["a@x.example", "b@y.example"]),
+        (
+            "From: Alice\n <alice@example.com>,\n\tBob <bob@example.com>\n",
+            ["alice@example.com", "bob@example.com"],
+        ),
+        ("From: alice@example.com (Alice Liddell)\n", ["alice@example.com"]),
+        ('From: "alice"@example.com\n', ["alice@example.com"]),
+        ('From: "john doe"@example.com\n', ['"john doe"@example.com']),
+        ("From: Jürgen <jürgen@bücher.example>\n", ["jürgen@bücher.example"]),
+        ("Subject: no from\nTo: x@y\n", None),
+        ("", None),
+        ("From: a@x.example, garbage\n", ["a@x.example", UNPARSEABLE]),
+        ("From: <>\n", [UNPARSEABLE]),
+        ("From:\n", [UNPARSEABLE]),
+        ("From: undisclosed:;\n", [UNPARSEABLE]),
+        ("From: a@\n", [UNPARSEABLE]),
+        ("From: =?utf-8?q?ceo=40example.com?=\n", [UNPARSEABLE]),
+        ("From: @@@\n", [UNPARSEABLE]),
+        ("From: alice@example.com\nSender: <>\n", [UNPARSEABLE]),
+    ],
+)
+def test_header_addresses(header, expected):
+    assert header_addresses(h(header), smtputf8=True) == expected
+    assert header_addresses(h(header), smtputf8=False) == expected
+
+
+def test_header_addresses_not_utf8():
+    assert header_addresses(b"From: \xff\xfe@example.com\r\n\r\n", False) == [UNPARSEABLE]
+
+
+@given(st.binary(max_size=300), st.booleans())
+def test_property_header_addresses_never_raise(data, smtputf8):
+    out = header_addresses(data, smtputf8)
+    assert out is None or (out and all(isinstance(a, str) and a for a in out))
+
+
+@given(st.text(max_size=120), st.booleans())
+def test_property_header_addresses_of_any_from(value, smtputf8):
+    out = header_addresses(("From: " + value + "\r\n\r\n").encode("utf-8", "replace"), smtputf8)
+    assert out is not None and all(a == UNPARSEABLE or "@" in a for a in out)
+
+
+# --------------------------------------------------------------------------
+# real stores
+
+
+@pytest.fixture(scope="module")
+def reactor() -> Any:
+    return start_reactor()
+
+
+@pytest.fixture(scope="module")
+def pool(reactor: Any) -> Iterator[Any]:
+    from kumoauth.ops.threads import BlockingPool
+
+    p = BlockingPool(reactor, threads=2, max_queued=50, name="test-senders")
+    p.start()
+    yield p
+    in_reactor(p.stop)
+
+
+def real_binding(reactor: Any, pool: Any, raw: dict[str, Any], tables: dict[str, Any]) -> Any:
+    cfg = validate(raw)
+    return in_reactor(lambda: SenderBinding(cfg, tables, reactor, pool))
+
+
+def real_check(binding: Any, user: str, address: str) -> Decision:
+    decision: Decision = in_reactor(binding.check, user, address)
+    return decision
+
+
+# LDAP -----------------------------------------------------------------------
+
+
+def _mails(*addresses: str) -> str:
+    # tests/slapd.py writes one "mail: <value>" line; the extra values ride
+    # along as further LDIF lines of the same entry.
+    return "\nmail: ".join(addresses)
+
+
+@pytest.fixture(scope="module")
+def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.slapd import User, require_slapd, running_slapd
+
+    require_slapd()
+    users = [
+        User("alice", "pw-a", mail=_mails("alice@example.test", "Alice.Smith@example.test")),
+        User("bob", "pw-b", mail=_mails("bob@example.test", "@shared.example.test")),
+        User("nomail", "pw-n"),
+        User("twin1", "pw", mail="twins@example.test"),
+        User("twin2", "pw", mail="twins@example.test"),
+    ]
+    with running_slapd(users, directory=tmp_path_factory.mktemp("slapd")) as server:
+        yield server
+
+
+@pytest.fixture
+def ldap_binding(reactor: Any, pool: Any, slapd: Any) -> Iterator[Any]:
+    from tests.slapd import PEOPLE
+
+    table = {"url": slapd.url(), "base": PEOPLE, "timeout": 2.0}
+    b = real_binding(reactor, pool, {"source": "ldap"}, {"ldap": table})
+    yield b
+    in_reactor(b.stop)
+
+
+def test_ldap_several_mail_values(ldap_binding):
+    assert real_check(ldap_binding, "alice", "alice@example.test") == Decision(
+        True, "ldap mail=alice@example.test"
+    )
+    assert real_check(ldap_binding, "alice", "Alice.Smith@EXAMPLE.test").allowed
+    assert not real_check(ldap_binding, "alice", "alice.smith@example.test").allowed
+    assert real_check(ldap_binding, "alice", "bob@example.test") == Decision(
+        False, "no rule for this address"
+    )
+    # the default filter also finds the entry by mail
+    assert real_check(ldap_binding, "bob@example.test", "bob@example.test").allowed
+    assert sorted(in_reactor(ldap_binding.allowed_addresses, "alice")) == [
+        "Alice.Smith@example.test",
+        "alice@example.test",
+    ]
+
+
+def test_ldap_domain_wildcard_value(ldap_binding):
+    assert real_check(ldap_binding, "bob", "anyone@shared.example.test") == Decision(
+        True, "ldap mail=@shared.example.test"
+    )
+    assert not real_check(ldap_binding, "alice", "anyone@shared.example.test").allowed
+
+
+def test_ldap_no_or_ambiguous_entry(ldap_binding):
+    assert real_check(ldap_binding, "ghost", "ghost@example.test") == Decision(
+        False, "no ldap entry for this user"
+    )
+    assert not real_check(ldap_binding, "twins@example.test", "twins@example.test").allowed
+    assert not real_check(ldap_binding, "nomail", "nomail@example.test").allowed
+    # filter syntax in the name is only ever a value
+    assert not real_check(ldap_binding, "*", "alice@example.test").allowed
+
+
+def test_ldap_null_sender_needs_no_lookup(ldap_binding):
+    assert real_check(ldap_binding, "alice", "").allowed
+
+
+def test_ldap_attribute_values_directly(reactor, slapd):
+    from kumoauth.backends.ldap import LDAP
+    from tests.slapd import PEOPLE
+
+    store = LDAP(slapd.url(), PEOPLE, reactor=reactor, timeout=2.0)
+    try:
+        assert in_reactor(store.attribute_values, "alice", "cn") == ["alice"]
+        assert in_reactor(store.attribute_values, "nomail", "mail") == []
+        assert in_reactor(store.attribute_values, "ghost", "mail") is None
+    finally:
+        in_reactor(store.stop)
+
+
+def test_ldap_down_is_a_lookup_error(ldap_binding, slapd):
+    slapd.stop()
+    try:
+        with pytest.raises(SenderLookupError, match=r"^ldap: ldap://127.0.0.1:\d+: "):
+            real_check(ldap_binding, "alice", "alice@example.test")
+        with pytest.raises(SenderLookupError):
+            in_reactor(ldap_binding.allowed_addresses, "alice")
+        # the null sender still needs no store
+        assert real_check(ldap_binding, "alice", "").allowed
+    finally:
+        slapd.start()
+    assert real_check(ldap_binding, "alice", "alice@example.test").allowed
+
+
+# SQL ------------------------------------------------------------------------
+
+SENDERS_QUERY = "SELECT address FROM senders WHERE login = :user"
+ROWS = [
+    ("alice", "alice@example.com"),
+    ("alice", "Alice.Smith@Example.COM"),
+    ("bob", "bob@example.com"),
+    ("bob", "@shared.example.com"),
+    ("bob", None),
+    ("jürgen", "jürgen@bücher.example"),
+]
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    path = tmp_path / "users.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE users (login TEXT, password TEXT)")
+        conn.execute("CREATE TABLE senders (login TEXT, address TEXT)")
+        conn.executemany("INSERT INTO senders VALUES (?, ?)", ROWS)
+    conn.close()
+    return f"sqlite:///{path}"
+
+
+def sql_binding(reactor: Any, pool: Any, url: str, timeout: float = 2.0) -> Any:
+    table = {"url": url, "query": "SELECT password FROM users WHERE login = :user"}
+    table["timeout"] = timeout
+    raw = {"source": "sql", "sql_query": SENDERS_QUERY}
+    return real_binding(reactor, pool, raw, {"sql": table})
+
+
+def _sql_checks(b: Any) -> None:
+    assert real_check(b, "alice", "alice@example.com") == Decision(
+        True, 'sql row "alice@example.com"'
+    )
+    assert real_check(b, "alice", "Alice.Smith@example.com").allowed
+    assert not real_check(b, "alice", "alice.smith@example.com").allowed
+    assert real_check(b, "bob", "x@shared.example.com") == Decision(
+        True, 'sql row "@shared.example.com"'
+    )
+    assert not real_check(b, "bob", "alice@example.com").allowed
+    assert real_check(b, "jürgen", "jürgen@xn--bcher-kva.example").allowed
+    assert real_check(b, "nobody", "nobody@example.com") == Decision(
+        False, "no rule for this address"
+    )
+    # an injection attempt is only a name
+    assert not real_check(b, "' OR '1'='1", "alice@example.com").allowed
+    assert in_reactor(b.allowed_addresses, "alice") == [
+        "Alice.Smith@example.com",
+        "alice@example.com",
+    ]
+
+
+def test_sql_sqlite(reactor, pool, sqlite_url):
+    b = sql_binding(reactor, pool, sqlite_url)
+    try:
+        _sql_checks(b)
+    finally:
+        in_reactor(b.stop)
+
+
+def test_sql_error_is_a_lookup_error(reactor, pool, sqlite_url, tmp_path):
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as conn:
+        conn.execute("DROP TABLE senders")
+    conn.close()
+    b = sql_binding(reactor, pool, sqlite_url)
+    try:
+        with pytest.raises(SenderLookupError, match=r"^sql: .*no such table: senders"):
+            real_check(b, "alice", "alice@example.com")
+    finally:
+        in_reactor(b.stop)
+
+
+PG = ("127.0.0.1", 5432)
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    import psycopg
+
+    name = f"kumoauth_senders_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(
+            host=PG[0], port=PG[1], user="postgres", dbname="test", connect_timeout=3,
+            autocommit=True,
+        )  # fmt: skip
+    except psycopg.OperationalError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL not reachable: {e}", pytrace=False)
+        pytest.skip(f"PostgreSQL not reachable: {e}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with psycopg.connect(
+            host=PG[0], port=PG[1], user="postgres", dbname=name, autocommit=True
+        ) as conn:
+            conn.execute("CREATE TABLE users (login text, password text)")
+            conn.execute("CREATE TABLE senders (login text, address text)")
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO senders VALUES (%s, %s)", ROWS)
+        yield f"postgresql://postgres@{PG[0]}:{PG[1]}/{name}"
+    finally:
+        with psycopg.connect(
+            host=PG[0], port=PG[1], user="postgres", dbname="test", autocommit=True
+        ) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_sql_postgresql(reactor, pool, pg_url):
+    b = sql_binding(reactor, pool, pg_url)
+    try:
+        _sql_checks(b)
+    finally:
+        in_reactor(b.stop)
+
+
+def test_sql_postgresql_down_is_a_lookup_error(reactor, pool, pg_url):
+    dead = pg_url.replace(":5432/", f":{free_port()}/")
+    b = sql_binding(reactor, pool, dead, timeout=1.0)
+    try:
+        with pytest.raises(SenderLookupError, match=r"^sql: postgresql\+psycopg://"):
+            real_check(b, "alice", "alice@example.com")
+    finally:
+        in_reactor(b.stop)
+
+
+# HTTP -----------------------------------------------------------------------
+
+
+class SendersAPI(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bytes, Any]] = []
+        self.status = 200
+
+    def render_POST(self, request: Any) -> bytes:
+        body = json.loads(request.content.read())
+        self.seen.append((request.path, body))
+        request.setResponseCode(self.status)
+        request.setHeader(b"content-type", b"application/json")
+        addresses = {"alice": ["alice@example.com", "@team.example.com"]}.get(body["user"], [])
+        return json.dumps({"addresses": addresses}).encode()
+
+
+@pytest.fixture
+def http_api(reactor: Any) -> Iterator[tuple[SendersAPI, int]]:
+    api = SendersAPI()
+    port = in_reactor(lambda: reactor.listenTCP(0, Site(api), interface="127.0.0.1"))
+    yield api, port.getHost().port
+    in_reactor(port.stopListening)
+
+
+def test_http_source(reactor, pool, http_api):
+    api, port = http_api
+    table = {"url": f"http://127.0.0.1:{port}/smtp-auth", "timeout": 2.0}
+    b = real_binding(reactor, pool, {"source": "http"}, {"http": table})
+    try:
+        assert real_check(b, "alice", "alice@example.com") == Decision(
+            True, 'http address "alice@example.com"'
+        )
+        assert real_check(b, "alice", "x@TEAM.example.com").allowed
+        assert not real_check(b, "bob", "alice@example.com").allowed
+        assert api.seen[0] == (b"/smtp-auth/senders", {"user": "alice"})
+        api.status = 500
+        with pytest.raises(SenderLookupError, match=r"HTTP 500"):
+            real_check(b, "alice", "alice@example.com")
+    finally:
+        in_reactor(b.stop)
+
+
+def test_http_source_down(reactor, pool):
+    table = {"url": f"http://127.0.0.1:{free_port()}/smtp-auth", "timeout": 1.0}
+    b = real_binding(reactor, pool, {"source": "http"}, {"http": table})
+    try:
+        with pytest.raises(SenderLookupError, match=r"connection refused"):
+            real_check(b, "alice", "alice@example.com")
+    finally:
+        in_reactor(b.stop)
+
+
+# --------------------------------------------------------------------------
+# kumoauth sender check
+
+_RUNNER = (
+    "import argparse, sys\n"
+    "from kumoauth.cli import sender\n"
+    "p = argparse.ArgumentParser(prog='kumoauth')\n"
+    "sender.add_parser(p.add_subparsers(dest='command', required=True))\n"
+    "a = p.parse_args(sys.argv[1:])\n"
+    "sys.exit(a.run(a))\n"
+)
+
+
+def sender_check(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    from kumoauth.cli import COMMANDS
+
+    if "sender" in COMMANDS:
+        command = [sys.executable, "-m", "kumoauth.cli"]
+    else:  # until the subcommand is registered
+        command = [sys.executable, "-c", _RUNNER]
+    return subprocess.run(
+        [*command, "sender", "check", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def write_config(directory: Path, binding: str, extra: str = "") -> Path:
+    config = directory / "kumoauth.toml"
+    config.write_text(
+        '[server]\nhostname = "mx.example"\n'
+        '[[listener]]\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "none"\n'
+        "auth_required = false\n"
+        f'[spool]\npath = "{directory / "spool"}"\n' + extra + "[sender_binding]\n" + binding
+    )
+    return config
+
+
+def test_cli_sender_check(tmp_path, map_file):
+    config = write_config(tmp_path, f'map = "{map_file.name}"\n')
+    ok = sender_check(config, "alice", "<alice@EXAMPLE.com>")
+    assert (ok.returncode, ok.stdout) == (0, 'allowed: map line 2: "alice@example.com alice"\n')
+    no = sender_check(config, "scott", "ceo@example.com")
+    assert no.returncode == 1, no.stderr
+    assert no.stdout == 'refused: map line 4: "ceo@example.com ceo" (does not list this user)\n'
+    none = sender_check(config, "alice", "alice@nowhere.example")
+    assert (none.returncode, none.stdout) == (1, "refused: no rule for this address\n")
+    null = sender_check(config, "alice", "<>")
+    assert (null.returncode, null.stdout) == (0, "allowed: null sender allowed\n")
+
+
+def test_cli_sender_check_errors(tmp_path, sqlite_url):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "m").write_text("a@x a\nbroken\n")
+    result = sender_check(write_config(bad, 'map = "m"\n'), "alice", "a@x")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "line 2:" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+    off = tmp_path / "off"
+    off.mkdir()
+    config = off / "kumoauth.toml"
+    config.write_text(write_config(off, "").read_text().replace("[sender_binding]\n", ""))
+    result = sender_check(config, "alice", "a@x")
+    assert result.returncode == 2 and "no [sender_binding]" in result.stderr
+
+    down = tmp_path / "down"
+    down.mkdir()
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    auth_sql = (
+        '[auth.sql]\nurl = "DEAD"\ntimeout = 1.0\nquery = "SELECT p FROM u WHERE l = :user"\n'
+    )
+    config = write_config(
+        down,
+        'source = "sql"\nsql_query = "SELECT address FROM senders WHERE login = :user"\n',
+        auth_sql.replace("DEAD", dead),
+    )
+    result = sender_check(config, "alice", "alice@example.com")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert "cannot check (a session would get 451 4.7.1): sql:" in result.stderr
