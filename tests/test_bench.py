@@ -48,6 +48,12 @@ def test_quick_bench_produces_every_figure_for_every_server(tmp_path):
             continue
         assert figures["errors"] == 0 and figures["undelivered"] == 0, name
         assert figures["relayed"] > 0 and figures["cpu_us_per_message"] > 0
+    # (j) Argon2 logins: kumoauth with and without the cache, aiosmtpd
+    logins = results["j"]
+    assert set(logins) == {"kumoauth (no cache)", "kumoauth + [auth.cache]", "aiosmtpd"}
+    for name, figures in logins.items():
+        assert figures["errors"] == 0 and figures["sessions"] > 0, name
+        assert figures["cpu_us_per_session"] > 0 and figures["max_stall_ms"] is not None
     text = out.read_text()
     assert "kumoauth / aiosmtpd" in text and "kumoauth / twisted.mail" in text
     assert text.count("kumoauth / twisted.mail") == 7  # a-g: a ratio row for every workload
