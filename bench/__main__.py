@@ -171,6 +171,7 @@ max_connections_per_ip = 100000
 [tls]
 certificate = "{self.cert}"
 private_key = "{self.key}"
+{self.tls_lines()}
 
 [[listener]]
 endpoint = "tcp:{self.starttls_port}:interface=127.0.0.1"
@@ -217,11 +218,21 @@ path = "{spool}"
     def auth_lines(self) -> str:
         return ""
 
+    def tls_lines(self) -> str:
+        return ""
+
     def throttle_lines(self) -> str:
         return ""
 
     def auth_tables(self) -> str:
         return ""
+
+
+class KumoauthTickets(Kumoauth):
+    """Workload (h): kumoauth with ``[tls] session_tickets = true``."""
+
+    def tls_lines(self) -> str:
+        return "session_tickets = true"
 
 
 class KumoauthRedis(Kumoauth):
@@ -581,6 +592,66 @@ class Bench:
             if "cpu_us_per_message" in r
         ))  # fmt: skip
 
+    def resumption(self) -> None:
+        """
+        (h) the same client and sessions as (a), from threads with blocking
+        sockets: offering the previous connection's TLS session (resumed)
+        or not (full handshakes), alternating, against one kumoauth with
+        session tickets on.
+        """
+        a = self.args
+        server = KumoauthTickets("kumoauth-tickets", self.workdir, self.cert, self.key)
+        kinds = {
+            "TLS 1.3 full handshake": (False, False),
+            "TLS 1.3 resumed": (True, False),
+            "TLS 1.2 full handshake": (False, True),
+            "TLS 1.2 resumed": (True, True),
+        }
+        runs: dict[str, list[dict]] = {name: [] for name in kinds}
+        try:
+            server.start()
+            self.resume_run(server, max(10, a.sessions // 10), resume=True)  # warm-up
+            for _ in range(a.runs):
+                for name, (resume, tls12) in kinds.items():
+                    runs[name].append(self.resume_run(server, a.sessions, resume, tls12))
+        finally:
+            server.stop()
+        self.results["h"] = {
+            name: {
+                k: statistics.median(r[k] for r in rs if r[k] is not None)
+                for k in rs[0]
+                if any(r[k] is not None for r in rs)
+            }
+            for name, rs in runs.items()
+        }
+        progress("workload h done: " + ", ".join(
+            f"{n} {r['cpu_us_per_session']:.0f} µs" for n, r in self.results["h"].items()
+        ))  # fmt: skip
+
+    def resume_run(self, server: Server, n: int, resume: bool, tls12: bool = False) -> dict:
+        a = self.args
+        cpu0 = server.cpu()
+        extra = ["--port", str(server.starttls_port), "--sessions", str(n)]
+        extra += ["--concurrency", str(a.concurrency)]
+        if not resume:
+            extra.append("--no-resume")
+        if tls12:
+            extra.append("--tls12")
+        proc = self.load(server, "resume", *extra)
+        out, _ = proc.communicate(timeout=3600)
+        cpu1 = server.cpu()
+        result = json.loads(out.strip().splitlines()[-1])
+        lat = sorted(result["latencies"])
+        done = len(lat)
+        return {
+            "cpu_us_per_session": (cpu1 - cpu0) / max(done, 1) * 1e6,
+            "sessions_per_s": done / result["elapsed"],
+            "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
+            "resumed_pct": result["resumed"] / max(done, 1) * 100,
+            "errors": result["errors"],
+            "sessions": done,
+        }
+
     def logins(self) -> None:
         """
         (j) 50 users with Argon2id hashes log in over and over (AUTH-only
@@ -718,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--login-sessions", type=int, default=500, help="logins per run for (j)")
     p.add_argument("--login-users", type=int, default=50, help="Argon2id accounts for (j)")
     p.add_argument("--login-concurrency", type=int, default=20, help="clients for (j)")
-    p.add_argument("--workloads", default="abcdefgij")
+    p.add_argument("--workloads", default="abcdefghij")
     p.add_argument("--servers", default="kumoauth,aiosmtpd,twisted.mail,kumoauth-2w")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(REPO / "bench" / "results.json"))
@@ -759,6 +830,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.idle()
         if "i" in args.workloads:
             bench.relay()
+        if "h" in args.workloads:
+            bench.resumption()
         if "j" in args.workloads:
             bench.logins()
     finally:

@@ -15,6 +15,11 @@ Modes:
 - ``login``: sessions that only log in (EHLO, STARTTLS, EHLO, AUTH PLAIN,
   QUIT), the user cycling through ``--users`` accounts ``user<i>@example.com``
   with password ``pw<i>`` (workload (j)).
+- ``resume``: sessions as in ``session`` (STARTTLS, AUTH, one message),
+  from ``concurrency`` threads with blocking sockets, each thread offering
+  the TLS session of its previous connection (a ticket) so the server can
+  resume; ``--no-resume`` makes the same client do full handshakes (the
+  baseline of workload (h)).  Reports how many sessions were resumed.
 - ``probe``: one plain connection sending NOOP every 5 ms until stdin
   closes; reports every (send time, latency).
 """
@@ -28,6 +33,7 @@ import json
 import ssl
 import sys
 import time
+from typing import Any
 
 BODY = (
     b"From: scott@example.com\r\nTo: b@example.net\r\nSubject: bench\r\n\r\n"
@@ -196,9 +202,104 @@ async def run_probe(args: argparse.Namespace) -> dict:
     return {"samples": samples}
 
 
+def resume_sessions(args: argparse.Namespace) -> dict:
+    """
+    Workload (h): blocking clients that resume TLS sessions (as Postfix's
+    smtp client and reconnecting MUAs do), or do full handshakes.
+    """
+    import socket
+    import threading
+
+    ctx = ssl.create_default_context(cafile=args.ca)
+    if args.tls12:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    plain = b"AUTH PLAIN " + base64.b64encode(b"\0scott\0tiger") + b"\r\n"
+    latencies: list[float] = []
+    counts = {"errors": 0, "resumed": 0}
+    lock = threading.Lock()
+    remaining = [args.sessions]
+
+    def expect(f: Any, code: int) -> None:
+        while True:
+            line = f.readline()
+            if not line:
+                raise SMTPError("closed")
+            if line[3:4] != b"-":
+                if int(line[:3]) != code:
+                    raise SMTPError(line[:40].decode("ascii", "replace"))
+                return
+
+    def one(session: Any) -> tuple[Any, bool]:
+        sock = socket.create_connection(("127.0.0.1", args.port))
+        try:
+            f = sock.makefile("rb")
+            expect(f, 220)
+            sock.sendall(b"EHLO bench.example\r\n")
+            expect(f, 250)
+            sock.sendall(b"STARTTLS\r\n")
+            expect(f, 220)
+            tls = ctx.wrap_socket(
+                sock,
+                server_hostname="localhost",
+                session=session if not args.no_resume else None,
+            )
+            f = tls.makefile("rb")
+            for line, code in (
+                (b"EHLO bench.example\r\n", 250),
+                (plain, 235),
+                (b"MAIL FROM:<scott@example.com>\r\n", 250),
+                (b"RCPT TO:<b@example.net>\r\n", 250),
+                (b"DATA\r\n", 354),
+                (BODY + b".\r\n", 250),
+                (b"QUIT\r\n", 221),
+            ):
+                tls.sendall(line)
+                expect(f, code)
+            reused = tls.session_reused
+            # TLS 1.3 tickets arrive after the handshake: take the session
+            # once the dialogue has read them.
+            saved = tls.session
+            tls.close()
+            return saved, reused
+        finally:
+            sock.close()
+
+    def worker() -> None:
+        session = None
+        while True:
+            with lock:
+                if remaining[0] <= 0:
+                    return
+                remaining[0] -= 1
+            start = time.perf_counter()
+            try:
+                session, reused = one(session)
+            except (OSError, ssl.SSLError, SMTPError):
+                with lock:
+                    counts["errors"] += 1
+                session = None
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                counts["resumed"] += int(reused)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {
+        "elapsed": time.perf_counter() - start,
+        "latencies": latencies,
+        "errors": counts["errors"],
+        "resumed": counts["resumed"],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["session", "idle", "burst", "probe", "login"])
+    p.add_argument("mode", choices=["session", "idle", "burst", "probe", "login", "resume"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--tls", choices=["starttls", "implicit"], default="starttls")
     p.add_argument("--ca", default=None)
@@ -208,6 +309,8 @@ def main() -> None:
     p.add_argument("--user", default="scott")
     p.add_argument("--fail", action="store_true")
     p.add_argument("--users", type=int, default=0, help="accounts for the login mode")
+    p.add_argument("--no-resume", action="store_true", help="resume mode: full handshakes")
+    p.add_argument("--tls12", action="store_true", help="resume mode: at most TLS 1.2")
     args = p.parse_args()
     try:
         import uvloop
@@ -217,6 +320,8 @@ def main() -> None:
         pass
     if args.mode == "probe":
         result = asyncio.run(run_probe(args))
+    elif args.mode == "resume":
+        result = resume_sessions(args)
     else:
         client = Client(args)
         if args.mode in ("session", "login"):

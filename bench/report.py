@@ -37,7 +37,8 @@ def render(data: dict[str, Any]) -> str:
     results = data["results"]
     # (i) has servers of its own (Postfix); the peers of a-g are these.
     names = sorted(
-        {name for key, r in results.items() if key not in ("i", "j") for name in r}, key=_order
+        {name for key, r in results.items() if key not in ("h", "i", "j") for name in r},
+        key=_order,
     )
     peers = [n for n in names if not n.startswith("kumoauth")]
     out = [BEGIN, ""]
@@ -165,6 +166,8 @@ def render(data: dict[str, Any]) -> str:
                 f"**{_ratio(k['cpu_us_per_session'], x['cpu_us_per_session'])}** |"
             )
         out.append("")
+    if "h" in results:
+        out += _resumption(data)
     if "i" in results:
         out += _relay(data)
     if "j" in results:
@@ -219,6 +222,39 @@ def _relay(data: dict[str, Any]) -> list[str]:
             f"{_ratio(k.get('p50_ms'), x.get('p50_ms'))} | "
             f"{_ratio(k.get('p99_ms'), x.get('p99_ms'))} | "
             f"{_ratio(k.get('rss_mib'), x.get('rss_mib'))} | | |"
+        )
+    out.append("")
+    return out
+
+
+def _resumption(data: dict[str, Any]) -> list[str]:
+    r = data["results"]["h"]
+    params = data["parameters"]
+    out = [
+        "### (h) clients that resume TLS sessions",
+        "",
+        f"Sessions as in (a) ({params['sessions']:,} per run, {params['concurrency']} "
+        "client threads with blocking sockets), against kumoauth with "
+        "`[tls] session_tickets = true`; each thread offers the TLS session of its previous "
+        "connection (resumed) or none (full handshake), the two alternating, medians of "
+        f"{params['runs']} runs.",
+        "",
+        "| client | CPU µs / session | sessions/s | p50 ms | resumed | errors |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, x in r.items():
+        out.append(
+            f"| {name} | {_fmt(x.get('cpu_us_per_session'))} | {_fmt(x.get('sessions_per_s'))} | "
+            f"{_fmt(x.get('p50_ms'), 1)} | {_fmt(x.get('resumed_pct'), 1)} % | "
+            f"{_fmt(x.get('errors'))} |"
+        )
+    for version in ("TLS 1.3", "TLS 1.2"):
+        full, resumed = r.get(f"{version} full handshake", {}), r.get(f"{version} resumed", {})
+        out.append(
+            f"| **{version} resumed / full** | "
+            f"**{_ratio(resumed.get('cpu_us_per_session'), full.get('cpu_us_per_session'))}** | "
+            f"{_ratio(resumed.get('sessions_per_s'), full.get('sessions_per_s'))} | "
+            f"{_ratio(resumed.get('p50_ms'), full.get('p50_ms'))} | | |"
         )
     out.append("")
     return out

@@ -25,6 +25,7 @@ from kumoauth.auth.mechanisms import REGISTRY
 from kumoauth.auth.throttle import Throttle
 from kumoauth.config import AuthConfig
 from kumoauth.meta import ConnMeta
+from kumoauth.ops.cooperate import Slicer
 from kumoauth.ops.loglimit import LogLimiter, StateLog
 from kumoauth.ops.metrics import Metrics
 from kumoauth.storage.delivery import Delivery, IMessageDelivery
@@ -184,6 +185,7 @@ class Authenticator:
         in_flight: InFlight,
         throttle: Throttle | None = None,
         store_state: StateLog | None = None,
+        slicer: Slicer | None = None,
     ) -> None:
         self.portal = portal
         self.clock = clock
@@ -193,13 +195,21 @@ class Authenticator:
         self.throttle = throttle
         #: the failure store's state, logged once per change
         self.store_state = store_state if store_state is not None else StateLog("failure store")
+        #: bursts of attempts (or of answers) handled a slice per reactor iteration
+        self.slicer = slicer if slicer is not None else Slicer(clock)
 
     def authenticate(self, attempt: Attempt, credentials: Any) -> defer.Deferred[Outcome]:
         """
         Fire with the :class:`Outcome` of *attempt* for *credentials*
-        (``IPlainCredentials`` today).  Never fails: a bug becomes a
-        tempfail, logged with its traceback (secrets scrubbed).
+        (``IPlainCredentials`` or ``IBearerCredentials``).  Never fails: a
+        bug becomes a tempfail, logged with its traceback (secrets
+        scrubbed).  Many attempts at once are started a slice of time per
+        reactor iteration (:class:`~kumoauth.ops.cooperate.Slicer`), and so
+        are many answers arriving together.
         """
+        return self.slicer.call(self._authenticate, attempt, credentials)
+
+    def _authenticate(self, attempt: Attempt, credentials: Any) -> defer.Deferred[Outcome]:
         attempt.authc = credentials.authc
         attempt.authz = credentials.authz
         password = getattr(credentials, "password", b"") or b""
@@ -278,6 +288,9 @@ class Authenticator:
         )
         # One deadline for every checker, whatever its kind.
         d.addTimeout(self.auth.timeout, self.clock)
+        # Answers that arrive together (one timer tick, one reply from a
+        # backend for many) go on a slice at a time.
+        d.addBoth(self.slicer.hop)
 
         def release(result: object) -> object:
             self.in_flight.count -= 1

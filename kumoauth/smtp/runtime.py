@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from kumoauth.auth.authenticator import Authenticator, AuthLog, InFlight
 from kumoauth.auth.throttle import Throttle
 from kumoauth.config import AuthConfig, ListenerConfig, ServerConfig
+from kumoauth.ops.cooperate import Slicer
 from kumoauth.ops.loglimit import LogLimiter, StateLog
 from kumoauth.ops.metrics import Metrics
 from kumoauth.policy import Invoke, Policy, invoke
@@ -129,6 +130,8 @@ class ProcessState:
     throttle_salt: bytes = field(default_factory=lambda: os.urandom(32))
     #: the verified-credential cache (kumoauth.backends.cache), once configured
     credential_cache: Any = None
+    #: AUTH work of bursts, a slice per reactor iteration
+    slicer: Slicer = field(init=False)
     #: the failure store's state for AUTH, logged once per change
     failure_store_state: StateLog = field(default_factory=lambda: StateLog("failure store"))
     #: ``[sender_binding]``: (its settings, the engine), kept across reloads
@@ -142,6 +145,7 @@ class ProcessState:
 
     def __post_init__(self) -> None:
         self.log_limiter = LogLimiter(self.clock)
+        self.slicer = Slicer(self.clock)
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,7 @@ class Runtime:
             in_flight=process.in_flight,
             throttle=self.throttle,
             store_state=process.failure_store_state,
+            slicer=process.slicer,
         )
         object.__setattr__(self, "authenticator", authenticator)
 
