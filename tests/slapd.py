@@ -21,6 +21,7 @@ Users' ``userPassword`` values are ``{SSHA}`` hashes made by the real
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -102,12 +103,18 @@ def ssha(password: str) -> str:
 
 @dataclass
 class User:
-    """An entry under ou=people: ``uid``, ``mail`` and a password."""
+    """
+    An entry under ou=people: ``uid``, ``mail`` and a password; *extra*
+    attributes (name -> values, several values for one name allowed, e.g.
+    ``{"mail": [...]}``) are added as they are (base64 in the LDIF when a
+    value is not a plain ASCII string).
+    """
 
     uid: str
     password: str
     mail: str | None = None
     ou: str = "people"
+    extra: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def dn(self) -> str:
@@ -135,8 +142,23 @@ def _ldif(users: list[User], service_password: str) -> str:
         ]
         if u.mail:
             lines.append(f"mail: {u.mail}")
+        for name, values in u.extra.items():
+            lines.extend(_ldif_line(name, value) for value in values)
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
+
+
+def _ldif_line(name: str, value: str) -> str:
+    """``name: value``, or ``name:: base64`` for what RFC 2849 SAFE-STRING is not."""
+    safe = (
+        value.isascii()
+        and not any(ch in value for ch in "\0\r\n")
+        and not value.startswith((" ", ":", "<"))
+        and not value.endswith(" ")
+    )
+    if safe:
+        return f"{name}: {value}"
+    return f"{name}:: {base64.b64encode(value.encode()).decode()}"
 
 
 def _slapd_conf(directory: Path, anonymous_search: bool) -> str:

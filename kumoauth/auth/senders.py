@@ -38,6 +38,7 @@ import stat
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email import errors
 from email import policy as email_policy
 from email.parser import HeaderParser
 from pathlib import Path
@@ -511,6 +512,17 @@ class SenderLookupError(Exception):
 # header addresses
 
 
+#: a field name, then spaces or tabs before its colon: the obsolete syntax
+#: of RFC 5322 §4.5 (obs-from, obs-sender, obs-optional), which receivers
+#: must accept and Postfix's is_header() does.  The stdlib parser does not:
+#: it skips a ``From :`` line as a misplaced envelope header and ends the
+#: header at any other such field, so a From: after it would go unchecked.
+_OBS_COLON = re.compile(r"^([\x21-\x39\x3b-\x7e]+)[ \t]+:", re.MULTILINE)
+
+#: what looks like an address in a field the parser found invalid
+_ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"\\@]+@[^\s<>()\[\],;:\"\\@]+")
+
+
 def header_addresses(header_block: bytes, smtputf8: bool) -> list[str] | None:
     """
     The addresses to check in a message's header: those of the ``Sender:``
@@ -532,7 +544,7 @@ def header_addresses(header_block: bytes, smtputf8: bool) -> list[str] | None:
     without SMTPUTF8 are common); *smtputf8* picks the parser's policy.
     """
     try:
-        text = header_block.decode("utf-8", "surrogateescape")
+        text = _OBS_COLON.sub(r"\1:", header_block.decode("utf-8", "surrogateescape"))
         chosen = email_policy.SMTPUTF8 if smtputf8 else email_policy.default
         message = HeaderParser(policy=chosen).parsestr(text, headersonly=True)
         raw_fields = [v for k, v in message.raw_items() if k.lower() == "sender"]
@@ -554,6 +566,7 @@ def _field_addresses(chosen: Any, name: str, value: Any) -> list[str]:
     try:
         header = chosen.header_fetch_parse(name, value)
         addresses = list(header.addresses)
+        invalid = any(isinstance(d, errors.InvalidHeaderDefect) for d in header.defects)
     except Exception:
         return [UNPARSEABLE]
     if not addresses:
@@ -574,6 +587,11 @@ def _field_addresses(chosen: Any, name: str, value: Any) -> list[str]:
             out.append(UNPARSEABLE)  # bytes that were not UTF-8
             continue
         out.append(spec)
+    if invalid:
+        # The parser dropped what it could not read (``a@x <b@y>``, ``a@x
+        # b@y``, ``a@x;b@y``): other readers may take it for the mailbox,
+        # so every address-like token of the field must be allowed too.
+        out.extend(m for m in _ADDRESS_LIKE.findall(str(value)) if m not in out)
     return out
 
 
