@@ -16,10 +16,23 @@ from __future__ import annotations
 import functools
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kumoauth.checks import (  # noqa: F401  (re-exported for older importers)
+    _LOOPBACK,
+    Check,
+    _Bad,
+    _bool,
+    _choice,
+    _int,
+    _number,
+    _port,
+    _show,
+    _str,
+)
 
 TLS_MODES = ("starttls", "implicit", "none")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
@@ -239,59 +252,9 @@ class Config:
 
 # --- schema ---------------------------------------------------------------
 
-# A checker turns a raw TOML value into the typed value, or returns a string
-# describing what was expected.
-Check = Callable[[Any], Any]
-
-
-class _Bad(Exception):
-    pass
-
-
-def _int(minimum: int = 0) -> Check:
-    def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise _Bad(f"expected an integer, got {_show(v)}")
-        if v < minimum:
-            raise _Bad(f"must be at least {minimum}, got {v}")
-        return v
-
-    return check
-
-
-def _number(minimum: float = 0.0) -> Check:
-    def check(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise _Bad(f"expected a number of seconds, got {_show(v)}")
-        if v < minimum:
-            raise _Bad(f"must be at least {minimum}, got {v}")
-        return float(v)
-
-    return check
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise _Bad(f"expected a string, got {_show(v)}")
-    if not v:
-        raise _Bad("must not be empty")
-    return v
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise _Bad(f"expected true or false, got {_show(v)}")
-    return v
-
-
-def _choice(*options: str) -> Check:
-    def check(v: Any) -> str:
-        if v not in options:
-            allowed = ", ".join(f'"{o}"' for o in options)
-            raise _Bad(f"expected one of {allowed}, got {_show(v)}")
-        return str(v)
-
-    return check
+# The value checks (a raw TOML value in, the typed value out, or _Bad)
+# live in kumoauth.checks, shared with the modules that validate their own
+# tables (credential stores, [auth.oauth], [sender_binding]).
 
 
 def _table(v: Any) -> dict[str, Any]:
@@ -323,13 +286,6 @@ def _names(v: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(v))
 
 
-def _port(v: Any) -> int:
-    port = _int(1)(v)
-    if port > 65535:
-        raise _Bad(f"must be a port number (1-65535), got {port}")
-    return port
-
-
 def _prefix(v: Any) -> int:
     bits = _int(0)(v)
     if bits > 128:
@@ -341,18 +297,6 @@ def _schedule(v: Any) -> tuple[float, ...]:
     if not isinstance(v, list) or not v:
         raise _Bad(f"expected a non-empty list of seconds, got {_show(v)}")
     return tuple(_number(1.0)(x) for x in v)
-
-
-def _show(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return f'"{v}"'
-    if isinstance(v, dict):
-        return "a table"
-    if isinstance(v, list):
-        return "a list"
-    return repr(v)
 
 
 SCHEMA: dict[str, dict[str, Check]] = {
@@ -655,9 +599,6 @@ def _oauth(source: Path, raw: Any) -> Any:
         if sep and " " not in key:
             raise ConfigError(source, f"[auth.oauth] {key}", problem) from None
         raise ConfigError(source, "[auth.oauth]", str(e)) from None
-
-
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _relay(source: Path, raw: Any) -> RelayConfig:

@@ -94,6 +94,7 @@ def test_modules_are_grouped_by_concern():
     # Cross-cutting modules only at the top; everything else in a concern.
     assert top <= {
         "__init__.py",
+        "checks.py",
         "config.py",
         "meta.py",
         "policy.py",
@@ -101,7 +102,7 @@ def test_modules_are_grouped_by_concern():
         "testing.py",
         "textsafe.py",
     }
-    for concern in ("smtp", "auth", "backends", "storage", "tls", "ops", "cli", "relay"):
+    for concern in ("smtp", "auth", "backends", "storage", "tls", "ops", "cli", "relay", "stores"):
         assert (PACKAGE / concern / "__init__.py").is_file()
 
 

@@ -48,7 +48,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from kumoauth.backends.base import BackendError, ReactorThreads, default_reactor, parse_table
-from kumoauth.config import _Bad, _bool, _choice, _str
+from kumoauth.checks import _Bad, _bool, _choice, _str
 from kumoauth.ops.threads import QueueFull
 from kumoauth.textsafe import escape
 

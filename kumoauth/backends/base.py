@@ -439,7 +439,7 @@ def parse_table(
     configuration file's directory).  ``ValueError`` with one line
     (``key: problem``); the caller adds the table's name.
     """
-    from kumoauth.config import _Bad
+    from kumoauth.checks import _Bad
 
     known = {f.name for f in fields(cls)}
     out: dict[str, Any] = {}

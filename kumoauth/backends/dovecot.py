@@ -83,7 +83,7 @@ MAX_UNIX_PATH = 107
 
 
 def _service(v: Any) -> str:
-    from kumoauth.config import _Bad, _str
+    from kumoauth.checks import _Bad, _str
 
     value = _str(v)
     if not re.fullmatch(r"[!-~]{1,64}", value):
@@ -92,7 +92,7 @@ def _service(v: Any) -> str:
 
 
 def _checks() -> dict[str, Callable[[Any], Any]]:
-    from kumoauth.config import _bool, _int, _number, _str
+    from kumoauth.checks import _bool, _int, _number, _str
 
     return {
         "socket": _str,

@@ -70,7 +70,7 @@ from kumoauth.backends.base import (
     read_secret_file,
     secured,
 )
-from kumoauth.config import _LOOPBACK, _bool, _int, _number, _str
+from kumoauth.checks import _LOOPBACK, _bool, _int, _number, _str
 
 #: Largest response body read (bytes); a larger one is the API misbehaving.
 MAX_BODY = 64 * 1024

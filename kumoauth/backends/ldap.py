@@ -64,7 +64,7 @@ from kumoauth.backends.base import (
     parse_table,
     read_secret_file,
 )
-from kumoauth.config import _Bad, _bool, _choice, _int, _number, _str
+from kumoauth.checks import _Bad, _bool, _choice, _int, _number, _str
 from kumoauth.textsafe import escape
 
 with warnings.catch_warnings():

@@ -85,7 +85,7 @@ from kumoauth.backends.http import (
     _trust,
     _where,
 )
-from kumoauth.config import _LOOPBACK, _Bad, _bool, _number, _show, _str
+from kumoauth.checks import _LOOPBACK, _Bad, _bool, _number, _show, _str
 
 #: Signature algorithms that may be allowed: asymmetric only.
 SUPPORTED_ALGORITHMS = frozenset(

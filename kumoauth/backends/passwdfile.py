@@ -66,7 +66,7 @@ from kumoauth.backends.base import (
     note_scheme,
     parse_table,
 )
-from kumoauth.config import _number, _str
+from kumoauth.checks import _number, _str
 from kumoauth.ops.threads import QueueFull
 from kumoauth.textsafe import escape
 

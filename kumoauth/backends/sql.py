@@ -50,7 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kumoauth import config as _config
+from kumoauth import checks as _config
 from kumoauth.backends.base import (
     BackendError,
     Entry,

@@ -1,0 +1,87 @@
+"""
+Value checks for configuration tables: a raw TOML value in, the typed
+value out, or :class:`_Bad` with what was expected.  Shared by
+:mod:`kumoauth.config` and the modules that validate tables of their own
+(the credential stores, ``[auth.oauth]``, ``[sender_binding]``), which
+must not import the configuration module itself (it imports them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+#: a check: the raw value in, the typed value out (or _Bad)
+Check = Callable[[Any], Any]
+
+#: hosts a cleartext connection may go to without an explicit allow
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class _Bad(Exception):
+    pass
+
+
+def _int(minimum: int = 0) -> Check:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _Bad(f"expected an integer, got {_show(v)}")
+        if v < minimum:
+            raise _Bad(f"must be at least {minimum}, got {v}")
+        return v
+
+    return check
+
+
+def _number(minimum: float = 0.0) -> Check:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise _Bad(f"expected a number of seconds, got {_show(v)}")
+        if v < minimum:
+            raise _Bad(f"must be at least {minimum}, got {v}")
+        return float(v)
+
+    return check
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"expected a string, got {_show(v)}")
+    if not v:
+        raise _Bad("must not be empty")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _Bad(f"expected true or false, got {_show(v)}")
+    return v
+
+
+def _choice(*options: str) -> Check:
+    def check(v: Any) -> str:
+        if v not in options:
+            allowed = ", ".join(f'"{o}"' for o in options)
+            raise _Bad(f"expected one of {allowed}, got {_show(v)}")
+        return str(v)
+
+    return check
+
+
+def _port(v: Any) -> int:
+    port = _int(1)(v)
+    if port > 65535:
+        raise _Bad(f"must be a port number (1-65535), got {port}")
+    return port
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, dict):
+        return "a table"
+    if isinstance(v, list):
+        return "a list"
+    return repr(v)
