@@ -386,6 +386,10 @@ class Bench:
             stdout=subprocess.PIPE,
             text=True,
             cwd=REPO,
+            # The stall probe measures the server's reactor, not how long the
+            # probe waits for a core on a machine the load client saturates:
+            # it runs at a higher priority when we may raise it (root).
+            preexec_fn=_raise_priority if mode == "probe" else None,
         )
 
     def single_process(self) -> list[Server]:
@@ -740,6 +744,13 @@ class Bench:
                 "cpu_us_per_session": r["cpu_us_per_session"],
             }
             progress(f"workload g done for {server.name}")
+
+
+def _raise_priority() -> None:
+    try:
+        os.nice(-10)
+    except OSError:
+        pass  # not root: the probe runs at normal priority
 
 
 def progress(message: str) -> None:

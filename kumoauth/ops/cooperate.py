@@ -43,6 +43,14 @@ class Slicer:
     def __len__(self) -> int:
         return len(self._queue)
 
+    @property
+    def busy(self) -> bool:
+        """
+        Whether this iteration's budget is spent (or calls are waiting):
+        work that can wait should go through :meth:`call`.
+        """
+        return bool(self._queue) or (self._tick_open and self._spent >= self.slice)
+
     def call(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         """
         ``fn(*args)`` now or in a coming slice; the Deferred fires with its

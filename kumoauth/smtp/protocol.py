@@ -425,11 +425,22 @@ class SubmissionProtocol(Protocol):
                 self._discard_reply = self._overlong_reply(line[:5])
                 self._overlong()
                 continue
+            if self._mode == AUTH or line[:5].upper() == b"AUTH ":
+                slicer = self.rt.process.slicer
+                if slicer.busy:
+                    # A burst of AUTH lines (500 clients at once): decoded
+                    # and checked a slice per reactor iteration, so the
+                    # other sessions are served in between.
+                    self._wait(slicer.call(self._line, line), _ignore, self._line_failed)
+                    continue
             try:
                 self._line(line)
             except Exception:
-                log.failure("bug handling a line from {client}", client=self.client)
-                self._close(b"421 4.3.0 Internal error, closing connection")
+                self._line_failed(Failure())
+
+    def _line_failed(self, f: Failure) -> None:
+        log.failure("bug handling a line from {client}", f, client=self.client)
+        self._close(b"421 4.3.0 Internal error, closing connection")
 
     def _overlong_reply(self, head: bytes) -> bytes:
         if self._mode == AUTH or head.upper().startswith(b"AUTH "):
@@ -1056,3 +1067,7 @@ def wrap_listener(factory: SubmissionFactory) -> IProtocolFactory:
         assert factory.runtime.tls is not None
         return TLSMemoryBIOFactory(factory.runtime.tls, False, factory)
     return factory
+
+
+def _ignore(result: object) -> None:
+    return None
