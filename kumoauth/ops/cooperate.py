@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 #: seconds of queued work per reactor iteration
 SLICE = 0.004
@@ -34,6 +35,7 @@ class Slicer:
     def __init__(self, clock: Any, slice: float = SLICE) -> None:
         self.clock = clock
         self.slice = slice
+        #: (the caller's Deferred, fn, (started-holder, *args))
         self._queue: collections.deque[
             tuple[defer.Deferred[Any], Callable[..., Any], tuple[Any, ...]]
         ] = collections.deque()
@@ -59,8 +61,16 @@ class Slicer:
         """
         if not self._queue and self._in_budget():
             return self._run(fn, args)
-        d: defer.Deferred[Any] = defer.Deferred(self._withdraw)
-        self._queue.append((d, fn, args))
+        started: list[defer.Deferred[Any]] = []
+
+        def cancel(d: defer.Deferred[Any]) -> None:
+            # Not run yet: withdrawn.  Running: the cancellation goes on
+            # to what it is waiting for (a checker, a lookup).
+            if not self._withdraw(d) and started:
+                started[0].cancel()
+
+        d: defer.Deferred[Any] = defer.Deferred(cancel)
+        self._queue.append((d, fn, (started, *args)))
         return d
 
     def hop(self, result: Any) -> defer.Deferred[Any]:
@@ -87,19 +97,38 @@ class Slicer:
             self._spent += seconds() - started
         return result
 
-    def _withdraw(self, d: defer.Deferred[Any]) -> None:
+    def _withdraw(self, d: defer.Deferred[Any]) -> bool:
         for item in self._queue:
             if item[0] is d:
                 self._queue.remove(item)
-                return
+                return True
+        return False
 
     def _next_tick(self) -> None:
         self._tick_open = False
         queue = self._queue
-        while queue and self._in_budget():
-            d, fn, args = queue.popleft()
-            self._run(fn, args).chainDeferred(d)
+        if not queue:
+            return
+        self._in_budget()  # this iteration's budget (and a look at the next)
+        while queue:
+            # At least one call per iteration, however small the slice.
+            d, fn, (started, *args) = queue.popleft()
+            inner = self._run(fn, tuple(args))
+            started.append(inner)
+            inner.addBoth(_forward, d)
+            if self._spent >= self.slice:
+                break
 
 
 def _identity(result: Any) -> Any:
     return result
+
+
+def _forward(result: Any, d: defer.Deferred[Any]) -> None:
+    """Pass a started call's result on, unless the caller cancelled."""
+    if d.called:
+        return  # cancelled meanwhile: the result (its CancelledError too) has no taker
+    if isinstance(result, Failure):
+        d.errback(result)
+    else:
+        d.callback(result)
