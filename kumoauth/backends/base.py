@@ -41,6 +41,7 @@ from zope.interface import Attribute, Interface, implementer
 from kumoauth.auth.checkers import ICheckerLifecycle
 from kumoauth.auth.cred import BackendUnavailable, IPlainCredentials
 from kumoauth.backends import schemes
+from kumoauth.ops.loglimit import StateLog
 from kumoauth.ops.threads import QueueFull
 from kumoauth.textsafe import escape
 
@@ -100,37 +101,17 @@ class ICredentialStore(Interface):
         """
 
 
-class BackendHealth:
+class BackendHealth(StateLog):
     """
-    Logs a backend's state changes, one line each: the first error after
-    success ("unavailable: reason"), and the first success after errors
+    A credential store's state changes, logged once each under
+    ``kumoauth.backends`` with the backend's name: the first error after
+    success ("unavailable: reason"), the first success after errors
     ("available again").  Attempts in between log nothing.
     """
 
     def __init__(self, name: str) -> None:
+        super().__init__(f"auth backend {name}", log, backend=name)
         self.name = name
-        self.down: str | None = None
-        self.errors_while_down = 0
-
-    def failed(self, reason: str) -> None:
-        if self.down is None:
-            self.down = reason
-            self.errors_while_down = 0
-            log.error(
-                "auth backend {backend} unavailable: {reason}",
-                backend=self.name,
-                reason=escape(reason, 300),
-            )
-        self.errors_while_down += 1
-
-    def succeeded(self) -> None:
-        if self.down is not None:
-            log.info(
-                "auth backend {backend} available again ({n} attempts answered 454)",
-                backend=self.name,
-                n=self.errors_while_down,
-            )
-            self.down = None
 
 
 class OncePer:

@@ -73,11 +73,15 @@ class StateLog:
     One log line per change of a dependency's state: the first failure
     after success (with the reason and what it means for clients), and the
     first success after failures (with how many there were), never one line
-    per attempt.  Process-lived: a reload keeps it.
+    per attempt.  Process-lived: a reload keeps it.  *logger* and *fields*
+    (extra event fields, e.g. ``backend=``) let each owner log under its
+    own namespace.
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, logger: Logger | None = None, **fields: Any) -> None:
         self.what = what
+        self.logger = logger if logger is not None else _log
+        self.fields = fields
         self.down: str | None = None
         self.failures = 0
 
@@ -87,19 +91,21 @@ class StateLog:
         if self.down is None:
             self.down = reason
             self.failures = 0
-            _log.error(
+            self.logger.error(
                 "{what} unavailable: {reason}{consequence}",
                 what=self.what,
                 reason=escape(reason, 300),
                 consequence=f"; {consequence}" if consequence else "",
+                **self.fields,
             )
         self.failures += 1
 
     def succeeded(self) -> None:
         if self.down is not None:
-            _log.info(
+            self.logger.info(
                 "{what} available again ({n} operations met it down)",
                 what=self.what,
                 n=self.failures,
+                **self.fields,
             )
             self.down = None

@@ -59,6 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kumoauth.ops.loglimit import StateLog
 from kumoauth.stores import (
     ICounterStore,
     IFailureStore,
@@ -594,8 +595,9 @@ class RedisStore:
         self._retry_at = 0.0
         self._backoff = self.MIN_BACKOFF
         #: the logged state: None while available, else the reason logged
-        self._unavailable: str | None = None
-        self._failed_while_down = 0
+        self._health = StateLog(
+            f"shared store {self.settings.display}", log, store=self.settings.display
+        )
         self._close_waiters: list[defer.Deferred[None]] = []
 
     def _make_endpoint(self, s: Settings) -> Any:
@@ -824,24 +826,10 @@ class RedisStore:
         return text
 
     def _failed(self, why: str) -> None:
-        if self._unavailable is None:
-            self._unavailable = why
-            self._failed_while_down = 0
-            log.error(
-                "shared store {store} unavailable: {reason}",
-                store=self.settings.display,
-                reason=escape(why, 300),
-            )
-        self._failed_while_down += 1
+        self._health.failed(why)
 
     def _succeeded(self) -> None:
-        if self._unavailable is not None:
-            log.info(
-                "shared store {store} available again ({n} operations failed)",
-                store=self.settings.display,
-                n=self._failed_while_down,
-            )
-            self._unavailable = None
+        self._health.succeeded()
 
     # --- IFailureStore -------------------------------------------------------
 
