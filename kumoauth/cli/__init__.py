@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 #: subcommand modules, in the order ``--help`` lists them
 COMMANDS = ("spool", "pw", "auth", "throttle", "limits", "sender")
@@ -32,6 +34,48 @@ class CommandError(Exception):
     """
     An operator's mistake: one line on stderr, exit status 1.
     """
+
+
+def react(action: Callable[[Any], Awaitable[int]], failed: int = 1) -> int:
+    """
+    Run ``action(reactor)`` (a coroutine function returning an exit status)
+    under a reactor of its own, for subcommands that talk to a store or a
+    checker; *failed* if the reactor itself ends in error.
+    """
+    from twisted.internet import defer, task
+
+    code = [failed]
+
+    def main(reactor: Any) -> defer.Deferred[None]:
+        async def go() -> None:
+            code[0] = await action(reactor)
+
+        return defer.Deferred.fromCoroutine(go())
+
+    try:
+        task.react(main)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return failed
+    return code[0]
+
+
+def log_errors_to_stderr() -> None:
+    """
+    Warnings and errors (a backend going down, a malformed stored hash) on
+    stderr, one line each, as the server would log them.
+    """
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
 def build_parser(prog: str = "kumoauth") -> argparse.ArgumentParser:

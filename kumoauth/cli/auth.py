@@ -62,23 +62,10 @@ def read_password() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from twisted.internet import defer, task
+    from kumoauth.cli import react
 
     password = read_password()
-    code: list[int] = [EXIT_ERROR]
-
-    def main(reactor: Any) -> defer.Deferred[None]:
-        async def go() -> None:
-            code[0] = await _test(reactor, args, password)
-
-        return defer.Deferred.fromCoroutine(go())
-
-    try:
-        task.react(main)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return EXIT_ERROR
-    return code[0]
+    return react(lambda reactor: _test(reactor, args, password), EXIT_ERROR)
 
 
 def _fail(message: str) -> int:
@@ -94,6 +81,7 @@ async def _test(reactor: Any, args: argparse.Namespace, password: str) -> int:
     from kumoauth.auth.checkers import call_hook
     from kumoauth.auth.cred import AuthContext, PlainCredentials, make_portal
     from kumoauth.auth.sasl import SASLError, prepare_name
+    from kumoauth.cli import log_errors_to_stderr
     from kumoauth.meta import ConnMeta
     from kumoauth.ops.assembly import OperatorError, build_checkers, build_policy, load_config
     from kumoauth.ops.threads import BlockingPool
@@ -101,7 +89,7 @@ async def _test(reactor: Any, args: argparse.Namespace, password: str) -> int:
     from kumoauth.smtp.runtime import ProcessState
     from kumoauth.storage.delivery import Delivery, IMessageDelivery
 
-    _log_errors_to_stderr()
+    log_errors_to_stderr()
     try:
         cfg = load_config(args.config)
         policy = build_policy(cfg)
@@ -208,21 +196,3 @@ async def _senders(reactor: Any, cfg: Any, pool: Any, authz: str) -> str:
     finally:
         await defer.maybeDeferred(binding.stop)
     return ", ".join(addresses) if addresses else "(none)"
-
-
-def _log_errors_to_stderr() -> None:
-    """
-    Warnings and errors (a backend going down, a malformed stored hash)
-    on stderr, one line each, as the server would log them.
-    """
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        globalLogBeginner,
-        textFileLogObserver,
-    )
-
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

@@ -41,22 +41,9 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from twisted.internet import defer, task
+    from kumoauth.cli import react
 
-    code: list[int] = [EXIT_ERROR]
-
-    def main(reactor: Any) -> defer.Deferred[None]:
-        async def go() -> None:
-            code[0] = await _check(reactor, args)
-
-        return defer.Deferred.fromCoroutine(go())
-
-    try:
-        task.react(main)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return EXIT_ERROR
-    return code[0]
+    return react(lambda reactor: _check(reactor, args), EXIT_ERROR)
 
 
 def _fail(message: str) -> int:
@@ -76,12 +63,12 @@ async def _check(reactor: Any, args: argparse.Namespace) -> int:
 
     from kumoauth.auth.sasl import SASLError, prepare_name
     from kumoauth.auth.senders import SenderBinding, SenderLookupError
-    from kumoauth.cli.auth import _log_errors_to_stderr
+    from kumoauth.cli import log_errors_to_stderr
     from kumoauth.ops.assembly import OperatorError, load_config
     from kumoauth.ops.threads import BlockingPool
     from kumoauth.textsafe import escape
 
-    _log_errors_to_stderr()
+    log_errors_to_stderr()
     try:
         cfg = load_config(args.config)
     except OperatorError as e:

@@ -37,8 +37,9 @@ def run_on_store(
     store)``.  The memory store is explained, not opened (exit 1); a store
     that cannot be reached is one line (exit 2).
     """
-    from twisted.internet import defer, task
+    from twisted.internet import defer
 
+    from kumoauth.cli import react
     from kumoauth.ops.assembly import OperatorError, load_config
     from kumoauth.stores import StoreUnavailable, make_store
 
@@ -51,30 +52,19 @@ def run_on_store(
         return fail(f"{cfg.source} has no {table} table", 1)
     if spec == "memory":
         return fail(MEMORY_EXPLAINED.replace("[auth.throttle]", table, 1), 1)
-    code = [1]
 
-    def main(reactor: Any) -> defer.Deferred[None]:
-        async def go() -> None:
-            try:
-                store = make_store(spec, reactor)
-            except ValueError as e:
-                code[0] = fail(f"{table} store: {e}", 1)
-                return
-            if not getattr(store, "shared", False) or not hasattr(store, "failures"):
-                code[0] = fail(f"{table} store {spec!r} offers no administration", 1)
-                return
-            try:
-                code[0] = await action(args, cfg, store)
-            except StoreUnavailable as e:
-                code[0] = fail(f"{table} store unavailable: {e}", EXIT_STORE_DOWN)
-            finally:
-                await defer.maybeDeferred(store.close)
+    async def on_store(reactor: Any) -> int:
+        try:
+            store = make_store(spec, reactor)
+        except ValueError as e:
+            return fail(f"{table} store: {e}", 1)
+        if not getattr(store, "shared", False) or not hasattr(store, "failures"):
+            return fail(f"{table} store {spec!r} offers no administration", 1)
+        try:
+            return await action(args, cfg, store)
+        except StoreUnavailable as e:
+            return fail(f"{table} store unavailable: {e}", EXIT_STORE_DOWN)
+        finally:
+            await defer.maybeDeferred(store.close)
 
-        return defer.Deferred.fromCoroutine(go())
-
-    try:
-        task.react(main)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return 1
-    return code[0]
+    return react(on_store)
