@@ -702,21 +702,13 @@ class LDAP:
                 )
             return DENIED
         found = await self._on(
-            searches, lambda c: self._search(c, searches.settings, search_filter)
+            searches, lambda c: self._search(c, searches.settings, search_filter, _dn)
         )
-        if len(found) != 1 or not found[0]:
+        dn = self._one_entry(found, authc)
+        if not dn:
             # as long as a bind takes, with no password sent
             await self._on(binds, lambda c: self._whoami(c, binds.settings))
-            if len(found) > 1 and self.ambiguous.first(authc):
-                log.warn(
-                    "auth backend ldap: {n} entries match user {user} under {base}; refused "
-                    "until exactly one does",
-                    n="2 or more",
-                    user=escape(authc),
-                    base=escape(searches.settings.base),
-                )
             return DENIED
-        dn = found[0]
         code = await self._on(binds, lambda c: self._bind(c, binds.settings, dn, password))
         if code == SUCCESS:
             return Verdict(True, {"ldap_dn": dn.decode("utf-8", "replace")})
@@ -754,76 +746,32 @@ class LDAP:
             search_filter = filter_for(searches.settings.filter, user)
         except ValueError:
             return None
+        wanted = attribute.split(";")[0].lower()
         found = await self._on(
             searches,
-            lambda c: self._search_values(c, searches.settings, search_filter, attribute),
+            lambda c: self._search(
+                c, searches.settings, search_filter, lambda m: _values(m, wanted), attribute
+            ),
         )
-        if len(found) != 1:
-            if len(found) > 1 and self.ambiguous.first(user):
-                log.warn(
-                    "auth backend ldap: {n} entries match user {user} under {base}; refused "
-                    "until exactly one does",
-                    n="2 or more",
-                    user=escape(user),
-                    base=escape(searches.settings.base),
-                )
-            return None
-        return found[0]
+        values: list[str] | None = self._one_entry(found, user)
+        return values
 
-    async def _search_values(
-        self, conn: _Connection, s: _Settings, search_filter: Any, attribute: str
-    ) -> list[list[str]]:
+    def _one_entry(self, found: list[Any], user: str) -> Any:
         """
-        For each of up to two entries matching *search_filter*, the values
-        of *attribute* (its name compared without case, options ignored).
+        The one entry's item of a search for *user*, or None (none, or
+        several: the latter logged once per user).
         """
-        done: defer.Deferred[Any] = defer.Deferred()
-        found: list[list[str]] = []
-        wanted = attribute.split(";")[0].lower()
-
-        def text(value: Any) -> str:
-            if isinstance(value, bytes | bytearray):
-                return bytes(value).decode("utf-8", "replace")
-            return str(value)
-
-        def answer(message: Any) -> bool:
-            if isinstance(message, pureldap.LDAPSearchResultEntry):
-                values: list[str] = []
-                for name, vals in message.attributes:
-                    if text(name).split(";")[0].lower() == wanted:
-                        values.extend(text(v) for v in vals)
-                found.append(values)
-                return False
-            if isinstance(message, pureldap.LDAPSearchResultDone):
-                if not done.called:
-                    done.callback(message)
-                return True
-            return False  # a search reference: referrals are not followed
-
-        request = pureldap.LDAPSearchRequest(
-            baseObject=s.base,
-            scope=s.scope,
-            derefAliases=0,
-            sizeLimit=2,
-            timeLimit=max(1, int(s.timeout)),
-            typesOnly=0,
-            filter=search_filter,
-            attributes=[attribute],
-        )
-        try:
-            sent = conn.send_multiResponse(request, answer)
-        except Exception:
-            raise _Lost(conn.why or "connection lost") from None
-        sent.addErrback(lambda f: None if done.called else done.errback(f))
-        result = await self._timed(s, done, conn, "search")
-        code = result.resultCode
-        if code == SUCCESS or (code == SIZE_LIMIT_EXCEEDED and len(found) > 1):
-            return found
-        detail = escape(result.errorMessage, 120) if result.errorMessage else ""
-        raise BackendError(
-            f"{s.url}: search under {escape(s.base, 120)} answered {result_name(code)}"
-            + (f": {detail}" if detail else "")
-        )
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1 and self.ambiguous.first(user):
+            log.warn(
+                "auth backend ldap: {n} entries match user {user} under {base}; refused "
+                "until exactly one does",
+                n="2 or more",
+                user=escape(user),
+                base=escape(self.searches.settings.base),
+            )
+        return None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -958,17 +906,25 @@ class LDAP:
             raise BackendError(f"bind_password_file: not read: {type(e).__name__}") from None
         return secret or ""
 
-    async def _search(self, conn: _Connection, s: _Settings, search_filter: Any) -> list[bytes]:
+    async def _search(
+        self,
+        conn: _Connection,
+        s: _Settings,
+        search_filter: Any,
+        entry: Callable[[Any], Any],
+        attribute: str | None = None,
+    ) -> list[Any]:
         """
-        The DNs of up to two entries matching *search_filter* under base.
+        ``entry(message)`` for each of up to two entries matching
+        *search_filter* under base; the entries carry *attribute*'s values,
+        or no attribute at all without one.
         """
         done: defer.Deferred[Any] = defer.Deferred()
-        found: list[bytes] = []
+        found: list[Any] = []
 
         def answer(message: Any) -> bool:
             if isinstance(message, pureldap.LDAPSearchResultEntry):
-                dn = message.objectName
-                found.append(dn.encode() if isinstance(dn, str) else bytes(dn))
+                found.append(entry(message))
                 return False
             if isinstance(message, pureldap.LDAPSearchResultDone):
                 if not done.called:
@@ -982,9 +938,10 @@ class LDAP:
             derefAliases=0,
             sizeLimit=2,
             timeLimit=max(1, int(s.timeout)),
-            typesOnly=1,
+            typesOnly=0 if attribute else 1,
             filter=search_filter,
-            attributes=["1.1"],  # no attributes (RFC 4511 §4.5.1.8)
+            # "1.1": no attributes (RFC 4511 §4.5.1.8)
+            attributes=[attribute] if attribute else ["1.1"],
         )
         try:
             sent = conn.send_multiResponse(request, answer)
@@ -1009,6 +966,29 @@ class LDAP:
     async def _whoami(self, conn: _Connection, s: _Settings) -> None:
         request = pureldap.LDAPExtendedRequest(requestName=WHOAMI_OID)
         await self._request(s, conn, request, "WhoAmI")
+
+
+def _dn(message: Any) -> bytes:
+    dn = message.objectName
+    return dn.encode() if isinstance(dn, str) else bytes(dn)
+
+
+def _values(message: Any, wanted: str) -> list[str]:
+    """
+    The values of the attribute *wanted* (lower case, no options) in an
+    entry, UTF-8 decoded (what does not decode is replaced).
+    """
+
+    def text(value: Any) -> str:
+        if isinstance(value, bytes | bytearray):
+            return bytes(value).decode("utf-8", "replace")
+        return str(value)
+
+    values: list[str] = []
+    for name, vals in message.attributes:
+        if text(name).split(";")[0].lower() == wanted:
+            values.extend(text(v) for v in vals)
+    return values
 
 
 def factory(config: Config, reactor: Any, pool: Any, metrics: Any = None) -> StoreChecker:
