@@ -521,19 +521,21 @@ def _hash_text(value: Any) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def _fetch(current: _Engine, authc: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+def _run(
+    current: _Engine, statement: Any, user: str, most: int
+) -> tuple[list[str], list[tuple[Any, ...]]]:
     """
-    Run the query for *authc* (blocking: in the pool).  At most two rows
-    are read: two already make it ambiguous.  Expected failures become
+    Run *statement* for *user* (blocking: in the pool) and read at most
+    *most* rows: the column names and the rows.  Expected failures become
     :class:`BackendError` with a message safe to log.
     """
     try:
         with current.engine.connect() as conn:
-            result = conn.execute(current.statement, {"user": authc})
+            result = conn.execute(statement, {"user": user})
             if not result.returns_rows:
                 raise _Problem("the query returns no rows (it must be a SELECT)")
             keys = list(result.keys())
-            rows = [tuple(row) for row in result.fetchmany(2)]
+            rows = [tuple(row) for row in result.fetchmany(most)]
             result.close()
     except _Problem as e:
         raise BackendError(f"{current.shown}: {e}") from None
@@ -550,6 +552,14 @@ def _fetch(current: _Engine, authc: str) -> tuple[list[str], list[tuple[Any, ...
     return keys, rows
 
 
+def _fetch(current: _Engine, authc: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """
+    The authentication query for *authc*: at most two rows are read, two
+    already make it ambiguous.
+    """
+    return _run(current, current.statement, authc, 2)
+
+
 #: most rows :meth:`SQL.values` reads
 MAX_VALUES = 10_000
 
@@ -559,25 +569,7 @@ def _fetch_values(current: _Engine, statement: Any, user: str) -> list[str]:
     :meth:`SQL.values` in the pool: the first column of up to
     :data:`MAX_VALUES` rows, as text.
     """
-    try:
-        with current.engine.connect() as conn:
-            result = conn.execute(statement, {"user": user})
-            if not result.returns_rows:
-                raise _Problem("the query returns no rows (it must be a SELECT)")
-            rows = result.fetchmany(MAX_VALUES)
-            result.close()
-    except _Problem as e:
-        raise BackendError(f"{current.shown}: {e}") from None
-    except exc.TimeoutError:
-        raise BackendError(
-            f"{current.shown}: no free connection within {current.timeout:g}s "
-            f"(all {current.pool_size} busy)"
-        ) from None
-    except exc.DBAPIError as e:
-        raise BackendError(f"{current.shown}: {_driver_message(e, current.secrets)}") from None
-    except exc.SQLAlchemyError as e:
-        message = _scrub(_first_line(str(e)), current.secrets)
-        raise BackendError(f"{current.shown}: {type(e).__name__}: {message}") from None
+    _, rows = _run(current, statement, user, MAX_VALUES)
     out: list[str] = []
     for row in rows:
         value = _hash_text(row[0]) if len(row) else None
