@@ -48,7 +48,7 @@ from hyperlink import EncodedURL
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
 from treq.cookies import IndexableCookieJar
-from twisted.internet import defer, error, protocol, ssl
+from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
@@ -71,6 +71,7 @@ from kumoauth.backends.base import (
     secured,
 )
 from kumoauth.checks import _LOOPBACK, _bool, _int, _number, _str
+from kumoauth.tls.trust import trust_root
 
 #: Largest response body read (bytes); a larger one is the API misbehaving.
 MAX_BODY = 64 * 1024
@@ -119,7 +120,7 @@ def validate(raw: Mapping[str, Any], base: Path | None = None) -> Config:
     _ready_url(config.url)
     if config.token_file is not None:
         _Token(config.token_file)
-    _trust(config.ca_file)
+    trust_root(config.ca_file)
     return config
 
 
@@ -219,31 +220,6 @@ class _Token:
         return self.value
 
 
-def _trust(ca_file: Path | None) -> Any:
-    """
-    The trust root for https: the certificates in *ca_file*, or the
-    system's (None lets Twisted use the platform's trust store).
-    """
-    if ca_file is None:
-        return None
-    try:
-        text = Path(ca_file).read_bytes()
-    except OSError as e:
-        raise ValueError(f"ca_file: {ca_file}: {e.strerror}") from None
-    blocks = re.findall(
-        rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", text, re.DOTALL
-    )
-    if not blocks:
-        raise ValueError(f"ca_file: {ca_file}: no PEM certificate in it")
-    try:
-        certificates = [ssl.Certificate.loadPEM(block) for block in blocks]
-    except Exception as e:  # pyOpenSSL's errors have no common base worth naming
-        raise ValueError(
-            f"ca_file: {ca_file}: unreadable certificate ({type(e).__name__})"
-        ) from None
-    return ssl.trustRootFromCertificates(certificates)
-
-
 class _ReadyURL(EncodedURL):  # type: ignore[misc]
     """
     A URL already in its wire form.  treq turns every URL it gets into a
@@ -295,7 +271,7 @@ class _Client:
         self.where = _where(config.url)
         self.url = _ready_url(config.url)
         self.token = _Token(config.token_file) if config.token_file is not None else None
-        trust = _trust(config.ca_file)
+        trust = trust_root(config.ca_file)
         self.pool = web_client.HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = config.max_connections
         agent = web_client.Agent(

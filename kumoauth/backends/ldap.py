@@ -47,7 +47,7 @@ from twisted.internet import error as net_error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, connectionDone
-from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -64,8 +64,9 @@ from kumoauth.backends.base import (
     parse_table,
     read_secret_file,
 )
-from kumoauth.checks import _Bad, _bool, _choice, _int, _number, _str
+from kumoauth.checks import _LOOPBACK, _Bad, _bool, _choice, _int, _number, _str
 from kumoauth.textsafe import escape
+from kumoauth.tls.trust import trust_root
 
 with warnings.catch_warnings():
     # ldaptor 21.2 builds its filter grammar with pyparsing's old camelCase
@@ -250,30 +251,6 @@ def validate(raw: Mapping[str, Any], base: Path | None = None) -> Config:
     read_secret_file(config.bind_password_file, "bind_password_file")
     trust_root(config.ca_file)
     return config
-
-
-def trust_root(ca_file: Path | None) -> Any:
-    """
-    The certificates of the PEM file *ca_file* as a Twisted trust root, or
-    None (the system's trust store).  ``ValueError`` naming the file.
-    """
-    if ca_file is None:
-        return None
-    try:
-        text = Path(ca_file).read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) else "not a PEM file"
-        raise ValueError(f"ca_file: {ca_file}: {why}") from None
-    blocks = re.findall(
-        r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, flags=re.DOTALL
-    )
-    try:
-        certificates = [Certificate.loadPEM(block.encode()) for block in blocks]
-    except Exception:
-        raise ValueError(f"ca_file: {ca_file}: a certificate does not load") from None
-    if not certificates:
-        raise ValueError(f"ca_file: {ca_file}: no PEM certificate in it")
-    return trustRootFromCertificates(certificates)
 
 
 _EXTENSIONS = {
@@ -658,7 +635,7 @@ class LDAP:
         self.settings = settings
         self.searches = _Pool(settings, lambda: self._open(settings, service=True))
         self.binds = _Pool(settings, lambda: self._open(settings, service=False))
-        if settings.tls is None and settings.host not in ("127.0.0.1", "::1", "localhost"):
+        if settings.tls is None and settings.host not in _LOOPBACK:
             log.warn(
                 "auth backend ldap: {url} without TLS: passwords cross the network in clear "
                 "(use ldaps:// or start_tls = true)",

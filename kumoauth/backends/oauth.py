@@ -82,10 +82,10 @@ from kumoauth.backends.http import (
     _ready_url,
     _reason,
     _TooBig,
-    _trust,
     _where,
 )
 from kumoauth.checks import _LOOPBACK, _Bad, _bool, _number, _show, _str
+from kumoauth.tls.trust import trust_root
 
 #: Signature algorithms that may be allowed: asymmetric only.
 SUPPORTED_ALGORITHMS = frozenset(
@@ -223,7 +223,7 @@ def validate(raw: Mapping[str, Any], base: Path | None = None) -> Config:
     if config.jwks_file is not None:
         _read_jwks_file(config.jwks_file)
     _client_secret(config)
-    _trust(config.ca_file)
+    trust_root(config.ca_file)
     return config
 
 
@@ -639,7 +639,9 @@ class _Client:
         self.pool.maxPersistentPerHost = 4
         agent = web_client.Agent(
             reactor,
-            contextFactory=web_client.BrowserLikePolicyForHTTPS(trustRoot=_trust(config.ca_file)),
+            contextFactory=web_client.BrowserLikePolicyForHTTPS(
+                trustRoot=trust_root(config.ca_file)
+            ),
             connectTimeout=config.timeout,
             pool=self.pool,
         )

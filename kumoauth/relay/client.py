@@ -44,6 +44,7 @@ from kumoauth.auth.sasl import encode_plain
 from kumoauth.config import RelayConfig
 from kumoauth.smtp.data import normalize_newlines
 from kumoauth.textsafe import escape
+from kumoauth.tls.trust import trust_root
 
 log = Logger(namespace="kumoauth.relay")
 
@@ -1024,21 +1025,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def _trust_root(ca_file: str | None) -> Any:
-    if ca_file is None:
-        return ssl.platformTrust()
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     try:
-        with open(ca_file, "rb") as f:
-            pem = f.read()
-        certs = x509.load_pem_x509_certificates(pem)
-    except (OSError, ValueError) as e:
-        reason = f"cannot load ca_file {escape(ca_file)}: {escape(str(e), 200)}"
-        raise UpstreamError(reason) from None
-    return ssl.trustRootFromCertificates(
-        [ssl.Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certs]
-    )
+        return trust_root(ca_file)
+    except ValueError as e:
+        raise UpstreamError(f"cannot load {escape(str(e), 300)}") from None
 
 
 def tls_options(settings: ClientSettings) -> Any:

@@ -54,7 +54,7 @@ from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -68,6 +68,7 @@ from kumoauth.stores import (
     StoreUnavailable,
 )
 from kumoauth.textsafe import escape
+from kumoauth.tls.trust import trust_root
 
 log = Logger(namespace="kumoauth.stores")
 
@@ -266,10 +267,10 @@ def _tcp_settings(
         port = int(port_text)
     db = _db(path) if slash and path else None
     common = _common(options, password)
-    trust_root = None
+    root = None
     ca_file = options.get("ca_file")
-    if scheme == "rediss":
-        trust_root = _trust_root(ca_file) if ca_file is not None else None
+    if scheme == "rediss" and ca_file is not None:
+        root = trust_root(ca_file)
     display = f"{scheme}://"
     if common["password"] is not None and "password_file" not in options:
         display += f"{username or ''}:***@"
@@ -284,7 +285,7 @@ def _tcp_settings(
         db=db,
         username=username,
         ca_file=ca_file,
-        trust_root=trust_root,
+        trust_root=root,
         **common,
     )
 
@@ -303,27 +304,6 @@ def _unix_settings(base: str, options: dict[str, str], shown: Callable[[str], st
     common = _common(options, None)
     display = f"unix://{escape(path, 120)}" + (f"?db={db}" if db is not None else "")
     return Settings(scheme="unix", display=display, path=path, db=db, **common)
-
-
-def _trust_root(ca_file: str) -> Any:
-    """The certificates of the PEM file *ca_file* as a Twisted trust root."""
-    if not ca_file:
-        raise ValueError("ca_file is empty: give a path")
-    try:
-        text = Path(ca_file).read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) else "not a PEM file"
-        raise ValueError(f"ca_file {ca_file}: {why}") from None
-    blocks = re.findall(
-        r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, flags=re.DOTALL
-    )
-    try:
-        certificates = [Certificate.loadPEM(block.encode()) for block in blocks]
-    except Exception:
-        raise ValueError(f"ca_file {ca_file}: a certificate does not load") from None
-    if not certificates:
-        raise ValueError(f"ca_file {ca_file}: no PEM certificate in it")
-    return trustRootFromCertificates(certificates)
 
 
 # --------------------------------------------------------------------------
