@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests import postfix as pf
+from tests.server import children_of, terminate
 
 #: the network the ``allow_nets`` user may come from
 ALLOWED_NET = "192.0.2.0/24"
@@ -229,28 +230,13 @@ class Dovecot:
         systemd, stopping the unit kills the whole control group; here we do).
         """
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        children = _children(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for pid in children:
-            if not pf._wait_gone(pid, 5):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        terminate(proc, children=True)
 
     def auth_pid(self) -> int:
         """The PID of the ``auth`` process (a child of the master)."""
         assert self.proc is not None
         for _ in range(100):
-            for child in _children(self.proc.pid):
+            for child in children_of(self.proc.pid):
                 comm = Path(f"/proc/{child}/comm").read_text().strip()
                 if comm == "auth":
                     return child
@@ -278,15 +264,6 @@ class Dovecot:
                     if int(local.rsplit(":", 1)[1], 16) == self.port and state == "01":
                         count += 1
         return count
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    task = Path(f"/proc/{pid}/task")
-    for t in task.iterdir() if task.exists() else []:
-        with contextlib.suppress(FileNotFoundError):
-            out += [int(c) for c in (t / "children").read_text().split()]
-    return out
 
 
 @contextlib.contextmanager

@@ -61,7 +61,9 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import Envelope, Session
 
-from tests.server import free_port
+from tests.server import alive as _alive
+from tests.server import free_port, terminate
+from tests.server import wait_gone as _wait_gone
 
 APT_PACKAGES = ("postfix", "dovecot-core")
 DEBCONF_SELECTIONS = "postfix postfix/main_mailer_type select No configuration"
@@ -177,24 +179,6 @@ def _require_reachable(path: Path, what: str) -> None:
         )
 
 
-def _alive(pid: int) -> bool:
-    """True while *pid* runs (a zombie waiting for its reaper counts as gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return fields[0] != "Z"
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return True
-        time.sleep(0.05)
-    return not _alive(pid)
-
-
 def _tail(path: Path, lines: int = 40) -> str:
     if not path.exists():
         return f"({path} does not exist)"
@@ -242,32 +226,9 @@ class DovecotAuth:
         return "".join(p.read_text(errors="replace") for p in parts if p.exists())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            # The auth process outlives its master while a client (Postfix)
-            # is connected to it: stop the children by PID too.
-            children = _children(self.proc.pid)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            for pid in children:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            for pid in children:
-                if not _wait_gone(pid, 5):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                found += [int(c) for c in (task / "children").read_text().split()]
-    return found
+        # The auth process outlives its master while a client (Postfix) is
+        # connected to it: stopped by PID too.
+        terminate(self.proc, children=True)
 
 
 def hash_password(password: str, config: Path | None = None) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 
 import trustme
 
-from tests.server import free_port
+from tests.server import free_port, terminate
 
 APT_PACKAGES = ("redis-server",)
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -254,14 +254,7 @@ class RedisServer:
     def stop(self) -> None:
         """SIGTERM to our redis-server's PID, then wait (SIGKILL after 10 s)."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
     def kill(self) -> None:
         """SIGKILL (a crash): connections are reset, nothing is saved."""

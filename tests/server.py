@@ -13,15 +13,70 @@ import ssl
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trustme
 
 from bench.__main__ import wait_port
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def children_of(pid: int) -> list[int]:
+    """The PIDs of *pid*'s children (all its threads'), from /proc."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def terminate(proc: subprocess.Popen[Any] | None, children: bool = False) -> None:
+    """
+    Stop a server a test started, by its PID: SIGTERM, then SIGKILL after
+    10 s.  With *children*, its child processes too, by their PIDs (a
+    Dovecot auth process outlives its master while a client is connected;
+    under systemd the unit's control group would go, here we do it).
+    """
+    if proc is None or proc.poll() is not None:
+        return
+    kids = children_of(proc.pid) if children else []
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid in kids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for pid in kids:
+        if not wait_gone(pid, 5):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """True while *pid* runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return fields[0] != "Z"
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return not alive(pid)
 
 
 def free_port() -> int:
@@ -95,13 +150,7 @@ class Server:
         return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup of any kind."""

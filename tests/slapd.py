@@ -35,7 +35,7 @@ from pathlib import Path
 
 import trustme
 
-from tests.server import free_port
+from tests.server import free_port, terminate
 
 APT_PACKAGES = ("slapd", "ldap-utils")
 
@@ -244,14 +244,7 @@ class Slapd:
     def stop(self) -> None:
         """SIGTERM to our slapd's PID, then wait (SIGKILL after 10 s)."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
     def pause(self) -> None:
         """SIGSTOP: connections are accepted by the kernel, never answered."""
