@@ -273,23 +273,6 @@ class KumoauthArgon2Cache(KumoauthArgon2):
     cache = True
 
 
-class AiosmtpdArgon2(Server):
-    """Workload (j) for aiosmtpd: its (synchronous) authenticator verifies the hashes."""
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "bench.aiosmtpd_server",
-            str(self.cert),
-            str(self.key),
-            str(self.starttls_port),
-            str(self.implicit_port),
-            str(self.workdir / "aiosmtpd-argon2-spool"),
-            str(self.workdir / "argon2-users"),
-        ]
-
-
 def make_users(workdir: Path, n: int) -> None:
     """
     *n* accounts ``user<i>@example.com`` / ``pw<i>`` with Argon2id hashes at
@@ -335,6 +318,8 @@ identity = "none"
 
 
 class Aiosmtpd(Server):
+    spool = "aiosmtpd-spool"
+
     def command(self) -> list[str]:
         return [
             sys.executable,
@@ -344,8 +329,17 @@ class Aiosmtpd(Server):
             str(self.key),
             str(self.starttls_port),
             str(self.implicit_port),
-            str(self.workdir / "aiosmtpd-spool"),
+            str(self.workdir / self.spool),
         ]
+
+
+class AiosmtpdArgon2(Aiosmtpd):
+    """Workload (j) for aiosmtpd: its (synchronous) authenticator verifies the hashes."""
+
+    spool = "aiosmtpd-argon2-spool"
+
+    def command(self) -> list[str]:
+        return [*super().command(), str(self.workdir / "argon2-users")]
 
 
 class TwistedMail(Server):
@@ -409,13 +403,12 @@ class Bench:
         out, _ = proc.communicate(timeout=3600)
         cpu1 = server.cpu()
         result = json.loads(out.strip().splitlines()[-1])
-        lat = sorted(result["latencies"])
+        lat = result["latencies"]
         done = len(lat)
         return {
             "cpu_us_per_session": (cpu1 - cpu0) / max(done, 1) * 1e6,
             "sessions_per_s": done / result["elapsed"],
-            "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
-            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else None,
+            **percentiles(lat),
             "errors": result["errors"],
             "sessions": done,
             "peak_rss_mib": server.peak_kib() / 1024,
@@ -438,14 +431,7 @@ class Bench:
             for _ in range(a.runs):
                 for server in self.servers:
                     runs[server.name].append(self.sessions(server, tls, n, messages, fail))
-            self.results[key] = {
-                name: {
-                    k: statistics.median(r[k] for r in rs if r[k] is not None)
-                    for k in rs[0]
-                    if any(r[k] is not None for r in rs)
-                }
-                for name, rs in runs.items()
-            }
+            self.results[key] = medians(runs)
             progress(f"workload {key} done: " + ", ".join(
                 f"{n} {r['cpu_us_per_session']:.0f} µs" for n, r in self.results[key].items()
             ))  # fmt: skip
@@ -540,14 +526,13 @@ class Bench:
         wall = time.perf_counter() - start
         cpu1 = server.cpu_parts()
         used = {k: cpu1[k] - cpu0[k] for k in cpu0}
-        lat = sorted(result["latencies"])
+        lat = result["latencies"]
         figures = {
             "cpu_us_per_message": sum(used.values()) / max(got, 1) * 1e6,
             "wall_s": wall,
             "messages_per_s": got / wall,
             "accept_s": result["elapsed"],
-            "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
-            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else None,
+            **percentiles(lat),
             "relayed": got,
             "undelivered": accepted - got,
             "errors": result["errors"],
@@ -585,12 +570,7 @@ class Bench:
             for server in servers.values():
                 server.stop()
             sink.stop()
-        for name, rs in runs.items():
-            self.results["i"][name] = {
-                k: statistics.median(r[k] for r in rs if r[k] is not None)
-                for k in rs[0]
-                if any(r[k] is not None for r in rs)
-            }
+        self.results["i"].update(medians(runs))
         progress("workload i done: " + ", ".join(
             f"{n} {r['cpu_us_per_message']:.0f} µs" for n, r in self.results["i"].items()
             if "cpu_us_per_message" in r
@@ -620,14 +600,7 @@ class Bench:
                     runs[name].append(self.resume_run(server, a.sessions, resume, tls12))
         finally:
             server.stop()
-        self.results["h"] = {
-            name: {
-                k: statistics.median(r[k] for r in rs if r[k] is not None)
-                for k in rs[0]
-                if any(r[k] is not None for r in rs)
-            }
-            for name, rs in runs.items()
-        }
+        self.results["h"] = medians(runs)
         progress("workload h done: " + ", ".join(
             f"{n} {r['cpu_us_per_session']:.0f} µs" for n, r in self.results["h"].items()
         ))  # fmt: skip
@@ -645,12 +618,12 @@ class Bench:
         out, _ = proc.communicate(timeout=3600)
         cpu1 = server.cpu()
         result = json.loads(out.strip().splitlines()[-1])
-        lat = sorted(result["latencies"])
+        lat = result["latencies"]
         done = len(lat)
         return {
             "cpu_us_per_session": (cpu1 - cpu0) / max(done, 1) * 1e6,
             "sessions_per_s": done / result["elapsed"],
-            "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
+            "p50_ms": percentiles(lat)["p50_ms"],
             "resumed_pct": result["resumed"] / max(done, 1) * 100,
             "errors": result["errors"],
             "sessions": done,
@@ -682,14 +655,7 @@ class Bench:
         finally:
             for server in servers:
                 server.stop()
-        self.results["j"] = {
-            name: {
-                k: statistics.median(r[k] for r in rs if r[k] is not None)
-                for k in rs[0]
-                if any(r[k] is not None for r in rs)
-            }
-            for name, rs in runs.items()
-        }
+        self.results["j"] = medians(runs)
         progress("workload j done: " + ", ".join(
             f"{n} {r['sessions_per_s']:.0f}/s" for n, r in self.results["j"].items()
         ))  # fmt: skip
@@ -714,14 +680,13 @@ class Bench:
         result = json.loads(out.strip().splitlines()[-1])
         samples = json.loads(pout.strip().splitlines()[-1])["samples"]
         window = [lat for t, lat in samples if t0 <= t <= t1]
-        lat = sorted(result["latencies"])
+        lat = result["latencies"]
         done = len(lat)
         return {
             "sessions_per_s": done / result["elapsed"],
             "cpu_us_per_session": (cpu1 - cpu0) / max(done, 1) * 1e6,
             "max_stall_ms": max(window) * 1000 if window else None,
-            "p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
-            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else None,
+            **percentiles(lat),
             "errors": result["errors"],
             "sessions": done,
         }
@@ -744,6 +709,29 @@ class Bench:
                 "cpu_us_per_session": r["cpu_us_per_session"],
             }
             progress(f"workload g done for {server.name}")
+
+
+def medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per server, the median of each figure over its runs (None left out)."""
+    return {
+        name: {
+            k: statistics.median(r[k] for r in rs if r[k] is not None)
+            for k in rs[0]
+            if any(r[k] is not None for r in rs)
+        }
+        for name, rs in runs.items()
+    }
+
+
+def percentiles(latencies: list[float]) -> dict[str, float | None]:
+    """p50 and p99 of session latencies, in milliseconds."""
+    lat = sorted(latencies)
+    if not lat:
+        return {"p50_ms": None, "p99_ms": None}
+    return {
+        "p50_ms": lat[len(lat) // 2] * 1000,
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
+    }
 
 
 def _raise_priority() -> None:

@@ -48,6 +48,17 @@ def test_quick_bench_produces_every_figure_for_every_server(tmp_path):
             continue
         assert figures["errors"] == 0 and figures["undelivered"] == 0, name
         assert figures["relayed"] > 0 and figures["cpu_us_per_message"] > 0
+    # (h) resumed TLS sessions against full handshakes, TLS 1.3 and 1.2
+    resumption = results["h"]
+    assert set(resumption) == {
+        f"TLS {v} {kind}" for v in ("1.3", "1.2") for kind in ("full handshake", "resumed")
+    }
+    for name, figures in resumption.items():
+        assert figures["errors"] == 0 and figures["sessions"] > 0, name
+        if name.endswith("resumed"):
+            assert figures["resumed_pct"] > 50, name  # the client does resume
+        else:
+            assert figures["resumed_pct"] == 0, name
     # (j) Argon2 logins: kumoauth with and without the cache, aiosmtpd
     logins = results["j"]
     assert set(logins) == {"kumoauth (no cache)", "kumoauth + [auth.cache]", "aiosmtpd"}
