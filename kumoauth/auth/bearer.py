@@ -1,5 +1,7 @@
 """
 The Cred checker for bearer tokens (XOAUTH2, OAUTHBEARER; ``[auth.oauth]``).
+Imported only when ``[auth.oauth]`` is configured (it loads the JOSE
+library through the validator).
 
 The token goes to the validator (:mod:`kumoauth.backends.oauth`: signature
 against the IdP's JWKS, issuer, audience, times, or RFC 7662
@@ -29,6 +31,8 @@ from zope.interface import implementer
 
 from kumoauth.auth.cred import BackendUnavailable, IBearerCredentials
 from kumoauth.auth.sasl import SASLError, prepare_name
+from kumoauth.backends.base import BackendError
+from kumoauth.backends.oauth import InvalidToken
 from kumoauth.textsafe import escape
 
 log = Logger(namespace="kumoauth.auth.oauth")
@@ -69,8 +73,6 @@ class BearerChecker:
         return defer.Deferred.fromCoroutine(self._check(credentials))
 
     def _refuse(self, credentials: Any, reason: str, claims: dict[str, Any] | None = None) -> Any:
-        from kumoauth.backends.oauth import InvalidToken
-
         claims = claims or {}
         log.info(
             "OAuth token refused for {client}: {reason} (sub={sub} jti={jti})",
@@ -82,9 +84,6 @@ class BearerChecker:
         return BearerRefused(self.validator.error_json(InvalidToken(reason)), reason)
 
     async def _check(self, credentials: Any) -> Any:
-        from kumoauth.backends.base import BackendError
-        from kumoauth.backends.oauth import InvalidToken
-
         try:
             claims = await self.validator.validate(credentials.token)
         except InvalidToken as e:

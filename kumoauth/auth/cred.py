@@ -32,6 +32,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from kumoauth.auth.mechanisms import BearerResult
+from kumoauth.auth.sasl import prepare_name
 from kumoauth.meta import ConnMeta
 from kumoauth.policy import Handler, Invoke, invoke
 from kumoauth.storage.delivery import Delivery, IMessageDelivery, Store
@@ -120,9 +122,6 @@ def credentials_for(result: Any, conn_meta: ConnMeta) -> Any:
     them.  Raises :class:`~kumoauth.auth.sasl.SASLError` for a name SASLprep
     refuses.
     """
-    from kumoauth.auth.mechanisms import BearerResult
-    from kumoauth.auth.sasl import prepare_name
-
     if isinstance(result, BearerResult):
         return BearerCredentials(prepare_name(result.authz, "authzid"), result.token, conn_meta)
     authc = prepare_name(result.authc, "authcid")

@@ -53,6 +53,11 @@ class SenderGate:
         self.metrics = metrics
         self.timeout = timeout
         self.clock = clock
+        # The engine's module, loaded only when [sender_binding] is
+        # configured (the protocol imports this module in any case).
+        from kumoauth.auth import senders
+
+        self._senders = senders
 
     @property
     def check_headers(self) -> bool:
@@ -72,10 +77,9 @@ class SenderGate:
         None when every address the message's Sender: (or else From:)
         header names is *authz*'s, else the reply.
         """
-        from kumoauth.auth.senders import header_addresses
-
-        head = body.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-        addresses = header_addresses(head, smtputf8)
+        end = body.find(b"\r\n\r\n")
+        head = body[: end + 4] if end >= 0 else body + b"\r\n\r\n"
+        addresses = self._senders.header_addresses(head, smtputf8)
         if not addresses:
             return defer.succeed(None)
         return defer.Deferred.fromCoroutine(self._decide(authz, addresses, conn_meta, "header"))
@@ -83,12 +87,10 @@ class SenderGate:
     async def _decide(
         self, authz: str, addresses: list[str], conn_meta: Any, where: str
     ) -> bytes | None:
-        from kumoauth.auth.senders import SenderLookupError
-
         for address in addresses:
             try:
                 decision = await self.binding.check(authz, address)
-            except SenderLookupError as e:
+            except self._senders.SenderLookupError as e:
                 log.warn(
                     "sender binding: cannot check {address} for user {user}: {reason}",
                     address=escape(address),
