@@ -252,3 +252,24 @@ def test_config_requires_the_oauth_table_for_its_mechanisms(tmp_path, jwks_file)
     assert cfg.auth.oauth.issuer == ISSUER
     with pytest.raises(ConfigError, match=r"\[auth.oauth\]"):
         parse(base + "[auth.oauth]\naudience = 'x'\n")
+
+
+def test_refusals_wait_the_failure_delay_and_are_counted_like_plain(make_session, jwks_file, key):
+    policy = Policy()
+    s = make_session(
+        policy,
+        auth=AuthConfig(mechanisms=MECHANISMS, failure_delay=1.0),
+        bearer=make_checker(jwks_file, policy),
+    )
+    s.command("EHLO client.example")
+    token = key.sign(claims(exp=int(time.time()) - 3600))
+    assert s.command("AUTH XOAUTH2 " + b64(encode_xoauth2("alice@example.org", token))) == ""
+    s.clock.advance(0.9)
+    assert s.output() == ""  # still within failure_delay
+    s.clock.advance(0.2)
+    assert s.output().startswith("334 ")
+    assert s.command("").startswith("535")
+    value = s.runtime.metrics.registry.get_sample_value(
+        "kumoauth_auth_attempts_total", {"mechanism": "XOAUTH2", "result": "failure"}
+    )
+    assert value == 1
