@@ -111,3 +111,16 @@ def test_sigterm_grace_expires(tmp_path, certs):
         assert 0.9 < time.monotonic() - start < 5
         with pytest.raises(smtplib.SMTPServerDisconnected):
             s.noop()
+
+
+@pytest.mark.e2e
+def test_a_second_sigterm_while_draining_is_not_an_error(tmp_path, certs):
+    with running_server(tmp_path, certs, POLICY, server="shutdown_grace = 1") as srv:
+        s = starttls_client(srv)
+        login(s, "PLAIN", "scott", "tiger")
+        s.mail("scott@example.com")  # a transaction in flight: the stop drains
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(10) == 0
+        assert "Traceback" not in srv.log()

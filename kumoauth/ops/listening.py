@@ -5,6 +5,7 @@ sockets a supervisor bound, signals, and the small web site for metrics.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from twisted.application import service
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger, globalLogPublisher, jsonFileLogObserver
 from twisted.web.server import Site
@@ -133,8 +135,13 @@ def install_signals(reactor: Any, on_hup: Callable[[], object]) -> None:
     def on_sighup(signum: int, frame: Any) -> None:
         reactor.callFromThread(on_hup)
 
+    def stop() -> None:
+        # A second SIGTERM while the first stop drains is not an error.
+        with contextlib.suppress(ReactorNotRunning):
+            reactor.stop()
+
     def on_sigterm(signum: int, frame: Any) -> None:
-        reactor.callFromThread(reactor.stop)
+        reactor.callFromThread(stop)
 
     signal.signal(signal.SIGHUP, on_sighup)
 
