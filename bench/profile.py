@@ -51,6 +51,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=20)
     p.add_argument("--out", default="kumoauth-profile.txt")
     p.add_argument("--native", action="store_true")
+    p.add_argument("--rate", type=int, default=500, help="samples per second (--native: use ~50)")
     p.add_argument("--workload", choices=["a", "i"], default="a")
     args = p.parse_args()
     args.relay_concurrency = args.concurrency
@@ -75,10 +76,12 @@ def main() -> int:
         spy_exe = Path(sys.executable).parent / "py-spy"
         spy_cmd = str(spy_exe) if spy_exe.exists() else "py-spy"
         cmd = [spy_cmd, "record", "--pid", str(server.proc.pid), "--format", "raw",
-               "--rate", "500", "--output", args.out, "--nonblocking"]  # fmt: skip
-        if args.native:
-            cmd.append("--native")
-        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               "--rate", str(args.rate), "--output", args.out]  # fmt: skip
+        # --native needs the process stopped while it is sampled; without
+        # it, sample without stopping (less distortion).
+        cmd.append("--native" if args.native else "--nonblocking")
+        spy_log = open(args.out + ".log", "wb")
+        spy = subprocess.Popen(cmd, stdout=spy_log, stderr=subprocess.STDOUT)
         if sink is not None:
             result = bench.relayed(server, sink, args.sessions)
             figure = f"{result['cpu_us_per_message']:.0f} µs CPU per relayed message"
@@ -87,6 +90,10 @@ def main() -> int:
             figure = f"{result['cpu_us_per_session']:.0f} µs CPU per session"
         spy.send_signal(signal.SIGINT)
         spy.wait(30)
+        spy_log.close()
+        if not Path(args.out).exists():
+            print(f"py-spy wrote no profile; its output: {args.out}.log")
+            return 1
         print(f"{figure} under the profiler")
         print(summarize(Path(args.out)))
     finally:
