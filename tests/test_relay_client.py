@@ -447,6 +447,79 @@ def _raw_upstream(script: list[tuple[bytes | None, bytes]]) -> tuple[int, thread
     return listener.getsockname()[1], thread
 
 
+def _pipelining_upstream(data_reply: bytes) -> tuple[int, threading.Thread, list[bytes]]:
+    """
+    A plaintext fake offering PIPELINING that refuses the one recipient and
+    answers DATA with *data_reply*; records each packet it reads.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    packets: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            conn.settimeout(5)
+            conn.sendall(b"220 fake ESMTP\r\n")
+            buf = b""
+            replies = {
+                b"EHLO": b"250-fake\r\n250 PIPELINING\r\n",
+                b"MAIL": b"250 2.1.0 ok\r\n",
+                b"RCPT": b"550 5.1.1 no such user\r\n",
+                b"DATA": data_reply,
+                b".": b"250 2.0.0 empty message dropped\r\n",
+                b"RSET": b"250 2.0.0 ok\r\n",
+                b"QUIT": b"221 2.0.0 bye\r\n",
+            }
+            while True:
+                try:
+                    chunk = conn.recv(4096)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                packets.append(chunk)
+                buf += chunk
+                out = b""
+                while b"\r\n" in buf:
+                    line, buf = buf.split(b"\r\n", 1)
+                    verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
+                    out += replies.get(verb, b"500 5.5.2 what\r\n")
+                conn.sendall(out)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread, packets
+
+
+@pytest.mark.parametrize(
+    "data_reply", [b"354 go ahead\r\n", b"554 5.5.1 no valid recipients\r\n"], ids=["354", "554"]
+)
+def test_pipelined_data_with_every_recipient_refused(reactor, data_reply):
+    # RFC 2920 §3.1: MAIL, RCPT and DATA go in one write; with no recipient
+    # accepted, a DATA that was accepted anyway gets the lone dot (nothing
+    # is delivered), one that was refused gets RSET.  Either way the
+    # recipient's own refusal is its result and the session stays usable.
+    port, thread, packets = _pipelining_upstream(data_reply)
+    settings = ClientSettings(host="127.0.0.1", port=port, tls="none")
+    session = open_session(reactor, settings)
+    result = send(session, message("nobody@example.net"))
+    assert result.recipients == {"nobody@example.net": (550, "5.1.1", "no such user")}
+    assert result.bounced == ["nobody@example.net"]
+    assert not result.data_sent
+    assert session.reusable
+    close(session)
+    thread.join(5)
+    group = next(p for p in packets if p.startswith(b"MAIL"))
+    assert group == (b"MAIL FROM:<scott@example.com>\r\nRCPT TO:<nobody@example.net>\r\nDATA\r\n")
+    after = b"".join(packets[packets.index(group) + 1 :])
+    if data_reply.startswith(b"354"):
+        assert after.startswith(b".\r\n")
+    else:
+        assert after.startswith(b"RSET\r\n")
+
+
 def test_data_injected_after_starttls_reply_is_refused(reactor):
     port, thread = _raw_upstream(
         [

@@ -42,6 +42,7 @@ from zope.interface import implementer
 
 from kumoauth.auth.sasl import encode_plain
 from kumoauth.config import RelayConfig
+from kumoauth.ops.transport import make_eager_connection
 from kumoauth.smtp.data import normalize_newlines
 from kumoauth.textsafe import escape
 from kumoauth.tls.trust import trust_root
@@ -516,6 +517,9 @@ class _ClientProtocol(TwistedProtocol):
 
     def connectionMade(self) -> None:
         self.connected_ = True
+        # Commands leave when written, not an iteration later (see
+        # kumoauth/ops/transport.py); a pipelined group is one write.
+        make_eager_connection(self.transport)
         if self._implicit_tls is not None:
             self.start_tls(self._implicit_tls)
 
@@ -598,6 +602,17 @@ class _ClientProtocol(TwistedProtocol):
         if self.error is None:
             self.transport.write(line + b"\r\n")  # type: ignore[union-attr]
         return self.expect(what, timeout, before_tls)
+
+    def commands(
+        self, lines: list[tuple[bytes, str]], timeout: float
+    ) -> list[defer.Deferred[Reply]]:
+        """Pipeline *lines* ((line, what) pairs) in one write (RFC 2920)."""
+        for line, _ in lines:
+            if b"\r" in line or b"\n" in line:
+                raise ValueError("a command line must not contain CR or LF")
+        if self.error is None:
+            self.transport.write(b"".join(line + b"\r\n" for line, _ in lines))  # type: ignore[union-attr]
+        return [self.expect(what, timeout) for _, what in lines]
 
     def send_data(self, wire: bytes, timeout: float) -> defer.Deferred[Reply]:
         if self.error is None:
@@ -911,16 +926,24 @@ class UpstreamSession:
             return f"RCPT TO:<{r}>".encode()
 
         t = s.command_timeout
+        go: Reply | None = None
         if "PIPELINING" in self.extensions:
-            # RFC 2920: MAIL and every RCPT in one go, the replies in order.
-            pending = [proto.command(mail, "MAIL FROM", t)]
-            pending += [proto.command(rcpt(r), "RCPT TO", t) for r in to_send]
-            replies = await _gather(pending)
-            mail_reply, rcpt_replies = replies[0], replies[1:]
+            # RFC 2920: MAIL, every RCPT and DATA in one write, the replies
+            # in order.  Every reply is checked: DATA's too (§3.1).
+            group = [(mail, "MAIL FROM")] + [(rcpt(r), "RCPT TO") for r in to_send]
+            replies = await _gather(proto.commands([*group, (b"DATA", "DATA")], t))
+            mail_reply, rcpt_replies, go = replies[0], replies[1:-1], replies[-1]
             _raise_421(mail_reply, "MAIL FROM")
             if mail_reply.positive:
                 for each in rcpt_replies:
                     _raise_421(each, "RCPT TO")
+            if go.code == 354 and not (
+                mail_reply.positive and any(r.positive for r in rcpt_replies)
+            ):
+                # DATA accepted with no recipient: RFC 2920 §3.1 says send
+                # the lone dot; nothing is delivered whatever the reply.
+                await proto.send_data(b".\r\n", s.data_timeout)
+                go = None
         else:
             mail_reply = await proto.command(mail, "MAIL FROM", t)
             _raise_421(mail_reply, "MAIL FROM")
@@ -949,7 +972,8 @@ class UpstreamSession:
             await self._reset()
             return result
 
-        go = await proto.command(b"DATA", "DATA", t)
+        if go is None:
+            go = await proto.command(b"DATA", "DATA", t)
         _raise_421(go, "DATA")
         if go.code != 354:
             if go.positive:

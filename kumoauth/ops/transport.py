@@ -1,0 +1,123 @@
+"""
+Eager writes: a reply leaves in the call that wrote it.
+
+Twisted's stream transports never send from ``write()``: the bytes are
+buffered, the descriptor is registered for writability (``epoll_ctl``), and
+the send happens in a later reactor iteration, which then unregisters it
+(``epoll_ctl`` again).  Over TLS, ``BufferingTLSTransport`` adds one more
+iteration on top (it gathers small writes until a ``callLater(0)``).  An
+SMTP session is a dozen short request/reply exchanges, so each reply cost
+two to three reactor iterations and three extra system calls.
+
+Here a connection whose buffer is empty tries the ``send`` at once
+(asyncio's transports do the same); only what the kernel does not take is
+left to the reactor, the usual way.  The SMTP protocol gathers the replies
+to one read into one write itself (``SubmissionProtocol._process``), so the
+TLS layer's own gathering is dropped: it only delayed them.
+
+Nothing else changes: back-pressure (a paused producer), a connection
+being closed, or a half-close all take Twisted's ordinary path.  Measured
+in BENCHMARKS.md ("Eager writes").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+
+class EagerWrites:
+    """
+    Mixin for a :class:`twisted.internet.tcp.Connection` subclass: send at
+    once when nothing is waiting to go, instead of in a later iteration.
+    """
+
+    _eager_busy = False
+
+    def startWriting(self) -> None:
+        # Only for bytes just written to empty buffers: then nothing is
+        # registered yet.  Anything else (loseConnection asking for a last
+        # doWrite with nothing to send, data already waiting for the
+        # reactor) takes the ordinary path, unchanged.
+        if (
+            self._tempDataLen  # type: ignore[attr-defined]
+            and not self.dataBuffer  # type: ignore[attr-defined]
+            and not self._eager_busy
+            and self.connected  # type: ignore[attr-defined]
+            and not self.disconnecting  # type: ignore[attr-defined]
+            and not self._writeDisconnecting  # type: ignore[attr-defined]
+            and (self.producer is None or not self.producerPaused)  # type: ignore[attr-defined]
+        ):
+            self._eager_busy = True
+            try:
+                # doWrite sends what the buffers hold; when all of it went,
+                # it calls stopWriting (nothing registered: no system call)
+                # and, with an unpaused producer, nothing else.
+                failed = self.doWrite()  # type: ignore[attr-defined]
+            finally:
+                self._eager_busy = False
+            if failed is None and not self.dataBuffer and not self._tempDataLen:  # type: ignore[attr-defined]
+                return
+            # The kernel took part of it, or the send failed: the reactor
+            # finishes the job (and reports a failure) the ordinary way.
+        super().startWriting()  # type: ignore[misc]
+
+    def startTLS(self, ctx: Any, normal: bool = True) -> None:
+        super().startTLS(ctx, normal)  # type: ignore[misc]
+        unbuffer(self.protocol)  # type: ignore[attr-defined]
+
+
+def unbuffer(tls: Any) -> None:
+    """
+    Make a just-created ``BufferingTLSTransport`` write straight through to
+    TLS (its base class), as ``TLSMemoryBIOProtocol`` itself does.
+    """
+    if type(tls) is BufferingTLSTransport:
+        tls.__dict__.pop("write", None)
+        tls.__dict__.pop("_aggregator", None)
+        tls.__class__ = TLSMemoryBIOProtocol  # type: ignore[assignment]
+
+
+class UnbufferedTLSFactory(TLSMemoryBIOFactory):
+    """Implicit TLS whose writes go to TLS at once (see :func:`unbuffer`)."""
+
+    protocol = TLSMemoryBIOProtocol  # type: ignore[assignment]
+
+
+_classes: dict[type, type] = {}
+
+
+def eager(transport_class: type) -> type:
+    """
+    The eager-writing subclass of a listening port's connection class
+    (``tcp.Server``, ``unix.Server``); other classes come back unchanged.
+    """
+    if not (isinstance(transport_class, type) and issubclass(transport_class, tcp.Connection)):
+        return transport_class
+    if issubclass(transport_class, EagerWrites):
+        return transport_class
+    cls = _classes.get(transport_class)
+    if cls is None:
+        cls = type(f"Eager{transport_class.__name__}", (EagerWrites, transport_class), {})
+        _classes[transport_class] = cls
+    return cls
+
+
+def make_eager_connection(transport: Any) -> None:
+    """
+    Make one connected transport (a ``tcp.Client`` an endpoint made) write
+    eagerly from now on: the same object, its class swapped for the eager
+    subclass, which only adds methods.
+    """
+    cls = eager(type(transport))
+    if cls is not type(transport):
+        transport.__class__ = cls
+
+
+def make_eager(port: Any) -> None:
+    """Connections *port* accepts from now on write eagerly."""
+    current = getattr(port, "transport", None)
+    if current is not None:
+        port.transport = eager(current)
