@@ -1,23 +1,24 @@
 """
-Eager writes: a reply leaves in the call that wrote it.
+Eager writes for the relay client: a command leaves in the call that wrote it.
 
 Twisted's stream transports never send from ``write()``: the bytes are
 buffered, the descriptor is registered for writability (``epoll_ctl``), and
 the send happens in a later reactor iteration, which then unregisters it
-(``epoll_ctl`` again).  Over TLS, ``BufferingTLSTransport`` adds one more
-iteration on top (it gathers small writes until a ``callLater(0)``).  An
-SMTP session is a dozen short request/reply exchanges, so each reply cost
-two to three reactor iterations and three extra system calls.
+(``epoll_ctl`` again); over TLS, ``BufferingTLSTransport`` adds one more
+iteration (it gathers small writes until a ``callLater(0)``).  The relay
+client writes each pipelined group in one call
+(``_ClientProtocol.commands``) and then only waits for replies, so here a
+connection whose buffer is empty tries the ``send`` at once (asyncio's
+transports do the same) and the TLS layer's gathering is dropped; only
+what the kernel does not take is left to the reactor, the usual way.
 
-Here a connection whose buffer is empty tries the ``send`` at once
-(asyncio's transports do the same); only what the kernel does not take is
-left to the reactor, the usual way.  The SMTP protocol gathers the replies
-to one read into one write itself (``SubmissionProtocol._process``), so the
-TLS layer's own gathering is dropped: it only delayed them.
-
-Nothing else changes: back-pressure (a paused producer), a connection
-being closed, or a half-close all take Twisted's ordinary path.  Measured
-in BENCHMARKS.md ("Eager writes").
+Back-pressure (a paused producer), a connection being closed, or a
+half-close all take Twisted's ordinary path.  Measured in BENCHMARKS.md:
+with the relay client's pipelined DATA, 0.915x the CPU per relayed
+message of the build before (workload i, ``python -m bench.ab``).  The
+same on the submission side made no difference to workload (a) (1.00x and
+1.03x in two A/B runs; the reactor's iteration is shared by ~20 sessions
+there), so the server keeps Twisted's transport (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 
 class EagerWrites:
@@ -80,12 +81,6 @@ def unbuffer(tls: Any) -> None:
         tls.__class__ = TLSMemoryBIOProtocol  # type: ignore[assignment]
 
 
-class UnbufferedTLSFactory(TLSMemoryBIOFactory):
-    """Implicit TLS whose writes go to TLS at once (see :func:`unbuffer`)."""
-
-    protocol = TLSMemoryBIOProtocol  # type: ignore[assignment]
-
-
 _classes: dict[type, type] = {}
 
 
@@ -114,10 +109,3 @@ def make_eager_connection(transport: Any) -> None:
     cls = eager(type(transport))
     if cls is not type(transport):
         transport.__class__ = cls
-
-
-def make_eager(port: Any) -> None:
-    """Connections *port* accepts from now on write eagerly."""
-    current = getattr(port, "transport", None)
-    if current is not None:
-        port.transport = eager(current)
