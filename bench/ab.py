@@ -54,15 +54,22 @@ def with_path(cls: type, tree: Path) -> type:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--base", required=True, help="git revision to compare with (e.g. HEAD)")
+    p.add_argument("--base", help="git revision to compare with (e.g. HEAD)")
+    p.add_argument(
+        "--base-tree",
+        help="or a directory holding the other build (a patched copy, for cost attribution)",
+    )
     p.add_argument("--workload", choices=["a", "i"], default="a")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--sessions", type=int, default=1500)
     p.add_argument("--concurrency", type=int, default=20)
     args = p.parse_args()
+    if (args.base is None) == (args.base_tree is None):
+        p.error("give one of --base and --base-tree")
     args.relay_concurrency = 10
     workdir = Path(tempfile.mkdtemp(prefix="kumoauth-ab-"))
-    tree = export(args.base, workdir)
+    tree = Path(args.base_tree).resolve() if args.base_tree else export(args.base, workdir)
+    args.base = args.base or str(args.base_tree)
     cert, key, ca = make_certs(workdir)
     cls = KumoauthRelay if args.workload == "i" else Kumoauth
     servers = {"this tree": cls("new", workdir, cert, key), args.base: with_path(cls, tree)(

@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import ssl
 import sys
 import time
@@ -330,6 +331,9 @@ def main() -> None:
             result = asyncio.run(run_idle(client, args.concurrency))
         else:
             result = asyncio.run(run_burst(client, args.concurrency))
+    # uvloop leaves stdout non-blocking: a result larger than the pipe
+    # (64 KiB: a long probe's samples) would be cut short.
+    os.set_blocking(sys.stdout.fileno(), True)
     print(json.dumps(result), flush=True)
 
 
