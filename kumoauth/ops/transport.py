@@ -86,8 +86,8 @@ _classes: dict[type, type] = {}
 
 def eager(transport_class: type) -> type:
     """
-    The eager-writing subclass of a listening port's connection class
-    (``tcp.Server``, ``unix.Server``); other classes come back unchanged.
+    The eager-writing subclass of a stream connection class (``tcp.Client``,
+    ``tcp.Server``, ``unix.Server``); other classes come back unchanged.
     """
     if not (isinstance(transport_class, type) and issubclass(transport_class, tcp.Connection)):
         return transport_class
