@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from bench.__main__ import REPO, Bench, Kumoauth, KumoauthRelay, free_port, make_certs
-from bench.relay import Sink
+from bench.__main__ import REPO
+from bench.rig import Rig
 
 
 def export(rev: str, into: Path) -> Path:
@@ -67,62 +65,34 @@ def main() -> int:
     if (args.base is None) == (args.base_tree is None):
         p.error("give one of --base and --base-tree")
     args.relay_concurrency = 10
-    workdir = Path(tempfile.mkdtemp(prefix="kumoauth-ab-"))
-    tree = Path(args.base_tree).resolve() if args.base_tree else export(args.base, workdir)
-    args.base = args.base or str(args.base_tree)
-    cert, key, ca = make_certs(workdir)
-    cls = KumoauthRelay if args.workload == "i" else Kumoauth
-    servers = {"this tree": cls("new", workdir, cert, key), args.base: with_path(cls, tree)(
-        "base", workdir, cert, key
-    )}  # fmt: skip
-    sink = None
-    if args.workload == "i":
-        sink = Sink(workdir, free_port())
-        sink.start()
-        for s in servers.values():
-            s.relay_port = sink.port  # type: ignore[attr-defined]
-    figures: dict[str, list[float]] = {name: [] for name in servers}
-    p50: dict[str, list[float]] = {name: [] for name in servers}
-    try:
-        for s in servers.values():
-            s.start()
-        bench = Bench(args, workdir, ca, list(servers.values()), cert, key)  # type: ignore[arg-type]
-        for s in servers.values():  # warm-up
-            if sink is not None:
-                bench.relayed(s, sink, 200)
-            else:
-                bench.sessions(s, "starttls", 200, 1, False)
+    with Rig(args, "kumoauth-ab-") as rig:
+        tree = Path(args.base_tree).resolve() if args.base_tree else export(args.base, rig.workdir)
+        base = args.base or str(args.base_tree)
+        servers = {
+            "this tree": rig.server("new"),
+            base: rig.server("base", with_path(rig.server_class, tree)),
+        }
+        rig.start(*servers.values())
+        figures: dict[str, list[float]] = {name: [] for name in servers}
+        p50: dict[str, list[float]] = {name: [] for name in servers}
         for r in range(args.rounds):
             order = list(servers.items())
             if r % 2:
                 order.reverse()
             for name, s in order:
-                if sink is not None:
-                    result = bench.relayed(s, sink, args.sessions)
-                    us = result["cpu_us_per_message"]
-                else:
-                    result = bench.sessions(s, "starttls", args.sessions, 1, False)
-                    us = result["cpu_us_per_session"]
+                us, result = rig.run(s, args.sessions)
                 figures[name].append(us)
                 p50[name].append(result["p50_ms"])
                 print(
                     f"round {r + 1} {name}: {us:,.0f} µs, p50 {result['p50_ms']:.1f} ms", flush=True
                 )
-        unit = "relayed message" if sink is not None else "session"
         med = {name: statistics.median(v) for name, v in figures.items()}
         for name, m in med.items():
             print(
-                f"median {name}: {m:,.0f} µs CPU per {unit}, "
+                f"median {name}: {m:,.0f} µs CPU per {rig.unit}, "
                 f"session p50 {statistics.median(p50[name]):.1f} ms"
             )
-        new, base = med["this tree"], med[args.base]
-        print(f"this tree / {args.base}: {new / base:.3f}×")
-    finally:
-        for s in servers.values():
-            s.stop()
-        if sink is not None:
-            sink.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"this tree / {base}: {med['this tree'] / med[base]:.3f}×")
     return 0
 
 

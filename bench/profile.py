@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from bench.__main__ import Bench, Kumoauth, KumoauthRelay, free_port, make_certs
-from bench.relay import Sink
+from bench.rig import Rig
 
 
 def summarize(raw: Path, top: int = 30) -> str:
@@ -55,24 +52,10 @@ def main() -> int:
     p.add_argument("--workload", choices=["a", "i"], default="a")
     args = p.parse_args()
     args.relay_concurrency = args.concurrency
-    workdir = Path(tempfile.mkdtemp(prefix="kumoauth-profile-"))
-    cert, key, ca = make_certs(workdir)
-    sink: Sink | None = None
-    if args.workload == "i":
-        sink = Sink(workdir, free_port())
-        sink.start()
-        server: Kumoauth = KumoauthRelay("kumoauth-relay", workdir, cert, key)
-        server.relay_port = sink.port  # type: ignore[attr-defined]
-    else:
-        server = Kumoauth("kumoauth", workdir, cert, key)
-    server.start()
-    try:
+    with Rig(args, "kumoauth-profile-") as rig:
+        server = rig.server("kumoauth")
+        rig.start(server)
         assert server.proc is not None
-        bench = Bench(args, workdir, ca, [server], cert, key)  # type: ignore[arg-type]
-        if sink is not None:
-            bench.relayed(server, sink, 200)
-        else:
-            bench.sessions(server, "starttls", 200, 1, False)
         spy_exe = Path(sys.executable).parent / "py-spy"
         spy_cmd = str(spy_exe) if spy_exe.exists() else "py-spy"
         cmd = [spy_cmd, "record", "--pid", str(server.proc.pid), "--format", "raw",
@@ -80,27 +63,16 @@ def main() -> int:
         # --native needs the process stopped while it is sampled; without
         # it, sample without stopping (less distortion).
         cmd.append("--native" if args.native else "--nonblocking")
-        spy_log = open(args.out + ".log", "wb")
-        spy = subprocess.Popen(cmd, stdout=spy_log, stderr=subprocess.STDOUT)
-        if sink is not None:
-            result = bench.relayed(server, sink, args.sessions)
-            figure = f"{result['cpu_us_per_message']:.0f} µs CPU per relayed message"
-        else:
-            result = bench.sessions(server, "starttls", args.sessions, 1, False)
-            figure = f"{result['cpu_us_per_session']:.0f} µs CPU per session"
-        spy.send_signal(signal.SIGINT)
-        spy.wait(30)
-        spy_log.close()
+        with open(args.out + ".log", "wb") as spy_log:
+            spy = subprocess.Popen(cmd, stdout=spy_log, stderr=subprocess.STDOUT)
+            us, _ = rig.run(server, args.sessions)
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         if not Path(args.out).exists():
             print(f"py-spy wrote no profile; its output: {args.out}.log")
             return 1
-        print(f"{figure} under the profiler")
+        print(f"{us:.0f} µs CPU per {rig.unit} under the profiler")
         print(summarize(Path(args.out)))
-    finally:
-        server.stop()
-        if sink is not None:
-            sink.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -6,8 +6,10 @@ The performance targets live in the benchmark itself, not here.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,36 @@ def test_quick_bench_produces_every_figure_for_every_server(tmp_path):
     text = out.read_text()
     assert "kumoauth / aiosmtpd" in text and "kumoauth / twisted.mail" in text
     assert text.count("kumoauth / twisted.mail") == 7  # a-g: a ratio row for every workload
+
+
+def test_ab_runs_both_builds_and_cleans_up():
+    # bench.ab against a copy of this tree given as --base-tree, workload
+    # (i) (the sink included): a figure for each build every round, the
+    # ratio, and nothing left running or on disk.
+    before = set(Path(tempfile.gettempdir()).glob("kumoauth-ab-*"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.ab",
+            "--base-tree",
+            str(REPO),
+            "--workload",
+            "i",
+            "--rounds",
+            "1",
+            "--sessions",
+            "30",
+        ],  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("round 1 ") for line in lines) == 2
+    assert sum("µs CPU per relayed message" in line for line in lines) == 2
+    ratio = re.fullmatch(r"this tree / .+: (\d+\.\d+)×", lines[-1])
+    assert ratio and float(ratio.group(1)) > 0
+    assert set(Path(tempfile.gettempdir()).glob("kumoauth-ab-*")) == before
