@@ -331,8 +331,9 @@ def main() -> None:
             result = asyncio.run(run_idle(client, args.concurrency))
         else:
             result = asyncio.run(run_burst(client, args.concurrency))
-    # uvloop leaves stdout non-blocking: a result larger than the pipe
-    # (64 KiB: a long probe's samples) would be cut short.
+    # A long probe's samples are larger than a pipe (64 KiB): a full run once
+    # lost (j)'s at exactly that length.  A blocking stdout cannot cut the
+    # result short whatever left it non-blocking (the cause was not found).
     os.set_blocking(sys.stdout.fileno(), True)
     print(json.dumps(result), flush=True)
 

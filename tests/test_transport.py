@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from typing import Any
 
 import pytest
@@ -161,9 +162,15 @@ def test_make_eager_connection_swaps_a_live_client(reactor):
         protocol.Factory.forProtocol(protocol.Protocol),
     )
     server_proto = in_reactor(lambda: factory.made)
-    make_eager_connection(client_proto.transport)
+    in_reactor(make_eager_connection, client_proto.transport)
+    assert isinstance(client_proto.transport, EagerWrites)
     pending, registered = in_reactor(write_and_look, client_proto, b"MAIL FROM:<>\r\n")
     assert (pending, registered) == (0, False)
+    # ... and the other end has it, whole.
+    deadline = time.monotonic() + 5
+    while in_reactor(lambda: factory.received) != b"MAIL FROM:<>\r\n":
+        assert time.monotonic() < deadline, factory.received
+        time.sleep(0.01)
     in_reactor(client_proto.transport.loseConnection)
     in_reactor(port.stopListening)
     assert server_proto is not None

@@ -597,22 +597,19 @@ class _ClientProtocol(TwistedProtocol):
     def command(
         self, line: bytes, what: str, timeout: float, before_tls: bool = False
     ) -> defer.Deferred[Reply]:
-        if b"\r" in line or b"\n" in line:
-            raise ValueError("a command line must not contain CR or LF")
-        if self.error is None:
-            self.transport.write(line + b"\r\n")  # type: ignore[union-attr]
-        return self.expect(what, timeout, before_tls)
+        [d] = self.commands([(line, what)], timeout, before_tls)
+        return d
 
     def commands(
-        self, lines: list[tuple[bytes, str]], timeout: float
+        self, lines: list[tuple[bytes, str]], timeout: float, before_tls: bool = False
     ) -> list[defer.Deferred[Reply]]:
-        """Pipeline *lines* ((line, what) pairs) in one write (RFC 2920)."""
+        """Send *lines* ((line, what) pairs) in one write: pipelined (RFC 2920) when several."""
         for line, _ in lines:
             if b"\r" in line or b"\n" in line:
                 raise ValueError("a command line must not contain CR or LF")
         if self.error is None:
             self.transport.write(b"".join(line + b"\r\n" for line, _ in lines))  # type: ignore[union-attr]
-        return [self.expect(what, timeout) for _, what in lines]
+        return [self.expect(what, timeout, before_tls) for _, what in lines]
 
     def send_data(self, wire: bytes, timeout: float) -> defer.Deferred[Reply]:
         if self.error is None:
