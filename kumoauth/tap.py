@@ -14,6 +14,7 @@ from twisted.cred import strcred
 from twisted.python import usage
 
 from kumoauth.ops.assembly import OperatorError, load_config
+from kumoauth.ops.heap import settle_when_running
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -71,13 +72,16 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         if cfg.server.workers > 1:
             from kumoauth.ops.workers import make_supervisor
 
-            return make_supervisor(
+            top = make_supervisor(
                 cfg, reactor, checkers, options.get("authArgs") or [], owner=owner(options)
             )
-        from kumoauth.ops.service import make_service_from_config
+        else:
+            from kumoauth.ops.service import make_service_from_config
 
-        return make_service_from_config(cfg, reactor, checkers, owner=owner(options))
+            top = make_service_from_config(cfg, reactor, checkers, owner=owner(options))
     except OperatorError as e:
         sys.stderr.write(f"kumoauth: error: {e}\n")
         sys.stderr.flush()
         raise SystemExit(1) from None
+    settle_when_running(reactor)
+    return top

@@ -135,3 +135,32 @@ def test_hop_passes_a_value_or_a_failure_on():
 
     slicer.hop(Failure(ValueError("x"))).addErrback(lambda f: box.append(f.type))
     assert box == [42, ValueError]
+
+
+def test_what_a_result_sets_off_counts_against_the_budget():
+    """
+    The budget is time elapsed in the iteration: the callbacks after a
+    hop (a reply written, a line logged) are counted, so 500 answers on one
+    timer tick cannot all run their callbacks in it.
+    """
+    clock, slicer, done = make(0.004)
+
+    def answer(name: str) -> None:
+        slicer.hop(name).addCallback(lambda n: work(clock, done, 0.003, n))
+
+    for name in ("a", "b", "c"):
+        answer(name)
+    assert done == ["a", "b"]  # 6 ms spent after b: c waits
+    clock.next()
+    assert done == ["a", "b", "c"]
+
+
+def test_the_budget_opens_with_the_iteration_not_with_each_call():
+    """Work done in the iteration before a call (other sessions read) counts too."""
+    clock, slicer, done = make(0.004)
+    slicer.call(work, clock, done, 0.001, "first")
+    clock.now += 0.005  # the rest of the iteration: other sessions
+    later = slicer.call(work, clock, done, 0.001, "later")
+    assert done == ["first"] and not later.called and slicer.busy
+    clock.next()
+    assert done == ["first", "later"] and later.called

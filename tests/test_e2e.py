@@ -132,6 +132,18 @@ def test_login_and_send(server, connect, mechanism):
     assert msg.read_bytes().endswith(b"Subject: test\r\n\r\nhello\r\n")
 
 
+def test_start_up_heap_is_left_out_of_garbage_collection(server):
+    """
+    Once running, the server freezes what start-up made (kumoauth/ops/heap.py):
+    a full collection with many sessions open walks their objects only.
+    """
+    deadline = time.monotonic() + 10
+    while not (found := re.search(r"start-up heap settled: (\d+) objects", server.log())):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert int(found.group(1)) > 10_000
+
+
 def test_smtplib_login_picks_a_mechanism(server):
     with starttls_client(server) as s:
         assert s.login("alice", "wonder land")[0] == 235

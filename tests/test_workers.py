@@ -92,6 +92,8 @@ def test_two_workers(tmp_path):
         log = srv.log()
         served = set(re.findall(r"\[worker (\d)\] \[kumoauth\.auth#info\] AUTH PLAIN success", log))
         assert served == {"0", "1"}
+        settled = re.findall(r"\[worker (\d)\] \[kumoauth#info\] start-up heap settled", log)
+        assert sorted(settled) == ["0", "1"]
         # Metrics cover both workers.
         text = (
             urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()

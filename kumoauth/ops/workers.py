@@ -75,6 +75,7 @@ from kumoauth.ops.assembly import (
     open_queue,
     relay_settings,
 )
+from kumoauth.ops.heap import settle_when_running
 from kumoauth.ops.listening import (
     ListenError,
     ListenerService,
@@ -779,6 +780,7 @@ def worker_main(argv: list[str] | None = None) -> None:
         )
         control.tell({"type": "ready", "generation": generation})
 
+    settle_when_running(reactor)
     reactor.callWhenRunning(lambda: reactor.callLater(0, ready))
     reactor.run()  # type: ignore[attr-defined]
 

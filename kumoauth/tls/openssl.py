@@ -67,6 +67,9 @@ SSL *SSL_new(SSL_CTX *);
 void SSL_free(SSL *);
 void SSL_set_accept_state(SSL *);
 void SSL_set_bio(SSL *, BIO *, BIO *);
+void SSL_set0_rbio(SSL *, BIO *);
+void SSL_set0_wbio(SSL *, BIO *);
+int SSL_is_init_finished(const SSL *);
 int SSL_do_handshake(SSL *);
 int SSL_read(SSL *, void *, int);
 int SSL_write(SSL *, const void *, int);
@@ -129,6 +132,7 @@ TLS1_2_VERSION = 0x0303
 TLS1_3_VERSION = 0x0304
 
 BIO_C_SET_BUF_MEM_EOF_RETURN = 130
+BIO_CTRL_PENDING = 10
 BIO_FLAGS_READ = 0x01
 BIO_FLAGS_WRITE = 0x02
 BIO_FLAGS_SHOULD_RETRY = 0x08
@@ -136,6 +140,10 @@ BIO_FLAGS_SHOULD_RETRY = 0x08
 OSSL_PARAM_UTF8_STRING = 4
 OSSL_PARAM_OCTET_STRING = 5
 OSSL_PARAM_UNMODIFIED = (1 << 64) - 1
+
+# Connection._unsettled bits: the BIO into the SSL, the one out of it.
+_INTO, _FROM = 1, 2
+_BOTH = _INTO | _FROM
 
 _ERR_SYSTEM_FLAG = 1 << 31
 _ERR_REASON_MASK = 0x7FFFFF
@@ -197,6 +205,10 @@ def error_queue() -> list[tuple[str, str, str]]:
                 _text(crypto.ERR_reason_error_string(code)),
             )
         )
+
+
+def _empty(bio: Any) -> bool:
+    return not lib.BIO_ctrl(bio, BIO_CTRL_PENDING, 0, ffi.NULL)
 
 
 def raise_error(exc: type[Exception] = Error) -> Any:
@@ -373,6 +385,8 @@ class Connection:
             raise MemoryError("BIO_new")
         lib.SSL_set_bio(self._ssl, into, out)  # the SSL owns (and frees) both
         self._into_ssl, self._from_ssl = into, out
+        #: the memory BIOs still to be swapped for empty ones (see _settle)
+        self._unsettled = 0
         self._app_data: Any = None
         lib.SSL_set_accept_state(self._ssl)
 
@@ -424,12 +438,39 @@ class Connection:
         result = lib.SSL_do_handshake(self._ssl)
         if result != 1:
             self._raise_ssl_error(result)
+        self._unsettled = _BOTH
+
+    # A memory BIO keeps the capacity of the largest flight it held: for
+    # the rest of the session, the handshake's (the certificate chain out,
+    # the ClientHello in), 1-3 KiB an idle session does not need.  Each is
+    # swapped, once, for an empty one as soon as it has been drained after
+    # the handshake (two small allocations per connection).
+
+    def _settle(self, which: int) -> None:
+        self._unsettled &= ~which
+        fresh = lib.BIO_new(lib.BIO_s_mem())
+        if fresh == ffi.NULL:
+            return  # keep the old one: nothing is lost but the memory
+        if which == _INTO:
+            lib.SSL_set0_rbio(self._ssl, fresh)  # frees the old one
+            self._into_ssl = fresh
+        else:
+            lib.SSL_set0_wbio(self._ssl, fresh)
+            self._from_ssl = fresh
 
     def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
         crypto.ERR_clear_error()
         buf = ffi.new("char[]", bufsiz)
         result = lib.SSL_read(self._ssl, buf, bufsiz)
         if result <= 0:
+            if (
+                self._unsettled & _INTO
+                and lib.SSL_get_error(self._ssl, result) == SSL_ERROR_WANT_READ
+                and _empty(self._into_ssl)
+            ):
+                # Before the swap: SSL_get_error reads the BIO's retry flag.
+                self._settle(_INTO)
+                raise WantReadError()
             self._raise_ssl_error(result)
         return ffi.buffer(buf, result)[:]
 
@@ -460,6 +501,8 @@ class Connection:
         result = lib.BIO_read(self._from_ssl, buf, bufsiz)
         if result <= 0:
             self._bio_error(self._from_ssl)
+        if self._unsettled & _FROM and _empty(self._from_ssl):
+            self._settle(_FROM)
         return ffi.buffer(buf, result)[:]
 
     def bio_write(self, buf: bytes) -> int:
@@ -469,6 +512,7 @@ class Connection:
         return int(result)
 
     def bio_shutdown(self) -> None:
+        self._unsettled &= ~_INTO  # the EOF mark belongs to this BIO
         lib.BIO_ctrl(self._into_ssl, BIO_C_SET_BUF_MEM_EOF_RETURN, 0, ffi.NULL)
 
     def shutdown(self) -> bool:
