@@ -228,6 +228,10 @@ path = "{spool}"
         return ""
 
 
+#: (h) rows measured behind the RSA-2048 certificate
+RSA_LABEL = "RSA-2048:"
+
+
 class KumoauthTickets(Kumoauth):
     """Workload (h): kumoauth with ``[tls] session_tickets = true``."""
 
@@ -585,21 +589,28 @@ class Bench:
         """
         a = self.args
         server = KumoauthTickets("kumoauth-tickets", self.workdir, self.cert, self.key)
+        rsa = KumoauthTickets(
+            "kumoauth-tickets-rsa", self.workdir, self.workdir / RSA_CERT, self.workdir / RSA_KEY
+        )
         kinds = {
-            "TLS 1.3 full handshake": (False, False),
-            "TLS 1.3 resumed": (True, False),
-            "TLS 1.2 full handshake": (False, True),
-            "TLS 1.2 resumed": (True, True),
+            "TLS 1.3 full handshake": (server, False, False),
+            "TLS 1.3 resumed": (server, True, False),
+            "TLS 1.2 full handshake": (server, False, True),
+            "TLS 1.2 resumed": (server, True, True),
+            f"{RSA_LABEL} TLS 1.3 full handshake": (rsa, False, False),
+            f"{RSA_LABEL} TLS 1.3 resumed": (rsa, True, False),
         }
         runs: dict[str, list[dict]] = {name: [] for name in kinds}
         try:
-            server.start()
-            self.resume_run(server, max(10, a.sessions // 10), resume=True)  # warm-up
+            for s in (server, rsa):
+                s.start()
+                self.resume_run(s, max(10, a.sessions // 10), resume=True)  # warm-up
             for _ in range(a.runs):
-                for name, (resume, tls12) in kinds.items():
-                    runs[name].append(self.resume_run(server, a.sessions, resume, tls12))
+                for name, (s, resume, tls12) in kinds.items():
+                    runs[name].append(self.resume_run(s, a.sessions, resume, tls12))
         finally:
             server.stop()
+            rsa.stop()
         self.results["h"] = medians(runs)
         progress("workload h done: " + ", ".join(
             f"{n} {r['cpu_us_per_session']:.0f} µs" for n, r in self.results["h"].items()
@@ -750,6 +761,9 @@ def progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+RSA_CERT, RSA_KEY = "cert-rsa.pem", "key-rsa.pem"
+
+
 def make_certs(workdir: Path) -> tuple[Path, Path, Path]:
     ca = trustme.CA()
     leaf = ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.ECDSA)
@@ -757,6 +771,11 @@ def make_certs(workdir: Path) -> tuple[Path, Path, Path]:
     cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
     leaf.private_key_pem.write_to_path(str(key))
     ca.cert_pem.write_to_path(str(ca_file))
+    # (h) also measures resumption behind an RSA-2048 certificate, whose
+    # signature makes a full handshake dearer: same CA, next to the others.
+    rsa = ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.RSA)
+    (workdir / RSA_CERT).write_bytes(b"".join(b.bytes() for b in rsa.cert_chain_pems))
+    rsa.private_key_pem.write_to_path(str(workdir / RSA_KEY))
     return cert, key, ca_file
 
 

@@ -207,6 +207,10 @@ def error_queue() -> list[tuple[str, str, str]]:
         )
 
 
+#: buffers OpenSSL fills before anything reads them: not zeroed first
+_scratch = ffi.new_allocator(should_clear_after_alloc=False)
+
+
 def _empty(bio: Any) -> bool:
     return not lib.BIO_ctrl(bio, BIO_CTRL_PENDING, 0, ffi.NULL)
 
@@ -460,7 +464,7 @@ class Connection:
 
     def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
         crypto.ERR_clear_error()
-        buf = ffi.new("char[]", bufsiz)
+        buf = _scratch("char[]", bufsiz)
         result = lib.SSL_read(self._ssl, buf, bufsiz)
         if result <= 0:
             if (
@@ -497,7 +501,7 @@ class Connection:
         raise_error()
 
     def bio_read(self, bufsiz: int) -> bytes:
-        buf = ffi.new("char[]", bufsiz)
+        buf = _scratch("char[]", bufsiz)
         result = lib.BIO_read(self._from_ssl, buf, bufsiz)
         if result <= 0:
             self._bio_error(self._from_ssl)
