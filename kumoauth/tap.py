@@ -83,5 +83,10 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         sys.stderr.write(f"kumoauth: error: {e}\n")
         sys.stderr.flush()
         raise SystemExit(1) from None
-    settle_when_running(reactor)
+    # Sessions (and their bursts) are served here in one process; a
+    # supervisor serves none.
+    from kumoauth.ops.service import KumoauthService
+
+    process = top.process if isinstance(top, KumoauthService) else None
+    settle_when_running(reactor, process.slicer.in_burst if process is not None else None)
     return top

@@ -513,3 +513,30 @@ def test_registered_store_schemes(monkeypatch):
         make_store("kv://host/bad", clock)
     with pytest.raises(ValueError, match='is not one of "memory"'):
         make_store("nope://x", clock)
+
+
+# --- the attempt's deadlines (kumoauth.auth.authenticator._deadline) -----------
+
+
+def test_a_deadline_is_set_only_on_what_has_no_result_yet():
+    from kumoauth.auth.authenticator import _deadline
+
+    clock = task.Clock()
+    # An answer already there (a memory store, a synchronous checker): no timer.
+    _deadline(defer.succeed(None), 5, clock)
+    assert clock.getDelayedCalls() == []
+    # No answer yet: cancelled with a TimeoutError after the deadline.
+    pending: defer.Deferred[None] = defer.Deferred()
+    _deadline(pending, 5, clock)
+    errors: list[object] = []
+    pending.addErrback(errors.append)
+    clock.advance(5)
+    assert errors and errors[0].check(defer.TimeoutError)  # type: ignore[attr-defined]
+    # Called, but waiting on a Deferred it was chained to: no result yet either.
+    inner: defer.Deferred[None] = defer.Deferred()
+    outer = defer.succeed(None).addCallback(lambda _: inner)
+    assert outer.called and outer.paused
+    _deadline(outer, 5, clock)
+    outer.addErrback(errors.append)
+    clock.advance(5)
+    assert len(errors) == 2 and errors[1].check(defer.TimeoutError)  # type: ignore[attr-defined]

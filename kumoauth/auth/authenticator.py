@@ -166,6 +166,18 @@ class AuthLog:
         auth_log.info("{text}", text=text, result=result, client=attempt.client, suppressed=n)
 
 
+def _deadline(d: defer.Deferred[Any], seconds: float, clock: Any) -> None:
+    """
+    ``d.addTimeout`` unless *d* has its result already (a memory store, a
+    synchronous checker): a timer set and cancelled at once for every
+    attempt costs a DelayedCall, three closures and a heap entry the
+    reactor keeps until it compacts.  A Deferred waiting on another it
+    was chained to (``paused``) has no result yet.
+    """
+    if not d.called or d.paused:
+        d.addTimeout(seconds, clock)
+
+
 def _mechanism_label(name: str) -> str:
     # A metrics label must not take any value a client sends.
     return name if name in REGISTRY else "other"
@@ -220,7 +232,7 @@ class Authenticator:
             d: defer.Deferred[Outcome] = self._check(attempt, credentials)
         else:
             checked = throttle.check(attempt.client_ip, credentials.authc)
-            checked.addTimeout(self.auth.timeout, self.clock)
+            _deadline(checked, self.auth.timeout, self.clock)
 
             def decide(verdict: Any) -> Any:
                 if verdict is None:
@@ -287,7 +299,7 @@ class Authenticator:
             IMessageDelivery,
         )
         # One deadline for every checker, whatever its kind.
-        d.addTimeout(self.auth.timeout, self.clock)
+        _deadline(d, self.auth.timeout, self.clock)
         # Answers that arrive together (one timer tick, one reply from a
         # backend for many) go on a slice at a time.
         d.addBoth(self.slicer.hop)

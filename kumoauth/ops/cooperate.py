@@ -47,6 +47,8 @@ class Slicer:
         ] = collections.deque()
         self._tick_started = 0.0
         self._tick_open = False
+        #: when work last had to wait for a coming slice (a burst)
+        self.last_queued = float("-inf")
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -79,6 +81,7 @@ class Slicer:
 
         d: defer.Deferred[Any] = defer.Deferred(cancel)
         self._queue.append((d, fn, (started, *args)))
+        self.last_queued = self.clock.seconds()
         return d
 
     def hop(self, result: Any) -> defer.Deferred[Any]:
@@ -87,6 +90,10 @@ class Slicer:
         for a callback chain whose next steps should not all run at once.
         """
         return self.call(_identity, result)
+
+    def in_burst(self, within: float = 0.5) -> bool:
+        """Whether work is waiting, or had to wait in the last *within* seconds."""
+        return bool(self._queue) or self.clock.seconds() - self.last_queued < within
 
     def _in_budget(self) -> bool:
         now = self.clock.seconds()

@@ -780,7 +780,7 @@ def worker_main(argv: list[str] | None = None) -> None:
         )
         control.tell({"type": "ready", "generation": generation})
 
-    settle_when_running(reactor)
+    settle_when_running(reactor, top.process.slicer.in_burst)
     reactor.callWhenRunning(lambda: reactor.callLater(0, ready))
     reactor.run()  # type: ignore[attr-defined]
 
