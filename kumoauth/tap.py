@@ -88,5 +88,5 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
     from kumoauth.ops.service import KumoauthService
 
     process = top.process if isinstance(top, KumoauthService) else None
-    settle_when_running(reactor, process.slicer.in_burst if process is not None else None)
+    settle_when_running(reactor, process.slicer if process is not None else None)
     return top

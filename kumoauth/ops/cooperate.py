@@ -49,6 +49,9 @@ class Slicer:
         self._tick_open = False
         #: when work last had to wait for a coming slice (a burst)
         self.last_queued = float("-inf")
+        #: told each time work has to wait (kumoauth.ops.heap holds full
+        #: garbage collections off while a burst lasts)
+        self.on_wait: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -82,6 +85,8 @@ class Slicer:
         d: defer.Deferred[Any] = defer.Deferred(cancel)
         self._queue.append((d, fn, (started, *args)))
         self.last_queued = self.clock.seconds()
+        if self.on_wait is not None:
+            self.on_wait()
         return d
 
     def hop(self, result: Any) -> defer.Deferred[Any]:
@@ -93,7 +98,8 @@ class Slicer:
 
     def in_burst(self, within: float = 0.5) -> bool:
         """Whether work is waiting, or had to wait in the last *within* seconds."""
-        return bool(self._queue) or self.clock.seconds() - self.last_queued < within
+        # A clock stepped back (wall time) ends the burst rather than lengthen it.
+        return bool(self._queue) or 0 <= self.clock.seconds() - self.last_queued < within
 
     def _in_budget(self) -> bool:
         now = self.clock.seconds()
@@ -102,7 +108,8 @@ class Slicer:
             self._tick_open = True
             self._tick_started = now
             self.clock.callLater(0, self._next_tick)
-        return now - self._tick_started < self.slice
+        # A clock stepped back (wall time) leaves the work for the next slice.
+        return 0 <= now - self._tick_started < self.slice
 
     def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> defer.Deferred[Any]:
         return defer.maybeDeferred(fn, *args)

@@ -20,18 +20,22 @@ at once):
 - **Their timing.**  A burst is exactly what triggers a full collection
   (its attempts are thousands of new objects that survive the young
   generations), which then walks those attempts too: 15–30 ms with 500 in
-  flight, on top of the burst's own work.  :class:`QuietCollector` turns
-  the automatic full collections off and runs them itself, from a timer,
-  as soon as CPython would have (``threshold2`` collections of the middle
-  generation since the last full one) *and* no burst is being sliced
-  (:meth:`~kumoauth.ops.cooperate.Slicer.in_burst`); at ten times that it
-  runs one regardless, so a server that is never quiet still collects.
-  The young generations are collected as before.
+  flight, on top of the burst's own work.  :class:`QuietCollector` holds
+  the automatic full collections off while a burst is being sliced (the
+  slicer tells it when work first has to wait) and gives CPython its
+  threshold back as soon as the burst is over, so outside bursts CPython
+  decides, with all its rules.  A burst that lasts until a full
+  collection is ten times overdue gets one regardless.  The young
+  generations are collected as always.
+
+CPython 3.14's collector is incremental (no middle generation, bounded
+pauses): there the hold is left off; the freeze still applies.
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -40,10 +44,12 @@ from twisted.logger import Logger
 
 log = Logger(namespace="kumoauth")
 
-#: seconds between looks at whether a full collection is due
+#: seconds between looks at whether a burst is over
 EVERY = 0.25
 #: a threshold the middle generation's collections never reach
 _NEVER = 2**30
+#: three generations, full collections triggered by ``threshold2`` (not 3.14)
+GENERATIONAL = sys.version_info[:2] != (3, 14)
 
 
 def settle() -> int:
@@ -59,28 +65,33 @@ def settle() -> int:
 
 class QuietCollector:
     """
-    Full collections when due and no burst is going on (*busy* answers
-    that), or when long overdue.
+    CPython's automatic full collections held off while *busy* (a burst),
+    from :meth:`hold` until a timer sees the burst over; one collection
+    regardless when ten times overdue.
     """
 
     def __init__(self, clock: Any, busy: Callable[[], bool], every: float = EVERY) -> None:
         self.clock = clock
         self.busy = busy
         self.every = every
-        self.due = 10
         self.overdue = 100
+        self.held = False
         self._saved: tuple[int, int, int] | None = None
         self._loop: task.LoopingCall | None = None
 
     def start(self) -> None:
-        t0, t1, t2 = self._saved = gc.get_threshold()
-        self.due, self.overdue = max(1, t2), max(1, t2) * 10
-        gc.set_threshold(t0, t1, _NEVER)
+        if not GENERATIONAL:
+            return
+        self._saved = gc.get_threshold()
+        self.overdue = max(1, self._saved[2]) * 10
         self._loop = task.LoopingCall(self.tick)
         self._loop.clock = self.clock
-        self._loop.start(self.every, now=False).addErrback(
-            lambda f: log.failure("the quiet collector stopped", f)
-        )
+
+        def stopped(f: Any) -> None:
+            log.failure("the burst-aware collector stopped", f)
+            self.stop()  # CPython decides alone again
+
+        self._loop.start(self.every, now=False).addErrback(stopped)
 
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:
@@ -88,27 +99,49 @@ class QuietCollector:
         if self._saved is not None:
             gc.set_threshold(*self._saved)
             self._saved = None
+        self.held = False
 
-    def tick(self) -> bool:
-        """Collect if due; whether it did."""
-        pending = gc.get_count()[2]  # middle-generation collections since the last full one
-        if pending >= self.overdue or (pending >= self.due and not self.busy()):
+    def hold(self) -> None:
+        """A burst began: no automatic full collection until it is over."""
+        if self.held or self._saved is None:
+            return
+        self.held = True
+        t0, t1, _ = self._saved
+        gc.set_threshold(t0, t1, _NEVER)
+
+    def tick(self) -> str | None:
+        """
+        What this look did: ``"released"`` (the burst is over), ``"held"``,
+        ``"overdue"`` (a full collection in the burst), or None.
+        """
+        if not self.held or self._saved is None:
+            return None
+        if not self.busy():
+            gc.set_threshold(*self._saved)
+            self.held = False
+            return "released"
+        # Middle-generation collections since the last full one.
+        if gc.get_count()[2] >= self.overdue:
             gc.collect()
-            return True
-        return False
+            return "overdue"
+        return "held"
 
 
-def settle_when_running(reactor: Any, busy: Callable[[], bool] | None = None) -> QuietCollector:
+def settle_when_running(reactor: Any, slicer: Any = None) -> QuietCollector | None:
     """
-    Once *reactor* runs (the services started): :func:`settle`, then a
-    :class:`QuietCollector` that defers to *busy* (default: never busy).
+    Once *reactor* runs (the services started): :func:`settle`; and with
+    *slicer* (a :class:`~kumoauth.ops.cooperate.Slicer`: this process
+    serves sessions), a :class:`QuietCollector` it holds at each burst.
     """
-    collector = QuietCollector(reactor, busy or (lambda: False))
+    collector = QuietCollector(reactor, slicer.in_burst) if slicer is not None else None
 
     def run() -> None:
         settle()
-        collector.start()
+        if collector is not None:
+            collector.start()
+            slicer.on_wait = collector.hold
 
     reactor.callWhenRunning(run)
-    reactor.addSystemEventTrigger("after", "shutdown", collector.stop)
+    if collector is not None:
+        reactor.addSystemEventTrigger("after", "shutdown", collector.stop)
     return collector

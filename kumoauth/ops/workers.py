@@ -779,7 +779,7 @@ def worker_main(argv: list[str] | None = None) -> None:
         )
         control.tell({"type": "ready", "generation": generation})
 
-    settle_when_running(reactor, top.process.slicer.in_burst)
+    settle_when_running(reactor, top.process.slicer)
     reactor.callWhenRunning(lambda: reactor.callLater(0, ready))
     reactor.run()  # type: ignore[attr-defined]
 

@@ -69,7 +69,6 @@ void SSL_set_accept_state(SSL *);
 void SSL_set_bio(SSL *, BIO *, BIO *);
 void SSL_set0_rbio(SSL *, BIO *);
 void SSL_set0_wbio(SSL *, BIO *);
-int SSL_is_init_finished(const SSL *);
 int SSL_do_handshake(SSL *);
 int SSL_read(SSL *, void *, int);
 int SSL_write(SSL *, const void *, int);
@@ -391,6 +390,8 @@ class Connection:
         self._into_ssl, self._from_ssl = into, out
         #: the memory BIOs still to be swapped for empty ones (see _settle)
         self._unsettled = 0
+        #: set once: by the handshake's end, or by the incoming EOF
+        self._armed = False
         self._app_data: Any = None
         lib.SSL_set_accept_state(self._ssl)
 
@@ -442,7 +443,9 @@ class Connection:
         result = lib.SSL_do_handshake(self._ssl)
         if result != 1:
             self._raise_ssl_error(result)
-        self._unsettled = _BOTH
+        if not self._armed:  # once per connection
+            self._armed = True
+            self._unsettled = _BOTH
 
     # A memory BIO keeps the capacity of the largest flight it held: for
     # the rest of the session, the handshake's (the certificate chain out,
@@ -516,7 +519,10 @@ class Connection:
         return int(result)
 
     def bio_shutdown(self) -> None:
-        self._unsettled &= ~_INTO  # the EOF mark belongs to this BIO
+        # The EOF mark belongs to this BIO: it is never swapped after this,
+        # even by a handshake that would finish later.
+        self._unsettled &= ~_INTO
+        self._armed = True
         lib.BIO_ctrl(self._into_ssl, BIO_C_SET_BUF_MEM_EOF_RETURN, 0, ffi.NULL)
 
     def shutdown(self) -> bool:
