@@ -69,24 +69,22 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
     try:
         cfg = load_config(options["config"])
         checkers = options.get("credCheckers")
+        top: service.IService
         if cfg.server.workers > 1:
             from kumoauth.ops.workers import make_supervisor
 
             top = make_supervisor(
                 cfg, reactor, checkers, options.get("authArgs") or [], owner=owner(options)
             )
+            slicer = None  # a supervisor serves no sessions: no AUTH bursts here
         else:
             from kumoauth.ops.service import make_service_from_config
 
-            top = make_service_from_config(cfg, reactor, checkers, owner=owner(options))
+            single = make_service_from_config(cfg, reactor, checkers, owner=owner(options))
+            top, slicer = single, single.process.slicer
     except OperatorError as e:
         sys.stderr.write(f"kumoauth: error: {e}\n")
         sys.stderr.flush()
         raise SystemExit(1) from None
-    # Sessions (and their bursts) are served here in one process; a
-    # supervisor serves none.
-    from kumoauth.ops.service import KumoauthService
-
-    process = top.process if isinstance(top, KumoauthService) else None
-    settle_when_running(reactor, process.slicer if process is not None else None)
+    settle_when_running(reactor, slicer)
     return top

@@ -8,12 +8,13 @@ back then, and when stopped.
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import pytest
 from twisted.internet import task
 
 from kumoauth.ops.cooperate import Slicer
-from kumoauth.ops.heap import GENERATIONAL, QuietCollector
+from kumoauth.ops.heap import GENERATIONAL, QuietCollector, settle_when_running
 
 
 def middle_collections(n: int) -> None:
@@ -82,3 +83,46 @@ def test_a_burst_is_work_waiting_or_having_waited_just_now():
     assert len(slicer) == 0 and slicer.in_burst()  # ... but it had to wait just now
     clock.advance(0.5)
     assert not slicer.in_burst()
+
+
+class Starting(task.Clock):
+    """A reactor that is running already, and records its shutdown triggers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list[tuple[Any, ...]] = []
+
+    def callWhenRunning(self, f: Any) -> None:
+        f()
+
+    def addSystemEventTrigger(self, *args: Any) -> None:
+        self.triggers.append(args)
+
+
+@pytest.mark.skipif(not GENERATIONAL, reason="CPython 3.14's collector is incremental")
+def test_a_serving_process_settles_and_holds_at_its_slicers_bursts():
+    reactor = Starting()
+    slicer = Slicer(reactor)
+    before = gc.get_threshold()
+    try:
+        collector = settle_when_running(reactor, slicer)
+        assert collector is not None
+        assert gc.get_freeze_count() > 0  # the heap was settled
+        assert slicer.on_wait == collector.hold
+        assert reactor.triggers == [("after", "shutdown", collector.stop)]
+        slicer.on_wait()
+        assert collector.held and gc.get_threshold()[2] > 10**6
+        collector.stop()
+        assert gc.get_threshold() == before
+    finally:
+        gc.unfreeze()  # this test process goes on collecting as before
+        gc.set_threshold(*before)
+
+
+def test_a_supervisor_only_settles():
+    reactor = Starting()
+    try:
+        assert settle_when_running(reactor) is None
+        assert gc.get_freeze_count() > 0 and reactor.triggers == []
+    finally:
+        gc.unfreeze()

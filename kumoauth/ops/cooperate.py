@@ -62,9 +62,7 @@ class Slicer:
         Whether this iteration's budget is spent (or calls are waiting):
         work that can wait should go through :meth:`call`.
         """
-        return bool(self._queue) or (
-            self._tick_open and self.clock.seconds() - self._tick_started >= self.slice
-        )
+        return bool(self._queue) or (self._tick_open and not self._budget_left())
 
     def call(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         """
@@ -73,7 +71,7 @@ class Slicer:
         runs withdraws the call.
         """
         if not self._queue and self._in_budget():
-            return self._run(fn, args)
+            return defer.maybeDeferred(fn, *args)
         started: list[defer.Deferred[Any]] = []
 
         def cancel(d: defer.Deferred[Any]) -> None:
@@ -102,17 +100,16 @@ class Slicer:
         return bool(self._queue) or 0 <= self.clock.seconds() - self.last_queued < within
 
     def _in_budget(self) -> bool:
-        now = self.clock.seconds()
         if not self._tick_open:
             # A new reactor iteration: a fresh budget, closed by the next.
             self._tick_open = True
-            self._tick_started = now
+            self._tick_started = self.clock.seconds()
             self.clock.callLater(0, self._next_tick)
-        # A clock stepped back (wall time) leaves the work for the next slice.
-        return 0 <= now - self._tick_started < self.slice
+        return self._budget_left()
 
-    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> defer.Deferred[Any]:
-        return defer.maybeDeferred(fn, *args)
+    def _budget_left(self) -> bool:
+        # A clock stepped back (wall time) leaves the work for the next slice.
+        return 0 <= self.clock.seconds() - self._tick_started < self.slice
 
     def _withdraw(self, d: defer.Deferred[Any]) -> bool:
         for item in self._queue:
@@ -130,10 +127,10 @@ class Slicer:
         while queue:
             # At least one call per iteration, however small the slice.
             d, fn, (started, *args) = queue.popleft()
-            inner = self._run(fn, tuple(args))
+            inner = defer.maybeDeferred(fn, *args)
             started.append(inner)
             inner.addBoth(_forward, d)
-            if self.clock.seconds() - self._tick_started >= self.slice:
+            if not self._budget_left():
                 break
 
 

@@ -322,7 +322,7 @@ def make_service_from_config(
     adopt: dict[int, tuple[int, int]] | None = None,
     owner: tuple[int, int] | None = None,
     writer_id: str = "0",
-) -> service.MultiService:
+) -> KumoauthService:
     """
     The server in this process.  With *adopt* (listener index -> socket) it
     is a worker: the listening sockets come from the supervisor, the spool

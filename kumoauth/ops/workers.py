@@ -720,7 +720,7 @@ def worker_main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor, stdio
     from twisted.logger import FileLogObserver, globalLogBeginner
 
-    from kumoauth.ops.service import KumoauthService, make_service_from_config
+    from kumoauth.ops.service import make_service_from_config
     from kumoauth.tls.context import adopt_ticket_secret
 
     p = argparse.ArgumentParser(prog="python -m kumoauth.ops.workers")
@@ -757,7 +757,6 @@ def worker_main(argv: list[str] | None = None) -> None:
     top = make_service_from_config(
         cfg, reactor, checkers, adopt=adopt, writer_id=metrics_id(args.index)
     )
-    assert isinstance(top, KumoauthService)
     top.privilegedStartService()
     top.startService()
     for s in sockets:
