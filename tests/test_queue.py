@@ -573,6 +573,49 @@ def test_scan_new_sees_other_writers(qdir):
     store.close()
 
 
+def test_the_relay_scans_for_other_writers_on_its_tick_not_per_message(qdir):
+    """
+    A message this process stores is indexed as it is stored: the look
+    that follows (notify) starts it without listing the segment directory;
+    another writer's records are picked up by the tick.
+    """
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from kumoauth.config import RelayConfig
+    from kumoauth.relay import scheduler
+
+    store = QueueStore.open(qdir)
+    scans = []
+    real_scan = store.scan_new
+    store.scan_new = lambda: scans.append(1) or real_scan()  # type: ignore[method-assign]
+    connecting: list[defer.Deferred[object]] = []
+
+    def connect(*args: object) -> defer.Deferred[object]:
+        connecting.append(defer.Deferred())
+        return connecting[-1]
+
+    clock = Clock()
+    settings = scheduler.RelaySettings(RelayConfig(host="127.0.0.1"), "kumoauth.test")
+    relay = scheduler.Relay(store, settings, clock, None, connect, None, None)  # type: ignore[arg-type]
+    relay.startService()  # the first tick, now
+    assert len(scans) == 1
+    store.append_batch(batch(1))
+    relay.notify()
+    clock.advance(0)
+    assert len(connecting) == 1 and len(scans) == 1
+    other = SegmentWriter(qdir, "w1")
+    other.append_batch(batch(1))
+    relay.notify()
+    clock.advance(0)
+    assert len(connecting) == 1  # not seen yet
+    clock.advance(scheduler.TICK)
+    assert len(scans) == 2 and len(connecting) == 2
+    relay._stopping = True
+    other.close()
+    store.close()
+
+
 def test_owner_restart_does_not_truncate_a_live_writer(qdir):
     store = QueueStore.open(qdir)
     other = SegmentWriter(qdir, "w1")

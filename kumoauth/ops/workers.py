@@ -49,6 +49,7 @@ generation (certificate, key and policy are read again), not the file.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -85,6 +86,7 @@ from kumoauth.ops.listening import (
     install_signals,
 )
 from kumoauth.ops.threads import Serial
+from kumoauth.ops.worklog import LineReader, WorkerLog
 
 log = Logger(namespace="kumoauth.workers")
 
@@ -295,7 +297,8 @@ class WorkerProcess(protocol.ProcessProtocol):
         #: the configuration generation the worker last said it runs
         self.generation = 0
         self.started_at = 0.0
-        self._partial = b""
+        # stdout (1) and stderr (2), each with its own partial line
+        self._lines = {fd: LineReader(f"[worker {index}] ", log.observer, log) for fd in (1, 2)}
         self._control = Netstrings()
 
     def connectionMade(self) -> None:
@@ -315,15 +318,11 @@ class WorkerProcess(protocol.ProcessProtocol):
             for message in messages:
                 self.controlReceived(message)
             return
-        # The worker logs text lines to its stdout; they become ours.  The
-        # text is built here: a two-field format string costs the logger
-        # several times more per line (two lines per session).
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        prefix = f"[worker {self.index}] "
-        for line in lines:
-            if line.strip():
-                log.info("{text}", text=prefix + line.decode("utf-8", "replace"))
+        # The worker logs its events to its stdout (kumoauth.ops.worklog);
+        # they become ours, with the worker's time.
+        reader = self._lines.get(childFD)
+        if reader is not None:
+            reader.feed(data, self.supervisor.reactor.seconds)
 
     def controlReceived(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -718,7 +717,7 @@ def worker_main(argv: list[str] | None = None) -> None:
     supervisor, run the service, exit when it stops.
     """
     from twisted.internet import reactor, stdio
-    from twisted.logger import FileLogObserver, globalLogBeginner
+    from twisted.logger import globalLogBeginner
 
     from kumoauth.ops.service import make_service_from_config
     from kumoauth.tls.context import adopt_ticket_secret
@@ -726,9 +725,11 @@ def worker_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kumoauth.ops.workers")
     p.add_argument("--index", type=int, default=0)
     args = p.parse_args(argv)
-    # Lines for the supervisor, which adds its own timestamp.
-    observer = FileLogObserver(sys.stdout, _line)
+    # Lines for the supervisor, gathered (kumoauth.ops.worklog).
+    observer = WorkerLog(sys.stdout.fileno(), reactor)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
+    atexit.register(observer.flush)
     start = read_message(CONTROL_IN)
     if os.environ.get(MULTIPROC_ENV):
         # Metric files named after the worker index, not the pid (before
@@ -781,19 +782,6 @@ def worker_main(argv: list[str] | None = None) -> None:
     settle_when_running(reactor, top.process.slicer)
     reactor.callWhenRunning(lambda: reactor.callLater(0, ready))
     reactor.run()  # type: ignore[attr-defined]
-
-
-def _line(event: dict[str, Any]) -> str:
-    from twisted.logger import formatEvent
-
-    level = event.get("log_level")
-    text = (
-        f"[{event.get('log_namespace', '-')}#{level.name if level else '-'}] {formatEvent(event)}"
-    )
-    failure = event.get("log_failure")
-    if failure is not None:
-        text += "\n" + failure.getTraceback()
-    return text.replace("\n", "\n\t") + "\n"
 
 
 if __name__ == "__main__":

@@ -230,19 +230,26 @@ class Relay(service.Service):
 
     def notify(self) -> None:
         """
-        A message was just stored in this process: look now, not at the
-        next tick.
+        A message was just stored in this process (or a send ended): look
+        now, not at the next tick.  What this process stores is indexed as
+        it is stored, so this look skips the scan for other writers'
+        records; the tick does that.
         """
         if not self._kicked and not self._stopping:
             self._kicked = True
-            self.reactor.callLater(0, self.kick)
+            self.reactor.callLater(0, self.kick, False)
 
-    def kick(self) -> None:
+    def kick(self, scan: bool = True) -> None:
+        """
+        Start what is due; first, with *scan*, index what other writers
+        (workers) have appended since the last look.
+        """
         self._kicked = False
         if self._stopping:
             return
         try:
-            self.queue.scan_new()
+            if scan:
+                self.queue.scan_new()
             now = time.time()
             self.pool.expire(now, self.settings.config.idle_timeout)
             for entry in self.queue.due(now):

@@ -17,6 +17,7 @@ has them.
 
 from __future__ import annotations
 
+import queue
 import secrets
 import threading
 import time
@@ -179,6 +180,10 @@ class SpoolWriter:
     was being written goes out as the next batch, with one ``fdatasync``
     and one hand-back to the reactor.  Under load that replaces a thread
     round trip and a sync per message with one per batch.
+
+    The hand-over is a ``queue.SimpleQueue`` (C, one lock): the reactor's
+    ``put`` costs no Python-level condition variable, and the thread
+    sleeps in ``get`` while there is nothing to write.
     """
 
     #: most messages in one batch
@@ -187,16 +192,18 @@ class SpoolWriter:
     def __init__(self, appender: Appender, reactor: IReactorFromThreads) -> None:
         self.appender = appender
         self.reactor = reactor
-        self._queue: list[tuple[Message, defer.Deferred[str]]] = []
-        self._cond = threading.Condition()
-        self._stopping = False
+        # (message, its Deferred); None: stop once what came before is written
+        self._inbox: queue.SimpleQueue[tuple[Message, defer.Deferred[str]] | None]
+        self._inbox = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         #: called on the reactor thread with the ids of each stored batch
         self.on_stored: Any = None
 
     def start(self) -> None:
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="kumoauth-spool", daemon=True)
+        self._inbox = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, args=(self._inbox,), name="kumoauth-spool", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> defer.Deferred[None]:
@@ -205,12 +212,10 @@ class SpoolWriter:
         thread once it has ended (the join happens in a helper thread, so a
         slow disk never blocks the reactor).
         """
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
         thread, self._thread = self._thread, None
         if thread is None:
             return defer.succeed(None)
+        self._inbox.put(None)
         d: defer.Deferred[None] = defer.Deferred()
 
         def join() -> None:
@@ -221,24 +226,28 @@ class SpoolWriter:
         return d
 
     def store(self, message: Message) -> defer.Deferred[str]:
+        if self._thread is None:
+            return defer.fail(SpoolError("the spool writer is not running"))
         d: defer.Deferred[str] = defer.Deferred()
-        with self._cond:
-            if self._thread is None:
-                return defer.fail(SpoolError("the spool writer is not running"))
-            self._queue.append((message, d))
-            if len(self._queue) == 1:
-                self._cond.notify()
+        self._inbox.put((message, d))
         return d
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                batch = self._queue[: self.BATCH]
-                del self._queue[: self.BATCH]
+    def _run(self, inbox: queue.SimpleQueue[tuple[Message, defer.Deferred[str]] | None]) -> None:
+        stopping = False
+        while not stopping:
+            first = inbox.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.BATCH:
+                try:
+                    item = inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
             try:
                 results: list[Any] = _as_spool_results(
                     self.appender.append_batch([m for m, _ in batch])

@@ -1,0 +1,177 @@
+"""
+A worker's log lines on their way to the supervisor (kumoauth.ops.worklog):
+gathered in the worker, written at once when they matter, and logged by the
+supervisor with the time they happened at.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEventAsClassicLogText
+from twisted.python.failure import Failure
+
+from kumoauth.ops.worklog import FLUSH_AT, FLUSH_EVERY, LineReader, WorkerLog, worker_line
+
+
+class RunningClock(Clock):
+    running = True
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    fcntl.fcntl(r, fcntl.F_SETFL, os.O_NONBLOCK)
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)  # room for the big burst
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+def pending(fd: int) -> bytes:
+    try:
+        return os.read(fd, 1 << 20)
+    except BlockingIOError:
+        return b""
+
+
+def event(text: str, level: LogLevel = LogLevel.info, when: float = 1_700_000_000.25) -> dict:
+    return {
+        "log_format": "{text}",
+        "text": text,
+        "log_level": level,
+        "log_namespace": "kumoauth.auth",
+        "log_time": when,
+    }
+
+
+def test_info_lines_are_gathered_and_written_together(pipe):
+    r, w = pipe
+    clock = RunningClock()
+    out = WorkerLog(w, clock, in_io_thread=lambda: True)
+    out(event("AUTH PLAIN success authc=a"))
+    out(event("spooled x"))
+    assert pending(r) == b""
+    clock.advance(FLUSH_EVERY)
+    assert pending(r) == (
+        b"1700000000.250000 [kumoauth.auth#info] AUTH PLAIN success authc=a\n"
+        b"1700000000.250000 [kumoauth.auth#info] spooled x\n"
+    )
+    clock.advance(FLUSH_EVERY)
+    assert pending(r) == b"" and not clock.getDelayedCalls()
+
+
+def test_a_warning_goes_out_at_once_after_what_came_before(pipe):
+    r, w = pipe
+    clock = RunningClock()
+    out = WorkerLog(w, clock, in_io_thread=lambda: True)
+    out(event("first"))
+    out(event("store down", LogLevel.warn))
+    assert pending(r).decode().splitlines() == [
+        "1700000000.250000 [kumoauth.auth#info] first",
+        "1700000000.250000 [kumoauth.auth#warn] store down",
+    ]
+    clock.advance(FLUSH_EVERY)  # the timer finds nothing left
+    assert pending(r) == b""
+
+
+@pytest.mark.parametrize(
+    "running, io_thread", [(False, True), (True, False)], ids=["reactor not running", "a thread"]
+)
+def test_at_once_before_the_reactor_runs_and_from_other_threads(pipe, running, io_thread):
+    r, w = pipe
+    clock = Clock()
+    clock.running = running  # type: ignore[attr-defined]
+    out = WorkerLog(w, clock, in_io_thread=lambda: io_thread)
+    out(event("now"))
+    assert pending(r) == b"1700000000.250000 [kumoauth.auth#info] now\n"
+    assert not clock.getDelayedCalls()
+
+
+def test_flush_at_shutdown_writes_and_cancels_the_timer(pipe):
+    r, w = pipe
+    clock = RunningClock()
+    out = WorkerLog(w, clock, in_io_thread=lambda: True)
+    out(event("last words"))
+    out.flush()
+    assert pending(r).endswith(b"last words\n")
+    assert not clock.getDelayedCalls()
+
+
+def test_a_big_burst_is_written_without_waiting(pipe):
+    r, w = pipe
+    clock = RunningClock()
+    out = WorkerLog(w, clock, in_io_thread=lambda: True)
+    for i in range(1000):
+        out(event(f"line {i} " + "x" * 40))
+    assert len(pending(r)) >= FLUSH_AT
+
+
+def test_a_traceback_stays_one_event_through_the_pipe():
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = Failure()
+    e = event("bug handling a line", LogLevel.critical)
+    e["log_failure"] = failure
+    wire = worker_line(e).encode()
+    assert wire.count(b"\n\t") > 2  # continuation lines, as in the log
+    got: list[dict[str, Any]] = []
+    LineReader("[worker 0] ", got.append, Logger(namespace="kumoauth.workers")).feed(
+        wire, time.time
+    )
+    assert len(got) == 1
+    text = formatEventAsClassicLogText(got[0])
+    assert text is not None
+    assert "[worker 0] [kumoauth.auth#critical] bug handling a line\n\tTraceback" in text
+    assert "ValueError: boom" in text and "\n\t\t" not in text
+
+
+def test_the_supervisor_logs_a_line_with_the_workers_time():
+    got: list[dict[str, Any]] = []
+    reader = LineReader("[worker 1] ", got.append, Logger(namespace="kumoauth.workers"))
+    reader.feed(worker_line(event("AUTH ok", when=1_600_000_000.5)).encode(), lambda: 5.0)
+    reader.feed(b"Traceback written raw to stderr\n", lambda: 5.0)
+    reader.feed(b"nan not a time\n", lambda: 5.0)
+    assert [(e["log_time"], e["text"]) for e in got] == [
+        (1_600_000_000.5, "[worker 1] [kumoauth.auth#info] AUTH ok"),
+        (5.0, "[worker 1] Traceback written raw to stderr"),
+        (5.0, "[worker 1] nan not a time"),
+    ]
+    assert all(e["log_level"] == LogLevel.info for e in got)
+    assert all(e["log_namespace"] == "kumoauth.workers" for e in got)
+
+
+lines = st.lists(
+    st.tuples(
+        st.text(
+            st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"), max_size=30
+        ),
+        st.sampled_from([LogLevel.info, LogLevel.warn]),
+        st.floats(min_value=1e9, max_value=4e9),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines, st.data())
+def test_reads_split_anywhere_give_the_same_events(events, data):
+    wire = b"".join(worker_line(event(t, lvl, when)).encode() for t, lvl, when in events)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
+    got: list[dict[str, Any]] = []
+    reader = LineReader("", got.append, Logger(namespace="kumoauth.workers"))
+    last = 0
+    for cut in [*cuts, len(wire)]:
+        reader.feed(wire[last:cut], lambda: 0.0)
+        last = cut
+    want = [(float(f"{when:.6f}"), f"[kumoauth.auth#{lvl.name}] {t}") for t, lvl, when in events]
+    assert [(e["log_time"], e["text"]) for e in got] == want
