@@ -151,7 +151,7 @@ class Plain:
     def __init__(self, mid: str, data: bytes, sender: str = "a@example.com") -> None:
         self.id, self.data, self.sender, self.recipients = mid, data, sender, ["b@example.net"]
 
-    def snapshot(self) -> dict[str, object]:
+    def values_now(self) -> dict[str, object]:
         return {"authn_id": "scott"}
 
 
@@ -723,7 +723,7 @@ class M:
         self.recipients = ["b@example.net"]
         self.data = (mid * 40).encode()
 
-    def snapshot(self):
+    def values_now(self):
         return {"authn_id": "scott"}
 
 store = QueueStore.open(sys.argv[1])
@@ -795,6 +795,7 @@ def test_due_claims_and_recipient_status(qdir):
     assert b in [x.id for x in store.due(150.0)]
     entry = store.get(a)
     assert entry.rcpt_status() == {"b@example.net": "pending"}
+    assert entry.authn_id == "scott"  # indexed: no envelope read to relay as the user
     entry.set_rcpt("b@example.net", "failed")
     store.defer(a, attempts=2, next_attempt=200.0, error="x")
     store.done(c)
@@ -804,7 +805,7 @@ def test_due_claims_and_recipient_status(qdir):
     assert entry.rcpt_status() == {"b@example.net": "failed"} and entry.attempts == 2
     assert [x.id for x in store.due(150.0)] == [b, d, e]
     assert [x.id for x in store.due(250.0)] == [b, d, e, a]
-    assert entry.envelope["meta"] == {"authn_id": "scott"}
+    assert entry.envelope["meta"] == {"authn_id": "scott"} and entry.authn_id == "scott"
     assert abs(entry.arrival - time.time()) < 60
     assert entry.received_at.endswith("Z") and not entry.smtputf8
     store.close()

@@ -131,7 +131,9 @@ class Submission(Protocol):
     recipients: list[str]
     data: bytes
 
-    def snapshot(self) -> dict[str, Any]: ...
+    def values_now(self) -> dict[str, Any]:
+        """The meta to store (encoded at once: a shallow copy will do)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -153,6 +155,8 @@ class Entry:
     mail_from: str
     rcpt_to: tuple[str, ...]
     smtputf8: bool
+    #: ``meta.authn_id`` (the upstream identity with ``identity = "authz"``)
+    authn_id: str | None = None
     # state, from the journal
     attempts: int = 0
     next_attempt: float = 0.0
@@ -314,7 +318,13 @@ def _entry(seg_dir: Path, name: str, offset: int, header: Header, env: dict[str,
         mail_from=sys.intern(str(env.get("mail_from", ""))),
         rcpt_to=tuple(sys.intern(str(r)) for r in rcpts),
         smtputf8=bool(env.get("smtputf8")),
+        authn_id=_authn_id(env.get("meta")),
     )
+
+
+def _authn_id(meta: object) -> str | None:
+    authn = meta.get("authn_id") if isinstance(meta, dict) else None
+    return sys.intern(authn) if isinstance(authn, str) and authn else None
 
 
 def _scan_segment(
@@ -412,8 +422,18 @@ def _try_flock(path: Path) -> int | None:
     return fd
 
 
+_last_received: tuple[int, str] = (0, "")
+
+
 def _received_at() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Now, as ``received_at`` ("2026-01-02T03:04:05Z"); formatted once a second."""
+    global _last_received
+    now = int(time.time())
+    second, text = _last_received
+    if now != second:
+        text = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        _last_received = (now, text)
+    return text
 
 
 def _segments(seg_dir: Path) -> list[str]:
@@ -517,7 +537,7 @@ class SegmentWriter:
                 if mid in seen:
                     raise ValueError("duplicate id in batch")
                 seen.add(mid)
-                meta = message.snapshot()
+                meta = message.values_now()
                 data = bytes(message.data)
                 addresses = [message.sender, *message.recipients]
                 envelope = {

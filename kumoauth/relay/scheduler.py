@@ -288,8 +288,7 @@ class Relay(service.Service):
     def _identity(self, entry: Any) -> str | None:
         if self.settings.config.identity != "authz":
             return None
-        meta = entry.envelope.get("meta", {})
-        return meta.get("authn_id") or None
+        return entry.authn_id  # type: ignore[no-any-return]
 
     async def _send(self, entry: Any, identity: str | None, session: Any) -> None:
         settings = self.settings
@@ -512,13 +511,13 @@ class _Outgoing:
     """
 
     def __init__(self, entry: Any, recipients: list[str], data: bytes) -> None:
-        envelope = entry.envelope
+        # The index has what the envelope says about these (no disk read).
         self.id = entry.id
-        self.mail_from = envelope.get("mail_from", "")
+        self.mail_from = entry.mail_from
         self.rcpt_to = recipients
         self.data = data
         self.size = len(data)
-        self.smtputf8 = bool(envelope.get("smtputf8"))
+        self.smtputf8 = entry.smtputf8
         # The client looks at the bytes itself (BODY=8BITMIME if any is
         # 8-bit): no second scan of the message here.
         self.eightbit = False
