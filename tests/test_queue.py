@@ -622,16 +622,90 @@ def test_owner_restart_does_not_truncate_a_live_writer(qdir):
     other.append_batch(batch(2))
     store.close()
     (seg,) = segments(qdir)
-    # a batch being written right now: half a record
-    with open(seg, "ab") as f:
+    store = QueueStore.open(qdir)
+    end = max(e.body_offset + e.body_len for e in store.entries())
+    store.close()
+    # a batch being written right now, into the writer's zeros: half a record
+    with open(seg, "r+b") as f:
+        f.seek(end)
         f.write(b"".join(encode_record(b'{"id":"x"}', b"y" * 10))[:20])
     size = seg.stat().st_size
+    assert size > end + 20  # the zeros after it
     store = QueueStore.open(qdir)
     assert len(store) == 2 and seg.stat().st_size == size
+    store.close()
+    # the writer dies (no close: its zeros and the half record stay)
+    assert other._fd is not None
+    os.close(other._fd)
+    other._fd = None
+    store = QueueStore.open(qdir)  # now no one holds it: truncated
+    assert len(store) == 2 and seg.stat().st_size == end
+    store.close()
+
+
+def test_a_segment_ends_with_its_last_record_once_its_writer_closes_it(qdir):
+    """
+    A writer fills space with zeros before its records go there; a segment
+    it has closed (or rotated away from) has none left, so compaction and
+    readers see exactly the records.
+    """
+    writer = SegmentWriter(qdir, "w1")
+    writer.create()
+    writer.append_batch(batch(1))
+    (seg,) = segments(qdir)
+    size = seg.stat().st_size
+    assert size >= q.ZERO_AHEAD
+    writer.append_batch(batch(1))
+    writer.append_batch(batch(1))
+    assert seg.stat().st_size == size  # records overwrite zeros: no size change to sync
+    writer.close()
+    data = seg.read_bytes()
+    records, valid = q.decode_records(data)
+    assert len(records) == 3 and valid == len(data)
+
+
+def test_a_record_half_written_into_the_zeros_waits_for_the_next_scan(qdir):
+    """
+    The file size no longer tells where a writer is: a record whose header
+    and envelope are there but whose body is still being written is not
+    indexed (its checksum fails) until it is whole.
+    """
+    store = QueueStore.open(qdir)
+    other = SegmentWriter(qdir, "w1")
+    first = [r[0] for r in other.append_batch(batch(2))]  # type: ignore[index]
+    assert sorted(e.id for e in store.scan_new()) == sorted(first)
+    (seg,) = segments(qdir)
+    end = max(store.get(m).body_offset + store.get(m).body_len for m in first)
+    mid = new_id()
+    env = {"id": mid, "mail_from": "a@x", "rcpt_to": ["b@y"], "meta": {}, "size": 400}
+    record = b"".join(encode_record(encode_envelope(env), b"z" * 400, q.FIRST))
+    with open(seg, "r+b") as f:
+        f.seek(end)
+        f.write(record[:-100])  # the last 100 bytes of the body: still zeros
+    assert store.scan_new() == []
+    with open(seg, "r+b") as f:
+        f.seek(end + len(record) - 100)
+        f.write(record[-100:])
+    assert [e.id for e in store.scan_new()] == [mid]
+    assert store.read_message(mid) == b"z" * 400
     other.close()
     store.close()
-    store = QueueStore.open(qdir)  # now no one holds it: truncated
-    assert len(store) == 2 and seg.stat().st_size == size - 20
+
+
+def test_compaction_removes_a_dead_writers_segment_with_its_zeros(qdir):
+    store = QueueStore.open(qdir)
+    other = SegmentWriter(qdir, "w1")
+    ids = [r[0] for r in other.append_batch(batch(2))]  # type: ignore[index]
+    assert sorted(e.id for e in store.scan_new()) == sorted(ids)
+    for mid in ids:
+        store.done(mid)
+    assert other._fd is not None  # the writer dies: its zeros stay
+    os.close(other._fd)
+    other._fd = None
+    (seg,) = segments(qdir)
+    assert seg.stat().st_size > q.ZERO_AHEAD
+    removed, _ = store.compact()
+    assert removed == [seg.name] and not seg.exists()
     store.close()
 
 

@@ -79,6 +79,10 @@ FIRST = 1  # flag: first record of a batch
 
 #: a writer starts a new segment once its current one is this big
 SEGMENT_MAX = 64 * 1024 * 1024
+#: a writer keeps at least this much zero-filled space written ahead of its
+#: records (see :meth:`SegmentWriter._zero_ahead`)
+ZERO_AHEAD = 1024 * 1024
+_ZEROS = bytes(ZERO_AHEAD)
 #: an envelope larger than this is corruption, not data
 MAX_ENVELOPE = 16 * 1024 * 1024
 #: a body larger than this is corruption, not data
@@ -405,6 +409,24 @@ def _write_all(fd: int, buffers: list[bytes]) -> None:
                 n = 0
 
 
+def _pwrite_all(fd: int, buffers: list[bytes], offset: int) -> None:
+    """
+    Write *buffers* in order at *offset* (``pwritev``, short writes resumed).
+    """
+    views = [memoryview(b) for b in buffers if b]
+    i = 0
+    while i < len(views):
+        n = os.pwritev(fd, views[i : i + _IOV_MAX], offset)
+        offset += n
+        while n > 0:
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+
+
 def _try_flock(path: Path) -> int | None:
     """
     Open *path* and take ``LOCK_EX`` without waiting: the fd, or None if
@@ -476,7 +498,8 @@ class SegmentWriter:
         self.writer = writer
         self._fd: int | None = None
         self._name: str | None = None
-        self._size = 0
+        self._size = 0  # where the next record goes
+        self._zeroed = 0  # the file's size: zeros from _size to here
         self._last_seq = 0
         self._lock = threading.Lock()
 
@@ -493,7 +516,7 @@ class SegmentWriter:
         self._last_seq = seq
         name = f"{self.writer}-{seq:016x}{SEG_SUFFIX}"
         tmp = self.seg_dir / f".{name}{NEW_SUFFIX}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
             # Locked before it has its real name: the owner never mistakes
             # a segment being created for a dead one.
@@ -505,13 +528,34 @@ class SegmentWriter:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        self._fd, self._name, self._size = fd, name, 0
+        self._fd, self._name, self._size, self._zeroed = fd, name, 0, 0
 
     def _abandon(self) -> None:
         fd, self._fd, self._name = self._fd, None, None
         if fd is not None:
+            # A segment no writer holds ends with its last record: cut the
+            # zeros (if this fails, recovery or compaction cuts them).
+            with contextlib.suppress(OSError):
+                if self._zeroed > self._size:
+                    os.ftruncate(fd, self._size)
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    def _zero_ahead(self, fd: int, end: int) -> None:
+        """
+        Make the file at least *end* bytes long, plus :data:`ZERO_AHEAD`, by
+        writing zeros.  Records then overwrite space the file already has:
+        their ``fdatasync`` has no file size or block allocation to record,
+        only the data (PostgreSQL fills its WAL segments with zeros first
+        for the same reason).  The batch that extends syncs the zeros too,
+        once per :data:`ZERO_AHEAD` of records.
+        """
+        target = end + ZERO_AHEAD
+        o = self._zeroed
+        while o < target:
+            n = min(target - o, len(_ZEROS))
+            o += os.pwrite(fd, memoryview(_ZEROS)[:n], o)
+        self._zeroed = o
 
     def close(self) -> None:
         with self._lock:
@@ -556,6 +600,7 @@ class SegmentWriter:
                 results.append(QueueError(f"cannot queue {mid}: {e}"))
         if not encoded:
             return results
+        acknowledged: int | None = None
         try:
             if self._fd is None or self._size >= SEGMENT_MAX:
                 self._abandon()
@@ -572,7 +617,9 @@ class SegmentWriter:
                 buffers += (_header(env, len(body), crc, flags), env, body)
                 placed.append((o, Header(flags, len(env), len(body), crc, 0)))
                 o += HEADER_SIZE + len(env) + len(body)
-            _write_all(fd, buffers)
+            if o > self._zeroed:
+                self._zero_ahead(fd, o)
+            _pwrite_all(fd, buffers, acknowledged)
             self._size = o
             os.fdatasync(fd)
         except OSError as e:
@@ -580,9 +627,11 @@ class SegmentWriter:
             # back to what was acknowledged (a full disk gets its space
             # back) and never append to it again (recovery truncates what
             # a failed cut leaves).
-            if self._fd is not None:
-                with contextlib.suppress(OSError, UnboundLocalError):
+            if self._fd is not None and acknowledged is not None:
+                self._size = acknowledged  # _abandon cuts here if this fails
+                with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, acknowledged)
+                    self._zeroed = acknowledged
             self._abandon()
             reason = e.strerror or str(e)
             for i, *_ in encoded:
@@ -920,8 +969,12 @@ class QueueStore:
                 continue
             try:
                 with open(path, "rb", buffering=1 << 20) as f:
+                    # A writer may be writing the last batch right now, into
+                    # space it has already filled with zeros (the file size
+                    # says nothing): its bodies are checksummed, and a record
+                    # not all there yet waits for the next scan.
                     scan = _scan_segment(
-                        f, self.seg_dir, name, scanned, size, check_last_batch=False
+                        f, self.seg_dir, name, scanned, size, check_last_batch=True
                     )
             except FileNotFoundError:
                 continue
@@ -1095,7 +1148,7 @@ class QueueStore:
             if fd is None:
                 continue  # a live writer's current segment
             try:
-                if os.fstat(fd).st_size > info.scanned:
+                if os.fstat(fd).st_size > info.scanned and not self._only_a_tail(fd, name, info):
                     continue  # records we have not indexed yet
                 os.unlink(path)
             finally:
@@ -1119,6 +1172,17 @@ class QueueStore:
         return removed, rewrite
 
     @_locked
+    def _only_a_tail(self, fd: int, name: str, info: _SegInfo) -> bool:
+        """
+        True if what segment *name* (*fd*, locked by us: no writer) holds
+        past what is indexed is no record: a writer's zeros, or a batch it
+        never finished, left by a writer that died.
+        """
+        size = os.fstat(fd).st_size
+        with open(os.dup(fd), "rb", buffering=1 << 20) as f:
+            scan = _scan_segment(f, self.seg_dir, name, info.scanned, size, check_last_batch=True)
+        return not scan.entries
+
     def rewrite_journal(self) -> None:
         """Rewrite the journal now (what :meth:`compact` does when it is worth it)."""
         self.flush()
