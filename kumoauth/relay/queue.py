@@ -543,18 +543,22 @@ class SegmentWriter:
 
     def _zero_ahead(self, fd: int, end: int) -> None:
         """
-        Make the file at least *end* bytes long, plus :data:`ZERO_AHEAD`, by
-        writing zeros.  Records then overwrite space the file already has:
-        their ``fdatasync`` has no file size or block allocation to record,
-        only the data (PostgreSQL fills its WAL segments with zeros first
-        for the same reason).  The batch that extends syncs the zeros too,
-        once per :data:`ZERO_AHEAD` of records.
+        Fill the :data:`ZERO_AHEAD` bytes after *end* (the file's end, just
+        written) with zeros, synced with the batch that made the file
+        longer.  The next batches' records overwrite space the file already
+        has: their ``fdatasync`` has no file size or block allocation to
+        record, only the data (PostgreSQL fills its WAL segments with zeros
+        first for the same reason).  A disk too full for the zeros keeps
+        the records and does without (the zeros are cut back).
         """
-        target = end + ZERO_AHEAD
-        o = self._zeroed
-        while o < target:
-            n = min(target - o, len(_ZEROS))
-            o += os.pwrite(fd, memoryview(_ZEROS)[:n], o)
+        o = end
+        try:
+            while o < end + ZERO_AHEAD:
+                o += os.pwrite(fd, memoryview(_ZEROS)[: end + ZERO_AHEAD - o], o)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            o = end
         self._zeroed = o
 
     def close(self) -> None:
@@ -617,10 +621,10 @@ class SegmentWriter:
                 buffers += (_header(env, len(body), crc, flags), env, body)
                 placed.append((o, Header(flags, len(env), len(body), crc, 0)))
                 o += HEADER_SIZE + len(env) + len(body)
-            if o > self._zeroed:
-                self._zero_ahead(fd, o)
             _pwrite_all(fd, buffers, acknowledged)
             self._size = o
+            if o > self._zeroed:  # the records made the file longer
+                self._zero_ahead(fd, o)
             os.fdatasync(fd)
         except OSError as e:
             # The segment may now end in a torn or unsynced batch: cut it
