@@ -30,6 +30,10 @@ is a 32-byte header, the envelope (UTF-8 JSON) and the message bytes::
 
 ``header_crc`` covers the 28 bytes before it, ``env_crc`` the envelope,
 ``body_crc`` the message.  Flag ``FIRST`` marks the first record of a batch.
+A writer keeps :data:`ZERO_AHEAD` bytes of zeros after its last record and
+writes over them, so the file size does not say where the records end: a
+reader stops at the first header that does not check (zeros never do).  A
+segment its writer has closed ends with its last record.
 :meth:`SegmentWriter.append_batch` writes a whole batch and does **one**
 ``fdatasync`` for it (plus one directory fsync when it has just created the
 segment); a message is acknowledged only after that.  A failed write or
