@@ -762,3 +762,50 @@ def test_reply_parsing_examples():
     for bad in (b"25 x\r\n", b"250-a\r\n251 b\r\n", b"abc\r\n", b"250-a\r\n", b"250 a"):
         with pytest.raises(ReplyError):
             parse_replies(bad)
+
+
+def test_one_reply_timer_per_session_and_each_reply_gets_its_full_time():
+    """
+    The reply awaited first must come within its timeout of becoming first;
+    the session keeps one DelayedCall for that, not one per command.
+    """
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from kumoauth.relay.client import _ClientProtocol
+
+    class Counting(Clock):
+        armed = 0
+
+        def callLater(self, *args: Any, **kw: Any) -> Any:
+            self.armed += 1
+            return super().callLater(*args, **kw)
+
+    clock = Counting()
+    proto = _ClientProtocol(clock)
+    proto.makeConnection(StringTransport())
+    greeting = proto.expect("the greeting", 10)
+    proto.dataReceived(b"220 up\r\n")
+    assert greeting.called
+    for _ in range(20):  # twenty messages' pipelined groups, answered at once
+        group = proto.commands([(b"MAIL FROM:<a@x>", "MAIL"), (b"DATA", "DATA")], 10)
+        clock.advance(0.01)
+        proto.dataReceived(b"250 ok\r\n354 go\r\n")
+        assert all(d.called for d in group)
+    assert clock.armed == 1 and len(clock.getDelayedCalls()) == 1
+    # A slow first reply does not shorten the time the next one gets.
+    first, second = proto.commands([(b"MAIL FROM:<a@x>", "MAIL"), (b"DATA", "DATA")], 10)
+    clock.advance(6)
+    proto.dataReceived(b"250 ok\r\n")
+    clock.advance(6)  # 12 s since the commands, 6 since DATA became first
+    assert first.called and not second.called and proto.error is None
+    proto.dataReceived(b"354 go\r\n")
+    assert second.called
+    failed: list[Exception] = []
+    late = proto.expect("the end of data", 10)
+    late.addErrback(lambda f: failed.append(f.value))
+    clock.advance(9.9)
+    assert not failed
+    clock.advance(0.2)
+    assert failed and "timeout: no reply to the end of data" in str(failed[0])
+    assert not clock.getDelayedCalls()

@@ -505,7 +505,12 @@ class _ClientProtocol(TwistedProtocol):
         self._buffer = bytearray()
         self._parser = ReplyParser()
         self._waiters: deque[_Waiter] = deque()
+        # One timer per session, not one per reply: the reply awaited first
+        # must come by _deadline; the timer, when it fires, re-arms itself
+        # for what is left (None: no reply awaited).
         self._timer: IDelayedCall | None = None
+        self._deadline: float | None = None
+        self._timed: _Waiter | None = None
         self.error: UpstreamError | None = None
         self.connected_ = False
         self.tls_started = False
@@ -590,7 +595,7 @@ class _ClientProtocol(TwistedProtocol):
             d.errback(self.error)
             return d
         self._waiters.append(_Waiter(d, what, timeout, before_tls))
-        if self._timer is None:
+        if self._deadline is None:
             self._start_timer()
         return d
 
@@ -631,7 +636,7 @@ class _ClientProtocol(TwistedProtocol):
             waiter.deferred.errback(err)
 
     def _deliver(self, reply: Reply) -> None:
-        self._cancel_timer()
+        self._deadline = self._timed = None  # the timer stays armed, for the next
         if not self._waiters:
             if reply.code == 421:
                 self.fail(UpstreamError(f"upstream closing the session: {reply}"))
@@ -652,9 +657,25 @@ class _ClientProtocol(TwistedProtocol):
 
     def _start_timer(self) -> None:
         waiter = self._waiters[0]
-        self._timer = self._reactor.callLater(waiter.timeout, self._timed_out, waiter)
+        self._deadline, self._timed = self._reactor.seconds() + waiter.timeout, waiter
+        timer = self._timer
+        if timer is None or not timer.active():
+            self._timer = self._reactor.callLater(waiter.timeout, self._check_deadline)
+        elif timer.getTime() > self._deadline:
+            timer.reset(waiter.timeout)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self._deadline is None or self._timed is None:
+            return  # nothing awaited: the next command arms it again
+        left = self._deadline - self._reactor.seconds()
+        if left > 0:
+            self._timer = self._reactor.callLater(left, self._check_deadline)
+            return
+        self._timed_out(self._timed)
 
     def _cancel_timer(self) -> None:
+        self._deadline = self._timed = None
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()
