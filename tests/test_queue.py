@@ -583,6 +583,7 @@ def test_the_relay_scans_for_other_writers_on_its_tick_not_per_message(qdir):
     from twisted.internet.task import Clock
 
     from kumoauth.config import RelayConfig
+    from kumoauth.ops.metrics import Metrics
     from kumoauth.relay import scheduler
 
     store = QueueStore.open(qdir)
@@ -597,7 +598,7 @@ def test_the_relay_scans_for_other_writers_on_its_tick_not_per_message(qdir):
 
     clock = Clock()
     settings = scheduler.RelaySettings(RelayConfig(host="127.0.0.1"), "kumoauth.test")
-    relay = scheduler.Relay(store, settings, clock, None, connect, None, None)  # type: ignore[arg-type]
+    relay = scheduler.Relay(store, settings, clock, Metrics(), connect, None, None)  # type: ignore[arg-type]
     relay.startService()  # the first tick, now
     assert len(scans) == 1
     store.append_batch(batch(1))
@@ -611,6 +612,13 @@ def test_the_relay_scans_for_other_writers_on_its_tick_not_per_message(qdir):
     assert len(connecting) == 1  # not seen yet
     clock.advance(scheduler.TICK)
     assert len(scans) == 2 and len(connecting) == 2
+    # A send that ends looks for other writers' records too (a busy relay
+    # does not wait for the tick), at most every RESCAN_AFTER.
+    other.append_batch(batch(1))
+    clock.advance(scheduler.RESCAN_AFTER)
+    connecting[0].errback(ConnectionRefusedError("refused"))
+    clock.advance(0)
+    assert len(scans) == 3 and len(connecting) == 3
     relay._stopping = True
     other.close()
     store.close()
@@ -683,6 +691,10 @@ def test_a_record_half_written_into_the_zeros_waits_for_the_next_scan(qdir):
         f.seek(end)
         f.write(record[:-100])  # the last 100 bytes of the body: still zeros
     assert store.scan_new() == []
+    assert sorted(QueueReader(qdir).ids()) == sorted(first)  # the lock-free reader too
+    store.close()
+    store = QueueStore.open(qdir)  # recovery, with the writer alive: not indexed, not cut
+    assert store.ids() == sorted(first) and seg.stat().st_size > end + len(record)
     with open(seg, "r+b") as f:
         f.seek(end + len(record) - 100)
         f.write(record[-100:])

@@ -801,6 +801,11 @@ def test_one_reply_timer_per_session_and_each_reply_gets_its_full_time():
     assert first.called and not second.called and proto.error is None
     proto.dataReceived(b"354 go\r\n")
     assert second.called
+    # A short timeout after a long one: the armed timer is brought forward.
+    slow = proto.expect("the long one", 300)
+    clock.advance(20)  # the timer now waits for the long one's deadline
+    proto.dataReceived(b"250 ok\r\n")
+    assert slow.called and clock.getDelayedCalls()[0].getTime() > clock.seconds() + 250
     failed: list[Exception] = []
     late = proto.expect("the end of data", 10)
     late.addErrback(lambda f: failed.append(f.value))

@@ -38,6 +38,7 @@ from kumoauth.ops.workers import (
     read_message,
     worker_config,
 )
+from kumoauth.relay.queue import QueueStore, decode_records
 from kumoauth.storage.spool import Spool
 from tests.server import (
     Server,
@@ -127,6 +128,15 @@ def test_two_workers(tmp_path):
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(20) == 0
         assert not any(Path(f"/proc/{pid}").exists() for pid in new)
+        # A worker that stopped cleanly cut its segment back to its last
+        # record; the killed one left its zeros, which recovery cuts.
+        segs = sorted((srv.spool / "seg").glob("*.q"))
+        tails = [p.stat().st_size - decode_records(p.read_bytes())[1] for p in segs]
+        assert len(segs) >= 2 and sum(t > 0 for t in tails) == 1, tails
+        store = QueueStore.open(srv.spool)
+        assert set(ids) <= set(store.ids())
+        store.close()
+        assert all(p.stat().st_size == decode_records(p.read_bytes())[1] for p in segs)
 
 
 # --- configuration generations ----------------------------------------------------

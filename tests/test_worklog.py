@@ -122,11 +122,12 @@ def test_a_traceback_stays_one_event_through_the_pipe():
     e = event("bug handling a line", LogLevel.critical)
     e["log_failure"] = failure
     wire = worker_line(e).encode()
-    assert wire.count(b"\n\t") > 2  # continuation lines, as in the log
+    assert wire.count(b"\n") == 1  # one line on the wire, whatever the event holds
     got: list[dict[str, Any]] = []
-    LineReader("[worker 0] ", got.append, Logger(namespace="kumoauth.workers")).feed(
-        wire, time.time
-    )
+    reader = LineReader("[worker 0] ", got.append, Logger(namespace="kumoauth.workers"))
+    half = wire.index(b"Traceback")
+    reader.feed(wire[:half], time.time)  # a read may end anywhere
+    reader.feed(wire[half:], time.time)
     assert len(got) == 1
     text = formatEventAsClassicLogText(got[0])
     assert text is not None
@@ -140,10 +141,12 @@ def test_the_supervisor_logs_a_line_with_the_workers_time():
     reader.feed(worker_line(event("AUTH ok", when=1_600_000_000.5)).encode(), lambda: 5.0)
     reader.feed(b"Traceback written raw to stderr\n", lambda: 5.0)
     reader.feed(b"nan not a time\n", lambda: 5.0)
+    reader.feed(b"3 errors\n", lambda: 5.0)
     assert [(e["log_time"], e["text"]) for e in got] == [
         (1_600_000_000.5, "[worker 1] [kumoauth.auth#info] AUTH ok"),
         (5.0, "[worker 1] Traceback written raw to stderr"),
         (5.0, "[worker 1] nan not a time"),
+        (5.0, "[worker 1] 3 errors"),
     ]
     assert all(e["log_level"] == LogLevel.info for e in got)
     assert all(e["log_namespace"] == "kumoauth.workers" for e in got)
@@ -151,9 +154,7 @@ def test_the_supervisor_logs_a_line_with_the_workers_time():
 
 lines = st.lists(
     st.tuples(
-        st.text(
-            st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"), max_size=30
-        ),
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=30),
         st.sampled_from([LogLevel.info, LogLevel.warn]),
         st.floats(min_value=1e9, max_value=4e9),
     ),
@@ -173,5 +174,46 @@ def test_reads_split_anywhere_give_the_same_events(events, data):
     for cut in [*cuts, len(wire)]:
         reader.feed(wire[last:cut], lambda: 0.0)
         last = cut
-    want = [(float(f"{when:.6f}"), f"[kumoauth.auth#{lvl.name}] {t}") for t, lvl, when in events]
+    # Whatever the text holds (line ends, backslashes, a forged time after
+    # a line end), each event arrives whole, once, with its own time.
+    want = [
+        (float(f"{when:.6f}"), f"[kumoauth.auth#{lvl.name}] {t}".rstrip("\n"))
+        for t, lvl, when in events
+    ]
     assert [(e["log_time"], e["text"]) for e in got] == want
+
+
+def test_a_line_logged_while_it_writes_waits_its_turn_and_nothing_deadlocks(pipe):
+    """
+    A signal handler or a garbage collection can log from inside the
+    observer (while it writes, or while it arms its timer): the nested
+    line is kept, after what was being written, and nothing blocks.
+    """
+    r, w = pipe
+
+    class Nesting(RunningClock):
+        def callLater(self, *args: Any, **kw: Any) -> Any:
+            out(event("logged while arming"))
+            return super().callLater(*args, **kw)
+
+    clock = Nesting()
+    out = WorkerLog(w, clock, in_io_thread=lambda: True)
+    nested = []
+    real_write = out._write
+
+    def write(data: bytes) -> None:
+        if not nested:
+            nested.append(1)
+            out(event("logged while writing", LogLevel.warn))
+        real_write(data)
+
+    out._write = write  # type: ignore[method-assign]
+    out(event("first"))  # arms the timer, which logs
+    clock.advance(FLUSH_EVERY)  # writes, which logs a warning
+    assert [line.split(" ", 1)[1] for line in pending(r).decode().splitlines()] == [
+        "[kumoauth.auth#info] first",
+        "[kumoauth.auth#info] logged while arming",
+        "[kumoauth.auth#warn] logged while writing",
+    ]
+    clock.advance(FLUSH_EVERY)
+    assert pending(r) == b""

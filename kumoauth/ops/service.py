@@ -338,7 +338,7 @@ def make_service_from_config(
         appender: Any = queue
     else:
         appender = worker_segments(cfg, writer_id)
-    writer = SpoolWriter(appender, reactor)
+    writer = SpoolWriter(appender, reactor, close_appender=adopt is not None)
     checker_pool = BlockingPool(
         reactor,
         threads=cfg.auth.threads,

@@ -10,15 +10,16 @@ worse, off the reactor thread, before the reactor runs and after it stops.
 Each line carries the time of its event, and the supervisor logs it with
 that time: a gathered line keeps the time it happened at.
 
-Wire format, one event per line (continuation lines of a traceback start
-with a tab, as in the log itself)::
+Wire format: one event per line, whatever it holds (a traceback's line
+ends and backslashes are escaped, so no text can start a line of its own)::
 
-    <event time, seconds since the epoch> <space> [namespace#level] text
+    <event time: seconds since the epoch, 6 decimals> <space> [namespace#level] text
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -33,11 +34,14 @@ FLUSH_EVERY = 0.05
 FLUSH_AT = 64 * 1024
 
 _QUIET = frozenset({LogLevel.debug, LogLevel.info})
+_STAMP = re.compile(rb"(\d{9,11}\.\d{6}) ")
+_ESCAPED = re.compile(r"\\(.)")
 
 
 def worker_line(event: dict[str, Any]) -> str:
     """
-    The wire form of *event*: its time, ``[namespace#level]`` and text.
+    The wire form of *event*: its time, ``[namespace#level]`` and text, on
+    one line.
     """
     level = event.get("log_level")
     namespace = event.get("log_namespace", "-")
@@ -46,15 +50,25 @@ def worker_line(event: dict[str, Any]) -> str:
     if failure is not None:
         text += "\n" + failure.getTraceback()
     when = event.get("log_time")
-    if not isinstance(when, (int, float)):
+    if not isinstance(when, (int, float)) or not 0 < when < 1e11:
         when = 0.0
-    return f"{when:.6f} " + text.replace("\n", "\n\t") + "\n"
+    text = text.rstrip("\n").replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    return f"{when:.6f} {text}\n"
+
+
+def _unescape(text: str) -> str:
+    return _ESCAPED.sub(lambda m: {"n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), text)
 
 
 @implementer(ILogObserver)
 class WorkerLog:
     """
     The worker's log observer: gathers lines and writes them to *fd*.
+
+    It may be called from any thread, and again from inside itself (a
+    signal handler or a garbage collection that logs while it writes):
+    the lock is never held while it writes or arms its timer, and one call
+    at a time writes (others leave their line to it).
     """
 
     def __init__(
@@ -70,48 +84,81 @@ class WorkerLog:
         self._in_io_thread = in_io_thread
         self._lines: list[str] = []
         self._size = 0
+        self._armed = False  # a timer will write what is gathered
         self._timer: Any = None
+        self._writing = False  # a call is writing: it takes what is added meanwhile
         self._lock = threading.Lock()
 
     def __call__(self, event: dict[str, Any]) -> None:
         line = worker_line(event)
+        at_once = (
+            event.get("log_level") not in _QUIET
+            or not getattr(self.reactor, "running", False)
+            or not self._in_io_thread()
+        )
         with self._lock:
             self._lines.append(line)
             self._size += len(line)
-            at_once = (
-                event.get("log_level") not in _QUIET
-                or self._size >= FLUSH_AT
-                or not getattr(self.reactor, "running", False)
-                or not self._in_io_thread()
-            )
-            if at_once:
-                self._write_locked()
+            if self._writing:
                 return
-            if self._timer is None:
-                self._timer = self.reactor.callLater(self.every, self._tick)
+            if not at_once and self._size < FLUSH_AT:
+                if self._armed:
+                    return
+                self._armed = True
+                arm = True
+            else:
+                self._writing = True
+                arm = False
+        if arm:
+            self._timer = self.reactor.callLater(self.every, self._tick)
+        else:
+            self._drain()
 
     def _tick(self) -> None:
-        with self._lock:
-            self._timer = None
-            self._write_locked()
+        self._timer = None
+        self._armed = False
+        self._write_gathered()
 
     def flush(self) -> None:
         """Write what is gathered now (at shutdown)."""
-        with self._lock:
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-            self._write_locked()
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._armed = False
+        self._write_gathered()
 
-    def _write_locked(self) -> None:
-        if not self._lines:
-            return
-        data = memoryview("".join(self._lines).encode("utf-8", "replace"))
-        self._lines.clear()
-        self._size = 0
+    def _write_gathered(self) -> None:
+        with self._lock:
+            if self._writing or not self._lines:
+                return
+            self._writing = True
+        self._drain()
+
+    def _drain(self) -> None:
+        """Write until nothing is gathered (``_writing`` is ours)."""
         try:
-            while data:
-                data = data[os.write(self.fd, data) :]
+            while True:
+                with self._lock:
+                    if not self._lines:
+                        # Given up in the same hold of the lock that saw the
+                        # buffer empty: a line added after it is written by
+                        # whoever added it.
+                        self._writing = False
+                        return
+                    text = "".join(self._lines)
+                    self._lines.clear()
+                    self._size = 0
+                self._write(text.encode("utf-8", "replace"))
+        except BaseException:
+            with self._lock:
+                self._writing = False
+            raise
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
         except OSError:
             pass  # the supervisor is gone: nobody to tell
 
@@ -119,7 +166,9 @@ class WorkerLog:
 class LineReader:
     """
     The supervisor's side: split a worker's output into events and publish
-    each (with the time the worker gave it) to *observer*, prefixed.
+    each (with the time the worker gave it) to *observer*, prefixed.  A
+    line without a time (something written to the worker's stderr) is
+    published with the time it arrived.
     """
 
     def __init__(
@@ -133,25 +182,18 @@ class LineReader:
     def feed(self, data: bytes, now: Callable[[], float]) -> None:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
-        # A traceback's continuation lines (a tab first) belong to the
-        # event before them.
-        events: list[list[bytes]] = []
         for line in lines:
-            if line.startswith(b"\t") and events:
-                events[-1].append(line[1:])  # the log adds the tab back
-            elif line.strip():
-                events.append([line.removeprefix(b"\t")])
-        for parts in events:
-            self._publish(b"\n".join(parts).decode("utf-8", "replace"), now)
+            if line.strip():
+                self._publish(line, now)
 
-    def _publish(self, line: str, now: Callable[[], float]) -> None:
-        stamp, _, text = line.partition(" ")
-        try:
-            when = float(stamp)
-        except ValueError:
-            when = 0.0
-        if not 0 < when < 1e11:  # not one of ours (a raw line on stderr)
-            when, text = now(), line
+    def _publish(self, line: bytes, now: Callable[[], float]) -> None:
+        stamped = _STAMP.match(line)
+        if stamped is not None:
+            when = float(stamped.group(1))
+            text = _unescape(line[stamped.end() :].decode("utf-8", "replace"))
+        else:
+            when = now()
+            text = line.decode("utf-8", "replace")
         self.observer(
             {
                 "log_format": "{text}",

@@ -431,6 +431,15 @@ def _pwrite_all(fd: int, buffers: list[bytes], offset: int) -> None:
                 n = 0
 
 
+def _header_at(path: Path, offset: int) -> bool:
+    """True if a valid record header starts at *offset* of *path*."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return decode_header(os.pread(fd, HEADER_SIZE, offset)) is not None
+    finally:
+        os.close(fd)
+
+
 def _try_flock(path: Path) -> int | None:
     """
     Open *path* and take ``LOCK_EX`` without waiting: the fd, or None if
@@ -778,7 +787,11 @@ class QueueStore:
         try:
             with open(path, "rb", buffering=1 << 20) as f:
                 size = os.fstat(f.fileno()).st_size
-                scan = _scan_segment(f, self.seg_dir, name, 0, size, check_last_batch=dead)
+                # The last batch's bodies are checked whether or not a
+                # writer holds the segment: a live writer may be writing it
+                # into its zeros right now (then it is indexed later, by
+                # scan_new); a dead one's is cut below.
+                scan = _scan_segment(f, self.seg_dir, name, 0, size, check_last_batch=True)
             if dead and not scan.clean:
                 # A torn tail no writer will complete: it was never
                 # acknowledged (its batch's fdatasync did not return).
@@ -962,7 +975,9 @@ class QueueStore:
         """
         Index the records appended since the last scan, by any writer
         (this process's own appends are indexed already).  Cheap when
-        nothing changed: a directory listing and a stat per segment.
+        nothing changed: a directory listing and a stat per segment, and
+        for a segment with zeros after its last record (a writer's current
+        one), a read of the 32 bytes there.
         """
         new: list[Entry] = []
         for name in _segments(self.seg_dir):
@@ -971,9 +986,9 @@ class QueueStore:
             path = self.seg_dir / name
             try:
                 size = os.stat(path).st_size
+                if size <= scanned or not _header_at(path, scanned):
+                    continue
             except FileNotFoundError:
-                continue
-            if size <= scanned:
                 continue
             try:
                 with open(path, "rb", buffering=1 << 20) as f:
@@ -1391,7 +1406,7 @@ class QueueReader:
             try:
                 with open(self.seg_dir / name, "rb", buffering=1 << 20) as f:
                     size = os.fstat(f.fileno()).st_size
-                    scan = _scan_segment(f, self.seg_dir, name, 0, size, check_last_batch=False)
+                    scan = _scan_segment(f, self.seg_dir, name, 0, size, check_last_batch=True)
             except FileNotFoundError:
                 continue
             for e in scan.entries:

@@ -45,6 +45,9 @@ READ_INLINE = 256 * 1024
 #: seconds between looks at the queue for messages other processes stored
 #: (workers) and for retries that came due
 TICK = 0.5
+#: after a send ends, other writers' records are looked for if the last
+#: look is this old (seconds)
+RESCAN_AFTER = 0.05
 #: seconds a stop waits for the messages being sent; then their sessions
 #: are dropped and they stay queued (sent again later: at-least-once)
 STOP_WITHIN = 5.0
@@ -172,6 +175,8 @@ class Relay(service.Service):
         self.sending: dict[str, Any] = {}
         self._loop: task.LoopingCall | None = None
         self._kicked = False
+        self._rescan = False
+        self._scanned_at = 0.0
         self._stopping = False
 
     # --- service --------------------------------------------------------
@@ -228,27 +233,33 @@ class Relay(service.Service):
 
     # --- scheduling -----------------------------------------------------
 
-    def notify(self) -> None:
+    def notify(self, rescan: bool = False) -> None:
         """
-        A message was just stored in this process (or a send ended): look
-        now, not at the next tick.  What this process stores is indexed as
-        it is stored, so this look skips the scan for other writers'
-        records; the tick does that.
+        A message was just stored in this process, or (*rescan*) a send
+        ended: look now, not at the next tick.  What this process stores is
+        indexed as it is stored, so a look after a store skips the scan for
+        other writers' (workers') records; a look after a send scans if the
+        last scan is :data:`RESCAN_AFTER` old, so a busy relay takes up the
+        workers' messages without waiting for the tick.
         """
+        self._rescan = self._rescan or rescan
         if not self._kicked and not self._stopping:
             self._kicked = True
             self.reactor.callLater(0, self.kick, False)
 
     def kick(self, scan: bool = True) -> None:
         """
-        Start what is due; first, with *scan*, index what other writers
-        (workers) have appended since the last look.
+        Start what is due; first, with *scan* (the tick), index what other
+        writers have appended since the last look.
         """
         self._kicked = False
         if self._stopping:
             return
         try:
-            if scan:
+            now = self.reactor.seconds()
+            if scan or (self._rescan and now - self._scanned_at >= RESCAN_AFTER):
+                self._rescan = False
+                self._scanned_at = now
                 self.queue.scan_new()
             now = time.time()
             self.pool.expire(now, self.settings.config.idle_timeout)
@@ -279,7 +290,7 @@ class Relay(service.Service):
             self.in_flight.pop(entry.id, None)
             self.queue.release_claim(entry.id)
             if not self._stopping:
-                self.notify()
+                self.notify(rescan=True)
 
         d.addErrback(lambda f: log.failure("bug relaying {id}", f, id=entry.id))
         d.addBoth(done)

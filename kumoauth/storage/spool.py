@@ -189,9 +189,14 @@ class SpoolWriter:
     #: most messages in one batch
     BATCH = 64
 
-    def __init__(self, appender: Appender, reactor: IReactorFromThreads) -> None:
+    def __init__(
+        self, appender: Appender, reactor: IReactorFromThreads, close_appender: bool = False
+    ) -> None:
         self.appender = appender
         self.reactor = reactor
+        #: close *appender* once the thread has ended (a worker's own
+        #: segments: closing cuts the current one back to its last record)
+        self.close_appender = close_appender
         # (message, its Deferred); None: stop once what came before is written
         self._inbox: queue.SimpleQueue[tuple[Message, defer.Deferred[str]] | None]
         self._inbox = queue.SimpleQueue()
@@ -220,6 +225,10 @@ class SpoolWriter:
 
         def join() -> None:
             thread.join()
+            if self.close_appender:
+                close = getattr(self.appender, "close", None)
+                if close is not None:
+                    close()
             self.reactor.callFromThread(d.callback, None)
 
         threading.Thread(target=join, name="kumoauth-spool-stop", daemon=True).start()
