@@ -15,6 +15,7 @@ from twisted.python import usage
 
 from kumoauth.ops.assembly import OperatorError, load_config
 from kumoauth.ops.heap import settle_when_running
+from kumoauth.ops.logfile import observer_for
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -86,5 +87,7 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         sys.stderr.write(f"kumoauth: error: {e}\n")
         sys.stderr.flush()
         raise SystemExit(1) from None
+    # twistd's log, in its format, formatted faster (kumoauth/ops/logfile.py)
+    top.log_observer = observer_for(getattr(options, "parent", None))  # type: ignore[attr-defined]
     settle_when_running(reactor, slicer)
     return top

@@ -26,6 +26,7 @@ from kumoauth.ops.assembly import (
     worker_segments,
 )
 from kumoauth.ops.listening import ListenerService, QuietSite, install_signals, open_json_log
+from kumoauth.ops.logfile import ApplicationLog
 from kumoauth.ops.metrics import site_root
 from kumoauth.ops.threads import BlockingPool, Serial, stop_within
 from kumoauth.policy import Invoker
@@ -43,7 +44,7 @@ QUEUED_PER_THREAD = 10
 STOP_THREADS_WITHIN = 5.0
 
 
-class KumoauthService(service.MultiService):
+class KumoauthService(ApplicationLog, service.MultiService):
     """
     The whole server.
 

@@ -85,6 +85,7 @@ from kumoauth.ops.listening import (
     fail_start,
     install_signals,
 )
+from kumoauth.ops.logfile import ApplicationLog
 from kumoauth.ops.threads import Serial
 from kumoauth.ops.worklog import LineReader, WorkerLog
 
@@ -343,7 +344,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.supervisor.ended(self, reason)
 
 
-class Supervisor(service.Service):
+class Supervisor(ApplicationLog, service.Service):
     def __init__(
         self,
         cfg: Config,

@@ -1,0 +1,151 @@
+"""
+twistd's log, formatted faster (kumoauth.ops.logfile): the same lines as
+twistd's own observer, byte for byte, written where twistd would write them.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.application import service
+from twisted.logger import ILogObserver, LogLevel, textFileLogObserver
+from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
+
+from kumoauth.ops.logfile import ApplicationLog, ClassicText, observer_for
+
+
+def twistd_text(event: dict[str, Any]) -> str:
+    out = io.StringIO()
+    textFileLogObserver(out)(dict(event))
+    return out.getvalue()
+
+
+def ours(event: dict[str, Any], fmt: ClassicText | None = None) -> str:
+    out = io.StringIO()
+    from twisted.logger import FileLogObserver
+
+    FileLogObserver(out, fmt or ClassicText())(dict(event))
+    return out.getvalue()
+
+
+texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+times = st.floats(min_value=0, max_value=4e9) | st.integers(0, 4_000_000_000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=texts,
+    when=times,
+    level=st.sampled_from(list(LogLevel.iterconstants())),
+    namespace=st.sampled_from(["kumoauth", "kumoauth.auth", "kumoauth.workers", None]),
+    extra=st.sampled_from([{}, {"log_system": "-"}, {"log_format": "{text} {n}", "n": 3}]),
+)
+def test_the_same_lines_as_twistds_own_observer(text, when, level, namespace, extra):
+    event = {"log_format": "{text}", "text": text, "log_level": level, "log_time": when}
+    if namespace is not None:
+        event["log_namespace"] = namespace
+    event.update(extra)
+    assert ours(event) == twistd_text(event)
+
+
+def test_one_formatter_across_seconds_and_for_a_failure():
+    fmt = ClassicText()
+    base = {"log_format": "{text}", "log_level": LogLevel.info, "log_namespace": "kumoauth"}
+    # Microseconds are rounded before the second is taken (as CPython's
+    # datetime does): 1.9999995… is 00:00:02.
+    for when in (
+        1_700_000_000.1,
+        1_700_000_000.9,
+        1_700_000_001.0,
+        1_700_000_000.5,
+        1.9999995231628418,
+        1_700_000_000.9999996,
+        1_700_000_000.9999994,
+    ):
+        event = {**base, "text": "AUTH PLAIN success\nsecond line", "log_time": when}
+        assert ours(event, fmt) == twistd_text(event)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = Failure()
+    event = {**base, "text": "bug", "log_time": 1_700_000_002.0, "log_failure": failure}
+    assert ours(event, fmt) == twistd_text(event)
+    assert "ValueError: boom" in ours(event, fmt)
+
+
+class Options(dict):
+    pass
+
+
+def test_where_it_writes_follows_twistds_options(tmp_path, monkeypatch):
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # not the test process's SIGUSR1
+    assert observer_for(None) is None
+    assert observer_for(Options(syslog=True, logfile="x")) is None
+    assert observer_for(Options(logger="some.factory")) is None
+    assert observer_for(Options(logfile="-", nodaemon=False)) is None  # twistd refuses it
+    to_stdout = observer_for(Options(logfile="", nodaemon=True))
+    assert to_stdout is not None and ILogObserver.providedBy(to_stdout)
+    path = tmp_path / "kumoauth.log"
+    to_file = observer_for(Options(logfile=str(path), nodaemon=True))
+    assert to_file is not None
+    to_file(
+        {
+            "log_format": "{text}",
+            "text": "spooled x",
+            "log_level": LogLevel.info,
+            "log_namespace": "kumoauth.smtp",
+            "log_time": 1_700_000_000.0,
+        }
+    )
+    assert path.read_text().endswith(" [kumoauth.smtp#info] spooled x\n")
+    assert isinstance(to_file._outFile, LogFile)  # twistd's rotating file
+
+
+def test_twistds_application_gets_the_observer():
+    class Top(ApplicationLog, service.MultiService):
+        pass
+
+    application = service.Application("kumoauth")
+    top = Top()
+    top.log_observer = observer_for(Options(logfile="", nodaemon=True))
+    top.setServiceParent(application)
+    assert application.getComponent(ILogObserver) is top.log_observer
+    assert list(service.IServiceCollection(application)) == [top]
+    plain = service.Application("other")
+    Top().setServiceParent(plain)  # no observer offered: twistd chooses
+    assert plain.getComponent(ILogObserver, None) is None
+
+
+def test_a_served_log_is_twistds_file_and_sigusr1_rotates_it(tmp_path):
+    """
+    The server's log goes where ``--logfile`` says, in twistd's format, and
+    SIGUSR1 rotates it as with twistd's own observer.
+    """
+    import re
+    import time
+
+    from tests.server import make_certs, running_server
+    from tests.test_e2e import POLICY, login, send, starttls_client
+
+    certs = make_certs(tmp_path / "certs")
+    with running_server(tmp_path / "srv", certs, POLICY) as srv:
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+            mid = send(s)
+        stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
+        assert re.search(stamp + r" \[kumoauth\.smtp#info\] spooled " + mid, srv.log())
+        srv.proc.send_signal(signal.SIGUSR1)
+        rotated = srv.logfile.with_name(srv.logfile.name + ".1")
+        deadline = time.monotonic() + 10
+        while not rotated.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "spooled " + mid in rotated.read_text()
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+            second = send(s)
+        assert "spooled " + second in srv.log() and "spooled " + mid not in srv.log()
