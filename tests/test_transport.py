@@ -174,3 +174,30 @@ def test_make_eager_connection_swaps_a_live_client(reactor):
     in_reactor(client_proto.transport.loseConnection)
     in_reactor(port.stopListening)
     assert server_proto is not None
+
+
+def test_a_listeners_connections_write_eagerly(reactor):
+    """
+    The submission listeners' ports make eager connections: a reply leaves
+    in the call that wrote it (kumoauth.ops.listening.ListenerService).
+    """
+    from twisted.internet import endpoints
+
+    from kumoauth.ops.listening import ListenerService
+
+    factory = protocol.Factory.forProtocol(Recorder)
+    factory.made = defer.Deferred()  # type: ignore[attr-defined]
+    factory.received = b""  # type: ignore[attr-defined]
+    endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    svc = ListenerService("tcp:0", endpoint, factory, "test.toml")
+    in_reactor(svc.privilegedStartService)
+    port = svc.port
+    assert port is not None
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    with client:
+        proto = in_reactor(lambda: factory.made)
+        assert isinstance(proto.transport, EagerWrites)
+        pending, registered = in_reactor(write_and_look, proto, b"220 ready\r\n")
+        assert (pending, registered) == (0, False)
+        assert recv_exactly(client, 11) == b"220 ready\r\n"
+    in_reactor(port.stopListening)

@@ -19,6 +19,7 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher, jsonFileLog
 from twisted.web.server import Site
 from zope.interface import provider
 
+from kumoauth.ops.transport import eager
 from kumoauth.smtp.protocol import SubmissionFactory, wrap_listener
 
 log = Logger(namespace="kumoauth")
@@ -96,6 +97,10 @@ class ListenerService(service.Service):
             except ListenError as e:
                 fail_start(str(e))
         assert self.port is not None
+        # Connections send a reply in the call that writes it, not an
+        # iteration later (kumoauth/ops/transport.py).
+        if hasattr(self.port, "transport"):
+            self.port.transport = eager(self.port.transport)  # type: ignore[attr-defined]
         log.info(
             "listening on {address} ({tls})", address=str(self.port.getHost()), tls=self.factory_tls
         )

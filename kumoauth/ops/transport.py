@@ -1,5 +1,6 @@
 """
-Eager writes for the relay client: a command leaves in the call that wrote it.
+Eager writes: a command (the relay client) or a reply (the submission
+listeners) leaves in the call that wrote it.
 
 Twisted's stream transports never send from ``write()``: the bytes are
 buffered, the descriptor is registered for writability (``epoll_ctl``), and
@@ -15,10 +16,10 @@ what the kernel does not take is left to the reactor, the usual way.
 Back-pressure (a paused producer), a connection being closed, or a
 half-close all take Twisted's ordinary path.  Measured in BENCHMARKS.md:
 with the relay client's pipelined DATA, 0.915x the CPU per relayed
-message of the build before (workload i, ``python -m bench.ab``).  The
-same on the submission side made no difference to workload (a) (1.00x and
-1.03x in two A/B runs; the reactor's iteration is shared by ~20 sessions
-there), so the server keeps Twisted's transport (docs/decisions.md).
+message of the build before (workload i, ``python -m bench.ab``); on the
+submission listeners (``ListenerService`` makes its port's transport
+class eager), 0.886x on workload (a) and 0.968x on (i), ``epoll_ctl``
+calls per session 26 -> 4 (docs/decisions.md).
 """
 
 from __future__ import annotations
