@@ -396,32 +396,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, buffers: list[bytes]) -> None:
+def _write_all(fd: int, buffers: list[bytes], offset: int | None = None) -> None:
     """
-    Write *buffers* in order (``writev``, short writes resumed).
-    """
-    views = [memoryview(b) for b in buffers if b]
-    i = 0
-    while i < len(views):
-        n = os.writev(fd, views[i : i + _IOV_MAX])
-        while n > 0:
-            if n >= len(views[i]):
-                n -= len(views[i])
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
-
-
-def _pwrite_all(fd: int, buffers: list[bytes], offset: int) -> None:
-    """
-    Write *buffers* in order at *offset* (``pwritev``, short writes resumed).
+    Write *buffers* in order (``writev``), or at *offset* (``pwritev``);
+    short writes resumed.
     """
     views = [memoryview(b) for b in buffers if b]
     i = 0
     while i < len(views):
-        n = os.pwritev(fd, views[i : i + _IOV_MAX], offset)
-        offset += n
+        group = views[i : i + _IOV_MAX]
+        if offset is None:
+            n = os.writev(fd, group)
+        else:
+            n = os.pwritev(fd, group, offset)
+            offset += n
         while n > 0:
             if n >= len(views[i]):
                 n -= len(views[i])
@@ -634,7 +622,7 @@ class SegmentWriter:
                 buffers += (_header(env, len(body), crc, flags), env, body)
                 placed.append((o, Header(flags, len(env), len(body), crc, 0)))
                 o += HEADER_SIZE + len(env) + len(body)
-            _pwrite_all(fd, buffers, acknowledged)
+            _write_all(fd, buffers, acknowledged)
             self._size = o
             if o > self._zeroed:  # the records made the file longer
                 self._zero_ahead(fd, o)
@@ -1171,7 +1159,8 @@ class QueueStore:
             if fd is None:
                 continue  # a live writer's current segment
             try:
-                if os.fstat(fd).st_size > info.scanned and not self._only_a_tail(fd, name, info):
+                size = os.fstat(fd).st_size
+                if size > info.scanned and not self._only_a_tail(fd, name, info.scanned, size):
                     continue  # records we have not indexed yet
                 os.unlink(path)
             finally:
@@ -1194,18 +1183,17 @@ class QueueStore:
             self._rewrite_journal()
         return removed, rewrite
 
-    @_locked
-    def _only_a_tail(self, fd: int, name: str, info: _SegInfo) -> bool:
+    def _only_a_tail(self, fd: int, name: str, scanned: int, size: int) -> bool:
         """
         True if what segment *name* (*fd*, locked by us: no writer) holds
-        past what is indexed is no record: a writer's zeros, or a batch it
-        never finished, left by a writer that died.
+        from *scanned* to *size* is no record: a writer's zeros, or a batch
+        it never finished, left by a writer that died.
         """
-        size = os.fstat(fd).st_size
         with open(os.dup(fd), "rb", buffering=1 << 20) as f:
-            scan = _scan_segment(f, self.seg_dir, name, info.scanned, size, check_last_batch=True)
+            scan = _scan_segment(f, self.seg_dir, name, scanned, size, check_last_batch=True)
         return not scan.entries
 
+    @_locked
     def rewrite_journal(self) -> None:
         """Rewrite the journal now (what :meth:`compact` does when it is worth it)."""
         self.flush()

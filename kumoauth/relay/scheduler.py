@@ -256,10 +256,10 @@ class Relay(service.Service):
         if self._stopping:
             return
         try:
-            now = self.reactor.seconds()
-            if scan or (self._rescan and now - self._scanned_at >= RESCAN_AFTER):
+            looked = self.reactor.seconds()
+            if scan or (self._rescan and looked - self._scanned_at >= RESCAN_AFTER):
                 self._rescan = False
-                self._scanned_at = now
+                self._scanned_at = looked
                 self.queue.scan_new()
             now = time.time()
             self.pool.expire(now, self.settings.config.idle_timeout)
