@@ -818,7 +818,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=str(REPO / "bench" / "results.json"))
     args = p.parse_args(argv)
     if args.quick:
-        args.runs, args.sessions, args.concurrency = 1, 20, 5
+        # Enough sessions for every process to run past /proc's 10 ms CPU
+        # ticks (20 sessions of ~1 ms could read as no CPU at all).
+        args.runs, args.sessions, args.concurrency = 1, 100, 5
         args.idle, args.burst, args.long = 20, 20, 40
         args.relay_sessions, args.relay_concurrency = 20, 5
         args.login_sessions, args.login_users, args.login_concurrency = 20, 5, 5
