@@ -50,6 +50,9 @@ def main() -> int:
     p.add_argument("--native", action="store_true")
     p.add_argument("--rate", type=int, default=500, help="samples per second (--native: use ~50)")
     p.add_argument("--workload", choices=["a", "i"], default="a")
+    p.add_argument(
+        "--gil", action="store_true", help="only samples holding the GIL (the Python side's CPU)"
+    )
     args = p.parse_args()
     args.relay_concurrency = args.concurrency
     with Rig(args, "kumoauth-profile-") as rig:
@@ -63,6 +66,8 @@ def main() -> int:
         # --native needs the process stopped while it is sampled; without
         # it, sample without stopping (less distortion).
         cmd.append("--native" if args.native else "--nonblocking")
+        if args.gil:
+            cmd.append("--gil")
         with open(args.out + ".log", "wb") as spy_log:
             spy = subprocess.Popen(cmd, stdout=spy_log, stderr=subprocess.STDOUT)
             us, _ = rig.run(server, args.sessions)

@@ -814,3 +814,44 @@ def test_one_reply_timer_per_session_and_each_reply_gets_its_full_time():
     clock.advance(0.2)
     assert failed and "timeout: no reply to the end of data" in str(failed[0])
     assert not clock.getDelayedCalls()
+
+
+def test_a_pipelined_group_fires_once_with_every_reply_or_fails_whole():
+    """
+    ``pipeline`` writes the group in one write and fires one Deferred, with
+    the replies in order, when the last has come; before that it has not
+    fired.  A timeout or a lost session fails the group once, and a group
+    sent after the session failed fails at once without writing.
+    """
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from kumoauth.relay.client import _ClientProtocol
+
+    clock = Clock()
+    proto = _ClientProtocol(clock)
+    wire = StringTransport()
+    proto.makeConnection(wire)
+    proto.expect("the greeting", 10)
+    proto.dataReceived(b"220 up\r\n")
+    lines = [(b"MAIL FROM:<a@x>", "MAIL"), (b"RCPT TO:<b@y>", "RCPT"), (b"DATA", "DATA")]
+    got: list[Any] = []
+    proto.pipeline(lines, 10).addCallback(got.append)
+    assert wire.value() == b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"
+    proto.dataReceived(b"250 ok\r\n550 5.1.1 no\r\n")
+    assert got == []
+    proto.dataReceived(b"354 go\r\n")
+    assert [[r.code for r in replies] for replies in got] == [[250, 550, 354]]
+    # Two replies of three, then silence: the group fails once, whole.
+    failed: list[Any] = []
+    proto.pipeline(lines, 10).addCallbacks(got.append, failed.append)
+    proto.dataReceived(b"250 ok\r\n250 ok\r\n")
+    clock.advance(10.1)
+    assert len(got) == 1 and len(failed) == 1
+    assert "timeout: no reply to DATA" in str(failed[0].value)
+    wire.clear()
+    after: list[Any] = []
+    proto.pipeline(lines, 10).addErrback(after.append)
+    assert len(after) == 1 and wire.value() == b""
+    with pytest.raises(ValueError):
+        proto.pipeline([(b"MAIL FROM:<a@x>\r\nRSET", "MAIL")], 10)

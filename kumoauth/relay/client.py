@@ -463,11 +463,14 @@ def client_settings(settings: Any) -> ClientSettings:
 
 
 class _Waiter(NamedTuple):
-    deferred: defer.Deferred[Reply]
+    #: fired with the reply (None: a pipelined group's reply before its last)
+    deferred: defer.Deferred[Any] | None
     what: str
     timeout: float
     #: the last plaintext reply before TLS: nothing may follow it
     before_tls: bool
+    #: a pipelined group's replies so far; its last waiter fires with them
+    group: list[Reply] | None = None
 
 
 def _describe_tls_failure(value: BaseException, expected: str) -> str:
@@ -616,6 +619,30 @@ class _ClientProtocol(TwistedProtocol):
             self.transport.write(b"".join(line + b"\r\n" for line, _ in lines))  # type: ignore[union-attr]
         return [self.expect(what, timeout, before_tls) for _, what in lines]
 
+    def pipeline(
+        self, lines: list[tuple[bytes, str]], timeout: float
+    ) -> defer.Deferred[list[Reply]]:
+        """
+        Send *lines* in one write (RFC 2920) and fire once, with every reply
+        in order, when the last has come; or fail when the session does.
+        One Deferred for the group, not one per command.
+        """
+        for line, _ in lines:
+            if b"\r" in line or b"\n" in line:
+                raise ValueError("a command line must not contain CR or LF")
+        d: defer.Deferred[list[Reply]] = defer.Deferred()
+        if self.error is not None:
+            d.errback(self.error)
+            return d
+        self.transport.write(b"".join(line + b"\r\n" for line, _ in lines))  # type: ignore[union-attr]
+        group: list[Reply] = []
+        last = len(lines) - 1
+        for i, (_, what) in enumerate(lines):
+            self._waiters.append(_Waiter(d if i == last else None, what, timeout, False, group))
+        if self._deadline is None:
+            self._start_timer()
+        return d
+
     def send_data(self, wire: bytes, timeout: float) -> defer.Deferred[Reply]:
         if self.error is None:
             self.transport.write(wire)  # type: ignore[union-attr]
@@ -633,7 +660,8 @@ class _ClientProtocol(TwistedProtocol):
     def _fail_waiters(self, err: UpstreamError) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
-            waiter.deferred.errback(err)
+            if waiter.deferred is not None:
+                waiter.deferred.errback(err)
 
     def _deliver(self, reply: Reply) -> None:
         self._deadline = self._timed = None  # the timer stays armed, for the next
@@ -653,7 +681,13 @@ class _ClientProtocol(TwistedProtocol):
             return
         if self._waiters:
             self._start_timer()
-        waiter.deferred.callback(reply)
+        group = waiter.group
+        if group is not None:
+            group.append(reply)
+            if waiter.deferred is not None:
+                waiter.deferred.callback(group)
+        elif waiter.deferred is not None:
+            waiter.deferred.callback(reply)
 
     def _start_timer(self) -> None:
         waiter = self._waiters[0]
@@ -709,18 +743,6 @@ class _ClientFactory(Factory):
 
 def _run(coro: Coroutine[Any, Any, T]) -> defer.Deferred[T]:
     return defer.Deferred.fromCoroutine(coro)
-
-
-async def _gather(ds: list[defer.Deferred[Reply]]) -> list[Reply]:
-    """Await pipelined replies in order; the first failure raises, the rest are consumed."""
-    results = await defer.DeferredList(ds, consumeErrors=True)
-    out = []
-    for ok, value in results:
-        if not ok:
-            assert isinstance(value, Failure)
-            value.raiseException()
-        out.append(value)
-    return out
 
 
 _ADDRESS_FORBIDDEN = re.compile(r"[\x00-\x20\x7f<>]")
@@ -857,9 +879,13 @@ class UpstreamSession:
         :class:`SendResult`, or fails with :class:`UpstreamError` when the
         session breaks (the message is then to be deferred whole).
         """
-        return _run(self._send(message))
+        return _run(self.transaction(message))
 
-    async def _send(self, message: OutboundMessage) -> SendResult:
+    async def transaction(self, message: OutboundMessage) -> SendResult:
+        """
+        :meth:`send` as a coroutine, for a caller that is one itself (the
+        scheduler): awaited directly, without a Deferred in between.
+        """
         if self._busy:
             raise RuntimeError("UpstreamSession.send: a message is already in progress")
         err = self._proto.error
@@ -949,7 +975,7 @@ class UpstreamSession:
             # RFC 2920: MAIL, every RCPT and DATA in one write, the replies
             # in order.  Every reply is checked: DATA's too (§3.1).
             group = [(mail, "MAIL FROM")] + [(rcpt(r), "RCPT TO") for r in to_send]
-            replies = await _gather(proto.commands([*group, (b"DATA", "DATA")], t))
+            replies = await proto.pipeline([*group, (b"DATA", "DATA")], t)
             mail_reply, rcpt_replies, go = replies[0], replies[1:-1], replies[-1]
             _raise_421(mail_reply, "MAIL FROM")
             if mail_reply.positive:

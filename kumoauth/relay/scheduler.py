@@ -316,7 +316,7 @@ class Relay(service.Service):
             else:
                 data = await threads.deferToThread(self.queue.read_message, entry.id)
             data = self._outgoing(entry, data)
-            result = await session.send(_Outgoing(entry, pending, data))
+            result = await session.transaction(_Outgoing(entry, pending, data))
         except Exception as e:
             self.sending.pop(entry.id, None)
             self.pool.count -= 1
