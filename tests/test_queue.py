@@ -911,3 +911,87 @@ def test_due_is_lazy_and_survives_changes_while_iterating(qdir):
     assert seen == [ids[0], *ids[2:6]]
     assert [x.id for x in store.due(0)] == ids[6:]
     store.close()
+
+
+_HELD_WRITER = """
+import errno, os, sys
+from kumoauth.relay.queue import SegmentWriter
+from kumoauth.storage.delivery import Message
+from kumoauth.storage.spool import new_id
+
+real = os.fdatasync
+
+def held(fd):
+    print("written", flush=True)  # the batch is on the file, not synced
+    if sys.stdin.readline().strip() == "fail":
+        raise OSError(errno.EIO, "Input/output error")
+    real(fd)
+
+os.fdatasync = held
+w = SegmentWriter(sys.argv[1], "w1")
+w.create()
+mid = new_id()
+result = w.append_batch([Message(mid, "a@example.com", ["b@example.net"], b"x\\r\\n", {})])[0]
+print("stored" if isinstance(result, tuple) else "failed", mid, flush=True)
+sys.stdin.readline()  # the segment stays open (current) until told
+"""
+
+
+@pytest.mark.parametrize("sync", ["ok", "fail"])
+def test_the_owner_indexes_another_writers_batch_only_once_it_is_synced(qdir, sync):
+    """
+    A worker's batch can be read back between its write and its sync (the
+    page cache has it, checksums and all).  The owner must not index it
+    then: the relay would send a message whose client may yet be told 451
+    (its sync failed, and the writer cuts it off) or that a crash may yet
+    lose.  The writer holds a POSIX write lock over the batch until its
+    sync returns; the owner's scan leaves the locked records for later.
+    Another process, because POSIX locks do not conflict within one.
+    """
+    store = QueueStore.open(qdir)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HELD_WRITER, str(qdir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "written"
+        (segment,) = store.seg_dir.glob("w1-*")
+        # Written and readable, checksums and all: only the lock says "not yet".
+        assert len(QueueReader(qdir).entries()) == 1
+        assert store.scan_new() == []
+        child.stdin.write(sync + "\n")
+        child.stdin.flush()
+        outcome, mid = child.stdout.readline().split()
+        new = store.scan_new()
+        if sync == "ok":
+            assert outcome == "stored" and [e.id for e in new] == [mid]
+        else:
+            assert outcome == "failed" and new == [] and mid not in store
+            assert segment.stat().st_size == 0  # cut back by the writer
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        store.close()
+
+
+def test_the_owners_own_current_segment_is_indexed_by_its_stores_not_by_scans(qdir):
+    """
+    What the owner appends itself is indexed after each batch's sync, by
+    ``append_batch``; a scan (the relay's tick, on the reactor thread)
+    could otherwise catch a batch between the writer thread's write and
+    its sync, and POSIX locks do not keep a process from itself.
+    """
+    store = QueueStore.open(qdir)
+    ids = store.append_batch(batch(2))
+    assert all(mid in store for mid in ids)
+    store.writer.append_batch(batch(1))  # as if caught between write and sync
+    assert store.scan_new() == []
+    store.close()

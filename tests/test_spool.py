@@ -161,3 +161,45 @@ def test_kumoauth_command_lists_its_subcommands():
     assert result.returncode == 0 and "spool" in result.stdout
     none = subprocess.run([sys.executable, "-m", "kumoauth.cli"], capture_output=True, text=True)
     assert none.returncode == 2 and "COMMAND" in none.stderr
+
+
+def test_the_spool_writer_runs_one_thread_however_often_started(tmp_path):
+    """
+    ``start`` twice keeps one writer thread (a second one would wait on an
+    inbox nobody fills, forever); what is stored is written, and ``stop``
+    ends the thread.
+    """
+    import threading
+    import time
+
+    from kumoauth.storage.spool import SpoolWriter
+
+    written: list[list[str]] = []
+
+    class Appender:
+        def append_batch(self, messages):
+            written.append([m.id for m in messages])
+            return [m.id for m in messages]
+
+    class Reactor:
+        def callFromThread(self, f, *args):
+            f(*args)
+
+    def writers():
+        return [t for t in threading.enumerate() if t.name == "kumoauth-spool"]
+
+    before = len(writers())
+    writer = SpoolWriter(Appender(), Reactor())  # type: ignore[arg-type]
+    writer.start()
+    writer.start()
+    assert len(writers()) == before + 1
+    got: list[str] = []
+    msg = message()
+    writer.store(msg).addCallback(got.append)
+    stopped: list[None] = []
+    writer.stop().addCallback(stopped.append)
+    deadline = time.monotonic() + 10
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got == [msg.id] and written == [[msg.id]]
+    assert stopped and len(writers()) == before

@@ -38,7 +38,11 @@ segment its writer has closed ends with its last record.
 ``fdatasync`` for it (plus one directory fsync when it has just created the
 segment); a message is acknowledged only after that.  A failed write or
 sync abandons the segment: the next batch starts a new one, so no
-acknowledged record ever follows a doubtful one.
+acknowledged record ever follows a doubtful one.  From before its write
+until its sync has returned, a batch is under its writer's POSIX write
+lock (``lockf``, to the end of the file); :meth:`QueueStore.scan_new`
+leaves locked records for a later scan, so the owner never relays another
+process's record before it is durable.
 
 **Journal.**  JSON lines, appended by the owner only: ``deferred`` (attempts,
 next attempt, last error, per-recipient status), ``held``, ``released``,
@@ -373,6 +377,40 @@ def _scan_segment(
     return _Scan(entries, o, o == size)
 
 
+def _settled(fd: int, scan: _Scan) -> _Scan:
+    """
+    *scan* without the records their writer has not synced yet: those it
+    still holds under its write lock (see :meth:`SegmentWriter.append_batch`)
+    and those it has cut off since they were read (its sync failed; it cuts
+    before it unlocks).  They are left for a later scan, or for good.
+    """
+    entries = scan.entries
+    if not entries:
+        return scan
+    end = scan.end
+    if not _lockable(fd, entries[0].offset, end - entries[0].offset):
+        for i, e in enumerate(entries):
+            if not _lockable(fd, e.offset, e.body_offset + e.body_len - e.offset):
+                entries, end = entries[:i], e.offset
+                break
+    size = os.fstat(fd).st_size
+    while entries and entries[-1].body_offset + entries[-1].body_len > size:
+        end = entries.pop().offset
+    return _Scan(entries, end, scan.clean and end == scan.end)
+
+
+def _lockable(fd: int, start: int, length: int) -> bool:
+    """True if no other process holds a write lock on any of these bytes."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, length, start)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+    fcntl.lockf(fd, fcntl.LOCK_UN, length, start)
+    return True
+
+
 def _crc_stream(f: IO[bytes], n: int) -> int:
     crc = 0
     while n > 0:
@@ -613,6 +651,11 @@ class SegmentWriter:
             fd, name = self._fd, self._name
             assert fd is not None and name is not None
             acknowledged = self._size
+            # Until its sync has returned, the batch is under a write lock
+            # (POSIX, from its start to the end of the file): the owner's
+            # scan leaves what it covers for later (QueueStore.scan_new),
+            # so another process never relays a record before it is durable.
+            fcntl.lockf(fd, fcntl.LOCK_EX, 0, acknowledged)
             buffers: list[bytes] = []
             placed: list[tuple[int, Header]] = []
             o = self._size
@@ -627,6 +670,7 @@ class SegmentWriter:
             if o > self._zeroed:  # the records made the file longer
                 self._zero_ahead(fd, o)
             os.fdatasync(fd)
+            fcntl.lockf(fd, fcntl.LOCK_UN, 0, acknowledged)
         except OSError as e:
             # The segment may now end in a torn or unsynced batch: cut it
             # back to what was acknowledged (a full disk gets its space
@@ -968,7 +1012,12 @@ class QueueStore:
         one), a read of the 32 bytes there.
         """
         new: list[Entry] = []
+        own = self.writer.current
         for name in _segments(self.seg_dir):
+            if name == own:
+                # Ours: indexed as each batch is stored, after its sync (a
+                # scan could see a batch between its write and its sync).
+                continue
             info = self._segs.get(name)
             scanned = info.scanned if info is not None else 0
             path = self.seg_dir / name
@@ -987,6 +1036,7 @@ class QueueStore:
                     scan = _scan_segment(
                         f, self.seg_dir, name, scanned, size, check_last_batch=True
                     )
+                    scan = _settled(f.fileno(), scan)
             except FileNotFoundError:
                 continue
             if info is None:

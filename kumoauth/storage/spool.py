@@ -205,6 +205,9 @@ class SpoolWriter:
         self.on_stored: Any = None
 
     def start(self) -> None:
+        """Start the thread; a second call while it runs changes nothing."""
+        if self._thread is not None:
+            return
         self._inbox = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, args=(self._inbox,), name="kumoauth-spool", daemon=True
