@@ -963,15 +963,32 @@ def test_the_owner_indexes_another_writers_batch_only_once_it_is_synced(qdir, sy
         # Written and readable, checksums and all: only the lock says "not yet".
         assert len(QueueReader(qdir).entries()) == 1
         assert store.scan_new() == []
-        child.stdin.write(sync + "\n")
-        child.stdin.flush()
-        outcome, mid = child.stdout.readline().split()
-        new = store.scan_new()
+        # The next scan reads the batch, then its probe lets the writer go
+        # on (and waits for it): synced, it is indexed; failed and cut off
+        # after it was read, it is not (the probe then finds no lock, the
+        # file's size says the record is gone).
+        got: list[str] = []
+        real = q._lockable
+
+        def probe(fd: int, start: int, length: int) -> bool:
+            if not got:
+                child.stdin.write(sync + "\n")
+                child.stdin.flush()
+                got.extend(child.stdout.readline().split())
+            return real(fd, start, length)
+
+        q._lockable = probe  # type: ignore[assignment]
+        try:
+            new = store.scan_new()
+        finally:
+            q._lockable = real  # type: ignore[assignment]
+        outcome, mid = got
         if sync == "ok":
             assert outcome == "stored" and [e.id for e in new] == [mid]
         else:
             assert outcome == "failed" and new == [] and mid not in store
             assert segment.stat().st_size == 0  # cut back by the writer
+            assert store.scan_new() == []
         child.stdin.write("\n")
         child.stdin.flush()
         assert child.wait(10) == 0
@@ -994,4 +1011,44 @@ def test_the_owners_own_current_segment_is_indexed_by_its_stores_not_by_scans(qd
     assert all(mid in store for mid in ids)
     store.writer.append_batch(batch(1))  # as if caught between write and sync
     assert store.scan_new() == []
+    # Nor a segment of ours the scan does not know as current yet (the
+    # writer thread opening the next one while the scan looks).
+    next_one = SegmentWriter(qdir, store.writer.writer)
+    next_one.append_batch(batch(1))
+    assert next_one.current != store.writer.current
+    assert store.scan_new() == []
+    next_one.close()
     store.close()
+
+
+def test_recovery_leaves_a_live_writers_batch_being_synced_for_later(qdir):
+    """
+    Recovery (a supervisor restarted while a worker of the old one still
+    writes, or ``QueueStore.open`` from the command line) takes a live
+    writer's segment as scan_new does: a batch under its writer's lock is
+    left for a later scan.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HELD_WRITER, str(qdir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "written"
+        store = QueueStore.open(qdir)
+        assert len(store) == 0
+        child.stdin.write("ok\n")
+        child.stdin.flush()
+        outcome, mid = child.stdout.readline().split()
+        assert outcome == "stored" and [e.id for e in store.scan_new()] == [mid]
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(10) == 0
+        store.close()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -41,8 +41,10 @@ sync abandons the segment: the next batch starts a new one, so no
 acknowledged record ever follows a doubtful one.  From before its write
 until its sync has returned, a batch is under its writer's POSIX write
 lock (``lockf``, to the end of the file); :meth:`QueueStore.scan_new`
-leaves locked records for a later scan, so the owner never relays another
-process's record before it is durable.
+(and recovery, for a segment a live writer holds) leaves locked records
+for a later scan, so the owner never relays a live writer's record before
+its sync has returned.  The owner's scan skips its own writer id's
+segments: it indexes what it stores itself after each sync.
 
 **Journal.**  JSON lines, appended by the owner only: ``deferred`` (attempts,
 next attempt, last error, per-recipient status), ``held``, ``released``,
@@ -497,6 +499,11 @@ def _received_at() -> str:
     return text
 
 
+def _writer_of(segment: str) -> str:
+    """The writer id in a segment's name (``w1`` of ``w1-<seq>.q``)."""
+    return segment.split("-", 1)[0]
+
+
 def _segments(seg_dir: Path) -> list[str]:
     try:
         names = os.listdir(seg_dir)
@@ -821,9 +828,11 @@ class QueueStore:
                 size = os.fstat(f.fileno()).st_size
                 # The last batch's bodies are checked whether or not a
                 # writer holds the segment: a live writer may be writing it
-                # into its zeros right now (then it is indexed later, by
-                # scan_new); a dead one's is cut below.
+                # into its zeros right now, or syncing it (then it is
+                # indexed later, by scan_new); a dead one's is cut below.
                 scan = _scan_segment(f, self.seg_dir, name, 0, size, check_last_batch=True)
+                if not dead:
+                    scan = _settled(f.fileno(), scan)
             if dead and not scan.clean:
                 # A torn tail no writer will complete: it was never
                 # acknowledged (its batch's fdatasync did not return).
@@ -1012,11 +1021,15 @@ class QueueStore:
         one), a read of the 32 bytes there.
         """
         new: list[Entry] = []
-        own = self.writer.current
+        own = self.writer.writer
         for name in _segments(self.seg_dir):
-            if name == own:
-                # Ours: indexed as each batch is stored, after its sync (a
-                # scan could see a batch between its write and its sync).
+            if _writer_of(name) == own:
+                # Ours (this run's: an earlier run's were recovered): indexed
+                # as each batch is stored, after its sync.  A scan could see
+                # one between its write and its sync, and our own write lock
+                # does not stop our own probe.  By writer id, not by the
+                # current segment's name: the writer thread may be opening
+                # the next one while we look.
                 continue
             info = self._segs.get(name)
             scanned = info.scanned if info is not None else 0
