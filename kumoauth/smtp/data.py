@@ -7,7 +7,10 @@ No I/O here; the protocol feeds bytes in and gets a message out.
 
 from __future__ import annotations
 
+import email.utils
 import re
+import time
+from datetime import UTC, datetime
 
 #: RFC 5321 §4.1.1.4: the only end of data.
 TERMINATOR = b"\r\n.\r\n"
@@ -138,6 +141,23 @@ def protocol_type(esmtp: bool, tls: bool, authenticated: bool, utf8: bool) -> st
         return "SMTP"
     base = "UTF8SMTP" if utf8 else "ESMTP"
     return base + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+_trace_date_cache: tuple[int, str] = (-1, "")
+
+
+def trace_date(now: float | None = None) -> str:
+    """
+    The RFC 5322 date of a ``Received:`` header for *now* (default: the
+    clock), in UTC; formatted once a second, not once a message.
+    """
+    global _trace_date_cache
+    second = int(time.time() if now is None else now)
+    cached = _trace_date_cache
+    if cached[0] != second:
+        text = email.utils.format_datetime(datetime.fromtimestamp(second, UTC))
+        cached = _trace_date_cache = (second, text)
+    return cached[1]
 
 
 def received_header(

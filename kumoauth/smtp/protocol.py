@@ -13,9 +13,7 @@ replies therefore always come in order.
 from __future__ import annotations
 
 import base64
-import email.utils
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -48,6 +46,7 @@ from kumoauth.smtp.data import (
     protocol_type,
     received_header,
     strip_identity_header,
+    trace_date,
 )
 from kumoauth.smtp.limits import MESSAGES, RECIPIENTS
 from kumoauth.smtp.runtime import Runtime
@@ -889,7 +888,7 @@ class SubmissionProtocol(Protocol):
             hostname=self.rt.server.hostname,
             protocol=protocol_type(self._esmtp, self._secure, self.authenticated, smtputf8),
             message_id=mid,
-            date=email.utils.format_datetime(datetime.now(UTC)),
+            date=trace_date(),
             tls_version=version,
             tls_cipher=meta.get_meta("tls_cipher") if version else None,
         )
