@@ -32,10 +32,12 @@ atoms = (
 )
 values = st.recursive(
     atoms,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.tuples(inner, inner)
-    | st.dictionaries(st.text(max_size=4), inner, max_size=4)
-    | st.dictionaries(st.integers() | st.booleans() | st.none(), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+        | st.dictionaries(st.integers() | st.booleans() | st.none(), inner, max_size=3)
+    ),
     max_leaves=12,
 )
 
@@ -62,7 +64,7 @@ def test_a_snapshot_is_what_a_json_round_trip_gives_and_owns_its_values(raw):
     expected = json.loads(json.dumps(meta.values_now()))
     assert same(snap, expected)
     # Nothing in it is shared with the connection's meta.
-    for key, value in meta.values_now().items():
+    for value in meta.values_now().values():
         if isinstance(value, (list, dict)):
             value.clear()
     assert same(snap, expected)

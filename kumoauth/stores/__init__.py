@@ -22,6 +22,7 @@ and the caller decides what that means (``on_store_error``).
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -193,14 +194,24 @@ def make_store(spec: str, clock: IReactorTime) -> Any:
     return store
 
 
+_USER_AND_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^:/@]*):")
+_USER_ONLY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+
+
 def _safe(spec: str) -> str:
     """
-    *spec* without a password (``redis://:secret@host`` -> ``redis://:***@host``).
+    *spec* without a password (``redis://:secret@host`` -> ``redis://:***@host``):
+    everything before the last ``@`` is hidden but a scheme and a user name
+    of the usual form, whatever the rest looks like.
     """
     if "@" not in spec:
         return spec
     head, _, host = spec.rpartition("@")
-    scheme, sep, rest = head.partition("://")
-    if not sep:
-        return f"{head.partition(':')[0]}:***@{host}"
-    return f"{scheme}://{rest.partition(':')[0]}:***@{host}"
+    m = _USER_AND_PASSWORD.match(head)
+    if m:
+        return f"{m.group(1)}://{m.group(2)}:***@{host}"
+    m = _USER_ONLY.match(head) or _SCHEME.match(head)
+    if m:
+        return f"{m.group(0)}***@{host}"
+    return f"***@{host}"
