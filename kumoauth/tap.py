@@ -15,7 +15,7 @@ from twisted.python import usage
 
 from kumoauth.ops.assembly import OperatorError, load_config
 from kumoauth.ops.heap import settle_when_running
-from kumoauth.ops.logfile import observer_for
+from kumoauth.ops.logfile import ApplicationLog, observer_for
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -70,7 +70,7 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
     try:
         cfg = load_config(options["config"])
         checkers = options.get("credCheckers")
-        top: service.IService
+        top: ApplicationLog
         if cfg.server.workers > 1:
             from kumoauth.ops.workers import make_supervisor
 
@@ -88,6 +88,6 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         sys.stderr.flush()
         raise SystemExit(1) from None
     # twistd's log, in its format, formatted faster (kumoauth/ops/logfile.py)
-    top.log_observer = observer_for(getattr(options, "parent", None))  # type: ignore[attr-defined]
+    top.log_observer = observer_for(getattr(options, "parent", None))
     settle_when_running(reactor, slicer)
     return top

@@ -9,6 +9,7 @@ import io
 import signal
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.application import service
@@ -149,3 +150,56 @@ def test_a_served_log_is_twistds_file_and_sigusr1_rotates_it(tmp_path):
             assert login(s, "PLAIN", "scott", "tiger")[0] == 235
             second = send(s)
         assert "spooled " + second in srv.log() and "spooled " + mid not in srv.log()
+
+
+_APPLICATION_OF = """
+import sys
+from twisted.application import service
+from twisted.logger import ILogObserver
+from kumoauth import tap
+
+class Parent(dict):
+    pass
+
+options = tap.Options()
+options.parseOptions(["--config", sys.argv[1]])
+options.parent = Parent(logfile=sys.argv[2], nodaemon=True)
+top = tap.makeService(options)
+application = service.Application("kumoauth")
+top.setServiceParent(application)  # as twistd does
+observer = application.getComponent(ILogObserver, None)
+print(type(top).__name__, observer is not None and observer is top.log_observer)
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_twistd_logs_through_our_observer_with_and_without_workers(tmp_path, workers):
+    """
+    Whatever ``makeService`` gives twistd offers it our observer: with
+    workers too, where the supervisor writes every worker's lines (it was
+    a plain MultiService there, and twistd's slower observer did the work).
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.server import free_port, make_certs, write_config
+    from tests.test_e2e import POLICY
+
+    certs = make_certs(tmp_path / "certs")
+    config = write_config(
+        tmp_path,
+        certs,
+        (free_port(), free_port(), free_port()),
+        POLICY,
+        server=f"workers = {workers}",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _APPLICATION_OF, str(config), str(tmp_path / "twistd.log")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "True", done.stdout + done.stderr

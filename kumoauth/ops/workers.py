@@ -344,7 +344,15 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.supervisor.ended(self, reason)
 
 
-class Supervisor(ApplicationLog, service.Service):
+class SupervisorTop(ApplicationLog, service.MultiService):
+    """
+    What twistd gets with ``workers > 1``: the supervisor, the queue and the
+    metrics listener, and (ApplicationLog) twistd's log observer, which
+    writes the workers' lines too.
+    """
+
+
+class Supervisor(service.Service):
     def __init__(
         self,
         cfg: Config,
@@ -590,7 +598,7 @@ def make_supervisor(
     checkers: list[Any] | None,
     auth_args: list[str],
     owner: tuple[int, int] | None = None,
-) -> service.MultiService:
+) -> SupervisorTop:
     """
     The twistd-side service for ``workers > 1``: everything is validated
     here first (so an operator error stops start-up), then the supervisor
@@ -618,7 +626,7 @@ def make_supervisor(
     except OperatorError:
         queue.close()
         raise
-    top = service.MultiService()
+    top = SupervisorTop()
     supervisor = Supervisor(
         cfg, reactor, auth_args, text=text, owner=owner, checkers=checkers, spool=queue
     )
