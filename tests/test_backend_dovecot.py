@@ -145,9 +145,13 @@ def test_wrong_password_and_unknown_user_are_denied(dovecot, stores):
         )
     )
     assert results == [DENIED, DENIED, DENIED]
-    log = dovecot.log()
-    assert "passwd-file(alice,127.0.0.1): Password mismatch" in log
-    assert "passwd-file(nosuchuser,127.0.0.1): unknown user" in log
+    # Dovecot's log process writes what its auth process tells it after
+    # the answer has gone out: wait for the lines.
+    wanted = (
+        "passwd-file(alice,127.0.0.1): Password mismatch",
+        "passwd-file(nosuchuser,127.0.0.1): unknown user",
+    )
+    assert pf.wait_for(lambda: all(w in dovecot.log() for w in wanted), 5), dovecot.log()
 
 
 def test_empty_password_or_user_is_denied_without_asking(dovecot, stores):
@@ -174,7 +178,7 @@ def test_proxy_authorization_is_dovecots_decision(dovecot, stores):
     store = stores(dovecot.client_socket)
     master = USERS.masters["kumoauth"]
     assert check(store, "alice", "kumoauth", master) == Verdict(True, {})
-    assert "Master user logging in as alice" in dovecot.log()
+    assert pf.wait_for(lambda: "Master user logging in as alice" in dovecot.log(), 5)
     # authz_fail (no such target user), the master's wrong password, and a
     # plain user who is no master user: all denied.
     assert check(store, "nosuchuser", "kumoauth", master) == DENIED
