@@ -9,6 +9,7 @@ message's meta.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 
@@ -37,7 +38,7 @@ def _plain_copy(value: Any) -> Any:
     if kind in _ATOMS:
         return value
     if kind is float:
-        if value != value or value in (_INF, -_INF):
+        if not math.isfinite(value):
             raise _NotPlain  # NaN and infinities: JSON's own spelling
         return value
     if kind is dict:
@@ -50,9 +51,6 @@ def _plain_copy(value: Any) -> Any:
     if kind is list:
         return [_plain_copy(v) for v in value]
     raise _NotPlain
-
-
-_INF = float("inf")
 
 
 class Meta:

@@ -6,6 +6,7 @@ the lock-free reader, restart time and memory, kill -9.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import tempfile
 import textwrap
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -937,6 +939,39 @@ sys.stdin.readline()  # the segment stays open (current) until told
 """
 
 
+@contextlib.contextmanager
+def held_writer(qdir: Path) -> Iterator[subprocess.Popen[str]]:
+    """
+    Another process (``_HELD_WRITER``) with one batch written and its sync
+    held until :func:`answer` says how it ends; it exits cleanly at the end.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HELD_WRITER, str(qdir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "written"
+        yield child
+        answer(child, "")  # the segment may close now
+        assert child.wait(10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def answer(child: subprocess.Popen[str], word: str) -> list[str]:
+    """Tell the held writer *word* ("ok", "fail"); its reply's words."""
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(word + "\n")
+    child.stdin.flush()
+    return child.stdout.readline().split() if word else []
+
+
 @pytest.mark.parametrize("sync", ["ok", "fail"])
 def test_the_owner_indexes_another_writers_batch_only_once_it_is_synced(qdir, sync):
     """
@@ -949,53 +984,37 @@ def test_the_owner_indexes_another_writers_batch_only_once_it_is_synced(qdir, sy
     Another process, because POSIX locks do not conflict within one.
     """
     store = QueueStore.open(qdir)
-    child = subprocess.Popen(
-        [sys.executable, "-c", _HELD_WRITER, str(qdir)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
     try:
-        assert child.stdout is not None and child.stdin is not None
-        assert child.stdout.readline().strip() == "written"
-        (segment,) = store.seg_dir.glob("w1-*")
-        # Written and readable, checksums and all: only the lock says "not yet".
-        assert len(QueueReader(qdir).entries()) == 1
-        assert store.scan_new() == []
-        # The next scan reads the batch, then its probe lets the writer go
-        # on (and waits for it): synced, it is indexed; failed and cut off
-        # after it was read, it is not (the probe then finds no lock, the
-        # file's size says the record is gone).
-        got: list[str] = []
-        real = q._lockable
-
-        def probe(fd: int, start: int, length: int) -> bool:
-            if not got:
-                child.stdin.write(sync + "\n")
-                child.stdin.flush()
-                got.extend(child.stdout.readline().split())
-            return real(fd, start, length)
-
-        q._lockable = probe  # type: ignore[assignment]
-        try:
-            new = store.scan_new()
-        finally:
-            q._lockable = real  # type: ignore[assignment]
-        outcome, mid = got
-        if sync == "ok":
-            assert outcome == "stored" and [e.id for e in new] == [mid]
-        else:
-            assert outcome == "failed" and new == [] and mid not in store
-            assert segment.stat().st_size == 0  # cut back by the writer
+        with held_writer(qdir) as child:
+            (segment,) = store.seg_dir.glob("w1-*")
+            # Written and readable, checksums and all: only the lock says "not yet".
+            assert len(QueueReader(qdir).entries()) == 1
             assert store.scan_new() == []
-        child.stdin.write("\n")
-        child.stdin.flush()
-        assert child.wait(10) == 0
+            # The next scan reads the batch, then its probe lets the writer go
+            # on (and waits for it): synced, it is indexed; failed and cut off
+            # after it was read, it is not (the probe then finds no lock, the
+            # file's size says the record is gone).
+            got: list[str] = []
+            real = q._lockable
+
+            def probe(fd: int, start: int, length: int) -> bool:
+                if not got:
+                    got.extend(answer(child, sync))
+                return real(fd, start, length)
+
+            q._lockable = probe  # type: ignore[assignment]
+            try:
+                new = store.scan_new()
+            finally:
+                q._lockable = real  # type: ignore[assignment]
+            outcome, mid = got
+            if sync == "ok":
+                assert outcome == "stored" and [e.id for e in new] == [mid]
+            else:
+                assert outcome == "failed" and new == [] and mid not in store
+                assert segment.stat().st_size == 0  # cut back by the writer
+                assert store.scan_new() == []
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
         store.close()
 
 
@@ -1028,27 +1047,9 @@ def test_recovery_leaves_a_live_writers_batch_being_synced_for_later(qdir):
     writer's segment as scan_new does: a batch under its writer's lock is
     left for a later scan.
     """
-    child = subprocess.Popen(
-        [sys.executable, "-c", _HELD_WRITER, str(qdir)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert child.stdout is not None and child.stdin is not None
-        assert child.stdout.readline().strip() == "written"
+    with held_writer(qdir) as child:
         store = QueueStore.open(qdir)
         assert len(store) == 0
-        child.stdin.write("ok\n")
-        child.stdin.flush()
-        outcome, mid = child.stdout.readline().split()
+        outcome, mid = answer(child, "ok")
         assert outcome == "stored" and [e.id for e in store.scan_new()] == [mid]
-        child.stdin.write("\n")
-        child.stdin.flush()
-        assert child.wait(10) == 0
         store.close()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()

@@ -59,13 +59,19 @@ import json
 import os
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kumoauth.config import Config, ConfigError, load
 from kumoauth.relay import service
-from kumoauth.relay.queue import Entry, QueueError, QueueLocked, QueueReader, QueueStore
+from kumoauth.relay.queue import (
+    Entry,
+    QueueError,
+    QueueLocked,
+    QueueReader,
+    QueueStore,
+    iso_time,
+)
 from kumoauth.storage.spool import Spool, is_id
 from kumoauth.textsafe import escape
 
@@ -178,10 +184,6 @@ def check_id(mid: str) -> str:
 # describing a message
 
 
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def state_of(entry: Entry, now: float) -> str:
     """``held``, ``deferred`` or ``queued``."""
     if entry.held:
@@ -197,7 +199,7 @@ def state_json(entry: Entry, now: float) -> dict[str, Any]:
         "state": state_of(entry, now),
         "held": entry.held,
         "attempts": entry.attempts,
-        "next_attempt": _iso(entry.next_attempt) if entry.next_attempt else None,
+        "next_attempt": iso_time(entry.next_attempt) if entry.next_attempt else None,
         "last_error": entry.last_error,
         "recipients": entry.rcpt_status(),
     }
@@ -207,7 +209,7 @@ def state_text(entry: Entry, now: float) -> str:
     state = state_of(entry, now)
     if state != "deferred":
         return state
-    text = f"deferred next={_iso(entry.next_attempt)} attempts={entry.attempts}"
+    text = f"deferred next={iso_time(entry.next_attempt)} attempts={entry.attempts}"
     if entry.last_error is not None:
         error = escape(entry.last_error).replace('"', '\\"')
         text += f' error="{error}"'

@@ -597,10 +597,21 @@ class _ClientProtocol(TwistedProtocol):
         if self.error is not None:
             d.errback(self.error)
             return d
-        self._waiters.append(_Waiter(d, what, timeout, before_tls))
+        self._await(_Waiter(d, what, timeout, before_tls))
+        return d
+
+    def _await(self, waiter: _Waiter) -> None:
+        self._waiters.append(waiter)
         if self._deadline is None:
             self._start_timer()
-        return d
+
+    def _write_lines(self, lines: list[tuple[bytes, str]]) -> None:
+        """*lines* ((line, what) pairs) in one write, unless the session has failed."""
+        for line, _ in lines:
+            if b"\r" in line or b"\n" in line:
+                raise ValueError("a command line must not contain CR or LF")
+        if self.error is None:
+            self.transport.write(b"".join(line + b"\r\n" for line, _ in lines))  # type: ignore[union-attr]
 
     def command(
         self, line: bytes, what: str, timeout: float, before_tls: bool = False
@@ -611,12 +622,8 @@ class _ClientProtocol(TwistedProtocol):
     def commands(
         self, lines: list[tuple[bytes, str]], timeout: float, before_tls: bool = False
     ) -> list[defer.Deferred[Reply]]:
-        """Send *lines* ((line, what) pairs) in one write: pipelined (RFC 2920) when several."""
-        for line, _ in lines:
-            if b"\r" in line or b"\n" in line:
-                raise ValueError("a command line must not contain CR or LF")
-        if self.error is None:
-            self.transport.write(b"".join(line + b"\r\n" for line, _ in lines))  # type: ignore[union-attr]
+        """Send *lines* in one write: pipelined (RFC 2920) when several; a Deferred each."""
+        self._write_lines(lines)
         return [self.expect(what, timeout, before_tls) for _, what in lines]
 
     def pipeline(
@@ -627,20 +634,16 @@ class _ClientProtocol(TwistedProtocol):
         in order, when the last has come; or fail when the session does.
         One Deferred for the group, not one per command.
         """
-        for line, _ in lines:
-            if b"\r" in line or b"\n" in line:
-                raise ValueError("a command line must not contain CR or LF")
+        self._write_lines(lines)
         d: defer.Deferred[list[Reply]] = defer.Deferred()
         if self.error is not None:
             d.errback(self.error)
             return d
-        self.transport.write(b"".join(line + b"\r\n" for line, _ in lines))  # type: ignore[union-attr]
         group: list[Reply] = []
-        last = len(lines) - 1
-        for i, (_, what) in enumerate(lines):
-            self._waiters.append(_Waiter(d if i == last else None, what, timeout, False, group))
-        if self._deadline is None:
-            self._start_timer()
+        *first, (_, last) = lines
+        for _, what in first:
+            self._await(_Waiter(None, what, timeout, False, group))
+        self._await(_Waiter(d, last, timeout, False, group))
         return d
 
     def send_data(self, wire: bytes, timeout: float) -> defer.Deferred[Reply]:

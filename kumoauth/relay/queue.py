@@ -82,6 +82,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
+from kumoauth.stamps import PerSecond
+
 MAGIC = b"KQr1"
 HEADER = struct.Struct("<4sIIQIII")
 HEADER_SIZE = HEADER.size  # 32
@@ -188,7 +190,7 @@ class Entry:
 
     @property
     def received_at(self) -> str:
-        return datetime.fromtimestamp(self.arrival, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return iso_time(self.arrival)
 
     @property
     def envelope(self) -> dict[str, Any]:
@@ -485,18 +487,13 @@ def _try_flock(path: Path) -> int | None:
     return fd
 
 
-_last_received: tuple[int, str] = (0, "")
+def iso_time(t: float) -> str:
+    """*t* as the queue writes times: ``2026-01-02T03:04:05Z`` (UTC, seconds)."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _received_at() -> str:
-    """Now, as ``received_at`` ("2026-01-02T03:04:05Z"); formatted once a second."""
-    global _last_received
-    now = int(time.time())
-    second, text = _last_received
-    if now != second:
-        text = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        _last_received = (now, text)
-    return text
+#: now, as ``received_at``
+_received_at = PerSecond(iso_time)
 
 
 def _writer_of(segment: str) -> str:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import email.utils
 import re
-import time
 from datetime import UTC, datetime
+
+from kumoauth.stamps import PerSecond
 
 #: RFC 5321 §4.1.1.4: the only end of data.
 TERMINATOR = b"\r\n.\r\n"
@@ -143,21 +144,11 @@ def protocol_type(esmtp: bool, tls: bool, authenticated: bool, utf8: bool) -> st
     return base + ("S" if tls else "") + ("A" if authenticated else "")
 
 
-_trace_date_cache: tuple[int, str] = (-1, "")
-
-
-def trace_date(now: float | None = None) -> str:
-    """
-    The RFC 5322 date of a ``Received:`` header for *now* (default: the
-    clock), in UTC; formatted once a second, not once a message.
-    """
-    global _trace_date_cache
-    second = int(time.time() if now is None else now)
-    cached = _trace_date_cache
-    if cached[0] != second:
-        text = email.utils.format_datetime(datetime.fromtimestamp(second, UTC))
-        cached = _trace_date_cache = (second, text)
-    return cached[1]
+#: the RFC 5322 date of a ``Received:`` header, in UTC: ``trace_date()``
+#: for now, ``trace_date(t)`` for *t*
+trace_date = PerSecond(
+    lambda second: email.utils.format_datetime(datetime.fromtimestamp(second, UTC))
+)
 
 
 def received_header(
