@@ -101,6 +101,7 @@ def test_modules_are_grouped_by_concern():
         "tap.py",
         "testing.py",
         "textsafe.py",
+        "stamps.py",
     }
     for concern in ("smtp", "auth", "backends", "storage", "tls", "ops", "cli", "relay", "stores"):
         assert (PACKAGE / concern / "__init__.py").is_file()
