@@ -89,5 +89,9 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         raise SystemExit(1) from None
     # twistd's log, in its format, formatted faster (kumoauth/ops/logfile.py)
     top.log_observer = observer_for(getattr(options, "parent", None))
+    # One call per ready descriptor, no legacy log context.
+    from kumoauth.ops.reactor import streamline
+
+    streamline(reactor)
     settle_when_running(reactor, slicer)
     return top

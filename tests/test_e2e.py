@@ -233,6 +233,37 @@ def test_starttls_pipelined_rset_is_never_answered(server):
         tls.close()
 
 
+@pytest.mark.parametrize("port", ["starttls_port", "implicit_port"])
+def test_quit_over_tls_ends_with_the_servers_close_notify(server, port):
+    """
+    After QUIT's 221 the server closes TLS itself (its close_notify goes
+    with the reply) instead of waiting for the client's: a client that
+    just reads sees the end of the stream at once, not after the
+    5-second abort.
+    """
+    ctx = server.certs.client_context()
+    with socket.create_connection(("127.0.0.1", getattr(server, port)), timeout=10) as raw:
+        if port == "starttls_port":
+            f = raw.makefile("rb")
+            assert f.readline().startswith(b"220 ")
+            raw.sendall(b"EHLO client.example\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            raw.sendall(b"STARTTLS\r\n")
+            assert f.readline().startswith(b"220 ")
+        tls = ctx.wrap_socket(raw, server_hostname="localhost")
+        if port == "implicit_port":
+            assert tls.recv(1000).startswith(b"220 ")
+        tls.sendall(b"QUIT\r\n")
+        tls.settimeout(2)  # well under the abort
+        got = b""
+        started = time.monotonic()
+        while chunk := tls.recv(1000):  # b"": the server's close_notify
+            got += chunk
+        assert got.startswith(b"221 2.0.0 ")
+        assert time.monotonic() - started < 1.5
+
+
 def raw_session(server, commands: list[bytes]) -> list[bytes]:
     """Authenticated session over implicit TLS with raw bytes; returns every reply line."""
     ctx = server.certs.client_context()

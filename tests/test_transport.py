@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 import trustme
 from twisted.internet import defer, protocol
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
+from twisted.protocols.tls import BufferingTLSTransport
 
 from kumoauth.config import TLSConfig
-from kumoauth.ops.transport import EagerWrites, eager, make_eager_connection
+from kumoauth.ops.transport import EagerWrites, corked, eager, make_eager_connection
 from kumoauth.tls.context import ServerContextFactory, build_context
+from kumoauth.tls.direct import DirectTLS
 from tests.upstream import in_reactor, start_reactor
 
 
@@ -133,7 +134,7 @@ def test_starttls_on_an_eager_connection_writes_straight_through(reactor, tmp_pa
     in_reactor(proto.transport.startTLS, options)
     tls = proto.transport.protocol
     # Twisted's write-gathering layer (a callLater(0) per reply) is gone.
-    assert type(tls) is TLSMemoryBIOProtocol and not isinstance(tls, BufferingTLSTransport)
+    assert type(tls) is DirectTLS and not isinstance(tls, BufferingTLSTransport)
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     with ctx.wrap_socket(client, server_hostname="localhost") as tls_client:
@@ -201,3 +202,51 @@ def test_a_listeners_connections_write_eagerly(reactor):
         assert (pending, registered) == (0, False)
         assert recv_exactly(client, 11) == b"220 ready\r\n"
     in_reactor(port.stopListening)
+
+
+def test_corked_writes_leave_together_when_the_block_ends(reactor):
+    port, proto, client = accepted(reactor, True)
+
+    def corked_writes() -> list[tuple[int, bool]]:
+        t = proto.transport
+        seen = []
+        with corked(t):
+            t.write(b"221 2.0.0 bye\r\n")
+            t.write(b"CLOSE")
+            # Held: buffered, not sent, not registered with the reactor.
+            seen.append((t._tempDataLen, t in t.reactor.getWriters()))
+        # The end of the block sent both in one go.
+        seen.append((t._tempDataLen + len(t.dataBuffer) - t.offset, t in t.reactor.getWriters()))
+        return seen
+
+    with client:
+        assert in_reactor(corked_writes) == [(20, False), (0, False)]
+        assert recv_exactly(client, 20) == b"221 2.0.0 bye\r\nCLOSE"
+    in_reactor(port.stopListening)
+
+
+def test_corked_write_then_lose_connection_closes(reactor):
+    port, proto, client = accepted(reactor, True)
+
+    def write_and_close() -> None:
+        with corked(proto.transport):
+            proto.transport.write(b"421 4.7.0 bye\r\n")
+            proto.transport.loseConnection()
+
+    with client:
+        in_reactor(write_and_close)
+        client.settimeout(5)
+        got = b""
+        while chunk := client.recv(1000):
+            got += chunk
+        assert got == b"421 4.7.0 bye\r\n"
+    in_reactor(port.stopListening)
+
+
+def test_corked_leaves_other_transports_alone():
+    from twisted.internet.testing import StringTransport
+
+    t = StringTransport()
+    with corked(t):
+        t.write(b"x")
+        assert t.value() == b"x"

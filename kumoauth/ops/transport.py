@@ -24,10 +24,14 @@ calls per session 26 -> 4 (docs/decisions.md).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
+from twisted.protocols.tls import BufferingTLSTransport
+
+from kumoauth.tls.direct import direct_class
 
 
 class EagerWrites:
@@ -37,8 +41,14 @@ class EagerWrites:
     """
 
     _eager_busy = False
+    #: inside :func:`corked`: writes wait for its end
+    _eager_held = False
+    _eager_wanted = False
 
     def startWriting(self) -> None:
+        if self._eager_held:
+            self._eager_wanted = True  # decided when corked() ends
+            return
         # Only for bytes just written to empty buffers: then nothing is
         # registered yet.  Anything else (loseConnection asking for a last
         # doWrite with nothing to send, data already waiting for the
@@ -71,6 +81,32 @@ class EagerWrites:
         unbuffer(self.protocol)  # type: ignore[attr-defined]
 
 
+@contextmanager
+def corked(transport: Any) -> Iterator[None]:
+    """
+    What *transport* is asked to write inside the block goes out together
+    when it ends (a reply and the TLS close_notify after it: one segment,
+    one ``send``).  For an eager connection, or a TLS layer over one; other
+    transports are left as they are.  Nothing is sent and nothing is
+    registered with the reactor until the block ends, so it must not wait
+    for anything.
+    """
+    tcp = transport
+    while tcp is not None and not isinstance(tcp, EagerWrites):
+        tcp = getattr(tcp, "transport", None)  # a TLS wrapper's TCP connection
+    if tcp is None or tcp._eager_held:
+        yield
+        return
+    tcp._eager_held = True
+    try:
+        yield
+    finally:
+        tcp._eager_held = False
+        if tcp._eager_wanted:
+            tcp._eager_wanted = False
+            tcp.startWriting()
+
+
 def unbuffer(tls: Any) -> None:
     """
     Make a just-created ``BufferingTLSTransport`` write straight through to
@@ -79,7 +115,9 @@ def unbuffer(tls: Any) -> None:
     if type(tls) is BufferingTLSTransport:
         tls.__dict__.pop("write", None)
         tls.__dict__.pop("_aggregator", None)
-        tls.__class__ = TLSMemoryBIOProtocol  # type: ignore[assignment]
+        # One call into libssl per direction over kumoauth's own binding
+        # (kumoauth/tls/direct.py).
+        tls.__class__ = direct_class(tls)  # type: ignore[assignment]
 
 
 _classes: dict[type, type] = {}

@@ -728,6 +728,7 @@ def worker_main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner
 
+    from kumoauth.ops.reactor import streamline
     from kumoauth.ops.service import make_service_from_config
     from kumoauth.tls.context import adopt_ticket_secret
 
@@ -788,6 +789,7 @@ def worker_main(argv: list[str] | None = None) -> None:
         )
         control.tell({"type": "ready", "generation": generation})
 
+    streamline(reactor)  # no legacy log context per event (kumoauth/ops/reactor.py)
     settle_when_running(reactor, top.process.slicer)
     reactor.callWhenRunning(lambda: reactor.callLater(0, ready))
     reactor.run()  # type: ignore[attr-defined]

@@ -20,7 +20,6 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -29,6 +28,7 @@ from kumoauth.auth.authenticator import R_TEMPFAIL, Attempt, Outcome
 from kumoauth.auth.cred import credentials_for
 from kumoauth.auth.mechanisms import REGISTRY, Mechanism
 from kumoauth.meta import ConnMeta
+from kumoauth.ops.transport import corked
 from kumoauth.policy import Reject
 from kumoauth.smtp.commands import (
     MAX_COMMAND_LINE,
@@ -54,6 +54,7 @@ from kumoauth.smtp.sender_gate import failed_reply
 from kumoauth.storage.delivery import Delivery, Message
 from kumoauth.storage.spool import SpoolError, new_id
 from kumoauth.tls.context import describe
+from kumoauth.tls.direct import DirectTLSFactory
 
 if TYPE_CHECKING:
     from kumoauth.config import ListenerConfig
@@ -98,7 +99,7 @@ class SubmissionProtocol(Protocol):
         "_output_blocked", "_closing", "_counted", "_discarding", "_discard_reply",
         "_timer", "_handshake_timer", "_pending", "_errors", "_auth_failures",
         "_secure", "_greeted", "_esmtp", "_sasl", "_final", "_mail_from",
-        "_smtputf8", "_rcpts", "_reader", "_ip", "_initial_meta",
+        "_smtputf8", "_rcpts", "_reader", "_ip", "_initial_meta", "_producing",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -112,6 +113,7 @@ class SubmissionProtocol(Protocol):
         self._output_blocked = False
         self._closing = False
         self._counted = False
+        self._producing = False  # registered with the transport as its producer
         self._discarding = False
         self._discard_reply = R_TOO_LONG
         self._timer: Any = None
@@ -176,6 +178,7 @@ class SubmissionProtocol(Protocol):
         # Backpressure: the transport pauses us when the client does not
         # read its replies, and we stop reading its commands.
         self.transport.registerProducer(self, True)
+        self._producing = True
         self._touch()
         self._timer = rt.clock.callLater(rt.server.idle_timeout, self._idle_check)
         if self._secure:
@@ -352,13 +355,20 @@ class SubmissionProtocol(Protocol):
     def _close(self, reply: bytes | None = None, abort_after: float = _CLOSE_TIMEOUT) -> None:
         if self._closing:
             return
-        if reply is not None:
-            self.transport.write(reply + b"\r\n")
         self._closing = True
         self._cancel_timer()
         self._cancel_handshake_timer()
         self._buf.clear()
-        self.transport.loseConnection()
+        # The reply, and over TLS the close_notify at once (no more output
+        # from us: the TLS layer would otherwise wait for the client's
+        # close_notify before sending its own), in one segment.
+        with corked(self.transport):
+            if reply is not None:
+                self.transport.write(reply + b"\r\n")
+            if self._producing:
+                self._producing = False
+                self.transport.unregisterProducer()
+            self.transport.loseConnection()
         # A TLS close waits for the client's close_notify; a client that
         # stopped reading would keep its slot forever.
         self._timer = self.rt.clock.callLater(abort_after, self.transport.abortConnection)
@@ -1076,7 +1086,7 @@ def wrap_listener(factory: SubmissionFactory) -> IProtocolFactory:
     """
     if factory.listener.tls == "implicit":
         assert factory.runtime.tls is not None
-        return TLSMemoryBIOFactory(factory.runtime.tls, False, factory)
+        return DirectTLSFactory(factory.runtime.tls, factory)
     return factory
 
 

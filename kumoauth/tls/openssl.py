@@ -142,6 +142,9 @@ OSSL_PARAM_UNMODIFIED = (1 << 64) - 1
 
 # Connection._unsettled bits: the BIO into the SSL, the one out of it.
 _INTO, _FROM = 1, 2
+
+#: the plaintext buffer for one SSL_read (a record holds at most 16 KiB)
+_READ_SIZE = 2**15
 _BOTH = _INTO | _FROM
 
 _ERR_SYSTEM_FLAG = 1 << 31
@@ -414,29 +417,37 @@ class Connection:
     # --- the TLSMemoryBIOProtocol interface --------------------------------
 
     def _raise_ssl_error(self, result: int) -> None:
-        error = lib.SSL_get_error(self._ssl, result)
+        error = self._ssl_error(result, lib.SSL_get_error(self._ssl, result))
+        if error is not None:
+            raise error
+
+    def _ssl_error(self, result: int, error: int) -> Exception | None:
+        """
+        The exception pyOpenSSL raises for a failed call's *result* and its
+        ``SSL_get_error`` code *error*; None for ``SSL_ERROR_NONE``.
+        """
         if error == SSL_ERROR_NONE:
-            return
+            return None
         if error == SSL_ERROR_WANT_READ:
-            raise WantReadError()
+            return WantReadError()
         if error == SSL_ERROR_WANT_WRITE:
-            raise WantWriteError()
+            return WantWriteError()
         if error == SSL_ERROR_ZERO_RETURN:
-            raise ZeroReturnError()
+            return ZeroReturnError()
         if error == SSL_ERROR_SYSCALL:
             errno = ffi.errno
             if crypto.ERR_peek_error() == 0 or errno != 0:
                 crypto.ERR_clear_error()
                 if result < 0 and errno != 0:
-                    raise SysCallError(errno, os.strerror(errno))
-                raise SysCallError(-1, "Unexpected EOF")
-            raise_error()
+                    return SysCallError(errno, os.strerror(errno))
+                return SysCallError(-1, "Unexpected EOF")
+            return Error(error_queue())
         if error == SSL_ERROR_SSL:
             peeked = crypto.ERR_peek_error()
             if peeked != 0 and _reason(peeked) == SSL_R_UNEXPECTED_EOF_WHILE_READING:
                 crypto.ERR_clear_error()
-                raise SysCallError(-1, "Unexpected EOF")
-        raise_error()
+                return SysCallError(-1, "Unexpected EOF")
+        return Error(error_queue())
 
     def do_handshake(self) -> None:
         crypto.ERR_clear_error()
@@ -517,6 +528,58 @@ class Connection:
         if result <= 0:
             self._bio_error(self._into_ssl)
         return int(result)
+
+    # --- one call per direction (kumoauth.tls.direct) ----------------------
+
+    def open(self, data: bytes) -> tuple[list[bytes], Exception | None]:
+        """
+        ``bio_write(data)``, then ``recv`` until OpenSSL wants more bytes,
+        in one call: the plaintext read, record by record, and the exception
+        the last ``recv`` would have raised, None for "wants more bytes"
+        (``WantReadError``), the usual end.
+        """
+        self.bio_write(data)
+        crypto.ERR_clear_error()
+        buf = _scratch("char[]", _READ_SIZE)
+        records: list[bytes] = []
+        while True:
+            result = lib.SSL_read(self._ssl, buf, _READ_SIZE)
+            if result > 0:
+                records.append(ffi.buffer(buf, result)[:])
+                continue
+            error = lib.SSL_get_error(self._ssl, result)
+            if error != SSL_ERROR_WANT_READ:
+                return records, self._ssl_error(result, error)
+            if self._unsettled & _INTO and _empty(self._into_ssl):
+                self._settle(_INTO)  # as recv does
+            return records, None
+
+    def take(self) -> bytes:
+        """
+        All the outgoing BIO holds (b"" when it is empty): ``bio_read``
+        without a size limit or a ``WantReadError`` for nothing to send.
+        """
+        pending = lib.BIO_ctrl(self._from_ssl, BIO_CTRL_PENDING, 0, ffi.NULL)
+        if pending <= 0:
+            return b""
+        buf = _scratch("char[]", pending)
+        result = lib.BIO_read(self._from_ssl, buf, pending)
+        if result <= 0:
+            self._bio_error(self._from_ssl)
+        if self._unsettled & _FROM and result == pending:
+            self._settle(_FROM)  # drained, as bio_read does
+        return ffi.buffer(buf, result)[:]
+
+    def seal(self, data: bytes) -> bytes | None:
+        """
+        ``send(data)`` and ``take()`` in one call: the TLS records for
+        *data*, or None when ``SSL_write`` failed (nothing was sent; calling
+        ``send`` with the same bytes raises what it would have raised).
+        """
+        crypto.ERR_clear_error()
+        if lib.SSL_write(self._ssl, data, len(data)) <= 0:
+            return None
+        return self.take()
 
     def bio_shutdown(self) -> None:
         # The EOF mark belongs to this BIO: it is never swapped after this,

@@ -1,0 +1,82 @@
+"""
+The epoll reactor's dispatch of ready descriptors, without the legacy log
+context around each one.
+
+``EPollReactor.doPoll`` hands every ready descriptor to ``doRead`` /
+``doWrite`` through ``twisted.python.log.callWithLogger``: per event it
+asks the connection for its ``logPrefix()``, copies the thread's context
+dictionary with ``{"system": prefix}`` added, pushes it, calls, and pops
+it.  Only legacy ``log.msg`` / ``log.err`` events read that context;
+kumoauth logs through ``twisted.logger``, whose events never do.  For a
+submission session that is some twenty context pushes: 5.8 % of the
+server's CPU per session on workload (a) (``python -m bench.ab``,
+BENCHMARKS.md).
+
+:func:`streamline` gives the process's reactor, when it is Twisted's
+``EPollReactor`` (twistd's default on Linux), a ``doPoll`` that calls the
+reactor's own ``_doReadOrWrite`` directly.  Everything ``_doReadOrWrite``
+does is unchanged: an exception from ``doRead``/``doWrite`` is still
+logged with its traceback and the connection dropped.  What changes is the
+``system`` field of such a legacy error line (``-`` instead of the
+connection's prefix); an exception escaping ``_doReadOrWrite`` itself is
+logged, as before, with the connection's prefix.  Other reactors are left
+as they are.  docs/decisions.md has the choice.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.python import log as legacy_log
+
+
+class DirectDispatchEPollReactor(EPollReactor):
+    """
+    ``EPollReactor`` whose poll calls ``_doReadOrWrite`` without
+    ``callWithLogger``.
+    """
+
+    def doPoll(self, timeout: float | None) -> None:
+        if timeout is None:
+            timeout = -1  # wait until something happens
+        try:
+            # At most one event per descriptor the reactor watches, as
+            # EPollReactor asks.
+            ready = self._poller.poll(timeout, len(self._selectables))
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return
+            raise
+        dispatch = self._doReadOrWrite
+        selectables = self._selectables
+        for fd, event in ready:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue  # removed by an earlier event of this poll
+            try:
+                dispatch(selectable, fd, event)
+            except BaseException:
+                legacy_log.err(system=_prefix(selectable))
+
+    doIteration = doPoll
+
+
+def _prefix(selectable: Any) -> str:
+    try:
+        return str(selectable.logPrefix())
+    except Exception:
+        return "(buggy logPrefix method)"
+
+
+def streamline(reactor: Any) -> bool:
+    """
+    Make *reactor* a :class:`DirectDispatchEPollReactor` if it is exactly an
+    ``EPollReactor`` (the same object, its class swapped for the subclass,
+    which only overrides ``doPoll``); True when it did.
+    """
+    if type(reactor) is EPollReactor:
+        reactor.__class__ = DirectDispatchEPollReactor
+        return True
+    return isinstance(reactor, DirectDispatchEPollReactor)

@@ -1,0 +1,105 @@
+"""
+TLS over memory BIOs with one call into libssl per direction.
+
+``TLSMemoryBIOProtocol`` moves each chunk through ``pyOpenSSL``'s interface:
+``bio_write``, then ``recv`` until a ``WantReadError`` is raised, then
+``bio_read`` until another is raised; each reply is a ``send`` and a
+``bio_read``.  Per SMTP command that is half a dozen calls into the binding
+and two exceptions raised and caught.  With kumoauth's own binding
+(:mod:`kumoauth.tls.openssl`) the same steps are one call each way:
+:meth:`~kumoauth.tls.openssl.Connection.open` returns every record a chunk
+completes, :meth:`~kumoauth.tls.openssl.Connection.seal` the TLS bytes of a
+reply, and :meth:`~kumoauth.tls.openssl.Connection.take` what is waiting
+to go.
+
+:class:`DirectTLS` takes those paths once the handshake is done and nothing
+waits in the handshake's write buffer; everything else (the handshake,
+buffered writes, a write that fails, shutdown, producers, connection loss)
+is ``TLSMemoryBIOProtocol``'s own code, and the outcomes are the same:
+records are delivered in order and stop as soon as the TLS connection is
+lost, a close_notify or an error ends the session as
+``_flushReceiveBIO`` would.  Measured in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from OpenSSL.SSL import ZeroReturnError
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+
+from kumoauth.tls.context import ServerContextFactory
+from kumoauth.tls.openssl import Connection
+
+#: what one ``seal`` takes at most: a TLS record's plaintext
+_RECORD = 2**14
+
+
+class DirectTLS(TLSMemoryBIOProtocol):
+    """
+    ``TLSMemoryBIOProtocol`` for a :class:`kumoauth.tls.openssl.Connection`.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._handshakeDone or self._appSendBuffer:
+            super().dataReceived(data)
+            return
+        records, error = self._tlsConnection.open(data)
+        deliver = self.wrappedProtocol.dataReceived
+        for record in records:
+            if self._lostTLSConnection:
+                break
+            if not self._aborted:
+                deliver(record)
+        if error is not None and not self._lostTLSConnection:
+            if isinstance(error, ZeroReturnError):
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            else:
+                self._tlsShutdownFinished(Failure(error))
+        self._flushSendBIO()
+
+    def _flushSendBIO(self) -> None:
+        out = self._tlsConnection.take()
+        if out:
+            self.transport.write(out)  # type: ignore[union-attr]
+
+    def _write(self, data: bytes) -> None:
+        if self._lostTLSConnection or not data:
+            return
+        if len(data) <= _RECORD:
+            out = self._tlsConnection.seal(data)
+            if out is not None:
+                if out:
+                    self.transport.write(out)  # type: ignore[union-attr]
+                return
+        # A long write, or SSL_write failed (the handshake wants bytes, the
+        # connection broke): TLSMemoryBIOProtocol's loop, which buffers or
+        # ends the connection as it should.
+        super()._write(data)
+
+
+class DirectTLSFactory(TLSMemoryBIOFactory):
+    """
+    ``TLSMemoryBIOFactory`` for the server side of implicit TLS, with
+    :class:`DirectTLS` connections: its context must make kumoauth's
+    connections (a :class:`~kumoauth.tls.context.ServerContextFactory`).
+    """
+
+    protocol = DirectTLS
+
+    def __init__(self, context: ServerContextFactory, wrapped: Any) -> None:
+        if not isinstance(context, ServerContextFactory):
+            raise TypeError(f"DirectTLSFactory needs a ServerContextFactory, not {context!r}")
+        super().__init__(context, False, wrapped)
+
+
+def direct_class(tls: TLSMemoryBIOProtocol) -> type[TLSMemoryBIOProtocol]:
+    """
+    The class a started TLS wrapper should have: :class:`DirectTLS` over
+    kumoauth's binding, ``TLSMemoryBIOProtocol`` over pyOpenSSL.
+    """
+    if isinstance(getattr(tls, "_tlsConnection", None), Connection):
+        return DirectTLS
+    return TLSMemoryBIOProtocol
