@@ -250,3 +250,39 @@ def test_corked_leaves_other_transports_alone():
     with corked(t):
         t.write(b"x")
         assert t.value() == b"x"
+
+
+def test_direct_starttls_leaves_what_twisteds_startTLS_leaves(reactor, tmp_path):
+    from twisted.internet.interfaces import ISSLTransport
+    from zope.interface import directlyProvidedBy, providedBy
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    options = ServerContextFactory(
+        build_context(TLSConfig(tmp_path / "cert.pem", tmp_path / "key.pem"))
+    )
+    seen = []
+    for eager_port in (True, False):
+        port, proto, client = accepted(reactor, eager_port)
+        with client:
+            proto.transport.registerProducer(proto, True)  # as the SMTP protocol does
+            in_reactor(proto.transport.startTLS, options)
+            t = proto.transport
+            tls = t.protocol
+            seen.append(
+                (
+                    list(directlyProvidedBy(tls)),
+                    list(providedBy(tls)),
+                    ISSLTransport.providedBy(t),
+                    t.TLS,
+                    t.getHandle() is tls._tlsConnection,
+                    t.producer is not None,
+                    tls._producer is not None,
+                )
+            )
+            assert (type(tls) is DirectTLS) is eager_port
+        in_reactor(port.stopListening)
+    assert seen[0] == seen[1]
+    assert seen[0][1] and all(seen[0][2:])

@@ -31,7 +31,8 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.protocols.tls import BufferingTLSTransport
 
-from kumoauth.tls.direct import direct_class
+from kumoauth.tls.context import ServerContextFactory
+from kumoauth.tls.direct import direct_class, start_server_tls
 
 
 class EagerWrites:
@@ -77,6 +78,9 @@ class EagerWrites:
         super().startWriting()  # type: ignore[misc]
 
     def startTLS(self, ctx: Any, normal: bool = True) -> None:
+        if normal and not self._tlsClientDefault and isinstance(ctx, ServerContextFactory):  # type: ignore[attr-defined]
+            start_server_tls(self, ctx)  # kumoauth/tls/direct.py
+            return
         super().startTLS(ctx, normal)  # type: ignore[misc]
         unbuffer(self.protocol)  # type: ignore[attr-defined]
 
