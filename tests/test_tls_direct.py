@@ -215,3 +215,77 @@ def test_seal_before_the_handshake_is_none_and_send_says_why(ca_and_factory):
 
     with pytest.raises(WantReadError):
         conn.send(b"early")
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_data_with_the_clients_finished_is_delivered(ca_and_factory, cls):
+    ca, scf = ca_and_factory
+    factory = TLSMemoryBIOFactory(scf, False, Factory.forProtocol(Recorder))
+    factory.protocol = cls
+    tls = factory.buildProtocol(None)
+    wire = StringTransport()
+    tls.makeConnection(wire)
+    cctx = ssl.create_default_context()
+    ca.configure_trust(cctx)
+    to_client, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = cctx.wrap_bio(to_client, to_server, server_hostname="localhost")
+    while True:
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            tls.dataReceived(to_server.read())
+            to_client.write(wire.value())
+            wire.clear()
+    client.write(b"ping")  # after the Finished, in the same chunk
+    tls.dataReceived(to_server.read())
+    assert tls.wrappedProtocol.received == [b"ping"]
+    to_client.write(wire.value())
+    assert client.read(100) == b"pong"
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_broken_client_hello_ends_the_session_with_an_error(ca_and_factory, cls):
+    ca, scf = ca_and_factory
+    factory = TLSMemoryBIOFactory(scf, False, Factory.forProtocol(Recorder))
+    factory.protocol = cls
+    tls = factory.buildProtocol(None)
+    wire = StringTransport()
+    tls.makeConnection(wire)
+    app = tls.wrappedProtocol
+    tls.dataReceived(b"\x16\x03\x01\x00\x05hello")  # a handshake record that is not one
+    assert wire.disconnecting
+    assert wire.value()  # the alert
+    tls.connectionLost(Failure(ConnectionDone()))
+    assert app.lost.check(Error)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_the_greeting_written_before_the_handshake_goes_after_it(ca_and_factory, cls):
+    # Implicit TLS: the protocol greets in connectionMade, before any TLS.
+    class Greeter(Recorder):
+        def connectionMade(self) -> None:
+            self.transport.write(b"220 hello")
+
+    ca, scf = ca_and_factory
+    factory = TLSMemoryBIOFactory(scf, False, Factory.forProtocol(Greeter))
+    factory.protocol = cls
+    tls = factory.buildProtocol(None)
+    wire = StringTransport()
+    tls.makeConnection(wire)
+    assert wire.value() == b""
+    cctx = ssl.create_default_context()
+    ca.configure_trust(cctx)
+    to_client, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = cctx.wrap_bio(to_client, to_server, server_hostname="localhost")
+    while True:
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            tls.dataReceived(to_server.read())
+            to_client.write(wire.value())
+            wire.clear()
+    tls.dataReceived(to_server.read())
+    to_client.write(wire.value())
+    assert client.read(100) == b"220 hello"

@@ -12,23 +12,27 @@ completes, :meth:`~kumoauth.tls.openssl.Connection.seal` the TLS bytes of a
 reply, and :meth:`~kumoauth.tls.openssl.Connection.take` what is waiting
 to go.
 
-:class:`DirectTLS` takes those paths once the handshake is done and nothing
-waits in the handshake's write buffer; everything else (the handshake,
-buffered writes, a write that fails, shutdown, producers, connection loss)
-is ``TLSMemoryBIOProtocol``'s own code, and the outcomes are the same:
-records are delivered in order and stop as soon as the TLS connection is
-lost, a close_notify or an error ends the session as
-``_flushReceiveBIO`` would.  Measured in BENCHMARKS.md.
+:class:`DirectTLS` takes those paths, and steps the handshake with
+:meth:`~kumoauth.tls.openssl.Connection.try_handshake` (no exception while
+it waits for the client); everything else (writes buffered during the
+handshake, a write that fails, shutdown, producers, connection loss) is
+``TLSMemoryBIOProtocol``'s own code.  The outcomes are the same: records
+are delivered in order and stop as soon as the TLS connection is lost, a
+close_notify or an error ends the session as ``_flushReceiveBIO`` would,
+a failed handshake as ``_checkHandshakeStatus`` would
+(tests/test_tls_direct.py runs every case on both classes).  STARTTLS
+builds one directly (:func:`start_server_tls`).  Measured in
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL.SSL import ZeroReturnError
+from OpenSSL.SSL import Error, ZeroReturnError
 from twisted.internet._newtls import _BypassTLS
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -48,11 +52,12 @@ class DirectTLS(TLSMemoryBIOProtocol):
     """
 
     def makeConnection(self, transport: Any) -> None:
-        # TLSMemoryBIOProtocol.makeConnection, but for its loop
+        # TLSMemoryBIOProtocol.makeConnection, but for two things.  Its loop
         #     for interface in providedBy(transport): directlyProvides(self, interface)
-        # where each declaration replaces the one before: ten declarations
-        # (~11 µs) that leave the last interface declared.  The same one
-        # here, found once per kind of transport.
+        # makes ten declarations (~11 µs), each replacing the one before:
+        # the last one is made here, found once per kind of transport.  And
+        # its first handshake step is left out: a server has nothing to say
+        # before the ClientHello.
         self._tlsConnection = self.factory._creatorCallable(self)
         self._appSendBuffer = []
         directlyProvides(self, _last_interface(transport))
@@ -60,12 +65,38 @@ class DirectTLS(TLSMemoryBIOProtocol):
         self.factory.registerProtocol(self)
         if self._connectWrapped:
             ProtocolWrapper.makeConnection(self, transport)
-        self._checkHandshakeStatus()
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._handshakeDone or self._appSendBuffer:
+        if self._handshakeDone:
+            if self._appSendBuffer:
+                super().dataReceived(data)
+            else:
+                self._deliver(data)
+            return
+        if self._aborted:
             super().dataReceived(data)
             return
+        # TLSMemoryBIOProtocol.dataReceived and _checkHandshakeStatus,
+        # without a WantReadError per step.
+        conn = self._tlsConnection
+        conn.bio_write(data)
+        try:
+            done = conn.try_handshake()
+        except Error:
+            self._tlsShutdownFinished(Failure())
+            return
+        if not done:
+            self._flushSendBIO()
+            return
+        self._handshakeDone = True
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+        if self._appSendBuffer:
+            self._unbufferPendingWrites()
+        self._deliver(b"")  # what came with the client's Finished
+
+    def _deliver(self, data: bytes) -> None:
+        """*data* in; every record it completes to the protocol; replies out."""
         records, error = self._tlsConnection.open(data)
         deliver = self.wrappedProtocol.dataReceived
         for record in records:

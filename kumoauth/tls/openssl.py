@@ -450,13 +450,26 @@ class Connection:
         return Error(error_queue())
 
     def do_handshake(self) -> None:
+        if not self.try_handshake():
+            raise WantReadError()
+
+    def try_handshake(self) -> bool:
+        """
+        ``do_handshake`` without an exception for the usual case: True once
+        the handshake is done, False while it wants more bytes; any other
+        failure raises as ``do_handshake`` does.
+        """
         crypto.ERR_clear_error()
         result = lib.SSL_do_handshake(self._ssl)
         if result != 1:
-            self._raise_ssl_error(result)
+            error = lib.SSL_get_error(self._ssl, result)
+            if error == SSL_ERROR_WANT_READ:
+                return False
+            raise self._ssl_error(result, error) or Error(error_queue())
         if not self._armed:  # once per connection
             self._armed = True
             self._unsettled = _BOTH
+        return True
 
     # A memory BIO keeps the capacity of the largest flight it held: for
     # the rest of the session, the handshake's (the certificate chain out,
@@ -533,12 +546,13 @@ class Connection:
 
     def open(self, data: bytes) -> tuple[list[bytes], Exception | None]:
         """
-        ``bio_write(data)``, then ``recv`` until OpenSSL wants more bytes,
-        in one call: the plaintext read, record by record, and the exception
+        ``bio_write(data)`` (unless empty), then ``recv`` until OpenSSL
+        wants more bytes, in one call: the plaintext read, record by record, and the exception
         the last ``recv`` would have raised, None for "wants more bytes"
         (``WantReadError``), the usual end.
         """
-        self.bio_write(data)
+        if data:
+            self.bio_write(data)
         crypto.ERR_clear_error()
         buf = _scratch("char[]", _READ_SIZE)
         records: list[bytes] = []
