@@ -1053,3 +1053,40 @@ def test_recovery_leaves_a_live_writers_batch_being_synced_for_later(qdir):
         outcome, mid = answer(child, "ok")
         assert outcome == "stored" and [e.id for e in store.scan_new()] == [mid]
         store.close()
+
+
+def test_only_a_writer_the_owner_scans_locks_its_batches(qdir, monkeypatch):
+    """
+    A worker's batch is under a write lock until its sync returns (the
+    owner's scan must not relay it earlier); the owner's own writer needs
+    none: its scan skips its own segments and it indexes each batch after
+    the sync.  Two fcntl calls per batch saved where there are no workers.
+    """
+    import fcntl
+
+    locks: list[int] = []
+    real = fcntl.lockf
+
+    def lockf(fd: int, cmd: int, *args: int) -> None:
+        locks.append(cmd)
+        real(fd, cmd, *args)
+
+    monkeypatch.setattr(fcntl, "lockf", lockf)
+    store = QueueStore.open(qdir)
+    try:
+        mid = new_id()
+        assert store.append_batch(
+            [Message(mid, "a@example.com", ["b@example.net"], b"x\r\n", {})]
+        ) == [mid]
+        assert locks == []
+        worker = SegmentWriter(qdir, "w1")
+        worker.create()
+        result = worker.append_batch(
+            [Message(new_id(), "a@example.com", ["b@example.net"], b"y\r\n", {})]
+        )
+        assert isinstance(result[0], tuple)
+        assert locks == [fcntl.LOCK_EX, fcntl.LOCK_UN]
+        worker.close()
+        assert [e.id for e in store.scan_new()] == [result[0][0]]
+    finally:
+        store.close()

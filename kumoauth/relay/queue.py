@@ -533,12 +533,16 @@ class SegmentWriter:
     share a segment.
     """
 
-    def __init__(self, path: Path | str, writer: str = "0") -> None:
+    def __init__(self, path: Path | str, writer: str = "0", lock_batches: bool = True) -> None:
         if not WRITER_RE.match(writer):
             raise ValueError(f"bad writer id {writer!r}")
         self.path = Path(path)
         self.seg_dir = self.path / SEG_DIR
         self.writer = writer
+        #: hold each batch under a write lock until its sync has returned,
+        #: for the owner's scan; the owner's own writer needs none (its
+        #: scan skips this writer's segments, see QueueStore.scan_new)
+        self.lock_batches = lock_batches
         self._fd: int | None = None
         self._name: str | None = None
         self._size = 0  # where the next record goes
@@ -659,7 +663,8 @@ class SegmentWriter:
             # (POSIX, from its start to the end of the file): the owner's
             # scan leaves what it covers for later (QueueStore.scan_new),
             # so another process never relays a record before it is durable.
-            fcntl.lockf(fd, fcntl.LOCK_EX, 0, acknowledged)
+            if self.lock_batches:
+                fcntl.lockf(fd, fcntl.LOCK_EX, 0, acknowledged)
             buffers: list[bytes] = []
             placed: list[tuple[int, Header]] = []
             o = self._size
@@ -674,7 +679,8 @@ class SegmentWriter:
             if o > self._zeroed:  # the records made the file longer
                 self._zero_ahead(fd, o)
             os.fdatasync(fd)
-            fcntl.lockf(fd, fcntl.LOCK_UN, 0, acknowledged)
+            if self.lock_batches:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 0, acknowledged)
         except OSError as e:
             # The segment may now end in a torn or unsynced batch: cut it
             # back to what was acknowledged (a full disk gets its space
@@ -721,7 +727,9 @@ class QueueStore:
     def __init__(self, path: Path | str, writer: str = "0") -> None:
         self.path = Path(path)
         self.seg_dir = self.path / SEG_DIR
-        self.writer = SegmentWriter(self.path, writer)
+        # The owner indexes its own batches after their sync, and its scan
+        # skips its own segments: no batch locks (two fcntl calls each).
+        self.writer = SegmentWriter(self.path, writer, lock_batches=False)
         self._lock_fd: int | None = None
         self._index: dict[str, Entry] = {}
         # segment name -> [bytes scanned, ids still live]
