@@ -28,6 +28,8 @@ from twisted.logger import ILogObserver, LogLevel, formatEvent
 from twisted.python import threadable
 from zope.interface import implementer
 
+from kumoauth.ops.logfile import one_write
+
 #: seconds a worker may hold an info line before writing it
 FLUSH_EVERY = 0.05
 #: bytes that make a worker write at once
@@ -182,9 +184,11 @@ class LineReader:
     def feed(self, data: bytes, now: Callable[[], float]) -> None:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
-        for line in lines:
-            if line.strip():
-                self._publish(line, now)
+        # A worker's batch (50 ms of its lines) in one write to the file.
+        with one_write():
+            for line in lines:
+                if line.strip():
+                    self._publish(line, now)
 
     def _publish(self, line: bytes, now: Callable[[], float]) -> None:
         stamped = _STAMP.match(line)
