@@ -89,9 +89,12 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         raise SystemExit(1) from None
     # twistd's log, in its format, formatted faster (kumoauth/ops/logfile.py)
     top.log_observer = observer_for(getattr(options, "parent", None))
-    # One call per ready descriptor, no legacy log context.
+    # One call per ready descriptor, no legacy log context; pool threads
+    # that do not preempt the reactor thread.
     from kumoauth.ops.reactor import streamline
+    from kumoauth.ops.threads import background_pool
 
     streamline(reactor)
+    background_pool(reactor)
     settle_when_running(reactor, slicer)
     return top

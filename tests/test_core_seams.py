@@ -6,6 +6,7 @@ without a transport, the mechanism registry.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -25,7 +26,7 @@ from kumoauth.config import AuthConfig, ConfigError, ThrottleConfig, parse
 from kumoauth.meta import ConnMeta
 from kumoauth.ops.loglimit import LogLimiter
 from kumoauth.ops.metrics import Metrics
-from kumoauth.ops.threads import BlockingPool, QueueFull
+from kumoauth.ops.threads import BlockingPool, QueueFull, background_pool
 
 # --- BlockingPool -----------------------------------------------------------------
 
@@ -51,6 +52,45 @@ class ThreadReactor:
             if until() or time.monotonic() > deadline:
                 return
             time.sleep(0.01)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policy")
+def test_pool_threads_do_not_preempt_the_reactor_thread():
+    """
+    BlockingPool's threads and the reactor's own pool (background_pool)
+    run SCHED_BATCH; the calling thread keeps its policy.
+    """
+    from twisted.python.threadpool import ThreadPool
+
+    reactor = ThreadReactor()
+    pool = BlockingPool(reactor, threads=1, max_queued=10, name="test")
+    pool.start()
+    seen: list[int] = []
+    try:
+        d = pool.call(lambda: os.sched_getscheduler(0))
+        d.addCallback(seen.append)
+        reactor.drain(until=lambda: bool(seen))
+    finally:
+        pool.pool.stop()
+
+    class Reactor:
+        def __init__(self) -> None:
+            self.pool = ThreadPool(0, 1)
+
+        def getThreadPool(self) -> ThreadPool:
+            return self.pool
+
+    plain = Reactor()
+    background_pool(plain)
+    plain.pool.start()
+    done = threading.Event()
+    plain.pool.callInThread(lambda: (seen.append(os.sched_getscheduler(0)), done.set()))
+    try:
+        assert done.wait(5)
+    finally:
+        plain.pool.stop()
+    assert seen == [os.SCHED_BATCH, os.SCHED_BATCH]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 def test_withdrawn_calls_never_run_and_release_their_arguments():

@@ -203,3 +203,38 @@ def test_the_spool_writer_runs_one_thread_however_often_started(tmp_path):
         time.sleep(0.01)
     assert got == [msg.id] and written == [[msg.id]]
     assert stopped and not writers() - before
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policy")
+def test_the_spool_writer_thread_does_not_preempt_the_reactor(tmp_path):
+    """
+    The writer thread runs SCHED_BATCH (no wakeup preemption of the
+    reactor thread that holds the GIL); the thread that started it keeps
+    its policy.
+    """
+    import time
+
+    from kumoauth.storage.spool import SpoolWriter
+
+    policies: list[int] = []
+
+    class Appender:
+        def append_batch(self, messages):
+            policies.append(os.sched_getscheduler(0))  # the writer thread's own
+            return [m.id for m in messages]
+
+    class Reactor:
+        def callFromThread(self, f, *args):
+            f(*args)
+
+    writer = SpoolWriter(Appender(), Reactor())  # type: ignore[arg-type]
+    writer.start()
+    got: list[str] = []
+    writer.store(message()).addCallback(got.append)
+    stopped: list[None] = []
+    writer.stop().addCallback(stopped.append)
+    deadline = time.monotonic() + 10
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got and policies == [os.SCHED_BATCH]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER

@@ -86,7 +86,7 @@ from kumoauth.ops.listening import (
     install_signals,
 )
 from kumoauth.ops.logfile import ApplicationLog
-from kumoauth.ops.threads import Serial
+from kumoauth.ops.threads import Serial, background_pool
 from kumoauth.ops.worklog import LineReader, WorkerLog
 
 log = Logger(namespace="kumoauth.workers")
@@ -790,6 +790,7 @@ def worker_main(argv: list[str] | None = None) -> None:
         control.tell({"type": "ready", "generation": generation})
 
     streamline(reactor)  # no legacy log context per event (kumoauth/ops/reactor.py)
+    background_pool(reactor)  # its threads do not preempt the reactor thread
     settle_when_running(reactor, top.process.slicer)
     reactor.callWhenRunning(lambda: reactor.callLater(0, ready))
     reactor.run()  # type: ignore[attr-defined]

@@ -29,6 +29,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 
+from kumoauth.ops.threads import yield_on_wake
 from kumoauth.relay.queue import (
     QueuedMessage,
     QueueError,
@@ -245,6 +246,7 @@ class SpoolWriter:
         return d
 
     def _run(self, inbox: queue.SimpleQueue[tuple[Message, defer.Deferred[str]] | None]) -> None:
+        yield_on_wake()  # woken by a store, do not preempt the reactor thread
         stopping = False
         while not stopping:
             first = inbox.get()
