@@ -89,12 +89,10 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         raise SystemExit(1) from None
     # twistd's log, in its format, formatted faster (kumoauth/ops/logfile.py)
     top.log_observer = observer_for(getattr(options, "parent", None))
-    # One call per ready descriptor, no legacy log context; pool threads
-    # that do not preempt the reactor thread.
-    from kumoauth.ops.reactor import streamline
-    from kumoauth.ops.threads import background_pool
+    # Dispatch without the legacy log context, pool threads that do not
+    # preempt the reactor thread (kumoauth/ops/reactor.py).
+    from kumoauth.ops.reactor import prepare
 
-    streamline(reactor)
-    background_pool(reactor)
+    prepare(reactor)
     settle_when_running(reactor, slicer)
     return top

@@ -216,13 +216,19 @@ def test_mail_before_auth_is_530(server):
         assert code == 530
 
 
+def plain_ehlo(raw: socket.socket):
+    """The greeting and EHLO on a plaintext socket; its reader, after the last 250."""
+    f = raw.makefile("rb")
+    assert f.readline().startswith(b"220 ")
+    raw.sendall(b"EHLO client.example\r\n")
+    while not f.readline().startswith(b"250 "):
+        pass
+    return f
+
+
 def test_starttls_pipelined_rset_is_never_answered(server):
     with socket.create_connection(("127.0.0.1", server.starttls_port), timeout=10) as raw:
-        f = raw.makefile("rb")
-        assert f.readline().startswith(b"220 ")
-        raw.sendall(b"EHLO client.example\r\n")
-        while not f.readline().startswith(b"250 "):
-            pass
+        f = plain_ehlo(raw)
         raw.sendall(b"STARTTLS\r\nRSET\r\n")
         assert f.readline() == b"220 2.0.0 Ready to start TLS\r\n"
         ctx = server.certs.client_context()
@@ -244,11 +250,7 @@ def test_quit_over_tls_ends_with_the_servers_close_notify(server, port):
     ctx = server.certs.client_context()
     with socket.create_connection(("127.0.0.1", getattr(server, port)), timeout=10) as raw:
         if port == "starttls_port":
-            f = raw.makefile("rb")
-            assert f.readline().startswith(b"220 ")
-            raw.sendall(b"EHLO client.example\r\n")
-            while not f.readline().startswith(b"250 "):
-                pass
+            f = plain_ehlo(raw)
             raw.sendall(b"STARTTLS\r\n")
             assert f.readline().startswith(b"220 ")
         tls = ctx.wrap_socket(raw, server_hostname="localhost")

@@ -203,3 +203,49 @@ def test_twistd_logs_through_our_observer_with_and_without_workers(tmp_path, wor
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "True", done.stdout + done.stderr
+
+
+def test_one_write_gathers_this_threads_lines_into_one_write():
+    """
+    Inside one_write (the supervisor logging a worker's batch), this
+    thread's lines reach the file in one write at the end, in order; a
+    nested block does not write early; another thread's line is written at
+    once.
+    """
+    import threading
+
+    from kumoauth.ops.logfile import ClassicFileLogObserver, one_write
+
+    class Out:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> None:
+            self.writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    out = Out()
+    observer = ClassicFileLogObserver(out, ClassicText())
+    base = {"log_format": "{text}", "log_level": LogLevel.info, "log_namespace": "kumoauth"}
+
+    def log(text: str) -> None:
+        observer({**base, "text": text, "log_time": 1_700_000_000.0})
+
+    log("before")
+    assert len(out.writes) == 1
+    with one_write():
+        log("one")
+        with one_write():
+            log("two")
+        other = threading.Thread(target=log, args=("elsewhere",))
+        other.start()
+        other.join()
+        assert [w.split("] ")[1] for w in out.writes] == ["before\n", "elsewhere\n"]
+    log("after")
+    assert len(out.writes) == 4
+    assert out.writes[2] == ours({**base, "text": "one", "log_time": 1_700_000_000.0}) + ours(
+        {**base, "text": "two", "log_time": 1_700_000_000.0}
+    )
+    assert out.writes[3].endswith("] after\n")

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from kumoauth.config import TLSConfig
 from kumoauth.tls import openssl
 from kumoauth.tls.context import ServerContextFactory, build_context
-from kumoauth.tls.direct import DirectTLS, DirectTLSFactory, direct_class
+from kumoauth.tls.direct import DirectTLS, DirectTLSFactory
 
 CLASSES = [DirectTLS, TLSMemoryBIOProtocol]
 
@@ -58,10 +58,22 @@ class Recorder(Protocol):
 
 
 class Session:
-    """One server-side TLS protocol of class *cls* and an ssl-module client."""
+    """
+    One server-side TLS protocol of class *cls* (over an *app* protocol)
+    and an ssl-module client; with *handshake*, the handshake done and the
+    client's Finished delivered.
+    """
 
-    def __init__(self, ca: trustme.CA, scf: Any, cls: type, version: ssl.TLSVersion) -> None:
-        factory = TLSMemoryBIOFactory(scf, False, Factory.forProtocol(Recorder))
+    def __init__(
+        self,
+        ca: trustme.CA,
+        scf: Any,
+        cls: type,
+        version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+        app: type[Protocol] | None = None,
+        handshake: bool = True,
+    ) -> None:
+        factory = TLSMemoryBIOFactory(scf, False, Factory.forProtocol(app or Recorder))
         factory.protocol = cls
         self.tls = factory.buildProtocol(None)
         self.wire = StringTransport()
@@ -72,13 +84,18 @@ class Session:
         cctx.minimum_version = cctx.maximum_version = version
         self.to_client, self.to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.client = cctx.wrap_bio(self.to_client, self.to_server, server_hostname="localhost")
+        if handshake:
+            self.client_handshake()
+            self.deliver(self.to_server.read())  # the client's Finished
+
+    def client_handshake(self) -> None:
+        """The handshake, up to the client's Finished (left with the client)."""
         while True:
             try:
                 self.client.do_handshake()
-                break
+                return
             except ssl.SSLWantReadError:
                 self.deliver(self.to_server.read())
-        self.deliver(self.to_server.read())  # the client's Finished
 
     def deliver(self, data: bytes) -> None:
         """*data* to the server; what it answers to the client."""
@@ -176,14 +193,23 @@ def test_implicit_tls_connections_are_direct(ca_and_factory):
     factory = DirectTLSFactory(ca_and_factory[1], Factory.forProtocol(Recorder))
     tls = factory.buildProtocol(None)
     tls.makeConnection(StringTransport())
-    assert type(tls) is DirectTLS and direct_class(tls) is DirectTLS
+    assert type(tls) is DirectTLS
 
 
-def test_a_pyopenssl_connection_keeps_twisteds_class():
-    class Fake:
-        _tlsConnection = object()
+def test_a_pyopenssl_connection_keeps_twisteds_class(ca_and_factory):
+    # The relay's client side (pyOpenSSL): unbuffer drops Twisted's
+    # write-gathering layer and leaves TLSMemoryBIOProtocol.
+    from twisted.internet.ssl import CertificateOptions
+    from twisted.protocols.tls import BufferingTLSTransport
 
-    assert direct_class(Fake()) is TLSMemoryBIOProtocol  # type: ignore[arg-type]
+    from kumoauth.ops.transport import unbuffer
+
+    factory = TLSMemoryBIOFactory(CertificateOptions(), True, Factory.forProtocol(Recorder))
+    tls = factory.buildProtocol(None)
+    assert type(tls) is BufferingTLSTransport
+    tls.makeConnection(StringTransport())
+    unbuffer(tls)
+    assert type(tls) is TLSMemoryBIOProtocol
 
 
 # --- the binding's one-call methods -------------------------------------------
@@ -219,45 +245,21 @@ def test_seal_before_the_handshake_is_none_and_send_says_why(ca_and_factory):
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_data_with_the_clients_finished_is_delivered(ca_and_factory, cls):
-    ca, scf = ca_and_factory
-    factory = TLSMemoryBIOFactory(scf, False, Factory.forProtocol(Recorder))
-    factory.protocol = cls
-    tls = factory.buildProtocol(None)
-    wire = StringTransport()
-    tls.makeConnection(wire)
-    cctx = ssl.create_default_context()
-    ca.configure_trust(cctx)
-    to_client, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = cctx.wrap_bio(to_client, to_server, server_hostname="localhost")
-    while True:
-        try:
-            client.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            tls.dataReceived(to_server.read())
-            to_client.write(wire.value())
-            wire.clear()
-    client.write(b"ping")  # after the Finished, in the same chunk
-    tls.dataReceived(to_server.read())
-    assert tls.wrappedProtocol.received == [b"ping"]
-    to_client.write(wire.value())
-    assert client.read(100) == b"pong"
+    s = Session(*ca_and_factory, cls, handshake=False)
+    s.client_handshake()
+    s.send(b"ping")  # after the Finished, in the same chunk
+    assert s.app.received == [b"ping"]
+    assert s.client.read(100) == b"pong"
 
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_a_broken_client_hello_ends_the_session_with_an_error(ca_and_factory, cls):
-    ca, scf = ca_and_factory
-    factory = TLSMemoryBIOFactory(scf, False, Factory.forProtocol(Recorder))
-    factory.protocol = cls
-    tls = factory.buildProtocol(None)
-    wire = StringTransport()
-    tls.makeConnection(wire)
-    app = tls.wrappedProtocol
-    tls.dataReceived(b"\x16\x03\x01\x00\x05hello")  # a handshake record that is not one
-    assert wire.disconnecting
-    assert wire.value()  # the alert
-    tls.connectionLost(Failure(ConnectionDone()))
-    assert app.lost.check(Error)
+    s = Session(*ca_and_factory, cls, handshake=False)
+    s.tls.dataReceived(b"\x16\x03\x01\x00\x05hello")  # a handshake record that is not one
+    assert s.wire.disconnecting
+    assert s.wire.value()  # the alert
+    s.tls.connectionLost(Failure(ConnectionDone()))
+    assert s.app.lost.check(Error)
 
 
 @pytest.mark.parametrize("cls", CLASSES)
@@ -267,25 +269,8 @@ def test_the_greeting_written_before_the_handshake_goes_after_it(ca_and_factory,
         def connectionMade(self) -> None:
             self.transport.write(b"220 hello")
 
-    ca, scf = ca_and_factory
-    factory = TLSMemoryBIOFactory(scf, False, Factory.forProtocol(Greeter))
-    factory.protocol = cls
-    tls = factory.buildProtocol(None)
-    wire = StringTransport()
-    tls.makeConnection(wire)
-    assert wire.value() == b""
-    cctx = ssl.create_default_context()
-    ca.configure_trust(cctx)
-    to_client, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = cctx.wrap_bio(to_client, to_server, server_hostname="localhost")
-    while True:
-        try:
-            client.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            tls.dataReceived(to_server.read())
-            to_client.write(wire.value())
-            wire.clear()
-    tls.dataReceived(to_server.read())
-    to_client.write(wire.value())
-    assert client.read(100) == b"220 hello"
+    s = Session(*ca_and_factory, cls, app=Greeter, handshake=False)
+    assert s.wire.value() == b""
+    s.client_handshake()
+    s.deliver(s.to_server.read())
+    assert s.client.read(100) == b"220 hello"

@@ -27,6 +27,19 @@ def reactor() -> Any:
     return start_reactor()
 
 
+@pytest.fixture
+def tls_server(tmp_path: Any) -> tuple[trustme.CA, ServerContextFactory]:
+    """A CA and kumoauth's server context with a certificate it issued."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    options = ServerContextFactory(
+        build_context(TLSConfig(tmp_path / "cert.pem", tmp_path / "key.pem"))
+    )
+    return ca, options
+
+
 class Recorder(protocol.Protocol):
     """Writes what the test asks for and reports the transport's state right after."""
 
@@ -122,14 +135,8 @@ def test_more_than_the_kernel_takes_goes_out_whole(reactor):
     in_reactor(port.stopListening)
 
 
-def test_starttls_on_an_eager_connection_writes_straight_through(reactor, tmp_path):
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost")
-    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
-    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
-    options = ServerContextFactory(
-        build_context(TLSConfig(tmp_path / "cert.pem", tmp_path / "key.pem"))
-    )
+def test_starttls_on_an_eager_connection_writes_straight_through(reactor, tls_server):
+    ca, options = tls_server
     port, proto, client = accepted(reactor, True)
     in_reactor(proto.transport.startTLS, options)
     tls = proto.transport.protocol
@@ -252,17 +259,11 @@ def test_corked_leaves_other_transports_alone():
         assert t.value() == b"x"
 
 
-def test_direct_starttls_leaves_what_twisteds_startTLS_leaves(reactor, tmp_path):
+def test_direct_starttls_leaves_what_twisteds_startTLS_leaves(reactor, tls_server):
     from twisted.internet.interfaces import ISSLTransport
     from zope.interface import directlyProvidedBy, providedBy
 
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost")
-    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
-    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
-    options = ServerContextFactory(
-        build_context(TLSConfig(tmp_path / "cert.pem", tmp_path / "key.pem"))
-    )
+    options = tls_server[1]
     seen = []
     for eager_port in (True, False):
         port, proto, client = accepted(reactor, eager_port)

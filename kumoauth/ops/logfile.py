@@ -23,7 +23,6 @@ import math
 import signal
 import sys
 import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -118,18 +117,13 @@ class ClassicFileLogObserver(FileLogObserver):
     of one write (a system call: the file is unbuffered) per event.
     """
 
-    def __init__(self, out: Any, fmt: Any) -> None:
-        super().__init__(out, fmt)
-        self._local = threading.local()  # .lines: this thread's gathered texts
-        _observers.add(self)
-
     def __call__(self, event: dict[str, Any]) -> None:
         text = self.formatEvent(event)
         if not text:
             return
-        lines = getattr(self._local, "lines", None)
-        if lines is not None:
-            lines.append(text)
+        gathered = getattr(_batch, "texts", None)
+        if gathered is not None:
+            gathered.setdefault(self, []).append(text)
         else:
             self._put(text)
 
@@ -138,8 +132,8 @@ class ClassicFileLogObserver(FileLogObserver):
         self._outFile.flush()
 
 
-_observers: weakref.WeakSet[ClassicFileLogObserver] = weakref.WeakSet()
-_depth = threading.local()
+#: .texts: inside one_write, this thread's gathered texts per observer
+_batch = threading.local()
 
 
 @contextmanager
@@ -150,21 +144,17 @@ def one_write() -> Iterator[None]:
     supervisor logs each batch of a worker's lines so).  Other threads'
     events are written at once, as always.
     """
-    if getattr(_depth, "n", 0):
+    if getattr(_batch, "texts", None) is not None:
         yield  # inside another block: that one writes
         return
-    _depth.n = 1
-    gathering = list(_observers)
-    for observer in gathering:
-        observer._local.lines = []
+    gathered: dict[ClassicFileLogObserver, list[str]] = {}
+    _batch.texts = gathered
     try:
         yield
     finally:
-        _depth.n = 0
-        for observer in gathering:
-            lines, observer._local.lines = observer._local.lines, None
-            if lines:
-                observer._put("".join(lines))
+        _batch.texts = None
+        for observer, texts in gathered.items():
+            observer._put("".join(texts))
 
 
 class ApplicationLog:

@@ -31,6 +31,8 @@ from typing import Any
 from twisted.internet.epollreactor import EPollReactor
 from twisted.python import log as legacy_log
 
+from kumoauth.ops.threads import background_pool
+
 
 class DirectDispatchEPollReactor(EPollReactor):
     """
@@ -80,3 +82,14 @@ def streamline(reactor: Any) -> bool:
         reactor.__class__ = DirectDispatchEPollReactor
         return True
     return isinstance(reactor, DirectDispatchEPollReactor)
+
+
+def prepare(reactor: Any) -> None:
+    """
+    Everything kumoauth changes about the process's reactor, before it
+    runs (the single process, the supervisor, each worker):
+    :func:`streamline`, and pool threads that do not preempt the reactor
+    thread (:func:`kumoauth.ops.threads.background_pool`).
+    """
+    streamline(reactor)
+    background_pool(reactor)

@@ -29,10 +29,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.protocols.tls import BufferingTLSTransport
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 from kumoauth.tls.context import ServerContextFactory
-from kumoauth.tls.direct import direct_class, start_server_tls
+from kumoauth.tls.direct import start_server_tls
 
 
 class EagerWrites:
@@ -119,9 +119,7 @@ def unbuffer(tls: Any) -> None:
     if type(tls) is BufferingTLSTransport:
         tls.__dict__.pop("write", None)
         tls.__dict__.pop("_aggregator", None)
-        # One call into libssl per direction over kumoauth's own binding
-        # (kumoauth/tls/direct.py).
-        tls.__class__ = direct_class(tls)  # type: ignore[assignment]
+        tls.__class__ = TLSMemoryBIOProtocol  # type: ignore[assignment]
 
 
 _classes: dict[type, type] = {}

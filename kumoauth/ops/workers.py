@@ -86,7 +86,7 @@ from kumoauth.ops.listening import (
     install_signals,
 )
 from kumoauth.ops.logfile import ApplicationLog
-from kumoauth.ops.threads import Serial, background_pool
+from kumoauth.ops.threads import Serial
 from kumoauth.ops.worklog import LineReader, WorkerLog
 
 log = Logger(namespace="kumoauth.workers")
@@ -728,7 +728,7 @@ def worker_main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner
 
-    from kumoauth.ops.reactor import streamline
+    from kumoauth.ops.reactor import prepare
     from kumoauth.ops.service import make_service_from_config
     from kumoauth.tls.context import adopt_ticket_secret
 
@@ -789,8 +789,7 @@ def worker_main(argv: list[str] | None = None) -> None:
         )
         control.tell({"type": "ready", "generation": generation})
 
-    streamline(reactor)  # no legacy log context per event (kumoauth/ops/reactor.py)
-    background_pool(reactor)  # its threads do not preempt the reactor thread
+    prepare(reactor)  # kumoauth/ops/reactor.py, as the single process does
     settle_when_running(reactor, top.process.slicer)
     reactor.callWhenRunning(lambda: reactor.callLater(0, ready))
     reactor.run()  # type: ignore[attr-defined]

@@ -29,7 +29,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 
-from kumoauth.ops.threads import yield_on_wake
+from kumoauth.ops.threads import BackgroundThread
 from kumoauth.relay.queue import (
     QueuedMessage,
     QueueError,
@@ -210,7 +210,8 @@ class SpoolWriter:
         if self._thread is not None:
             return
         self._inbox = queue.SimpleQueue()
-        self._thread = threading.Thread(
+        # Woken by a store, it does not preempt the reactor thread.
+        self._thread = BackgroundThread(
             target=self._run, args=(self._inbox,), name="kumoauth-spool", daemon=True
         )
         self._thread.start()
@@ -246,7 +247,6 @@ class SpoolWriter:
         return d
 
     def _run(self, inbox: queue.SimpleQueue[tuple[Message, defer.Deferred[str]] | None]) -> None:
-        yield_on_wake()  # woken by a store, do not preempt the reactor thread
         stopping = False
         while not stopping:
             first = inbox.get()

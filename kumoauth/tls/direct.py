@@ -40,7 +40,6 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from kumoauth.tls.context import ServerContextFactory
-from kumoauth.tls.openssl import Connection
 
 #: what one ``seal`` takes at most: a TLS record's plaintext
 _RECORD = 2**14
@@ -183,13 +182,3 @@ def start_server_tls(connection: Any, context: ServerContextFactory) -> DirectTL
     if producer is not None:
         connection.registerProducer(producer, streaming)
     return tls
-
-
-def direct_class(tls: TLSMemoryBIOProtocol) -> type[TLSMemoryBIOProtocol]:
-    """
-    The class a started TLS wrapper should have: :class:`DirectTLS` over
-    kumoauth's binding, ``TLSMemoryBIOProtocol`` over pyOpenSSL.
-    """
-    if isinstance(getattr(tls, "_tlsConnection", None), Connection):
-        return DirectTLS
-    return TLSMemoryBIOProtocol
