@@ -296,6 +296,46 @@ def test_one_ticket_and_resumption_when_on(tickets_on: Server, certs: Certs) -> 
         assert rate == 1.0, version
 
 
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
+)
+@pytest.mark.parametrize("tickets", [False, True], ids=["full", "resumed"])
+def test_first_command_after_the_handshake_is_not_held_back(
+    tmp_path: Path, certs: Certs, version: ssl.TLSVersion, tickets: bool
+) -> None:
+    """
+    A client with Nagle's algorithm on (Python's sockets, swaks, Postfix)
+    sends its first command right after its Finished, and holds it until
+    that Finished is acknowledged.  When the server has nothing to send
+    then (TLS 1.3 without tickets, any resumption), it must acknowledge at
+    once: the kernel's delayed ACK made that command wait 40 ms.
+    """
+    srv = start_server(tmp_path / "srv", certs, "session_tickets = true" if tickets else "")
+    try:
+        ctx = client(version, certs)
+        session = None
+        waits = []
+        for _ in range(6):
+            raw = socket.create_connection(("127.0.0.1", srv.starttls_port), timeout=10)
+            assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            _reply(raw)
+            raw.sendall(b"EHLO client.example\r\n")
+            _reply(raw)
+            raw.sendall(b"STARTTLS\r\n")
+            _reply(raw)
+            with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as conn:
+                start = time.monotonic()
+                conn.sendall(b"EHLO client.example\r\n")
+                assert _reply(conn).startswith(b"250")  # type: ignore[arg-type]
+                waits.append(time.monotonic() - start)
+                if tickets:
+                    assert conn.session_reused == (session is not None)
+                    session = conn.session
+        assert sorted(waits)[len(waits) // 2] < 0.02, waits
+    finally:
+        srv.stop()
+
+
 def test_resumption_survives_a_reload(tickets_on: Server, certs: Certs) -> None:
     ctx = certs.client_context()
     _, session = resumption_rate(tickets_on, ctx, 1)
@@ -317,9 +357,17 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def _wait_for_log(srv: Server, text: str, count: int) -> None:
+    deadline = time.monotonic() + 20
+    while srv.log().count(text) < count:
+        assert time.monotonic() < deadline, srv.log()
+        time.sleep(0.1)
+
+
 def test_resumption_across_worker_processes(tmp_path: Path, certs: Certs) -> None:
     srv = start_server(tmp_path / "srv", certs, "session_tickets = true", server="workers = 2")
     try:
+        _wait_for_log(srv, "worker ready", 2)
         ctx = certs.client_context()
         _, session = resumption_rate(srv, ctx, 1)
         # Spread over both workers (the kernel picks): every one resumes.
@@ -332,10 +380,7 @@ def test_resumption_across_worker_processes(tmp_path: Path, certs: Certs) -> Non
         assert len(workers) == 2, workers
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while srv.log().count("worker ready") < 4:
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.1)
+        _wait_for_log(srv, "worker ready", 4)
         assert not set(_children(srv.proc.pid)) & set(workers)
         rate, _ = resumption_rate(srv, ctx, 10, session)
         assert rate == 1.0

@@ -27,6 +27,7 @@ BENCHMARKS.md.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from OpenSSL.SSL import Error, ZeroReturnError
@@ -88,6 +89,16 @@ class DirectTLS(TLSMemoryBIOProtocol):
             self._flushSendBIO()
             return
         self._handshakeDone = True
+        out = conn.take()  # the NewSessionTicket, if one is issued
+        if out:
+            self.transport.write(out)  # type: ignore[union-attr]
+        elif not self._appSendBuffer:
+            # Nothing to send now (a TLS 1.2 resumption, TLS 1.3 without a
+            # ticket): acknowledge the client's Finished at once, or the
+            # kernel delays that ACK by 40 ms and a client with Nagle's
+            # algorithm on (smtplib, swaks) holds its first command back
+            # until it comes.
+            quickack(self.transport)
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
         if self._appSendBuffer:
@@ -144,6 +155,18 @@ class DirectTLSFactory(TLSMemoryBIOFactory):
         if not isinstance(context, ServerContextFactory):
             raise TypeError(f"DirectTLSFactory needs a ServerContextFactory, not {context!r}")
         super().__init__(context, False, wrapped)
+
+
+def quickack(transport: Any) -> None:
+    """
+    Send the ACK the kernel is holding back for *transport*'s TCP socket
+    now (``TCP_QUICKACK``), if it has one.
+    """
+    try:
+        # .socket: below STARTTLS, getHandle() is the TLS connection's
+        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    except (AttributeError, OSError):
+        pass  # not a TCP socket (a test's transport, a UNIX socket), or closed
 
 
 #: a transport's interface declaration -> the last interface it lists
