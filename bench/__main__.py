@@ -394,7 +394,9 @@ class Bench:
         """Workloads e-g measure one process; the workers variant sits them out."""
         return [s for s in self.servers if getattr(s, "workers", 1) == 1]
 
-    def sessions(self, server: Server, tls: str, n: int, messages: int, fail: bool) -> dict:
+    def sessions(
+        self, server: Server, tls: str, n: int, messages: int, fail: bool, rate: float = 0
+    ) -> dict:
         port = server.starttls_port if tls == "starttls" else server.implicit_port
         extra = [
             "--port", str(port), "--tls", tls, "--sessions", str(n),
@@ -402,6 +404,8 @@ class Bench:
         ]  # fmt: skip
         if fail:
             extra.append("--fail")
+        if rate:
+            extra += ["--rate", str(rate)]
         cpu0 = server.cpu()
         proc = self.load(server, "session", *extra)
         out, _ = proc.communicate(timeout=3600)
@@ -416,6 +420,7 @@ class Bench:
             "errors": result["errors"],
             "sessions": done,
             "peak_rss_mib": server.peak_kib() / 1024,
+            **({"late": result["late"]} if "late" in result else {}),
         }
 
     def throughput(self) -> None:
@@ -438,6 +443,33 @@ class Bench:
             self.results[key] = medians(runs)
             progress(f"workload {key} done: " + ", ".join(
                 f"{n} {r['cpu_us_per_session']:.0f} µs" for n, r in self.results[key].items()
+            ))  # fmt: skip
+
+    def scaling(self) -> None:
+        """
+        (k) workload (a) at fixed offered rates (open loop), one process
+        against ``[server] workers = 2``: server CPU per session at the same
+        load, where (a)'s closed loop gives the two different loads (one
+        process saturated, each worker half as busy).
+        """
+        a = self.args
+        pair = [s for s in self.servers if s.name in ("kumoauth", "kumoauth-2w")]
+        if len(pair) < 2:
+            progress("workload k needs --servers with kumoauth and kumoauth-2w: skipped")
+            return
+        self.results["k"] = {}
+        for rate in (float(r) for r in a.rates.split(",")):
+            n = max(20, int(rate * a.rate_seconds))
+            runs: dict[str, list[dict]] = {s.name: [] for s in pair}
+            for server in pair:  # warm-up at this rate, not counted
+                self.sessions(server, "starttls", max(10, n // 10), 1, False, rate)
+            for _ in range(a.runs):
+                for server in pair:
+                    runs[server.name].append(self.sessions(server, "starttls", n, 1, False, rate))
+            self.results["k"][f"{rate:g}"] = medians(runs)
+            progress(f"workload k at {rate:g}/s: " + ", ".join(
+                f"{name} {r['cpu_us_per_session']:.0f} µs"
+                for name, r in self.results["k"][f"{rate:g}"].items()
             ))  # fmt: skip
 
     def idle(self) -> None:
@@ -612,6 +644,12 @@ class Bench:
             server.stop()
             rsa.stop()
         self.results["h"] = medians(runs)
+        # The handshake alone, in process: what resumption saves at most.
+        alone = subprocess.run(
+            [sys.executable, "-m", "bench.handshake", "--handshakes", str(a.handshakes)],
+            capture_output=True, text=True, cwd=REPO, timeout=1800, check=True,
+        )  # fmt: skip
+        self.results["h_handshake"] = json.loads(alone.stdout.strip().splitlines()[-1])
         progress("workload h done: " + ", ".join(
             f"{n} {r['cpu_us_per_session']:.0f} µs" for n, r in self.results["h"].items()
         ))  # fmt: skip
@@ -812,7 +850,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--login-sessions", type=int, default=500, help="logins per run for (j)")
     p.add_argument("--login-users", type=int, default=50, help="Argon2id accounts for (j)")
     p.add_argument("--login-concurrency", type=int, default=20, help="clients for (j)")
-    p.add_argument("--workloads", default="abcdefghij")
+    p.add_argument("--handshakes", type=int, default=500, help="in-process handshakes for (h)")
+    p.add_argument("--rates", default="200,400,600,800", help="sessions/s for (k)")
+    p.add_argument("--rate-seconds", type=float, default=4, help="seconds per run for (k)")
+    p.add_argument("--workloads", default="abcdefghijk")
     p.add_argument("--servers", default="kumoauth,aiosmtpd,twisted.mail,kumoauth-2w")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(REPO / "bench" / "results.json"))
@@ -824,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
         args.idle, args.burst, args.long = 20, 20, 40
         args.relay_sessions, args.relay_concurrency = 20, 5
         args.login_sessions, args.login_users, args.login_concurrency = 20, 5, 5
+        args.rates, args.rate_seconds, args.handshakes = "50", 1, 20
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -859,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.resumption()
         if "j" in args.workloads:
             bench.logins()
+        if "k" in args.workloads:
+            bench.scaling()
     finally:
         for s in servers:
             s.stop()

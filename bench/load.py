@@ -6,7 +6,8 @@ Modes:
 
 - ``session``: banner, EHLO, [STARTTLS, EHLO], AUTH PLAIN, then ``messages``
   times MAIL, RCPT, DATA (2 KB), and QUIT.  ``--fail`` sends a wrong
-  password (AUTH gets 535, then QUIT).
+  password (AUTH gets 535, then QUIT).  ``--rate R`` starts a session every
+  1/R s instead (open loop, still at most ``concurrency`` at a time).
 - ``idle``: open ``concurrency`` authenticated sessions, print ``READY``,
   hold them until a line arrives on stdin, then QUIT them all.
 - ``burst``: like idle, but once all are connected (TLS up, EHLO done)
@@ -130,7 +131,9 @@ class Client:
         return time.perf_counter() - start
 
 
-async def run_sessions(client: Client, n: int, concurrency: int) -> dict:
+async def run_sessions(client: Client, n: int, concurrency: int, rate: float = 0) -> dict:
+    if rate:
+        return await run_paced(client, n, concurrency, rate)
     latencies: list[float] = []
     errors = 0
     remaining = n
@@ -147,6 +150,44 @@ async def run_sessions(client: Client, n: int, concurrency: int) -> dict:
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return {"elapsed": time.perf_counter() - start, "latencies": latencies, "errors": errors}
+
+
+async def run_paced(client: Client, n: int, concurrency: int, rate: float) -> dict:
+    """
+    Open loop: a session starts every 1/*rate* seconds whatever the
+    server's pace, at most *concurrency* at a time (one that would exceed
+    it waits, and counts as ``late``).
+    """
+    latencies: list[float] = []
+    errors = late = 0
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        nonlocal errors
+        try:
+            latencies.append(await client.session())
+        except (OSError, ssl.SSLError, SMTPError, asyncio.IncompleteReadError):
+            errors += 1
+        finally:
+            slots.release()
+
+    start = time.perf_counter()
+    tasks = []
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if slots.locked():
+            late += 1
+        await slots.acquire()
+        tasks.append(asyncio.ensure_future(one()))
+    await asyncio.gather(*tasks)
+    return {
+        "elapsed": time.perf_counter() - start,
+        "latencies": latencies,
+        "errors": errors,
+        "late": late,
+    }
 
 
 async def stdin_line() -> None:
@@ -309,6 +350,7 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=1)
     p.add_argument("--user", default="scott")
     p.add_argument("--fail", action="store_true")
+    p.add_argument("--rate", type=float, default=0, help="session mode: sessions/s, open loop")
     p.add_argument("--users", type=int, default=0, help="accounts for the login mode")
     p.add_argument("--no-resume", action="store_true", help="resume mode: full handshakes")
     p.add_argument("--tls12", action="store_true", help="resume mode: at most TLS 1.2")
@@ -326,7 +368,7 @@ def main() -> None:
     else:
         client = Client(args)
         if args.mode in ("session", "login"):
-            result = asyncio.run(run_sessions(client, args.sessions, args.concurrency))
+            result = asyncio.run(run_sessions(client, args.sessions, args.concurrency, args.rate))
         elif args.mode == "idle":
             result = asyncio.run(run_idle(client, args.concurrency))
         else:

@@ -37,7 +37,12 @@ def render(data: dict[str, Any]) -> str:
     results = data["results"]
     # (i) has servers of its own (Postfix); the peers of a-g are these.
     names = sorted(
-        {name for key, r in results.items() if key not in ("h", "i", "j") for name in r},
+        {
+            name
+            for key, r in results.items()
+            if key not in ("h", "h_handshake", "i", "j", "k")
+            for name in r
+        },
         key=_order,
     )
     peers = [n for n in names if not n.startswith("kumoauth")]
@@ -172,6 +177,8 @@ def render(data: dict[str, Any]) -> str:
         out += _relay(data)
     if "j" in results:
         out += _logins(data)
+    if "k" in results:
+        out += _scaling(data)
     out.append(END)
     return "\n".join(out)
 
@@ -258,6 +265,24 @@ def _resumption(data: dict[str, Any]) -> list[str]:
             f"{_ratio(resumed.get('sessions_per_s'), full.get('sessions_per_s'))} | "
             f"{_ratio(resumed.get('p50_ms'), full.get('p50_ms'))} | | |"
         )
+    alone = data["results"].get("h_handshake")
+    if alone:
+        out += [
+            "",
+            "The handshake alone (`python -m bench.handshake`: kumoauth's TLS context and "
+            "connection driven in process by a Python `ssl` client over memory BIOs, "
+            f"{params.get('handshakes', 500)} of each kind, medians; only the server's calls "
+            "are timed, with the first record in and the reply out): what resumption saves "
+            "at most, without the sockets, the reactor and the SMTP session around it.",
+            "",
+            "| certificate, version | full handshake µs | resumed µs | **resumed / full** |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, x in alone.items():
+            out.append(
+                f"| {name} | {_fmt(x.get('full_us'))} | {_fmt(x.get('resumed_us'))} | "
+                f"**{_ratio(x.get('resumed_us'), x.get('full_us'))}** |"
+            )
     out.append("")
     return out
 
@@ -315,3 +340,34 @@ def write(path: Path, data: dict[str, Any]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def _scaling(data: dict[str, Any]) -> list[str]:
+    r = data["results"]["k"]
+    params = data["parameters"]
+    out = [
+        "### (k) one process against two workers at the same offered load",
+        "",
+        "Workload (a)'s sessions started at a fixed rate (open loop, at most "
+        f"{params['concurrency']} at a time; a session that had to wait for a slot counts as "
+        f"late), {params.get('rate_seconds', 4):g} s per run, medians of {params['runs']} "
+        "alternating runs after a warm-up at the same rate. In (a) the closed loop "
+        "saturates the single process while each of two workers is half as busy; here both "
+        "serve the same sessions per second.",
+        "",
+        "| offered sessions/s | kumoauth CPU µs / session | kumoauth-2w CPU µs / session "
+        "| **2w / 1** | served/s (1 / 2w) | p50 ms (1 / 2w) | late (1 / 2w) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rate, by in r.items():
+        one, two = by.get("kumoauth", {}), by.get("kumoauth-2w", {})
+        out.append(
+            f"| {rate} | {_fmt(one.get('cpu_us_per_session'))} | "
+            f"{_fmt(two.get('cpu_us_per_session'))} | "
+            f"**{_ratio(two.get('cpu_us_per_session'), one.get('cpu_us_per_session'))}** | "
+            f"{_fmt(one.get('sessions_per_s'))} / {_fmt(two.get('sessions_per_s'))} | "
+            f"{_fmt(one.get('p50_ms'), 1)} / {_fmt(two.get('p50_ms'), 1)} | "
+            f"{_fmt(one.get('late'))} / {_fmt(two.get('late'))} |"
+        )
+    out.append("")
+    return out

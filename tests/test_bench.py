@@ -64,13 +64,32 @@ def test_quick_bench_produces_every_figure_for_every_server(tmp_path):
             assert figures["resumed_pct"] > 50, name  # the client does resume
         else:
             assert figures["resumed_pct"] == 0, name
+    # ... and the handshake alone, in process: a resumed TLS 1.2 handshake
+    # skips the key exchange and the signature, so it must cost less
+    alone = results["h_handshake"]
+    assert set(alone) == {
+        f"{key}, {v}" for key in ("ECDSA P-256", "RSA-2048") for v in ("TLS 1.3", "TLS 1.2")
+    }
+    for name, figures in alone.items():
+        assert figures["full_us"] > 0 and figures["resumed_us"] > 0, name
+    assert alone["RSA-2048, TLS 1.2"]["resumed_us"] < alone["RSA-2048, TLS 1.2"]["full_us"]
     # (j) Argon2 logins: kumoauth with and without the cache, aiosmtpd
     logins = results["j"]
     assert set(logins) == {"kumoauth (no cache)", "kumoauth + [auth.cache]", "aiosmtpd"}
     for name, figures in logins.items():
         assert figures["errors"] == 0 and figures["sessions"] > 0, name
         assert figures["cpu_us_per_session"] > 0 and figures["max_stall_ms"] is not None
+    # (k) one process and two workers at the same offered rate (50/s with
+    # --quick): every session served, at the rate asked, not faster
+    scaling = results["k"]
+    assert set(scaling) == {"50"}
+    assert set(scaling["50"]) == {"kumoauth", "kumoauth-2w"}
+    for name, figures in scaling["50"].items():
+        assert figures["errors"] == 0 and figures["sessions"] == 50, name
+        assert figures["cpu_us_per_session"] > 0, name
+        assert 30 < figures["sessions_per_s"] <= 51, (name, figures["sessions_per_s"])
     text = out.read_text()
+    assert "(k) one process against two workers" in text
     assert "kumoauth / aiosmtpd" in text and "kumoauth / twisted.mail" in text
     assert text.count("kumoauth / twisted.mail") == 7  # a-g: a ratio row for every workload
 
