@@ -17,6 +17,11 @@ relaying to one sink (``bench/sink.py``); CPU there is each server's whole
 process tree, exited children included, until the sink has every message.
 It is in ``--quick`` too (20 messages; a few seconds, most of them Postfix
 starting and stopping).
+
+Workload (k) runs (a)'s sessions at fixed offered rates (``--rates``, open
+loop) against one process and ``[server] workers = 2``: CPU per session
+at the same load, which (a)'s closed loop cannot give (it saturates the
+single process while each worker is half as busy).
 """
 
 from __future__ import annotations
