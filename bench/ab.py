@@ -2,6 +2,7 @@
 A/B: this tree's kumoauth against another revision's, interleaved.
 
     python -m bench.ab --base REV [--workload a|i] [--rounds 6] [--sessions 1500]
+                      [--workers 2] [--rate R]
 
 The noise between two separate runs on a shared VM (±15 %) is larger than
 most single changes; alternating rounds of the two builds in one run, and
@@ -61,6 +62,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--sessions", type=int, default=1500)
     p.add_argument("--concurrency", type=int, default=20)
+    p.add_argument("--workers", type=int, choices=[1, 2], default=1, help="(a): [server] workers")
+    p.add_argument("--rate", type=float, default=0, help="(a): sessions/s, open loop")
     args = p.parse_args()
     if (args.base is None) == (args.base_tree is None):
         p.error("give one of --base and --base-tree")

@@ -16,13 +16,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.__main__ import Bench, Kumoauth, KumoauthRelay, free_port, make_certs
+from bench.__main__ import (
+    Bench,
+    Kumoauth,
+    KumoauthRelay,
+    KumoauthWorkers,
+    free_port,
+    make_certs,
+)
 from bench.relay import Sink
 
 
 class Rig:
     def __init__(self, args: argparse.Namespace, prefix: str) -> None:
-        """*args*: ``workload`` ("a" or "i"), ``concurrency``, ``relay_concurrency``."""
+        """
+        *args*: ``workload`` ("a" or "i"), ``concurrency``, ``relay_concurrency``;
+        for (a), optionally ``workers`` (1 or 2) and ``rate`` (sessions/s, open loop).
+        """
         self.args = args
         self.relay = args.workload == "i"
         self.workdir = Path(tempfile.mkdtemp(prefix=prefix))
@@ -33,7 +43,9 @@ class Rig:
 
     @property
     def server_class(self) -> type[Kumoauth]:
-        return KumoauthRelay if self.relay else Kumoauth
+        if self.relay:
+            return KumoauthRelay
+        return KumoauthWorkers if getattr(self.args, "workers", 1) == 2 else Kumoauth
 
     @property
     def unit(self) -> str:
@@ -62,7 +74,8 @@ class Rig:
         if self.sink is not None:
             result = self.bench.relayed(server, self.sink, n)
             return result["cpu_us_per_message"], result
-        result = self.bench.sessions(server, "starttls", n, 1, False)
+        rate = getattr(self.args, "rate", 0)
+        result = self.bench.sessions(server, "starttls", n, 1, False, rate)
         return result["cpu_us_per_session"], result
 
     def __enter__(self) -> Rig:
