@@ -400,12 +400,20 @@ class Bench:
         return [s for s in self.servers if getattr(s, "workers", 1) == 1]
 
     def sessions(
-        self, server: Server, tls: str, n: int, messages: int, fail: bool, rate: float = 0
+        self,
+        server: Server,
+        tls: str,
+        n: int,
+        messages: int,
+        fail: bool,
+        rate: float = 0,
+        concurrency: int = 0,
     ) -> dict:
         port = server.starttls_port if tls == "starttls" else server.implicit_port
         extra = [
             "--port", str(port), "--tls", tls, "--sessions", str(n),
-            "--concurrency", str(self.args.concurrency), "--messages", str(messages),
+            "--concurrency", str(concurrency or self.args.concurrency),
+            "--messages", str(messages),
         ]  # fmt: skip
         if fail:
             extra.append("--fail")
@@ -466,11 +474,14 @@ class Bench:
         for rate in (float(r) for r in a.rates.split(",")):
             n = max(20, int(rate * a.rate_seconds))
             runs: dict[str, list[dict]] = {s.name: [] for s in pair}
+            slots = a.rate_concurrency
             for server in pair:  # warm-up at this rate, not counted
-                self.sessions(server, "starttls", max(10, n // 10), 1, False, rate)
-            for _ in range(a.runs):
-                for server in pair:
-                    runs[server.name].append(self.sessions(server, "starttls", n, 1, False, rate))
+                self.sessions(server, "starttls", max(10, n // 10), 1, False, rate, slots)
+            for r in range(a.runs):
+                for server in pair if r % 2 == 0 else pair[::-1]:
+                    runs[server.name].append(
+                        self.sessions(server, "starttls", n, 1, False, rate, slots)
+                    )
             self.results["k"][f"{rate:g}"] = medians(runs)
             progress(f"workload k at {rate:g}/s: " + ", ".join(
                 f"{name} {r['cpu_us_per_session']:.0f} µs"
@@ -856,7 +867,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--login-users", type=int, default=50, help="Argon2id accounts for (j)")
     p.add_argument("--login-concurrency", type=int, default=20, help="clients for (j)")
     p.add_argument("--handshakes", type=int, default=500, help="in-process handshakes for (h)")
-    p.add_argument("--rates", default="200,400,600,800", help="sessions/s for (k)")
+    p.add_argument("--rates", default="200,400,600,700", help="sessions/s for (k)")
+    p.add_argument(
+        "--rate-concurrency", type=int, default=100, help="most sessions at a time for (k)"
+    )
     p.add_argument("--rate-seconds", type=float, default=4, help="seconds per run for (k)")
     p.add_argument("--workloads", default="abcdefghijk")
     p.add_argument("--servers", default="kumoauth,aiosmtpd,twisted.mail,kumoauth-2w")
@@ -871,6 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         args.relay_sessions, args.relay_concurrency = 20, 5
         args.login_sessions, args.login_users, args.login_concurrency = 20, 5, 5
         args.rates, args.rate_seconds, args.handshakes = "50", 1, 20
+        args.rate_concurrency = 5
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

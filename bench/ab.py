@@ -67,6 +67,8 @@ def main() -> int:
     args = p.parse_args()
     if (args.base is None) == (args.base_tree is None):
         p.error("give one of --base and --base-tree")
+    if args.workload == "i" and (args.workers != 1 or args.rate):
+        p.error("--workers and --rate are for workload a")
     args.relay_concurrency = 10
     with Rig(args, "kumoauth-ab-") as rig:
         tree = Path(args.base_tree).resolve() if args.base_tree else export(args.base, rig.workdir)

@@ -154,18 +154,20 @@ async def run_sessions(client: Client, n: int, concurrency: int, rate: float = 0
 
 async def run_paced(client: Client, n: int, concurrency: int, rate: float) -> dict:
     """
-    Open loop: a session starts every 1/*rate* seconds whatever the
-    server's pace, at most *concurrency* at a time (one that would exceed
-    it waits, and counts as ``late``).
+    Open loop: a session is due every 1/*rate* seconds whatever the
+    server's pace, at most *concurrency* at a time (one that has to wait
+    for a slot counts as ``late``).  Latency runs from when a session was
+    due, so waiting for a slot counts too.
     """
     latencies: list[float] = []
     errors = late = 0
     slots = asyncio.Semaphore(concurrency)
 
-    async def one() -> None:
+    async def one(due: float) -> None:
         nonlocal errors
         try:
-            latencies.append(await client.session())
+            await client.session()
+            latencies.append(time.perf_counter() - due)
         except (OSError, ssl.SSLError, SMTPError, asyncio.IncompleteReadError):
             errors += 1
         finally:
@@ -174,13 +176,14 @@ async def run_paced(client: Client, n: int, concurrency: int, rate: float) -> di
     start = time.perf_counter()
     tasks = []
     for i in range(n):
-        delay = start + i / rate - time.perf_counter()
+        due = start + i / rate
+        delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         if slots.locked():
             late += 1
         await slots.acquire()
-        tasks.append(asyncio.ensure_future(one()))
+        tasks.append(asyncio.ensure_future(one(due)))
     await asyncio.gather(*tasks)
     return {
         "elapsed": time.perf_counter() - start,

@@ -349,11 +349,12 @@ def _scaling(data: dict[str, Any]) -> list[str]:
         "### (k) one process against two workers at the same offered load",
         "",
         "Workload (a)'s sessions started at a fixed rate (open loop, at most "
-        f"{params['concurrency']} at a time; a session that had to wait for a slot counts as "
-        f"late), {params.get('rate_seconds', 4):g} s per run, medians of {params['runs']} "
+        f"{params.get('rate_concurrency', params['concurrency'])} at a time; a session that "
+        "had to wait for a slot counts as late, and its latency runs from when it was due), "
+        f"{params.get('rate_seconds', 4):g} s per run, medians of {params['runs']} "
         "alternating runs after a warm-up at the same rate. In (a) the closed loop "
         "saturates the single process while each of two workers is half as busy; here both "
-        "serve the same sessions per second.",
+        "are offered the same sessions per second.",
         "",
         "| offered sessions/s | kumoauth CPU µs / session | kumoauth-2w CPU µs / session "
         "| **2w / 1** | served/s (1 / 2w) | p50 ms (1 / 2w) | late (1 / 2w) |",

@@ -350,6 +350,7 @@ def test_sigkill_never_loses_an_acknowledged_message(tmp_path, certs):
         # One reader, one scan of the queue (Spool.read scans it per call).
         stored = {msg.id: msg for msg in Spool(srv.spool)}
         for mid, digest in acked.items():
+            assert mid in stored, mid
             data = stored[mid].read_bytes()
             assert hashlib.sha256(body_of(data)).hexdigest() == digest
         # Nothing half-written survives recovery: every message reads whole.

@@ -308,7 +308,9 @@ def test_first_command_after_the_handshake_is_not_held_back(
     sends its first command right after its Finished, and holds it until
     that Finished is acknowledged.  When the server has nothing to send
     then (TLS 1.3 without tickets, any resumption), it must acknowledge at
-    once: the kernel's delayed ACK made that command wait 40 ms.
+    once: the kernel's delayed ACK made that command wait 40 ms.  (A full
+    TLS 1.2 handshake ends with the server's Finished, so it never waited:
+    the control case.)
     """
     srv = start_server(tmp_path / "srv", certs, "session_tickets = true" if tickets else "")
     try:
@@ -331,7 +333,9 @@ def test_first_command_after_the_handshake_is_not_held_back(
                 if tickets:
                     assert conn.session_reused == (session is not None)
                     session = conn.session
-        assert sorted(waits)[len(waits) // 2] < 0.02, waits
+        if tickets:
+            waits = waits[1:]  # the first one was a full handshake, with a ticket to send
+        assert sorted(waits)[len(waits) // 2] < 0.03, waits
     finally:
         srv.stop()
 

@@ -89,15 +89,13 @@ class DirectTLS(TLSMemoryBIOProtocol):
             self._flushSendBIO()
             return
         self._handshakeDone = True
-        out = conn.take()  # the NewSessionTicket, if one is issued
-        if out:
-            self.transport.write(out)  # type: ignore[union-attr]
-        elif not self._appSendBuffer:
+        if not self._appSendBuffer and not conn.pending_output():
             # Nothing to send now (a TLS 1.2 resumption, TLS 1.3 without a
-            # ticket): acknowledge the client's Finished at once, or the
-            # kernel delays that ACK by 40 ms and a client with Nagle's
-            # algorithm on (smtplib, swaks) holds its first command back
-            # until it comes.
+            # ticket to issue): acknowledge the client's Finished at once,
+            # or the kernel delays that ACK by 40 ms and a client with
+            # Nagle's algorithm on (smtplib, swaks) holds its first command
+            # back until it comes.  Otherwise the ACK rides on what leaves
+            # below (a ticket, the greeting, a reply), as before.
             quickack(self.transport)
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()

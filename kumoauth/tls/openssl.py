@@ -568,6 +568,10 @@ class Connection:
                 self._settle(_INTO)  # as recv does
             return records, None
 
+    def pending_output(self) -> int:
+        """How many bytes the outgoing BIO holds (what :meth:`take` would return)."""
+        return max(0, lib.BIO_ctrl(self._from_ssl, BIO_CTRL_PENDING, 0, ffi.NULL))
+
     def take(self) -> bytes:
         """
         All the outgoing BIO holds (b"" when it is empty): ``bio_read``
