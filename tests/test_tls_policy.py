@@ -27,12 +27,13 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from OpenSSL.SSL import WantReadError
 
+from bench.handshake import handshake
 from kumoauth.config import TLSConfig
 from kumoauth.tls import context as tls
 from tests.server import Certs, Server, free_port, make_certs, write_config
 from tests.test_e2e import POLICY
+from tests.test_workers import ready_count, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 OPENSSL = shutil.which("openssl")
@@ -84,10 +85,14 @@ def _reply(sock: socket.socket) -> bytes:
 
 
 def starttls(
-    port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+    port: int,
+    ctx: ssl.SSLContext,
+    session: ssl.SSLSession | None = None,
+    waits: list[float] | None = None,
 ) -> ssl.SSLSocket:
     """A STARTTLS session, TLS up and one EHLO answered inside it (so the
-    client has read any TLS 1.3 NewSessionTicket)."""
+    client has read any TLS 1.3 NewSessionTicket); *waits* gets that
+    EHLO's round trip."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
         _reply(raw)
@@ -99,8 +104,11 @@ def starttls(
     except BaseException:
         raw.close()
         raise
+    start = time.monotonic()
     conn.sendall(b"EHLO client.example\r\n")
     assert _reply(conn).startswith(b"250")  # type: ignore[arg-type]
+    if waits is not None:
+        waits.append(time.monotonic() - start)
     return conn
 
 
@@ -316,20 +324,10 @@ def test_first_command_after_the_handshake_is_not_held_back(
     try:
         ctx = client(version, certs)
         session = None
-        waits = []
+        waits: list[float] = []
         for _ in range(6):
-            raw = socket.create_connection(("127.0.0.1", srv.starttls_port), timeout=10)
-            assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
-            _reply(raw)
-            raw.sendall(b"EHLO client.example\r\n")
-            _reply(raw)
-            raw.sendall(b"STARTTLS\r\n")
-            _reply(raw)
-            with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as conn:
-                start = time.monotonic()
-                conn.sendall(b"EHLO client.example\r\n")
-                assert _reply(conn).startswith(b"250")  # type: ignore[arg-type]
-                waits.append(time.monotonic() - start)
+            with starttls(srv.starttls_port, ctx, session, waits) as conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
                 if tickets:
                     assert conn.session_reused == (session is not None)
                     session = conn.session
@@ -361,17 +359,10 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def _wait_for_log(srv: Server, text: str, count: int) -> None:
-    deadline = time.monotonic() + 20
-    while srv.log().count(text) < count:
-        assert time.monotonic() < deadline, srv.log()
-        time.sleep(0.1)
-
-
 def test_resumption_across_worker_processes(tmp_path: Path, certs: Certs) -> None:
     srv = start_server(tmp_path / "srv", certs, "session_tickets = true", server="workers = 2")
     try:
-        _wait_for_log(srv, "worker ready", 2)
+        wait_for(lambda: ready_count(srv) >= 2, timeout=20)
         ctx = certs.client_context()
         _, session = resumption_rate(srv, ctx, 1)
         # Spread over both workers (the kernel picks): every one resumes.
@@ -384,45 +375,13 @@ def test_resumption_across_worker_processes(tmp_path: Path, certs: Certs) -> Non
         assert len(workers) == 2, workers
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
-        _wait_for_log(srv, "worker ready", 4)
+        wait_for(lambda: ready_count(srv) >= 4, timeout=20)
         assert not set(_children(srv.proc.pid)) & set(workers)
         rate, _ = resumption_rate(srv, ctx, 10, session)
         assert rate == 1.0
         assert "ticket" not in srv.log().lower()  # the secret is never logged
     finally:
         srv.stop()
-
-
-def _memory_handshake(
-    ctx: tls.Context, client_ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
-) -> ssl.SSLObject:
-    """A whole handshake between a client SSLObject and our Connection, in memory."""
-    conn = tls.Connection(ctx)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    c = client_ctx.wrap_bio(incoming, outgoing, server_hostname="localhost", session=session)
-    for _ in range(10):
-        try:
-            c.do_handshake()
-            done = True
-        except ssl.SSLWantReadError:
-            done = False
-        if outgoing.pending:
-            conn.bio_write(outgoing.read())
-        try:
-            conn.do_handshake()
-        except WantReadError:
-            pass
-        try:
-            while True:
-                incoming.write(conn.bio_read(65536))
-        except WantReadError:
-            pass
-        if done:
-            break
-    conn.send(b"220 hi\r\n")
-    incoming.write(conn.bio_read(65536))
-    assert c.read(100) == b"220 hi\r\n"
-    return c
 
 
 def test_ticket_keys_rotate_and_the_previous_key_still_decrypts(certs: Certs) -> None:
@@ -435,12 +394,13 @@ def test_ticket_keys_rotate_and_the_previous_key_still_decrypts(certs: Certs) ->
             TLSConfig(certificate=certs.chain, private_key=certs.key, session_tickets=True)
         )
         client_ctx = certs.client_context()
-        old = _memory_handshake(ctx, client_ctx).session
+        # A whole handshake and one exchange, in memory (bench/handshake.py).
+        _, old, _ = handshake(ctx, client_ctx, None)
         now[0] += keys.period  # one rotation: the old key is the previous one
-        again = _memory_handshake(ctx, client_ctx, old)
-        assert again.session_reused
+        _, _, reused = handshake(ctx, client_ctx, old)
+        assert reused
         now[0] += keys.period  # two: gone, a full handshake
-        assert not _memory_handshake(ctx, client_ctx, old).session_reused
+        assert not handshake(ctx, client_ctx, old)[2]
     finally:
         keys.clock = saved
 

@@ -89,7 +89,7 @@ class DirectTLS(TLSMemoryBIOProtocol):
             self._flushSendBIO()
             return
         self._handshakeDone = True
-        if not self._appSendBuffer and not conn.pending_output():
+        if not self._appSendBuffer and not conn.has_output():
             # Nothing to send now (a TLS 1.2 resumption, TLS 1.3 without a
             # ticket to issue): acknowledge the client's Finished at once,
             # or the kernel delays that ACK by 40 ms and a client with

@@ -568,9 +568,9 @@ class Connection:
                 self._settle(_INTO)  # as recv does
             return records, None
 
-    def pending_output(self) -> int:
-        """How many bytes the outgoing BIO holds (what :meth:`take` would return)."""
-        return max(0, lib.BIO_ctrl(self._from_ssl, BIO_CTRL_PENDING, 0, ffi.NULL))
+    def has_output(self) -> bool:
+        """Whether :meth:`take` would return anything."""
+        return not _empty(self._from_ssl)
 
     def take(self) -> bytes:
         """
