@@ -305,15 +305,19 @@ def nobody_runs_python() -> bool:
     return done.returncode == 0
 
 
+NOBODY_RUNS_PYTHON = nobody_runs_python()
+
 # In CI (root, and .ci/run provides the interpreter) these must run, not skip.
 needs_nobody = pytest.mark.skipif(
-    not nobody_runs_python() and not os.environ.get("CI"),
+    not NOBODY_RUNS_PYTHON and not os.environ.get("CI"),
     reason="needs root, and an interpreter user nobody can run (KUMOAUTH_UID_PYTHON)",
 )
 
 
 @needs_nobody
 def test_uid_gid_workers(tmp_path):
+    if not NOBODY_RUNS_PYTHON:  # CI, where it must run: say why it cannot, at once
+        pytest.fail(f"user nobody cannot import kumoauth with {UID_PYTHON} (KUMOAUTH_UID_PYTHON)")
     # nobody must read the configuration, policy, certificate and key.
     top = Path(tempfile.mkdtemp(prefix="kumoauth-uid-"))
     try:
