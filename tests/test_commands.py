@@ -85,6 +85,20 @@ def test_bad_mail_paths(arg, code):
     assert e.value.reply.startswith(code)
 
 
+@pytest.mark.parametrize(
+    "arg,address",
+    [
+        (b'FROM:<"a>b"@example.com>', '"a>b"@example.com'),
+        (b'FROM:<"a\\">b"@example.com> SIZE=5', '"a\\">b"@example.com'),
+        (b'FROM:<"x y"@example.com>', '"x y"@example.com'),
+    ],
+)
+def test_a_quoted_local_part_may_hold_the_closing_bracket(arg, address):
+    # qtextSMTP includes ">" (RFC 5321 §4.1.2): the path ends at the first
+    # ">" outside the quotes.
+    assert parse_path(arg, b"FROM", allow_null=True).address == address
+
+
 def test_null_recipient_is_bad():
     with pytest.raises(CommandError) as e:
         parse_path(b"TO:<>", b"TO", allow_null=False)

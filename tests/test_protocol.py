@@ -389,7 +389,33 @@ def test_noop_vrfy_help(make_session):
     s = make_session()
     assert s.command("NOOP") == "250 2.0.0 OK\r\n"
     assert s.command("VRFY scott").startswith("252 2.5.0")
+    assert s.command("VRFY").startswith("501 5.5.4")  # the argument is required
+    assert s.command("EXPN staff").startswith("502 5.5.1")  # defined, not offered
     assert s.command("HELP").startswith("214 2.0.0")
+
+
+def test_expn_is_not_counted_as_a_client_error(make_session):
+    s = make_session(server=ServerConfig(hostname=HOST, max_errors=2))
+    for _ in range(3):
+        assert s.command("EXPN staff").startswith("502 ")
+    assert not s.closed
+
+
+def test_mail_parameters_need_ehlo(make_session):
+    # After HELO no extension was announced (RFC 5321 §2.2.1): SMTPUTF8,
+    # SIZE, BODY and AUTH= get 555, a plain MAIL FROM still works.
+    s = authed(make_session)
+    s.command("HELO client.example")
+    for params in ("SMTPUTF8", "BODY=8BITMIME", "SIZE=10", "AUTH=<>"):
+        assert s.command(f"MAIL FROM:<a@example.com> {params}") == (
+            "555 5.5.4 MAIL parameters need EHLO\r\n"
+        )
+    assert s.command("MAIL FROM:<a@example.com>").startswith("250")
+    s.command("RCPT TO:<b@example.net>")
+    s.command("DATA")
+    assert s.send(b"Subject: x\r\n\r\nhi\r\n.\r\n").startswith("250 ")
+    (msg,) = s.messages()
+    assert not msg.meta.get("smtputf8")
 
 
 def test_pipelined_commands_answered_in_order(make_session):

@@ -11,6 +11,7 @@ import smtplib
 import pytest
 from twisted.internet import defer, task
 
+from kumoauth.auth.authenticator import secret_forms
 from kumoauth.auth.cred import PlainCredentials
 from kumoauth.config import AuthConfig
 from kumoauth.meta import ConnMeta
@@ -68,6 +69,37 @@ def test_in_memory_attempts_leave_no_secret_in_logs(make_session, captured_log):
     assert "Traceback" in text  # the raising checker was logged...
     for user in ("scott", "raise", "fail-deferred", "hang"):
         assert_clean(text, user)  # ...without the password
+
+
+@pytest.mark.parametrize(
+    "password",
+    ["se\\cret", "tab\there", "it's\"x", "bell\x07ring", "p\u00e4ss\u2028w", "7"],
+    ids=["backslash", "tab", "both-quotes", "control", "non-ascii", "one-char"],
+)
+def test_a_checker_quoting_the_password_leaks_no_form_of_it(password, make_session, captured_log):
+    # A checker's exceptions quote what they were given: int() and
+    # f"{x!r}" with repr(), which rewrites backslashes, quotes and controls.
+    def check(authz, authc, password, conn_meta):
+        if authc == "int":
+            return int(password) == 1234
+        if authc == "repr":
+            raise ValueError(f"bad {password!r} / {password.encode()!r} / {ascii(password)}")
+        raise KeyError(password)
+
+    policy = Policy()
+    policy.on("smtp_server_auth_plain", check)
+    s = make_session(policy, auth=AuthConfig(failure_delay=0, max_failures=100))
+    s.command("EHLO client.example")
+    for user in ("int", "repr", "key"):
+        s.command("AUTH PLAIN " + plain_b64("", user, password))
+    text = captured_log.text()
+    for user in ("repr", "key") if password == "7" else ("int", "repr", "key"):
+        assert f"checker failed for authc={user} " in text
+    secret = password.encode()
+    for form in secret_forms(secret):
+        assert form not in text
+    if len(password) > 1:
+        assert password not in text and repr(password)[1:-1] not in text
 
 
 def test_credentials_repr_hides_password():

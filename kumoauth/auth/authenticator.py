@@ -9,6 +9,7 @@ Testable without a transport: give it a portal, a clock and a throttle.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,14 +46,40 @@ R_SUCCESS = b"235 2.7.0 Authentication successful"
 NOISY_RESULTS = frozenset({"throttled", "cleartext", "unsupported", "malformed", "cancelled"})
 
 
+def secret_forms(secret: bytes) -> list[str]:
+    """
+    Every form *secret* can take in an exception's text, longest first: as
+    sent, and as ``repr``, ``ascii``, ``str(bytes)``, JSON and our log
+    escaping quote it (a checker's ``int(password)`` raises with the
+    ``repr``, which doubles a backslash and escapes a tab).  A secret of one
+    character is only recognised quoted: replacing every occurrence of one
+    character would leave nothing of the text to read.
+    """
+    text = secret.decode("utf-8", "replace")
+    inner = {
+        text,
+        repr(text)[1:-1],
+        ascii(text)[1:-1],
+        repr(secret)[2:-1],
+        json.dumps(text)[1:-1],
+        json.dumps(text, ensure_ascii=False)[1:-1],
+        escape(text, len(text) * 10 + 10),
+    }
+    inner.discard("")
+    if len(text) < 2:
+        inner = {q + form + q for form in inner for q in "'\""}
+    return sorted(inner, key=len, reverse=True)
+
+
 def scrub(text: str, secrets: list[bytes]) -> str:
     """
-    Remove every secret (and its text form) from *text* before it is logged.
+    Remove every secret, in every form it may take (:func:`secret_forms`),
+    from *text* before it is logged.
     """
     for secret in secrets:
-        if len(secret) < 2:
-            continue
-        text = text.replace(secret.decode("utf-8", "replace"), "<hidden>")
+        if secret:
+            for form in secret_forms(secret):
+                text = text.replace(form, "<hidden>")
     return text
 
 

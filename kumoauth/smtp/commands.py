@@ -131,7 +131,7 @@ def parse_path(arg: bytes, keyword: bytes, allow_null: bool, utf8: bool = False)
     rest = arg[len(keyword) + 1 :].lstrip(b" ")
     if not rest.startswith(b"<"):
         raise syntax
-    end = rest.find(b">")
+    end = _path_end(rest)
     if end < 0:
         raise syntax
     raw, tail = rest[1:end], rest[end + 1 :]
@@ -176,11 +176,38 @@ def parse_params(tail: bytes) -> dict[str, str | None]:
     return params
 
 
-def check_mail_params(params: dict[str, str | None], max_size: int) -> None:
+def _path_end(rest: bytes) -> int:
+    """
+    Where the path that *rest* starts (at its ``<``) ends: the first ``>``
+    outside a quoted local part (``qtextSMTP`` includes ``>``, RFC 5321
+    §4.1.2), or -1.
+    """
+    quoted = False
+    i = 1
+    while i < len(rest):
+        c = rest[i]
+        if quoted:
+            if c == 0x5C:  # backslash: the next octet is quoted-pair'd
+                i += 1
+            elif c == 0x22:
+                quoted = False
+        elif c == 0x22:
+            quoted = True
+        elif c == 0x3E:
+            return i
+        i += 1
+    return -1
+
+
+def check_mail_params(params: dict[str, str | None], max_size: int, esmtp: bool = True) -> None:
     """
     Validate MAIL FROM parameters: SIZE (RFC 1870 §6), BODY (RFC 6152 §2),
     AUTH (RFC 4954 §5, accepted; the identity comes from the session).
+    After HELO (*esmtp* false) no extension was announced, so none of
+    their parameters may be used (RFC 5321 §2.2.1).
     """
+    if params and not esmtp:
+        raise CommandError(b"555 5.5.4 MAIL parameters need EHLO")
     for key, value in params.items():
         if key == "SIZE":
             if value is None or not value.isdigit() or len(value) > 20:

@@ -660,8 +660,16 @@ class SubmissionProtocol(Protocol):
         self._send(b"250 2.0.0 OK")
 
     def smtp_VRFY(self, arg: bytes) -> None:
+        if not arg.strip():
+            self._error(b"501 5.5.4 Syntax: VRFY <address>")  # RFC 5321 §4.1.1.6
+            return
         # RFC 5321 §3.5.3: 252 when we will not verify.
         self._send(b"252 2.5.0 Cannot VRFY user, but will accept message")
+
+    def smtp_EXPN(self, arg: bytes) -> None:
+        # A defined command we do not offer (RFC 5321 §3.5.2, §4.2.4): 502,
+        # not 500, and not a client error.
+        self._send(b"502 5.5.1 EXPN not available")
 
     def smtp_HELP(self, arg: bytes) -> None:
         self._send(
@@ -683,7 +691,7 @@ class SubmissionProtocol(Protocol):
             return
         try:
             path = parse_path(arg, b"FROM", allow_null=True, utf8=True)
-            check_mail_params(path.params, self.rt.server.max_message_size)
+            check_mail_params(path.params, self.rt.server.max_message_size, self._esmtp)
             smtputf8 = "SMTPUTF8" in path.params
             if not smtputf8 and not path.address.isascii():
                 # RFC 6531 §3.4: UTF-8 addresses only with SMTPUTF8.
