@@ -14,6 +14,9 @@ neighbours can be moved together.
 from __future__ import annotations
 
 import functools
+import ipaddress
+import math
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -223,9 +226,11 @@ class RelayConfig:
     #: tls = "none" to a host other than 127.0.0.1 / ::1 / localhost
     allow_plaintext: bool = False
     connect_timeout: float = 30.0
-    #: seconds the upstream may take to answer one command
+    #: seconds the upstream may take to answer one command (not the end of data)
     command_timeout: float = 300.0
-    #: messages sent over one upstream session before it is closed
+    #: seconds the upstream may take to answer the end of a message's data
+    data_timeout: float = 600.0
+    #: mail transactions over one upstream session before it is closed
     max_messages_per_session: int = 100
     #: seconds an idle upstream session is kept for reuse
     idle_timeout: float = 10.0
@@ -293,6 +298,75 @@ def _prefix(v: Any) -> int:
     return bits
 
 
+#: ``[server] workers`` above this is a typo, not a plan
+MAX_WORKERS = 256
+
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
+
+
+def _hostname(v: Any) -> str:
+    # In the greeting, the EHLO reply and Received: a domain name, or an
+    # address literal ([192.0.2.1], [IPv6:...]).
+    name = _str(v)
+    literal = name.startswith("[") and name.endswith("]") and _printable_ascii(name)
+    if not (literal or (_HOSTNAME.fullmatch(name) and len(name) <= 253)):
+        raise _Bad(f"expected a domain name (or an address literal in brackets), got {_show(v)}")
+    return name
+
+
+def _host(v: Any) -> str:
+    # A name to resolve, or an IP address.
+    name = _str(v)
+    try:
+        ipaddress.ip_address(name)
+        return name
+    except ValueError:
+        pass
+    if not (_HOSTNAME.fullmatch(name) and len(name) <= 253):
+        raise _Bad(f"expected a host name or an IP address, got {_show(v)}")
+    return name
+
+
+def _printable_ascii(text: str) -> bool:
+    return all(" " < c <= "~" for c in text)
+
+
+def _banner(v: Any) -> str:
+    text = _str(v)
+    if not all(" " <= c <= "~" for c in text):
+        raise _Bad("must be printable ASCII on one line (it is sent in the 220 greeting)")
+    return text
+
+
+def _workers(v: Any) -> int:
+    n = _int(1)(v)
+    if n > MAX_WORKERS:
+        raise _Bad(f"must be at most {MAX_WORKERS}, got {n}")
+    return n
+
+
+def _meta(v: Any) -> dict[str, Any]:
+    table = _table(v)
+
+    def storable(x: Any) -> bool:
+        if isinstance(x, dict):
+            return all(storable(y) for y in x.values())
+        if isinstance(x, list):
+            return all(storable(y) for y in x)
+        if isinstance(x, float):
+            return math.isfinite(x)
+        return isinstance(x, str | int | bool)
+
+    for key, value in table.items():
+        if not storable(value):
+            raise _Bad(
+                f"{key!r} holds {_show(value)}: meta values are stored as JSON, so use strings, "
+                "numbers, booleans, arrays and tables (no TOML dates or times, no nan or inf)"
+            )
+    return table
+
+
 def _schedule(v: Any) -> tuple[float, ...]:
     if not isinstance(v, list) or not v:
         raise _Bad(f"expected a non-empty list of seconds, got {_show(v)}")
@@ -301,8 +375,8 @@ def _schedule(v: Any) -> tuple[float, ...]:
 
 SCHEMA: dict[str, dict[str, Check]] = {
     "server": {
-        "hostname": _str,
-        "banner": _str,
+        "hostname": _hostname,
+        "banner": _banner,
         "max_connections": _int(1),
         "max_connections_per_ip": _int(1),
         "idle_timeout": _number(0.001),
@@ -310,7 +384,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_recipients": _int(1),
         "max_errors": _int(1),
         "shutdown_grace": _number(0.0),
-        "workers": _int(1),
+        "workers": _workers,
         "bare_newlines": _choice(*BARE_NEWLINES),
     },
     "tls": {
@@ -328,7 +402,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "tls": _choice(*TLS_MODES),
         "auth_required": _bool,
         "allow_plaintext_auth": _bool,
-        "meta": _table,
+        "meta": _meta,
     },
     "auth": {
         "mechanisms": _mechanisms,
@@ -364,7 +438,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
     "log": {"json_path": _str},
     "metrics": {"endpoint": _str},
     "relay": {
-        "host": _str,
+        "host": _host,
         "port": _port,
         "tls": _choice(*RELAY_TLS),
         "ca_file": _str,
@@ -378,6 +452,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "allow_plaintext": _bool,
         "connect_timeout": _number(0.001),
         "command_timeout": _number(0.001),
+        "data_timeout": _number(0.001),
         "max_messages_per_session": _int(1),
         "idle_timeout": _number(0.0),
     },
@@ -437,7 +512,9 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
         if key in EXTERNAL_SECTIONS:
             continue
         if key not in SCHEMA or "." in key:
-            known = ", ".join(f"[{k}]" for k in SCHEMA if "." not in k)
+            known = ", ".join(
+                f"[{k}]" for k in (*SCHEMA, *sorted(EXTERNAL_SECTIONS)) if "." not in k
+            )
             raise ConfigError(source, f"[{key}]", f"unknown section (known: {known})")
 
     server = _section(source, "server", data.get("server", {}))

@@ -70,3 +70,16 @@ def test_gauges_by_state(queue):
     }
     assert values == {"queued": 1, "deferred": 1, "held": 1}
     assert metrics.queue_oldest.labels("queued")._value.get() >= 0
+
+
+def test_retry_of_a_held_message_says_it_stays_held(queue):
+    m = message()
+    queue.append_batch([m])
+    queue.deferred(m.id, 1, time.time() + 3600, "451 later")
+    queue.hold(m.id)
+    assert qs.apply(queue, "retry", m.id) == (
+        f"{m.id} is held: it will be due as soon as it is released"
+    )
+    assert list(queue.due()) == []  # still held
+    assert qs.apply(queue, "release", m.id) == f"{m.id} is released"
+    assert [e.id for e in queue.due()] == [m.id]

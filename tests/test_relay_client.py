@@ -10,6 +10,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -855,3 +856,387 @@ def test_a_pipelined_group_fires_once_with_every_reply_or_fails_whole():
     assert len(after) == 1 and wire.value() == b""
     with pytest.raises(ValueError):
         proto.pipeline([(b"MAIL FROM:<a@x>\r\nRSET", "MAIL")], 10)
+
+
+# ---------------------------------------------------------------------------
+# Session lifetime: max_messages_per_session, stale reused sessions, and
+# the wait for the reply to the message (data_timeout)
+# ---------------------------------------------------------------------------
+
+
+class PlainUpstream:
+    """
+    A small plaintext upstream on 127.0.0.1 (a thread per connection) for
+    what the aiosmtpd one does not script: a per-session MAIL limit, past
+    which MAIL gets ``421`` (or, with ``extra_mail="drop"``, no reply at
+    all) and the connection is closed; a global one (``mails_total``); a
+    delay before the reply to the end of data.  ``sessions`` holds the
+    command verbs of each connection, ``bodies`` every message received.
+    """
+
+    def __init__(
+        self,
+        *,
+        pipelining: bool = False,
+        mails_per_session: int | None = None,
+        mails_total: int | None = None,
+        extra_mail: str = "421",
+        final_delay: float = 0.0,
+    ) -> None:
+        self.pipelining = pipelining
+        self.mails_per_session = mails_per_session
+        self.mails_total = mails_total
+        self.extra_mail = extra_mail
+        self.final_delay = final_delay
+        self.sessions: list[list[str]] = []
+        self.bodies: list[bytes] = []
+        self._mails = 0
+        self._lock = threading.Lock()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __enter__(self) -> PlainUpstream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+
+    def settings(self, **relay: Any) -> ClientSettings:
+        """ClientSettings the way the scheduler makes them: from ``[relay]``."""
+        from kumoauth.config import RelayConfig
+
+        class SchedulerSettings:
+            config = RelayConfig(
+                host="127.0.0.1",
+                port=self.port,
+                tls="none",
+                identity="none",
+                **{"connect_timeout": 5.0, "command_timeout": 5.0, **relay},
+            )
+            hostname = "relay.test"
+            password = None
+
+        return client_settings(SchedulerSettings())
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _hang_up(self, conn: socket.socket) -> None:
+        # FIN after what was said, then drain: no RST that could eat it.
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(4096):
+                pass
+
+    def _serve(self, conn: socket.socket) -> None:
+        # The client may hang up or reset at any point: that ends the session.
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            self._session(conn)
+
+    def _session(self, conn: socket.socket) -> None:
+        verbs: list[str] = []
+        with self._lock:
+            self.sessions.append(verbs)
+        with conn:
+            conn.settimeout(10)
+            f = conn.makefile("rb")
+            conn.sendall(b"220 plain.test ESMTP\r\n")
+            mails = 0
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                verb = line.split(b" ", 1)[0].split(b":", 1)[0].strip().upper().decode()
+                verbs.append(verb)
+                if verb == "EHLO":
+                    extra = b"250-PIPELINING\r\n" if self.pipelining else b""
+                    conn.sendall(b"250-plain.test\r\n" + extra + b"250 8BITMIME\r\n")
+                elif verb == "MAIL":
+                    mails += 1
+                    with self._lock:
+                        self._mails += 1
+                        total = self._mails
+                    over = (
+                        self.mails_per_session is not None and mails > self.mails_per_session
+                    ) or (self.mails_total is not None and total > self.mails_total)
+                    if over:
+                        if self.extra_mail == "421":
+                            conn.sendall(b"421 4.7.0 plain.test too many messages, closing\r\n")
+                        self._hang_up(conn)
+                        return
+                    conn.sendall(b"250 2.1.0 ok\r\n")
+                elif verb == "RCPT":
+                    conn.sendall(b"250 2.1.5 ok\r\n")
+                elif verb == "DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    body = b""
+                    while (chunk := f.readline()) not in (b".\r\n", b""):
+                        body += chunk
+                    time.sleep(self.final_delay)
+                    with self._lock:
+                        self.bodies.append(body)
+                    conn.sendall(b"250 2.0.0 queued\r\n")
+                elif verb == "RSET":
+                    conn.sendall(b"250 2.0.0 ok\r\n")
+                elif verb == "QUIT":
+                    conn.sendall(b"221 2.0.0 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"500 5.5.2 what\r\n")
+
+
+def numbered(i: int) -> Message:
+    return message(f"r{i}@example.net", body=f"Subject: {i}\r\n\r\nmessage {i}\r\n".encode())
+
+
+def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
+def test_max_messages_per_session_retires_the_session_with_quit(reactor, pipelining):
+    # The audit's upstream: 421 to the 3rd MAIL of a session.  With
+    # max_messages_per_session = 2 the 3rd message never meets it.
+    with PlainUpstream(pipelining=pipelining, mails_per_session=2) as up:
+        settings = up.settings(max_messages_per_session=2)
+        assert settings.max_messages == 2
+        session = open_session(reactor, settings)
+        for i in range(2):
+            assert session.reusable
+            assert send(session, numbered(i)).delivered == [f"r{i}@example.net"]
+        assert session.transactions == 2 and session.exhausted
+        assert not session.reusable  # the scheduler closes it, not back to the pool
+        with pytest.raises(UpstreamError, match="carried its 2 messages"):
+            send(session, numbered(9))
+        close(session)
+        wait_for(lambda: len(up.sessions) == 1 and up.sessions[0][-1:] == ["QUIT"])
+        assert up.sessions[0].count("MAIL") == 2  # the refused send wrote nothing
+        second = open_session(reactor, settings)
+        assert send(second, numbered(2)).delivered == ["r2@example.net"]
+        close(second)
+        assert len(up.bodies) == 3 and len(up.sessions) == 2
+
+
+def test_a_refused_transaction_counts_towards_max_messages(reactor, tmp_path):
+    with running_upstream(mail_reply="550 5.7.1 sender not allowed") as up:
+        session = open_session(reactor, settings_for(up, tmp_path, max_messages=1))
+        assert send(session, message("a@example.net")).bounced == ["a@example.net"]
+        assert session.messages == 0 and session.transactions == 1
+        assert not session.reusable
+        close(session)
+
+
+@pytest.mark.parametrize("extra_mail", ["421", "drop"])
+@pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
+def test_reused_session_ended_before_mail_sends_over_a_new_one(
+    reactor, captured_log, pipelining, extra_mail
+):
+    # max_messages_per_session left at 100, above the upstream's limit of 2:
+    # its 421 (or silent close) at the 3rd MAIL is not the message's fault
+    # and nothing of it was sent: it goes at once over a new connection.
+    with PlainUpstream(pipelining=pipelining, mails_per_session=2, extra_mail=extra_mail) as up:
+        session = open_session(reactor, up.settings())
+        for i in range(3):
+            assert send(session, numbered(i)).delivered == [f"r{i}@example.net"]
+        assert session.reusable and session.messages == 1
+        close(session)
+        assert [b.split(b"\r\n")[0] for b in up.bodies] == [
+            b"Subject: 0",
+            b"Subject: 1",
+            b"Subject: 2",
+        ]
+        first, second = up.sessions
+        assert first.count("MAIL") == 3 and first.count("DATA") == 2
+        assert second[:2] == ["EHLO", "MAIL"] and second[-1] == "QUIT"
+    text = captured_log.text()
+    assert "sending it over a new session" in text
+    if extra_mail == "421":
+        assert "421 4.7.0 plain.test too many messages" in text
+
+
+def test_stale_session_retry_is_once(reactor):
+    # Every MAIL after the first one, on any connection, gets 421: the
+    # reused session is retried once on a new one, whose 421 is the result.
+    with PlainUpstream(pipelining=True, mails_total=1) as up:
+        session = open_session(reactor, up.settings())
+        send(session, numbered(0))
+        with pytest.raises(UpstreamError) as info:
+            send(session, numbered(1))
+        assert "421 4.7.0 plain.test too many messages" in info.value.reason
+        assert info.value.reply is not None and info.value.reply.code == 421
+        assert not session.reusable
+        wait_for(lambda: len(up.sessions) == 2)
+        assert [s.count("MAIL") for s in up.sessions] == [2, 1]
+        assert len(up.bodies) == 1
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
+def test_421_text_kept_when_the_upstream_closes_at_mail(reactor, pipelining):
+    # A fresh session is not retried; the error carries the upstream's
+    # words, not "upstream closed the connection" (the pipelined group used
+    # to fail on the close that follows the 421).
+    with PlainUpstream(pipelining=pipelining, mails_per_session=0) as up:
+        session = open_session(reactor, up.settings())
+        with pytest.raises(UpstreamError) as info:
+            send(session, numbered(0))
+        assert info.value.reason == (
+            "upstream closing the session at MAIL FROM: "
+            "421 4.7.0 plain.test too many messages, closing"
+        )
+        assert not info.value.permanent and info.value.closed
+        assert len(up.sessions) == 1
+
+
+def test_no_new_session_once_the_upstream_accepted_part_of_the_message(reactor, tmp_path):
+    # MAIL accepted, then 421 at RCPT: not a stale session, the attempt
+    # fails (the scheduler defers it) and no second connection is made.
+    with running_upstream() as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        send(session, message("a@example.net"))
+        up.rcpt_replies["b@example.net"] = "421 4.3.2 shutting down"
+        with pytest.raises(UpstreamError, match="at RCPT TO: 421 4.3.2 shutting down"):
+            send(session, message("b@example.net"))
+        assert len(up.sessions) == 1
+
+
+def test_reused_session_the_upstream_closed_while_idle(reactor):
+    # Closed between two messages (before the session was taken from the
+    # pool, the scheduler would have dropped it; after, it is stale).
+    with PlainUpstream(mails_per_session=1, extra_mail="drop") as up:
+        session = open_session(reactor, up.settings())
+        send(session, numbered(0))
+        in_reactor(lambda: session._proto.transport.loseConnection())
+        wait_for(lambda: not session.reusable)
+        assert send(session, numbered(1)).delivered == ["r1@example.net"]
+        close(session)
+        assert len(up.bodies) == 2 and len(up.sessions) == 2
+
+
+def test_a_pipelined_group_fails_at_once_with_a_421():
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from kumoauth.relay.client import _ClientProtocol
+
+    proto = _ClientProtocol(Clock())
+    wire = StringTransport()
+    proto.makeConnection(wire)
+    proto.expect("the greeting", 10)
+    proto.dataReceived(b"220 up\r\n")
+    lines = [(b"MAIL FROM:<a@x>", "MAIL FROM"), (b"RCPT TO:<b@y>", "RCPT TO"), (b"DATA", "DATA")]
+    failed: list[Any] = []
+    proto.pipeline(lines, 10).addErrback(failed.append)
+    proto.dataReceived(b"421 4.7.0 too busy\r\n")
+    [f] = failed
+    assert f.value.reason == "upstream closing the session at MAIL FROM: 421 4.7.0 too busy"
+    assert f.value.closed and f.value.reply.code == 421
+    assert wire.disconnecting or wire.disconnected
+
+
+def test_data_timeout_not_command_timeout_bounds_the_reply_to_the_message(reactor):
+    from kumoauth.config import RelayConfig
+
+    assert client_settings_of(RelayConfig(host="h", command_timeout=20)).data_timeout == 600
+    assert client_settings_of(RelayConfig(host="h", command_timeout=900)).data_timeout == 600
+    assert client_settings_of(RelayConfig(host="h", data_timeout=45)).data_timeout == 45
+    with PlainUpstream(final_delay=1.0) as up:
+        # A slow final reply is waited for, though command_timeout is short.
+        session = open_session(reactor, up.settings(command_timeout=0.4, data_timeout=5.0))
+        assert send(session, numbered(0)).delivered == ["r0@example.net"]
+        close(session)
+        # And data_timeout does bound it.
+        session = open_session(reactor, up.settings(command_timeout=5.0, data_timeout=0.3))
+        with pytest.raises(UpstreamError) as info:
+            send(session, numbered(1))
+        assert (
+            info.value.reason == "timeout: no reply to the end of data from upstream within 0.3 s"
+        )
+        assert not session.reusable
+
+
+def client_settings_of(config: Any) -> ClientSettings:
+    class SchedulerSettings:
+        hostname = "relay.test"
+        password = None
+
+    SchedulerSettings.config = config  # type: ignore[attr-defined]
+    return client_settings(SchedulerSettings())
+
+
+@pytest.mark.parametrize("max_messages", [2, 100])
+def test_three_messages_in_a_row_through_the_scheduler(reactor, tmp_path, max_messages):
+    """
+    The audit's case through the scheduler and a real queue: one session at
+    a time, an upstream that says 421 to the 3rd MAIL of a session.  With
+    max_messages_per_session = 2 the session is retired (QUIT) after two;
+    left at 100 the 421 meets a reused session, and the message goes over a
+    new one at once.  Either way nothing is deferred.
+    """
+    from kumoauth.config import RelayConfig
+    from kumoauth.ops.metrics import Metrics
+    from kumoauth.relay import dsn
+    from kumoauth.relay.queue import QueueStore
+    from kumoauth.relay.scheduler import Relay, RelaySettings
+    from kumoauth.storage.delivery import Message as Stored
+
+    with PlainUpstream(pipelining=True, mails_per_session=2) as up:
+        config = RelayConfig(
+            host="127.0.0.1",
+            port=up.port,
+            tls="none",
+            identity="none",
+            concurrency=1,
+            max_messages_per_session=max_messages,
+            command_timeout=5.0,
+        )
+        queue = QueueStore.open(tmp_path / "queue")
+        metrics = Metrics()
+        relay = Relay(
+            queue,
+            RelaySettings(config=config, hostname="relay.test"),
+            reactor,
+            metrics,
+            connect=connect,
+            store_bounce=lambda data, sender: pytest.fail("no bounce expected"),
+            build_bounce=dsn.build_dsn,
+        )
+
+        def attempts(result: str) -> float:
+            value = metrics.registry.get_sample_value(
+                "kumoauth_relay_attempts_total", {"result": result}
+            )
+            return value or 0.0
+
+        try:
+            for i in range(3):
+                body = f"Subject: {i}\r\n\r\nmessage {i}\r\n".encode()
+                queue.append_batch(
+                    [Stored(f"m{i}", "scott@example.com", [f"r{i}@example.net"], body, {})]
+                )
+            in_reactor(relay.kick, False)
+            wait_for(lambda: len(queue) == 0 or attempts("deferred") > 0)
+            assert (attempts("deferred"), attempts("delivered")) == (0, 3)
+            assert len(up.bodies) == 3
+            in_reactor(relay.stopService)  # QUIT to the idle session
+            wait_for(lambda: len(up.sessions) == 2 and up.sessions[1][-1:] == ["QUIT"])
+            first, second = up.sessions
+            if max_messages == 2:
+                assert first.count("MAIL") == 2 and first[-1] == "QUIT"
+            else:
+                assert first.count("MAIL") == 3  # the 3rd got 421
+            assert second.count("MAIL") == 1
+        finally:
+            queue.close()

@@ -61,6 +61,12 @@ max_age = 432000
         ('host = "a"\nidentity = "header"', "[relay] header_key_file", "required"),
         ('host = "a"\nidentity = "none"\nretry_schedule = []', "[relay] retry_schedule", "list"),
         ('host = "a"\nidentity = "none"\npasword_file = "x"', "[relay] pasword_file", "unknown"),
+        ('host = "a"\nidentity = "none"\ndata_timeout = 0', "[relay] data_timeout", "at least"),
+        (
+            'host = "a"\nidentity = "none"\nmax_messages_per_session = 0',
+            "[relay] max_messages_per_session",
+            "at least 1",
+        ),
     ],
 )
 def test_mistakes_are_one_line(text, where, problem):
@@ -74,3 +80,14 @@ def test_plaintext_to_loopback_or_when_allowed():
     assert relay('host = "127.0.0.1"\ntls = "none"\nidentity = "none"').tls == "none"
     allowed = relay('host = "mx"\ntls = "none"\nidentity = "none"\nallow_plaintext = true')
     assert allowed.allow_plaintext
+
+
+def test_session_limits_and_timeouts():
+    defaults = relay('host = "a"\nidentity = "none"')
+    assert defaults.command_timeout == 300 and defaults.data_timeout == 600
+    assert defaults.max_messages_per_session == 100
+    r = relay(
+        'host = "a"\nidentity = "none"\ncommand_timeout = 20\ndata_timeout = 900\n'
+        "max_messages_per_session = 2"
+    )
+    assert (r.command_timeout, r.data_timeout, r.max_messages_per_session) == (20, 900, 2)

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import pytest
 import trustme
 
+from kumoauth.relay.queue import QueueReader
 from kumoauth.storage.spool import Spool
 from tests import postfix as pf
 from tests import upstream as upstream_module
@@ -160,13 +161,20 @@ def dsn_blocks(data: bytes) -> tuple[email.message.Message, list[dict[str, str]]
     return msg, [dict(parser.parsestr(b + "\n").items()) for b in blocks]
 
 
+def docs_verifier() -> Callable[[str, bytes], dict[str, str] | None]:
+    """``verify`` from docs/relay.md's Python block, run as it is there."""
+    text = (Path(__file__).parent.parent / "docs" / "relay.md").read_text()
+    section = text[text.index('### `identity = "header"`') :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/relay.md", "exec"), namespace)  # noqa: S102 - our own docs
+    return namespace["verify"]  # type: ignore[no-any-return]
+
+
 def verify_identity(value: str, key: bytes) -> dict[str, str] | None:
     """docs/relay.md's verification, verbatim."""
-    fields, sep, sig = value.rpartition("; sig=")
-    good = hmac.new(key, fields.encode(), hashlib.sha256).hexdigest()
-    if not sep or not hmac.compare_digest(good, sig.strip()):
-        return None
-    return dict(part.split("=", 1) for part in fields.split("; "))
+    return docs_verifier()(value, key)
 
 
 def only_received_before(data: bytes, body: bytes) -> None:
@@ -289,6 +297,40 @@ def test_identity_header_signed_and_forgery_removed(tmp_path: Path, certs: Certs
         assert up.messages[0].authzid is None
 
 
+def test_identity_header_values_cannot_add_fields() -> None:
+    """
+    An authzid that looks like more fields is one percent-encoded value:
+    the docs' verifier returns the identity kumoauth signed, and refuses a
+    header that does name a field twice (or an unknown one), signed or not.
+    """
+    from kumoauth.relay.scheduler import identity_header
+
+    key = b"k" * 32
+    verify = docs_verifier()
+    mid = "0123456789abcdef01234567"
+    tricky = "scott; authn=admin"
+    for authz in (tricky, "ø %41=\t;\x1b\u2028x", "a@b+c.d_e-f~g"):
+        header = identity_header(key, "scott", authz, mid).decode("ascii")
+        assert header.endswith("\r\n") and header.count("\r\n") == 1
+        value = header.split(":", 1)[1]
+        assert verify(value, key) == {"authn": "scott", "authz": authz, "id": mid}
+    value = identity_header(key, "scott", tricky, mid).decode().split(":", 1)[1]
+    assert "authn=admin" not in value and value.count("=") == 4
+
+    def signed(fields: str) -> str:
+        return f"{fields}; sig={hmac.new(key, fields.encode(), hashlib.sha256).hexdigest()}"
+
+    # What the old encoding produced for that authzid: refused, not "admin".
+    assert verify(signed(f"authn=scott; authz={tricky}; id={mid}"), key) is None
+    assert verify(signed(f"authn=scott; authz=scott; id={mid}; role=admin"), key) is None
+    assert verify(signed(f"authz=scott; authn=scott; id={mid}"), key) is None
+    assert verify(signed(f"authn=scott; authz=scott; id={mid}"), key) == {
+        "authn": "scott",
+        "authz": "scott",
+        "id": mid,
+    }
+
+
 # ---------------------------------------------------------------------------
 # 3. upstream down, then back on that port
 
@@ -394,9 +436,17 @@ def test_max_age_bounce(tmp_path: Path, certs: Certs) -> None:
         running_upstream(rcpt_replies={"slow@example.net": "451 4.3.0 mailbox busy"}) as up,
         relaying(tmp_path, certs, up, max_age="2", retry_schedule="[1]") as srv,
     ):
-        submit(srv, ["slow@example.net"], b"Subject: too slow\r\n\r\nhi\r\n")
+        mid = submit(srv, ["slow@example.net"], b"Subject: too slow\r\n\r\nhi\r\n")
         wait_until(lambda: bounces(up), 15, "the bounce after max_age")
         wait_queue_empty(srv)
+        # The last attempt's line says the recipient expired (not "deferred"),
+        # and the bounce follows it.
+        lines = [line for line in srv.log().splitlines() if f"relay {mid}" in line]
+        expired = f"relay {mid} to localhost: expired=slow@example.net "
+        expired += "(451 4.3.0 mailbox busy; older than max_age 2s)"
+        assert expired in lines[-2], lines
+        assert f"relay {mid}: bounce " in lines[-1], lines
+        assert all("expired=" not in line for line in lines[:-2]), lines
         (bounce,) = bounces(up)
         _, blocks = dsn_blocks(bounce.data)
         (r,) = blocks[1:]
@@ -573,10 +623,19 @@ def test_sighup_new_upstream(tmp_path: Path, certs: Certs, monkeypatch: pytest.M
         assert [b"to the second" in m.data for m in up2.messages] == [True]
 
 
-@pytest.mark.parametrize("stall", [2.0, 60.0], ids=["short-stall", "long-stall"])
+@pytest.mark.parametrize(
+    ("stall", "grace"),
+    [(6.0, 9), (60.0, 1)],
+    ids=["grace-outlasts-stall", "stall-outlasts-grace"],
+)
 def test_sigterm_while_sending(
-    tmp_path: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch, stall: float
+    tmp_path: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch, stall: float, grace: int
 ) -> None:
+    """
+    A send in progress at SIGTERM gets ``[server] shutdown_grace``: one
+    that ends within it is delivered before the exit (not sent again), one
+    that does not is dropped at the end of it and stays queued.
+    """
     original = upstream_module._Handler.handle_DATA
     stalling = {"on": True}
 
@@ -586,31 +645,63 @@ def test_sigterm_while_sending(
         return await original(self, server, session, envelope)
 
     monkeypatch.setattr(upstream_module._Handler, "handle_DATA", slow_data)
-    with running_upstream() as up, relaying(tmp_path, certs, up) as srv:
+    with (
+        running_upstream() as up,
+        relaying(tmp_path, certs, up, server=f"shutdown_grace = {grace}") as srv,
+    ):
         mid = submit(srv, ["b@example.net"], b"Subject: term\r\n\r\nduring DATA\r\n")
         wait_until(lambda: "DATA" in up.all_verbs(), 10, "the upstream to get DATA")
         time.sleep(0.3)  # the message's bytes are on their way
         started = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         try:
-            code = srv.proc.wait(30)
+            code = srv.proc.wait(30 + grace)
         except subprocess.TimeoutExpired:
             srv.proc.kill()
             srv.proc.wait()
-            pytest.fail(f"SIGTERM did not stop kumoauth within 30s\n{srv.log()[-3000:]}")
+            pytest.fail(f"SIGTERM did not stop kumoauth in time\n{srv.log()[-3000:]}")
         took = time.monotonic() - started
         assert code == 0, srv.log()[-3000:]
         queued = mid in queue_ids(srv)
         delivered_now = bool(with_tag(up, "during DATA"))
         print(f"\nSIGTERM after {took:.1f}s: queued={queued} delivered={delivered_now}")
-        assert queued or delivered_now
-        if stall > 10:
-            assert took < 15, took
-        # What stayed queued goes out after a restart.
+        if stall < grace:
+            assert delivered_now and not queued, srv.log()[-3000:]
+            assert took >= stall - 1, took
+        else:
+            assert queued and not delivered_now
+            assert took < grace + 3, took
+            assert f"messages still being sent after {grace}s stay queued" in srv.log()
+        # What stayed queued goes out after a restart; nothing else does.
         stalling["on"] = False
         srv.start()
         wait_until(lambda: with_tag(up, "during DATA"), 15, "delivery after restart")
         wait_queue_empty(srv)
+        time.sleep(1.2)
+        assert len(with_tag(up, "during DATA")) == 1
+
+
+def test_upstream_text_escaped_once_in_log_and_list(tmp_path: Path, certs: Certs) -> None:
+    from tests.test_cli_spool import run_cli
+
+    reply = "451 4.3.0 evil\x1b[31mred\u200bnext"
+    with (
+        running_upstream(rcpt_replies={"b@example.net": reply}) as up,
+        relaying(tmp_path, certs, up, retry_schedule="[3600]") as srv,
+    ):
+        mid = submit(srv, ["b@example.net"], b"Subject: escapes\r\n\r\nx\r\n")
+        line = f"relay {mid} to localhost: deferred=b@example.net"
+        wait_until(lambda: line in srv.log(), 10, "the attempt")
+        once = r"451 4.3.0 evil\x1b[31mred\u200bnext"
+        (logged,) = [x for x in srv.log().splitlines() if line in x]
+        assert f"deferred=b@example.net ({once})" in logged, logged
+        assert "\\\\" not in logged and "\x1b" not in logged and "\u200b" not in logged
+        # The queue keeps what the upstream said; `spool list` escapes it once.
+        wait_until(lambda: QueueReader(srv.spool).get(mid).last_error == reply, 5, "the journal")
+        listing = run_cli(None, "list", config=srv.config)
+        assert listing.returncode == 0, listing.stderr
+        assert f'error="{once}"' in listing.stdout, listing.stdout
+        assert "\x1b" not in listing.stdout
 
 
 # ---------------------------------------------------------------------------
@@ -677,6 +768,11 @@ def test_smtputf8_refused_by_upstream_bounces_567(tmp_path: Path, certs: Certs) 
         assert r["Action"] == "failed"
         assert r["Status"] == "5.6.7"
         assert "SMTPUTF8" in r["Diagnostic-Code"]
+        # The attempt's line says why it failed: nothing was sent.
+        why = (
+            f"failed={rcpt} (554 5.6.7 upstream does not offer SMTPUTF8, which this message needs)"
+        )
+        assert why in srv.log()
 
 
 # ---------------------------------------------------------------------------

@@ -106,6 +106,12 @@ def test_policy_and_limits_reload(tmp_path):
         assert veteran.rcpt("b@example.net")[0] == 250
         assert veteran.rcpt("c@example.net")[0] == 250
         veteran.quit()
+        # The listener change reverted: what runs is what is configured, so
+        # the next reload warns about no listener.
+        srv.config.write_text(text.replace('endpoint = "tcp6:', 'endpoint = "tcp:', 1))
+        hup_and_wait(srv, "reloaded configuration", count=2)
+        second = srv.log().split("reloaded configuration")[1]  # the second reload's lines
+        assert "a restart" not in second, second
 
 
 def test_json_log_has_one_event_per_attempt(tmp_path):

@@ -50,8 +50,10 @@ class KumoauthService(ApplicationLog, service.MultiService):
 
     Stopping it (SIGTERM) is ordered: stop accepting at once, let sessions
     finish their transactions for ``shutdown_grace`` seconds (then
-    ``421 4.3.2`` to the rest), and only then stop the spool writer and the
-    checker threads, so a message in DATA is still spooled.
+    ``421 4.3.2`` to the rest) and, at the same time, the relay finish the
+    messages it is sending (then they stay queued), and only then stop the
+    spool writer and the checker threads, so a message in DATA is still
+    spooled and the bounce of a send that ended is stored.
 
     SIGHUP reloads the configuration for new connections: certificate and
     key, policy, checker, limits, throttles.  Live sessions keep what they
@@ -169,9 +171,15 @@ class KumoauthService(ApplicationLog, service.MultiService):
         # be overtaken by the first.
         return self._reloads.run(run)
 
+    def _relay(self) -> Relay | None:
+        queue = next((s for s in self if isinstance(s, QueueService)), None)
+        return queue.relay if queue is not None else None
+
     def _relay_reload(self, cfg: Config, settings: Any) -> None:
         queue = next((s for s in self if isinstance(s, QueueService)), None)
-        relay = queue.relay if queue is not None else None
+        relay = self._relay()
+        if relay is not None:
+            relay.grace = cfg.server.shutdown_grace  # for the next stop
         if relay is not None and settings is not None:
             relay.reload(settings)
         elif (relay is None) != (settings is None) and queue is not None:
@@ -208,7 +216,13 @@ class KumoauthService(ApplicationLog, service.MultiService):
             call_hook(old[1], "stop")
 
     def _report_restart_only(self, cfg: Config) -> None:
-        old = {(li.endpoint, li.tls) for li in self.cfg.listeners}
+        # Against the sockets this process serves, not the generation
+        # before: a change reverted is no change.
+        old = {
+            (ls.description, ls.submission_factory.listener.tls)
+            for ls in self.smtp_listeners
+            if ls.submission_factory is not None
+        }
         new = {(li.endpoint, li.tls) for li in cfg.listeners}
         for endpoint, tls in sorted(new - old):
             log.warn(
@@ -236,6 +250,14 @@ class KumoauthService(ApplicationLog, service.MultiService):
     def stopService(self) -> defer.Deferred[Any]:
         d = defer.gatherResults([defer.maybeDeferred(s.stop_listening) for s in self.listeners])
         sessions, grace = self.process.sessions, self.runtime.server.shutdown_grace
+        # The relay takes no new message from now on; those being sent get
+        # the same grace as the sessions, at the same time.  The spool
+        # writer outlives it: the bounces of those attempts go through it.
+        relay = self._relay()
+        relay_stopped = (
+            defer.maybeDeferred(relay.stopService) if relay is not None else defer.succeed(None)
+        )
+        relay_stopped.addErrback(lambda f: log.failure("stopping the relay", f))
         if sessions.live:
             log.info(
                 "stopping: {n} sessions get up to {grace}s to finish",
@@ -250,6 +272,8 @@ class KumoauthService(ApplicationLog, service.MultiService):
             d.addCallback(_stop_validator, self.process.oauth_validator)
         if self.process.sender_binding is not None:
             d.addCallback(_stop_validator, self.process.sender_binding[1])
+
+        d.addCallback(lambda _: relay_stopped)
 
         def stop_threads(_: object) -> defer.Deferred[None]:
             # Joined off the reactor thread, and not waited for past a few
@@ -308,6 +332,7 @@ def attach_queue(
                 connect=client.connect,
                 store_bounce=store_bounce,
                 build_bounce=dsn.build_dsn,
+                grace=cfg.server.shutdown_grace,
             )
         )
     if writer is not None:

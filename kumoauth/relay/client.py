@@ -7,9 +7,12 @@ MTA (the "null client" job: no MX lookups).
 EHLO again, AUTH PLAIN with an optional authzid); :meth:`UpstreamSession.send`
 runs one mail transaction and returns a :class:`SendResult` with the reply
 for each recipient; the session is then reset and can carry the next message
-for the same identity.  Failures of the session itself (refused, timeout, TLS,
-AUTH refused, 421, connection lost) are :class:`UpstreamError`: the caller
-defers the whole message.
+for the same identity, until it has carried ``max_messages_per_session``
+transactions.  Failures of the session itself (refused, timeout, TLS, AUTH
+refused, 421, connection lost) are :class:`UpstreamError`: the caller
+defers the whole message.  One exception: a reused session that the
+upstream ended before accepting anything of the message is replaced by a
+new connection, once, and the message sent there.
 
 Why our own client rather than ``twisted.mail.smtp.ESMTPSenderFactory``:
 that factory sends one message per connection, reports recipients only as a
@@ -284,20 +287,38 @@ class UpstreamError(Exception):
     a malformed reply.  The whole message is deferred.  ``reason`` is one
     printable line (upstream text escaped) and never holds a password;
     ``permanent`` is True when the upstream answered with a 5xx reply, which
-    retrying the same configuration will not change.
+    retrying the same configuration will not change.  ``closed`` is True
+    when the upstream ended the session itself: it closed or reset the
+    connection, or said 421 (``reply`` is then that 421).
     """
 
-    def __init__(self, reason: str, permanent: bool = False, reply: Reply | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        permanent: bool = False,
+        reply: Reply | None = None,
+        closed: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent
         self.reply = reply
+        self.closed = closed
 
     def __str__(self) -> str:
         return self.reason
 
     def __repr__(self) -> str:
         return f"UpstreamError({self.reason!r}, permanent={self.permanent})"
+
+
+class _StaleSession(UpstreamError):
+    """
+    A session that had been idle for reuse turned out to be ended by the
+    upstream before it accepted anything of this message (no reply to MAIL,
+    or a 421 to it): the message was not sent, and goes at once over a new
+    session instead (:meth:`UpstreamSession.transaction`).
+    """
 
 
 class RecipientResult(NamedTuple):
@@ -407,7 +428,10 @@ class ClientSettings:
     name the certificate must carry (default: ``host``).  ``helo_name`` is
     our hostname.  ``allow_plaintext`` permits ``tls = "none"`` to a host
     that is not a loopback address.  ``command_timeout`` bounds the wait for
-    each reply, ``data_timeout`` the one for the reply to the message.
+    each reply but one: ``data_timeout`` bounds the one for the reply to the
+    message (after its final dot; RFC 5321 §4.5.3.2.6 suggests 10 minutes).
+    ``max_messages`` is the number of mail transactions one session carries
+    before it is no longer :attr:`~UpstreamSession.reusable`.
     """
 
     host: str
@@ -422,6 +446,7 @@ class ClientSettings:
     connect_timeout: float = 30.0
     command_timeout: float = 60.0
     data_timeout: float = 600.0
+    max_messages: int = 100
 
     @classmethod
     def from_config(
@@ -439,7 +464,8 @@ class ClientSettings:
             allow_plaintext=config.allow_plaintext,
             connect_timeout=config.connect_timeout,
             command_timeout=config.command_timeout,
-            data_timeout=max(600.0, config.command_timeout),
+            data_timeout=config.data_timeout,
+            max_messages=config.max_messages_per_session,
         )
 
 
@@ -519,6 +545,8 @@ class _ClientProtocol(TwistedProtocol):
         self.tls_started = False
         self.tls_version: str | None = None
         self.closing = False
+        #: replies received so far (to tell which command a failure came at)
+        self.replies = 0
         self._lost_waiters: list[defer.Deferred[None]] = []
 
     # -- Twisted ----------------------------------------------------------
@@ -569,9 +597,11 @@ class _ClientProtocol(TwistedProtocol):
             elif self.closing:
                 err = UpstreamError("session closed")
             elif reason.check(error.ConnectionDone):
-                err = UpstreamError("upstream closed the connection")
+                err = UpstreamError("upstream closed the connection", closed=True)
             else:
-                err = UpstreamError(f"connection lost: {escape(reason.getErrorMessage(), 200)}")
+                err = UpstreamError(
+                    f"connection lost: {escape(reason.getErrorMessage(), 200)}", closed=True
+                )
             self.error = err
         self._fail_waiters(self.error)
         waiters, self._lost_waiters = self._lost_waiters, []
@@ -668,9 +698,14 @@ class _ClientProtocol(TwistedProtocol):
 
     def _deliver(self, reply: Reply) -> None:
         self._deadline = self._timed = None  # the timer stays armed, for the next
+        self.replies += 1
         if not self._waiters:
             if reply.code == 421:
-                self.fail(UpstreamError(f"upstream closing the session: {reply}"))
+                self.fail(
+                    UpstreamError(
+                        f"upstream closing the session: {reply}", reply=reply, closed=True
+                    )
+                )
             else:
                 self.fail(UpstreamError(f"protocol error: unexpected reply {reply}"))
             return
@@ -682,9 +717,22 @@ class _ClientProtocol(TwistedProtocol):
             self._waiters.appendleft(waiter)
             self.fail(UpstreamError("protocol error: upstream sent data after its STARTTLS reply"))
             return
+        group = waiter.group
+        if reply.code == 421 and group is not None and waiter.deferred is None:
+            # A 421 is the last thing the upstream says (RFC 5321 §3.8): the
+            # rest of the group will not be answered.  Fail it now, with the
+            # upstream's words rather than the connection loss that follows.
+            group.append(reply)
+            self.fail(
+                UpstreamError(
+                    f"upstream closing the session at {waiter.what}: {reply}",
+                    reply=reply,
+                    closed=True,
+                )
+            )
+            return
         if self._waiters:
             self._start_timer()
-        group = waiter.group
         if group is not None:
             group.append(reply)
             if waiter.deferred is not None:
@@ -757,27 +805,50 @@ def _valid_address(address: str) -> bool:
 
 def _raise_421(reply: Reply, what: str) -> None:
     if reply.code == 421:
-        raise UpstreamError(f"upstream closing the session at {what}: {reply}")
+        raise UpstreamError(
+            f"upstream closing the session at {what}: {reply}", reply=reply, closed=True
+        )
 
 
 class UpstreamSession:
     """
     One authenticated SMTP session to the upstream, for one identity
     (``authzid``).  :meth:`send` one message at a time; after each the
-    session is reset and, while :attr:`reusable`, can send the next.
+    session is reset and, while :attr:`reusable`, can send the next.  It is
+    no longer reusable once it has carried ``max_messages`` mail
+    transactions: the caller closes it (QUIT) and opens another.
+
+    A session reused after waiting idle may have been ended by the upstream
+    in the meantime (its idle timeout, its own per-session limit).  When
+    that shows before the upstream accepted anything of the message (the
+    connection was gone, or MAIL got no reply or a 421), the message has
+    not been sent: :meth:`transaction` opens a new connection (with
+    *reactor*) and sends it there, once, rather than failing the attempt.
     """
 
     def __init__(
-        self, protocol: _ClientProtocol, settings: ClientSettings, authzid: str | None
+        self,
+        protocol: _ClientProtocol,
+        settings: ClientSettings,
+        authzid: str | None,
+        reactor: Any = None,
     ) -> None:
         self._proto = protocol
         self._settings = settings
+        self._reactor = reactor
         self.authzid = authzid
         self.authenticated_as: str | None = None
         self.extensions: dict[str, str] = {}
+        #: messages the upstream answered the end of data of, this connection
         self.messages = 0
+        #: mail transactions (MAIL commands) sent over this connection
+        self.transactions = 0
+        #: transaction() calls ended over this connection (more than 0: reused)
+        self._uses = 0
         self._busy = False
         self._broken = False
+        self._aborted = False
+        self._connecting: defer.Deferred[UpstreamSession] | None = None
 
     def __repr__(self) -> str:
         s = self._settings
@@ -796,15 +867,24 @@ class UpstreamSession:
         return size_limit(self.extensions)
 
     @property
+    def exhausted(self) -> bool:
+        """True once the session has carried ``max_messages`` transactions."""
+        return self.transactions >= self._settings.max_messages
+
+    @property
     def reusable(self) -> bool:
-        """True when the session is connected, idle and in a known state."""
+        """
+        True when the session is connected, idle, in a known state and has
+        not carried ``max_messages`` transactions yet.
+        """
         p = self._proto
         return (
             p.connected_
             and p.error is None
             and not p.closing
             and not self._busy
-            and not (self._broken)
+            and not self._broken
+            and not self.exhausted
         )
 
     def when_closed(self) -> defer.Deferred[None]:
@@ -892,13 +972,25 @@ class UpstreamSession:
         if self._busy:
             raise RuntimeError("UpstreamSession.send: a message is already in progress")
         err = self._proto.error
-        if err is not None:
-            raise UpstreamError(err.reason, err.permanent, err.reply)
-        if not self.reusable:
+        if err is None and self.exhausted:
+            raise UpstreamError(
+                f"session has carried its {self._settings.max_messages} messages "
+                "(max_messages_per_session)"
+            )
+        if err is None and not self.reusable:
             raise UpstreamError("session is closed")
         self._busy = True
         try:
-            return await self._transaction(message)
+            try:
+                if err is not None:
+                    # Ended while it waited idle (or before its first use).
+                    raise self._stale(
+                        UpstreamError(err.reason, err.permanent, err.reply, err.closed)
+                    )
+                return await self._transaction(message)
+            except _StaleSession as stale:
+                await self._reconnect(stale)
+                return await self._transaction(message)
         except UpstreamError as e:
             self._broken = True
             self._proto.fail(e)
@@ -910,6 +1002,7 @@ class UpstreamSession:
             raise
         finally:
             self._busy = False
+            self._uses += 1
 
     def _refusal(
         self, message: OutboundMessage, utf8: bool, eightbit: bool, size: int
@@ -932,6 +1025,49 @@ class UpstreamSession:
         if not _valid_address(message.mail_from):
             return RecipientResult(553, "5.1.7", "invalid sender address")
         return None
+
+    def _stale(self, e: UpstreamError, answered: int = 0) -> UpstreamError:
+        """
+        *e*, or a :class:`_StaleSession` for it when this session was reused
+        (its last transaction ended cleanly) and the upstream ended it before
+        accepting anything of the message: *answered* (the replies since
+        MAIL was written) is none, or only a 421 to MAIL.  Nothing of the
+        message was sent (its bytes go only after a 354), so sending it over
+        a new session cannot duplicate it.
+        """
+        reused = self._uses > 0 and not self._broken
+        if not (reused and e.closed and self._reactor is not None and not self._aborted):
+            return e
+        if answered == 0 or (answered == 1 and e.reply is not None and e.reply.code == 421):
+            return _StaleSession(e.reason, e.permanent, e.reply, closed=True)
+        return e
+
+    async def _reconnect(self, stale: _StaleSession) -> None:
+        """A new connection in place of the stale one, for the same identity."""
+        s = self._settings
+        log.info(
+            "relay: idle session to {where} ended by the upstream before the message "
+            "was sent ({reason}); sending it over a new session",
+            where=f"{escape(s.host)}:{s.port}",
+            reason=stale.reason,
+        )
+        self._proto.fail(stale)
+        d = _run(_connect(self._reactor, s, self.authzid))
+        self._connecting = d
+        try:
+            fresh = await d
+        except defer.CancelledError:
+            raise UpstreamError("session aborted") from None
+        finally:
+            self._connecting = None
+        if self._aborted:
+            fresh.abort()
+            raise UpstreamError("session aborted")
+        self._proto = fresh._proto
+        self.extensions = fresh.extensions
+        self.authenticated_as = fresh.authenticated_as
+        self.messages = self.transactions = self._uses = 0
+        self._broken = False
 
     async def _transaction(self, message: OutboundMessage) -> SendResult:
         s = self._settings
@@ -974,32 +1110,39 @@ class UpstreamSession:
 
         t = s.command_timeout
         go: Reply | None = None
-        if "PIPELINING" in self.extensions:
-            # RFC 2920: MAIL, every RCPT and DATA in one write, the replies
-            # in order.  Every reply is checked: DATA's too (§3.1).
-            group = [(mail, "MAIL FROM")] + [(rcpt(r), "RCPT TO") for r in to_send]
-            replies = await proto.pipeline([*group, (b"DATA", "DATA")], t)
-            mail_reply, rcpt_replies, go = replies[0], replies[1:-1], replies[-1]
-            _raise_421(mail_reply, "MAIL FROM")
-            if mail_reply.positive:
-                for each in rcpt_replies:
-                    _raise_421(each, "RCPT TO")
-            if go.code == 354 and not (
-                mail_reply.positive and any(r.positive for r in rcpt_replies)
-            ):
-                # DATA accepted with no recipient: RFC 2920 §3.1 says send
-                # the lone dot; nothing is delivered whatever the reply.
-                await proto.send_data(b".\r\n", s.data_timeout)
-                go = None
-        else:
-            mail_reply = await proto.command(mail, "MAIL FROM", t)
-            _raise_421(mail_reply, "MAIL FROM")
-            rcpt_replies = []
-            if mail_reply.positive:
-                for r in to_send:
-                    reply = await proto.command(rcpt(r), "RCPT TO", t)
-                    _raise_421(reply, "RCPT TO")
-                    rcpt_replies.append(reply)
+        self.transactions += 1
+        mark = proto.replies
+        try:
+            if "PIPELINING" in self.extensions:
+                # RFC 2920: MAIL, every RCPT and DATA in one write, the
+                # replies in order.  Every reply is checked: DATA's too (§3.1).
+                group = [(mail, "MAIL FROM")] + [(rcpt(r), "RCPT TO") for r in to_send]
+                replies = await proto.pipeline([*group, (b"DATA", "DATA")], t)
+                mail_reply, rcpt_replies, go = replies[0], replies[1:-1], replies[-1]
+                _raise_421(mail_reply, "MAIL FROM")
+                if mail_reply.positive:
+                    for each in rcpt_replies:
+                        _raise_421(each, "RCPT TO")
+            else:
+                mail_reply = await proto.command(mail, "MAIL FROM", t)
+                _raise_421(mail_reply, "MAIL FROM")
+                rcpt_replies = []
+                if mail_reply.positive:
+                    for r in to_send:
+                        reply = await proto.command(rcpt(r), "RCPT TO", t)
+                        _raise_421(reply, "RCPT TO")
+                        rcpt_replies.append(reply)
+        except UpstreamError as e:
+            raise self._stale(e, proto.replies - mark) from None
+        if (
+            go is not None
+            and go.code == 354
+            and not (mail_reply.positive and any(r.positive for r in rcpt_replies))
+        ):
+            # DATA accepted with no recipient: RFC 2920 §3.1 says send the
+            # lone dot; nothing is delivered whatever the reply.
+            await proto.send_data(b".\r\n", s.data_timeout)
+            go = None
 
         if not mail_reply.positive:
             for r in to_send:
@@ -1081,9 +1224,12 @@ class UpstreamSession:
         await proto.when_lost()
 
     def abort(self) -> None:
-        """Drop the connection at once."""
+        """Drop the connection at once (and a new one being made)."""
+        self._aborted = True
         self._proto.closing = True
         self._proto.fail(UpstreamError("session aborted"))
+        if self._connecting is not None:
+            self._connecting.cancel()
 
 
 def _is_loopback(host: str) -> bool:
@@ -1158,12 +1304,16 @@ async def _connect(reactor: Any, s: ClientSettings, authzid: str | None) -> Upst
     except Exception as e:  # noqa: BLE001 - any failure to connect defers the message
         raise UpstreamError(f"cannot connect to {where}: {escape(str(e), 200)}") from None
     assert isinstance(proto, _ClientProtocol)
-    session = UpstreamSession(proto, s, authzid)
+    session = UpstreamSession(proto, s, authzid, reactor)
     try:
         await session._open(options)
     except UpstreamError as e:
         proto.fail(e)
         log.info("relay: session to {where} failed: {reason}", where=where, reason=e.reason)
+        raise
+    except BaseException:
+        # Cancelled (a stop) or a bug: do not leave the connection behind.
+        proto.fail(UpstreamError("session setup abandoned"))
         raise
     log.info(
         "relay: session to {where} ({tls}) authenticated as {authc} for {authzid}",

@@ -30,12 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from kumoauth.config import RelayConfig
+from kumoauth.relay.client import UpstreamError
 from kumoauth.textsafe import escape
 
 log = Logger(namespace="kumoauth.relay")
@@ -48,9 +50,12 @@ TICK = 0.5
 #: after a send ends, other writers' records are looked for if the last
 #: look is this old (seconds)
 RESCAN_AFTER = 0.05
-#: seconds a stop waits for the messages being sent; then their sessions
-#: are dropped and they stay queued (sent again later: at-least-once)
+#: seconds a stop waits for the messages being sent unless told otherwise
+#: (the server passes ``[server] shutdown_grace``); then their sessions are
+#: dropped and they stay queued (sent again later: at-least-once)
 STOP_WITHIN = 5.0
+#: seconds a stop waits, after that, for bounces still being stored
+STORE_WITHIN = 5.0
 
 
 @dataclass(frozen=True)
@@ -69,13 +74,32 @@ class RelaySettings:
         return schedule[min(max(attempts, 1), len(schedule)) - 1]
 
 
+#: what :func:`identity_value` leaves as it is (RFC 3986 unreserved, and @ +)
+_IDENTITY_SAFE = "@+"
+
+
+def identity_value(value: str) -> str:
+    """
+    *value* for ``X-Kumoauth-Identity``: every octet of its UTF-8 form
+    other than an ASCII letter, digit or one of ``-._~@+`` becomes ``%XX``
+    (upper-case hex), so ``;``, ``=``, ``%``, white space, control and
+    non-ASCII characters cannot end a field or start another.
+    ``urllib.parse.unquote`` reverses it.
+    """
+    return quote(value, safe=_IDENTITY_SAFE, encoding="utf-8", errors="strict")
+
+
 def identity_header(key: bytes, authn: str, authz: str, message_id: str) -> bytes:
     """
     ``X-Kumoauth-Identity`` for ``identity = "header"``: the identities and
-    the queue id, signed with HMAC-SHA256 under the shared key so the
-    upstream can trust it (docs/relay.md shows the check).
+    the queue id, each percent-encoded (:func:`identity_value`), signed
+    with HMAC-SHA256 under the shared key so the upstream can trust it
+    (docs/relay.md shows the check).
     """
-    fields = f"authn={authn}; authz={authz}; id={message_id}"
+    fields = "; ".join(
+        f"{name}={identity_value(value)}"
+        for name, value in (("authn", authn), ("authz", authz), ("id", message_id))
+    )
     sig = hmac.new(key, fields.encode("utf-8"), hashlib.sha256).hexdigest()
     return f"X-Kumoauth-Identity: {fields}; sig={sig}\r\n".encode()
 
@@ -148,8 +172,10 @@ class Relay(service.Service):
 
     *queue* is a :class:`kumoauth.relay.queue.QueueStore` opened (and
     locked) by the caller; *connect* makes an upstream session
-    (:func:`kumoauth.relay.client.connect`); *bounce* builds a DSN
-    (:func:`kumoauth.relay.dsn.build_dsn`).
+    (:func:`kumoauth.relay.client.connect`); *store_bounce* stores a DSN
+    (built by *build_bounce*, :func:`kumoauth.relay.dsn.build_dsn`) as a
+    new message.  *grace*: seconds a stop lets the messages being sent
+    finish (``[server] shutdown_grace``).
     """
 
     def __init__(
@@ -161,6 +187,7 @@ class Relay(service.Service):
         connect: Callable[..., defer.Deferred[Any]],
         store_bounce: Callable[[bytes, str], defer.Deferred[str]],
         build_bounce: Callable[..., bytes | None],
+        grace: float = STOP_WITHIN,
     ) -> None:
         self.queue = queue
         self.settings = settings
@@ -169,15 +196,25 @@ class Relay(service.Service):
         self.connect = connect
         self.store_bounce = store_bounce
         self.build_bounce = build_bounce
+        self.grace = grace
         self.pool = _Pool()
         self.in_flight: dict[str, defer.Deferred[None]] = {}
         #: the session each in-flight message is being sent over
         self.sending: dict[str, Any] = {}
+        #: in-flight messages still waiting for their session
+        self._connecting: set[str] = set()
+        #: operator bounces whose DSN is being stored
+        self._bouncing: dict[str, defer.Deferred[bool]] = {}
+        #: who waits for the end of a message's attempt (:meth:`after_attempt`)
+        self._waiters: dict[str, list[defer.Deferred[str | None]]] = {}
+        #: how the attempt of a message somebody waits for ended
+        self._outcomes: dict[str, str] = {}
         self._loop: task.LoopingCall | None = None
         self._kicked = False
         self._rescan = False
         self._scanned_at = 0.0
         self._stopping = False
+        self._stopped: defer.Deferred[None] | None = None
 
     # --- service --------------------------------------------------------
 
@@ -191,37 +228,76 @@ class Relay(service.Service):
 
     def stopService(self) -> defer.Deferred[None]:
         """
-        Take no new work; let what is being sent finish (it stays queued if
-        the process goes first), then close idle sessions.
+        Take no new work; let what is being sent finish for :attr:`grace`
+        seconds (then its session is dropped and it stays queued), let the
+        bounces being stored be stored, then close idle sessions.  A second
+        call (the server stops the relay before the spool writer, then its
+        parent stops it again) waits for the same stop.
         """
+        if self._stopped is None:
+            self._stopped = self._stop()
+        return _follow(self._stopped)
+
+    def _stop(self) -> defer.Deferred[None]:
         super().stopService()
         self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        waiting = list(self.in_flight.values())
-        d: defer.Deferred[Any] = defer.DeferredList(waiting, consumeErrors=True)
-        timer = self.reactor.callLater(STOP_WITHIN, self._abandon) if waiting else None
+        waiting: list[defer.Deferred[Any]] = [*self.in_flight.values(), *self._bouncing.values()]
+        if self.in_flight:
+            log.info(
+                "stopping: {n} messages being sent get up to {grace}s to finish",
+                n=len(self.in_flight),
+                grace=f"{self.grace:g}",
+            )
+        ended: defer.Deferred[None] = defer.Deferred()
+        timers: list[Any] = []
+
+        def end(_: object = None) -> None:
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+            if not ended.called:
+                ended.callback(None)
+
+        def give_up() -> None:
+            # A bounce that cannot be stored (a hung disk) must not hold
+            # SIGTERM: its message stays queued (it leaves only once its
+            # bounce is stored).
+            log.warn(
+                "stopping: {n} attempts did not end in time; their messages stay queued",
+                n=len(self.in_flight) + len(self._bouncing),
+            )
+            end()
+
+        defer.DeferredList(waiting, consumeErrors=True).addBoth(end)
+        if waiting and not ended.called:
+            timers.append(self.reactor.callLater(self.grace, self._abandon))
+            timers.append(self.reactor.callLater(self.grace + STORE_WITHIN, give_up))
 
         def close(_: object) -> None:
-            if timer is not None and timer.active():
-                timer.cancel()
             self.pool.close_all()
             self.queue.flush()
 
-        return d.addBoth(close)
+        return ended.addBoth(close)
 
     def _abandon(self) -> None:
         """
         The stop has waited long enough (an upstream that stalls must not
         hold SIGTERM): drop what is still being sent; it stays queued.
         """
-        log.info("stopping: {n} messages still being sent stay queued", n=len(self.in_flight))
+        log.info(
+            "stopping: {n} messages still being sent after {grace}s stay queued",
+            n=len(self.sending) + len(self._connecting),
+            grace=f"{self.grace:g}",
+        )
         for mid, d in list(self.in_flight.items()):
             session = self.sending.get(mid)
             if session is not None:
                 session.abort()
-            else:
-                d.cancel()  # still connecting
+            elif mid in self._connecting:
+                d.cancel()
+            # else: its outcome is being recorded (a bounce stored): it ends
 
     def reload(self, settings: RelaySettings) -> None:
         """
@@ -230,6 +306,70 @@ class Relay(service.Service):
         """
         self.settings = settings
         self.pool.close_all()
+
+    # --- the operator ---------------------------------------------------
+
+    def busy(self, mid: str) -> bool:
+        """True while *mid* is being sent, or its operator bounce stored."""
+        return mid in self.in_flight or mid in self._bouncing
+
+    def after_attempt(self, mid: str) -> defer.Deferred[str | None]:
+        """
+        Fires once what is under way for *mid* has ended (at once if
+        nothing is), with how it ended: ``"delivered"``, ``"bounced"``,
+        ``"deferred"``, or None if it is not known.  Fired before anything
+        else can start on *mid*.
+        """
+        d: defer.Deferred[str | None] = defer.Deferred()
+        if self.busy(mid):
+            self._waiters.setdefault(mid, []).append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def _ended(self, mid: str) -> None:
+        waiters = self._waiters.pop(mid, [])
+        outcome = self._outcomes.pop(mid, None)
+        for d in waiters:
+            d.callback(outcome)
+
+    def _note(self, mid: str, outcome: str) -> None:
+        if mid in self._waiters:
+            self._outcomes[mid] = outcome
+
+    def bounce_now(self, entry: Any, status: str, text: str) -> defer.Deferred[bool]:
+        """
+        The operator's ``kumoauth spool bounce ID``: every recipient still
+        pending is bounced now and the message leaves the queue, once the
+        bounce is stored.  Fires with True then; with False if the bounce
+        could not be stored (logged; the message stays queued, unchanged).
+        Not for a message being sent (:meth:`busy`): wait for
+        :meth:`after_attempt` first.  ``ValueError`` while the relay stops.
+        """
+        if self._stopping:
+            raise ValueError("the relay is stopping: ask again once it has started")
+        mid = entry.id
+        pending = [r for r, st in entry.rcpt_status().items() if st == "pending"]
+
+        async def run() -> bool:
+            if pending:
+                failed: dict[str, Any] = {rcpt: _Operator(status, text) for rcpt in pending}
+                if not await self._bounce(entry, failed):
+                    return False
+            self._finish(entry, "bounced")
+            return True
+
+        d = defer.Deferred.fromCoroutine(run())
+        if not d.called:
+            self._bouncing[mid] = d
+
+            def ended(result: object) -> object:
+                self._bouncing.pop(mid, None)
+                self._ended(mid)
+                return result
+
+            d.addBoth(ended)
+        return d
 
     # --- scheduling -----------------------------------------------------
 
@@ -274,7 +414,7 @@ class Relay(service.Service):
         Send *entry* if a session is free or can be made; False when the
         pool is full (nothing more can start this round).
         """
-        if entry.id in self.in_flight or not self.queue.claim(entry.id):
+        if self.busy(entry.id) or not self.queue.claim(entry.id):
             return True
         identity = self._identity(entry)
         session = self.pool.take(identity)
@@ -283,12 +423,17 @@ class Relay(service.Service):
                 self.queue.release_claim(entry.id)
                 return False
             self.pool.count += 1
+            self._connecting.add(entry.id)
         d = defer.Deferred.fromCoroutine(self._send(entry, identity, session))
         self.in_flight[entry.id] = d
 
         def done(_: object) -> None:
             self.in_flight.pop(entry.id, None)
+            self._connecting.discard(entry.id)
             self.queue.release_claim(entry.id)
+            # An operator's request that waited for this attempt, before
+            # anything else can start on the message.
+            self._ended(entry.id)
             if not self._stopping:
                 self.notify(rescan=True)
 
@@ -308,6 +453,7 @@ class Relay(service.Service):
         try:
             if session is None:
                 session = await self.connect(self.reactor, settings, identity)
+            self._connecting.discard(entry.id)
             self.sending[entry.id] = session
             if entry.size <= READ_INLINE:
                 # A pread of a few KB from the page cache: cheaper than a
@@ -318,12 +464,12 @@ class Relay(service.Service):
             data = self._outgoing(entry, data)
             result = await session.transaction(_Outgoing(entry, pending, data))
         except Exception as e:
+            self._connecting.discard(entry.id)
             self.sending.pop(entry.id, None)
             self.pool.count -= 1
             if session is not None:
                 _close(session)
-            reason = _reason(e)
-            await self._deferred(entry, pending, {}, reason, started)
+            await self._deferred(entry, pending, _reason(e), started)
             return
         self.sending.pop(entry.id, None)
         latency = time.monotonic() - started
@@ -356,7 +502,10 @@ class Relay(service.Service):
         """
         Per-recipient results of one attempt.  A bounce is stored before
         the message leaves the queue: a crash in between sends it again,
-        it never loses the bounce.
+        it never loses the bounce.  If the bounce cannot be stored, its
+        recipients stay pending and the message is deferred: the next
+        attempt asks the upstream again (and bounces them then if it still
+        refuses them, or once they are past ``max_age``).
         """
         done: list[str] = []
         failed: dict[str, Any] = {}
@@ -371,84 +520,87 @@ class Relay(service.Service):
                 failed[rcpt] = reply
             else:
                 later[rcpt] = reply
-        self._log_attempt(entry, done, failed, later, result, started)
+        expired: dict[str, Any] = {}
+        if later and self._too_old(entry):
+            # RFC 3463 4.4.7 (out of time), with the upstream's last word
+            expired = {rcpt: _Expired(reply=reply) for rcpt, reply in later.items()}
+            later = {}
+        self._log_attempt(entry, done, failed, later, expired, result, started)
         for rcpt in done:
             entry.set_rcpt(rcpt, "done")
-        if later and self._too_old(entry):
-            for rcpt, reply in later.items():
-                # RFC 3463 4.4.7 (out of time), with the upstream's last word
-                failed[rcpt] = _Expired(reply=reply)
-            later = {}
-        if failed:
-            await self._bounce(entry, failed)
+        failed.update(expired)
+        if failed and not await self._bounce(entry, failed):
+            self._defer(entry, "the bounce could not be stored")
+            return
         if later:
-            reason = next((escape(r.line) for r in later.values() if r is not None), "deferred")
+            reason = next((_raw(r.line) for r in later.values() if r is not None), "deferred")
             self._defer(entry, reason)
         else:
-            self.queue.done(entry.id)
-            self.metrics.relay_attempts.labels("delivered" if not failed else "bounced").inc()
+            self._finish(entry, "delivered" if not failed else "bounced")
 
-    async def _deferred(
-        self,
-        entry: Any,
-        pending: list[str],
-        _: dict[str, Any],
-        reason: str,
-        started: float,
-    ) -> None:
-        log.info(
-            "{text}",
-            text=(
-                f"relay {entry.id} deferred: {reason} "
-                f"(attempt {entry.attempts + 1}, {len(pending)} recipients)"
-            ),
-            id=entry.id,
-            result="deferred",
-            reason=reason,
+    async def _deferred(self, entry: Any, pending: list[str], reason: str, started: float) -> None:
+        """
+        The attempt failed as a whole (*reason*: one printable line).
+        """
+        too_old = self._too_old(entry)
+        what = "expired" if too_old else "deferred"
+        text = (
+            f"relay {entry.id} {what}: {reason} "
+            f"(attempt {entry.attempts + 1}, {len(pending)} recipients"
         )
-        if self._too_old(entry):
-            await self._bounce(entry, {rcpt: _Expired(reason) for rcpt in pending})
-            self.queue.done(entry.id)
-            self.metrics.relay_attempts.labels("bounced").inc()
-            return
-        self._defer(entry, reason)
+        if too_old:
+            text += f"; older than max_age {self.settings.config.max_age:g}s"
+        log.info("{text}", text=text + ")", id=entry.id, result=what, reason=reason)
+        if too_old:
+            if await self._bounce(entry, {rcpt: _Expired(reason) for rcpt in pending}):
+                self._finish(entry, "bounced")
+                return
+            reason = "the bounce could not be stored"
+        self._defer(entry, _raw(reason))
 
     def _defer(self, entry: Any, reason: str) -> None:
+        """
+        Another attempt later; *reason* (raw text: ``spool list`` escapes
+        it) is kept as the message's last error.
+        """
+        if entry.id not in self.queue:
+            log.warn("relay {id}: left the queue during its attempt", id=entry.id)
+            return
         attempts = entry.attempts + 1
         delay = self.settings.retry_delay(attempts)
         self.queue.defer(
             entry.id, attempts=attempts, next_attempt=time.time() + delay, error=reason
         )
         self.metrics.relay_attempts.labels("deferred").inc()
+        self._note(entry.id, "deferred")
+
+    def _finish(self, entry: Any, outcome: str) -> None:
+        """*entry* leaves the queue: ``"delivered"`` or ``"bounced"``."""
+        if entry.id not in self.queue:
+            log.warn("relay {id}: left the queue during its attempt", id=entry.id)
+            return
+        self.queue.done(entry.id, outcome)
+        self.metrics.relay_attempts.labels(outcome).inc()
+        self._note(entry.id, outcome)
 
     def _too_old(self, entry: Any) -> bool:
         return time.time() - entry.arrival >= self.settings.config.max_age
 
-    def bounce_now(self, entry: Any, status: str, text: str) -> None:
+    async def _bounce(self, entry: Any, failed: dict[str, Any]) -> bool:
         """
-        The operator's ``kumoauth spool bounce ID``: every recipient still
-        pending is bounced now and the message leaves the queue.
-        """
-        pending = [r for r, st in entry.rcpt_status().items() if st == "pending"]
-        self._bounce(entry, {rcpt: _Operator(status, text) for rcpt in pending})
-        self.queue.done(entry.id, "bounced")
-        self.metrics.relay_attempts.labels("bounced").inc()
-
-    def _bounce(self, entry: Any, failed: dict[str, Any]) -> defer.Deferred[None]:
-        """
-        Queue the bounce for *failed*; fires once it is stored (or could
-        not be: that is logged).
+        Store the bounce for *failed* and mark them failed.  True once it
+        is stored (or there is none to store: null sender, a report, a
+        bounce that cannot be built); False, logged in one line, if it
+        could not be stored: the recipients stay as they were.
         """
         from kumoauth.relay.dsn import FailedRecipient
 
-        for rcpt in failed:
-            entry.set_rcpt(rcpt, "failed")
         recipients = [
             FailedRecipient(
                 address=rcpt,
                 status=_status(reply),
                 action="failed",
-                diagnostic=reply.line,
+                diagnostic=_raw(reply.line),
                 remote_mta=self.settings.config.host if reply.code else None,
                 last_attempt=datetime.now(UTC),
             )
@@ -472,19 +624,26 @@ class Relay(service.Service):
         except Exception:
             # Not a reason to send the message again and again.
             log.failure("building the bounce for {id}", id=entry.id)
-            return defer.succeed(None)
-        if dsn is None:
-            log.info("relay {id}: no bounce (null sender or a report)", id=entry.id)
-            return defer.succeed(None)
-        sender = envelope.get("mail_from", "")
-
-        def stored(bid: str) -> None:
+            dsn = None
+        else:
+            if dsn is None:
+                log.info("relay {id}: no bounce (null sender or a report)", id=entry.id)
+        if dsn is not None:
+            try:
+                bid = await self.store_bounce(dsn, envelope.get("mail_from", ""))
+            except Exception as e:
+                log.warn(
+                    "relay {id}: the bounce for {rcpts} could not be stored ({why}); "
+                    "the message stays queued and is tried again",
+                    id=entry.id,
+                    rcpts=",".join(escape(r) for r in failed),
+                    why=escape(str(e) or type(e).__name__),
+                )
+                return False
             log.info("relay {id}: bounce {bid} queued", id=entry.id, bid=bid)
-
-        def not_stored(f: Any) -> None:
-            log.failure("queuing the bounce for {id}", f, id=entry.id)
-
-        return self.store_bounce(dsn, sender).addCallbacks(stored, not_stored)
+        for rcpt in failed:
+            entry.set_rcpt(rcpt, "failed")
+        return True
 
     def _log_attempt(
         self,
@@ -492,19 +651,32 @@ class Relay(service.Service):
         done: list[str],
         failed: dict[str, Any],
         later: dict[str, Any],
+        expired: dict[str, Any],
         result: Any,
         started: float,
     ) -> None:
+        """
+        One line for the attempt: who got the message, who did not and
+        why (each reason the upstream's reply, or ours when we refused to
+        send: no SMTPUTF8, 8BITMIME, SIZE…), escaped once.
+        """
+        final = getattr(result, "final", None)
         parts = [f"relay {entry.id} to {self.settings.config.host}:"]
         if done:
             parts.append(f"delivered={','.join(escape(r) for r in done)}")
-        if failed:
-            parts.append(f"failed={','.join(escape(r) for r in failed)}")
-        if later:
-            parts.append(f"deferred={','.join(escape(r) for r in later)}")
-        reply = getattr(result, "final", None)
-        if reply is not None:
-            parts.append(f"reply={escape(reply.line)!r}")
+        for name, group in (("failed", failed), ("deferred", later), ("expired", expired)):
+            if not group:
+                continue
+            text = f"{name}={','.join(escape(r) for r in group)}"
+            replies = [getattr(r, "reply", r) for r in group.values()]
+            reasons = dict.fromkeys(_shown(r.line) for r in replies if r is not None and r != final)
+            if name == "expired":
+                reasons[f"older than max_age {self.settings.config.max_age:g}s"] = None
+            if reasons:
+                text += f" ({'; '.join(reasons)})"
+            parts.append(text)
+        if final is not None:
+            parts.append(f"reply='{_shown(final.line)}'")
         parts.append(f"latency={time.monotonic() - started:.3f}s")
         log.info(
             "{text}",
@@ -513,7 +685,41 @@ class Relay(service.Service):
             delivered=done,
             failed=list(failed),
             deferred=list(later),
+            expired=list(expired),
         )
+
+
+def _follow(d: defer.Deferred[Any]) -> defer.Deferred[None]:
+    """A new Deferred that fires (with None) when *d* has."""
+    out: defer.Deferred[None] = defer.Deferred()
+
+    def fire(result: object) -> object:
+        out.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return out
+
+
+_ESCAPED = re.compile(r"\\(?:(\\)|x([0-9a-f]{2})|u([0-9a-f]{4})|U([0-9a-f]{8}))")
+
+
+def _shown(text: str) -> str:
+    """
+    *text* for a log line, escaped exactly once: upstream text comes from
+    the client already escaped (printable: left as it is); anything else
+    not printable is escaped here.
+    """
+    return text if text.isprintable() else escape(text, len(text))
+
+
+def _raw(text: str) -> str:
+    """
+    The text :func:`kumoauth.textsafe.escape` (or :func:`_shown`) made
+    *text* from: what the journal keeps (``spool list`` escapes it when it
+    shows it) and what a DSN reports (it encodes it its own way).
+    """
+    return _ESCAPED.sub(lambda m: m[1] or chr(int(m[2] or m[3] or m[4], 16)), _shown(text))
 
 
 class _Outgoing:
@@ -571,6 +777,7 @@ class _Expired:
     enhanced = "4.4.7"
 
     def __init__(self, reason: str = "", reply: Any = None) -> None:
+        self.reply = reply
         if reply is not None:
             self.code = reply.code
             self.line = reply.line
@@ -580,5 +787,12 @@ class _Expired:
 
 
 def _reason(e: BaseException) -> str:
+    """
+    Why an attempt failed, one printable line escaped once: an
+    :class:`~kumoauth.relay.client.UpstreamError`'s reason is escaped
+    already (it quotes the upstream), anything else is escaped here.
+    """
     text = str(e) or type(e).__name__
+    if isinstance(e, UpstreamError):
+        return _shown(text)
     return escape(text, 400)

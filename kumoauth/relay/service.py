@@ -54,10 +54,20 @@ def request(queue_path: Path, op: str, mid: str | None) -> Path:
     return directory / name
 
 
-def apply(queue: QueueStore, op: str, mid: str | None, relay: Any = None) -> str:
+def apply(
+    queue: QueueStore, op: str, mid: str | None, relay: Any = None
+) -> str | defer.Deferred[str]:
     """
     Apply one operator request to *queue*; a one-line description of what
-    happened.  ``KeyError`` if the message is not queued.
+    happened, or a Deferred firing with it (``bounce``, and ``delete`` or
+    ``bounce`` of a message being sent).  ``KeyError`` if the message is
+    not queued.
+
+    ``delete`` and ``bounce`` of a message the relay is sending wait for
+    that attempt to end, then apply to what is left: nothing if the
+    upstream took it (the line says it was delivered), the recipients
+    still pending otherwise.  So an upstream never gets a message whose
+    sender was told it bounced.
     """
     now = time.time()
     if op == "flush":
@@ -71,6 +81,8 @@ def apply(queue: QueueStore, op: str, mid: str | None, relay: Any = None) -> str
     entry = queue.get(mid)
     if op == "retry":
         queue.deferred(mid, entry.attempts, now, entry.last_error)
+        if entry.held:
+            return f"{mid} is held: it will be due as soon as it is released"
         return f"{mid} is due now"
     if op == "hold":
         queue.hold(mid)
@@ -78,15 +90,57 @@ def apply(queue: QueueStore, op: str, mid: str | None, relay: Any = None) -> str
     if op == "release":
         queue.release(mid)
         return f"{mid} is released"
+    if op == "bounce" and relay is None:
+        raise ValueError("bounce needs [relay] (the bounce is sent through the upstream)")
+    if op in ("delete", "bounce"):
+        busy = getattr(relay, "busy", None)
+        if busy is not None and busy(mid):
+            log.info(
+                "operator request: {op} {id} waits for the delivery attempt under way",
+                op=op,
+                id=mid,
+            )
+            return relay.after_attempt(mid).addCallback(_after_attempt, queue, op, mid, relay)
+        return _remove(queue, op, mid, relay)
+    raise ValueError(f"unknown operation {op!r}")
+
+
+#: how an attempt that took a message out of the queue ended, for the log
+_ENDED = {
+    "delivered": "it was delivered by the attempt under way when the request came",
+    "bounced": (
+        "the attempt under way when the request came ended it: the upstream "
+        "refused it and the sender gets a bounce"
+    ),
+}
+
+
+def _after_attempt(
+    outcome: str | None, queue: QueueStore, op: str, mid: str, relay: Any
+) -> str | defer.Deferred[str]:
+    if mid not in queue:
+        ended = _ENDED.get(outcome or "", "it left the queue during the attempt under way")
+        return f"{op} {mid} not done: {ended}"
+    try:
+        return _remove(queue, op, mid, relay)
+    except (KeyError, ValueError) as e:
+        return f"{op} {mid} not done: {escape(str(e))}"
+
+
+def _remove(queue: QueueStore, op: str, mid: str, relay: Any) -> str | defer.Deferred[str]:
     if op == "delete":
         queue.delete(mid)
         return f"{mid} is deleted"
-    if op == "bounce":
-        if relay is None:
-            raise ValueError("bounce needs [relay] (the bounce is sent through the upstream)")
-        relay.bounce_now(entry, "5.0.0", "bounced by the operator")
+    result = relay.bounce_now(queue.get(mid), "5.0.0", "bounced by the operator")
+    if not isinstance(result, defer.Deferred):
         return f"{mid} is bounced"
-    raise ValueError(f"unknown operation {op!r}")
+
+    def said(stored: bool) -> str:
+        if stored:
+            return f"{mid} is bounced"
+        return f"bounce {mid} not done: its bounce could not be stored; it stays queued"
+
+    return result.addCallback(said)
 
 
 class QueueService(service.MultiService):
@@ -159,11 +213,7 @@ class QueueService(service.MultiService):
 
         def then(requests: list[tuple[str, str | None]]) -> None:
             for op, mid in requests:
-                try:
-                    what = apply(self.queue, op, mid, self.relay)
-                except (KeyError, ValueError) as e:
-                    what = f"{op} {escape(mid)} not done: {escape(str(e))}"
-                log.info("operator request: {what}", what=what)
+                self._apply(op, mid)
             if requests and self.relay is not None:
                 self.relay.notify()
 
@@ -171,6 +221,25 @@ class QueueService(service.MultiService):
         d.addCallback(then)
         d.addErrback(lambda f: log.failure("queue housekeeping", f))
         d.addBoth(lambda _: setattr(self, "_busy", False))
+
+    def _apply(self, op: str, mid: str | None) -> None:
+        """One operator request, logged once it is done (some wait)."""
+        try:
+            what = apply(self.queue, op, mid, self.relay)
+        except (KeyError, ValueError) as e:
+            what = f"{op} {escape(mid)} not done: {escape(str(e))}"
+        if not isinstance(what, defer.Deferred):
+            log.info("operator request: {what}", what=what)
+            return
+
+        def done(text: str) -> None:
+            log.info("operator request: {what}", what=text)
+            if self.relay is not None:
+                self.relay.notify()
+
+        what.addCallback(done).addErrback(
+            lambda f: log.failure("operator request {op} {id}", f, op=op, id=mid)
+        )
 
     def _take_requests(self) -> list[tuple[str, str | None]]:
         directory = self.queue.path / CONTROL_DIR
