@@ -8,8 +8,11 @@ must not import the configuration module itself (it imports them).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
+
+from kumoauth.textsafe import escape
 
 #: a check: the raw value in, the typed value out (or _Bad)
 Check = Callable[[Any], Any]
@@ -37,6 +40,8 @@ def _number(minimum: float = 0.0) -> Check:
     def check(v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise _Bad(f"expected a number of seconds, got {_show(v)}")
+        if not math.isfinite(v):  # nan passes every comparison
+            raise _Bad(f"must be a finite number, got {v}")
         if v < minimum:
             raise _Bad(f"must be at least {minimum}, got {v}")
         return float(v)
@@ -79,7 +84,7 @@ def _show(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return f'"{v}"'
+        return f'"{escape(v, 200)}"'  # the error is one line, whatever the value
     if isinstance(v, dict):
         return "a table"
     if isinstance(v, list):

@@ -13,7 +13,7 @@ from twisted.application import service
 from twisted.cred import strcred
 from twisted.python import usage
 
-from kumoauth.ops.assembly import OperatorError, load_config
+from kumoauth.ops.assembly import OperatorError, check_json_log, load_config
 from kumoauth.ops.heap import settle_when_running
 from kumoauth.ops.logfile import ApplicationLog, observer_for
 
@@ -69,6 +69,7 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
 
     try:
         cfg = load_config(options["config"])
+        check_json_log(cfg, owner(options))
         checkers = options.get("credCheckers")
         top: ApplicationLog
         if cfg.server.workers > 1:

@@ -7,12 +7,13 @@ traceback).
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from kumoauth.config import ConfigError, parse
-from tests.server import make_certs, run_twistd
+from tests.server import TWISTD, make_certs, run_twistd
 
 MINIMAL = """
 [[listener]]
@@ -99,6 +100,22 @@ def test_sample_config_parses():
             "unsupported mechanism",
         ),
         (MINIMAL.replace('[spool]\npath = "spool"\n', ""), "[spool] path", "required"),
+        # nan passes every comparison; inf is no duration either
+        ("[server]\nidle_timeout = nan\n" + MINIMAL, "[server] idle_timeout", "finite"),
+        ("[server]\nshutdown_grace = inf\n" + MINIMAL, "[server] shutdown_grace", "finite"),
+        ("[server]\nworkers = 100000\n" + MINIMAL, "[server] workers", "at most 256"),
+        # sent in the greeting, the EHLO reply and Received:
+        ('[server]\nbanner = "x\\r\\n250 injected"\n' + MINIMAL, "[server] banner", "one line"),
+        ('[server]\nhostname = "a\\r\\nb"\n' + MINIMAL, "[server] hostname", "domain name"),
+        ('[server]\nhostname = "mail example"\n' + MINIMAL, "[server] hostname", "domain name"),
+        # stored as JSON with every message: a date cannot be
+        (
+            MINIMAL.replace(
+                "auth_required = false", "auth_required = false\nmeta = { d = 1979-05-27 }"
+            ),
+            "[[listener]] #1 meta",
+            "no TOML dates",
+        ),
     ],
 )
 def test_config_errors(text, where, problem):
@@ -239,6 +256,30 @@ def test_endpoint_that_cannot_bind(tmp_path, certs):
 
 
 @pytest.mark.e2e
+def test_a_start_up_error_is_one_line_where_log_and_stderr_are_one(tmp_path, certs):
+    # twistd -n under systemd (or in a terminal): the log and stderr are the
+    # same file, and the operator reads the error once.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "kumoauth.toml"
+        config.write_text(listener_config(certs, port=port))
+        result = subprocess.run(
+            [*TWISTD, "-n", "--pidfile=", "kumoauth", "--config", str(config)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    mentions = [line for line in result.stdout.splitlines() if f"tcp:{port}" in line]
+    assert len(mentions) == 1, result.stdout
+    assert mentions[0].startswith("kumoauth: error: ") and "cannot listen" in mentions[0]
+
+
+@pytest.mark.e2e
 def test_policy_that_fails_to_import(tmp_path, certs):
     (tmp_path / "policy.py").write_text("from kumoauth import kumo\n\nimport no_such_module_here\n")
     line = assert_operator_error(
@@ -292,3 +333,48 @@ def test_spool_that_cannot_be_created(tmp_path, certs):
     (tmp_path / "file").write_text("x")
     text = listener_config(certs).replace('path = "spool"', 'path = "file/spool"')
     assert_operator_error(tmp_path, text, "[spool] path")
+
+
+@pytest.mark.e2e
+def test_json_log_that_cannot_be_opened(tmp_path, certs):
+    # Found at start-up, once: not a traceback (or, with workers, a worker
+    # dying and restarted for ever).
+    (tmp_path / "dir.jsonl").mkdir()
+    for workers in (1, 2):
+        text = listener_config(certs, extra='[log]\njson_path = "dir.jsonl"\n').replace(
+            "[tls]", f"[server]\nworkers = {workers}\n\n[tls]"
+        )
+        assert_operator_error(tmp_path, text, "[log] json_path", "dir.jsonl")
+
+
+RELAY = '[relay]\nhost = "127.0.0.1"\nport = 2526\ntls = "none"\nidentity = "none"\n'
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "extra,files,expected",
+    [
+        (
+            'username = "k"\npassword_file = "secret"\n',
+            {"secret": b"pa\xffss\n"},
+            ("[relay] password_file", "not UTF-8"),
+        ),
+        ('ca_file = "ca.pem"\n', {"ca.pem": b"not a certificate\n"}, ("[relay] ca_file", "no PEM")),
+    ],
+    ids=["password-not-utf8", "ca-file-without-certificates"],
+)
+def test_relay_files_are_read_at_start(tmp_path, certs, extra, files, expected):
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    line = assert_operator_error(tmp_path, listener_config(certs, extra=RELAY + extra), *expected)
+    for data in files.values():
+        assert data.decode("latin-1").strip() not in line  # the file named, never its content
+
+
+def test_relay_host_must_be_a_host():
+    with pytest.raises(ConfigError) as e:
+        parse(MINIMAL + RELAY.replace('"127.0.0.1"', '"bad host\\r\\n"'), "/k.toml")
+    assert "[relay] host" in str(e.value) and "\n" not in str(e.value)
+    for good in ("127.0.0.1", "::1", "localhost", "smarthost.example.net"):
+        text = MINIMAL + RELAY.replace('"127.0.0.1"', f'"{good}"') + "allow_plaintext = true\n"
+        assert parse(text, "/k.toml").relay

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.logger import LogLevel, formatEvent
 
 from kumoauth.relay import queue as q
 from kumoauth.relay.queue import (
@@ -323,6 +324,53 @@ def test_recovery_after_a_torn_tail(qdir):
     store = QueueStore.open(qdir)
     assert store.ids() == sorted(ids + more)
     store.close()
+
+
+def test_a_torn_tail_is_cut_with_one_line_and_the_zeros_without(qdir, captured_log):
+    store = QueueStore.open(qdir)
+    store.append_batch(batch(2))
+    store.close()
+    seg = segments(qdir)[0]
+    # reopened as it was left: only the zeros written ahead follow the records
+    QueueStore.open(qdir).close()
+    assert "cut" not in captured_log.text()
+    with open(seg, "ab") as f:
+        f.write(b"".join(encode_record(b'{"id":"x"}', b"y" * 100))[:40])
+    QueueStore.open(qdir).close()
+    (line,) = [e for e in captured_log.events if "cut 40 bytes" in formatEvent(e)]
+    assert line["log_level"] == LogLevel.warn and "never acknowledged" in formatEvent(line)
+
+
+@pytest.mark.parametrize("damaged", [0, 1])
+def test_damage_before_a_later_batch_keeps_what_follows(qdir, captured_log, damaged):
+    # A crash only tears the last batch: bad bytes with a later batch after
+    # them are damage to acknowledged mail.  Recovery keeps every valid
+    # record (it used to cut the segment there, or remove it, silently),
+    # keeps a copy and says what was lost in one line.
+    store = QueueStore.open(qdir)
+    ids = [store.append_batch([m])[0] for m in batch(3)]
+    starts = [store.get(mid).offset for mid in ids]
+    store.close()
+    seg = segments(qdir)[0]
+    raw = bytearray(seg.read_bytes())
+    raw[starts[damaged] + 10 : starts[damaged] + 40] = os.urandom(30)
+    seg.write_bytes(bytes(raw))
+    store = QueueStore.open(qdir)
+    try:
+        kept = [mid for i, mid in enumerate(ids) if i != damaged]
+        assert store.ids() == sorted(kept)
+        for mid in kept:
+            assert store.read_message(mid).startswith(b"Subject: " + mid.encode())
+    finally:
+        store.close()
+    assert seg.exists()
+    (copy,) = (qdir / "damaged").iterdir()
+    assert copy.read_bytes() == bytes(raw)
+    (line,) = [e for e in captured_log.events if "is damaged" in formatEvent(e)]
+    assert line["log_level"] == LogLevel.error
+    text = formatEvent(line)
+    assert f"{starts[damaged]}-{starts[damaged + 1]}" in text and "2 others in it are kept" in text
+    assert "\n" not in text
 
 
 def test_journal_states_survive_reopen(qdir):

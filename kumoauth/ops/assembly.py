@@ -27,6 +27,7 @@ from kumoauth.relay.scheduler import RelaySettings
 from kumoauth.smtp.limits import SendingLimits
 from kumoauth.smtp.runtime import ProcessState, Runtime
 from kumoauth.tls.context import ServerContextFactory, TLSError, build_context, make_self_signed
+from kumoauth.tls.trust import trust_root
 
 log = Logger(namespace="kumoauth")
 
@@ -343,6 +344,25 @@ def worker_segments(cfg: Config, writer: str) -> SegmentWriter:
     return segments
 
 
+def check_json_log(cfg: Config, owner: tuple[int, int] | None = None) -> None:
+    """
+    ``[log] json_path`` can be opened for appending (created if need be,
+    and given to the user twistd switches to): found at start-up, once,
+    rather than by every process that opens it.
+    """
+    path = cfg.log.json_path
+    if path is None:
+        return
+    try:
+        existed = path.exists()
+        with open(path, "a", encoding="utf-8"):
+            pass
+        if not existed and owner is not None:
+            os.chown(path, *owner)
+    except OSError as e:
+        raise OperatorError(f"{cfg.source}: [log] json_path: {path}: {e.strerror or e}") from None
+
+
 def relay_settings(cfg: Config) -> RelaySettings | None:
     """
     ``[relay]`` with its secrets read from their files (operator errors if
@@ -353,11 +373,22 @@ def relay_settings(cfg: Config) -> RelaySettings | None:
         return None
     password = header_key = None
     if relay.password_file is not None:
-        password = _secret(cfg, "password_file", relay.password_file).decode("utf-8", "strict")
+        raw = _secret(cfg, "password_file", relay.password_file)
+        try:
+            password = raw.decode("utf-8", "strict")
+        except UnicodeDecodeError:
+            raise OperatorError(
+                f"{cfg.source}: [relay] password_file: {relay.password_file}: not UTF-8"
+            ) from None
     if relay.header_key_file is not None:
         header_key = _secret(cfg, "header_key_file", relay.header_key_file)
-    if relay.ca_file is not None and not relay.ca_file.is_file():
-        raise OperatorError(f"{cfg.source}: [relay] ca_file: {relay.ca_file}: file not found")
+    if relay.ca_file is not None:
+        # Read now, as the relay will: a file without a usable certificate
+        # is a start-up error, not a deferral of every message.
+        try:
+            trust_root(relay.ca_file)
+        except ValueError as e:
+            raise OperatorError(f"{cfg.source}: [relay] {e}") from None
     return RelaySettings(
         config=relay, hostname=cfg.server.hostname, password=password, header_key=header_key
     )

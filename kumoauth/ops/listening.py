@@ -19,6 +19,7 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher, jsonFileLog
 from twisted.web.server import Site
 from zope.interface import provider
 
+from kumoauth.ops.logfile import log_is_stderr
 from kumoauth.ops.transport import eager
 from kumoauth.smtp.protocol import SubmissionFactory, wrap_listener
 
@@ -48,9 +49,11 @@ def fail_start(message: str) -> NoReturn:
     """
     Stop start-up with one line for the operator and exit status 1.  By now
     twistd has redirected sys.stderr into the log; the operator's terminal
-    is still file descriptor 2.
+    is still file descriptor 2 (unless both are one, when the line is
+    written once).
     """
-    log.critical("{message}", message=message)
+    if not log_is_stderr():
+        log.critical("{message}", message=message)
     os.write(2, f"kumoauth: error: {message}\n".encode())
     raise SystemExit(1)
 

@@ -20,6 +20,7 @@ its SIGUSR1 re-open), or stdout with ``-n``.  With ``--syslog`` or
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -107,7 +108,30 @@ def observer_for(options: Any) -> ILogObserver | None:
                 reactor.callFromThread(out.rotate)  # type: ignore[attr-defined]
 
             signal.signal(signal.SIGUSR1, rotate)
+    global _log_fd
+    try:
+        _log_fd = out.fileno() if out is sys.stdout else out._file.fileno()
+    except (AttributeError, OSError, ValueError):
+        _log_fd = None
     return ClassicFileLogObserver(out, ClassicText())
+
+
+#: the descriptor twistd's log is written to, once :func:`observer_for` chose it
+_log_fd: int | None = None
+
+
+def log_is_stderr() -> bool:
+    """
+    True if twistd's log goes where file descriptor 2 goes (``twistd -n``
+    under systemd or in a terminal): a line for both would be read twice.
+    """
+    if _log_fd is None:
+        return False
+    try:
+        log, err = os.fstat(_log_fd), os.fstat(2)
+    except OSError:
+        return False
+    return (log.st_dev, log.st_ino) == (err.st_dev, err.st_ino)
 
 
 class ClassicFileLogObserver(FileLogObserver):

@@ -94,6 +94,8 @@ SEGMENT_MAX = 64 * 1024 * 1024
 #: a writer keeps at least this much zero-filled space written ahead of its
 #: records (see :meth:`SegmentWriter._zero_ahead`)
 ZERO_AHEAD = 1024 * 1024
+#: where recovery keeps a copy of a damaged segment, in the queue's directory
+DAMAGED_DIR = "damaged"
 _ZEROS = bytes(ZERO_AHEAD)
 #: an envelope larger than this is corruption, not data
 MAX_ENVELOPE = 16 * 1024 * 1024
@@ -381,6 +383,56 @@ def _scan_segment(
     return _Scan(entries, o, o == size)
 
 
+def _resync(f: IO[bytes], seg_dir: Path, name: str, start: int, size: int) -> _Scan | None:
+    """
+    The records from the first valid one after *start* (a record header,
+    its checksum and its envelope's all good), or None if no valid record
+    follows: what a crash leaves is a torn *last* batch, so a valid record
+    after an invalid one means damage, not a write that did not finish.
+    """
+    pos = start + 1
+    while pos + HEADER_SIZE <= size:
+        f.seek(pos)
+        chunk = f.read(min(1 << 20, size - pos))
+        at = chunk.find(MAGIC)
+        if at < 0:
+            pos += max(1, len(chunk) - len(MAGIC) + 1)
+            continue
+        candidate = pos + at
+        f.seek(candidate)
+        header = decode_header(f.read(HEADER_SIZE))
+        if (
+            header is not None
+            and candidate + header.length <= size
+            and decode_envelope(header, f.read(header.env_len)) is not None
+        ):
+            scan = _scan_segment(f, seg_dir, name, candidate, size, check_last_batch=True)
+            if scan.entries:
+                return scan
+        pos = candidate + 1
+    return None
+
+
+def _batch_start(f: IO[bytes], offset: int) -> bool:
+    """True if the (valid) record at *offset* starts a batch."""
+    f.seek(offset)
+    header = decode_header(f.read(HEADER_SIZE))
+    return header is not None and bool(header.flags & FIRST)
+
+
+def _nonzero(f: IO[bytes], start: int, size: int) -> bool:
+    """True if any byte of *f* from *start* to *size* is not zero."""
+    f.seek(start)
+    while start < size:
+        chunk = f.read(min(1 << 20, size - start))
+        if not chunk:
+            return False
+        if chunk.count(0) != len(chunk):
+            return True
+        start += len(chunk)
+    return False
+
+
 def _settled(fd: int, scan: _Scan) -> _Scan:
     """
     *scan* without the records their writer has not synced yet: those it
@@ -499,6 +551,13 @@ _received_at = PerSecond(iso_time)
 def _writer_of(segment: str) -> str:
     """The writer id in a segment's name (``w1`` of ``w1-<seq>.q``)."""
     return segment.split("-", 1)[0]
+
+
+def recovery_log(level: str, text: str) -> None:
+    """One line about what recovery found (kumoauth's log when it runs)."""
+    from twisted.logger import Logger
+
+    getattr(Logger(namespace="kumoauth.queue"), level)("{text}", text=text)
 
 
 def _segments(seg_dir: Path) -> list[str]:
@@ -838,6 +897,8 @@ class QueueStore:
                 scan = _scan_segment(f, self.seg_dir, name, 0, size, check_last_batch=True)
                 if not dead:
                     scan = _settled(f.fileno(), scan)
+                elif not scan.clean:
+                    scan = self._salvage(f, name, scan, size)
             if dead and not scan.clean:
                 # A torn tail no writer will complete: it was never
                 # acknowledged (its batch's fdatasync did not return).
@@ -853,6 +914,58 @@ class QueueStore:
                 os.close(fd)
         self._segs[name] = _SegInfo(scan.end)
         self._add(scan.entries)
+
+    def _salvage(self, f: IO[bytes], name: str, scan: _Scan, size: int) -> _Scan:
+        """
+        *scan* of a segment no writer holds stopped before its end.  A
+        crash only tears the last batch (a writer starts a batch once the
+        one before is synced), so bad bytes followed by the start of a
+        later batch are damage to acknowledged mail: a copy of the segment
+        goes to ``damaged/``, the valid records after the damage are kept,
+        and one error line says what was lost.  Bad bytes in the last batch
+        are a torn tail, cut by the caller (logged if it held anything but
+        the zeros written ahead).
+        """
+        pieces: list[tuple[int, _Scan]] = []  # (where the bad bytes start, what follows)
+        end = scan.end
+        while (found := _resync(f, self.seg_dir, name, end, size)) is not None:
+            pieces.append((end, found))
+            end = found.end
+        # The last bad span followed by a later batch's start is damage;
+        # from the first bad span after it on, the tail is torn.
+        damaged = 0
+        for k in range(len(pieces)):
+            if any(_batch_start(f, e.offset) for _, p in pieces[k:] for e in p.entries):
+                damaged = k + 1
+        entries, end = list(scan.entries), scan.end
+        spans = []
+        for start, found in pieces[:damaged]:
+            spans.append(f"{start}-{found.entries[0].offset}")
+            entries += found.entries
+            end = found.end
+        if damaged:
+            keep = self.path / DAMAGED_DIR
+            keep.mkdir(mode=0o750, exist_ok=True)
+            copy = keep / f"{name}.{int(time.time())}"
+            with open(copy, "wb") as out:
+                f.seek(0)
+                while chunk := f.read(1 << 20):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            recovery_log(
+                "error",
+                f"queue segment {name} is damaged at bytes {', '.join(spans)} (not an unfinished "
+                f"write: later batches follow): the messages stored there are lost, "
+                f"{len(entries)} others in it are kept; a copy of the segment is at {copy}",
+            )
+        if end < size and _nonzero(f, end, size):
+            recovery_log(
+                "warn",
+                f"queue segment {name}: cut {size - end} bytes at its end, a write that never "
+                "finished (its messages were never acknowledged)",
+            )
+        return _Scan(entries, end, end == size)
 
     def _add(self, entries: list[Entry]) -> list[Entry]:
         added = []
