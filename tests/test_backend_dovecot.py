@@ -310,6 +310,37 @@ def test_start_does_not_fail_while_dovecot_is_down(own_dovecot, stores):
     assert check(store, "", "alice", USERS.plain["alice"]) == Verdict(True, {})
 
 
+@pytest.mark.parametrize("where", ["unix", "tcp"])
+def test_an_outage_logs_its_state_change_and_no_line_per_attempt(
+    stores, reactor, captured_log, tmp_path, where
+):
+    # Nothing there (no socket file; a closed port): for a few seconds the
+    # background retries and the attempts of clients fail.  The whole log
+    # is the first failed connection's warning and the checker's one
+    # "unavailable" line: no Twisted "Starting factory" / "Stopping
+    # factory" per connection attempt.
+    from tests.server import free_port
+
+    target = tmp_path / "auth-client" if where == "unix" else f"127.0.0.1:{free_port()}"
+    store = stores(target)
+    checker = in_reactor(lambda: StoreChecker(store, reactor))
+    in_reactor(store.start)
+    credentials = PlainCredentials("", "alice", USERS.plain["alice"], conn_meta())
+    attempts = 0
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        with pytest.raises(BackendUnavailable):
+            in_reactor(checker.requestAvatarId, credentials)
+        attempts += 1
+        time.sleep(0.2)
+    assert attempts >= 5 and store.client.failures >= 4  # that many connections tried
+    lines = [formatEvent(e) for e in captured_log.events]
+    assert len(lines) == 2, lines
+    assert "cannot connect" in lines[0] and "trying again" in lines[0]
+    assert "auth backend dovecot unavailable" in lines[1]
+    assert not [line for line in lines if "actory" in line]
+
+
 def test_no_answer_in_time_is_a_timeout_and_the_late_answer_is_ignored(dovecot, stores):
     store = stores(dovecot.client_socket, timeout=0.5)
     alice = USERS.plain["alice"]

@@ -22,6 +22,7 @@ import pytest
 import trustme
 from twisted.cred import error as cred_error
 from twisted.internet import ssl
+from twisted.logger import formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -570,6 +571,24 @@ def test_nothing_listening_is_a_backend_error(make_store):
 
     store = make_store(f"http://127.0.0.1:{free_port()}/")
     assert "connection refused" in backend_error(store)
+
+
+def test_an_outage_logs_one_line_and_nothing_per_attempt(reactor, make_store, captured_log):
+    # Nothing listening: every AUTH attempt opens (and fails) a connection
+    # of the pool.  The whole log is the one "unavailable" line: no Twisted
+    # "Starting factory" / "Stopping factory" per attempt.
+    from tests.server import free_port
+
+    store = make_store(f"http://127.0.0.1:{free_port()}/smtp-auth")
+    checker = StoreChecker(store, clock=reactor)
+    creds = PlainCredentials("", "alice@example.org", PASSWORD, ConnMeta())
+    for _ in range(5):
+        with pytest.raises(BackendUnavailable, match="connection refused"):
+            in_reactor(checker.requestAvatarId, creds)
+    lines = [formatEvent(e) for e in captured_log.events]
+    assert len(lines) == 1, lines
+    assert "auth backend http unavailable" in lines[0], lines
+    assert "connection refused" in lines[0]
 
 
 # --------------------------------------------------------------------------

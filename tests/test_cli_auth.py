@@ -1,18 +1,24 @@
 """
 ``kumoauth auth test``: the configured checker run as a session would,
-with the documented exit statuses (0 success, 1 failure, 2 cannot decide)
-and never the password in its output.
+with the documented exit statuses (0 success, 1 failure, 2 cannot decide
+or wrong usage, 130 Ctrl-C) and never the password in its output; at its
+password prompt on a real terminal (a pty), Ctrl-D and Ctrl-C without a
+traceback.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kumoauth.backends.schemes import hash_password
+from tests.test_cli_pw import CTRL_C, CTRL_D, at_a_terminal, lines_after_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "S3cret-horse-battery"
@@ -185,3 +191,89 @@ def test_auth_test_prints_the_addresses_the_user_may_send_as(tmp_path):
     assert result.returncode == 0, result.stderr
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("may send as: "))
     assert "scott@example.com" in line and "@example.org" in line
+
+
+# --------------------------------------------------------------------------
+# no password, Ctrl-C, wrong usage
+
+
+def auth_test_at_a_terminal(config: Path, keys: list[bytes], *args: str) -> tuple[int, str]:
+    return at_a_terminal(
+        ["auth", "test", "--config", str(config), *args, "scott"], keys, timeout=15
+    )
+
+
+def test_ctrl_d_at_the_prompt_is_one_line_and_exit_2(tmp_path):
+    config = policy_config(tmp_path, "    return True\n")
+    status, shown = auth_test_at_a_terminal(config, [CTRL_D])
+    assert status == 2, shown
+    assert "Traceback" not in shown and "EOFError" not in shown
+    assert lines_after_prompt(shown) == ["kumoauth auth test: error: no password given"]
+
+
+def test_ctrl_c_at_the_prompt_exits_130_without_a_traceback(tmp_path):
+    config = policy_config(tmp_path, "    return True\n")
+    status, shown = auth_test_at_a_terminal(config, [CTRL_C])
+    assert status == 130, shown
+    assert "Traceback" not in shown and "KeyboardInterrupt" not in shown
+    assert lines_after_prompt(shown) == [], shown
+
+
+def test_a_password_at_the_prompt_is_checked(tmp_path):
+    config = policy_config(tmp_path, f"    return password == {PASSWORD!r}\n")
+    status, shown = auth_test_at_a_terminal(config, [PASSWORD.encode() + b"\n"])
+    assert status == 0, shown
+    assert lines_after_prompt(shown)[0] == "result: success (235 2.7.0)"
+    assert PASSWORD not in shown  # not echoed
+
+
+@pytest.mark.parametrize("stdin", ["empty", "closed"])
+def test_no_password_on_standard_input_is_not_checked(tmp_path, stdin):
+    # End of input before any line (an empty pipe; no fd 0 at all) is no
+    # password: said so, rather than an empty one checked (535, exit 1).
+    (tmp_path / "asked").mkdir()
+    config = policy_config(tmp_path, f"    open({str(tmp_path / 'asked' / 'x')!r}, 'w')\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "kumoauth.cli", "auth", "test", "--config", str(config), "scott"],
+        input="" if stdin == "empty" else None,
+        stdin=subprocess.DEVNULL if stdin == "closed" else None,
+        preexec_fn=(lambda: os.close(0)) if stdin == "closed" else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == "kumoauth auth test: error: no password given\n"
+    assert result.stdout == ""
+    assert not list((tmp_path / "asked").iterdir()), "the checker was called"
+
+
+def test_cache_without_the_table_is_said_before_asking_for_the_password(tmp_path):
+    config = passwd_file_config(tmp_path)  # no [auth.cache]
+    status, shown = auth_test_at_a_terminal(config, [], "--cache")
+    assert status == 2, shown
+    assert "assword" not in shown
+    (line,) = [ln for ln in shown.splitlines() if ln.strip()]
+    assert line.startswith("kumoauth auth test: error: --cache") and "[auth.cache]" in line
+
+
+@pytest.mark.parametrize("bad", ["notanip", "300.1.2.3", "2001:db8::1::2", ""])
+def test_client_ip_must_be_an_ip_address(tmp_path, bad):
+    config = policy_config(tmp_path, "    return True\n")
+    result = run_auth_test(config, "--client-ip", bad, "scott")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "argument --client-ip: not an IP address" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("ip", "received_from"),
+    [("192.0.2.7", "192.0.2.7:0"), ("2001:db8::7", "[2001:db8::7]:0")],
+)
+def test_client_ip_reaches_the_checker(tmp_path, ip, received_from):
+    config = policy_config(
+        tmp_path, f"    return conn_meta.get_meta('received_from') == {received_from!r}\n"
+    )
+    result = run_auth_test(config, "--client-ip", ip, "scott")
+    assert result.returncode == 0, result.stdout + result.stderr

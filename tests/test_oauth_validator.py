@@ -27,6 +27,7 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, ssl
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
@@ -464,6 +465,31 @@ def test_jwks_down_at_start_does_not_fail_it_then_back(idp, keys, make, clock, c
     assert len(lines) == 2, texts
     assert "unavailable" in texts[0] and lines[0]["backend"] == "oauth-jwks"
     assert "available again" in texts[1]
+
+
+@pytest.mark.parametrize("fetch", ["jwks", "introspection"])
+def test_an_idp_outage_logs_one_line_and_nothing_per_request(
+    reactor, keys, make, clock, captured_log, tmp_path, fetch
+):
+    # Nothing listening at the IdP's URLs: every validation (the JWKS
+    # once the rate limit allows a refetch; introspection each time) opens
+    # and fails a connection.  The whole log is the one "unavailable"
+    # line: no Twisted "Starting factory" / "Stopping factory" per request.
+    from tests.server import free_port
+
+    down = IdP(reactor, port=free_port(), published=list(keys.values()))  # never started
+    if fetch == "jwks":
+        v = make(jwks_table(down))
+        token = keys["ES256"].sign(down.claims())
+    else:
+        v = make(introspection_table(down, tmp_path))
+        token = "opaque-1"
+    for _ in range(4):
+        clock.advance(6)  # past the refetch rate limit
+        assert "connection refused" in str(unavailable(v, token))
+    lines = [formatEvent(e) for e in captured_log.events]
+    assert len(lines) == 1, lines
+    assert "unavailable" in lines[0] and "connection refused" in lines[0], lines
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,10 @@ tests/upstream.py runs it): the same scenario on the memory store and on
 Redis, exact counts under concurrency from several store instances (as
 several processes), the keys' TTLs and names as Redis holds them, the
 shared secret and generation, the admin calls, outages (Redis killed,
-paused, restarted) with one log line per state change, cancellation, the
-UNIX socket and TLS, passwords that never reach a message or a log line,
-and the URL parser.
+paused, restarted): failures naming the store, which logs nothing itself,
+and one log line per state change from a real ``twistd kumoauth`` whose
+failure store it is; cancellation, the UNIX socket and TLS, passwords
+that never reach a message or a log line, and the URL parser.
 """
 
 from __future__ import annotations
@@ -402,10 +403,13 @@ def test_redis_killed_then_restarted(
             )
         )
         assert all(not ok and r.check(StoreUnavailable) for ok, r in burst)
-        assert reasons <= {"connection refused", "connection closed by Redis", "connection lost"}
-        lines = store_lines(captured_log)
-        assert len(lines) == 1 and "unavailable" in lines[0], lines
-        assert f"127.0.0.1:{server.port}" in lines[0]
+        named = f"{store.settings.display}: "
+        assert f"127.0.0.1:{server.port}" in named
+        assert all(reason.startswith(named) for reason in reasons), reasons
+        causes = {reason.removeprefix(named) for reason in reasons}
+        assert causes <= {"connection refused", "connection closed by Redis", "connection lost"}
+        # The callers log the outage, saying what it means for them.
+        assert store_lines(captured_log) == []
 
         server.start()  # the same port; the data are gone (nothing saved)
         deadline = time.monotonic() + 10
@@ -418,8 +422,7 @@ def test_redis_killed_then_restarted(
                 time.sleep(0.1)
         assert in_reactor(store.record, "ip:192.0.2.1", fp(1), 10.0, 5) == 1
         assert in_reactor(store.secret, "s") == in_reactor(store.secret, "s")
-        lines = store_lines(captured_log)
-        assert len(lines) == 2 and "available again" in lines[1], lines
+        assert store_lines(captured_log) == []
 
 
 def test_paused_redis_times_out_then_recovers(
@@ -458,9 +461,42 @@ def test_paused_redis_times_out_then_recovers(
             except StoreUnavailable:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-        lines = store_lines(captured_log)
-        unavailable = [line for line in lines if "unavailable" in line]
-        assert len(unavailable) == 2  # one per store
+        assert store_lines(captured_log) == []  # the callers log outages
+
+
+def test_a_server_logs_one_line_per_state_change(tmp_path: Path) -> None:
+    """
+    A real ``twistd kumoauth`` whose failure store is a Redis of the test's
+    own, killed, then started again: its log says the store is unavailable
+    once (naming it, and what AUTH gets meanwhile) and available again
+    once, not a line of the store's and one of the throttle's for the same
+    event.
+    """
+    from tests.server import make_certs, running_server
+    from tests.test_e2e import POLICY
+    from tests.test_shared_state_e2e import attempt, wait_for
+
+    _require_redis()
+    certs = make_certs(tmp_path / "certs")
+    with running_redis() as redis:
+        url = redis.url(db=0, prefix="one-line:", timeout="0.5")
+        with running_server(tmp_path / "k", certs, POLICY, throttle=f'store = "{url}"') as srv:
+            assert attempt(srv, "scott", "tiger") == 235
+            redis.kill()
+            for _ in range(5):
+                assert attempt(srv, "scott", "tiger") == 454
+            redis.start()
+            assert wait_for(lambda: attempt(srv, "scott", "tiger") == 235, timeout=20)
+            assert attempt(srv, "scott", "tiger") == 235
+            log = srv.log()
+    down = [line for line in log.splitlines() if "unavailable" in line]
+    back = [line for line in log.splitlines() if "available again" in line]
+    assert len(down) == 1 and len(back) == 1, log
+    assert "[kumoauth#error] failure store unavailable: " in down[0], down
+    assert f"redis://127.0.0.1:{redis.port}/0: connection " in down[0], down
+    assert "AUTH gets 454" in down[0], down
+    assert "failure store available again" in back[0], back
+    assert "kumoauth.stores" not in log and "Traceback" not in log, log
 
 
 def test_cancelled_operations_leave_the_connection_in_sync(
@@ -529,7 +565,7 @@ def test_unreachable_at_start(reactor: Any, stores: Any, tmp_path: Path) -> None
 
     store = stores(f"redis://127.0.0.1:{free_port()}?timeout=0.5")
     e, took = fails(store.count, "ip:x", 1.0)
-    assert str(e) == "connection refused" and took < 0.5
+    assert str(e) == f"{store.settings.display}: connection refused" and took < 0.5
     missing = stores(f"unix://{tmp_path}/nothing.sock")
     e, _ = fails(missing.bump, "g")
     assert "No such file" in str(e)
@@ -566,8 +602,10 @@ def test_rediss_verifies_the_certificate(
             f"rediss://localhost:{server.tls_port}?ca_file={other}&timeout=2",
             f"rediss://localhost:{server.tls_port}?timeout=2",
         ):
-            e, _ = fails(stores(spec).bump, "g")
-            assert str(e).startswith("TLS") or "connection" in str(e), str(e)
+            refused = stores(spec)
+            e, _ = fails(refused.bump, "g")
+            named = f"{refused.settings.display}: "
+            assert str(e).startswith(named + "TLS") or "connection" in str(e), str(e)
     with running_redis(tls=True, cert_names=("redis.example",)) as server:
         # The right CA, the wrong name.
         store = stores(f"rediss://127.0.0.1:{server.tls_port}?ca_file={server.ca_file}&timeout=2")
@@ -591,7 +629,9 @@ def test_passwords_never_shown(
         wrong_pw = "Wrong-Secret-pw"
         wrong = stores(f"redis://:{wrong_pw}@127.0.0.1:{server.port}?prefix={prefix}")
         e, _ = fails(wrong.bump, "g")
-        assert str(e).startswith("authentication failed: WRONGPASS"), str(e)
+        assert str(e).startswith(
+            f"redis://:***@127.0.0.1:{server.port}: authentication failed: WRONGPASS"
+        ), str(e)
         none = stores(server.url(password=False, prefix=prefix))
         e2, _ = fails(none.bump, "g")
         assert "NOAUTH" in str(e2)

@@ -482,6 +482,11 @@ class AuthClientProtocol(LineOnlyReceiver):
 
 
 class _ProtocolFactory(Factory):
+    # No "Starting factory" / "Stopping factory" line per connection attempt:
+    # while Dovecot is down the background retries would log two a second.
+    # AuthClient logs the state changes.
+    noisy = False
+
     def __init__(self, client: AuthClient) -> None:
         self.client = client
 

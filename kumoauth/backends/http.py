@@ -259,6 +259,26 @@ def _where(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
+class _QuietHTTP11ClientFactory(web_client._HTTP11ClientFactory):
+    """
+    The factory of a pool's connections, without Twisted's "Starting
+    factory" / "Stopping factory" line per connection: while the server is
+    down that is two lines per attempt, when the owner's health log says
+    it once.
+    """
+
+    noisy = False
+
+
+class QuietConnectionPool(web_client.HTTPConnectionPool):
+    """
+    An ``HTTPConnectionPool`` whose connections log nothing by themselves
+    (the HTTP store and the OAuth validator log their outages once).
+    """
+
+    _factory = _QuietHTTP11ClientFactory
+
+
 class _Client:
     """
     One configuration's connections: the treq client over an Agent whose
@@ -272,7 +292,7 @@ class _Client:
         self.url = _ready_url(config.url)
         self.token = _Token(config.token_file) if config.token_file is not None else None
         trust = trust_root(config.ca_file)
-        self.pool = web_client.HTTPConnectionPool(reactor, persistent=True)
+        self.pool = QuietConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = config.max_connections
         agent = web_client.Agent(
             reactor,

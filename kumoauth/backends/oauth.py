@@ -76,6 +76,7 @@ import kumoauth
 from kumoauth.backends.base import BackendError, BackendHealth, default_reactor, parse_table
 from kumoauth.backends.base import read_secret_file as _read_secret_file
 from kumoauth.backends.http import (
+    QuietConnectionPool,
     _Body,
     _cancelled,
     _closed_unanswered,
@@ -635,7 +636,7 @@ class _Client:
     def __init__(self, config: Config, reactor: Any) -> None:
         self.reactor = reactor
         self.timeout = config.timeout
-        self.pool = web_client.HTTPConnectionPool(reactor, persistent=True)
+        self.pool = QuietConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 4
         agent = web_client.Agent(
             reactor,

@@ -14,8 +14,8 @@ Each subcommand is a module of this package with ``add_parser(subparsers)``
 (which registers its arguments and sets ``run``) and a ``run(args) -> int``;
 later ones (``pw``, ``auth test``, ``throttle``, queue actions) are new
 modules listed in :data:`COMMANDS`, not branches here.  Exit status: 0 for
-success, 1 for an operator's mistake (one line on stderr), other values as
-each subcommand documents.
+success, 1 for an operator's mistake (one line on stderr), 130 after
+Ctrl-C (no traceback), other values as each subcommand documents.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from typing import Any
 
 #: subcommand modules, in the order ``--help`` lists them
 COMMANDS = ("spool", "pw", "auth", "throttle", "limits", "sender")
+
+
+#: exit status after Ctrl-C (128 + SIGINT, as a shell reports it)
+EXIT_INTERRUPTED = 130
 
 
 class CommandError(Exception):
@@ -95,6 +99,11 @@ def main(argv: list[str] | None = None, prog: str = "kumoauth") -> int:
     except CommandError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C (at a password prompt, say): no traceback; the newline
+        # ends the line the prompt left the cursor on.
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def console() -> None:

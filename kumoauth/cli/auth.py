@@ -15,15 +15,20 @@ The verified-credential cache is bypassed unless ``--cache`` is given;
 then the attempt runs twice through ``[auth.cache]`` (a miss, then what
 the cache answers), which shows the cache's settings at work.
 
+The configuration, the user name and ``--cache`` are checked before the
+password is asked for.
+
 Exit status: 0 success (235); 1 failure (535); 2 the checker could not
 decide (454: backend down or erroring, timeout), or the configuration or
-arguments are wrong (one line on stderr).
+arguments are wrong, or no password was given (end of input: Ctrl-D, an
+empty pipe), with one line on stderr; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import ipaddress
 import json
 import sys
 from typing import Any
@@ -43,7 +48,10 @@ def add_parser(subparsers: Any) -> None:
     test.add_argument("--config", "-c", required=True, help="the kumoauth TOML configuration")
     test.add_argument("--authz", default="", help="authorization identity (default: USER)")
     test.add_argument(
-        "--client-ip", default="127.0.0.1", help="client address the checker sees (127.0.0.1)"
+        "--client-ip",
+        default="127.0.0.1",
+        type=_ip_address,
+        help="client address the checker sees (127.0.0.1)",
     )
     test.add_argument(
         "--cache",
@@ -54,41 +62,46 @@ def add_parser(subparsers: Any) -> None:
     test.set_defaults(run=run)
 
 
+def _ip_address(text: str) -> str:
+    """``--client-ip``: an IPv4 or IPv6 address (argparse's usage error otherwise)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+    return text
+
+
+class NoPassword(Exception):
+    """Standard input ended (Ctrl-D, a closed pipe) before any password."""
+
+
 def read_password() -> str:
+    """
+    The password: asked without echo on a terminal, else one line of
+    standard input.  :class:`NoPassword` when there is none to read (end
+    of input at once: Ctrl-D, an empty pipe, no standard input at all).
+    """
+    if sys.stdin is None:
+        raise NoPassword()
     if sys.stdin.isatty():
-        return getpass.getpass("Password: ")
+        try:
+            return getpass.getpass("Password: ")
+        except EOFError:
+            print(file=sys.stderr)  # end the prompt's line
+            raise NoPassword() from None
     line = sys.stdin.readline()
+    if line == "":
+        raise NoPassword()
     return line.rstrip("\r\n") if line.endswith("\n") else line
 
 
 def run(args: argparse.Namespace) -> int:
-    from kumoauth.cli import react
-
-    password = read_password()
-    return react(lambda reactor: _test(reactor, args, password), EXIT_ERROR)
-
-
-def _fail(message: str) -> int:
-    print(f"kumoauth auth test: error: {message}", file=sys.stderr)
-    return EXIT_ERROR
-
-
-async def _test(reactor: Any, args: argparse.Namespace, password: str) -> int:
-    from twisted.cred import error
-    from twisted.internet import defer
-
-    from kumoauth.auth.authenticator import scrub
-    from kumoauth.auth.checkers import call_hook
-    from kumoauth.auth.cred import AuthContext, PlainCredentials, make_portal
     from kumoauth.auth.sasl import SASLError, prepare_name
-    from kumoauth.cli import log_errors_to_stderr
-    from kumoauth.meta import ConnMeta
-    from kumoauth.ops.assembly import OperatorError, build_checkers, build_policy, load_config
-    from kumoauth.ops.threads import BlockingPool
-    from kumoauth.policy import Invoker
-    from kumoauth.smtp.runtime import ProcessState
-    from kumoauth.storage.delivery import Delivery, IMessageDelivery
+    from kumoauth.cli import log_errors_to_stderr, react
+    from kumoauth.ops.assembly import OperatorError, build_policy, load_config
 
+    # Everything that can be wrong without the password is said before
+    # asking for it.
     log_errors_to_stderr()
     try:
         cfg = load_config(args.config)
@@ -102,6 +115,43 @@ async def _test(reactor: Any, args: argparse.Namespace, password: str) -> int:
         return _fail(e.reply.decode("ascii", "replace"))
     if not authc:
         return _fail("empty user name")
+    if args.cache and (cfg.auth.cache is None or not cfg.auth.cache.enabled):
+        return _fail("--cache, but the configuration has no [auth.cache] (or both ttls are 0)")
+    try:
+        password = read_password()
+    except NoPassword:
+        return _fail("no password given")
+    return react(
+        lambda reactor: _test(reactor, args, cfg, policy, authc, authz, password), EXIT_ERROR
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"kumoauth auth test: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+async def _test(
+    reactor: Any,
+    args: argparse.Namespace,
+    cfg: Any,
+    policy: Any,
+    authc: str,
+    authz: str,
+    password: str,
+) -> int:
+    from twisted.cred import error
+    from twisted.internet import defer
+
+    from kumoauth.auth.authenticator import scrub
+    from kumoauth.auth.checkers import call_hook
+    from kumoauth.auth.cred import AuthContext, PlainCredentials, make_portal
+    from kumoauth.meta import ConnMeta
+    from kumoauth.ops.assembly import OperatorError, build_checkers
+    from kumoauth.ops.threads import BlockingPool
+    from kumoauth.policy import Invoker
+    from kumoauth.smtp.runtime import ProcessState
+    from kumoauth.storage.delivery import Delivery, IMessageDelivery
 
     pool = BlockingPool(reactor, cfg.auth.threads, cfg.auth.max_in_flight, "kumoauth-auth-test")
     pool.start()
@@ -117,8 +167,6 @@ async def _test(reactor: Any, args: argparse.Namespace, password: str) -> int:
 
     wrap = None
     if args.cache:
-        if cfg.auth.cache is None or not cfg.auth.cache.enabled:
-            return _fail("--cache, but the configuration has no [auth.cache] (or both ttls are 0)")
         from kumoauth.backends.cache import CredentialCache
 
         cache = CredentialCache(reactor, cfg.auth.cache, process.metrics)

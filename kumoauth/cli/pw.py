@@ -9,9 +9,10 @@ Dovecot's ``{SCHEME}`` form, which ``doveadm pw -t`` verifies.  SCHEME is
 one of :data:`kumoauth.backends.schemes.HASH_SCHEMES` (default
 ``ARGON2ID``).
 
-Exit status: 0 with the hash on standard output; 1 for an empty password,
-two that differ, or one the scheme cannot take (one line on stderr); 2 for
-wrong usage (argparse).
+Exit status: 0 with the hash on standard output; 1 for no password (end
+of input at the prompt: Ctrl-D), an empty one, two that differ, or one the
+scheme cannot take (one line on stderr); 2 for wrong usage (argparse); 130
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -41,9 +42,16 @@ def read_password() -> str:
     """The password: twice without echo on a terminal, else one line of stdin."""
     from kumoauth.cli import CommandError
 
+    if sys.stdin is None:
+        raise CommandError("no password given (no standard input)")
     if sys.stdin.isatty():
-        first = getpass.getpass("Password: ")
-        if getpass.getpass("Retype password: ") != first:
+        try:
+            first = getpass.getpass("Password: ")
+            again = getpass.getpass("Retype password: ")
+        except EOFError:
+            print(file=sys.stderr)  # end the prompt's line
+            raise CommandError("no password given") from None
+        if again != first:
             raise CommandError("the passwords differ")
         return first
     line = sys.stdin.readline()

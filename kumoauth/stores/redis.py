@@ -31,9 +31,13 @@ as that command.  Keys::
 The connection is made on first use and again on the first use after it is
 lost; after a failed attempt, operations fail at once (no waiting) until
 a back-off delay (0.25 s doubling to 4 s) has passed.  Every failure is a
-:class:`~kumoauth.stores.StoreUnavailable` whose message never holds a
-secret; the store logs one line when it becomes unavailable and one when
-it is available again.
+:class:`~kumoauth.stores.StoreUnavailable` whose message names the store
+(its URL without the password) and the cause, never a secret.  The store
+logs nothing itself: each caller logs one line when it finds the store
+unavailable and one when it is available again, saying what that means
+(``failure store unavailable: redis://…: connection refused; AUTH gets
+454 …``).  A line of the store's own besides would say the same thing
+twice.
 """
 
 from __future__ import annotations
@@ -55,11 +59,9 @@ from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wra
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kumoauth.ops.loglimit import StateLog
 from kumoauth.stores import (
     ICounterStore,
     IFailureStore,
@@ -69,8 +71,6 @@ from kumoauth.stores import (
 )
 from kumoauth.textsafe import escape
 from kumoauth.tls.trust import trust_root
-
-log = Logger(namespace="kumoauth.stores")
 
 DEFAULT_PORT = 6379
 DEFAULT_PREFIX = "kumoauth:"
@@ -574,10 +574,6 @@ class RedisStore:
         self._down: str | None = None
         self._retry_at = 0.0
         self._backoff = self.MIN_BACKOFF
-        #: the logged state: None while available, else the reason logged
-        self._health = StateLog(
-            f"shared store {self.settings.display}", log, store=self.settings.display
-        )
         self._close_waiters: list[defer.Deferred[None]] = []
 
     def _make_endpoint(self, s: Settings) -> Any:
@@ -732,8 +728,9 @@ class RedisStore:
     def _call(self, send: Callable[[Any], defer.Deferred[Any]]) -> defer.Deferred[Any]:
         """
         Run *send(connection)* within the timeout; its failures become
-        StoreUnavailable, and the store's state changes are logged.  The
-        caller may cancel: the connection stays usable for the others.
+        StoreUnavailable naming the store (the caller logs what that
+        means, once per state change).  The caller may cancel: the
+        connection stays usable for the others.
         """
         timed_out = False
         used: list[Any] = []
@@ -767,9 +764,7 @@ class RedisStore:
                     why = self._redact(used[0].lost_reason)
                 else:
                     why = self._redact(describe(result))
-                self._failed(why)
-                raise StoreUnavailable(why)
-            self._succeeded()
+                raise StoreUnavailable(f"{self.settings.display}: {why}")
             return result
 
         return d.addBoth(finish)
@@ -804,12 +799,6 @@ class RedisStore:
         if password and password in text:
             text = text.replace(password, "***")
         return text
-
-    def _failed(self, why: str) -> None:
-        self._health.failed(why)
-
-    def _succeeded(self) -> None:
-        self._health.succeeded()
 
     # --- IFailureStore -------------------------------------------------------
 
