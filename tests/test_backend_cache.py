@@ -13,6 +13,7 @@ import pytest
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, task
+from twisted.logger import formatEvent
 from zope.interface import implementer
 
 from kumoauth.auth.cred import IPlainCredentials, PlainCredentials, make_portal
@@ -309,3 +310,36 @@ def test_invalidation_reaches_every_process_sharing_the_store(clock):
     assert len(cache_b) == 1  # no change since: kept
     cache_a.stop()
     cache_b.stop()
+
+
+def test_a_shared_store_outage_is_one_line_each_way(clock, captured_log):
+    """
+    The cache polls the shared store without traffic: its outage is logged
+    once when it starts and once when it ends, not once per poll.
+    """
+    from kumoauth.stores import StoreUnavailable
+    from kumoauth.stores.memory import MemoryStore
+
+    class Shared(MemoryStore):
+        shared = True
+        down = False
+
+        def generation(self, name):
+            if self.down:
+                return defer.fail(StoreUnavailable("redis://127.0.0.1:1/0: connection refused"))
+            return super().generation(name)
+
+    shared = Shared(clock)
+    _, cache, _, _ = make(clock)
+    cache.share(shared)
+    shared.down = True
+    for _ in range(5):
+        clock.advance(1.0)
+    shared.down = False
+    clock.advance(1.0)
+    clock.advance(1.0)
+    cache.stop()
+    lines = [formatEvent(e) for e in captured_log.events if "cache invalidation" in formatEvent(e)]
+    assert len(lines) == 2, lines
+    assert "unavailable: redis://127.0.0.1:1/0: connection refused" in lines[0]
+    assert "available again (5 operations met it down)" in lines[1]

@@ -40,11 +40,13 @@ from typing import Any
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kumoauth.auth.cred import IPlainCredentials
 from kumoauth.config import CacheConfig
+from kumoauth.ops.loglimit import StateLog
 
 _MISSING = object()
 
@@ -79,6 +81,11 @@ class CredentialCache:
         self._shared: Any = None
         self._poll: Any = None
         self._generation: int | None = None
+        # The shared store's outages as the cache meets them (its poll runs
+        # without traffic): one line per change of state.
+        self._shared_state = StateLog(
+            "cache invalidation: shared store", logger=Logger(namespace="kumoauth.auth")
+        )
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -95,7 +102,7 @@ class CredentialCache:
         """
         self._entries.clear()
         if self._shared is not None:
-            self._shared.bump(GENERATION).addErrback(lambda f: None)  # the store logs outages
+            self._shared.bump(GENERATION).addCallbacks(self._shared_ok, self._shared_failed)
 
     def share(self, store: Any) -> None:
         """
@@ -125,11 +132,21 @@ class CredentialCache:
             return
 
         def got(generation: int) -> None:
+            self._shared_ok(generation)
             if self._generation is not None and generation != self._generation:
                 self._entries.clear()
             self._generation = generation
 
-        store.generation(GENERATION).addCallbacks(got, lambda f: None)
+        store.generation(GENERATION).addCallbacks(got, self._shared_failed)
+
+    def _shared_ok(self, result: object) -> None:
+        self._shared_state.succeeded()
+
+    def _shared_failed(self, f: Failure) -> None:
+        self._shared_state.failed(
+            f.getErrorMessage() or type(f.value).__name__,
+            "a clear here does not reach other instances, whose entries live until they expire",
+        )
 
     def stop(self) -> None:
         if self._poll is not None and self._poll.running:
