@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.logger import LogLevel, formatEvent
 
 from kumoauth.relay import queue as q
 from kumoauth.relay.queue import (
@@ -326,27 +325,43 @@ def test_recovery_after_a_torn_tail(qdir):
     store.close()
 
 
-def test_a_torn_tail_is_cut_with_one_line_and_the_zeros_without(qdir, captured_log):
+def test_a_torn_tail_is_noted_and_the_zeros_written_ahead_are_not(qdir):
     store = QueueStore.open(qdir)
-    store.append_batch(batch(2))
+    ids = store.append_batch(batch(2))
     store.close()
     seg = segments(qdir)[0]
-    # reopened as it was left: only the zeros written ahead follow the records
-    QueueStore.open(qdir).close()
-    assert "cut" not in captured_log.text()
+    good = seg.stat().st_size
+    # As a crashed writer leaves it: the zeros written ahead, nothing else.
     with open(seg, "ab") as f:
-        f.write(b"".join(encode_record(b'{"id":"x"}', b"y" * 100))[:40])
-    QueueStore.open(qdir).close()
-    (line,) = [e for e in captured_log.events if "cut 40 bytes" in formatEvent(e)]
-    assert line["log_level"] == LogLevel.warn and "never acknowledged" in formatEvent(line)
+        f.write(bytes(q.ZERO_AHEAD))
+    store = QueueStore.open(qdir)
+    assert store.recovery_notes == [] and store.ids() == sorted(ids)
+    store.close()
+    assert seg.stat().st_size == good
+    # Half a record, then the zeros: a write that never finished.
+    with open(seg, "ab") as f:
+        f.write(b"".join(encode_record(b'{"id":"x"}', b"y" * 100))[:40] + bytes(4096))
+    store = QueueStore.open(qdir)
+    assert store.recovery_notes == [
+        (
+            "warn",
+            f"queue segment {seg.name}: cut {40 + 4096} bytes at its end, a write that never "
+            "finished (its messages were never acknowledged)",
+        )
+    ]
+    assert store.ids() == sorted(ids)
+    store.close()
+    assert seg.stat().st_size == good
+    assert not (qdir / "damaged").exists()
 
 
 @pytest.mark.parametrize("damaged", [0, 1])
-def test_damage_before_a_later_batch_keeps_what_follows(qdir, captured_log, damaged):
+def test_damage_before_a_later_batch_is_copied_and_said(qdir, damaged):
     # A crash only tears the last batch: bad bytes with a later batch after
-    # them are damage to acknowledged mail.  Recovery keeps every valid
-    # record (it used to cut the segment there, or remove it, silently),
-    # keeps a copy and says what was lost in one line.
+    # them are damage to acknowledged mail.  What follows them cannot be
+    # taken back (a record is not bound to its place), so it is cut as
+    # before, but a copy is kept and one error line says what happened
+    # (it used to be cut, or the segment removed, silently).
     store = QueueStore.open(qdir)
     ids = [store.append_batch([m])[0] for m in batch(3)]
     starts = [store.get(mid).offset for mid in ids]
@@ -357,20 +372,48 @@ def test_damage_before_a_later_batch_keeps_what_follows(qdir, captured_log, dama
     seg.write_bytes(bytes(raw))
     store = QueueStore.open(qdir)
     try:
-        kept = [mid for i, mid in enumerate(ids) if i != damaged]
-        assert store.ids() == sorted(kept)
-        for mid in kept:
-            assert store.read_message(mid).startswith(b"Subject: " + mid.encode())
+        assert store.ids() == sorted(ids[:damaged])
+        ((level, text),) = store.recovery_notes
     finally:
         store.close()
-    assert seg.exists()
-    (copy,) = (qdir / "damaged").iterdir()
+    copy = qdir / "damaged" / seg.name
     assert copy.read_bytes() == bytes(raw)
-    (line,) = [e for e in captured_log.events if "is damaged" in formatEvent(e)]
-    assert line["log_level"] == LogLevel.error
-    text = formatEvent(line)
-    assert f"{starts[damaged]}-{starts[damaged + 1]}" in text and "2 others in it are kept" in text
-    assert "\n" not in text
+    assert level == "error" and f"damaged at byte {starts[damaged]} of {len(raw)}" in text
+    assert str(copy) in text and "\n" not in text
+    # Said once: the next start finds a clean segment (or none).
+    store = QueueStore.open(qdir)
+    assert store.recovery_notes == [] and store.ids() == sorted(ids[:damaged])
+    store.close()
+    assert copy.read_bytes() == bytes(raw)
+
+
+def test_a_record_inside_a_body_is_never_taken_for_a_message(qdir):
+    # A client's message may hold bytes that look like a whole record (a
+    # forged envelope, checksums right, marked as a batch start).  When the
+    # last batch is torn, recovery must not index it.
+    forged_env = json.dumps(
+        {
+            "id": "f" * 24,
+            "mail_from": "ceo@example.com",
+            "rcpt_to": ["x@y"],
+            "meta": {"authn_id": "admin"},
+        }
+    ).encode()
+    forged = b"".join(encode_record(forged_env, b"forged", flags=q.FIRST))
+    store = QueueStore.open(qdir)
+    first = store.append_batch(batch(1))
+    (mid,) = store.append_batch([message(data=b"Subject: x\r\n\r\n" + forged + b"\r\n")])
+    end = store.get(mid).body_offset + store.get(mid).body_len
+    store.close()
+    seg = segments(qdir)[0]
+    raw = seg.read_bytes()
+    seg.write_bytes(raw[: end - 1] + b"!")  # the last batch torn: its body checksum fails
+    store = QueueStore.open(qdir)
+    try:
+        assert store.ids() == sorted(first)
+        assert "f" * 24 not in store.ids()
+    finally:
+        store.close()
 
 
 def test_journal_states_survive_reopen(qdir):

@@ -22,7 +22,13 @@ from kumoauth.auth.cred import PolicyChecker, make_portal
 from kumoauth.auth.throttle import Throttle, make_store
 from kumoauth.config import Config, ConfigError, load
 from kumoauth.policy import Invoker, Policy, PolicyError, load_policy
-from kumoauth.relay.queue import QueueError, QueueLocked, QueueStore, SegmentWriter
+from kumoauth.relay.queue import (
+    DAMAGED_DIR,
+    QueueError,
+    QueueLocked,
+    QueueStore,
+    SegmentWriter,
+)
 from kumoauth.relay.scheduler import RelaySettings
 from kumoauth.smtp.limits import SendingLimits
 from kumoauth.smtp.runtime import ProcessState, Runtime
@@ -318,13 +324,15 @@ def open_queue(cfg: Config, owner: tuple[int, int] | None = None) -> QueueStore:
         raise OperatorError(f"{cfg.source}: [spool] path: {e}") from None
     except QueueError as e:
         raise OperatorError(f"{cfg.source}: [spool] path: {e}") from None
+    for level, text in queue.recovery_notes:
+        getattr(log, level)("{text}", text=text)
     if owner is not None:
         try:
             for p in created:
                 os.chown(p, *owner)
             os.chown(path, *owner)
             for p in path.iterdir():
-                if p.name == "seg" or p.name == "lock" or p.name.startswith("journal-"):
+                if p.name in ("seg", "lock", DAMAGED_DIR) or p.name.startswith("journal-"):
                     os.chown(p, *owner)
         except OSError as e:
             queue.close()

@@ -553,13 +553,6 @@ def _writer_of(segment: str) -> str:
     return segment.split("-", 1)[0]
 
 
-def recovery_log(level: str, text: str) -> None:
-    """One line about what recovery found (kumoauth's log when it runs)."""
-    from twisted.logger import Logger
-
-    getattr(Logger(namespace="kumoauth.queue"), level)("{text}", text=text)
-
-
 def _segments(seg_dir: Path) -> list[str]:
     try:
         names = os.listdir(seg_dir)
@@ -790,6 +783,9 @@ class QueueStore:
         # skips its own segments: no batch locks (two fcntl calls each).
         self.writer = SegmentWriter(self.path, writer, lock_batches=False)
         self._lock_fd: int | None = None
+        #: what recovery found that the operator should read: (level, line)
+        #: pairs, "warn" or "error", for the caller to log
+        self.recovery_notes: list[tuple[str, str]] = []
         self._index: dict[str, Entry] = {}
         # segment name -> [bytes scanned, ids still live]
         self._segs: dict[str, _SegInfo] = {}
@@ -898,7 +894,7 @@ class QueueStore:
                 if not dead:
                     scan = _settled(f.fileno(), scan)
                 elif not scan.clean:
-                    scan = self._salvage(f, name, scan, size)
+                    self._salvage(f, name, scan, size)
             if dead and not scan.clean:
                 # A torn tail no writer will complete: it was never
                 # acknowledged (its batch's fdatasync did not return).
@@ -915,57 +911,53 @@ class QueueStore:
         self._segs[name] = _SegInfo(scan.end)
         self._add(scan.entries)
 
-    def _salvage(self, f: IO[bytes], name: str, scan: _Scan, size: int) -> _Scan:
+    def _salvage(self, f: IO[bytes], name: str, scan: _Scan, size: int) -> None:
         """
-        *scan* of a segment no writer holds stopped before its end.  A
-        crash only tears the last batch (a writer starts a batch once the
-        one before is synced), so bad bytes followed by the start of a
-        later batch are damage to acknowledged mail: a copy of the segment
-        goes to ``damaged/``, the valid records after the damage are kept,
-        and one error line says what was lost.  Bad bytes in the last batch
-        are a torn tail, cut by the caller (logged if it held anything but
-        the zeros written ahead).
+        *scan* of a segment no writer holds stopped before its end, and the
+        caller cuts it there.  A writer starts a batch only once the one
+        before is synced, so a crash can tear only the last batch; bad bytes
+        followed by the start of a later batch are damage to acknowledged
+        mail instead: the segment is copied to ``damaged/`` before the cut
+        and one error line says so.  The records after the damage are not
+        taken back into the queue: a record is not bound to where it lies,
+        so one found by searching could be bytes inside a message body.  A
+        cut that held anything but the zeros written ahead is noted too.
         """
-        pieces: list[tuple[int, _Scan]] = []  # (where the bad bytes start, what follows)
-        end = scan.end
-        while (found := _resync(f, self.seg_dir, name, end, size)) is not None:
-            pieces.append((end, found))
+        end, later = scan.end, False
+        while not later and (found := _resync(f, self.seg_dir, name, end, size)) is not None:
+            later = any(_batch_start(f, e.offset) for e in found.entries)
             end = found.end
-        # The last bad span followed by a later batch's start is damage;
-        # from the first bad span after it on, the tail is torn.
-        damaged = 0
-        for k in range(len(pieces)):
-            if any(_batch_start(f, e.offset) for _, p in pieces[k:] for e in p.entries):
-                damaged = k + 1
-        entries, end = list(scan.entries), scan.end
-        spans = []
-        for start, found in pieces[:damaged]:
-            spans.append(f"{start}-{found.entries[0].offset}")
-            entries += found.entries
-            end = found.end
-        if damaged:
-            keep = self.path / DAMAGED_DIR
-            keep.mkdir(mode=0o750, exist_ok=True)
-            copy = keep / f"{name}.{int(time.time())}"
-            with open(copy, "wb") as out:
-                f.seek(0)
-                while chunk := f.read(1 << 20):
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            recovery_log(
-                "error",
-                f"queue segment {name} is damaged at bytes {', '.join(spans)} (not an unfinished "
-                f"write: later batches follow): the messages stored there are lost, "
-                f"{len(entries)} others in it are kept; a copy of the segment is at {copy}",
+        if later:
+            copy = self.path / DAMAGED_DIR / name
+            try:
+                copy.parent.mkdir(mode=0o750, exist_ok=True)
+                if not copy.exists():
+                    with open(copy.with_name(copy.name + ".tmp"), "wb") as out:
+                        f.seek(0)
+                        while chunk := f.read(1 << 20):
+                            out.write(chunk)
+                        out.flush()
+                        os.fsync(out.fileno())
+                    os.replace(copy.with_name(copy.name + ".tmp"), copy)
+                kept = f"a copy of the segment is at {copy}"
+            except OSError as e:
+                kept = f"it could not be copied ({e.strerror or e})"
+            self.recovery_notes.append(
+                (
+                    "error",
+                    f"queue segment {name} is damaged at byte {scan.end} of {size} (not an "
+                    f"unfinished write: a later batch follows): the messages stored from there "
+                    f"on cannot be read and leave the queue; {kept}",
+                )
             )
-        if end < size and _nonzero(f, end, size):
-            recovery_log(
-                "warn",
-                f"queue segment {name}: cut {size - end} bytes at its end, a write that never "
-                "finished (its messages were never acknowledged)",
+        elif _nonzero(f, scan.end, size):
+            self.recovery_notes.append(
+                (
+                    "warn",
+                    f"queue segment {name}: cut {size - scan.end} bytes at its end, a write that "
+                    "never finished (its messages were never acknowledged)",
+                )
             )
-        return _Scan(entries, end, end == size)
 
     def _add(self, entries: list[Entry]) -> list[Entry]:
         added = []
