@@ -13,6 +13,7 @@ neighbours can be moved together.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import math
@@ -305,12 +306,21 @@ _LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
 
 
+def _is_domain(name: str) -> bool:
+    return len(name) <= 253 and _HOSTNAME.fullmatch(name) is not None
+
+
+def _printable_ascii(text: str, space: bool = False) -> bool:
+    low = " " if space else "!"
+    return all(low <= c <= "~" for c in text)
+
+
 def _hostname(v: Any) -> str:
     # In the greeting, the EHLO reply and Received: a domain name, or an
     # address literal ([192.0.2.1], [IPv6:...]).
     name = _str(v)
     literal = name.startswith("[") and name.endswith("]") and _printable_ascii(name)
-    if not (literal or (_HOSTNAME.fullmatch(name) and len(name) <= 253)):
+    if not (literal or _is_domain(name)):
         raise _Bad(f"expected a domain name (or an address literal in brackets), got {_show(v)}")
     return name
 
@@ -318,23 +328,17 @@ def _hostname(v: Any) -> str:
 def _host(v: Any) -> str:
     # A name to resolve, or an IP address.
     name = _str(v)
-    try:
+    with contextlib.suppress(ValueError):
         ipaddress.ip_address(name)
         return name
-    except ValueError:
-        pass
-    if not (_HOSTNAME.fullmatch(name) and len(name) <= 253):
+    if not _is_domain(name):
         raise _Bad(f"expected a host name or an IP address, got {_show(v)}")
     return name
 
 
-def _printable_ascii(text: str) -> bool:
-    return all(" " < c <= "~" for c in text)
-
-
 def _banner(v: Any) -> str:
     text = _str(v)
-    if not all(" " <= c <= "~" for c in text):
+    if not _printable_ascii(text, space=True):
         raise _Bad("must be printable ASCII on one line (it is sent in the 220 greeting)")
     return text
 

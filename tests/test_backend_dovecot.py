@@ -327,13 +327,13 @@ def test_an_outage_logs_its_state_change_and_no_line_per_attempt(
     in_reactor(store.start)
     credentials = PlainCredentials("", "alice", USERS.plain["alice"], conn_meta())
     attempts = 0
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 20.0  # a loaded machine may retry slowly
+    while attempts < 5 or store.client.failures < 4:  # that many connections tried
+        assert time.monotonic() < deadline, (attempts, store.client.failures)
         with pytest.raises(BackendUnavailable):
             in_reactor(checker.requestAvatarId, credentials)
         attempts += 1
         time.sleep(0.2)
-    assert attempts >= 5 and store.client.failures >= 4  # that many connections tried
     lines = [formatEvent(e) for e in captured_log.events]
     assert len(lines) == 2, lines
     assert "cannot connect" in lines[0] and "trying again" in lines[0]

@@ -1152,17 +1152,19 @@ def test_data_timeout_not_command_timeout_bounds_the_reply_to_the_message(reacto
     assert client_settings_of(RelayConfig(host="h", command_timeout=20)).data_timeout == 600
     assert client_settings_of(RelayConfig(host="h", command_timeout=900)).data_timeout == 600
     assert client_settings_of(RelayConfig(host="h", data_timeout=45)).data_timeout == 45
-    with PlainUpstream(final_delay=1.0) as up:
-        # A slow final reply is waited for, though command_timeout is short.
-        session = open_session(reactor, up.settings(command_timeout=0.4, data_timeout=5.0))
+    with PlainUpstream(final_delay=3.0) as up:
+        # A slow final reply is waited for, though command_timeout is short
+        # (short for the final reply; ample for a loopback session set-up
+        # on a loaded machine).
+        session = open_session(reactor, up.settings(command_timeout=1.5, data_timeout=10.0))
         assert send(session, numbered(0)).delivered == ["r0@example.net"]
         close(session)
         # And data_timeout does bound it.
-        session = open_session(reactor, up.settings(command_timeout=5.0, data_timeout=0.3))
+        session = open_session(reactor, up.settings(command_timeout=5.0, data_timeout=1.0))
         with pytest.raises(UpstreamError) as info:
             send(session, numbered(1))
         assert (
-            info.value.reason == "timeout: no reply to the end of data from upstream within 0.3 s"
+            info.value.reason == "timeout: no reply to the end of data from upstream within 1 s"
         )
         assert not session.reusable
 

@@ -670,7 +670,7 @@ def test_sigterm_while_sending(
             assert took >= stall - 1, took
         else:
             assert queued and not delivered_now
-            assert took < grace + 3, took
+            assert took < grace + 10, took  # not the 60 s stall (margin for a loaded box)
             assert f"messages still being sent after {grace}s stay queued" in srv.log()
         # What stayed queued goes out after a restart; nothing else does.
         stalling["on"] = False

@@ -190,7 +190,7 @@ def test_operator_request_during_a_send(
     upstream_says: str | None,
 ) -> None:
     reply: dict[str, str | None] = {"text": upstream_says}
-    slow_sender_data(monkeypatch, 5.0, reply)
+    slow_sender_data(monkeypatch, 10.0, reply)  # ample for the CLI and the 1 s tick
     with running_upstream() as up, relaying(tmp_path, certs, up, retry_schedule="[1]") as srv:
         mid = submit(srv, ["b@example.net"], b"Subject: busy\r\n\r\nbeing sent\r\n")
         wait_until(lambda: "DATA" in up.all_verbs(), 10, "the upstream to get DATA")

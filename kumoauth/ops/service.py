@@ -171,13 +171,16 @@ class KumoauthService(ApplicationLog, service.MultiService):
         # be overtaken by the first.
         return self._reloads.run(run)
 
+    def _queue_service(self) -> QueueService | None:
+        return next((s for s in self if isinstance(s, QueueService)), None)
+
     def _relay(self) -> Relay | None:
-        queue = next((s for s in self if isinstance(s, QueueService)), None)
+        queue = self._queue_service()
         return queue.relay if queue is not None else None
 
     def _relay_reload(self, cfg: Config, settings: Any) -> None:
-        queue = next((s for s in self if isinstance(s, QueueService)), None)
-        relay = self._relay()
+        queue = self._queue_service()
+        relay = queue.relay if queue is not None else None
         if relay is not None:
             relay.grace = cfg.server.shutdown_grace  # for the next stop
         if relay is not None and settings is not None:

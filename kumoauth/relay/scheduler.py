@@ -35,6 +35,7 @@ from urllib.parse import quote
 from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from kumoauth.config import RelayConfig
 from kumoauth.relay.client import UpstreamError
@@ -279,7 +280,12 @@ class Relay(service.Service):
             self.pool.close_all()
             self.queue.flush()
 
-        return ended.addBoth(close)
+        # A failure here (the journal's sync) is logged once, with its
+        # traceback, not left to the garbage collector in every follower.
+        def failed(f: Failure) -> None:
+            log.failure("stopping the relay", f)
+
+        return ended.addBoth(close).addErrback(failed)
 
     def _abandon(self) -> None:
         """
