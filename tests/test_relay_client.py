@@ -1163,9 +1163,7 @@ def test_data_timeout_not_command_timeout_bounds_the_reply_to_the_message(reacto
         session = open_session(reactor, up.settings(command_timeout=5.0, data_timeout=1.0))
         with pytest.raises(UpstreamError) as info:
             send(session, numbered(1))
-        assert (
-            info.value.reason == "timeout: no reply to the end of data from upstream within 1 s"
-        )
+        assert info.value.reason == "timeout: no reply to the end of data from upstream within 1 s"
         assert not session.reusable
 
 
