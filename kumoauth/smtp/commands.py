@@ -131,7 +131,9 @@ def parse_path(arg: bytes, keyword: bytes, allow_null: bool, utf8: bool = False)
     rest = arg[len(keyword) + 1 :].lstrip(b" ")
     if not rest.startswith(b"<"):
         raise syntax
-    end = _path_end(rest)
+    end = rest.find(b">")
+    if b'"' in rest[:end]:  # a quoted local part may hold ">"
+        end = _path_end(rest)
     if end < 0:
         raise syntax
     raw, tail = rest[1:end], rest[end + 1 :]
