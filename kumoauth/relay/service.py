@@ -23,7 +23,7 @@ from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
-from kumoauth.relay.queue import QueueStore
+from kumoauth.relay.queue import QueueError, QueueStore
 from kumoauth.textsafe import escape
 
 log = Logger(namespace="kumoauth.relay")
@@ -123,7 +123,7 @@ def _after_attempt(
         return f"{op} {mid} not done: {ended}"
     try:
         return _remove(queue, op, mid, relay)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, QueueError) as e:  # QueueError: the queue closed meanwhile
         return f"{op} {mid} not done: {escape(str(e))}"
 
 
