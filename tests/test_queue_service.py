@@ -5,6 +5,7 @@ the queue gauges.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -34,9 +35,9 @@ def test_requests_are_taken_and_applied(queue):
     qs.request(queue.path, "delete", gone.id)
     owner = qs.QueueService(queue, reactor=None, metrics=Metrics())
     requests = owner._take_requests()
-    assert requests == [("hold", held.id), ("delete", gone.id)]
+    assert requests == [("hold", held.id, None), ("delete", gone.id, None)]
     assert list((queue.path / qs.CONTROL_DIR).iterdir()) == []  # taken once
-    for op, mid in requests:
+    for op, mid, _ in requests:
         qs.apply(queue, op, mid)
     assert queue.get(held.id).held and gone.id not in queue
 
@@ -83,3 +84,26 @@ def test_retry_of_a_held_message_says_it_stays_held(queue):
     assert list(queue.due()) == []  # still held
     assert qs.apply(queue, "release", m.id) == f"{m.id} is released"
     assert [e.id for e in queue.due()] == [m.id]
+
+
+def test_an_answer_nobody_read_is_removed_after_an_hour(queue):
+    control = queue.path / qs.CONTROL_DIR
+    control.mkdir()
+    old, fresh = control / f"1-1-hold{qs.ANSWER_SUFFIX}", control / f"2-2-hold{qs.ANSWER_SUFFIX}"
+    for p in (old, fresh):
+        p.write_text("x is held\n")
+    os.utime(old, (time.time() - qs.ANSWER_KEPT - 60,) * 2)
+    owner = qs.QueueService(queue, reactor=None, metrics=Metrics())
+    assert owner._take_requests() == []
+    assert not old.exists() and fresh.exists()
+
+
+def test_a_request_asking_for_an_answer_is_answered_where_the_command_looks(queue):
+    m = message()
+    queue.append_batch([m])
+    req = qs.request(queue.path, "hold", m.id, answer=True)
+    owner = qs.QueueService(queue, reactor=None, metrics=Metrics())
+    ((op, mid, answer),) = owner._take_requests()
+    assert (op, mid, answer) == ("hold", m.id, req)
+    owner._apply(op, mid, answer)
+    assert qs.answer_path(req).read_text() == f"{m.id} is held\n"

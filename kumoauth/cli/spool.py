@@ -55,6 +55,7 @@ Exit status:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -356,7 +357,7 @@ def leave_request(path: Path, op: str, mid: str | None, wait: float) -> int:
         except QueueError as e:
             raise CommandError(str(e)) from None
     try:
-        req = service.request(path, op, mid)
+        req = service.request(path, op, mid, answer=wait > 0)
     except OSError as e:
         raise CommandError(f"{path / service.CONTROL_DIR}: cannot leave the request: {e}") from None
     owner = _owner(path)
@@ -377,9 +378,36 @@ def leave_request(path: Path, op: str, mid: str | None, wait: float) -> int:
     except KeyboardInterrupt:
         print(f"\n{what}: the request is still queued ({req})", file=sys.stderr)
         return EXIT_PENDING
+    answered = _answered(service.answer_path(req), max(deadline, time.monotonic() + CONFIRM))
+    if answered is not None:
+        # The server's own words: what it did, or why not (a delete of a
+        # message the attempt under way delivered, say).
+        done = " not done: " not in answered
+        print(
+            f"{answered} (taken by the running server{owner})",
+            file=sys.stdout if done else sys.stderr,
+        )
+        return EXIT_OK if done else EXIT_PENDING
     line, seen = confirm(path, op, mid, owner)
     print(line, file=sys.stdout if seen else sys.stderr)
     return EXIT_OK if seen else EXIT_PENDING
+
+
+def _answered(answer: Path, deadline: float) -> str | None:
+    """The running server's answer to a request, if it comes by *deadline*."""
+    while True:
+        try:
+            text = answer.read_text(encoding="utf-8", errors="replace").strip()
+        except FileNotFoundError:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(POLL)
+            continue
+        except OSError:
+            return None
+        with contextlib.suppress(OSError):
+            answer.unlink()
+        return text if text.isprintable() else escape(text)
 
 
 def _shows(path: Path, op: str, mid: str) -> str | None:

@@ -13,6 +13,7 @@ takes the lock and applies the request itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -29,6 +30,10 @@ from kumoauth.textsafe import escape
 log = Logger(namespace="kumoauth.relay")
 
 CONTROL_DIR = "control"
+#: what the owner writes next to a request it has done, when asked
+ANSWER_SUFFIX = ".answer"
+#: seconds an answer nobody read is kept
+ANSWER_KEPT = 3600.0
 #: operator requests: what each does to one message (or all: flush)
 OPERATIONS = ("flush", "retry", "hold", "release", "delete", "bounce")
 #: seconds between flushes of the journal, looks at control/, metrics
@@ -39,9 +44,11 @@ COMPACT_EVERY = 300.0
 GAUGES_EVERY = 10.0
 
 
-def request(queue_path: Path, op: str, mid: str | None) -> Path:
+def request(queue_path: Path, op: str, mid: str | None, answer: bool = False) -> Path:
     """
     Leave a request for the running owner of *queue_path*.  Returns its path.
+    With *answer*, the owner writes what came of it to :func:`answer_path`
+    once it is done (some requests wait for a delivery attempt to end).
     """
     if op not in OPERATIONS:
         raise ValueError(f"unknown operation {op!r}")
@@ -49,9 +56,27 @@ def request(queue_path: Path, op: str, mid: str | None) -> Path:
     directory.mkdir(mode=0o750, exist_ok=True)
     name = f"{time.time_ns():016x}-{os.getpid()}-{op}.json"
     tmp = directory / f".{name}.tmp"
-    tmp.write_text(json.dumps({"op": op, "id": mid}))
+    tmp.write_text(json.dumps({"op": op, "id": mid, "answer": answer}))
     os.rename(tmp, directory / name)
     return directory / name
+
+
+def answer_path(request_path: Path) -> Path:
+    """Where the owner answers the request at *request_path*."""
+    return request_path.with_suffix(ANSWER_SUFFIX)
+
+
+def _answer(request_path: Path, text: str) -> None:
+    tmp = request_path.with_name(f".{request_path.stem}{ANSWER_SUFFIX}.tmp")
+    try:
+        tmp.write_text(text + "\n")
+        os.rename(tmp, answer_path(request_path))
+    except OSError as e:
+        log.warn(
+            "operator request: cannot write the answer {path}: {error}",
+            path=str(answer_path(request_path)),
+            error=e.strerror or str(e),
+        )
 
 
 def apply(
@@ -201,7 +226,7 @@ class QueueService(service.MultiService):
         if gauges:
             self._last_gauges = now
 
-        def work() -> list[tuple[str, str | None]]:
+        def work() -> list[tuple[str, str | None, Path | None]]:
             # Off the reactor thread: these sync, read directories and walk
             # the whole index.
             self.queue.flush()
@@ -211,9 +236,9 @@ class QueueService(service.MultiService):
                 self._gauges()
             return self._take_requests()
 
-        def then(requests: list[tuple[str, str | None]]) -> None:
-            for op, mid in requests:
-                self._apply(op, mid)
+        def then(requests: list[tuple[str, str | None, Path | None]]) -> None:
+            for op, mid, answer in requests:
+                self._apply(op, mid, answer)
             if requests and self.relay is not None:
                 self.relay.notify()
 
@@ -222,18 +247,25 @@ class QueueService(service.MultiService):
         d.addErrback(lambda f: log.failure("queue housekeeping", f))
         d.addBoth(lambda _: setattr(self, "_busy", False))
 
-    def _apply(self, op: str, mid: str | None) -> None:
-        """One operator request, logged once it is done (some wait)."""
+    def _apply(self, op: str, mid: str | None, answer: Path | None = None) -> None:
+        """
+        One operator request, logged once it is done (some wait), and
+        answered in a file next to the request when it asked (*answer*).
+        """
         try:
             what = apply(self.queue, op, mid, self.relay)
         except (KeyError, ValueError) as e:
             what = f"{op} {escape(mid)} not done: {escape(str(e))}"
         if not isinstance(what, defer.Deferred):
             log.info("operator request: {what}", what=what)
+            if answer is not None:
+                _answer(answer, what)
             return
 
         def done(text: str) -> None:
             log.info("operator request: {what}", what=text)
+            if answer is not None:
+                _answer(answer, text)
             if self.relay is not None:
                 self.relay.notify()
 
@@ -241,21 +273,31 @@ class QueueService(service.MultiService):
             lambda f: log.failure("operator request {op} {id}", f, op=op, id=mid)
         )
 
-    def _take_requests(self) -> list[tuple[str, str | None]]:
+    def _take_requests(self) -> list[tuple[str, str | None, Path | None]]:
         directory = self.queue.path / CONTROL_DIR
         try:
-            names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+            names = sorted(os.listdir(directory))
         except FileNotFoundError:
             return []
         out = []
+        now = time.time()
         for name in names:
             path = directory / name
+            if name.endswith(ANSWER_SUFFIX):
+                # Answers nobody came for (the command was interrupted).
+                with contextlib.suppress(OSError):
+                    if now - path.stat().st_mtime > ANSWER_KEPT:
+                        path.unlink()
+                continue
+            if not name.endswith(".json"):
+                continue
             try:
                 req = json.loads(path.read_text())
                 op, mid = str(req["op"]), req.get("id")
                 if op in OPERATIONS:
-                    out.append((op, str(mid) if mid is not None else None))
-            except (OSError, ValueError, KeyError, TypeError):
+                    answer = path if req.get("answer") is True else None
+                    out.append((op, str(mid) if mid is not None else None, answer))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 log.warn("ignored a malformed operator request {name}", name=name)
             try:
                 path.unlink()
