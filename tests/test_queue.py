@@ -814,6 +814,31 @@ def test_compaction_removes_a_dead_writers_segment_with_its_zeros(qdir):
     store.close()
 
 
+def test_compaction_notes_damage_in_another_writers_segment(qdir):
+    # A worker's segment damaged before a later batch: the owner's scan
+    # stops at the damage, and once what it indexed is done, compaction
+    # removes the segment; it used to do so silently.
+    store = QueueStore.open(qdir)
+    other = SegmentWriter(qdir, "w1")
+    ids = [other.append_batch([m])[0][0] for m in batch(3)]  # type: ignore[index]
+    other.close()
+    (seg,) = segments(qdir)
+    raw = bytearray(seg.read_bytes())
+    second = raw.index(q.MAGIC, 1)
+    raw[second + 10 : second + 40] = os.urandom(30)
+    seg.write_bytes(bytes(raw))
+    assert [e.id for e in store.scan_new()] == ids[:1]
+    store.done(ids[0])
+    assert store.take_notes() == []
+    removed, _ = store.compact()
+    assert removed == [seg.name] and not seg.exists()
+    ((level, text),) = store.take_notes()
+    assert level == "error" and f"{seg.name} is damaged at byte {second}" in text
+    assert (qdir / "damaged" / seg.name).read_bytes() == bytes(raw)
+    assert store.take_notes() == []
+    store.close()
+
+
 # --------------------------------------------------------------------------
 # reading without the lock (the Spool API)
 

@@ -312,7 +312,7 @@ def do_action(args: argparse.Namespace, op: str, mid: str | None) -> int:
         return leave_request(path, op, mid, args.wait)
     except QueueError as e:
         raise CommandError(str(e)) from None
-    for level, text in store.recovery_notes:  # recovered as a start would: said as it would
+    for level, text in store.take_notes():  # recovered as a start would: said as it would
         print(f"kumoauth spool: {level}: {text}", file=sys.stderr)
     try:
         if op == "bounce":

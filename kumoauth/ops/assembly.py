@@ -324,7 +324,7 @@ def open_queue(cfg: Config, owner: tuple[int, int] | None = None) -> QueueStore:
         raise OperatorError(f"{cfg.source}: [spool] path: {e}") from None
     except QueueError as e:
         raise OperatorError(f"{cfg.source}: [spool] path: {e}") from None
-    for level, text in queue.recovery_notes:
+    for level, text in queue.take_notes():
         getattr(log, level)("{text}", text=text)
     if owner is not None:
         try:

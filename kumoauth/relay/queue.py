@@ -914,43 +914,12 @@ class QueueStore:
     def _salvage(self, f: IO[bytes], name: str, scan: _Scan, size: int) -> None:
         """
         *scan* of a segment no writer holds stopped before its end, and the
-        caller cuts it there.  A writer starts a batch only once the one
-        before is synced, so a crash can tear only the last batch; bad bytes
-        followed by the start of a later batch are damage to acknowledged
-        mail instead: the segment is copied to ``damaged/`` before the cut
-        and one error line says so.  The records after the damage are not
-        taken back into the queue: a record is not bound to where it lies,
-        so one found by searching could be bytes inside a message body.  A
-        cut that held anything but the zeros written ahead is noted too.
+        caller cuts it there: noted, as damage (:meth:`_damaged`) or as a
+        torn tail that held anything but the zeros written ahead.
         """
-        end, later = scan.end, False
-        while not later and (found := _resync(f, self.seg_dir, name, end, size)) is not None:
-            later = any(_batch_start(f, e.offset) for e in found.entries)
-            end = found.end
-        if later:
-            copy = self.path / DAMAGED_DIR / name
-            try:
-                copy.parent.mkdir(mode=0o750, exist_ok=True)
-                if not copy.exists():
-                    with open(copy.with_name(copy.name + ".tmp"), "wb") as out:
-                        f.seek(0)
-                        while chunk := f.read(1 << 20):
-                            out.write(chunk)
-                        out.flush()
-                        os.fsync(out.fileno())
-                    os.replace(copy.with_name(copy.name + ".tmp"), copy)
-                kept = f"a copy of the segment is at {copy}"
-            except OSError as e:
-                kept = f"it could not be copied ({e.strerror or e})"
-            self.recovery_notes.append(
-                (
-                    "error",
-                    f"queue segment {name} is damaged at byte {scan.end} of {size} (not an "
-                    f"unfinished write: a later batch follows): the messages stored from there "
-                    f"on cannot be read and leave the queue; {kept}",
-                )
-            )
-        elif _nonzero(f, scan.end, size):
+        if self._damaged(f, name, scan.end, size):
+            return
+        if _nonzero(f, scan.end, size):
             self.recovery_notes.append(
                 (
                     "warn",
@@ -958,6 +927,54 @@ class QueueStore:
                     "never finished (its messages were never acknowledged)",
                 )
             )
+
+    def _damaged(self, f: IO[bytes], name: str, end: int, size: int) -> bool:
+        """
+        True (and noted) if the bad bytes at *end* of segment *name* are
+        damage to acknowledged mail rather than a torn last batch.  A writer
+        starts a batch only once the one before is synced, so a crash can
+        tear only the last batch; bad bytes followed by the start of a later
+        batch are damage.  The segment is copied to ``damaged/`` (once)
+        before it is cut or removed.  What follows the damage is not taken
+        back into the queue: a record is not bound to where it lies, so one
+        found by searching could be bytes inside a message body.
+        """
+        at, later = end, False
+        while not later and (found := _resync(f, self.seg_dir, name, at, size)) is not None:
+            later = any(_batch_start(f, e.offset) for e in found.entries)
+            at = found.end
+        if not later:
+            return False
+        copy = self.path / DAMAGED_DIR / name
+        try:
+            copy.parent.mkdir(mode=0o750, exist_ok=True)
+            if not copy.exists():
+                tmp = copy.with_name(copy.name + ".tmp")
+                with open(tmp, "wb") as out:
+                    f.seek(0)
+                    while chunk := f.read(1 << 20):
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, copy)
+            kept = f"a copy of the segment is at {copy}"
+        except OSError as e:
+            kept = f"it could not be copied ({e.strerror or e})"
+        self.recovery_notes.append(
+            (
+                "error",
+                f"queue segment {name} is damaged at byte {end} of {size} (not an unfinished "
+                f"write: a later batch follows): the messages stored from there on cannot be "
+                f"read and leave the queue; {kept}",
+            )
+        )
+        return True
+
+    def take_notes(self) -> list[tuple[str, str]]:
+        """:attr:`recovery_notes` so far, emptied (compaction adds to them)."""
+        with self._mutex:
+            notes, self.recovery_notes = self.recovery_notes, []
+        return notes
 
     def _add(self, entries: list[Entry]) -> list[Entry]:
         added = []
@@ -1364,7 +1381,12 @@ class QueueStore:
         """
         with open(os.dup(fd), "rb", buffering=1 << 20) as f:
             scan = _scan_segment(f, self.seg_dir, name, scanned, size, check_last_batch=True)
-        return not scan.entries
+            if scan.entries:
+                return False
+            # Bad bytes where the scan stopped: a torn tail, or damage
+            # (noted, and the segment copied) that nothing can read past.
+            self._damaged(f, name, scanned, size)
+        return True
 
     @_locked
     def rewrite_journal(self) -> None:

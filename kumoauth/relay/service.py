@@ -237,6 +237,8 @@ class QueueService(service.MultiService):
             return self._take_requests()
 
         def then(requests: list[tuple[str, str | None, Path | None]]) -> None:
+            for level, text in self.queue.take_notes():  # what compaction found
+                getattr(log, level)("{text}", text=text)
             for op, mid, answer in requests:
                 self._apply(op, mid, answer)
             if requests and self.relay is not None:
