@@ -12,6 +12,7 @@ values (JSON escapes them itself).
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 #: Longest escaped value written to a log line; the rest is elided.
@@ -56,3 +57,15 @@ def escape(value: object, limit: int = MAX_LOGGED) -> str:
     if text.isascii() and text.isprintable() and "\\" not in text:
         return text  # the common case: nothing to do
     return _escape(text)
+
+
+_ESCAPED = re.compile(r"\\(?:(\\)|x([0-9a-f]{2})|u([0-9a-f]{4})|U([0-9a-f]{8}))")
+
+
+def unescape(value: str) -> str:
+    """
+    The text :func:`escape` (without its cut) made *value* from: for
+    upstream text kept as it was sent (the queue's journal, a DSN), where
+    it arrived escaped.
+    """
+    return _ESCAPED.sub(lambda m: m[1] or chr(int(m[2] or m[3] or m[4], 16)), value)

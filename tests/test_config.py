@@ -6,8 +6,10 @@ traceback).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -244,12 +246,18 @@ def test_endpoint_that_does_not_parse(tmp_path, certs):
     )
 
 
-@pytest.mark.e2e
-def test_endpoint_that_cannot_bind(tmp_path, certs):
+@contextlib.contextmanager
+def busy_port() -> Iterator[int]:
+    """A port on 127.0.0.1 something else listens on."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        port = busy.getsockname()[1]
+        yield busy.getsockname()[1]
+
+
+@pytest.mark.e2e
+def test_endpoint_that_cannot_bind(tmp_path, certs):
+    with busy_port() as port:
         assert_operator_error(
             tmp_path, listener_config(certs, port=port), f"tcp:{port}", "cannot listen"
         )
@@ -259,10 +267,7 @@ def test_endpoint_that_cannot_bind(tmp_path, certs):
 def test_a_start_up_error_is_one_line_where_log_and_stderr_are_one(tmp_path, certs):
     # twistd -n under systemd (or in a terminal): the log and stderr are the
     # same file, and the operator reads the error once.
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         config = tmp_path / "kumoauth.toml"
         config.write_text(listener_config(certs, port=port))
         result = subprocess.run(

@@ -17,7 +17,7 @@ from kumoauth.config import ServerConfig
 from kumoauth.policy import Reject
 from kumoauth.smtp.data import has_bare_newline, normalize_newlines, received_header
 from kumoauth.testing import Session, plain_b64
-from kumoauth.textsafe import escape
+from kumoauth.textsafe import escape, unescape
 from tests.test_protocol import HOST, authed, scott_policy, send_message
 
 LINE_BREAKERS = ["\r", "\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
@@ -157,6 +157,11 @@ def test_escape_gives_one_printable_line(value):
     assert is_one_clean_line(out)
     if value.isprintable() and "\\" not in value and len(value) <= 256:
         assert out == value
+
+
+@given(st.text(max_size=300))
+def test_unescape_gives_back_what_escape_was_given(value):
+    assert unescape(escape(value, len(value))) == value
 
 
 def test_escape_is_unambiguous():

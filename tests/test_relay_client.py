@@ -817,13 +817,8 @@ def test_one_reply_timer_per_session_and_each_reply_gets_its_full_time():
     assert not clock.getDelayedCalls()
 
 
-def test_a_pipelined_group_fires_once_with_every_reply_or_fails_whole():
-    """
-    ``pipeline`` writes the group in one write and fires one Deferred, with
-    the replies in order, when the last has come; before that it has not
-    fired.  A timeout or a lost session fails the group once, and a group
-    sent after the session failed fails at once without writing.
-    """
+def greeted() -> tuple[Any, Any, Any]:
+    """A client protocol on a StringTransport, past the greeting: (protocol, wire, clock)."""
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
@@ -835,6 +830,17 @@ def test_a_pipelined_group_fires_once_with_every_reply_or_fails_whole():
     proto.makeConnection(wire)
     proto.expect("the greeting", 10)
     proto.dataReceived(b"220 up\r\n")
+    return proto, wire, clock
+
+
+def test_a_pipelined_group_fires_once_with_every_reply_or_fails_whole():
+    """
+    ``pipeline`` writes the group in one write and fires one Deferred, with
+    the replies in order, when the last has come; before that it has not
+    fired.  A timeout or a lost session fails the group once, and a group
+    sent after the session failed fails at once without writing.
+    """
+    proto, wire, clock = greeted()
     lines = [(b"MAIL FROM:<a@x>", "MAIL"), (b"RCPT TO:<b@y>", "RCPT"), (b"DATA", "DATA")]
     got: list[Any] = []
     proto.pipeline(lines, 10).addCallback(got.append)
@@ -1126,16 +1132,7 @@ def test_reused_session_the_upstream_closed_while_idle(reactor):
 
 
 def test_a_pipelined_group_fails_at_once_with_a_421():
-    from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
-
-    from kumoauth.relay.client import _ClientProtocol
-
-    proto = _ClientProtocol(Clock())
-    wire = StringTransport()
-    proto.makeConnection(wire)
-    proto.expect("the greeting", 10)
-    proto.dataReceived(b"220 up\r\n")
+    proto, wire, _ = greeted()
     lines = [(b"MAIL FROM:<a@x>", "MAIL FROM"), (b"RCPT TO:<b@y>", "RCPT TO"), (b"DATA", "DATA")]
     failed: list[Any] = []
     proto.pipeline(lines, 10).addErrback(failed.append)

@@ -60,8 +60,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kumoauth.config import Config, ConfigError, load
 from kumoauth.relay import service
@@ -366,17 +367,16 @@ def leave_request(path: Path, op: str, mid: str | None, wait: float) -> int:
         return EXIT_OK
     deadline = time.monotonic() + wait
     try:
-        while req.exists():
-            if time.monotonic() >= deadline:
-                print(
-                    f"{what}: the running server{owner} has not taken the request within "
-                    f"{wait:g}s; it is still queued ({req}): delete that file to cancel it",
-                    file=sys.stderr,
-                )
-                return EXIT_PENDING
-            time.sleep(POLL)
+        taken = _until(lambda: None if req.exists() else True, deadline)
     except KeyboardInterrupt:
         print(f"\n{what}: the request is still queued ({req})", file=sys.stderr)
+        return EXIT_PENDING
+    if taken is None:
+        print(
+            f"{what}: the running server{owner} has not taken the request within "
+            f"{wait:g}s; it is still queued ({req}): delete that file to cancel it",
+            file=sys.stderr,
+        )
         return EXIT_PENDING
     answered = _answered(service.answer_path(req), max(deadline, time.monotonic() + CONFIRM))
     if answered is not None:
@@ -393,21 +393,31 @@ def leave_request(path: Path, op: str, mid: str | None, wait: float) -> int:
     return EXIT_OK if seen else EXIT_PENDING
 
 
+T = TypeVar("T")
+
+
+def _until(probe: Callable[[], T | None], deadline: float, every: float = POLL) -> T | None:
+    """What *probe* gives once it gives anything, asked every *every* s until *deadline*."""
+    while (found := probe()) is None and time.monotonic() < deadline:
+        time.sleep(every)
+    return found
+
+
 def _answered(answer: Path, deadline: float) -> str | None:
     """The running server's answer to a request, if it comes by *deadline*."""
-    while True:
+
+    def read() -> str | None:
         try:
-            text = answer.read_text(encoding="utf-8", errors="replace").strip()
-        except FileNotFoundError:
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(POLL)
-            continue
+            return answer.read_text(encoding="utf-8", errors="replace").strip()
         except OSError:
             return None
-        with contextlib.suppress(OSError):
-            answer.unlink()
-        return text if text.isprintable() else escape(text)
+
+    text = _until(read, deadline)
+    if text is None:
+        return None
+    with contextlib.suppress(OSError):
+        answer.unlink()
+    return text if text.isprintable() else escape(text)
 
 
 def _shows(path: Path, op: str, mid: str) -> str | None:
@@ -434,14 +444,10 @@ def confirm(path: Path, op: str, mid: str | None, owner: str) -> tuple[str, bool
     taken = f"taken by the running server{owner}"
     if mid is None:
         return f"{op}: {taken}", True
-    deadline = time.monotonic() + CONFIRM
-    while True:
-        shown = _shows(path, op, mid)
-        if shown is not None:
-            return f"{shown} ({taken})", True
-        if time.monotonic() >= deadline:
-            return f"{op} {mid}: {taken}, but the queue does not show it: see its log", False
-        time.sleep(0.1)
+    shown = _until(lambda: _shows(path, op, mid), time.monotonic() + CONFIRM, every=0.1)
+    if shown is not None:
+        return f"{shown} ({taken})", True
+    return f"{op} {mid}: {taken}, but the queue does not show it: see its log", False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 
 from kumoauth.config import RelayConfig
 from kumoauth.relay.client import UpstreamError
-from kumoauth.textsafe import escape
+from kumoauth.textsafe import escape, unescape
 
 log = Logger(namespace="kumoauth.relay")
 
@@ -707,9 +707,6 @@ def _follow(d: defer.Deferred[Any]) -> defer.Deferred[None]:
     return out
 
 
-_ESCAPED = re.compile(r"\\(?:(\\)|x([0-9a-f]{2})|u([0-9a-f]{4})|U([0-9a-f]{8}))")
-
-
 def _shown(text: str) -> str:
     """
     *text* for a log line, escaped exactly once: upstream text comes from
@@ -725,7 +722,7 @@ def _raw(text: str) -> str:
     *text* from: what the journal keeps (``spool list`` escapes it when it
     shows it) and what a DSN reports (it encodes it its own way).
     """
-    return _ESCAPED.sub(lambda m: m[1] or chr(int(m[2] or m[3] or m[4], 16)), _shown(text))
+    return unescape(_shown(text))
 
 
 class _Outgoing:

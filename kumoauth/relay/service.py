@@ -54,11 +54,16 @@ def request(queue_path: Path, op: str, mid: str | None, answer: bool = False) ->
         raise ValueError(f"unknown operation {op!r}")
     directory = queue_path / CONTROL_DIR
     directory.mkdir(mode=0o750, exist_ok=True)
-    name = f"{time.time_ns():016x}-{os.getpid()}-{op}.json"
-    tmp = directory / f".{name}.tmp"
-    tmp.write_text(json.dumps({"op": op, "id": mid, "answer": answer}))
-    os.rename(tmp, directory / name)
-    return directory / name
+    path = directory / f"{time.time_ns():016x}-{os.getpid()}-{op}.json"
+    _write_whole(path, json.dumps({"op": op, "id": mid, "answer": answer}))
+    return path
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """*path* appears with all of *text* or not at all (the reader polls)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.rename(tmp, path)
 
 
 def answer_path(request_path: Path) -> Path:
@@ -67,10 +72,8 @@ def answer_path(request_path: Path) -> Path:
 
 
 def _answer(request_path: Path, text: str) -> None:
-    tmp = request_path.with_name(f".{request_path.stem}{ANSWER_SUFFIX}.tmp")
     try:
-        tmp.write_text(text + "\n")
-        os.rename(tmp, answer_path(request_path))
+        _write_whole(answer_path(request_path), text + "\n")
     except OSError as e:
         log.warn(
             "operator request: cannot write the answer {path}: {error}",
