@@ -235,6 +235,7 @@ path = "{spool}"
 
 #: (h) rows measured behind the RSA-2048 certificate
 RSA_LABEL = "RSA-2048:"
+PEER_LABEL = "twisted.mail:"
 
 
 class KumoauthTickets(Kumoauth):
@@ -352,6 +353,8 @@ class AiosmtpdArgon2(Aiosmtpd):
 
 
 class TwistedMail(Server):
+    processes: tuple[str, ...] = ()
+
     def command(self) -> list[str]:
         return [
             sys.executable,
@@ -361,7 +364,28 @@ class TwistedMail(Server):
             str(self.key),
             str(self.starttls_port),
             str(self.implicit_port),
+            *self.processes,
         ]
+
+
+class TwistedMailWorkers(TwistedMail):
+    """twisted.mail as two processes on shared sockets, as kumoauth's workers."""
+
+    processes = ("--workers", "2")
+    workers = 2
+
+
+class TwistedMailReuseport(TwistedMail):
+    """twisted.mail as two processes, each with its own SO_REUSEPORT socket."""
+
+    processes = ("--workers", "2", "--reuseport")
+    workers = 2
+
+
+class TwistedMailTickets(TwistedMail):
+    """Workload (h)'s peer: twisted.mail with TLS session tickets on."""
+
+    processes = ("--tickets",)
 
 
 @dataclass
@@ -461,24 +485,31 @@ class Bench:
     def scaling(self) -> None:
         """
         (k) workload (a) at fixed offered rates (open loop), one process
-        against ``[server] workers = 2``: server CPU per session at the same
-        load, where (a)'s closed loop gives the two different loads (one
-        process saturated, each worker half as busy).
+        against two (kumoauth's ``[server] workers = 2``; twisted.mail's
+        two processes on shared sockets, the floor): server CPU per session
+        at the same load, where (a)'s closed loop gives two different loads
+        (one process saturated, each of two half as busy).
         """
         a = self.args
-        pair = [s for s in self.servers if s.name in ("kumoauth", "kumoauth-2w")]
-        if len(pair) < 2:
+        by_name = {s.name: s for s in self.servers}
+        servers = [
+            s
+            for base in ("kumoauth", "twisted.mail")
+            if base in by_name and f"{base}-2w" in by_name
+            for s in (by_name[base], by_name[f"{base}-2w"])
+        ]
+        if not servers:
             progress("workload k needs --servers with kumoauth and kumoauth-2w: skipped")
             return
         self.results["k"] = {}
         for rate in (float(r) for r in a.rates.split(",")):
             n = max(20, int(rate * a.rate_seconds))
-            runs: dict[str, list[dict]] = {s.name: [] for s in pair}
+            runs: dict[str, list[dict]] = {s.name: [] for s in servers}
             slots = a.rate_concurrency
-            for server in pair:  # warm-up at this rate, not counted
+            for server in servers:  # warm-up at this rate, not counted
                 self.sessions(server, "starttls", max(10, n // 10), 1, False, rate, slots)
             for r in range(a.runs):
-                for server in pair if r % 2 == 0 else pair[::-1]:
+                for server in servers if r % 2 == 0 else servers[::-1]:
                     runs[server.name].append(
                         self.sessions(server, "starttls", n, 1, False, rate, slots)
                     )
@@ -640,6 +671,9 @@ class Bench:
         rsa = KumoauthTickets(
             "kumoauth-tickets-rsa", self.workdir, self.workdir / RSA_CERT, self.workdir / RSA_KEY
         )
+        # The floor: what resumption saves a Twisted server that does no more
+        # than answer (twisted.mail, nothing stored, the same certificate).
+        peer = TwistedMailTickets("twisted.mail-tickets", self.workdir, self.cert, self.key)
         kinds = {
             "TLS 1.3 full handshake": (server, False, False),
             "TLS 1.3 resumed": (server, True, False),
@@ -647,10 +681,12 @@ class Bench:
             "TLS 1.2 resumed": (server, True, True),
             f"{RSA_LABEL} TLS 1.3 full handshake": (rsa, False, False),
             f"{RSA_LABEL} TLS 1.3 resumed": (rsa, True, False),
+            f"{PEER_LABEL} TLS 1.3 full handshake": (peer, False, False),
+            f"{PEER_LABEL} TLS 1.3 resumed": (peer, True, False),
         }
         runs: dict[str, list[dict]] = {name: [] for name in kinds}
         try:
-            for s in (server, rsa):
+            for s in (server, rsa, peer):
                 s.start()
                 self.resume_run(s, max(10, a.sessions // 10), resume=True)  # warm-up
             for _ in range(a.runs):
@@ -659,6 +695,7 @@ class Bench:
         finally:
             server.stop()
             rsa.stop()
+            peer.stop()
         self.results["h"] = medians(runs)
         # The handshake alone, in process: what resumption saves at most.
         alone = subprocess.run(
@@ -873,7 +910,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rate-seconds", type=float, default=4, help="seconds per run for (k)")
     p.add_argument("--workloads", default="abcdefghijk")
-    p.add_argument("--servers", default="kumoauth,aiosmtpd,twisted.mail,kumoauth-2w")
+    p.add_argument(
+        "--servers", default="kumoauth,aiosmtpd,twisted.mail,kumoauth-2w,twisted.mail-2w"
+    )
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(REPO / "bench" / "results.json"))
     args = p.parse_args(argv)
@@ -898,6 +937,8 @@ def main(argv: list[str] | None = None) -> int:
         "kumoauth-redis": KumoauthRedis,
         "aiosmtpd": Aiosmtpd,
         "twisted.mail": TwistedMail,
+        "twisted.mail-2w": TwistedMailWorkers,
+        "twisted.mail-2w-reuseport": TwistedMailReuseport,
     }
     servers = [kinds[name](name, workdir, cert, key) for name in args.servers.split(",")]
     for s in servers:

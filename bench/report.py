@@ -45,7 +45,10 @@ def render(data: dict[str, Any]) -> str:
         },
         key=_order,
     )
-    peers = [n for n in names if not n.startswith("kumoauth")]
+    peers = [n for n in names if not n.startswith("kumoauth") and "-2w" not in n]
+    # One process against two: kumoauth-2w against kumoauth, and the floor,
+    # twisted.mail-2w against twisted.mail.
+    doubled = [(f"{n}-2w", n) for n in names if f"{n}-2w" in names]
     out = [BEGIN, ""]
     m = data["machine"]
     out += [
@@ -60,7 +63,10 @@ def render(data: dict[str, Any]) -> str:
         f"sessions at concurrency {data['parameters']['concurrency']} (d: a fifth as many "
         "sessions). Ratios are kumoauth / peer: below 1 is better for kumoauth. "
         "`kumoauth-2w` is kumoauth with `[server] workers = 2` (CPU and RSS summed over "
-        "the supervisor and both workers); it sits out the per-process workloads e-g.",
+        "the supervisor and both workers); `twisted.mail-2w` is stock twisted.mail run the "
+        "same way, two processes adopting the sockets one parent bound (the cost of two "
+        "processes to a server that does nothing else). Both sit out the per-process "
+        "workloads e-g.",
         "",
     ]
     for key, title in WORKLOADS.items():
@@ -89,6 +95,15 @@ def render(data: dict[str, Any]) -> str:
                 f"{_ratio(x.get('sessions_per_s'), k.get('sessions_per_s'))} | "
                 f"{_ratio(x.get('p50_ms'), k.get('p50_ms'))} | "
                 f"{_ratio(x.get('p99_ms'), k.get('p99_ms'))} | | |"
+            )
+        for two, one in doubled:
+            x, y = r.get(two, {}), r.get(one, {})
+            out.append(
+                f"| **{two} / {one}** | "
+                f"**{_ratio(x.get('cpu_us_per_session'), y.get('cpu_us_per_session'))}** | "
+                f"{_ratio(x.get('sessions_per_s'), y.get('sessions_per_s'))} | "
+                f"{_ratio(x.get('p50_ms'), y.get('p50_ms'))} | "
+                f"{_ratio(x.get('p99_ms'), y.get('p99_ms'))} | | |"
             )
         for peer in peers:
             x = r.get(peer, {})
@@ -246,7 +261,10 @@ def _resumption(data: dict[str, Any]) -> list[str]:
         "connection (resumed) or none (full handshake), the two alternating, medians of "
         f"{params['runs']} runs. The rows marked RSA-2048 are the same against a second "
         "kumoauth whose certificate has an RSA-2048 key instead of ECDSA P-256 (the same "
-        "CA): the signature a full handshake makes costs more there, and resumption saves it.",
+        "CA): the signature a full handshake makes costs more there, and resumption saves it. "
+        "The rows marked twisted.mail are the same client against stock twisted.mail with "
+        "session tickets on (ECDSA, nothing stored): what resumption saves a Twisted server "
+        "that does no more than answer.",
         "",
         "| client | CPU µs / session | sessions/s | p50 ms | resumed | errors |",
         "|---|---:|---:|---:|---:|---:|",
@@ -257,7 +275,7 @@ def _resumption(data: dict[str, Any]) -> list[str]:
             f"{_fmt(x.get('p50_ms'), 1)} | {_fmt(x.get('resumed_pct'), 1)} % | "
             f"{_fmt(x.get('errors'))} |"
         )
-    for version in ("TLS 1.3", "TLS 1.2", "RSA-2048: TLS 1.3"):
+    for version in ("TLS 1.3", "TLS 1.2", "RSA-2048: TLS 1.3", "twisted.mail: TLS 1.3"):
         full, resumed = r.get(f"{version} full handshake", {}), r.get(f"{version} resumed", {})
         out.append(
             f"| **{version} resumed / full** | "
@@ -345,28 +363,41 @@ def write(path: Path, data: dict[str, Any]) -> None:
 def _scaling(data: dict[str, Any]) -> list[str]:
     r = data["results"]["k"]
     params = data["parameters"]
+    bases = [
+        b
+        for b in ("kumoauth", "twisted.mail")
+        if any(b in by and f"{b}-2w" in by for by in r.values())
+    ]
     out = [
-        "### (k) one process against two workers at the same offered load",
+        "### (k) one process against two at the same offered load",
         "",
         "Workload (a)'s sessions started at a fixed rate (open loop, at most "
         f"{params.get('rate_concurrency', params['concurrency'])} at a time; a session that "
         "had to wait for a slot counts as late, and its latency runs from when it was due), "
         f"{params.get('rate_seconds', 4):g} s per run, medians of {params['runs']} "
         "alternating runs after a warm-up at the same rate. In (a) the closed loop "
-        "saturates the single process while each of two workers is half as busy; here both "
-        "are offered the same sessions per second.",
+        "saturates the single process while each of two is half as busy; here both "
+        "are offered the same sessions per second. twisted.mail against twisted.mail-2w "
+        "is the floor: what a second process costs a server that does nothing else.",
         "",
-        "| offered sessions/s | kumoauth CPU µs / session | kumoauth-2w CPU µs / session "
-        "| **2w / 1** | served/s (1 / 2w) | p50 ms (1 / 2w) | late (1 / 2w) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| offered sessions/s | "
+        + " | ".join(f"{b} CPU µs / session (1 / 2w) | **{b} 2w / 1**" for b in bases)
+        + " | kumoauth served/s (1 / 2w) | kumoauth p50 ms (1 / 2w) | kumoauth late (1 / 2w) |",
+        "|---:|" + "---:|---:|" * len(bases) + "---:|---:|---:|",
     ]
     for rate, by in r.items():
+        cells = []
+        for b in bases:
+            one, two = by.get(b, {}), by.get(f"{b}-2w", {})
+            cells.append(
+                f"{_fmt(one.get('cpu_us_per_session'))} / {_fmt(two.get('cpu_us_per_session'))} "
+                f"| **{_ratio(two.get('cpu_us_per_session'), one.get('cpu_us_per_session'))}**"
+            )
         one, two = by.get("kumoauth", {}), by.get("kumoauth-2w", {})
         out.append(
-            f"| {rate} | {_fmt(one.get('cpu_us_per_session'))} | "
-            f"{_fmt(two.get('cpu_us_per_session'))} | "
-            f"**{_ratio(two.get('cpu_us_per_session'), one.get('cpu_us_per_session'))}** | "
-            f"{_fmt(one.get('sessions_per_s'))} / {_fmt(two.get('sessions_per_s'))} | "
+            f"| {rate} | "
+            + " | ".join(cells)
+            + f" | {_fmt(one.get('sessions_per_s'))} / {_fmt(two.get('sessions_per_s'))} | "
             f"{_fmt(one.get('p50_ms'), 1)} / {_fmt(two.get('p50_ms'), 1)} | "
             f"{_fmt(one.get('late'))} / {_fmt(two.get('late'))} |"
         )

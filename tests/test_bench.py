@@ -30,16 +30,17 @@ def test_quick_bench_produces_every_figure_for_every_server(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(data.read_text())["results"]
-    servers = {"kumoauth", "aiosmtpd", "twisted.mail", "kumoauth-2w"}
+    servers = {"kumoauth", "aiosmtpd", "twisted.mail", "kumoauth-2w", "twisted.mail-2w"}
+    single = servers - {"kumoauth-2w", "twisted.mail-2w"}
     for key in "abcd":
         assert set(results[key]) == servers
         for name, figures in results[key].items():
             assert figures["errors"] == 0, (key, name)
             assert figures["sessions"] > 0 and figures["cpu_us_per_session"] > 0
-    assert set(results["e"]) == servers - {"kumoauth-2w"}
+    assert set(results["e"]) == single
     assert results["f"]["kumoauth"]["wall_s"] > 0.1  # the checker waits 100 ms
     assert "note" in results["f"]["aiosmtpd"]
-    assert set(results["g"]) == servers - {"kumoauth-2w"}
+    assert set(results["g"]) == single
     # (i) accept and relay: kumoauth against Postfix (a note when Postfix
     # and Dovecot are not installed, or we are not root).
     relay = results["i"]
@@ -51,11 +52,11 @@ def test_quick_bench_produces_every_figure_for_every_server(tmp_path):
         assert figures["errors"] == 0 and figures["undelivered"] == 0, name
         assert figures["relayed"] > 0 and figures["cpu_us_per_message"] > 0
     # (h) resumed TLS sessions against full handshakes, TLS 1.3 and 1.2,
-    # and TLS 1.3 behind an RSA-2048 certificate
+    # TLS 1.3 behind an RSA-2048 certificate, and stock twisted.mail's
     resumption = results["h"]
     assert set(resumption) == {
         f"{v} {kind}"
-        for v in ("TLS 1.3", "TLS 1.2", "RSA-2048: TLS 1.3")
+        for v in ("TLS 1.3", "TLS 1.2", "RSA-2048: TLS 1.3", "twisted.mail: TLS 1.3")
         for kind in ("full handshake", "resumed")
     }
     for name, figures in resumption.items():
@@ -79,19 +80,25 @@ def test_quick_bench_produces_every_figure_for_every_server(tmp_path):
     for name, figures in logins.items():
         assert figures["errors"] == 0 and figures["sessions"] > 0, name
         assert figures["cpu_us_per_session"] > 0 and figures["max_stall_ms"] is not None
-    # (k) one process and two workers at the same offered rate (50/s with
-    # --quick): every session served, at the rate asked, not faster
+    # (k) one process and two at the same offered rate (50/s with --quick),
+    # kumoauth's workers and twisted.mail's: every session served, at the
+    # rate asked, not faster
     scaling = results["k"]
     assert set(scaling) == {"50"}
-    assert set(scaling["50"]) == {"kumoauth", "kumoauth-2w"}
+    assert set(scaling["50"]) == {"kumoauth", "kumoauth-2w", "twisted.mail", "twisted.mail-2w"}
     for name, figures in scaling["50"].items():
         assert figures["errors"] == 0 and figures["sessions"] == 50, name
         assert figures["cpu_us_per_session"] > 0, name
         assert 30 < figures["sessions_per_s"] <= 51, (name, figures["sessions_per_s"])
     text = out.read_text()
-    assert "(k) one process against two workers" in text
+    assert "(k) one process against two at the same offered load" in text
     assert "kumoauth / aiosmtpd" in text and "kumoauth / twisted.mail" in text
-    assert text.count("kumoauth / twisted.mail") == 7  # a-g: a ratio row for every workload
+    assert text.count("**kumoauth / twisted.mail**") == 7  # a-g: a ratio row for every workload
+    assert "kumoauth / twisted.mail-2w" not in text  # two processes are not a peer
+    # a-d: one process against two, kumoauth's and the floor's
+    assert text.count("**kumoauth-2w / kumoauth**") == 4
+    assert text.count("**twisted.mail-2w / twisted.mail**") == 4
+    assert "**twisted.mail: TLS 1.3 resumed / full**" in text
 
 
 def test_ab_runs_both_builds_and_cleans_up():

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,6 +219,44 @@ def test_ctrl_c_at_the_prompt_exits_130_without_a_traceback(tmp_path):
     assert status == 130, shown
     assert "Traceback" not in shown and "KeyboardInterrupt" not in shown
     assert lines_after_prompt(shown) == [], shown
+
+
+def test_ctrl_c_while_the_checker_is_awaited_exits_130_without_a_traceback(tmp_path):
+    # The checker never answers (a backend that hangs); Ctrl-C then is an
+    # interruption (130), not "could not decide" (2), and says nothing more.
+    called = tmp_path / "called"
+    config = policy_config(
+        tmp_path,
+        f"    open({str(called)!r}, 'w').close()\n"
+        "    from twisted.internet import defer\n"
+        "    return defer.Deferred()\n",
+    )
+    given = tmp_path / "password"
+    given.write_text(PASSWORD + "\n")
+    command = ["auth", "test", "--config", str(config), "scott"]
+    with given.open() as stdin:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kumoauth.cli", *command],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while not called.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert called.exists(), proc.communicate(timeout=5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "result:" not in out
+    assert PASSWORD not in out + err
 
 
 def test_a_password_at_the_prompt_is_checked(tmp_path):

@@ -44,24 +44,48 @@ def react(action: Callable[[Any], Awaitable[int]], failed: int = 1) -> int:
     """
     Run ``action(reactor)`` (a coroutine function returning an exit status)
     under a reactor of its own, for subcommands that talk to a store or a
-    checker; *failed* if the reactor itself ends in error.
+    checker; *failed* if the reactor itself ends in error, 130 if Ctrl-C
+    stopped it (while a backend was being waited on, say).
     """
+    import signal
+
     from twisted.internet import defer, task
 
     code = [failed]
+    interrupted: list[int] = []
 
     def main(reactor: Any) -> defer.Deferred[None]:
         async def go() -> None:
-            code[0] = await action(reactor)
+            try:
+                code[0] = await action(reactor)
+            except defer.CancelledError:
+                if not interrupted:
+                    raise
 
-        return defer.Deferred.fromCoroutine(go())
+        done = defer.Deferred.fromCoroutine(go())
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            # The first Ctrl-C cancels what is awaited (the action's own
+            # clean-up still runs); a second stops the reactor outright.
+            interrupted.append(signum)
+            if len(interrupted) == 1:
+                reactor.callFromThread(done.cancel)
+            else:
+                reactor.callFromThread(reactor.stop)
+
+        # After the reactor's own handler (installed as it starts), which
+        # would stop it under the action as if it had finished.
+        reactor.callWhenRunning(signal.signal, signal.SIGINT, on_sigint)
+        return done
 
     try:
         task.react(main)
     except SystemExit as e:
+        if interrupted:
+            return EXIT_INTERRUPTED
         if e.code not in (0, None):
             return failed
-    return code[0]
+    return EXIT_INTERRUPTED if interrupted else code[0]
 
 
 def log_errors_to_stderr() -> None:

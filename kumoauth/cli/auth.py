@@ -206,6 +206,8 @@ async def _test(
                 print(f"{label}: tempfail (454 4.7.0): no answer within {cfg.auth.timeout}s")
                 result = EXIT_ERROR
                 continue
+            except defer.CancelledError:
+                raise  # Ctrl-C: no result to give
             except Exception as e:
                 text = scrub(f"{type(e).__name__}: {e}", [password.encode("utf-8")])
                 print(f"{label}: tempfail (454 4.7.0): {text}")
