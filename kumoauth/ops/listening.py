@@ -20,6 +20,7 @@ from twisted.web.server import Site
 from zope.interface import provider
 
 from kumoauth.ops.logfile import log_is_stderr
+from kumoauth.ops.proxyheader import ProxyHeaderFactory
 from kumoauth.ops.transport import eager
 from kumoauth.smtp.protocol import SubmissionFactory, wrap_listener
 
@@ -72,11 +73,16 @@ class ListenerService(service.Service):
         factory: Any,
         source: str,
         key: str = "[[listener]] endpoint",
+        proxied: bool = False,
     ) -> None:
         self.description = description
         self.endpoint = endpoint
         self.submission_factory = factory if isinstance(factory, SubmissionFactory) else None
         self.factory = wrap_listener(factory) if self.submission_factory else factory
+        if proxied:  # a haproxy: endpoint: the session starts after the header
+            from twisted.internet import reactor
+
+            self.factory = ProxyHeaderFactory(self.factory, reactor)
         self.source = source
         self.key = key
         self.port: IListeningPort | None = None

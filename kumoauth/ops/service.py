@@ -15,6 +15,7 @@ from twisted.logger import Logger, globalLogPublisher
 
 from kumoauth.auth.checkers import call_hook
 from kumoauth.config import Config, ConfigError, parse
+from kumoauth.ops import proxyheader
 from kumoauth.ops.assembly import (
     OperatorError,
     build_policy,
@@ -381,15 +382,16 @@ def make_service_from_config(
     if queue is not None:
         attach_queue(top, queue, cfg, reactor, process.metrics, writer)
     for i, listener in enumerate(cfg.listeners):
+        bound, proxied = proxyheader.split(listener.endpoint)
         try:
-            endpoint = endpoints.serverFromString(reactor, listener.endpoint)
+            endpoint = endpoints.serverFromString(reactor, bound)
         except Exception as e:
             raise OperatorError(
                 f'{cfg.source}: [[listener]] #{i + 1} endpoint: "{listener.endpoint}": '
                 f"cannot parse: {e}"
             ) from None
         factory = SubmissionFactory(listener, runtime)
-        ls = ListenerService(listener.endpoint, endpoint, factory, str(cfg.source))
+        ls = ListenerService(listener.endpoint, endpoint, factory, str(cfg.source), proxied=proxied)
         if adopt is not None:
             ls.adopt = adopt[i]
         ls.setServiceParent(top)

@@ -68,6 +68,7 @@ from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
 from twisted.logger import Logger
 
 from kumoauth.config import Config, ConfigError, ListenerConfig, parse, read_text
+from kumoauth.ops import proxyheader
 from kumoauth.ops.assembly import (
     OperatorError,
     build_policy,
@@ -391,7 +392,10 @@ class Supervisor(service.Service):
         install_signals(self.reactor, self.reload)  # before a port answers
         super().privilegedStartService()
         for i, listener in enumerate(self.cfg.listeners):
-            endpoint = endpoints.serverFromString(self.reactor, listener.endpoint)
+            # A haproxy: listener's socket is a plain one; each worker reads
+            # the PROXY header (kumoauth/ops/proxyheader.py).
+            bound, _ = proxyheader.split(listener.endpoint)
+            endpoint = endpoints.serverFromString(self.reactor, bound)
             try:
                 port = bind(
                     endpoint,
@@ -611,7 +615,7 @@ def make_supervisor(
     # file may change under us).
     text, cfg = read_config(cfg.source)
     for listener in cfg.listeners:
-        if listener.endpoint.startswith(("haproxy:", "systemd:")):
+        if listener.endpoint.startswith("systemd:"):
             raise OperatorError(
                 f'{cfg.source}: [[listener]] endpoint "{listener.endpoint}": '
                 "not supported with [server] workers > 1 yet"

@@ -1,0 +1,144 @@
+"""
+``haproxy:`` listeners: the PROXY protocol header (v1 or v2) names the
+client, and the session starts only once it has been read.
+
+Twisted's ``haproxy:`` endpoint starts the wrapped protocol as soon as the
+TCP connection opens, before the header has arrived, so a session that
+looks at its peer then (to count the connection against
+``max_connections_per_ip``, for the throttles' key, the log's ``client=``,
+conn_meta's ``received_from``) sees the proxy, not the client.  Here the
+endpoint without its ``haproxy:`` prefix is bound (by this process or by
+the supervisor for its workers), and :class:`ProxyHeaderFactory` wraps
+the listener's factory: the session (or implicit TLS under it) is started
+when the header is complete, with whatever followed the header in the same
+read handed to it after.  A connection whose header is invalid, or that
+sends none within :data:`HEADER_TIMEOUT` seconds, is closed without a
+session, with one log line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
+
+from kumoauth.textsafe import escape
+
+log = Logger(namespace="kumoauth")
+
+PREFIX = "haproxy:"
+
+#: seconds a connection has to send its PROXY header (HAProxy sends it at once)
+HEADER_TIMEOUT = 10.0
+
+
+def split(description: str) -> tuple[str, bool]:
+    """The endpoint description to bind, and whether a PROXY header comes first."""
+    if description.startswith(PREFIX):
+        return description[len(PREFIX) :], True
+    return description, False
+
+
+class _Early:
+    """Stands in for the session while the header is parsed: keeps what follows it."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+
+class ProxyHeaderFirst(HAProxyProtocolWrapper):
+    """Twisted's PROXY header parser, starting the session after the header."""
+
+    factory: ProxyHeaderFactory
+    _started = False
+    _timer: Any = None
+    _head = b""
+
+    def makeConnection(self, transport: Any) -> None:
+        # ProtocolWrapper.makeConnection without starting the wrapped protocol.
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self._timer = self.factory.clock.callLater(self.factory.timeout, self._no_header)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._started:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        if self._parser is None:
+            # Twisted's parser tells v1 from v2 by the first read and refuses
+            # one too short to tell: wait for 16 bytes (a v2 header's fixed
+            # part) or a line end (the shortest v1, "PROXY UNKNOWN", is 15).
+            self._head += data
+            if len(self._head) < 16 and b"\n" not in self._head:
+                return
+            data, self._head = self._head, b""
+        session, early = self.wrappedProtocol, _Early()
+        self.wrappedProtocol = early  # type: ignore[assignment]
+        try:
+            super().dataReceived(data)
+        finally:
+            self.wrappedProtocol = session
+        if self._proxyInfo is None:
+            if self.disconnecting:  # Twisted's parser found it invalid
+                self._refuse("an invalid PROXY header")
+            return
+        self._stop_timer()
+        self._started = True
+        session.makeConnection(self)  # type: ignore[arg-type]
+        for chunk in early.data:
+            if self.disconnecting:
+                break
+            session.dataReceived(chunk)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_timer()
+        if self._started:
+            super().connectionLost(reason)
+        else:  # no session was started: nothing to tell it
+            self.factory.unregisterProtocol(self)
+
+    def _no_header(self) -> None:
+        self._timer = None
+        self._refuse(f"no PROXY header within {self.factory.timeout:g}s")
+        self.loseConnection()
+
+    def _refuse(self, why: str) -> None:
+        assert self.transport is not None
+        peer = self.transport.getPeer()
+        log.info(
+            "closed {client}: {why}",
+            client=escape(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"),
+            why=why,
+        )
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+class ProxyHeaderFactory(WrappingFactory):
+    """Wraps a listener's factory for a ``haproxy:`` endpoint."""
+
+    protocol = ProxyHeaderFirst
+
+    def __init__(
+        self, wrapped: IProtocolFactory, clock: Any, timeout: float = HEADER_TIMEOUT
+    ) -> None:
+        super().__init__(wrapped)
+        self.clock = clock
+        self.timeout = timeout
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.wrappedFactory, "logPrefix", None)
+        return f"{prefix() if prefix else type(self.wrappedFactory).__name__} (PROXY)"
