@@ -708,9 +708,12 @@ def test_ldap_down_is_451_then_back(ldap_bound, directory):
     finally:
         directory.start()
     assert spooled_ids(bound) == before
-    wait_for_log(bound, "sender binding: cannot check scott@example.com for user scott: ldap")
+    wait_for_log(bound, "sender binding store unavailable: ldap: ldap://127.0.0.1:")
     with session(bound) as s:
         sent(s, bound, "scott@example.com", message("From: scott@example.com"))
+    # one line down, one line back: not one per command
+    log = wait_for_log(bound, "sender binding store available again (2 operations met it down)")
+    assert log.count("sender binding store unavailable") == 1
 
 
 def test_sqlite_table_gone_is_451_at_mail_and_at_end_of_data(sqlite_bound, sqlite_db):
@@ -743,7 +746,10 @@ def test_sqlite_table_gone_is_451_at_mail_and_at_end_of_data(sqlite_bound, sqlit
     after = scrape(bound.metrics_port)
     assert after[("envelope", "error")] - metrics.get(("envelope", "error"), 0) == 1
     assert after[("header", "error")] - metrics.get(("header", "error"), 0) == 1
-    wait_for_log(bound, "sender binding: cannot check sales@example.com for user scott: sql")
+    # down at MAIL FROM, back at the next MAIL FROM, down at DATA, back
+    log = wait_for_log(bound, "sender binding store unavailable: sql: ")
+    assert log.count("sender binding store unavailable: sql: ") == 2
+    assert log.count("sender binding store available again (1 operations met it down)") == 2
 
 
 def test_postgresql_down_is_451(tmp_path, certs):
@@ -760,4 +766,7 @@ def test_postgresql_down_is_451(tmp_path, certs):
             assert code == 451 and reply.startswith(b"4.7.1 "), reply
             assert spooled_ids(srv) == set()
             sent(s, srv, "", message())  # no From: either: nothing to look up
-        wait_for_log(srv, "sender binding: cannot check scott@example.com for user scott: sql")
+        log = wait_for_log(srv, "sender binding store unavailable: sql: ")
+        # one line for both lookups: the null sender between them says nothing
+        assert log.count("sender binding store unavailable") == 1
+        assert "sender binding store available again" not in log

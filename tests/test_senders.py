@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, task
+from twisted.logger import LogLevel, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -719,6 +722,77 @@ def test_ldap_down_is_a_lookup_error(ldap_binding, slapd):
     finally:
         slapd.start()
     assert real_check(ldap_binding, "alice", "alice@example.test").allowed
+
+
+def gate_session(binding: Any, spool_dir: Path) -> Any:
+    """
+    (In the reactor thread.)  An in-memory session (StringTransport) whose
+    generation has a sender gate over *binding*, authenticated as alice.
+    """
+    from dataclasses import replace
+
+    from kumoauth.policy import Policy, invoke
+    from kumoauth.smtp.sender_gate import SenderGate
+    from kumoauth.testing import Session, plain_b64
+
+    policy = Policy()
+    policy.on("smtp_server_auth_plain", lambda authz, authc, pw, meta: pw == "pw")
+    plain = Session(policy, spool_dir=spool_dir, connect=False)
+    rt = plain.runtime
+    gate = SenderGate(binding, policy, invoke, rt.process.metrics, 5.0, rt.clock)
+    s = Session(runtime=replace(rt, sender_gate=gate), spool_dir=spool_dir, clock=plain.clock)
+    s.command("EHLO client.example")
+    assert s.command("AUTH PLAIN " + plain_b64("", "alice", "pw")).startswith("235 ")
+    return s
+
+
+def gate_reply(s: Any, line: str, timeout: float = 10) -> str:
+    """*line*'s reply, once the lookup it waits for (in the reactor) is over."""
+    out: str = in_reactor(s.command, line)
+    deadline = time.monotonic() + timeout
+    while not re.search(r"(^|\r\n)\d{3} [^\r\n]*\r\n$", out):
+        assert time.monotonic() < deadline, f"no reply to {line!r}: {out!r}"
+        time.sleep(0.01)
+        out += in_reactor(s.output)
+    return out
+
+
+def test_ldap_outage_is_451_at_every_mail_from_and_logged_once(
+    ldap_binding, slapd, tmp_path, captured_log
+):
+    s = in_reactor(gate_session, ldap_binding, tmp_path / "spool")
+    try:
+        assert gate_reply(s, "MAIL FROM:<alice@example.test>").startswith("250 ")
+        assert gate_reply(s, "RSET").startswith("250 ")
+        slapd.stop()
+        try:
+            for _ in range(20):
+                reply = gate_reply(s, "MAIL FROM:<alice@example.test>")
+                assert reply.startswith("451 4.7.1 Cannot verify the sender address now"), reply
+                assert gate_reply(s, "RSET").startswith("250 ")
+            # The null sender needs no lookup: it says nothing of the store.
+            assert gate_reply(s, "MAIL FROM:<>").startswith("250 ")
+            assert gate_reply(s, "RSET").startswith("250 ")
+        finally:
+            slapd.start()
+        assert gate_reply(s, "MAIL FROM:<alice@example.test>").startswith("250 ")
+    finally:
+        in_reactor(s.close)
+    lines = [
+        formatEvent(e)
+        for e in captured_log.namespace("kumoauth.auth")
+        if "sender binding" in (formatEvent(e) or "")
+    ]
+    assert len(lines) == 2, lines
+    down, up = lines
+    assert re.fullmatch(
+        r"sender binding store unavailable: ldap: ldap://127\.0\.0\.1:\d+: .+; "
+        r"MAIL FROM and the end of DATA get 451 4\.7\.1",
+        down,
+    ), down
+    assert up == "sender binding store available again (20 operations met it down)"
+    levels = [e["log_level"] for e in captured_log.namespace("kumoauth.auth")]
+    assert LogLevel.error in levels and LogLevel.warn not in levels
 
 
 # SQL ------------------------------------------------------------------------

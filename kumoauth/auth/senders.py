@@ -49,6 +49,7 @@ from twisted.logger import Logger
 
 from kumoauth.backends.base import BackendError, ReactorThreads, default_reactor, parse_table
 from kumoauth.checks import _Bad, _bool, _choice, _str
+from kumoauth.ops.loglimit import StateLog
 from kumoauth.ops.threads import QueueFull
 from kumoauth.textsafe import escape
 
@@ -853,6 +854,11 @@ class SenderBinding:
         self.auth_tables = auth_tables
         self.config = config
         self.source = _make_source(config, auth_tables, self.reactor, self.pool, base)
+        #: the source's outages, one log line per change of state (the
+        #: protocol side, :mod:`kumoauth.smtp.sender_gate`, reports each
+        #: lookup to it); lives as long as the engine, which a reload keeps
+        #: while the settings are unchanged
+        self.state = StateLog("sender binding store", log)
 
     def __repr__(self) -> str:
         return f"<SenderBinding {self.source.describe()}>"
@@ -871,16 +877,33 @@ class SenderBinding:
         Whether *authz* may use *address* (``""``: the null sender); fails
         with :class:`SenderLookupError` when the source cannot answer.
         """
+        decision = self.shortcut(authz, address)
+        if decision is not None:
+            return defer.succeed(decision)
+        return self.lookup(authz, address)
+
+    def shortcut(self, authz: str, address: str) -> Decision | None:
+        """
+        The decision that needs no lookup (the null sender, an address
+        that cannot be read or has no domain, no user), else None.
+        """
         if address == "":
             if self.config.allow_null_sender:
-                return defer.succeed(Decision(True, "null sender allowed"))
-            return defer.succeed(Decision(False, "null sender refused (allow_null_sender = false)"))
+                return Decision(True, "null sender allowed")
+            return Decision(False, "null sender refused (allow_null_sender = false)")
         if address == UNPARSEABLE:
-            return defer.succeed(Decision(False, "a From:/Sender: address that cannot be read"))
+            return Decision(False, "a From:/Sender: address that cannot be read")
         if not authz:
-            return defer.succeed(Decision(False, "no authenticated user"))
+            return Decision(False, "no authenticated user")
         if "@" not in address or address.endswith("@"):
-            return defer.succeed(Decision(False, "not an address (no @domain)"))
+            return Decision(False, "not an address (no @domain)")
+        return None
+
+    def lookup(self, authz: str, address: str) -> defer.Deferred[Decision]:
+        """
+        :meth:`check` for an address :meth:`shortcut` cannot decide: the
+        source's answer, or :class:`SenderLookupError`.
+        """
         source = self.source
         d = defer.Deferred.fromCoroutine(source.decide(authz, self._candidates(address)))
         return d.addErrback(_lookup_failed, source)

@@ -13,7 +13,8 @@ own ``smtp_server_mail_from``, which can still refuse what was allowed.
 Replies: ``553 5.7.1 Sender address rejected: not owned by user <authz>``
 at MAIL FROM; ``550 5.7.1`` with the same text at the end of DATA (nothing
 stored); ``451 4.7.1`` when the store behind the binding cannot answer,
-never an open pass.
+never an open pass; the outage is logged once when it starts and once when
+the store answers again (the engine's ``state``), not at every command.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ class SenderGate:
     def check_headers(self) -> bool:
         return bool(self.binding.config.check_header_from)
 
+    @property
+    def _consequence(self) -> str:
+        # What an outage means for clients, in its log line.
+        if self.check_headers:
+            return "MAIL FROM and the end of DATA get 451 4.7.1"
+        return "MAIL FROM gets 451 4.7.1"
+
     def envelope(self, authz: str, sender: str, conn_meta: Any) -> defer.Deferred[bytes | None]:
         """
         None when *authz* may use *sender* (``""``: the null sender) in MAIL
@@ -88,17 +96,16 @@ class SenderGate:
         self, authz: str, addresses: list[str], conn_meta: Any, where: str
     ) -> bytes | None:
         for address in addresses:
-            try:
-                decision = await self.binding.check(authz, address)
-            except self._senders.SenderLookupError as e:
-                log.warn(
-                    "sender binding: cannot check {address} for user {user}: {reason}",
-                    address=escape(address),
-                    user=escape(authz),
-                    reason=escape(str(e), 200),
-                )
-                self.metrics.sender_binding.labels(where, "error").inc()
-                return R_LOOKUP_DOWN
+            decision = self.binding.shortcut(authz, address)
+            if decision is None:
+                try:
+                    decision = await self.binding.lookup(authz, address)
+                except self._senders.SenderLookupError as e:
+                    # One line when the store goes down, not one per command.
+                    self.binding.state.failed(str(e), self._consequence)
+                    self.metrics.sender_binding.labels(where, "error").inc()
+                    return R_LOOKUP_DOWN
+                self.binding.state.succeeded()
             allowed = await self._policy(authz, address, decision.allowed, conn_meta)
             if not allowed:
                 log.info(

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -200,16 +201,36 @@ def groups(cfg: TLSConfig) -> tuple[str, ...]:
     return cfg.groups
 
 
+def _file_problem(path: Path) -> str | None:
+    """
+    Why *path* cannot be read as a PEM file (None: it can): missing, a
+    directory or another kind of file that is not a regular one (a FIFO
+    would block the read), or not readable.
+    """
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "file not found"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "not readable"
+    return None
+
+
 def build_context(cfg: TLSConfig) -> Context:
     """
     Load the chain and key into a new server context.  Raises
     :class:`TLSError` with a one-line reason.
     """
     for label, path in (("certificate", cfg.certificate), ("private_key", cfg.private_key)):
-        if not path.is_file():
-            raise TLSError(f"[tls] {label}: {path}: file not found")
-        if not os.access(path, os.R_OK):
-            raise TLSError(f"[tls] {label}: {path}: not readable")
+        problem = _file_problem(path)
+        if problem is not None:
+            raise TLSError(f"[tls] {label}: {path}: {problem}")
     ctx = Context()
     ctx.set_min_proto_version(_VERSIONS[cfg.min_version])
     ctx.set_options(
