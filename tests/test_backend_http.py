@@ -347,6 +347,8 @@ def test_the_api_judges_proxy_authorization(server, make_store):
         (200, {"ok": True, "meta": ["tenant"]}, '"meta"'),
         (200, {"ok": True, "meta": "tenant"}, '"meta"'),
         (200, b'{"ok": true, "meta": {"x": NaN}}', "not JSON"),
+        (200, b"[" * 60_000, "not JSON"),  # deeper than the parser goes
+        (200, b'{"ok": true, "meta": ' + b'{"a":' * 12_000, "not JSON"),
         (204, b"", "HTTP 204"),
         (404, {"ok": False}, "HTTP 404"),
     ],
@@ -356,6 +358,46 @@ def test_nonsense_is_a_backend_error(server, make_store, code, payload, reason):
     message = backend_error(make_store(server.url()))
     assert reason in message
     assert server.url().split("?")[0] in message
+
+
+#: nested deeper than json's parser goes, and well under MAX_BODY
+DEEP = b"[" * 60_000
+
+
+def test_deeply_nested_json_is_an_outage_logged_once(reactor, server, make_store, captured_log):
+    # A RecursionError in the parser is an answer that is not JSON: 454 with
+    # one line when the API goes bad and one when it is back, no traceback
+    # per attempt (the autouse fixture finds none).
+    assert len(DEEP) < MAX_BODY
+    checker = StoreChecker(make_store(server.url()), clock=reactor)
+
+    def attempt() -> Any:
+        creds = PlainCredentials("", "alice@example.org", PASSWORD, ConnMeta())
+        return in_reactor(checker.requestAvatarId, creds)
+
+    server.api.respond = lambda req, body: answer(req, 200, DEEP)
+    for _ in range(3):
+        with pytest.raises(BackendUnavailable, match="not JSON"):
+            attempt()
+    server.api.respond = users_answer
+    assert attempt() == "alice@example.org"
+    lines = captured_log.namespace("kumoauth.backends")
+    texts = [formatEvent(e) for e in lines]
+    assert len(lines) == 2, texts
+    assert "unavailable" in texts[0] and "HTTP 200 with a body that is not JSON" in texts[0]
+    assert "available again" in texts[1] and lines[1]["n"] == 3
+    assert "RecursionError" not in captured_log.text()
+
+
+def test_post_json_deeply_nested_is_a_backend_error(server, make_store):
+    store = make_store(server.url())
+    server.api.respond = lambda req, body: answer(req, 200, DEEP)
+    with pytest.raises(
+        BackendError, match="/smtp-auth/senders: HTTP 200 with a body that is not JSON"
+    ):
+        in_reactor(store.post_json, {"user": "alice@example.org"}, "senders")
+    server.api.respond = lambda req, body: answer(req, 200, [[["ok"]]])
+    assert in_reactor(store.post_json, {"user": "alice@example.org"}, "senders") == [[["ok"]]]
 
 
 def test_a_redirect_is_not_followed(server, make_store):

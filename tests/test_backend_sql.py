@@ -23,15 +23,19 @@ import signal
 import smtplib
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import psycopg
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from twisted.cred import error as cred_error
 from twisted.internet import defer, protocol
 from twisted.protocols import portforward
@@ -39,12 +43,13 @@ from twisted.protocols import portforward
 from kumoauth.auth import checkers
 from kumoauth.auth.cred import BackendUnavailable, PlainCredentials
 from kumoauth.backends import schemes
+from kumoauth.backends import sql as sql_store
 from kumoauth.backends.base import DENIED, BackendError, StoreChecker, Verdict
 from kumoauth.backends.sql import SQL, Config, factory, from_argstring, validate
 from kumoauth.meta import ConnMeta
 from kumoauth.ops.threads import BlockingPool
 from kumoauth.storage.spool import Spool
-from tests.server import free_port, make_certs, running_server
+from tests.server import free_port, make_certs, run_twistd, running_server
 from tests.test_schemes import (
     FAST,
     PASSWORD,
@@ -336,6 +341,16 @@ def test_injection_attempts_are_only_names(make_store, pg_url, pg_db, sqlite_db,
 # the configuration
 
 
+@pytest.fixture
+def in_dir_with_dbs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The working directory: *tmp_path*, with the (empty) SQLite files
+    ``x.db`` and ``u.db`` the relative URLs below name."""
+    for name in ("x.db", "u.db"):
+        sqlite3.connect(tmp_path / name).close()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
@@ -375,7 +390,7 @@ def test_injection_attempts_are_only_names(make_store, pg_url, pg_db, sqlite_db,
         ({"url": "sqlite:///:memory:", "query": QUERY}, "url: an in-memory SQLite database"),
     ],
 )
-def test_validate_refuses_with_one_line(table, message):
+def test_validate_refuses_with_one_line(in_dir_with_dbs, table, message):
     with pytest.raises(ValueError) as raised:
         validate(table)
     text = str(raised.value)
@@ -415,6 +430,89 @@ def test_validate_password_file(tmp_path):
     assert "s3cret" not in repr(cfg)
 
 
+def test_validate_a_query_password_is_a_url_password(tmp_path):
+    # libpq reads ?password= as the password: given with password_file it
+    # is a password given twice, and the message does not show it
+    (tmp_path / "pw").write_text("x\n")
+    secret = "Query-Secret-5"
+    for url in (
+        f"postgresql://kumo@db/mail?password={secret}",
+        f"postgresql://kumo@db/mail?sslmode=require&password={secret}&password=again",
+        f"postgresql://kumo@db/mail?password={quote_plus(secret + ' +&')}",
+    ):
+        with pytest.raises(ValueError, match="^password_file: the url has a password too") as e:
+            validate({"url": url, "query": QUERY, "password_file": "pw"}, base=tmp_path)
+        assert secret not in str(e.value)
+    # sslpassword is the client key's, not the database password
+    cfg = validate(
+        {"url": f"postgresql://kumo@db/mail?sslpassword={secret}", "query": QUERY,
+         "password_file": "pw"},
+        base=tmp_path,
+    )  # fmt: skip
+    assert cfg.password_file == tmp_path / "pw"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://kumo:Port-Secret-1@127.0.0.1:99999/mail", "url: port 99999: must be"),
+        ("postgresql://kumo@127.0.0.1:65536/mail", "url: port 65536: must be 1-65535"),
+        ("postgresql://kumo@127.0.0.1:0/mail", "url: port 0: must be 1-65535"),
+        ("postgresql://kumo@/mail?host=127.0.0.1&port=99999", "url: port 99999: must be 1-65535"),
+        ("postgresql://kumo@/mail?host=a:5432&host=b:70000", "url: port 70000: must be 1-65535"),
+        ("postgresql://kumo@/mail?host=a&port=abc", "url: Received non-integer port"),
+        ("sqlite:////nonexistent/dir/users.db",
+         "url: the SQLite file /nonexistent/dir/users.db: No such file or directory"),
+    ],
+)  # fmt: skip
+def test_validate_refuses_a_url_that_cannot_work(url, message):
+    with pytest.raises(ValueError) as raised:
+        validate({"url": url, "query": QUERY})
+    text = str(raised.value)
+    assert "\n" not in text and text.startswith(message), text
+    assert "Port-Secret-1" not in text
+
+
+def test_validate_wants_the_sqlite_file(tmp_path, sqlite_db):
+    missing = tmp_path / "typo.db"
+    with pytest.raises(ValueError, match=f"^url: the SQLite file {missing}: No such file"):
+        validate({"url": f"sqlite:///{missing}", "query": QUERY})
+    assert not missing.exists()  # not made as an empty database either
+    with pytest.raises(ValueError, match=f"^url: the SQLite file {tmp_path}: not a regular"):
+        validate({"url": f"sqlite:///{tmp_path}", "query": QUERY})
+    assert validate({"url": f"sqlite:///{sqlite_db}", "query": QUERY}).url.endswith("users.db")
+    for url in (
+        "postgresql://kumo@db.internal:5432/mail",
+        "postgresql://kumo@/mail?host=a:5432&host=b:65535",
+        "postgresql://kumo@/mail?host=a,b&port=5432,",
+    ):
+        assert validate({"url": url, "query": QUERY}).url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("sqlite:////nonexistent/dir/users.db", "/nonexistent/dir/users.db: No such file"),
+        ("postgresql://kumo:Port-Secret-1@127.0.0.1:99999/mail", "url: port 99999"),
+    ],
+)
+def test_twistd_refuses_to_start_on_a_url_that_cannot_work(tmp_path, url, shown):
+    config = tmp_path / "kumoauth.toml"
+    config.write_text(
+        '[[listener]]\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "none"\n'
+        'auth_required = false\n[auth]\nchecker = "sql"\n'
+        f'[auth.sql]\nurl = "{url}"\nquery = "{QUERY}"\n[spool]\npath = "spool"\n'
+    )
+    done = run_twistd(["kumoauth", "--config", str(config)], cwd=tmp_path)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr + done.stdout
+    assert lines[0].startswith("kumoauth: error: ") and "[auth.sql] url: " in lines[0]
+    assert shown in lines[0]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "Port-Secret-1" not in done.stdout + done.stderr
+
+
 def test_validate_defaults_and_postgresql_alias():
     cfg = validate({"url": "postgres://kumo@db/mail", "query": QUERY})
     assert cfg == Config(url="postgres://kumo@db/mail", query=QUERY)
@@ -427,7 +525,7 @@ def test_validate_defaults_and_postgresql_alias():
         store.current.engine.dispose()
 
 
-def test_resolve_names_the_table():
+def test_resolve_names_the_table(in_dir_with_dbs):
     spec = checkers.resolve("sql", {"sql": {"url": "sqlite:///u.db", "query": QUERY}})
     assert spec.factory is factory and isinstance(spec.config, Config)
     with pytest.raises(ValueError, match=r"^\[auth\.sql\] query: must contain"):
@@ -444,7 +542,7 @@ def test_from_argstring(tmp_path, sqlite_db):
     )
     cfg = from_argstring(str(tmp_path / "kumoauth.toml"))
     assert cfg.password_file == tmp_path / "pw" and cfg.timeout == 2.0
-    (tmp_path / "bad.toml").write_text('url = "sqlite:///x.db"\nquery = "SELECT 1"\n')
+    (tmp_path / "bad.toml").write_text(f'url = "sqlite:///{sqlite_db}"\nquery = "SELECT 1"\n')
     with pytest.raises(ValueError, match=r"bad\.toml: \[auth\.sql\] query: must contain"):
         from_argstring(str(tmp_path / "bad.toml"))
     with pytest.raises(ValueError, match="No such file"):
@@ -762,6 +860,96 @@ def test_database_password_never_logged(
     everything = "\n".join([*messages, captured_log.text(), caplog.text])
     for secret in (DB_SECRET, "wrong-Db-Secret-55", "Inline-Secret-3", PASSWORD):
         assert secret not in everything
+
+
+def test_a_query_password_is_used_and_never_shown(
+    make_store, secured_pg, captured_log, caplog, reactor
+):
+    # libpq takes the password as a query parameter too; psycopg gets it
+    base = f"postgresql://kumo@127.0.0.1:{secured_pg}/postgres"
+    right = make_store(f"{base}?password={quote_plus(DB_SECRET)}")
+    in_reactor(right.start)  # the start-up line
+    assert check(right, "bob", PASSWORD).ok
+    assert (
+        repr(right)
+        == f"<SQL postgresql+psycopg://kumo@127.0.0.1:{secured_pg}/postgres?password=***>"
+    )
+    # a wrong one, percent-encoded, with another secret beside it: the
+    # outage line, the error and the start-up line show *** for each
+    wrong_secret = "Query Secret+7&x"
+    wrong = make_store(
+        f"{base}?sslmode=disable&password={quote_plus(wrong_secret)}&sslpassword=Ssl-Secret-8"
+    )
+    in_reactor(wrong.start)
+    checker = StoreChecker(wrong, reactor)
+    with pytest.raises(BackendUnavailable) as raised:
+        in_reactor(checker.requestAvatarId, PlainCredentials("", "alice", PASSWORD, ConnMeta()))
+    message = str(raised.value)
+    assert "password authentication failed" in message
+    assert "?password=***&sslmode=disable&sslpassword=***" in message
+    down = [e for e in captured_log.events if "unavailable" in (e.get("log_format") or "")]
+    assert len(down) == 1 and "password=***" in down[0]["reason"]
+    started = [e for e in captured_log.events if e.get("url") is not None]
+    assert [e["url"].rpartition("?")[2] for e in started] == [
+        "password=***",
+        "password=***&sslmode=disable&sslpassword=***",
+    ]
+    everything = "\n".join([message, repr(wrong), captured_log.text(), caplog.text])
+    for secret in (
+        DB_SECRET,
+        wrong_secret,
+        quote_plus(wrong_secret),
+        quote(wrong_secret, safe=""),
+        "Query",
+        "Ssl-Secret-8",
+        PASSWORD,
+    ):
+        assert secret not in everything
+
+
+def test_auth_test_never_shows_a_query_password(tmp_path, secured_pg):
+    # `kumoauth auth test` prints the store's error: the URL with ***
+    secret = "Cli-Query-Secret-4"
+    config = tmp_path / "kumoauth.toml"
+    config.write_text(
+        '[[listener]]\nendpoint = "tcp:0:interface=127.0.0.1"\ntls = "none"\n'
+        'auth_required = false\n[auth]\nchecker = "sql"\n[auth.sql]\n'
+        f'url = "postgresql://kumo@127.0.0.1:{secured_pg}/postgres?password={secret}"\n'
+        f'query = "{QUERY}"\ntimeout = 2\n[spool]\npath = "{tmp_path / "spool"}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "kumoauth.cli", "auth", "test", "--config", str(config), "bob"],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "password authentication failed" in output and "?password=***" in output
+    assert secret not in output and PASSWORD not in output
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=40))
+def test_every_form_of_a_url_password_is_hidden(password):
+    # in the user part and in each query parameter that holds a secret,
+    # whatever the characters (percent-encoded in the URL as they must be)
+    url = sql_store._engine_url(
+        f"postgresql://kumo:{quote(password, safe='')}@db:5432/mail?sslmode=require"
+        f"&password={quote_plus(password)}&sslpassword={quote(password, safe='')}"
+        f"&passwd={quote_plus(password)}"
+    )
+    assert url.password == password and url.query["password"] == password
+    assert sql_store._shown(url) == (
+        "postgresql+psycopg://kumo:***@db:5432/mail"
+        "?passwd=***&password=***&sslmode=require&sslpassword=***"
+    )
+    assume("*" not in password)
+    secrets = sql_store._secrets(url)
+    for form in (password, quote(password, safe=""), quote_plus(password)):
+        assert form not in sql_store._scrub(f"failed for {form}: no", secrets)
 
 
 # --------------------------------------------------------------------------

@@ -124,3 +124,51 @@ def test_no_standard_input_at_all_is_one_line_and_exit_1():
     assert done.returncode == 1, done.stderr
     assert done.stderr == "kumoauth: error: no password given (no standard input)\n"
     assert done.stdout == ""
+
+
+NOT_UTF8 = "kumoauth: error: the password is not valid UTF-8"
+
+
+def test_a_password_not_utf8_at_the_prompt_is_one_line_and_exit_1(monkeypatch):
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    status, shown = at_a_terminal(["pw"], [b"p\xe4ss\n"])  # Latin-1 "päss"
+    assert status == 1, shown
+    assert "Traceback" not in shown and "UnicodeDecodeError" not in shown
+    assert lines_after_prompt(shown) == [NOT_UTF8], shown
+
+
+@pytest.mark.parametrize(
+    "io_encoding",
+    [None, "utf-8:strict"],
+    ids=["surrogateescape", "strict"],  # what Python picks in the C locale; elsewhere
+)
+def test_a_password_not_utf8_on_standard_input_is_one_line_and_exit_1(io_encoding):
+    from kumoauth.backends.schemes import verify
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONIOENCODING"}
+    env["LC_ALL"] = "C.UTF-8"
+    if io_encoding is not None:
+        env["PYTHONIOENCODING"] = io_encoding
+    for password in (b"p\xe4ss", b"\xff\xfe", b"ok\xc3"):
+        done = subprocess.run(
+            [sys.executable, "-m", "kumoauth.cli", "pw", "-s", "SSHA512"],
+            input=password + b"\n",
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.decode() == NOT_UTF8 + "\n"
+        assert done.stdout == b""
+    # valid UTF-8 is hashed as before
+    done = subprocess.run(
+        [sys.executable, "-m", "kumoauth.cli", "pw", "-s", "SSHA512"],
+        input="päss\n".encode(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert verify(done.stdout.decode().strip(), "päss")

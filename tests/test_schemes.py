@@ -131,6 +131,57 @@ def test_mkpasswd_hashes_verify(method, prefix, scheme):
     assert not verify(stored, WRONG)
 
 
+@pytest.fixture(scope="session")
+def crypt_strings(doveadm) -> dict[str, str]:
+    """crypt(3) strings of PASSWORD from the real tools, by the scheme they are."""
+    return {
+        "BLF-CRYPT": doveadm_hash(doveadm, "CRYPT").removeprefix("{CRYPT}"),
+        "SHA512-CRYPT": doveadm_hash(doveadm, "SHA512-CRYPT").removeprefix("{SHA512-CRYPT}"),
+        "SHA256-CRYPT": mkpasswd_hash("sha-256"),
+        "YESCRYPT": mkpasswd_hash("yescrypt"),
+    }
+
+
+def test_doveadm_crypt_is_bcrypt_and_verifies(doveadm):
+    # CRYPT is Dovecot's default scheme; doveadm 2.3 makes it bcrypt
+    stored = doveadm_hash(doveadm, "CRYPT")
+    assert stored.startswith("{CRYPT}$2y$")
+    assert scheme_of(stored) == "BLF-CRYPT"
+    assert verify(stored, PASSWORD)
+    assert not verify(stored, WRONG)
+    assert not verify(stored, "")
+
+
+@pytest.mark.parametrize("scheme", ["BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "YESCRYPT"])
+@pytest.mark.parametrize("prefix", ["{CRYPT}", "{crypt}"])
+def test_crypt_prefix_verifies_what_dovecot_verifies(doveadm, crypt_strings, scheme, prefix):
+    stored = prefix + crypt_strings[scheme]
+    assert "(verified)" in run([*doveadm, "pw", "-t", stored, "-p", PASSWORD])
+    assert scheme_of(stored) == scheme
+    assert verify(stored, PASSWORD)
+    assert not verify(stored, WRONG)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.text(min_size=1, max_size=30).filter(lambda s: "\x00" not in s))
+def test_crypt_prefix_is_the_bare_form(password):
+    bare = bcrypt.hashpw(password.encode()[:72], bcrypt.gensalt(4)).decode()
+    assert verify("{CRYPT}" + bare, password) is verify(bare, password) is True
+    assert verify("{CRYPT}" + bare, password + "x") is verify(bare, password + "x")
+
+
+@pytest.mark.parametrize("scheme", ["DES-CRYPT", "MD5-CRYPT"])
+def test_crypt_prefix_with_a_form_kumoauth_does_not_read(doveadm, scheme):
+    # Dovecot reads these through crypt(3); kumoauth does not, with or
+    # without the prefix: one line naming {CRYPT}, never the value
+    value = doveadm_hash(doveadm, scheme).removeprefix(f"{{{scheme}}}")
+    with pytest.raises(UnknownScheme) as e:
+        verify("{CRYPT}" + value, PASSWORD)
+    message = str(e.value)
+    assert "{CRYPT}" in message and "\n" not in message
+    assert value not in message and PASSWORD not in message
+
+
 def test_bcrypt_2a_prefix_verifies():
     made = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4, prefix=b"2a")).decode()
     assert made.startswith("$2a$")
@@ -185,6 +236,10 @@ SECRET = "s3cr3tHASHb0dy"
         f"{{SHA}}{SECRET}=",
         f"{{PBKDF2}}{SECRET}",
         f"$1$abcdefgh${SECRET}",
+        f"{{CRYPT}}$1$abcdefgh${SECRET}",
+        f"{{CRYPT}}{SECRET}",
+        f"{{crypt}}$apr1$abcdefgh${SECRET}",  # crypt(3) does not read it: neither does Dovecot
+        "{CRYPT}",
         f"$argon2id$v=19$m=65536,t=3,p=1${SECRET}${SECRET}",
         SECRET,
         "",
@@ -207,6 +262,8 @@ def test_unknown_scheme_raises_without_leaking(stored):
         f"{{BLF-CRYPT}}$6${SECRET}$abc",
         f"{{BLF-CRYPT}}{SECRET}",
         f"$2y$05${SECRET}",
+        f"{{CRYPT}}$2y$05${SECRET}",
+        f"{{CRYPT}}$6${SECRET}$not!crypt64",
         f"$2y$99${SECRET}" + "A" * 39,
         f"{{SHA512-CRYPT}}$5${SECRET}$abc",
         f"{{SHA256-CRYPT}}{SECRET}",

@@ -614,7 +614,9 @@ class HTTP:
             raise BackendError(f"{where}: HTTP {code} ({what})")
         try:
             return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            # RecursionError: nesting deeper than the parser goes (60 KB of
+            # "[" fits in MAX_BODY), an answer like any other that is not JSON
             raise BackendError(f"{where}: HTTP 200 with a body that is not JSON") from None
 
     def _failed(self, f: Failure, client: _Client) -> Any:
@@ -664,7 +666,9 @@ def _verdict(where: str, data: bytes) -> Verdict:
     """
     try:
         answer = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: nesting deeper than the parser goes (60 KB of "["
+        # fits in MAX_BODY), an answer like any other that is not JSON
         raise BackendError(f"{where}: HTTP 200 with a body that is not JSON") from None
     if not isinstance(answer, dict):
         raise BackendError(f"{where}: HTTP 200 with JSON that is not an object")

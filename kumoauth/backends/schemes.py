@@ -9,6 +9,9 @@ form:
   ``{BLF-CRYPT}`` (bcrypt), ``{SHA512-CRYPT}``, ``{SHA256-CRYPT}`` (Drepper's
   SHA-crypt), ``{SSHA512}``, ``{SSHA256}``, ``{SSHA}`` (base64 of the digest
   of password+salt followed by the salt), ``{PLAIN}`` and ``{CLEAR}``;
+  ``{CRYPT}`` (Dovecot's default scheme, whatever crypt(3) reads:
+  ``doveadm pw -s CRYPT`` prints ``{CRYPT}$2y$05$...``) followed by one of
+  the crypt(3) forms below but ``$apr1$``, which crypt(3) does not read;
 - crypt(3) strings without a prefix, as in ``/etc/shadow`` or an htpasswd
   file: ``$2y$``/``$2b$``/``$2a$`` (bcrypt, ``htpasswd -B``), ``$6$``,
   ``$5$``, ``$y$`` (yescrypt, libxcrypt's default) and ``$apr1$``
@@ -242,6 +245,28 @@ _CRYPT_VERIFIERS: dict[str, tuple[str, Callable[[str, bytes], bool]]] = {
 }
 
 
+#: the ``$id$`` forms ``{CRYPT}`` may carry: those of :data:`_CRYPT_VERIFIERS`
+#: that crypt(3) reads (not Apache's ``$apr1$``)
+_DOVECOT_CRYPT = tuple(prefix for prefix in _CRYPT_VERIFIERS if prefix != "$apr1$")
+
+
+def _split_crypt(value: str) -> tuple[str, str, Callable[[str, bytes], bool]]:
+    """
+    (scheme, value, verifier) of the value after ``{CRYPT}``: Dovecot hands
+    it to crypt(3), so its ``$id$`` decides, as for the same string without
+    the prefix.  DES (no ``$id$``) and MD5-crypt (``$1$``) are not read, as
+    without the prefix.
+    """
+    for prefix in _DOVECOT_CRYPT:
+        if value.startswith(prefix):
+            scheme, check = _CRYPT_VERIFIERS[prefix]
+            return scheme, value, check
+    raise UnknownScheme(
+        "unknown password scheme: {CRYPT} with a crypt(3) form other than "
+        "$2y$, $2b$, $2a$ (bcrypt), $6$, $5$ (SHA-crypt) or $y$ (yescrypt)"
+    )
+
+
 def _split(stored: str) -> tuple[str, str, Callable[[str, bytes], bool]]:
     """(scheme, value, verifier) of *stored*; :class:`SchemeError` if none."""
     if stored.startswith("{"):
@@ -249,6 +274,8 @@ def _split(stored: str) -> tuple[str, str, Callable[[str, bytes], bool]]:
         if m is None:
             raise MalformedHash("malformed {SCHEME} prefix")
         scheme = m.group(1).upper()
+        if scheme == "CRYPT":
+            return _split_crypt(stored[m.end() :])
         check = _DOVECOT_VERIFIERS.get(scheme)
         if check is None:
             raise UnknownScheme("unknown password scheme")
@@ -266,8 +293,10 @@ def _split(stored: str) -> tuple[str, str, Callable[[str, bytes], bool]]:
 def scheme_of(stored: str) -> str:
     """
     The scheme of a stored value: a Dovecot name (``ARGON2ID``,
-    ``BLF-CRYPT``, …), ``YESCRYPT`` or ``APR1``.  Raises like :func:`verify`
-    for an unknown prefix (it does not parse the rest).
+    ``BLF-CRYPT``, …), ``YESCRYPT`` or ``APR1``; for ``{CRYPT}``, that of
+    the crypt(3) form after it (``{CRYPT}$2y$...`` is ``BLF-CRYPT``).
+    Raises like :func:`verify` for an unknown prefix (it does not parse the
+    rest).
     """
     return _split(stored)[0]
 

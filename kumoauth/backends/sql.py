@@ -25,23 +25,28 @@ SQLAlchemy's own connection pool holds at most ``pool_size`` connections
 (no overflow), checked with a ping before use, so a restarted database
 costs no failed attempt.
 
-**Secrets.**  The database password may be in the URL, but
-``password_file`` is better: it stays out of the configuration file and is
-read again for every new connection, so a rotated password is picked up
-without a reload.  Logs and errors show the URL with ``***`` for the
-password, never the query's parameters.
+**Secrets.**  The database password may be in the URL (``user:password@``,
+or ``?password=``, which libpq reads too), but ``password_file`` is
+better: it stays out of the configuration file and is read again for every
+new connection, so a rotated password is picked up without a reload.  Logs
+and errors show the URL with ``***`` for the password, in either place,
+and for every other URL parameter that holds one (``sslpassword``, MySQL
+drivers' ``passwd``), and never the SQL query's parameters.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
+import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy import create_engine, event, exc, text
 from sqlalchemy.engine import make_url
@@ -103,22 +108,26 @@ def validate(raw: Mapping[str, Any], base: Path | None = None) -> Config:
     """
     The ``[auth.sql]`` table as a :class:`Config`.  ``ValueError`` with one
     line (``key: problem``) that never holds the URL's password: a URL
-    that does not parse, names a database without its driver, or an
-    in-memory SQLite; a query that is not one statement or binds anything
-    but ``:user``; a password given twice, or a password file that cannot
-    be read.
+    that does not parse, names a database without its driver, a port
+    outside 1-65535, an in-memory SQLite or a SQLite file that is not there;
+    a query that is not one statement or binds anything but ``:user``; a
+    password given twice (in the URL, as ``user:password@`` or
+    ``?password=``, and in ``password_file``), or a password file that
+    cannot be read.
     """
     cfg: Config = parse_table(
         Config, raw, SCHEMA, required=("url", "query"), paths=("password_file",), base=base
     )
     url = _engine_url(cfg.url)
+    _check_connect_args(url)
     if url.get_backend_name() == "sqlite":
         if url.database in (None, "", ":memory:"):
             raise ValueError("url: an in-memory SQLite database holds no users; give a file")
         if cfg.password_file is not None:
             raise ValueError("password_file: SQLite has no password")
+        _check_sqlite_file(url)
     if cfg.password_file is not None:
-        if url.password is not None:
+        if url.password is not None or _query_values(url, _is_password):
             raise ValueError("password_file: the url has a password too; give only one")
         read_secret_file(cfg.password_file, "password_file")
     _check_query(cfg.query)
@@ -181,6 +190,8 @@ def _engine_url(value: str) -> Any:
         raise ValueError(
             "url: not a SQLAlchemy URL (dialect+driver://user@host/database)"
         ) from None
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError(f"url: port {url.port}: must be 1-65535")
     if url.drivername in _PSYCOPG_ALIASES:
         url = url.set(drivername="postgresql+psycopg")
     try:
@@ -194,6 +205,100 @@ def _engine_url(value: str) -> Any:
             f"url: the driver for {url.drivername!r} is not installed ({e.name or e})"
         ) from None
     return url
+
+
+def _check_connect_args(url: Any) -> None:
+    """
+    ``ValueError`` for what the dialect refuses in *url* only when it
+    connects (a port that is not a number, ``?host=`` forms it cannot
+    mix), or a port given as a query parameter (``?port=``,
+    ``?host=h:port``) outside 1-65535: without this, start-up would
+    succeed and every AUTH get 454.
+    """
+    try:
+        _, params = url.get_dialect()().create_connect_args(url)
+    except (exc.ArgumentError, ValueError, TypeError) as e:
+        message = _scrub(_first_line(str(e)), _secrets(url))
+        raise ValueError(f"url: {message}") from None
+    given = params.get("port")
+    if given is None:
+        return
+    # one port, or libpq's list of them ("5432,5433"; empty: the default)
+    listed = given if isinstance(given, list | tuple) else [given]
+    for part in ",".join(str(p) for p in listed).split(","):
+        part = part.strip()
+        if part and not (part.isdigit() and 1 <= int(part) <= 65535):
+            raise ValueError(f"url: port {part[:16]}: must be 1-65535")
+
+
+def _check_sqlite_file(url: Any) -> None:
+    """
+    ``ValueError`` unless the SQLite file of *url* is there and readable:
+    SQLite would make an empty database (or fail, for a missing
+    directory) at the first lookup, and every AUTH get 454.  A URI
+    filename (``?uri=true``) is SQLite's to resolve.
+    """
+    if str(url.query.get("uri", "")).lower() in ("true", "1", "yes", "on"):
+        return
+    path = url.database
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"url: the SQLite file {path}: not a regular file")
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"url: the SQLite file {path}: {e.strerror}") from None
+
+
+def _is_secret(name: str) -> bool:
+    """
+    Whether the query parameter *name* holds a secret, to be hidden:
+    ``password``, ``sslpassword`` (libpq), ``passwd`` (MySQL drivers)
+    and the like.
+    """
+    name = name.lower()
+    return "password" in name or name in ("passwd", "pwd")
+
+
+def _is_password(name: str) -> bool:
+    """
+    Whether the query parameter *name* is the database password itself
+    (what ``password_file`` gives), not another secret like libpq's
+    ``sslpassword`` (the client key's).
+    """
+    return name.lower() in ("password", "passwd", "pwd")
+
+
+def _query_values(url: Any, which: Callable[[str], bool]) -> list[str]:
+    """The values of *url*'s query parameters whose name *which* accepts."""
+    found: list[str] = []
+    for name, value in url.query.items():
+        if which(name):
+            found.extend([value] if isinstance(value, str) else list(value))
+    return found
+
+
+def _secrets(url: Any) -> tuple[str, ...]:
+    """
+    The secrets in *url*, each also as the URL writes it (percent-encoded),
+    longest first, to scrub from messages.
+    """
+    values = [url.password] if url.password else []
+    values += [v for v in _query_values(url, _is_secret) if v]
+    forms = {form for v in values for form in (str(v), quote(str(v), safe=""), quote_plus(str(v)))}
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def _shown(url: Any) -> str:
+    """
+    *url* as logs and errors show it: ``***`` for the password, in the
+    user part and in every query parameter that holds a secret.
+    """
+    hidden = {name: "***" for name in url.query if _is_secret(name)}
+    if hidden:
+        url = url.update_query_dict(hidden)
+    shown: str = url.render_as_string(hide_password=True)
+    return shown.replace("=%2A%2A%2A", "=***")
 
 
 def _check_query(query: str) -> None:
@@ -462,7 +567,7 @@ def _open(config: Config) -> _Engine:
     messages.
     """
     url = _engine_url(config.url)
-    secrets = [url.password] if url.password else []
+    secrets = list(_secrets(url))
     engine = create_engine(
         url,
         pool_size=config.pool_size,
@@ -490,8 +595,8 @@ def _open(config: Config) -> _Engine:
     return _Engine(
         engine=engine,
         statement=text(config.query),
-        shown=url.render_as_string(hide_password=True),
-        secrets=tuple(str(s) for s in secrets),
+        shown=_shown(url),
+        secrets=tuple(sorted({str(s) for s in secrets}, key=len, reverse=True)),
         timeout=config.timeout,
         pool_size=config.pool_size,
     )

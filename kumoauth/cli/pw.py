@@ -10,14 +10,16 @@ one of :data:`kumoauth.backends.schemes.HASH_SCHEMES` (default
 ``ARGON2ID``).
 
 Exit status: 0 with the hash on standard output; 1 for no password (end
-of input at the prompt: Ctrl-D), an empty one, two that differ, or one the
-scheme cannot take (one line on stderr); 2 for wrong usage (argparse); 130
-interrupted (Ctrl-C).
+of input at the prompt: Ctrl-D), an empty one, two that differ, one that
+is not text in the locale's encoding ("not valid UTF-8"), or one the scheme cannot take
+(one line on stderr); 2 for wrong usage (argparse); 130 interrupted
+(Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import getpass
 import sys
 from typing import Any
@@ -39,7 +41,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def read_password() -> str:
-    """The password: twice without echo on a terminal, else one line of stdin."""
+    """
+    The password: twice without echo on a terminal, else one line of stdin.
+    Bytes that are not text in the locale's encoding (UTF-8 nearly always)
+    are refused, whether decoding failed or left them as surrogates
+    (surrogateescape).
+    """
     from kumoauth.cli import CommandError
 
     if sys.stdin is None:
@@ -51,15 +58,43 @@ def read_password() -> str:
         except EOFError:
             print(file=sys.stderr)  # end the prompt's line
             raise CommandError("no password given") from None
+        except UnicodeDecodeError as e:
+            print(file=sys.stderr)
+            raise CommandError(_not_valid(e.encoding)) from None
         if again != first:
             raise CommandError("the passwords differ")
-        return first
-    line = sys.stdin.readline()
+        return _text(first)
+    try:
+        line = sys.stdin.readline()
+    except UnicodeDecodeError as e:
+        raise CommandError(_not_valid(e.encoding)) from None
     if line.endswith("\n"):
         line = line[:-1]
     if line.endswith("\r"):
         line = line[:-1]
-    return line
+    return _text(line)
+
+
+def _text(password: str) -> str:
+    """
+    *password*, unless it holds a surrogate: decoding valid UTF-8 never
+    makes one, surrogateescape (Python's choice for standard input in the
+    C and POSIX locales) makes one of each byte it cannot decode.
+    """
+    from kumoauth.cli import CommandError
+
+    if any("\ud800" <= ch <= "\udfff" for ch in password):
+        raise CommandError(_not_valid(getattr(sys.stdin, "encoding", None)))
+    return password
+
+
+def _not_valid(encoding: str | None) -> str:
+    """The error for a password that is not text in *encoding* (the locale's)."""
+    try:
+        utf8 = encoding is None or codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        utf8 = False
+    return f"the password is not valid {'UTF-8' if utf8 else encoding}"
 
 
 def run(args: argparse.Namespace) -> int:
