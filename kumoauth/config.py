@@ -17,8 +17,10 @@ import contextlib
 import functools
 import ipaddress
 import math
+import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -117,6 +119,11 @@ class ThrottleConfig:
     on_store_error: str = "closed"
     #: IPv6 clients are counted per network of this many bits
     ipv6_prefix: int = 64
+    #: the file the failed-password fingerprints' key is read from; None:
+    #: a random one per process, or the shared store's
+    fingerprint_key_file: Path | None = None
+    #: that file's bytes, read when the configuration is (never shown)
+    fingerprint_key: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -424,6 +431,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "store": _str,
         "on_store_error": _choice("closed", "open"),
         "ipv6_prefix": _prefix,
+        "fingerprint_key_file": _str,
     },
     "limits": {
         "window": _number(1.0),
@@ -488,6 +496,42 @@ def _section(source: Path, name: str, raw: Any, label: str | None = None) -> dic
         if key not in out:
             raise ConfigError(source, f"{label} {key}", "required key is missing")
     return out
+
+
+#: the shortest and longest ``[auth.throttle] fingerprint_key_file``
+FINGERPRINT_KEY_MIN = 32
+FINGERPRINT_KEY_MAX = 4096
+
+
+def _fingerprint_key(source: Path, path: Path) -> bytes:
+    """
+    The bytes of ``[auth.throttle] fingerprint_key_file``, as they are (a
+    newline at the end is part of the key): at least 32, a regular file.
+    The error names the file, never what it holds.
+    """
+    where = "[auth.throttle] fingerprint_key_file"
+    try:
+        # O_NONBLOCK: a FIFO named by mistake must not hang the start.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(source, where, f"{path}: not a regular file")
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read(FINGERPRINT_KEY_MAX + 1)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ConfigError(source, where, f"{path}: {e.strerror or e}") from None
+    if len(data) < FINGERPRINT_KEY_MIN:
+        raise ConfigError(
+            source,
+            where,
+            f"{path}: {len(data)} bytes; the key must be at least {FINGERPRINT_KEY_MIN} "
+            "(head -c 32 /dev/urandom > FILE)",
+        )
+    if len(data) > FINGERPRINT_KEY_MAX:
+        raise ConfigError(source, where, f"{path}: more than {FINGERPRINT_KEY_MAX} bytes")
+    return data
 
 
 def _path(source: Path, value: str) -> Path:
@@ -565,7 +609,11 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
 
     raw_auth = data.get("auth", {})
     raw_throttle = raw_auth.pop("throttle", {}) if isinstance(raw_auth, dict) else {}
-    throttle = ThrottleConfig(**_section(source, "auth.throttle", raw_throttle))
+    t = _section(source, "auth.throttle", raw_throttle)
+    if "fingerprint_key_file" in t:
+        t["fingerprint_key_file"] = _path(source, t["fingerprint_key_file"])
+        t["fingerprint_key"] = _fingerprint_key(source, t["fingerprint_key_file"])
+    throttle = ThrottleConfig(**t)
     raw_oauth = raw_auth.pop("oauth", None) if isinstance(raw_auth, dict) else None
     oauth = _oauth(source, raw_oauth) if raw_oauth is not None else None
     raw_cache = raw_auth.pop("cache", None) if isinstance(raw_auth, dict) else None

@@ -383,3 +383,70 @@ def test_relay_host_must_be_a_host():
     for good in ("127.0.0.1", "::1", "localhost", "smarthost.example.net"):
         text = MINIMAL + RELAY.replace('"127.0.0.1"', f'"{good}"') + "allow_plaintext = true\n"
         assert parse(text, "/k.toml").relay
+
+
+# --- [auth.throttle] fingerprint_key_file -----------------------------------------------
+
+
+def test_fingerprint_key_file_is_read_with_the_configuration(tmp_path):
+    key = bytes(range(256))[:48]
+    (tmp_path / "fp.key").write_bytes(key)
+    cfg = parse(
+        MINIMAL + '[auth.throttle]\nfingerprint_key_file = "fp.key"\n', tmp_path / "kumoauth.toml"
+    )
+    throttle = cfg.auth.throttle
+    assert throttle.fingerprint_key_file == tmp_path / "fp.key"
+    assert throttle.fingerprint_key == key  # the bytes as they are
+    assert repr(key) not in repr(cfg) and key.hex() not in repr(cfg)
+    assert parse(MINIMAL, tmp_path / "kumoauth.toml").auth.throttle.fingerprint_key is None
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "No such file or directory"),
+        (b"short-key\n", "10 bytes; the key must be at least 32"),
+        (b"", "0 bytes; the key must be at least 32"),
+        (b"k" * 5000, "more than 4096 bytes"),
+        ("dir", "not a regular file"),
+    ],
+    ids=["missing", "short", "empty", "huge", "directory"],
+)
+def test_fingerprint_key_file_errors(tmp_path, content, problem):
+    path = tmp_path / "fp.key"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    text = MINIMAL + '[auth.throttle]\nfingerprint_key_file = "fp.key"\n'
+    with pytest.raises(ConfigError) as e:
+        parse(text, tmp_path / "kumoauth.toml")
+    message = str(e.value)
+    assert "\n" not in message
+    assert f"[auth.throttle] fingerprint_key_file: {path}: {problem}" in message
+    if isinstance(content, bytes) and content:
+        assert content.decode()[:8] not in message  # never what the file holds
+
+
+def test_fingerprint_key_file_that_is_a_fifo_does_not_hang(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fp.key")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        parse(
+            MINIMAL + '[auth.throttle]\nfingerprint_key_file = "fp.key"\n',
+            tmp_path / "kumoauth.toml",
+        )
+
+
+@pytest.mark.e2e
+def test_short_fingerprint_key_file_is_one_line_at_start(tmp_path, certs):
+    (tmp_path / "fp.key").write_bytes(b"Secret-Key-Shown?\n")
+    extra = '[auth.throttle]\nfingerprint_key_file = "fp.key"\n'
+    line = assert_operator_error(
+        tmp_path,
+        listener_config(certs, extra=extra),
+        "[auth.throttle] fingerprint_key_file",
+        "the key must be at least 32",
+    )
+    assert "Secret-Key-Shown" not in line

@@ -189,3 +189,34 @@ def test_limits_table_parses():
 
     with pytest.raises(ConfigError, match=r"\[limits\] on_store_error"):
         parse(base + '[limits]\non_store_error = "maybe"\n')
+
+
+def test_user_name_variants_share_one_counter_and_one_metric_label(make_session):
+    """
+    Names a user database takes for one account ("alice ", " ALICE",
+    "alice  smith" for "alice smith") count against one limit and add no
+    metric series of their own (audit finding 3).
+    """
+    store = MemoryStore(None)  # type: ignore[arg-type]
+    limits = LimitsConfig(max_messages_per_user=1)
+    sessions = []
+
+    def make(user: str) -> Session:
+        s = session(make_session, limits, user=user, limits_store=store)
+        store.clock = s.clock
+        sessions.append(s)
+        return s
+
+    assert send(make("alice smith"))[0].startswith("250 ")
+    for variant in ("alice smith ", " Alice Smith", "alice  smith", "ALICE SMITH  "):
+        assert send(make(variant))[0].startswith("451 ")
+    assert store._counters.keys() == {counter_key("messages", "alice smith")}
+    labels = {
+        (sample.labels["kind"], sample.labels["user"])
+        for s in sessions  # a runtime each here: four refused one message each
+        for metric in s.runtime.metrics.registry.collect()
+        if metric.name == "kumoauth_limit_exceeded"
+        for sample in metric.samples
+        if sample.name == "kumoauth_limit_exceeded_total"
+    }
+    assert labels == {("messages", "alice smith")}

@@ -785,3 +785,122 @@ def test_make_store_errors_never_echo_a_password(tail):
             make_store(spec, None)  # type: ignore[arg-type]
         except ValueError as e:
             assert "Secr3t" not in str(e)
+
+
+# --------------------------------------------------------------------------
+# reservations (the throttle's check and count in one step)
+
+
+async def reservations(store: Any, reactor: Any) -> list[Any]:
+    """Reserve and release on *store*, times cut to "in window" or 0."""
+    trace: list[Any] = []
+
+    def cut(r: tuple[int, float, int]) -> tuple[int, str, int]:
+        refused, retry_after, added = r
+        return (refused, "in window" if 0 < retry_after <= WINDOW + 0.01 else "0", added)
+
+    ip, user = "ip:192.0.2.1", "authc:alice"
+    trace.append(cut(await store.reserve(ip, fp(1), WINDOW, 2, user, 1)))
+    trace.append(cut(await store.reserve(ip, fp(2), WINDOW, 2, user, 1)))  # alice's limit
+    trace.append(cut(await store.reserve(ip, fp(1), WINDOW, 2, None, 1)))  # again: no new place
+    trace.append(cut(await store.reserve(ip, fp(3), WINDOW, 2, None, 1)))
+    trace.append(cut(await store.reserve(ip, fp(4), WINDOW, 2, None, 1)))  # the client's limit
+    # A clean client is not held by alice's limit; her set keeps its limit (1).
+    trace.append(cut(await store.reserve("ip:192.0.2.2", fp(5), WINDOW, 2, user, 1)))
+    trace.append((await store.count(user, WINDOW))[0])
+    await store.release("ip:192.0.2.2", fp(5), user, 3)
+    trace.append(await store.count("ip:192.0.2.2", WINDOW))
+    trace.append(await store.count(user, WINDOW))
+    await store.release(ip, fp(1), None, 0)  # nothing added: nothing taken
+    trace.append((await store.count(ip, WINDOW))[0])
+    await store.release(ip, fp(3), None, 1)
+    trace.append((await store.count(ip, WINDOW))[0])
+    await sleep(reactor, WINDOW + 0.05)
+    trace.append(cut(await store.reserve(ip, fp(9), WINDOW, 2, user, 1)))
+    return trace
+
+
+RESERVATIONS = [
+    (0, "0", 3),
+    (2, "in window", 0),
+    (0, "0", 0),
+    (0, "0", 1),
+    (1, "in window", 0),
+    (0, "0", 3),
+    1,
+    (0, 0.0),
+    (0, 0.0),
+    2,
+    1,
+    (0, "0", 3),
+]
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_reservations_same_semantics_as_memory(
+    kind: str, reactor: Any, request: pytest.FixtureRequest, prefix: str, stores: Any
+) -> None:
+    if kind == "memory":
+        store: Any = MemoryStore(reactor)
+    else:
+        server = request.getfixturevalue("redis")
+        store = stores(server.url(prefix=prefix))
+    assert in_reactor(reservations, store, reactor) == RESERVATIONS
+
+
+def test_reservations_provided(redis: RedisServer, stores: Any, prefix: str) -> None:
+    from kumoauth.stores import IFailureReservations
+
+    assert verifyObject(IFailureReservations, stores(redis.url(prefix=prefix)))
+
+
+def test_concurrent_reservations_from_several_instances_stop_at_the_limit(
+    redis: RedisServer, stores: Any, prefix: str
+) -> None:
+    instances = [stores(redis.url(prefix=prefix)) for _ in range(4)]
+
+    def burst() -> defer.Deferred[list[tuple[int, float, int]]]:
+        return defer.gatherResults(
+            [
+                instances[i % 4].reserve("ip:192.0.2.9", fp(i), 30.0, 10, "authc:bob", 5)
+                for i in range(200)
+            ]
+        )
+
+    results = in_reactor(burst)
+    # The first from this client is not held by bob's limit; then bob's 5 are taken.
+    assert sum(1 for refused, _, _ in results if refused == 0) == 5
+    assert {refused for refused, _, _ in results} == {0, 2}
+    assert in_reactor(instances[0].count, "authc:bob", 30.0)[0] == 5
+    many = in_reactor(
+        lambda: defer.gatherResults(
+            [
+                instances[i % 4].reserve("ip:192.0.2.10", fp(i), 30.0, 10, None, 0)
+                for i in range(200)
+            ]
+        )
+    )
+    assert sum(1 for refused, _, _ in many if refused == 0) == 10
+    assert in_reactor(instances[1].count, "ip:192.0.2.10", 30.0)[0] == 10
+
+
+def test_the_secret_is_read_when_redis_refuses_writes(
+    reactor: Any, stores: Any, prefix: str
+) -> None:
+    """
+    At ``maxmemory`` with ``noeviction`` Redis refuses SET: the secret it
+    holds is read (GET first), and a store keeps it once read.
+    """
+    _require_redis()
+    with running_redis() as server:
+        secret = in_reactor(stores(server.url(prefix=prefix)).secret, "fingerprint-salt")
+        with server.client() as raw:
+            raw("CONFIG", "SET", "maxmemory-policy", "noeviction")
+            raw("CONFIG", "SET", "maxmemory", "1")
+        later = stores(server.url(prefix=prefix, timeout=0.5))
+        assert in_reactor(later.secret, "fingerprint-salt") == secret
+        # None there yet: it cannot be made, and that is a failure.
+        e, _ = fails(later.secret, "other")
+        assert "OOM" in str(e)
+        server.kill()
+        assert in_reactor(later.secret, "fingerprint-salt") == secret  # kept

@@ -540,3 +540,220 @@ def test_a_deadline_is_set_only_on_what_has_no_result_yet():
     outer.addErrback(errors.append)
     clock.advance(5)
     assert len(errors) == 2 and errors[1].check(defer.TimeoutError)  # type: ignore[attr-defined]
+
+
+# --- attempts counted before the checker (audit finding 4) --------------------
+
+
+@pytest.fixture
+def held(make_session):
+    """
+    Sessions from one IP sharing one runtime whose checker answers only when
+    the test says so: every attempt is in flight at once, as 40 connections
+    arriving together against a slow (Argon2) checker are.
+    """
+    pending = []
+
+    def check(authz, authc, password, meta):
+        d = defer.Deferred()
+        pending.append((authc, password, d))
+        return d
+
+    policy = Policy()
+    policy.on("smtp_server_auth_plain", check)
+    clock = task.Clock()
+    auth = AuthConfig(
+        failure_delay=0,
+        timeout=60,
+        throttle=ThrottleConfig(window=900, max_failures_per_ip=10, max_failures_per_authc=5),
+    )
+    first = make_session(policy, clock=clock, auth=auth, client=("203.0.113.9", 40000))
+
+    def connect(ip="203.0.113.9"):
+        s = make_session(runtime=first.runtime, clock=clock, client=(ip, 40000))
+        s.command("EHLO client.example")
+        return s
+
+    def answer_all():
+        for authc, password, d in pending:
+            d.callback(PASSWORDS.get(authc) == password)
+        pending.clear()
+
+    return pending, connect, answer_all, first.runtime
+
+
+def test_parallel_guesses_for_one_user_reach_the_checker_at_most_per_authc_times(held):
+    pending, connect, answer_all, runtime = held
+    sessions = [connect() for _ in range(40)]
+    replies = [attempt(s, "scott", f"guess{i}") for i, s in enumerate(sessions)]
+    # Five are with the checker; the other 35 were refused at once.
+    assert len(pending) == 5
+    assert sum(r.startswith("454 4.7.0 Too many failed attempts") for r in replies) == 35
+    answer_all()
+    answered = [s.output() for s, r in zip(sessions, replies, strict=True) if r == ""]
+    assert len(answered) == 5 and all(a.startswith("535") for a in answered)
+    store = runtime.throttle.store
+    assert result(store.count(authc_key("scott"), 900)) == (5, 900.0)
+    assert result(store.count(client_key("203.0.113.9"), 900)) == (5, 900.0)
+
+
+def test_parallel_guesses_for_many_users_reach_the_checker_at_most_per_ip_times(held):
+    pending, connect, answer_all, runtime = held
+    sessions = [connect() for _ in range(40)]
+    replies = [attempt(s, f"user{i}", "123456") for i, s in enumerate(sessions)]
+    assert len(pending) == 10
+    assert sum(r.startswith("454 4.7.0") for r in replies) == 30
+    answer_all()
+    # The budget is spent: even the right password is not checked now.
+    assert attempt(connect(), "scott", "tiger").startswith("454 4.7.0")
+    assert pending == []
+
+
+def test_successes_and_unanswered_checks_give_their_place_back(held):
+    pending, connect, answer_all, runtime = held
+    store = runtime.throttle.store
+    # Twenty right passwords at once: one fingerprint, one place, all checked.
+    sessions = [connect() for _ in range(20)]
+    assert [attempt(s, "scott", "tiger") for s in sessions] == [""] * 20
+    assert len(pending) == 20
+    assert result(store.count(client_key("203.0.113.9"), 900)) == (1, 900.0)
+    answer_all()
+    assert all(s.output().startswith("235") for s in sessions)
+    assert result(store.count(client_key("203.0.113.9"), 900)) == (0, 0.0)
+    assert result(store.count(authc_key("scott"), 900)) == (0, 0.0)
+    # A checker that fails (454) does not count the attempt either.
+    s = connect()
+    assert attempt(s, "alice", "wonderland") == ""
+    pending.pop()[2].errback(RuntimeError("backend exploded"))
+    assert s.output().startswith("454 4.7.0 Temporary")
+    assert result(store.count(client_key("203.0.113.9"), 900)) == (0, 0.0)
+    assert result(store.count(authc_key("alice"), 900)) == (0, 0.0)
+
+
+def test_one_wrong_password_in_flight_many_times_takes_one_place(held):
+    pending, connect, answer_all, runtime = held
+    sessions = [connect() for _ in range(12)]
+    assert [attempt(s, "alice", "wonderlad") for s in sessions] == [""] * 12
+    answer_all()
+    assert all(s.output().startswith("535") for s in sessions)
+    store = runtime.throttle.store
+    assert result(store.count(authc_key("alice"), 900)) == (1, 900.0)
+    assert attempt(connect(), "alice", "wonderland") == ""
+    answer_all()
+
+
+def test_an_attempt_whose_client_left_stays_counted(held):
+    pending, connect, answer_all, runtime = held
+    s = connect()
+    assert attempt(s, "scott", "guess") == ""
+    s.close()  # the attempt reached the checker: it counts
+    answer_all()
+    assert result(runtime.throttle.store.count(authc_key("scott"), 900)) == (1, 900.0)
+
+
+def test_memory_store_reserve_and_release():
+    clock = task.Clock()
+    store = MemoryFailureStore(clock)
+    ip, user = "ip:192.0.2.1", "authc:alice"
+    assert result(store.reserve(ip, b"a", 900, 2, user, 1)) == (0, 0.0, 3)
+    # The client has a failure now: alice's limit (1) holds it off.
+    clock.advance(100)
+    assert result(store.reserve(ip, b"b", 900, 2, user, 1)) == (2, 800.0, 0)
+    # The same fingerprint again: refreshed, nothing new.
+    assert result(store.reserve(ip, b"a", 900, 2, None, 0)) == (0, 0.0, 0)
+    assert result(store.reserve(ip, b"c", 900, 2, None, 0)) == (0, 0.0, 1)
+    assert result(store.reserve(ip, b"d", 900, 2, None, 0)) == (1, 900.0, 0)
+    # A clean client is not held by the user's limit; the user's set keeps its limit.
+    assert result(store.reserve("ip:192.0.2.2", b"e", 900, 2, user, 1)) == (0, 0.0, 3)
+    assert result(store.count(user, 900)) == (1, 900.0)
+    result(store.release("ip:192.0.2.2", b"e", user, 3))
+    assert result(store.count("ip:192.0.2.2", 900)) == (0, 0.0)
+    assert "ip:192.0.2.2" not in store._keys
+    assert result(store.count(user, 900)) == (0, 0.0)
+    # Only what was added is given back.
+    result(store.release(ip, b"a", None, 0))
+    assert result(store.count(ip, 900))[0] == 2
+
+
+def test_memory_store_provides_reservations():
+    from kumoauth.stores import IFailureReservations
+
+    verifyObject(IFailureReservations, MemoryFailureStore(task.Clock()))
+
+
+def test_a_store_without_reservations_is_checked_then_recorded(make_session, captured_log):
+    """
+    A ``package.module:factory`` store that only has IFailureStore: the
+    check, then the record after the checker, as before; once a record
+    fails, the next attempt is recorded before it goes on, and refused
+    (454, on_store_error = "closed") while that fails.
+    """
+    checker = Checker()
+    policy = Policy()
+    policy.on("smtp_server_auth_plain", checker)
+    s = make_session(policy, connect=False)
+    store = ReadOnlyStore(s.clock)
+    t = Throttle(store, ThrottleConfig())
+    s.factory.runtime = dataclasses.replace(s.runtime, throttle=t)
+    s.connect()
+    s.command("EHLO client.example")
+    assert attempt(s, "scott", "guess1").startswith("535")
+    assert checker.calls == ["scott"]
+    store.writable = False
+    assert attempt(s, "scott", "guess2").startswith("535")  # the check read; the record failed
+    assert attempt(s, "scott", "guess3").startswith("454 4.7.0")
+    assert checker.calls == ["scott", "scott"]
+    assert attempt(s, "scott", "guess4").startswith("454 4.7.0")
+    store.writable = True
+    assert attempt(s, "scott", "tiger").startswith("235")
+    assert result(store.inner.count(authc_key("scott"), 900))[0] == 2  # guess1, tiger
+    text = captured_log.text()
+    assert text.count("failure store unavailable: OOM command not allowed") == 1
+    assert text.count("failure store available again (3 operations met it down)") == 1
+
+
+@implementer(IFailureStore)
+class ReadOnlyStore:
+    """A store with IFailureStore only, whose writes can be refused."""
+
+    def __init__(self, clock):
+        self.inner = MemoryFailureStore(clock)
+        self.writable = True
+
+    def count(self, key, window):
+        return self.inner.count(key, window)
+
+    def record(self, key, fingerprint, window, keep):
+        if not self.writable:
+            from kumoauth.stores import StoreUnavailable
+
+            return defer.fail(StoreUnavailable("OOM command not allowed"))
+        return self.inner.record(key, fingerprint, window, keep)
+
+
+# --- one account, one key (audit finding 3) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["alice smith", "Alice Smith", " alice smith", "alice smith ", "alice  smith", "ALICE\tSMITH"],
+)
+def test_user_name_variants_share_one_key(variant):
+    from kumoauth.smtp.limits import counter_key
+    from kumoauth.stores import fold_user
+
+    assert fold_user(variant) == "alice smith"
+    assert authc_key(variant) == "authc:alice smith"
+    assert counter_key("messages", variant) == "limit:messages:alice smith"
+
+
+def test_user_name_variants_share_one_failure_budget(world):
+    checker, clock, connect = world
+    attacker = connect("203.0.113.9")
+    variants = ["alice", "alice ", " alice", "alice  ", "ALICE ", " Alice"]
+    replies = [attempt(attacker, v, f"guess{i}") for i, v in enumerate(variants)]
+    assert [r[:3] for r in replies] == ["535"] * 5 + ["454"]
+    t, _ = throttle()
+    # The same wrong password typed with a space after the name counts once.
+    t.failed("203.0.113.9", "alice", "typo")
+    assert result(t.failed("203.0.113.9", "alice ", "typo")) == (1, 1)

@@ -1,8 +1,10 @@
 """
 One AUTH attempt, from credentials to outcome, outside the protocol:
-throttle → in-flight limit → Cred portal (with a deadline) → failure delay
-→ log and metrics.  :meth:`Authenticator.authenticate` returns a Deferred
-of an :class:`Outcome`; the protocol only sends its reply.
+throttle (the attempt counted in advance) → in-flight limit → Cred portal
+(with a deadline) → the throttle's count kept for a failure, given back
+otherwise → failure delay → log and metrics.
+:meth:`Authenticator.authenticate` returns a Deferred of an
+:class:`Outcome`; the protocol only sends its reply.
 
 Testable without a transport: give it a portal, a clock and a throttle.
 """
@@ -23,7 +25,7 @@ from twisted.python.failure import Failure
 
 from kumoauth.auth.cred import AuthContext, BackendUnavailable, IBearerCredentials
 from kumoauth.auth.mechanisms import REGISTRY
-from kumoauth.auth.throttle import Throttle
+from kumoauth.auth.throttle import Reservation, Throttle, Throttled
 from kumoauth.config import AuthConfig
 from kumoauth.meta import ConnMeta
 from kumoauth.ops.cooperate import Slicer
@@ -256,40 +258,56 @@ class Authenticator:
             attempt.secrets.append(password)
         throttle = self.throttle
         if throttle is None:
-            d: defer.Deferred[Outcome] = self._check(attempt, credentials)
+            d: defer.Deferred[Outcome] = self._check(attempt, credentials, None)
         else:
-            checked = throttle.check(attempt.client_ip, credentials.authc)
-            _deadline(checked, self.auth.timeout, self.clock)
+            # Counted before the checker: parallel attempts cannot all pass.
+            reserved = throttle.reserve(attempt.client_ip, credentials.authc, password)
+            _deadline(reserved, self.auth.timeout, self.clock)
 
-            def decide(verdict: Any) -> Any:
-                if verdict is None:
-                    return self._check(attempt, credentials)
-                return self._throttled(attempt, verdict.reason, verdict.retry_after)
+            def store_answered(verdict: Reservation | Throttled) -> Any:
+                if isinstance(verdict, Throttled):
+                    # Refused on what the store holds, without writing: no
+                    # sign that the store records again, if it did not.
+                    return self._throttled(attempt, verdict.reason, verdict.retry_after)
+                self.store_state.succeeded()  # it counted the attempt
+                return self._check(attempt, credentials, verdict)
 
             def store_failed(f: Failure) -> Any:
                 if f.check(defer.CancelledError):
                     return f
-                if not f.check(StoreUnavailable, defer.TimeoutError):
-                    log.failure("failure store: unexpected error", f)
-                open_ = self.auth.throttle.on_store_error == "open"
-                self.store_state.failed(
-                    f.getErrorMessage() or type(f.value).__name__,
-                    "AUTH goes on without throttles (on_store_error = open)"
-                    if open_
-                    else "AUTH gets 454 (on_store_error = closed)",
-                )
-                if open_:
-                    return self._check(attempt, credentials)
+                if self._store_failed(f):
+                    return self._check(attempt, credentials, None)
                 # Fail closed: without counters, brute force is unlimited.
                 self.log.record(attempt, "tempfail", reason="store")
                 return Outcome("tempfail", R_TEMPFAIL)
 
-            def store_answered(verdict: Any) -> Any:
-                self.store_state.succeeded()
-                return decide(verdict)
-
-            d = checked.addCallbacks(store_answered, store_failed)
+            d = reserved.addCallbacks(store_answered, store_failed)
         return d.addErrback(self._bug, attempt)
+
+    def _store_failed(self, f: Failure) -> bool:
+        """
+        The failure store could not answer, or could not count or give
+        back: logged once per outage, with what it means for AUTH; whether
+        AUTH goes on regardless (``on_store_error = "open"``).
+        """
+        if not f.check(StoreUnavailable, defer.TimeoutError):
+            log.failure("failure store: unexpected error", f)
+        open_ = self.auth.throttle.on_store_error == "open"
+        self.store_state.failed(
+            f.getErrorMessage() or type(f.value).__name__,
+            "AUTH goes on without throttles (on_store_error = open)"
+            if open_
+            else "AUTH gets 454 (on_store_error = closed)",
+        )
+        return open_
+
+    def _settled(self, d: defer.Deferred[Any]) -> None:
+        """A reservation's commit or release: its failure marks the store down."""
+        d.addErrback(self._store_failed)
+
+    def _release(self, reservation: Reservation | None) -> None:
+        if reservation is not None and self.throttle is not None:
+            self._settled(self.throttle.release(reservation))
 
     def _bug(self, f: Failure, attempt: Attempt) -> Outcome:
         if f.check(defer.CancelledError):
@@ -310,12 +328,26 @@ class Authenticator:
             b"454 4.7.0 Too many failed attempts, try again in %d seconds" % wait,
         )
 
-    def _check(self, attempt: Attempt, credentials: Any) -> defer.Deferred[Outcome]:
+    def _check(
+        self, attempt: Attempt, credentials: Any, reservation: Reservation | None
+    ) -> defer.Deferred[Outcome]:
+        """
+        The checker's answer for *credentials*.  *reservation*, the
+        attempt counted in advance, is kept for a failure and given back
+        otherwise (a success, a checker that could not answer); an attempt
+        whose session went away while the checker ran stays counted (it
+        reached the checker).
+        """
         bearer = IBearerCredentials.providedBy(credentials)
         if (not credentials.authc and not bearer) or not getattr(credentials, "password", True):
-            # Nothing to check: refused without calling the checker.
-            return self._failed(attempt, credentials, latency=None)
+            # Nothing to check: refused without calling the checker.  Without
+            # a user name that is not counted either.
+            if not credentials.authc:
+                self._release(reservation)
+                reservation = None
+            return self._failed(attempt, credentials, None, reservation=reservation)
         if self.in_flight.count >= self.auth.max_in_flight:
+            self._release(reservation)
             self.log.record(attempt, "throttled", reason="in_flight")
             return defer.succeed(Outcome("throttled", R_IN_FLIGHT))
         attempt.checked_at = self.clock.seconds()
@@ -338,6 +370,7 @@ class Authenticator:
         d.addBoth(release)
 
         def success(result: tuple[Any, Delivery, Any]) -> Outcome:
+            self._release(reservation)
             self.log.record(attempt, "success", latency=self._latency(attempt))
             return Outcome("success", R_SUCCESS, delivery=result[1])
 
@@ -347,7 +380,9 @@ class Authenticator:
             latency = self._latency(attempt)
             if f.check(cred_error.UnauthorizedLogin):
                 challenge = getattr(f.value, "challenge", None)
-                return self._failed(attempt, credentials, latency, challenge)
+                return self._failed(attempt, credentials, latency, challenge, reservation)
+            # Not a failure of the credentials: the attempt does not count.
+            self._release(reservation)
             if f.check(defer.TimeoutError):
                 log.error(
                     "checker did not answer within {timeout}s for authc={authc} from {client}",
@@ -371,12 +406,6 @@ class Authenticator:
 
         return d.addCallbacks(success, failure)
 
-    def _record_failed(self, f: Failure) -> None:
-        if f.check(StoreUnavailable, defer.TimeoutError):
-            self.store_state.failed(f.getErrorMessage() or "timeout", "")
-            return
-        log.failure("recording a failed attempt", f)
-
     def _latency(self, attempt: Attempt) -> float:
         if attempt.checked_at is None:
             return 0.0
@@ -388,15 +417,24 @@ class Authenticator:
         credentials: Any,
         latency: float | None,
         challenge: bytes | None = None,
+        reservation: Reservation | None = None,
     ) -> defer.Deferred[Outcome]:
         """
         535 once ``failure_delay`` has passed since the attempt began (so a
-        fast "no such user" and a slow "wrong password" look alike).
+        fast "no such user" and a slow "wrong password" look alike).  The
+        failure counts: its reservation is kept; without one (the store
+        failed it, ``on_store_error = "open"``) it is recorded if the store
+        can now.
         """
-        if self.throttle is not None and credentials.authc:
-            self.throttle.failed(
-                attempt.client_ip, credentials.authc, getattr(credentials, "password", b"")
-            ).addErrback(self._record_failed)
+        throttle = self.throttle
+        if throttle is not None and reservation is not None:
+            self._settled(throttle.commit(reservation))
+        elif throttle is not None and credentials.authc:
+            self._settled(
+                throttle.failed(
+                    attempt.client_ip, credentials.authc, getattr(credentials, "password", b"")
+                )
+            )
         self.log.record(attempt, "failure", latency=latency)
         outcome = Outcome("failure", R_FAILED, challenge=challenge)
         wait = max(0.0, attempt.started + self.auth.failure_delay - self.clock.seconds())

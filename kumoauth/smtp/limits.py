@@ -5,10 +5,12 @@ shares the store.  A phished account's spam run stops at the limit
 instead of getting the service's addresses blocklisted.
 
 The user is ``authn_id`` (the account that logged in: a stolen password
-is an account's, whatever identity it then asks for), case-folded as the
-throttles fold user names.  A message is counted when MAIL is accepted, a
-recipient when RCPT is, both after the policy's own ``smtp_server_mail_from``
-/ ``smtp_server_rcpt_to`` said yes (what the policy refuses costs nothing).
+is an account's, whatever identity it then asks for), folded as the
+throttles fold user names (:func:`~kumoauth.stores.fold_user`: case, and
+spaces around and inside), for its counters and its metric label alike.
+A message is counted when MAIL is accepted, a recipient when RCPT is, both
+after the policy's own ``smtp_server_mail_from`` / ``smtp_server_rcpt_to``
+said yes (what the policy refuses costs nothing).
 Over the limit: ``451 4.7.1`` saying when the window resets, one log line
 per user and kind per minute (repeats are summarised), a metric, and the
 policy event ``smtp_server_limit_exceeded(authn_id, kind, conn_meta)`` so a
@@ -26,7 +28,7 @@ from twisted.python.failure import Failure
 
 from kumoauth.config import LimitsConfig
 from kumoauth.ops.loglimit import LogLimiter, StateLog
-from kumoauth.stores import StoreUnavailable
+from kumoauth.stores import StoreUnavailable, fold_user
 from kumoauth.textsafe import escape
 
 log = Logger(namespace="kumoauth")
@@ -38,7 +40,7 @@ R_STORE_DOWN = b"451 4.7.1 Cannot check sending limits now, try again later"
 
 
 def counter_key(kind: str, user: str) -> str:
-    return f"limit:{kind}:{user.casefold()}"
+    return f"limit:{kind}:{fold_user(user)}"
 
 
 class SendingLimits:
@@ -105,8 +107,10 @@ class SendingLimits:
 
     def _exceeded(self, kind: str, user: str, limit: int, reset_in: float, conn_meta: Any) -> bytes:
         wait = max(1, math.ceil(reset_in))
-        self.metrics.limit_exceeded.labels(kind, escape(user, 64)).inc()
-        key = ("limit", kind, user.casefold())
+        folded = fold_user(user)
+        # The folded name: a client must not make new label values at will.
+        self.metrics.limit_exceeded.labels(kind, escape(folded, 64)).inc()
+        key = ("limit", kind, folded)
 
         def summarise(n: int) -> None:
             log.warn(

@@ -65,6 +65,65 @@ class IFailureStore(Interface):
         """
 
 
+class IFailureReservations(Interface):
+    """
+    The throttle's check and count as one atomic step (the built-in stores
+    provide it): an attempt is counted *before* the checker runs, so
+    parallel attempts cannot all pass a check that none of them has
+    counted yet, and given back if it turns out not to be a failure.  A
+    store without it gets the older check, then record (not exact under
+    concurrency).
+    """
+
+    def reserve(
+        key: str,
+        fingerprint: bytes,
+        window: float,
+        limit: int,
+        user_key: str | None,
+        user_limit: int,
+    ) -> defer.Deferred[tuple[int, float, int]]:
+        """
+        Atomically, for one attempt: drop what is older than *window*
+        seconds under *key* and *user_key*; then
+
+        - if *key* holds *limit* fingerprints or more, fire with
+          ``(1, retry_after, 0)``;
+        - else if *user_key* is given, *key* holds at least one fingerprint
+          (a client that has not been failing is not held by the user's
+          limit) and *user_key* holds *user_limit* or more, fire with
+          ``(2, retry_after, 0)``;
+        - else add *fingerprint* now (or refresh its time if already
+          there) under *key* and *user_key*, each keeping at most its
+          limit (the oldest go), and fire with ``(0, 0.0, added)``:
+          *added* has bit 1 set if the fingerprint is new under *key*,
+          bit 2 if it is new under *user_key*.
+
+        *retry_after* is the seconds until the oldest fingerprint of the
+        key at its limit leaves the window.
+        """
+
+    def release(
+        key: str, fingerprint: bytes, user_key: str | None, added: int
+    ) -> defer.Deferred[None]:
+        """
+        Give back what :meth:`reserve` added (*added* as it returned it):
+        remove *fingerprint* from *key* (bit 1) and *user_key* (bit 2).
+        """
+
+
+def fold_user(name: str) -> str:
+    """
+    The one form of a user name that keys its failure budget, its sending
+    limits and its metric label: case-folded, without leading and trailing
+    whitespace, each run of whitespace inside made one space.  User
+    databases commonly take "Alice", "alice " and " alice" for one account
+    (LDAP's matching rules, SQL's PAD SPACE collations); one account must
+    have one budget, and a client must not make new label values at will.
+    """
+    return " ".join(name.casefold().split())
+
+
 class ICounterStore(Interface):
     """
     Fixed-window counters with a ceiling, by key (per-user sending limits).
@@ -104,6 +163,8 @@ class ISharedState(Interface):
         32 random bytes made once for *name* and the same for every process
         sharing the store (the fingerprint salt: a password retried through
         two instances must count once).  The memory store makes its own.
+        Once read, a store keeps it (it never changes): a reload that keeps
+        the store does not ask again.
         """
 
     def generation(name: str) -> defer.Deferred[int]:

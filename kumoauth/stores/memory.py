@@ -14,10 +14,16 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from kumoauth.stores import ICounterStore, IFailureStore, ISharedState, IStoreAdmin
+from kumoauth.stores import (
+    ICounterStore,
+    IFailureReservations,
+    IFailureStore,
+    ISharedState,
+    IStoreAdmin,
+)
 
 
-@implementer(IFailureStore, ICounterStore, ISharedState, IStoreAdmin)
+@implementer(IFailureStore, IFailureReservations, ICounterStore, ISharedState, IStoreAdmin)
 class MemoryStore:
     """
     Per-process store.  Failures: per key, an insertion-ordered map of
@@ -53,12 +59,12 @@ class MemoryStore:
             return None
         return seen
 
-    def record(self, key: str, fingerprint: bytes, window: float, keep: int) -> defer.Deferred[int]:
-        now = self.clock.seconds()
+    def _add(self, key: str, fingerprint: bytes, window: float, keep: int, now: float) -> bool:
+        """Add (or refresh) *fingerprint* under *key*; whether it is new there."""
         seen = self._prune(key, window, now)
         if seen is None:
             seen = self._keys[key] = OrderedDict()
-        seen.pop(fingerprint, None)
+        new = seen.pop(fingerprint, None) is None
         seen[fingerprint] = now
         while len(seen) > max(keep, 1):
             seen.popitem(last=False)
@@ -66,15 +72,56 @@ class MemoryStore:
         if self._records % self.SWEEP_EVERY == 0:
             for k in list(self._keys):
                 self._prune(k, window, now)
-        return defer.succeed(len(seen))
+        return new
+
+    def record(self, key: str, fingerprint: bytes, window: float, keep: int) -> defer.Deferred[int]:
+        self._add(key, fingerprint, window, keep, self.clock.seconds())
+        return defer.succeed(len(self._keys[key]))
+
+    def _retry_after(self, seen: OrderedDict[bytes, float], window: float, now: float) -> float:
+        oldest = next(iter(seen.values()))
+        return max(0.0, oldest + window - now)
 
     def count(self, key: str, window: float) -> defer.Deferred[tuple[int, float]]:
         now = self.clock.seconds()
         seen = self._prune(key, window, now)
         if seen is None:
             return defer.succeed((0, 0.0))
-        oldest = next(iter(seen.values()))
-        return defer.succeed((len(seen), max(0.0, oldest + window - now)))
+        return defer.succeed((len(seen), self._retry_after(seen, window, now)))
+
+    def reserve(
+        self,
+        key: str,
+        fingerprint: bytes,
+        window: float,
+        limit: int,
+        user_key: str | None,
+        user_limit: int,
+    ) -> defer.Deferred[tuple[int, float, int]]:
+        # One synchronous step: nothing else runs in between.
+        now = self.clock.seconds()
+        seen = self._prune(key, window, now)
+        if seen is not None and len(seen) >= limit:
+            return defer.succeed((1, self._retry_after(seen, window, now), 0))
+        if user_key is not None and seen is not None:
+            user_seen = self._prune(user_key, window, now)
+            if user_seen is not None and len(user_seen) >= user_limit:
+                return defer.succeed((2, self._retry_after(user_seen, window, now), 0))
+        added = 1 if self._add(key, fingerprint, window, limit, now) else 0
+        if user_key is not None and self._add(user_key, fingerprint, window, user_limit, now):
+            added |= 2
+        return defer.succeed((0, 0.0, added))
+
+    def release(
+        self, key: str, fingerprint: bytes, user_key: str | None, added: int
+    ) -> defer.Deferred[None]:
+        for bit, k in ((1, key), (2, user_key)):
+            seen = self._keys.get(k) if k is not None and added & bit else None
+            if k is not None and seen is not None:
+                seen.pop(fingerprint, None)
+                if not seen:
+                    del self._keys[k]
+        return defer.succeed(None)
 
     def __len__(self) -> int:
         return len(self._keys)

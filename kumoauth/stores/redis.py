@@ -25,7 +25,7 @@ as that command.  Keys::
 
     <prefix>fail:<key>      ZSET fingerprint -> time seen (µs), expires with the window
     <prefix>count:<key>     counter, expires at the end of its window
-    <prefix>secret:<name>   32 bytes, set once (SET NX)
+    <prefix>secret:<name>   32 bytes, set once (GET, then SET NX if missing), read once
     <prefix>gen:<name>      integer (INCR)
 
 The connection is made on first use and again on the first use after it is
@@ -64,6 +64,7 @@ from zope.interface import implementer
 
 from kumoauth.stores import (
     ICounterStore,
+    IFailureReservations,
     IFailureStore,
     ISharedState,
     IStoreAdmin,
@@ -391,9 +392,59 @@ return {tonumber(count), math.max(0, redis.call('PTTL', KEYS[1]))}
 """
 
 # KEYS[1] secret; ARGV[1] fresh random bytes, kept only if there are none yet.
+# GET first: a Redis that refuses writes (maxmemory with noeviction answers
+# OOM to any SET) still gives the secret it holds.
 _SET_ONCE = """
+local value = redis.call('GET', KEYS[1])
+if value then return value end
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('GET', KEYS[1])
+"""
+
+# KEYS[1] client failure set, KEYS[2] user failure set (optional); ARGV:
+# fingerprint, window (µs), client limit, user limit.  One attempt's check
+# and count in one step (IFailureReservations.reserve).
+# -> {0, 0, added bits} or {refused by key 1 or 2, µs until its oldest leaves, 0}
+_RESERVE = (
+    _NOW
+    + """
+local window = tonumber(ARGV[2])
+local horizon = string.format('%d', now - window)
+local function left(key)
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return tonumber(oldest[2]) + window - now
+end
+local function add(key, keep)
+  local at = now
+  local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if newest[2] and tonumber(newest[2]) >= at then at = tonumber(newest[2]) + 1 end
+  local new = redis.call('ZADD', key, string.format('%d', at), ARGV[1])
+  local n = redis.call('ZCARD', key)
+  if n > keep then redis.call('ZREMRANGEBYRANK', key, 0, n - keep - 1) end
+  redis.call('PEXPIRE', key, math.max(1, math.ceil(window / 1000)))
+  return new
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', horizon)
+local n = redis.call('ZCARD', KEYS[1])
+if n >= tonumber(ARGV[3]) then return {1, left(KEYS[1]), 0} end
+if KEYS[2] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', horizon)
+  if n > 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
+    return {2, left(KEYS[2]), 0}
+  end
+end
+local added = add(KEYS[1], tonumber(ARGV[3]))
+if KEYS[2] and add(KEYS[2], tonumber(ARGV[4])) == 1 then added = added + 2 end
+return {0, 0, added}
+"""
+)
+
+# KEYS: failure sets; ARGV[1] the fingerprint to take out of each.
+_RELEASE = """
+for _, key in ipairs(KEYS) do
+  redis.call('ZREM', key, ARGV[1])
+end
+return 0
 """
 
 # KEYS: failure sets.  -> {zcard1, pttl1, zcard2, pttl2, ...}
@@ -424,6 +475,8 @@ SCRIPTS = {
         ("get", _GET),
         ("secret", _SET_ONCE),
         ("sizes", _SIZES),
+        ("reserve", _RESERVE),
+        ("release", _RELEASE),
     )
 }
 
@@ -536,7 +589,7 @@ def _tls_reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-@implementer(IFailureStore, ICounterStore, ISharedState, IStoreAdmin)
+@implementer(IFailureStore, IFailureReservations, ICounterStore, ISharedState, IStoreAdmin)
 class RedisStore:
     """
     The shared store on one Redis connection (commands are pipelined on
@@ -575,6 +628,9 @@ class RedisStore:
         self._retry_at = 0.0
         self._backoff = self.MIN_BACKOFF
         self._close_waiters: list[defer.Deferred[None]] = []
+        #: secrets once read: they never change, and a store kept across a
+        #: reload keeps them (no Redis round trip, nor a write, to get them)
+        self._secrets: dict[str, bytes] = {}
 
     def _make_endpoint(self, s: Settings) -> Any:
         reactor: Any = self.clock
@@ -817,6 +873,38 @@ class RedisStore:
 
         return d.addCallback(convert)
 
+    # --- IFailureReservations ------------------------------------------------
+
+    def reserve(
+        self,
+        key: str,
+        fingerprint: bytes,
+        window: float,
+        limit: int,
+        user_key: str | None,
+        user_limit: int,
+    ) -> defer.Deferred[tuple[int, float, int]]:
+        keys = [self._key("fail", key)]
+        if user_key is not None:
+            keys.append(self._key("fail", user_key))
+        args = [bytes(fingerprint), _us(window), max(limit, 1), max(user_limit, 1)]
+        d = self._script("reserve", keys, args)
+
+        def convert(reply: list[int]) -> tuple[int, float, int]:
+            refused, left = int(reply[0]), int(reply[1])
+            retry_after = min(max(0.0, left / 1e6), max(0.0, window)) if refused else 0.0
+            return (refused, retry_after, int(reply[2]))
+
+        return d.addCallback(convert)
+
+    def release(
+        self, key: str, fingerprint: bytes, user_key: str | None, added: int
+    ) -> defer.Deferred[None]:
+        keys = [self._key("fail", k) for bit, k in ((1, key), (2, user_key)) if k and added & bit]
+        if not keys:
+            return defer.succeed(None)
+        return self._script("release", keys, [bytes(fingerprint)]).addCallback(lambda _: None)
+
     # --- ICounterStore -------------------------------------------------------
 
     def add(
@@ -835,6 +923,8 @@ class RedisStore:
     # --- ISharedState --------------------------------------------------------
 
     def secret(self, name: str) -> defer.Deferred[bytes]:
+        if name in self._secrets:
+            return defer.succeed(self._secrets[name])
         d = self._script("secret", [self._key("secret", name)], [os.urandom(SECRET_SIZE)])
 
         def check(value: Any) -> bytes:
@@ -843,6 +933,7 @@ class RedisStore:
                     f"the secret {name!r} in Redis is not {SECRET_SIZE} bytes "
                     f"(delete {self.prefix}secret:{name} to make a new one)"
                 )
+            self._secrets[name] = value
             return value
 
         return d.addCallback(check)
