@@ -2,7 +2,8 @@
 The verified-credential cache (``[auth.cache]``, kumoauth.backends.cache):
 hits, misses, expiry, negative entries, meta replay, invalidation by a
 store change and by SIGHUP, errors never cached, the key never the
-password.
+password, the connection a store judges in the key.  The cache in front
+of real stores: tests/test_backend_cache_stores.py.
 """
 
 from __future__ import annotations
@@ -135,6 +136,60 @@ def test_every_part_of_the_attempt_is_in_the_key(clock):
     k3 = cache.key("a", "b", b"cx")
     assert len({k1, k2, k3}) == 3
     assert store.calls == 3
+
+
+def test_the_connection_a_store_judges_is_in_the_key(clock):
+    from kumoauth.backends.base import connection_context
+    from kumoauth.testing import conn_meta
+
+    cache = CredentialCache(clock, CacheConfig())
+
+    def key(**meta: Any) -> bytes:
+        return cache.key("u", "u", b"pw", connection_context(conn_meta(**meta)))
+
+    usual = key()
+    assert key(received_from="127.0.0.1:61000") == usual  # not the client's port
+    others = [
+        key(received_from="127.0.0.2:50000"),  # another client address
+        key(received_from="[::1]:50000"),
+        key(received_from="local"),  # a Unix socket: no address
+        key(received_from_proxy="10.0.0.5:6000"),  # the TCP peer: a proxy
+        key(received_via="127.0.0.1:465"),  # another listener
+        key(tls_protocol_version=None),  # no TLS
+    ]
+    assert len({usual, *others}) == 1 + len(others)
+    # no value of one part reads as another's: None, "", a flag, a string
+    parts = [cache.key("u", "u", b"pw", (v,)) for v in (None, "", False, True, "n", "y", "-")]
+    assert len(set(parts)) == len(parts)
+    assert cache.key("u", "u", b"pw", ("a", "b")) != cache.key("u", "u", b"pw", ("ab", ""))
+
+
+class NetStore(CountingStore):
+    """A store that also refuses whoever comes from outside 192.0.2.0/24."""
+
+    def check(self, authz: str, authc: str, password: str, conn_meta: Any) -> Verdict:
+        verdict = super().check(authz, authc, password, conn_meta)
+        if not str(conn_meta.get_meta("received_from")).startswith("192.0.2."):
+            return Verdict(False)
+        return verdict
+
+
+def test_a_verdict_on_the_address_is_not_replayed_for_another(clock):
+    store = NetStore({"alice@a.example": "right"})
+    cache = CredentialCache(clock, CacheConfig())
+    checker = cache.wrap(StoreChecker(store, clock))
+
+    def from_ip(ip: str) -> Any:
+        meta = ConnMeta({"received_from": f"{ip}:5000"})
+        return result_of(
+            checker.requestAvatarId(PlainCredentials("", "alice@a.example", "right", meta))
+        )
+
+    assert from_ip("198.51.100.1").check(error.UnauthorizedLogin)
+    assert from_ip("192.0.2.1") == "alice@a.example"
+    assert from_ip("198.51.100.1").check(error.UnauthorizedLogin)
+    assert from_ip("192.0.2.1") == "alice@a.example"
+    assert store.calls == 2  # one question per address
 
 
 def test_key_is_not_derived_from_the_password_alone():

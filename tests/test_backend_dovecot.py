@@ -796,3 +796,17 @@ def test_request_params_never_carry_framing_characters(from_value, via_value):
     meta = conn_meta(received_from=from_value, received_via=via_value)
     for param in request_params("smtp", meta):
         assert not any(c in param for c in "\t\n\r\x00\x01")
+
+
+def test_request_params_tell_dovecot_the_proxy_as_real_rip():
+    # Behind a PROXY header: rip is the client the header named, real_rip
+    # the proxy (Dovecot's allow_real_nets); without one, no real_rip.
+    meta = conn_meta(
+        received_from="198.51.100.7:40000",
+        received_via="127.0.0.1:587",
+        received_from_proxy="10.0.0.5:51234",
+    )
+    params = request_params("smtp", meta)
+    assert "rip=198.51.100.7" in params and "real_rip=10.0.0.5" in params
+    direct = request_params("smtp", conn_meta(received_from="198.51.100.7:40000"))
+    assert not any(p.startswith("real_rip=") for p in direct)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from twisted.cred import error as cred_error
+from twisted.internet import defer
 
 from kumoauth.auth.checkers import build, resolve
 from kumoauth.auth.cred import BackendUnavailable, PlainCredentials
@@ -236,6 +237,169 @@ def test_nologin_and_allow_nets(tmp_path):
     assert check(store, "typo", PASSWORD, conn_meta=from_ip("192.0.2.7:5000")) == DENIED
 
 
+# Lines with the extra fields on which Dovecot refuses a login (besides
+# nologin and allow_nets), and what kumoauth answers from 192.0.2.7 and from
+# 198.51.100.1: True (235), False (535), None (454).  Each was refused (or
+# let through more widely) by kumoauth before it read them as Dovecot does.
+DOVECOT_FIELDS: dict[str, tuple[str, bool | None, bool | None]] = {
+    # name: (extra fields, answer from 192.0.2.7, answer from 198.51.100.1)
+    "plain": ("userdb_quota=1G nodelay nopassword host=10.0.0.1", True, True),
+    "fail": ("fail", False, False),
+    "failno": ("fail=no", False, False),  # Dovecot: a field's presence is "yes"
+    "noauth": ("noauthenticate", False, False),
+    "imported": ("passdb_import=fail", False, False),
+    "importtwice": ("passdb_import=userdb_quota=1G passdb_import:protected=fail", False, False),
+    "protected": ("fail:protected", False, False),
+    "realnets": ("allow_real_nets=192.0.2.0/24", True, False),
+    "realnone": ("allow_real_nets=203.0.113.0/24", False, False),
+    "twonets": ("allow_nets=192.0.2.0/24 allow_nets=198.51.100.0/24", False, False),
+    "bothnets": ("allow_nets=192.0.2.0/24 allow_nets:protected=198.51.100.0/24", True, False),
+    "tabbed": ("allow_nets=198.51.100.0/24\t192.0.2.0/24", False, False),
+    "netmask": ("allow_nets=192.0.2.0/255.255.255.0", False, False),
+    "emptynets": ("allow_nets=", False, False),
+    "emptyuser": ("user=", False, False),
+    "past": (f"delay_until={int(time.time()) - 60}+10", True, True),
+    "late": (f"delay_until={int(time.time()) + 3600}", False, False),
+    "baddelay": ("delay_until=tomorrow", False, False),
+}
+
+
+def dovecot_fields_file(path: Path) -> None:
+    path.write_text(
+        "".join(
+            f"{name}:{{PLAIN}}{PASSWORD}::::::{extra}\n"
+            for name, (extra, _, _) in DOVECOT_FIELDS.items()
+        )
+    )
+
+
+INSIDE = "192.0.2.7:5000"
+OUTSIDE = "198.51.100.1:5000"
+
+
+def answer(store: Any, user: str, password: str, conn_meta: Any) -> bool | None:
+    try:
+        return bool(check(store, user, password, conn_meta=conn_meta))
+    except BackendError:
+        return None
+
+
+@pytest.mark.parametrize("user", sorted(DOVECOT_FIELDS))
+def test_dovecot_refusing_extra_fields(tmp_path, user, captured_log):
+    path = tmp_path / "users"
+    dovecot_fields_file(path)
+    store = store_for(path)
+    _, inside, outside = DOVECOT_FIELDS[user]
+    assert answer(store, user, PASSWORD, ConnMeta({"received_from": INSIDE})) is inside
+    assert answer(store, user, PASSWORD, ConnMeta({"received_from": OUTSIDE})) is outside
+    assert answer(store, user, WRONG, ConnMeta({"received_from": INSIDE})) is False
+    assert PASSWORD not in captured_log.text()
+
+
+def test_allow_real_nets_is_the_proxys_address_when_a_proxy_named_the_client(tmp_path):
+    path = tmp_path / "users"
+    path.write_text(
+        f"direct:{{PLAIN}}{PASSWORD}::::::allow_real_nets=192.0.2.0/24\n"
+        f"proxied:{{PLAIN}}{PASSWORD}::::::allow_real_nets=10.0.0.0/8\n"
+        f"both:{{PLAIN}}{PASSWORD}::::::allow_nets=192.0.2.0/24 allow_real_nets=10.0.0.0/8\n"
+    )
+    store = store_for(path)
+    via_proxy = ConnMeta({"received_from": INSIDE, "received_from_proxy": "10.0.0.5:6000"})
+    direct = ConnMeta({"received_from": INSIDE})
+    assert check(store, "direct", PASSWORD, conn_meta=direct).ok
+    assert check(store, "direct", PASSWORD, conn_meta=via_proxy) == DENIED
+    assert check(store, "proxied", PASSWORD, conn_meta=via_proxy).ok
+    assert check(store, "proxied", PASSWORD, conn_meta=direct) == DENIED
+    assert check(store, "both", PASSWORD, conn_meta=via_proxy).ok
+    outside = ConnMeta({"received_from": OUTSIDE, "received_from_proxy": "10.0.0.5:6000"})
+    assert check(store, "both", PASSWORD, conn_meta=outside) == DENIED
+    # a proxy address that does not parse is an unknown peer: never allowed
+    garbled = ConnMeta({"received_from": INSIDE, "received_from_proxy": "somewhere"})
+    assert check(store, "direct", PASSWORD, conn_meta=garbled) == DENIED
+    assert check(store, "direct", PASSWORD) == DENIED  # no address at all
+
+
+def test_delay_until_within_five_minutes_is_454_until_then(tmp_path, captured_log):
+    path = tmp_path / "users"
+    soon = int(time.time()) + 2
+    path.write_text(f"soon:{{PLAIN}}{PASSWORD}::::::delay_until={soon}+30\n")
+    store = store_for(path)
+    e = check_error(store, "soon", PASSWORD)
+    assert e.outage is False and "(delay_until)" in str(e) and PASSWORD not in str(e)
+    assert check(store, "soon", WRONG) == DENIED  # a wrong password is still just wrong
+    time.sleep(max(0.0, soon - time.time()) + 0.1)
+    assert check(store, "soon", PASSWORD).ok
+
+
+def test_refusing_fields_are_logged_by_name(tmp_path, captured_log):
+    path = tmp_path / "users"
+    dovecot_fields_file(path)
+    store = store_for(path)
+    for user in ("fail", "noauth", "realnets", "baddelay"):
+        check(store, user, PASSWORD, conn_meta=ConnMeta({"received_from": OUTSIDE}))
+    for user, field in [
+        ("fail", "fail"),
+        ("noauth", "noauthenticate"),
+        ("realnets", "allow_real_nets"),
+        ("baddelay", "delay_until"),
+    ]:
+        assert len(log_lines(captured_log, f"user {user} ({path} line")) == 1
+        (line,) = log_lines(captured_log, f"user {user} ({path} line")
+        assert line.endswith(f"may not log in from 198.51.100.1 ({field})"), line
+    assert len(log_lines(captured_log, "user baddelay: delay_until is not a Unix time")) == 1
+    assert len(log_lines(captured_log, "user netmask: an allow_nets entry is not")) == 1
+    assert PASSWORD not in captured_log.text()
+
+
+def test_dovecot_refuses_the_same_lines(tmp_path, reactor):
+    """
+    The lines above in a real Dovecot's passwd-file, asked through the
+    Dovecot store (``rip`` from received_from; Dovecot takes it as
+    ``real_rip`` too): kumoauth's passwd-file answers each as Dovecot does.
+    (``delay_until`` within five minutes is left out: Dovecot holds the
+    answer until then, kumoauth answers 454 at once.)
+    """
+    from kumoauth.backends.dovecot import Dovecot
+    from tests import dovecot_auth as lab
+    from tests import postfix as pf
+
+    lab.require_dovecot()
+    ours = tmp_path / "users"
+    dovecot_fields_file(ours)
+    store = store_for(ours)
+    with pf.service_directory("kumoauth-passwd-dovecot-") as base:
+        d = lab.Dovecot(base / "d", lab.Users())
+        dovecot_fields_file(d.directory / "users")
+        d.start()
+        try:
+            theirs = in_reactor(lambda: Dovecot(d.client_socket, reactor=reactor))
+            cases = [(user, address) for user in DOVECOT_FIELDS for address in (INSIDE, OUTSIDE)]
+
+            def cannot_say(f: Any) -> None:
+                f.trap(BackendError)
+
+            def ask_dovecot() -> defer.Deferred[list[bool | None]]:
+                # All at once: Dovecot holds each refusal back for a while.
+                return defer.gatherResults(
+                    [
+                        defer.maybeDeferred(
+                            theirs.check, "", user, PASSWORD, ConnMeta({"received_from": address})
+                        ).addCallbacks(bool, cannot_say)
+                        for user, address in cases
+                    ]
+                )
+
+            try:
+                dove = in_reactor(ask_dovecot)
+            finally:
+                in_reactor(theirs.stop)
+            for (user, address), said in zip(cases, dove, strict=True):
+                kumo = answer(store, user, PASSWORD, ConnMeta({"received_from": address}))
+                assert kumo is said, (user, address, kumo, said, d.log()[-2000:])
+        finally:
+            d.stop()
+
+
 # --------------------------------------------------------------------------
 # what the operator reads
 
@@ -441,6 +605,18 @@ def test_unknown_user_takes_as_long_as_a_wrong_password(tmp_path, hashes, kind):
         unknown.append(median_seconds(store, [f"nobody{round_}"]))
     ratio = statistics.median(unknown) / statistics.median(known)
     assert 0.5 < ratio < 2.0, (kind, known, unknown)
+
+
+@pytest.mark.parametrize("prefix", ["", "{BLF-CRYPT}", "{CRYPT}"])
+def test_the_unknown_users_dummy_has_the_bcrypt_cost_in_every_form(prefix):
+    # doveadm pw -s CRYPT writes {CRYPT}$2y$05$...: the dummy for an unknown
+    # user must be cost 5 too, not the default 10 (measurably slower).
+    import bcrypt
+
+    stored = prefix + bcrypt.hashpw(b"x", bcrypt.gensalt(5)).decode().replace("$2b$", "$2y$", 1)
+    dummy = passwdfile.dummy_like(stored)
+    assert dummy is not None and "$05$" in dummy, dummy
+    assert passwdfile._cost_key(stored) == ("BLF-CRYPT", "5")
 
 
 # --------------------------------------------------------------------------

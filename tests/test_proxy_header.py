@@ -300,12 +300,24 @@ def assert_client_seen(srv, ports: tuple[int, int], certs) -> None:
         s.mail("scott@example.com")
         s.rcpt("rcpt@example.net")
         mid = queued_id(s.data(b"Subject: t\r\n\r\nhi\r\n")[1])
-    assert spooled(srv, mid).meta["received_from"] == "198.51.100.9:40000"
+    meta = spooled(srv, mid).meta
+    assert meta["received_from"] == "198.51.100.9:40000"
+    # the connection's own peer, the proxy, kept beside it (across STARTTLS)
+    assert meta["received_from_proxy"].startswith("127.0.0.1:")
     # Implicit TLS with a v2 header.
     with ProxiedSMTPSSL(v2("203.0.113.5"), ports[1], certs.client_context()) as s:
         s.ehlo("client.example")
         with pytest.raises(smtplib.SMTPAuthenticationError):
             login(s, "PLAIN", "scott", "wrong")
+    with ProxiedSMTPSSL(v2("203.0.113.6"), ports[1], certs.client_context()) as s:
+        s.ehlo("client.example")
+        assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+        s.mail("scott@example.com")
+        s.rcpt("rcpt@example.net")
+        mid = queued_id(s.data(b"Subject: t\r\n\r\nhi\r\n")[1])
+    meta = spooled(srv, mid).meta
+    assert meta["received_from"] == "203.0.113.6:40000"
+    assert meta["received_from_proxy"].startswith("127.0.0.1:")
     assert wait_for(lambda: "client=203.0.113.5:40000" in srv.log())
     log = srv.log()
     assert "client=198.51.100.9:40000" in log

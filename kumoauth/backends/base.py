@@ -83,6 +83,14 @@ class BackendError(Exception):
 class ICredentialStore(Interface):
     """
     Somewhere users and their passwords live.
+
+    A store whose content can change under the verified-credential cache
+    without an attempt reaching it (a passwd-file edited on disk) may also
+    have ``fresh()``: called before the cache answers from memory, it
+    returns None when the store has nothing newer, or a Deferred that fires
+    once the store has caught up (having told its subscribers, so the
+    cache's entries are gone).  It must be cheap: it runs at every cache
+    hit.
     """
 
     name = Attribute("The backend's label in logs and metrics: passwd-file, sql, ...")
@@ -143,6 +151,7 @@ RESERVED_META = frozenset(
         "authz_id",
         "received_from",
         "received_via",
+        "received_from_proxy",
         "hostname",
         "reception_protocol",
         "ehlo_domain",
@@ -211,6 +220,13 @@ class StoreChecker:
         name = self.store.name
         self.metrics.backend_requests.labels(name, result).inc()
         self.metrics.backend_latency.labels(name).observe(self.clock.seconds() - started)
+
+    def fresh(self) -> Any:
+        """
+        The store's freshness check before a cache hit (see
+        :class:`ICredentialStore`), None for a store without one.
+        """
+        return _maybe(self.store, "fresh")
 
     def start(self) -> Any:
         return _maybe(self.store, "start")
@@ -468,12 +484,37 @@ def read_secret_file(path: Path | None, what: str) -> str | None:
 # what a store may tell its server about the connection
 
 
+#: conn_meta key for the address (``"10.0.0.5:51234"``) of the connection's
+#: TCP peer when that is not the client ``received_from`` names: the proxy
+#: whose PROXY header named the client.  Absent: ``received_from`` is the
+#: TCP peer.  Dovecot calls that address ``real_rip``.
+PROXY_PEER = "received_from_proxy"
+
+
 def client_ip(conn_meta: Any) -> str | None:
     """
     The client's address without the port (``received_from`` is
     ``"192.0.2.1:5000"`` or ``"[2001:db8::1]:5000"``), or None.
     """
-    value = conn_meta.get_meta("received_from") if conn_meta is not None else None
+    return _host(conn_meta.get_meta("received_from") if conn_meta is not None else None)
+
+
+def peer_ip(conn_meta: Any) -> str | None:
+    """
+    The address of the connection's TCP peer without the port (Dovecot's
+    ``real_rip``): the proxy's (:data:`PROXY_PEER`) when a proxy named the
+    client, else the client's; None when unknown (a Unix socket, or a
+    proxy address that does not parse).
+    """
+    if conn_meta is None:
+        return None
+    proxy = conn_meta.get_meta(PROXY_PEER)
+    if proxy is not None:
+        return _host(proxy)
+    return client_ip(conn_meta)
+
+
+def _host(value: Any) -> str | None:
     if not isinstance(value, str) or ":" not in value:
         return None
     if value.startswith("["):
@@ -495,3 +536,20 @@ def secured(conn_meta: Any) -> bool:
     unless a listener allows plaintext AUTH behind a TLS proxy).
     """
     return conn_meta is not None and conn_meta.get_meta("tls_protocol_version") is not None
+
+
+def connection_context(conn_meta: Any) -> tuple[str | None, str | None, str | None, bool]:
+    """
+    What a built-in store's answer may depend on about the connection, as
+    the stores read it: the client's address, the TCP peer's, the
+    listener's address, and whether TLS is up.  Dovecot gets ``rip`` (and
+    takes it as ``real_rip``), ``lip``/``lport`` and ``secured``; an HTTP
+    auth API ``client_ip``, ``listener`` and ``secured``; a passwd-file
+    checks ``allow_nets`` against the first, ``allow_real_nets`` against
+    the second.  Not the client's port: it changes with every connection,
+    and no store decides on it (Dovecot gets it as ``rport`` for its log).
+    The verified-credential cache keys its entries on this, so a verdict
+    for one connection is never replayed for another the store might
+    judge differently.
+    """
+    return client_ip(conn_meta), peer_ip(conn_meta), listener_address(conn_meta), secured(conn_meta)

@@ -7,10 +7,15 @@ would keep the checker pool busy re-proving what it proved a moment ago.
 The cache remembers recent answers:
 
 - **Key**: HMAC-SHA256 under a random per-process secret of the attempt's
-  authz, authc and password (each length-prefixed, so no two attempts
-  share a key).  Neither the password nor a plain hash of it is kept, so a
-  memory dump does not give an offline dictionary attack anything cheaper
-  than the secret; keys are never logged.
+  authz, authc and password and of what a store's verdict may depend on
+  about the connection (:func:`~kumoauth.backends.base.connection_context`:
+  the client's address, the TCP peer's, the listener, whether TLS is up),
+  each part length-prefixed, so no two attempts share a key.  A success
+  from an address a store allows is thus never replayed for one it
+  refuses (``allow_nets``), nor a refusal for the address it allows.
+  Neither the password nor a plain hash of it is kept, so a memory dump
+  does not give an offline dictionary attack anything cheaper than the
+  secret; keys are never logged.
 - **Positive entries** (``ttl``): the avatar id and the meta the checker
   added to conn_meta (the difference it made, captured around the call),
   replayed on a hit, so a policy's tenant lookup survives caching.
@@ -21,7 +26,12 @@ The cache remembers recent answers:
   still-valid positive entry exists, so users seen recently keep working
   through a short outage.
 - **Invalidation**: :meth:`CredentialCache.clear` on SIGHUP and whenever a
-  store reports a content change (``subscribe``: a passwd-file re-read);
+  store reports a content change (``subscribe``: a passwd-file re-read).
+  Before a hit is served, each checker's ``fresh()`` hook (if any) may
+  look for such a change first: a passwd-file stat()s its file once the
+  check interval has passed, and the attempt waits for the re-read, which
+  clears the cache, so a changed password is refused from the first
+  attempt after the interval, not after ``ttl``;
   with a shared ``[auth.throttle] store`` (Redis), through a generation
   number every process polls each second, so one instance's invalidation
   reaches all.
@@ -44,7 +54,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kumoauth.auth.cred import IPlainCredentials
+from kumoauth.auth.cred import CheckerChain, IPlainCredentials
+from kumoauth.backends.base import StoreChecker, connection_context
 from kumoauth.config import CacheConfig
 from kumoauth.ops.loglimit import StateLog
 
@@ -89,6 +100,9 @@ class CredentialCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
 
     def configure(self, config: CacheConfig) -> None:
         self.config = config
@@ -152,9 +166,20 @@ class CredentialCache:
         if self._poll is not None and self._poll.running:
             self._poll.stop()
 
-    def key(self, authz: str, authc: str, password: bytes) -> bytes:
+    def key(
+        self,
+        authz: str,
+        authc: str,
+        password: bytes,
+        context: tuple[str | bool | None, ...] = (),
+    ) -> bytes:
+        """
+        The entry's key: an HMAC of the credentials and the *context* of
+        the connection (:func:`~kumoauth.backends.base.connection_context`).
+        """
         mac = hmac.new(self._secret, digestmod=hashlib.sha256)
-        for part in (authz.encode("utf-8"), authc.encode("utf-8"), password):
+        parts = (authz.encode("utf-8"), authc.encode("utf-8"), password)
+        for part in (*parts, *(_context_part(value) for value in context)):
             mac.update(len(part).to_bytes(4, "big"))
             mac.update(part)
         return mac.digest()
@@ -210,10 +235,25 @@ class CachingChecker:
     def __init__(self, inner: ICredentialsChecker, cache: CredentialCache) -> None:
         self.inner = inner
         self.cache = cache
+        self.freshness = _fresh_hooks(inner)
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        key = self.cache.key(
+            credentials.authz,
+            credentials.authc,
+            credentials.password,
+            connection_context(credentials.conn_meta),
+        )
+        if self.freshness and key in self.cache:
+            # A hit never reaches the store: let it look for a change first.
+            waiting = [d for d in (hook() for hook in self.freshness) if d is not None]
+            if waiting:
+                d = defer.gatherResults(waiting, consumeErrors=True)
+                return d.addCallback(lambda _: self._answer(credentials, key))
+        return self._answer(credentials, key)
+
+    def _answer(self, credentials: Any, key: bytes) -> defer.Deferred[Any]:
         cache = self.cache
-        key = cache.key(credentials.authz, credentials.authc, credentials.password)
         entry = cache.get(key)
         if entry is not None:
             if entry.avatar is None:
@@ -244,3 +284,26 @@ class CachingChecker:
 
     def __repr__(self) -> str:
         return f"<CachingChecker {self.inner!r}>"
+
+
+def _context_part(value: str | bool | None) -> bytes:
+    """One part of the connection's context, tagged so no two values read alike."""
+    if value is None:
+        return b"-"
+    if isinstance(value, bool):
+        return b"y" if value else b"n"
+    return b"s" + value.encode("utf-8", "surrogatepass")
+
+
+def _fresh_hooks(checker: Any) -> list[Any]:
+    """
+    The ``fresh()`` hooks of *checker*, or of each checker of a chain
+    (``--auth a --auth b``): a passwd-file's, through its StoreChecker.
+    A store without one adds nothing to a hit's cost.
+    """
+    if isinstance(checker, CheckerChain):
+        return [hook for inner in checker.checkers for hook in _fresh_hooks(inner)]
+    if isinstance(checker, StoreChecker) and getattr(checker.store, "fresh", None) is None:
+        return []
+    hook = getattr(checker, "fresh", None)
+    return [hook] if callable(hook) else []

@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from kumoauth.backends.base import (
     DENIED,
+    PROXY_PEER,
     BackendError,
     ICredentialStore,
     OncePer,
@@ -55,6 +56,7 @@ from kumoauth.backends.base import (
     default_reactor,
     listener_address,
     parse_table,
+    peer_ip,
     secured,
 )
 from kumoauth.textsafe import escape
@@ -330,7 +332,8 @@ def request_params(service: str, conn_meta: Any) -> list[str]:
     The AUTH fields before ``resp=``: the service, ``secured`` when TLS is
     up, and the client's and the listener's address and port (Dovecot's
     ``rip``/``rport``/``lip``/``lport``: its ``allow_nets``, penalties and
-    log lines use them).  Only values that are IP addresses and port
+    log lines use them), and behind a PROXY header the proxy's address as
+    ``real_rip`` (its ``allow_real_nets``).  Only values that are IP addresses and port
     numbers are sent, escaped all the same.
     """
     params = [f"service={tab_escape(service)}"]
@@ -340,7 +343,18 @@ def request_params(service: str, conn_meta: Any) -> list[str]:
     received_from = conn_meta.get_meta("received_from") if conn_meta is not None else None
     rport = _host_port(received_from)[1] if rip and isinstance(received_from, str) else None
     lip, lport = _host_port(listener_address(conn_meta))
-    for name, value in (("rip", rip), ("rport", rport), ("lip", lip), ("lport", lport)):
+    # Behind a PROXY header the TCP peer is the proxy: Dovecot's real_rip
+    # (its allow_real_nets checks that one).
+    real = peer_ip(conn_meta) if conn_meta is not None and conn_meta.get_meta(PROXY_PEER) else None
+    real_rip = _ip(real)
+    fields = (
+        ("rip", rip),
+        ("rport", rport),
+        ("lip", lip),
+        ("lport", lport),
+        ("real_rip", real_rip),
+    )
+    for name, value in fields:
         if value is not None:
             params.append(f"{name}={tab_escape(value)}")
     return params

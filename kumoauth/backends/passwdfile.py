@@ -10,10 +10,15 @@ One user a line::
 Blank lines and lines whose first non-blank character is ``#`` are
 ignored.  The hash is any form :mod:`kumoauth.backends.schemes` reads.  User
 names compare exactly, as Dovecot's passwd-file does by default (``Scott``
-is not ``scott``).  Of Dovecot's extra fields, the two that refuse a login
-are honoured, so a file moved over from Dovecot is not more permissive
-here: ``nologin`` (never), ``allow_nets=<ip>[/<bits>],...`` (only from
-those networks).  The others (``nopassword`` included: a password is always
+is not ``scott``).  Of Dovecot's extra fields, every one with which
+Dovecot refuses a login is honoured, so a file moved over from Dovecot is
+not more permissive here (:func:`_restrictions`): ``nologin``, ``fail``
+and ``noauthenticate`` (never), ``allow_nets=<ip>[/<bits>],...`` (only
+from those networks), ``allow_real_nets=...`` (only over a connection
+from those networks: the proxy's address when a proxy named the client),
+``delay_until=<time>`` (not before then), ``user=`` with no name, and
+those fields brought in by ``passdb_import`` or with a ``:protected``
+suffix.  The others (``nopassword`` included: a password is always
 checked) are ignored.
 
 **Re-reading.**  The file is re-read when it changes on disk, without a
@@ -41,6 +46,7 @@ import collections
 import errno
 import hashlib
 import ipaddress
+import math
 import os
 import re
 import stat
@@ -65,6 +71,7 @@ from kumoauth.backends.base import (
     client_ip,
     note_scheme,
     parse_table,
+    peer_ip,
 )
 from kumoauth.checks import _number, _str
 from kumoauth.ops.threads import QueueFull
@@ -78,6 +85,17 @@ RACY_NS = 2_000_000_000
 
 #: problems with lines logged per read; the rest are counted
 MAX_PROBLEMS_LOGGED = 20
+
+#: Dovecot's longest ``delay_until`` wait (AUTH_REQUEST_MAX_DELAY_SECS):
+#: further ahead, it refuses the login
+MAX_DELAY = 300
+
+#: extra fields with which Dovecot refuses every login of the line
+#: (``noauthenticate``: it does not authenticate, and no passdb after it
+#: here would)
+REFUSING = frozenset({"nologin", "fail", "noauthenticate"})
+
+_DELAY_UNTIL = re.compile(r"(-?[0-9]+)(?:\+([0-9]+))?", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -144,35 +162,54 @@ factory.validate = validate  # type: ignore[attr-defined]
 # parsing (pure; runs in the thread pool)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True)
 class User:
     """One user's line: the stored hash, where it is, its restrictions."""
 
     hash: str = field(repr=False)
     line: int
-    nologin: bool = False
-    #: None: from anywhere; empty: from nowhere (a value we cannot read)
-    allow_nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    #: the extra field that refuses every login of this line, or None
+    refused_by: str | None = None
+    #: one tuple per ``allow_nets`` field: the client's address must be in
+    #: each (an empty tuple: from nowhere, its value had no usable network)
+    allow_nets: tuple[tuple[Network, ...], ...] = ()
+    #: the same per ``allow_real_nets``, for the TCP peer's address
+    allow_real_nets: tuple[tuple[Network, ...], ...] = ()
+    #: ``delay_until``: no login before this Unix time
+    delay_until: int | None = None
 
     @property
     def has_password(self) -> bool:
         """False for a line without one (userdb only) or a locked one (``!``, ``*``)."""
         return bool(self.hash) and not self.hash.startswith(("!", "*"))
 
-    def allows(self, ip: str | None) -> bool:
-        if self.nologin:
-            return False
-        if self.allow_nets is None:
-            return True
-        if ip is None:
-            return False
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.allow_nets)
+    def refusal(self, ip: str | None, peer: str | None) -> str | None:
+        """
+        The field that refuses a login from *ip* over a connection from
+        *peer* (None: not known), or None if none does.
+        """
+        if self.refused_by is not None:
+            return self.refused_by
+        if not all(_within(ip, nets) for nets in self.allow_nets):
+            return "allow_nets"
+        if not all(_within(peer, nets) for nets in self.allow_real_nets):
+            return "allow_real_nets"
+        return None
+
+
+def _within(ip: str | None, nets: tuple[Network, ...]) -> bool:
+    if ip is None:
+        return False
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in net for net in nets)
 
 
 @dataclass
@@ -237,29 +274,123 @@ def parse(data: bytes, path: Path | str) -> Parsed:
 
 
 def _restrictions(user: User, extra: str, name: str, where: str, problems: list[str]) -> User:
-    nologin = False
-    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None
-    for item in extra.split():
-        key, _, value = item.partition("=")
+    """
+    *user* with the restrictions of its extra fields, read as Dovecot's
+    passwd-file passdb reads them (``auth_request_set_field``): fields are
+    separated by spaces only; each ``allow_nets`` (``allow_real_nets``)
+    field is a check of its own, so all must pass; ``key:protected``
+    counts unless the key came before; ``passdb_import``'s value holds
+    more fields, separated by tabs, taken where it stands.  A field kumoauth
+    cannot read is never ignored when Dovecot would refuse on it: it
+    refuses.  ``key:remove`` lifts no refusal here (in Dovecot it can undo
+    a ``nologin``): a line is never more permissive than under Dovecot.
+    """
+    refused_by: str | None = None
+    nets: list[tuple[Network, ...]] = []
+    real_nets: list[tuple[Network, ...]] = []
+    delay_until: int | None = None
+    seen: set[str] = set()
+    todo = [item for item in extra.split(" ") if item]
+    while todo:
+        key, _, value = todo.pop(0).partition("=")
         key = key.lower()
-        if key == "nologin":
-            nologin = True
-        elif key == "allow_nets":
-            nets = nets or []
-            for token in value.split(","):
-                try:
-                    nets.append(ipaddress.ip_network(token.strip(), strict=False))
-                except ValueError:
-                    problems.append(
-                        f"{where}: user {escape(name)}: an allow_nets entry is not an "
-                        "address or network; it matches nothing"
-                    )
+        if key.endswith(":remove"):
+            seen.discard(key.removesuffix(":remove"))
+            continue
+        if key.endswith(":protected"):
+            key = key.removesuffix(":protected")
+            if key in seen:
+                continue
+        if key == "passdb_import":  # not a field itself: never "came before"
+            todo[:0] = [item for item in value.split("\t") if item]
+            continue
+        seen.add(key)
+        if key in REFUSING:
+            refused_by = refused_by or key
+        elif not value and (key == "user" or key == "username" and "@" not in name):
+            # Dovecot: "username attempted to be changed to empty"
+            refused_by = refused_by or f"{key}="
+        elif key in ("allow_nets", "allow_real_nets"):
+            (nets if key == "allow_nets" else real_nets).append(
+                _networks(value, key, name, where, problems)
+            )
+        elif key == "delay_until":
+            stamp = _delay_until(value)
+            if stamp is None:
+                problems.append(
+                    f"{where}: user {escape(name)}: delay_until is not a Unix time "
+                    "(with an optional +seconds); this user cannot log in"
+                )
+                refused_by = refused_by or key
+            else:
+                delay_until = stamp if delay_until is None else max(delay_until, stamp)
     return User(
-        user.hash, user.line, nologin=nologin, allow_nets=tuple(nets) if nets is not None else None
+        user.hash,
+        user.line,
+        refused_by=refused_by,
+        allow_nets=tuple(nets),
+        allow_real_nets=tuple(real_nets),
+        delay_until=delay_until,
     )
 
 
+def _delay_until(value: str) -> int | None:
+    """
+    ``delay_until``'s time, None if Dovecot would not read the value (it
+    refuses the login then): a Unix time (64 bits), optionally followed by
+    ``+<seconds>`` of random extra wait (32 bits; kumoauth does not wait).
+    """
+    m = _DELAY_UNTIL.fullmatch(value)
+    if m is None:
+        return None
+    stamp = int(m.group(1))
+    if not -(2**63) <= stamp < 2**63 or m.group(2) is not None and int(m.group(2)) >= 2**32:
+        return None
+    return stamp
+
+
+def _networks(
+    value: str, key: str, name: str, where: str, problems: list[str]
+) -> tuple[Network, ...]:
+    """
+    An ``allow_nets`` value's networks, as Dovecot's ``net_parse_range``
+    reads them: ``<address>[/<bits>]``, separated by commas.  An entry that
+    is not one matches nothing (fail closed).
+    """
+    found = []
+    tokens = [token for token in value.split(",") if token]
+    for token in tokens:
+        net = _network(token)
+        if net is None:
+            problems.append(
+                f"{where}: user {escape(name)}: an {key} entry is not an address or "
+                "network; it matches nothing"
+            )
+        else:
+            found.append(net)
+    if not tokens:
+        problems.append(
+            f"{where}: user {escape(name)}: {key} lists no network; this user cannot log in"
+        )
+    return tuple(found)
+
+
+def _network(token: str) -> Network | None:
+    address, slash, bits = token.partition("/")
+    if "%" in address or slash and not (bits.isascii() and bits.isdigit()):
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    prefix = int(bits) if slash else ip.max_prefixlen
+    if prefix > ip.max_prefixlen:
+        return None
+    return ipaddress.ip_network((ip, prefix), strict=False)
+
+
 _ARGON2_COSTS = re.compile(r"\$m=(\d{1,10}),t=(\d{1,10}),p=\d{1,3}\$")
+_BCRYPT_COST = re.compile(r"\$2[aby]\$(\d\d)\$")
 
 
 def _cost_key(stored: str) -> tuple[str, str] | None:
@@ -272,9 +403,15 @@ def _cost_key(stored: str) -> tuple[str, str] | None:
         m = _ARGON2_COSTS.search(stored)
         return scheme, m.group(0) if m else ""
     if scheme == "BLF-CRYPT":
-        value = stored.removeprefix("{BLF-CRYPT}")
-        return scheme, value[4:6]
+        cost = _bcrypt_cost(stored)
+        return (scheme, str(cost)) if cost is not None else None
     return scheme, ""
+
+
+def _bcrypt_cost(stored: str) -> int | None:
+    """The cost of a bcrypt hash in any of its forms (``{BLF-CRYPT}``, ``{CRYPT}``, bare)."""
+    m = _BCRYPT_COST.search(stored)
+    return int(m.group(1)) if m else None
 
 
 def dummy_like(stored: str) -> str | None:
@@ -299,7 +436,9 @@ def dummy_like(stored: str) -> str | None:
                     bcrypt_cost=params.bcrypt_cost,
                 )
         elif scheme == "BLF-CRYPT":
-            cost = int(stored.removeprefix("{BLF-CRYPT}")[4:6])
+            cost = _bcrypt_cost(stored)
+            if cost is None:
+                return None
             params = schemes.Params(
                 params.argon2_time_cost, params.argon2_memory_kib, bcrypt_cost=cost
             )
@@ -439,18 +578,45 @@ class PasswdFile(HashStore):
         user = self.users.get(authc) if self.users is not None else None
         if user is None or not user.has_password:
             return DENIED  # the dummy matched, or the user went meanwhile
-        ip = client_ip(conn_meta)
-        if not user.allows(ip):
+        ip, peer = client_ip(conn_meta), peer_ip(conn_meta)
+        field = user.refusal(ip, peer)
+        where = f"{self.path} line {user.line}"
+        if field is None and user.delay_until is not None:
+            wait = user.delay_until - self.reactor.seconds()
+            if wait > MAX_DELAY:
+                field = "delay_until"  # Dovecot refuses rather than wait that long
+            elif wait > 0:
+                # Dovecot would hold the answer until then: come back later.
+                raise BackendError(
+                    f"user {escape(authc)} ({where}) may not log in for another "
+                    f"{math.ceil(wait)}s (delay_until)",
+                    outage=False,
+                )
+        if field is not None:
+            shown = peer if field == "allow_real_nets" else ip
             log.info(
-                "auth backend {backend}: user {user} ({where}) may not log in from {ip} "
-                "(nologin or allow_nets)",
+                "auth backend {backend}: user {user} ({where}) may not log in from {ip} ({field})",
                 backend=self.name,
                 user=escape(authc),
-                where=f"{self.path} line {user.line}",
-                ip=escape(ip or "an unknown address"),
+                where=where,
+                ip=escape(shown or "an unknown address"),
+                field=field,
             )
             return DENIED
         return verdict
+
+    def fresh(self) -> defer.Deferred[None] | None:
+        """
+        Before the verified-credential cache answers from memory: the check
+        a lookup makes (a stat() once ``check_interval`` has passed), and
+        if the file changed, a Deferred that fires once it is re-read (new
+        content has cleared the cache by then: :meth:`changed`).  None when
+        there is nothing to wait for; between checks, that costs one clock
+        comparison.
+        """
+        if self._due():
+            return self._refresh()
+        return None
 
     def lookup(self, authc: str) -> Entry | None | defer.Deferred[Entry | None]:
         if self._due():

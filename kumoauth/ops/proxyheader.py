@@ -63,6 +63,12 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper):
     _timer: Any = None
     _head = b""
 
+    @property
+    def proxy_peer(self) -> Any:
+        """The connection's own peer, the proxy (``getPeer`` is the client)."""
+        assert self.transport is not None
+        return self.transport.getPeer()
+
     def makeConnection(self, transport: Any) -> None:
         # ProtocolWrapper.makeConnection without starting the wrapped protocol.
         directlyProvides(self, providedBy(transport))

@@ -154,15 +154,18 @@ class SubmissionProtocol(Protocol):
         self._ip = getattr(peer, "host", None) or "local"
         self.client = _addr(peer)
         self._secure = listener.tls == "implicit"
-        self.conn_meta = ConnMeta(
-            {
-                "reception_protocol": "ESMTP",
-                "received_from": self.client,
-                "received_via": _addr(host),
-                "hostname": rt.server.hostname,
-                **listener.meta,
-            }
-        )
+        meta = {
+            "reception_protocol": "ESMTP",
+            "received_from": self.client,
+            "received_via": _addr(host),
+            "hostname": rt.server.hostname,
+        }
+        # On a haproxy: listener the peer above is the client the PROXY
+        # header named; the connection's own peer is the proxy.
+        proxy = getattr(self.transport, "proxy_peer", None)
+        if proxy is not None:
+            meta["received_from_proxy"] = _addr(proxy)
+        self.conn_meta = ConnMeta({**meta, **listener.meta})
         self.delivery = Delivery(self.conn_meta, store=rt.store)
         if not rt.limits.acquire(self._ip, rt.server):
             rt.metrics.connections_rejected.labels("limit").inc()
