@@ -374,12 +374,24 @@ class TwistedMailWorkers(TwistedMail):
     processes = ("--workers", "2")
     workers = 2
 
+    def start(self) -> None:
+        # The parent's socket accepts before its children run: wait for
+        # each child's READY, or the first connections all go to one.
+        out = self.workdir / f"{self.name}.out"
+        seen = out.stat().st_size if out.exists() else 0  # a restart appends
+        super().start()
+        deadline = time.monotonic() + 30
+        while out.read_bytes()[seen:].count(b"READY") < self.workers:
+            assert self.proc is not None
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: its processes did not all start")
+            time.sleep(0.05)
 
-class TwistedMailReuseport(TwistedMail):
+
+class TwistedMailReuseport(TwistedMailWorkers):
     """twisted.mail as two processes, each with its own SO_REUSEPORT socket."""
 
     processes = ("--workers", "2", "--reuseport")
-    workers = 2
 
 
 class TwistedMailTickets(TwistedMail):

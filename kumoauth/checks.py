@@ -9,7 +9,10 @@ must not import the configuration module itself (it imports them).
 from __future__ import annotations
 
 import math
+import os
+import stat
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kumoauth.textsafe import escape
@@ -90,3 +93,32 @@ def _show(v: Any) -> str:
     if isinstance(v, list):
         return "a list"
     return repr(v)
+
+
+def file_problem(path: Path | str) -> str | None:
+    """
+    Why *path* cannot be read as a file (None: it can), in words for an
+    operator: missing, a directory or another kind of file that is not a
+    regular one (opening a FIFO would wait for a writer), or not readable.
+    One check for every file a configuration names.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "file not found"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return (
+            "not readable"
+            if isinstance(e, PermissionError)
+            else f"cannot be read ({e.strerror or e})"
+        )
+    return None

@@ -102,6 +102,9 @@ class ListenerConfig:
     auth_required: bool = True
     allow_plaintext_auth: bool = False
     meta: Mapping[str, Any] = field(default_factory=dict)
+    #: for a ``haproxy:`` endpoint, the peers whose PROXY header is believed
+    #: (empty: any peer)
+    proxy_networks: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,15 @@ def _names(v: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(v))
 
 
+def _networks(v: Any) -> tuple[Any, ...]:
+    if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
+        raise _Bad(f"expected a list of addresses or networks, got {_show(v)}")
+    try:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in v)
+    except ValueError as e:
+        raise _Bad(_show(str(e))) from None
+
+
 def _prefix(v: Any) -> int:
     bits = _int(0)(v)
     if bits > 128:
@@ -414,6 +426,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "auth_required": _bool,
         "allow_plaintext_auth": _bool,
         "meta": _meta,
+        "proxy_networks": _networks,
     },
     "auth": {
         "mechanisms": _mechanisms,
@@ -584,6 +597,12 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
     )
 
     for i, listener in enumerate(listeners):
+        if listener.proxy_networks and not listener.endpoint.startswith("haproxy:"):
+            raise ConfigError(
+                source,
+                f"[[listener]] #{i + 1} proxy_networks",
+                "only for a haproxy: endpoint (PROXY protocol)",
+            )
         if listener.auth_required and listener.tls == "none" and not listener.allow_plaintext_auth:
             raise ConfigError(
                 source,

@@ -398,3 +398,41 @@ def test_a_shared_store_outage_is_one_line_each_way(clock, captured_log):
     assert len(lines) == 2, lines
     assert "unavailable: redis://127.0.0.1:1/0: connection refused" in lines[0]
     assert "available again (5 operations met it down)" in lines[1]
+
+
+@implementer(ICredentialsChecker)
+class Pending:
+    """A checker whose answers the test gives, one per call, when it likes."""
+
+    credentialInterfaces = (IPlainCredentials,)
+
+    def __init__(self) -> None:
+        self.calls: list[defer.Deferred[Any]] = []
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.calls.append(d)
+        return d
+
+
+@pytest.mark.parametrize("answer", ["verified", "refused"])
+def test_an_answer_begun_before_a_clear_is_not_stored(answer):
+    # A check against a passwd-file's old line that ends after the re-read
+    # cleared the cache must not put that old verdict back for ttl.
+    cache = CredentialCache(task.Clock(), CacheConfig())
+    inner = Pending()
+    checker = cache.wrap(inner)
+
+    def attempt() -> defer.Deferred[Any]:
+        meta = ConnMeta({"received_from": "192.0.2.1:5000"})
+        return checker.requestAvatarId(PlainCredentials("", "bob", "old", meta))
+
+    attempt().addErrback(lambda f: f.trap(error.UnauthorizedLogin))
+    cache.clear()
+    if answer == "verified":
+        inner.calls.pop().callback("bob")
+    else:
+        inner.calls.pop().errback(error.UnauthorizedLogin())
+    assert len(cache) == 0
+    attempt().addErrback(lambda f: f.trap(error.UnauthorizedLogin))
+    assert len(inner.calls) == 1  # asked again, not answered from memory

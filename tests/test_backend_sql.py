@@ -462,7 +462,7 @@ def test_validate_a_query_password_is_a_url_password(tmp_path):
         ("postgresql://kumo@/mail?host=a:5432&host=b:70000", "url: port 70000: must be 1-65535"),
         ("postgresql://kumo@/mail?host=a&port=abc", "url: Received non-integer port"),
         ("sqlite:////nonexistent/dir/users.db",
-         "url: the SQLite file /nonexistent/dir/users.db: No such file or directory"),
+         "url: the SQLite file /nonexistent/dir/users.db: file not found"),
     ],
 )  # fmt: skip
 def test_validate_refuses_a_url_that_cannot_work(url, message):
@@ -475,10 +475,10 @@ def test_validate_refuses_a_url_that_cannot_work(url, message):
 
 def test_validate_wants_the_sqlite_file(tmp_path, sqlite_db):
     missing = tmp_path / "typo.db"
-    with pytest.raises(ValueError, match=f"^url: the SQLite file {missing}: No such file"):
+    with pytest.raises(ValueError, match=f"^url: the SQLite file {missing}: file not found"):
         validate({"url": f"sqlite:///{missing}", "query": QUERY})
     assert not missing.exists()  # not made as an empty database either
-    with pytest.raises(ValueError, match=f"^url: the SQLite file {tmp_path}: not a regular"):
+    with pytest.raises(ValueError, match=f"^url: the SQLite file {tmp_path}: is a directory"):
         validate({"url": f"sqlite:///{tmp_path}", "query": QUERY})
     assert validate({"url": f"sqlite:///{sqlite_db}", "query": QUERY}).url.endswith("users.db")
     for url in (
@@ -492,7 +492,7 @@ def test_validate_wants_the_sqlite_file(tmp_path, sqlite_db):
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("sqlite:////nonexistent/dir/users.db", "/nonexistent/dir/users.db: No such file"),
+        ("sqlite:////nonexistent/dir/users.db", "/nonexistent/dir/users.db: file not found"),
         ("postgresql://kumo:Port-Secret-1@127.0.0.1:99999/mail", "url: port 99999"),
     ],
 )

@@ -221,16 +221,19 @@ def test_ctrl_c_at_the_prompt_exits_130_without_a_traceback(tmp_path):
     assert lines_after_prompt(shown) == [], shown
 
 
-def test_ctrl_c_while_the_checker_is_awaited_exits_130_without_a_traceback(tmp_path):
-    # The checker never answers (a backend that hangs); Ctrl-C then is an
-    # interruption (130), not "could not decide" (2), and says nothing more.
+@pytest.mark.parametrize("checker", ["deferred", "blocking"])
+def test_ctrl_c_while_the_checker_is_awaited_exits_130_without_a_traceback(tmp_path, checker):
+    # The checker never answers (a backend that hangs: a Deferred that never
+    # fires, or a call that blocks); Ctrl-C then is an interruption (130),
+    # not "could not decide" (2), and says nothing more. A blocked call
+    # cannot be cancelled: the second Ctrl-C ends the process at once.
     called = tmp_path / "called"
-    config = policy_config(
-        tmp_path,
-        f"    open({str(called)!r}, 'w').close()\n"
-        "    from twisted.internet import defer\n"
-        "    return defer.Deferred()\n",
+    hang = (
+        "    from twisted.internet import defer\n    return defer.Deferred()\n"
+        if checker == "deferred"
+        else "    import time\n    time.sleep(30)\n    return True\n"
     )
+    config = policy_config(tmp_path, f"    open({str(called)!r}, 'w').close()\n" + hang)
     given = tmp_path / "password"
     given.write_text(PASSWORD + "\n")
     command = ["auth", "test", "--config", str(config), "scott"]
@@ -248,6 +251,9 @@ def test_ctrl_c_while_the_checker_is_awaited_exits_130_without_a_traceback(tmp_p
             time.sleep(0.05)
         assert called.exists(), proc.communicate(timeout=5)
         proc.send_signal(signal.SIGINT)
+        if checker == "blocking":
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=15)
     finally:
         if proc.poll() is None:

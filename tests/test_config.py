@@ -62,6 +62,19 @@ private_key = "/abs/key.pem"
     )
 
 
+def test_proxy_networks_parse():
+    import ipaddress
+
+    text = MINIMAL.replace('"tcp:2525"', '"haproxy:tcp:2525"').replace(
+        "auth_required = false", 'auth_required = false\nproxy_networks = ["10.1.2.3/8", "::1"]'
+    )
+    (listener,) = parse(text, "/etc/kumoauth.toml").listeners
+    assert listener.proxy_networks == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
 def test_sample_config_parses():
     cfg = parse(Path("etc/kumoauth.toml").read_text(), Path("etc/kumoauth.toml").resolve())
     assert [listener.tls for listener in cfg.listeners] == ["starttls", "implicit"]
@@ -117,6 +130,21 @@ def test_sample_config_parses():
             ),
             "[[listener]] #1 meta",
             "no TOML dates",
+        ),
+        # who may send a PROXY header: only for a haproxy: endpoint
+        (
+            MINIMAL.replace(
+                "auth_required = false", 'auth_required = false\nproxy_networks = ["10.0.0.0/8"]'
+            ),
+            "[[listener]] #1 proxy_networks",
+            "only for a haproxy: endpoint",
+        ),
+        (
+            MINIMAL.replace('"tcp:2525"', '"haproxy:tcp:2525"').replace(
+                "auth_required = false", 'auth_required = false\nproxy_networks = ["10.0.0.0/33"]'
+            ),
+            "[[listener]] #1 proxy_networks",
+            "10.0.0.0/33",
         ),
     ],
 )

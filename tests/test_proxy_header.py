@@ -66,19 +66,22 @@ class Sessions(Factory):
         return session
 
 
-def connect() -> tuple[Sessions, StringTransport, Protocol, Clock]:
-    sessions, clock = Sessions(), Clock()
-    factory = ProxyHeaderFactory(sessions, clock)
-    transport = StringTransport(peerAddress=_proxy_address())
+def connect(
+    factory: ProxyHeaderFactory | None = None, peer: str = "127.0.0.1"
+) -> tuple[Sessions, StringTransport, Protocol, Clock]:
+    if factory is None:
+        factory = ProxyHeaderFactory(Sessions(), Clock())
+    sessions, clock = factory.wrappedFactory, factory.clock
+    transport = StringTransport(peerAddress=_proxy_address(peer))
     wrapper = factory.buildProtocol(transport.getPeer())
     wrapper.makeConnection(transport)
     return sessions, transport, wrapper, clock
 
 
-def _proxy_address():
+def _proxy_address(host: str = "127.0.0.1"):
     from twisted.internet.address import IPv4Address
 
-    return IPv4Address("TCP", "127.0.0.1", 51000)
+    return IPv4Address("TCP", host, 51000)
 
 
 @contextlib.contextmanager
@@ -129,15 +132,16 @@ def test_a_v2_header():
     assert sessions.made[0].peers == ["203.0.113.9:41000"]
 
 
-def test_a_short_first_line_is_answered_at_once_not_at_the_timeout():
-    # "PROXY UNKNOWN" alone (15 bytes, under the 16 that tell v1 from v2):
-    # handed to the parser at its line end. Twisted's parser wants the
-    # address fields after UNKNOWN, so it is refused now, with one line.
+def test_a_bare_proxy_unknown_starts_the_session_with_the_connections_own_peer():
+    # "PROXY UNKNOWN" alone (15 bytes, under the 16 that tell v1 from v2,
+    # and without the fields Twisted's parser wants): a health check's
+    # header, valid in the protocol. What follows it goes to the session.
     sessions, transport, wrapper, _ = connect()
-    with logged() as lines:
-        wrapper.dataReceived(b"PROXY UNKNOWN\r\n")
-    assert transport.disconnecting
-    assert lines == ["closed 127.0.0.1:51000: an invalid PROXY header"]
+    wrapper.dataReceived(b"PROXY UNKNOWN\r\n")
+    assert sessions.made[0].peers == ["127.0.0.1:51000"]
+    wrapper.dataReceived(b"QUIT\r\n")
+    assert sessions.made[0].data == b"QUIT\r\n"
+    assert not transport.disconnecting
 
 
 def test_proxy_unknown_starts_the_session_with_the_connections_own_peer():
@@ -180,6 +184,35 @@ def test_the_timer_stops_once_the_header_is_read():
     assert sessions.made[0].peers == ["198.51.100.7:40000"]
 
 
+def test_only_proxy_networks_may_send_a_header():
+    import ipaddress
+
+    networks = (ipaddress.ip_network("10.0.0.0/8"),)
+    factory = ProxyHeaderFactory(Sessions(), Clock(), networks=networks)
+    with logged() as lines:
+        sessions, transport, wrapper, _ = connect(factory, peer="192.0.2.1")
+        assert transport.disconnecting  # closed before it sends anything
+        connect(factory, peer="192.0.2.1")  # the same peer again: counted, not logged
+    assert lines == ["closed 192.0.2.1:51000: not from proxy_networks"]
+    sessions, transport, wrapper, _ = connect(factory, peer="10.1.2.3")
+    wrapper.dataReceived(V1)
+    assert sessions.made[-1].peers == ["198.51.100.7:40000"]
+
+
+def test_connections_waiting_for_a_header_are_bounded():
+    factory = ProxyHeaderFactory(Sessions(), Clock(), max_waiting=2)
+    first = connect(factory)
+    connect(factory)
+    with logged() as lines:
+        _, transport, _, _ = connect(factory)
+    assert transport.disconnecting
+    assert lines == ["closed 127.0.0.1:51000: 2 connections already wait for a PROXY header"]
+    first[2].dataReceived(V1)  # one header read: room for one more
+    _, transport, _, _ = connect(factory)
+    assert not transport.disconnecting
+    assert factory.waiting == 2
+
+
 # --------------------------------------------------------------------------
 # end to end
 
@@ -211,12 +244,12 @@ def v1(source: str, port: int = 40000) -> bytes:
     return f"PROXY TCP4 {source} 10.0.0.1 {port} 587\r\n".encode()
 
 
-def proxied_listeners(starttls: int, implicit: int) -> str:
+def proxied_listeners(starttls: int, implicit: int, extra: str = "") -> str:
     return (
         f'[[listener]]\nendpoint = "haproxy:tcp:{starttls}:interface=127.0.0.1"\n'
-        'tls = "starttls"\n'
+        f'tls = "starttls"\n{extra}'
         f'[[listener]]\nendpoint = "haproxy:tcp:{implicit}:interface=127.0.0.1"\n'
-        'tls = "implicit"\n'
+        f'tls = "implicit"\n{extra}'
     )
 
 
@@ -278,6 +311,19 @@ def test_behind_haproxy_limits_logs_and_meta_see_the_client(tmp_path, certs):
                 login(s, "PLAIN", "scott", "tiger")
             assert locked.value.smtp_code == 454
         assert_client_seen(srv, ports, certs)
+
+
+def test_a_peer_outside_proxy_networks_gets_no_session(tmp_path, certs):
+    from tests.server import free_port
+
+    ports = free_port(), free_port()
+    extra = 'proxy_networks = ["10.0.0.0/8"]\n'
+    with running_server(tmp_path, certs, POLICY, extra=proxied_listeners(*ports, extra)) as srv:
+        assert wait_for(lambda: _accepts(ports[0]))
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            ProxiedSMTP(v1("198.51.100.1"), ports[0])
+        assert wait_for(lambda: "not from proxy_networks" in srv.log())
+        assert "client=198.51.100.1" not in srv.log()
 
 
 def test_behind_haproxy_with_workers(tmp_path, certs):

@@ -92,6 +92,10 @@ class CredentialCache:
         self._shared: Any = None
         self._poll: Any = None
         self._generation: int | None = None
+        #: bumped whenever the entries are dropped: an answer the checker
+        #: gave for a check that began before is not stored (it may rest
+        #: on what the clear was for, a passwd-file's old line)
+        self.epoch = 0
         # The shared store's outages as the cache meets them (its poll runs
         # without traffic): one line per change of state.
         self._shared_state = StateLog(
@@ -114,7 +118,7 @@ class CredentialCache:
         generation it keeps is bumped, and every process polling it clears
         its own cache within :data:`POLL_INTERVAL`.
         """
-        self._entries.clear()
+        self._drop_all()
         if self._shared is not None:
             self._shared.bump(GENERATION).addCallbacks(self._shared_ok, self._shared_failed)
 
@@ -140,6 +144,10 @@ class CredentialCache:
             self._poll.clock = self.clock
             self._poll.start(POLL_INTERVAL, now=True)
 
+    def _drop_all(self) -> None:
+        self._entries.clear()
+        self.epoch += 1
+
     def _check_generation(self) -> None:
         store = self._shared
         if store is None:
@@ -148,7 +156,7 @@ class CredentialCache:
         def got(generation: int) -> None:
             self._shared_ok(generation)
             if self._generation is not None and generation != self._generation:
-                self._entries.clear()
+                self._drop_all()
             self._generation = generation
 
         store.generation(GENERATION).addCallbacks(got, self._shared_failed)
@@ -267,16 +275,18 @@ class CachingChecker:
         cache.count("miss")
         conn_meta = credentials.conn_meta
         before = conn_meta.values_now()
+        epoch = cache.epoch
         d = defer.maybeDeferred(self.inner.requestAvatarId, credentials)
 
         def verified(avatar: Any) -> Any:
-            after = conn_meta.values_now()
-            added = {k: v for k, v in after.items() if before.get(k, _MISSING) != v}
-            cache.put(key, avatar, added or None)
+            if cache.epoch == epoch:  # not cleared while it was checked
+                after = conn_meta.values_now()
+                added = {k: v for k, v in after.items() if before.get(k, _MISSING) != v}
+                cache.put(key, avatar, added or None)
             return avatar
 
         def refused(f: Failure) -> Failure:
-            if f.check(error.UnauthorizedLogin):
+            if f.check(error.UnauthorizedLogin) and cache.epoch == epoch:
                 cache.put(key, None, None)
             return f
 

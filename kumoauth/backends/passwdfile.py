@@ -73,7 +73,7 @@ from kumoauth.backends.base import (
     parse_table,
     peer_ip,
 )
-from kumoauth.checks import _number, _str
+from kumoauth.checks import _number, _str, file_problem
 from kumoauth.ops.threads import QueueFull
 from kumoauth.textsafe import escape
 
@@ -126,14 +126,9 @@ def validate(raw: Mapping[str, Any], base: Path | None = None) -> Config:
 
 
 def _check_readable(path: Path) -> None:
-    try:
-        # stat first: opening a FIFO would wait for a writer
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ValueError(f"path: {path}: not a regular file")
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise ValueError(f"path: {path}: {e.strerror or e}") from None
+    problem = file_problem(path)
+    if problem is not None:
+        raise ValueError(f"path: {path}: {problem}")
 
 
 def from_argstring(arg: str) -> Config:

@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
-import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -241,13 +239,9 @@ def _check_sqlite_file(url: Any) -> None:
     if str(url.query.get("uri", "")).lower() in ("true", "1", "yes", "on"):
         return
     path = url.database
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ValueError(f"url: the SQLite file {path}: not a regular file")
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise ValueError(f"url: the SQLite file {path}: {e.strerror}") from None
+    problem = _config.file_problem(path)
+    if problem is not None:
+        raise ValueError(f"url: the SQLite file {path}: {problem}")
 
 
 def _is_secret(name: str) -> bool:

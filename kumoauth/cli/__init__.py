@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -55,6 +56,23 @@ def react(action: Callable[[Any], Awaitable[int]], failed: int = 1) -> int:
     interrupted: list[int] = []
 
     def main(reactor: Any) -> defer.Deferred[None]:
+        done: list[defer.Deferred[None]] = []
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            # The first Ctrl-C cancels what is awaited (the action's own
+            # clean-up still runs); a second ends the process at once, even
+            # while a check blocks or that clean-up waits on a thread.
+            interrupted.append(signum)
+            if len(interrupted) > 1 or not done:
+                os._exit(EXIT_INTERRUPTED)
+            reactor.callFromThread(done[0].cancel)
+
+        # Now (the action starts before the reactor runs) and again after
+        # the reactor's own handler, which would stop it under the action
+        # as if it had finished.
+        signal.signal(signal.SIGINT, on_sigint)
+        reactor.callWhenRunning(signal.signal, signal.SIGINT, on_sigint)
+
         async def go() -> None:
             try:
                 code[0] = await action(reactor)
@@ -62,21 +80,8 @@ def react(action: Callable[[Any], Awaitable[int]], failed: int = 1) -> int:
                 if not interrupted:
                     raise
 
-        done = defer.Deferred.fromCoroutine(go())
-
-        def on_sigint(signum: int, frame: Any) -> None:
-            # The first Ctrl-C cancels what is awaited (the action's own
-            # clean-up still runs); a second stops the reactor outright.
-            interrupted.append(signum)
-            if len(interrupted) == 1:
-                reactor.callFromThread(done.cancel)
-            else:
-                reactor.callFromThread(reactor.stop)
-
-        # After the reactor's own handler (installed as it starts), which
-        # would stop it under the action as if it had finished.
-        reactor.callWhenRunning(signal.signal, signal.SIGINT, on_sigint)
-        return done
+        done.append(defer.Deferred.fromCoroutine(go()))
+        return done[0]
 
     try:
         task.react(main)

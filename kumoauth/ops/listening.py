@@ -82,7 +82,14 @@ class ListenerService(service.Service):
         if proxied:  # a haproxy: endpoint: the session starts after the header
             from twisted.internet import reactor
 
-            self.factory = ProxyHeaderFactory(self.factory, reactor)
+            assert self.submission_factory is not None
+            rt, listener = self.submission_factory.runtime, self.submission_factory.listener
+            self.factory = ProxyHeaderFactory(
+                self.factory,
+                reactor,
+                networks=listener.proxy_networks,
+                max_waiting=rt.server.max_connections,
+            )
         self.source = source
         self.key = key
         self.port: IListeningPort | None = None

@@ -11,13 +11,16 @@ endpoint without its ``haproxy:`` prefix is bound (by this process or by
 the supervisor for its workers), and :class:`ProxyHeaderFactory` wraps
 the listener's factory: the session (or implicit TLS under it) is started
 when the header is complete, with whatever followed the header in the same
-read handed to it after.  A connection whose header is invalid, or that
-sends none within :data:`HEADER_TIMEOUT` seconds, is closed without a
-session, with one log line.
+read handed to it after.  A connection whose header is invalid, that sends
+none within :data:`HEADER_TIMEOUT` seconds, that comes from outside the
+listener's ``proxy_networks``, or that would be one too many waiting for
+a header, is closed without a session, with a log line (one per peer and
+reason a minute, then a count).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.internet.interfaces import IProtocolFactory
@@ -28,6 +31,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
+from kumoauth.ops.loglimit import LogLimiter
 from kumoauth.textsafe import escape
 
 log = Logger(namespace="kumoauth")
@@ -36,6 +40,10 @@ PREFIX = "haproxy:"
 
 #: seconds a connection has to send its PROXY header (HAProxy sends it at once)
 HEADER_TIMEOUT = 10.0
+
+#: a v1 header that names no client (a health check's): the session sees
+#: the connection's own peer.  Twisted's parser wants fields after it.
+_UNKNOWN = b"PROXY UNKNOWN\r\n"
 
 
 def split(description: str) -> tuple[str, bool]:
@@ -62,6 +70,7 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper):
     _started = False
     _timer: Any = None
     _head = b""
+    _waiting = False
 
     @property
     def proxy_peer(self) -> Any:
@@ -73,8 +82,16 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper):
         # ProtocolWrapper.makeConnection without starting the wrapped protocol.
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
-        self.factory.registerProtocol(self)
-        self._timer = self.factory.clock.callLater(self.factory.timeout, self._no_header)
+        factory = self.factory
+        factory.registerProtocol(self)
+        why = factory.refusal(transport.getPeer())
+        if why is not None:
+            self._refuse(why)
+            self.loseConnection()
+            return
+        factory.waiting += 1
+        self._waiting = True
+        self._timer = factory.clock.callLater(factory.timeout, self._no_header)
 
     def dataReceived(self, data: bytes) -> None:
         if self._started:
@@ -88,6 +105,9 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper):
             if len(self._head) < 16 and b"\n" not in self._head:
                 return
             data, self._head = self._head, b""
+            if data.startswith(_UNKNOWN):
+                self._start(self.wrappedProtocol, [data[len(_UNKNOWN) :]])
+                return
         session, early = self.wrappedProtocol, _Early()
         self.wrappedProtocol = early  # type: ignore[assignment]
         try:
@@ -98,13 +118,17 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper):
             if self.disconnecting:  # Twisted's parser found it invalid
                 self._refuse("an invalid PROXY header")
             return
+        self._start(session, early.data)
+
+    def _start(self, session: Any, early: list[bytes]) -> None:
         self._stop_timer()
         self._started = True
-        session.makeConnection(self)  # type: ignore[arg-type]
-        for chunk in early.data:
+        session.makeConnection(self)
+        for chunk in early:
             if self.disconnecting:
                 break
-            session.dataReceived(chunk)
+            if chunk:
+                session.dataReceived(chunk)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_timer()
@@ -121,16 +145,22 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper):
     def _refuse(self, why: str) -> None:
         assert self.transport is not None
         peer = self.transport.getPeer()
-        log.info(
-            "closed {client}: {why}",
-            client=escape(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"),
-            why=why,
-        )
+        host = escape(str(getattr(peer, "host", peer)))
+        client = f"{host}:{getattr(peer, 'port', '')}"
+
+        def summarise(n: int) -> None:
+            log.info("closed {n} more from {host}: {why}", n=n, host=host, why=why)
+
+        if self.factory.log_limit.allow(("proxy", why, host), summarise):
+            log.info("closed {client}: {why}", client=client, why=why)
 
     def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._waiting:
+            self._waiting = False
+            self.factory.waiting -= 1
 
 
 class ProxyHeaderFactory(WrappingFactory):
@@ -139,11 +169,35 @@ class ProxyHeaderFactory(WrappingFactory):
     protocol = ProxyHeaderFirst
 
     def __init__(
-        self, wrapped: IProtocolFactory, clock: Any, timeout: float = HEADER_TIMEOUT
+        self,
+        wrapped: IProtocolFactory,
+        clock: Any,
+        timeout: float = HEADER_TIMEOUT,
+        networks: tuple[Any, ...] = (),
+        max_waiting: int = 1000,
     ) -> None:
         super().__init__(wrapped)
         self.clock = clock
         self.timeout = timeout
+        #: peers whose header is believed (empty: any)
+        self.networks = networks
+        #: connections at once that may wait for their header
+        self.max_waiting = max_waiting
+        self.waiting = 0
+        self.log_limit = LogLimiter(clock)
+
+    def refusal(self, peer: Any) -> str | None:
+        """Why a connection from *peer* is closed before its header, or None."""
+        if self.networks:
+            try:
+                address = ipaddress.ip_address(getattr(peer, "host", ""))
+            except ValueError:
+                return "not from proxy_networks"
+            if not any(address in net for net in self.networks):
+                return "not from proxy_networks"
+        if self.waiting >= self.max_waiting:
+            return f"{self.waiting} connections already wait for a PROXY header"
+        return None
 
     def logPrefix(self) -> str:
         prefix = getattr(self.wrappedFactory, "logPrefix", None)

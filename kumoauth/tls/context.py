@@ -23,7 +23,6 @@ import hashlib
 import hmac
 import ipaddress
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from typing import Any
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
+from kumoauth.checks import file_problem
 from kumoauth.config import TLSConfig
 from kumoauth.tls import openssl as ossl
 
@@ -201,34 +201,13 @@ def groups(cfg: TLSConfig) -> tuple[str, ...]:
     return cfg.groups
 
 
-def _file_problem(path: Path) -> str | None:
-    """
-    Why *path* cannot be read as a PEM file (None: it can): missing, a
-    directory or another kind of file that is not a regular one (a FIFO
-    would block the read), or not readable.
-    """
-    try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return "file not found"
-    except OSError as e:
-        return f"cannot be read ({e.strerror or e})"
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a file"
-    if not stat.S_ISREG(mode):
-        return "not a regular file"
-    if not os.access(path, os.R_OK):
-        return "not readable"
-    return None
-
-
 def build_context(cfg: TLSConfig) -> Context:
     """
     Load the chain and key into a new server context.  Raises
     :class:`TLSError` with a one-line reason.
     """
     for label, path in (("certificate", cfg.certificate), ("private_key", cfg.private_key)):
-        problem = _file_problem(path)
+        problem = file_problem(path)
         if problem is not None:
             raise TLSError(f"[tls] {label}: {path}: {problem}")
     ctx = Context()
