@@ -649,9 +649,7 @@ def test_validate(tmp_path):
 def test_missing_file_is_one_start_up_line(tmp_path):
     with pytest.raises(ValueError) as e:
         resolve("passwd-file", {"passwd-file": {"path": "nope"}}, base=tmp_path)
-    assert str(e.value) == (
-        f"[auth.passwd-file] path: {tmp_path / 'nope'}: file not found"
-    )
+    assert str(e.value) == (f"[auth.passwd-file] path: {tmp_path / 'nope'}: file not found")
 
 
 def test_factory_through_the_checker_registry(tmp_path):

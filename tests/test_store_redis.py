@@ -788,56 +788,51 @@ def test_make_store_errors_never_echo_a_password(tail):
 
 
 # --------------------------------------------------------------------------
-# reservations (the throttle's check and count in one step)
+# forget (a verified password is not a failure)
+
+#: a window no loaded test box outlives during the trace
+LONG_WINDOW = 600.0
 
 
-async def reservations(store: Any, reactor: Any) -> list[Any]:
-    """Reserve and release on *store*, times cut to "in window" or 0."""
+async def forgetting(store: Any, reactor: Any) -> list[Any]:
+    """Record and forget on *store*: only the fingerprint given goes, from the keys given."""
     trace: list[Any] = []
+    ip, user, other = "ip:192.0.2.1", "authc:alice", "ip:192.0.2.2"
+    w = LONG_WINDOW
 
-    def cut(r: tuple[int, float, int]) -> tuple[int, str, int]:
-        refused, retry_after, added = r
-        return (refused, "in window" if 0 < retry_after <= WINDOW + 0.01 else "0", added)
+    async def sizes() -> list[int]:
+        return [(await store.count(k, w))[0] for k in (ip, user, other)]
 
-    ip, user = "ip:192.0.2.1", "authc:alice"
-    trace.append(cut(await store.reserve(ip, fp(1), WINDOW, 2, user, 1)))
-    trace.append(cut(await store.reserve(ip, fp(2), WINDOW, 2, user, 1)))  # alice's limit
-    trace.append(cut(await store.reserve(ip, fp(1), WINDOW, 2, None, 1)))  # again: no new place
-    trace.append(cut(await store.reserve(ip, fp(3), WINDOW, 2, None, 1)))
-    trace.append(cut(await store.reserve(ip, fp(4), WINDOW, 2, None, 1)))  # the client's limit
-    # A clean client is not held by alice's limit; her set keeps its limit (1).
-    trace.append(cut(await store.reserve("ip:192.0.2.2", fp(5), WINDOW, 2, user, 1)))
-    trace.append((await store.count(user, WINDOW))[0])
-    await store.release("ip:192.0.2.2", fp(5), user, 3)
-    trace.append(await store.count("ip:192.0.2.2", WINDOW))
-    trace.append(await store.count(user, WINDOW))
-    await store.release(ip, fp(1), None, 0)  # nothing added: nothing taken
-    trace.append((await store.count(ip, WINDOW))[0])
-    await store.release(ip, fp(3), None, 1)
-    trace.append((await store.count(ip, WINDOW))[0])
-    await sleep(reactor, WINDOW + 0.05)
-    trace.append(cut(await store.reserve(ip, fp(9), WINDOW, 2, user, 1)))
+    for n in (1, 2, 3):
+        await store.record(ip, fp(n), w, 10)
+        await store.record(user, fp(n), w, 5)
+    await store.record(other, fp(2), w, 10)
+    trace.append(await sizes())
+    trace.append(await store.forget(ip, user, fp(2)))
+    trace.append(await sizes())  # another key keeps its fp(2)
+    await store.forget(ip, None, fp(1))
+    trace.append(await sizes())
+    await store.forget(ip, user, fp(9))  # nowhere: nothing taken
+    trace.append(await sizes())
+    await store.forget(ip, user, fp(3))
+    trace.append(await store.count(ip, w))
+    trace.append(await sizes())
     return trace
 
 
-RESERVATIONS = [
-    (0, "0", 3),
-    (2, "in window", 0),
-    (0, "0", 0),
-    (0, "0", 1),
-    (1, "in window", 0),
-    (0, "0", 3),
-    1,
+FORGETTING = [
+    [3, 3, 1],
+    None,
+    [2, 2, 1],
+    [1, 2, 1],
+    [1, 2, 1],
     (0, 0.0),
-    (0, 0.0),
-    2,
-    1,
-    (0, "0", 3),
+    [0, 1, 1],
 ]
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
-def test_reservations_same_semantics_as_memory(
+def test_forget_same_semantics_as_memory(
     kind: str, reactor: Any, request: pytest.FixtureRequest, prefix: str, stores: Any
 ) -> None:
     if kind == "memory":
@@ -845,43 +840,26 @@ def test_reservations_same_semantics_as_memory(
     else:
         server = request.getfixturevalue("redis")
         store = stores(server.url(prefix=prefix))
-    assert in_reactor(reservations, store, reactor) == RESERVATIONS
+    assert in_reactor(forgetting, store, reactor) == FORGETTING
 
 
-def test_reservations_provided(redis: RedisServer, stores: Any, prefix: str) -> None:
-    from kumoauth.stores import IFailureReservations
-
-    assert verifyObject(IFailureReservations, stores(redis.url(prefix=prefix)))
-
-
-def test_concurrent_reservations_from_several_instances_stop_at_the_limit(
-    redis: RedisServer, stores: Any, prefix: str
+def test_forget_across_instances_and_after_the_window(
+    reactor: Any, redis: RedisServer, stores: Any, prefix: str
 ) -> None:
-    instances = [stores(redis.url(prefix=prefix)) for _ in range(4)]
-
-    def burst() -> defer.Deferred[list[tuple[int, float, int]]]:
-        return defer.gatherResults(
-            [
-                instances[i % 4].reserve("ip:192.0.2.9", fp(i), 30.0, 10, "authc:bob", 5)
-                for i in range(200)
-            ]
-        )
-
-    results = in_reactor(burst)
-    # The first from this client is not held by bob's limit; then bob's 5 are taken.
-    assert sum(1 for refused, _, _ in results if refused == 0) == 5
-    assert {refused for refused, _, _ in results} == {0, 2}
-    assert in_reactor(instances[0].count, "authc:bob", 30.0)[0] == 5
-    many = in_reactor(
-        lambda: defer.gatherResults(
-            [
-                instances[i % 4].reserve("ip:192.0.2.10", fp(i), 30.0, 10, None, 0)
-                for i in range(200)
-            ]
-        )
-    )
-    assert sum(1 for refused, _, _ in many if refused == 0) == 10
-    assert in_reactor(instances[1].count, "ip:192.0.2.10", 30.0)[0] == 10
+    a, b = stores(redis.url(prefix=prefix)), stores(redis.url(prefix=prefix))
+    in_reactor(a.record, "ip:192.0.2.3", fp(1), LONG_WINDOW, 10)
+    in_reactor(a.record, "authc:bob", fp(1), LONG_WINDOW, 5)
+    in_reactor(a.record, "authc:bob", fp(2), LONG_WINDOW, 5)
+    in_reactor(b.forget, "ip:192.0.2.3", "authc:bob", fp(1))
+    assert in_reactor(a.count, "ip:192.0.2.3", LONG_WINDOW) == (0, 0.0)
+    assert in_reactor(a.count, "authc:bob", LONG_WINDOW)[0] == 1
+    with redis.client() as raw:
+        assert raw("EXISTS", f"{prefix}fail:ip:192.0.2.3") == 0  # empty: gone
+    # Expiry, on a short window of its own: forgetting what left is nothing.
+    in_reactor(a.record, "ip:192.0.2.4", fp(3), WINDOW, 10)
+    in_reactor(sleep, reactor, WINDOW + 0.1)
+    in_reactor(b.forget, "ip:192.0.2.4", None, fp(3))
+    assert in_reactor(a.count, "ip:192.0.2.4", WINDOW) == (0, 0.0)
 
 
 def test_the_secret_is_read_when_redis_refuses_writes(

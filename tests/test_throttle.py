@@ -542,15 +542,16 @@ def test_a_deadline_is_set_only_on_what_has_no_result_yet():
     assert len(errors) == 2 and errors[1].check(defer.TimeoutError)  # type: ignore[attr-defined]
 
 
-# --- attempts counted before the checker (audit finding 4) --------------------
+# --- attempts in flight counted in the process (audit finding 4, review) ------
 
 
 @pytest.fixture
 def held(make_session):
     """
-    Sessions from one IP sharing one runtime whose checker answers only when
-    the test says so: every attempt is in flight at once, as 40 connections
-    arriving together against a slow (Argon2) checker are.
+    Sessions sharing one runtime whose checker answers only when the test
+    says so: every attempt is in flight at once, as 40 connections
+    arriving together against a slow (Argon2) checker are.  ``user<n>``'s
+    password is ``right-user<n>``.
     """
     pending = []
 
@@ -576,70 +577,106 @@ def held(make_session):
 
     def answer_all():
         for authc, password, d in pending:
-            d.callback(PASSWORDS.get(authc) == password)
+            if not d.called:
+                d.callback(PASSWORDS.get(authc, "right-" + authc) == password)
         pending.clear()
 
     return pending, connect, answer_all, first.runtime
 
 
-def test_parallel_guesses_for_one_user_reach_the_checker_at_most_per_authc_times(held):
-    pending, connect, answer_all, runtime = held
-    sessions = [connect() for _ in range(40)]
-    replies = [attempt(s, "scott", f"guess{i}") for i, s in enumerate(sessions)]
-    # Five are with the checker; the other 35 were refused at once.
-    assert len(pending) == 5
-    assert sum(r.startswith("454 4.7.0 Too many failed attempts") for r in replies) == 35
+def fail_once(held, ip, user, password):
+    """One committed failure for *user* from *ip*."""
+    pending, connect, answer_all, _ = held
+    s = connect(ip)
+    assert attempt(s, user, password) == ""
     answer_all()
-    answered = [s.output() for s, r in zip(sessions, replies, strict=True) if r == ""]
-    assert len(answered) == 5 and all(a.startswith("535") for a in answered)
-    store = runtime.throttle.store
-    assert result(store.count(authc_key("scott"), 900)) == (5, 900.0)
-    assert result(store.count(client_key("203.0.113.9"), 900)) == (5, 900.0)
+    assert s.output().startswith("535")
 
 
-def test_parallel_guesses_for_many_users_reach_the_checker_at_most_per_ip_times(held):
+def test_parallel_guesses_from_a_failing_ip_reach_the_checker_at_most_limit_minus_one(held):
     pending, connect, answer_all, runtime = held
+    fail_once(held, "203.0.113.9", "bob", "guess")
     sessions = [connect() for _ in range(40)]
     replies = [attempt(s, f"user{i}", "123456") for i, s in enumerate(sessions)]
-    assert len(pending) == 10
-    assert sum(r.startswith("454 4.7.0") for r in replies) == 30
+    # One failure + nine in flight = the limit (10): the other 31 refused.
+    assert len(pending) == 9
+    refused = [r for r in replies if r]
+    assert len(refused) == 31
+    # Refused for attempts in flight only: a short wait (the checker's deadline).
+    assert all(
+        r.startswith("454 4.7.0 Too many failed attempts, try again in 60 seconds") for r in refused
+    )
     answer_all()
-    # The budget is spent: even the right password is not checked now.
-    assert attempt(connect(), "scott", "tiger").startswith("454 4.7.0")
-    assert pending == []
-
-
-def test_successes_and_unanswered_checks_give_their_place_back(held):
-    pending, connect, answer_all, runtime = held
     store = runtime.throttle.store
-    # Twenty right passwords at once: one fingerprint, one place, all checked.
-    sessions = [connect() for _ in range(20)]
-    assert [attempt(s, "scott", "tiger") for s in sessions] == [""] * 20
-    assert len(pending) == 20
-    assert result(store.count(client_key("203.0.113.9"), 900)) == (1, 900.0)
+    assert result(store.count(client_key("203.0.113.9"), 900)) == (10, 900.0)
+    # The budget is spent: refused on committed failures, with their wait.
+    assert attempt(connect(), "scott", "tiger").startswith(
+        "454 4.7.0 Too many failed attempts, try again in 900 seconds"
+    )
+    assert pending == []
+    assert len(runtime.in_flight.keys) == 0
+
+
+def test_parallel_guesses_for_one_user_reach_the_checker_at_most_per_authc_minus_one(held):
+    pending, connect, answer_all, runtime = held
+    fail_once(held, "203.0.113.9", "scott", "guess")
+    sessions = [connect() for _ in range(40)]
+    replies = [attempt(s, "scott", f"guess{i}") for i, s in enumerate(sessions)]
+    assert len(pending) == 4  # 1 failure + 4 in flight = max_failures_per_authc
+    assert sum(r.startswith("454 4.7.0 Too many failed attempts") for r in replies) == 36
+    answer_all()
+    store = runtime.throttle.store
+    assert result(store.count(authc_key("scott"), 900)) == (5, 900.0)
+
+
+@pytest.mark.parametrize("n", [11, 40])
+def test_parallel_correct_logins_from_a_clean_ip_all_succeed(held, n):
+    """An office NAT address, a webmail host: no failure, no refusal."""
+    pending, connect, answer_all, runtime = held
+    sessions = [connect() for _ in range(n)]
+    assert [attempt(s, f"user{i}", f"right-user{i}") for i, s in enumerate(sessions)] == [""] * n
+    assert len(pending) == n
     answer_all()
     assert all(s.output().startswith("235") for s in sessions)
-    assert result(store.count(client_key("203.0.113.9"), 900)) == (0, 0.0)
-    assert result(store.count(authc_key("scott"), 900)) == (0, 0.0)
-    # A checker that fails (454) does not count the attempt either.
-    s = connect()
-    assert attempt(s, "alice", "wonderland") == ""
-    pending.pop()[2].errback(RuntimeError("backend exploded"))
-    assert s.output().startswith("454 4.7.0 Temporary")
-    assert result(store.count(client_key("203.0.113.9"), 900)) == (0, 0.0)
-    assert result(store.count(authc_key("alice"), 900)) == (0, 0.0)
-
-
-def test_one_wrong_password_in_flight_many_times_takes_one_place(held):
-    pending, connect, answer_all, runtime = held
-    sessions = [connect() for _ in range(12)]
-    assert [attempt(s, "alice", "wonderlad") for s in sessions] == [""] * 12
-    answer_all()
-    assert all(s.output().startswith("535") for s in sessions)
     store = runtime.throttle.store
-    assert result(store.count(authc_key("alice"), 900)) == (1, 900.0)
-    assert attempt(connect(), "alice", "wonderland") == ""
+    assert result(store.count(client_key("203.0.113.9"), 900)) == (0, 0.0)
+    assert len(runtime.in_flight.keys) == 0
+
+
+def test_alice_from_her_clean_ip_is_checked_while_attackers_filled_her_budget(held):
+    pending, connect, answer_all, runtime = held
+    for i in range(5):
+        fail_once(held, f"198.51.100.{i}", "alice", f"guess{i}")
+    store = runtime.throttle.store
+    assert result(store.count(authc_key("alice"), 900)) == (5, 900.0)
+    # Two connections of hers at once, from her own address.
+    phone, laptop = connect("192.0.2.10"), connect("192.0.2.10")
+    assert attempt(phone, "alice", "wonderland") == ""
+    assert attempt(laptop, "alice", "wonderland") == ""
+    assert len(pending) == 2
     answer_all()
+    assert phone.output().startswith("235") and laptop.output().startswith("235")
+    # Her successes removed none of the attackers' guesses.
+    assert result(store.count(authc_key("alice"), 900)) == (5, 900.0)
+    assert result(store.count(client_key("192.0.2.10"), 900)) == (0, 0.0)
+
+
+def test_a_dropped_attempt_with_the_right_password_is_forgotten_by_a_success(held):
+    pending, connect, answer_all, runtime = held
+    store = runtime.throttle.store
+    s = connect("192.0.2.10")
+    assert attempt(s, "alice", "wonderland") == ""
+    s.close()  # the session went away while the password was checked: it counts
+    answer_all()
+    assert result(store.count(client_key("192.0.2.10"), 900)) == (1, 900.0)
+    assert result(store.count(authc_key("alice"), 900)) == (1, 900.0)
+    assert len(runtime.in_flight.keys) == 0
+    s = connect("192.0.2.10")
+    assert attempt(s, "alice", "wonderland") == ""
+    answer_all()
+    assert s.output().startswith("235")
+    assert result(store.count(client_key("192.0.2.10"), 900)) == (0, 0.0)
+    assert result(store.count(authc_key("alice"), 900)) == (0, 0.0)
 
 
 def test_an_attempt_whose_client_left_stays_counted(held):
@@ -649,44 +686,106 @@ def test_an_attempt_whose_client_left_stays_counted(held):
     s.close()  # the attempt reached the checker: it counts
     answer_all()
     assert result(runtime.throttle.store.count(authc_key("scott"), 900)) == (1, 900.0)
+    assert len(runtime.in_flight.keys) == 0
 
 
-def test_memory_store_reserve_and_release():
+def test_one_guess_on_two_connections_counts_once_whatever_the_other_became(held):
+    """The same guess twice at once: one checker cannot answer, one says no."""
+    pending, connect, answer_all, runtime = held
+    a, b = connect(), connect()
+    assert attempt(a, "bob", "guess1") == ""
+    assert attempt(b, "bob", "guess1") == ""
+    pending.pop(0)[2].errback(RuntimeError("backend exploded"))
+    assert a.output().startswith("454 4.7.0 Temporary")
+    answer_all()
+    assert b.output().startswith("535")
+    assert result(runtime.throttle.store.count(authc_key("bob"), 900)) == (1, 900.0)
+
+
+def test_one_wrong_password_in_flight_many_times_takes_one_place(held):
+    pending, connect, answer_all, runtime = held
+    fail_once(held, "203.0.113.9", "alice", "first")
+    sessions = [connect() for _ in range(12)]
+    assert [attempt(s, "alice", "wonderlad") for s in sessions] == [""] * 12
+    answer_all()
+    assert all(s.output().startswith("535") for s in sessions)
+    store = runtime.throttle.store
+    assert result(store.count(authc_key("alice"), 900)) == (2, 900.0)
+    assert attempt(connect(), "alice", "wonderland") == ""
+    answer_all()
+
+
+def test_every_answer_takes_the_attempt_out_of_flight(held):
+    pending, connect, answer_all, runtime = held
+    clock = runtime.clock
+    fail_once(held, "203.0.113.9", "bob", "guess")
+    keys = runtime.in_flight.keys
+    sessions = [connect() for _ in range(5)]
+    for i, s in enumerate(sessions):
+        assert attempt(s, f"user{i}", f"pw{i}") == ""
+    assert keys.count(client_key("203.0.113.9")) == 5
+    pending.pop(0)[2].callback(True)  # success
+    pending.pop(0)[2].callback(False)  # failure
+    pending.pop(0)[2].errback(RuntimeError("backend exploded"))  # checker error
+    sessions[3].close()  # the session went away
+    assert keys.count(client_key("203.0.113.9")) == 1
+    clock.advance(60)  # the last one: no answer within the deadline
+    assert len(keys) == 0
+    # Neither a success nor a checker that could not answer counts.
+    store = runtime.throttle.store
+    assert result(store.count(client_key("203.0.113.9"), 900))[0] == 3  # bob, user1, user3
+
+
+def test_throttle_check_counts_attempts_in_flight_only_against_failing_keys():
+    from kumoauth.auth.throttle import InFlightKeys
+
+    t, clock = throttle()
+    busy = InFlightKeys()
+    for i in range(20):
+        busy.add(client_key("192.0.2.1"), b"fp%d" % i)
+        busy.add(authc_key("alice"), b"fp%d" % i)
+    # No committed failure: never refused for concurrency.
+    assert result(t.check("192.0.2.1", "alice", busy)) is None
+    result(t.failed("192.0.2.1", "bob", "x"))
+    assert result(t.check("192.0.2.1", "alice", busy)) == Throttled("ip", 0.0, in_flight=True)
+    # An attempt whose password is in flight already adds no guess.
+    busy2 = InFlightKeys()
+    for i in range(9):
+        busy2.add(client_key("192.0.2.1"), b"fp%d" % i)
+    assert result(t.check("192.0.2.1", "bob", busy2, b"fp0")) is None
+    assert result(t.check("192.0.2.1", "bob", busy2, b"new")) == Throttled("ip", 0.0, True)
+    # Committed failures at the limit: their own wait.
+    for i in range(9):
+        result(t.failed("192.0.2.1", "bob", f"y{i}"))
+    assert result(t.check("192.0.2.1", "carol")) == Throttled("ip", 900.0)
+
+
+def test_memory_store_forget_removes_one_fingerprint_from_both_keys():
     clock = task.Clock()
     store = MemoryFailureStore(clock)
     ip, user = "ip:192.0.2.1", "authc:alice"
-    assert result(store.reserve(ip, b"a", 900, 2, user, 1)) == (0, 0.0, 3)
-    # The client has a failure now: alice's limit (1) holds it off.
-    clock.advance(100)
-    assert result(store.reserve(ip, b"b", 900, 2, user, 1)) == (2, 800.0, 0)
-    # The same fingerprint again: refreshed, nothing new.
-    assert result(store.reserve(ip, b"a", 900, 2, None, 0)) == (0, 0.0, 0)
-    assert result(store.reserve(ip, b"c", 900, 2, None, 0)) == (0, 0.0, 1)
-    assert result(store.reserve(ip, b"d", 900, 2, None, 0)) == (1, 900.0, 0)
-    # A clean client is not held by the user's limit; the user's set keeps its limit.
-    assert result(store.reserve("ip:192.0.2.2", b"e", 900, 2, user, 1)) == (0, 0.0, 3)
-    assert result(store.count(user, 900)) == (1, 900.0)
-    result(store.release("ip:192.0.2.2", b"e", user, 3))
-    assert result(store.count("ip:192.0.2.2", 900)) == (0, 0.0)
-    assert "ip:192.0.2.2" not in store._keys
-    assert result(store.count(user, 900)) == (0, 0.0)
-    # Only what was added is given back.
-    result(store.release(ip, b"a", None, 0))
-    assert result(store.count(ip, 900))[0] == 2
+    for fp in (b"a", b"b"):
+        result(store.record(ip, fp, 900, 10))
+        result(store.record(user, fp, 900, 5))
+    result(store.record("ip:192.0.2.2", b"a", 900, 10))
+    assert result(store.forget(ip, user, b"a")) is None
+    assert result(store.count(ip, 900))[0] == 1
+    assert result(store.count(user, 900))[0] == 1
+    assert result(store.count("ip:192.0.2.2", 900))[0] == 1  # another key: untouched
+    result(store.forget(ip, None, b"b"))
+    assert ip not in store._keys
+    assert result(store.count(user, 900))[0] == 1
+    result(store.forget("ip:none", "authc:none", b"a"))  # nothing there: nothing done
 
 
-def test_memory_store_provides_reservations():
-    from kumoauth.stores import IFailureReservations
-
-    verifyObject(IFailureReservations, MemoryFailureStore(task.Clock()))
-
-
-def test_a_store_without_reservations_is_checked_then_recorded(make_session, captured_log):
+def test_a_store_that_refuses_writes_stops_attempts_until_a_write_succeeds(
+    make_session, captured_log
+):
     """
-    A ``package.module:factory`` store that only has IFailureStore: the
-    check, then the record after the checker, as before; once a record
-    fails, the next attempt is recorded before it goes on, and refused
-    (454, on_store_error = "closed") while that fails.
+    A ``package.module:factory`` store with IFailureStore's count and
+    record only: once a record fails, the next attempt is recorded before
+    it goes on, and refused (454, on_store_error = "closed") while that
+    fails; a store without ``forget`` keeps the success's fingerprint.
     """
     checker = Checker()
     policy = Policy()
@@ -712,13 +811,35 @@ def test_a_store_without_reservations_is_checked_then_recorded(make_session, cap
     assert text.count("failure store available again (3 operations met it down)") == 1
 
 
+def test_a_success_forgets_the_password_recorded_while_the_store_recovered(
+    make_session, captured_log
+):
+    checker = Checker()
+    policy = Policy()
+    policy.on("smtp_server_auth_plain", checker)
+    s = make_session(policy, connect=False)
+    store = ReadOnlyStore(s.clock, forget=True)
+    t = Throttle(store, ThrottleConfig())
+    s.factory.runtime = dataclasses.replace(s.runtime, throttle=t)
+    s.connect()
+    s.command("EHLO client.example")
+    store.writable = False
+    assert attempt(s, "scott", "guess2").startswith("535")
+    store.writable = True
+    assert attempt(s, "scott", "tiger").startswith("235")  # recorded first, then forgotten
+    assert result(store.inner.count(authc_key("scott"), 900)) == (0, 0.0)
+    assert captured_log.text().count("failure store available again") == 1
+
+
 @implementer(IFailureStore)
 class ReadOnlyStore:
     """A store with IFailureStore only, whose writes can be refused."""
 
-    def __init__(self, clock):
+    def __init__(self, clock, forget=False):
         self.inner = MemoryFailureStore(clock)
         self.writable = True
+        if forget:
+            self.forget = self.inner.forget
 
     def count(self, key, window):
         return self.inner.count(key, window)

@@ -11,8 +11,11 @@ through a real ``twistd kumoauth``:
   454 (``on_store_error = "closed"``), logged once when the store goes and
   once when it is back;
 - the fingerprint salt of a shared store survives a reload;
-- attempts in flight at once, through several instances sharing Redis,
-  reach the checker at most as often as the limits allow (finding 4);
+- attempts in flight at once from a client with a failure reach the
+  checker at most as often as the limits allow, counting the failure in
+  Redis and the attempts in flight in the process (finding 4); correct
+  logins in flight at once from a clean client, through several
+  instances, all succeed, and a success forgets its password in Redis;
 - with ``fingerprint_key_file`` nothing in Redis lets a failed password be
   tested offline (finding 6).
 """
@@ -96,7 +99,10 @@ class Checker:
         return self._answer(credentials)
 
     def _answer(self, credentials: PlainCredentials) -> defer.Deferred[str]:
-        if USERS.get(credentials.authc) == credentials.password_text():
+        if (
+            USERS.get(credentials.authc, "right-" + credentials.authc)
+            == credentials.password_text()
+        ):
             return defer.succeed(credentials.authc)
         return defer.fail(cred_error.UnauthorizedLogin())
 
@@ -319,38 +325,102 @@ def test_a_server_keeps_its_throttle_when_redis_is_full_across_a_sighup(
 # attempts in flight at once, several instances (finding 4)
 
 
+async def all_in_flight(checker: Checker, ds: list[Any], reactor: Any) -> list[Any]:
+    """Wait until every attempt is with the checker or answered; answer; collect."""
+    deadline = reactor.seconds() + 10
+    while len(checker.pending) + sum(d.called for d in ds) < len(ds):
+        assert reactor.seconds() < deadline, "attempts stuck"
+        await task.deferLater(reactor, 0.01, lambda: None)
+    checker.answer_all()
+    return [await d for d in ds]
+
+
 @pytest.mark.parametrize(
-    ("users", "reached"), [("one", 5), ("many", 10)], ids=["per-authc", "per-ip"]
+    ("users", "reached"), [("one", 4), ("many", 9)], ids=["per-authc", "per-ip"]
 )
-def test_parallel_attempts_through_several_instances_reach_the_checker_at_most_n_times(
+def test_parallel_guesses_from_a_failing_client_reach_the_checker_at_most_limit_minus_one(
     reactor: Any, redis: RedisServer, stores: Any, users: str, reached: int
 ) -> None:
     prefix = f"race-{users}:"
+    store = stores(redis.url(prefix=prefix))
+    assert authenticate(authenticator(Checker(), store, reactor), reactor, "scott", "x") == b"535"
+    checker = Checker(hold=True)
+    auth = authenticator(checker, store, reactor)
+
+    def run() -> defer.Deferred[list[Any]]:
+        ds = [
+            auth.authenticate(
+                attempt(reactor), creds("scott" if users == "one" else f"user{i}", f"guess{i}")
+            )
+            for i in range(40)
+        ]
+        return defer.ensureDeferred(all_in_flight(checker, ds, reactor))
+
+    outcomes = in_reactor(run)
+    assert len(checker.calls) == reached
+    assert sorted(o.reply[:3] for o in outcomes) == [b"454"] * (40 - reached) + [b"535"] * reached
+    assert in_reactor(store.count, "ip:192.0.2.7", 600)[0] == reached + 1
+    assert len(auth.in_flight.keys) == 0
+
+
+def test_parallel_correct_logins_through_several_instances_all_succeed(
+    reactor: Any, redis: RedisServer, stores: Any
+) -> None:
+    """A webmail host: 40 users at once from one clean address, four instances."""
+    prefix = "clean:"
     checker = Checker(hold=True)
     instances = [
         authenticator(checker, stores(redis.url(prefix=prefix)), reactor) for _ in range(4)
     ]
 
-    async def run() -> list[Any]:
+    def run() -> defer.Deferred[list[Any]]:
         ds = [
-            instances[i % 4].authenticate(
-                attempt(reactor), creds("scott" if users == "one" else f"user{i}", f"guess{i}")
-            )
+            instances[i % 4].authenticate(attempt(reactor), creds(f"user{i}", f"right-user{i}"))
             for i in range(40)
         ]
-        deadline = reactor.seconds() + 10
-        # Every attempt is either with the checker or answered already.
-        while len(checker.pending) + sum(d.called for d in ds) < 40:
-            assert reactor.seconds() < deadline, "attempts stuck"
-            await task.deferLater(reactor, 0.01, lambda: None)
-        checker.answer_all()
-        return [await d for d in ds]
+        return defer.ensureDeferred(all_in_flight(checker, ds, reactor))
 
     outcomes = in_reactor(run)
-    assert len(checker.calls) == reached
-    assert sorted(o.reply[:3] for o in outcomes) == [b"454"] * (40 - reached) + [b"535"] * reached
-    store = stores(redis.url(prefix=prefix))
-    assert in_reactor(store.count, "ip:192.0.2.7", 600)[0] == reached
+    assert [o.reply[:3] for o in outcomes] == [b"235"] * 40
+    assert len(checker.calls) == 40
+
+
+def test_a_success_forgets_its_password_in_redis_and_nothing_else(
+    reactor: Any, redis: RedisServer, stores: Any
+) -> None:
+    """
+    alice's right password counted once (her session went away while it
+    was checked, through another instance), attackers' guesses for her from
+    elsewhere: her next success removes her password from both keys, and
+    only it.
+    """
+    url = redis.url(prefix="forget:")
+    store = stores(url)
+    attackers = authenticator(Checker(), store, reactor)
+    for i in range(3):
+        outcome = in_reactor(
+            attackers.authenticate, attempt(reactor, f"198.51.100.{i}"), creds("alice", f"g{i}")
+        )
+        assert outcome.reply[:3] == b"535"
+    # The dropped attempt, counted through another instance.
+    other = Throttle(
+        stores(url), ThrottleConfig(window=600, max_failures_per_ip=10, max_failures_per_authc=5)
+    )
+    in_reactor(other.failed, "192.0.2.10", "alice", "wonderland")
+    assert in_reactor(store.count, authc_key("alice"), 600)[0] == 4
+    home = attempt(reactor, "192.0.2.10")
+    assert (
+        in_reactor(attackers.authenticate, home, creds("alice", "wonderland")).reply[:3] == b"235"
+    )
+
+    def settled() -> bool:
+        return in_reactor(store.count, "ip:192.0.2.10", 600)[0] == 0
+
+    deadline = time.monotonic() + 5
+    while not settled():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert in_reactor(store.count, authc_key("alice"), 600)[0] == 3  # the attackers' guesses
 
 
 # --------------------------------------------------------------------------

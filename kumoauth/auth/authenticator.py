@@ -1,8 +1,9 @@
 """
 One AUTH attempt, from credentials to outcome, outside the protocol:
-throttle (the attempt counted in advance) → in-flight limit → Cred portal
-(with a deadline) → the throttle's count kept for a failure, given back
-otherwise → failure delay → log and metrics.
+throttle (committed failures and attempts in flight; the attempt then
+counted in flight) → in-flight limit → Cred portal (with a deadline) → a
+failure recorded, a success's password forgotten as a failure → failure
+delay → log and metrics.
 :meth:`Authenticator.authenticate` returns a Deferred of an
 :class:`Outcome`; the protocol only sends its reply.
 
@@ -25,7 +26,7 @@ from twisted.python.failure import Failure
 
 from kumoauth.auth.cred import AuthContext, BackendUnavailable, IBearerCredentials
 from kumoauth.auth.mechanisms import REGISTRY
-from kumoauth.auth.throttle import Reservation, Throttle, Throttled
+from kumoauth.auth.throttle import Admission, InFlightKeys, Throttle, Throttled
 from kumoauth.config import AuthConfig
 from kumoauth.meta import ConnMeta
 from kumoauth.ops.cooperate import Slicer
@@ -131,6 +132,8 @@ class InFlight:
 
     def __init__(self) -> None:
         self.count = 0
+        #: attempts at the checker per throttle key (client, authc)
+        self.keys = InFlightKeys()
 
 
 class AuthLog:
@@ -260,16 +263,25 @@ class Authenticator:
         if throttle is None:
             d: defer.Deferred[Outcome] = self._check(attempt, credentials, None)
         else:
-            # Counted before the checker: parallel attempts cannot all pass.
-            reserved = throttle.reserve(attempt.client_ip, credentials.authc, password)
-            _deadline(reserved, self.auth.timeout, self.clock)
+            # Committed failures and attempts in flight decide; admitted,
+            # the attempt is counted in flight in the same callback.
+            admitted = throttle.admit(
+                attempt.client_ip, credentials.authc, password, self.in_flight.keys
+            )
+            _deadline(admitted, self.auth.timeout, self.clock)
 
-            def store_answered(verdict: Reservation | Throttled) -> Any:
+            def store_answered(verdict: Admission | Throttled) -> Any:
                 if isinstance(verdict, Throttled):
                     # Refused on what the store holds, without writing: no
                     # sign that the store records again, if it did not.
+                    if verdict.in_flight:
+                        # Only attempts at the checker make the limit: they
+                        # are answered within the checker's deadline.
+                        return self._throttled(attempt, verdict.reason, self.auth.timeout)
                     return self._throttled(attempt, verdict.reason, verdict.retry_after)
-                self.store_state.succeeded()  # it counted the attempt
+                # It answered, and no write it refused is outstanding (or
+                # this attempt was just recorded).
+                self.store_state.succeeded()
                 return self._check(attempt, credentials, verdict)
 
             def store_failed(f: Failure) -> Any:
@@ -281,13 +293,13 @@ class Authenticator:
                 self.log.record(attempt, "tempfail", reason="store")
                 return Outcome("tempfail", R_TEMPFAIL)
 
-            d = reserved.addCallbacks(store_answered, store_failed)
+            d = admitted.addCallbacks(store_answered, store_failed)
         return d.addErrback(self._bug, attempt)
 
     def _store_failed(self, f: Failure) -> bool:
         """
-        The failure store could not answer, or could not count or give
-        back: logged once per outage, with what it means for AUTH; whether
+        The failure store could not answer, or could not record or forget:
+        logged once per outage, with what it means for AUTH; whether
         AUTH goes on regardless (``on_store_error = "open"``).
         """
         if not f.check(StoreUnavailable, defer.TimeoutError):
@@ -302,12 +314,9 @@ class Authenticator:
         return open_
 
     def _settled(self, d: defer.Deferred[Any]) -> None:
-        """A reservation's commit or release: its failure marks the store down."""
+        """A record or forget: its failure marks the store down."""
+        _deadline(d, self.auth.timeout, self.clock)
         d.addErrback(self._store_failed)
-
-    def _release(self, reservation: Reservation | None) -> None:
-        if reservation is not None and self.throttle is not None:
-            self._settled(self.throttle.release(reservation))
 
     def _bug(self, f: Failure, attempt: Attempt) -> Outcome:
         if f.check(defer.CancelledError):
@@ -329,25 +338,27 @@ class Authenticator:
         )
 
     def _check(
-        self, attempt: Attempt, credentials: Any, reservation: Reservation | None
+        self, attempt: Attempt, credentials: Any, admission: Admission | None
     ) -> defer.Deferred[Outcome]:
         """
-        The checker's answer for *credentials*.  *reservation*, the
-        attempt counted in advance, is kept for a failure and given back
-        otherwise (a success, a checker that could not answer); an attempt
-        whose session went away while the checker ran stays counted (it
-        reached the checker).
+        The checker's answer for *credentials*.  *admission* (the attempt
+        counted in flight; None without a throttle or with the store down
+        and ``on_store_error = "open"``) is done exactly once, when the
+        answer is in: for a failure, once it is recorded (so an attempt
+        counting against its keys is always in flight or in the store).
+        A success forgets its password as a failure.  An attempt whose
+        session went away while the checker ran is recorded as a failure
+        if it had a password: dropping the connection must not escape
+        counting (a later success with that password forgets it).
         """
         bearer = IBearerCredentials.providedBy(credentials)
         if (not credentials.authc and not bearer) or not getattr(credentials, "password", True):
-            # Nothing to check: refused without calling the checker.  Without
-            # a user name that is not counted either.
-            if not credentials.authc:
-                self._release(reservation)
-                reservation = None
-            return self._failed(attempt, credentials, None, reservation=reservation)
+            # Nothing to check: refused without calling the checker (and
+            # counted as a failure if it names a user).
+            return self._failed(attempt, credentials, None, admission=admission)
         if self.in_flight.count >= self.auth.max_in_flight:
-            self._release(reservation)
+            if admission is not None:
+                admission.done()
             self.log.record(attempt, "throttled", reason="in_flight")
             return defer.succeed(Outcome("throttled", R_IN_FLIGHT))
         attempt.checked_at = self.clock.seconds()
@@ -370,19 +381,27 @@ class Authenticator:
         d.addBoth(release)
 
         def success(result: tuple[Any, Delivery, Any]) -> Outcome:
-            self._release(reservation)
+            if admission is not None and self.throttle is not None:
+                admission.done()
+                self._settled(self.throttle.succeeded(admission))
             self.log.record(attempt, "success", latency=self._latency(attempt))
             return Outcome("success", R_SUCCESS, delivery=result[1])
 
         def failure(f: Failure) -> Any:
             if f.check(defer.CancelledError):
+                # The session went away: a guess with a password counts.
+                if getattr(credentials, "password", b""):
+                    self._record_failure(attempt, credentials, admission)
+                elif admission is not None:
+                    admission.done()
                 return f
             latency = self._latency(attempt)
             if f.check(cred_error.UnauthorizedLogin):
                 challenge = getattr(f.value, "challenge", None)
-                return self._failed(attempt, credentials, latency, challenge, reservation)
+                return self._failed(attempt, credentials, latency, challenge, admission)
             # Not a failure of the credentials: the attempt does not count.
-            self._release(reservation)
+            if admission is not None:
+                admission.done()
             if f.check(defer.TimeoutError):
                 log.error(
                     "checker did not answer within {timeout}s for authc={authc} from {client}",
@@ -406,6 +425,25 @@ class Authenticator:
 
         return d.addCallbacks(success, failure)
 
+    def _record_failure(
+        self, attempt: Attempt, credentials: Any, admission: Admission | None
+    ) -> None:
+        """
+        Record a failure (if it names a user, and there is a throttle);
+        *admission* is done once the store has answered, either way.
+        """
+        throttle = self.throttle
+        if throttle is None or not credentials.authc:
+            if admission is not None:
+                admission.done()
+            return
+        d = throttle.failed(
+            attempt.client_ip, credentials.authc, getattr(credentials, "password", b"")
+        )
+        self._settled(d)
+        if admission is not None:
+            d.addBoth(lambda _: admission.done())
+
     def _latency(self, attempt: Attempt) -> float:
         if attempt.checked_at is None:
             return 0.0
@@ -417,24 +455,14 @@ class Authenticator:
         credentials: Any,
         latency: float | None,
         challenge: bytes | None = None,
-        reservation: Reservation | None = None,
+        admission: Admission | None = None,
     ) -> defer.Deferred[Outcome]:
         """
         535 once ``failure_delay`` has passed since the attempt began (so a
         fast "no such user" and a slow "wrong password" look alike).  The
-        failure counts: its reservation is kept; without one (the store
-        failed it, ``on_store_error = "open"``) it is recorded if the store
-        can now.
+        failure is recorded (if it names a user), then *admission* done.
         """
-        throttle = self.throttle
-        if throttle is not None and reservation is not None:
-            self._settled(throttle.commit(reservation))
-        elif throttle is not None and credentials.authc:
-            self._settled(
-                throttle.failed(
-                    attempt.client_ip, credentials.authc, getattr(credentials, "password", b"")
-                )
-            )
+        self._record_failure(attempt, credentials, admission)
         self.log.record(attempt, "failure", latency=latency)
         outcome = Outcome("failure", R_FAILED, challenge=challenge)
         wait = max(0.0, attempt.started + self.auth.failure_delay - self.clock.seconds())

@@ -29,23 +29,36 @@ per-authc limit only applies to clients whose own key has failures in the
 window; alice, logging in from an address that has not been failing, is
 still checked (see docs/security.md).
 
-An attempt is counted *before* it reaches the checker
-(:meth:`Throttle.reserve`: check and count in one atomic step of the
-store), so attempts in flight at once cannot all pass a check none of them
-has counted yet; with a limit of N, at most N reach the checker, however
-many arrive together and through however many instances.  The attempt
-then settles its reservation: a failure keeps it (:meth:`Throttle.commit`),
-anything else (a success, a checker that could not answer) gives it back
-(:meth:`Throttle.release`).  The same wrong password again takes no new
-place: its fingerprint is there already.
+The store holds committed failures only: :meth:`Throttle.check` reads,
+:meth:`Throttle.failed` records after the checker said no.  Attempts in
+flight (at the checker now) are counted in the process
+(:class:`InFlightKeys`), so parallel guesses cannot all pass a check that
+none of them has been counted by yet: a client key that has at least one
+committed failure is refused while ``failures + in flight`` reaches
+``max_failures_per_ip``, and likewise an authc key with failures of its
+own, under the per-authc rule above.  A key without committed failures is
+never refused for concurrency: an office behind one NAT address, a webmail
+host, a user's several connections all log in at once.  The first burst
+from a clean client is bounded by ``[server] max_connections_per_ip`` and
+``[auth] max_in_flight`` alone, and several processes each count their own
+attempts in flight (:meth:`Throttle.admit`).
+
+A password verified by the checker is not a failure: every success removes
+its fingerprint from both keys (:meth:`IFailureStore.forget`), so an
+attempt counted because its session went away while it was checked does
+not stay counted once the same password succeeds.  Nothing else is
+removed: an attacker's guesses stay.
 
 The counters live behind :class:`IFailureStore`, whose methods return
 Deferreds, so several kumoauth instances can share one store (Redis)
 without the protocol changing; :meth:`IFailureStore.record` adds and counts
-in one atomic step, and :class:`~kumoauth.stores.IFailureReservations`
-reserves.  A store without reservations (a ``package.module:factory`` one)
-is checked, then recorded after the checker, as before.  The stores live
-in :mod:`kumoauth.stores`.
+in one atomic step.  The stores live in :mod:`kumoauth.stores`.
+
+A store that refuses a write (Redis at ``maxmemory``, NOREPLICAS) is an
+outage like one that does not answer: once a record (or a forget) failed,
+an attempt the check lets through is recorded *before* it goes on, until
+a write succeeds again, so such a store stops attempts as one that is down
+does (``on_store_error``).
 """
 
 from __future__ import annotations
@@ -54,7 +67,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from twisted.internet import defer
@@ -62,7 +75,6 @@ from twisted.python.failure import Failure
 
 from kumoauth.config import ThrottleConfig
 from kumoauth.stores import (  # noqa: F401  (IFailureStore, make_store: re-exported)
-    IFailureReservations,
     IFailureStore,
     fold_user,
     make_store,
@@ -115,27 +127,86 @@ class Throttled:
     """
     Why an attempt is refused: ``reason`` is ``"ip"`` or ``"authc"``, and
     ``retry_after`` the seconds until the oldest counted failure leaves the
-    window (for the 454 reply).
+    window (for the 454 reply).  ``in_flight``: refused only because of
+    attempts at the checker now (the committed failures alone are under
+    the limit); ``retry_after`` is then 0 and the caller picks a short
+    wait (those attempts are answered within ``[auth] timeout``).
     """
 
     reason: Literal["ip", "authc"]
     retry_after: float
+    in_flight: bool = False
 
 
-@dataclass(frozen=True)
-class Reservation:
+class InFlightKeys:
     """
-    An attempt let through to the checker, counted in advance, and what
-    settling it takes: the keys, the fingerprint (never shown), whether the
-    store holds it already (``counted``) and, to give it back, where it was
-    new (``added``: bit 1 the client key, bit 2 the authc key).
+    Attempts at the checker now, in this process, per throttle key: for
+    each key, the distinct fingerprints in flight and how many attempts
+    carry each (the same password sent over several connections at once is
+    one guess, as it is one failure in the store).  Process-wide: a reload
+    keeps it (:class:`~kumoauth.auth.authenticator.InFlight`).
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, dict[bytes, int]] = {}
+
+    def count(self, key: str, besides: bytes | None = None) -> int:
+        """
+        The distinct fingerprints in flight under *key*, but *besides* (an
+        attempt with a password already in flight adds no guess).
+        """
+        prints = self._keys.get(key)
+        if prints is None:
+            return 0
+        return len(prints) - (besides in prints)
+
+    def add(self, key: str, fingerprint: bytes) -> None:
+        prints = self._keys.setdefault(key, {})
+        prints[fingerprint] = prints.get(fingerprint, 0) + 1
+
+    def remove(self, key: str, fingerprint: bytes) -> None:
+        prints = self._keys.get(key)
+        if prints is None or fingerprint not in prints:
+            return
+        prints[fingerprint] -= 1
+        if prints[fingerprint] <= 0:
+            del prints[fingerprint]
+            if not prints:
+                del self._keys[key]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+@dataclass(eq=False)
+class Admission:
+    """
+    An attempt let through to the checker and counted in flight under its
+    keys until :meth:`done` (called exactly once it is answered; again does
+    nothing).  The fingerprint is never shown.  ``recorded``: the store
+    holds it already (recorded before the checker while the store had
+    refused a write).
     """
 
     ip_key: str
     user_key: str | None
     fingerprint: bytes = field(repr=False)
-    counted: bool = True
-    added: int = 0
+    in_flight: InFlightKeys = field(repr=False)
+    recorded: bool = False
+    _done: bool = field(default=False, repr=False)
+
+    def start(self) -> None:
+        self.in_flight.add(self.ip_key, self.fingerprint)
+        if self.user_key is not None:
+            self.in_flight.add(self.user_key, self.fingerprint)
+
+    def done(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.in_flight.remove(self.ip_key, self.fingerprint)
+        if self.user_key is not None:
+            self.in_flight.remove(self.user_key, self.fingerprint)
 
 
 class Throttle:
@@ -172,9 +243,11 @@ class Throttle:
             self._salt = key_from_file(config.fingerprint_key)
         elif not getattr(store, "shared", False):
             self._salt = os.urandom(32) if salt is None else salt
-        #: why the last failure could not be recorded (a store without
-        #: reservations only): the next attempt is counted before it goes on
+        #: why the last write (a record, a forget) failed: until one
+        #: succeeds, an attempt is recorded before it goes on
         self._unrecorded: str | None = None
+        #: attempts at the checker, when the caller does not give its own
+        self.in_flight = InFlightKeys()
 
     @property
     def salt(self) -> bytes | None:
@@ -215,133 +288,125 @@ class Throttle:
         message = fold_user(authc).encode("utf-8") + b"\x00" + password
         return hmac.new(self._salt, message, hashlib.sha256).digest()[:FINGERPRINT_SIZE]
 
-    def check(self, ip: str, authc: str) -> defer.Deferred[Throttled | None]:
+    def check(
+        self,
+        ip: str,
+        authc: str,
+        in_flight: InFlightKeys | None = None,
+        fingerprint: bytes | None = None,
+    ) -> defer.Deferred[Throttled | None]:
         """
         Fire with ``None`` if the attempt may go on, else a :class:`Throttled`.
+        Read-only.  *in_flight* (default: this throttle's own) are the
+        attempts at the checker now; they count only against a key that
+        has committed failures of its own, and the attempt's own
+        *fingerprint*, if in flight already, not at all.
         """
         cfg = self.config
+        busy = self.in_flight if in_flight is None else in_flight
+        ip_key = self.client_key(ip)
+        # A bearer token without a named user has no authc budget.
+        user_key = authc_key(authc) if authc else None
+        counts = [self.store.count(ip_key, cfg.window)]
+        if user_key is not None:
+            # Both read together (one round trip): a failure recorded
+            # meanwhile is in both counts or in neither.
+            counts.append(self.store.count(user_key, cfg.window))
+        d: defer.Deferred[list[tuple[int, float]]] = defer.gatherResults(counts, consumeErrors=True)
+        d.addErrback(_first_error)
 
-        def by_ip(result: tuple[int, float]) -> Any:
-            ip_failures, retry_after = result
+        def decide(results: list[tuple[int, float]]) -> Throttled | None:
+            # Runs when the counts arrive, with what is in flight *then*.
+            ip_failures, retry_after = results[0]
             if ip_failures >= cfg.max_failures_per_ip:
                 return Throttled("ip", retry_after)
-            if ip_failures == 0 or not authc:
+            if ip_failures == 0:
                 # A clean client is always checked: a locked-out authc
-                # cannot lock out its owner (module docstring).  A bearer
-                # token naming no user has no authc budget.
+                # cannot lock out its owner (module docstring), and a burst
+                # from a clean address is not refused for being a burst.
                 return None
-            return self.store.count(authc_key(authc), cfg.window).addCallback(by_authc)
-
-        def by_authc(result: tuple[int, float]) -> Throttled | None:
-            authc_failures, retry_after = result
-            if authc_failures >= cfg.max_failures_per_authc:
+            if ip_failures + busy.count(ip_key, fingerprint) >= cfg.max_failures_per_ip:
+                return Throttled("ip", 0.0, in_flight=True)
+            if user_key is None:
+                return None
+            user_failures, retry_after = results[1]
+            if user_failures >= cfg.max_failures_per_authc:
                 return Throttled("authc", retry_after)
+            user_busy = busy.count(user_key, fingerprint)
+            if user_failures and user_failures + user_busy >= cfg.max_failures_per_authc:
+                return Throttled("authc", 0.0, in_flight=True)
             return None
 
-        return self.store.count(self.client_key(ip), cfg.window).addCallback(by_ip)
+        return d.addCallback(decide)
 
-    def reserve(
-        self, ip: str, authc: str, password: str | bytes
-    ) -> defer.Deferred[Reservation | Throttled]:
+    def admit(
+        self,
+        ip: str,
+        authc: str,
+        password: str | bytes,
+        in_flight: InFlightKeys | None = None,
+    ) -> defer.Deferred[Admission | Throttled]:
         """
-        Decide whether an attempt may reach the checker and, if it may,
-        count it now, in one atomic step of the store: fire with a
-        :class:`Reservation` (to :meth:`commit` if the attempt fails, else
-        to :meth:`release`) or a :class:`Throttled`.  Fails (with
-        ``StoreUnavailable``, say) if the store cannot give the salt, answer
-        or count: the attempt must then not go on unless ``on_store_error``
-        says so.
+        :meth:`check`, and if the attempt may go on, count it in flight at
+        once (in the same callback: nothing runs between the decision and
+        the count): fire with an :class:`Admission` (whose
+        :meth:`~Admission.done` the caller calls once the checker answered)
+        or a :class:`Throttled`.  Fails (with ``StoreUnavailable``, say) if
+        the store cannot give the salt or answer, or, after a write it
+        refused, cannot record this attempt: the attempt must then not go
+        on unless ``on_store_error`` says so.
         """
-        cfg = self.config
+        busy = self.in_flight if in_flight is None else in_flight
 
-        def reserve_with(_: bytes) -> defer.Deferred[Reservation | Throttled]:
-            fp = self.fingerprint(authc, password)
-            ip_key = self.client_key(ip)
-            # A bearer token without a named user has no authc to count.
-            user_key = authc_key(authc) if authc else None
-            if not IFailureReservations.providedBy(self.store):
-                return self._check_then_count(ip, authc, Reservation(ip_key, user_key, fp, False))
-            per_ip, per_authc = cfg.max_failures_per_ip, cfg.max_failures_per_authc
-            d: defer.Deferred[tuple[int, float, int]] = self.store.reserve(
-                ip_key, fp, cfg.window, per_ip, user_key, per_authc
-            )
-
-            def decided(result: tuple[int, float, int]) -> Reservation | Throttled:
-                refused, retry_after, added = result
-                if refused:
-                    return Throttled("ip" if refused == 1 else "authc", retry_after)
-                return Reservation(ip_key, user_key, fp, True, added)
-
-            return d.addCallback(decided)
-
-        return self._with_salt().addCallback(reserve_with)
-
-    def _check_then_count(
-        self, ip: str, authc: str, reservation: Reservation
-    ) -> defer.Deferred[Reservation | Throttled]:
-        """
-        A store without reservations: the check, then the failure recorded
-        after the checker (:meth:`commit`).  While the last failure could
-        not be recorded, an attempt is recorded before it goes on, so a
-        store that refuses writes stops attempts as one that is down does
-        (it then stays counted: such a store cannot give it back).
-        """
-
-        def checked(verdict: Throttled | None) -> Any:
+        def decided(verdict: Throttled | None, fp: bytes) -> Any:
             if verdict is not None:
                 return verdict
+            user_key = authc_key(authc) if authc else None
+            admission = Admission(self.client_key(ip), user_key, fp, busy)
+            admission.start()
             if self._unrecorded is None:
-                return reservation
-            d = self._record(reservation)
-            return d.addCallback(lambda _: replace(reservation, counted=True))
+                return admission
+            # The store refused the last write: this attempt is recorded
+            # before it goes on, so writes refused stop attempts as a store
+            # that is down does.  A success forgets it again.
+            admission.recorded = True
+            d = self._record(admission.ip_key, admission.user_key, fp)
 
-        return self.check(ip, authc).addCallback(checked)
+            def not_recorded(f: Failure) -> Failure:
+                admission.done()
+                return f
 
-    def commit(self, reservation: Reservation) -> defer.Deferred[Any]:
-        """
-        The attempt failed: it counts.  A reservation the store made is
-        counted already; otherwise this records it.
-        """
-        if reservation.counted:
-            return defer.succeed(None)
-        return self._record(reservation)
+            return d.addCallbacks(lambda _: admission, not_recorded)
 
-    def release(self, reservation: Reservation) -> defer.Deferred[None]:
-        """
-        The attempt did not fail (a success, or a checker that could not
-        answer): give back what its reservation added.
-        """
-        if not reservation.counted or not reservation.added:
-            return defer.succeed(None)
-        store: Any = self.store  # provides IFailureReservations (it made the reservation)
-        d: defer.Deferred[None] = store.release(
-            reservation.ip_key, reservation.fingerprint, reservation.user_key, reservation.added
-        )
-        return d
+        def with_salt(_: bytes) -> defer.Deferred[Admission | Throttled]:
+            fp = self.fingerprint(authc, password)
+            return self.check(ip, authc, busy, fp).addCallback(decided, fp)
 
-    def _record(self, r: Reservation) -> defer.Deferred[tuple[int, int]]:
+        return self._with_salt().addCallback(with_salt)
+
+    def _record(
+        self, ip_key: str, user_key: str | None, fp: bytes
+    ) -> defer.Deferred[tuple[int, int]]:
         """
-        Record *r*'s fingerprint under its keys; fire with the distinct
-        failure counts ``(per_ip, per_authc)`` now in the window.
+        Record *fp* under the keys; fire with the distinct failure counts
+        ``(per_ip, per_authc)`` now in the window.
         """
         cfg = self.config
-        records = [self.store.record(r.ip_key, r.fingerprint, cfg.window, cfg.max_failures_per_ip)]
-        if r.user_key is not None:
-            records.append(
-                self.store.record(r.user_key, r.fingerprint, cfg.window, cfg.max_failures_per_authc)
-            )
+        records = [self.store.record(ip_key, fp, cfg.window, cfg.max_failures_per_ip)]
+        if user_key is not None:
+            records.append(self.store.record(user_key, fp, cfg.window, cfg.max_failures_per_authc))
         d: defer.Deferred[list[int]] = defer.gatherResults(records, consumeErrors=True)
         d.addErrback(_first_error)
 
         def recorded(counts: list[int]) -> tuple[int, int]:
             self._unrecorded = None
-            return (counts[0], counts[1] if r.user_key is not None else 0)
+            return (counts[0], counts[1] if user_key is not None else 0)
 
-        def not_recorded(f: Failure) -> Failure:
-            self._unrecorded = f.getErrorMessage() or type(f.value).__name__
-            return f
+        return d.addCallbacks(recorded, self._not_written)
 
-        return d.addCallbacks(recorded, not_recorded)
+    def _not_written(self, f: Failure) -> Failure:
+        self._unrecorded = f.getErrorMessage() or type(f.value).__name__
+        return f
 
     def failed(self, ip: str, authc: str, password: str | bytes) -> defer.Deferred[tuple[int, int]]:
         """
@@ -353,9 +418,25 @@ class Throttle:
         def record(_: bytes) -> defer.Deferred[tuple[int, int]]:
             fp = self.fingerprint(authc, password)
             user_key = authc_key(authc) if authc else None
-            return self._record(Reservation(self.client_key(ip), user_key, fp, False))
+            return self._record(self.client_key(ip), user_key, fp)
 
         return self._with_salt().addCallback(record)
+
+    def succeeded(self, admission: Admission) -> defer.Deferred[None]:
+        """
+        The checker verified the password of *admission*: remove its
+        fingerprint from both keys (:meth:`IFailureStore.forget`), where an
+        attempt with it may have been counted (its session went away while
+        it was checked, or it was recorded in advance).  Nothing else is
+        removed.  A store without ``forget`` keeps it until the window
+        passes.
+        """
+        forget = getattr(self.store, "forget", None)
+        if forget is None:
+            return defer.succeed(None)
+        a = admission
+        d: defer.Deferred[None] = forget(a.ip_key, a.user_key, a.fingerprint)
+        return d.addErrback(self._not_written)
 
 
 def _first_error(f: Any) -> Any:

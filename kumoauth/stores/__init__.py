@@ -64,51 +64,15 @@ class IFailureStore(Interface):
         of them leaves the window (``0.0`` when there are none).
         """
 
-
-class IFailureReservations(Interface):
-    """
-    The throttle's check and count as one atomic step (the built-in stores
-    provide it): an attempt is counted *before* the checker runs, so
-    parallel attempts cannot all pass a check that none of them has
-    counted yet, and given back if it turns out not to be a failure.  A
-    store without it gets the older check, then record (not exact under
-    concurrency).
-    """
-
-    def reserve(
-        key: str,
-        fingerprint: bytes,
-        window: float,
-        limit: int,
-        user_key: str | None,
-        user_limit: int,
-    ) -> defer.Deferred[tuple[int, float, int]]:
+    def forget(key: str, user_key: str | None, fingerprint: bytes) -> defer.Deferred[None]:
         """
-        Atomically, for one attempt: drop what is older than *window*
-        seconds under *key* and *user_key*; then
-
-        - if *key* holds *limit* fingerprints or more, fire with
-          ``(1, retry_after, 0)``;
-        - else if *user_key* is given, *key* holds at least one fingerprint
-          (a client that has not been failing is not held by the user's
-          limit) and *user_key* holds *user_limit* or more, fire with
-          ``(2, retry_after, 0)``;
-        - else add *fingerprint* now (or refresh its time if already
-          there) under *key* and *user_key*, each keeping at most its
-          limit (the oldest go), and fire with ``(0, 0.0, added)``:
-          *added* has bit 1 set if the fingerprint is new under *key*,
-          bit 2 if it is new under *user_key*.
-
-        *retry_after* is the seconds until the oldest fingerprint of the
-        key at its limit leaves the window.
-        """
-
-    def release(
-        key: str, fingerprint: bytes, user_key: str | None, added: int
-    ) -> defer.Deferred[None]:
-        """
-        Give back what :meth:`reserve` added (*added* as it returned it):
-        remove *fingerprint* from *key* (bit 1) and *user_key* (bit 2).
+        Remove *fingerprint* from *key* and from *user_key* (when given),
+        wherever it is (nothing else is touched).  The throttle calls it
+        after every successful login with the fingerprint of the verified
+        password: a password that is right is not a failure, even if an
+        attempt with it was counted (one whose session went away while it
+        was checked).  A ``package.module:factory`` store may lack it: the
+        fingerprint then stays until the window passes.
         """
 
 

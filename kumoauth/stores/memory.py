@@ -14,16 +14,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from kumoauth.stores import (
-    ICounterStore,
-    IFailureReservations,
-    IFailureStore,
-    ISharedState,
-    IStoreAdmin,
-)
+from kumoauth.stores import ICounterStore, IFailureStore, ISharedState, IStoreAdmin
 
 
-@implementer(IFailureStore, IFailureReservations, ICounterStore, ISharedState, IStoreAdmin)
+@implementer(IFailureStore, ICounterStore, ISharedState, IStoreAdmin)
 class MemoryStore:
     """
     Per-process store.  Failures: per key, an insertion-ordered map of
@@ -89,34 +83,9 @@ class MemoryStore:
             return defer.succeed((0, 0.0))
         return defer.succeed((len(seen), self._retry_after(seen, window, now)))
 
-    def reserve(
-        self,
-        key: str,
-        fingerprint: bytes,
-        window: float,
-        limit: int,
-        user_key: str | None,
-        user_limit: int,
-    ) -> defer.Deferred[tuple[int, float, int]]:
-        # One synchronous step: nothing else runs in between.
-        now = self.clock.seconds()
-        seen = self._prune(key, window, now)
-        if seen is not None and len(seen) >= limit:
-            return defer.succeed((1, self._retry_after(seen, window, now), 0))
-        if user_key is not None and seen is not None:
-            user_seen = self._prune(user_key, window, now)
-            if user_seen is not None and len(user_seen) >= user_limit:
-                return defer.succeed((2, self._retry_after(user_seen, window, now), 0))
-        added = 1 if self._add(key, fingerprint, window, limit, now) else 0
-        if user_key is not None and self._add(user_key, fingerprint, window, user_limit, now):
-            added |= 2
-        return defer.succeed((0, 0.0, added))
-
-    def release(
-        self, key: str, fingerprint: bytes, user_key: str | None, added: int
-    ) -> defer.Deferred[None]:
-        for bit, k in ((1, key), (2, user_key)):
-            seen = self._keys.get(k) if k is not None and added & bit else None
+    def forget(self, key: str, user_key: str | None, fingerprint: bytes) -> defer.Deferred[None]:
+        for k in (key, user_key):
+            seen = self._keys.get(k) if k is not None else None
             if k is not None and seen is not None:
                 seen.pop(fingerprint, None)
                 if not seen:

@@ -64,7 +64,6 @@ from zope.interface import implementer
 
 from kumoauth.stores import (
     ICounterStore,
-    IFailureReservations,
     IFailureStore,
     ISharedState,
     IStoreAdmin,
@@ -401,46 +400,9 @@ redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('GET', KEYS[1])
 """
 
-# KEYS[1] client failure set, KEYS[2] user failure set (optional); ARGV:
-# fingerprint, window (µs), client limit, user limit.  One attempt's check
-# and count in one step (IFailureReservations.reserve).
-# -> {0, 0, added bits} or {refused by key 1 or 2, µs until its oldest leaves, 0}
-_RESERVE = (
-    _NOW
-    + """
-local window = tonumber(ARGV[2])
-local horizon = string.format('%d', now - window)
-local function left(key)
-  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  return tonumber(oldest[2]) + window - now
-end
-local function add(key, keep)
-  local at = now
-  local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-  if newest[2] and tonumber(newest[2]) >= at then at = tonumber(newest[2]) + 1 end
-  local new = redis.call('ZADD', key, string.format('%d', at), ARGV[1])
-  local n = redis.call('ZCARD', key)
-  if n > keep then redis.call('ZREMRANGEBYRANK', key, 0, n - keep - 1) end
-  redis.call('PEXPIRE', key, math.max(1, math.ceil(window / 1000)))
-  return new
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', horizon)
-local n = redis.call('ZCARD', KEYS[1])
-if n >= tonumber(ARGV[3]) then return {1, left(KEYS[1]), 0} end
-if KEYS[2] then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', horizon)
-  if n > 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
-    return {2, left(KEYS[2]), 0}
-  end
-end
-local added = add(KEYS[1], tonumber(ARGV[3]))
-if KEYS[2] and add(KEYS[2], tonumber(ARGV[4])) == 1 then added = added + 2 end
-return {0, 0, added}
-"""
-)
-
-# KEYS: failure sets; ARGV[1] the fingerprint to take out of each.
-_RELEASE = """
+# KEYS: failure sets; ARGV[1] the fingerprint to take out of each
+# (IFailureStore.forget: a password verified since it was counted).
+_FORGET = """
 for _, key in ipairs(KEYS) do
   redis.call('ZREM', key, ARGV[1])
 end
@@ -475,8 +437,7 @@ SCRIPTS = {
         ("get", _GET),
         ("secret", _SET_ONCE),
         ("sizes", _SIZES),
-        ("reserve", _RESERVE),
-        ("release", _RELEASE),
+        ("forget", _FORGET),
     )
 }
 
@@ -589,7 +550,7 @@ def _tls_reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-@implementer(IFailureStore, IFailureReservations, ICounterStore, ISharedState, IStoreAdmin)
+@implementer(IFailureStore, ICounterStore, ISharedState, IStoreAdmin)
 class RedisStore:
     """
     The shared store on one Redis connection (commands are pipelined on
@@ -873,37 +834,9 @@ class RedisStore:
 
         return d.addCallback(convert)
 
-    # --- IFailureReservations ------------------------------------------------
-
-    def reserve(
-        self,
-        key: str,
-        fingerprint: bytes,
-        window: float,
-        limit: int,
-        user_key: str | None,
-        user_limit: int,
-    ) -> defer.Deferred[tuple[int, float, int]]:
-        keys = [self._key("fail", key)]
-        if user_key is not None:
-            keys.append(self._key("fail", user_key))
-        args = [bytes(fingerprint), _us(window), max(limit, 1), max(user_limit, 1)]
-        d = self._script("reserve", keys, args)
-
-        def convert(reply: list[int]) -> tuple[int, float, int]:
-            refused, left = int(reply[0]), int(reply[1])
-            retry_after = min(max(0.0, left / 1e6), max(0.0, window)) if refused else 0.0
-            return (refused, retry_after, int(reply[2]))
-
-        return d.addCallback(convert)
-
-    def release(
-        self, key: str, fingerprint: bytes, user_key: str | None, added: int
-    ) -> defer.Deferred[None]:
-        keys = [self._key("fail", k) for bit, k in ((1, key), (2, user_key)) if k and added & bit]
-        if not keys:
-            return defer.succeed(None)
-        return self._script("release", keys, [bytes(fingerprint)]).addCallback(lambda _: None)
+    def forget(self, key: str, user_key: str | None, fingerprint: bytes) -> defer.Deferred[None]:
+        keys = [self._key("fail", k) for k in (key, user_key) if k is not None]
+        return self._script("forget", keys, [bytes(fingerprint)]).addCallback(lambda _: None)
 
     # --- ICounterStore -------------------------------------------------------
 
