@@ -183,19 +183,23 @@ class Admission:
     """
     An attempt let through to the checker and counted in flight under its
     keys until :meth:`done` (called exactly once it is answered; again does
-    nothing).  The fingerprint is never shown.  ``recorded``: the store
-    holds it already (recorded before the checker while the store had
-    refused a write).
+    nothing).  The fingerprint is never shown; None for an attempt from a
+    client without failures, which is neither counted in flight (a clean
+    client is never refused for a burst) nor has anything to forget.
+    ``recorded``: the store holds it already (recorded before the checker
+    while the store had refused a write).
     """
 
     ip_key: str
     user_key: str | None
-    fingerprint: bytes = field(repr=False)
+    fingerprint: bytes | None = field(repr=False)
     in_flight: InFlightKeys = field(repr=False)
     recorded: bool = False
     _done: bool = field(default=False, repr=False)
 
     def start(self) -> None:
+        if self.fingerprint is None:
+            return
         self.in_flight.add(self.ip_key, self.fingerprint)
         if self.user_key is not None:
             self.in_flight.add(self.user_key, self.fingerprint)
@@ -204,6 +208,8 @@ class Admission:
         if self._done:
             return
         self._done = True
+        if self.fingerprint is None:
+            return
         self.in_flight.remove(self.ip_key, self.fingerprint)
         if self.user_key is not None:
             self.in_flight.remove(self.user_key, self.fingerprint)
@@ -302,42 +308,63 @@ class Throttle:
         has committed failures of its own, and the attempt's own
         *fingerprint*, if in flight already, not at all.
         """
-        cfg = self.config
         busy = self.in_flight if in_flight is None else in_flight
         ip_key = self.client_key(ip)
         # A bearer token without a named user has no authc budget.
         user_key = authc_key(authc) if authc else None
-        counts = [self.store.count(ip_key, cfg.window)]
-        if user_key is not None:
-            # Both read together (one round trip): a failure recorded
-            # meanwhile is in both counts or in neither.
-            counts.append(self.store.count(user_key, cfg.window))
-        d: defer.Deferred[list[tuple[int, float]]] = defer.gatherResults(counts, consumeErrors=True)
-        d.addErrback(_first_error)
+        return self._counts(ip_key, user_key).addCallback(
+            lambda counts: self._verdict(counts, ip_key, user_key, busy, fingerprint)
+        )
 
-        def decide(results: list[tuple[int, float]]) -> Throttled | None:
-            # Runs when the counts arrive, with what is in flight *then*.
-            ip_failures, retry_after = results[0]
-            if ip_failures >= cfg.max_failures_per_ip:
-                return Throttled("ip", retry_after)
-            if ip_failures == 0:
-                # A clean client is always checked: a locked-out authc
-                # cannot lock out its owner (module docstring), and a burst
-                # from a clean address is not refused for being a burst.
-                return None
-            if ip_failures + busy.count(ip_key, fingerprint) >= cfg.max_failures_per_ip:
-                return Throttled("ip", 0.0, in_flight=True)
-            if user_key is None:
-                return None
-            user_failures, retry_after = results[1]
-            if user_failures >= cfg.max_failures_per_authc:
-                return Throttled("authc", retry_after)
-            user_busy = busy.count(user_key, fingerprint)
-            if user_failures and user_failures + user_busy >= cfg.max_failures_per_authc:
-                return Throttled("authc", 0.0, in_flight=True)
+    def _counts(
+        self, ip_key: str, user_key: str | None
+    ) -> defer.Deferred[tuple[tuple[int, float], tuple[int, float] | None]]:
+        """
+        The client's failures and, only if it has some (the per-authc limit
+        applies to such clients alone), the user's: a clean client, the
+        common case, costs one count.
+        """
+        window = self.config.window
+        d = self.store.count(ip_key, window)
+
+        def more(ip_count: tuple[int, float]) -> Any:
+            if ip_count[0] == 0 or user_key is None:
+                return (ip_count, None)
+            return self.store.count(user_key, window).addCallback(
+                lambda user_count: (ip_count, user_count)
+            )
+
+        return d.addCallback(more)
+
+    def _verdict(
+        self,
+        counts: tuple[tuple[int, float], tuple[int, float] | None],
+        ip_key: str,
+        user_key: str | None,
+        busy: InFlightKeys,
+        fingerprint: bytes | None,
+    ) -> Throttled | None:
+        """Decided when the counts arrive, with what is in flight *then*."""
+        cfg = self.config
+        (ip_failures, retry_after), user_count = counts
+        if ip_failures >= cfg.max_failures_per_ip:
+            return Throttled("ip", retry_after)
+        if ip_failures == 0:
+            # A clean client is always checked: a locked-out authc cannot
+            # lock out its owner (module docstring), and a burst from a
+            # clean address is not refused for being a burst.
             return None
-
-        return d.addCallback(decide)
+        if ip_failures + busy.count(ip_key, fingerprint) >= cfg.max_failures_per_ip:
+            return Throttled("ip", 0.0, in_flight=True)
+        if user_key is None or user_count is None:
+            return None
+        user_failures, retry_after = user_count
+        if user_failures >= cfg.max_failures_per_authc:
+            return Throttled("authc", retry_after)
+        user_busy = busy.count(user_key, fingerprint)
+        if user_failures and user_failures + user_busy >= cfg.max_failures_per_authc:
+            return Throttled("authc", 0.0, in_flight=True)
+        return None
 
     def admit(
         self,
@@ -357,12 +384,19 @@ class Throttle:
         on unless ``on_store_error`` says so.
         """
         busy = self.in_flight if in_flight is None else in_flight
+        ip_key = self.client_key(ip)
+        user_key = authc_key(authc) if authc else None
 
-        def decided(verdict: Throttled | None, fp: bytes) -> Any:
+        def decided(counts: Any) -> Any:
+            if counts[0][0] == 0 and self._unrecorded is None:
+                # A clean client: checked, nothing counted in flight, and
+                # (no failure of its own to remove) nothing to forget.
+                return Admission(ip_key, user_key, None, busy)
+            fp = self.fingerprint(authc, password)
+            verdict = self._verdict(counts, ip_key, user_key, busy, fp)
             if verdict is not None:
                 return verdict
-            user_key = authc_key(authc) if authc else None
-            admission = Admission(self.client_key(ip), user_key, fp, busy)
+            admission = Admission(ip_key, user_key, fp, busy)
             admission.start()
             if self._unrecorded is None:
                 return admission
@@ -379,8 +413,7 @@ class Throttle:
             return d.addCallbacks(lambda _: admission, not_recorded)
 
         def with_salt(_: bytes) -> defer.Deferred[Admission | Throttled]:
-            fp = self.fingerprint(authc, password)
-            return self.check(ip, authc, busy, fp).addCallback(decided, fp)
+            return self._counts(ip_key, user_key).addCallback(decided)
 
         return self._with_salt().addCallback(with_salt)
 
@@ -432,7 +465,7 @@ class Throttle:
         passes.
         """
         forget = getattr(self.store, "forget", None)
-        if forget is None:
+        if forget is None or admission.fingerprint is None:
             return defer.succeed(None)
         a = admission
         d: defer.Deferred[None] = forget(a.ip_key, a.user_key, a.fingerprint)
