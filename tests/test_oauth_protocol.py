@@ -236,6 +236,22 @@ def test_refusals_count_toward_the_throttle(oauth_session, key):
     assert box[0][0] == 3
 
 
+def test_refusals_of_a_token_without_a_user_name_count_per_client(oauth_session, key):
+    # OAUTHBEARER without a=: no authc, so no per-user budget; each refused
+    # token still counts for the client (each costs the IdP a check).
+    s = oauth_session()
+    throttle = s.runtime.throttle
+    for i in range(3):
+        token = key.sign(claims(exp=int(time.time()) - 3600, jti=f"n{i}"))
+        s.command("AUTH OAUTHBEARER " + b64(encode_oauthbearer("", token)))
+        s.command("")
+    from kumoauth.auth.throttle import client_key
+
+    box: list[Any] = []
+    throttle.store.count(client_key("127.0.0.1"), 900).addCallback(box.append)
+    assert box[0][0] == 3
+
+
 def test_config_requires_the_oauth_table_for_its_mechanisms(tmp_path, jwks_file):
     base = (
         '[server]\nhostname = "h"\n[[listener]]\nendpoint = "tcp:1"\ntls = "none"\n'

@@ -636,6 +636,8 @@ def test_parallel_correct_logins_from_a_clean_ip_all_succeed(held, n):
     sessions = [connect() for _ in range(n)]
     assert [attempt(s, f"user{i}", f"right-user{i}") for i, s in enumerate(sessions)] == [""] * n
     assert len(pending) == n
+    # A clean client's attempts are not even counted in flight (fast path).
+    assert len(runtime.in_flight.keys) == 0
     answer_all()
     assert all(s.output().startswith("235") for s in sessions)
     store = runtime.throttle.store
@@ -829,6 +831,58 @@ def test_a_success_forgets_the_password_recorded_while_the_store_recovered(
     assert attempt(s, "scott", "tiger").startswith("235")  # recorded first, then forgotten
     assert result(store.inner.count(authc_key("scott"), 900)) == (0, 0.0)
     assert captured_log.text().count("failure store available again") == 1
+
+
+@pytest.mark.parametrize("ending", ["checker error", "in-flight limit"])
+def test_a_password_recorded_in_advance_is_forgotten_whatever_ends_its_check(make_session, ending):
+    # While a refused write is outstanding, admitted attempts are recorded
+    # before the checker; an attempt that then is no failure (the checker
+    # could not answer, the in-flight limit) must not stay counted.
+    def check(authz, authc, password, meta):
+        if password == "boom":
+            raise RuntimeError("backend bug")
+        return PASSWORDS.get(authc) == password
+
+    policy = Policy()
+    policy.on("smtp_server_auth_plain", check)
+    max_in_flight = 0 if ending == "in-flight limit" else 100
+    auth = AuthConfig(failure_delay=0, max_failures=100, max_in_flight=100)
+    s = make_session(policy, auth=auth, connect=False)
+    store = ReadOnlyStore(s.clock, forget=True)
+    t = Throttle(store, ThrottleConfig())
+    s.factory.runtime = dataclasses.replace(s.runtime, throttle=t)
+    s.connect()
+    s.command("EHLO client.example")
+    store.writable = False
+    assert attempt(s, "scott", "guess").startswith("535")  # its record is refused
+    store.writable = True
+    if ending == "in-flight limit":
+        authenticator = s.factory.runtime.authenticator
+        authenticator.auth = dataclasses.replace(authenticator.auth, max_in_flight=max_in_flight)
+        assert attempt(s, "scott", "tiger").startswith("454")
+    else:
+        assert attempt(s, "scott", "boom").startswith("454")
+    assert result(store.inner.count(authc_key("scott"), 900)) == (0, 0.0)
+    assert result(store.inner.count(client_key("127.0.0.1"), 900)) == (0, 0.0)
+
+
+def test_a_reload_keeps_that_the_store_refuses_writes(make_session):
+    # A reload builds a new Throttle: it must still record first (and say
+    # the store is back only once a write succeeds), not take the fast path.
+    from kumoauth.auth.throttle import WriteState
+
+    clock = task.Clock()
+    store = ReadOnlyStore(clock, forget=True)
+    writes = WriteState()
+    before = Throttle(store, ThrottleConfig(), writes=writes)
+    store.writable = False
+    with pytest.raises(Exception, match="OOM"):
+        result(before.failed("192.0.2.1", "scott", "guess"))
+    after = Throttle(store, ThrottleConfig(), writes=writes)  # the reload's
+    store.writable = True
+    admission = result(after.admit("192.0.2.1", "scott", "tiger"))
+    assert admission.recorded  # recorded before the checker, as before the reload
+    assert writes.refused is None
 
 
 @implementer(IFailureStore)

@@ -281,8 +281,12 @@ class Authenticator:
                     return self._throttled(attempt, verdict.reason, verdict.retry_after)
                 # It answered, and no write it refused is outstanding (or
                 # this attempt was just recorded).
-                self.store_state.succeeded()
-                return self._check(attempt, credentials, verdict)
+                try:
+                    self.store_state.succeeded()
+                    return self._check(attempt, credentials, verdict)
+                except BaseException:
+                    self._not_a_failure(verdict)  # a bug: not counted for good
+                    raise
 
             def store_failed(f: Failure) -> Any:
                 if f.check(defer.CancelledError):
@@ -357,8 +361,7 @@ class Authenticator:
             # counted as a failure if it names a user).
             return self._failed(attempt, credentials, None, admission=admission)
         if self.in_flight.count >= self.auth.max_in_flight:
-            if admission is not None:
-                admission.done()
+            self._not_a_failure(admission)
             self.log.record(attempt, "throttled", reason="in_flight")
             return defer.succeed(Outcome("throttled", R_IN_FLIGHT))
         attempt.checked_at = self.clock.seconds()
@@ -381,9 +384,7 @@ class Authenticator:
         d.addBoth(release)
 
         def success(result: tuple[Any, Delivery, Any]) -> Outcome:
-            if admission is not None and self.throttle is not None:
-                admission.done()
-                self._settled(self.throttle.succeeded(admission))
+            self._not_a_failure(admission, verified=True)
             self.log.record(attempt, "success", latency=self._latency(attempt))
             return Outcome("success", R_SUCCESS, delivery=result[1])
 
@@ -400,8 +401,7 @@ class Authenticator:
                 challenge = getattr(f.value, "challenge", None)
                 return self._failed(attempt, credentials, latency, challenge, admission)
             # Not a failure of the credentials: the attempt does not count.
-            if admission is not None:
-                admission.done()
+            self._not_a_failure(admission)
             if f.check(defer.TimeoutError):
                 log.error(
                     "checker did not answer within {timeout}s for authc={authc} from {client}",
@@ -433,7 +433,10 @@ class Authenticator:
         *admission* is done once the store has answered, either way.
         """
         throttle = self.throttle
-        if throttle is None or not credentials.authc:
+        bearer = IBearerCredentials.providedBy(credentials)
+        if throttle is None or not (credentials.authc or bearer):
+            # Nothing that names a user or a guess (a bearer token without
+            # a user name still counts for its client).
             if admission is not None:
                 admission.done()
             return
@@ -443,6 +446,20 @@ class Authenticator:
         self._settled(d)
         if admission is not None:
             d.addBoth(lambda _: admission.done())
+
+    def _not_a_failure(self, admission: Admission | None, verified: bool = False) -> None:
+        """
+        The attempt of *admission* ended without a failure of its
+        credentials: out of flight, and its password forgotten where it
+        may have been counted (*verified*: the checker said yes, so a
+        failure recorded for it when its session went away goes too; else
+        only if it was recorded before the checker).
+        """
+        if admission is None:
+            return
+        admission.done()
+        if self.throttle is not None and (verified or admission.recorded):
+            self._settled(self.throttle.succeeded(admission))
 
     def _latency(self, attempt: Attempt) -> float:
         if attempt.checked_at is None:

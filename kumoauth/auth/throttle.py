@@ -215,6 +215,18 @@ class Admission:
             self.in_flight.remove(self.user_key, self.fingerprint)
 
 
+@dataclass
+class WriteState:
+    """
+    Why the last write to the failure store failed (None: it succeeded).
+    Process-lived (:class:`~kumoauth.smtp.runtime.ProcessState`): a reload
+    builds a new :class:`Throttle` and must not forget that writes are
+    refused.
+    """
+
+    refused: str | None = None
+
+
 class Throttle:
     """
     Decides whether an attempt may reach the checker, and records failures.
@@ -235,6 +247,7 @@ class Throttle:
         *,
         salt: bytes | None = None,
         ipv6_prefix: int = 64,
+        writes: WriteState | None = None,
     ) -> None:
         if not 0 <= ipv6_prefix <= 128:
             raise ValueError(f"ipv6_prefix {ipv6_prefix} is not in 0..128")
@@ -249,9 +262,10 @@ class Throttle:
             self._salt = key_from_file(config.fingerprint_key)
         elif not getattr(store, "shared", False):
             self._salt = os.urandom(32) if salt is None else salt
-        #: why the last write (a record, a forget) failed: until one
-        #: succeeds, an attempt is recorded before it goes on
-        self._unrecorded: str | None = None
+        #: whether the last write (a record, a forget) failed: until one
+        #: succeeds, an attempt is recorded before it goes on; the process
+        #: keeps it across reloads
+        self.writes = WriteState() if writes is None else writes
         #: attempts at the checker, when the caller does not give its own
         self.in_flight = InFlightKeys()
 
@@ -326,6 +340,12 @@ class Throttle:
         """
         window = self.config.window
         d = self.store.count(ip_key, window)
+        if user_key is not None and not d.called:
+            # A round trip (Redis): both asked at once, on one connection in
+            # order, so a failure recorded meanwhile is in both or neither.
+            both = defer.gatherResults([d, self.store.count(user_key, window)], consumeErrors=True)
+            both.addErrback(_first_error)
+            return both.addCallback(lambda counts: (counts[0], counts[1]))
 
         def more(ip_count: tuple[int, float]) -> Any:
             if ip_count[0] == 0 or user_key is None:
@@ -388,7 +408,7 @@ class Throttle:
         user_key = authc_key(authc) if authc else None
 
         def decided(counts: Any) -> Any:
-            if counts[0][0] == 0 and self._unrecorded is None:
+            if counts[0][0] == 0 and self.writes.refused is None:
                 # A clean client: checked, nothing counted in flight, and
                 # (no failure of its own to remove) nothing to forget.
                 return Admission(ip_key, user_key, None, busy)
@@ -398,7 +418,7 @@ class Throttle:
                 return verdict
             admission = Admission(ip_key, user_key, fp, busy)
             admission.start()
-            if self._unrecorded is None:
+            if self.writes.refused is None:
                 return admission
             # The store refused the last write: this attempt is recorded
             # before it goes on, so writes refused stop attempts as a store
@@ -432,13 +452,13 @@ class Throttle:
         d.addErrback(_first_error)
 
         def recorded(counts: list[int]) -> tuple[int, int]:
-            self._unrecorded = None
+            self.writes.refused = None
             return (counts[0], counts[1] if user_key is not None else 0)
 
         return d.addCallbacks(recorded, self._not_written)
 
     def _not_written(self, f: Failure) -> Failure:
-        self._unrecorded = f.getErrorMessage() or type(f.value).__name__
+        self.writes.refused = f.getErrorMessage() or type(f.value).__name__
         return f
 
     def failed(self, ip: str, authc: str, password: str | bytes) -> defer.Deferred[tuple[int, int]]:

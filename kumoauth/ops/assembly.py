@@ -272,6 +272,7 @@ def build_runtime(
             cfg.auth.throttle,
             salt=process.throttle_salt,
             ipv6_prefix=cfg.auth.throttle.ipv6_prefix,
+            writes=process.throttle_writes,
         ),
         policy_timeout=cfg.policy.timeout,
         handshake_timeout=cfg.tls.handshake_timeout if cfg.tls is not None else 30.0,

@@ -21,7 +21,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from kumoauth.auth.authenticator import Authenticator, AuthLog, InFlight
-from kumoauth.auth.throttle import Throttle
+from kumoauth.auth.throttle import Throttle, WriteState
 from kumoauth.config import AuthConfig, ListenerConfig, ServerConfig
 from kumoauth.ops.cooperate import Slicer
 from kumoauth.ops.loglimit import LogLimiter, StateLog
@@ -128,6 +128,8 @@ class ProcessState:
     failure_stores: dict[str, Any] = field(default_factory=dict)
     #: key of the failed-password fingerprints (kumoauth.auth.throttle)
     throttle_salt: bytes = field(default_factory=lambda: os.urandom(32))
+    #: whether the failure store refuses writes, across reloads
+    throttle_writes: WriteState = field(default_factory=WriteState)
     #: the verified-credential cache (kumoauth.backends.cache), once configured
     credential_cache: Any = None
     #: AUTH work of bursts, a slice per reactor iteration
