@@ -324,6 +324,15 @@ def test_a_peer_outside_proxy_networks_gets_no_session(tmp_path, certs):
             ProxiedSMTP(v1("198.51.100.1"), ports[0])
         assert wait_for(lambda: "not from proxy_networks" in srv.log())
         assert "client=198.51.100.1" not in srv.log()
+        # A reload cannot change who may send a header: it says so, and the
+        # served networks stay.
+        from tests.test_reload import hup_and_wait
+
+        srv.config.write_text(srv.config.read_text().replace("10.0.0.0/8", "127.0.0.0/8"))
+        hup_and_wait(srv, "reloaded configuration")
+        assert srv.log().count("proxy_networks changed: it needs a restart") == 2
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            ProxiedSMTP(v1("198.51.100.2"), ports[0])
 
 
 def test_behind_haproxy_with_workers(tmp_path, certs):

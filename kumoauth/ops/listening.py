@@ -79,6 +79,9 @@ class ListenerService(service.Service):
         self.endpoint = endpoint
         self.submission_factory = factory if isinstance(factory, SubmissionFactory) else None
         self.factory = wrap_listener(factory) if self.submission_factory else factory
+        #: the peers whose PROXY header is believed, as served (a reload
+        #: cannot change them: kumoauth/ops/service.py warns)
+        self.proxy_networks: tuple[Any, ...] = ()
         if proxied:  # a haproxy: endpoint: the session starts after the header
             from twisted.internet import reactor
 
@@ -90,6 +93,7 @@ class ListenerService(service.Service):
                 networks=listener.proxy_networks,
                 max_waiting=rt.server.max_connections,
             )
+            self.proxy_networks = tuple(listener.proxy_networks)
         self.source = source
         self.key = key
         self.port: IListeningPort | None = None

@@ -240,6 +240,20 @@ class KumoauthService(ApplicationLog, service.MultiService):
                 endpoint=endpoint,
                 tls=tls,
             )
+        # The PROXY header's trusted peers belong to the socket's wrapper.
+        served = {
+            (ls.description, ls.submission_factory.listener.tls): ls.proxy_networks
+            for ls in self.smtp_listeners
+            if ls.submission_factory is not None
+        }
+        for li in cfg.listeners:
+            key = (li.endpoint, li.tls)
+            if key in served and tuple(li.proxy_networks) != served[key]:
+                log.warn(
+                    "listener {endpoint} ({tls}): proxy_networks changed: it needs a restart",
+                    endpoint=li.endpoint,
+                    tls=li.tls,
+                )
         if cfg.spool.path != self.cfg.spool.path:
             log.warn("[spool] path changed: it needs a restart")
         if cfg.auth.threads != self.cfg.auth.threads:
