@@ -87,3 +87,24 @@ def read_only(path: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture
+def stores(reactor: Any) -> Iterator[Callable[[str], Any]]:
+    """
+    Make Redis stores from URLs (``kumoauth.stores.redis.from_spec``), each
+    closed at the end of the test; *reactor* is the test module's own.
+    """
+    from kumoauth.stores.redis import from_spec
+    from tests.upstream import in_reactor
+
+    made: list[Any] = []
+
+    def make(spec: str) -> Any:
+        store = in_reactor(from_spec, spec, reactor)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        in_reactor(store.close)

@@ -222,33 +222,28 @@ def test_token_never_logged_and_reason_is(oauth_session, key, captured_log):
     assert "OAuth token refused" in text and "AUTH XOAUTH2 failure" in text
 
 
-def test_refusals_count_toward_the_throttle(oauth_session, key):
+@pytest.mark.parametrize(
+    ("mechanism", "encode", "user", "counted"),
+    [
+        ("XOAUTH2", encode_xoauth2, "alice@example.org", "authc:alice@example.org"),
+        # OAUTHBEARER without a=: no authc, so no per-user budget; each
+        # refused token still counts for the client (each costs the IdP a check).
+        ("OAUTHBEARER", encode_oauthbearer, "", "ip:127.0.0.1"),
+    ],
+)
+def test_refusals_count_toward_the_throttle(oauth_session, key, mechanism, encode, user, counted):
+    from kumoauth.auth.throttle import authc_key, client_key
+
     s = oauth_session()
     throttle = s.runtime.throttle
     for i in range(3):
-        token = key.sign(claims(exp=int(time.time()) - 3600, jti=f"j{i}"))
-        s.command("AUTH XOAUTH2 " + b64(encode_xoauth2("alice@example.org", token)))
+        token = key.sign(claims(exp=int(time.time()) - 3600, jti=f"{mechanism}{i}"))
+        s.command(f"AUTH {mechanism} " + b64(encode(user, token)))
         s.command("")
-    from kumoauth.auth.throttle import authc_key
-
+    kind, _, name = counted.partition(":")
+    store_key = authc_key(name) if kind == "authc" else client_key(name)
     box: list[Any] = []
-    throttle.store.count(authc_key("alice@example.org"), 900).addCallback(box.append)
-    assert box[0][0] == 3
-
-
-def test_refusals_of_a_token_without_a_user_name_count_per_client(oauth_session, key):
-    # OAUTHBEARER without a=: no authc, so no per-user budget; each refused
-    # token still counts for the client (each costs the IdP a check).
-    s = oauth_session()
-    throttle = s.runtime.throttle
-    for i in range(3):
-        token = key.sign(claims(exp=int(time.time()) - 3600, jti=f"n{i}"))
-        s.command("AUTH OAUTHBEARER " + b64(encode_oauthbearer("", token)))
-        s.command("")
-    from kumoauth.auth.throttle import client_key
-
-    box: list[Any] = []
-    throttle.store.count(client_key("127.0.0.1"), 900).addCallback(box.append)
+    throttle.store.count(store_key, 900).addCallback(box.append)
     assert box[0][0] == 3
 
 

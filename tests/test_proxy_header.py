@@ -15,7 +15,6 @@ import contextlib
 import smtplib
 import socket
 import struct
-import time
 
 import pytest
 from twisted.internet.protocol import Factory, Protocol
@@ -26,6 +25,7 @@ from twisted.logger import globalLogPublisher
 from kumoauth.ops.proxyheader import HEADER_TIMEOUT, ProxyHeaderFactory, split
 from tests.server import make_certs, running_server
 from tests.test_e2e import POLICY, login, queued_id, spooled
+from tests.test_shared_state_e2e import wait_for
 
 V1 = b"PROXY TCP4 198.51.100.7 10.0.0.1 40000 587\r\n"
 
@@ -258,15 +258,6 @@ def certs(tmp_path_factory):
     return make_certs(tmp_path_factory.mktemp("certs"))
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def starttls(header: bytes, port: int, certs) -> smtplib.SMTP:
     s = ProxiedSMTP(header, port)
     s.ehlo("client.example")
@@ -348,14 +339,19 @@ def test_behind_haproxy_with_workers(tmp_path, certs):
         assert "client=198.51.100.8" not in srv.log()
 
 
+def sent_meta(srv, s: smtplib.SMTP) -> dict:
+    """Log in as scott, send one message, and return its stored meta."""
+    assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+    s.mail("scott@example.com")
+    s.rcpt("rcpt@example.net")
+    mid = queued_id(s.data(b"Subject: t\r\n\r\nhi\r\n")[1])
+    return spooled(srv, mid).meta
+
+
 def assert_client_seen(srv, ports: tuple[int, int], certs) -> None:
     """A message's meta and the AUTH log lines name the proxied client."""
     with starttls(v1("198.51.100.9"), ports[0], certs) as s:
-        assert login(s, "PLAIN", "scott", "tiger")[0] == 235
-        s.mail("scott@example.com")
-        s.rcpt("rcpt@example.net")
-        mid = queued_id(s.data(b"Subject: t\r\n\r\nhi\r\n")[1])
-    meta = spooled(srv, mid).meta
+        meta = sent_meta(srv, s)
     assert meta["received_from"] == "198.51.100.9:40000"
     # the connection's own peer, the proxy, kept beside it (across STARTTLS)
     assert meta["received_from_proxy"].startswith("127.0.0.1:")
@@ -366,11 +362,7 @@ def assert_client_seen(srv, ports: tuple[int, int], certs) -> None:
             login(s, "PLAIN", "scott", "wrong")
     with ProxiedSMTPSSL(v2("203.0.113.6"), ports[1], certs.client_context()) as s:
         s.ehlo("client.example")
-        assert login(s, "PLAIN", "scott", "tiger")[0] == 235
-        s.mail("scott@example.com")
-        s.rcpt("rcpt@example.net")
-        mid = queued_id(s.data(b"Subject: t\r\n\r\nhi\r\n")[1])
-    meta = spooled(srv, mid).meta
+        meta = sent_meta(srv, s)
     assert meta["received_from"] == "203.0.113.6:40000"
     assert meta["received_from_proxy"].startswith("127.0.0.1:")
     assert wait_for(lambda: "client=203.0.113.5:40000" in srv.log())

@@ -62,18 +62,17 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def stores(reactor: Any) -> Iterator[Callable[[str], RedisStore]]:
-    """Make stores from URLs; each is closed at the end of the test."""
-    made: list[RedisStore] = []
+def either_store(
+    reactor: Any, request: pytest.FixtureRequest, prefix: str, stores: Any
+) -> Callable[[str], Any]:
+    """The memory store, or a Redis one (its server started only then)."""
 
-    def make(spec: str) -> RedisStore:
-        store = in_reactor(from_spec, spec, reactor)
-        made.append(store)
-        return store
+    def make(kind: str) -> Any:
+        if kind == "memory":
+            return MemoryStore(reactor)
+        return stores(request.getfixturevalue("redis").url(prefix=prefix))
 
-    yield make
-    for store in made:
-        in_reactor(store.close)
+    return make
 
 
 def fp(n: int) -> bytes:
@@ -192,15 +191,8 @@ EXPECTED = [
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
-def test_same_semantics_as_memory(
-    kind: str, reactor: Any, request: pytest.FixtureRequest, prefix: str, stores: Any
-) -> None:
-    if kind == "memory":
-        store: Any = MemoryStore(reactor)
-    else:
-        server = request.getfixturevalue("redis")
-        store = stores(server.url(prefix=prefix))
-    assert in_reactor(scenario, store, reactor) == EXPECTED
+def test_same_semantics_as_memory(kind: str, reactor: Any, either_store: Any) -> None:
+    assert in_reactor(scenario, either_store(kind), reactor) == EXPECTED
 
 
 def test_provides_the_interfaces(redis: RedisServer, stores: Any, prefix: str) -> None:
@@ -832,15 +824,8 @@ FORGETTING = [
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
-def test_forget_same_semantics_as_memory(
-    kind: str, reactor: Any, request: pytest.FixtureRequest, prefix: str, stores: Any
-) -> None:
-    if kind == "memory":
-        store: Any = MemoryStore(reactor)
-    else:
-        server = request.getfixturevalue("redis")
-        store = stores(server.url(prefix=prefix))
-    assert in_reactor(forgetting, store, reactor) == FORGETTING
+def test_forget_same_semantics_as_memory(kind: str, reactor: Any, either_store: Any) -> None:
+    assert in_reactor(forgetting, either_store(kind), reactor) == FORGETTING
 
 
 def test_forget_across_instances_and_after_the_window(

@@ -42,7 +42,6 @@ from kumoauth.config import AuthConfig, ThrottleConfig, parse
 from kumoauth.meta import ConnMeta
 from kumoauth.ops.loglimit import LogLimiter, StateLog
 from kumoauth.ops.metrics import Metrics
-from kumoauth.stores.redis import RedisStore, from_spec
 from tests.redis_server import RedisServer, running_redis
 from tests.redis_server import require_redis as _require_redis
 from tests.upstream import in_reactor, start_reactor
@@ -61,20 +60,6 @@ def redis() -> Iterator[RedisServer]:
     _require_redis()
     with running_redis() as server:
         yield server
-
-
-@pytest.fixture
-def stores(reactor: Any) -> Iterator[Any]:
-    made: list[RedisStore] = []
-
-    def make(spec: str) -> RedisStore:
-        store = in_reactor(from_spec, spec, reactor)
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        in_reactor(store.close)
 
 
 class Checker:

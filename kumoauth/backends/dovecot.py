@@ -46,7 +46,6 @@ from zope.interface import implementer
 
 from kumoauth.backends.base import (
     DENIED,
-    PROXY_PEER,
     BackendError,
     ICredentialStore,
     OncePer,
@@ -343,10 +342,11 @@ def request_params(service: str, conn_meta: Any) -> list[str]:
     received_from = conn_meta.get_meta("received_from") if conn_meta is not None else None
     rport = _host_port(received_from)[1] if rip and isinstance(received_from, str) else None
     lip, lport = _host_port(listener_address(conn_meta))
-    # Behind a PROXY header the TCP peer is the proxy: Dovecot's real_rip
-    # (its allow_real_nets checks that one).
-    real = peer_ip(conn_meta) if conn_meta is not None and conn_meta.get_meta(PROXY_PEER) else None
-    real_rip = _ip(real)
+    # Behind a PROXY header the TCP peer is the proxy: Dovecot's real_rip,
+    # which its allow_real_nets checks (not sent, Dovecot takes it as rip).
+    real_rip = _ip(peer_ip(conn_meta))
+    if real_rip == rip:
+        real_rip = None
     fields = (
         ("rip", rip),
         ("rport", rport),
