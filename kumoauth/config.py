@@ -39,6 +39,7 @@ from kumoauth.checks import (  # noqa: F401  (re-exported for older importers)
     _show,
     _str,
 )
+from kumoauth.meta import MAX_DEPTH, too_deep
 
 TLS_MODES = ("starttls", "implicit", "none")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
@@ -382,6 +383,8 @@ def _meta(v: Any) -> dict[str, Any]:
         return isinstance(x, str | int | bool)
 
     for key, value in table.items():
+        if too_deep(value):
+            raise _Bad(f"{key!r} nests arrays and tables more than {MAX_DEPTH} deep")
         if not storable(value):
             raise _Bad(
                 f"{key!r} holds {_show(value)}: meta values are stored as JSON, so use strings, "

@@ -12,11 +12,39 @@ import json
 import math
 from typing import Any
 
+#: how deep a meta value may nest (lists and objects inside one another):
+#: far more than any real use, and far from the interpreter's recursion
+#: limit, which every later copy and JSON encoding of the value must pass
+MAX_DEPTH = 32
+
 
 class MetaError(ValueError):
     """
-    A value given to ``set_meta`` cannot be stored (not JSON-serialisable).
+    A value given to ``set_meta`` cannot be stored (not JSON-serialisable,
+    or nested deeper than :data:`MAX_DEPTH`).
     """
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """
+    Whether *value* has more than *limit* lists or dicts one inside another
+    (``[[1]]`` has two), found without recursion, so any depth can be asked.
+    """
+    level = [value]
+    for _ in range(limit + 1):
+        inner: list[Any] = []
+        found = False
+        for item in level:
+            if isinstance(item, dict):
+                inner.extend(item.values())
+                found = True
+            elif isinstance(item, (list, tuple)):
+                inner.extend(item)
+                found = True
+        if not found:
+            return False
+        level = inner
+    return True
 
 
 class _NotPlain(Exception):
@@ -26,6 +54,9 @@ class _NotPlain(Exception):
 #: values a JSON round trip gives back as they are (exact types: a str or
 #: int subclass may serialise differently from its value)
 _ATOMS = frozenset({str, int, bool, type(None)})
+
+#: values json.dumps always takes (not int: one past 4,300 digits fails)
+_ALWAYS_JSON = frozenset({str, bool, type(None)})
 
 
 def _plain_copy(value: Any) -> Any:
@@ -76,6 +107,11 @@ class Meta:
         """
         if not isinstance(key, str):
             raise MetaError(f"meta keys are strings, not {type(key).__name__}")
+        if type(value) in _ALWAYS_JSON:
+            self._values[key] = value
+            return
+        if too_deep(value):
+            raise MetaError(f"meta value for {key!r} nests deeper than {MAX_DEPTH} levels")
         try:
             json.dumps(value)
         except (TypeError, ValueError) as e:

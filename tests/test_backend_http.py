@@ -30,7 +30,7 @@ from kumoauth.auth.checkers import build, resolve
 from kumoauth.auth.cred import BackendUnavailable, PlainCredentials
 from kumoauth.backends.base import DENIED, BackendError, StoreChecker, Verdict
 from kumoauth.backends.http import HTTP, MAX_BODY, Config, factory, from_argstring, validate
-from kumoauth.meta import ConnMeta
+from kumoauth.meta import MAX_DEPTH, ConnMeta
 from tests.upstream import in_reactor, start_reactor
 
 USERS = {"alice@example.org": "correct horse battery staple", "bob@example.org": "hunter2 ü"}
@@ -296,6 +296,19 @@ def test_ok_merges_meta_through_the_store_checker(server, reactor):
         in_reactor(checker.stop)
 
 
+def test_meta_nested_to_the_limit_is_kept(server, make_store, reactor):
+    deepest: Any = "x"
+    for _ in range(MAX_DEPTH):
+        deepest = [deepest]
+    server.api.respond = lambda req, body: answer(req, 200, {"ok": True, "meta": {"a": deepest}})
+    checker = StoreChecker(make_store(server.url()), clock=reactor)
+    meta = ConnMeta()
+    creds = PlainCredentials("", "alice@example.org", PASSWORD, meta)
+    assert in_reactor(checker.requestAvatarId, creds) == "alice@example.org"
+    assert meta.get_meta("a") == deepest
+    assert meta.snapshot()["a"] == deepest
+
+
 def test_ok_false_wrong_password_and_unknown_user(server, make_store):
     store = make_store(server.url())
     assert check(store, "alice@example.org", PASSWORD).ok
@@ -349,6 +362,9 @@ def test_the_api_judges_proxy_authorization(server, make_store):
         (200, b'{"ok": true, "meta": {"x": NaN}}', "not JSON"),
         (200, b"[" * 60_000, "not JSON"),  # deeper than the parser goes
         (200, b'{"ok": true, "meta": ' + b'{"a":' * 12_000, "not JSON"),
+        # parses, but no meta value may nest deeper than MAX_DEPTH
+        (200, b'{"ok": true, "meta": {"a": ' + b"[" * 33 + b"]" * 33 + b"}}", "nested deeper"),
+        (200, b'{"ok": true, "meta": {"a": ' + b"[" * 900 + b"]" * 900 + b"}}", "nested deeper"),
         (204, b"", "HTTP 204"),
         (404, {"ok": False}, "HTTP 404"),
     ],

@@ -131,6 +131,15 @@ def test_sample_config_parses():
             "[[listener]] #1 meta",
             "no TOML dates",
         ),
+        # more than conn_meta takes (kumoauth.meta.MAX_DEPTH)
+        (
+            MINIMAL.replace(
+                "auth_required = false",
+                "auth_required = false\nmeta = { d = " + "[" * 33 + "1" + "]" * 33 + " }",
+            ),
+            "[[listener]] #1 meta",
+            "more than 32 deep",
+        ),
         # who may send a PROXY header: only for a haproxy: endpoint
         (
             MINIMAL.replace(

@@ -11,10 +11,11 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kumoauth.meta import ConnMeta
+from kumoauth.meta import MAX_DEPTH, ConnMeta, MetaError, too_deep
 from kumoauth.smtp.data import trace_date
 
 
@@ -68,6 +69,47 @@ def test_a_snapshot_is_what_a_json_round_trip_gives_and_owns_its_values(raw):
         if isinstance(value, (list, dict)):
             value.clear()
     assert same(snap, expected)
+
+
+def depth(value: Any) -> int:
+    """Lists and dicts one inside another, counted the obvious way."""
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    if isinstance(value, (list, tuple)):
+        return 1 + max(map(depth, value), default=0)
+    return 0
+
+
+@given(values, st.integers(min_value=0, max_value=6))
+def test_too_deep_counts_nesting(value, limit):
+    assert too_deep(value, limit) == (depth(value) > limit)
+
+
+def nested(levels: int) -> Any:
+    value: Any = {"leaf": 1}
+    for n in range(levels - 1):
+        value = [value] if n % 2 else {"k": value}
+    return value
+
+
+def test_set_meta_takes_values_up_to_max_depth_and_refuses_deeper():
+    meta = ConnMeta()
+    meta.set_meta("ok", nested(MAX_DEPTH))
+    assert meta.snapshot()["ok"] == nested(MAX_DEPTH)
+    for levels in (MAX_DEPTH + 1, 5_000):  # 5,000: past the recursion limit
+        with pytest.raises(MetaError, match=f"nests deeper than {MAX_DEPTH} levels"):
+            meta.set_meta("deep", nested(levels))
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(MetaError):
+        meta.set_meta("loop", loop)
+    assert meta.keys() == ["ok"]
+
+
+def test_set_meta_refuses_an_int_json_cannot_write():
+    meta = ConnMeta()
+    with pytest.raises(MetaError, match="not JSON-serialisable"):
+        meta.set_meta("n", 10**5000)
 
 
 @given(st.floats(min_value=0, max_value=4102444800, allow_nan=False))

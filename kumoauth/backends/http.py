@@ -71,6 +71,7 @@ from kumoauth.backends.base import (
     secured,
 )
 from kumoauth.checks import _LOOPBACK, _bool, _int, _number, _str
+from kumoauth.meta import MAX_DEPTH, too_deep
 from kumoauth.tls.trust import trust_root
 
 #: Largest response body read (bytes); a larger one is the API misbehaving.
@@ -682,6 +683,9 @@ def _verdict(where: str, data: bytes) -> Verdict:
         return Verdict(True, {})
     if not isinstance(meta, dict):
         raise BackendError(f'{where}: HTTP 200 with "meta" that is not a JSON object')
+    if too_deep(meta, MAX_DEPTH + 1):
+        # set_meta would refuse the value later, as a bug on every attempt
+        raise BackendError(f'{where}: HTTP 200 with "meta" nested deeper than {MAX_DEPTH} levels')
     return Verdict(True, meta)
 
 
