@@ -163,6 +163,40 @@ def test_store_outage_follows_on_store_error(make_session, captured_log, mode):
     assert captured_log.text().count("sending-limits store available again") == 1
 
 
+class SilentStore(MemoryStore):
+    """A store that takes the request and never answers (a stalled Redis)."""
+
+    def add(self, key: str, amount: int, window: float, limit: int) -> Any:
+        return defer.Deferred()
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_a_store_silent_past_the_policy_timeout_follows_on_store_error(
+    make_session, captured_log, mode
+):
+    # The Redis URL's timeout may be longer than [policy] timeout: a store
+    # still silent then is down like a refusing one (on_store_error, one
+    # line), not a 451 4.3.0 with a traceback at every command.
+    s = session(
+        make_session,
+        LimitsConfig(max_messages_per_user=5, on_store_error=mode),
+        limits_store=SilentStore(None),  # type: ignore[arg-type]
+    )
+    timeout = s.runtime.policy_timeout
+    for _ in range(3):
+        assert s.command("MAIL FROM:<a@example.com>") == ""
+        s.clock.advance(timeout)
+        reply = s.output()
+        if mode == "closed":
+            assert reply.startswith("451 4.7.1 Cannot check sending limits"), reply
+        else:
+            assert reply.startswith("250 "), reply
+            s.command("RSET")
+    text = captured_log.text()
+    assert text.count(f"sending-limits store unavailable: no answer within {timeout:g} s") == 1
+    assert "Traceback" not in text
+
+
 def test_unauthenticated_sessions_are_not_counted(make_session):
     s = make_session(
         users_policy(), limits=LimitsConfig(max_messages_per_user=1), auth_required=False

@@ -113,6 +113,27 @@ def test_oauthbearer_without_authzid_acts_as_the_tokens_user(oauth_session, key)
     assert s.meta.get_meta("authz_id") == "alice@example.org"
 
 
+def test_the_success_line_names_the_tokens_user(oauth_session, key, captured_log):
+    # OAUTHBEARER without a=: the user comes from the token, after the check
+    s = oauth_session()
+    token = key.sign(claims())
+    assert s.command("AUTH OAUTHBEARER " + b64(encode_oauthbearer("", token))).startswith("235")
+    assert "AUTH OAUTHBEARER success authc=alice@example.org authz=alice@example.org" in (
+        captured_log.text()
+    )
+
+
+def test_cancel_after_the_error_challenge_is_501(oauth_session, key):
+    # RFC 4954 §4: "*" cancels the exchange, 501, whenever it comes
+    s = oauth_session()
+    token = key.sign(claims(exp=int(time.time()) - 3600))
+    reply = s.command("AUTH OAUTHBEARER " + b64(encode_oauthbearer("alice@example.org", token)))
+    assert reply == "334 " + b64(ERROR_JSON) + "\r\n"
+    assert s.command("*").startswith("501 5.7.0")
+    assert s.meta.get_meta("authn_id") is None
+    assert s.command("MAIL FROM:<a@example.org>").startswith("530")
+
+
 def test_oauthbearer_as_a_challenge_response(oauth_session, key):
     s = oauth_session()
     assert s.command("AUTH OAUTHBEARER") == "334 \r\n"

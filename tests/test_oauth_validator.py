@@ -233,6 +233,13 @@ def test_a_key_without_kid_is_used_only_when_it_is_the_only_one_of_its_algorithm
         ({"email": ""}, "unusable email claim"),
         ({"email": ["alice@example.org"]}, "unusable email claim"),
         ({"email": "alice@example.org\r\nX-Injected: 1"}, "unusable email claim"),
+        ({"email": "alice\x00@example.org"}, "unusable email claim"),
+        ({"email": "alice\u2028@example.org"}, "unusable email claim"),
+        ({"email": 42}, "unusable email claim"),
+        ({"email": {"address": "alice@example.org"}}, "unusable email claim"),
+        ({"aud": [AUDIENCE + "x", {"a": AUDIENCE}]}, "wrong audience"),
+        ({"aud": []}, "missing aud"),
+        ({"iat": "0"}, "malformed iat"),
     ],
 )
 def test_claims_that_make_a_token_invalid(idp, keys, make, overrides, reason):
@@ -813,3 +820,208 @@ def test_signature_checks_are_cheap_enough_for_the_reactor_thread(file_validator
             assert isinstance(_outcome(file_validator, token), dict)
         per = (time.perf_counter() - started) / n
         assert per < 0.002, f"{alg}: {per * 1e6:.0f} µs per validation"
+
+
+# --------------------------------------------------------------------------
+# audit: a JWKS PyJWT cannot parse, reloads, refreshes during an outage
+
+
+def _junk_alg_keys(keys: dict[str, SigningKey]) -> list[dict[str, Any]]:
+    """JWKs whose "alg" is not a string: PyJWT's key set raises TypeError."""
+    return [
+        {**keys["ES256"].jwk(), "alg": ["ES256"], "kid": "junk-list"},
+        {**keys["RS256"].jwk(), "alg": {"name": "RS256"}, "kid": "junk-dict"},
+    ]
+
+
+def test_a_jwks_key_with_a_non_string_alg_is_skipped(idp, keys, make, clock, captured_log):
+    # The keys beside it stay usable ...
+    idp.published = []
+    idp.jwks_body = json.dumps({"keys": [*_junk_alg_keys(keys), keys["EdDSA"].jwk()]}).encode()
+    v = make(jwks_table(idp))
+    assert ok(v, keys["EdDSA"].sign(idp.claims()))["email"] == "alice@example.org"
+    junk = keys["ES256"].with_kid("junk-list").sign(idp.claims())
+    assert refused(v, junk).reason == "unknown kid"
+    # ... and a JWKS of nothing else is an IdP answering nonsense: 454 and
+    # one "unavailable" line, never a TypeError (a traceback per attempt).
+    idp.jwks_body = json.dumps({"keys": _junk_alg_keys(keys)}).encode()
+    v2 = make(jwks_table(idp))
+    for _ in range(3):
+        clock.advance(6)
+        assert "no usable signing key" in str(unavailable(v2, keys["ES256"].sign(idp.claims())))
+    lines = captured_log.namespace("kumoauth.backends")
+    assert len(lines) == 1 and "unavailable" in lines[0]["log_format"], lines
+
+
+def test_a_jwks_file_with_a_non_string_alg_is_one_line(idp, keys, make, tmp_path):
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": _junk_alg_keys(keys)}))
+    with pytest.raises(ValueError, match="jwks_file: .*no usable signing key"):
+        validate({"issuer": idp.issuer, "audience": AUDIENCE, "jwks_file": str(path)})
+    # replaced by such a file while running: 454, not a TypeError
+    path.write_text(json.dumps({"keys": [keys["ES256"].jwk()]}))
+    v = make({"issuer": idp.issuer, "audience": AUDIENCE, "jwks_file": str(path)})
+    assert ok(v, keys["ES256"].sign(idp.claims()))
+    new = tmp_path / "jwks.new"
+    new.write_text(json.dumps({"keys": _junk_alg_keys(keys)}))
+    os.replace(new, path)
+    assert "no usable signing key" in str(unavailable(v, keys["ES256"].sign(idp.claims())))
+
+
+def test_a_reload_keeps_the_key_cache_while_the_idp_is_down(idp, keys, make, clock, captured_log):
+    # docs/configuration.md: "the key cache is kept unless the key source
+    # changed"; an IdP outage must not turn a SIGHUP into 454 for everyone.
+    v = make(jwks_table(idp))
+    token = keys["ES256"].sign(idp.claims())
+    assert ok(v, token) and idp.jwks_requests == 1
+    idp.stop()
+    in_reactor(v.reload, validate(jwks_table(idp, leeway=30, scope="smtp")))
+    assert v.config.scope == "smtp"
+    assert ok(v, token)["email"] == "alice@example.org"
+    clock.advance(JWKS_TTL_DEFAULT + 1)
+    assert ok(v, token)  # past their lifetime: the held keys, as before the reload
+    # The outage is one line, across the reload too, and so is the recovery.
+    in_reactor(v.reload, validate(jwks_table(idp, leeway=20)))
+    clock.advance(6)
+    assert ok(v, token)
+    idp.start()
+    clock.advance(6)
+    assert ok(v, token)
+    lines = [formatEvent(e) for e in captured_log.namespace("kumoauth.backends")]
+    assert len(lines) == 2, lines
+    assert "unavailable" in lines[0] and "available again" in lines[1]
+    # Another key source: its own cache, fetched from the new URL.
+    before = idp.jwks_requests
+    in_reactor(v.reload, validate(jwks_table(idp, jwks_url=idp.url("/jwks?v=2"))))
+    assert ok(v, token) and idp.jwks_requests == before + 1
+
+
+def test_unknown_kids_during_an_outage_fetch_once_per_min_refresh(idp, keys, make, clock):
+    # Keys are held; the IdP answers 500.  Made-up kids may not make
+    # kumoauth ask it more often than jwks_min_refresh (the 5 s retry is
+    # for having no keys, or only keys past their lifetime): until then an
+    # unknown kid is 454 (whether it was rotated in cannot be known), and
+    # known keys keep working.
+    v = make(jwks_table(idp, jwks_min_refresh=60))
+    assert idp.jwks_requests == 1
+    idp.jwks_status = 500
+    clock.advance(61)
+    junk = SigningKey.make("ES256", "junk-0").sign(idp.claims())
+    assert "HTTP 500" in str(unavailable(v, junk))
+    assert idp.jwks_requests == 2
+    for n in range(1, 9):
+        clock.advance(6)
+        token = keys["ES256"].with_kid(f"junk-{n}").sign(idp.claims())
+        assert "HTTP 500" in str(unavailable(v, token))
+        assert ok(v, keys["ES256"].sign(idp.claims()))
+    assert idp.jwks_requests == 2
+    idp.jwks_status = 200
+    clock.advance(13)  # 61 s after the failed fetch: asked again, and back
+    assert refused(v, junk).reason == "unknown kid"
+    assert idp.jwks_requests == 3
+
+
+def test_a_reload_that_fails_leaves_the_key_cache_as_it_was(idp, keys, make, tmp_path):
+    table = introspection_table(idp, tmp_path, jwks_url=idp.url("/jwks"))
+    v = make(table)
+    setup = v._setup
+    assert ok(v, keys["ES256"].sign(idp.claims()))
+    (tmp_path / "client-secret").unlink()  # gone between validate() and reload
+    with pytest.raises(ValueError, match="introspection_secret_file"):
+        in_reactor(v.reload, Config(**{**vars(v.config), "leeway": 5.0}))
+    assert v._setup is setup and setup.keys is not None
+    assert setup.keys.client is setup.client  # not a client nobody retires
+    assert ok(v, keys["ES256"].sign(idp.claims()))
+
+
+def test_duplicate_kids_are_told_apart_by_algorithm(idp, keys, make, tmp_path):
+    # RFC 7517 §4.5: keys of different types may share a kid.  Two keys
+    # of one algorithm under one kid (an IdP's mistake): the first is used,
+    # a token of the second is a bad signature, never a key of another type.
+    rsa, ec = keys["RS256"].with_kid("shared"), keys["ES256"].with_kid("shared")
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [rsa.jwk(), ec.jwk()]}))
+    v = make({"issuer": idp.issuer, "audience": AUDIENCE, "jwks_file": str(path)})
+    assert ok(v, rsa.sign(idp.claims())) and ok(v, ec.sign(idp.claims()))
+    twin = SigningKey.make("ES256", "shared")
+    path.write_text(json.dumps({"keys": [ec.jwk(), twin.jwk(), rsa.jwk()]}))
+    assert ok(v, ec.sign(idp.claims()))
+    assert refused(v, twin.sign(idp.claims())).reason == "bad signature"
+    # a kid's key without "alg" is its type's usual algorithm only
+    path.write_text(json.dumps({"keys": [ec.jwk(with_alg=False)]}))
+    assert ok(v, ec.sign(idp.claims()))
+    token = compact({"alg": "ES384", "kid": "shared"}, idp.claims(), b"x" * 96)
+    v384 = make(
+        {
+            "issuer": idp.issuer,
+            "audience": AUDIENCE,
+            "jwks_file": str(path),
+            "algorithms": ["ES256", "ES384"],
+        }
+    )
+    assert refused(v384, token).reason == "algorithm does not match the key"
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"active": true, "x": "' + b"a" * 70_000 + b'"}', "body over 65536 bytes"),
+        (b'{"active": true, "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", "not JSON"),
+        (b'{"active": 1}', '"active"'),
+        (b'{"active": null}', '"active"'),
+        (b'{"active": true, "exp": NaN}', "not JSON"),
+    ],
+)
+def test_introspection_answers_too_big_too_deep_or_not_boolean(
+    idp, make, tmp_path, captured_log, body, reason
+):
+    idp.introspection_body = body
+    v = make(introspection_table(idp, tmp_path))
+    for _ in range(3):
+        assert reason in str(unavailable(v, "opaque-1"))
+    lines = captured_log.namespace("kumoauth.backends")
+    assert len(lines) == 1 and "unavailable" in lines[0]["log_format"]
+    assert CLIENT_SECRET not in captured_log.text()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: zz\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}",
+        b"",
+    ],
+    ids=["not-http", "bad-length", "bad-chunk", "short-body", "closed"],
+)
+@pytest.mark.parametrize("fetch", ["jwks", "introspection"])
+def test_an_idp_speaking_broken_http_is_454_and_one_line(
+    reactor, keys, make, clock, captured_log, tmp_path, answer, fetch
+):
+    from twisted.internet import protocol
+
+    class Broken(protocol.Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.write(answer)
+            self.transport.loseConnection()
+
+    factory = protocol.Factory.forProtocol(Broken)
+    port = in_reactor(lambda: reactor.listenTCP(0, factory, interface="127.0.0.1"))
+    try:
+        down = IdP(reactor, port=port.getHost().port)  # its URLs, not its server
+        if fetch == "jwks":
+            v = make(jwks_table(down))
+            token = keys["ES256"].sign(down.claims())
+        else:
+            v = make(introspection_table(down, tmp_path))
+            token = "opaque-1"
+        for _ in range(3):
+            clock.advance(6)
+            unavailable(v, token)
+    finally:
+        in_reactor(port.stopListening)
+    # (the raw server's own "Starting factory" lines are not kumoauth's)
+    ours = [e for e in captured_log.events if e.get("log_namespace", "").startswith("kumoauth")]
+    lines = [formatEvent(e) for e in ours]
+    assert len(lines) == 1 and "unavailable" in lines[0], lines

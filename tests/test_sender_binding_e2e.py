@@ -40,6 +40,7 @@ import contextlib
 import os
 import smtplib
 import sqlite3
+import threading
 import time
 import urllib.request
 import uuid
@@ -609,6 +610,91 @@ def test_junk_after_an_allowed_from_address_is_still_checked(map_bound, header):
         refused_by_binding(code, text, 550)
 
 
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("<@relay.example,@b.example:alice@example.com>", 553),  # the route is dropped
+        ("<@relay.example:scott@example.com>", 250),
+        ('<"alice"@example.com>', 553),  # needless quotes: alice@example.com
+        ('<"scott"@example.com>', 250),
+        ('<"scott@example.com"@evil.example>', 553),
+        ('<"alice@scott.example"@example.com>', 553),
+        ("<alice@example.com.>", 553),
+        ("<scott@example.com.>", 250),  # the same domain
+        ("<scott+x@example.com>", 553),  # strip_detail is off
+        ("<SCOTT@EXAMPLE.COM>", 553),
+        ("<ceo@scott.example.>", 553),
+        ("<x@sub.scott.example>", 553),
+    ],
+)
+def test_envelope_forms_a_client_may_try(map_bound, path, expected):
+    """Raw MAIL FROM arguments (smtplib would rewrite them)."""
+    with session(map_bound) as s:
+        code, text = s.docmd("MAIL", f"FROM:{path}")
+        if expected == 553:
+            refused_by_binding(code, text.decode(), 553)
+        else:
+            assert code == 250, text
+
+
+@pytest.mark.parametrize(
+    "headers, stored",
+    [
+        (("From: =?utf-8?q?alice=40example.com?= <scott@example.com>",), True),  # a name
+        (('From: "alice@example.com" <scott@example.com>',), True),
+        (("From: scott@example.com (alice@example.com)",), True),  # a comment
+        (("From: =?utf-8?q?alice=40example.com?=",), False),  # no address at all
+        (("From: <@evil.example:alice@example.com>",), False),
+        (("From: scott@example.com,\r\n alice@example.com",), False),  # folded
+        (("From: scott@example.com", "FROM: alice@example.com"), False),  # twice
+        (("From: alice@example.com.",), False),
+        (("From: Friends: scott@example.com, ceo@scott.example;",), False),  # a group
+        (("Subject: x", "From : alice@example.com"), False),  # obsolete syntax
+        (("From: scott@example.com", " From: alice@example.com"), False),  # folded into it
+    ],
+)
+def test_header_forms_a_client_may_try(map_bound, headers, stored):
+    before = spooled_ids(map_bound)
+    with session(map_bound) as s:
+        stage, code, text = send(s, "scott@example.com", message(*headers))
+    assert stage == "data"
+    if stored:
+        assert code == 250, text
+    else:
+        refused_by_binding(code, text, 550)
+        assert spooled_ids(map_bound) == before
+
+
+def test_a_huge_from_header_neither_stalls_the_server_nor_passes(map_bound):
+    """
+    From: with 30,000 copies of an allowed address (540 kB, well within
+    the size limit): reading it on the reactor thread took seconds, every
+    other session waiting, then one lookup per copy, and it was stored.
+    Now it is refused at once; another session's NOOPs stay fast.
+    """
+    head = "From: " + ",\r\n ".join(["scott@example.com"] * 30_000)
+    body = message(head)
+    before = spooled_ids(map_bound)
+    latencies: list[float] = []
+    result: list[Any] = []
+    with session(map_bound) as other, session(map_bound) as s:
+        assert s.mail("scott@example.com")[0] == 250
+        assert s.rcpt("rcpt@example.net")[0] == 250
+        sender = threading.Thread(target=lambda: result.append(s.data(body)))
+        sender.start()
+        while sender.is_alive():
+            start = time.monotonic()
+            assert other.noop()[0] == 250
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.02)
+        sender.join()
+    code, text = result[0]
+    refused_by_binding(code, text.decode(), 550)
+    assert spooled_ids(map_bound) == before
+    assert max(latencies) < 2.0, latencies
+    wait_for_log(map_bound, "may not send as (header too large to check) (header; ")
+
+
 # --------------------------------------------------------------------------
 # the map file
 
@@ -634,6 +720,27 @@ def test_map_exact_entry_beats_its_domain_wildcard(strict):
         refused_by_binding(code, text, 553)
     log = wait_for_log(strict, "may not send as ceo@scott.example (envelope; ")
     assert 'map line 5: "ceo@scott.example ceo" (does not list this user)' in log
+
+
+@pytest.mark.parametrize("variant", ["CEO@scott.example", "Ceo@SCOTT.example"])
+def test_map_exact_entry_also_guards_its_case_variants(map_bound, variant):
+    """
+    ``ceo@scott.example ceo`` protects the CEO's address from the
+    ``@scott.example`` wildcard in any case: mail systems deliver and show
+    ``CEO@scott.example`` as the CEO's mailbox.  Envelope and From: alike.
+    """
+    before = spooled_ids(map_bound)
+    with session(map_bound) as s:
+        stage, code, text = send(s, variant, message("From: x@scott.example"))
+        assert stage == "mail"
+        refused_by_binding(code, text, 553)
+        stage, code, text = send(s, "scott@example.com", message(f"From: The CEO <{variant}>"))
+        assert stage == "data"
+        refused_by_binding(code, text, 550)
+        assert spooled_ids(map_bound) == before
+        # the rest of the domain is still the wildcard's
+        sent(s, map_bound, "Chief@scott.example", message("From: Chief@scott.example"))
+    wait_for_log(map_bound, f"may not send as {variant} (envelope; ")
 
 
 def test_null_sender_refused_when_not_allowed(strict):

@@ -21,6 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from email import policy as email_policy
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.logger import LogLevel, formatEvent
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from kumoauth.auth.senders import (
+    MAX_HEADER_ADDRESSES,
+    TOO_LARGE,
     UNPARSEABLE,
     Decision,
     SenderBinding,
@@ -354,6 +357,48 @@ def test_an_exact_entry_protects_its_address_from_the_domain_wildcard(map_file):
     assert d == Decision(False, 'map line 4: "ceo@example.com ceo" (does not list this user)')
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "CEO@example.com",
+        "Ceo@EXAMPLE.com",
+        '"CEO"@example.com',
+        "\uff43eo@example.com",  # FULLWIDTH LATIN SMALL LETTER C
+        "Sales@example.com",
+        "ALICE@example.com",
+    ],
+)
+def test_an_exact_entry_protects_its_case_variants_from_the_domain_wildcard(map_file, variant):
+    """
+    Mail systems take ``CEO@example.com`` for ``ceo@example.com``: a user who
+    has the ``@example.com`` wildcard must not get a protected address by
+    changing its case (or writing it in compatibility characters).
+    """
+    b = map_binding(map_file)
+    d = check(b, "scott", variant)
+    assert not d.allowed, d
+    assert "does not list this user" in d.rule and "@example.com scott" not in d.rule
+
+
+def test_case_variants_of_protected_addresses_with_strip_detail(map_file):
+    b = map_binding(map_file, strip_detail=True)
+    assert not check(b, "scott", "CEO+x@example.com").allowed
+    assert not check(b, "scott", "Alice+news@example.com").allowed
+    # what no exact entry names in any case is still the wildcard's
+    assert check(b, "scott", "Chief@example.com").allowed
+    assert check(b, "scott", "x+y@example.com").allowed
+
+
+def test_case_variants_grant_nothing_new(map_file):
+    """The guard only refuses: local parts still compare exactly to allow."""
+    b = map_binding(map_file)
+    d = check(b, "alice", "Alice@example.com")
+    assert d == Decision(False, 'map line 6: "@example.com scott" (does not list this user)')
+    assert not check(b, "ceo", "CEO@example.com").allowed  # no rule gives ceo that address
+    assert check(b, "ceo", "ceo@example.com").allowed
+    assert check(b, "carol", "sales@example.com").allowed
+
+
 def test_login_domain_wildcard(map_file):
     b = map_binding(map_file)
     assert check(b, "dave@example.net", "team@example.net").allowed
@@ -595,6 +640,84 @@ def test_property_header_addresses_of_any_from(value, smtputf8):
     assert out is not None and all(a == UNPARSEABLE or "@" in a for a in out)
 
 
+# the work a hostile header can cause: header_addresses runs on the reactor
+# thread, where 1.8 MB of From: addresses used to take 40 s (every session
+# of every user waiting) and each address was a lookup
+
+
+def test_header_addresses_bounded_for_many_addresses():
+    head = ("From: " + ",\r\n ".join(["alice@example.com"] * 20_000) + "\r\n\r\n").encode()
+    start = time.monotonic()
+    assert header_addresses(head, False) == [TOO_LARGE]
+    assert time.monotonic() - start < 1.0
+
+
+def test_header_addresses_bounded_for_a_huge_header():
+    junk = b"X-Junk: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n" * 20_000
+    head = junk + b"From: alice@example.com\r\n\r\n"
+    start = time.monotonic()
+    assert header_addresses(head, True) == [TOO_LARGE]
+    assert time.monotonic() - start < 1.0
+    # what the parser does not read as the header costs nothing
+    body_like = b"From: alice@example.com\r\nnot a header line\r\n" + junk
+    assert header_addresses(body_like, True) == ["alice@example.com"]
+
+
+def test_header_addresses_at_most_so_many_distinct_addresses():
+    many = [f"a{i}@example.com" for i in range(MAX_HEADER_ADDRESSES)]
+    assert header_addresses(h("From: " + ", ".join(many) + "\n"), False) == many
+    over = [*many, "one.more@example.com"]
+    assert header_addresses(h("From: " + ", ".join(over) + "\n"), False) == [TOO_LARGE]
+    assert header_addresses(h("From: " + "x" * 20_000 + "@example.com\n"), False) == [TOO_LARGE]
+
+
+def test_header_addresses_checks_each_address_once():
+    head = h("From: a@x.example, A <a@x.example>\nFrom: a@x.example, b@y.example\n")
+    assert header_addresses(head, False) == ["a@x.example", "b@y.example"]
+
+
+def test_a_header_too_large_is_refused(map_file):
+    d = check(map_binding(map_file), "alice", TOO_LARGE)
+    assert not d.allowed and "(not read)" in d.rule
+
+
+_HEADER_LINES = st.sampled_from(
+    [
+        "From: a@x.example",
+        "from :b@y.example",
+        "Sender: c@z.example",
+        "X-A: 1",
+        " folded",
+        "\tfolded",
+        "From x@y Mon",
+        "not a header",
+        "",
+        ":no name",
+        "Name\t: v",
+        "\x00From: n@x.example",
+        "Fr\u00f6m: u@x.example",
+    ]
+)
+
+
+@given(st.lists(_HEADER_LINES, max_size=12))
+def test_property_the_header_is_cut_where_the_parser_ends_it(lines):
+    from email.parser import HeaderParser
+
+    from kumoauth.auth.senders import _HEADER_END, _OBS_COLON
+
+    raw = ("\r\n".join(lines) + "\r\nFrom: late@x.example\r\n").encode("utf-8")
+    end = _HEADER_END.search(raw)
+    cut = raw[: end.start()] if end is not None else raw
+
+    def fields(data: bytes) -> list[tuple[str, str]]:
+        text = _OBS_COLON.sub(r"\1:", data.decode("utf-8", "surrogateescape"))
+        parsed = HeaderParser(policy=email_policy.default).parsestr(text, headersonly=True)
+        return [(k, str(v)) for k, v in parsed.raw_items()]
+
+    assert fields(cut) == fields(raw)
+
+
 # --------------------------------------------------------------------------
 # real stores
 
@@ -724,7 +847,7 @@ def test_ldap_down_is_a_lookup_error(ldap_binding, slapd):
     assert real_check(ldap_binding, "alice", "alice@example.test").allowed
 
 
-def gate_session(binding: Any, spool_dir: Path) -> Any:
+def gate_session(binding: Any, spool_dir: Path, timeout: float = 5.0) -> Any:
     """
     (In the reactor thread.)  An in-memory session (StringTransport) whose
     generation has a sender gate over *binding*, authenticated as alice.
@@ -739,7 +862,7 @@ def gate_session(binding: Any, spool_dir: Path) -> Any:
     policy.on("smtp_server_auth_plain", lambda authz, authc, pw, meta: pw == "pw")
     plain = Session(policy, spool_dir=spool_dir, connect=False)
     rt = plain.runtime
-    gate = SenderGate(binding, policy, invoke, rt.process.metrics, 5.0, rt.clock)
+    gate = SenderGate(binding, policy, invoke, rt.process.metrics, timeout, rt.clock)
     s = Session(runtime=replace(rt, sender_gate=gate), spool_dir=spool_dir, clock=plain.clock)
     s.command("EHLO client.example")
     assert s.command("AUTH PLAIN " + plain_b64("", "alice", "pw")).startswith("235 ")
@@ -975,6 +1098,56 @@ def test_http_source_down(reactor, pool):
             real_check(b, "alice", "alice@example.com")
     finally:
         in_reactor(b.stop)
+
+
+class SilentAPI(Resource):
+    """An auth API that takes every request and never answers."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Any] = []
+
+    def render_POST(self, request: Any) -> Any:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+def test_a_store_silent_past_the_policy_timeout_is_an_outage(reactor, pool, tmp_path, captured_log):
+    # [auth.http] timeout (30 s) longer than the gate's ([policy] timeout,
+    # 0.3 s here): the store still silent then is down, 451 4.7.1 and one
+    # state line, not a 451 4.3.0 with a traceback at every command.
+    api = SilentAPI()
+    port = in_reactor(lambda: reactor.listenTCP(0, Site(api), interface="127.0.0.1"))
+    table = {"url": f"http://127.0.0.1:{port.getHost().port}/smtp-auth", "timeout": 30.0}
+    b = real_binding(reactor, pool, {"source": "http"}, {"http": table})
+    s = in_reactor(gate_session, b, tmp_path / "spool", 0.3)
+    try:
+        for n in range(1, 4):
+            assert in_reactor(s.command, "MAIL FROM:<alice@example.com>") == ""
+            deadline = time.monotonic() + 10
+            while len(api.requests) < n:  # the API has the request, unanswered
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            in_reactor(s.clock.advance, 0.5)
+            reply = in_reactor(s.output)
+            assert reply.startswith("451 4.7.1 Cannot verify the sender address now"), reply
+            assert gate_reply(s, "RSET").startswith("250 ")
+    finally:
+        in_reactor(s.close)
+        in_reactor(b.stop)
+        in_reactor(port.stopListening)
+    lines = [
+        formatEvent(e)
+        for e in captured_log.namespace("kumoauth.auth")
+        if "sender binding" in (formatEvent(e) or "")
+    ]
+    assert lines == [
+        "sender binding store unavailable: http: no answer within 0.3 s; "
+        "MAIL FROM and the end of DATA get 451 4.7.1"
+    ]
+    assert "Traceback" not in captured_log.text()
 
 
 # --------------------------------------------------------------------------

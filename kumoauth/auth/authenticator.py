@@ -385,6 +385,9 @@ class Authenticator:
 
         def success(result: tuple[Any, Delivery, Any]) -> Outcome:
             self._not_a_failure(admission, verified=True)
+            if bearer:
+                # A bearer checker learns the user from the token only now.
+                attempt.authc, attempt.authz = credentials.authc, credentials.authz
             self.log.record(attempt, "success", latency=self._latency(attempt))
             return Outcome("success", R_SUCCESS, delivery=result[1])
 

@@ -26,7 +26,10 @@ regard to case and IDNA form (``bücher.example`` and
 (RFC 5321 §2.4: only the destination host may interpret it), after NFC
 and with needless quotes removed (``"alice"@x`` is ``alice@x``).  With
 ``strip_detail``, an address ``user+detail@domain`` that no rule names
-is looked up again as ``user@domain``.
+is looked up again as ``user@domain``.  An exact map entry also guards
+the variants of its address that receiving systems take for it (case,
+compatibility characters: ``CEO@x`` for ``ceo@x``) from its domain's
+wildcard; a variant only ever refuses.
 """
 
 from __future__ import annotations
@@ -60,6 +63,21 @@ SOURCES = ("map", "ldap", "sql", "http")
 #: what :func:`header_addresses` returns for an address it cannot read (a
 #: From: with no address in it, ``From: <>``, a bare word): never allowed
 UNPARSEABLE = "(unparseable header address)"
+
+#: what :func:`header_addresses` returns for a header too large to read on
+#: the reactor thread (see the limits below): never allowed
+TOO_LARGE = "(header too large to check)"
+
+#: most bytes of a message header read for From:/Sender: (Postfix's
+#: ``header_size_limit`` is 100 KiB): reading costs about 0.1 s a MiB
+MAX_HEADER_BYTES = 1024 * 1024
+
+#: most characters of the From:/Sender: fields read (their parsing time
+#: grows faster than their length: 1.8 MB of addresses took 40 s)
+MAX_FIELD_CHARS = 16 * 1024
+
+#: most distinct From:/Sender: addresses checked (each may be a lookup)
+MAX_HEADER_ADDRESSES = 50
 
 #: the map file is stat()ed at most this often (seconds) on lookups
 STAT_INTERVAL = 1.0
@@ -301,6 +319,9 @@ class SenderMap:
     source: str
     exact: dict[str, list[Rule]] = field(default_factory=dict)
     domains: dict[str, list[Rule]] = field(default_factory=dict)
+    #: the exact keys by their :func:`_variant_key` (case and compatibility
+    #: forms folded): what guards ``CEO@example.com`` for ``ceo@example.com``
+    variants: dict[str, list[str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.exact) + len(self.domains)
@@ -312,6 +333,13 @@ class SenderMap:
         exists decides, else the domain's wildcard; an exact entry that
         does not list the user refuses even if the domain's wildcard would
         allow (``ceo@example.com ceo`` protects that address).
+
+        The protection covers the address's variants too: receiving
+        systems take ``CEO@example.com`` (or ``ｃeo@example.com`` in
+        compatibility characters) for ``ceo@example.com``, so a candidate
+        that differs from an exact entry only in case or compatibility
+        form is refused to a user that entry does not list.  It only
+        refuses: to be allowed, the local part must still match exactly.
         """
         login = _login(login)
         login_domain = _login_domain(login)
@@ -319,6 +347,15 @@ class SenderMap:
             rules = self.exact.get(candidate)
             if rules is not None:
                 return _by_rules(rules, login, login_domain)
+        for candidate in candidates:
+            for key in self.variants.get(_variant_key(candidate), ()):
+                rules = self.exact[key]
+                if not any(r.admits(login, login_domain) for r in rules):
+                    return Decision(
+                        False,
+                        rules[0].describe() + " (does not list this user; the address "
+                        "differs from it only in case or form)",
+                    )
         domain = candidates[0].rpartition("@")[2]
         rules = self.domains.get(domain)
         if rules is not None:
@@ -345,6 +382,17 @@ class SenderMap:
                 except_ = sorted(refused_in.get(domain, []))
                 out.append(f"@{domain}" + (f" (except {', '.join(except_)})" if except_ else ""))
         return sorted(out)
+
+
+def _variant_key(address: str) -> str:
+    """
+    *address* (normalized) with its local part case-folded and in NFKC:
+    the form in which mail systems commonly take two local parts for one
+    mailbox (``CEO`` is ``ceo``; ``ｃeo`` is ``ceo`` to the eye).
+    """
+    local, at, domain = address.rpartition("@")
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", local).casefold())
+    return f"{folded}{at}{domain}"
 
 
 def _by_rules(rules: list[Rule], login: str, login_domain: str | None) -> Decision:
@@ -450,7 +498,10 @@ def _parse_line(result: SenderMap, number: int, line: str, stripped: str) -> Non
             logins.add(_login(token))
     rule = Rule(number, " ".join(stripped.split()), frozenset(logins), frozenset(login_domains))
     if local:
-        result.exact.setdefault(f"{_local(local)}@{domain_n}", []).append(rule)
+        address = f"{_local(local)}@{domain_n}"
+        if address not in result.exact:
+            result.variants.setdefault(_variant_key(address), []).append(address)
+        result.exact.setdefault(address, []).append(rule)
     else:
         result.domains.setdefault(domain_n, []).append(rule)
 
@@ -523,6 +574,12 @@ _OBS_COLON = re.compile(r"^([\x21-\x39\x3b-\x7e]+)[ \t]+:", re.MULTILINE)
 #: what looks like an address in a field the parser found invalid
 _ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"\\@]+@[^\s<>()\[\],;:\"\\@]+")
 
+#: the first line the stdlib parser would not take for a header line (its
+#: ``headerRE``: a field, with :data:`_OBS_COLON`'s spaces before the colon,
+#: a continuation or a ``From `` line), an empty one included: where it
+#: ends the header, found in the bytes without splitting them in lines
+_HEADER_END = re.compile(rb"^(?!From |[\x21-\x39\x3b-\x7e]*[ \t]*:|[\t ])", re.MULTILINE)
+
 
 def header_addresses(header_block: bytes, smtputf8: bool) -> list[str] | None:
     """
@@ -543,8 +600,19 @@ def header_addresses(header_block: bytes, smtputf8: bool) -> list[str] | None:
 
     The header is read as UTF-8 whatever *smtputf8* says (8-bit headers
     without SMTPUTF8 are common); *smtputf8* picks the parser's policy.
+
+    This runs on the reactor thread, so what it reads is bounded: a header
+    over :data:`MAX_HEADER_BYTES`, From:/Sender: fields over
+    :data:`MAX_FIELD_CHARS` together, or more than
+    :data:`MAX_HEADER_ADDRESSES` distinct addresses in them come back as
+    ``[TOO_LARGE]``, which no rule allows either.
     """
     try:
+        end = _HEADER_END.search(header_block)
+        if end is not None:
+            header_block = header_block[: end.start()]  # the parser stops there anyway
+        if len(header_block) > MAX_HEADER_BYTES:
+            return [TOO_LARGE]
         text = _OBS_COLON.sub(r"\1:", header_block.decode("utf-8", "surrogateescape"))
         chosen = email_policy.SMTPUTF8 if smtputf8 else email_policy.default
         message = HeaderParser(policy=chosen).parsestr(text, headersonly=True)
@@ -557,9 +625,17 @@ def header_addresses(header_block: bytes, smtputf8: bool) -> list[str] | None:
             return None
     except Exception:
         return [UNPARSEABLE]
+    if sum(len(str(value)) for value in raw_fields) > MAX_FIELD_CHARS:
+        return [TOO_LARGE]
     out: list[str] = []
+    seen: set[str] = set()
     for value in raw_fields:
-        out.extend(_field_addresses(chosen, name, value))
+        for address in _field_addresses(chosen, name, value):
+            if address not in seen:
+                seen.add(address)
+                out.append(address)
+    if len(out) > MAX_HEADER_ADDRESSES:
+        return [TOO_LARGE]
     return out
 
 
@@ -592,7 +668,8 @@ def _field_addresses(chosen: Any, name: str, value: Any) -> list[str]:
         # The parser dropped what it could not read (``a@x <b@y>``, ``a@x
         # b@y``, ``a@x;b@y``): other readers may take it for the mailbox,
         # so every address-like token of the field must be allowed too.
-        out.extend(m for m in _ADDRESS_LIKE.findall(str(value)) if m not in out)
+        known = set(out)
+        out.extend(m for m in dict.fromkeys(_ADDRESS_LIKE.findall(str(value))) if m not in known)
     return out
 
 
@@ -893,6 +970,13 @@ class SenderBinding:
             return Decision(False, "null sender refused (allow_null_sender = false)")
         if address == UNPARSEABLE:
             return Decision(False, "a From:/Sender: address that cannot be read")
+        if address == TOO_LARGE:
+            return Decision(
+                False,
+                f"a header over {MAX_HEADER_BYTES >> 20} MiB, or From:/Sender: over "
+                f"{MAX_FIELD_CHARS >> 10} KiB or with more than {MAX_HEADER_ADDRESSES} "
+                "addresses (not read)",
+            )
         if not authz:
             return Decision(False, "no authenticated user")
         if "@" not in address or address.endswith("@"):

@@ -35,10 +35,12 @@ client credentials) is :class:`~kumoauth.backends.base.BackendError`
 The JWKS is cached for its ``Cache-Control: max-age`` (bounded to
 60 s … 24 h, one hour without one) and fetched again when that ends or a
 token names a key id it does not hold, at most once per
-``jwks_min_refresh`` seconds for unknown key ids; validations waiting for
-the same fetch share it.  When a refresh fails, the keys already held stay
-in use for up to a day past their lifetime (a rotation is announced in
-advance; an IdP outage should not stop mail).  A ``jwks_file`` is read
+``jwks_min_refresh`` seconds for unknown key ids, outage or not;
+validations waiting for the same fetch share it.  When a refresh fails,
+the keys already held stay in use for up to a day past their lifetime (a
+rotation is announced in advance; an IdP outage should not stop mail), and
+a reload with the same ``jwks_url`` and ``ca_file`` keeps them.  A key
+PyJWT cannot read is skipped, not the whole JWKS.  A ``jwks_file`` is read
 again whenever its stat changes.
 
 Everything runs on the reactor: treq for HTTP, and the signature check
@@ -397,11 +399,17 @@ class _KeySet:
             and k.get("kty") in _KEY_TYPES
             and k.get("use", "sig") == "sig"
             and isinstance(k.get("kid", ""), str)
+            and isinstance(k.get("alg", ""), str)
         ]
-        try:
-            keys = jwt.PyJWKSet(usable).keys if usable else []
-        except jwt.PyJWTError:
-            keys = []
+        # One key at a time: PyJWKSet skips a key PyJWT refuses, but lets
+        # anything else it raises (a TypeError for an "alg" that is a list)
+        # end the whole set, and with it the IdP's answer, in a traceback.
+        keys: list[jwt.PyJWK] = []
+        for k in usable:
+            try:
+                keys.append(jwt.PyJWK(k))
+            except (jwt.PyJWTError, TypeError, ValueError, KeyError, AttributeError):
+                continue
         self.keys = [k for k in keys if k.algorithm_name in SUPPORTED_ALGORITHMS]
         if not self.keys:
             raise ValueError("the JWKS holds no usable signing key")
@@ -534,13 +542,25 @@ class _RemoteKeys:
 
     def start(self) -> defer.Deferred[None]:
         """
-        Prefetch; fires when done, never fails (the outage is logged).
+        Prefetch, unless keys are held (kept across a reload); fires when
+        done, never fails (the outage is logged).
         """
+        if self.keys is not None:
+            return defer.succeed(None)
 
         def logged(f: Failure) -> None:
             f.trap(BackendError)
 
         return self.refresh().addErrback(logged)
+
+    def adopt(self, config: Config, client: _Client) -> None:
+        """
+        Serve a reloaded table with the same key source: the cached keys,
+        their lifetime, the fetch under way and the rate limits go on; the
+        connections and ``jwks_min_refresh`` are the new table's.
+        """
+        self.client = client
+        self.min_refresh = config.jwks_min_refresh
 
     def refresh(self) -> defer.Deferred[None]:
         """
@@ -589,10 +609,15 @@ class _RemoteKeys:
         self.last_failed = None
         self.health.succeeded()
 
-    def _may_fetch(self, now: float) -> bool:
+    def _may_fetch(self, now: float, unknown_kid: bool = False) -> bool:
+        """
+        Whether a fetch may start (or be joined) now: ``jwks_min_refresh``
+        after the last one; after a failed one, sooner (5 s) when the keys
+        are missing or past their lifetime, never sooner for an unknown kid.
+        """
         if self.fetching is not None or self.last_attempt is None:
             return True
-        failed = self.last_failed is not None
+        failed = self.last_failed is not None and not unknown_kid
         wait = min(self.min_refresh, RETRY_AFTER_FAILURE) if failed else self.min_refresh
         return now - self.last_attempt >= wait
 
@@ -614,10 +639,15 @@ class _RemoteKeys:
                         raise
         assert self.keys is not None
         key = self.keys.find(kid, alg)
-        if key is None and not fetched and self._may_fetch(self.clock.seconds()):
-            # An unknown kid: the IdP may have rotated a key in.
-            await self.refresh()
-            key = self.keys.find(kid, alg)
+        if key is None and not fetched:
+            if self._may_fetch(self.clock.seconds(), unknown_kid=True):
+                # An unknown kid: the IdP may have rotated a key in.
+                await self.refresh()
+                key = self.keys.find(kid, alg)
+            elif self.last_failed is not None:
+                # The IdP is down: whether the kid is a rotated key cannot
+                # be known now, and made-up kids may not make us ask again.
+                raise BackendError(self.last_failed)
         return key
 
 
@@ -801,25 +831,53 @@ def _audience_contains(claims: Mapping[str, Any], audience: str) -> bool:
 # the validator
 
 
+class _Health:
+    """
+    The IdP's state logs, process-lived: a reload during an outage neither
+    logs it again nor loses its end.
+    """
+
+    def __init__(self) -> None:
+        self.jwks = BackendHealth("oauth-jwks")
+        self.introspection = BackendHealth("oauth-introspection")
+
+
 class _Setup:
     """
     One configuration's client, keys and introspection; a reload makes a
-    new one.
+    new one, which keeps the previous one's JWKS cache when the key source
+    (``jwks_url`` and ``ca_file``) is the same.
     """
 
-    def __init__(self, config: Config, reactor: Any, clock: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        clock: Any,
+        health: _Health,
+        previous: _Setup | None = None,
+    ) -> None:
         self.config = config
         self.client = _Client(config, reactor)
+        kept = previous.keys if previous is not None else None
+        if not (
+            isinstance(kept, _RemoteKeys)
+            and previous is not None
+            and config.jwks_url is not None
+            and (previous.config.jwks_url, previous.config.ca_file)
+            == (config.jwks_url, config.ca_file)
+        ):
+            kept = None
         self.keys: _FileKeys | _RemoteKeys | None = None
-        if config.jwks_url is not None:
-            self.keys = _RemoteKeys(config, self.client, clock, BackendHealth("oauth-jwks"))
+        if kept is not None:
+            self.keys = kept  # adopted below, once nothing can fail
+        elif config.jwks_url is not None:
+            self.keys = _RemoteKeys(config, self.client, clock, health.jwks)
         elif config.jwks_file is not None:
-            self.keys = _FileKeys(config.jwks_file, BackendHealth("oauth-jwks"))
+            self.keys = _FileKeys(config.jwks_file, health.jwks)
         self.introspection: _Introspection | None = None
         if config.introspection_url is not None:
-            self.introspection = _Introspection(
-                config, self.client, BackendHealth("oauth-introspection")
-            )
+            self.introspection = _Introspection(config, self.client, health.introspection)
         # Never "none" or HMAC, whatever the table said (validate() refuses
         # them too; a Config made by hand does not go through it).
         self.algorithms = [
@@ -827,6 +885,8 @@ class _Setup:
             for a in config.algorithms
             if a in SUPPORTED_ALGORITHMS and not _FORBIDDEN.fullmatch(a)
         ]
+        if kept is not None:
+            kept.adopt(config, self.client)
 
 
 class TokenValidator:
@@ -843,7 +903,8 @@ class TokenValidator:
     ) -> None:
         self.reactor = default_reactor(reactor)
         self.clock = clock if clock is not None else self.reactor
-        self._setup = _Setup(config, self.reactor, self.clock)
+        self._health = _Health()
+        self._setup = _Setup(config, self.reactor, self.clock, self._health)
 
     @property
     def config(self) -> Config:
@@ -955,11 +1016,14 @@ class TokenValidator:
 
     def reload(self, config: Config) -> defer.Deferred[None]:
         """
-        Take the new table: new connections and caches (the JWKS is fetched
-        again), the old connections closed once idle.  A file that cannot be
-        read raises ``ValueError`` and keeps what was.
+        Take the new table: new connections, the old ones closed once idle.
+        The JWKS cache is kept when ``jwks_url`` and ``ca_file`` are the
+        same (keys held through an IdP outage stay in use); another key
+        source starts empty and is fetched.  A file that cannot be read
+        raises ``ValueError`` and keeps what was.
         """
-        old, self._setup = self._setup, _Setup(config, self.reactor, self.clock)
+        old = self._setup
+        self._setup = _Setup(config, self.reactor, self.clock, self._health, old)
         self.start()
         return old.client.retire()
 

@@ -71,16 +71,27 @@ class SendingLimits:
             return self.config.max_messages_per_user
         return self.config.max_recipients_per_user
 
-    def check(self, kind: str, user: str, conn_meta: Any) -> defer.Deferred[bytes | None]:
+    def check(
+        self,
+        kind: str,
+        user: str,
+        conn_meta: Any,
+        timeout: float | None = None,
+        clock: Any = None,
+    ) -> defer.Deferred[bytes | None]:
         """
         Count one more of *kind* for *user*; fire with None when within the
-        limit, else with the reply to send.
+        limit, else with the reply to send.  A store silent for *timeout*
+        seconds (on *clock*) is down, as if it had refused: its state line
+        and ``on_store_error`` decide, not a traceback.
         """
         limit = self.limit_of(kind)
         if limit is None:
             return defer.succeed(None)
         cfg = self.config
         d: defer.Deferred[Any] = self.store.add(counter_key(kind, user), 1, cfg.window, limit)
+        if timeout is not None:
+            d.addTimeout(timeout, clock)
 
         def counted(result: tuple[bool, int, float]) -> bytes | None:
             self.state.succeeded()
@@ -95,8 +106,11 @@ class SendingLimits:
             if not f.check(StoreUnavailable, defer.TimeoutError):
                 log.failure("sending limits: unexpected error from the store", f)
             open_ = cfg.on_store_error == "open"
+            reason = f.getErrorMessage() or type(f.value).__name__
+            if f.check(defer.TimeoutError):
+                reason = f"no answer within {timeout:g} s"
             self.state.failed(
-                f.getErrorMessage() or type(f.value).__name__,
+                reason,
                 "mail goes on without sending limits (on_store_error = open)"
                 if open_
                 else "MAIL and RCPT get 451 (on_store_error = closed)",

@@ -68,6 +68,10 @@ _AUTH_LINE_MAX = sasl.MAX_RESPONSE + 32
 _PAUSE_BUFFER = 256 * 1024  # stop reading while this much waits unprocessed
 # Seconds a closing connection may take to say goodbye before it is aborted.
 _CLOSE_TIMEOUT = 5.0
+#: the sending limits and the sender gate bound their store waits by
+#: [policy] timeout themselves (a silent store is an outage: one state
+#: line, on_store_error); the session's own bound is this much later
+STORE_WAIT_GRACE = 1.0
 
 COMMAND, AUTH, DATA = range(3)
 
@@ -744,7 +748,7 @@ class SubmissionProtocol(Protocol):
             else:
                 self._send(failed_reply(f))
 
-        self._wait(d, decided, failed, timeout=self.rt.policy_timeout)
+        self._wait(d, decided, failed, timeout=self.rt.policy_timeout + STORE_WAIT_GRACE)
 
     def smtp_RCPT(self, arg: bytes) -> None:
         if self._mail_from is None:
@@ -794,11 +798,12 @@ class SubmissionProtocol(Protocol):
             log.failure("sending limits for {client}", f, client=self.client)
             self._send(R_INTERNAL)
 
+        timeout = self.rt.policy_timeout
         self._wait(
-            limits.check(kind, user, self.conn_meta),
+            limits.check(kind, user, self.conn_meta, timeout, self.rt.clock),
             checked,
             failed,
-            timeout=self.rt.policy_timeout,
+            timeout=timeout + STORE_WAIT_GRACE,
         )
 
     def smtp_DATA(self, arg: bytes) -> None:
@@ -978,9 +983,11 @@ class SubmissionProtocol(Protocol):
         final, self._final = self._final, None
         if final is not None:
             # The answer to a failure challenge ends the exchange with the
-            # reply decided before; its content does not matter.
+            # outcome decided before; its content does not matter, except
+            # that "*" gets the 501 RFC 4954 §4 gives a cancel.
             self._mode = COMMAND
-            self._auth_outcome(Outcome(final.result, final.reply))
+            reply = sasl.cancelled().reply if line == sasl.CANCEL else final.reply
+            self._auth_outcome(Outcome(final.result, reply))
             return
         self._sasl.attempt.secrets.append(line)
         self._sasl_step(line)

@@ -95,14 +95,23 @@ class SenderGate:
     async def _decide(
         self, authz: str, addresses: list[str], conn_meta: Any, where: str
     ) -> bytes | None:
+        # One deadline for the store's answers: a store still silent then
+        # is down (one state line, 451 4.7.1), not a traceback per command.
+        deadline = self.clock.seconds() + self.timeout
         for address in addresses:
             decision = self.binding.shortcut(authz, address)
             if decision is None:
+                lookup = self.binding.lookup(authz, address)
+                lookup.addTimeout(max(0.0, deadline - self.clock.seconds()), self.clock)
                 try:
-                    decision = await self.binding.lookup(authz, address)
-                except self._senders.SenderLookupError as e:
+                    decision = await lookup
+                except (self._senders.SenderLookupError, defer.TimeoutError) as e:
+                    if isinstance(e, defer.TimeoutError):
+                        why = f"{self.binding.source.kind}: no answer within {self.timeout:g} s"
+                    else:
+                        why = str(e)
                     # One line when the store goes down, not one per command.
-                    self.binding.state.failed(str(e), self._consequence)
+                    self.binding.state.failed(why, self._consequence)
                     self.metrics.sender_binding.labels(where, "error").inc()
                     return R_LOOKUP_DOWN
                 self.binding.state.succeeded()
