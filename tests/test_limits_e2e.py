@@ -138,6 +138,7 @@ def test_racing_sessions_of_one_user_through_two_instances_stay_within_the_caps(
             t.start()
         for t in threads:
             t.join(60)
+            assert not t.is_alive(), "a client thread did not finish"
         assert not errors, errors
         mails = [r[0] for r in results]
         rcpts = [reply for r in results for reply in r[1]]

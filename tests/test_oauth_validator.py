@@ -827,10 +827,12 @@ def test_signature_checks_are_cheap_enough_for_the_reactor_thread(file_validator
 
 
 def _junk_alg_keys(keys: dict[str, SigningKey]) -> list[dict[str, Any]]:
-    """JWKs whose "alg" is not a string: PyJWT's key set raises TypeError."""
+    """JWKs whose "alg" PyJWT's key set cannot take (TypeError, NotImplementedError)."""
     return [
         {**keys["ES256"].jwk(), "alg": ["ES256"], "kid": "junk-list"},
         {**keys["RS256"].jwk(), "alg": {"name": "RS256"}, "kid": "junk-dict"},
+        # PyJWT raises NotImplementedError for this one
+        {**keys["RS256"].jwk(), "alg": "none", "kid": "junk-none"},
     ]
 
 
@@ -894,6 +896,22 @@ def test_a_reload_keeps_the_key_cache_while_the_idp_is_down(idp, keys, make, clo
     before = idp.jwks_requests
     in_reactor(v.reload, validate(jwks_table(idp, jwks_url=idp.url("/jwks?v=2"))))
     assert ok(v, token) and idp.jwks_requests == before + 1
+
+
+def test_a_replaced_key_source_no_longer_speaks_for_the_idp(idp, keys, make, captured_log):
+    # A fetch of the old URL still under way after a reload to another one
+    # ends after it: its failure is not the IdP's state (no "unavailable"
+    # line while the new source answers).
+    v = make(jwks_table(idp))
+    token = keys["ES256"].sign(idp.claims())
+    assert ok(v, token)
+    old = v._setup.keys
+    in_reactor(v.reload, validate(jwks_table(idp, jwks_url=idp.url("/jwks?v=2"))))
+    assert ok(v, token)
+    idp.jwks_status = 500
+    with pytest.raises(BackendError, match="HTTP 500"):
+        in_reactor(old.refresh)  # the old source's late fetch
+    assert captured_log.namespace("kumoauth.backends") == []
 
 
 def test_unknown_kids_during_an_outage_fetch_once_per_min_refresh(idp, keys, make, clock):

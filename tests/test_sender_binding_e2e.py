@@ -52,6 +52,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kumoauth.auth.senders import MAX_FIELD_CHARS
 from kumoauth.storage.spool import Spool
 from tests import slapd
 from tests.server import Server, free_port, make_certs, running_server
@@ -693,6 +694,39 @@ def test_a_huge_from_header_neither_stalls_the_server_nor_passes(map_bound):
     assert spooled_ids(map_bound) == before
     assert max(latencies) < 2.0, latencies
     wait_for_log(map_bound, "may not send as (header too large to check) (header; ")
+
+
+def test_a_slow_to_parse_from_header_does_not_stall_other_sessions(map_bound):
+    """
+    A From: just under the field limit, written to be slow for the stdlib's
+    parser (quoted words joined by dots: ~0.3 s of parsing here): parsed
+    off the reactor thread, so another session's NOOPs stay fast while
+    three such messages go through.  On the reactor each was a 0.3 s stall.
+    """
+    field = '"a".' * 2000 + "scott@example.com"
+    assert len(field) < MAX_FIELD_CHARS
+    body = message("From: " + field)
+    latencies: list[float] = []
+    codes: list[int] = []
+    with session(map_bound) as other, session(map_bound) as s:
+
+        def send_three() -> None:
+            for _ in range(3):
+                assert s.mail("scott@example.com")[0] == 250
+                assert s.rcpt("rcpt@example.net")[0] == 250
+                codes.append(s.data(body)[0])
+
+        sender = threading.Thread(target=send_three)
+        sender.start()
+        while sender.is_alive():
+            start = time.monotonic()
+            assert other.noop()[0] == 250
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.01)
+        sender.join(60)
+    # "a".….scott@example.com is not scott's address: refused, after parsing
+    assert codes == [550, 550, 550], codes
+    assert latencies and max(latencies) < 0.15, sorted(latencies)[-5:]
 
 
 # --------------------------------------------------------------------------

@@ -515,11 +515,11 @@ def test_registered_store_schemes(monkeypatch):
         make_store("nope://x", clock)
 
 
-# --- the attempt's deadlines (kumoauth.auth.authenticator._deadline) -----------
+# --- deadlines on what a session waits for (kumoauth.ops.deadline) ------------
 
 
 def test_a_deadline_is_set_only_on_what_has_no_result_yet():
-    from kumoauth.auth.authenticator import _deadline
+    from kumoauth.ops.deadline import deadline as _deadline
 
     clock = task.Clock()
     # An answer already there (a memory store, a synchronous checker): no timer.
@@ -540,6 +540,15 @@ def test_a_deadline_is_set_only_on_what_has_no_result_yet():
     outer.addErrback(errors.append)
     clock.advance(5)
     assert len(errors) == 2 and errors[1].check(defer.TimeoutError)  # type: ignore[attr-defined]
+
+    # on_timeout: the caller's own failure instead of TimeoutError.
+    def silent(result: object, seconds: float) -> None:
+        raise LookupError(f"no answer within {seconds:g} s")
+
+    third: defer.Deferred[None] = defer.Deferred()
+    _deadline(third, 2.5, clock, silent).addErrback(errors.append)
+    clock.advance(2.5)
+    assert errors[2].check(LookupError) and str(errors[2].value) == "no answer within 2.5 s"  # type: ignore[attr-defined]
 
 
 # --- attempts in flight counted in the process (audit finding 4, review) ------

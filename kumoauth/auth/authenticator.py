@@ -30,6 +30,7 @@ from kumoauth.auth.throttle import Admission, InFlightKeys, Throttle, Throttled
 from kumoauth.config import AuthConfig
 from kumoauth.meta import ConnMeta
 from kumoauth.ops.cooperate import Slicer
+from kumoauth.ops.deadline import deadline
 from kumoauth.ops.loglimit import LogLimiter, StateLog
 from kumoauth.ops.metrics import Metrics
 from kumoauth.storage.delivery import Delivery, IMessageDelivery
@@ -198,18 +199,6 @@ class AuthLog:
         auth_log.info("{text}", text=text, result=result, client=attempt.client, suppressed=n)
 
 
-def _deadline(d: defer.Deferred[Any], seconds: float, clock: Any) -> None:
-    """
-    ``d.addTimeout`` unless *d* has its result already (a memory store, a
-    synchronous checker): a timer set and cancelled at once for every
-    attempt costs a DelayedCall, three closures and a heap entry the
-    reactor keeps until it compacts.  A Deferred waiting on another it
-    was chained to (``paused``) has no result yet.
-    """
-    if not d.called or d.paused:
-        d.addTimeout(seconds, clock)
-
-
 def _mechanism_label(name: str) -> str:
     # A metrics label must not take any value a client sends.
     return name if name in REGISTRY else "other"
@@ -268,7 +257,7 @@ class Authenticator:
             admitted = throttle.admit(
                 attempt.client_ip, credentials.authc, password, self.in_flight.keys
             )
-            _deadline(admitted, self.auth.timeout, self.clock)
+            deadline(admitted, self.auth.timeout, self.clock)
 
             def store_answered(verdict: Admission | Throttled) -> Any:
                 if isinstance(verdict, Throttled):
@@ -319,7 +308,7 @@ class Authenticator:
 
     def _settled(self, d: defer.Deferred[Any]) -> None:
         """A record or forget: its failure marks the store down."""
-        _deadline(d, self.auth.timeout, self.clock)
+        deadline(d, self.auth.timeout, self.clock)
         d.addErrback(self._store_failed)
 
     def _bug(self, f: Failure, attempt: Attempt) -> Outcome:
@@ -372,7 +361,7 @@ class Authenticator:
             IMessageDelivery,
         )
         # One deadline for every checker, whatever its kind.
-        _deadline(d, self.auth.timeout, self.clock)
+        deadline(d, self.auth.timeout, self.clock)
         # Answers that arrive together (one timer tick, one reply from a
         # backend for many) go on a slice at a time.
         d.addBoth(self.slicer.hop)

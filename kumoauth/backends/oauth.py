@@ -94,6 +94,8 @@ from kumoauth.tls.trust import trust_root
 SUPPORTED_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
+#: the same, for membership tests of values that may not be hashable
+_ALG_NAMES = tuple(sorted(SUPPORTED_ALGORITHMS))
 
 #: Longest token looked at; a longer one is refused before any parsing.
 MAX_TOKEN = 16 * 1024
@@ -399,16 +401,19 @@ class _KeySet:
             and k.get("kty") in _KEY_TYPES
             and k.get("use", "sig") == "sig"
             and isinstance(k.get("kid", ""), str)
-            and isinstance(k.get("alg", ""), str)
+            # no "alg": PyJWT derives it; any other than ours (a list, "none")
+            and (k.get("alg") is None or k.get("alg") in _ALG_NAMES)
         ]
         # One key at a time: PyJWKSet skips a key PyJWT refuses, but lets
-        # anything else it raises (a TypeError for an "alg" that is a list)
-        # end the whole set, and with it the IdP's answer, in a traceback.
+        # anything else it raises (a TypeError for an "alg" that is a list,
+        # NotImplementedError for "none") end the whole set, and with it
+        # the IdP's answer, in a traceback.  The JWKS is the IdP's text:
+        # whatever one key makes PyJWT raise, the others stay usable.
         keys: list[jwt.PyJWK] = []
         for k in usable:
             try:
                 keys.append(jwt.PyJWK(k))
-            except (jwt.PyJWTError, TypeError, ValueError, KeyError, AttributeError):
+            except Exception:  # noqa: S112  (the IdP's text: the other keys stay usable)
                 continue
         self.keys = [k for k in keys if k.algorithm_name in SUPPORTED_ALGORITHMS]
         if not self.keys:
@@ -539,6 +544,9 @@ class _RemoteKeys:
         self.waiters: list[defer.Deferred[None]] = []
         #: fetches made (for the tests and the metrics)
         self.fetches = 0
+        #: replaced by a reload to another key source: a fetch still under
+        #: way no longer speaks for the IdP's state (the log lines)
+        self.retired = False
 
     def start(self) -> defer.Deferred[None]:
         """
@@ -601,13 +609,14 @@ class _RemoteKeys:
                 raise BackendError(f"JWKS {self.where}: {e}") from None
         except BackendError as e:
             self.last_failed = str(e)
-            if e.outage:
+            if e.outage and not self.retired:
                 self.health.failed(str(e))
             raise
         self.keys = keys
         self.expires = self.clock.seconds() + _max_age(headers)
         self.last_failed = None
-        self.health.succeeded()
+        if not self.retired:
+            self.health.succeeded()
 
     def _may_fetch(self, now: float, unknown_kid: bool = False) -> bool:
         """
@@ -887,6 +896,8 @@ class _Setup:
         ]
         if kept is not None:
             kept.adopt(config, self.client)
+        elif previous is not None and isinstance(previous.keys, _RemoteKeys):
+            previous.keys.retired = True
 
 
 class TokenValidator:

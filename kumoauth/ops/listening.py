@@ -22,6 +22,7 @@ from zope.interface import provider
 from kumoauth.ops.logfile import log_is_stderr
 from kumoauth.ops.proxyheader import ProxyHeaderFactory
 from kumoauth.ops.transport import eager
+from kumoauth.ops.worklog import WORKER_LINE
 from kumoauth.smtp.protocol import SubmissionFactory, wrap_listener
 
 log = Logger(namespace="kumoauth")
@@ -191,13 +192,17 @@ class QuietSite(Site):
 def open_json_log(path: Path) -> Any:
     """
     Add an observer that writes kumoauth's own events (namespaces
-    ``kumoauth``, ``kumoauth.auth``, ``kumoauth.smtp``) as JSON lines.
+    ``kumoauth``, ``kumoauth.auth``, ``kumoauth.smtp``) as JSON lines;
+    in a supervisor, not the lines it relays from its workers (each wrote
+    its own, with their fields).
     """
     stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
     json_observer = jsonFileLogObserver(stream)
 
     @provider(ILogObserver)
     def kumoauth_only(event: dict[str, Any]) -> None:
+        if event.get(WORKER_LINE):
+            return
         namespace = event.get("log_namespace") or ""
         if namespace == "kumoauth" or namespace.startswith("kumoauth."):
             json_observer(event)

@@ -72,6 +72,9 @@ class KumoauthService(ApplicationLog, service.MultiService):
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        #: what this process started with: a setting that needs a restart
+        #: is reported against it (a change reverted is no change)
+        self.boot_cfg = cfg
         self.runtime = runtime
         self.process = runtime.process
         self.writer = writer
@@ -80,6 +83,8 @@ class KumoauthService(ApplicationLog, service.MultiService):
         self.override = override
         self._json_log: Any = None
         self._reloads = Serial()
+        #: SIGTERM came: a reload is no longer applied
+        self._stopping = False
 
     @property
     def listeners(self) -> list[ListenerService]:
@@ -138,6 +143,8 @@ class KumoauthService(ApplicationLog, service.MultiService):
             return cfg, build_tls(cfg), build_policy(cfg), relay_settings(cfg)
 
         def apply(prepared: tuple[Config, Any, Any, Any]) -> bool:
+            if self._stopping:
+                return ignored()
             cfg, tls, policy, relay = prepared
             runtime = build_runtime(
                 cfg,
@@ -164,7 +171,15 @@ class KumoauthService(ApplicationLog, service.MultiService):
             self.process.metrics.reloads.labels("failure").inc()
             return False
 
+        def ignored() -> bool:
+            # Stopping: a checker started now would never be stopped, the
+            # one being stopped would be stopped twice.
+            log.info("reload not applied: the server is stopping")
+            return False
+
         def run(_: object) -> defer.Deferred[bool]:
+            if self._stopping:
+                return defer.succeed(ignored())
             d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), prepare)
             return d.addCallback(apply).addErrback(failed)
 
@@ -254,18 +269,20 @@ class KumoauthService(ApplicationLog, service.MultiService):
                     endpoint=li.endpoint,
                     tls=li.tls,
                 )
-        if cfg.spool.path != self.cfg.spool.path:
+        boot = self.boot_cfg
+        if cfg.spool.path != boot.spool.path:
             log.warn("[spool] path changed: it needs a restart")
-        if cfg.auth.threads != self.cfg.auth.threads:
+        if cfg.auth.threads != boot.auth.threads:
             log.warn("[auth] threads changed: it needs a restart")
-        if cfg.metrics != self.cfg.metrics:
+        if cfg.metrics != boot.metrics:
             log.warn("[metrics] changed: it needs a restart")
-        if cfg.log != self.cfg.log:
+        if cfg.log != boot.log:
             log.warn("[log] changed: it needs a restart")
 
     # --- stop --------------------------------------------------------------
 
     def stopService(self) -> defer.Deferred[Any]:
+        self._stopping = True
         d = defer.gatherResults([defer.maybeDeferred(s.stop_listening) for s in self.listeners])
         sessions, grace = self.process.sessions, self.runtime.server.shutdown_grace
         # The relay takes no new message from now on; those being sent get

@@ -65,7 +65,7 @@ from twisted.cred import strcred
 from twisted.internet import defer, endpoints, protocol, threads
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 
 from kumoauth.config import Config, ConfigError, ListenerConfig, parse, read_text
 from kumoauth.ops import proxyheader
@@ -85,6 +85,7 @@ from kumoauth.ops.listening import (
     bind,
     fail_start,
     install_signals,
+    open_json_log,
 )
 from kumoauth.ops.logfile import ApplicationLog
 from kumoauth.ops.threads import Serial
@@ -350,7 +351,28 @@ class SupervisorTop(ApplicationLog, service.MultiService):
     What twistd gets with ``workers > 1``: the supervisor, the queue and the
     metrics listener, and (ApplicationLog) twistd's log observer, which
     writes the workers' lines too.
+
+    With ``[log] json_path`` the supervisor's own events (reloads, workers
+    that died, the queue and the relay) go there too, as a single process's
+    do; the workers write theirs themselves.
     """
+
+    json_path: Path | None = None
+    _json_log: Any = None
+
+    def startService(self) -> None:
+        if self.json_path is not None:
+            self._json_log = open_json_log(self.json_path)
+        super().startService()
+
+    def stopService(self) -> defer.Deferred[Any]:
+        def remove(result: object) -> object:
+            if self._json_log is not None:
+                globalLogPublisher.removeObserver(self._json_log)
+                self._json_log = None
+            return result
+
+        return defer.maybeDeferred(super().stopService).addBoth(remove)
 
 
 class Supervisor(service.Service):
@@ -631,6 +653,7 @@ def make_supervisor(
         queue.close()
         raise
     top = SupervisorTop()
+    top.json_path = cfg.log.json_path
     supervisor = Supervisor(
         cfg, reactor, auth_args, text=text, owner=owner, checkers=checkers, spool=queue
     )
@@ -769,9 +792,16 @@ def worker_main(argv: list[str] | None = None) -> None:
     for warning in warnings:
         log.warn("{warning}", warning=warning)
     checkers = [strcred.makeChecker(a) for a in start["auth"]] or None
-    top = make_service_from_config(
-        cfg, reactor, checkers, adopt=adopt, writer_id=metrics_id(args.index)
-    )
+    try:
+        top = make_service_from_config(
+            cfg, reactor, checkers, adopt=adopt, writer_id=metrics_id(args.index)
+        )
+    except OperatorError as e:
+        # The policy, certificate or key as they are on disk now (the
+        # supervisor validated them at its last reload): one line, not a
+        # traceback; the supervisor restarts us with its backoff.
+        log.critical("worker cannot start: {error}", error=str(e))
+        raise SystemExit(1) from None
     top.privilegedStartService()
     top.startService()
     for s in sockets:

@@ -35,6 +35,9 @@ FLUSH_EVERY = 0.05
 #: bytes that make a worker write at once
 FLUSH_AT = 64 * 1024
 
+#: marks an event that is a worker's line, republished by the supervisor
+WORKER_LINE = "kumoauth_worker_line"
+
 _QUIET = frozenset({LogLevel.debug, LogLevel.info})
 _STAMP = re.compile(rb"(\d{9,11}\.\d{6}) ")
 _ESCAPED = re.compile(r"\\(.)")
@@ -207,5 +210,7 @@ class LineReader:
                 "log_source": None,
                 "log_logger": self.logger,
                 "log_time": when,
+                # the worker wrote it to its own [log] json_path already
+                WORKER_LINE: True,
             }
         )

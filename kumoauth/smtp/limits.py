@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kumoauth.config import LimitsConfig
+from kumoauth.ops.deadline import deadline
 from kumoauth.ops.loglimit import LogLimiter, StateLog
 from kumoauth.stores import StoreUnavailable, fold_user
 from kumoauth.textsafe import escape
@@ -37,6 +38,11 @@ log = Logger(namespace="kumoauth")
 MESSAGES, RECIPIENTS = "messages", "recipients"
 
 R_STORE_DOWN = b"451 4.7.1 Cannot check sending limits now, try again later"
+
+
+def _silent(result: Any, seconds: float) -> Any:
+    # The caller's deadline passed: the store is down as far as it goes.
+    raise StoreUnavailable(f"no answer within {seconds:g} s")
 
 
 def counter_key(kind: str, user: str) -> str:
@@ -91,7 +97,7 @@ class SendingLimits:
         cfg = self.config
         d: defer.Deferred[Any] = self.store.add(counter_key(kind, user), 1, cfg.window, limit)
         if timeout is not None:
-            d.addTimeout(timeout, clock)
+            deadline(d, timeout, clock, _silent)
 
         def counted(result: tuple[bool, int, float]) -> bytes | None:
             self.state.succeeded()
@@ -106,11 +112,8 @@ class SendingLimits:
             if not f.check(StoreUnavailable, defer.TimeoutError):
                 log.failure("sending limits: unexpected error from the store", f)
             open_ = cfg.on_store_error == "open"
-            reason = f.getErrorMessage() or type(f.value).__name__
-            if f.check(defer.TimeoutError):
-                reason = f"no answer within {timeout:g} s"
             self.state.failed(
-                reason,
+                f.getErrorMessage() or type(f.value).__name__,
                 "mail goes on without sending limits (on_store_error = open)"
                 if open_
                 else "MAIL and RCPT get 451 (on_store_error = closed)",

@@ -25,6 +25,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kumoauth.ops.deadline import deadline
+from kumoauth.ops.threads import QueueFull
 from kumoauth.textsafe import escape
 
 log = Logger(namespace="kumoauth.auth")
@@ -85,35 +87,56 @@ class SenderGate:
         None when every address the message's Sender: (or else From:)
         header names is *authz*'s, else the reply.
         """
-        end = body.find(b"\r\n\r\n")
-        head = body[: end + 4] if end >= 0 else body + b"\r\n\r\n"
-        addresses = self._senders.header_addresses(head, smtputf8)
-        if not addresses:
-            return defer.succeed(None)
-        return defer.Deferred.fromCoroutine(self._decide(authz, addresses, conn_meta, "header"))
+        limit = self._senders.MAX_HEADER_BYTES
+        end = body.find(b"\r\n\r\n", 0, limit + 4)
+        if end >= 0:
+            head = body[: end + 4]
+        elif len(body) <= limit:
+            head = body + b"\r\n\r\n"
+        else:
+            head = body[: limit + 1]  # header_addresses says it is too large
+        # The stdlib's header parser is slow on crafted fields (tens of ms
+        # for a few KiB): never on the reactor thread.
+        parsed = self.binding.pool.call(self._senders.header_addresses, head, smtputf8)
+
+        def check(addresses: list[str] | None) -> Any:
+            if not addresses:
+                return None
+            return defer.Deferred.fromCoroutine(self._decide(authz, addresses, conn_meta, "header"))
+
+        def busy(f: Failure) -> bytes:
+            f.trap(QueueFull)
+            self.metrics.sender_binding.labels("header", "error").inc()
+            return R_LOOKUP_DOWN
+
+        return parsed.addCallbacks(check, busy)
 
     async def _decide(
         self, authz: str, addresses: list[str], conn_meta: Any, where: str
     ) -> bytes | None:
-        # One deadline for the store's answers: a store still silent then
-        # is down (one state line, 451 4.7.1), not a traceback per command.
-        deadline = self.clock.seconds() + self.timeout
+        # The store's answers share one deadline ([policy] timeout; the
+        # policy handler's time is its own): a store still silent then is
+        # down (one state line, 451 4.7.1), not a traceback per command.
+        waited = 0.0
         for address in addresses:
             decision = self.binding.shortcut(authz, address)
             if decision is None:
-                lookup = self.binding.lookup(authz, address)
-                lookup.addTimeout(max(0.0, deadline - self.clock.seconds()), self.clock)
+                asked = self.clock.seconds()
+                lookup = deadline(
+                    self.binding.lookup(authz, address),
+                    max(0.0, self.timeout - waited),
+                    self.clock,
+                    self._silent,
+                )
                 try:
                     decision = await lookup
-                except (self._senders.SenderLookupError, defer.TimeoutError) as e:
-                    if isinstance(e, defer.TimeoutError):
-                        why = f"{self.binding.source.kind}: no answer within {self.timeout:g} s"
-                    else:
-                        why = str(e)
+                except self._senders.SenderLookupError as e:
                     # One line when the store goes down, not one per command.
-                    self.binding.state.failed(why, self._consequence)
+                    self.binding.state.failed(str(e), self._consequence)
                     self.metrics.sender_binding.labels(where, "error").inc()
                     return R_LOOKUP_DOWN
+                finally:
+                    waited += self.clock.seconds() - asked
                 self.binding.state.succeeded()
             allowed = await self._policy(authz, address, decision.allowed, conn_meta)
             if not allowed:
@@ -128,6 +151,10 @@ class SenderGate:
                 return _refusal(b"553" if where == "envelope" else b"550", authz)
         self.metrics.sender_binding.labels(where, "allowed").inc()
         return None
+
+    def _silent(self, result: Any, seconds: float) -> Any:
+        kind = self.binding.source.kind
+        raise self._senders.SenderLookupError(f"{kind}: no answer within {self.timeout:g} s")
 
     async def _policy(self, authz: str, address: str, allowed: bool, conn_meta: Any) -> bool:
         handler = self.policy.handler("smtp_server_sender_binding") if self.policy else None

@@ -1,0 +1,269 @@
+"""
+The process lifecycle under traffic, against a real twistd: workers killed
+in the middle of sessions, the supervisor killed, SIGHUP while stopping,
+what a reload reports, and where the supervisor's own events are logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from twisted.logger import eventsFromJSONLogFile, formatEvent
+
+from tests.server import alive, children_of, make_certs, running_server
+from tests.test_e2e import POLICY, login, send, starttls_client
+from tests.test_workers import kill_worker, ready_count, wait_for, worker_pids
+
+pytestmark = pytest.mark.e2e
+
+KUMOAUTH = str(Path(sys.executable).with_name("kumoauth"))
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def queue_ids(srv) -> list[str]:
+    """The queue as ``kumoauth spool list --json`` shows it (ids, with repeats)."""
+    done = subprocess.run(
+        [KUMOAUTH, "spool", "--config", str(srv.config), "list", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return [json.loads(line)["id"] for line in done.stdout.splitlines()]
+
+
+def log_count(srv, marker: str) -> int:
+    return srv.log().count(marker)
+
+
+def wait_log(srv, marker: str, count: int = 1, timeout: float = 15) -> None:
+    wait_for(lambda: log_count(srv, marker) >= count, timeout=timeout)
+
+
+class Traffic:
+    """
+    Clients sending messages on the plaintext listener, each message's
+    data in two writes with a pause between them (so a kill often lands
+    in DATA), until stopped.  Collects the ids a 250 named.
+    """
+
+    def __init__(self, srv, clients: int = 4) -> None:
+        self.srv = srv
+        self.acked: list[str] = []
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.threads = [threading.Thread(target=self.client) for _ in range(clients)]
+
+    def client(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                with smtplib.SMTP("127.0.0.1", self.srv.plain_port, timeout=20) as s:
+                    s.ehlo("client.example")
+                    for _ in range(5):
+                        s.mail("a@example.com")
+                        s.rcpt("b@example.net")
+                        s.putcmd("data")
+                        if s.getreply()[0] != 354:
+                            break
+                        s.send(b"Subject: t\r\n\r\n" + b"x" * 500)
+                        time.sleep(0.01)
+                        s.send(b"\r\n.\r\n")
+                        code, reply = s.getreply()
+                        if code == 250:
+                            with self.lock:
+                                self.acked.append(reply.decode().rsplit(" ", 1)[-1])
+            except (OSError, smtplib.SMTPException):
+                time.sleep(0.05)  # killed under us: a new connection
+
+    def __enter__(self) -> Traffic:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        for t in self.threads:
+            t.join(60)
+
+    def wait_for_more(self, n: int = 20) -> None:
+        start = len(self.acked)
+        wait_for(lambda: len(self.acked) >= start + n, timeout=30)
+
+
+def test_workers_killed_under_traffic_lose_nothing_acknowledged(tmp_path, certs):
+    with running_server(
+        tmp_path / "srv", certs, POLICY, server="workers = 2\nshutdown_grace = 5"
+    ) as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+        with Traffic(srv) as traffic:
+            traffic.wait_for_more()
+            kill_worker(srv, 0)
+            traffic.wait_for_more()
+            kill_worker(srv, 1)
+            traffic.wait_for_more()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(20) == 0
+        ids = queue_ids(srv)
+        # Every 250 is in the queue, once; nothing else is.
+        assert len(ids) == len(set(ids))
+        assert len(traffic.acked) == len(set(traffic.acked))
+        assert set(ids) == set(traffic.acked)
+        # One line per death, no storm.
+        log = srv.log()
+        assert log.count(" died: ") == 2, log
+        assert "Traceback" not in log
+
+
+def test_a_killed_supervisor_takes_its_workers_along(tmp_path, certs):
+    with running_server(
+        tmp_path / "srv", certs, POLICY, server="workers = 2\nshutdown_grace = 5"
+    ) as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+        workers = children_of(srv.proc.pid)
+        assert len(workers) == 2
+        s = starttls_client(srv)
+        assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+        s.mail("scott@example.com")
+        s.rcpt("b@example.net")
+        s.putcmd("data")
+        assert s.getreply()[0] == 354
+        s.send(b"Subject: orphan\r\n\r\nfirst half\r\n")
+        srv.kill()
+        # The worker drains as on SIGTERM: the message in DATA is accepted.
+        s.send(b"second half\r\n.\r\n")
+        code, reply = s.getreply()
+        assert code == 250, reply
+        assert s.getreply()[0] == 421
+        mid = reply.decode().rsplit(" ", 1)[-1]
+        wait_for(lambda: not any(alive(pid) for pid in workers))
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", srv.plain_port), timeout=2)
+        assert queue_ids(srv) == [mid]
+
+
+def test_sighup_while_draining_is_not_applied(tmp_path, certs):
+    journal = tmp_path / "journal"
+    table = f'[auth.journal_checker]\njournal = "{journal}"\nusers = {{ scott = "tiger" }}\n'
+    auth = 'checker = "tests.checkers:journal_checker"'
+    with running_server(
+        tmp_path / "srv", certs, POLICY, auth=auth, extra=table, server="shutdown_grace = 10"
+    ) as srv:
+        s = starttls_client(srv)
+        assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+        s.mail("scott@example.com")
+        s.rcpt("b@example.net")
+        s.putcmd("data")
+        assert s.getreply()[0] == 354
+        s.send(b"Subject: late\r\n\r\nfirst half\r\n")
+        # The next generation has no checker: a reload would stop this one.
+        srv.config.write_text(srv.config.read_text().replace(auth, "").replace(table, ""))
+        srv.proc.send_signal(signal.SIGTERM)
+        wait_log(srv, "stopping: 1 sessions")
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload" in srv.log().split("stopping: 1 sessions", 1)[1])
+        s.send(b"second half\r\n.\r\n")
+        code, reply = s.getreply()
+        assert code == 250, reply
+        assert srv.proc.wait(20) == 0
+        assert "reload not applied: the server is stopping" in srv.log()
+        assert "reloaded configuration" not in srv.log()
+        # Started once, stopped once.
+        assert journal.read_text().splitlines() == ["start", "stop"]
+
+
+def test_what_needs_a_restart_is_reported_against_the_start_up_value(tmp_path, certs):
+    with running_server(tmp_path / "srv", certs, POLICY) as srv:
+        original = srv.config.read_text()
+        warning = "[spool] path changed: it needs a restart"
+        srv.config.write_text(original.replace('path = "spool"', 'path = "elsewhere"'))
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_log(srv, "reloaded configuration")
+        assert log_count(srv, warning) == 1
+        # Still not what runs: said again.
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_log(srv, "reloaded configuration", 2)
+        assert log_count(srv, warning) == 2
+        # Back to what runs: nothing to say.
+        srv.config.write_text(original)
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_log(srv, "reloaded configuration", 3)
+        assert log_count(srv, warning) == 2
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+            mid = send(s)
+        assert queue_ids(srv) == [mid]
+
+
+def test_the_supervisors_events_reach_the_json_log(tmp_path, certs):
+    events_path = tmp_path / "events.jsonl"
+    with running_server(
+        tmp_path / "srv",
+        certs,
+        POLICY,
+        server="workers = 2\nshutdown_grace = 5",
+        extra=f'[log]\njson_path = "{events_path}"',
+    ) as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+            send(s)
+        policy = srv.directory / "policy.py"
+        good = policy.read_text()
+        policy.write_text("def broken(:\n")
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_log(srv, "reload failed, configuration unchanged")
+        policy.write_text(good)
+        kill_worker(srv, 0)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(20) == 0
+    with open(events_path, encoding="utf-8") as f:
+        texts = [formatEvent(e) for e in eventsFromJSONLogFile(f)]
+    # The supervisor's: the failed reload (which no counter shows) and the
+    # worker that died.
+    failed = [t for t in texts if t.startswith("reload failed, configuration unchanged")]
+    assert len(failed) == 1 and "policy.py:1: syntax error" in failed[0], texts
+    assert sum(" died: " in t for t in texts) == 1, texts
+    # A worker's event once (its own, with its fields), not again as the
+    # supervisor's copy of its line.
+    assert sum(t.startswith("AUTH PLAIN success") for t in texts) == 1, texts
+    assert not any(t.startswith("[worker") for t in texts), texts
+
+
+def test_a_worker_that_cannot_start_says_why_in_one_line(tmp_path, certs):
+    with running_server(
+        tmp_path / "srv", certs, POLICY, server="workers = 2\nshutdown_grace = 5"
+    ) as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+        # The policy is being edited (no SIGHUP yet) when a worker dies: its
+        # successor cannot import it.
+        policy = srv.directory / "policy.py"
+        good = policy.read_text()
+        policy.write_text("def broken(:\n")
+        pid = worker_pids(srv)[0]
+        os.kill(pid, signal.SIGKILL)
+        wait_log(srv, "worker cannot start")
+        lines = [line for line in srv.log().splitlines() if "worker cannot start" in line]
+        assert "policy.py:1: syntax error" in lines[0]
+        assert "Traceback" not in srv.log()
+        # The other worker serves meanwhile.
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+        # The edit finished: the next restart serves again.
+        policy.write_text(good)
+        wait_for(lambda: ready_count(srv) == 3, timeout=30)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(20) == 0
