@@ -150,12 +150,14 @@ class ListenerService(service.Service):
 
 def install_signals(reactor: Any, on_hup: Callable[[], object]) -> None:
     """
-    SIGHUP calls *on_hup*, from now on: the listeners are bound before the
-    reactor runs, and a SIGHUP in that moment must not kill the process
-    (its default action).  Once the reactor runs (after Twisted has
-    installed its own handlers), SIGTERM stops the reactor like Twisted's
-    handler, but without making the process end "killed by SIGTERM" — a
-    drained, orderly stop is a success, exit status 0.
+    SIGHUP calls *on_hup* and SIGTERM stops the reactor, from now on: the
+    listeners are bound before the reactor runs, and a signal in that
+    moment must not kill the process (their default action); a SIGTERM
+    then stops the server as soon as it runs.  Once the reactor runs
+    (after Twisted has installed its own handlers) they are installed
+    again: SIGTERM stops the reactor like Twisted's handler, but without
+    making the process end "killed by SIGTERM" — a drained, orderly stop
+    is a success, exit status 0.
     """
 
     def on_sighup(signum: int, frame: Any) -> None:
@@ -170,6 +172,7 @@ def install_signals(reactor: Any, on_hup: Callable[[], object]) -> None:
         reactor.callFromThread(stop)
 
     signal.signal(signal.SIGHUP, on_sighup)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
     def install() -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
