@@ -52,7 +52,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kumoauth.auth.senders import MAX_FIELD_CHARS
+from kumoauth.auth.senders import MAX_FIELD_CHARS, header_addresses
 from kumoauth.storage.spool import Spool
 from tests import slapd
 from tests.server import Server, free_port, make_certs, running_server
@@ -706,6 +706,10 @@ def test_a_slow_to_parse_from_header_does_not_stall_other_sessions(map_bound):
     field = '"a".' * 2000 + "scott@example.com"
     assert len(field) < MAX_FIELD_CHARS
     body = message("From: " + field)
+    # what the parse costs on this machine now (a loaded one is slower at both)
+    started = time.monotonic()
+    header_addresses(f"From: {field}\r\n\r\n".encode(), False)
+    parse = time.monotonic() - started
     latencies: list[float] = []
     codes: list[int] = []
     with session(map_bound) as other, session(map_bound) as s:
@@ -726,7 +730,8 @@ def test_a_slow_to_parse_from_header_does_not_stall_other_sessions(map_bound):
         sender.join(60)
     # "a".….scott@example.com is not scott's address: refused, after parsing
     assert codes == [550, 550, 550], codes
-    assert latencies and max(latencies) < 0.15, sorted(latencies)[-5:]
+    # on the reactor thread a NOOP would wait a whole parse
+    assert latencies and max(latencies) < max(0.15, parse / 2), (parse, sorted(latencies)[-5:])
 
 
 # --------------------------------------------------------------------------

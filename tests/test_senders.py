@@ -1100,6 +1100,96 @@ def test_http_source_down(reactor, pool):
         in_reactor(b.stop)
 
 
+class BusyPool(InlinePool):
+    """Runs everything at once but the header's parse: every thread busy."""
+
+    def call(self, fn: Any, *args: Any) -> defer.Deferred[Any]:
+        if fn is header_addresses:
+            return defer.Deferred()
+        return super().call(fn, *args)
+
+
+def _data(s: Any, head: str) -> str:
+    assert s.command("MAIL FROM:<alice@example.com>").startswith("250 ")
+    assert s.command("RCPT TO:<r@example.net>").startswith("250 ")
+    assert s.command("DATA").startswith("354 ")
+    return str(s.send(head + "\r\n\r\nhi\r\n.\r\n"))
+
+
+def test_a_header_parse_without_a_free_thread_is_451_and_one_line(tmp_path, captured_log):
+    # The parse waits for a checker thread (the checks hold them all): at
+    # most as long as a lookup, then 451 4.7.1 and one state line, not a
+    # traceback per message when the session's own wait ends.
+    path = tmp_path / "map"
+    path.write_text(MAP)
+    binding = SenderBinding(
+        SenderBindingConfig(source="map", map=path), {}, task.Clock(), BusyPool()
+    )
+    s = gate_session(binding, tmp_path / "spool", 5.0)
+    for _ in range(3):
+        assert _data(s, "From: alice@example.com") == ""
+        s.clock.advance(5)
+        assert s.output().startswith("451 4.7.1 Cannot verify the sender address now")
+    lines = [formatEvent(e) for e in captured_log.namespace("kumoauth.auth")]
+    assert [ln for ln in lines if "sender binding" in ln and "available" in ln] == [
+        "sender binding header check unavailable: no checker thread free within 5 s; "
+        "the end of DATA gets 451 4.7.1"
+    ]
+    assert "Traceback" not in captured_log.text()
+
+
+def test_a_silent_sender_binding_handler_is_one_line_per_message(tmp_path, captured_log):
+    # The policy's smtp_server_sender_binding never answers: its timeout is
+    # the policy's problem, one error line like any handler's, 451 4.3.0.
+    path = tmp_path / "map"
+    path.write_text(MAP)
+    binding = map_binding(path)
+    s = gate_session(binding, tmp_path / "spool", 5.0)
+    s.runtime.policy.on(
+        "smtp_server_sender_binding", lambda authz, sender, allowed, meta: defer.Deferred()
+    )
+    assert s.command("MAIL FROM:<alice@example.com>") == ""
+    s.clock.advance(5)
+    assert s.output().startswith("451 4.3.0")
+    text = captured_log.text()
+    assert "policy handler smtp_server_sender_binding did not answer within 5s" in text
+    assert "Traceback" not in text
+
+
+def test_no_decision_within_the_sessions_wait_is_451_and_a_state_line(tmp_path, captured_log):
+    # Each step is within [policy] timeout (30 s) but the whole decision is
+    # not (two From: addresses, the policy's say 21 s each): when the
+    # session's own wait (31 s) ends, 451 4.7.1 and one state line, not a
+    # traceback.
+    path = tmp_path / "map"
+    path.write_text(MAP)
+    s = gate_session(map_binding(path), tmp_path / "spool", 30.0)
+    assert s.runtime.policy_timeout == 30.0
+
+    def slow(authz: str, sender: str, allowed: bool, meta: Any) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        s.clock.callLater(21, d.callback, None)
+        return d
+
+    s.runtime.policy.on("smtp_server_sender_binding", slow)
+    assert s.command("MAIL FROM:<alice@example.com>") == ""
+    s.clock.advance(21)
+    assert s.output().startswith("250 ")
+    assert s.command("RCPT TO:<r@example.net>").startswith("250 ")
+    assert s.command("DATA").startswith("354 ")
+    assert s.send("From: alice@example.com, sales@example.com\r\n\r\nhi\r\n.\r\n") == ""
+    s.clock.advance(21)
+    assert s.output() == ""
+    s.clock.advance(10)
+    assert s.output().startswith("451 4.7.1 Cannot verify the sender address now")
+    text = captured_log.text()
+    assert (
+        "sender binding store unavailable: no decision within 31 s; "
+        "MAIL FROM and the end of DATA get 451 4.7.1"
+    ) in text
+    assert "Traceback" not in text
+
+
 class SilentAPI(Resource):
     """An auth API that takes every request and never answers."""
 

@@ -387,7 +387,8 @@ class SenderMap:
 
 def _variant_key(address: str) -> str:
     """
-    *address* (normalized) with its local part case-folded and in NFKC:
+    *address* (normalized) with its local part lower-cased and in NFKC
+    (``lower``, not ``casefold``: ``straße`` and ``strasse`` stay two):
     the form in which mail systems commonly take two local parts for one
     mailbox (``CEO`` is ``ceo``; ``ｃeo`` is ``ceo`` to the eye).
     """
@@ -951,6 +952,10 @@ class SenderBinding:
         #: lookup to it); lives as long as the engine, which a reload keeps
         #: while the settings are unchanged
         self.state = StateLog("sender binding store", log)
+        #: the header's parse waiting for a thread (the checks hold them):
+        #: a state of its own, so the store's lookups succeeding meanwhile
+        #: do not make it one line per message
+        self.parse_state = StateLog("sender binding header check", log)
 
     def __repr__(self) -> str:
         return f"<SenderBinding {self.source.describe()}>"

@@ -727,13 +727,17 @@ class SubmissionProtocol(Protocol):
         if gate is None or authz is None:
             bound()
             return
-        self._through_gate(gate.envelope(authz, path.address, self.conn_meta), bound)
+        self._through_gate(gate.envelope(authz, path.address, self.conn_meta), bound, "envelope")
 
-    def _through_gate(self, d: defer.Deferred[bytes | None], then: Callable[[], None]) -> None:
+    def _through_gate(
+        self, d: defer.Deferred[bytes | None], then: Callable[[], None], where: str
+    ) -> None:
         """
         Wait for a sender-binding decision: None goes on with *then*, a
-        reply is sent instead; a policy Reject is its reply; a bug is 451.
+        reply is sent instead; a policy Reject is its reply; no decision in
+        time is the gate's 451 4.7.1 (a state line); a bug is 451 4.3.0.
         """
+        timeout = self.rt.policy_timeout + STORE_WAIT_GRACE
 
         def decided(reply: bytes | None) -> None:
             if reply is None:
@@ -745,10 +749,12 @@ class SubmissionProtocol(Protocol):
             if f.check(Reject):
                 reject: Reject = f.value  # type: ignore[assignment]
                 self._send(reject.reply)
+            elif f.check(defer.TimeoutError):
+                self._send(self.rt.sender_gate.undecided(timeout, where))
             else:
                 self._send(failed_reply(f))
 
-        self._wait(d, decided, failed, timeout=self.rt.policy_timeout + STORE_WAIT_GRACE)
+        self._wait(d, decided, failed, timeout=timeout)
 
     def smtp_RCPT(self, arg: bytes) -> None:
         if self._mail_from is None:
@@ -900,7 +906,7 @@ class SubmissionProtocol(Protocol):
             received()
             return
         # From:/Sender: must be the user's too: nothing stored otherwise.
-        self._through_gate(gate.headers(authz, body, smtputf8, self.conn_meta), received)
+        self._through_gate(gate.headers(authz, body, smtputf8, self.conn_meta), received, "header")
 
     def _received_header(self, mid: str, smtputf8: bool) -> bytes:
         """

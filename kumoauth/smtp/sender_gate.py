@@ -96,20 +96,45 @@ class SenderGate:
         else:
             head = body[: limit + 1]  # header_addresses says it is too large
         # The stdlib's header parser is slow on crafted fields (tens of ms
-        # for a few KiB): never on the reactor thread.
-        parsed = self.binding.pool.call(self._senders.header_addresses, head, smtputf8)
+        # for a few KiB): never on the reactor thread.  In the checker
+        # threads, behind the checks: a wait as long as a lookup's at most.
+        parsed = deadline(
+            self.binding.pool.call(self._senders.header_addresses, head, smtputf8),
+            self.timeout,
+            self.clock,
+            self._no_thread,
+        )
 
         def check(addresses: list[str] | None) -> Any:
+            self.binding.parse_state.succeeded()
             if not addresses:
                 return None
             return defer.Deferred.fromCoroutine(self._decide(authz, addresses, conn_meta, "header"))
 
         def busy(f: Failure) -> bytes:
-            f.trap(QueueFull)
+            f.trap(QueueFull, self._senders.SenderLookupError)
+            self.binding.parse_state.failed(f.getErrorMessage(), "the end of DATA gets 451 4.7.1")
             self.metrics.sender_binding.labels("header", "error").inc()
             return R_LOOKUP_DOWN
 
         return parsed.addCallbacks(check, busy)
+
+    def undecided(self, seconds: float, where: str) -> bytes:
+        """
+        The reply when the whole decision (lookups, the policy's say, the
+        header's parse) took longer than the session waits: as a store
+        outage, one state line, not a traceback per message.
+        """
+        return self._cannot_verify(f"no decision within {seconds:g} s", where)
+
+    def _cannot_verify(self, reason: str, where: str) -> bytes:
+        # One line when this starts, one when a lookup succeeds again.
+        self.binding.state.failed(reason, self._consequence)
+        self.metrics.sender_binding.labels(where, "error").inc()
+        return R_LOOKUP_DOWN
+
+    def _no_thread(self, result: Any, seconds: float) -> Any:
+        raise self._senders.SenderLookupError(f"no checker thread free within {seconds:g} s")
 
     async def _decide(
         self, authz: str, addresses: list[str], conn_meta: Any, where: str
@@ -132,9 +157,7 @@ class SenderGate:
                     decision = await lookup
                 except self._senders.SenderLookupError as e:
                     # One line when the store goes down, not one per command.
-                    self.binding.state.failed(str(e), self._consequence)
-                    self.metrics.sender_binding.labels(where, "error").inc()
-                    return R_LOOKUP_DOWN
+                    return self._cannot_verify(str(e), where)
                 finally:
                     waited += self.clock.seconds() - asked
                 self.binding.state.succeeded()
@@ -162,8 +185,7 @@ class SenderGate:
             return allowed
         result = self.invoke(handler, authz, address, allowed, conn_meta)
         if isinstance(result, defer.Deferred):
-            result.addTimeout(self.timeout, self.clock)
-            result = await result
+            result = await deadline(result, self.timeout, self.clock, _handler_late)
         if result is None:
             return allowed
         if not isinstance(result, bool):
@@ -173,9 +195,26 @@ class SenderGate:
         return result
 
 
+class HandlerTimeout(Exception):
+    """
+    ``smtp_server_sender_binding`` did not answer within ``[policy]
+    timeout``: the policy's problem, told in one line like any handler's.
+    """
+
+
+def _handler_late(result: Any, seconds: float) -> Any:
+    raise HandlerTimeout(
+        f"policy handler smtp_server_sender_binding did not answer within {seconds:g}s"
+    )
+
+
 def failed_reply(f: Failure) -> bytes:
     """
-    A bug in the gate (or the policy handler failing): logged, 451.
+    A bug in the gate (or the policy handler failing or silent): logged,
+    451.
     """
-    log.failure("sender binding failed", f)
+    if f.check(HandlerTimeout):
+        log.error("{error}", error=str(f.value))
+    else:
+        log.failure("sender binding failed", f)
     return b"451 4.3.0 Internal error, try again later"
