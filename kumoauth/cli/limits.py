@@ -5,14 +5,15 @@
     kumoauth limits --config FILE reset USER
 
 ``show`` prints, per kind (messages, recipients), what USER (the authn_id
-they log in with, any case) has used of the limit in the current window
+they log in with, any case or SASLprep spelling) has used of the limit in the current window
 and when the window ends; ``reset`` ends the windows now, on every
 instance sharing the store — for a user whose limit was reached by mail
 they really meant to send, once you are sure the account is not abused.
 
 With the memory store the counters live inside each server process and
 this command says so (exit status 1).  Exit status: 0 done; 1 an
-operator's mistake or the memory store; 2 the store could not be reached.
+operator's mistake or the memory store; 2 the store could not be reached,
+and also a command line argparse refuses; 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -43,11 +44,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _act(args: argparse.Namespace, cfg: Any, store: Any) -> int:
+    from kumoauth.cli.storecmd import fail
+    from kumoauth.cli.throttle import user_name
     from kumoauth.smtp.limits import MESSAGES, RECIPIENTS, counter_key
     from kumoauth.textsafe import escape
 
     limits = cfg.limits
-    user = args.user
+    try:
+        user = user_name(args.user)
+    except ValueError as e:
+        return fail(str(e), 1)
     kinds = {
         MESSAGES: limits.max_messages_per_user,
         RECIPIENTS: limits.max_recipients_per_user,
@@ -64,7 +70,7 @@ async def _act(args: argparse.Namespace, cfg: Any, store: Any) -> int:
         count, reset_in = await store.get(counter_key(kind, user))
         report[kind] = {"used": count, "limit": limit, "resets_in": round(reset_in)}
     if args.json:
-        print(json.dumps(report, ensure_ascii=False))
+        print(json.dumps(report))  # ASCII: nothing from the user raw to a terminal
         return 0
     print(f"user {escape(user)}, window {int(limits.window)}s")
     for kind in kinds:

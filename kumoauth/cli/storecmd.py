@@ -14,9 +14,9 @@ from typing import Any
 EXIT_STORE_DOWN = 2
 
 MEMORY_EXPLAINED = (
-    '[auth.throttle] store = "memory": the counters live inside each server process, '
+    '{table} store = "memory": the counters live inside each server process, '
     "where this command cannot reach them; they clear on their own after "
-    "[auth.throttle] window, or on a restart (a shared store, redis://, makes them "
+    "{table} window, or on a restart (a shared store, redis://, makes them "
     "visible here)"
 )
 
@@ -51,7 +51,7 @@ def run_on_store(
     if spec is None:
         return fail(f"{cfg.source} has no {table} table", 1)
     if spec == "memory":
-        return fail(MEMORY_EXPLAINED.replace("[auth.throttle]", table, 1), 1)
+        return fail(MEMORY_EXPLAINED.format(table=table), 1)
 
     async def on_store(reactor: Any) -> int:
         try:

@@ -9,7 +9,8 @@ name with failures in the window of ``[auth.throttle]``: the distinct
 failures, whether the limit is reached (``locked``), and when the entry
 expires.  ``clear`` forgets one: KEY is an IP address (an IPv6 address
 clears its whole prefix), an IPv6 network (``2001:db8:1:2::/64``) or a
-user name; ``ip:…`` and ``user:…`` force the kind.  It works on a shared
+user name (prepared and folded as the server does: any case, any
+SASLprep spelling); ``ip:…`` and ``user:…`` force the kind.  It works on a shared
 store (Redis), so it unlocks the user on every instance at once.
 
 The memory store lives inside each server process: there is nothing this
@@ -17,7 +18,8 @@ command could read, and it says so (exit status 1) — restarting the
 server, or waiting for the window, clears it.
 
 Exit status: 0 done; 1 an operator's mistake or the memory store; 2 the
-store could not be reached.
+store could not be reached, and also a command line argparse refuses;
+130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def key_for(text: str, ipv6_prefix: int) -> str:
         name = text[5:]
         if not name:
             raise ValueError("empty user name")
-        return authc_key(name)
+        return authc_key(user_name(name))
     forced = text.startswith("ip:")
     value = text[3:] if forced else text
     if not value:
@@ -65,8 +67,29 @@ def key_for(text: str, ipv6_prefix: int) -> str:
     except ValueError:
         if forced:
             raise ValueError(f"not an IP address or network: {value!r}") from None
-        return authc_key(value)
+        return authc_key(user_name(value))
     return "ip:" + str(network)
+
+
+def user_name(text: str) -> str:
+    """
+    *text* prepared as the server prepares an authcid from the wire
+    (SASLprep: ``"\uff21lice"`` is ``"Alice"``) before it folds it into a
+    key, so that any spelling the server takes for one user names that
+    user's counters here too.  ``ValueError`` for a name no session could
+    use.
+    """
+    from kumoauth.auth.sasl import SASLError, prepare_name
+
+    try:
+        name = prepare_name(text, "authcid")
+    except SASLError:
+        raise ValueError(
+            f"not a user name a client can log in with (SASLprep refuses it): {text!r}"
+        ) from None
+    if not name:
+        raise ValueError(f"empty user name after SASLprep: {text!r}")
+    return name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +108,7 @@ async def _act(args: argparse.Namespace, cfg: Any, store: Any) -> int:
         except ValueError as e:
             return fail(str(e), 1)
         removed = await store.clear_failures(key)
-        print(f"{'cleared' if removed else 'nothing to clear for'} {key}")
+        print(f"{'cleared' if removed else 'nothing to clear for'} {_printable(key)}")
         return 0
     rows = []
     for kind, limit in (
@@ -105,12 +128,14 @@ async def _act(args: argparse.Namespace, cfg: Any, store: Any) -> int:
             )
     if args.json:
         for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
+            # ASCII: a C1 control (U+009B CSI) or a bidi override from the
+            # store reaches a terminal as \u escapes, not as itself.
+            print(json.dumps(row))
         return 0
     if not rows:
         print("no failures in the window")
         return 0
-    width = max(len(str(r["key"])) for r in rows)
+    width = max(len(_printable(r["key"])) for r in rows)
     print(f"{'KIND':6}  {'KEY':{width}}  FAILURES  LOCKED  EXPIRES IN")
     for r in rows:
         print(
@@ -123,4 +148,5 @@ async def _act(args: argparse.Namespace, cfg: Any, store: Any) -> int:
 def _printable(value: str) -> str:
     from kumoauth.textsafe import escape
 
-    return escape(value)
+    # Whole (no "…" cut): what is listed must be what ``clear`` takes.
+    return escape(value, len(value))

@@ -896,8 +896,7 @@ class RedisStore:
                 for i, key in enumerate(keys):
                     n, ttl = int(sizes[2 * i]), int(sizes[2 * i + 1])
                     if n > 0:
-                        name = key[len(start) :].decode("utf-8", "surrogatepass")
-                        out.append((name, n, max(0, ttl) / 1000))
+                        out.append((_key_name(key[len(start) :]), n, max(0, ttl) / 1000))
             if cursor in (b"0", 0, "0"):
                 return out
 
@@ -956,3 +955,15 @@ def from_spec(spec: str, clock: IReactorTime) -> RedisStore:
     line, never holding the password.  Connects on first use.
     """
     return RedisStore(parse_spec(spec), clock)
+
+
+def _key_name(raw: bytes) -> str:
+    """
+    A key's name as :meth:`RedisStore._key` wrote it (UTF-8, lone
+    surrogates passed); bytes another program wrote under our prefix that
+    are not UTF-8 come back as surrogate escapes, to be shown escaped.
+    """
+    try:
+        return raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "surrogateescape")
