@@ -20,6 +20,24 @@ settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile("ci" if __import__("os").environ.get("CI") else "dev")
 
 
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A CA and a server certificate for 127.0.0.1 (trustme), per test module."""
+    from tests.server import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[Any]:
+    """A redis-server of the module's own (tests/redis_server.py), on a free port."""
+    from tests.redis_server import require_redis, running_redis
+
+    require_redis()
+    with running_redis() as server:
+        yield server
+
+
 @pytest.fixture
 def spool_dir(tmp_path: Path) -> Path:
     return tmp_path / "spool"

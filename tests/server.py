@@ -293,3 +293,25 @@ def running_server(
     finally:
         if srv.proc is not None:
             srv.stop()
+
+
+@contextlib.contextmanager
+def passwd_file_server(
+    tmp_path: Path, users: str, check_interval: float, extra: str = ""
+) -> Iterator[Server]:
+    """
+    ``twistd kumoauth`` with ``checker = "passwd-file"`` over a file
+    holding *users* (``srv.directory / "users"``), then *extra* tables.
+    """
+    directory = tmp_path / "server"
+    directory.mkdir()
+    (directory / "users").write_text(users)
+    table = f'[auth.passwd-file]\npath = "users"\ncheck_interval = {check_interval}\n'
+    with running_server(
+        directory,
+        make_certs(tmp_path / "certs"),
+        None,
+        auth='checker = "passwd-file"',
+        extra=table + extra,
+    ) as srv:
+        yield srv

@@ -43,7 +43,7 @@ from kumoauth.ops.metrics import Metrics
 from kumoauth.testing import conn_meta, plain_b64
 from tests import dovecot_auth as lab
 from tests import postfix as pf
-from tests.server import make_certs, running_server
+from tests.server import passwd_file_server
 from tests.upstream import in_reactor, start_reactor
 
 PASSWORD = "c0rrect-Horse"
@@ -289,23 +289,13 @@ def test_end_to_end_with_the_cache_on(tmp_path):
     loopback addresses (alice may log in from 127.0.0.2 only), then the
     file changed while only cache hits come in.
     """
-    directory = tmp_path / "server"
-    directory.mkdir()
-    users = directory / "users"
-    users.write_text(
-        f"alice:{{PLAIN}}{PASSWORD}::::::allow_nets=127.0.0.2/32\nbob:{{PLAIN}}{PASSWORD}\n"
-    )
-    certs = make_certs(tmp_path / "certs")
-    with running_server(
-        directory,
-        certs,
-        None,
-        auth='checker = "passwd-file"',
-        extra=(
-            '[auth.passwd-file]\npath = "users"\ncheck_interval = 0.2\n'
-            "[auth.cache]\nttl = 300\nnegative_ttl = 30\n"
-        ),
+    with passwd_file_server(
+        tmp_path,
+        f"alice:{{PLAIN}}{PASSWORD}::::::allow_nets=127.0.0.2/32\nbob:{{PLAIN}}{PASSWORD}\n",
+        check_interval=0.2,
+        extra="[auth.cache]\nttl = 300\nnegative_ttl = 30\n",
     ) as srv:
+        users, certs = srv.directory / "users", srv.certs
 
         def login(user: str, password: str, source: str = "127.0.0.1") -> int:
             with smtplib.SMTP(

@@ -29,7 +29,7 @@ from kumoauth.backends import passwdfile
 from kumoauth.backends.base import DENIED, BackendError, StoreChecker
 from kumoauth.backends.passwdfile import PasswdFile, from_argstring, validate
 from kumoauth.meta import ConnMeta
-from tests.server import make_certs, running_server
+from tests.server import passwd_file_server
 from tests.test_schemes import (  # noqa: F401 - doveadm is a fixture
     PASSWORD,
     WRONG,
@@ -676,20 +676,12 @@ def test_from_argstring(tmp_path, monkeypatch):
 
 @pytest.mark.e2e
 def test_end_to_end_through_twistd(tmp_path, hashes):
-    directory = tmp_path / "server"
-    directory.mkdir()
-    users = directory / "users"
-    users.write_text(
-        f"alice:{hashes['dove-sha512-crypt']}\nbroken:{{MD5-CRYPT}}$1$abc${HASH_BODY}\n"
-    )
-    certs = make_certs(tmp_path / "certs")
-    with running_server(
-        directory,
-        certs,
-        None,
-        auth='checker = "passwd-file"',
-        extra='[auth.passwd-file]\npath = "users"\ncheck_interval = 0.1\n',
+    with passwd_file_server(
+        tmp_path,
+        f"alice:{hashes['dove-sha512-crypt']}\nbroken:{{MD5-CRYPT}}$1$abc${HASH_BODY}\n",
+        check_interval=0.1,
     ) as srv:
+        users, certs = srv.directory / "users", srv.certs
 
         def login(user: str, password: str) -> int:
             with smtplib.SMTP("127.0.0.1", srv.starttls_port, timeout=10) as s:

@@ -13,15 +13,10 @@ import sys
 import pytest
 
 from kumoauth.backends.schemes import hash_password
-from tests.server import make_certs, running_server
+from tests.server import running_server
 from tests.test_e2e import POLICY, login, send, spooled, starttls_client
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def test_help_auth_lists_every_store():

@@ -17,20 +17,13 @@ import pytest
 
 from kumoauth.cli.throttle import key_for
 from kumoauth.smtp.limits import counter_key
-from tests.redis_server import RedisServer, require_redis, running_redis
+from tests.redis_server import RedisServer
 
 BASE = (
     '[server]\nhostname = "h"\n[[listener]]\nendpoint = "tcp:1"\ntls = "none"\n'
     'auth_required = false\n[spool]\npath = "spool"\n'
 )
 PREFIX = "cliadmin:"
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    require_redis()
-    with running_redis() as server:
-        yield server
 
 
 @pytest.fixture

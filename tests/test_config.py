@@ -176,11 +176,6 @@ def test_toml_syntax_error_names_the_line():
 # --- through the real twistd --------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
-
-
 def listener_config(certs, port=None, extra="", policy=None, auth_required=False):
     port = port or 2525
     policy_part = f'[policy]\npath = "{policy}"\n' if policy else ""

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from kumoauth.storage.spool import Spool
-from tests.server import make_certs, running_server, wait_for_port
+from tests.server import running_server, wait_for_port
 
 pytestmark = pytest.mark.e2e
 
@@ -62,11 +62,6 @@ def auth(authz, authc, password, conn_meta):
         return defer.Deferred()
     return USERS.get(authc) == password
 """
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")

@@ -33,11 +33,6 @@ pytestmark = pytest.mark.e2e
 PLAIN_SCOTT = base64.b64encode(b"\0scott\0tiger")
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
-
-
 def body_of(data: bytes) -> bytes:
     """The message as the client sent it: without our Received header."""
     end = re.match(rb"Received: [^\r]*\r\n(?:\t[^\r]*\r\n)*", data)

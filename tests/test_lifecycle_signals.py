@@ -20,18 +20,13 @@ from pathlib import Path
 import pytest
 from twisted.logger import eventsFromJSONLogFile, formatEvent
 
-from tests.server import alive, children_of, make_certs, running_server
+from tests.server import alive, children_of, running_server
 from tests.test_e2e import POLICY, login, send, starttls_client
 from tests.test_workers import kill_worker, ready_count, wait_for, worker_pids
 
 pytestmark = pytest.mark.e2e
 
 KUMOAUTH = str(Path(sys.executable).with_name("kumoauth"))
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def queue_ids(srv) -> list[str]:
@@ -140,6 +135,18 @@ def test_workers_killed_under_traffic_lose_nothing_acknowledged(tmp_path, certs)
         assert "Traceback" not in log
 
 
+def half_sent(srv, subject: str) -> smtplib.SMTP:
+    """A logged-in session in the middle of DATA: the first half sent."""
+    s = starttls_client(srv)
+    assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+    s.mail("scott@example.com")
+    s.rcpt("b@example.net")
+    s.putcmd("data")
+    assert s.getreply()[0] == 354
+    s.send(f"Subject: {subject}\r\n\r\nfirst half\r\n".encode())
+    return s
+
+
 def test_a_killed_supervisor_takes_its_workers_along(tmp_path, certs):
     with running_server(
         tmp_path / "srv", certs, POLICY, server="workers = 2\nshutdown_grace = 5"
@@ -147,13 +154,7 @@ def test_a_killed_supervisor_takes_its_workers_along(tmp_path, certs):
         wait_for(lambda: ready_count(srv) == 2)
         workers = children_of(srv.proc.pid)
         assert len(workers) == 2
-        s = starttls_client(srv)
-        assert login(s, "PLAIN", "scott", "tiger")[0] == 235
-        s.mail("scott@example.com")
-        s.rcpt("b@example.net")
-        s.putcmd("data")
-        assert s.getreply()[0] == 354
-        s.send(b"Subject: orphan\r\n\r\nfirst half\r\n")
+        s = half_sent(srv, "orphan")
         srv.kill()
         # The worker drains as on SIGTERM: the message in DATA is accepted.
         s.send(b"second half\r\n.\r\n")
@@ -174,13 +175,7 @@ def test_sighup_while_draining_is_not_applied(tmp_path, certs):
     with running_server(
         tmp_path / "srv", certs, POLICY, auth=auth, extra=table, server="shutdown_grace = 10"
     ) as srv:
-        s = starttls_client(srv)
-        assert login(s, "PLAIN", "scott", "tiger")[0] == 235
-        s.mail("scott@example.com")
-        s.rcpt("b@example.net")
-        s.putcmd("data")
-        assert s.getreply()[0] == 354
-        s.send(b"Subject: late\r\n\r\nfirst half\r\n")
+        s = half_sent(srv, "late")
         # The next generation has no checker: a reload would stop this one.
         srv.config.write_text(srv.config.read_text().replace(auth, "").replace(table, ""))
         srv.proc.send_signal(signal.SIGTERM)

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.redis_server import RawClient, require_redis, running_redis
-from tests.server import Server, make_certs, running_server
+from tests.server import Server, running_server
 from tests.test_e2e import login, starttls_client
 
 pytestmark = pytest.mark.e2e
@@ -45,11 +45,6 @@ def auth(authz, authc, password, conn_meta):
 """
 
 VARIANTS = ["scott", "SCOTT", "Scott", " scott", "scott "]
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture

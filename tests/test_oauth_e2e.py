@@ -21,7 +21,7 @@ import pytest
 from kumoauth.auth.sasl import encode_oauthbearer
 from kumoauth.storage.spool import Spool
 from tests.idp import AUDIENCE, SigningKey
-from tests.server import free_port, make_certs, running_server
+from tests.server import free_port, running_server
 from tests.test_e2e import POLICY, starttls_client
 
 ISSUER = "https://idp.example.org/realms/mail"
@@ -37,11 +37,6 @@ def require_nodemailer() -> str:
             pytest.fail("CI must have " + message)
         pytest.skip("needs " + message)
     return node
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")

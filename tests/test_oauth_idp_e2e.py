@@ -21,16 +21,11 @@ import pytest
 
 from kumoauth.auth.sasl import encode_oauthbearer, encode_xoauth2
 from tests.idp import AUDIENCE, IdP, SigningKey
-from tests.server import make_certs, running_server
+from tests.server import running_server
 from tests.test_e2e import POLICY, starttls_client
 from tests.upstream import start_reactor
 
 MECHANISMS = 'mechanisms = ["PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER"]'
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")

@@ -474,6 +474,13 @@ def test_jwks_down_at_start_does_not_fail_it_then_back(idp, keys, make, clock, c
     assert "available again" in texts[1]
 
 
+def asking(idp: IdP, fetch: str, make: Any, keys: Any, tmp_path: Path) -> tuple[Any, str]:
+    """A validator that asks *idp* by *fetch* (its JWKS or introspection), and a token for it."""
+    if fetch == "jwks":
+        return make(jwks_table(idp)), keys["ES256"].sign(idp.claims())
+    return make(introspection_table(idp, tmp_path)), "opaque-1"
+
+
 @pytest.mark.parametrize("fetch", ["jwks", "introspection"])
 def test_an_idp_outage_logs_one_line_and_nothing_per_request(
     reactor, keys, make, clock, captured_log, tmp_path, fetch
@@ -485,12 +492,7 @@ def test_an_idp_outage_logs_one_line_and_nothing_per_request(
     from tests.server import free_port
 
     down = IdP(reactor, port=free_port(), published=list(keys.values()))  # never started
-    if fetch == "jwks":
-        v = make(jwks_table(down))
-        token = keys["ES256"].sign(down.claims())
-    else:
-        v = make(introspection_table(down, tmp_path))
-        token = "opaque-1"
+    v, token = asking(down, fetch, make, keys, tmp_path)
     for _ in range(4):
         clock.advance(6)  # past the refetch rate limit
         assert "connection refused" in str(unavailable(v, token))
@@ -1028,12 +1030,7 @@ def test_an_idp_speaking_broken_http_is_454_and_one_line(
     port = in_reactor(lambda: reactor.listenTCP(0, factory, interface="127.0.0.1"))
     try:
         down = IdP(reactor, port=port.getHost().port)  # its URLs, not its server
-        if fetch == "jwks":
-            v = make(jwks_table(down))
-            token = keys["ES256"].sign(down.claims())
-        else:
-            v = make(introspection_table(down, tmp_path))
-            token = "opaque-1"
+        v, token = asking(down, fetch, make, keys, tmp_path)
         for _ in range(3):
             clock.advance(6)
             unavailable(v, token)

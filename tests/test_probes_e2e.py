@@ -15,15 +15,10 @@ import time
 import pytest
 
 from kumoauth.storage.spool import Spool
-from tests.server import free_port, make_certs, running_server
+from tests.server import free_port, running_server
 from tests.test_e2e import POLICY, queued_id, starttls_client
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def wait_closed(sock: socket.socket) -> None:

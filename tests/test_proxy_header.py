@@ -23,7 +23,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from kumoauth.ops.proxyheader import HEADER_TIMEOUT, ProxyHeaderFactory, split
-from tests.server import make_certs, running_server
+from tests.server import running_server
 from tests.test_e2e import POLICY, login, queued_id, spooled
 from tests.test_shared_state_e2e import wait_for
 
@@ -251,11 +251,6 @@ def proxied_listeners(starttls: int, implicit: int, extra: str = "") -> str:
         f'[[listener]]\nendpoint = "haproxy:tcp:{implicit}:interface=127.0.0.1"\n'
         f'tls = "implicit"\n{extra}'
     )
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def starttls(header: bytes, port: int, certs) -> smtplib.SMTP:

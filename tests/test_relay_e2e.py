@@ -33,7 +33,7 @@ from kumoauth.relay.queue import QueueReader
 from kumoauth.storage.spool import Spool
 from tests import postfix as pf
 from tests import upstream as upstream_module
-from tests.server import Certs, free_port, make_certs, run_twistd, running_server
+from tests.server import Certs, free_port, run_twistd, running_server
 from tests.test_e2e import POLICY, starttls_client
 from tests.upstream import Upstream, running_upstream
 
@@ -46,11 +46,6 @@ SENDER = "scott@example.com"
 
 # ---------------------------------------------------------------------------
 # helpers
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 15, what: str = "it") -> T:

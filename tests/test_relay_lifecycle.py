@@ -24,7 +24,7 @@ import pytest
 
 from kumoauth.relay.queue import QueueReader
 from tests import upstream as upstream_module
-from tests.server import Certs, make_certs
+from tests.server import Certs
 from tests.test_cli_spool import run_cli
 from tests.test_relay_e2e import (
     SENDER,
@@ -38,11 +38,6 @@ from tests.test_relay_e2e import (
 from tests.upstream import running_upstream
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def slow_sender_data(

@@ -55,7 +55,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kumoauth.auth.senders import MAX_FIELD_CHARS, header_addresses
 from kumoauth.storage.spool import Spool
 from tests import slapd
-from tests.server import Server, free_port, make_certs, running_server
+from tests.server import Server, free_port, running_server
 from tests.test_e2e import POLICY, login, queued_id, starttls_client
 
 pytestmark = pytest.mark.e2e
@@ -117,11 +117,6 @@ def fail_or_skip(why: str) -> None:
 
 # --------------------------------------------------------------------------
 # stores
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")

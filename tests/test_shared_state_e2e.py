@@ -26,15 +26,10 @@ from pathlib import Path
 import pytest
 
 from tests.redis_server import require_redis, running_redis
-from tests.server import make_certs, running_server
+from tests.server import running_server
 from tests.test_e2e import POLICY, login, starttls_client
 
 WINDOW = 600
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from kumoauth.config import ServerConfig
 from kumoauth.storage.spool import Spool
 from kumoauth.testing import plain_b64
-from tests.server import make_certs, running_server
+from tests.server import running_server
 from tests.test_e2e import POLICY, login, starttls_client
 from tests.test_protocol import scott_policy
 
@@ -61,11 +61,6 @@ def test_new_sessions_while_draining_are_turned_away(make_session):
     first.runtime.sessions.drain(5, first.clock)
     late = make_session(runtime=first.runtime)
     assert late.banner.endswith("421 4.3.2 Service shutting down, try again later\r\n")
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.mark.e2e

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +47,6 @@ PASSWORD = "Redis-Secret-pw/7"  # noqa: S105 - the test server's
 @pytest.fixture(scope="module")
 def reactor() -> Any:
     return start_reactor()
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    _require_redis()
-    with running_redis() as server:
-        yield server
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ the throttle on their own, and through the real protocol with a fake clock.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from twisted.internet import defer, task
@@ -801,12 +802,7 @@ def test_a_store_that_refuses_writes_stops_attempts_until_a_write_succeeds(
     checker = Checker()
     policy = Policy()
     policy.on("smtp_server_auth_plain", checker)
-    s = make_session(policy, connect=False)
-    store = ReadOnlyStore(s.clock)
-    t = Throttle(store, ThrottleConfig())
-    s.factory.runtime = dataclasses.replace(s.runtime, throttle=t)
-    s.connect()
-    s.command("EHLO client.example")
+    s, store = read_only_session(make_session, policy)
     assert attempt(s, "scott", "guess1").startswith("535")
     assert checker.calls == ["scott"]
     store.writable = False
@@ -828,12 +824,7 @@ def test_a_success_forgets_the_password_recorded_while_the_store_recovered(
     checker = Checker()
     policy = Policy()
     policy.on("smtp_server_auth_plain", checker)
-    s = make_session(policy, connect=False)
-    store = ReadOnlyStore(s.clock, forget=True)
-    t = Throttle(store, ThrottleConfig())
-    s.factory.runtime = dataclasses.replace(s.runtime, throttle=t)
-    s.connect()
-    s.command("EHLO client.example")
+    s, store = read_only_session(make_session, policy, forget=True)
     store.writable = False
     assert attempt(s, "scott", "guess2").startswith("535")
     store.writable = True
@@ -854,20 +845,14 @@ def test_a_password_recorded_in_advance_is_forgotten_whatever_ends_its_check(mak
 
     policy = Policy()
     policy.on("smtp_server_auth_plain", check)
-    max_in_flight = 0 if ending == "in-flight limit" else 100
     auth = AuthConfig(failure_delay=0, max_failures=100, max_in_flight=100)
-    s = make_session(policy, auth=auth, connect=False)
-    store = ReadOnlyStore(s.clock, forget=True)
-    t = Throttle(store, ThrottleConfig())
-    s.factory.runtime = dataclasses.replace(s.runtime, throttle=t)
-    s.connect()
-    s.command("EHLO client.example")
+    s, store = read_only_session(make_session, policy, forget=True, auth=auth)
     store.writable = False
     assert attempt(s, "scott", "guess").startswith("535")  # its record is refused
     store.writable = True
     if ending == "in-flight limit":
         authenticator = s.factory.runtime.authenticator
-        authenticator.auth = dataclasses.replace(authenticator.auth, max_in_flight=max_in_flight)
+        authenticator.auth = dataclasses.replace(authenticator.auth, max_in_flight=0)
         assert attempt(s, "scott", "tiger").startswith("454")
     else:
         assert attempt(s, "scott", "boom").startswith("454")
@@ -913,6 +898,19 @@ class ReadOnlyStore:
 
             return defer.fail(StoreUnavailable("OOM command not allowed"))
         return self.inner.record(key, fingerprint, window, keep)
+
+
+def read_only_session(
+    make_session: Any, policy: Policy, forget: bool = False, **kw: Any
+) -> tuple[Any, ReadOnlyStore]:
+    """A session after EHLO whose throttle's store can be made to refuse writes."""
+    s = make_session(policy, connect=False, **kw)
+    store = ReadOnlyStore(s.clock, forget=forget)
+    t = Throttle(store, ThrottleConfig())
+    s.factory.runtime = dataclasses.replace(s.runtime, throttle=t)
+    s.connect()
+    s.command("EHLO client.example")
+    return s, store
 
 
 # --- one account, one key (audit finding 3) ----------------------------------
