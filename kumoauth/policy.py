@@ -157,14 +157,27 @@ kumo = _Kumo()
 _counter = itertools.count()
 
 
-def load_policy(path: Path | str) -> Policy:
-    """
-    Execute the policy file at *path* and return its handlers.  Any failure
-    is a :class:`PolicyError` with one line naming the file and line.
-    """
+def read_policy(path: Path | str) -> bytes:
+    """The policy file's bytes, as they are now; :class:`PolicyError` if unreadable."""
     path = Path(path)
     if not path.is_file():
         raise PolicyError(f"{path}: policy file not found")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def load_policy(path: Path | str, source: bytes | None = None) -> Policy:
+    """
+    Execute the policy file at *path* and return its handlers: *source*,
+    the file's bytes as :func:`read_policy` read them (perhaps in another
+    process), or the file as it is now.  Any failure is a
+    :class:`PolicyError` with one line naming the file and line.
+    """
+    path = Path(path)
+    if source is None:
+        source = read_policy(path)
     policy = Policy(str(path))
     name = f"kumoauth_policy_{next(_counter)}"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -174,7 +187,9 @@ def load_policy(path: Path | str) -> Policy:
     kumo._loading.append(policy)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        # These bytes, not the file again: the file may have changed since.
+        code = compile(source, str(path), "exec", dont_inherit=True)
+        exec(code, module.__dict__)  # noqa: S102 - running the operator's policy is the point
     except PolicyError as e:
         raise PolicyError(f"{path}:{_line_in(e, path)} {e}") from None
     except SyntaxError as e:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from twisted.logger import eventsFromJSONLogFile, formatEvent
 
-from tests.server import alive, children_of, running_server
+from tests.server import alive, children_of, make_certs, running_server
 from tests.test_e2e import POLICY, login, send, starttls_client
 from tests.test_workers import kill_worker, ready_count, wait_for, worker_pids
 
@@ -250,30 +250,55 @@ def test_the_supervisors_events_reach_the_json_log(tmp_path, certs):
     assert not any(t.startswith("[worker") for t in texts), texts
 
 
-def test_a_worker_that_cannot_start_says_why_in_one_line(tmp_path, certs):
+def test_a_restarted_worker_runs_the_generation_the_supervisor_validated(tmp_path):
+    # The files on disk are being edited (no SIGHUP yet) when both workers
+    # die: the policy already says something else, the key and certificate
+    # are half written.  Their successors run what was validated, like the
+    # workers still up would: same policy, same key, same certificate.
+    certs = make_certs(tmp_path / "certs")
     with running_server(
         tmp_path / "srv", certs, POLICY, server="workers = 2\nshutdown_grace = 5"
     ) as srv:
         wait_for(lambda: ready_count(srv) == 2)
-        # The policy is being edited (no SIGHUP yet) when a worker dies: its
-        # successor cannot import it.
         policy = srv.directory / "policy.py"
-        good = policy.read_text()
-        policy.write_text("def broken(:\n")
-        pid = worker_pids(srv)[0]
-        os.kill(pid, signal.SIGKILL)
-        wait_log(srv, "worker cannot start")
-        lines = [line for line in srv.log().splitlines() if "worker cannot start" in line]
-        assert "policy.py:1: syntax error" in lines[0]
-        assert "Traceback" not in srv.log()
-        # The other worker serves meanwhile.
-        with starttls_client(srv) as s:
+        policy.write_text(POLICY.replace('"scott": "tiger"', '"scott": "lion"'))
+        key, chain = certs.key.read_bytes(), certs.chain.read_bytes()
+        certs.key.write_bytes(key[: len(key) // 2])
+        certs.chain.write_bytes(chain[: len(chain) // 2])
+        for index in (0, 1):
+            kill_worker(srv, index)
+        with starttls_client(srv) as s:  # verifies the certificate
             assert login(s, "PLAIN", "scott", "tiger")[0] == 235
-        # The edit finished: the next restart serves again.
-        policy.write_text(good)
-        wait_for(lambda: ready_count(srv) == 3, timeout=30)
+        assert "worker cannot start" not in srv.log()
+        # The edit finished: a SIGHUP makes it the generation, in every worker.
+        certs.key.write_bytes(key)
+        certs.chain.write_bytes(chain)
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_log(srv, "running configuration generation 2", count=2)
+        with starttls_client(srv) as s:
+            with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+                login(s, "PLAIN", "scott", "tiger")
+            assert refused.value.smtp_code == 535
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "lion")[0] == 235
+        assert "Traceback" not in srv.log()
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(20) == 0
+
+
+def test_a_worker_sent_sighup_re_applies_the_validated_files(tmp_path, certs):
+    # A SIGHUP to one worker directly: its generation again, as validated,
+    # not the policy file edited since.
+    with running_server(tmp_path / "srv", certs, POLICY, server="workers = 2") as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+        policy = srv.directory / "policy.py"
+        policy.write_text("def broken(:\n")
+        for pid in worker_pids(srv).values():
+            os.kill(pid, signal.SIGHUP)
+        wait_log(srv, "reloaded configuration", count=2)
+        assert "reload failed" not in srv.log()
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
 
 
 _EARLY_SIGNAL = """

@@ -10,7 +10,7 @@ import pytest
 from twisted.internet import defer
 
 from kumoauth import kumo
-from kumoauth.policy import Policy, PolicyError, Reject, load_policy
+from kumoauth.policy import Policy, PolicyError, Reject, load_policy, read_policy
 from kumoauth.testing import call_event, conn_meta, plain_b64
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
@@ -279,3 +279,31 @@ def test_set_meta_rejects_what_json_cannot_hold():
         meta.set_meta("when", object())
     meta.set_meta("nested", {"a": [1, 2.5, None, True]})
     assert meta.snapshot()["nested"] == {"a": [1, 2.5, None, True]}
+
+
+def test_load_from_bytes_read_earlier_runs_those_bytes(tmp_path):
+    # A worker runs the policy as its supervisor read it, whatever the file
+    # holds now; errors still name the file and the line.
+    path = tmp_path / "policy.py"
+    path.write_text(POLICY_SAYS.format(word="then"))
+    source = read_policy(path)
+    path.write_text("def broken(:\n")
+    policy = load_policy(path, source)
+    assert policy.handlers["smtp_server_ehlo"](None, None) == "then"
+    with pytest.raises(PolicyError) as e:
+        load_policy(path, b"x = 1\nraise ValueError('no')\n")
+    assert str(e.value) == f"{path}:2: failed to import: ValueError: no"
+
+
+def test_read_policy_says_what_is_wrong(tmp_path):
+    with pytest.raises(PolicyError, match="policy file not found"):
+        read_policy(tmp_path / "missing.py")
+
+
+POLICY_SAYS = """
+from kumoauth import kumo
+
+@kumo.on("smtp_server_ehlo")
+def ehlo(domain, conn_meta):
+    return "{word}"
+"""

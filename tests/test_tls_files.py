@@ -101,3 +101,30 @@ def test_a_directory_at_reload_keeps_the_old_context(tmp_path: Path) -> None:
         hup_and_wait(srv, "reloaded configuration")
         with starttls_client(srv) as s:
             assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+
+
+def test_read_pem_then_build_from_the_bytes_alone(tmp_path: Path, certs: Certs) -> None:
+    # What a worker does: the bytes the supervisor read, the files gone.
+    cfg = TLSConfig(certificate=certs.chain, private_key=certs.key)
+    pem = tls.read_pem(cfg)
+    assert pem == (certs.key.read_bytes(), certs.chain.read_bytes())
+    certs.key.unlink()
+    certs.chain.write_bytes(b"half a certificate")
+    fds = len(os.listdir("/proc/self/fd"))
+    ctx = tls.build_context(cfg, pem=pem)
+    assert len(os.listdir("/proc/self/fd")) == fds  # the memory files are closed
+    assert ctx is not None
+
+
+def test_bytes_that_are_not_pem_are_named_by_the_configured_file(
+    tmp_path: Path, certs: Certs
+) -> None:
+    cfg = TLSConfig(certificate=certs.chain, private_key=certs.key)
+    key, chain = tls.read_pem(cfg)
+    with pytest.raises(tls.TLSError) as e:
+        tls.build_context(cfg, pem=(key, b"-----BEGIN CERTIFICATE-----\nxx\n"))
+    assert str(e.value) == f"[tls] certificate: {certs.chain}: not a PEM certificate chain"
+    with pytest.raises(tls.TLSError) as e:
+        tls.build_context(cfg, pem=(b"not a key", chain))
+    assert str(e.value) == f"[tls] private_key: {certs.key}: not a PEM private key"
+    assert b"BEGIN" not in str(e.value).encode()

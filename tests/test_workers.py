@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import grp
+import json
 import os
 import pwd
 import re
@@ -22,11 +23,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from kumoauth.config import parse
+from kumoauth.ops.assembly import GenerationFiles
 from kumoauth.ops.workers import (
     RESTART_MIN,
     RESTART_RESET_AFTER,
@@ -625,3 +629,19 @@ def test_control_messages_round_trip():
     finally:
         os.close(r)
         os.close(w)
+
+
+@given(
+    policy=st.none() | st.binary(max_size=300),
+    key=st.none() | st.binary(max_size=300),
+    chain=st.none() | st.binary(max_size=300),
+)
+def test_generation_files_cross_the_control_channel_unchanged(policy, key, chain):
+    files = GenerationFiles(policy=policy, private_key=key, certificate=chain)
+    wire = json.loads(json.dumps(files.to_wire()))
+    assert GenerationFiles.from_wire(wire) == files
+
+
+def test_generation_files_never_show_their_bytes():
+    files = GenerationFiles(policy=b"USERS = 1", private_key=b"SECRET KEY", certificate=b"CHAIN")
+    assert "SECRET" not in repr(files) and "CHAIN" not in repr(files)

@@ -10,7 +10,9 @@ twistd plugin turns that into a message on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import base64
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from kumoauth.auth.checkers import CheckerSpec, build, resolve, resolve_tables_o
 from kumoauth.auth.cred import PolicyChecker, make_portal
 from kumoauth.auth.throttle import Throttle, make_store
 from kumoauth.config import Config, ConfigError, load
-from kumoauth.policy import Invoker, Policy, PolicyError, load_policy
+from kumoauth.policy import Invoker, Policy, PolicyError, load_policy, read_policy
 from kumoauth.relay.queue import (
     DAMAGED_DIR,
     QueueError,
@@ -32,7 +34,13 @@ from kumoauth.relay.queue import (
 from kumoauth.relay.scheduler import RelaySettings
 from kumoauth.smtp.limits import SendingLimits
 from kumoauth.smtp.runtime import ProcessState, Runtime
-from kumoauth.tls.context import ServerContextFactory, TLSError, build_context, make_self_signed
+from kumoauth.tls.context import (
+    ServerContextFactory,
+    TLSError,
+    build_context,
+    make_self_signed,
+    read_pem,
+)
 from kumoauth.tls.trust import trust_root
 
 log = Logger(namespace="kumoauth")
@@ -54,28 +62,86 @@ def load_config(path: str) -> Config:
         raise OperatorError(str(e)) from None
 
 
-def build_tls(cfg: Config) -> ServerContextFactory | None:
+@dataclass(frozen=True)
+class GenerationFiles:
+    """
+    The files a configuration generation is built from, besides its text:
+    the policy, and the TLS private key and certificate chain, as read once.
+    The supervisor reads them when it validates a generation and hands the
+    same bytes to every worker it starts or reloads, so that a worker
+    restarted later runs what was validated, whatever is on disk by then.
+    """
+
+    # Not in a repr: the private key must never reach a log or a traceback.
+    policy: bytes | None = field(default=None, repr=False)
+    private_key: bytes | None = field(default=None, repr=False)
+    certificate: bytes | None = field(default=None, repr=False)
+
+    def to_wire(self) -> dict[str, str | None]:
+        """For the workers' control channel (JSON)."""
+        return {
+            f.name: None if value is None else base64.b64encode(value).decode("ascii")
+            for f in fields(self)
+            for value in [getattr(self, f.name)]
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> GenerationFiles:
+        def get(name: str) -> bytes | None:
+            value = wire.get(name)
+            return None if value is None else base64.b64decode(value, validate=True)
+
+        return cls(get("policy"), get("private_key"), get("certificate"))
+
+
+def read_generation_files(cfg: Config) -> GenerationFiles:
+    """
+    Read the files *cfg* names (creating the self-signed certificate first
+    where it asks for one); an unreadable one is an :class:`OperatorError`.
+    """
+    policy = key = chain = None
+    if cfg.policy.path is not None:
+        try:
+            policy = read_policy(cfg.policy.path)
+        except PolicyError as e:
+            raise OperatorError(f"{cfg.source}: [policy] path: {e}") from None
+    tls = cfg.tls
+    if tls is not None:
+        if tls.self_signed and not tls.certificate.exists() and not tls.private_key.exists():
+            make_self_signed(tls.certificate, tls.private_key, cfg.server.hostname)
+            log.warn(
+                "created a self-signed certificate at {path} (self_signed = true): "
+                "for development only",
+                path=str(tls.certificate),
+            )
+        try:
+            key, chain = read_pem(tls)
+        except TLSError as e:
+            raise OperatorError(f"{cfg.source}: {e}") from None
+    return GenerationFiles(policy=policy, private_key=key, certificate=chain)
+
+
+def build_tls(cfg: Config, files: GenerationFiles | None = None) -> ServerContextFactory | None:
+    """The TLS context for *cfg*: from *files*, or from the files as they are now."""
     tls = cfg.tls
     if tls is None:
         return None
-    if tls.self_signed and not tls.certificate.exists() and not tls.private_key.exists():
-        make_self_signed(tls.certificate, tls.private_key, cfg.server.hostname)
-        log.warn(
-            "created a self-signed certificate at {path} (self_signed = true): "
-            "for development only",
-            path=str(tls.certificate),
-        )
+    if files is None or files.private_key is None or files.certificate is None:
+        files = read_generation_files(cfg)
+    assert files.private_key is not None and files.certificate is not None
     try:
-        return ServerContextFactory(build_context(tls))
+        return ServerContextFactory(build_context(tls, pem=(files.private_key, files.certificate)))
     except TLSError as e:
         raise OperatorError(f"{cfg.source}: {e}") from None
 
 
-def build_policy(cfg: Config) -> Policy:
+def build_policy(cfg: Config, files: GenerationFiles | None = None) -> Policy:
+    """The policy for *cfg*: from *files*, or from the file as it is now."""
     if cfg.policy.path is None:
         return Policy()
+    source = files.policy if files is not None else None
     try:
-        return load_policy(cfg.policy.path)
+        return load_policy(cfg.policy.path, source)
     except PolicyError as e:
         raise OperatorError(f"{cfg.source}: [policy] path: {e}") from None
 

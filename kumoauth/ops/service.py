@@ -17,12 +17,14 @@ from kumoauth.auth.checkers import call_hook
 from kumoauth.config import Config, ConfigError, parse
 from kumoauth.ops import proxyheader
 from kumoauth.ops.assembly import (
+    GenerationFiles,
     OperatorError,
     build_policy,
     build_runtime,
     build_tls,
     load_config,
     open_queue,
+    read_generation_files,
     relay_settings,
     worker_segments,
 )
@@ -116,15 +118,18 @@ class KumoauthService(ApplicationLog, service.MultiService):
 
     # --- reload ------------------------------------------------------------
 
-    def reload(self, text: str | None = None) -> defer.Deferred[bool]:
+    def reload(
+        self, text: str | None = None, files: GenerationFiles | None = None
+    ) -> defer.Deferred[bool]:
         """
         Re-read the configuration file and apply it to new connections.
         Fires with False (and changes nothing) if anything in it is wrong.
 
-        With *text* (a worker under ``[server] workers``: the configuration
-        generation its supervisor validated), that text is used instead of
-        the file, with relative paths still resolved against the file's
-        directory.
+        With *text* and *files* (a worker under ``[server] workers``: the
+        configuration generation its supervisor validated, and the policy,
+        key and certificate as the supervisor read them), those are used
+        instead of the files, with relative paths still resolved against
+        the configuration file's directory.
 
         The slow, blocking part — reading the file, the certificate and key,
         importing the policy — runs in a thread; the reactor only assembles
@@ -140,7 +145,8 @@ class KumoauthService(ApplicationLog, service.MultiService):
                     cfg = parse(text, source)
                 except ConfigError as e:
                     raise OperatorError(str(e)) from None
-            return cfg, build_tls(cfg), build_policy(cfg), relay_settings(cfg)
+            read = files if files is not None else read_generation_files(cfg)
+            return cfg, build_tls(cfg, read), build_policy(cfg, read), relay_settings(cfg)
 
         def apply(prepared: tuple[Config, Any, Any, Any]) -> bool:
             if self._stopping:
@@ -383,11 +389,13 @@ def make_service_from_config(
     adopt: dict[int, tuple[int, int]] | None = None,
     owner: tuple[int, int] | None = None,
     writer_id: str = "0",
+    files: GenerationFiles | None = None,
 ) -> KumoauthService:
     """
     The server in this process.  With *adopt* (listener index -> socket) it
     is a worker: the listening sockets come from the supervisor, the spool
-    is not recovered here, and metrics are served by the supervisor.
+    is not recovered here, and metrics are served by the supervisor; then
+    *files* are the policy, key and certificate as the supervisor read them.
 
     *owner* (uid, gid; -1 leaves one unchanged): who the process will run
     as once twistd drops privileges (``--uid``/``--gid``); a spool
@@ -407,7 +415,16 @@ def make_service_from_config(
         name="kumoauth-checker",
     )
     process = ProcessState(clock=reactor, store=writer.store)
-    runtime = build_runtime(cfg, process, checkers, Invoker(reactor, checker_pool))
+    if files is None:
+        files = read_generation_files(cfg)
+    runtime = build_runtime(
+        cfg,
+        process,
+        checkers,
+        Invoker(reactor, checker_pool),
+        tls=build_tls(cfg, files),
+        policy=build_policy(cfg, files),
+    )
 
     top = KumoauthService(cfg, runtime, writer, checker_pool, reactor, checkers)
     if queue is not None:

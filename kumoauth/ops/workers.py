@@ -8,10 +8,13 @@ handing each the sockets as inherited file descriptors; a worker adopts them
 kernel spreads new connections across workers.
 
 Workers never read the configuration file.  The supervisor holds the
-configuration it validated — its text, and a generation number — and hands
-it to every worker it starts, and to every running worker on a reload, over
-a control channel: netstrings of JSON on the worker's stdin (file
-descriptor 0), answers on descriptor 3.  The first message also carries the
+configuration it validated — its text, a generation number, and the policy,
+private key and certificate as it read them
+(:class:`~kumoauth.ops.assembly.GenerationFiles`) — and hands it to every
+worker it starts, and to every running worker on a reload, over a control
+channel: netstrings of JSON on the worker's stdin (file descriptor 0),
+answers on descriptor 3.  A worker restarted after the files were edited
+thus runs what the others run, not what is on disk.  The first message also carries the
 sockets, each named by its listener's ``(endpoint, tls)``, the ``--auth``
 checkers and the TLS session-ticket secret (never in argv, the environment
 or a log).  A worker serves each inherited socket with the listener of the
@@ -42,8 +45,8 @@ Per-process: connection limits (``max_connections`` is per worker) and the
 in-memory throttle counters.
 
 A worker whose control channel closes (the supervisor is gone) stops as if
-sent SIGTERM.  A SIGHUP sent to a worker directly reloads its current
-generation (certificate, key and policy are read again), not the file.
+sent SIGTERM.  A SIGHUP sent to a worker directly re-applies its current
+generation, files included, as the supervisor validated it.
 """
 
 from __future__ import annotations
@@ -70,11 +73,13 @@ from twisted.logger import Logger, globalLogPublisher
 from kumoauth.config import Config, ConfigError, ListenerConfig, parse, read_text
 from kumoauth.ops import proxyheader
 from kumoauth.ops.assembly import (
+    GenerationFiles,
     OperatorError,
     build_policy,
     build_runtime,
     build_tls,
     open_queue,
+    read_generation_files,
     relay_settings,
 )
 from kumoauth.ops.heap import settle_when_running
@@ -385,11 +390,14 @@ class Supervisor(service.Service):
         owner: tuple[int, int] | None = None,
         checkers: list[Any] | None = None,
         spool: Any = None,
+        files: GenerationFiles | None = None,
     ) -> None:
         #: the configuration the sockets were bound for
         self.boot_cfg = self.cfg = cfg
         #: the validated text of the current generation
         self.boot_text = self.text = text if text is not None else read_config(cfg.source)[0]
+        #: the policy, key and certificate the current generation was validated with
+        self.files = files if files is not None else read_generation_files(cfg)
         self.generation = 1
         self.reactor = reactor
         self.auth_args = auth_args
@@ -486,6 +494,7 @@ class Supervisor(service.Service):
                 "generation": self.generation,
                 "text": self.text,
                 "boot_text": self.boot_text,
+                "files": self.files.to_wire(),
                 "sockets": sockets,
                 "auth": self.auth_args,
                 "ticket_secret": ticket_secret().hex(),
@@ -547,12 +556,14 @@ class Supervisor(service.Service):
         """
         source = self.boot_cfg.source
 
-        def prepare() -> tuple[str, Config, Any, Any, Any]:
+        def prepare() -> tuple[str, Config, GenerationFiles, Any, Any, Any]:
             text, cfg = read_config(source)
-            return text, cfg, build_tls(cfg), build_policy(cfg), relay_settings(cfg)
+            files = read_generation_files(cfg)
+            tls, policy = build_tls(cfg, files), build_policy(cfg, files)
+            return text, cfg, files, tls, policy, relay_settings(cfg)
 
-        def apply(prepared: tuple[str, Config, Any, Any, Any]) -> bool:
-            text, cfg, tls, policy, relay = prepared
+        def apply(prepared: tuple[str, Config, GenerationFiles, Any, Any, Any]) -> bool:
+            text, cfg, files, tls, policy, relay = prepared
             validate(cfg, self.reactor, self.checkers, self.spool, tls=tls, policy=policy)
             if self.stopping:
                 return False
@@ -560,7 +571,7 @@ class Supervisor(service.Service):
             if owner is not None and owner.relay is not None and relay is not None:
                 owner.relay.reload(relay)
             self.generation += 1
-            self.cfg, self.text = cfg, text
+            self.cfg, self.text, self.files = cfg, text, files
             if cfg.server.workers != self.boot_cfg.server.workers:
                 log.warn("[server] workers changed: it needs a restart")
             log.info(
@@ -569,8 +580,14 @@ class Supervisor(service.Service):
                 path=str(source),
                 n=len(self.workers),
             )
+            message = {
+                "type": "config",
+                "generation": self.generation,
+                "text": text,
+                "files": files.to_wire(),
+            }
             for worker in self.workers.values():
-                worker.send({"type": "config", "generation": self.generation, "text": text})
+                worker.send(message)
             return True
 
         def failed(f: Any) -> bool:
@@ -646,8 +663,11 @@ def make_supervisor(
     # worker writes, and it is the one process that relays.
     queue = open_queue(cfg, owner)
     try:
-        # Validate TLS, policy, checker and throttle store like a single process.
-        validate(cfg, reactor, checkers, queue)
+        # Validate TLS, policy, checker and throttle store like a single
+        # process, with the files the workers will be given.
+        files = read_generation_files(cfg)
+        tls, policy = build_tls(cfg, files), build_policy(cfg, files)
+        validate(cfg, reactor, checkers, queue, tls=tls, policy=policy)
         relay_settings(cfg)
     except OperatorError:
         queue.close()
@@ -655,7 +675,14 @@ def make_supervisor(
     top = SupervisorTop()
     top.json_path = cfg.log.json_path
     supervisor = Supervisor(
-        cfg, reactor, auth_args, text=text, owner=owner, checkers=checkers, spool=queue
+        cfg,
+        reactor,
+        auth_args,
+        text=text,
+        owner=owner,
+        checkers=checkers,
+        spool=queue,
+        files=files,
     )
     supervisor.setServiceParent(top)
     # The supervisor's own metrics (queue, relay) go to the workers' shared
@@ -697,11 +724,14 @@ class WorkerControl(protocol.Protocol):
     in, their outcome out.  When the supervisor goes away, the worker stops.
     """
 
-    def __init__(self, server: Any, reactor: Any, generation: int, text: str) -> None:
+    def __init__(
+        self, server: Any, reactor: Any, generation: int, text: str, files: GenerationFiles
+    ) -> None:
         self.server = server
         self.reactor = reactor
         self.generation = generation
         self.text = text
+        self.files = files
         self.stopping = False
         self._decoder = Netstrings()
 
@@ -717,22 +747,23 @@ class WorkerControl(protocol.Protocol):
             return
         for message in messages:
             if message.get("type") == "config":
-                self.apply(int(message["generation"]), message["text"])
+                files = GenerationFiles.from_wire(message["files"])
+                self.apply(int(message["generation"]), message["text"], files)
 
-    def apply(self, generation: int, text: str) -> defer.Deferred[Any]:
+    def apply(self, generation: int, text: str, files: GenerationFiles) -> defer.Deferred[Any]:
         def done(ok: bool) -> None:
             if ok:
-                self.generation, self.text = generation, text
+                self.generation, self.text, self.files = generation, text, files
                 log.info("running configuration generation {generation}", generation=generation)
             self.tell({"type": "reloaded", "generation": generation, "ok": bool(ok)})
 
-        d = self.server.reload(text)
+        d = self.server.reload(text, files)
         d.addCallback(done)
         return d
 
     def reapply(self) -> None:
         """A SIGHUP sent to this worker: its current generation, again."""
-        self.server.reload(self.text)
+        self.server.reload(self.text, self.files)
 
     def shutting_down(self) -> None:
         self.stopping = True
@@ -792,13 +823,14 @@ def worker_main(argv: list[str] | None = None) -> None:
     for warning in warnings:
         log.warn("{warning}", warning=warning)
     checkers = [strcred.makeChecker(a) for a in start["auth"]] or None
+    files = GenerationFiles.from_wire(start["files"])
     try:
         top = make_service_from_config(
-            cfg, reactor, checkers, adopt=adopt, writer_id=metrics_id(args.index)
+            cfg, reactor, checkers, adopt=adopt, writer_id=metrics_id(args.index), files=files
         )
     except OperatorError as e:
-        # The policy, certificate or key as they are on disk now (the
-        # supervisor validated them at its last reload): one line, not a
+        # What the supervisor validated no longer builds here (a checker's
+        # own files, a store the generation names): one line, not a
         # traceback; the supervisor restarts us with its backoff.
         log.critical("worker cannot start: {error}", error=str(e))
         raise SystemExit(1) from None
@@ -808,7 +840,7 @@ def worker_main(argv: list[str] | None = None) -> None:
         os.close(s.fd)  # adoptStreamPort duplicated it (or it is not served)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     generation = int(start["generation"])
-    control = WorkerControl(top, reactor, generation, start["text"])
+    control = WorkerControl(top, reactor, generation, start["text"], files)
     reactor.addSystemEventTrigger("before", "shutdown", control.shutting_down)
     stdio.StandardIO(control, stdin=CONTROL_IN, stdout=CONTROL_OUT, reactor=reactor)  # type: ignore[call-arg]
     # After the service's own (installed when the reactor runs): a SIGHUP

@@ -201,15 +201,33 @@ def groups(cfg: TLSConfig) -> tuple[str, ...]:
     return cfg.groups
 
 
-def build_context(cfg: TLSConfig) -> Context:
+def read_pem(cfg: TLSConfig) -> tuple[bytes, bytes]:
     """
-    Load the chain and key into a new server context.  Raises
-    :class:`TLSError` with a one-line reason.
+    The private key's and the certificate chain's files, as they are now:
+    ``(key, chain)``.  Raises :class:`TLSError` naming the file, never what
+    it holds.
     """
+    found = {}
     for label, path in (("certificate", cfg.certificate), ("private_key", cfg.private_key)):
         problem = file_problem(path)
-        if problem is not None:
-            raise TLSError(f"[tls] {label}: {path}: {problem}")
+        if problem is None:
+            try:
+                found[label] = Path(path).read_bytes()
+                continue
+            except OSError as e:
+                problem = f"cannot be read ({e.strerror or e})"
+        raise TLSError(f"[tls] {label}: {path}: {problem}")
+    return found["private_key"], found["certificate"]
+
+
+def build_context(cfg: TLSConfig, pem: tuple[bytes, bytes] | None = None) -> Context:
+    """
+    Load the chain and key into a new server context: *pem* (``(key,
+    chain)``, as :func:`read_pem` read them, perhaps in another process),
+    or the files as they are now.  Raises :class:`TLSError` with a
+    one-line reason naming the configured file.
+    """
+    key, chain = pem if pem is not None else read_pem(cfg)
     ctx = Context()
     ctx.set_min_proto_version(_VERSIONS[cfg.min_version])
     ctx.set_options(
@@ -247,11 +265,11 @@ def build_context(cfg: TLSConfig) -> Context:
     # The key first: loaded after the certificate, OpenSSL would report a
     # mismatch as an unreadable key.
     try:
-        ctx.use_privatekey_file(str(cfg.private_key).encode())
+        ctx.use_privatekey_pem(key)
     except ossl.Error:
         raise TLSError(f"[tls] private_key: {cfg.private_key}: not a PEM private key") from None
     try:
-        ctx.use_certificate_chain_file(str(cfg.certificate).encode())
+        ctx.use_certificate_chain_pem(chain)
     except ossl.Error:
         raise TLSError(
             f"[tls] certificate: {cfg.certificate}: not a PEM certificate chain"

@@ -16,9 +16,10 @@ OpenSSL 3.0 ABI (``libssl.so.3``/``libcrypto.so.3``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from cffi import FFI
@@ -305,6 +306,23 @@ def _no_passphrase(buf: Any, size: int, rwflag: int, userdata: Any) -> int:
 # --- context ------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _in_memory(data: bytes) -> Iterator[bytes]:
+    """
+    A file name OpenSSL can open for *data*: an anonymous memory file
+    (``memfd_create``), never on a disk, closed on exit.  OpenSSL's own file
+    loaders then parse it exactly as they would the file it was read from.
+    """
+    fd = os.memfd_create("kumoauth-pem", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        yield f"/proc/self/fd/{fd}".encode()
+    finally:
+        os.close(fd)
+
+
 class Context:
     """
     One server ``SSL_CTX``.  Raises ``OpenSSL.SSL.Error`` (with the error
@@ -367,6 +385,16 @@ class Context:
 
     def use_certificate_chain_file(self, path: bytes) -> None:
         self._check(lib.SSL_CTX_use_certificate_chain_file(self._ctx, path) == 1)
+
+    def use_privatekey_pem(self, data: bytes) -> None:
+        """:meth:`use_privatekey_file` for a key held in memory (PEM)."""
+        with _in_memory(data) as path:
+            self.use_privatekey_file(path)
+
+    def use_certificate_chain_pem(self, data: bytes) -> None:
+        """:meth:`use_certificate_chain_file` for a chain held in memory (PEM)."""
+        with _in_memory(data) as path:
+            self.use_certificate_chain_file(path)
 
     def check_privatekey(self) -> None:
         self._check(lib.SSL_CTX_check_private_key(self._ctx) == 1)
