@@ -729,6 +729,48 @@ def test_a_slow_to_parse_from_header_does_not_stall_other_sessions(map_bound):
     assert latencies and max(latencies) < max(0.15, parse / 2), (parse, sorted(latencies)[-5:])
 
 
+#: the policy's checker in a checker thread, and "hang" holding that thread
+HUNG_POLICY = (
+    POLICY_BOUND.replace(
+        '@kumo.on("smtp_server_auth_plain")\ndef auth(',
+        '@kumo.on("smtp_server_auth_plain")\n@kumo.blocking\ndef auth(',
+    ).replace(
+        'if authc == "hang":\n        return defer.Deferred()',
+        'if authc == "hang":\n        return threading.Event().wait(60)',
+    )
+    + "\nimport threading\n"
+)
+
+
+def test_a_hung_credential_store_does_not_hold_up_the_header_check(tmp_path, certs):
+    """
+    The one checker thread is held by a check that never ends (a store that
+    hangs): a session that logged in before still gets its message's
+    From: checked at once, in the parse's own thread.  Behind the checks
+    it waited [policy] timeout for a thread and got 451 4.7.1.
+    """
+    assert HUNG_POLICY.count("@kumo.blocking") == 1 and "Event().wait(60)" in HUNG_POLICY
+    where = tmp_path / "hung"
+    where.mkdir()
+    (where / "sender_logins").write_text(MAP)
+    (where / "policy.py").write_text(HUNG_POLICY)
+    extra = (
+        '[policy]\npath = "policy.py"\ntimeout = 5\n\n'
+        '[sender_binding]\nsource = "map"\nmap = "sender_logins"\n'
+    )
+    with running_server(where, certs, None, auth="threads = 1", extra=extra) as srv:
+        with session(srv) as s, starttls_client(srv) as hung:
+            with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+                login(hung, "PLAIN", "hang", "any")
+            assert e.value.smtp_code == 454  # [auth] timeout; the thread stays held
+            started = time.monotonic()
+            sent(s, srv, "scott@example.com", message("From: scott@example.com"))
+            stage, code, _ = send(s, "scott@example.com", message("From: alice@example.com"))
+            assert (stage, code) == ("data", 550)
+            assert time.monotonic() - started < 2.5
+        assert "sender binding header check unavailable" not in srv.log()
+
+
 # --------------------------------------------------------------------------
 # the map file
 

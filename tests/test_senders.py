@@ -847,7 +847,9 @@ def test_ldap_down_is_a_lookup_error(ldap_binding, slapd):
     assert real_check(ldap_binding, "alice", "alice@example.test").allowed
 
 
-def gate_session(binding: Any, spool_dir: Path, timeout: float = 5.0) -> Any:
+def gate_session(
+    binding: Any, spool_dir: Path, timeout: float = 5.0, parse_pool: Any = None
+) -> Any:
     """
     (In the reactor thread.)  An in-memory session (StringTransport) whose
     generation has a sender gate over *binding*, authenticated as alice.
@@ -862,7 +864,9 @@ def gate_session(binding: Any, spool_dir: Path, timeout: float = 5.0) -> Any:
     policy.on("smtp_server_auth_plain", lambda authz, authc, pw, meta: pw == "pw")
     plain = Session(policy, spool_dir=spool_dir, connect=False)
     rt = plain.runtime
-    gate = SenderGate(binding, policy, invoke, rt.process.metrics, timeout, rt.clock)
+    gate = SenderGate(
+        binding, policy, invoke, rt.process.metrics, timeout, rt.clock, parse_pool=parse_pool
+    )
     s = Session(runtime=replace(rt, sender_gate=gate), spool_dir=spool_dir, clock=plain.clock)
     s.command("EHLO client.example")
     assert s.command("AUTH PLAIN " + plain_b64("", "alice", "pw")).startswith("235 ")
@@ -1132,10 +1136,24 @@ def test_a_header_parse_without_a_free_thread_is_451_and_one_line(tmp_path, capt
         assert s.output().startswith("451 4.7.1 Cannot verify the sender address now")
     lines = [formatEvent(e) for e in captured_log.namespace("kumoauth.auth")]
     assert [ln for ln in lines if "sender binding" in ln and "available" in ln] == [
-        "sender binding header check unavailable: no checker thread free within 5 s; "
+        "sender binding header check unavailable: not parsed within 5 s; "
         "the end of DATA gets 451 4.7.1"
     ]
     assert "Traceback" not in captured_log.text()
+
+
+def test_the_header_is_parsed_in_its_own_thread_not_behind_the_checks(tmp_path, captured_log):
+    # Every checker thread busy (a hung store), the parse thread free: the
+    # header is checked as usual.
+    path = tmp_path / "map"
+    path.write_text(MAP)
+    binding = SenderBinding(
+        SenderBindingConfig(source="map", map=path), {}, task.Clock(), BusyPool()
+    )
+    s = gate_session(binding, tmp_path / "spool", 5.0, parse_pool=InlinePool())
+    assert _data(s, "From: alice@example.com").startswith("250 ")
+    assert _data(s, "From: bob@example.com").startswith("550 5.7.1 ")
+    assert "unavailable" not in captured_log.text()
 
 
 def test_a_silent_sender_binding_handler_is_one_line_per_message(tmp_path, captured_log):

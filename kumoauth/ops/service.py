@@ -43,6 +43,9 @@ log = Logger(namespace="kumoauth")
 
 #: blocking calls that may wait per checker thread before new ones get a 4xx
 QUEUED_PER_THREAD = 10
+#: messages' headers that may wait for the parse thread before one gets 451
+#: (each waits at most [policy] timeout; a parse takes ms)
+HEADER_PARSES_QUEUED = 256
 #: seconds a shutdown waits for the spool writer and checker threads
 STOP_THREADS_WITHIN = 5.0
 
@@ -105,6 +108,7 @@ class KumoauthService(ApplicationLog, service.MultiService):
     def startService(self) -> None:
         self.writer.start()
         self.checker_pool.start()
+        self.process.header_pool.start()
         if self.cfg.log.json_path is not None:
             self._json_log = open_json_log(self.cfg.log.json_path)
         super().startService()
@@ -323,7 +327,9 @@ class KumoauthService(ApplicationLog, service.MultiService):
                 globalLogPublisher.removeObserver(self._json_log)
                 self._json_log = None
             return stop_within(
-                defer.gatherResults([self.writer.stop(), self.checker_pool.stop()]),
+                defer.gatherResults(
+                    [self.writer.stop(), self.checker_pool.stop(), self.process.header_pool.stop()]
+                ),
                 STOP_THREADS_WITHIN,
                 self.reactor,
             )
@@ -415,6 +421,9 @@ def make_service_from_config(
         name="kumoauth-checker",
     )
     process = ProcessState(clock=reactor, store=writer.store)
+    process.header_pool = BlockingPool(
+        reactor, threads=1, max_queued=HEADER_PARSES_QUEUED, name="kumoauth-header"
+    )
     if files is None:
         files = read_generation_files(cfg)
     runtime = build_runtime(

@@ -49,8 +49,11 @@ class SenderGate:
         metrics: Any,
         timeout: float,
         clock: Any,
+        parse_pool: Any = None,
     ) -> None:
         self.binding = binding
+        #: where the header is parsed: its own thread, else the checkers'
+        self.parse_pool = parse_pool if parse_pool is not None else binding.pool
         self.policy = policy
         self.invoke = invoke
         self.metrics = metrics
@@ -96,10 +99,11 @@ class SenderGate:
         else:
             head = body[: limit + 1]  # header_addresses says it is too large
         # The stdlib's header parser is slow on crafted fields (tens of ms
-        # for a few KiB): never on the reactor thread.  In the checker
-        # threads, behind the checks: a wait as long as a lookup's at most.
+        # for a few KiB): never on the reactor thread.  In a thread of its
+        # own, not behind the checks (a hung store holds all of those);
+        # behind other headers' parses at most as long as a lookup's wait.
         parsed = deadline(
-            self.binding.pool.call(self._senders.header_addresses, head, smtputf8),
+            self.parse_pool.call(self._senders.header_addresses, head, smtputf8),
             self.timeout,
             self.clock,
             self._no_thread,
@@ -134,7 +138,7 @@ class SenderGate:
         return R_LOOKUP_DOWN
 
     def _no_thread(self, result: Any, seconds: float) -> Any:
-        raise self._senders.SenderLookupError(f"no checker thread free within {seconds:g} s")
+        raise self._senders.SenderLookupError(f"not parsed within {seconds:g} s")
 
     async def _decide(
         self, authz: str, addresses: list[str], conn_meta: Any, where: str
