@@ -226,3 +226,27 @@ def test_the_sasl_exchange_as_a_hostile_client(tmp_path, certs, key, idp):
         for part in secret.split("."):
             assert part[:40] not in log
     assert "forged" not in log and "root" not in log and "X-Evil" not in log
+
+
+def test_a_token_without_a_required_scope_is_refused_with_insufficient_scope(
+    tmp_path, certs, key, idp
+):
+    extra = oauth_table(idp, required_scopes=["smtp", "mail.send"])
+    with running_server(tmp_path, certs, POLICY, auth=MECHANISMS, extra=extra) as srv:
+        with starttls_client(srv) as s:
+            narrow = key.sign(idp.claims(scope="openid smtp"))
+            code, text = s.docmd(
+                "AUTH",
+                "OAUTHBEARER " + base64.b64encode(encode_oauthbearer("", narrow)).decode(),
+            )
+            assert code == 334  # the RFC 7628 error challenge, then 535
+            assert json.loads(base64.b64decode(text)) == {
+                "status": "insufficient_scope",
+                "scope": "smtp mail.send",
+                "openid-configuration": f"{idp.issuer}/.well-known/openid-configuration",
+            }
+            assert s.docmd("AQ==")[0] == 535
+            wide = key.sign(idp.claims(scp=["mail.send"]))  # with "scope": "openid email smtp"
+            assert auth(s, "XOAUTH2", encode_xoauth2("alice@example.org", wide))[0] == 235
+        log = srv.log()
+    assert "missing scope mail.send" in log and "Traceback" not in log

@@ -1040,3 +1040,57 @@ def test_an_idp_speaking_broken_http_is_454_and_one_line(
     ours = [e for e in captured_log.events if e.get("log_namespace", "").startswith("kumoauth")]
     lines = [formatEvent(e) for e in ours]
     assert len(lines) == 1 and "unavailable" in lines[0], lines
+
+
+# --------------------------------------------------------------------------
+# required scopes
+
+
+@pytest.mark.parametrize(
+    ("granted", "allowed"),
+    [
+        ({"scope": "openid smtp.send email"}, True),
+        ({"scope": "openid email"}, False),
+        ({"scope": "openid SMTP.SEND"}, False),  # compared exactly
+        ({"scope": "smtp.sendx"}, False),
+        ({"scope": None, "scp": ["openid", "smtp.send"]}, True),  # Okta
+        ({"scope": None, "scp": "openid smtp.send"}, True),  # Entra ID
+        ({"scope": None, "scp": [["smtp.send"]]}, False),
+        ({"scope": None}, False),
+        ({"scope": ["smtp.send"]}, True),
+    ],
+)
+def test_required_scopes_must_all_be_granted(idp, keys, make, granted, allowed):
+    v = make(jwks_table(idp, required_scopes=["smtp.send"]))
+    token = keys["ES256"].sign(idp.claims(**granted))
+    if allowed:
+        assert ok(v, token)["email"] == "alice@example.org"
+        return
+    e = refused(v, token)
+    assert e.reason == "missing scope smtp.send"
+    assert e.status == "insufficient_scope" and e.sub == idp.claims()["sub"]
+    assert v.error_json(e) == (
+        b'{"status":"insufficient_scope","scope":"smtp.send","openid-configuration":"'
+        + idp.issuer.encode()
+        + b'/.well-known/openid-configuration"}'
+    )
+
+
+def test_required_scopes_of_an_introspected_token(idp, make, tmp_path):
+    v = make(introspection_table(idp, tmp_path, required_scopes=["smtp", "email"]))
+    idp.introspected["both"] = {"active": True, **idp.claims()}  # "openid email smtp"
+    idp.introspected["one"] = {"active": True, **idp.claims(scope="smtp")}
+    assert ok(v, "both")
+    assert refused(v, "one").reason == "missing scope email"
+    # without required_scopes a token's scopes are not looked at
+    plain = make(introspection_table(idp, tmp_path))
+    assert ok(plain, "one")
+
+
+@pytest.mark.parametrize(
+    "value", [["smtp send"], ['"q"'], ["back\\slash"], ["é"], "smtp", [1], [""]]
+)
+def test_required_scopes_must_be_scope_tokens(value):
+    raw = {"issuer": "i", "audience": "a", "jwks_url": "https://idp/j", "required_scopes": value}
+    with pytest.raises(ValueError, match="required_scopes"):
+        validate(raw)

@@ -153,6 +153,8 @@ class Config:
     allow_plaintext: bool = False
     #: the scope a client should ask for, in the RFC 7628 error payload
     scope: str | None = None
+    #: scopes a token must carry (its ``scope``/``scp`` claim), all of them
+    required_scopes: tuple[str, ...] = ()
 
 
 def _algorithms(v: Any) -> tuple[str, ...]:
@@ -167,6 +169,19 @@ def _algorithms(v: Any) -> tuple[str, ...]:
         if name not in SUPPORTED_ALGORITHMS:
             allowed = ", ".join(sorted(SUPPORTED_ALGORITHMS))
             raise _Bad(f'unsupported algorithm "{name}" (supported: {allowed})')
+    return tuple(dict.fromkeys(v))
+
+
+#: an RFC 6749 §3.3 scope-token
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
+def _scopes(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise _Bad(f"expected a list of strings, got {_show(v)}")
+    for scope in v:
+        if not _SCOPE_TOKEN.fullmatch(scope):
+            raise _Bad(f"{_show(scope)} is not a scope (printable ASCII, no space, quote or \\)")
     return tuple(dict.fromkeys(v))
 
 
@@ -186,6 +201,7 @@ SCHEMA: dict[str, Callable[[Any], Any]] = {
     "jwks_min_refresh": _number(1.0),
     "allow_plaintext": _bool,
     "scope": _str,
+    "required_scopes": _scopes,
 }
 
 
@@ -284,8 +300,6 @@ class InvalidToken(Exception):
     signature (or introspection answer) was verified.
     """
 
-    status = "invalid_token"
-
     def __init__(
         self,
         reason: str,
@@ -293,9 +307,12 @@ class InvalidToken(Exception):
         scope: str | None = None,
         sub: str | None = None,
         jti: str | None = None,
+        status: str = "invalid_token",
     ) -> None:
         super().__init__(reason)
         self.reason = reason
+        #: the RFC 7628 error status: an RFC 6750 error code
+        self.status = status
         self.scope = scope
         self.sub = sub
         self.jti = jti
@@ -829,6 +846,39 @@ class _Introspection:
         return answer
 
 
+def _token_scopes(claims: Mapping[str, Any]) -> set[str]:
+    """
+    The scopes a token was granted: ``scope`` (RFC 9068, RFC 7662: one
+    string, space-separated) and ``scp`` (a list, or such a string: Okta,
+    Entra ID), together.
+    """
+    found: set[str] = set()
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            found.update(value.split(" "))
+        elif isinstance(value, list):
+            found.update(v for v in value if isinstance(v, str))
+    return found
+
+
+def _check_scopes(config: Config, claims: Mapping[str, Any]) -> None:
+    if not config.required_scopes:
+        return
+    granted = _token_scopes(claims)
+    missing = [s for s in config.required_scopes if s not in granted]
+    if missing:
+        # RFC 6750 §3.1: the scope the client should ask for, in the error
+        # payload; the names are the operator's, loggable.
+        raise InvalidToken(
+            "missing scope " + " ".join(missing),
+            status="insufficient_scope",
+            scope=config.scope or " ".join(config.required_scopes),
+            sub=_identifier(claims, "sub"),
+            jti=_identifier(claims, "jti"),
+        )
+
+
 def _audience_contains(claims: Mapping[str, Any], audience: str) -> bool:
     aud = claims.get("aud")
     if isinstance(aud, str):
@@ -945,6 +995,7 @@ class TokenValidator:
         else:
             raise InvalidToken("not a JWT")
         _username(claims, setup.config.username_claim)
+        _check_scopes(setup.config, claims)
         return claims
 
     async def _verify_jwt(self, setup: _Setup, token: str) -> dict[str, Any]:
