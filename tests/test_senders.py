@@ -35,6 +35,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from kumoauth.auth.senders import (
     MAX_HEADER_ADDRESSES,
+    MAX_VALUES,
     TOO_LARGE,
     UNPARSEABLE,
     Decision,
@@ -767,6 +768,7 @@ def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         User("nomail", "pw-n"),
         User("twin1", "pw", mail="twins@example.test"),
         User("twin2", "pw", mail="twins@example.test"),
+        User("many", "pw", mail=_mails(*(f"m{i}@example.test" for i in range(MAX_VALUES + 1)))),
     ]
     with running_slapd(users, directory=tmp_path_factory.mktemp("slapd")) as server:
         yield server
@@ -814,6 +816,16 @@ def test_ldap_no_or_ambiguous_entry(ldap_binding):
     assert not real_check(ldap_binding, "nomail", "nomail@example.test").allowed
     # filter syntax in the name is only ever a value
     assert not real_check(ldap_binding, "*", "alice@example.test").allowed
+
+
+def test_ldap_values_past_the_cap_are_ignored_as_sql_and_http_ones(ldap_binding):
+    # An entry with more mail values than MAX_VALUES: the first ones count,
+    # the rest is not looked at (each value costs a normalisation).
+    assert real_check(ldap_binding, "many", "m0@example.test").allowed
+    assert real_check(ldap_binding, "many", f"m{MAX_VALUES - 1}@example.test").allowed
+    assert real_check(ldap_binding, "many", f"m{MAX_VALUES}@example.test") == Decision(
+        False, "no rule for this address"
+    )
 
 
 def test_ldap_null_sender_needs_no_lookup(ldap_binding):

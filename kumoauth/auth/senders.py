@@ -840,7 +840,7 @@ class _LdapSource(_ListSource):
 
     async def values(self, login: str) -> list[str] | None:
         found: list[str] | None = await self.store.attribute_values(login, self.attribute)
-        return found
+        return None if found is None else found[:MAX_VALUES]
 
     def rule(self, value: str) -> str:
         return f"ldap {self.attribute}={escape(value, 200)}"
