@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from zope.interface import implementer
 
 from kumoauth.testing import Session
 
@@ -126,3 +128,27 @@ def stores(reactor: Any) -> Iterator[Callable[[str], Any]]:
     yield make
     for store in made:
         in_reactor(store.close)
+
+
+@implementer(IHostnameResolver)
+class SilentResolver:
+    """A name resolver that never answers (a DNS server gone quiet)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def resolveHostName(self, receiver: Any, hostName: str, *args: Any, **kw: Any) -> Any:
+        self.asked.append(hostName)
+        return None
+
+
+@pytest.fixture
+def silent_dns() -> Iterator[SilentResolver]:
+    """The running reactor's name resolver silent for the test."""
+    from tests.upstream import in_reactor, start_reactor
+
+    reactor = start_reactor()
+    resolver = SilentResolver()
+    previous = in_reactor(lambda: reactor.installNameResolver(resolver))
+    yield resolver
+    in_reactor(lambda: reactor.installNameResolver(previous))

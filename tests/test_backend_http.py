@@ -31,6 +31,7 @@ from kumoauth.auth.cred import BackendUnavailable, PlainCredentials
 from kumoauth.backends.base import DENIED, BackendError, StoreChecker, Verdict
 from kumoauth.backends.http import HTTP, MAX_BODY, Config, factory, from_argstring, validate
 from kumoauth.meta import MAX_DEPTH, ConnMeta
+from tests.conftest import SilentResolver
 from tests.upstream import in_reactor, start_reactor
 
 USERS = {"alice@example.org": "correct horse battery staple", "bob@example.org": "hunter2 ü"}
@@ -584,6 +585,29 @@ def test_a_caller_that_gives_up_cancels_without_an_outage(server, reactor, make_
         in_reactor(lambda: (pending[0].cancel(), pending[0])[1])
     assert checker.health.down is None
     wait_for(lambda: server.api.lost == [0])
+
+
+def test_a_caller_that_gives_up_during_the_name_lookup_is_no_outage(
+    reactor, make_store, silent_dns: SilentResolver
+):
+    # Twisted's endpoint turns a cancel during the lookup into "couldn't
+    # find the hostname": that must not read as the API being down.
+    url = "http://api.example.test:8080/smtp-auth"
+    checker = StoreChecker(make_store(url, allow_plaintext=True), clock=reactor)
+    creds = PlainCredentials("", "alice@example.org", PASSWORD, ConnMeta())
+    pending: list[Any] = []
+    in_reactor(lambda: pending.append(checker.requestAvatarId(creds)))
+    wait_for(lambda: silent_dns.asked == ["api.example.test"])
+    from twisted.internet import defer
+
+    with pytest.raises(defer.CancelledError):
+        in_reactor(lambda: (pending[0].cancel(), pending[0])[1])
+    assert checker.health.down is None
+
+
+def test_the_deadline_during_the_name_lookup_is_an_outage(make_store, silent_dns):
+    store = make_store("http://api.example.test:8080/", allow_plaintext=True, timeout=0.3)
+    assert "no answer within 0.3 s" in backend_error(store)
 
 
 def test_the_deadline_covers_a_body_that_never_ends(server, make_store):

@@ -675,6 +675,26 @@ def test_introspection_down_then_back_logs_one_line_each(idp, make, tmp_path, ca
     assert "available again" in texts[1] and lines[1]["n"] == 3
 
 
+def test_a_caller_that_gives_up_during_the_name_lookup_is_no_outage(
+    idp, make, tmp_path, reactor, silent_dns, captured_log
+):
+    # The attempt's deadline cancels an introspection still waiting for the
+    # IdP's name: Twisted reports "couldn't find the hostname", which must
+    # not be logged as the IdP being down.
+    table = introspection_table(idp, tmp_path, allow_plaintext=True)
+    table["introspection_url"] = "http://idp.example.test:8080/introspect"
+    v = make(table)
+    pending: list[Any] = []
+    in_reactor(lambda: pending.append(v.validate("opaque-1")))
+    wait = time.monotonic() + 5
+    while not silent_dns.asked and time.monotonic() < wait:
+        time.sleep(0.01)
+    assert silent_dns.asked == ["idp.example.test"]
+    with pytest.raises(defer.CancelledError):
+        in_reactor(lambda: (pending[0].cancel(), pending[0])[1])
+    assert "unavailable" not in captured_log.text()
+
+
 def test_introspection_timeout(idp, make, tmp_path, monkeypatch):
     from tests import idp as idp_module
 

@@ -36,7 +36,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
@@ -533,11 +533,16 @@ class HTTP:
                 "secured": secured(conn_meta),
             }
         ).encode("utf-8")
-        d = defer.Deferred.fromCoroutine(self._ask(client, body))
-        # One deadline for connecting, the answer and its body; reaching
-        # it cancels the request, which closes its connection.
-        d.addTimeout(client.config.timeout, self.reactor, onTimeoutCancel=_timed_out(client))
-        return d.addErrback(self._failed, client)
+        return self._request(client, self._ask(client, body))
+
+    def _request(self, client: _Client, work: Coroutine[Any, Any, Any]) -> defer.Deferred[Any]:
+        return request_within(
+            work,
+            client.config.timeout,
+            self.reactor,
+            _timed_out(client.where),
+            lambda f: self._failed(f, client),
+        )
 
     async def _ask(self, client: _Client, body: bytes) -> Verdict:
         try:
@@ -594,9 +599,7 @@ class HTTP:
             url = _ready_url(joined.geturl())
             where = _where(joined.geturl())
         body = json.dumps(payload).encode("utf-8")
-        d = defer.Deferred.fromCoroutine(self._ask_json(client, url, where, body))
-        d.addTimeout(client.config.timeout, self.reactor, onTimeoutCancel=_timed_out(client))
-        return d.addErrback(self._failed, client)
+        return self._request(client, self._ask_json(client, url, where, body))
 
     async def _ask_json(self, client: _Client, url: Any, where: str, body: bytes) -> Any:
         try:
@@ -624,7 +627,7 @@ class HTTP:
         if f.check(BackendError):
             return f
         if f.value is not None and _cancelled(f.value):
-            # The caller gave up (the attempt's deadline): its cancellation,
+            # Cancelled, and not by the deadline (which says so itself):
             # not an outage of the API.
             raise defer.CancelledError()
         reason = _reason(f.value) if isinstance(f.value, Exception) else None
@@ -651,13 +654,49 @@ class HTTP:
         return f"<HTTP {self._client.where}>"
 
 
-def _timed_out(client: _Client) -> Callable[[Any, float], Any]:
+def _timed_out(where: str) -> Callable[[Any, float], Any]:
     # Called when the deadline cancelled the attempt, whatever failure the
     # cancellation became on its way out of Agent.
     def timed_out(result: Any, timeout: float) -> Any:
-        raise BackendError(f"{client.where}: no answer within {timeout:g} s")
+        raise BackendError(f"{where}: no answer within {timeout:g} s")
 
     return timed_out
+
+
+def request_within(
+    work: Coroutine[Any, Any, Any],
+    timeout: float,
+    reactor: Any,
+    timed_out: Callable[[Any, float], Any],
+    failed: Callable[[Failure], Any],
+) -> defer.Deferred[Any]:
+    """
+    *work* (a request and its answer) under one deadline for connecting,
+    the answer and its body (reaching it cancels the request, which closes
+    its connection; *timed_out* says so), its other failures through
+    *failed*.  A caller that cancels gets
+    :class:`~twisted.internet.defer.CancelledError`, whatever the
+    cancellation became on its way out of Agent (during the host name
+    lookup Twisted's endpoint turns it into a lookup failure): the caller
+    gave up, the server is not down.
+    """
+    inner = defer.Deferred.fromCoroutine(work)
+    inner.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
+    gave_up = False
+
+    def cancel(_: defer.Deferred[Any]) -> None:
+        nonlocal gave_up
+        gave_up = True
+        inner.cancel()
+
+    def give_up_or_fail(f: Failure) -> Any:
+        if gave_up:
+            raise defer.CancelledError()
+        return failed(f)
+
+    outer: defer.Deferred[Any] = defer.Deferred(cancel)
+    inner.addErrback(give_up_or_fail).chainDeferred(outer)
+    return outer
 
 
 def _verdict(where: str, data: bytes) -> Verdict:

@@ -84,8 +84,10 @@ from kumoauth.backends.http import (
     _closed_unanswered,
     _ready_url,
     _reason,
+    _timed_out,
     _TooBig,
     _where,
+    request_within,
 )
 from kumoauth.checks import _LOOPBACK, _Bad, _bool, _number, _show, _str
 from kumoauth.tls.trust import trust_root
@@ -717,13 +719,13 @@ class _Client:
         where = _where(url)
         headers = headers.copy()
         headers.setRawHeaders(b"User-Agent", [self.user_agent])
-        d = defer.Deferred.fromCoroutine(self._ask(method, url, where, limit, headers, body))
-
-        def timed_out(result: Any, timeout: float) -> Any:
-            raise BackendError(f"{where}: no answer within {timeout:g} s")
-
-        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=timed_out)
-        return d.addErrback(self._failed, where)
+        return request_within(
+            self._ask(method, url, where, limit, headers, body),
+            self.timeout,
+            self.reactor,
+            _timed_out(where),
+            lambda f: self._failed(f, where),
+        )
 
     async def _ask(
         self,
