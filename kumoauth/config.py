@@ -562,9 +562,20 @@ def _fqdn() -> str:
     return socket.getfqdn()
 
 
-def parse(text: str, source: Path | str = "<config>") -> Config:
+def parse(
+    text: str,
+    source: Path | str = "<config>",
+    *,
+    read_files: bool = True,
+    fingerprint_key: bytes | None = None,
+) -> Config:
     """
     Parse and validate configuration text.  Raises :class:`ConfigError`.
+
+    Files the text names are checked by reading them (the fingerprint key
+    is kept), unless *read_files* is false: then the text is one already
+    validated (a worker's generation, from its supervisor), whose files may
+    have changed or gone since, and the fingerprint key is *fingerprint_key*.
     """
     source = Path(source)
     try:
@@ -634,10 +645,12 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
     t = _section(source, "auth.throttle", raw_throttle)
     if "fingerprint_key_file" in t:
         t["fingerprint_key_file"] = _path(source, t["fingerprint_key_file"])
-        t["fingerprint_key"] = _fingerprint_key(source, t["fingerprint_key_file"])
+        t["fingerprint_key"] = (
+            _fingerprint_key(source, t["fingerprint_key_file"]) if read_files else fingerprint_key
+        )
     throttle = ThrottleConfig(**t)
     raw_oauth = raw_auth.pop("oauth", None) if isinstance(raw_auth, dict) else None
-    oauth = _oauth(source, raw_oauth) if raw_oauth is not None else None
+    oauth = _oauth(source, raw_oauth, read_files) if raw_oauth is not None else None
     raw_cache = raw_auth.pop("cache", None) if isinstance(raw_auth, dict) else None
     cache = None
     if raw_cache is not None:
@@ -684,7 +697,7 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
     relay = _relay(source, data["relay"]) if "relay" in data else None
     sender_binding = None
     if "sender_binding" in data:
-        sender_binding = _sender_binding(source, data["sender_binding"], auth)
+        sender_binding = _sender_binding(source, data["sender_binding"], auth, read_files)
     limits = None
     if "limits" in data:
         limits = LimitsConfig(**_section(source, "limits", data["limits"]))
@@ -709,7 +722,7 @@ def parse(text: str, source: Path | str = "<config>") -> Config:
 EXTERNAL_SECTIONS = frozenset({"sender_binding"})
 
 
-def _sender_binding(source: Path, raw: Any, auth: AuthConfig) -> Any:
+def _sender_binding(source: Path, raw: Any, auth: AuthConfig, read_files: bool = True) -> Any:
     """
     ``[sender_binding]``, validated by :mod:`kumoauth.auth.senders`; a
     source other than the map needs the store's ``[auth.<source>]`` table.
@@ -719,7 +732,7 @@ def _sender_binding(source: Path, raw: Any, auth: AuthConfig) -> Any:
     from kumoauth.auth import senders
 
     try:
-        binding = senders.validate(raw, base=source.parent)
+        binding = senders.validate(raw, base=source.parent, read_files=read_files)
     except ValueError as e:
         key, sep, problem = str(e).partition(": ")
         if sep and " " not in key:
@@ -734,7 +747,7 @@ def _sender_binding(source: Path, raw: Any, auth: AuthConfig) -> Any:
     return binding
 
 
-def _oauth(source: Path, raw: Any) -> Any:
+def _oauth(source: Path, raw: Any, read_files: bool = True) -> Any:
     """
     ``[auth.oauth]``, validated by the token validator's module (imported
     only when the table exists: JOSE libraries are not loaded otherwise).
@@ -744,7 +757,7 @@ def _oauth(source: Path, raw: Any) -> Any:
     from kumoauth.backends import oauth
 
     try:
-        return oauth.validate(raw, base=source.parent)
+        return oauth.validate(raw, base=source.parent, read_files=read_files)
     except ValueError as e:
         key, sep, problem = str(e).partition(": ")
         if sep and " " not in key:

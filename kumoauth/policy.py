@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import itertools
+import linecache
 import sys
 import traceback
 from collections.abc import Callable
@@ -190,6 +191,10 @@ def load_policy(path: Path | str, source: bytes | None = None) -> Policy:
         # These bytes, not the file again: the file may have changed since.
         code = compile(source, str(path), "exec", dont_inherit=True)
         exec(code, module.__dict__)  # noqa: S102 - running the operator's policy is the point
+        # Tracebacks from its handlers quote these lines, not the file's
+        # lines of the moment (a worker runs what its supervisor read).
+        lines = importlib.util.decode_source(source).splitlines(keepends=True)
+        linecache.cache[str(path)] = (len(source), None, lines, str(path))
     except PolicyError as e:
         raise PolicyError(f"{path}:{_line_in(e, path)} {e}") from None
     except SyntaxError as e:

@@ -907,3 +907,30 @@ def test_a_ca_file_without_certificates_is_refused(tmp_path):
     bad.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
     with pytest.raises(ValueError, match="no PEM certificate"):
         validate({"url": "https://a.example/", "ca_file": str(bad)})
+
+
+def test_request_within_answers_once_when_the_work_ignores_a_cancel(reactor):
+    # Work that swallows the cancellation and ends later (a shared helper
+    # must not rely on every Agent path failing at once): the caller gets
+    # CancelledError once, the late end goes nowhere, nothing unhandled.
+    from twisted.internet import defer, task
+
+    from kumoauth.backends.http import _timed_out, request_within
+
+    clock = task.Clock()
+    later: defer.Deferred[None] = defer.Deferred()
+
+    async def stubborn() -> str:
+        try:
+            await defer.Deferred()
+        except defer.CancelledError:
+            await later
+        return "late"
+
+    d = request_within(stubborn(), 5.0, clock, _timed_out("api"), lambda f: f)
+    d.cancel()
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    later.callback(None)
+    assert len(failures) == 1 and failures[0].check(defer.CancelledError)
+    assert not clock.getDelayedCalls()

@@ -286,6 +286,69 @@ def test_a_restarted_worker_runs_the_generation_the_supervisor_validated(tmp_pat
         assert srv.proc.wait(20) == 0
 
 
+def test_a_worker_restarted_after_its_start_up_files_are_gone_still_starts(tmp_path, certs):
+    # Generation 1 named a fingerprint key file; generation 2 does not, and
+    # the file is deleted.  A worker restarted now reads the start-up text
+    # only for what needs a restart: the file it named must not matter.
+    where = tmp_path / "srv"
+    where.mkdir()
+    (where / "fp.key").write_bytes(os.urandom(32))
+    throttle = 'fingerprint_key_file = "fp.key"'
+    with running_server(where, certs, POLICY, server="workers = 2", throttle=throttle) as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+        srv.config.write_text(srv.config.read_text().replace(throttle, ""))
+        (where / "fp.key").unlink()
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_log(srv, "running configuration generation 2", count=2)
+        kill_worker(srv, 0)
+        kill_worker(srv, 1)
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+        assert "worker cannot start" not in srv.log()
+
+
+def test_a_worker_restarted_during_a_key_rotation_keeps_the_validated_key(tmp_path, certs):
+    # The fingerprint key file is being rewritten (no SIGHUP yet) when a
+    # worker dies: its successor uses the key every other worker uses.
+    where = tmp_path / "srv"
+    where.mkdir()
+    (where / "fp.key").write_bytes(os.urandom(32))
+    throttle = 'fingerprint_key_file = "fp.key"'
+    with running_server(where, certs, POLICY, server="workers = 2", throttle=throttle) as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+        (where / "fp.key").write_bytes(b"half")
+        kill_worker(srv, 0)
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+        assert "worker cannot start" not in srv.log()
+
+
+def test_a_worker_that_cannot_start_says_why_in_one_line(tmp_path, certs):
+    # A store's own file (the sender map) is broken on disk when a worker
+    # dies: its successor cannot build the generation.  One line, retried.
+    where = tmp_path / "srv"
+    where.mkdir()
+    good = "scott@example.com scott\n"
+    (where / "senders").write_text(good)
+    extra = '[sender_binding]\nsource = "map"\nmap = "senders"\n'
+    with running_server(
+        where, certs, POLICY, server="workers = 2\nshutdown_grace = 5", extra=extra
+    ) as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+        (where / "senders").write_text(good + "not-an-address\n")
+        os.kill(worker_pids(srv)[0], signal.SIGKILL)
+        wait_log(srv, "worker cannot start")
+        lines = [line for line in srv.log().splitlines() if "worker cannot start" in line]
+        assert "senders line 2" in lines[0], lines
+        assert "Traceback" not in srv.log()
+        with starttls_client(srv) as s:  # the other worker serves meanwhile
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+        (where / "senders").write_text(good)
+        wait_for(lambda: ready_count(srv) == 3, timeout=30)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(20) == 0
+
+
 def test_a_worker_sent_sighup_re_applies_the_validated_files(tmp_path, certs):
     # A SIGHUP to one worker directly: its generation again, as validated,
     # not the policy file edited since.

@@ -1114,3 +1114,15 @@ def test_required_scopes_must_be_scope_tokens(value):
     raw = {"issuer": "i", "audience": "a", "jwks_url": "https://idp/j", "required_scopes": value}
     with pytest.raises(ValueError, match="required_scopes"):
         validate(raw)
+
+
+def test_the_advertised_scope_must_include_the_required_ones(idp, make):
+    with pytest.raises(ValueError, match="scope: the scope to ask for lacks required_scopes b"):
+        validate(jwks_table(idp, scope="a", required_scopes=["a", "b"]))
+    v = make(jwks_table(idp, required_scopes=["a", "b"]), start=False)
+    # every refusal names what to ask for, not only insufficient_scope
+    assert v.error_json(InvalidToken("expired")) == (
+        b'{"status":"invalid_token","scope":"a b","openid-configuration":"'
+        + idp.issuer.encode()
+        + b'/.well-known/openid-configuration"}'
+    )

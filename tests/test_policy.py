@@ -307,3 +307,20 @@ from kumoauth import kumo
 def ehlo(domain, conn_meta):
     return "{word}"
 """
+
+
+def test_a_handlers_traceback_quotes_the_lines_that_run(tmp_path):
+    import traceback
+
+    path = tmp_path / "policy.py"
+    source = (
+        b"from kumoauth import kumo\n\n"
+        b'@kumo.on("smtp_server_ehlo")\n'
+        b"def ehlo(domain, conn_meta):\n"
+        b'    raise ValueError("from the bytes that run")\n'
+    )
+    path.write_bytes(b"# edited since\n" * 10)
+    policy = load_policy(path, source)
+    with pytest.raises(ValueError) as e:
+        policy.handlers["smtp_server_ehlo"](None, None)
+    assert 'raise ValueError("from the bytes that run")' in "".join(traceback.format_tb(e.tb))

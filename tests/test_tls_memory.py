@@ -110,3 +110,66 @@ def test_buffers_are_released_once_and_the_session_goes_on(ca_and_context, versi
     pair.server.send(big)
     pair.flush()
     assert pair.client_reads(len(big)) == big
+
+
+# --------------------------------------------------------------------------
+# key and chain from memory (what a worker gets from its supervisor)
+
+
+def _chain_through_an_intermediate() -> tuple[trustme.CA, trustme.LeafCert]:
+    root = trustme.CA()
+    return root, root.create_child_ca().issue_cert("localhost")
+
+
+def test_key_and_chain_from_memory_serve_the_whole_chain():
+    # The client trusts only the root: the handshake verifies only if the
+    # intermediate after the leaf in the PEM reached the context as chain.
+    root, leaf = _chain_through_an_intermediate()
+    chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+    assert chain.count(b"BEGIN CERTIFICATE") == 2
+    ctx = openssl.Context()
+    ctx.use_privatekey_pem(leaf.private_key_pem.bytes())
+    ctx.use_certificate_chain_pem(chain)
+    ctx.check_privatekey()
+    pair = Pair(root, ctx, ssl.TLSVersion.TLSv1_3)
+    pair.handshake()
+    assert pair.client.getpeercert()["subjectAltName"] == (("DNS", "localhost"),)
+    # the leaf alone: the client cannot build a path to the root
+    alone = openssl.Context()
+    alone.use_privatekey_pem(leaf.private_key_pem.bytes())
+    alone.use_certificate_chain_pem(leaf.cert_chain_pems[0].bytes())
+    with pytest.raises(ssl.SSLCertVerificationError):
+        Pair(root, alone, ssl.TLSVersion.TLSv1_3).handshake()
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        b"",
+        b"not pem at all",
+        b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        "leaf, then a broken one",
+    ],
+)
+def test_a_chain_that_does_not_parse_is_refused(chain):
+    _, leaf = _chain_through_an_intermediate()
+    if chain == "leaf, then a broken one":
+        chain = leaf.cert_chain_pems[0].bytes() + b"-----BEGIN CERTIFICATE-----\nAA\n"
+    ctx = openssl.Context()
+    with pytest.raises(openssl.Error):
+        ctx.use_certificate_chain_pem(chain)
+    assert openssl.error_queue() == []  # nothing left behind for the next call
+
+
+def test_an_encrypted_or_broken_key_is_refused_without_a_prompt():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    encrypted = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    for key in (encrypted, b"", b"-----BEGIN PRIVATE KEY-----\nAA\n-----END PRIVATE KEY-----\n"):
+        with pytest.raises(openssl.Error):
+            openssl.Context().use_privatekey_pem(key)

@@ -645,3 +645,41 @@ def test_generation_files_cross_the_control_channel_unchanged(policy, key, chain
 def test_generation_files_never_show_their_bytes():
     files = GenerationFiles(policy=b"USERS = 1", private_key=b"SECRET KEY", certificate=b"CHAIN")
     assert "SECRET" not in repr(files) and "CHAIN" not in repr(files)
+
+
+VALIDATED_ELSEWHERE = """
+[server]
+hostname = "mx.example"
+[[listener]]
+endpoint = "tcp:0"
+tls = "none"
+auth_required = false
+[spool]
+path = "spool"
+[auth.throttle]
+fingerprint_key_file = "fp.key"
+[auth.oauth]
+issuer = "https://idp.example"
+audience = "smtp"
+jwks_file = "jwks.json"
+[sender_binding]
+source = "map"
+map = "senders"
+"""
+
+
+def test_a_validated_generation_is_parsed_without_its_files(tmp_path):
+    # None of the files it names exists (any more): as any text it is
+    # refused; as the supervisor's generation it parses, with its key.
+    from kumoauth.config import ConfigError
+    from kumoauth.ops.assembly import parse_validated
+
+    source = tmp_path / "kumoauth.toml"
+    with pytest.raises(ConfigError, match="fingerprint_key_file"):
+        parse(VALIDATED_ELSEWHERE, source)
+    key = os.urandom(32)
+    cfg = parse_validated(VALIDATED_ELSEWHERE, source, GenerationFiles(fingerprint_key=key))
+    assert cfg.auth.throttle.fingerprint_key == key
+    assert cfg.auth.oauth is not None and cfg.sender_binding is not None
+    unkeyed = parse(VALIDATED_ELSEWHERE, source, read_files=False)
+    assert unkeyed.auth.throttle.fingerprint_key is None

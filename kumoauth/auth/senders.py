@@ -141,12 +141,14 @@ SCHEMA: dict[str, Callable[[Any], Any]] = {
 _ONLY_FOR = {"map": "map", "ldap_attribute": "ldap", "sql_query": "sql"}
 
 
-def validate(raw: Mapping[str, Any], base: Path | None = None) -> SenderBindingConfig:
+def validate(
+    raw: Mapping[str, Any], base: Path | None = None, read_files: bool = True
+) -> SenderBindingConfig:
     """
     ``[sender_binding]`` as a :class:`SenderBindingConfig`; relative paths
     against *base*.  For ``source = "map"`` the map file is read and parsed
-    now, so a bad line stops start-up (or the reload) with its line
-    number.  ``ValueError``: ``key: problem``.
+    now (*read_files*), so a bad line stops start-up (or the reload) with
+    its line number.  ``ValueError``: ``key: problem``.
     """
     config: SenderBindingConfig = parse_table(
         SenderBindingConfig, raw, SCHEMA, paths=("map",), base=base
@@ -158,7 +160,8 @@ def validate(raw: Mapping[str, Any], base: Path | None = None) -> SenderBindingC
         if config.map is None:
             raise ValueError('map: required with source = "map"')
         try:
-            read_map(config.map)
+            if read_files:
+                read_map(config.map)
         except ValueError as e:
             raise ValueError(f"map: {e}") from None
     if config.source == "sql":

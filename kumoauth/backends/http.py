@@ -533,15 +533,17 @@ class HTTP:
                 "secured": secured(conn_meta),
             }
         ).encode("utf-8")
-        return self._request(client, self._ask(client, body))
+        return self._request(client, self._ask(client, body), client.where)
 
-    def _request(self, client: _Client, work: Coroutine[Any, Any, Any]) -> defer.Deferred[Any]:
+    def _request(
+        self, client: _Client, work: Coroutine[Any, Any, Any], where: str
+    ) -> defer.Deferred[Any]:
         return request_within(
             work,
             client.config.timeout,
             self.reactor,
-            _timed_out(client.where),
-            lambda f: self._failed(f, client),
+            _timed_out(where),
+            lambda f: as_backend_error(f, where),
         )
 
     async def _ask(self, client: _Client, body: bytes) -> Verdict:
@@ -599,7 +601,7 @@ class HTTP:
             url = _ready_url(joined.geturl())
             where = _where(joined.geturl())
         body = json.dumps(payload).encode("utf-8")
-        return self._request(client, self._ask_json(client, url, where, body))
+        return self._request(client, self._ask_json(client, url, where, body), where)
 
     async def _ask_json(self, client: _Client, url: Any, where: str, body: bytes) -> Any:
         try:
@@ -622,18 +624,6 @@ class HTTP:
             # RecursionError: nesting deeper than the parser goes (60 KB of
             # "[" fits in MAX_BODY), an answer like any other that is not JSON
             raise BackendError(f"{where}: HTTP 200 with a body that is not JSON") from None
-
-    def _failed(self, f: Failure, client: _Client) -> Any:
-        if f.check(BackendError):
-            return f
-        if f.value is not None and _cancelled(f.value):
-            # Cancelled, and not by the deadline (which says so itself):
-            # not an outage of the API.
-            raise defer.CancelledError()
-        reason = _reason(f.value) if isinstance(f.value, Exception) else None
-        if reason is None:
-            return f  # not a failure mode we know: a bug, logged with its traceback
-        raise BackendError(f"{client.where}: {reason}")
 
     def start(self) -> None:
         return None
@@ -661,6 +651,23 @@ def _timed_out(where: str) -> Callable[[Any, float], Any]:
         raise BackendError(f"{where}: no answer within {timeout:g} s")
 
     return timed_out
+
+
+def as_backend_error(f: Failure, where: str) -> Any:
+    """
+    A request's failure as :class:`BackendError` naming *where* and the
+    network or TLS cause; a cancellation stays one (not by the deadline,
+    which says so itself: not an outage); anything else (a bug) as it is,
+    to be logged with its traceback.
+    """
+    if f.check(BackendError):
+        return f
+    if f.value is not None and _cancelled(f.value):
+        raise defer.CancelledError()
+    reason = _reason(f.value) if isinstance(f.value, Exception) else None
+    if reason is None:
+        return f
+    raise BackendError(f"{where}: {reason}")
 
 
 def request_within(
@@ -694,8 +701,17 @@ def request_within(
             raise defer.CancelledError()
         return failed(f)
 
+    def forward(result: Any) -> None:
+        # Once: a cancel that *inner* did not answer at once has already
+        # failed *outer* with CancelledError.
+        if not outer.called:
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+
     outer: defer.Deferred[Any] = defer.Deferred(cancel)
-    inner.addErrback(give_up_or_fail).chainDeferred(outer)
+    inner.addErrback(give_up_or_fail).addBoth(forward)
     return outer
 
 

@@ -80,13 +80,12 @@ from kumoauth.backends.base import read_secret_file as _read_secret_file
 from kumoauth.backends.http import (
     QuietConnectionPool,
     _Body,
-    _cancelled,
     _closed_unanswered,
     _ready_url,
-    _reason,
     _timed_out,
     _TooBig,
     _where,
+    as_backend_error,
     request_within,
 )
 from kumoauth.checks import _LOOPBACK, _Bad, _bool, _number, _show, _str
@@ -207,12 +206,13 @@ SCHEMA: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def validate(raw: Mapping[str, Any], base: Path | None = None) -> Config:
+def validate(raw: Mapping[str, Any], base: Path | None = None, read_files: bool = True) -> Config:
     """
     ``[auth.oauth]`` as a :class:`Config`; relative paths are against
-    *base*.  The URLs are checked, and the JWKS file, the client secret and
-    the CA file are read once, so that a mistake in them stops start-up (or
-    a reload).  ``ValueError`` with one line, ``key: problem``.
+    *base*.  The URLs are checked, and (*read_files*) the JWKS file, the
+    client secret and the CA file are read once, so that a mistake in them
+    stops start-up (or a reload).  ``ValueError`` with one line, ``key:
+    problem``.
     """
     config: Config = parse_table(
         Config,
@@ -243,6 +243,17 @@ def validate(raw: Mapping[str, Any], base: Path | None = None) -> Config:
             https |= _check_url(key, url, config.allow_plaintext)
     if config.ca_file is not None and not https:
         raise ValueError("ca_file: only for an https:// jwks_url or introspection_url")
+    if config.scope is not None and config.required_scopes:
+        advertised = set(config.scope.split(" "))
+        missing = [s for s in config.required_scopes if s not in advertised]
+        if missing:
+            # A client asking for what the error reply says would get a
+            # token refused again, and again.
+            raise ValueError(
+                f"scope: the scope to ask for lacks required_scopes {' '.join(missing)}"
+            )
+    if not read_files:
+        return config
     if config.jwks_file is not None:
         _read_jwks_file(config.jwks_file)
     _client_secret(config)
@@ -724,7 +735,7 @@ class _Client:
             self.timeout,
             self.reactor,
             _timed_out(where),
-            lambda f: self._failed(f, where),
+            lambda f: as_backend_error(f, where),
         )
 
     async def _ask(
@@ -764,16 +775,6 @@ class _Client:
             unbuffered=True,
             reactor=self.reactor,
         )
-
-    def _failed(self, f: Failure, where: str) -> Any:
-        if f.check(BackendError):
-            return f
-        if f.value is not None and _cancelled(f.value):
-            raise defer.CancelledError()  # the caller gave up: not an outage
-        reason = _reason(f.value) if isinstance(f.value, Exception) else None
-        if reason is None:
-            return f  # a bug, logged with its traceback by whoever gets it
-        raise BackendError(f"{where}: {reason}")
 
     def retire(self) -> defer.Deferred[None]:
         self.reactor.callLater(self.timeout + 1, self.pool.closeCachedConnections)
@@ -1063,6 +1064,8 @@ class TokenValidator:
         """
         payload: dict[str, str] = {"status": error.status}
         scope = error.scope if error.scope is not None else self.config.scope
+        if scope is None and self.config.required_scopes:
+            scope = " ".join(self.config.required_scopes)
         if scope is not None:
             payload["scope"] = scope
         issuer = self.config.issuer.rstrip("/")

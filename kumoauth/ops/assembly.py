@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from kumoauth.auth.checkers import CheckerSpec, build, resolve, resolve_tables_only
 from kumoauth.auth.cred import PolicyChecker, make_portal
 from kumoauth.auth.throttle import Throttle, make_store
-from kumoauth.config import Config, ConfigError, load
+from kumoauth.config import Config, ConfigError, load, parse
 from kumoauth.policy import Invoker, Policy, PolicyError, load_policy, read_policy
 from kumoauth.relay.queue import (
     DAMAGED_DIR,
@@ -62,20 +62,26 @@ def load_config(path: str) -> Config:
         raise OperatorError(str(e)) from None
 
 
+#: the largest policy file, private key or certificate chain
+MAX_GENERATION_FILE = 4 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class GenerationFiles:
     """
     The files a configuration generation is built from, besides its text:
-    the policy, and the TLS private key and certificate chain, as read once.
-    The supervisor reads them when it validates a generation and hands the
-    same bytes to every worker it starts or reloads, so that a worker
-    restarted later runs what was validated, whatever is on disk by then.
+    the policy, the TLS private key and certificate chain, and the
+    throttle's fingerprint key, as read once.  The supervisor reads them
+    when it validates a generation and hands the same bytes to every worker
+    it starts or reloads, so that a worker restarted later runs what was
+    validated, whatever is on disk by then.
     """
 
-    # Not in a repr: the private key must never reach a log or a traceback.
+    # Not in a repr: keys must never reach a log or a traceback.
     policy: bytes | None = field(default=None, repr=False)
     private_key: bytes | None = field(default=None, repr=False)
     certificate: bytes | None = field(default=None, repr=False)
+    fingerprint_key: bytes | None = field(default=None, repr=False)
 
     def to_wire(self) -> dict[str, str | None]:
         """For the workers' control channel (JSON)."""
@@ -91,34 +97,68 @@ class GenerationFiles:
             value = wire.get(name)
             return None if value is None else base64.b64decode(value, validate=True)
 
-        return cls(get("policy"), get("private_key"), get("certificate"))
+        return cls(get("policy"), get("private_key"), get("certificate"), get("fingerprint_key"))
+
+
+def parse_validated(text: str, source: Path | str, files: GenerationFiles) -> Config:
+    """
+    A generation's text as a worker parses it: validated by the supervisor
+    already, so the files it names are not read again (they may have
+    changed or gone since: a worker restarted then must still start), and
+    the fingerprint key is the one the supervisor read.  An
+    :class:`OperatorError` if it does not parse.
+    """
+    try:
+        cfg = parse(text, source, read_files=False, fingerprint_key=files.fingerprint_key)
+        if cfg.auth.throttle.fingerprint_key_file is not None and files.fingerprint_key is None:
+            cfg = parse(text, source)  # from a supervisor that sends no files
+    except ConfigError as e:
+        raise OperatorError(str(e)) from None
+    return cfg
 
 
 def read_generation_files(cfg: Config) -> GenerationFiles:
     """
     Read the files *cfg* names (creating the self-signed certificate first
-    where it asks for one); an unreadable one is an :class:`OperatorError`.
+    where it asks for one); an unreadable one, or one over
+    :data:`MAX_GENERATION_FILE`, is an :class:`OperatorError`.
     """
-    policy = key = chain = None
+    policy = None
     if cfg.policy.path is not None:
         try:
             policy = read_policy(cfg.policy.path)
         except PolicyError as e:
             raise OperatorError(f"{cfg.source}: [policy] path: {e}") from None
+        _not_too_big(cfg, "[policy] path", cfg.policy.path, policy)
+    key, chain = _read_tls(cfg) if cfg.tls is not None else (None, None)
+    # Read when the text was parsed: the supervisor's key, for every worker.
+    fingerprint = cfg.auth.throttle.fingerprint_key
+    return GenerationFiles(policy, key, chain, fingerprint)
+
+
+def _read_tls(cfg: Config) -> tuple[bytes, bytes]:
     tls = cfg.tls
-    if tls is not None:
-        if tls.self_signed and not tls.certificate.exists() and not tls.private_key.exists():
-            make_self_signed(tls.certificate, tls.private_key, cfg.server.hostname)
-            log.warn(
-                "created a self-signed certificate at {path} (self_signed = true): "
-                "for development only",
-                path=str(tls.certificate),
-            )
-        try:
-            key, chain = read_pem(tls)
-        except TLSError as e:
-            raise OperatorError(f"{cfg.source}: {e}") from None
-    return GenerationFiles(policy=policy, private_key=key, certificate=chain)
+    assert tls is not None
+    if tls.self_signed and not tls.certificate.exists() and not tls.private_key.exists():
+        make_self_signed(tls.certificate, tls.private_key, cfg.server.hostname)
+        log.warn(
+            "created a self-signed certificate at {path} (self_signed = true): "
+            "for development only",
+            path=str(tls.certificate),
+        )
+    try:
+        key, chain = read_pem(tls)
+    except TLSError as e:
+        raise OperatorError(f"{cfg.source}: {e}") from None
+    _not_too_big(cfg, "[tls] private_key", tls.private_key, key)
+    _not_too_big(cfg, "[tls] certificate", tls.certificate, chain)
+    return key, chain
+
+
+def _not_too_big(cfg: Config, key: str, path: Path, data: bytes) -> None:
+    # Workers get the bytes over their control pipe (kumoauth.ops.workers).
+    if len(data) > MAX_GENERATION_FILE:
+        raise OperatorError(f"{cfg.source}: {key}: {path}: over {MAX_GENERATION_FILE >> 20} MiB")
 
 
 def build_tls(cfg: Config, files: GenerationFiles | None = None) -> ServerContextFactory | None:
@@ -126,11 +166,12 @@ def build_tls(cfg: Config, files: GenerationFiles | None = None) -> ServerContex
     tls = cfg.tls
     if tls is None:
         return None
-    if files is None or files.private_key is None or files.certificate is None:
-        files = read_generation_files(cfg)
-    assert files.private_key is not None and files.certificate is not None
+    if files is not None and files.private_key is not None and files.certificate is not None:
+        pem = (files.private_key, files.certificate)
+    else:
+        pem = _read_tls(cfg)
     try:
-        return ServerContextFactory(build_context(tls, pem=(files.private_key, files.certificate)))
+        return ServerContextFactory(build_context(tls, pem=pem))
     except TLSError as e:
         raise OperatorError(f"{cfg.source}: {e}") from None
 

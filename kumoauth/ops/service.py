@@ -14,7 +14,7 @@ from twisted.internet import defer, endpoints, threads
 from twisted.logger import Logger, globalLogPublisher
 
 from kumoauth.auth.checkers import call_hook
-from kumoauth.config import Config, ConfigError, parse
+from kumoauth.config import Config
 from kumoauth.ops import proxyheader
 from kumoauth.ops.assembly import (
     GenerationFiles,
@@ -24,6 +24,7 @@ from kumoauth.ops.assembly import (
     build_tls,
     load_config,
     open_queue,
+    parse_validated,
     read_generation_files,
     relay_settings,
     worker_segments,
@@ -108,7 +109,8 @@ class KumoauthService(ApplicationLog, service.MultiService):
     def startService(self) -> None:
         self.writer.start()
         self.checker_pool.start()
-        self.process.header_pool.start()
+        if self.process.header_pool is not None:
+            self.process.header_pool.start()
         if self.cfg.log.json_path is not None:
             self._json_log = open_json_log(self.cfg.log.json_path)
         super().startService()
@@ -144,12 +146,10 @@ class KumoauthService(ApplicationLog, service.MultiService):
         def prepare() -> tuple[Config, Any, Any, Any]:
             if text is None:
                 cfg = load_config(source)
+                read = read_generation_files(cfg)
             else:
-                try:
-                    cfg = parse(text, source)
-                except ConfigError as e:
-                    raise OperatorError(str(e)) from None
-            read = files if files is not None else read_generation_files(cfg)
+                read = files if files is not None else GenerationFiles()
+                cfg = parse_validated(text, source, read)
             return cfg, build_tls(cfg, read), build_policy(cfg, read), relay_settings(cfg)
 
         def apply(prepared: tuple[Config, Any, Any, Any]) -> bool:
@@ -326,9 +326,10 @@ class KumoauthService(ApplicationLog, service.MultiService):
             if self._json_log is not None:
                 globalLogPublisher.removeObserver(self._json_log)
                 self._json_log = None
+            pools = [self.checker_pool, self.process.header_pool]
             return stop_within(
                 defer.gatherResults(
-                    [self.writer.stop(), self.checker_pool.stop(), self.process.header_pool.stop()]
+                    [self.writer.stop(), *(p.stop() for p in pools if p is not None)]
                 ),
                 STOP_THREADS_WITHIN,
                 self.reactor,

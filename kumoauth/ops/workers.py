@@ -7,21 +7,22 @@ handing each the sockets as inherited file descriptors; a worker adopts them
 (``adoptStreamPort``) and runs the ordinary kumoauth service on them, so the
 kernel spreads new connections across workers.
 
-Workers never read the configuration file.  The supervisor holds the
+Workers never read the configuration file. The supervisor holds the
 configuration it validated — its text, a generation number, and the policy,
-private key and certificate as it read them
+private key, certificate and fingerprint key as it read them
 (:class:`~kumoauth.ops.assembly.GenerationFiles`) — and hands it to every
 worker it starts, and to every running worker on a reload, over a control
-channel: netstrings of JSON on the worker's stdin (file descriptor 0),
-answers on descriptor 3.  A worker restarted after the files were edited
-thus runs what the others run, not what is on disk.  The first message also carries the
-sockets, each named by its listener's ``(endpoint, tls)``, the ``--auth``
-checkers and the TLS session-ticket secret (never in argv, the environment
-or a log).  A worker serves each inherited socket with the listener of the
-same ``(endpoint, tls)`` in the current generation — or, if that listener
-was removed or changed since start-up, with the one the socket was bound
-for; keys that need a restart (``[spool] path``, ``[auth] threads``,
-``[log]``, ``[metrics]``) keep their start-up values.  A listener without a
+channel: netstrings of JSON on the worker's stdin (file descriptor 0), answers
+on descriptor 3. A worker restarted after the files were edited thus runs what
+the others run, not what is on disk; it parses the texts without reading the
+files they name (they were checked, and may be gone). The first message also
+carries the sockets, each named by its listener's ``(endpoint, tls)``, the
+``--auth`` checkers and the TLS session-ticket secret (never in argv, the
+environment or a log). A worker serves each inherited socket with the listener
+of the same ``(endpoint, tls)`` in the current generation — or, if that
+listener was removed or changed since start-up, with the one the socket was
+bound for; keys that need a restart (``[spool] path``, ``[auth] threads``,
+``[log]``, ``[metrics]``) keep their start-up values. A listener without a
 socket is logged ("needs a restart") and skipped.
 
 The supervisor:
@@ -79,6 +80,7 @@ from kumoauth.ops.assembly import (
     build_runtime,
     build_tls,
     open_queue,
+    parse_validated,
     read_generation_files,
     relay_settings,
 )
@@ -112,8 +114,9 @@ CONTROL_IN = 0
 CONTROL_OUT = 3
 #: the inherited listening sockets start here
 FIRST_SOCKET = 4
-#: the largest control message (a configuration file is far smaller)
-MAX_MESSAGE = 16 * 1024 * 1024
+#: the largest control message: the configuration texts, and the policy,
+#: key and chain in base64 (each at most assembly.MAX_GENERATION_FILE)
+MAX_MESSAGE = 64 * 1024 * 1024
 
 
 # --- control channel ----------------------------------------------------------
@@ -743,12 +746,19 @@ class WorkerControl(protocol.Protocol):
         try:
             messages = self._decoder.feed(data)
         except ValueError:
-            log.error("bad control message from the supervisor")
+            log.error("bad control message from the supervisor: dropped")
+            self._decoder = Netstrings()  # what follows starts afresh
             return
         for message in messages:
-            if message.get("type") == "config":
-                files = GenerationFiles.from_wire(message["files"])
-                self.apply(int(message["generation"]), message["text"], files)
+            if message.get("type") != "config":
+                continue
+            try:
+                generation, text = int(message["generation"]), str(message["text"])
+                files = GenerationFiles.from_wire(message.get("files") or {})
+            except (KeyError, TypeError, ValueError):
+                log.error("bad configuration message from the supervisor: ignored")
+                continue
+            self.apply(generation, text, files)
 
     def apply(self, generation: int, text: str, files: GenerationFiles) -> defer.Deferred[Any]:
         def done(ok: bool) -> None:
@@ -810,11 +820,15 @@ def worker_main(argv: list[str] | None = None) -> None:
         )
     adopt_ticket_secret(bytes.fromhex(start["ticket_secret"]))
     source = start["source"]
+    # (A supervisor older than this worker sends no files: read from disk.)
+    files = GenerationFiles.from_wire(start.get("files") or {})
     try:
-        boot = parse(start["boot_text"], source)
-        current = parse(start["text"], source)
-    except ConfigError as e:
-        log.critical("{error}", error=str(e))
+        # The start-up text only for what needs a restart: the files it
+        # named may be long gone.
+        boot = parse(start["boot_text"], source, read_files=False)
+        current = parse_validated(start["text"], source, files)
+    except (ConfigError, OperatorError) as e:
+        log.critical("worker cannot start: {error}", error=str(e))
         raise SystemExit(1) from None
     sockets = [
         Inherited(s["endpoint"], s["tls"], int(s["fd"]), int(s["family"])) for s in start["sockets"]
@@ -823,7 +837,6 @@ def worker_main(argv: list[str] | None = None) -> None:
     for warning in warnings:
         log.warn("{warning}", warning=warning)
     checkers = [strcred.makeChecker(a) for a in start["auth"]] or None
-    files = GenerationFiles.from_wire(start["files"])
     try:
         top = make_service_from_config(
             cfg, reactor, checkers, adopt=adopt, writer_id=metrics_id(args.index), files=files

@@ -106,7 +106,7 @@ class SenderGate:
             self.parse_pool.call(self._senders.header_addresses, head, smtputf8),
             self.timeout,
             self.clock,
-            self._no_thread,
+            self._not_parsed,
         )
 
         def check(addresses: list[str] | None) -> Any:
@@ -137,7 +137,7 @@ class SenderGate:
         self.metrics.sender_binding.labels(where, "error").inc()
         return R_LOOKUP_DOWN
 
-    def _no_thread(self, result: Any, seconds: float) -> Any:
+    def _not_parsed(self, result: Any, seconds: float) -> Any:
         raise self._senders.SenderLookupError(f"not parsed within {seconds:g} s")
 
     async def _decide(

@@ -32,6 +32,7 @@ typedef struct ssl_method_st SSL_METHOD;
 typedef struct bio_st BIO;
 typedef struct bio_method_st BIO_METHOD;
 typedef struct x509_st X509;
+typedef struct evp_pkey_st EVP_PKEY;
 typedef struct ssl_cipher_st SSL_CIPHER;
 typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
 typedef struct evp_cipher_st EVP_CIPHER;
@@ -58,6 +59,8 @@ int SSL_CTX_set_num_tickets(SSL_CTX *, size_t);
 long SSL_CTX_set_timeout(SSL_CTX *, long);
 int SSL_CTX_use_PrivateKey_file(SSL_CTX *, const char *, int);
 int SSL_CTX_use_certificate_chain_file(SSL_CTX *, const char *);
+int SSL_CTX_use_PrivateKey(SSL_CTX *, EVP_PKEY *);
+int SSL_CTX_use_certificate(SSL_CTX *, X509 *);
 int SSL_CTX_check_private_key(const SSL_CTX *);
 int SSL_CTX_set_session_id_context(SSL_CTX *, const unsigned char *, unsigned int);
 void SSL_CTX_set_default_passwd_cb(SSL_CTX *, int (*)(char *, int, int, void *));
@@ -85,6 +88,12 @@ int i2d_X509(X509 *, unsigned char **);
 void CRYPTO_free(void *, const char *, int);
 
 BIO *BIO_new(const BIO_METHOD *);
+BIO *BIO_new_mem_buf(const void *, int);
+int BIO_free(BIO *);
+EVP_PKEY *PEM_read_bio_PrivateKey(BIO *, EVP_PKEY **, int (*)(char *, int, int, void *), void *);
+X509 *PEM_read_bio_X509_AUX(BIO *, X509 **, int (*)(char *, int, int, void *), void *);
+X509 *PEM_read_bio_X509(BIO *, X509 **, int (*)(char *, int, int, void *), void *);
+void EVP_PKEY_free(EVP_PKEY *);
 const BIO_METHOD *BIO_s_mem(void);
 int BIO_read(BIO *, void *, int);
 int BIO_write(BIO *, const void *, int);
@@ -93,6 +102,7 @@ int BIO_test_flags(const BIO *, int);
 
 unsigned long ERR_get_error(void);
 unsigned long ERR_peek_error(void);
+unsigned long ERR_peek_last_error(void);
 void ERR_clear_error(void);
 const char *ERR_lib_error_string(unsigned long);
 const char *ERR_reason_error_string(unsigned long);
@@ -120,6 +130,8 @@ SSL_CTRL_MODE = 33
 SSL_CTRL_SET_SESS_CACHE_MODE = 44
 SSL_CTRL_SET_GROUPS_LIST = 92
 SSL_CTRL_SET_MIN_PROTO_VERSION = 123
+SSL_CTRL_CHAIN = 88
+SSL_CTRL_CHAIN_CERT = 89
 SSL_MODE_RELEASE_BUFFERS = 0x10
 SSL_SESS_CACHE_OFF = 0
 
@@ -150,6 +162,10 @@ _BOTH = _INTO | _FROM
 
 _ERR_SYSTEM_FLAG = 1 << 31
 _ERR_REASON_MASK = 0x7FFFFF
+_ERR_LIB_OFFSET = 23
+_ERR_LIB_MASK = 0xFF
+_ERR_LIB_PEM = 9
+_PEM_R_NO_START_LINE = 108
 
 ffi = FFI()
 ffi.cdef(_CDEF)
@@ -307,20 +323,24 @@ def _no_passphrase(buf: Any, size: int, rwflag: int, userdata: Any) -> int:
 
 
 @contextlib.contextmanager
-def _in_memory(data: bytes) -> Iterator[bytes]:
-    """
-    A file name OpenSSL can open for *data*: an anonymous memory file
-    (``memfd_create``), never on a disk, closed on exit.  OpenSSL's own file
-    loaders then parse it exactly as they would the file it was read from.
-    """
-    fd = os.memfd_create("kumoauth-pem", os.MFD_CLOEXEC)
+def _memory_bio(data: bytes) -> Iterator[Any]:
+    """A read-only memory BIO over *data* (not copied: kept alive here)."""
+    buf = ffi.from_buffer(data)
+    bio = lib.BIO_new_mem_buf(buf, len(data))
+    if bio == ffi.NULL:
+        raise MemoryError("BIO_new_mem_buf")
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        yield f"/proc/self/fd/{fd}".encode()
+        yield bio
     finally:
-        os.close(fd)
+        lib.BIO_free(bio)
+
+
+def _end_of_pem(code: int) -> bool:
+    """Whether *code* is PEM's "no start line": the end of a chain."""
+    if code & _ERR_SYSTEM_FLAG:
+        return False
+    lib_code = (code >> _ERR_LIB_OFFSET) & _ERR_LIB_MASK
+    return lib_code == _ERR_LIB_PEM and code & _ERR_REASON_MASK == _PEM_R_NO_START_LINE
 
 
 class Context:
@@ -387,14 +407,48 @@ class Context:
         self._check(lib.SSL_CTX_use_certificate_chain_file(self._ctx, path) == 1)
 
     def use_privatekey_pem(self, data: bytes) -> None:
-        """:meth:`use_privatekey_file` for a key held in memory (PEM)."""
-        with _in_memory(data) as path:
-            self.use_privatekey_file(path)
+        """
+        What ``SSL_CTX_use_PrivateKey_file`` does, from PEM bytes in memory
+        (no file, no descriptor): an encrypted key is refused, not prompted for.
+        """
+        crypto.ERR_clear_error()
+        with _memory_bio(data) as bio:
+            key = lib.PEM_read_bio_PrivateKey(bio, ffi.NULL, _no_passphrase, ffi.NULL)
+            if key == ffi.NULL:
+                raise_error()
+            try:
+                self._check(lib.SSL_CTX_use_PrivateKey(self._ctx, key) == 1)
+            finally:
+                lib.EVP_PKEY_free(key)  # the context holds a reference of its own
 
     def use_certificate_chain_pem(self, data: bytes) -> None:
-        """:meth:`use_certificate_chain_file` for a chain held in memory (PEM)."""
-        with _in_memory(data) as path:
-            self.use_certificate_chain_file(path)
+        """
+        What ``SSL_CTX_use_certificate_chain_file`` does, from PEM bytes in
+        memory: the first certificate is the server's (with its trust
+        settings, ``X509_AUX``), every further one its chain, in order.
+        """
+        crypto.ERR_clear_error()
+        with _memory_bio(data) as bio:
+            leaf = lib.PEM_read_bio_X509_AUX(bio, ffi.NULL, _no_passphrase, ffi.NULL)
+            if leaf == ffi.NULL:
+                raise_error()
+            try:
+                self._check(lib.SSL_CTX_use_certificate(self._ctx, leaf) == 1)
+            finally:
+                lib.X509_free(leaf)  # the context holds a reference of its own
+            self._check(self._ctrl(SSL_CTRL_CHAIN, 0) == 1)  # SSL_CTX_clear_chain_certs
+            while True:
+                ca = lib.PEM_read_bio_X509(bio, ffi.NULL, _no_passphrase, ffi.NULL)
+                if ca == ffi.NULL:
+                    break
+                if self._ctrl(SSL_CTRL_CHAIN_CERT, 0, ca) != 1:  # add0: owns it if added
+                    lib.X509_free(ca)
+                    raise_error()
+            # The loop ends at the end of the data ("no start line"), or at
+            # a certificate that does not parse.
+            if not _end_of_pem(crypto.ERR_peek_last_error()):
+                raise_error()
+            crypto.ERR_clear_error()
 
     def check_privatekey(self) -> None:
         self._check(lib.SSL_CTX_check_private_key(self._ctx) == 1)
