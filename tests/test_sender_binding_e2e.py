@@ -746,8 +746,9 @@ def test_a_hung_credential_store_does_not_hold_up_the_header_check(tmp_path, cer
     """
     The one checker thread is held by a check that never ends (a store that
     hangs): a session that logged in before still gets its message's
-    From: checked at once, in the parse's own thread.  Behind the checks
-    it waited [policy] timeout for a thread and got 451 4.7.1.
+    From: checked at once, and the map re-read when it changes, in the
+    binding's own parse thread.  Behind the checks each waited [policy]
+    timeout for a thread and got 451 4.7.1.
     """
     assert HUNG_POLICY.count("@kumo.blocking") == 1 and "Event().wait(60)" in HUNG_POLICY
     where = tmp_path / "hung"
@@ -768,7 +769,15 @@ def test_a_hung_credential_store_does_not_hold_up_the_header_check(tmp_path, cer
             stage, code, _ = send(s, "scott@example.com", message("From: alice@example.com"))
             assert (stage, code) == ("data", 550)
             assert time.monotonic() - started < 2.5
-        assert "sender binding header check unavailable" not in srv.log()
+            # The map changes meanwhile: it is re-read in that thread too.
+            (where / "sender_logins").write_text(MAP + "new@example.com scott\n")
+            time.sleep(1.2)  # past the map's stat interval
+            started = time.monotonic()
+            sent(s, srv, "new@example.com", message("From: new@example.com"))
+            assert time.monotonic() - started < 2.5
+        log = srv.log()
+        assert "sender binding header check unavailable" not in log
+        assert "sender binding: map" in log and "re-read" in log
 
 
 # --------------------------------------------------------------------------

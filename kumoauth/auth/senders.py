@@ -894,11 +894,12 @@ def _make_source(
     reactor: Any,
     pool: Any,
     base: Path | None,
+    parse_pool: Any,
 ) -> Any:
     if config.source == "map":
         if config.map is None:
             raise ValueError('map: required with source = "map"')
-        return _MapSource(config.map, reactor, pool)
+        return _MapSource(config.map, reactor, parse_pool)
     table = auth_tables.get(config.source)
     if not isinstance(table, Mapping):
         raise ValueError(
@@ -943,13 +944,19 @@ class SenderBinding:
         reactor: Any,
         pool: Any,
         base: Path | None = None,
+        parse_pool: Any = None,
     ) -> None:
         self.reactor = default_reactor(reactor)
         self.pool = pool if pool is not None else ReactorThreads(self.reactor)
+        #: for parsing (messages' headers, the map file): not the store's
+        #: threads, which a hung store holds
+        self.parse_pool = parse_pool if parse_pool is not None else self.pool
         self.base = base
         self.auth_tables = auth_tables
         self.config = config
-        self.source = _make_source(config, auth_tables, self.reactor, self.pool, base)
+        self.source = _make_source(
+            config, auth_tables, self.reactor, self.pool, base, self.parse_pool
+        )
         #: the source's outages, one log line per change of state (the
         #: protocol side, :mod:`kumoauth.smtp.sender_gate`, reports each
         #: lookup to it); lives as long as the engine, which a reload keeps
@@ -1049,7 +1056,7 @@ class SenderBinding:
             old.checked = float("-inf")
             self.config, self.auth_tables = config, tables
             return None
-        new = _make_source(config, tables, self.reactor, self.pool, self.base)
+        new = _make_source(config, tables, self.reactor, self.pool, self.base, self.parse_pool)
         self.config, self.auth_tables, self.source = config, tables, new
         return old.stop()
 

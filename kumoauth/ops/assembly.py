@@ -282,7 +282,12 @@ def _sender_gate(
     else:
         try:
             engine = SenderBinding(
-                settings, cfg.auth.tables, process.clock, invoker.pool, cfg.source.parent
+                settings,
+                cfg.auth.tables,
+                process.clock,
+                invoker.pool,
+                cfg.source.parent,
+                parse_pool=process.parse_pool,
             )
         except ValueError as e:
             raise OperatorError(f"{cfg.source}: [sender_binding] {e}") from None
@@ -294,7 +299,6 @@ def _sender_gate(
         process.metrics,
         cfg.policy.timeout,
         process.clock,
-        parse_pool=process.header_pool,
     )
     return binding, gate
 

@@ -109,8 +109,8 @@ class KumoauthService(ApplicationLog, service.MultiService):
     def startService(self) -> None:
         self.writer.start()
         self.checker_pool.start()
-        if self.process.header_pool is not None:
-            self.process.header_pool.start()
+        if self.process.parse_pool is not None:
+            self.process.parse_pool.start()
         if self.cfg.log.json_path is not None:
             self._json_log = open_json_log(self.cfg.log.json_path)
         super().startService()
@@ -326,7 +326,7 @@ class KumoauthService(ApplicationLog, service.MultiService):
             if self._json_log is not None:
                 globalLogPublisher.removeObserver(self._json_log)
                 self._json_log = None
-            pools = [self.checker_pool, self.process.header_pool]
+            pools = [self.checker_pool, self.process.parse_pool]
             return stop_within(
                 defer.gatherResults(
                     [self.writer.stop(), *(p.stop() for p in pools if p is not None)]
@@ -422,8 +422,8 @@ def make_service_from_config(
         name="kumoauth-checker",
     )
     process = ProcessState(clock=reactor, store=writer.store)
-    process.header_pool = BlockingPool(
-        reactor, threads=1, max_queued=HEADER_PARSES_QUEUED, name="kumoauth-header"
+    process.parse_pool = BlockingPool(
+        reactor, threads=1, max_queued=HEADER_PARSES_QUEUED, name="kumoauth-parse"
     )
     if files is None:
         files = read_generation_files(cfg)

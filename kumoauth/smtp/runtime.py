@@ -144,10 +144,10 @@ class ProcessState:
     oauth_validator: Any = None
     #: the [limits] store's state, logged once per change
     limits_store_state: StateLog = field(default_factory=lambda: StateLog("sending-limits store"))
-    #: ``[sender_binding] check_header_from``: the header's parse, in a
-    #: thread of its own (a BlockingPool), so that a credential store
-    #: holding every checker thread does not hold up messages' headers
-    header_pool: Any = None
+    #: ``[sender_binding]``'s own parsing (messages' headers, the map file
+    #: re-read), in a thread of its own (a BlockingPool): a credential store
+    #: holding every checker thread must not hold it up
+    parse_pool: Any = None
 
     def __post_init__(self) -> None:
         self.log_limiter = LogLimiter(self.clock)

@@ -52,8 +52,8 @@ class SenderGate:
         parse_pool: Any = None,
     ) -> None:
         self.binding = binding
-        #: where the header is parsed: its own thread, else the checkers'
-        self.parse_pool = parse_pool if parse_pool is not None else binding.pool
+        #: where the header is parsed: the binding's parse thread
+        self.parse_pool = parse_pool if parse_pool is not None else binding.parse_pool
         self.policy = policy
         self.invoke = invoke
         self.metrics = metrics
