@@ -643,6 +643,8 @@ def parse(
     raw_auth = data.get("auth", {})
     raw_throttle = raw_auth.pop("throttle", {}) if isinstance(raw_auth, dict) else {}
     t = _section(source, "auth.throttle", raw_throttle)
+    if "store" in t:
+        t["store"] = _store_files(source, t["store"])
     if "fingerprint_key_file" in t:
         t["fingerprint_key_file"] = _path(source, t["fingerprint_key_file"])
         t["fingerprint_key"] = (
@@ -700,7 +702,10 @@ def parse(
         sender_binding = _sender_binding(source, data["sender_binding"], auth, read_files)
     limits = None
     if "limits" in data:
-        limits = LimitsConfig(**_section(source, "limits", data["limits"]))
+        raw_limits = _section(source, "limits", data["limits"])
+        if "store" in raw_limits:
+            raw_limits["store"] = _store_files(source, raw_limits["store"])
+        limits = LimitsConfig(**raw_limits)
 
     return Config(
         source=source,
@@ -720,6 +725,15 @@ def parse(
 
 #: sections validated by the module that owns them (imported only when present)
 EXTERNAL_SECTIONS = frozenset({"sender_binding"})
+
+
+def _store_files(source: Path, spec: str) -> str:
+    """A Redis store URL's file options, relative to the configuration file."""
+    if "?" not in spec:
+        return spec  # no options: nothing to import the Redis client for
+    from kumoauth.stores.redis import with_files_under
+
+    return with_files_under(spec, source.parent)
 
 
 def _sender_binding(source: Path, raw: Any, auth: AuthConfig, read_files: bool = True) -> Any:

@@ -125,3 +125,30 @@ def test_a_key_that_is_not_utf8_is_listed_escaped_not_a_traceback(cfg, redis):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "bad\\udcff\\udcfe" in result.stdout and result.stdout.isascii(), result.stdout
+
+
+def test_a_relative_password_file_is_found_beside_the_configuration(tmp_path):
+    # The store URL's password_file, like every path in the file, is
+    # relative to the configuration's directory, not to where the command
+    # (or twistd) happens to run.
+    from tests.redis_server import require_redis, running_redis
+
+    require_redis()
+    with running_redis(password="s3cret-pw") as server:
+        etc = tmp_path / "etc"
+        etc.mkdir()
+        (etc / "redis.pass").write_text("s3cret-pw\n")
+        url = server.url(db=0, password=False, password_file="redis.pass", prefix=PREFIX)
+        config = etc / "kumoauth.toml"
+        config.write_text(BASE + f'[auth.throttle]\nstore = "{url}"\n')
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        done = subprocess.run(
+            [sys.executable, "-m", "kumoauth.cli", "throttle", "--config", str(config), "list"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=elsewhere,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "s3cret" not in done.stdout + done.stderr

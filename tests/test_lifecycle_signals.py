@@ -349,6 +349,18 @@ def test_a_worker_that_cannot_start_says_why_in_one_line(tmp_path, certs):
         assert srv.proc.wait(20) == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_relay_added_by_a_reload_says_it_needs_a_restart(tmp_path, certs, workers):
+    with running_server(tmp_path / "srv", certs, POLICY, server=f"workers = {workers}") as srv:
+        if workers > 1:
+            wait_for(lambda: ready_count(srv) == workers)
+        relay = '\n[relay]\nhost = "127.0.0.1"\nport = 2525\ntls = "none"\nidentity = "none"\n'
+        srv.config.write_text(srv.config.read_text() + relay)
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_log(srv, "[relay] added or removed: it needs a restart")
+        assert "Traceback" not in srv.log()
+
+
 def test_a_worker_sent_sighup_re_applies_the_validated_files(tmp_path, certs):
     # A SIGHUP to one worker directly: its generation again, as validated,
     # not the policy file edited since.

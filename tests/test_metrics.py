@@ -90,3 +90,29 @@ def test_metrics_move_with_real_sessions(tmp_path):
     assert delta("kumoauth_reloads_total", result="failure") == 1
     total = sum(v for (n, _), v in after.items() if n == "kumoauth_connections_total")
     assert total >= 7
+
+
+def test_reloads_are_counted_once_per_sighup_with_workers(tmp_path):
+    # The supervisor validates the file: one count per SIGHUP, success or
+    # failure, not one success per worker and no failure at all.
+    from tests.test_lifecycle_signals import wait_log
+    from tests.test_workers import ready_count, wait_for
+
+    certs = make_certs(tmp_path / "certs")
+    port = free_port()
+    with running_server(
+        tmp_path / "srv",
+        certs,
+        POLICY,
+        server="workers = 2",
+        extra=f'[metrics]\nendpoint = "tcp:{port}:interface=127.0.0.1"',
+    ) as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_log(srv, "running configuration generation 2", count=2)
+        (srv.directory / "policy.py").write_text("this is not python\n")
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_log(srv, "reload failed, configuration unchanged")
+        after = scrape(port)
+    assert value(after, "kumoauth_reloads_total", result="success") == 1
+    assert value(after, "kumoauth_reloads_total", result="failure") == 1

@@ -860,3 +860,27 @@ def test_the_secret_is_read_when_redis_refuses_writes(
         assert "OOM" in str(e)
         server.kill()
         assert in_reactor(later.secret, "fingerprint-salt") == secret  # kept
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("redis://h/0?password_file=pw", "redis://h/0?password_file=/etc/k/pw"),
+        ("redis://h/0?password_file=/abs/pw", "redis://h/0?password_file=/abs/pw"),
+        (
+            "rediss://h?prefix=a%26b&ca_file=ca.pem&timeout=2",
+            "rediss://h?prefix=a%26b&ca_file=/etc/k/ca.pem&timeout=2",
+        ),
+        ("redis://h/0?password_file=my%20pw", "redis://h/0?password_file=/etc/k/my%20pw"),
+        ("redis://h/0?password_file=", "redis://h/0?password_file="),
+        ("redis://h/0", "redis://h/0"),
+        ("memory", "memory"),
+        ("pkg.mod:factory?x=password_file", "pkg.mod:factory?x=password_file"),
+    ],
+)
+def test_file_options_are_relative_to_the_configuration(spec, expected):
+    from pathlib import Path
+
+    from kumoauth.stores.redis import with_files_under
+
+    assert with_files_under(spec, Path("/etc/k")) == expected

@@ -683,3 +683,25 @@ def test_a_validated_generation_is_parsed_without_its_files(tmp_path):
     assert cfg.auth.oauth is not None and cfg.sender_binding is not None
     unkeyed = parse(VALIDATED_ELSEWHERE, source, read_files=False)
     assert unkeyed.auth.throttle.fingerprint_key is None
+
+
+def test_worker_config_keeps_the_sockets_proxy_networks():
+    # proxy_networks needs a restart: a worker restarted after a reload
+    # trusts the peers the others (and the socket's first workers) trust.
+    text = """
+[[listener]]
+endpoint = "haproxy:tcp:1"
+tls = "none"
+auth_required = false
+proxy_networks = [{networks}]
+meta = {{ name = "{name}" }}
+[spool]
+path = "/a"
+"""
+    boot = parse(text.format(networks='"10.0.0.0/8"', name="old"), "/etc/k.toml")
+    current = parse(text.format(networks='"0.0.0.0/0"', name="new"), "/etc/k.toml")
+    sockets = [Inherited("haproxy:tcp:1", "none", 4, 2)]
+    cfg, _, _ = worker_config(boot, current, sockets)
+    (listener,) = cfg.listeners
+    assert listener.proxy_networks == boot.listeners[0].proxy_networks
+    assert listener.meta == {"name": "new"}  # the rest is the new generation's

@@ -168,6 +168,9 @@ class KumoauthService(ApplicationLog, service.MultiService):
             previous = self.runtime.checker
             self._relay_reload(cfg, relay)
             self._swap(cfg, runtime)
+            if text is None:
+                # (A worker's generation was counted by its supervisor.)
+                self.process.metrics.reloads.labels("success").inc()
             self._checker_lifecycle(previous, runtime.checker)
             return True
 
@@ -225,7 +228,6 @@ class KumoauthService(ApplicationLog, service.MultiService):
                 factory.listener = new
             factory.runtime = runtime
         self.cfg, self.runtime = cfg, runtime
-        self.process.metrics.reloads.labels("success").inc()
         log.info("reloaded configuration from {path}", path=str(cfg.source))
 
     @staticmethod

@@ -258,6 +258,10 @@ def worker_config(
             warnings.append(
                 f"listener {s.endpoint} ({s.tls}) was removed or changed: it stays until a restart"
             )
+        elif key in then:
+            # The PROXY header's trusted peers belong to the socket, as in
+            # a single process and in the workers started with it.
+            listener = replace(listener, proxy_networks=then[key].proxy_networks)
         adopt[len(listeners)] = (s.fd, s.family)
         listeners.append(listener)
     bound = {(s.endpoint, s.tls) for s in sockets}
@@ -408,6 +412,8 @@ class Supervisor(service.Service):
         self.spool = spool
         #: the queue's owner service (and the relay), in this process
         self.queue_service: Any = None
+        #: this process's metrics (the queue's, the relay's, reloads)
+        self.metrics: Any = None
         self.ports: list[tuple[ListenerConfig, Any, int]] = []
         self.workers: dict[int, WorkerProcess] = {}
         self.stopping = False
@@ -573,10 +579,14 @@ class Supervisor(service.Service):
             owner = self.queue_service
             if owner is not None and owner.relay is not None and relay is not None:
                 owner.relay.reload(relay)
+            elif owner is not None and (owner.relay is None) != (relay is None):
+                log.warn("[relay] added or removed: it needs a restart")
             self.generation += 1
             self.cfg, self.text, self.files = cfg, text, files
             if cfg.server.workers != self.boot_cfg.server.workers:
                 log.warn("[server] workers changed: it needs a restart")
+            if self.metrics is not None:
+                self.metrics.reloads.labels("success").inc()
             log.info(
                 "configuration generation {generation} from {path}: sent to {n} workers",
                 generation=self.generation,
@@ -599,6 +609,8 @@ class Supervisor(service.Service):
             else:
                 message = f"{f.type.__name__}: {f.getErrorMessage()}"
             log.error("reload failed, configuration unchanged: {error}", error=message)
+            if self.metrics is not None:
+                self.metrics.reloads.labels("failure").inc()
             return False
 
         def run(_: object) -> defer.Deferred[bool]:
@@ -699,7 +711,7 @@ def make_supervisor(
     from kumoauth.ops.metrics import Metrics
     from kumoauth.ops.service import attach_queue
 
-    metrics = Metrics()
+    metrics = supervisor.metrics = Metrics()
     if owner is not None:
         # Its files were created here, as root: the supervisor writes them
         # after twistd has dropped privileges.

@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import txredisapi
 from twisted.internet import defer, error
@@ -117,6 +117,35 @@ _USAGE = (
     'write "redis://[[user]:password@]host[:port][/db][?options]", '
     '"rediss://…" or "unix:///path/to/redis.sock[?options]"'
 )
+
+
+#: options that name a file
+_FILE_OPTIONS = ("password_file", "ca_file")
+
+
+def with_files_under(spec: str, base: Path) -> str:
+    """
+    *spec* with a relative ``password_file`` or ``ca_file`` made absolute
+    against *base* (the configuration file's directory), as every path in
+    the configuration is; the rest of the URL byte for byte.  A spec that
+    is not a Redis URL with such options comes back unchanged (its errors
+    are :func:`parse_spec`'s to report).
+    """
+    head, sep, query = spec.partition("?")
+    if not sep or "://" not in head or head.partition("://")[0].lower() not in _OPTIONS:
+        return spec
+    items = []
+    for item in query.split("&"):
+        name, eq, value = item.partition("=")
+        if eq and value and name in _FILE_OPTIONS:
+            try:
+                path = Path(unquote(value, errors="strict"))
+            except UnicodeDecodeError:
+                path = Path("/")  # parse_spec says what is wrong with it
+            if not path.is_absolute():
+                item = f"{name}={quote(str(base / path), safe='/')}"
+        items.append(item)
+    return f"{head}?{'&'.join(items)}"
 
 
 def parse_spec(spec: str) -> Settings:
