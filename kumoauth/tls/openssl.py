@@ -446,7 +446,8 @@ class Context:
                     raise_error()
             # The loop ends at the end of the data ("no start line"), or at
             # a certificate that does not parse.
-            if not _end_of_pem(crypto.ERR_peek_last_error()):
+            code = crypto.ERR_peek_last_error()
+            if code and not _end_of_pem(code):
                 raise_error()
             crypto.ERR_clear_error()
 
