@@ -6,6 +6,7 @@ what a reload reports, and where the supervisor's own events are logged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.logger import eventsFromJSONLogFile, formatEvent
@@ -286,41 +289,45 @@ def test_a_restarted_worker_runs_the_generation_the_supervisor_validated(tmp_pat
         assert srv.proc.wait(20) == 0
 
 
+FP_KEY = 'fingerprint_key_file = "fp.key"'
+
+
+@contextlib.contextmanager
+def keyed_workers(tmp_path: Path, certs: Any) -> Iterator[Any]:
+    """
+    Two workers whose throttle has a fingerprint key file (``fp.key``);
+    after the block, they still serve and none ever failed to start.
+    """
+    where = tmp_path / "srv"
+    where.mkdir()
+    (where / "fp.key").write_bytes(os.urandom(32))
+    with running_server(where, certs, POLICY, server="workers = 2", throttle=FP_KEY) as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+        yield srv
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+        assert "worker cannot start" not in srv.log()
+
+
 def test_a_worker_restarted_after_its_start_up_files_are_gone_still_starts(tmp_path, certs):
     # Generation 1 named a fingerprint key file; generation 2 does not, and
     # the file is deleted.  A worker restarted now reads the start-up text
     # only for what needs a restart: the file it named must not matter.
-    where = tmp_path / "srv"
-    where.mkdir()
-    (where / "fp.key").write_bytes(os.urandom(32))
-    throttle = 'fingerprint_key_file = "fp.key"'
-    with running_server(where, certs, POLICY, server="workers = 2", throttle=throttle) as srv:
-        wait_for(lambda: ready_count(srv) == 2)
-        srv.config.write_text(srv.config.read_text().replace(throttle, ""))
-        (where / "fp.key").unlink()
+    with keyed_workers(tmp_path, certs) as srv:
+        srv.config.write_text(srv.config.read_text().replace(FP_KEY, ""))
+        (srv.directory / "fp.key").unlink()
         srv.proc.send_signal(signal.SIGHUP)
         wait_log(srv, "running configuration generation 2", count=2)
         kill_worker(srv, 0)
         kill_worker(srv, 1)
-        with starttls_client(srv) as s:
-            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
-        assert "worker cannot start" not in srv.log()
 
 
 def test_a_worker_restarted_during_a_key_rotation_keeps_the_validated_key(tmp_path, certs):
     # The fingerprint key file is being rewritten (no SIGHUP yet) when a
     # worker dies: its successor uses the key every other worker uses.
-    where = tmp_path / "srv"
-    where.mkdir()
-    (where / "fp.key").write_bytes(os.urandom(32))
-    throttle = 'fingerprint_key_file = "fp.key"'
-    with running_server(where, certs, POLICY, server="workers = 2", throttle=throttle) as srv:
-        wait_for(lambda: ready_count(srv) == 2)
-        (where / "fp.key").write_bytes(b"half")
+    with keyed_workers(tmp_path, certs) as srv:
+        (srv.directory / "fp.key").write_bytes(b"half")
         kill_worker(srv, 0)
-        with starttls_client(srv) as s:
-            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
-        assert "worker cannot start" not in srv.log()
 
 
 def test_a_worker_that_cannot_start_says_why_in_one_line(tmp_path, certs):

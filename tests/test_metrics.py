@@ -4,11 +4,15 @@ Prometheus metrics over HTTP against a real twistd (SPEC §9).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import smtplib
 import socket
 import time
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,16 +38,22 @@ def value(m, name, **labels):
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_metrics_move_with_real_sessions(tmp_path):
-    certs = make_certs(tmp_path / "certs")
+@contextlib.contextmanager
+def metrics_server(tmp_path: Path, server: str) -> Iterator[tuple[Any, int]]:
+    """A real twistd with ``[metrics]`` on a port of its own: (server, port)."""
     port = free_port()
     with running_server(
         tmp_path / "srv",
-        certs,
+        make_certs(tmp_path / "certs"),
         POLICY,
-        server="max_connections_per_ip = 3",
+        server=server,
         extra=f'[metrics]\nendpoint = "tcp:{port}:interface=127.0.0.1"',
     ) as srv:
+        yield srv, port
+
+
+def test_metrics_move_with_real_sessions(tmp_path):
+    with metrics_server(tmp_path, "max_connections_per_ip = 3") as (srv, port):
         before = scrape(port)
         with starttls_client(srv) as s:
             assert login(s, "PLAIN", "scott", "tiger")[0] == 235
@@ -98,15 +108,7 @@ def test_reloads_are_counted_once_per_sighup_with_workers(tmp_path):
     from tests.test_lifecycle_signals import wait_log
     from tests.test_workers import ready_count, wait_for
 
-    certs = make_certs(tmp_path / "certs")
-    port = free_port()
-    with running_server(
-        tmp_path / "srv",
-        certs,
-        POLICY,
-        server="workers = 2",
-        extra=f'[metrics]\nendpoint = "tcp:{port}:interface=127.0.0.1"',
-    ) as srv:
+    with metrics_server(tmp_path, "workers = 2") as (srv, port):
         wait_for(lambda: ready_count(srv) == 2)
         srv.proc.send_signal(signal.SIGHUP)
         wait_log(srv, "running configuration generation 2", count=2)

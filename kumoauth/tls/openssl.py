@@ -406,6 +406,17 @@ class Context:
     def use_certificate_chain_file(self, path: bytes) -> None:
         self._check(lib.SSL_CTX_use_certificate_chain_file(self._ctx, path) == 1)
 
+    def _use_pem(self, bio: Any, read: Any, use: Any, free: Any) -> None:
+        # One PEM object read from *bio*, handed to the context (which
+        # keeps a reference of its own), ours freed.
+        item = read(bio, ffi.NULL, _no_passphrase, ffi.NULL)
+        if item == ffi.NULL:
+            raise_error()
+        try:
+            self._check(use(self._ctx, item) == 1)
+        finally:
+            free(item)
+
     def use_privatekey_pem(self, data: bytes) -> None:
         """
         What ``SSL_CTX_use_PrivateKey_file`` does, from PEM bytes in memory
@@ -413,13 +424,9 @@ class Context:
         """
         crypto.ERR_clear_error()
         with _memory_bio(data) as bio:
-            key = lib.PEM_read_bio_PrivateKey(bio, ffi.NULL, _no_passphrase, ffi.NULL)
-            if key == ffi.NULL:
-                raise_error()
-            try:
-                self._check(lib.SSL_CTX_use_PrivateKey(self._ctx, key) == 1)
-            finally:
-                lib.EVP_PKEY_free(key)  # the context holds a reference of its own
+            self._use_pem(
+                bio, lib.PEM_read_bio_PrivateKey, lib.SSL_CTX_use_PrivateKey, lib.EVP_PKEY_free
+            )
 
     def use_certificate_chain_pem(self, data: bytes) -> None:
         """
@@ -429,13 +436,8 @@ class Context:
         """
         crypto.ERR_clear_error()
         with _memory_bio(data) as bio:
-            leaf = lib.PEM_read_bio_X509_AUX(bio, ffi.NULL, _no_passphrase, ffi.NULL)
-            if leaf == ffi.NULL:
-                raise_error()
-            try:
-                self._check(lib.SSL_CTX_use_certificate(self._ctx, leaf) == 1)
-            finally:
-                lib.X509_free(leaf)  # the context holds a reference of its own
+            leaf = (lib.PEM_read_bio_X509_AUX, lib.SSL_CTX_use_certificate, lib.X509_free)
+            self._use_pem(bio, *leaf)
             self._check(self._ctrl(SSL_CTRL_CHAIN, 0) == 1)  # SSL_CTX_clear_chain_certs
             while True:
                 ca = lib.PEM_read_bio_X509(bio, ffi.NULL, _no_passphrase, ffi.NULL)
