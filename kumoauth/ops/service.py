@@ -133,9 +133,10 @@ class KumoauthService(ApplicationLog, service.MultiService):
 
         With *text* and *files* (a worker under ``[server] workers``: the
         configuration generation its supervisor validated, and the policy,
-        key and certificate as the supervisor read them), those are used
-        instead of the files, with relative paths still resolved against
-        the configuration file's directory.
+        key, certificate and fingerprint key as the supervisor read them),
+        those are used instead of the files, with relative paths still
+        resolved against the configuration file's directory; the relay is
+        the supervisor's, so its files are not read here.
 
         The slow, blocking part — reading the file, the certificate and key,
         importing the policy — runs in a thread; the reactor only assembles
@@ -150,7 +151,8 @@ class KumoauthService(ApplicationLog, service.MultiService):
             else:
                 read = files if files is not None else GenerationFiles()
                 cfg = parse_validated(text, source, read)
-            return cfg, build_tls(cfg, read), build_policy(cfg, read), relay_settings(cfg)
+            relay = relay_settings(cfg) if text is None else None
+            return cfg, build_tls(cfg, read), build_policy(cfg, read), relay
 
         def apply(prepared: tuple[Config, Any, Any, Any]) -> bool:
             if self._stopping:
