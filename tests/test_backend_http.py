@@ -915,7 +915,7 @@ def test_request_within_answers_once_when_the_work_ignores_a_cancel(reactor):
     # CancelledError once, the late end goes nowhere, nothing unhandled.
     from twisted.internet import defer, task
 
-    from kumoauth.backends.http import _timed_out, request_within
+    from kumoauth.backends.http import request_within
 
     clock = task.Clock()
     later: defer.Deferred[None] = defer.Deferred()
@@ -927,7 +927,7 @@ def test_request_within_answers_once_when_the_work_ignores_a_cancel(reactor):
             await later
         return "late"
 
-    d = request_within(stubborn(), 5.0, clock, _timed_out("api"), lambda f: f)
+    d = request_within(stubborn(), 5.0, clock, "api")
     d.cancel()
     failures: list[Any] = []
     d.addErrback(failures.append)

@@ -25,7 +25,7 @@ from twisted.logger import eventsFromJSONLogFile, formatEvent
 
 from tests.server import alive, children_of, make_certs, running_server
 from tests.test_e2e import POLICY, login, send, starttls_client
-from tests.test_workers import kill_worker, ready_count, wait_for, worker_pids
+from tests.test_workers import kill_worker, ready_count, two_workers, wait_for, worker_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -112,10 +112,7 @@ class Traffic:
 
 
 def test_workers_killed_under_traffic_lose_nothing_acknowledged(tmp_path, certs):
-    with running_server(
-        tmp_path / "srv", certs, POLICY, server="workers = 2\nshutdown_grace = 5"
-    ) as srv:
-        wait_for(lambda: ready_count(srv) == 2)
+    with two_workers(tmp_path / "srv", certs) as srv:
         with Traffic(srv) as traffic:
             traffic.wait_for_more()
             kill_worker(srv, 0)
@@ -151,10 +148,7 @@ def half_sent(srv, subject: str) -> smtplib.SMTP:
 
 
 def test_a_killed_supervisor_takes_its_workers_along(tmp_path, certs):
-    with running_server(
-        tmp_path / "srv", certs, POLICY, server="workers = 2\nshutdown_grace = 5"
-    ) as srv:
-        wait_for(lambda: ready_count(srv) == 2)
+    with two_workers(tmp_path / "srv", certs) as srv:
         workers = children_of(srv.proc.pid)
         assert len(workers) == 2
         s = half_sent(srv, "orphan")
@@ -220,14 +214,7 @@ def test_what_needs_a_restart_is_reported_against_the_start_up_value(tmp_path, c
 
 def test_the_supervisors_events_reach_the_json_log(tmp_path, certs):
     events_path = tmp_path / "events.jsonl"
-    with running_server(
-        tmp_path / "srv",
-        certs,
-        POLICY,
-        server="workers = 2\nshutdown_grace = 5",
-        extra=f'[log]\njson_path = "{events_path}"',
-    ) as srv:
-        wait_for(lambda: ready_count(srv) == 2)
+    with two_workers(tmp_path / "srv", certs, extra=f'[log]\njson_path = "{events_path}"') as srv:
         with starttls_client(srv) as s:
             assert login(s, "PLAIN", "scott", "tiger")[0] == 235
             send(s)
@@ -259,10 +246,7 @@ def test_a_restarted_worker_runs_the_generation_the_supervisor_validated(tmp_pat
     # are half written.  Their successors run what was validated, like the
     # workers still up would: same policy, same key, same certificate.
     certs = make_certs(tmp_path / "certs")
-    with running_server(
-        tmp_path / "srv", certs, POLICY, server="workers = 2\nshutdown_grace = 5"
-    ) as srv:
-        wait_for(lambda: ready_count(srv) == 2)
+    with two_workers(tmp_path / "srv", certs) as srv:
         policy = srv.directory / "policy.py"
         policy.write_text(POLICY.replace('"scott": "tiger"', '"scott": "lion"'))
         key, chain = certs.key.read_bytes(), certs.chain.read_bytes()
@@ -301,8 +285,7 @@ def keyed_workers(tmp_path: Path, certs: Any) -> Iterator[Any]:
     where = tmp_path / "srv"
     where.mkdir()
     (where / "fp.key").write_bytes(os.urandom(32))
-    with running_server(where, certs, POLICY, server="workers = 2", throttle=FP_KEY) as srv:
-        wait_for(lambda: ready_count(srv) == 2)
+    with two_workers(where, certs, throttle=FP_KEY) as srv:
         yield srv
         with starttls_client(srv) as s:
             assert login(s, "PLAIN", "scott", "tiger")[0] == 235
@@ -338,10 +321,7 @@ def test_a_worker_that_cannot_start_says_why_in_one_line(tmp_path, certs):
     good = "scott@example.com scott\n"
     (where / "senders").write_text(good)
     extra = '[sender_binding]\nsource = "map"\nmap = "senders"\n'
-    with running_server(
-        where, certs, POLICY, server="workers = 2\nshutdown_grace = 5", extra=extra
-    ) as srv:
-        wait_for(lambda: ready_count(srv) == 2)
+    with two_workers(where, certs, extra=extra) as srv:
         (where / "senders").write_text(good + "not-an-address\n")
         os.kill(worker_pids(srv)[0], signal.SIGKILL)
         wait_log(srv, "worker cannot start")
@@ -371,8 +351,7 @@ def test_relay_added_by_a_reload_says_it_needs_a_restart(tmp_path, certs, worker
 def test_a_worker_sent_sighup_re_applies_the_validated_files(tmp_path, certs):
     # A SIGHUP to one worker directly: its generation again, as validated,
     # not the policy file edited since.
-    with running_server(tmp_path / "srv", certs, POLICY, server="workers = 2") as srv:
-        wait_for(lambda: ready_count(srv) == 2)
+    with two_workers(tmp_path / "srv", certs) as srv:
         policy = srv.directory / "policy.py"
         policy.write_text("def broken(:\n")
         for pid in worker_pids(srv).values():

@@ -44,7 +44,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +319,23 @@ def sent(s: smtplib.SMTP, srv: Server, sender: str, body: bytes, **kw: Any) -> A
     stage, code, text = send(s, sender, body, **kw)
     assert (stage, code) == ("data", 250), text
     return Spool(srv.spool).read(queued_id(text.encode()))
+
+
+def noop_latencies(other: smtplib.SMTP, work: Callable[[], None], pause: float) -> list[float]:
+    """
+    Run *work* in a thread; meanwhile time NOOPs on the *other* session
+    (each answered 250), *pause* apart: a stalled reactor shows in them.
+    """
+    latencies: list[float] = []
+    worker = threading.Thread(target=work)
+    worker.start()
+    while worker.is_alive():
+        start = time.monotonic()
+        assert other.noop()[0] == 250
+        latencies.append(time.monotonic() - start)
+        time.sleep(pause)
+    worker.join(60)
+    return latencies
 
 
 def refused_by_binding(code: int, text: str, expected: int, user: str = "scott") -> None:
@@ -671,19 +688,11 @@ def test_a_huge_from_header_neither_stalls_the_server_nor_passes(map_bound):
     head = "From: " + ",\r\n ".join(["scott@example.com"] * 30_000)
     body = message(head)
     before = spooled_ids(map_bound)
-    latencies: list[float] = []
     result: list[Any] = []
     with session(map_bound) as other, session(map_bound) as s:
         assert s.mail("scott@example.com")[0] == 250
         assert s.rcpt("rcpt@example.net")[0] == 250
-        sender = threading.Thread(target=lambda: result.append(s.data(body)))
-        sender.start()
-        while sender.is_alive():
-            start = time.monotonic()
-            assert other.noop()[0] == 250
-            latencies.append(time.monotonic() - start)
-            time.sleep(0.02)
-        sender.join()
+        latencies = noop_latencies(other, lambda: result.append(s.data(body)), pause=0.02)
     code, text = result[0]
     refused_by_binding(code, text.decode(), 550)
     assert spooled_ids(map_bound) == before
@@ -705,7 +714,6 @@ def test_a_slow_to_parse_from_header_does_not_stall_other_sessions(map_bound):
     started = time.monotonic()
     header_addresses(f"From: {field}\r\n\r\n".encode(), False)
     parse = time.monotonic() - started
-    latencies: list[float] = []
     codes: list[int] = []
     with session(map_bound) as other, session(map_bound) as s:
 
@@ -715,14 +723,7 @@ def test_a_slow_to_parse_from_header_does_not_stall_other_sessions(map_bound):
                 assert s.rcpt("rcpt@example.net")[0] == 250
                 codes.append(s.data(body)[0])
 
-        sender = threading.Thread(target=send_three)
-        sender.start()
-        while sender.is_alive():
-            start = time.monotonic()
-            assert other.noop()[0] == 250
-            latencies.append(time.monotonic() - start)
-            time.sleep(0.01)
-        sender.join(60)
+        latencies = noop_latencies(other, send_three, pause=0.01)
     # "a".….scott@example.com is not scott's address: refused, after parsing
     assert codes == [550, 550, 550], codes
     # on the reactor thread a NOOP would wait a whole parse

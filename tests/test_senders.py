@@ -859,9 +859,7 @@ def test_ldap_down_is_a_lookup_error(ldap_binding, slapd):
     assert real_check(ldap_binding, "alice", "alice@example.test").allowed
 
 
-def gate_session(
-    binding: Any, spool_dir: Path, timeout: float = 5.0, parse_pool: Any = None
-) -> Any:
+def gate_session(binding: Any, spool_dir: Path, timeout: float = 5.0) -> Any:
     """
     (In the reactor thread.)  An in-memory session (StringTransport) whose
     generation has a sender gate over *binding*, authenticated as alice.
@@ -876,9 +874,7 @@ def gate_session(
     policy.on("smtp_server_auth_plain", lambda authz, authc, pw, meta: pw == "pw")
     plain = Session(policy, spool_dir=spool_dir, connect=False)
     rt = plain.runtime
-    gate = SenderGate(
-        binding, policy, invoke, rt.process.metrics, timeout, rt.clock, parse_pool=parse_pool
-    )
+    gate = SenderGate(binding, policy, invoke, rt.process.metrics, timeout, rt.clock)
     s = Session(runtime=replace(rt, sender_gate=gate), spool_dir=spool_dir, clock=plain.clock)
     s.command("EHLO client.example")
     assert s.command("AUTH PLAIN " + plain_b64("", "alice", "pw")).startswith("235 ")
@@ -1160,9 +1156,13 @@ def test_the_header_is_parsed_in_its_own_thread_not_behind_the_checks(tmp_path, 
     path = tmp_path / "map"
     path.write_text(MAP)
     binding = SenderBinding(
-        SenderBindingConfig(source="map", map=path), {}, task.Clock(), BusyPool()
+        SenderBindingConfig(source="map", map=path),
+        {},
+        task.Clock(),
+        BusyPool(),
+        parse_pool=InlinePool(),
     )
-    s = gate_session(binding, tmp_path / "spool", 5.0, parse_pool=InlinePool())
+    s = gate_session(binding, tmp_path / "spool", 5.0)
     assert _data(s, "From: alice@example.com").startswith("250 ")
     assert _data(s, "From: bob@example.com").startswith("550 5.7.1 ")
     assert "unavailable" not in captured_log.text()

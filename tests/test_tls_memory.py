@@ -29,8 +29,8 @@ def ca_and_context(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA
     cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
     cert.private_key_pem.write_to_path(str(key))
     ctx = openssl.Context()
-    ctx.use_certificate_chain_file(str(chain).encode())
-    ctx.use_privatekey_file(str(key).encode())
+    ctx.use_certificate_chain_pem(chain.read_bytes())
+    ctx.use_privatekey_pem(key.read_bytes())
     return ca, ctx
 
 

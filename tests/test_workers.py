@@ -7,6 +7,7 @@ summed over workers.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import grp
 import json
 import os
@@ -20,7 +21,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -152,6 +155,15 @@ def worker_pids(srv) -> dict[int, int]:
     return {int(index): int(pid) for index, pid in found}
 
 
+@contextlib.contextmanager
+def two_workers(directory: Path, certs: Any, **kw: Any) -> Iterator[Any]:
+    """A real twistd (the e2e POLICY) with two workers, once both are ready."""
+    server = "workers = 2\nshutdown_grace = 5"
+    with running_server(directory, certs, POLICY, server=server, **kw) as srv:
+        wait_for(lambda: ready_count(srv) == 2)
+        yield srv
+
+
 def ready_count(srv) -> int:
     return srv.log().count("worker ready")
 
@@ -172,11 +184,7 @@ def implicit_session(srv) -> str:
 
 
 def test_restarted_worker_runs_the_supervisors_configuration(tmp_path):
-    certs = make_certs(tmp_path / "certs")
-    with running_server(
-        tmp_path / "srv", certs, POLICY, server="workers = 2\nshutdown_grace = 5"
-    ) as srv:
-        wait_for(lambda: ready_count(srv) == 2)
+    with two_workers(tmp_path / "srv", make_certs(tmp_path / "certs")) as srv:
         # The file changes but nobody says SIGHUP: the STARTTLS and implicit
         # listeners swap their tls, the spool moves.
         original = srv.config.read_text()
@@ -249,16 +257,12 @@ def test_restarted_worker_runs_the_supervisors_configuration(tmp_path):
 
 
 def test_metric_files_per_worker_index(tmp_path):
-    certs = make_certs(tmp_path / "certs")
     mport = free_port()
-    with running_server(
+    with two_workers(
         tmp_path / "srv",
-        certs,
-        POLICY,
-        server="workers = 2\nshutdown_grace = 5",
+        make_certs(tmp_path / "certs"),
         extra=f'[metrics]\nendpoint = "tcp:{mport}:interface=127.0.0.1"',
     ) as srv:
-        wait_for(lambda: ready_count(srv) == 2)
 
         def successes() -> float:
             url = f"http://127.0.0.1:{mport}/metrics"

@@ -533,17 +533,8 @@ class HTTP:
                 "secured": secured(conn_meta),
             }
         ).encode("utf-8")
-        return self._request(client, self._ask(client, body), client.where)
-
-    def _request(
-        self, client: _Client, work: Coroutine[Any, Any, Any], where: str
-    ) -> defer.Deferred[Any]:
         return request_within(
-            work,
-            client.config.timeout,
-            self.reactor,
-            _timed_out(where),
-            lambda f: as_backend_error(f, where),
+            self._ask(client, body), client.config.timeout, self.reactor, client.where
         )
 
     async def _ask(self, client: _Client, body: bytes) -> Verdict:
@@ -601,7 +592,8 @@ class HTTP:
             url = _ready_url(joined.geturl())
             where = _where(joined.geturl())
         body = json.dumps(payload).encode("utf-8")
-        return self._request(client, self._ask_json(client, url, where, body), where)
+        work = self._ask_json(client, url, where, body)
+        return request_within(work, client.config.timeout, self.reactor, where)
 
     async def _ask_json(self, client: _Client, url: Any, where: str, body: bytes) -> Any:
         try:
@@ -644,16 +636,7 @@ class HTTP:
         return f"<HTTP {self._client.where}>"
 
 
-def _timed_out(where: str) -> Callable[[Any, float], Any]:
-    # Called when the deadline cancelled the attempt, whatever failure the
-    # cancellation became on its way out of Agent.
-    def timed_out(result: Any, timeout: float) -> Any:
-        raise BackendError(f"{where}: no answer within {timeout:g} s")
-
-    return timed_out
-
-
-def as_backend_error(f: Failure, where: str) -> Any:
+def _as_backend_error(f: Failure, where: str) -> Any:
     """
     A request's failure as :class:`BackendError` naming *where* and the
     network or TLS cause; a cancellation stays one (not by the deadline,
@@ -671,22 +654,23 @@ def as_backend_error(f: Failure, where: str) -> Any:
 
 
 def request_within(
-    work: Coroutine[Any, Any, Any],
-    timeout: float,
-    reactor: Any,
-    timed_out: Callable[[Any, float], Any],
-    failed: Callable[[Failure], Any],
+    work: Coroutine[Any, Any, Any], timeout: float, reactor: Any, where: str
 ) -> defer.Deferred[Any]:
     """
-    *work* (a request and its answer) under one deadline for connecting,
-    the answer and its body (reaching it cancels the request, which closes
-    its connection; *timed_out* says so), its other failures through
-    *failed*.  A caller that cancels gets
-    :class:`~twisted.internet.defer.CancelledError`, whatever the
-    cancellation became on its way out of Agent (during the host name
+    *work* (a request to *where* and its answer) under one deadline for
+    connecting, the answer and its body (reaching it cancels the request,
+    which closes its connection: "no answer within"), its network and TLS
+    failures as :class:`BackendError` naming *where*.  A caller that
+    cancels gets :class:`~twisted.internet.defer.CancelledError`, whatever
+    the cancellation became on its way out of Agent (during the host name
     lookup Twisted's endpoint turns it into a lookup failure): the caller
     gave up, the server is not down.
     """
+
+    def timed_out(result: Any, seconds: float) -> Any:
+        # whatever failure the cancellation became on its way out of Agent
+        raise BackendError(f"{where}: no answer within {seconds:g} s")
+
     inner = defer.Deferred.fromCoroutine(work)
     inner.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
     gave_up = False
@@ -699,7 +683,7 @@ def request_within(
     def give_up_or_fail(f: Failure) -> Any:
         if gave_up:
             raise defer.CancelledError()
-        return failed(f)
+        return _as_backend_error(f, where)
 
     def forward(result: Any) -> None:
         # Once: a cancel that *inner* did not answer at once has already

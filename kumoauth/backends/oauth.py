@@ -82,10 +82,8 @@ from kumoauth.backends.http import (
     _Body,
     _closed_unanswered,
     _ready_url,
-    _timed_out,
     _TooBig,
     _where,
-    as_backend_error,
     request_within,
 )
 from kumoauth.checks import _LOOPBACK, _Bad, _bool, _number, _show, _str
@@ -730,13 +728,8 @@ class _Client:
         where = _where(url)
         headers = headers.copy()
         headers.setRawHeaders(b"User-Agent", [self.user_agent])
-        return request_within(
-            self._ask(method, url, where, limit, headers, body),
-            self.timeout,
-            self.reactor,
-            _timed_out(where),
-            lambda f: as_backend_error(f, where),
-        )
+        work = self._ask(method, url, where, limit, headers, body)
+        return request_within(work, self.timeout, self.reactor, where)
 
     async def _ask(
         self,
@@ -871,12 +864,11 @@ def _check_scopes(config: Config, claims: Mapping[str, Any]) -> None:
     granted = _token_scopes(claims)
     missing = [s for s in config.required_scopes if s not in granted]
     if missing:
-        # RFC 6750 §3.1: the scope the client should ask for, in the error
-        # payload; the names are the operator's, loggable.
+        # RFC 6750 §3.1; the names are the operator's, loggable.
+        # (The error reply names the scope to ask for: error_json.)
         raise InvalidToken(
             "missing scope " + " ".join(missing),
             status="insufficient_scope",
-            scope=config.scope or " ".join(config.required_scopes),
             sub=_identifier(claims, "sub"),
             jti=_identifier(claims, "jti"),
         )

@@ -293,12 +293,7 @@ def _sender_gate(
             raise OperatorError(f"{cfg.source}: [sender_binding] {e}") from None
         binding = (key, engine)
     gate = SenderGate(
-        binding[1],
-        policy,
-        invoker,
-        process.metrics,
-        cfg.policy.timeout,
-        process.clock,
+        binding[1], policy, invoker, process.metrics, cfg.policy.timeout, process.clock
     )
     return binding, gate
 

@@ -44,9 +44,9 @@ log = Logger(namespace="kumoauth")
 
 #: blocking calls that may wait per checker thread before new ones get a 4xx
 QUEUED_PER_THREAD = 10
-#: messages' headers that may wait for the parse thread before one gets 451
-#: (each waits at most [policy] timeout; a parse takes ms)
-HEADER_PARSES_QUEUED = 256
+#: parses (messages' headers, the sender map) that may wait for the parse
+#: thread before one gets 451 (each waits at most [policy] timeout)
+PARSES_QUEUED = 256
 #: seconds a shutdown waits for the spool writer and checker threads
 STOP_THREADS_WITHIN = 5.0
 
@@ -427,7 +427,7 @@ def make_service_from_config(
     )
     process = ProcessState(clock=reactor, store=writer.store)
     process.parse_pool = BlockingPool(
-        reactor, threads=1, max_queued=HEADER_PARSES_QUEUED, name="kumoauth-parse"
+        reactor, threads=1, max_queued=PARSES_QUEUED, name="kumoauth-parse"
     )
     if files is None:
         files = read_generation_files(cfg)

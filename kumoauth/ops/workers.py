@@ -839,24 +839,21 @@ def worker_main(argv: list[str] | None = None) -> None:
         # named may be long gone.
         boot = parse(start["boot_text"], source, read_files=False)
         current = parse_validated(start["text"], source, files)
-    except (ConfigError, OperatorError) as e:
-        log.critical("worker cannot start: {error}", error=str(e))
-        raise SystemExit(1) from None
-    sockets = [
-        Inherited(s["endpoint"], s["tls"], int(s["fd"]), int(s["family"])) for s in start["sockets"]
-    ]
-    cfg, adopt, warnings = worker_config(boot, current, sockets)
-    for warning in warnings:
-        log.warn("{warning}", warning=warning)
-    checkers = [strcred.makeChecker(a) for a in start["auth"]] or None
-    try:
+        sockets = [
+            Inherited(s["endpoint"], s["tls"], int(s["fd"]), int(s["family"]))
+            for s in start["sockets"]
+        ]
+        cfg, adopt, warnings = worker_config(boot, current, sockets)
+        for warning in warnings:
+            log.warn("{warning}", warning=warning)
+        checkers = [strcred.makeChecker(a) for a in start["auth"]] or None
         top = make_service_from_config(
             cfg, reactor, checkers, adopt=adopt, writer_id=metrics_id(args.index), files=files
         )
-    except OperatorError as e:
-        # What the supervisor validated no longer builds here (a checker's
-        # own files, a store the generation names): one line, not a
-        # traceback; the supervisor restarts us with its backoff.
+    except (ConfigError, OperatorError) as e:
+        # What the supervisor validated no longer builds here (a store's
+        # own files): one line, not a traceback; the supervisor restarts us
+        # with its backoff.
         log.critical("worker cannot start: {error}", error=str(e))
         raise SystemExit(1) from None
     top.privilegedStartService()

@@ -49,11 +49,8 @@ class SenderGate:
         metrics: Any,
         timeout: float,
         clock: Any,
-        parse_pool: Any = None,
     ) -> None:
         self.binding = binding
-        #: where the header is parsed: the binding's parse thread
-        self.parse_pool = parse_pool if parse_pool is not None else binding.parse_pool
         self.policy = policy
         self.invoke = invoke
         self.metrics = metrics
@@ -103,7 +100,7 @@ class SenderGate:
         # own, not behind the checks (a hung store holds all of those);
         # behind other headers' parses at most as long as a lookup's wait.
         parsed = deadline(
-            self.parse_pool.call(self._senders.header_addresses, head, smtputf8),
+            self.binding.parse_pool.call(self._senders.header_addresses, head, smtputf8),
             self.timeout,
             self.clock,
             self._not_parsed,

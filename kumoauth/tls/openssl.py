@@ -57,8 +57,6 @@ int SSL_CTX_set_cipher_list(SSL_CTX *, const char *);
 int SSL_CTX_set_ciphersuites(SSL_CTX *, const char *);
 int SSL_CTX_set_num_tickets(SSL_CTX *, size_t);
 long SSL_CTX_set_timeout(SSL_CTX *, long);
-int SSL_CTX_use_PrivateKey_file(SSL_CTX *, const char *, int);
-int SSL_CTX_use_certificate_chain_file(SSL_CTX *, const char *);
 int SSL_CTX_use_PrivateKey(SSL_CTX *, EVP_PKEY *);
 int SSL_CTX_use_certificate(SSL_CTX *, X509 *);
 int SSL_CTX_check_private_key(const SSL_CTX *);
@@ -124,7 +122,6 @@ SSL_ERROR_WANT_WRITE = 3
 SSL_ERROR_SYSCALL = 5
 SSL_ERROR_ZERO_RETURN = 6
 SSL_R_UNEXPECTED_EOF_WHILE_READING = 294
-SSL_FILETYPE_PEM = 1
 
 SSL_CTRL_MODE = 33
 SSL_CTRL_SET_SESS_CACHE_MODE = 44
@@ -399,12 +396,6 @@ class Context:
     def use_ticket_keys(self) -> None:
         """Protect tickets with :func:`set_ticket_keys`' keys (see there)."""
         self._check(lib.SSL_CTX_set_tlsext_ticket_key_evp_cb(self._ctx, _ticket_key_cb) == 1)
-
-    def use_privatekey_file(self, path: bytes) -> None:
-        self._check(lib.SSL_CTX_use_PrivateKey_file(self._ctx, path, SSL_FILETYPE_PEM) == 1)
-
-    def use_certificate_chain_file(self, path: bytes) -> None:
-        self._check(lib.SSL_CTX_use_certificate_chain_file(self._ctx, path) == 1)
 
     def _use_pem(self, bio: Any, read: Any, use: Any, free: Any) -> None:
         # One PEM object read from *bio*, handed to the context (which
