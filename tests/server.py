@@ -6,7 +6,9 @@ Helpers for end-to-end tests: a real ``twistd kumoauth`` process on
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import random
 import signal
 import socket
 import ssl
@@ -79,10 +81,39 @@ def wait_gone(pid: int, timeout: float) -> bool:
     return not alive(pid)
 
 
+#: Ports :func:`free_port` hands out lie below the kernel's ephemeral range
+#: (32768 and up), so no socket bound to port 0 and no outgoing connection
+#: takes one between the check and the server's bind; each pytest-xdist
+#: worker has a block of its own, so two never hand out the same port.
+PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 20000, 2000, 6
+_handed_out = random.randrange(PORT_BLOCK)  # two test runs at once rarely meet
+
+
+def _bindable(host: str, family: socket.AddressFamily, port: int) -> bool:
+    try:
+        with socket.socket(family) as s:
+            s.bind((host, port))
+    except OSError as e:
+        # No IPv6 on this machine: only 127.0.0.1 counts.
+        return family == socket.AF_INET6 and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+    return True
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """
+    A TCP port nothing listens on (127.0.0.1 and ::1), for a server to bind
+    next: not one this process handed out recently, nor one of another
+    xdist worker's.
+    """
+    global _handed_out
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    low = PORT_BASE + (int(worker) % PORT_BLOCKS if worker.isdigit() else 0) * PORT_BLOCK
+    for _ in range(PORT_BLOCK):
+        port = low + _handed_out % PORT_BLOCK
+        _handed_out += 1
+        if _bindable("127.0.0.1", socket.AF_INET, port) and _bindable("::1", socket.AF_INET6, port):
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + PORT_BLOCK - 1}")
 
 
 @dataclass

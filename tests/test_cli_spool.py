@@ -25,11 +25,21 @@ DATA = b"Subject: hello\r\n\r\nhi\r\n"
 ERROR = '451 4.3.0 "busy"\r\nInjected: line\x1b[31m'
 
 
-def run_cli(spool: Path | None, *args: str, alias: bool = False, config: Path | None = None):
+def cli_command(
+    spool: Path | None, *args: str, alias: bool = False, config: Path | None = None
+) -> list[str]:
+    """``kumoauth spool`` with *args*, on *spool* or on the queue of *config*."""
     command = ["-m", "kumoauth.cli.spool"] if alias else ["-m", "kumoauth.cli", "spool"]
     where = ["--config", str(config)] if config is not None else ["--spool", str(spool)]
+    return [sys.executable, *command, *where, *args]
+
+
+def run_cli(spool: Path | None, *args: str, alias: bool = False, config: Path | None = None):
     return subprocess.run(
-        [sys.executable, *command, *where, *args], capture_output=True, text=True, timeout=60
+        cli_command(spool, *args, alias=alias, config=config),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -230,15 +240,25 @@ while True:
     time.sleep(0.1)
     if mode != "apply" or not control.is_dir():
         continue
-    # What the server's housekeeping does: take each request, then apply it.
+    # What the server's housekeeping does: take each request, apply it and
+    # answer it.  This owner, like a server from before answers, leaves
+    # flush, delete and bounce unanswered: the command then watches the
+    # queue for the change.
+    answers = []
     for name in sorted(n for n in os.listdir(control) if n.endswith(".json")):
         request = json.loads((control / name).read_text())
         (control / name).unlink()
         try:
-            print(service.apply(store, request["op"], request["id"], Relay()), flush=True)
+            text = service.apply(store, request["op"], request["id"], Relay())
         except (KeyError, ValueError) as e:
-            print("not done", e, flush=True)
+            text = f"{request['op']} not done: {e}"
+        print(text, flush=True)
+        if request["answer"] and request["op"] in ("hold", "release", "retry"):
+            answers.append((service.answer_path(control / name), text))
     store.flush()
+    for answer, text in answers:
+        answer.with_name("tmp").write_text(text + "\n")
+        os.rename(answer.with_name("tmp"), answer)
 """
 
 
@@ -284,15 +304,17 @@ def test_actions_reach_a_running_owner(queue, applying_owner):
     assert result.returncode == 0 and result.stdout.startswith(f"{deferred} is due now (taken")
     assert QueueReader(path).get(deferred).next_attempt <= time.time()
 
-    result = run_cli(path, "flush")
+    # Unanswered: the command sees the change in the queue, once the
+    # answer it waits for at most --wait seconds has not come.
+    result = run_cli(path, "flush", "--wait", "1")
     assert (
         result.returncode == 0
         and result.stdout == f"flush: taken by the running server (pid {pid})\n"
     )
 
-    result = run_cli(path, "delete", deferred)
+    result = run_cli(path, "delete", deferred, "--wait", "1")
     assert result.returncode == 0 and result.stdout.startswith(f"{deferred} has left the queue")
-    result = run_cli(path, "bounce", held)
+    result = run_cli(path, "bounce", held, "--wait", "1")
     assert result.returncode == 0 and result.stdout.startswith(f"{held} has left the queue")
     assert [e.id for e in QueueReader(path).entries()] == [queued]
     assert not list((path / service.CONTROL_DIR).iterdir())

@@ -16,6 +16,7 @@ import asyncio
 import resource
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import pytest
 from kumoauth.relay.queue import QueueReader
 from tests import upstream as upstream_module
 from tests.server import Certs
-from tests.test_cli_spool import run_cli
+from tests.test_cli_spool import cli_command
 from tests.test_relay_e2e import (
     SENDER,
     bounces,
@@ -42,23 +43,28 @@ pytestmark = pytest.mark.e2e
 
 def slow_sender_data(
     monkeypatch: pytest.MonkeyPatch, delay: float, reply: dict[str, str | None]
-) -> None:
+) -> threading.Event:
     """
-    The upstream waits *delay* seconds before it answers the end of data of
-    a message from :data:`SENDER` (bounces, from ``<>``, are answered at
-    once), then answers ``reply["text"]`` (None: its usual 250, and the
-    message is recorded as received).
+    The upstream waits *delay* seconds, or until the event returned is set,
+    before it answers the end of data of a message from :data:`SENDER`
+    (bounces, from ``<>``, are answered at once), then answers
+    ``reply["text"]`` (None: its usual 250, and the message is recorded as
+    received).
     """
     original = upstream_module._Handler.handle_DATA
+    release = threading.Event()
 
     async def handle(self: Any, server: Any, session: Any, envelope: Any) -> str:
         if envelope.mail_from == SENDER:
-            await asyncio.sleep(delay)
+            until = time.monotonic() + delay
+            while not release.is_set() and time.monotonic() < until:
+                await asyncio.sleep(0.02)
             if reply["text"] is not None:
                 return reply["text"]
         return await original(self, server, session, envelope)
 
     monkeypatch.setattr(upstream_module._Handler, "handle_DATA", handle)
+    return release
 
 
 def sender_messages(up: upstream_module.Upstream) -> list[upstream_module.Received]:
@@ -185,14 +191,27 @@ def test_operator_request_during_a_send(
     upstream_says: str | None,
 ) -> None:
     reply: dict[str, str | None] = {"text": upstream_says}
-    slow_sender_data(monkeypatch, 10.0, reply)  # ample for the CLI and the 1 s tick
+    # The upstream holds the end of data until the server has taken the
+    # request (30 s at most: ample for the CLI and the 1 s tick).
+    release = slow_sender_data(monkeypatch, 30.0, reply)
     with running_upstream() as up, relaying(tmp_path, certs, up, retry_schedule="[1]") as srv:
         mid = submit(srv, ["b@example.net"], b"Subject: busy\r\n\r\nbeing sent\r\n")
         wait_until(lambda: "DATA" in up.all_verbs(), 10, "the upstream to get DATA")
         # The command waits for the server's answer, which comes once the
         # attempt under way has ended, and prints it.
-        result = run_cli(None, op, mid, "--wait", "40", config=srv.config)
-        assert "waits for the delivery attempt under way" in srv.log()
+        with subprocess.Popen(
+            cli_command(None, op, mid, "--wait", "40", config=srv.config),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as cli:
+            wait_until(
+                lambda: "waits for the delivery attempt under way" in srv.log(), 20, "the request"
+            )
+            assert cli.poll() is None  # still waiting for the answer
+            release.set()
+            stdout, stderr = cli.communicate(timeout=60)
+        result = subprocess.CompletedProcess(cli.args, cli.returncode, stdout, stderr)
         if upstream_says is None:
             assert result.returncode == 3, result
             assert f"{op} {mid} not done: it was delivered by the attempt under way" in (

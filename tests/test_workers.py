@@ -92,6 +92,9 @@ def test_two_workers(tmp_path):
         extra=f'[metrics]\nendpoint = "tcp:{mport}:interface=127.0.0.1"',
     ) as srv:
         workers = wait_for(lambda: len(children(srv.proc.pid)) == 2 and children(srv.proc.pid))
+        # Both serve once their reactors run (after the heap settles).
+        settled = r"\[worker (\d)\] \[kumoauth#info\] start-up heap settled"
+        wait_for(lambda: len(re.findall(settled, srv.log())) == 2)
         # Concurrent sessions: all served, by both workers.
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             ids = list(pool.map(lambda _: one_session(srv), range(40)))
@@ -100,8 +103,7 @@ def test_two_workers(tmp_path):
         log = srv.log()
         served = set(re.findall(r"\[worker (\d)\] \[kumoauth\.auth#info\] AUTH PLAIN success", log))
         assert served == {"0", "1"}
-        settled = re.findall(r"\[worker (\d)\] \[kumoauth#info\] start-up heap settled", log)
-        assert sorted(settled) == ["0", "1"]
+        assert sorted(re.findall(settled, log)) == ["0", "1"]
         # Metrics cover both workers.
         text = (
             urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
