@@ -12,11 +12,14 @@ workers) with smtplib clients that send the header HAProxy would.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import smtplib
 import socket
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -162,6 +165,80 @@ def test_an_invalid_header_closes_without_a_session():
     assert lines == ["closed 127.0.0.1:51000: an invalid PROXY header"]
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY TCP4 1.2.3.4\x1b[31m 10.0.0.1 40000 587\r\n",  # a terminal escape
+        b"PROXY TCP4 6.6.6.6\nBcc:\tvictim@example.org 10.0.0.1 1 2\r\n",  # a header line
+        b"PROXY TCP4 999.2.3.4 10.0.0.1 40000 587\r\n",
+        b"PROXY TCP4 198.51.100.07 10.0.0.1 40000 587\r\n",  # octal-looking
+        b"PROXY TCP4 198.51.100.7 10.0.0.1 99999 587\r\n",
+        b"PROXY TCP4 198.51.100.7 10.0.0.1 -1 587\r\n",
+        b"PROXY TCP4 198.51.100.7 10.0.0.1 40000 65536\r\n",
+        b"PROXY TCP4 198.51.100.7 example.org 40000 587\r\n",  # the destination too
+        b"PROXY TCP4 2001:db8::1 10.0.0.1 40000 587\r\n",  # not of its family
+        b"PROXY TCP6 198.51.100.7 2001:db8::2 40000 587\r\n",
+        b"PROXY TCP6 fe80::1%eth0 2001:db8::2 40000 587\r\n",  # a zone
+        b"PROXY TCP4 \x80.2.3.4 10.0.0.1 40000 587\r\n",  # not UTF-8: was a traceback
+        b"PROXY TCP4 198.51.100.7 10.0.0.1 x 587\r\n",  # not a number: was a traceback
+    ],
+    ids=[
+        "escape",
+        "line-feed",
+        "octet",
+        "leading-zero",
+        "port",
+        "negative-port",
+        "destination-port",
+        "destination",
+        "tcp4-v6",
+        "tcp6-v4",
+        "zone",
+        "not-utf-8",
+        "not-a-number",
+    ],
+)
+def test_a_header_naming_no_valid_address_closes_without_a_session(header):
+    # Twisted's v1 parser takes any text for an address and any integer for
+    # a port: without this check the session's client was whatever the
+    # header said, raw, into the log, conn_meta and the Received: header.
+    sessions, transport, wrapper, _ = connect()
+    with logged() as lines:
+        wrapper.dataReceived(header + b"EHLO client.example\r\n")
+    assert transport.disconnecting
+    assert sessions.made[0].peers == [] and sessions.made[0].data == b""
+    assert lines == ["closed 127.0.0.1:51000: an invalid PROXY header"]
+    with logged() as lines:
+        wrapper.dataReceived(b"QUIT\r\n")  # already refused: nothing more
+    assert lines == [] and sessions.made[0].data == b""
+
+
+def test_a_tcp6_header_names_its_client():
+    sessions, transport, wrapper, _ = connect()
+    wrapper.dataReceived(b"PROXY TCP6 2001:db8::7 2001:db8::2 40000 587\r\n")
+    assert sessions.made[0].peers == ["2001:db8::7:40000"]
+    assert not transport.disconnecting
+
+
+@given(
+    source=st.text(
+        st.characters(codec="latin-1", exclude_characters=" \r"), min_size=1, max_size=60
+    ),
+    port=st.integers(-(2**20), 2**20),
+)
+def test_a_v1_header_starts_a_session_only_for_a_printable_ip_client(source, port):
+    header = f"PROXY TCP4 {source} 10.0.0.1 {port} 587\r\n".encode("latin-1")
+    sessions, transport, wrapper, _ = connect()
+    with logged():
+        wrapper.dataReceived(header)
+    if sessions.made[0].peers:
+        host, _, seen_port = sessions.made[0].peers[0].rpartition(":")
+        assert ipaddress.ip_address(host).version == 4 and host.isprintable()
+        assert 0 <= int(seen_port) <= 65535
+    else:
+        assert transport.disconnecting
+
+
 def test_no_header_in_time_closes_without_a_session():
     sessions, transport, wrapper, clock = connect()
     wrapper.dataReceived(V1[:10])
@@ -185,7 +262,6 @@ def test_the_timer_stops_once_the_header_is_read():
 
 
 def test_only_proxy_networks_may_send_a_header():
-    import ipaddress
 
     networks = (ipaddress.ip_network("10.0.0.0/8"),)
     factory = ProxyHeaderFactory(Sessions(), Clock(), networks=networks)
@@ -297,6 +373,23 @@ def test_behind_haproxy_limits_logs_and_meta_see_the_client(tmp_path, certs):
                 login(s, "PLAIN", "scott", "tiger")
             assert locked.value.smtp_code == 454
         assert_client_seen(srv, ports, certs)
+
+        # A v1 header whose "address" is text (a line feed and a header
+        # field, an escape): closed before the banner, with a line that
+        # does not quote it.
+        stored = len(list(srv.spool.rglob("*")))
+        for header in (
+            b"PROXY TCP4 6.6.6.6\nBcc:\tvictim@example.org 10.0.0.1 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4\x1b[31m 10.0.0.1 1 2\r\n",
+        ):
+            with pytest.raises(smtplib.SMTPServerDisconnected):
+                ProxiedSMTP(header, ports[0])
+        # (the second from the same peer for the same reason is counted, not logged)
+        assert wait_for(lambda: ": an invalid PROXY header" in srv.log())
+        log = srv.log()
+        assert log.count(": an invalid PROXY header") == 1
+        assert "victim@example.org" not in log and "\x1b" not in log and "6.6.6.6" not in log
+        assert len(list(srv.spool.rglob("*"))) == stored
 
 
 def test_a_peer_outside_proxy_networks_gets_no_session(tmp_path, certs):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from twisted.internet.address import IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -51,6 +52,31 @@ def split(description: str) -> tuple[str, bool]:
     if description.startswith(PREFIX):
         return description[len(PREFIX) :], True
     return description, False
+
+
+def names_valid_addresses(info: Any) -> bool:
+    """
+    Whether a parsed header's addresses are IP addresses of its family
+    (no IPv6 zone) and its ports 0-65535.  Twisted's v1 parser takes any
+    text between the spaces and any integer: a header could otherwise name
+    a "client" with control characters or line ends in it, which the log,
+    conn_meta and the Received: header would carry.  A v2 header's
+    addresses are binary, valid by construction; a UNIX socket's path is
+    the proxy's own.
+    """
+    for addr in (info.source, info.destination):
+        if addr is None or isinstance(addr, UNIXAddress):
+            continue
+        try:
+            ip = ipaddress.ip_address(addr.host)
+        except ValueError:
+            return False
+        family = 6 if isinstance(addr, IPv6Address) else 4
+        if ip.version != family or getattr(ip, "scope_id", None) is not None:
+            return False
+        if not 0 <= addr.port <= 65535:
+            return False
+    return True
 
 
 class _Early:
@@ -97,6 +123,8 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper):
         if self._started:
             self.wrappedProtocol.dataReceived(data)
             return
+        if self.disconnecting:  # refused already
+            return
         if self._parser is None:
             # Twisted's parser tells v1 from v2 by the first read and refuses
             # one too short to tell: wait for 16 bytes (a v2 header's fixed
@@ -112,11 +140,19 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper):
         self.wrappedProtocol = early  # type: ignore[assignment]
         try:
             super().dataReceived(data)
+        except ValueError:
+            # Twisted's v1 parser lets a port that is not a number, or an
+            # address that is not UTF-8, out as ValueError.
+            self.loseConnection()
         finally:
             self.wrappedProtocol = session
         if self._proxyInfo is None:
             if self.disconnecting:  # Twisted's parser found it invalid
                 self._refuse("an invalid PROXY header")
+            return
+        if not names_valid_addresses(self._proxyInfo):
+            self._refuse("an invalid PROXY header")
+            self.loseConnection()
             return
         self._start(session, early.data)
 
