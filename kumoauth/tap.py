@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import pwd
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application import service
 from twisted.cred import strcred
@@ -16,6 +16,7 @@ from twisted.python import usage
 from kumoauth.ops.assembly import OperatorError, check_json_log, load_config
 from kumoauth.ops.heap import settle_when_running
 from kumoauth.ops.logfile import ApplicationLog, observer_for
+from kumoauth.textsafe import escape
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -32,13 +33,37 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def opt_auth(self, description: str) -> None:
         # Keep the strings too: [server] workers hands them to each worker.
         self.setdefault("authArgs", []).append(description)
-        super().opt_auth(description)
+        # One line and exit 1, as for a mistake in the configuration, not
+        # twistd's usage text (and never the argument: it may hold a password).
+        kind, _, argument = description.partition(":")
+        if kind == "file" and not os.path.isfile(argument):
+            # Twisted's file: checker only warns, then refuses every login.
+            operator_error(f"--auth file: {escape(argument)}: no such file")
+        try:
+            self.addChecker(strcred.makeChecker(description))
+        except strcred.InvalidAuthType:
+            known = "twistd kumoauth --help-auth lists them"
+            operator_error(f"--auth: no checker named {escape(kind)!r} ({known})")
+        except strcred.UnsupportedInterfaces:
+            operator_error(f"--auth {escape(kind)}: this checker cannot check passwords")
+        except Exception as e:
+            reason = escape(str(e))  # kumoauth's own stores name themselves
+            if not reason.startswith(f"{kind}:"):
+                reason = f"{escape(kind)}: {reason}"
+            operator_error(f"--auth {reason}")
 
     opt_auth.__doc__ = strcred.AuthOptionMixin.opt_auth.__doc__
 
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config FILE is required")
+
+
+def operator_error(text: str) -> NoReturn:
+    """An operator's mistake: one line on stderr, exit status 1."""
+    sys.stderr.write(f"kumoauth: error: {text}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
 
 
 def owner(options: Any) -> tuple[int, int] | None:
@@ -85,9 +110,7 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
             single = make_service_from_config(cfg, reactor, checkers, owner=owner(options))
             top, slicer = single, single.process.slicer
     except OperatorError as e:
-        sys.stderr.write(f"kumoauth: error: {e}\n")
-        sys.stderr.flush()
-        raise SystemExit(1) from None
+        operator_error(str(e))
     # twistd's log, in its format, formatted faster (kumoauth/ops/logfile.py)
     top.log_observer = observer_for(getattr(options, "parent", None))
     # Dispatch without the legacy log context, pool threads that do not

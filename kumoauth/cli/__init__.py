@@ -111,6 +111,16 @@ def log_errors_to_stderr() -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
+def os_error(e: OSError) -> str:
+    """``FILE: reason`` for an operating system error, escaped."""
+    from kumoauth.textsafe import escape
+
+    reason = e.strerror or str(e)
+    if e.filename is None:
+        return escape(reason)
+    return f"{escape(str(e.filename))}: {escape(reason)}"
+
+
 def build_parser(prog: str = "kumoauth") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="kumoauth administration (the server itself is `twistd kumoauth`)"
@@ -127,6 +137,11 @@ def main(argv: list[str] | None = None, prog: str = "kumoauth") -> int:
         return int(args.run(args))
     except CommandError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        # A file the command may not read (run as a user other than the
+        # server's) or cannot write: the file and why, not a traceback.
+        print(f"{prog}: error: {os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Ctrl-C (at a password prompt, say): no traceback; the newline

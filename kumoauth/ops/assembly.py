@@ -420,6 +420,17 @@ def build_runtime(
     return runtime
 
 
+def _absent(path: Path) -> bool:
+    """Whether *path* does not exist (one that cannot be looked at does, here)."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return True
+    except OSError:  # EACCES under a directory we may not search: QueueStore.open says so
+        return False
+    return False
+
+
 def open_queue(cfg: Config, owner: tuple[int, int] | None = None) -> QueueStore:
     """
     Take the queue (``[spool] path``) as its one owner: lock it, recover
@@ -430,7 +441,7 @@ def open_queue(cfg: Config, owner: tuple[int, int] | None = None) -> QueueStore:
     twistd drops privileges; what is created here, as root, is given to them.
     """
     path = cfg.spool.path
-    created = [p for p in (path, *path.parents) if not p.exists()]
+    created = [p for p in (path, *path.parents) if _absent(p)]
     try:
         queue = QueueStore.open(path)
     except QueueLocked as e:
