@@ -610,7 +610,22 @@ def parse(
         for i, raw in enumerate(raw_listeners)
     )
 
+    bound: dict[int, tuple[str, str, str]] = {}
     for i, listener in enumerate(listeners):
+        where = f"[[listener]] #{i + 1} endpoint"
+        address = _bind_address(listener.endpoint)
+        if address is not None and address[0] == "ssl":
+            raise ConfigError(
+                source,
+                where,
+                'ssl: is not supported: use tcp: with tls = "implicit" '
+                "(the certificate and key come from [tls])",
+            )
+        for j, other in bound.items():
+            if address is not None and _same_socket(address, other):
+                raise ConfigError(source, where, f"the same socket as [[listener]] #{j + 1}")
+        if address is not None:
+            bound[i] = address
         if listener.proxy_networks and not listener.endpoint.startswith("haproxy:"):
             raise ConfigError(
                 source,
@@ -821,6 +836,34 @@ def read_text(path: Path) -> str:
         raise ConfigError(path, "", "configuration file is not UTF-8") from None
     except OSError as e:
         raise ConfigError(path, "", f"cannot read configuration: {e.strerror}") from None
+
+
+def _bind_address(endpoint: str) -> tuple[str, str, str] | None:
+    """
+    (type, port or path, interface) of a listener's endpoint, for the
+    checks that need no reactor; None for a type not looked at here (Twisted
+    parses every endpoint when the listeners are made).
+    """
+    description = endpoint.removeprefix("haproxy:")
+    # Twisted's syntax: fields split at ":" not escaped with a backslash.
+    fields = [f.replace("\\:", ":") for f in re.split(r"(?<!\\):", description)]
+    kind = fields[0].strip().lower()
+    if kind not in ("tcp", "tcp6", "unix", "ssl"):
+        return None
+    positional = [f for f in fields[1:] if "=" not in f]
+    keywords = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+    first = "address" if kind == "unix" else "port"
+    where = positional[0] if positional else keywords.get(first, "")
+    return kind, where.strip(), keywords.get("interface", "").strip()
+
+
+def _same_socket(a: tuple[str, str, str], b: tuple[str, str, str]) -> bool:
+    """Whether two listeners would bind one socket (the second then fails)."""
+    if a[0] != b[0] or a[1] != b[1] or a[1] in ("", "0"):
+        return False
+    if a[0] == "unix":
+        return True
+    return a[2] == b[2] or "" in (a[2], b[2])
 
 
 def load(path: Path | str) -> Config:

@@ -370,3 +370,13 @@ def test_real_server_applies_requests(tmp_path):
         assert result.returncode == 1 and "bounce needs [relay]" in result.stderr
         assert not list((srv.spool / service.CONTROL_DIR).glob("*.json"))
         assert "operator request: " in srv.log()
+
+
+@pytest.mark.parametrize("wait", ["nan", "-1", "inf", "1e9", "soon"])
+def test_wait_must_be_a_finite_number_of_seconds(queue, wait):
+    # nan waited "nans", -1 acted as --no-wait, inf could wait for ever
+    path, (queued, *_) = queue
+    result = run_cli(path, "hold", queued, "--wait", wait)
+    assert result.returncode == 2
+    assert f"argument --wait: {wait!r}: not a number of seconds from 0 to 86400" in result.stderr
+    assert not state(path, queued).held

@@ -17,6 +17,15 @@ import pytest
 from kumoauth.config import ConfigError, parse
 from tests.server import TWISTD, make_certs, run_twistd
 
+#: a second listener, its endpoint to be filled in
+LISTENER2 = """
+[[listener]]
+endpoint = {}
+tls = "none"
+auth_required = false
+
+"""
+
 MINIMAL = """
 [[listener]]
 endpoint = "tcp:2525"
@@ -154,6 +163,20 @@ def test_sample_config_parses():
             ),
             "[[listener]] #1 proxy_networks",
             "10.0.0.0/33",
+        ),
+        # ssl: would want its own certificate files (and failed on server.pem)
+        (
+            MINIMAL.replace('"tcp:2525"', '"ssl:2525"'),
+            "[[listener]] #1 endpoint",
+            'ssl: is not supported: use tcp: with tls = "implicit"',
+        ),
+        # two listeners on one socket: the second failed as "address in use"
+        (
+            MINIMAL.replace(
+                "[spool]", LISTENER2.format('"tcp:2525:interface=127.0.0.1"') + "[spool]"
+            ),
+            "[[listener]] #2 endpoint",
+            "the same socket as [[listener]] #1",
         ),
     ],
 )
@@ -482,3 +505,18 @@ def test_short_fingerprint_key_file_is_one_line_at_start(tmp_path, certs):
         "the key must be at least 32",
     )
     assert "Secret-Key-Shown" not in line
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        '"tcp:2525:interface=127.0.0.2"',  # the first is on 127.0.0.1
+        '"tcp6:2525:interface=\\\\:\\\\:1"',  # another family
+        '"tcp:2526:interface=127.0.0.1"',
+        '"unix:/run/kumoauth.sock"',
+    ],
+)
+def test_listeners_on_different_sockets(tmp_path, second):
+    text = MINIMAL.replace('"tcp:2525"', '"tcp:2525:interface=127.0.0.1"')
+    cfg = parse(text.replace("[spool]", LISTENER2.format(second) + "[spool]"), tmp_path / "k.toml")
+    assert len(cfg.listeners) == 2

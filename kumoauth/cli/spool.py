@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -84,6 +85,8 @@ EXIT_PENDING = 3
 
 #: default seconds to wait for a running server to take a request
 WAIT = 5.0
+#: the longest --wait (a day)
+MAX_WAIT = 86400.0
 #: seconds between looks at control/ while waiting
 POLL = 0.05
 #: longest wait, once the server took a request, for the queue to show it
@@ -124,7 +127,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group = waiting.add_mutually_exclusive_group()
     group.add_argument(
         "--wait",
-        type=float,
+        type=seconds,
         default=WAIT,
         metavar="SECONDS",
         help=f"with a server running, wait this long for it to take the request (default {WAIT:g})",
@@ -147,6 +150,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------
 # where the spool is
+
+
+def seconds(text: str) -> float:
+    """``--wait``'s value: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_WAIT:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number of seconds from 0 to {MAX_WAIT:g}")
+    return value
 
 
 def locate(args: argparse.Namespace) -> tuple[Path, Config | None]:
