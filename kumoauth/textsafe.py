@@ -59,6 +59,24 @@ def escape(value: object, limit: int = MAX_LOGGED) -> str:
     return _escape(text)
 
 
+#: what makes a key=value field's value need quotes: a reader would split
+#: the field at a space, or take ``authc=a client=b`` as two fields
+_UNQUOTED = re.compile(r'[^ ="]+')
+
+
+def field_value(value: object, limit: int = MAX_LOGGED) -> str:
+    """
+    *value* as the value of one ``key=value`` field of a log line:
+    :func:`escape`, then in double quotes (a ``"`` inside escaped as
+    ``\\"``) if it is empty or has a space, ``=`` or ``"``, so a client
+    cannot make one field read as several (``authc=bob result=success``).
+    """
+    text = escape(value, limit)
+    if _UNQUOTED.fullmatch(text):
+        return text
+    return '"' + text.replace('"', '\\"') + '"'
+
+
 _ESCAPED = re.compile(r"\\(?:(\\)|x([0-9a-f]{2})|u([0-9a-f]{4})|U([0-9a-f]{8}))")
 
 

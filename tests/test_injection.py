@@ -7,6 +7,7 @@ StringTransport level; the end-to-end versions are in test_probes_e2e.py.
 from __future__ import annotations
 
 import base64
+import re
 
 import pytest
 from hypothesis import given
@@ -17,7 +18,7 @@ from kumoauth.config import ServerConfig
 from kumoauth.policy import Reject
 from kumoauth.smtp.data import has_bare_newline, normalize_newlines, received_header
 from kumoauth.testing import Session, plain_b64
-from kumoauth.textsafe import escape, unescape
+from kumoauth.textsafe import escape, field_value, unescape
 from tests.test_protocol import HOST, authed, scott_policy, send_message
 
 LINE_BREAKERS = ["\r", "\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
@@ -140,6 +141,43 @@ def test_any_user_name_gives_one_clean_log_line(tmp_path_factory, name):
         text = formatEventAsClassicLogText(event)
         assert text.count("\n") == 1
         assert is_one_clean_line(text[:-1])
+
+
+#: one key=value field of a log line, its value bare or in double quotes
+FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^ ]*)')
+
+
+def fields(text: str) -> list[tuple[str, str]]:
+    """The key=value fields of *text*, as a logfmt reader would take them."""
+    return [
+        (k, v[1:-1].replace('\\"', '"') if v.startswith('"') else v) for k, v in FIELD.findall(text)
+    ]
+
+
+def test_a_user_name_cannot_pass_for_other_fields(make_session, captured_log):
+    s = make_session(scott_policy())
+    s.command("EHLO client.example")
+    name = 'bob authz=admin result=success client=10.0.0.1:1 "'
+    assert s.command("AUTH PLAIN " + plain_b64("", name, "wrong")).startswith("535")
+    s.clock.advance(5)
+    (event,) = [e for e in captured_log.namespace("kumoauth.auth") if "text" in e]
+    found = fields(event["text"])
+    keys = [k for k, _ in found]
+    assert len(keys) == len(set(keys)), event["text"]  # no field twice
+    assert dict(found)["authc"] == name
+    assert dict(found)["client"] != "10.0.0.1:1"
+
+
+@given(st.text(max_size=80), st.text(max_size=80))
+def test_a_field_reads_back_as_one_field(first, second):
+    authc, authz = field_value(first), field_value(second)
+    line = f"AUTH PLAIN failure authc={authc} authz={authz} client=192.0.2.1:25"
+    assert fields(line) == [
+        ("authc", escape(first)),
+        ("authz", escape(second)),
+        ("client", "192.0.2.1:25"),
+    ]
+    assert is_one_clean_line(line)
 
 
 def test_malformed_attempt_logs_no_none(make_session, captured_log):

@@ -35,7 +35,7 @@ from kumoauth.ops.loglimit import LogLimiter, StateLog
 from kumoauth.ops.metrics import Metrics
 from kumoauth.storage.delivery import Delivery, IMessageDelivery
 from kumoauth.stores import StoreUnavailable
-from kumoauth.textsafe import escape
+from kumoauth.textsafe import escape, field_value
 
 log = Logger(namespace="kumoauth")
 auth_log = Logger(namespace="kumoauth.auth")
@@ -170,9 +170,9 @@ class AuthLog:
         # format string through twisted.logger costs 4x more, per attempt.
         parts = [f"AUTH {escape(attempt.mechanism, 20)} {result}"]
         if attempt.authc is not None:
-            parts.append(f"authc={escape(attempt.authc)}")
+            parts.append(f"authc={field_value(attempt.authc)}")
         if attempt.authz is not None:
-            parts.append(f"authz={escape(attempt.authz)}")
+            parts.append(f"authz={field_value(attempt.authz)}")
         parts.append(f"client={attempt.client} listener={attempt.listener}")
         if latency is not None:
             parts.append(f"checker_latency={latency:.3f}s")
@@ -398,7 +398,7 @@ class Authenticator:
                 log.error(
                     "checker did not answer within {timeout}s for authc={authc} from {client}",
                     timeout=self.auth.timeout,
-                    authc=escape(attempt.authc),
+                    authc=field_value(attempt.authc),
                     client=attempt.client,
                 )
             elif f.check(BackendUnavailable):
@@ -407,7 +407,7 @@ class Authenticator:
                 # The checker raised, its Deferred failed, or it gave a non-bool.
                 log.error(
                     "checker failed for authc={authc} from {client}: {error}\n{traceback}",
-                    authc=escape(attempt.authc),
+                    authc=field_value(attempt.authc),
                     client=attempt.client,
                     error=escape(scrub(f.getErrorMessage(), attempt.secrets), 1000),
                     traceback=scrub(f.getTraceback(), attempt.secrets),

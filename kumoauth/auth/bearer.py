@@ -33,7 +33,7 @@ from kumoauth.auth.cred import BackendUnavailable, IBearerCredentials
 from kumoauth.auth.sasl import SASLError, prepare_name
 from kumoauth.backends.base import BackendError
 from kumoauth.backends.oauth import InvalidToken
-from kumoauth.textsafe import escape
+from kumoauth.textsafe import escape, field_value
 
 log = Logger(namespace="kumoauth.auth.oauth")
 
@@ -78,8 +78,8 @@ class BearerChecker:
             "OAuth token refused for {client}: {reason} (sub={sub} jti={jti})",
             client=escape(credentials.conn_meta.get_meta("received_from") or "?"),
             reason=escape(reason, 200),
-            sub=escape(claims.get("sub"), 100) if claims.get("sub") is not None else "-",
-            jti=escape(claims.get("jti"), 100) if claims.get("jti") is not None else "-",
+            sub=field_value(claims.get("sub"), 100) if claims.get("sub") is not None else "-",
+            jti=field_value(claims.get("jti"), 100) if claims.get("jti") is not None else "-",
         )
         return BearerRefused(self.validator.error_json(InvalidToken(reason)), reason)
 
@@ -91,8 +91,8 @@ class BearerChecker:
                 "OAuth token refused for {client}: {reason} (sub={sub} jti={jti})",
                 client=escape(credentials.conn_meta.get_meta("received_from") or "?"),
                 reason=escape(e.reason, 200),
-                sub=escape(e.sub, 100) if getattr(e, "sub", None) else "-",
-                jti=escape(e.jti, 100) if getattr(e, "jti", None) else "-",
+                sub=field_value(e.sub, 100) if getattr(e, "sub", None) else "-",
+                jti=field_value(e.jti, 100) if getattr(e, "jti", None) else "-",
             )
             raise BearerRefused(self.validator.error_json(e), e.reason) from None
         except BackendError as e:

@@ -159,7 +159,9 @@ def seconds(text: str) -> float:
     except ValueError:
         value = math.nan
     if not 0 <= value <= MAX_WAIT:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"{text!r}: not a number of seconds from 0 to {MAX_WAIT:g}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: not a number of seconds from 0 to {MAX_WAIT:g}"
+        )
     return value
 
 
