@@ -1320,6 +1320,13 @@ def test_cli_sender_check(tmp_path, map_file):
     assert (none.returncode, none.stdout) == (1, "refused: no rule for this address\n")
     null = sender_check(config, "alice", "<>")
     assert (null.returncode, null.stdout) == (0, "allowed: null sender allowed\n")
+    # MAIL FROM refuses it before sender binding is asked: said, not "allowed"
+    bad = sender_check(config, "alice", "alice\x1b[31m@example.com")
+    assert (bad.returncode, bad.stdout) == (2, "")
+    assert bad.stderr == (
+        "kumoauth sender check: error: alice\\x1b[31m@example.com: "
+        "a session refuses it at MAIL FROM (501 5.1.7)\n"
+    )
 
 
 def test_cli_sender_check_errors(tmp_path, sqlite_url):

@@ -87,7 +87,8 @@ def encode_response(data: bytes) -> bytes:
     return base64.b64encode(data) if data else b"="
 
 
-def _text(field: bytes, name: str) -> str:
+def field_text(field: bytes, name: str) -> str:
+    """A field as the wire gives it: at most 255 octets of UTF-8 (else 501)."""
     if len(field) > MAX_FIELD:
         raise _err(f"{name} longer than {MAX_FIELD} octets")
     try:
@@ -124,9 +125,9 @@ def decode_plain(message: bytes) -> PlainResponse:
         raise _err("PLAIN response must be authzid NUL authcid NUL password")
     authz, authc, password = parts
     return PlainResponse(
-        authz=_text(authz, "authzid"),
-        authc=_text(authc, "authcid"),
-        password=_text(password, "password"),
+        authz=field_text(authz, "authzid"),
+        authc=field_text(authc, "authcid"),
+        password=field_text(password, "password"),
     )
 
 
@@ -144,7 +145,7 @@ def decode_login_field(data: bytes, name: str) -> str:
     """
     if b"\x00" in data:
         raise _err(f"{name} contains NUL")
-    return _text(data, name)
+    return field_text(data, name)
 
 
 # --- bearer tokens: XOAUTH2 and OAUTHBEARER (RFC 7628) ---------------------
@@ -197,7 +198,7 @@ def decode_xoauth2(message: bytes) -> BearerResponse:
     fields = message[:-2].split(_KVSEP)
     if len(fields) != 2 or not fields[0].startswith(b"user=") or not fields[1].startswith(b"auth="):
         raise _err("XOAUTH2 response must be user=...^Aauth=Bearer ...^A^A")
-    user = _text(fields[0][5:], "user")
+    user = field_text(fields[0][5:], "user")
     if not user or any(ord(c) < 0x20 or c == "\x7f" for c in user):
         raise _err("malformed XOAUTH2 user")
     return BearerResponse(authz=user, token=_bearer(fields[1][5:]))
@@ -226,7 +227,7 @@ def _saslname(value: bytes) -> str:
             continue
         out += c
         i += 1
-    return _text(bytes(out), "authzid")
+    return field_text(bytes(out), "authzid")
 
 
 def decode_oauthbearer(message: bytes) -> BearerResponse:

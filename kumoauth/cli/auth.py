@@ -30,6 +30,7 @@ import argparse
 import getpass
 import ipaddress
 import json
+import os
 import sys
 from typing import Any
 
@@ -96,7 +97,7 @@ def read_password() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kumoauth.auth.sasl import SASLError, prepare_name
+    from kumoauth.auth.sasl import SASLError, field_text, prepare_name
     from kumoauth.cli import log_errors_to_stderr, react
     from kumoauth.ops.assembly import OperatorError, build_policy, load_config
 
@@ -109,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
     except OperatorError as e:
         return _fail(str(e))
     try:
-        authc = prepare_name(args.user, "authcid")
-        authz = prepare_name(args.authz, "authzid")
+        # As a session takes them: the bytes given, then SASLprep.
+        authc = prepare_name(field_text(os.fsencode(args.user), "authcid"), "authcid")
+        authz = prepare_name(field_text(os.fsencode(args.authz), "authzid"), "authzid")
     except SASLError as e:
         return _fail(e.reply.decode("ascii", "replace"))
     if not authc:

@@ -66,6 +66,7 @@ async def _check(reactor: Any, args: argparse.Namespace) -> int:
     from kumoauth.cli import log_errors_to_stderr
     from kumoauth.ops.assembly import OperatorError, load_config
     from kumoauth.ops.threads import BlockingPool
+    from kumoauth.smtp.commands import is_mailbox
     from kumoauth.textsafe import escape
 
     log_errors_to_stderr()
@@ -83,6 +84,9 @@ async def _check(reactor: Any, args: argparse.Namespace) -> int:
     if not user:
         return _fail("empty user name")
     address = _address(args.address)
+    if address and not is_mailbox(address, utf8=True):
+        # What MAIL FROM refuses before sender binding is asked.
+        return _fail(f"{escape(address, 300)}: a session refuses it at MAIL FROM (501 5.1.7)")
 
     pool = BlockingPool(reactor, cfg.auth.threads, cfg.auth.max_in_flight, "kumoauth-sender")
     pool.start()
