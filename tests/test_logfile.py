@@ -51,7 +51,45 @@ def test_the_same_lines_as_twistds_own_observer(text, when, level, namespace, ex
     if namespace is not None:
         event["log_namespace"] = namespace
     event.update(extra)
-    assert ours(event) == twistd_text(event)
+    assert ours(event) == shown(twistd_text(event))
+
+
+def shown(line: str) -> str:
+    """twistd's *line*, each character neither printable nor LF or tab escaped."""
+
+    def code(n: int) -> str:
+        return f"\\x{n:02x}" if n <= 0xFF else f"\\u{n:04x}" if n <= 0xFFFF else f"\\U{n:08x}"
+
+    return "".join(c if c.isprintable() or c in "\n\t" else code(ord(c)) for c in line)
+
+
+def test_a_traceback_quoting_a_client_reaches_the_log_escaped():
+    # The text of kumoauth's own events is escaped where it is made; an
+    # exception's message (which may quote a client) and Twisted's own
+    # events are not: the observer escapes what is left, lines kept.
+    try:
+        raise ValueError("bad name \x1b[31mred\x1b[0m\r\x85")
+    except ValueError:
+        failure = Failure()
+    event = {
+        "log_format": "policy handler {event} failed",
+        "event": "smtp_server_mail_from",
+        "log_level": LogLevel.critical,
+        "log_namespace": "kumoauth",
+        "log_time": 0.0,
+        "log_failure": failure,
+    }
+    line = ours(event)
+    assert "\\x1b[31mred\\x1b[0m\\x0d\\x85" in line
+    assert all(c.isprintable() or c in "\n\t" for c in line)
+    assert line.count("\n\t") == twistd_text(event).count("\n\t")  # the same lines
+    worker = {
+        "log_format": "{text}",
+        "text": "[kumoauth#error] x\nValueError: \x1b",
+        "log_level": LogLevel.error,
+        "log_time": 0.0,
+    }
+    assert ours(worker).endswith("\n\tValueError: \\x1b\n")
 
 
 def test_one_formatter_across_seconds_and_for_a_failure():

@@ -8,7 +8,9 @@ events are one prebuilt ``{text}`` field, so this observer writes them
 directly, with the timestamp formatted once a second by twistd's own
 function; every other event (a failure, a many-field format, Twisted's
 own) goes through Twisted's formatter.  The lines are the same, byte for
-byte (``tests/test_logfile.py`` holds the two side by side).
+byte (``tests/test_logfile.py`` holds the two side by side), except that
+a character neither printable nor a line feed or tab (in a traceback's
+message, say) is escaped (:func:`visible`).
 
 The observer is offered to twistd as its application's ``ILogObserver``
 (:class:`ApplicationLog`), which twistd uses instead of building its own,
@@ -37,6 +39,8 @@ from twisted.logger import (
 )
 from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
+
+from kumoauth.textsafe import escape
 
 
 def _time(when: float | None) -> str:
@@ -68,7 +72,10 @@ class ClassicText:
             or "log_system" in event
             or "log_flattened" in event
         ):
-            return formatEventAsClassicLogText(event, formatTime=_time)
+            line = formatEventAsClassicLogText(event, formatTime=_time)
+            if line is None or line[:-1].replace("\n\t", "").isprintable():
+                return line
+            return visible(line[:-1]) + "\n"
         # The second datetime.fromtimestamp puts it in: microseconds rounded
         # half to even first, as CPython does (1.9999996 is 00:00:02).
         frac, whole = math.modf(when)
@@ -77,8 +84,22 @@ class ClassicText:
             # The stamp has whole seconds, and a time zone's offset changes
             # on a whole second: one per second is the same text.
             self._second, self._stamp = second, _time(second)
+        if not text.isprintable():  # a worker's line with its traceback, say
+            text = visible(text)
         system = f"{event.get('log_namespace', '-')}#{level.name}"
         return f"{self._stamp} [{system}] {text}".replace("\n", "\n\t") + "\n"
+
+
+def visible(text: str) -> str:
+    """
+    *text* with each character that is neither printable nor a line feed
+    or tab escaped (``\\x1b``).  A safety net under every line: kumoauth's
+    own texts are escaped already, but a traceback quotes its exception's
+    message, which may quote a client, and Twisted's own events are not
+    escaped.  Line feeds stay (twistd indents the lines after the first,
+    so a traceback cannot forge a line); nothing reaches a terminal raw.
+    """
+    return "".join(c if c.isprintable() or c in "\n\t" else escape(c) for c in text)
 
 
 def observer_for(options: Any) -> ILogObserver | None:
