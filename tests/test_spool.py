@@ -131,8 +131,9 @@ def test_spool_cli_list_and_show(spool):
     ) or shown.stdout.startswith("Subject: two")
     meta = run_cli("--spool", str(spool.path), "show", "--meta", msgs[0].id)
     assert json.loads(meta.stdout)["id"] == msgs[0].id
-    missing = run_cli("--spool", str(spool.path), "show", "0" * 24)
-    assert missing.returncode == 1 and "no complete message" in missing.stderr
+    unknown = "0" * 24
+    missing = run_cli("--spool", str(spool.path), "show", unknown)
+    assert missing.returncode == 1 and f"no message {unknown} in the queue" in missing.stderr
 
 
 def test_spool_cli_with_config(tmp_path):

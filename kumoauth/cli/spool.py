@@ -308,7 +308,7 @@ def do_show(args: argparse.Namespace, mid: str) -> int:
         else:
             sys.stdout.buffer.write(msg.read_bytes())
     except KeyError:
-        raise CommandError(f"no complete message {mid!r}") from None
+        raise CommandError(f"no message {mid} in the queue") from None
     except QueueError as e:
         raise CommandError(str(e)) from None
     return EXIT_OK
