@@ -838,31 +838,70 @@ def read_text(path: Path) -> str:
         raise ConfigError(path, "", f"cannot read configuration: {e.strerror}") from None
 
 
+def _endpoint_fields(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    The positional and keyword arguments of a Twisted endpoint description
+    (the type first): fields split at ":", a keyword at its first "=", and a
+    backslash taking the next character as it is.
+    """
+    positional: list[str] = []
+    keywords: dict[str, str] = {}
+    key: str | None = None
+    current: list[str] = []
+
+    def end_field() -> None:
+        if key is None:
+            positional.append("".join(current))
+        else:
+            keywords[key] = "".join(current)
+
+    chars = iter(description)
+    for c in chars:
+        if c == "\\":
+            current.append(next(chars, ""))
+        elif c == ":":
+            end_field()
+            key, current = None, []
+        elif c == "=" and key is None:
+            key, current = "".join(current), []
+        else:
+            current.append(c)
+    end_field()
+    return positional, keywords
+
+
 def _bind_address(endpoint: str) -> tuple[str, str, str] | None:
     """
-    (type, port or path, interface) of a listener's endpoint, for the
-    checks that need no reactor; None for a type not looked at here (Twisted
-    parses every endpoint when the listeners are made).
+    What a listener's endpoint binds, for the checks that need no reactor:
+    (``"4"``, ``"6"``, ``"unix"`` or ``"ssl"``; the port or path; the
+    interface, ``""`` for every address), or None for a type not looked at
+    here (Twisted parses every endpoint when the listeners are made).
     """
-    description = endpoint.removeprefix("haproxy:")
-    # Twisted's syntax: fields split at ":" not escaped with a backslash.
-    fields = [f.replace("\\:", ":") for f in re.split(r"(?<!\\):", description)]
-    kind = fields[0].strip().lower()
+    positional, keywords = _endpoint_fields(endpoint.removeprefix("haproxy:"))
+    kind = positional[0].strip().lower()
     if kind not in ("tcp", "tcp6", "unix", "ssl"):
         return None
-    positional = [f for f in fields[1:] if "=" not in f]
-    keywords = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
     first = "address" if kind == "unix" else "port"
-    where = positional[0] if positional else keywords.get(first, "")
-    return kind, where.strip(), keywords.get("interface", "").strip()
+    where = (positional[1] if len(positional) > 1 else keywords.get(first, "")).strip()
+    if kind == "unix":
+        return "unix", where, ""
+    interface = keywords.get("interface", "").strip()
+    # As Twisted binds it: tcp6:, or tcp: with an IPv6 interface, is IPv6.
+    family = "6" if kind == "tcp6" or ":" in interface else "4"
+    if interface in ("0.0.0.0", "::"):
+        interface = ""
+    return "ssl" if kind == "ssl" else family, where, interface
 
 
 def _same_socket(a: tuple[str, str, str], b: tuple[str, str, str]) -> bool:
-    """Whether two listeners would bind one socket (the second then fails)."""
+    """
+    Whether two listeners would bind one socket (the second then fails):
+    one family, one port or path, and one interface or every one.  (An IPv6
+    listener on every address may take IPv4 too, as the system decides:
+    not refused here.)
+    """
     if a[0] != b[0] or a[1] != b[1] or a[1] in ("", "0"):
         return False
-    if a[0] == "unix":
-        return True
     return a[2] == b[2] or "" in (a[2], b[2])
 
 

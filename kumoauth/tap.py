@@ -36,9 +36,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         # One line and exit 1, as for a mistake in the configuration, not
         # twistd's usage text (and never the argument: it may hold a password).
         kind, _, argument = description.partition(":")
-        if kind == "file" and not os.path.isfile(argument):
+        if kind == "file":
             # Twisted's file: checker only warns, then refuses every login.
-            operator_error(f"--auth file: {escape(argument)}: no such file")
+            problem = _not_a_readable_file(argument)
+            if problem:
+                operator_error(f"--auth file: {escape(argument) or '(empty)'}: {problem}")
         try:
             self.addChecker(strcred.makeChecker(description))
         except strcred.InvalidAuthType:
@@ -57,6 +59,18 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config FILE is required")
+
+
+def _not_a_readable_file(path: str) -> str | None:
+    """Why *path* is not a file this process can read, or None."""
+    if not path:
+        return "a file name is needed"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None if os.path.isfile(path) else "not a regular file"
 
 
 def operator_error(text: str) -> NoReturn:

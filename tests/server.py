@@ -89,6 +89,16 @@ PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 20000, 2000, 6
 _handed_out = random.randrange(PORT_BLOCK)  # two test runs at once rarely meet
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+
+
 def _bindable(host: str, family: socket.AddressFamily, port: int) -> bool:
     try:
         with socket.socket(family) as s:
@@ -107,7 +117,15 @@ def free_port() -> int:
     """
     global _handed_out
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
-    low = PORT_BASE + (int(worker) % PORT_BLOCKS if worker.isdigit() else 0) * PORT_BLOCK
+    index = int(worker) if worker.isdigit() else 0
+    if index >= PORT_BLOCKS:
+        raise RuntimeError(f"free_port() has {PORT_BLOCKS} blocks of ports: run at most -n 6")
+    low = PORT_BASE + index * PORT_BLOCK
+    if low + PORT_BLOCK > _EPHEMERAL_LOW:
+        raise RuntimeError(
+            f"ports {low}-{low + PORT_BLOCK - 1} overlap the ephemeral range "
+            f"(/proc/sys/net/ipv4/ip_local_port_range starts at {_EPHEMERAL_LOW})"
+        )
     for _ in range(PORT_BLOCK):
         port = low + _handed_out % PORT_BLOCK
         _handed_out += 1

@@ -67,7 +67,7 @@ def test_twistd_auth_passwd_file_end_to_end(tmp_path, certs):
             "--auth passwd-file: path: /nonexistent/users: file not found",
         ),
         # Twisted's own file: checker warned, then refused every login
-        ("file:/nonexistent/passwd", "--auth file: /nonexistent/passwd: no such file"),
+        ("file:/nonexistent/passwd", "--auth file: /nonexistent/passwd: No such file or directory"),
         ("memory:carol", "--auth memory: argstring must be in format U:P:..."),
         ("nosuch:x", "--auth: no checker named 'nosuch' (twistd kumoauth --help-auth lists them)"),
     ],

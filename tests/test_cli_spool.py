@@ -380,3 +380,18 @@ def test_wait_must_be_a_finite_number_of_seconds(queue, wait):
     assert result.returncode == 2
     assert f"argument --wait: {wait!r}: not a number of seconds from 0 to 86400" in result.stderr
     assert not state(path, queued).held
+
+
+def test_show_into_a_reader_that_stops_early(tmp_path):
+    # `kumoauth spool show ID | head`: no "Broken pipe" error, exit 0.
+    path = tmp_path / "spool"
+    big = Message(new_id(), "a@example.com", ["b@example.net"], b"x" * 4_000_000 + b"\r\n", {})
+    with QueueStore.open(path) as store:
+        store.append_batch([big])
+    with subprocess.Popen(
+        cli_command(path, "show", big.id), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        assert proc.stdout is not None
+        proc.stdout.close()  # before the command writes: its write fails
+        assert proc.wait(60) == 0
+        assert proc.stderr is not None and proc.stderr.read() == b""

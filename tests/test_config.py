@@ -508,15 +508,37 @@ def test_short_fingerprint_key_file_is_one_line_at_start(tmp_path, certs):
 
 
 @pytest.mark.parametrize(
-    "second",
+    ("first", "second"),
     [
-        '"tcp:2525:interface=127.0.0.2"',  # the first is on 127.0.0.1
-        '"tcp6:2525:interface=\\\\:\\\\:1"',  # another family
-        '"tcp:2526:interface=127.0.0.1"',
-        '"unix:/run/kumoauth.sock"',
+        ("tcp:2525:interface=127.0.0.1", "tcp:2525:interface=127.0.0.2"),
+        ("tcp:2525:interface=127.0.0.1", "tcp6:2525:interface=\\\\:\\\\:1"),
+        # tcp: on an IPv6 address binds an IPv6 socket (Twisted): no clash
+        # with IPv4's every address
+        ("tcp:2525", "tcp:2525:interface=\\\\:\\\\:1"),
+        ("tcp:2525:interface=127.0.0.1", "tcp:2526:interface=127.0.0.1"),
+        ("tcp:0", "tcp:0"),  # each its own free port
+        ("tcp:2525", "unix:/run/kumoauth.sock"),
+        ("unix:/run/a.sock", "unix:address=/run/b.sock"),
     ],
 )
-def test_listeners_on_different_sockets(tmp_path, second):
-    text = MINIMAL.replace('"tcp:2525"', '"tcp:2525:interface=127.0.0.1"')
+def test_listeners_on_different_sockets(tmp_path, first, second):
+    text = MINIMAL.replace('"tcp:2525"', f'"{first}"')
+    second = f'"{second}"'
     cfg = parse(text.replace("[spool]", LISTENER2.format(second) + "[spool]"), tmp_path / "k.toml")
     assert len(cfg.listeners) == 2
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("tcp:2525:interface=0.0.0.0", "tcp:port=2525:interface=127.0.0.1"),
+        ("tcp6:2525", "tcp:2525:interface=\\\\:\\\\:1"),
+        ("unix:/run/a.sock", "haproxy:unix:address=/run/a.sock"),
+    ],
+)
+def test_listeners_on_one_socket(tmp_path, first, second):
+    text = MINIMAL.replace('"tcp:2525"', f'"{first}"')
+    text = text.replace("[spool]", LISTENER2.format(f'"{second}"') + "[spool]")
+    with pytest.raises(ConfigError) as e:
+        parse(text, tmp_path / "k.toml")
+    assert "[[listener]] #2 endpoint: the same socket as [[listener]] #1" in str(e.value)

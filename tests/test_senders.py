@@ -1325,8 +1325,15 @@ def test_cli_sender_check(tmp_path, map_file):
     assert (bad.returncode, bad.stdout) == (2, "")
     assert bad.stderr == (
         "kumoauth sender check: error: alice\\x1b[31m@example.com: "
-        "a session refuses it at MAIL FROM (501 5.1.7)\n"
+        "a session refuses it at MAIL FROM (501 5.1.7 Bad sender address syntax)\n"
     )
+    # not UTF-8 (a surrogate escape in argv): the same, not a traceback
+    raw = sender_check(config, "alice", "\udcff@example.com")
+    assert raw.returncode == 2 and "Traceback" not in raw.stderr
+    assert "\\\\xff@example.com: a session refuses it at MAIL FROM (501 5.1.7" in raw.stderr
+    # a source route, which MAIL FROM drops
+    routed = sender_check(config, "alice", "<@relay.example:alice@example.com>")
+    assert (routed.returncode, routed.stdout) == (0, ok.stdout)
 
 
 def test_cli_sender_check_errors(tmp_path, sqlite_url):

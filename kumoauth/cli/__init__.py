@@ -118,6 +118,8 @@ def os_error(e: OSError) -> str:
     reason = e.strerror or str(e)
     if e.filename is None:
         return escape(reason)
+    if e.filename2 is not None:
+        return f"{escape(str(e.filename))} -> {escape(str(e.filename2))}: {escape(reason)}"
     return f"{escape(str(e.filename))}: {escape(reason)}"
 
 
@@ -138,6 +140,10 @@ def main(argv: list[str] | None = None, prog: str = "kumoauth") -> int:
     except CommandError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `kumoauth spool show ID | head`: the reader has what it wanted.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         # A file the command may not read (run as a user other than the
         # server's) or cannot write: the file and why, not a traceback.

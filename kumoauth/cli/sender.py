@@ -19,6 +19,7 @@ wrong (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -52,10 +53,17 @@ def _fail(message: str) -> int:
 
 
 def _address(text: str) -> str:
-    text = text.strip()
-    if text.startswith("<") and text.endswith(">"):
-        text = text[1:-1]
-    return text
+    """
+    The address MAIL FROM would take from *text* (with or without angle
+    brackets): a source route dropped, UTF-8 allowed (SMTPUTF8).
+    ``CommandError`` with the session's reply if MAIL FROM refuses it.
+    """
+    from kumoauth.smtp.commands import parse_path
+
+    raw = os.fsencode(text.strip())
+    if not (raw.startswith(b"<") and raw.endswith(b">")):
+        raw = b"<" + raw + b">"
+    return parse_path(b"FROM:" + raw, b"FROM", allow_null=True, utf8=True).address
 
 
 async def _check(reactor: Any, args: argparse.Namespace) -> int:
@@ -66,7 +74,7 @@ async def _check(reactor: Any, args: argparse.Namespace) -> int:
     from kumoauth.cli import log_errors_to_stderr
     from kumoauth.ops.assembly import OperatorError, load_config
     from kumoauth.ops.threads import BlockingPool
-    from kumoauth.smtp.commands import is_mailbox
+    from kumoauth.smtp.commands import CommandError
     from kumoauth.textsafe import escape
 
     log_errors_to_stderr()
@@ -83,10 +91,11 @@ async def _check(reactor: Any, args: argparse.Namespace) -> int:
         return _fail(e.reply.decode("ascii", "replace"))
     if not user:
         return _fail("empty user name")
-    address = _address(args.address)
-    if address and not is_mailbox(address, utf8=True):
-        # What MAIL FROM refuses before sender binding is asked.
-        return _fail(f"{escape(address, 300)}: a session refuses it at MAIL FROM (501 5.1.7)")
+    try:
+        address = _address(args.address)
+    except CommandError as e:  # refused at MAIL FROM, before sender binding is asked
+        shown = escape(os.fsencode(args.address), 300)
+        return _fail(f"{shown}: a session refuses it at MAIL FROM ({e.reply.decode()})")
 
     pool = BlockingPool(reactor, cfg.auth.threads, cfg.auth.max_in_flight, "kumoauth-sender")
     pool.start()

@@ -61,8 +61,9 @@ def names_valid_addresses(info: Any) -> bool:
     text between the spaces and any integer: a header could otherwise name
     a "client" with control characters or line ends in it, which the log,
     conn_meta and the Received: header would carry.  A v2 header's
-    addresses are binary, valid by construction; a UNIX socket's path is
-    the proxy's own.
+    addresses are binary, valid by construction; a v2 UNIX socket's path is
+    taken as sent (shown escaped, the client ``local``), as any peer
+    ``proxy_networks`` lets through may name any IP address.
     """
     for addr in (info.source, info.destination):
         if addr is None or isinstance(addr, UNIXAddress):
@@ -151,6 +152,7 @@ class ProxyHeaderFirst(HAProxyProtocolWrapper):
                 self._refuse("an invalid PROXY header")
             return
         if not names_valid_addresses(self._proxyInfo):
+            self._proxyInfo = None  # getPeer() is the connection's own peer again
             self._refuse("an invalid PROXY header")
             self.loseConnection()
             return
