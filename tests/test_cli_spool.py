@@ -207,6 +207,9 @@ def test_no_such_spool(tmp_path):
     result = run_cli(tmp_path / "nowhere", "hold", "0" * 24)
     assert result.returncode == 1 and "no such spool directory" in result.stderr
     assert not (tmp_path / "nowhere").exists()
+    (tmp_path / "file").write_text("")
+    result = run_cli(tmp_path / "file", "list")
+    assert result.returncode == 1 and result.stderr.endswith("/file: not a directory\n")
 
 
 def test_alias_runs_actions(queue):

@@ -48,7 +48,9 @@ def config(tmp_path: Path, text: str) -> Path:
         ("alice", "authc:alice"),
         ("Alice@Example.org", "authc:alice@example.org"),
         ("user:192.0.2.1", "authc:192.0.2.1"),
-        ("ip:192.0.2.0/24", "ip:192.0.2.0/24"),
+        ("ip:192.0.2.7/32", "ip:192.0.2.7"),
+        # inside one counted /64: that /64
+        ("2001:db8:1:2:3::/80", "ip:2001:db8:1:2::/64"),
     ],
 )
 def test_key_for(text, key):
@@ -59,6 +61,19 @@ def test_key_for_refuses_nonsense():
     for bad in ("", "ip:", "user:", "ip:not-an-address"):
         with pytest.raises(ValueError):
             key_for(bad, 64)
+
+
+@pytest.mark.parametrize(
+    ("text", "unit"), [("192.0.2.0/24", "each IPv4 address"), ("2001:db8::/33", "each IPv6 /64")]
+)
+def test_key_for_a_network_of_several_counted_clients_says_so(text, unit):
+    # It was taken as a key no client ever has: "nothing to clear".
+    with pytest.raises(ValueError) as e:
+        key_for(text, 64)
+    assert str(e.value) == (
+        f"{text} holds more than one client the throttle counts (it counts {unit}): "
+        "clear them one by one"
+    )
 
 
 @given(st.text(min_size=1))

@@ -182,7 +182,8 @@ def locate(args: argparse.Namespace) -> tuple[Path, Config | None]:
     else:
         path = Path(args.spool)
     if not path.is_dir():
-        raise CommandError(f"{escape(str(path))}: no such spool directory")
+        why = "not a directory" if path.exists() else "no such spool directory"
+        raise CommandError(f"{escape(str(path))}: {why}")
     return path, cfg
 
 

@@ -8,8 +8,9 @@
 name with failures in the window of ``[auth.throttle]``: the distinct
 failures, whether the limit is reached (``locked``), and when the entry
 expires.  ``clear`` forgets one: KEY is an IP address (an IPv6 address
-clears its whole prefix), an IPv6 network (``2001:db8:1:2::/64``) or a
-user name (prepared and folded as the server does: any case, any
+clears its whole prefix), an IPv6 network (``2001:db8:1:2::/64``; one
+inside a counted prefix clears that prefix, one holding several is
+refused) or a user name (prepared and folded as the server does: any case, any
 SASLprep spelling); ``ip:…`` and ``user:…`` force the kind.  It works on a shared
 store (Redis), so it unlocks the user on every instance at once.
 
@@ -68,7 +69,16 @@ def key_for(text: str, ipv6_prefix: int) -> str:
         if forced:
             raise ValueError(f"not an IP address or network: {value!r}") from None
         return authc_key(user_name(value))
-    return "ip:" + str(network)
+    # The store counts an IPv4 client by its address, an IPv6 one by its
+    # /ipv6_prefix: a network inside one of those is that one.
+    whole = 32 if network.version == 4 else ipv6_prefix
+    if network.prefixlen < whole:
+        unit = "each IPv4 address" if network.version == 4 else f"each IPv6 /{whole}"
+        raise ValueError(
+            f"{network} holds more than one client the throttle counts "
+            f"(it counts {unit}): clear them one by one"
+        )
+    return client_key(str(network.network_address), ipv6_prefix)
 
 
 def user_name(text: str) -> str:
