@@ -39,7 +39,7 @@ def _int(minimum: int = 0) -> Check:
     return check
 
 
-def _number(minimum: float = 0.0) -> Check:
+def _number(minimum: float = 0.0, maximum: float | None = None) -> Check:
     def check(v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise _Bad(f"expected a number of seconds, got {_show(v)}")
@@ -47,6 +47,8 @@ def _number(minimum: float = 0.0) -> Check:
             raise _Bad(f"must be a finite number, got {v}")
         if v < minimum:
             raise _Bad(f"must be at least {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise _Bad(f"must be at most {maximum:.15g}, got {v:.15g}")
         return float(v)
 
     return check

@@ -393,10 +393,19 @@ def _meta(v: Any) -> dict[str, Any]:
     return table
 
 
+#: longest wait between two relay attempts (a week), and longest max_age
+#: (a year): a time past them is a mistake, and one past year 9999 broke
+#: every date the queue shows
+MAX_RETRY_DELAY = 7 * 86400.0
+MAX_RELAY_AGE = 365 * 86400.0
+
+
 def _schedule(v: Any) -> tuple[float, ...]:
-    if not isinstance(v, list) or not v:
+    if not isinstance(v, list):
         raise _Bad(f"expected a non-empty list of seconds, got {_show(v)}")
-    return tuple(_number(1.0)(x) for x in v)
+    if not v:
+        raise _Bad("expected a non-empty list of seconds, got an empty one")
+    return tuple(_number(1.0, MAX_RETRY_DELAY)(x) for x in v)
 
 
 SCHEMA: dict[str, dict[str, Check]] = {
@@ -476,7 +485,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "header_key_file": _str,
         "concurrency": _int(1),
         "retry_schedule": _schedule,
-        "max_age": _number(1.0),
+        "max_age": _number(1.0, MAX_RELAY_AGE),
         "allow_plaintext": _bool,
         "connect_timeout": _number(0.001),
         "command_timeout": _number(0.001),
@@ -801,6 +810,10 @@ def _relay(source: Path, raw: Any) -> RelayConfig:
     for key in ("ca_file", "password_file", "header_key_file"):
         if key in r:
             r[key] = _path(source, r[key])
+    if "ca_file" in r and r.get("tls") == "none":
+        raise ConfigError(
+            source, "[relay] ca_file", 'only with tls = "starttls" or "implicit": tls is "none"'
+        )
     if ("username" in r) != ("password_file" in r):
         raise ConfigError(
             source, "[relay] username", "username and password_file go together (AUTH PLAIN)"

@@ -419,14 +419,22 @@ RELAY = '[relay]\nhost = "127.0.0.1"\nport = 2526\ntls = "none"\nidentity = "non
             {"secret": b"pa\xffss\n"},
             ("[relay] password_file", "not UTF-8"),
         ),
+        (
+            'username = "k"\npassword_file = "secret"\n',
+            {"secret": b"LEAKME1\nLEAKME2\n"},  # was sent as it is: every AUTH failed
+            ("[relay] password_file", "more than one line"),
+        ),
         ('ca_file = "ca.pem"\n', {"ca.pem": b"not a certificate\n"}, ("[relay] ca_file", "no PEM")),
     ],
-    ids=["password-not-utf8", "ca-file-without-certificates"],
+    ids=["password-not-utf8", "password-of-two-lines", "ca-file-without-certificates"],
 )
 def test_relay_files_are_read_at_start(tmp_path, certs, extra, files, expected):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    line = assert_operator_error(tmp_path, listener_config(certs, extra=RELAY + extra), *expected)
+    relay = RELAY
+    if "ca_file" in extra:  # a CA only with TLS
+        relay = RELAY.replace('tls = "none"\n', 'tls = "starttls"\n')
+    line = assert_operator_error(tmp_path, listener_config(certs, extra=relay + extra), *expected)
     for data in files.values():
         assert data.decode("latin-1").strip() not in line  # the file named, never its content
 

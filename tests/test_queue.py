@@ -1206,3 +1206,17 @@ def test_only_a_writer_the_owner_scans_locks_its_batches(qdir, monkeypatch):
         assert [e.id for e in store.scan_new()] == [result[0][0]]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("when", "shown"),
+    [
+        (0.0, "1970-01-01T00:00:00Z"),
+        (1e300, "9999-12-31T23:59:59Z"),  # OverflowError: spool list was a traceback
+        (-1e300, "0001-01-01T00:00:00Z"),
+    ],
+)
+def test_iso_time_of_any_time(when, shown):
+    from kumoauth.relay.queue import iso_time
+
+    assert iso_time(when) == shown

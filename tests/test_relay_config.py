@@ -59,7 +59,24 @@ max_age = 432000
         ('host = "a"\nusername = "k"\nidentity = "none"', "[relay] username", "together"),
         ('host = "a"', "[relay] identity", "authzid"),
         ('host = "a"\nidentity = "header"', "[relay] header_key_file", "required"),
-        ('host = "a"\nidentity = "none"\nretry_schedule = []', "[relay] retry_schedule", "list"),
+        (
+            'host = "a"\nidentity = "none"\nretry_schedule = []',
+            "[relay] retry_schedule",
+            "got an empty one",
+        ),
+        # past year 9999 broke every date `spool list` shows
+        (
+            'host = "a"\nidentity = "none"\nretry_schedule = [60, 1e300]',
+            "[relay] retry_schedule",
+            "must be at most 604800",
+        ),
+        ('host = "a"\nidentity = "none"\nmax_age = 1e12', "[relay] max_age", "at most 31536000"),
+        # a CA for a session without TLS does nothing
+        (
+            'host = "127.0.0.1"\nidentity = "none"\ntls = "none"\nca_file = "ca.pem"',
+            "[relay] ca_file",
+            'only with tls = "starttls" or "implicit"',
+        ),
         ('host = "a"\nidentity = "none"\npasword_file = "x"', "[relay] pasword_file", "unknown"),
         ('host = "a"\nidentity = "none"\ndata_timeout = 0', "[relay] data_timeout", "at least"),
         (

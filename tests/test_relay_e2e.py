@@ -333,25 +333,58 @@ def test_identity_header_values_cannot_add_fields() -> None:
 def test_upstream_down_then_back(tmp_path: Path, certs: Certs) -> None:
     ca = trustme.CA()
     port = free_port()
-    extra = relay_toml(tmp_path / "relay", port, ca)
+    # After three attempts, the next is an hour away.
+    extra = relay_toml(tmp_path / "relay", port, ca, retry_schedule="[1, 1, 3600]")
     with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
         mid = submit(srv, ["b@example.net"], b"Subject: later\r\n\r\nwhen you are back\r\n")
+        other = submit(srv, ["c@example.net"], b"Subject: also\r\n\r\ndown\r\n")
         pattern = rf"relay {mid} deferred: (.*) \(attempt (\d+), 1 recipients\)"
         wait_until(lambda: len(re.findall(pattern, srv.log())) >= 3, 10, "three deferred attempts")
-        assert queue_ids(srv) == [mid]
+        assert sorted(queue_ids(srv)) == sorted([mid, other])
         found = re.findall(pattern, srv.log())
         attempts = [int(n) for _, n in found]
         assert attempts == list(range(1, len(attempts) + 1)), found  # one line per attempt
         assert all("refused" in reason for reason, _ in found), found
+        # The outage itself: one warning, however many messages and attempts.
+        down = f"relay: upstream localhost:{port} unreachable: "
+        assert srv.log().count(down) == 1, srv.log()[-3000:]
+        (line,) = [line for line in srv.log().splitlines() if down in line]
+        assert "[kumoauth.relay#warn]" in line and "refused" in line
         with running_upstream(ca=ca) as up:
             forward = Forwarder(port, up.port)
             try:
-                wait_until(lambda: up.messages, 10, "the message once the upstream is back")
+                # A new message finds the upstream back: the deferred ones
+                # go at once, not in an hour.
+                submit(srv, ["d@example.net"], b"Subject: new\r\n\r\nback\r\n")
+                wait_until(lambda: len(up.messages) == 3, 10, "all three once it is back")
                 wait_queue_empty(srv)
             finally:
                 forward.close()
-        assert len(up.messages) == 1
-        assert b"when you are back" in up.messages[0].data
+        assert b"when you are back" in b"".join(m.data for m in up.messages)
+        log = srv.log()
+        assert log.count(down) == 1
+        back = f"relay: upstream localhost:{port} answers again after "
+        assert log.count(back) == 1, log[-3000:]
+        assert re.search(re.escape(back) + r"\d+s; 2 deferred messages are due now", log)
+
+
+def test_a_quoted_local_part_is_relayed_and_logged_as_one_field(
+    tmp_path: Path, certs: Certs
+) -> None:
+    # Taken with 250 at RCPT, then refused by the relay's own check (a
+    # space) and bounced as if the upstream had; its text, unquoted in
+    # the log, read as fields of its own.
+    odd = '"a b) failed=victim@example.net reply=x"@example.net'
+    with running_upstream() as up, relaying(tmp_path, certs, up) as srv:
+        mid = submit(srv, [odd, "ok@example.net"], b"Subject: odd\r\n\r\nquoted\r\n")
+        wait_until(lambda: up.messages, what="the message")
+        wait_queue_empty(srv)
+        assert up.messages[0].rcpt_tos == [odd, "ok@example.net"]
+        assert not bounces(up)
+        quoted = '"\\"a b) failed=victim@example.net reply=x\\"@example.net,ok@example.net"'
+        (line,) = [line for line in srv.log().splitlines() if f"relay {mid} to " in line]
+        assert f"delivered={quoted} " in line, line
+        assert " failed=" not in line.replace(quoted, "")
 
 
 # ---------------------------------------------------------------------------

@@ -512,6 +512,12 @@ def relay_settings(cfg: Config) -> RelaySettings | None:
             raise OperatorError(
                 f"{cfg.source}: [relay] password_file: {relay.password_file}: not UTF-8"
             ) from None
+        if "\n" in password or "\r" in password:
+            # Sent as it is, every AUTH would fail: the password is one line.
+            raise OperatorError(
+                f"{cfg.source}: [relay] password_file: {relay.password_file}: "
+                "more than one line (the password is the file's one line)"
+            )
     if relay.header_key_file is not None:
         header_key = _secret(cfg, "header_key_file", relay.header_key_file)
     if relay.ca_file is not None:

@@ -46,6 +46,7 @@ from zope.interface import implementer
 from kumoauth.auth.sasl import encode_plain
 from kumoauth.config import RelayConfig
 from kumoauth.ops.transport import make_eager_connection
+from kumoauth.smtp.commands import is_mailbox
 from kumoauth.smtp.data import normalize_newlines
 from kumoauth.textsafe import escape
 from kumoauth.tls.trust import trust_root
@@ -797,10 +798,22 @@ def _run(coro: Coroutine[Any, Any, T]) -> defer.Deferred[T]:
 
 
 _ADDRESS_FORBIDDEN = re.compile(r"[\x00-\x20\x7f<>]")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _valid_address(address: str) -> bool:
-    return _ADDRESS_FORBIDDEN.search(address) is None and len(address.encode()) <= 1000
+    """
+    Whether *address* may go in ``MAIL FROM:<…>`` / ``RCPT TO:<…>``: no
+    control character, and a space or angle bracket only inside a quoted
+    local part of a valid mailbox (``"a b"@example.net``, which the
+    submission side took with 250: refusing it here bounced it as if the
+    upstream had).
+    """
+    if len(address.encode()) > 1000:
+        return False
+    if _ADDRESS_FORBIDDEN.search(address) is None:
+        return True
+    return _CONTROLS.search(address) is None and is_mailbox(address, utf8=True)
 
 
 def _raise_421(reply: Reply, what: str) -> None:

@@ -540,8 +540,15 @@ def _try_flock(path: Path) -> int | None:
 
 
 def iso_time(t: float) -> str:
-    """*t* as the queue writes times: ``2026-01-02T03:04:05Z`` (UTC, seconds)."""
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """
+    *t* as the queue writes times: ``2026-01-02T03:04:05Z`` (UTC, seconds);
+    one outside the years 1-9999 (a retry a huge ``retry_schedule`` set
+    before it was bounded) as the nearest of them.
+    """
+    try:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return "9999-12-31T23:59:59Z" if t > 0 else "0001-01-01T00:00:00Z"
 
 
 #: now, as ``received_at``
@@ -1294,6 +1301,18 @@ class QueueStore:
 
     #: the name the scheduler uses
     defer = deferred
+
+    def make_due(self, now: float) -> int:
+        """
+        Every deferred message that is not held due at *now* (``spool
+        flush``, or the upstream answering again); how many.
+        """
+        n = 0
+        for entry in self.entries():
+            if not entry.held and entry.next_attempt > now:
+                self.deferred(entry.id, entry.attempts, now, entry.last_error)
+                n += 1
+        return n
 
     @_locked
     def hold(self, mid: str) -> None:

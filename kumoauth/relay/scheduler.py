@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 
 from kumoauth.config import RelayConfig
 from kumoauth.relay.client import UpstreamError
-from kumoauth.textsafe import escape, unescape
+from kumoauth.textsafe import escape, field_value, unescape
 
 log = Logger(namespace="kumoauth.relay")
 
@@ -48,6 +48,8 @@ READ_INLINE = 256 * 1024
 #: seconds between looks at the queue for messages other processes stored
 #: (workers) and for retries that came due
 TICK = 0.5
+#: longest recipient list, escaped, in an attempt's log line
+MAX_LIST = 8192
 #: after a send ends, other writers' records are looked for if the last
 #: look is this old (seconds)
 RESCAN_AFTER = 0.05
@@ -216,6 +218,9 @@ class Relay(service.Service):
         self._scanned_at = 0.0
         self._stopping = False
         self._stopped: defer.Deferred[None] | None = None
+        #: since when (monotonic) no session to the upstream could be made,
+        #: or None while one can: one line when that changes, either way
+        self._down_since: float | None = None
 
     # --- service --------------------------------------------------------
 
@@ -458,7 +463,12 @@ class Relay(service.Service):
         pending = [r for r, status in entry.rcpt_status().items() if status == "pending"]
         try:
             if session is None:
-                session = await self.connect(self.reactor, settings, identity)
+                try:
+                    session = await self.connect(self.reactor, settings, identity)
+                except Exception as e:
+                    self._unreachable(e)
+                    raise
+                self._reachable()
             self._connecting.discard(entry.id)
             self.sending[entry.id] = session
             if entry.size <= READ_INLINE:
@@ -489,6 +499,42 @@ class Relay(service.Service):
             self.pool.count -= 1
             _close(session)
         await self._record(entry, pending, result, started)
+
+    def _unreachable(self, e: BaseException) -> None:
+        """No session could be made: said once, when the upstream goes down."""
+        if self._down_since is not None or self._stopping:
+            return
+        self._down_since = time.monotonic()
+        config = self.settings.config
+        log.warn(
+            "relay: upstream {host}:{port} unreachable: {reason}; messages are deferred "
+            "until it answers again",
+            host=escape(config.host),
+            port=config.port,
+            reason=_reason(e),
+        )
+
+    def _reachable(self) -> None:
+        """
+        A session was made: if the upstream was down, say so once, and make
+        every deferred message due now rather than at its own retry, hours
+        later after a long outage (``concurrency`` still bounds the rush).
+        """
+        if self._down_since is None:
+            return
+        down = time.monotonic() - self._down_since
+        self._down_since = None
+        due = self.queue.make_due(time.time())
+        config = self.settings.config
+        log.warn(
+            "relay: upstream {host}:{port} answers again after {down:.0f}s; "
+            "{due} deferred messages are due now",
+            host=escape(config.host),
+            port=config.port,
+            down=down,
+            due=due,
+        )
+        self.kick()
 
     def _outgoing(self, entry: Any, data: bytes) -> bytes:
         settings = self.settings
@@ -669,11 +715,11 @@ class Relay(service.Service):
         final = getattr(result, "final", None)
         parts = [f"relay {entry.id} to {self.settings.config.host}:"]
         if done:
-            parts.append(f"delivered={','.join(escape(r) for r in done)}")
+            parts.append(f"delivered={field_value(','.join(done), MAX_LIST)}")
         for name, group in (("failed", failed), ("deferred", later), ("expired", expired)):
             if not group:
                 continue
-            text = f"{name}={','.join(escape(r) for r in group)}"
+            text = f"{name}={field_value(','.join(group), MAX_LIST)}"
             replies = [getattr(r, "reply", r) for r in group.values()]
             reasons = dict.fromkeys(_shown(r.line) for r in replies if r is not None and r != final)
             if name == "expired":

@@ -99,12 +99,7 @@ def apply(
     """
     now = time.time()
     if op == "flush":
-        n = 0
-        for entry in queue.entries():
-            if not entry.held and entry.next_attempt > now:
-                queue.deferred(entry.id, entry.attempts, now, entry.last_error)
-                n += 1
-        return f"{n} deferred messages are due now"
+        return f"{queue.make_due(now)} deferred messages are due now"
     assert mid is not None
     entry = queue.get(mid)
     if op == "retry":
