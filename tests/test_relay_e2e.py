@@ -796,6 +796,10 @@ def test_smtputf8_refused_by_upstream_bounces_567(tmp_path: Path, certs: Certs) 
         assert r["Action"] == "failed"
         assert r["Status"] == "5.6.7"
         assert "SMTPUTF8" in r["Diagnostic-Code"]
+        # kumoauth's own refusal: no upstream said it (it said "localhost
+        # said:" and named it as the Remote-MTA)
+        assert "Remote-MTA" not in r
+        assert b"said:" not in bounce.data and b"not sent: 554 5.6.7" in bounce.data
         # The attempt's line says why it failed: nothing was sent.
         why = (
             f"failed={rcpt} (554 5.6.7 upstream does not offer SMTPUTF8, which this message needs)"

@@ -354,6 +354,16 @@ class RecipientResult(NamedTuple):
         return " ".join(str(p) for p in (self.code, self.enhanced, self.text) if p)
 
 
+class NotSent(RecipientResult):
+    """
+    kumoauth's own refusal, the message not sent (the upstream lacks
+    SMTPUTF8, 8BITMIME or room; an address it cannot be given): a bounce
+    does not say the upstream refused it.
+    """
+
+    __slots__ = ()
+
+
 @dataclass
 class SendResult:
     """
@@ -1021,22 +1031,20 @@ class UpstreamSession:
         self, message: OutboundMessage, utf8: bool, eightbit: bool, size: int
     ) -> RecipientResult | None:
         if utf8 and "SMTPUTF8" not in self.extensions:
-            return RecipientResult(
+            return NotSent(
                 554, "5.6.7", "upstream does not offer SMTPUTF8, which this message needs"
             )
         if eightbit and "8BITMIME" not in self.extensions:
-            return RecipientResult(
+            return NotSent(
                 554, "5.6.3", "upstream does not offer 8BITMIME, which this message needs"
             )
         limit = self.size_limit
         if limit is not None and size > limit:
-            return RecipientResult(
-                552,
-                "5.3.4",
-                f"message size {size} exceeds the upstream's limit of {limit} octets",
+            return NotSent(
+                552, "5.3.4", f"message size {size} exceeds the upstream's limit of {limit} octets"
             )
         if not _valid_address(message.mail_from):
-            return RecipientResult(553, "5.1.7", "invalid sender address")
+            return NotSent(553, "5.1.7", "invalid sender address")
         return None
 
     def _stale(self, e: UpstreamError, answered: int = 0) -> UpstreamError:
@@ -1105,7 +1113,7 @@ class UpstreamSession:
             if _valid_address(r) and r:
                 to_send.append(r)
             else:
-                results[r] = RecipientResult(553, "5.1.3", "invalid recipient address")
+                results[r] = NotSent(553, "5.1.3", "invalid recipient address")
         if not to_send:
             return SendResult(results)
 

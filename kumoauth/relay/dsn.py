@@ -64,6 +64,8 @@ _STATUS_TEXT = {
     "0.0": "other or undefined status",
     "1.1": "bad destination mailbox address",
     "1.2": "bad destination system address",
+    "1.3": "bad destination mailbox address syntax",
+    "1.7": "bad sender's mailbox address syntax",
     "2.1": "mailbox disabled, not accepting messages",
     "2.2": "mailbox full",
     "3.4": "message too big for system",
@@ -348,7 +350,7 @@ def _describe(recipients: Iterable[FailedRecipient]) -> list[str]:
         if said and remote:
             lines.append(f"    {remote} said: {said}")
         elif said:
-            lines.append(f"    {said}")
+            lines.append(f"    not sent: {said}")
         if r.will_retry_until is not None:
             until = format_datetime(_aware(r.will_retry_until))
             lines.append(f"    Will be retried until {until}")

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kumoauth.config import RelayConfig
-from kumoauth.relay.client import UpstreamError
+from kumoauth.relay.client import NotSent, UpstreamError
 from kumoauth.textsafe import escape, field_value, unescape
 
 log = Logger(namespace="kumoauth.relay")
@@ -653,7 +653,12 @@ class Relay(service.Service):
                 status=_status(reply),
                 action="failed",
                 diagnostic=_raw(reply.line),
-                remote_mta=self.settings.config.host if reply.code else None,
+                # kumoauth's own refusal (not sent) names no remote MTA
+                remote_mta=(
+                    self.settings.config.host
+                    if reply.code and not isinstance(reply, NotSent)
+                    else None
+                ),
                 last_attempt=datetime.now(UTC),
             )
             for rcpt, reply in failed.items()
