@@ -505,12 +505,8 @@ class Relay(service.Service):
         if self._down_since is not None or self._stopping:
             return
         self._down_since = time.monotonic()
-        config = self.settings.config
-        log.warn(
-            "relay: upstream {host}:{port} unreachable: {reason}; messages are deferred "
-            "until it answers again",
-            host=escape(config.host),
-            port=config.port,
+        self._upstream_state(
+            "unreachable: {reason}; messages are deferred until it answers again",
             reason=_reason(e),
         )
 
@@ -525,16 +521,21 @@ class Relay(service.Service):
         down = time.monotonic() - self._down_since
         self._down_since = None
         due = self.queue.make_due(time.time())
-        config = self.settings.config
-        log.warn(
-            "relay: upstream {host}:{port} answers again after {down:.0f}s; "
-            "{due} deferred messages are due now",
-            host=escape(config.host),
-            port=config.port,
+        self._upstream_state(
+            "answers again after {down:.0f}s; {due} deferred messages are due now",
             down=down,
             due=due,
         )
         self.kick()
+
+    def _upstream_state(self, text: str, **fields: Any) -> None:
+        config = self.settings.config
+        log.warn(
+            "relay: upstream {host}:{port} " + text,
+            host=escape(config.host),
+            port=config.port,
+            **fields,
+        )
 
     def _outgoing(self, entry: Any, data: bytes) -> bytes:
         settings = self.settings
