@@ -807,6 +807,29 @@ def test_smtputf8_refused_by_upstream_bounces_567(tmp_path: Path, certs: Certs) 
         assert why in srv.log()
 
 
+def test_the_bounce_of_a_utf8_message_gets_through_an_upstream_without_8bitmime(
+    tmp_path: Path, certs: Certs
+) -> None:
+    # Its report was global (8-bit), the upstream refused it for want of
+    # 8BITMIME, and it was dropped: the sender never heard.
+    rcpt = "bjørn@exämple.net"
+    body = "Subject: grüße\r\n\r\nÜnïcödé\r\n".encode()
+    with (
+        running_upstream(smtputf8=False, eightbitmime=False) as up,
+        relaying(tmp_path, certs, up) as srv,
+    ):
+        submit(srv, [rcpt], body, mail_options=("SMTPUTF8",))
+        wait_until(lambda: bounces(up), 10, "the bounce")
+        wait_queue_empty(srv)
+        (bounce,) = bounces(up)
+        assert bounce.rcpt_tos == [SENDER] and bounce.data.isascii()
+        _, blocks = dsn_blocks(bounce.data)
+        (r,) = blocks[1:]
+        assert r["Status"] == "5.6.7"
+        assert r["Final-Recipient"] == "utf-8; bj\\x{F8}rn@ex\\x{E4}mple.net"
+        assert "no bounce" not in srv.log()
+
+
 # ---------------------------------------------------------------------------
 # the real Postfix + Dovecot
 

@@ -646,7 +646,7 @@ class Relay(service.Service):
         bounce that cannot be built); False, logged in one line, if it
         could not be stored: the recipients stay as they were.
         """
-        from kumoauth.relay.dsn import FailedRecipient
+        from kumoauth.relay.dsn import STATUS_NEEDS_SMTPUTF8, FailedRecipient
 
         recipients = [
             FailedRecipient(
@@ -677,7 +677,14 @@ class Relay(service.Service):
                 arrival=datetime.fromtimestamp(entry.arrival, UTC),
                 recipients=recipients,
                 original=original,
-                smtputf8=bool(envelope.get("smtputf8")),
+                # The upstream takes no SMTPUTF8 (why these failed): a report
+                # in its global, 8-bit form would not get through it either,
+                # so this one is 7-bit (addresses as RFC 6533's \x{..}).
+                smtputf8=bool(envelope.get("smtputf8"))
+                and not any(
+                    isinstance(r, NotSent) and r.enhanced == STATUS_NEEDS_SMTPUTF8
+                    for r in failed.values()
+                ),
             )
         except Exception:
             # Not a reason to send the message again and again.
