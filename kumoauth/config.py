@@ -630,10 +630,10 @@ def parse(
                 'ssl: is not supported: use tcp: with tls = "implicit" '
                 "(the certificate and key come from [tls])",
             )
-        for j, other in bound.items():
-            if address is not None and _same_socket(address, other):
-                raise ConfigError(source, where, f"the same socket as [[listener]] #{j + 1}")
         if address is not None:
+            for j, other in bound.items():
+                if _same_socket(address, other):
+                    raise ConfigError(source, where, f"the same socket as [[listener]] #{j + 1}")
             bound[i] = address
         if listener.proxy_networks and not listener.endpoint.startswith("haproxy:"):
             raise ConfigError(

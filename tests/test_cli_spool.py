@@ -257,11 +257,10 @@ while True:
             text = f"{request['op']} not done: {e}"
         print(text, flush=True)
         if request["answer"] and request["op"] in ("hold", "release", "retry"):
-            answers.append((service.answer_path(control / name), text))
+            answers.append((control / name, text))
     store.flush()
-    for answer, text in answers:
-        answer.with_name("tmp").write_text(text + "\n")
-        os.rename(answer.with_name("tmp"), answer)
+    for request_path, text in answers:
+        service._answer(request_path, text)  # as the server answers
 """
 
 

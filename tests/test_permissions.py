@@ -8,30 +8,18 @@ These run as user nobody: root may read everything.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kumoauth.relay.queue import QueueStore
-from tests.server import free_port, make_certs, write_config
-from tests.test_workers import NOBODY_RUNS_PYTHON, UID_PYTHON, UID_TWISTD, needs_nobody
+from tests.server import free_port, write_config
+from tests.test_workers import UID_PYTHON, UID_TWISTD, needs_nobody, nobodys_directory
 
 pytestmark = needs_nobody
-
-
-@pytest.fixture
-def top() -> Iterator[Path]:
-    """A directory nobody may search (outside /tmp's pytest tree, which is 0700)."""
-    if not NOBODY_RUNS_PYTHON:  # CI, where it must run: say why it cannot, at once
-        pytest.fail(f"user nobody cannot import kumoauth with {UID_PYTHON} (KUMOAUTH_UID_PYTHON)")
-    path = Path(tempfile.mkdtemp(prefix="kumoauth-perm-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
 
 
 def as_nobody(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -53,7 +41,14 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
     return line
 
 
-def test_spool_commands_on_a_queue_nobody_may_read(top: Path) -> None:
+@pytest.fixture
+def nobodys() -> Iterator[tuple[Path, Any]]:
+    with nobodys_directory() as made:
+        yield made
+
+
+def test_spool_commands_on_a_queue_nobody_may_read(nobodys: tuple[Path, Any]) -> None:
+    top, _ = nobodys
     spool = top / "spool"
     with QueueStore.open(spool):
         pass
@@ -65,12 +60,9 @@ def test_spool_commands_on_a_queue_nobody_may_read(top: Path) -> None:
         assert str(spool) in line
 
 
-def test_a_server_whose_spool_it_may_not_reach(top: Path) -> None:
-    certs = make_certs(top / "certs")
-    for p in (top / "certs", certs.chain, certs.key):
-        p.chmod(0o755 if p.is_dir() else 0o644)
+def test_a_server_whose_spool_it_may_not_reach(nobodys: tuple[Path, Any]) -> None:
+    top, certs = nobodys
     directory = top / "srv"
-    directory.mkdir(mode=0o755)
     hidden = top / "hidden"
     hidden.mkdir(mode=0o700)  # root's alone
     ports = (free_port(), free_port(), free_port())

@@ -36,6 +36,7 @@ from kumoauth.relay.queue import (
     decode_records,
     encode_envelope,
     encode_record,
+    iso_time,
 )
 from kumoauth.storage.delivery import Message
 from kumoauth.storage.spool import new_id
@@ -1217,6 +1218,4 @@ def test_only_a_writer_the_owner_scans_locks_its_batches(qdir, monkeypatch):
     ],
 )
 def test_iso_time_of_any_time(when, shown):
-    from kumoauth.relay.queue import iso_time
-
     assert iso_time(when) == shown

@@ -324,19 +324,32 @@ needs_nobody = pytest.mark.skipif(
 )
 
 
-@needs_nobody
-def test_uid_gid_workers(tmp_path):
+@contextlib.contextmanager
+def nobodys_directory() -> Iterator[tuple[Path, Any]]:
+    """
+    A directory user nobody can reach (pytest's tmp_path tree is 0700):
+    certificates nobody can read, an empty ``srv`` for the server; removed
+    after.
+    """
     if not NOBODY_RUNS_PYTHON:  # CI, where it must run: say why it cannot, at once
         pytest.fail(f"user nobody cannot import kumoauth with {UID_PYTHON} (KUMOAUTH_UID_PYTHON)")
-    # nobody must read the configuration, policy, certificate and key.
     top = Path(tempfile.mkdtemp(prefix="kumoauth-uid-"))
     try:
         top.chmod(0o755)
         certs = make_certs(top / "certs")
         for p in (top / "certs", certs.chain, certs.key):
             p.chmod(0o755 if p.is_dir() else 0o644)
+        (top / "srv").mkdir(mode=0o755)
+        yield top, certs
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@needs_nobody
+def test_uid_gid_workers(tmp_path):
+    # nobody must read the configuration, policy, certificate and key.
+    with nobodys_directory() as (top, certs):
         directory = top / "srv"
-        directory.mkdir(mode=0o755)
         ports = (free_port(), free_port(), free_port())
         mport = free_port()
         config = write_config(
@@ -404,21 +417,13 @@ def test_uid_gid_workers(tmp_path):
             assert proc.wait(20) == 0
         finally:
             srv.stop()
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 @needs_nobody
 def test_single_process_uid_gid_spool(tmp_path):
     """The single-process path: a spool created as root is the runtime user's."""
-    top = Path(tempfile.mkdtemp(prefix="kumoauth-uid-"))
-    try:
-        top.chmod(0o755)
-        certs = make_certs(top / "certs")
-        for p in (top / "certs", certs.chain, certs.key):
-            p.chmod(0o755 if p.is_dir() else 0o644)
+    with nobodys_directory() as (top, certs):
         directory = top / "srv"
-        directory.mkdir(mode=0o755)
         ports = (free_port(), free_port(), free_port())
         config = write_config(directory, certs, ports, POLICY)
         logfile = directory / "twistd.log"
@@ -442,8 +447,6 @@ def test_single_process_uid_gid_spool(tmp_path):
                 assert (p.stat().st_uid, p.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid), p
         finally:
             srv.stop()
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 # --- the supervisor's bookkeeping, on a fake reactor ---------------------------

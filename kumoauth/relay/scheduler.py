@@ -648,6 +648,12 @@ class Relay(service.Service):
         """
         from kumoauth.relay.dsn import STATUS_NEEDS_SMTPUTF8, FailedRecipient
 
+        # The upstream takes no SMTPUTF8 (why these failed): a report in its
+        # global, 8-bit form would not get through it either, so this one is
+        # 7-bit (addresses as RFC 6533's \x{..}).
+        no_smtputf8 = any(
+            isinstance(r, NotSent) and r.enhanced == STATUS_NEEDS_SMTPUTF8 for r in failed.values()
+        )
         recipients = [
             FailedRecipient(
                 address=rcpt,
@@ -677,14 +683,7 @@ class Relay(service.Service):
                 arrival=datetime.fromtimestamp(entry.arrival, UTC),
                 recipients=recipients,
                 original=original,
-                # The upstream takes no SMTPUTF8 (why these failed): a report
-                # in its global, 8-bit form would not get through it either,
-                # so this one is 7-bit (addresses as RFC 6533's \x{..}).
-                smtputf8=bool(envelope.get("smtputf8"))
-                and not any(
-                    isinstance(r, NotSent) and r.enhanced == STATUS_NEEDS_SMTPUTF8
-                    for r in failed.values()
-                ),
+                smtputf8=bool(envelope.get("smtputf8")) and not no_smtputf8,
             )
         except Exception:
             # Not a reason to send the message again and again.
