@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import random
+import resource
 import signal
 import socket
 import ssl
@@ -182,6 +183,8 @@ class Server:
     certs: Certs
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    #: (soft, hard) RLIMIT_NOFILE the server starts with; None: the tests'
+    nofile: tuple[int, int] | None = None
 
     @property
     def spool(self) -> Path:
@@ -207,7 +210,7 @@ class Server:
         self.proc.wait()
 
     def start(self) -> None:
-        self.proc = spawn(self.directory, self.config, self.args, self.env)
+        self.proc = spawn(self.directory, self.config, self.args, self.env, self.nofile)
         for port in self.ports:
             wait_for_port(port, self.proc, self.logfile)
 
@@ -296,9 +299,17 @@ def wait_for_port(
 
 
 def spawn(
-    directory: Path, config: Path, args: list[str], env: dict[str, str]
+    directory: Path,
+    config: Path,
+    args: list[str],
+    env: dict[str, str],
+    nofile: tuple[int, int] | None = None,
 ) -> subprocess.Popen[bytes]:
     logfile = directory / "twistd.log"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
     with open(directory / "stderr.txt", "ab") as stderr:
         return subprocess.Popen(
             [
@@ -315,6 +326,7 @@ def spawn(
             env={**os.environ, **env},
             stdout=subprocess.DEVNULL,
             stderr=stderr,
+            preexec_fn=limit if nofile is not None else None,
         )
 
 
@@ -329,13 +341,16 @@ def running_server(
     server: str = "",
     throttle: str = "",
     extra: str = "",
+    nofile: tuple[int, int] | None = None,
 ) -> Iterator[Server]:
     directory.mkdir(parents=True, exist_ok=True)
     ports = (free_port(), free_port(), free_port())
     config = write_config(
         directory, certs, ports, policy, auth, server=server, throttle=throttle, extra=extra
     )
-    srv = Server(None, directory, config, *ports, certs=certs, args=args or [], env=env or {})  # type: ignore[arg-type]
+    srv = Server(
+        None, directory, config, *ports, certs=certs, args=args or [], env=env or {}, nofile=nofile
+    )  # type: ignore[arg-type]
     try:
         srv.start()
         yield srv

@@ -26,18 +26,21 @@ as they are.  docs/decisions.md has the choice.
 from __future__ import annotations
 
 import errno
+import socket
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.python import log as legacy_log
 
+from kumoauth.ops.descriptors import AcceptPort
 from kumoauth.ops.threads import background_pool
 
 
 class DirectDispatchEPollReactor(EPollReactor):
     """
     ``EPollReactor`` whose poll calls ``_doReadOrWrite`` without
-    ``callWithLogger``.
+    ``callWithLogger``, and whose TCP listening ports are
+    :class:`~kumoauth.ops.descriptors.AcceptPort`.
     """
 
     def doPoll(self, timeout: float | None) -> None:
@@ -64,6 +67,21 @@ class DirectDispatchEPollReactor(EPollReactor):
 
     doIteration = doPoll
 
+    # TCP listening ports whose accept events say "out of descriptors" once
+    # (kumoauth/ops/descriptors.py), not once per connection closed.
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        p = AcceptPort(port, factory, backlog, interface, self)
+        p.startListening()
+        return p
+
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: Any) -> Any:
+        if addressFamily not in (socket.AF_INET, socket.AF_INET6):
+            return super().adoptStreamPort(fileDescriptor, addressFamily, factory)
+        p = AcceptPort._fromListeningDescriptor(self, fileDescriptor, addressFamily, factory)
+        p.startListening()
+        return p
+
 
 def _prefix(selectable: Any) -> str:
     try:
@@ -76,7 +94,8 @@ def streamline(reactor: Any) -> bool:
     """
     Make *reactor* a :class:`DirectDispatchEPollReactor` if it is exactly an
     ``EPollReactor`` (the same object, its class swapped for the subclass,
-    which only overrides ``doPoll``); True when it did.
+    which overrides ``doPoll`` and the listening ports); True when it
+    did.
     """
     if type(reactor) is EPollReactor:
         reactor.__class__ = DirectDispatchEPollReactor

@@ -15,7 +15,7 @@ from twisted.logger import Logger, globalLogPublisher
 
 from kumoauth.auth.checkers import call_hook
 from kumoauth.config import Config
-from kumoauth.ops import proxyheader
+from kumoauth.ops import descriptors, proxyheader
 from kumoauth.ops.assembly import (
     GenerationFiles,
     OperatorError,
@@ -158,6 +158,7 @@ class KumoauthService(ApplicationLog, service.MultiService):
             if self._stopping:
                 return ignored()
             cfg, tls, policy, relay = prepared
+            fit_descriptors(cfg, self.process)
             runtime = build_runtime(
                 cfg,
                 self.process,
@@ -426,6 +427,7 @@ def make_service_from_config(
         name="kumoauth-checker",
     )
     process = ProcessState(clock=reactor, store=writer.store)
+    fit_descriptors(cfg, process)
     process.parse_pool = BlockingPool(
         reactor, threads=1, max_queued=PARSES_QUEUED, name="kumoauth-parse"
     )
@@ -469,6 +471,24 @@ def make_service_from_config(
             cfg.metrics.endpoint, endpoint, site, str(cfg.source), key="[metrics] endpoint"
         ).setServiceParent(top)
     return top
+
+
+def fit_descriptors(cfg: Config, process: ProcessState) -> None:
+    """
+    The connections this process can serve within its descriptor limit
+    (:func:`kumoauth.ops.descriptors.fit`): the limit applied, and said
+    when it changes.
+    """
+    proxied = any(proxyheader.split(listener.endpoint)[1] for listener in cfg.listeners)
+    try:
+        ceiling, why = descriptors.fit(cfg.server.max_connections, proxied)
+    except ValueError as e:
+        raise OperatorError(f"{cfg.source}: [server] max_connections: {e}") from None
+    limits = process.limits
+    if ceiling != limits.ceiling:
+        if why:
+            log.warn("{why}", why=why)
+        limits.ceiling = ceiling
 
 
 def _stop_checker(_: object, checker: Any) -> defer.Deferred[None]:

@@ -24,6 +24,7 @@ from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
+from kumoauth.ops.loglimit import StateLog
 from kumoauth.relay.queue import QueueError, QueueStore
 from kumoauth.textsafe import escape
 
@@ -181,6 +182,9 @@ class QueueService(service.MultiService):
         self._last_compact = time.monotonic()
         self._last_gauges = 0.0
         self._busy = False
+        #: the housekeeping's file system errors (a full disk, no descriptors
+        #: left), logged once per change rather than every HOUSEKEEPING
+        self.housekeeping = StateLog("queue housekeeping", logger=log)
 
     def set_relay(self, relay: Any) -> None:
         self.relay = relay
@@ -242,9 +246,18 @@ class QueueService(service.MultiService):
             if requests and self.relay is not None:
                 self.relay.notify()
 
+        def failed(f: Any) -> None:
+            if f.check(OSError):
+                self.housekeeping.failed(
+                    str(f.value), "the queue is not synced, compacted or scanned for requests"
+                )
+            else:
+                log.failure("queue housekeeping", f)
+
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
         d.addCallback(then)
-        d.addErrback(lambda f: log.failure("queue housekeeping", f))
+        d.addCallback(lambda _: self.housekeeping.succeeded())
+        d.addErrback(failed)
         d.addBoth(lambda _: setattr(self, "_busy", False))
 
     def _apply(self, op: str, mid: str | None, answer: Path | None = None) -> None:

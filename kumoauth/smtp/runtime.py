@@ -41,13 +41,17 @@ class ConnectionLimits:
     def __init__(self) -> None:
         self.total = 0
         self.per_ip: dict[str, int] = {}
+        #: connections the process's file descriptors allow, when fewer than
+        #: max_connections (kumoauth/ops/descriptors.py)
+        self.ceiling: int | None = None
 
     def acquire(self, ip: str, server: ServerConfig) -> bool:
         """
         Count a new connection; False (and nothing counted) if over a limit.
         """
         n = self.per_ip.get(ip, 0)
-        if self.total >= server.max_connections or n >= server.max_connections_per_ip:
+        limit = server.max_connections if self.ceiling is None else self.ceiling
+        if self.total >= limit or n >= server.max_connections_per_ip:
             return False
         self.total += 1
         self.per_ip[ip] = n + 1
