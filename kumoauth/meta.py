@@ -113,7 +113,7 @@ class Meta:
         if too_deep(value):
             raise MetaError(f"meta value for {key!r} nests deeper than {MAX_DEPTH} levels")
         try:
-            json.dumps(value)
+            json.dumps(value, allow_nan=False)  # NaN and infinities are not JSON
         except (TypeError, ValueError) as e:
             raise MetaError(f"meta value for {key!r} is not JSON-serialisable: {e}") from None
         self._values[key] = value

@@ -293,8 +293,14 @@ def test_outage_answers_454_quickly_and_recovers_by_itself(
             time.sleep(0.1)
     assert store.client.handshakes == 2
     text = captured_log.text()
-    assert text.count("auth backend dovecot unavailable") == 1
-    assert text.count("auth backend dovecot available again") == 1
+    # The first connection, then one line each way (there were two each:
+    # the connection's and the checker's).
+    lines = [formatEvent(e) for e in captured_log.events]
+    assert len(lines) == 3, lines
+    assert "connected (server pid" in lines[0]
+    assert "auth backend dovecot unavailable: dovecot auth at" in lines[1]
+    assert "connection lost" in lines[1]
+    assert "auth backend dovecot available again" in lines[2]
     for password in PASSWORDS:
         assert password not in text
 
@@ -316,9 +322,9 @@ def test_an_outage_logs_its_state_change_and_no_line_per_attempt(
 ):
     # Nothing there (no socket file; a closed port): for a few seconds the
     # background retries and the attempts of clients fail.  The whole log
-    # is the first failed connection's warning and the checker's one
-    # "unavailable" line: no Twisted "Starting factory" / "Stopping
-    # factory" per connection attempt.
+    # is one "unavailable" line, the connection's and the checker's state
+    # being one: no second line from the other (there were two), and no
+    # Twisted "Starting factory" / "Stopping factory" per attempt.
     from tests.server import free_port
 
     target = tmp_path / "auth-client" if where == "unix" else f"127.0.0.1:{free_port()}"
@@ -335,9 +341,9 @@ def test_an_outage_logs_its_state_change_and_no_line_per_attempt(
         attempts += 1
         time.sleep(0.2)
     lines = [formatEvent(e) for e in captured_log.events]
-    assert len(lines) == 2, lines
-    assert "cannot connect" in lines[0] and "trying again" in lines[0]
-    assert "auth backend dovecot unavailable" in lines[1]
+    assert len(lines) == 1, lines
+    assert "auth backend dovecot unavailable: cannot reach dovecot auth at" in lines[0]
+    assert "next try" not in lines[0]
     assert not [line for line in lines if "actory" in line]
 
 

@@ -361,6 +361,9 @@ def test_the_api_judges_proxy_authorization(server, make_store):
         (200, {"ok": True, "meta": ["tenant"]}, '"meta"'),
         (200, {"ok": True, "meta": "tenant"}, '"meta"'),
         (200, b'{"ok": true, "meta": {"x": NaN}}', "not JSON"),
+        # JSON, but a float only as infinity: not storable meta either
+        (200, b'{"ok": true, "meta": {"x": 1e400}}', "number out of range"),
+        (200, b'{"ok": true, "meta": {"x": [-1e999]}}', "number out of range"),
         (200, b"[" * 60_000, "not JSON"),  # deeper than the parser goes
         (200, b'{"ok": true, "meta": ' + b'{"a":' * 12_000, "not JSON"),
         # parses, but no meta value may nest deeper than MAX_DEPTH

@@ -510,6 +510,23 @@ def test_validate_refuses(table, message):
         validate(table)
 
 
+@pytest.mark.parametrize(
+    "url,shown",
+    [
+        ("ldapx://cn=admin:TopSecret1@127.0.0.1:389", 'got "ldapx:"'),
+        ("ldapi://cn=admin:TopSecret1@%2Frun%2Fslapd", 'got "ldapi:"'),
+        ("cn=admin:TopSecret1@127.0.0.1:389", "got no scheme"),
+    ],
+)
+def test_a_wrong_url_scheme_is_refused_without_the_rest_of_the_url(url, shown):
+    # The whole URL was quoted, with any password in it, at start-up and in
+    # a reload's "reload failed" log line.
+    with pytest.raises(ValueError) as refused:
+        validate({"url": url, "base": "dc=x"})
+    assert shown in str(refused.value)
+    assert "TopSecret1" not in str(refused.value)
+
+
 def test_validate_files(tmp_path):
     base = {"url": "ldaps://h", "base": "dc=x"}
     with pytest.raises(ValueError, match="ca_file: .*no PEM certificate"):

@@ -430,6 +430,22 @@ def test_malformed_lines_are_skipped_and_logged_once(tmp_path, captured_log):
     assert PASSWORD not in text
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path, captured_log):
+    # Notepad's UTF-8 BOM made the first user "\ufeffalice": refused, silently.
+    path = tmp_path / "users"
+    path.write_bytes(
+        b"\xef\xbb\xbfalice:{PLAIN}"
+        + PASSWORD.encode()
+        + b"\r\nbob:{PLAIN}"
+        + PASSWORD.encode()
+        + b"\r\n"
+    )
+    store = store_for(path)
+    assert check(store, "alice", PASSWORD).ok
+    assert check(store, "bob", PASSWORD).ok
+    assert len(log_lines(captured_log, f"read {path}: 2 users")) == 1
+
+
 def test_unknown_scheme_is_454_and_logged_once_per_user(tmp_path, captured_log):
     path = tmp_path / "users"
     path.write_text(

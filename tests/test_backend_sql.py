@@ -337,6 +337,38 @@ def test_injection_attempts_are_only_names(make_store, pg_url, pg_db, sqlite_db,
         assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == before
 
 
+@pytest.fixture(scope="module")
+def latin1_url(hashes: dict[str, str]) -> Iterator[str]:
+    """A LATIN1 database (a legacy mail database) holding josé."""
+    name = f"kumoauth_sql_latin1_{uuid.uuid4().hex[:12]}"
+    with admin() as conn:
+        conn.execute(
+            f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' "
+            "TEMPLATE template0"
+        )
+    try:
+        with psycopg.connect(
+            host=PG_HOST, port=PG_PORT, user="postgres", dbname=name, autocommit=True
+        ) as conn:
+            conn.execute(SCHEMA_SQL)
+            fill(conn, {**hashes, "josé": hashes["alice"]})
+        yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        with admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_name_the_database_encoding_cannot_hold_is_denied(make_store, latin1_url, captured_log):
+    # It was a 454 with the driver's UnicodeEncodeError traceback, each time.
+    store = make_store(latin1_url)
+    assert check(store, "日本", PASSWORD) == DENIED
+    assert in_reactor(store.values, "SELECT tenant FROM users WHERE login = :user", "日本") == []
+    assert check(store, "josé", PASSWORD).ok
+    assert (
+        "Traceback" not in captured_log.text() and "UnicodeEncodeError" not in captured_log.text()
+    )
+
+
 # --------------------------------------------------------------------------
 # the configuration
 

@@ -136,6 +136,18 @@ def test_passwd_file_store(tmp_path):
         assert_no_secret(result)
 
 
+def test_a_refusal_says_why(tmp_path):
+    # "result: failure" alone, for a right password, left the operator guessing.
+    config = passwd_file_config(tmp_path)
+    users = tmp_path / "users"
+    users.write_text(users.read_text().rstrip("\n") + "::::::allow_nets=192.0.2.0/24\n")
+    refused = run_auth_test(config, "scott@example.com")
+    assert refused.returncode == 1
+    assert refused.stdout.startswith("result: failure")
+    assert "may not log in from" in refused.stderr and "allow_nets" in refused.stderr
+    assert_no_secret(refused)
+
+
 def test_cache_only_when_asked(tmp_path):
     config = passwd_file_config(tmp_path, cache=True)
     plain = run_auth_test(config, "scott@example.com")

@@ -27,7 +27,7 @@ atoms = (
     st.none()
     | st.booleans()
     | st.integers()
-    | st.floats()  # NaN and the infinities included
+    | st.floats(allow_nan=False, allow_infinity=False)  # the others are refused (below)
     | st.text(max_size=8)
     | st.builds(Tag, st.text(max_size=4))
 )
@@ -69,6 +69,14 @@ def test_a_snapshot_is_what_a_json_round_trip_gives_and_owns_its_values(raw):
         if isinstance(value, (list, dict)):
             value.clear()
     assert same(snap, expected)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, [1.0, math.inf], {"a": math.nan}])
+def test_nan_and_infinities_are_refused(value):
+    # Not JSON (RFC 8259 §6): the spool's meta would hold NaN / Infinity,
+    # which jq and every strict reader refuse.
+    with pytest.raises(MetaError, match="not JSON-serialisable"):
+        ConnMeta().set_meta("x", value)
 
 
 def depth(value: Any) -> int:

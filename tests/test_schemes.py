@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def mkpasswd_hash(method: str) -> str:
     return run([need("mkpasswd"), "-m", method, PASSWORD])
 
 
-DOVEADM_SCHEMES = [*HASH_SCHEMES, "PLAIN", "CLEAR"]
+DOVEADM_SCHEMES = [*HASH_SCHEMES, "PLAIN", "CLEAR", "CLEARTEXT"]
 
 
 # --------------------------------------------------------------------------
@@ -101,6 +102,19 @@ def test_doveadm_hashes_verify(doveadm, scheme):
     assert not verify(stored, WRONG)
     assert not verify(stored, PASSWORD + "x")
     assert not verify(stored, "")
+
+
+@pytest.mark.parametrize("encoding", ["B64", "HEX"])
+@pytest.mark.parametrize(
+    "scheme", ["SSHA512", "SSHA", "SHA512-CRYPT", "BLF-CRYPT", "ARGON2ID", "PLAIN"]
+)
+def test_doveadm_encoding_suffixes_verify(doveadm, scheme, encoding):
+    # doveadm pw -s SSHA512.HEX prints {SSHA512.HEX}: the scheme's own form in hex
+    stored = doveadm_hash(doveadm, f"{scheme}.{encoding}")
+    assert stored.startswith(f"{{{scheme}.{encoding}}}")
+    assert scheme_of(stored) == scheme
+    assert verify(stored, PASSWORD)
+    assert not verify(stored, WRONG)
 
 
 @pytest.mark.parametrize(
@@ -253,9 +267,19 @@ def test_unknown_scheme_raises_without_leaking(stored):
     assert PASSWORD not in str(e.value)
 
 
+@pytest.mark.parametrize("scheme", ["PBKDF2", "MD5-CRYPT", "SHA", "SSHA.ZZ"])
+def test_an_unknown_scheme_is_named(scheme):
+    # The operator's log line said "unknown password scheme" without which.
+    with pytest.raises(UnknownScheme, match=re.escape(f"unknown password scheme {{{scheme}}}")):
+        verify(f"{{{scheme.lower()}}}{SECRET}", PASSWORD)
+
+
 @pytest.mark.parametrize(
     "stored",
     [
+        f"{{SSHA512.HEX}}{SECRET}",
+        f"{{SHA512-CRYPT.B64}}{SECRET}!",
+        "{PLAIN.B64}/w==",  # not UTF-8 once decoded
         f"{{ARGON2ID}}{SECRET}",
         f"{{ARGON2ID}}$argon2i$v=19$m=65536,t=3,p=1${SECRET}${SECRET}AAAAAA",
         f"{{ARGON2I}}$argon2i$v=19$m=65536,t=3${SECRET}${SECRET}AAAAAA",

@@ -173,7 +173,11 @@ class StoreChecker:
         self.store = store
         self.clock = clock
         self.metrics = metrics
-        self.health = BackendHealth(store.name)
+        # A store that watches its own connection (dovecot) reports its
+        # state changes into the same log: one line each way, whoever sees
+        # the change first.
+        health = getattr(store, "health", None)
+        self.health = health if isinstance(health, BackendHealth) else BackendHealth(store.name)
         self.reserved_logged = OncePer(100)
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:

@@ -47,6 +47,7 @@ from zope.interface import implementer
 from kumoauth.backends.base import (
     DENIED,
     BackendError,
+    BackendHealth,
     ICredentialStore,
     OncePer,
     StoreChecker,
@@ -553,9 +554,15 @@ class AuthClient:
     """
 
     def __init__(
-        self, reactor: Any, target: Target, timeout: float, lifetime: float = 60.0
+        self,
+        reactor: Any,
+        target: Target,
+        timeout: float,
+        lifetime: float = 60.0,
+        health: BackendHealth | None = None,
     ) -> None:
         self.reactor = reactor
+        self.health = health if health is not None else BackendHealth("dovecot")
         self.target = target
         self.timeout = timeout
         self.lifetime = lifetime
@@ -696,12 +703,13 @@ class AuthClient:
         self.connection = protocol
         self._arm_recycle(protocol)
         self.handshakes += 1
-        if self.last_error is not None or self.handshakes == 1:
+        if self.last_error is None and self.handshakes == 1:
             log.info(
                 "dovecot auth at {target}: connected (server pid {pid})",
                 target=str(self.target),
                 pid=protocol.server_pid or "?",
             )
+        self.health.succeeded()
         self.last_error = None
         waiters, self.waiters = self.waiters, []
         for d in waiters:
@@ -715,11 +723,7 @@ class AuthClient:
         delay = _backoff(self.failures)
         self.retry_at = self.reactor.seconds() + delay
         if first:
-            log.warn(
-                "dovecot auth at {target}: cannot connect: {problem}; trying again",
-                target=str(self.target),
-                problem=problem,
-            )
+            self.health.failed(f"{self._cannot()}: {problem}", count=False)
         waiters, self.waiters = self.waiters, []
         for d in waiters:
             d.errback(BackendError(f"{self._cannot()}: {problem}"))
@@ -743,10 +747,8 @@ class AuthClient:
         self.last_error = problem
         self.retry_at = self.reactor.seconds() + delay
         if self.active:
-            log.warn(
-                "dovecot auth at {target}: connection lost: {problem}",
-                target=str(self.target),
-                problem=problem,
+            self.health.failed(
+                f"dovecot auth at {self.target}: connection lost: {problem}", count=False
             )
         self._schedule_retry(delay)
 
@@ -856,11 +858,14 @@ class Dovecot:
         )
         self.reactor = default_reactor(reactor)
         self.config = config
+        #: the state log the store's checker shares (kumoauth/backends/base.py)
+        self.health = BackendHealth(self.name)
         self.client = AuthClient(
             self.reactor,
             parse_socket(config.socket),
             config.timeout,
             config.connection_lifetime,
+            health=self.health,
         )
         self.proxied = OncePer()
         self.stopped = False

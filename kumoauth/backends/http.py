@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import stat
@@ -610,12 +611,7 @@ class HTTP:
         if code != 200:
             what = "a redirect, not followed" if 300 <= code < 400 else "expected 200"
             raise BackendError(f"{where}: HTTP {code} ({what})")
-        try:
-            return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            # RecursionError: nesting deeper than the parser goes (60 KB of
-            # "[" fits in MAX_BODY), an answer like any other that is not JSON
-            raise BackendError(f"{where}: HTTP 200 with a body that is not JSON") from None
+        return _json_body(where, data)
 
     def start(self) -> None:
         return None
@@ -704,12 +700,7 @@ def _verdict(where: str, data: bytes) -> Verdict:
     The verdict in a 200 answer's body, or :class:`BackendError` saying
     what is wrong with it (never quoting it).
     """
-    try:
-        answer = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        # RecursionError: nesting deeper than the parser goes (60 KB of "["
-        # fits in MAX_BODY), an answer like any other that is not JSON
-        raise BackendError(f"{where}: HTTP 200 with a body that is not JSON") from None
+    answer = _json_body(where, data)
     if not isinstance(answer, dict):
         raise BackendError(f"{where}: HTTP 200 with JSON that is not an object")
     ok = answer.get("ok")
@@ -728,6 +719,35 @@ def _verdict(where: str, data: bytes) -> Verdict:
     return Verdict(True, meta)
 
 
+def _json_body(where: str, data: bytes) -> Any:
+    """
+    A 200 answer's body as JSON, or :class:`BackendError` saying what is
+    wrong with it (never quoting it).
+    """
+    try:
+        return json.loads(
+            data.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float
+        )
+    except _OutOfRange:
+        raise BackendError(f"{where}: HTTP 200 with a number out of range") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: nesting deeper than the parser goes (60 KB of "["
+        # fits in MAX_BODY), an answer like any other that is not JSON
+        raise BackendError(f"{where}: HTTP 200 with a body that is not JSON") from None
+
+
+class _OutOfRange(ValueError):
+    pass
+
+
 def _no_constant(name: str) -> Any:
     # NaN and Infinity are not JSON (RFC 8259 §6), and not storable meta.
     raise ValueError(name)
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 is JSON, but as a float it is infinity: not storable meta either.
+    value = float(text)
+    if not math.isfinite(value):
+        raise _OutOfRange(text)
+    return value

@@ -170,7 +170,9 @@ def _url(v: Any) -> str:
     except ValueError as e:
         raise _Bad(f"not a URL: {e}") from None
     if parts.scheme not in PORTS:
-        raise _Bad(f'expected "ldap://host[:port]" or "ldaps://host[:port]", got "{text}"')
+        # The scheme only: the rest may hold a password (ldapx://cn=admin:secret@…).
+        got = f'"{escape(parts.scheme, 20)}:"' if parts.scheme else "no scheme"
+        raise _Bad(f'expected "ldap://host[:port]" or "ldaps://host[:port]", got {got}')
     if not parts.hostname:
         raise _Bad("names no host")
     if parts.username is not None or parts.password is not None:

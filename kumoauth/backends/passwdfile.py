@@ -227,7 +227,9 @@ def parse(data: bytes, path: Path | str) -> Parsed:
     problems: list[str] = []
     by_scheme: collections.Counter[tuple[str, str]] = collections.Counter()
     samples: dict[tuple[str, str], str] = {}
-    lines = data.split(b"\n")
+    # A byte order mark (Notepad writes one) would become part of the
+    # first user's name, and that user could never log in.
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     for number, raw in enumerate(lines, 1):

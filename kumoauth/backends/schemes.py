@@ -8,7 +8,10 @@ form:
   ``{ARGON2ID}``, ``{ARGON2I}`` (the Argon2 encoding of RFC 9106 / PHC),
   ``{BLF-CRYPT}`` (bcrypt), ``{SHA512-CRYPT}``, ``{SHA256-CRYPT}`` (Drepper's
   SHA-crypt), ``{SSHA512}``, ``{SSHA256}``, ``{SSHA}`` (base64 of the digest
-  of password+salt followed by the salt), ``{PLAIN}`` and ``{CLEAR}``;
+  of password+salt followed by the salt), ``{PLAIN}``, ``{CLEAR}`` and
+  ``{CLEARTEXT}``; any of these with Dovecot's encoding suffix
+  (``{SSHA512.HEX}``, ``{SHA512-CRYPT.B64}``: the scheme's own form in
+  hex or base64, as ``doveadm pw -s SCHEME.HEX`` prints it);
   ``{CRYPT}`` (Dovecot's default scheme, whatever crypt(3) reads:
   ``doveadm pw -s CRYPT`` prints ``{CRYPT}$2y$05$...``) followed by one of
   the crypt(3) forms below but ``$apr1$``, which crypt(3) does not read;
@@ -109,7 +112,7 @@ HASH_SCHEMES = (
 )
 
 #: schemes :func:`dummy` has a dummy hash for
-DUMMY_SCHEMES = (*HASH_SCHEMES, "PLAIN", "CLEAR", "YESCRYPT", "APR1")
+DUMMY_SCHEMES = (*HASH_SCHEMES, "PLAIN", "CLEAR", "CLEARTEXT", "YESCRYPT", "APR1")
 
 _B64 = "A-Za-z0-9+/"
 _CRYPT64 = "./0-9A-Za-z"
@@ -224,7 +227,12 @@ _DOVECOT_VERIFIERS: dict[str, Callable[[str, bytes], bool]] = {
     "SSHA": _verify_ssha("SSHA"),
     "PLAIN": _verify_plain,
     "CLEAR": _verify_plain,
+    "CLEARTEXT": _verify_plain,
 }
+
+#: Dovecot's encoding suffixes (``doveadm pw -s SSHA512.HEX``): the value
+#: is the scheme's own form, in base64 or hex
+_ENCODINGS = {"B64": "base64", "BASE64": "base64", "HEX": "hex"}
 
 #: the ``$id$`` a Dovecot crypt scheme's value must carry
 _DOVECOT_CRYPT_IDS = {
@@ -273,13 +281,18 @@ def _split(stored: str) -> tuple[str, str, Callable[[str, bytes], bool]]:
         m = _DOVECOT.match(stored)
         if m is None:
             raise MalformedHash("malformed {SCHEME} prefix")
-        scheme = m.group(1).upper()
+        scheme, _, encoding = m.group(1).upper().partition(".")
+        value = stored[m.end() :]
+        if encoding:
+            if encoding not in _ENCODINGS:
+                raise UnknownScheme(f"unknown password scheme {{{m.group(1).upper()}}}")
+            value = _decoded(scheme, value, _ENCODINGS[encoding])
         if scheme == "CRYPT":
-            return _split_crypt(stored[m.end() :])
+            return _split_crypt(value)
         check = _DOVECOT_VERIFIERS.get(scheme)
         if check is None:
-            raise UnknownScheme("unknown password scheme")
-        value = stored[m.end() :]
+            # The name only: it is no secret (and the value may be one).
+            raise UnknownScheme(f"unknown password scheme {{{scheme}}}")
         ids = _DOVECOT_CRYPT_IDS.get(scheme)
         if ids is not None and not value.startswith(ids):
             raise MalformedHash(f"malformed {scheme} hash")
@@ -288,6 +301,23 @@ def _split(stored: str) -> tuple[str, str, Callable[[str, bytes], bool]]:
         if stored.startswith(prefix):
             return scheme, stored, check
     raise UnknownScheme("unknown password scheme")
+
+
+def _decoded(scheme: str, value: str, encoding: str) -> str:
+    """
+    A ``{SCHEME.B64}`` or ``{SCHEME.HEX}`` value in the scheme's own form:
+    the salted SHA schemes' base64 of their bytes, the others' text.
+    """
+    try:
+        if encoding == "hex":
+            raw = bytes.fromhex(value)
+        else:
+            raw = base64.b64decode(value, validate=True)
+        if scheme in _SSHA:
+            return base64.b64encode(raw).decode("ascii")
+        return raw.decode("utf-8")
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        raise MalformedHash(f"malformed {scheme}.{encoding.upper()} hash") from None
 
 
 def scheme_of(stored: str) -> str:
@@ -394,7 +424,7 @@ def dummy(scheme: str = "ARGON2ID", params: Params = DEFAULT) -> str:
     secret = secrets.token_urlsafe(24)
     if name in HASH_SCHEMES:
         return hash_password(secret, name, params)
-    if name in ("PLAIN", "CLEAR"):
+    if name in ("PLAIN", "CLEAR", "CLEARTEXT"):
         return f"{{{name}}}{secret}"
     if name == "YESCRYPT":
         # libxcrypt's default cost ("j9T"), as mkpasswd and passwd use

@@ -638,6 +638,12 @@ def _run(
             result.close()
     except _Problem as e:
         raise BackendError(f"{current.shown}: {e}") from None
+    except UnicodeEncodeError as e:
+        if e.object == user:
+            # The database's encoding (LATIN1, SQL_ASCII…) cannot hold the
+            # name, so no row has it; not an outage a client can cause.
+            return [], []
+        raise BackendError(f"{current.shown}: {type(e).__name__}: {e.reason}") from None
     except exc.TimeoutError:
         raise BackendError(
             f"{current.shown}: no free connection within {current.timeout:g}s "

@@ -93,10 +93,11 @@ def react(action: Callable[[Any], Awaitable[int]], failed: int = 1) -> int:
     return EXIT_INTERRUPTED if interrupted else code[0]
 
 
-def log_errors_to_stderr() -> None:
+def log_errors_to_stderr(info_from: tuple[str, ...] = ()) -> None:
     """
     Warnings and errors (a backend going down, a malformed stored hash) on
-    stderr, one line each, as the server would log them.
+    stderr, one line each, as the server would log them; and the info lines
+    of the namespaces *info_from* (a store's reason for a refusal).
     """
     from twisted.logger import (
         FilteringLogObserver,
@@ -107,6 +108,8 @@ def log_errors_to_stderr() -> None:
     )
 
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    for namespace in info_from:
+        predicate.setLogLevelForNamespace(namespace, LogLevel.info)
     observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 

@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
     from kumoauth.ops.assembly import OperatorError, build_policy, load_config
 
     # Everything that can be wrong without the password is said before
-    # asking for it.
-    log_errors_to_stderr()
+    # asking for it.  The stores' info lines too: why a right password was
+    # refused (nologin, allow_nets), as doveadm auth test shows it.
+    log_errors_to_stderr(info_from=("kumoauth.backends",))
     try:
         cfg = load_config(args.config)
         policy = build_policy(cfg)

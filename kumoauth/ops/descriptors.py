@@ -109,8 +109,8 @@ class _AcceptLog:
                     f"accept: {error} (the limit is "
                     f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]} descriptors)",
                     "new connections are closed unanswered until some close",
+                    count=False,
                 )
-                STATE.failures = 0
         elif text.startswith("EMFILE recovery: Closed"):
             STATE.failures += 1
         elif not text.startswith("Re-reserving"):

@@ -85,7 +85,12 @@ class StateLog:
         self.down: str | None = None
         self.failures = 0
 
-    def failed(self, reason: str, consequence: str = "") -> None:
+    def failed(self, reason: str, consequence: str = "", count: bool = True) -> None:
+        """
+        The dependency failed: said if it was up.  *count* False: not an
+        operation of a client's (a connection of its own lost, say), so
+        not among those the "available again" line counts.
+        """
         from kumoauth.textsafe import escape
 
         if self.down is None:
@@ -98,7 +103,8 @@ class StateLog:
                 consequence=f"; {consequence}" if consequence else "",
                 **self.fields,
             )
-        self.failures += 1
+        if count:
+            self.failures += 1
 
     def succeeded(self) -> None:
         if self.down is not None:
