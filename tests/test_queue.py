@@ -465,6 +465,82 @@ def test_a_torn_journal_line_is_ignored(qdir):
     assert journal.read_bytes().endswith(b"\n")
 
 
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs: a disk that fills."""
+    path = tmp_path / "tiny"
+    path.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small filesystem")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)]).returncode:
+        pytest.skip("cannot mount tmpfs here")
+    yield path
+    subprocess.run(["umount", "-l", str(path)])
+
+
+def fill(directory: Path) -> Path:
+    """Fill *directory*'s filesystem to the last byte; the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0")
+    return filler
+
+
+def test_a_full_disk_never_glues_journal_lines_and_loses_no_hold(tiny_fs):
+    # A deferral's line torn by ENOSPC was left in the journal; once space
+    # came back, the operator's synced "held" line was appended to it, and
+    # recovery dropped both: the message held was relayed.
+    qdir = tiny_fs / "queue"
+    store = QueueStore.open(qdir)
+    a, b = store.append_batch(batch(2))
+    filler = fill(tiny_fs)
+    # The relay's outcomes go on in memory while the journal cannot follow.
+    for attempt in range(1, 200):
+        store.deferred(a, attempt, 1000.0 + attempt, "451 4.3.0 " + "x" * 200)
+        if store.journal_behind is not None:
+            break
+    assert store.journal_behind is not None and "No space left" in store.journal_behind
+    assert store.get(a).attempts == attempt
+    # An operator's hold is synced first, or refused with nothing changed.
+    with pytest.raises(OSError):
+        store.hold(b)
+    assert not store.get(b).held
+    with pytest.raises(OSError):
+        store.flush()
+    filler.unlink()
+    store.hold(b)  # the journal is rewritten from memory, then the hold
+    assert store.journal_behind is None
+    store.close()
+    store = QueueStore.open(qdir)
+    assert store.recovery_notes == []  # no unreadable line
+    assert store.get(b).held
+    assert store.get(a).attempts == attempt
+    store.close()
+    (journal,) = qdir.glob("journal-*.log")
+    for line in journal.read_bytes().splitlines():
+        json.loads(line)
+
+
+def test_an_unreadable_journal_line_is_noted(qdir):
+    store = QueueStore.open(qdir)
+    a, b = store.append_batch(batch(2))
+    store.deferred(a, 1, 1.0, "e")
+    store.close()
+    (journal,) = qdir.glob("journal-*.log")
+    with open(journal, "ab") as f:
+        f.write(b'{"id":"' + b.encode() + b'","op":"de{"id":"x","op":"held"}\n')
+    store = QueueStore.open(qdir)
+    assert store.get(a).attempts == 1
+    ((level, note),) = store.recovery_notes
+    assert level == "warn" and "1 unreadable journal lines skipped" in note
+    store.close()
+
+
 def test_claims(qdir):
     store = QueueStore.open(qdir)
     a, b = store.append_batch(batch(2))
@@ -715,6 +791,74 @@ def test_the_relay_scans_for_other_writers_on_its_tick_not_per_message(qdir):
     assert len(scans) == 3 and len(connecting) == 3
     relay._stopping = True
     other.close()
+    store.close()
+
+
+def test_a_connection_begun_before_the_upstream_answered_does_not_mark_it_down(qdir, captured_log):
+    """
+    Two sessions being made; the later one is made, then the earlier one
+    fails: the upstream answers, so no "unreachable" line (the log read:
+    answers again, unreachable, answers again, within one second).
+    """
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+    from twisted.logger import formatEvent
+
+    from kumoauth.config import RelayConfig
+    from kumoauth.ops.metrics import Metrics
+    from kumoauth.relay import scheduler
+    from kumoauth.relay.client import RecipientResult, SendResult
+
+    class Session:
+        reusable = False
+
+        async def transaction(self, message: object) -> SendResult:
+            return SendResult(dict.fromkeys(message.rcpt_to, RecipientResult(250, "2.0.0", "ok")))
+
+        def close(self) -> None:
+            pass
+
+    store = QueueStore.open(qdir)
+    connecting: list[defer.Deferred[object]] = []
+
+    def connect(*args: object) -> defer.Deferred[object]:
+        connecting.append(defer.Deferred())
+        return connecting[-1]
+
+    clock = Clock()
+    config = RelayConfig(host="127.0.0.1", concurrency=2)
+    relay = scheduler.Relay(
+        store,
+        scheduler.RelaySettings(config, "kumoauth.test"),
+        clock,
+        Metrics(),
+        connect,
+        None,
+        None,
+    )  # type: ignore[arg-type]
+    relay.startService()
+    store.append_batch(batch(2))
+    relay.notify()
+    clock.advance(0)
+    assert len(connecting) == 2
+    connecting[1].callback(Session())
+    clock.advance(0)
+    connecting[0].errback(ConnectionRefusedError("refused"))
+    clock.advance(0)
+
+    def outages() -> list[str]:
+        return [x for x in map(formatEvent, captured_log.events) if "unreachable" in x]
+
+    assert outages() == []
+    # A connection begun after that, failing, is an outage.
+    store.make_due(time.time())
+    relay.notify()
+    clock.advance(0)
+    assert len(connecting) == 3
+    connecting[2].errback(ConnectionRefusedError("refused"))
+    clock.advance(0)
+    assert len(outages()) == 1
+    relay._stopping = True
     store.close()
 
 

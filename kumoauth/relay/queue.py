@@ -808,6 +808,11 @@ class QueueStore:
         self._journal_lines = 0
         self._journal_dirty = False
         self._journal_bad = False
+        #: offset past the journal's last complete line
+        self._journal_end = 0
+        #: why the journal lags memory (a write that failed: a full disk),
+        #: None when it does not; the next write or flush rewrites it whole
+        self.journal_behind: str | None = None
         self._mutex = threading.RLock()
 
     # -- opening -------------------------------------------------------
@@ -1032,6 +1037,13 @@ class QueueStore:
         self._journal_lines = lines
         if bad:
             self._journal_bad = True  # rewritten (without the bad lines) below
+            self.recovery_notes.append(
+                (
+                    "warn",
+                    f"{self.path / name}: {bad} unreadable journal lines skipped (the "
+                    "messages they were about keep their earlier state)",
+                )
+            )
         else:
             with open(self.path / name, "r+b") as f:
                 if os.fstat(f.fileno()).st_size != good_end:
@@ -1045,6 +1057,7 @@ class QueueStore:
             return
         name = self._journal_name(self._journal_seq)
         self._journal_fd = os.open(self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._journal_end = os.fstat(self._journal_fd).st_size
 
     @staticmethod
     def _journal_name(seq: int) -> str:
@@ -1071,6 +1084,8 @@ class QueueStore:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # what it holds is space a full disk needs
             raise
         os.close(fd)
         old_seq = self._journal_seq
@@ -1087,23 +1102,55 @@ class QueueStore:
         self._journal_seq = seq
         self._journal_lines = len(lines)
         self._journal_fd = os.open(self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._journal_end = sum(len(line) for line in lines)
         self._journal_dirty = False
         self._journal_bad = False
+        self.journal_behind = None
 
     def _journal(self, record: dict[str, Any], sync: bool) -> None:
+        """
+        Append *record* (fdatasynced with *sync*).  A write that fails is
+        cut back to the last complete line, so the next line is not glued
+        to a torn one (recovery would drop both), and ``OSError`` raised;
+        the journal is then rewritten whole from memory before the next
+        line.
+        """
         if self._journal_fd is None:
             raise QueueError(f"{self.path}: the queue is closed")
-        _write_all(self._journal_fd, [_jline(record)])
+        if self.journal_behind is not None:
+            self._rewrite_journal()  # from memory, which holds every change
+        line = _jline(record)
+        try:
+            _write_all(self._journal_fd, [line])
+        except OSError as e:
+            self.journal_behind = f"{self.path}: the journal: {e.strerror or e}"
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._journal_fd, self._journal_end)
+            raise
+        self._journal_end += len(line)
         self._journal_lines += 1
         self._journal_dirty = True
         if sync:
             self.flush()
+
+    def _journal_later(self, record: dict[str, Any]) -> None:
+        """
+        :meth:`_journal` for a change memory has already made (the relay's
+        outcomes): if it cannot be written, memory stays ahead and the
+        journal catches up with its next write or :meth:`flush` (a crash
+        meanwhile sends a message again: at-least-once).
+        """
+        with contextlib.suppress(OSError):
+            self._journal(record, sync=False)
 
     @_locked
     def flush(self) -> None:
         """
         Make every journal line written so far durable (one fdatasync).
         """
+        if self.journal_behind is not None and self._journal_fd is not None:
+            self._rewrite_journal()  # raises while it still cannot be written
+            return
         if self._journal_dirty and self._journal_fd is not None:
             os.fdatasync(self._journal_fd)
             self._journal_dirty = False
@@ -1297,7 +1344,7 @@ class QueueStore:
         if rcpts is not None:
             e.rcpts = dict(rcpts)
         self._schedule(e)
-        self._journal(_state_line(e), sync=False)
+        self._journal_later(_state_line(e))
 
     #: the name the scheduler uses
     defer = deferred
@@ -1318,16 +1365,18 @@ class QueueStore:
     def hold(self, mid: str) -> None:
         """Keep *mid* from being relayed until :meth:`release` (synced at once)."""
         e = self._index[mid]
+        # Synced first: an operator told "held" must find it held after a
+        # crash; told it failed (a full disk), finds nothing changed.
+        self._journal({"id": mid, "op": "held"}, sync=True)
         e.held = True
         self._ready.pop(mid, None)
-        self._journal({"id": mid, "op": "held"}, sync=True)
 
     @_locked
     def release(self, mid: str) -> None:
         e = self._index[mid]
+        self._journal({"id": mid, "op": "released"}, sync=True)
         e.held = False
         self._schedule(e)
-        self._journal({"id": mid, "op": "released"}, sync=True)
 
     @_locked
     def done(self, mid: str, outcome: str = "delivered") -> None:
@@ -1339,15 +1388,15 @@ class QueueStore:
         e = self._index[mid]
         self._forget(e)
         self._done[mid] = e.segment
-        self._journal({"id": mid, "op": "done", "outcome": outcome}, sync=False)
+        self._journal_later({"id": mid, "op": "done", "outcome": outcome})
 
     @_locked
     def delete(self, mid: str) -> None:
         """*mid* leaves the queue without being sent (synced at once)."""
         e = self._index[mid]
+        self._journal({"id": mid, "op": "deleted"}, sync=True)
         self._forget(e)
         self._done[mid] = e.segment
-        self._journal({"id": mid, "op": "deleted"}, sync=True)
 
     # -- compaction ----------------------------------------------------
 
@@ -1357,8 +1406,13 @@ class QueueStore:
         Delete every segment whose messages have all left the queue (and
         that no writer holds), then rewrite the journal if more than half
         of it is dead.  Returns (segments removed, journal rewritten).
+
+        A journal that cannot be written (a full disk) does not keep the
+        segments: a deleted segment's messages are gone whatever the
+        journal says of them, and their space may be what it needs.
         """
-        self.flush()
+        with contextlib.suppress(OSError):
+            self.flush()
         removed = []
         for name, info in list(self._segs.items()):
             if info.live or name == self.writer.current:
@@ -1388,8 +1442,8 @@ class QueueStore:
             if e.attempts or e.rcpts or e.last_error or e.next_attempt or e.held
         )
         rewrite = self._journal_lines >= JOURNAL_COMPACT_MIN and live * 2 < self._journal_lines
-        if rewrite:
-            self._rewrite_journal()
+        if rewrite or self.journal_behind is not None:
+            self._rewrite_journal()  # raises while it still cannot be written
         return removed, rewrite
 
     def _only_a_tail(self, fd: int, name: str, scanned: int, size: int) -> bool:
@@ -1486,14 +1540,14 @@ def _merge(states: dict[str, dict[str, Any]], line: dict[str, Any]) -> None:
         states[mid] = {"id": mid, "op": op}
 
 
-def _parse_journal(path: Path, states: dict[str, dict[str, Any]]) -> tuple[int, int, bool]:
+def _parse_journal(path: Path, states: dict[str, dict[str, Any]]) -> tuple[int, int, int]:
     """
     Fold journal *path* into *states*.  Returns (lines read, offset past the
-    last complete line, whether a complete line was unreadable).
+    last complete line, complete lines that were unreadable).
     """
     lines = 0
     good_end = 0
-    bad = False
+    bad = 0
     with open(path, "rb") as f:
         for raw in f:
             if not raw.endswith(b"\n"):
@@ -1505,7 +1559,7 @@ def _parse_journal(path: Path, states: dict[str, dict[str, Any]]) -> tuple[int, 
                 if not isinstance(line, dict) or not isinstance(line.get("id"), str):
                     raise ValueError(raw)
             except ValueError:
-                bad = True
+                bad += 1
                 continue
             _merge(states, line)
     return lines, good_end, bad

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import time
 from collections import deque
@@ -221,6 +222,9 @@ class Relay(service.Service):
         #: since when (monotonic) no session to the upstream could be made,
         #: or None while one can: one line when that changes, either way
         self._down_since: float | None = None
+        #: when a session was last made (monotonic): a connection begun
+        #: before that and failing after it says nothing new of the upstream
+        self._up_at = -math.inf
 
     # --- service --------------------------------------------------------
 
@@ -466,7 +470,7 @@ class Relay(service.Service):
                 try:
                     session = await self.connect(self.reactor, settings, identity)
                 except Exception as e:
-                    self._unreachable(e)
+                    self._unreachable(e, started)
                     raise
                 self._reachable()
             self._connecting.discard(entry.id)
@@ -500,9 +504,14 @@ class Relay(service.Service):
             _close(session)
         await self._record(entry, pending, result, started)
 
-    def _unreachable(self, e: BaseException) -> None:
-        """No session could be made: said once, when the upstream goes down."""
-        if self._down_since is not None or self._stopping:
+    def _unreachable(self, e: BaseException, started: float) -> None:
+        """
+        No session could be made (the attempt began at *started*): said
+        once, when the upstream goes down.  An attempt older than the last
+        session made does not say it went down again (the log used to
+        read: back, unreachable, back, within one second).
+        """
+        if self._down_since is not None or self._stopping or started <= self._up_at:
             return
         self._down_since = time.monotonic()
         self._upstream_state(
@@ -516,6 +525,7 @@ class Relay(service.Service):
         every deferred message due now rather than at its own retry, hours
         later after a long outage (``concurrency`` still bounds the rush).
         """
+        self._up_at = time.monotonic()
         if self._down_since is None:
             return
         down = time.monotonic() - self._down_since

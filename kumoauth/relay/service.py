@@ -40,7 +40,7 @@ OPERATIONS = ("flush", "retry", "hold", "release", "delete", "bounce")
 #: seconds between flushes of the journal, looks at control/, metrics
 HOUSEKEEPING = 1.0
 #: seconds between compactions
-COMPACT_EVERY = 300.0
+COMPACT_EVERY = 10.0
 #: seconds between updates of the queue gauges (a walk over the index)
 GAUGES_EVERY = 10.0
 
@@ -269,6 +269,8 @@ class QueueService(service.MultiService):
             what = apply(self.queue, op, mid, self.relay)
         except (KeyError, ValueError) as e:
             what = f"{op} {escape(mid)} not done: {escape(str(e))}"
+        except OSError as e:  # the journal cannot be written: nothing changed
+            what = f"{op} {escape(mid)} not done: {escape(e.strerror or str(e))}"
         if not isinstance(what, defer.Deferred):
             log.info("operator request: {what}", what=what)
             if answer is not None:

@@ -885,11 +885,18 @@ class SubmissionProtocol(Protocol):
                 n=n,
             )
             self._send(b"250 2.0.0 OK queued as " + mid.encode())
+            state = self.rt.process.spool_state
+            if state.down is not None:
+                state.succeeded()
 
         def not_stored(f: Failure) -> None:
             self.rt.metrics.spool_errors.inc()
             if f.check(SpoolError):
-                log.error("spool write failed: {reason}", reason=f.getErrorMessage())
+                # A full disk: one line when it starts, one when mail is
+                # stored again, not one per message (the metric counts them).
+                self.rt.process.spool_state.failed(
+                    f"write failed: {f.getErrorMessage()}", "messages get 451 4.3.0"
+                )
             else:
                 log.failure("delivering {id}", f, id=mid)
             self._send(b"451 4.3.0 Could not store message, try again later")

@@ -19,6 +19,7 @@ from typing import Any
 from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from kumoauth.auth.authenticator import Authenticator, AuthLog, InFlight
 from kumoauth.auth.throttle import Throttle, WriteState
@@ -148,6 +149,10 @@ class ProcessState:
     oauth_validator: Any = None
     #: the [limits] store's state, logged once per change
     limits_store_state: StateLog = field(default_factory=lambda: StateLog("sending-limits store"))
+    #: the spool's state (a full disk), logged once per change, not per message
+    spool_state: StateLog = field(
+        default_factory=lambda: StateLog("spool", logger=Logger(namespace="kumoauth.smtp"))
+    )
     #: ``[sender_binding]``'s own parsing (messages' headers, the map file
     #: re-read), in a thread of its own (a BlockingPool): a credential store
     #: holding every checker thread must not hold it up
