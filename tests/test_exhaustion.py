@@ -6,6 +6,7 @@ unstuffed message.  (End-to-end versions: test_probes_e2e.py.)
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -116,6 +117,45 @@ def test_reader_memory_is_bounded_by_the_limit():
     buf += b".\r\n"
     assert reader.feed(buf)
     assert reader.too_big and reader.message() == b""
+
+
+class Searched(bytearray):
+    """A bytearray that counts the octets its searches look at."""
+
+    looked = 0
+
+    def find(self, sub, start=0, *rest):  # type: ignore[no-untyped-def, override]
+        Searched.looked += len(self) - max(0, start)
+        return super().find(sub, start, *rest)
+
+    def rfind(self, sub, start=0, *rest):  # type: ignore[no-untyped-def, override]
+        Searched.looked += len(self) - max(0, start)
+        return super().rfind(sub, start, *rest)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "total"), [(b"A" * 1023 + b"\n", 2_000_000), (b"A", 200_000)], ids=["1KiB", "1B"]
+)
+def test_a_long_line_in_small_chunks_is_searched_once(chunk, total):
+    # Each chunk's search for the last CRLF went over the whole unfinished
+    # line: a line without CRLF, fed 1 KiB at a time (each with a bare LF,
+    # which kept the idle timer happy), cost minutes of the reactor's CPU.
+    reader = DataReader(10**8)
+    reader._raw = Searched(reader._raw)
+    Searched.looked = 0
+    fed = feeds = 0
+    buf = bytearray()
+    while fed < total:
+        buf += chunk
+        fed += len(chunk)
+        feeds += 1
+        assert not reader.feed(buf)
+    # Linear: a few looks per octet, and a few per call (the terminator's
+    # search goes back 4 octets into what it saw).
+    assert Searched.looked < 4 * fed + 8 * feeds, (Searched.looked, fed)
+    buf += b"\r\n.\r\n"
+    assert reader.feed(buf)
+    assert reader.message_size == fed + 2
 
 
 def stuff(message: bytes) -> bytes:

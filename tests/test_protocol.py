@@ -453,6 +453,23 @@ def test_max_connections_per_ip(make_session):
     assert make_session(runtime=rt).banner.startswith("220 ")
 
 
+def test_max_connections_per_ip_counts_an_ipv6_client_by_its_network(make_session):
+    # Every address of one host's /64 got max_connections_per_ip of its own:
+    # one host could fill max_connections and lock everyone out.
+    first = make_session(
+        server=ServerConfig(hostname=HOST, max_connections_per_ip=2),
+        client=("2001:db8:1:2::1", 4000),
+    )
+    rt = first.runtime
+    assert make_session(runtime=rt, client=("2001:db8:1:2::2", 4000)).banner.startswith("220 ")
+    third = make_session(runtime=rt, client=("2001:db8:1:2:ffff::3", 4000))
+    assert third.banner.startswith("421 4.7.0")
+    assert make_session(runtime=rt, client=("2001:db8:1:3::1", 4000)).banner.startswith("220 ")
+    first.close()
+    assert make_session(runtime=rt, client=("2001:db8:1:2::9", 4000)).banner.startswith("220 ")
+    assert rt.limits.total == 3
+
+
 def test_max_connections(make_session):
     first = make_session(server=ServerConfig(hostname=HOST, max_connections=1))
     other = make_session(runtime=first.runtime, client=("192.0.2.7", 4000))

@@ -365,6 +365,14 @@ def test_an_exact_entry_protects_its_address_from_the_domain_wildcard(map_file):
         "Ceo@EXAMPLE.com",
         '"CEO"@example.com',
         "\uff43eo@example.com",  # FULLWIDTH LATIN SMALL LETTER C
+        # characters that show as nothing (an outside test's finds)
+        "c\u200beo@example.com",  # ZERO WIDTH SPACE
+        "ce\u00ado@example.com",  # SOFT HYPHEN
+        "ce\u034fo@example.com",  # COMBINING GRAPHEME JOINER
+        "c\u17b4eo@example.com",  # KHMER VOWEL INHERENT AQ
+        "ce\u115fo@example.com",  # HANGUL CHOSEONG FILLER
+        "c\u202ceo@example.com",  # POP DIRECTIONAL FORMATTING
+        "ceo\U000e0041@example.com",  # TAG LATIN CAPITAL LETTER A
         "Sales@example.com",
         "ALICE@example.com",
     ],
@@ -623,6 +631,12 @@ def h(text: str) -> bytes:
 def test_header_addresses(header, expected):
     assert header_addresses(h(header), smtputf8=True) == expected
     assert header_addresses(h(header), smtputf8=False) == expected
+
+
+@pytest.mark.parametrize("control", ["\x00", "\x07", "\x7f", "\x85"])
+def test_header_addresses_with_a_control_are_unparseable(control):
+    header = f"From: Boss <ce{control}o@example.com>\r\n\r\n".encode()
+    assert header_addresses(header, smtputf8=True) == [UNPARSEABLE]
 
 
 def test_header_addresses_not_utf8():

@@ -391,13 +391,31 @@ class SenderMap:
 def _variant_key(address: str) -> str:
     """
     *address* (normalized) with its local part lower-cased and in NFKC
-    (``lower``, not ``casefold``: ``straße`` and ``strasse`` stay two):
-    the form in which mail systems commonly take two local parts for one
-    mailbox (``CEO`` is ``ceo``; ``ｃeo`` is ``ceo`` to the eye).
+    (``lower``, not ``casefold``: ``straße`` and ``strasse`` stay two),
+    without the characters that show as nothing (:func:`_visible`): the
+    form in which mail systems and readers commonly take two local parts
+    for one mailbox (``CEO`` is ``ceo``; ``ｃeo``, ``c\u200beo`` and
+    ``ce\u034fo`` are ``ceo`` to the eye).
     """
     local, at, domain = address.rpartition("@")
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", local).lower())
-    return f"{folded}{at}{domain}"
+    return f"{_visible(folded)}{at}{domain}"
+
+
+#: Unicode's Default_Ignorable_Code_Point ranges (DerivedCoreProperties):
+#: characters a reader shows as nothing (zero-width space, soft hyphen,
+#: joiners, variation selectors, bidi controls, fillers, tags)
+_IGNORABLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    "\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
+    "\x00-\x1f\x7f-\x9f]"
+)
+
+
+def _visible(text: str) -> str:
+    """*text* without default-ignorable and control characters."""
+    return _IGNORABLE.sub("", text)
 
 
 def _by_rules(rules: list[Rule], login: str, login_domain: str | None) -> Decision:
@@ -681,6 +699,9 @@ def _field_addresses(chosen: Any, name: str, value: Any) -> list[str]:
             spec.encode("utf-8")
         except UnicodeEncodeError:
             out.append(UNPARSEABLE)  # bytes that were not UTF-8
+            continue
+        if any(c < " " or "\x7f" <= c <= "\x9f" for c in spec):
+            out.append(UNPARSEABLE)  # a NUL or another control: no mailbox has one
             continue
         out.append(spec)
     if invalid:

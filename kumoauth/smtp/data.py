@@ -66,7 +66,11 @@ class DataReader:
             return False
         # Everything before the last CRLF is whole lines: unstuff them now.
         # No "\r\n." can straddle that cut: it would need a CRLF after it.
-        cut = raw.rfind(b"\r\n")
+        # Only the new bytes are searched (and the CR the last chunk may
+        # have ended with): what came before holds no CRLF but the one at
+        # its start, and a line without one, fed in small chunks, made
+        # the whole search quadratic (a 25 MB line: minutes of CPU).
+        cut = raw.rfind(b"\r\n", max(0, start - 1))
         if cut > 0:
             self._take(cut)
         self._scanned = len(raw)

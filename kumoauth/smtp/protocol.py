@@ -27,6 +27,7 @@ from kumoauth.auth import sasl
 from kumoauth.auth.authenticator import R_TEMPFAIL, Attempt, Outcome
 from kumoauth.auth.cred import credentials_for
 from kumoauth.auth.mechanisms import REGISTRY, Mechanism
+from kumoauth.auth.throttle import client_key
 from kumoauth.meta import ConnMeta
 from kumoauth.ops.transport import corked
 from kumoauth.policy import Reject
@@ -156,6 +157,8 @@ class SubmissionProtocol(Protocol):
         peer = self.transport.getPeer()
         host = self.transport.getHost()
         self._ip = getattr(peer, "host", None) or "local"
+        #: what max_connections_per_ip counts this client under
+        self._limit_key = self._ip
         self.client = _addr(peer)
         self._secure = listener.tls == "implicit"
         meta = {
@@ -171,7 +174,12 @@ class SubmissionProtocol(Protocol):
             meta["received_from_proxy"] = _addr(proxy)
         self.conn_meta = ConnMeta({**meta, **listener.meta})
         self.delivery = Delivery(self.conn_meta, store=rt.store)
-        if not rt.limits.acquire(self._ip, rt.server):
+        # An IPv6 client is counted by its network, as the throttles count
+        # it: one host commonly holds a /64, and every address of it would
+        # otherwise get max_connections_per_ip of its own.
+        if ":" in self._ip:
+            self._limit_key = client_key(self._ip, rt.auth.throttle.ipv6_prefix)
+        if not rt.limits.acquire(self._limit_key, rt.server):
             rt.metrics.connections_rejected.labels("limit").inc()
             log.info("refused {client}: connection limit reached", client=self.client)
             self._close(
@@ -310,7 +318,7 @@ class SubmissionProtocol(Protocol):
             pending.cancel()
         if self._counted:
             self._counted = False
-            self.rt.limits.release(self._ip)
+            self.rt.limits.release(self._limit_key)
             self.rt.metrics.connections.dec()
             self.rt.sessions.discard(self)
         if self.delivery is not None:
