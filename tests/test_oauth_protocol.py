@@ -169,6 +169,20 @@ def test_refused_token_gets_the_rfc7628_error_then_535(
     assert s.command("MAIL FROM:<a@example.org>").startswith("530")
 
 
+@pytest.mark.parametrize(
+    "email", ["\uff43eo@example.org", "\ufb01nance@example.org"], ids=["fullwidth", "ligature"]
+)
+def test_a_claim_saslprep_would_change_is_refused(oauth_session, key, captured_log, email):
+    # Prepared, "ｃeo@" was "ceo@": another of the IdP's users.
+    s = oauth_session()
+    token = key.sign(claims(email=email))
+    reply = s.command("AUTH XOAUTH2 " + b64(encode_xoauth2(email, token)))
+    assert reply == "334 " + b64(ERROR_JSON) + "\r\n"
+    assert s.command("").startswith("535 5.7.8")
+    assert s.meta.get_meta("authn_id") is None
+    assert "email claim not in its prepared form" in captured_log.text()
+
+
 def test_bad_signature_is_refused(oauth_session):
     s = oauth_session()
     forged = SigningKey.make("ES256", "k1").sign(claims())  # same kid, another key

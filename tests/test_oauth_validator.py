@@ -237,6 +237,9 @@ def test_a_key_without_kid_is_used_only_when_it_is_the_only_one_of_its_algorithm
         ({"email": "alice\u2028@example.org"}, "unusable email claim"),
         ({"email": 42}, "unusable email claim"),
         ({"email": {"address": "alice@example.org"}}, "unusable email claim"),
+        # an address the IdP says it did not verify may be anyone's ("nOAuth")
+        ({"email_verified": False}, "email not verified"),
+        ({"email_verified": "false"}, "email not verified"),
         ({"aud": [AUDIENCE + "x", {"a": AUDIENCE}]}, "wrong audience"),
         ({"aud": []}, "missing aud"),
         ({"iat": "0"}, "malformed iat"),

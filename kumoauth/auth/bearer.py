@@ -106,6 +106,12 @@ class BearerChecker:
             raise self._refuse(
                 credentials, f"unusable {self.username_claim} claim", claims
             ) from None
+        if user != raw_user:
+            # SASLprep would make it another name (fullwidth "ｃeo" is "ceo"):
+            # two identities the IdP keeps apart must not become one here.
+            raise self._refuse(
+                credentials, f"{self.username_claim} claim not in its prepared form", claims
+            )
         requested = credentials.authz
         verdict: Any = None
         if self.handler is not None:

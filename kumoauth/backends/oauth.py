@@ -401,6 +401,11 @@ def _username(claims: Mapping[str, Any], claim: str) -> str:
         raise _refuse(f"no {claim} claim", claims)
     if not isinstance(value, str) or not value or not value.isprintable():
         raise _refuse(f"unusable {claim} claim", claims)
+    if claim == "email" and claims.get("email_verified") in (False, "false"):
+        # OpenID Connect: an address the IdP did not verify may be anyone's
+        # (a user who set it on their own account: "nOAuth").  Absent,
+        # the IdP does not say (some never do): taken.
+        raise _refuse("email not verified", claims)
     return value
 
 
