@@ -6,7 +6,9 @@ owning the queue, run as the real command.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -126,6 +128,56 @@ def test_show_and_show_meta_with_state(queue):
     assert meta["state"]["state"] == "deferred" and meta["state"]["attempts"] == 3
     assert meta["state"]["recipients"]["b@example.net"] == "done"
     assert json.loads(run_cli(path, "show", "--meta", held).stdout)["state"]["held"] is True
+
+
+def test_a_sender_cannot_write_fields_into_the_list_line(tmp_path):
+    forged = (
+        '"x>  authn=admin  from=<ceo@example.com>  to=ok@example.net(done)  12 bytes"@example.com'
+    )
+    path = tmp_path / "spool"
+    with QueueStore.open(path) as store:
+        (mid,) = store.append_batch([Message(new_id(), forged, ['"a b"@example.net'], DATA, {})])
+    (line,) = run_cli(path, "list").stdout.splitlines()
+    # Quoted as one field, its quotes escaped, like the log's names.
+    assert 'from="<\\"x>  authn=admin  from=<ceo@example.com>' in line
+    assert 'to="\\"a b\\"@example.net(pending)"' in line
+    assert line.count("  authn=") == 2 and line.split("  authn=")[1].startswith("-  from=")
+
+
+def test_show_escapes_controls_on_a_terminal_and_meta_is_ascii(tmp_path):
+    import pty
+
+    path = tmp_path / "spool"
+    body = b"Subject: \x1b[31mred\x07\r\n\r\nbody\x1b[2J\r\n"
+    with QueueStore.open(path) as store:
+        (mid,) = store.append_batch(
+            [Message(new_id(), "a@example.com", ["b@example.net"], body, {})]
+        )
+        store.deferred(mid, 1, time.time() + 60, "550 \u202eevil")
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run(
+            cli_command(path, "show", mid), stdout=terminal, stderr=subprocess.PIPE, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        os.close(terminal)
+        terminal = -1
+        seen = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(controller, 4096):
+                seen += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert b"\x1b" not in seen and b"\x07" not in seen
+    assert b"\\x1b[31mred\\x07" in seen and b"body\\x1b[2J" in seen
+    # Piped, the message's own bytes (for re-injection, say).
+    piped = subprocess.run(cli_command(path, "show", mid), capture_output=True, timeout=60)
+    assert piped.stdout == body
+    meta = run_cli(path, "show", mid, "--meta").stdout
+    assert "\u202e" not in meta and "\\u202e" in meta
+    assert json.loads(meta)["state"]["last_error"] == "550 \u202eevil"
 
 
 def test_empty_queue_lists_nothing(tmp_path):

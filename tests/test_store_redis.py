@@ -319,6 +319,35 @@ def test_shared_state_across_instances(redis: RedisServer, stores: Any, prefix: 
     assert in_reactor(a.generation, "cache") == 2
 
 
+def test_instances_agree_on_the_secret_again_after_redis_forgets_it(
+    redis: RedisServer, stores: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a Redis restart (here: the key gone, as after one) an instance
+    # started meanwhile made a new salt and the running ones kept theirs
+    # until restarted: one wrong password counted once per instance.
+    from kumoauth.stores import redis as redis_store
+
+    a = stores(redis.url(prefix=prefix))
+    old = in_reactor(a.secret, "fingerprint-salt")
+    key = f"{prefix}secret:fingerprint-salt"
+    raw = redis.client()
+    raw("DEL", key)
+    b = stores(redis.url(prefix=prefix))  # started after the restart
+    new = in_reactor(b.secret, "fingerprint-salt")
+    assert new != old
+    assert in_reactor(a.secret, "fingerprint-salt") == old  # held, until the next comparison
+    monkeypatch.setattr(redis_store, "SECRET_RESYNC", 0.0)
+    assert in_reactor(a.secret, "fingerprint-salt") == new  # takes what Redis holds
+    # The other way: the running instance compares first and writes back
+    # the salt they all had; one started after that takes it.
+    raw("DEL", key)
+    assert in_reactor(a.secret, "fingerprint-salt") == new
+    assert raw("GET", key) == new
+    raw.close()
+    c = stores(redis.url(prefix=prefix))
+    assert in_reactor(c.secret, "fingerprint-salt") == new
+
+
 def test_admin_lists_and_clears_across_instances(
     redis: RedisServer, stores: Any, prefix: str
 ) -> None:

@@ -258,10 +258,14 @@ class Throttle:
         # same wrong password tried through two instances counts once.
         # A key file, when configured, keeps the key out of that store.
         self._salt: bytes | None = None
+        #: whether the salt is the shared store's (asked for at each use)
+        self._from_store = False
         if config.fingerprint_key is not None:
             self._salt = key_from_file(config.fingerprint_key)
         elif not getattr(store, "shared", False):
             self._salt = os.urandom(32) if salt is None else salt
+        else:
+            self._from_store = True
         #: whether the last write (a record, a forget) failed: until one
         #: succeeds, an attempt is recorded before it goes on; the process
         #: keeps it across reloads
@@ -278,8 +282,10 @@ class Throttle:
         return self._salt
 
     def _with_salt(self) -> defer.Deferred[bytes]:
-        if self._salt is not None:
+        if self._salt is not None and not self._from_store:
             return defer.succeed(self._salt)
+        # A shared store's salt is asked for each time: the store holds it,
+        # and compares it with the other instances' now and then.
 
         def got(secret: bytes) -> bytes:
             self._salt = secret

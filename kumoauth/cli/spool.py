@@ -59,6 +59,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -76,7 +77,7 @@ from kumoauth.relay.queue import (
     iso_time,
 )
 from kumoauth.storage.spool import Spool, is_id
-from kumoauth.textsafe import escape
+from kumoauth.textsafe import escape, field_value
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -238,14 +239,16 @@ def state_text(entry: Entry, now: float) -> str:
 def list_line(mid: str, envelope: dict[str, Any], entry: Entry, now: float) -> str:
     meta = envelope.get("meta") or {}
     authn = meta.get("authn_id") if isinstance(meta, dict) else None
-    rcpts = ",".join(
-        f"{escape(rcpt, ADDRESS_LIMIT)}({status})" for rcpt, status in entry.rcpt_status().items()
-    )
+    # Quoted like the log's names when they hold a space, = or " (a quoted
+    # local part), so a sender cannot write fields of its own into the line.
+    statuses = entry.rcpt_status()
+    rcpts = ",".join(f"{rcpt[:ADDRESS_LIMIT]}({status})" for rcpt, status in statuses.items())
     return (
         f"{mid}  {envelope.get('received_at') or entry.received_at}  "
         f"{state_text(entry, now)}  "
-        f"authn={escape(authn, ADDRESS_LIMIT) if authn else '-'}  "
-        f"from=<{escape(entry.mail_from, ADDRESS_LIMIT)}>  to={rcpts}  "
+        f"authn={field_value(authn, ADDRESS_LIMIT) if authn else '-'}  "
+        f"from={field_value('<' + entry.mail_from + '>', ADDRESS_LIMIT + 2)}  "
+        f"to={field_value(rcpts, (ADDRESS_LIMIT + 12) * len(statuses))}  "
         f"{entry.size} bytes"
     )
 
@@ -260,7 +263,7 @@ def list_json(mid: str, envelope: dict[str, Any], entry: Entry, now: float) -> s
         "mail_from": entry.mail_from,
         "size": entry.size,
     }
-    return json.dumps(record, ensure_ascii=False)
+    return json.dumps(record, ensure_ascii=True)  # no bidi override or ESC to a terminal
 
 
 # --------------------------------------------------------------------------
@@ -296,6 +299,10 @@ def do_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: octets a terminal would act on: controls but tab, line feed and CR
+_TERMINAL_UNSAFE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def do_show(args: argparse.Namespace, mid: str) -> int:
     from kumoauth.cli import CommandError
 
@@ -305,9 +312,16 @@ def do_show(args: argparse.Namespace, mid: str) -> int:
         if args.meta:
             envelope = dict(msg.envelope)
             envelope["state"] = state_json(msg.entry, time.time())
-            print(json.dumps(envelope, indent=2, ensure_ascii=False))
+            # ASCII: an upstream's text or a client's name with a bidi
+            # override or ESC reaches the terminal as \u202e, not raw.
+            print(json.dumps(envelope, indent=2, ensure_ascii=True))
         else:
-            sys.stdout.buffer.write(msg.read_bytes())
+            data = msg.read_bytes()
+            if sys.stdout.isatty():
+                # As less does: a control a client wrote (ESC sequences,
+                # BEL) shown, not obeyed; piped, the bytes are the message's.
+                data = _TERMINAL_UNSAFE.sub(lambda m: b"\\x%02x" % m[0][0], data)
+            sys.stdout.buffer.write(data)
     except KeyError:
         raise CommandError(f"no message {mid} in the queue") from None
     except QueueError as e:

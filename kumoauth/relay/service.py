@@ -63,8 +63,15 @@ def request(queue_path: Path, op: str, mid: str | None, answer: bool = False) ->
 def _write_whole(path: Path, text: str) -> None:
     """*path* appears with all of *text* or not at all (the reader polls)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.rename(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.rename(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # a full disk: nothing half-written left behind
+        raise
 
 
 def answer_path(request_path: Path) -> Path:

@@ -77,6 +77,8 @@ DEFAULT_PREFIX = "kumoauth:"
 DEFAULT_TIMEOUT = 1.0
 MAX_TIMEOUT = 60.0
 SECRET_SIZE = 32
+#: seconds between comparisons of a held secret with Redis's
+SECRET_RESYNC = 30.0
 
 #: keys one admin SCAN step asks for
 SCAN_COUNT = 500
@@ -620,7 +622,8 @@ class RedisStore:
         self._close_waiters: list[defer.Deferred[None]] = []
         #: secrets once read: they never change, and a store kept across a
         #: reload keeps them (no Redis round trip, nor a write, to get them)
-        self._secrets: dict[str, bytes] = {}
+        #: name -> (value, when it was last compared with Redis's)
+        self._secrets: dict[str, tuple[bytes, float]] = {}
 
     def _make_endpoint(self, s: Settings) -> Any:
         reactor: Any = self.clock
@@ -885,9 +888,21 @@ class RedisStore:
     # --- ISharedState --------------------------------------------------------
 
     def secret(self, name: str) -> defer.Deferred[bytes]:
-        if name in self._secrets:
-            return defer.succeed(self._secrets[name])
-        d = self._script("secret", [self._key("secret", name)], [os.urandom(SECRET_SIZE)])
+        """
+        The secret *name* every instance sharing this Redis uses: made once
+        (SET NX) by the first to ask.  Compared again every
+        :data:`SECRET_RESYNC` seconds, offering the one held here: after a
+        Redis restart (or an eviction) the first instance back writes the
+        secret they all had, and one started meanwhile, which made a new
+        one, takes whichever Redis holds; the instances agree again within
+        that time instead of until each restarts.
+        """
+        now = self.clock.seconds()
+        held = self._secrets.get(name)
+        if held is not None and now - held[1] < SECRET_RESYNC:
+            return defer.succeed(held[0])
+        offer = held[0] if held is not None else os.urandom(SECRET_SIZE)
+        d = self._script("secret", [self._key("secret", name)], [offer])
 
         def check(value: Any) -> bytes:
             if not isinstance(value, bytes) or len(value) != SECRET_SIZE:
@@ -895,10 +910,15 @@ class RedisStore:
                     f"the secret {name!r} in Redis is not {SECRET_SIZE} bytes "
                     f"(delete {self.prefix}secret:{name} to make a new one)"
                 )
-            self._secrets[name] = value
+            self._secrets[name] = (value, now)
             return value
 
-        return d.addCallback(check)
+        def unavailable(f: Any) -> Any:
+            if held is not None and f.check(StoreUnavailable):
+                return held[0]  # Redis down: the one held; it is what the counts were made with
+            return f
+
+        return d.addCallbacks(check, unavailable)
 
     def generation(self, name: str) -> defer.Deferred[int]:
         d = self._command("GET", self._key("gen", name))
