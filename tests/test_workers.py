@@ -185,6 +185,36 @@ def implicit_session(srv) -> str:
         return send(s)
 
 
+def test_a_worker_left_by_a_killed_supervisor_still_logs_its_sessions(tmp_path):
+    # Its lines went into the supervisor's pipe, closed: a message taken
+    # with 250 had no "spooled" line anywhere (an audit and fail2ban gap).
+    with two_workers(tmp_path / "srv", make_certs(tmp_path / "certs")) as srv:
+        workers = list(worker_pids(srv).values())
+        try:
+            with implicit_client(srv) as s:
+                assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+                s.mail("scott@example.com")
+                s.rcpt("b@example.net")
+                assert s.docmd("DATA")[0] == 354
+                os.kill(srv.proc.pid, signal.SIGKILL)
+                srv.proc.wait(timeout=10)
+                s.send(b"Subject: orphan\r\n\r\nhello\r\n.\r\n")
+                code, reply = s.getreply()
+                assert code == 250, reply
+                mid = reply.decode().rsplit(" ", 1)[-1]
+                s.close()  # the draining worker would answer QUIT with 421
+            err = srv.directory / "stderr.txt"
+            wait_for(lambda: f"spooled {mid}" in err.read_text(errors="replace"))
+            text = err.read_text(errors="replace")
+            assert "the supervisor is gone: this worker's lines go to its standard error" in text
+            assert "Traceback" not in text
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            srv.proc = None  # already gone
+
+
 def test_restarted_worker_runs_the_supervisors_configuration(tmp_path):
     with two_workers(tmp_path / "srv", make_certs(tmp_path / "certs")) as srv:
         # The file changes but nobody says SIGHUP: the STARTTLS and implicit

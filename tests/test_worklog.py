@@ -82,6 +82,34 @@ def test_a_warning_goes_out_at_once_after_what_came_before(pipe):
     assert pending(r) == b""
 
 
+def test_with_the_supervisor_gone_the_lines_go_to_stderr(pipe):
+    # A worker left by a supervisor killed with SIGKILL finishes its
+    # sessions; their AUTH and spooled lines were written into a closed
+    # pipe and lost.
+    r, w = os.pipe()
+    os.close(r)  # the supervisor's end
+    err_r, err_w = pipe
+    clock = RunningClock()
+    out = WorkerLog(w, clock, in_io_thread=lambda: True, orphan_fd=err_w)
+    try:
+        out(event("spooled 18ec from 192.0.2.7:5000"))
+        out(event("store down\x1b[31m", LogLevel.warn))
+        out(event("AUTH PLAIN success authc=scott", LogLevel.info))
+        clock.advance(FLUSH_EVERY)
+    finally:
+        os.close(w)
+    lines = pending(err_r).decode().splitlines()
+    stamp = "2023-11-14T22:13:20"
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        "[kumoauth#warn] the supervisor is gone: this worker's lines go to its standard error "
+        "until it stops",
+        "[kumoauth.auth#info] spooled 18ec from 192.0.2.7:5000",
+        "[kumoauth.auth#warn] store down\\x1b[31m",
+        "[kumoauth.auth#info] AUTH PLAIN success authc=scott",
+    ]
+    assert all(line.startswith(stamp) for line in lines[1:]), lines
+
+
 @pytest.mark.parametrize(
     "running, io_thread", [(False, True), (True, False)], ids=["reactor not running", "a thread"]
 )

@@ -475,6 +475,11 @@ class Supervisor(service.Service):
             sockets.append(
                 {"endpoint": listener.endpoint, "tls": listener.tls, "fd": fd, "family": family}
             )
+        # The supervisor's own standard error (the journal under systemd):
+        # where a worker's lines go if the supervisor is killed before it.
+        orphan = FIRST_SOCKET + len(self.ports)
+        child_fds[orphan] = 2
+        args += ["--orphan-fd", str(orphan)]
         env = dict(os.environ, **{MULTIPROC_ENV: self.metrics_dir})
         worker = WorkerProcess(self, index)
         try:
@@ -814,9 +819,10 @@ def worker_main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m kumoauth.ops.workers")
     p.add_argument("--index", type=int, default=0)
+    p.add_argument("--orphan-fd", type=int, default=2)
     args = p.parse_args(argv)
     # Lines for the supervisor, gathered (kumoauth.ops.worklog).
-    observer = WorkerLog(sys.stdout.fileno(), reactor)
+    observer = WorkerLog(sys.stdout.fileno(), reactor, orphan_fd=args.orphan_fd)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
     atexit.register(observer.flush)

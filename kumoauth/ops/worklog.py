@@ -18,17 +18,19 @@ ends and backslashes are escaped, so no text can start a line of its own)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.logger import ILogObserver, LogLevel, formatEvent, formatTime, timeFormatRFC3339
 from twisted.python import threadable
 from zope.interface import implementer
 
-from kumoauth.ops.logfile import one_write
+from kumoauth.ops.logfile import one_write, visible
 
 #: seconds a worker may hold an info line before writing it
 FLUSH_EVERY = 0.05
@@ -82,8 +84,13 @@ class WorkerLog:
         reactor: Any,
         every: float = FLUSH_EVERY,
         in_io_thread: Callable[[], bool] = threadable.isInIOThread,
+        orphan_fd: int = 2,
     ) -> None:
         self.fd = fd
+        #: where the lines go once the supervisor is gone (stderr: the
+        #: journal under systemd), in the log's own format
+        self.orphan_fd = orphan_fd
+        self._orphaned = False
         self.reactor = reactor
         self.every = every
         self._in_io_thread = in_io_thread
@@ -160,12 +167,48 @@ class WorkerLog:
             raise
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        try:
+        if not self._orphaned:
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(self.fd, view) :]
+                return
+            except OSError:
+                # The supervisor is gone (killed): this worker finishes its
+                # sessions, and their lines (AUTH, spooled) must not vanish.
+                self._orphaned = True
+                data = bytes(view)
+                notice = worker_line(
+                    {
+                        "log_format": "{text}",
+                        "text": "the supervisor is gone: this worker's lines go to its "
+                        "standard error until it stops",
+                        "log_level": LogLevel.warn,
+                        "log_namespace": "kumoauth",
+                        "log_time": time.time(),
+                    }
+                )
+                data = notice.encode("utf-8") + data
+        with contextlib.suppress(OSError):
+            view = memoryview(classic_lines(data))
             while view:
-                view = view[os.write(self.fd, view) :]
-        except OSError:
-            pass  # the supervisor is gone: nobody to tell
+                view = view[os.write(self.orphan_fd, view) :]
+
+
+def classic_lines(data: bytes) -> bytes:
+    """
+    Wire lines (:func:`worker_line`) as the log writes them: the event's
+    time, then the line, a traceback's lines after the first indented.
+    """
+    out = []
+    for raw in data.split(b"\n"):
+        if not raw:
+            continue
+        stamp = _STAMP.match(raw)
+        when = float(stamp.group(1)) if stamp else time.time()
+        text = visible(_unescape(raw[stamp.end() if stamp else 0 :].decode("utf-8", "replace")))
+        out.append(f"{formatTime(when, timeFormatRFC3339)} {text}".replace("\n", "\n\t") + "\n")
+    return "".join(out).encode("utf-8", "replace")
 
 
 class LineReader:
