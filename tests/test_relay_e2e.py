@@ -231,6 +231,22 @@ def relaying(
 # 1. delivery, authzid, session reuse
 
 
+def test_a_listener_without_auth_is_said_to_relay_as_the_service_account(
+    tmp_path: Path, certs: Certs
+) -> None:
+    # Mail from it went upstream as kumoauth's own account, with no word.
+    with running_upstream() as up, relaying(tmp_path, certs, up) as srv:
+        with smtplib.SMTP("127.0.0.1", srv.plain_port, timeout=10) as s:
+            s.ehlo("client.example")
+            mid = send_on(s, ["b@example.net"], b"Subject: anon\r\n\r\nno auth\r\n")
+        wait_until(lambda: up.messages, what="the message")
+        assert mid
+        warned = [line for line in srv.log().splitlines() if "takes mail without AUTH" in line]
+        assert len(warned) == 1, warned
+        assert f"tcp:{srv.plain_port}:interface=127.0.0.1" in warned[0]
+        assert "as kumoauth's own account kumoauth (no authzid)" in warned[0]
+
+
 def test_delivery_authzid_and_session_reuse(tmp_path: Path, certs: Certs) -> None:
     with running_upstream() as up, relaying(tmp_path, certs, up) as srv:
         bodies = [

@@ -364,6 +364,20 @@ def attach_queue(
 
     owner = QueueService(queue, reactor, metrics)
     settings = relay_settings(cfg)
+    relay = cfg.relay
+    if settings is not None and relay is not None and relay.identity == "authz" and relay.username:
+        for listener in cfg.listeners:
+            if not listener.auth_required:
+                # Mail without an authn_id goes upstream without an authzid:
+                # as kumoauth's own account, which its bounces use too.
+                log.warn(
+                    "[[listener]] {endpoint} takes mail without AUTH, and [relay] "
+                    'identity = "authz" relays it as kumoauth\'s own account {user} '
+                    "(no authzid), as it does its bounces: the upstream must not grant "
+                    "that account more than it grants anonymous mail",
+                    endpoint=listener.endpoint,
+                    user=relay.username,
+                )
     if settings is not None:
 
         def store_bounce(data: bytes, sender: str) -> defer.Deferred[str]:
