@@ -274,6 +274,11 @@ def test_authenticator_outcomes():
     throttled = result_of(auth.authenticate(attempt(clock), creds("scott", "tiger")))
     assert throttled.result == "throttled"
     assert throttled.reply.startswith(b"454 4.7.0 Too many failed attempts, try again in ")
+    assert throttled.reply.endswith(b" seconds")
+    wait = int(throttled.reply.split()[-2])
+    clock.advance(wait - 0.5)
+    last = result_of(auth.authenticate(attempt(clock), creds("scott", "tiger")))
+    assert last.reply == b"454 4.7.0 Too many failed attempts, try again in 1 second"
 
 
 def test_authenticator_deadline_and_in_flight():

@@ -327,7 +327,8 @@ class Authenticator:
         wait = max(1, math.ceil(retry_after))
         return Outcome(
             "throttled",
-            b"454 4.7.0 Too many failed attempts, try again in %d seconds" % wait,
+            b"454 4.7.0 Too many failed attempts, try again in %d second%s"
+            % (wait, b"" if wait == 1 else b"s"),
         )
 
     def _check(

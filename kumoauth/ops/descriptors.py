@@ -28,6 +28,7 @@ one is accepted again.
 
 from __future__ import annotations
 
+import errno
 import resource
 from typing import Any
 
@@ -83,7 +84,14 @@ def fit(max_connections: int, proxied: bool) -> tuple[int | None, str]:
 #: the process's descriptors as new connections met them (process-lived)
 STATE = StateLog("file descriptors for new connections", logger=log)
 
-_OUT_OF_DESCRIPTORS = ("EMFILE encountered", "Could not accept new connection")
+_OUT_OF_DESCRIPTORS = (
+    "EMFILE encountered",
+    "Could not accept new connection",
+    # Twisted's spare descriptor for the recovery, not to be had either: it
+    # logged a traceback each time
+    "Could not reserve EMFILE",
+    "Could not re-reserve EMFILE",
+)
 
 
 @implementer(ILogObserver)
@@ -105,6 +113,10 @@ class _AcceptLog:
             self.seen += 1
             if STATE.down is None:
                 error = event.get("acceptError", "EMFILE")
+                if text.startswith("Could not"):
+                    failure = event.get("log_failure")
+                    if failure is not None and isinstance(failure.value, OSError):
+                        error = errno.errorcode.get(failure.value.errno or 0, "EMFILE")
                 STATE.failed(
                     f"accept: {error} (the limit is "
                     f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]} descriptors)",
@@ -124,6 +136,14 @@ class AcceptPort(tcp.Port):
     """Twisted's TCP port, its accept events through :class:`_AcceptLog`."""
 
     _logger = Logger(namespace="twisted.internet.tcp.Port", observer=_accept_log)
+
+    def startListening(self) -> None:
+        # The process's one spare descriptor (Twisted's, shared by every
+        # port) says its failures through the same log.
+        reserve = getattr(tcp, "_reservedFD", None)
+        if reserve is not None and hasattr(reserve, "_log"):
+            reserve._log = Logger(namespace="twisted.internet.tcp", observer=_accept_log)
+        super().startListening()
 
     def doRead(self) -> Any:
         before, seen = self.sessionno, _accept_log.seen

@@ -150,12 +150,13 @@ class SendingLimits:
         self._tell_policy(user, kind, conn_meta)
         what = b"messages" if kind == MESSAGES else b"recipients"
         return (
-            b"451 4.7.1 Sending limit reached (%d %s per %d seconds), try again in %d seconds"
+            b"451 4.7.1 Sending limit reached (%d %s per %d seconds), try again in %d second%s"
             % (
                 limit,
                 what,
                 int(self.config.window),
                 wait,
+                b"" if wait == 1 else b"s",
             )
         )
 
