@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from kumoauth.ops.descriptors import RESERVE
-from tests.server import free_port, running_server, spawn, write_config
+from tests.server import free_port, running_server, spawn, terminate, write_config
 from tests.test_e2e import POLICY
 from tests.test_hardening import banner
 
@@ -68,7 +68,10 @@ def test_a_limit_with_no_room_for_a_connection_is_refused_at_start(tmp_path: Pat
         tmp_path, certs, (free_port(), free_port(), free_port()), POLICY, server=LIMITS
     )
     proc = spawn(tmp_path, config, [], {}, nofile=(RESERVE, RESERVE))
-    assert proc.wait(timeout=60) == 1
+    try:
+        assert proc.wait(timeout=60) == 1
+    finally:
+        terminate(proc)  # started after all (the code before this test's fix)
     err = (tmp_path / "stderr.txt").read_text().strip().splitlines()
     assert len(err) == 1, err
     assert "[server] max_connections" in err[0]
