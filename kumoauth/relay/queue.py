@@ -114,6 +114,8 @@ SEGMENT_RE = re.compile(r"^([A-Za-z0-9_]{1,32})-([0-9a-f]{16})\.q$")
 #: journal ops that take a message out of the queue
 TERMINAL = ("done", "deleted")
 
+#: seconds between tries to rewrite a journal a failed write left behind
+CATCH_UP_EVERY = 5.0
 #: rewrite the journal when it has at least this many lines, more than half dead
 JOURNAL_COMPACT_MIN = 4096
 
@@ -813,6 +815,7 @@ class QueueStore:
         #: why the journal lags memory (a write that failed: a full disk),
         #: None when it does not; the next write or flush rewrites it whole
         self.journal_behind: str | None = None
+        self._catch_up_at = 0.0
         self._mutex = threading.RLock()
 
     # -- opening -------------------------------------------------------
@@ -1133,13 +1136,31 @@ class QueueStore:
         if sync:
             self.flush()
 
+    def _catch_up(self) -> None:
+        """
+        Rewrite the lagging journal from memory; ``OSError`` while it still
+        cannot be written.  Tried at most every :data:`CATCH_UP_EVERY`
+        seconds (with a large queue the rewrite is work), in between the
+        reason it lags is raised again.
+        """
+        now = time.monotonic()
+        if now < self._catch_up_at:
+            raise OSError(errno.EIO, self.journal_behind or "the journal lags")
+        self._catch_up_at = now + CATCH_UP_EVERY
+        self._rewrite_journal()
+
     def _journal_later(self, record: dict[str, Any]) -> None:
         """
         :meth:`_journal` for a change memory has already made (the relay's
         outcomes): if it cannot be written, memory stays ahead and the
         journal catches up with its next write or :meth:`flush` (a crash
-        meanwhile sends a message again: at-least-once).
+        meanwhile sends a message again: at-least-once).  While the journal
+        lags, nothing is tried here: the catch-up writes the whole journal,
+        which is the housekeeping thread's to try, not each relay outcome's
+        on the reactor thread.
         """
+        if self.journal_behind is not None:
+            return
         with contextlib.suppress(OSError):
             self._journal(record, sync=False)
 
@@ -1149,7 +1170,7 @@ class QueueStore:
         Make every journal line written so far durable (one fdatasync).
         """
         if self.journal_behind is not None and self._journal_fd is not None:
-            self._rewrite_journal()  # raises while it still cannot be written
+            self._catch_up()
             return
         if self._journal_dirty and self._journal_fd is not None:
             os.fdatasync(self._journal_fd)
@@ -1442,8 +1463,10 @@ class QueueStore:
             if e.attempts or e.rcpts or e.last_error or e.next_attempt or e.held
         )
         rewrite = self._journal_lines >= JOURNAL_COMPACT_MIN and live * 2 < self._journal_lines
-        if rewrite or self.journal_behind is not None:
-            self._rewrite_journal()  # raises while it still cannot be written
+        if self.journal_behind is not None:
+            self._catch_up()  # raises while it still cannot be written
+        elif rewrite:
+            self._rewrite_journal()
         return removed, rewrite
 
     def _only_a_tail(self, fd: int, name: str, scanned: int, size: int) -> bool:
