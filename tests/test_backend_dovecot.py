@@ -717,6 +717,20 @@ def test_the_connection_is_recycled_after_its_lifetime(clock):
     assert not_fired(d3)
 
 
+def test_a_recycled_connection_does_not_end_a_passdb_outage(clock, captured_log):
+    # Dovecot answering "FAIL temp" (its passdb down): each recycle of the
+    # connection said "available again", the next attempt "unavailable".
+    store = memory_store(clock, connection_lifetime=30.0)
+    checker = StoreChecker(store, clock)
+    connected(clock, store)
+    store.health.failed("dovecot: temporary failure")  # as the checker logs it
+    clock.advance(30.0)
+    Peer(clock).accept().handshake()
+    assert store.health.down is not None
+    assert "available again" not in captured_log.text()
+    assert checker.health is store.health
+
+
 def test_stop_closes_and_refuses(clock):
     store = memory_store(clock)
     peer = connected(clock, store)

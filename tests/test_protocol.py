@@ -468,6 +468,32 @@ def test_max_connections_per_ip_counts_an_ipv6_client_by_its_network(make_sessio
     first.close()
     assert make_session(runtime=rt, client=("2001:db8:1:2::9", 4000)).banner.startswith("220 ")
     assert rt.limits.total == 3
+    # One host on a dual-stack listener (IPv4-mapped) and an IPv4 one.
+    v4 = make_session(runtime=rt, client=("192.0.2.9", 4000))
+    assert v4.banner.startswith("220 ")
+    assert make_session(runtime=rt, client=("::ffff:192.0.2.9", 4000)).banner.startswith("220 ")
+    mapped = make_session(runtime=rt, client=("::ffff:192.0.2.9", 4001))
+    assert mapped.banner.startswith("421 4.7.0")
+
+
+@pytest.mark.parametrize(
+    ("ip", "prefix", "key"),
+    [
+        ("192.0.2.1", 64, "192.0.2.1"),
+        ("::ffff:192.0.2.1", 64, "192.0.2.1"),
+        ("2001:db8:1:2::1", 64, "20010db800010002/64"),
+        ("2001:db8:1:2:ffff::1", 64, "20010db800010002/64"),
+        ("2001:db8:1:2::1%eth0", 64, "20010db800010002/64"),
+        ("2001:db8::1", 128, "20010db8000000000000000000000001/128"),
+        ("2001:db8::1", 0, "0/0"),
+        ("local", 64, "local"),
+        ("not:an:address", 64, "not:an:address"),
+    ],
+)
+def test_limit_key(ip, prefix, key):
+    from kumoauth.smtp.runtime import limit_key
+
+    assert limit_key(ip, prefix) == key
 
 
 def test_max_connections(make_session):

@@ -389,6 +389,18 @@ def test_an_exact_entry_protects_its_case_variants_from_the_domain_wildcard(map_
     assert "does not list this user" in d.rule and "@example.com scott" not in d.rule
 
 
+@pytest.mark.parametrize(
+    "spelling",
+    ["ce\u200b\u0301o@example.com", "c\u00ade\u0301o@example.com", "CE\u034f\u0301O@example.com"],
+)
+def test_an_invisible_character_does_not_keep_a_spelling_from_composing(spelling):
+    # Removed after NFKC, "e" ZWSP combining-acute stayed decomposed and
+    # missed the entry "céo".
+    from kumoauth.auth.senders import _variant_key
+
+    assert _variant_key(spelling) == _variant_key("c\u00e9o@example.com")
+
+
 def test_case_variants_of_protected_addresses_with_strip_detail(map_file):
     b = map_binding(map_file, strip_detail=True)
     assert not check(b, "scott", "CEO+x@example.com").allowed

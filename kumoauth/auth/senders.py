@@ -398,8 +398,10 @@ def _variant_key(address: str) -> str:
     ``ce\u034fo`` are ``ceo`` to the eye).
     """
     local, at, domain = address.rpartition("@")
-    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", local).lower())
-    return f"{_visible(folded)}{at}{domain}"
+    # Without them first: "ce\u200b\u0301o" must compose as "céo" does.
+    seen = unicodedata.normalize("NFKC", _visible(local))
+    folded = unicodedata.normalize("NFKC", _visible(seen.lower()))
+    return f"{folded}{at}{domain}"
 
 
 #: Unicode's Default_Ignorable_Code_Point ranges (DerivedCoreProperties):

@@ -563,6 +563,10 @@ class AuthClient:
     ) -> None:
         self.reactor = reactor
         self.health = health if health is not None else BackendHealth("dovecot")
+        #: whether the down state in the log is this connection's to end
+        #: (not a passdb's temporary failure, which a new connection does
+        #: not mend: each recycle would say "available again")
+        self._said_down = False
         self.target = target
         self.timeout = timeout
         self.lifetime = lifetime
@@ -709,7 +713,9 @@ class AuthClient:
                 target=str(self.target),
                 pid=protocol.server_pid or "?",
             )
-        self.health.succeeded()
+        if self._said_down:
+            self._said_down = False
+            self.health.succeeded()
         self.last_error = None
         waiters, self.waiters = self.waiters, []
         for d in waiters:
@@ -723,7 +729,7 @@ class AuthClient:
         delay = _backoff(self.failures)
         self.retry_at = self.reactor.seconds() + delay
         if first:
-            self.health.failed(f"{self._cannot()}: {problem}", count=False)
+            self._failed(f"{self._cannot()}: {problem}")
         waiters, self.waiters = self.waiters, []
         for d in waiters:
             d.errback(BackendError(f"{self._cannot()}: {problem}"))
@@ -747,10 +753,14 @@ class AuthClient:
         self.last_error = problem
         self.retry_at = self.reactor.seconds() + delay
         if self.active:
-            self.health.failed(
-                f"dovecot auth at {self.target}: connection lost: {problem}", count=False
-            )
+            self._failed(f"dovecot auth at {self.target}: connection lost: {problem}")
         self._schedule_retry(delay)
+
+    def _failed(self, reason: str) -> None:
+        """The connection's failure, into the store's state log."""
+        if self.health.down is None:
+            self._said_down = True
+        self.health.failed(reason, count=False)
 
     def _arm_recycle(self, protocol: AuthClientProtocol) -> None:
         def recycle() -> None:

@@ -596,6 +596,21 @@ def _open(config: Config) -> _Engine:
     )
 
 
+def _encodable(text: str, encoding: str) -> bool:
+    """
+    Whether *text* fits the database's *encoding*: a driver that binds on
+    the server encodes the name alone, one that binds in the client (MySQL)
+    the whole statement, so the error's own object cannot tell.
+    """
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    except LookupError:  # an encoding Python does not know: cannot tell
+        return True
+    return True
+
+
 def _bindable(authc: str) -> bool:
     if "\x00" in authc:
         return False
@@ -639,7 +654,7 @@ def _run(
     except _Problem as e:
         raise BackendError(f"{current.shown}: {e}") from None
     except UnicodeEncodeError as e:
-        if e.object == user:
+        if not _encodable(user, e.encoding):
             # The database's encoding (LATIN1, SQL_ASCII…) cannot hold the
             # name, so no row has it; not an outage a client can cause.
             return [], []

@@ -109,7 +109,12 @@ class _AcceptLog:
 
     def __call__(self, event: dict[str, Any]) -> None:
         text = event.get("log_format") or ""
-        if text.startswith(_OUT_OF_DESCRIPTORS):
+        if text.startswith("Could not accept new connection") and event.get("acceptError") not in (
+            "EMFILE",
+            "ENFILE",
+        ):
+            globalLogPublisher(event)  # ENOBUFS, ENOMEM, ECONNABORTED: Twisted's line
+        elif text.startswith(_OUT_OF_DESCRIPTORS):
             self.seen += 1
             if STATE.down is None:
                 error = event.get("acceptError", "EMFILE")

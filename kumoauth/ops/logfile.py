@@ -43,7 +43,8 @@ from twisted.python.logfile import LogFile
 from kumoauth.textsafe import escape
 
 
-def _time(when: float | None) -> str:
+def log_time(when: float | None) -> str:
+    """*when* as twistd's log writes it (RFC 3339, local time zone)."""
     return formatTime(when, timeFormatRFC3339)
 
 
@@ -72,7 +73,7 @@ class ClassicText:
             or "log_system" in event
             or "log_flattened" in event
         ):
-            line = formatEventAsClassicLogText(event, formatTime=_time)
+            line = formatEventAsClassicLogText(event, formatTime=log_time)
             if line is None or line[:-1].replace("\n\t", "").isprintable():
                 return line
             return visible(line[:-1]) + "\n"
@@ -83,7 +84,7 @@ class ClassicText:
         if second != self._second:
             # The stamp has whole seconds, and a time zone's offset changes
             # on a whole second: one per second is the same text.
-            self._second, self._stamp = second, _time(second)
+            self._second, self._stamp = second, log_time(second)
         if not text.isprintable():  # a worker's line with its traceback, say
             text = visible(text)
         system = f"{event.get('log_namespace', '-')}#{level.name}"

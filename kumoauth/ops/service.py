@@ -158,7 +158,7 @@ class KumoauthService(ApplicationLog, service.MultiService):
             if self._stopping:
                 return ignored()
             cfg, tls, policy, relay = prepared
-            fit_descriptors(cfg, self.process)
+            fitted = descriptors_for(cfg)  # before anything changes: it may refuse
             runtime = build_runtime(
                 cfg,
                 self.process,
@@ -171,6 +171,7 @@ class KumoauthService(ApplicationLog, service.MultiService):
             previous = self.runtime.checker
             self._relay_reload(cfg, relay)
             self._swap(cfg, runtime)
+            apply_descriptors(self.process, fitted)
             if text is None:
                 # (A worker's generation was counted by its supervisor.)
                 self.process.metrics.reloads.labels("success").inc()
@@ -441,7 +442,7 @@ def make_service_from_config(
         name="kumoauth-checker",
     )
     process = ProcessState(clock=reactor, store=writer.store)
-    fit_descriptors(cfg, process)
+    apply_descriptors(process, descriptors_for(cfg))
     process.parse_pool = BlockingPool(
         reactor, threads=1, max_queued=PARSES_QUEUED, name="kumoauth-parse"
     )
@@ -487,17 +488,22 @@ def make_service_from_config(
     return top
 
 
-def fit_descriptors(cfg: Config, process: ProcessState) -> None:
+def descriptors_for(cfg: Config) -> tuple[int | None, str]:
     """
-    The connections this process can serve within its descriptor limit
-    (:func:`kumoauth.ops.descriptors.fit`): the limit applied, and said
-    when it changes.
+    The connections this process can serve within its descriptor limit,
+    and why when fewer than ``max_connections``
+    (:func:`kumoauth.ops.descriptors.fit`); an operator error if none.
     """
     proxied = any(proxyheader.split(listener.endpoint)[1] for listener in cfg.listeners)
     try:
-        ceiling, why = descriptors.fit(cfg.server.max_connections, proxied)
+        return descriptors.fit(cfg.server.max_connections, proxied)
     except ValueError as e:
         raise OperatorError(f"{cfg.source}: [server] max_connections: {e}") from None
+
+
+def apply_descriptors(process: ProcessState, fitted: tuple[int | None, str]) -> None:
+    """Apply :func:`descriptors_for`'s answer, said when it changes."""
+    ceiling, why = fitted
     limits = process.limits
     if ceiling != limits.ceiling:
         if why:

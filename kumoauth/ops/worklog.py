@@ -26,11 +26,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.logger import ILogObserver, LogLevel, formatEvent, formatTime, timeFormatRFC3339
+from twisted.logger import ILogObserver, LogLevel, formatEvent
 from twisted.python import threadable
 from zope.interface import implementer
 
-from kumoauth.ops.logfile import one_write, visible
+from kumoauth.ops.logfile import log_time, one_write, visible
 
 #: seconds a worker may hold an info line before writing it
 FLUSH_EVERY = 0.05
@@ -202,13 +202,21 @@ def classic_lines(data: bytes) -> bytes:
     """
     out = []
     for raw in data.split(b"\n"):
-        if not raw:
-            continue
-        stamp = _STAMP.match(raw)
-        when = float(stamp.group(1)) if stamp else time.time()
-        text = visible(_unescape(raw[stamp.end() if stamp else 0 :].decode("utf-8", "replace")))
-        out.append(f"{formatTime(when, timeFormatRFC3339)} {text}".replace("\n", "\n\t") + "\n")
+        if raw:
+            when, text = read_line(raw, time.time)
+            out.append(f"{log_time(when)} {visible(text)}".replace("\n", "\n\t") + "\n")
     return "".join(out).encode("utf-8", "replace")
+
+
+def read_line(line: bytes, now: Callable[[], float]) -> tuple[float, str]:
+    """
+    (time, text) of one wire line; a line without a time (something
+    written to the worker's stderr) is taken as it is, at *now()*.
+    """
+    stamped = _STAMP.match(line)
+    if stamped is None:
+        return now(), line.decode("utf-8", "replace")
+    return float(stamped.group(1)), _unescape(line[stamped.end() :].decode("utf-8", "replace"))
 
 
 class LineReader:
@@ -237,13 +245,7 @@ class LineReader:
                     self._publish(line, now)
 
     def _publish(self, line: bytes, now: Callable[[], float]) -> None:
-        stamped = _STAMP.match(line)
-        if stamped is not None:
-            when = float(stamped.group(1))
-            text = _unescape(line[stamped.end() :].decode("utf-8", "replace"))
-        else:
-            when = now()
-            text = line.decode("utf-8", "replace")
+        when, text = read_line(line, now)
         self.observer(
             {
                 "log_format": "{text}",

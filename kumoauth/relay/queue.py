@@ -116,6 +116,8 @@ TERMINAL = ("done", "deleted")
 
 #: seconds between tries to rewrite a journal a failed write left behind
 CATCH_UP_EVERY = 5.0
+#: free bytes below which that rewrite is not even tried
+CATCH_UP_ROOM = 64 * 1024
 #: rewrite the journal when it has at least this many lines, more than half dead
 JOURNAL_COMPACT_MIN = 4096
 
@@ -1123,18 +1125,22 @@ class QueueStore:
         if self.journal_behind is not None:
             self._rewrite_journal()  # from memory, which holds every change
         line = _jline(record)
+        end = self._journal_end
         try:
             _write_all(self._journal_fd, [line])
+            if sync:
+                # A sync that fails is a write that failed: the line must
+                # not take effect at the next start when the operator was
+                # told it did not.
+                os.fdatasync(self._journal_fd)
         except OSError as e:
             self.journal_behind = f"{self.path}: the journal: {e.strerror or e}"
             with contextlib.suppress(OSError):
-                os.ftruncate(self._journal_fd, self._journal_end)
+                os.ftruncate(self._journal_fd, end)
             raise
-        self._journal_end += len(line)
+        self._journal_end = end + len(line)
         self._journal_lines += 1
-        self._journal_dirty = True
-        if sync:
-            self.flush()
+        self._journal_dirty = not sync
 
     def _catch_up(self) -> None:
         """
@@ -1147,6 +1153,11 @@ class QueueStore:
         if now < self._catch_up_at:
             raise OSError(errno.EIO, self.journal_behind or "the journal lags")
         self._catch_up_at = now + CATCH_UP_EVERY
+        free = os.statvfs(self.path)
+        if free.f_bavail * free.f_frsize < CATCH_UP_ROOM:
+            # Plainly full: not worth building the whole journal (under the
+            # mutex the reactor waits on) to find out.
+            raise OSError(errno.ENOSPC, f"{self.path}: no space left for the journal")
         self._rewrite_journal()
 
     def _journal_later(self, record: dict[str, Any]) -> None:
@@ -1452,6 +1463,7 @@ class QueueStore:
             del self._segs[name]
             removed.append(name)
         if removed:
+            self._catch_up_at = 0.0  # space freed: a lagging journal may fit now
             # Segments go before the journal forgets their done ids: a crash
             # in between must not bring delivered messages back.
             _fsync_dir(self.seg_dir)

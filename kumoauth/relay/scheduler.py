@@ -21,6 +21,7 @@ recipient's fate.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
@@ -287,7 +288,8 @@ class Relay(service.Service):
 
         def close(_: object) -> None:
             self.pool.close_all()
-            self.queue.flush()
+            with contextlib.suppress(OSError):  # a lagging journal: its owner says so
+                self.queue.flush()
 
         # A failure here (the journal's sync) is logged once, with its
         # traceback, not left to the garbage collector in every follower.

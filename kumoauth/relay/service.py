@@ -66,6 +66,11 @@ def _write_whole(path: Path, text: str) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         with open(fd, "w", encoding="utf-8") as f:
+            if os.geteuid() == 0:
+                # Root's request (sudo kumoauth spool …), for a service
+                # that runs as the directory's owner: theirs to read.
+                owner = os.stat(path.parent)
+                os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
             f.write(text)
         os.rename(tmp, path)
     except OSError:
@@ -156,6 +161,8 @@ def _after_attempt(
         return _remove(queue, op, mid, relay)
     except (KeyError, ValueError, QueueError) as e:  # QueueError: the queue closed meanwhile
         return f"{op} {mid} not done: {escape(str(e))}"
+    except OSError as e:  # the journal cannot be written: nothing changed
+        return f"{op} {mid} not done: {escape(e.strerror or str(e))}"
 
 
 def _remove(queue: QueueStore, op: str, mid: str, relay: Any) -> str | defer.Deferred[str]:
@@ -218,7 +225,14 @@ class QueueService(service.MultiService):
         d = defer.maybeDeferred(super().stopService)
 
         def close(_: object) -> None:
-            self.queue.flush()
+            try:
+                self.queue.flush()
+            except OSError as e:  # a full disk: what memory had is sent again
+                log.warn(
+                    "queue: the journal could not be written at stop ({why}); messages "
+                    "delivered since it lagged may be sent again",
+                    why=escape(e.strerror or str(e)),
+                )
             self.queue.close()
 
         return d.addBoth(close)
@@ -235,23 +249,16 @@ class QueueService(service.MultiService):
         if gauges:
             self._last_gauges = now
 
-        def work() -> list[tuple[str, str | None, Path | None]]:
-            # Off the reactor thread: these sync, read directories and walk
-            # the whole index.
-            self.queue.flush()
-            if compact:
-                self.queue.compact()
-            if gauges:
-                self._gauges()
-            return self._take_requests()
-
-        def then(requests: list[tuple[str, str | None, Path | None]]) -> None:
+        def then(done: tuple[list[tuple[str, str | None, Path | None]], OSError | None]) -> None:
+            requests, problem = done
             for level, text in self.queue.take_notes():  # what compaction found
                 getattr(log, level)("{text}", text=text)
             for op, mid, answer in requests:
                 self._apply(op, mid, answer)
             if requests and self.relay is not None:
                 self.relay.notify()
+            if problem is not None:
+                raise problem
 
         def failed(f: Any) -> None:
             if f.check(OSError):
@@ -261,11 +268,37 @@ class QueueService(service.MultiService):
             else:
                 log.failure("queue housekeeping", f)
 
-        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
+        d = threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), self.housekeeping_work, compact, gauges
+        )
         d.addCallback(then)
         d.addCallback(lambda _: self.housekeeping.succeeded())
         d.addErrback(failed)
         d.addBoth(lambda _: setattr(self, "_busy", False))
+
+    def housekeeping_work(
+        self, compact: bool, gauges: bool
+    ) -> tuple[list[tuple[str, str | None, Path | None]], OSError | None]:
+        """
+        Off the reactor thread: sync the journal, compact, update the gauges,
+        take the operator's requests; and the journal's problem, if it
+        cannot be written (a full disk).  That problem stops none of the
+        rest: compaction is what gives a full disk delivered mail's space
+        back, and an operator's request gets its answer.
+        """
+        problem: OSError | None = None
+        try:
+            self.queue.flush()
+        except OSError as e:
+            problem = e
+        if compact or problem is not None:
+            try:
+                self.queue.compact()
+            except OSError as e:
+                problem = problem or e
+        if gauges:
+            self._gauges()
+        return self._take_requests(), problem
 
     def _apply(self, op: str, mid: str | None, answer: Path | None = None) -> None:
         """

@@ -27,7 +27,6 @@ from kumoauth.auth import sasl
 from kumoauth.auth.authenticator import R_TEMPFAIL, Attempt, Outcome
 from kumoauth.auth.cred import credentials_for
 from kumoauth.auth.mechanisms import REGISTRY, Mechanism
-from kumoauth.auth.throttle import client_key
 from kumoauth.meta import ConnMeta
 from kumoauth.ops.transport import corked
 from kumoauth.policy import Reject
@@ -50,7 +49,7 @@ from kumoauth.smtp.data import (
     trace_date,
 )
 from kumoauth.smtp.limits import MESSAGES, RECIPIENTS
-from kumoauth.smtp.runtime import Runtime
+from kumoauth.smtp.runtime import Runtime, limit_key
 from kumoauth.smtp.sender_gate import failed_reply
 from kumoauth.storage.delivery import Delivery, Message
 from kumoauth.storage.spool import SpoolError, new_id
@@ -177,8 +176,7 @@ class SubmissionProtocol(Protocol):
         # An IPv6 client is counted by its network, as the throttles count
         # it: one host commonly holds a /64, and every address of it would
         # otherwise get max_connections_per_ip of its own.
-        if ":" in self._ip:
-            self._limit_key = client_key(self._ip, rt.auth.throttle.ipv6_prefix)
+        self._limit_key = limit_key(self._ip, rt.auth.throttle.ipv6_prefix)
         if not rt.limits.acquire(self._limit_key, rt.server):
             rt.metrics.connections_rejected.labels("limit").inc()
             log.info("refused {client}: connection limit reached", client=self.client)

@@ -12,6 +12,7 @@ is the same object in every generation.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,27 @@ from kumoauth.policy import Invoke, Policy, invoke
 from kumoauth.smtp.limits import SendingLimits
 from kumoauth.storage.delivery import Message
 from kumoauth.tls.context import ServerContextFactory
+
+_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def limit_key(ip: str, ipv6_prefix: int) -> str:
+    """
+    What ``max_connections_per_ip`` counts *ip* under: an IPv4 address
+    itself, an IPv6 one its network of *ipv6_prefix* bits (one host
+    commonly holds a whole /64), an IPv4-mapped one its IPv4 address (one
+    host on a dual-stack listener and an IPv4 one is one host).  A few
+    microseconds: it runs for every IPv6 connection.
+    """
+    if ":" not in ip:
+        return ip
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
+    except OSError:
+        return ip
+    if packed[:12] == _MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return f"{int.from_bytes(packed, 'big') >> (128 - ipv6_prefix):x}/{ipv6_prefix}"
 
 
 class ConnectionLimits:
