@@ -607,18 +607,12 @@ def _encodable(text: str, encoding: str) -> bool:
     except UnicodeEncodeError:
         return False
     except LookupError:  # an encoding Python does not know: cannot tell
-        return True
+        pass
     return True
 
 
 def _bindable(authc: str) -> bool:
-    if "\x00" in authc:
-        return False
-    try:
-        authc.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return "\x00" not in authc and _encodable(authc, "utf-8")
 
 
 def _hash_text(value: Any) -> str | None:

@@ -248,7 +248,7 @@ def list_line(mid: str, envelope: dict[str, Any], entry: Entry, now: float) -> s
         f"{state_text(entry, now)}  "
         f"authn={field_value(authn, ADDRESS_LIMIT) if authn else '-'}  "
         f"from={field_value('<' + entry.mail_from + '>', ADDRESS_LIMIT + 2)}  "
-        f"to={field_value(rcpts, (ADDRESS_LIMIT + 12) * len(statuses))}  "
+        f"to={field_value(rcpts, len(rcpts))}  "
         f"{entry.size} bytes"
     )
 

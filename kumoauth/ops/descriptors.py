@@ -137,17 +137,20 @@ class _AcceptLog:
 _accept_log = _AcceptLog()
 
 
+#: for the process's one spare descriptor (Twisted's, shared by every port)
+_reserve_log = Logger(namespace="twisted.internet.tcp", observer=_accept_log)
+
+
 class AcceptPort(tcp.Port):
     """Twisted's TCP port, its accept events through :class:`_AcceptLog`."""
 
     _logger = Logger(namespace="twisted.internet.tcp.Port", observer=_accept_log)
 
     def startListening(self) -> None:
-        # The process's one spare descriptor (Twisted's, shared by every
-        # port) says its failures through the same log.
+        # The spare descriptor says its failures through the same log.
         reserve = getattr(tcp, "_reservedFD", None)
         if reserve is not None and hasattr(reserve, "_log"):
-            reserve._log = Logger(namespace="twisted.internet.tcp", observer=_accept_log)
+            reserve._log = _reserve_log
         super().startListening()
 
     def doRead(self) -> Any:

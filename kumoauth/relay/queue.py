@@ -1443,8 +1443,9 @@ class QueueStore:
         segments: a deleted segment's messages are gone whatever the
         journal says of them, and their space may be what it needs.
         """
-        with contextlib.suppress(OSError):
-            self.flush()
+        if self.journal_behind is None:  # lagging, the catch-up below is tried
+            with contextlib.suppress(OSError):
+                self.flush()
         removed = []
         for name, info in list(self._segs.items()):
             if info.live or name == self.writer.current:

@@ -151,6 +151,18 @@ _ENDED = {
 }
 
 
+#: what an operator request may meet that leaves the queue as it was: an
+#: unknown id, an operation the queue refuses, the queue closed meanwhile,
+#: a journal that cannot be written
+REFUSED = (KeyError, ValueError, QueueError, OSError)
+
+
+def not_done(op: str, mid: str | None, e: Exception) -> str:
+    """The line for an operator request that changed nothing, and why."""
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return f"{op} {escape(mid)} not done: {escape(why)}"
+
+
 def _after_attempt(
     outcome: str | None, queue: QueueStore, op: str, mid: str, relay: Any
 ) -> str | defer.Deferred[str]:
@@ -159,10 +171,8 @@ def _after_attempt(
         return f"{op} {mid} not done: {ended}"
     try:
         return _remove(queue, op, mid, relay)
-    except (KeyError, ValueError, QueueError) as e:  # QueueError: the queue closed meanwhile
-        return f"{op} {mid} not done: {escape(str(e))}"
-    except OSError as e:  # the journal cannot be written: nothing changed
-        return f"{op} {mid} not done: {escape(e.strerror or str(e))}"
+    except REFUSED as e:
+        return not_done(op, mid, e)
 
 
 def _remove(queue: QueueStore, op: str, mid: str, relay: Any) -> str | defer.Deferred[str]:
@@ -307,10 +317,8 @@ class QueueService(service.MultiService):
         """
         try:
             what = apply(self.queue, op, mid, self.relay)
-        except (KeyError, ValueError) as e:
-            what = f"{op} {escape(mid)} not done: {escape(str(e))}"
-        except OSError as e:  # the journal cannot be written: nothing changed
-            what = f"{op} {escape(mid)} not done: {escape(e.strerror or str(e))}"
+        except REFUSED as e:
+            what = not_done(op, mid, e)
         if not isinstance(what, defer.Deferred):
             log.info("operator request: {what}", what=what)
             if answer is not None:

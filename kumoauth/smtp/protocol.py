@@ -156,8 +156,6 @@ class SubmissionProtocol(Protocol):
         peer = self.transport.getPeer()
         host = self.transport.getHost()
         self._ip = getattr(peer, "host", None) or "local"
-        #: what max_connections_per_ip counts this client under
-        self._limit_key = self._ip
         self.client = _addr(peer)
         self._secure = listener.tls == "implicit"
         meta = {
@@ -173,9 +171,10 @@ class SubmissionProtocol(Protocol):
             meta["received_from_proxy"] = _addr(proxy)
         self.conn_meta = ConnMeta({**meta, **listener.meta})
         self.delivery = Delivery(self.conn_meta, store=rt.store)
-        # An IPv6 client is counted by its network, as the throttles count
-        # it: one host commonly holds a /64, and every address of it would
-        # otherwise get max_connections_per_ip of its own.
+        # What max_connections_per_ip counts this client under: an IPv6
+        # client by its network, as the throttles count it (one host
+        # commonly holds a /64, and every address of it would otherwise get
+        # max_connections_per_ip of its own).
         self._limit_key = limit_key(self._ip, rt.auth.throttle.ipv6_prefix)
         if not rt.limits.acquire(self._limit_key, rt.server):
             rt.metrics.connections_rejected.labels("limit").inc()
@@ -891,9 +890,7 @@ class SubmissionProtocol(Protocol):
                 n=n,
             )
             self._send(b"250 2.0.0 OK queued as " + mid.encode())
-            state = self.rt.process.spool_state
-            if state.down is not None:
-                state.succeeded()
+            self.rt.process.spool_state.succeeded()
 
         def not_stored(f: Failure) -> None:
             self.rt.metrics.spool_errors.inc()

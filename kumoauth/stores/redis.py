@@ -620,9 +620,9 @@ class RedisStore:
         self._retry_at = 0.0
         self._backoff = self.MIN_BACKOFF
         self._close_waiters: list[defer.Deferred[None]] = []
-        #: secrets once read: they never change, and a store kept across a
-        #: reload keeps them (no Redis round trip, nor a write, to get them)
-        #: name -> (value, when it was last compared with Redis's)
+        #: secrets once read, kept across a reload with the store, and
+        #: compared with Redis's every SECRET_RESYNC seconds (see secret()):
+        #: name -> (value, when it was last compared)
         self._secrets: dict[str, tuple[bytes, float]] = {}
 
     def _make_endpoint(self, s: Settings) -> Any:
