@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from twisted.logger import formatEvent
 
 from kumoauth.config import ServerConfig
 from kumoauth.policy import Policy
@@ -158,6 +159,19 @@ def test_mail_before_auth_on_auth_required_listener(make_session):
     assert s.command("MAIL FROM:<a@example.com>").startswith("530 5.7.0")
 
 
+def test_mail_before_starttls_is_told_to_start_tls(make_session):
+    # RFC 3207 §4: before TLS, the client's next step is STARTTLS (AUTH is
+    # not even offered yet), not a password.
+    s = make_session(scott_policy(), tls="starttls")
+    s.command("EHLO client.example")
+    assert s.command("MAIL FROM:<a@example.com>") == (
+        "530 5.7.0 Must issue a STARTTLS command first\r\n"
+    )
+    s.command("STARTTLS")
+    s.command("EHLO client.example")
+    assert s.command("MAIL FROM:<a@example.com>") == "530 5.7.0 Authentication required\r\n"
+
+
 def test_mail_before_ehlo(make_session):
     s = make_session(auth_required=False)
     assert s.command("MAIL FROM:<a@example.com>").startswith("503 5.5.1")
@@ -219,6 +233,21 @@ def test_too_many_recipients(make_session):
     s.command("DATA")
     assert s.send(b"x\r\n.\r\n").startswith("250")
     assert s.messages()[0].envelope["rcpt_to"] == ["b1@example.net", "b2@example.net"]
+
+
+def test_refused_addresses_are_not_protocol_errors(make_session):
+    # A UTF-8 address without SMTPUTF8 refuses that address (553), and DATA
+    # after pipelined RCPTs that all failed gets 554 (RFC 2920 §3.1): how a
+    # transaction goes, not a client's mistake, so max_errors never closes.
+    s = authed(make_session, server=ServerConfig(hostname=HOST, max_errors=2))
+    for _ in range(3):
+        assert s.command("MAIL FROM:<pelé@example.com>").startswith("553 5.6.7")
+    s.command("MAIL FROM:<a@example.com>")
+    for _ in range(3):
+        assert s.command("RCPT TO:<pelé@example.com>").startswith("553 5.6.7")
+        assert s.command("DATA").startswith("554 5.5.1")
+    assert not s.closed
+    assert s.command("RCPT TO:<b@example.net>").startswith("250")
 
 
 def test_data_without_recipients(make_session):
@@ -352,6 +381,44 @@ def test_endless_line_is_discarded_without_buffering(make_session):
     assert s.send(b"\r\nNOOP\r\n") == "500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n"
 
 
+def test_a_line_ended_by_a_bare_lf_is_answered_at_once(make_session):
+    # `openssl s_client` without -crlf, waiting for a reply: said at once,
+    # not left to the idle timeout; a protocol error (RFC 5321 §2.3.8).
+    s = make_session(server=ServerConfig(hostname=HOST, max_errors=3))
+    assert s.send(b"NOOP\n") == "500 5.5.2 Line must end with CRLF\r\n"
+    assert s.send(b"NOOP\r\n") == "250 2.0.0 OK\r\n"
+    # A bare LF inside a line ends nothing: the line is refused whole (no
+    # command smuggled past a proxy that frames on CRLF).
+    assert s.send(b"EHLO x\nRSET\r\n") == "501 5.5.4 Invalid domain name\r\n"
+    # In an AUTH exchange it ends the exchange with RFC 4954's 501.
+    s.command("EHLO client.example")
+    assert s.command("AUTH PLAIN").startswith("334")
+    assert s.send(b"AGZvbwBiYXI=\n") == (
+        "501 5.5.2 Line must end with CRLF\r\n421 4.7.0 Too many errors, closing connection\r\n"
+    )  # the third error
+    # A CRLF split across reads is no bare LF.
+    s = make_session()
+    assert s.send(b"NOOP\r") == ""
+    assert s.send(b"\n") == "250 2.0.0 OK\r\n"
+
+
+def test_idle_timer_leaves_a_handshake_to_its_own_deadline(make_session, captured_log):
+    # idle_timeout below [tls] handshake_timeout (30 s): a client that never
+    # sends its ClientHello is a handshake timeout at 30 s, not an idle one
+    # with a 421 written into a TLS layer that never started.
+    s = make_session(tls="starttls", server=ServerConfig(hostname=HOST, idle_timeout=20))
+    s.command("EHLO client.example")
+    s.transport.on_tls = None  # the handshake never completes
+    s.command("STARTTLS")
+    s.clock.advance(25)
+    assert not s.closed
+    s.clock.advance(6)
+    assert s.closed and s.output() == ""
+    texts = [formatEvent(e) for e in captured_log.events]
+    assert any(t.startswith("TLS handshake timeout for 127.0.0.1:") for t in texts), texts
+    assert not any("idle timeout" in t for t in texts), texts
+
+
 def test_idle_timeout(make_session):
     s = make_session(server=ServerConfig(hostname=HOST, idle_timeout=30))
     s.clock.advance(20)
@@ -427,6 +494,34 @@ def test_pipelined_commands_answered_in_order(make_session):
     assert codes(out) == ["250", "250", "501", "354", "250", "250", "221"]
 
 
+def test_pipelined_replies_leave_in_one_write(make_session):
+    # RFC 2920 §3.2: the replies to a pipelined group together (one TLS
+    # record, one segment), not one write each.
+    s = authed(make_session)
+    writes: list[bytes] = []
+    write = s.transport.write
+    s.transport.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
+    s.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<bad>\r\nDATA\r\n")
+    assert [codes(w.decode()) for w in writes] == [["250", "250", "501", "354"]]
+    writes.clear()
+    s.send(b"hello\r\n.\r\nNOOP\r\n")
+    assert [codes(w.decode()) for w in writes] == [["250", "250"]]
+    writes.clear()
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+    assert len(writes) == 1
+
+
+def test_starttls_reply_leaves_before_the_handshake_when_pipelined(make_session):
+    s = make_session(tls="starttls")
+    order: list[object] = []
+    write = s.transport.write
+    s.transport.write = lambda data: (order.append(data), write(data))  # type: ignore[method-assign]
+    s.transport.on_tls = lambda: order.append("TLS")
+    s.send(b"EHLO client.example\r\nSTARTTLS\r\n")
+    assert len(order) == 2 and order[1] == "TLS", order
+    assert codes(order[0].decode())[-1] == "220"  # type: ignore[union-attr]
+
+
 def test_max_errors_closes(make_session):
     s = make_session(server=ServerConfig(hostname=HOST, max_errors=3))
     s.command("BAD")
@@ -437,6 +532,20 @@ def test_max_errors_closes(make_session):
         out == "500 5.5.2 Command unrecognized\r\n421 4.7.0 Too many errors, closing connection\r\n"
     )
     assert s.closed
+
+
+def test_closing_at_a_limit_is_logged(make_session, captured_log):
+    s = make_session(server=ServerConfig(hostname=HOST, max_errors=3))
+    s.send(b"BAD\r\nBAD\r\nBAD\r\n")
+    assert s.closed
+    s = make_session(scott_policy())
+    s.command("EHLO client.example")
+    for _ in range(3):
+        s.command("AUTH PLAIN " + plain_b64("", "scott", "wrong"))
+    assert s.closed
+    texts = [formatEvent(e) for e in captured_log.events]
+    assert "closing 127.0.0.1:50000: too many errors (3)" in texts, texts
+    assert "closing 127.0.0.1:50000: too many authentication failures (3)" in texts, texts
 
 
 def test_max_connections_per_ip(make_session):

@@ -200,7 +200,10 @@ def open_json_log(path: Path) -> Any:
     its own, with their fields).
     """
     stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
-    json_observer = jsonFileLogObserver(stream)
+    # One JSON object per line, as the reference says: no RFC 7464
+    # record separator before each (Twisted's default), which `json.loads`
+    # of a line and most log shippers do not take.
+    json_observer = jsonFileLogObserver(stream, recordSeparator="")
 
     @provider(ILogObserver)
     def kumoauth_only(event: dict[str, Any]) -> None:

@@ -77,6 +77,9 @@ COMMAND, AUTH, DATA = range(3)
 
 R_TOO_LONG = b"500 5.5.2 Line too long"
 R_UNKNOWN = b"500 5.5.2 Command unrecognized"
+R_BARE_LF = b"500 5.5.2 Line must end with CRLF"
+#: replies held for one write at most (an EHLO's is ~200 octets)
+_GATHER_MAX = 64
 R_NO_ARGS = b"501 5.5.4 Syntax error: no arguments allowed"
 R_INTERNAL = b"451 4.3.0 Internal error, try again later"
 R_SHUTDOWN = b"421 4.3.2 Service shutting down, try again later"
@@ -104,6 +107,7 @@ class SubmissionProtocol(Protocol):
         "_timer", "_handshake_timer", "_pending", "_errors", "_auth_failures",
         "_secure", "_greeted", "_esmtp", "_sasl", "_final", "_mail_from",
         "_smtputf8", "_rcpts", "_reader", "_ip", "_initial_meta", "_producing",
+        "_out",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -118,6 +122,8 @@ class SubmissionProtocol(Protocol):
         self._closing = False
         self._counted = False
         self._producing = False  # registered with the transport as its producer
+        #: replies held while pipelined commands are answered, sent as one write
+        self._out: list[bytes] | None = None
         self._discarding = False
         self._discard_reply = R_TOO_LONG
         self._timer: Any = None
@@ -346,8 +352,10 @@ class SubmissionProtocol(Protocol):
         if self._closing:
             return
         timeout = self.rt.server.idle_timeout
-        if self._paused:
-            # The server is busy for this client (checker, spool): not idle.
+        if self._paused or self._handshake_timer is not None:
+            # The server is busy for this client (checker, spool), or a TLS
+            # handshake is under way, which has its own deadline
+            # ([tls] handshake_timeout): not idle.
             self._touch()
         left = self._active_at + timeout - self.rt.clock.seconds()
         if left > 0:
@@ -361,8 +369,29 @@ class SubmissionProtocol(Protocol):
     # --- output ----------------------------------------------------------
 
     def _send(self, reply: bytes) -> None:
-        if not self._closing:
+        if self._closing:
+            return
+        out = self._out
+        if out is None:
             self.transport.write(reply + b"\r\n")
+        else:
+            out.append(reply)
+            if len(out) >= _GATHER_MAX:
+                # Bounded, so a client that pipelines without reading still
+                # meets the transport's backpressure.
+                self._write_out()
+
+    def _write_out(self) -> None:
+        """
+        Send the replies held for a pipelined group, in one write (RFC 2920
+        §3.2: one TLS record, one segment, not one per reply).
+        """
+        out = self._out
+        if out:
+            out.append(b"")
+            data = b"\r\n".join(out)
+            out.clear()
+            self.transport.write(data)
 
     def _close(self, reply: bytes | None = None, abort_after: float = _CLOSE_TIMEOUT) -> None:
         if self._closing:
@@ -375,6 +404,7 @@ class SubmissionProtocol(Protocol):
         # from us: the TLS layer would otherwise wait for the client's
         # close_notify before sending its own), in one segment.
         with corked(self.transport):
+            self._write_out()
             if reply is not None:
                 self.transport.write(reply + b"\r\n")
             if self._producing:
@@ -392,6 +422,11 @@ class SubmissionProtocol(Protocol):
         self._send(reply)
         self._errors += 1
         if self._errors >= self.rt.server.max_errors:
+            log.info(
+                "closing {client}: too many errors ({errors})",
+                client=self.client,
+                errors=self._errors,
+            )
             self._close(b"421 4.7.0 Too many errors, closing connection")
 
     # --- input framing -------------------------------------------------
@@ -416,10 +451,15 @@ class SubmissionProtocol(Protocol):
         if self._in_process:
             return
         self._in_process = True
+        # The replies to what this read brought (a pipelined group: RFC 2920
+        # §3.2) leave together, one TLS record and one segment.
+        self._out = []
         try:
             self._process_lines()
         finally:
             self._in_process = False
+            self._write_out()
+            self._out = None
         if self._reading_paused:
             self._sync_reading()
         if self._draining:
@@ -445,6 +485,16 @@ class SubmissionProtocol(Protocol):
                 continue
             end = buf.find(b"\r\n")
             if end < 0:
+                if buf[-1] == 10:
+                    # Input that stops at a bare LF (`openssl s_client`
+                    # without -crlf, `nc` without -C, waiting for a reply):
+                    # said at once, not left to the idle timeout.  A bare
+                    # LF ends no line (RFC 5321 §2.3.8): what a later CRLF
+                    # ends is one line, refused whole as before.
+                    buf.clear()
+                    self._touch()
+                    self._bare_lf()
+                    return
                 if len(buf) > self._limit():
                     # Drop what we have and the rest of the line as it comes.
                     self._discard_reply = self._overlong_reply(bytes(buf[:5]))
@@ -479,6 +529,15 @@ class SubmissionProtocol(Protocol):
         if self._mode == AUTH or head.upper().startswith(b"AUTH "):
             return sasl.too_long().reply
         return R_TOO_LONG
+
+    def _bare_lf(self) -> None:
+        if self._mode == AUTH:
+            # RFC 4954 §4: a malformed response is a 501.
+            self._mode = COMMAND
+            self._sasl_done("malformed")
+            self._error(b"501 5.5.2 Line must end with CRLF")
+        else:
+            self._error(R_BARE_LF)
 
     def _overlong(self) -> None:
         if self._mode == AUTH:
@@ -659,6 +718,7 @@ class SubmissionProtocol(Protocol):
             self._auth_failures = 0
             self._secure = True
             self._start_handshake_timer()
+            self._write_out()  # the 220 in cleartext, before the handshake
             self.transport.startTLS(self.rt.tls)
 
     def smtp_NOOP(self, arg: bytes) -> None:
@@ -696,7 +756,11 @@ class SubmissionProtocol(Protocol):
             self._error(b"503 5.5.1 Send EHLO first")
             return
         if self.listener.auth_required and not self.authenticated:
-            self._send(b"530 5.7.0 Authentication required")
+            if not self._secure and self.listener.tls == "starttls" and self.rt.tls is not None:
+                # RFC 3207 §4: the client's next step is TLS, not a password.
+                self._send(b"530 5.7.0 Must issue a STARTTLS command first")
+            else:
+                self._send(b"530 5.7.0 Authentication required")
             return
         if self._mail_from is not None:
             self._error(b"503 5.5.1 Nested MAIL command")
@@ -709,7 +773,8 @@ class SubmissionProtocol(Protocol):
                 # RFC 6531 §3.4: UTF-8 addresses only with SMTPUTF8.
                 raise CommandError(b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter")
         except CommandError as e:
-            if e.reply.startswith(b"552"):
+            if e.reply.startswith((b"552", b"553")):
+                # A refused address or size, not a protocol mistake.
                 self._send(e.reply)
             else:
                 self._error(e.reply)
@@ -772,7 +837,10 @@ class SubmissionProtocol(Protocol):
             if not self._smtputf8 and not path.address.isascii():
                 raise CommandError(b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter")
         except CommandError as e:
-            self._error(e.reply)
+            if e.reply.startswith(b"553"):
+                self._send(e.reply)  # one refused address, as a policy's would be
+            else:
+                self._error(e.reply)
             return
         if len(self._rcpts) >= self.rt.server.max_recipients:
             self._send(b"452 4.5.3 Too many recipients")
@@ -825,8 +893,9 @@ class SubmissionProtocol(Protocol):
             self._error(b"503 5.5.1 Need MAIL command first")
             return
         if not self._rcpts:
-            # RFC 2920 §3.1: after pipelined RCPTs that all failed.
-            self._error(b"554 5.5.1 No valid recipients")
+            # RFC 2920 §3.1: after pipelined RCPTs that all failed, which
+            # is how pipelining goes, not a protocol mistake.
+            self._send(b"554 5.5.1 No valid recipients")
             return
         self._mode = DATA
         self._reader = DataReader(self.rt.server.max_message_size)
@@ -1047,6 +1116,11 @@ class SubmissionProtocol(Protocol):
         elif outcome.result == "failure":
             self._auth_failures += 1
             if self._auth_failures >= self.rt.auth.max_failures:
+                log.info(
+                    "closing {client}: too many authentication failures ({failures})",
+                    client=self.client,
+                    failures=self._auth_failures,
+                )
                 self._close(b"421 4.7.0 Too many authentication failures, closing connection")
             else:
                 self._send(outcome.reply)
