@@ -29,7 +29,10 @@ def _escape(value: str) -> str:
             out.append(ch)
         else:
             n = ord(ch)
-            if n <= 0xFF:
+            if 0xDC80 <= n <= 0xDCFF:
+                # a byte that was not UTF-8 (decoded with surrogateescape)
+                out.append(f"\\x{n - 0xDC00:02x}")
+            elif n <= 0xFF:
                 out.append(f"\\x{n:02x}")
             elif n <= 0xFFFF:
                 out.append(f"\\u{n:04x}")
@@ -48,7 +51,7 @@ def escape(value: object, limit: int = MAX_LOGGED) -> str:
     if value is None:
         return "-"
     if isinstance(value, bytes | bytearray):
-        text = bytes(value).decode("utf-8", "backslashreplace")
+        text = bytes(value).decode("utf-8", "surrogateescape")
     else:
         text = str(value)
     if len(text) > limit:

@@ -517,14 +517,9 @@ def test_null_sender_gets_no_bounce(sender):
         b"Content-Type: multipart/report; report-type*=utf-8''delivery-status\r\n",
         b"Content-Type: multipart/report; report-type*0=deliv; report-type*1=ery-status\r\n",
         b"Content-Type: multipart/report;\r\n report-type=delivery-status\r\n",
-        b"Auto-Submitted: auto-replied\r\n",
-        b"Auto-Submitted: auto-generated; owner-email=x@example.com\r\n",
-        b"auto-submitted: Auto-Notified\r\n",
-        b"Auto-Submitted: no\r\nAuto-Submitted: auto-generated\r\n",
-        b"Auto-Submitted: \xff\xfe\r\n",
     ],
 )
-def test_reports_and_automatic_mail_get_no_bounce(headers):
+def test_reports_get_no_bounce(headers):
     original = b"From: x@example.com\r\n" + headers + b"\r\nbody\r\n"
     assert build(original=original) is None
     assert build(original=original.replace(b"\r\n", b"\n")) is None
@@ -535,6 +530,11 @@ def test_reports_and_automatic_mail_get_no_bounce(headers):
     [
         b"Auto-Submitted: no\r\n",
         b"Auto-Submitted: No (a person wrote this)\r\n",
+        # RFC 3834 is about automatic responses, not delivery reports (its
+        # §1.2): automatic mail from a real address has a sender to tell.
+        b"Auto-Submitted: auto-replied\r\n",
+        b"Auto-Submitted: auto-generated; owner-email=x@example.com\r\n",
+        b"Auto-Submitted: \xff\xfe\r\n",
         b"Content-Type: multipart/report; report-type=disposition-notification; boundary=x\r\n",
         b"Content-Type: multipart/mixed; boundary=x\r\n",
         b"Content-Type: text/plain; report-type=delivery-status\r\n",
@@ -700,9 +700,8 @@ originals = st.one_of(
 )
 
 
-def _might_be_automatic(original: bytes) -> bool:
-    lowered = original.lower()
-    return b"auto-submitted" in lowered or b"report" in lowered
+def _might_be_a_report(original: bytes) -> bool:
+    return b"report" in original.lower()
 
 
 @given(
@@ -721,7 +720,7 @@ def test_any_report_is_well_formed(recipients, original, smtputf8, what, message
         message_id=message_id,
     )
     if raw is None:
-        assert _might_be_automatic(original)
+        assert _might_be_a_report(original)
         return
     assert_well_formed(raw)
     msg = parse(raw)

@@ -206,7 +206,11 @@ def test_escape_is_unambiguous():
     assert escape("a\nb") == "a\\x0ab"
     assert escape("a\\x0ab") == "a\\\\x0ab"
     assert escape("\u2028") == "\\u2028"
-    assert escape(b"\xff") == "\\\\xff"
+    # A byte that is not UTF-8 is shown once, as the byte; the text "\xff"
+    # has its backslash doubled.
+    assert escape(b"\xff") == "\\xff"
+    assert escape(b"\\xff") == escape("\\xff") == "\\\\xff"
+    assert escape(b"a\xff\xfe\x1b") == "a\\xff\\xfe\\x1b"
     assert escape(None) == "-"
 
 

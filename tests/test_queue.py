@@ -862,6 +862,60 @@ def test_a_connection_begun_before_the_upstream_answered_does_not_mark_it_down(q
     store.close()
 
 
+def test_one_users_refused_authzid_is_not_an_upstream_outage(qdir, captured_log):
+    """
+    ``identity = "authz"``: the upstream refusing AUTH for one authzid is
+    that user's mail waiting, not the upstream down (which said
+    "unreachable", then "answers again" and made every deferred message
+    due at each of the other users' sessions).  One line per attempt.
+    """
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+    from twisted.logger import formatEvent
+
+    from kumoauth.config import RelayConfig
+    from kumoauth.ops.metrics import Metrics
+    from kumoauth.relay import scheduler
+    from kumoauth.relay.client import IdentityRefused, UpstreamError
+
+    store = QueueStore.open(qdir)
+    refusals = iter(
+        [
+            IdentityRefused("upstream refused AUTH as kumoauth for alice: 535 5.7.8 no"),
+            UpstreamError("connection to 127.0.0.1:25 refused"),
+        ]
+    )
+
+    def connect(*args: object) -> defer.Deferred[object]:
+        return defer.fail(next(refusals))
+
+    clock = Clock()
+    relay = scheduler.Relay(
+        store,
+        scheduler.RelaySettings(RelayConfig(host="127.0.0.1", concurrency=1), "kumoauth.test"),
+        clock,
+        Metrics(),
+        connect,
+        None,
+        None,
+    )  # type: ignore[arg-type]
+    relay.startService()
+    store.append_batch(batch(1))
+    relay.notify()
+    clock.advance(0)
+    texts = [formatEvent(e) for e in captured_log.events]
+    assert not any("unreachable" in t for t in texts), texts
+    assert sum("refused AUTH as kumoauth for alice" in t for t in texts) == 1, texts
+    # The whole upstream refusing connections is an outage.
+    store.make_due(time.time())
+    relay.notify()
+    clock.advance(0)
+    texts = [formatEvent(e) for e in captured_log.events]
+    assert sum(" unreachable: " in t for t in texts) == 1, texts
+    relay._stopping = True
+    store.close()
+
+
 def test_owner_restart_does_not_truncate_a_live_writer(qdir):
     store = QueueStore.open(qdir)
     other = SegmentWriter(qdir, "w1")

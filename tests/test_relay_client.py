@@ -18,9 +18,11 @@ import pytest
 import trustme
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from twisted.logger import formatEvent
 
 from kumoauth.relay.client import (
     ClientSettings,
+    IdentityRefused,
     Message,
     RecipientResult,
     Reply,
@@ -192,6 +194,43 @@ def test_per_recipient_results(reactor, tmp_path, pipelining):
         close(session)
         [got] = up.messages
         assert got.rcpt_tos == ["ok@example.net"]
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
+@pytest.mark.parametrize(
+    "too_many", ["452 4.5.3 Too many recipients", "552 5.5.3 Too many recipients"]
+)
+def test_an_upstream_taking_fewer_recipients_gets_the_rest_at_once(
+    reactor, tmp_path, pipelining, too_many
+):
+    # RFC 5321 §4.5.3.1.10: the rest go in further transactions now, not
+    # after a retry delay; RFC 821's 552 for it is taken as 452.
+    rcpts = [f"r{i}@example.net" for i in range(7)]
+    with running_upstream(
+        pipelining=pipelining,
+        max_rcpts=3,
+        too_many_reply=too_many,
+        rcpt_replies={"nobody@example.net": "550 5.1.1 no such user"},
+    ) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message(*rcpts, "nobody@example.net"))
+        assert result.delivered == rcpts
+        assert result.bounced == ["nobody@example.net"]
+        assert list(result.recipients) == [*rcpts, "nobody@example.net"]
+        assert session.reusable
+        close(session)
+        assert [m.rcpt_tos for m in up.messages] == [rcpts[:3], rcpts[3:6], rcpts[6:]]
+        assert len(up.sessions) == 1
+
+
+def test_too_many_recipients_and_nothing_taken_is_deferred(reactor, tmp_path):
+    with running_upstream(max_rcpts=0, too_many_reply="552 5.5.3 Too many recipients") as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message("a@example.net", "b@example.net"))
+        assert result.deferred == ["a@example.net", "b@example.net"]
+        assert result.recipients["a@example.net"].line == "452 4.5.3 Too many recipients"
+        close(session)
+        assert up.messages == []
 
 
 def test_data_refused_applies_to_accepted_recipients_only(reactor, tmp_path):
@@ -545,6 +584,11 @@ def test_auth_refused(reactor, tmp_path, captured_log):
     with running_upstream(users={"kumoauth": "something else"}) as up:
         err = connect_error(reactor, settings_for(up, tmp_path), "scott")
         assert "refused AUTH as kumoauth for scott" in err.reason
+        # For one authzid: that user's mail waits, the upstream is not down.
+        assert isinstance(err, IdentityRefused)
+        assert not isinstance(connect_error(reactor, settings_for(up, tmp_path)), IdentityRefused)
+        # The caller (the scheduler) says it, in its one line per attempt.
+        assert not any("refused AUTH" in formatEvent(e) for e in captured_log.events)
         assert "535 5.7.8" in err.reason
         assert err.permanent
         assert err.reply is not None and err.reply.code == 535

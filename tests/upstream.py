@@ -172,6 +172,8 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         reply = self.up.rcpt_replies.get(address, "250 2.1.5 OK")
+        if self.up.max_rcpts is not None and len(envelope.rcpt_tos) >= self.up.max_rcpts:
+            reply = self.up.too_many_reply
         if reply.startswith("2"):
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(options)
@@ -266,6 +268,9 @@ class Upstream:
     #: recipient -> reply line ("451 4.7.1 try later"); default 250
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     mail_reply: str | None = None
+    #: recipients taken per transaction; past it each RCPT gets too_many_reply
+    max_rcpts: int | None = None
+    too_many_reply: str = "452 4.5.3 Too many recipients"
     data_reply: str | None = None
     #: every AUTH gets this reply instead of being checked
     auth_reply: str | None = None

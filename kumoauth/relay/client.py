@@ -148,7 +148,13 @@ class Reply:
 
 
 def _decode(raw: bytes) -> str:
-    return raw.decode("utf-8", "backslashreplace")
+    # Bytes that are not UTF-8 as lone surrogates, which escape() shows as
+    # the byte (\xff), once.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _transient(enhanced: str | None) -> str | None:
+    return "4" + enhanced[1:] if enhanced else None
 
 
 def make_reply(code: int, raw_lines: Sequence[bytes]) -> Reply:
@@ -311,6 +317,13 @@ class UpstreamError(Exception):
 
     def __repr__(self) -> str:
         return f"UpstreamError({self.reason!r}, permanent={self.permanent})"
+
+
+class IdentityRefused(UpstreamError):
+    """
+    The upstream refused AUTH for one authzid (``[relay] identity =
+    "authz"``): that user's mail waits, the upstream is not down.
+    """
 
 
 class _StaleSession(UpstreamError):
@@ -968,7 +981,8 @@ class UpstreamSession:
             reply = await self._proto.command(b"*", "AUTH", self._settings.command_timeout)
             raise UpstreamError(f"upstream refused AUTH as {escape(username)}: {reply}")
         if reply.code != 235:
-            raise UpstreamError(
+            refused = IdentityRefused if self.authzid else UpstreamError
+            raise refused(
                 f"upstream refused AUTH as {escape(username)}"
                 + (f" for {escape(self.authzid)}" if self.authzid else "")
                 + f": {reply}",
@@ -1172,12 +1186,20 @@ class UpstreamSession:
             return SendResult(self._ordered(recipients, results))
 
         accepted = []
+        too_many = []
         for r, reply in zip(to_send, rcpt_replies, strict=True):
             if reply.code // 100 not in (2, 4, 5):
                 raise UpstreamError(f"protocol error: unexpected reply to RCPT TO: {reply}")
-            results[r] = RecipientResult.of(reply)
-            if reply.positive:
+            res = RecipientResult.of(reply)
+            if res.code == 552:
+                # RFC 5321 §4.5.3.1.10: "too many recipients" was 552 in RFC
+                # 821; clients SHOULD take it as 452 (as Postfix does).
+                res = RecipientResult(452, _transient(res.enhanced), res.text)
+            results[r] = res
+            if res.delivered:
                 accepted.append(r)
+            elif res.code == 452:
+                too_many.append(r)
         result = SendResult(self._ordered(recipients, results))
         if not accepted:
             await self._reset()
@@ -1205,6 +1227,21 @@ class UpstreamSession:
         self.messages += 1
         # RFC 5321 §4.1.1.4: the reply to the end of data ends the
         # transaction; no RSET is needed before the next MAIL.
+        if too_many and final.positive:
+            # RFC 5321 §4.5.3.1.10: the upstream takes fewer recipients per
+            # transaction than this message has; the rest go in another
+            # transaction now, not after a retry delay.  Each round
+            # delivers at least one recipient, so this ends.
+            rest = Message(
+                mail_from=message.mail_from,
+                rcpt_to=too_many,
+                body=body,
+                size=size,
+                smtputf8=bool(message.smtputf8),
+                eightbit=bool(message.eightbit),
+            )
+            more = await self._transaction(rest)
+            result.recipients.update(more.recipients)
         return result
 
     @staticmethod
@@ -1329,8 +1366,9 @@ async def _connect(reactor: Any, s: ClientSettings, authzid: str | None) -> Upst
     try:
         await session._open(options)
     except UpstreamError as e:
+        # Its reason is the caller's to log (the scheduler's one line per
+        # attempt says it).
         proto.fail(e)
-        log.info("relay: session to {where} failed: {reason}", where=where, reason=e.reason)
         raise
     except BaseException:
         # Cancelled (a stop) or a bug: do not leave the connection behind.
@@ -1351,6 +1389,7 @@ __all__ = [
     "OutboundMessage",
     "RecipientResult",
     "ClientSettings",
+    "IdentityRefused",
     "Reply",
     "ReplyError",
     "ReplyParser",

@@ -138,9 +138,12 @@ def build_dsn(
       notification, and notifications are never answered (RFC 5321 §4.5.5,
       §6.1).
     * *original* says it is a delivery report (``multipart/report`` with
-      ``report-type=delivery-status`` or ``global-delivery-status``) or was
-      sent automatically (an ``Auto-Submitted`` field other than ``no``,
-      RFC 3834 §5): a loop in the making.
+      ``report-type=delivery-status`` or ``global-delivery-status``) that
+      came with a sender anyway: a loop in the making.
+
+    ``Auto-Submitted`` does not stop a bounce: RFC 3834 governs automatic
+    responses, not delivery reports (its §1.2), and an automatic message
+    sent from a real address has a sender to tell, as Postfix tells it.
 
     The message is an RFC 6522 ``multipart/report`` with three parts: a
     human explanation, the ``message/delivery-status`` report (RFC 3464 §2)
@@ -169,7 +172,7 @@ def build_dsn(
         return None
     original = _LINE_END.sub(b"\r\n", original)
     headers = header_section(original)
-    if is_automatic(headers):
+    if is_report(headers):
         return None
     if now is None:
         now = datetime.now(UTC)
@@ -227,18 +230,12 @@ def header_section(message: bytes) -> bytes:
     return message[: end + 2]
 
 
-def is_automatic(headers: bytes) -> bool:
+def is_report(headers: bytes) -> bool:
     """
-    True if the header section *headers* belongs to a message that must not
-    be answered with a notification: a delivery report (RFC 3464 §2, RFC
-    6533 §4) or anything with ``Auto-Submitted`` other than ``no`` (RFC
-    3834 §5).
+    True if the header section *headers* belongs to a delivery report (RFC
+    3464 §2, RFC 6533 §4), which must not be answered with another.
     """
     fields = BytesHeaderParser(policy=compat32).parsebytes(headers)
-    for value in fields.get_all("Auto-Submitted", []):
-        keyword = re.split(r"[\s;(]", str(value).strip(), maxsplit=1)[0]
-        if keyword.lower() != "no":
-            return True
     content_type = fields.get("Content-Type")
     if content_type is None:
         return False

@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kumoauth.config import RelayConfig
-from kumoauth.relay.client import NotSent, UpstreamError
+from kumoauth.relay.client import IdentityRefused, NotSent, UpstreamError
 from kumoauth.textsafe import escape, field_value, unescape
 
 log = Logger(namespace="kumoauth.relay")
@@ -471,6 +471,10 @@ class Relay(service.Service):
             if session is None:
                 try:
                     session = await self.connect(self.reactor, settings, identity)
+                except IdentityRefused:
+                    # This user's authzid, not the upstream: it answers.
+                    self._reachable()
+                    raise
                 except Exception as e:
                     self._unreachable(e, started)
                     raise
@@ -703,7 +707,7 @@ class Relay(service.Service):
             dsn = None
         else:
             if dsn is None:
-                log.info("relay {id}: no bounce (null sender or a report)", id=entry.id)
+                log.info("relay {id}: no bounce (null sender or a delivery report)", id=entry.id)
         if dsn is not None:
             try:
                 bid = await self.store_bounce(dsn, envelope.get("mail_from", ""))
