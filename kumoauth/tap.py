@@ -106,6 +106,11 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
     """
     from twisted.internet import reactor
 
+    from kumoauth.ops import listening
+
+    listening.twistd_options = parent = getattr(options, "parent", None)
+    if parent is not None and not parent.get("nodaemon"):
+        listening.keep_terminal(reactor)
     try:
         cfg = load_config(options["config"])
         check_json_log(cfg, owner(options))

@@ -340,6 +340,35 @@ def test_a_start_up_error_is_one_line_where_log_and_stderr_are_one(tmp_path, cer
 
 
 @pytest.mark.e2e
+def test_a_daemonized_start_up_error_exits_1_and_says_why(tmp_path, certs):
+    # twistd without -n: its parent waits for the daemon's word on a pipe,
+    # which a start-up error never wrote (the command hung for good).
+    with busy_port() as port:
+        config = tmp_path / "kumoauth.toml"
+        config.write_text(listener_config(certs, port=port))
+        result = subprocess.run(
+            [
+                *TWISTD,
+                f"--pidfile={tmp_path / 'twistd.pid'}",
+                f"--logfile={tmp_path / 'twistd.log'}",
+                "kumoauth",
+                "--config",
+                str(config),
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("kumoauth: error: ") and str(config) in lines[0], lines
+    assert f"tcp:{port}" in lines[0] and "cannot listen" in lines[0], lines
+    assert lines[1].startswith("An error has occurred: "), lines  # twistd's parent
+    assert "Traceback" not in result.stderr + (tmp_path / "twistd.log").read_text()
+
+
+@pytest.mark.e2e
 def test_policy_that_fails_to_import(tmp_path, certs):
     (tmp_path / "policy.py").write_text("from kumoauth import kumo\n\nimport no_such_module_here\n")
     line = assert_operator_error(

@@ -396,3 +396,50 @@ def test_a_signal_before_the_reactor_runs_does_not_kill_the_process(name, expect
     )
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("workers", [False, True], ids=["one process", "two workers"])
+def test_sigusr1_reopens_the_logs_logrotate_moved(tmp_path, workers):
+    """
+    logrotate moves the text and JSON logs, then ``kill -USR1`` (its
+    postrotate): each file is opened again under its name, the workers'
+    JSON log too, and nothing more goes to the moved ones.  SIGUSR1's
+    default action ended the process; twistd's own handler renamed the
+    text log to .1 and never re-opened the JSON log (fail2ban's input).
+    """
+    certs = make_certs(tmp_path / "certs")
+    events = tmp_path / "events.jsonl"
+    extra = f'[log]\njson_path = "{events}"'
+    directory = tmp_path / "srv"
+    server = (
+        two_workers(directory, certs, extra=extra)
+        if workers
+        else running_server(directory, certs, POLICY, extra=extra)
+    )
+    with server as srv:
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+        # the worker's lines reach the supervisor's log every 50 ms
+        wait_for(lambda: "AUTH PLAIN success" in srv.log())
+        srv.logfile.rename(srv.logfile.with_suffix(".log.1"))
+        events.rename(events.with_suffix(".jsonl.1"))
+        srv.proc.send_signal(signal.SIGUSR1)
+        wanted = 3 if workers else 1  # the supervisor's and each worker's line
+        wait_for(lambda: srv.log().count("log files re-opened") == wanted)
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "scott", "tiger")[0] == 235
+        wait_for(lambda: "AUTH PLAIN success" in srv.log())
+        assert srv.proc.poll() is None
+        srv.stop()
+    assert srv.proc.returncode == 0
+
+    def successes(path: Path) -> int:
+        with open(path, encoding="utf-8") as f:
+            return sum(
+                formatEvent(e).startswith("AUTH PLAIN success") for e in eventsFromJSONLogFile(f)
+            )
+
+    assert successes(events.with_suffix(".jsonl.1")) == 1
+    assert successes(events) == 1
+    assert srv.logfile.with_suffix(".log.1").read_text().count("AUTH PLAIN success") == 1
+    assert srv.log().count("AUTH PLAIN success") == 1

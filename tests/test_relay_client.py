@@ -6,6 +6,7 @@ helpers (dot-stuffing, reply parsing) with hypothesis.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import re
 import socket
@@ -595,6 +596,18 @@ def test_auth_refused(reactor, tmp_path, captured_log):
         assert PASSWORD not in str(err) and PASSWORD not in repr(err)
         assert PASSWORD not in captured_log.text()
         assert "MAIL" not in up.all_verbs()
+
+
+def test_credentials_quoted_back_by_the_upstream_are_hidden(reactor, tmp_path, captured_log):
+    blob = base64.b64encode(f"scott\0kumoauth\0{PASSWORD}".encode()).decode()
+    with running_upstream(
+        auth_reply=f"454 4.7.0 cannot check: AUTH PLAIN {blob} ({PASSWORD})"
+    ) as up:
+        err = connect_error(reactor, settings_for(up, tmp_path), "scott")
+        assert "cannot check: AUTH PLAIN *** (***)" in err.reason
+        assert err.reply is not None
+        shown = [str(err), repr(err), str(err.reply), repr(err.reply), captured_log.text()]
+        assert not any(blob in t or PASSWORD in t for t in shown), shown
 
 
 def test_auth_reply_is_escaped_to_one_line(reactor, tmp_path):

@@ -794,6 +794,10 @@ def test_make_store_errors_never_echo_a_password(tail):
         f"redis://:{password}@host:99999",
         f"redis:/:{password}@host",
         f"nope://user:{password}@host",
+        # a password given as an option (no such option: Redis's own URL
+        # form), or an option misspelt, is hidden too
+        f"redis://127.0.0.1:6379/0?prefix=p:&password={password}",
+        f"rediss://h?pasword={password}&timeout=1",
     ):
         try:
             make_store(spec, None)  # type: ignore[arg-type]

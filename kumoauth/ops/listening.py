@@ -19,11 +19,12 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher, jsonFileLog
 from twisted.web.server import Site
 from zope.interface import provider
 
-from kumoauth.ops.logfile import log_is_stderr
+from kumoauth.ops.logfile import forget_reopen, log_is_stderr, on_reopen, reopen_logs
 from kumoauth.ops.proxyheader import ProxyHeaderFactory
 from kumoauth.ops.transport import eager
 from kumoauth.ops.worklog import WORKER_LINE
 from kumoauth.smtp.protocol import SubmissionFactory, wrap_listener
+from kumoauth.textsafe import escape
 
 log = Logger(namespace="kumoauth")
 
@@ -47,17 +48,67 @@ def bind(endpoint: Any, factory: Any, source: str, key: str, description: str) -
     return result[0]
 
 
+#: twistd's options (``ServerOptions``), set by ``makeService``: when
+#: twistd daemonizes, its parent waits on ``statusPipe`` for the outcome
+twistd_options: Any = None
+#: the operator's terminal (descriptor 2 before twistd daemonizes), kept
+#: until the reactor runs so that a start-up error still reaches it
+_terminal: int | None = None
+
+
+def keep_terminal(reactor: Any) -> None:
+    """
+    Before twistd daemonizes (it points descriptor 2 at /dev/null), keep
+    the operator's standard error for :func:`fail_start`, until the
+    reactor runs.
+    """
+    global _terminal
+    if _terminal is None:
+        _terminal = os.dup(2)
+        reactor.callWhenRunning(_release_terminal)
+
+
+def _release_terminal() -> None:
+    global _terminal
+    if _terminal is not None:
+        fd, _terminal = _terminal, None
+        os.close(fd)
+
+
 def fail_start(message: str) -> NoReturn:
     """
     Stop start-up with one line for the operator and exit status 1.  By now
     twistd has redirected sys.stderr into the log; the operator's terminal
     is still file descriptor 2 (unless both are one, when the line is
-    written once).
+    written once).  Daemonized (twistd without ``-n``), descriptor 2 is
+    /dev/null and twistd's parent waits on its status pipe, which only an
+    ``Exception`` would have written (not ``SystemExit``): the line goes
+    there (its first 98 bytes: the parent prints them and exits 1; it hung
+    before), and the whole line to the terminal kept by
+    :func:`keep_terminal`.
     """
     if not log_is_stderr():
         log.critical("{message}", message=message)
-    os.write(2, f"kumoauth: error: {message}\n".encode())
+    line = f"kumoauth: error: {message}\n".encode()
+    os.write(2, line)
+    if _terminal is not None and not _same_file(_terminal, 2):
+        with contextlib.suppress(OSError):
+            os.write(_terminal, line)
+    pipe = twistd_options.get("statusPipe") if twistd_options is not None else None
+    if pipe is not None:
+        # The parent reads 100 bytes and shows them after "An error has occurred:".
+        with contextlib.suppress(OSError):
+            os.write(pipe, b"1 " + message.encode("utf-8", "replace")[:98])
+            os.close(pipe)
     raise SystemExit(1)
+
+
+def _same_file(a: int, b: int) -> bool:
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 class ListenerService(service.Service):
@@ -150,7 +201,9 @@ class ListenerService(service.Service):
 
 def install_signals(reactor: Any, on_hup: Callable[[], object]) -> None:
     """
-    SIGHUP calls *on_hup* and SIGTERM stops the reactor, from now on: the
+    SIGHUP calls *on_hup*, SIGUSR1 re-opens the log files
+    (:func:`~kumoauth.ops.logfile.reopen_logs`; its default action would
+    end the process) and SIGTERM stops the reactor, from now on: the
     listeners are bound before the reactor runs, and a signal in that
     moment must not kill the process (their default action); a SIGTERM
     then stops the server as soon as it runs.  Once the reactor runs
@@ -171,12 +224,17 @@ def install_signals(reactor: Any, on_hup: Callable[[], object]) -> None:
     def on_sigterm(signum: int, frame: Any) -> None:
         reactor.callFromThread(stop)
 
+    def on_sigusr1(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reopen_logs)
+
     signal.signal(signal.SIGHUP, on_sighup)
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGUSR1, on_sigusr1)
 
     def install() -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
         signal.signal(signal.SIGHUP, on_sighup)
+        signal.signal(signal.SIGUSR1, on_sigusr1)
 
     reactor.callWhenRunning(install)
 
@@ -192,18 +250,53 @@ class QuietSite(Site):
         pass
 
 
+class ReopenableFile:
+    """
+    A text file appended to under one name, that :meth:`reopen` opens
+    again by that name (after logrotate moved it: SIGUSR1).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+    def write(self, text: str) -> None:
+        self.file.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def reopen(self) -> None:
+        try:
+            fresh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            log.warn(
+                "cannot re-open {path}: {error}; still writing to the file it was",
+                path=escape(str(self.path)),
+                error=escape(e.strerror or str(e)),
+            )
+            return
+        old, self.file = self.file, fresh
+        old.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def open_json_log(path: Path) -> Any:
     """
     Add an observer that writes kumoauth's own events (namespaces
     ``kumoauth``, ``kumoauth.auth``, ``kumoauth.smtp``) as JSON lines;
     in a supervisor, not the lines it relays from its workers (each wrote
-    its own, with their fields).
+    its own, with their fields).  SIGUSR1 re-opens the file; give the
+    observer to :func:`close_json_log` at the end.
     """
-    stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    stream = ReopenableFile(path)
+    on_reopen(stream.reopen)
     # One JSON object per line, as the reference says: no RFC 7464
     # record separator before each (Twisted's default), which `json.loads`
     # of a line and most log shippers do not take.
-    json_observer = jsonFileLogObserver(stream, recordSeparator="")
+    json_observer = jsonFileLogObserver(stream, recordSeparator="")  # type: ignore[arg-type]
 
     @provider(ILogObserver)
     def kumoauth_only(event: dict[str, Any]) -> None:
@@ -213,5 +306,14 @@ def open_json_log(path: Path) -> Any:
         if namespace == "kumoauth" or namespace.startswith("kumoauth."):
             json_observer(event)
 
+    kumoauth_only.stream = stream  # type: ignore[attr-defined]
     globalLogPublisher.addObserver(kumoauth_only)
     return kumoauth_only
+
+
+def close_json_log(observer: Any) -> None:
+    """The end of what :func:`open_json_log` started."""
+    globalLogPublisher.removeObserver(observer)
+    stream = observer.stream
+    forget_reopen(stream.reopen)
+    stream.close()

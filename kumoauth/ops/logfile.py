@@ -21,18 +21,19 @@ its SIGUSR1 re-open), or stdout with ``-n``.  With ``--syslog`` or
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
+    Logger,
     formatEventAsClassicLogText,
     formatTime,
     timeFormatRFC3339,
@@ -41,6 +42,8 @@ from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 
 from kumoauth.textsafe import escape
+
+_log = Logger("kumoauth")
 
 
 def log_time(when: float | None) -> str:
@@ -120,16 +123,11 @@ def observer_for(options: Any) -> ILogObserver | None:
         out = sys.stdout
     else:
         out = LogFile.fromFullPath(name or "twistd.log")
-        # As twistd does: SIGUSR1 rotates the file, unless something else
-        # has the signal.
-        if not signal.getsignal(signal.SIGUSR1):
-
-            def rotate(signum: int, frame: Any) -> None:
-                from twisted.internet import reactor
-
-                reactor.callFromThread(out.rotate)  # type: ignore[attr-defined]
-
-            signal.signal(signal.SIGUSR1, rotate)
+        # SIGUSR1 re-opens the file under its name (after logrotate moved
+        # it), with the JSON log: install_signals.  twistd's own handler
+        # renamed it to NAME.1 instead, which after logrotate's move did
+        # nothing useful.
+        on_reopen(out.reopen)
     global _log_fd
     try:
         _log_fd = out.fileno() if out is sys.stdout else out._file.fileno()
@@ -140,6 +138,34 @@ def observer_for(options: Any) -> ILogObserver | None:
 
 #: the descriptor twistd's log is written to, once :func:`observer_for` chose it
 _log_fd: int | None = None
+
+#: what SIGUSR1 re-opens (the log files), in order
+_reopeners: list[Callable[[], object]] = []
+
+
+def on_reopen(fn: Callable[[], object]) -> None:
+    """Call *fn* on each SIGUSR1 (:func:`reopen_logs`), from now on."""
+    _reopeners.append(fn)
+
+
+def forget_reopen(fn: Callable[[], object]) -> None:
+    with contextlib.suppress(ValueError):
+        _reopeners.remove(fn)
+
+
+def reopen_logs() -> None:
+    """
+    SIGUSR1: re-open every log file under its name, as after logrotate
+    moved it (``postrotate``: ``kill -USR1``); with workers, the
+    supervisor passes the signal on to them.
+    """
+    for fn in list(_reopeners):
+        try:
+            fn()
+        except Exception:
+            _log.failure("re-opening a log file")
+    # In the new files: what a look after the rotation finds.
+    _log.info("log files re-opened (SIGUSR1)")
 
 
 def log_is_stderr() -> bool:

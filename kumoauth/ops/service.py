@@ -11,7 +11,7 @@ from typing import Any
 from twisted.application import service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, endpoints, threads
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger
 
 from kumoauth.auth.checkers import call_hook
 from kumoauth.config import Config
@@ -29,7 +29,13 @@ from kumoauth.ops.assembly import (
     relay_settings,
     worker_segments,
 )
-from kumoauth.ops.listening import ListenerService, QuietSite, install_signals, open_json_log
+from kumoauth.ops.listening import (
+    ListenerService,
+    QuietSite,
+    close_json_log,
+    install_signals,
+    open_json_log,
+)
 from kumoauth.ops.logfile import ApplicationLog
 from kumoauth.ops.metrics import site_root
 from kumoauth.ops.threads import BlockingPool, Serial, stop_within
@@ -330,7 +336,7 @@ class KumoauthService(ApplicationLog, service.MultiService):
             # Joined off the reactor thread, and not waited for past a few
             # seconds: a hung handler must not hold SIGTERM.
             if self._json_log is not None:
-                globalLogPublisher.removeObserver(self._json_log)
+                close_json_log(self._json_log)
                 self._json_log = None
             pools = [self.checker_pool, self.process.parse_pool]
             return stop_within(

@@ -54,9 +54,11 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -69,7 +71,7 @@ from twisted.cred import strcred
 from twisted.internet import defer, endpoints, protocol, threads
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger
 
 from kumoauth.config import Config, ConfigError, ListenerConfig, parse, read_text
 from kumoauth.ops import proxyheader
@@ -90,11 +92,12 @@ from kumoauth.ops.listening import (
     ListenerService,
     QuietSite,
     bind,
+    close_json_log,
     fail_start,
     install_signals,
     open_json_log,
 )
-from kumoauth.ops.logfile import ApplicationLog
+from kumoauth.ops.logfile import ApplicationLog, on_reopen
 from kumoauth.ops.threads import Serial
 from kumoauth.ops.worklog import LineReader, WorkerLog
 
@@ -380,7 +383,7 @@ class SupervisorTop(ApplicationLog, service.MultiService):
     def stopService(self) -> defer.Deferred[Any]:
         def remove(result: object) -> object:
             if self._json_log is not None:
-                globalLogPublisher.removeObserver(self._json_log)
+                close_json_log(self._json_log)
                 self._json_log = None
             return result
 
@@ -429,6 +432,7 @@ class Supervisor(service.Service):
 
     def privilegedStartService(self) -> None:
         install_signals(self.reactor, self.reload)  # before a port answers
+        on_reopen(self._reopen_workers_logs)
         super().privilegedStartService()
         for i, listener in enumerate(self.cfg.listeners):
             # A haproxy: listener's socket is a plain one; each worker reads
@@ -626,6 +630,13 @@ class Supervisor(service.Service):
         return self._reloads.run(run)
 
     # --- stop ----------------------------------------------------------------
+
+    def _reopen_workers_logs(self) -> None:
+        """SIGUSR1: each worker re-opens its own JSON log too."""
+        for worker in list(self.workers.values()):
+            if worker.pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(worker.pid, signal.SIGUSR1)
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()

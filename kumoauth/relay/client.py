@@ -153,6 +153,15 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def _without(reply: Reply, *secrets: str) -> Reply:
+    """*reply* with each of *secrets* (4 characters or more) shown as ``***``."""
+    lines = reply.lines
+    for secret in secrets:
+        if len(secret) >= 4:
+            lines = tuple(line.replace(secret, "***") for line in lines)
+    return Reply(reply.code, lines, reply.enhanced)
+
+
 def _transient(enhanced: str | None) -> str | None:
     return "4" + enhanced[1:] if enhanced else None
 
@@ -973,8 +982,13 @@ class UpstreamSession:
         fields = blob.split(b"\x00")
         if len(fields) != 3 or any(len(f) > 255 for f in fields):
             raise UpstreamError("relay user name, authzid or password unusable for SASL PLAIN")
-        line = b"AUTH PLAIN " + base64.b64encode(blob)
+        encoded = base64.b64encode(blob)
+        line = b"AUTH PLAIN " + encoded
         reply = await self._proto.command(line, "AUTH", self._settings.command_timeout)
+        if reply.code != 235:
+            # An upstream that quotes what it was sent ("… for: AUTH PLAIN
+            # <blob>") must not put the credentials in the log or the queue.
+            reply = _without(reply, encoded.decode(), password)
         if reply.code == 334:
             # We gave the initial response; a challenge means it was not
             # understood.  Cancel (RFC 4954 §4) and give up.

@@ -224,12 +224,31 @@ _USER_ONLY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
 
+#: query options whose values are shown; any other's (a misspelt
+#: ``pasword=``, a ``password=`` that is no option) is hidden
+_SHOWN_OPTIONS = frozenset({"prefix", "timeout", "db", "password_file", "ca_file"})
+
+
+def _safe_query(spec: str) -> str:
+    head, sep, query = spec.partition("?")
+    if not sep:
+        return spec
+    items = []
+    for item in query.split("&"):
+        name, eq, value = item.partition("=")
+        items.append(item if not eq or name in _SHOWN_OPTIONS else f"{name}=***")
+    return f"{head}?{'&'.join(items)}"
+
+
 def _safe(spec: str) -> str:
     """
     *spec* without a password (``redis://:secret@host`` -> ``redis://:***@host``):
     everything before the last ``@`` is hidden but a scheme and a user name
-    of the usual form, whatever the rest looks like.
+    of the usual form, whatever the rest looks like; the value of a query
+    option that is not one of the known harmless ones is hidden too
+    (``?password=secret`` -> ``?password=***``).
     """
+    spec = _safe_query(spec)
     if "@" not in spec:
         return spec
     head, _, host = spec.rpartition("@")
