@@ -383,6 +383,10 @@ def _meta(v: Any) -> dict[str, Any]:
         return isinstance(x, str | int | bool)
 
     for key, value in table.items():
+        if key in ("authn_id", "authz_id"):
+            # The identity is what AUTH established, nothing else: relayed
+            # as the authzid (identity = "authz") and bound to the sender.
+            raise _Bad(f"{key!r} is set by AUTH only and cannot be given here")
         if too_deep(value):
             raise _Bad(f"{key!r} nests arrays and tables more than {MAX_DEPTH} deep")
         if not storable(value):

@@ -876,6 +876,9 @@ def test_from_argstring_is_the_url():
         ({"url": "https:///path"}, "url: has no host"),
         ({"url": "https://u:p@auth.example.net/"}, "url: must not contain a user"),
         ({"url": "https://auth.example.net:99999/"}, "url: not a URL"),
+        # refused at each request by Twisted (a traceback per AUTH) otherwise
+        ({"url": "http://127.0.0.1/auth?key=Se cret"}, "url: spaces and control"),
+        ({"url": "http://127.0.0.1/a\tb"}, "url: spaces and control"),
         ({"url": "http://auth.example.net/"}, "allow_plaintext"),
         ({"url": "http://127.0.0.1/", "ca_file": "/x.pem"}, "ca_file: only for an https"),
         ({"url": "https://a.example/", "timeout": 0}, "timeout: must be at least 0.1"),

@@ -262,6 +262,14 @@ def test_no_such_spool(tmp_path):
     (tmp_path / "file").write_text("")
     result = run_cli(tmp_path / "file", "list")
     assert result.returncode == 1 and result.stderr.endswith("/file: not a directory\n")
+    # a directory that is no queue (a mistyped --spool) is not made one
+    other = tmp_path / "home"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for args in (("flush",), ("list",), ("hold", "0" * 24)):
+        result = run_cli(other, *args)
+        assert result.returncode == 1 and "not a kumoauth queue" in result.stderr, result
+    assert sorted(os.listdir(other)) == ["notes.txt"]
 
 
 def test_alias_runs_actions(queue):

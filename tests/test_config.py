@@ -149,6 +149,14 @@ def test_sample_config_parses():
             "[[listener]] #1 meta",
             "more than 32 deep",
         ),
+        # the identity is AUTH's: it goes upstream as the authzid
+        (
+            MINIMAL.replace(
+                "auth_required = false", 'auth_required = false\nmeta = { authn_id = "ceo" }'
+            ),
+            "[[listener]] #1 meta",
+            "'authn_id' is set by AUTH only",
+        ),
         # who may send a PROXY header: only for a haproxy: endpoint
         (
             MINIMAL.replace(
@@ -337,6 +345,20 @@ def test_a_start_up_error_is_one_line_where_log_and_stderr_are_one(tmp_path, cer
     mentions = [line for line in result.stdout.splitlines() if f"tcp:{port}" in line]
     assert len(mentions) == 1, result.stdout
     assert mentions[0].startswith("kumoauth: error: ") and "cannot listen" in mentions[0]
+
+
+@pytest.mark.e2e
+def test_a_self_signed_certificate_that_cannot_be_created(tmp_path, certs):
+    # a place no one can create it (root included): under a regular file
+    (tmp_path / "not-a-dir").write_text("")
+    text = listener_config(certs).replace(
+        f'certificate = "{certs.chain}"\nprivate_key = "{certs.key}"',
+        'certificate = "not-a-dir/cert.pem"\nprivate_key = "not-a-dir/key.pem"\nself_signed = true',
+    )
+    assert "self_signed" in text
+    assert_operator_error(
+        tmp_path, text, "[tls] self_signed: cannot create the certificate", "not-a-dir"
+    )
 
 
 @pytest.mark.e2e

@@ -360,6 +360,9 @@ def test_checker_table_is_validated_by_its_factory(tmp_path):
         assemble(config_with(stray, tmp_path))
     with pytest.raises(OperatorError, match=r"\[auth.typo\]: no such table"):
         assemble(config_with("[auth.typo]\nx = 1\n", tmp_path))
+    # a store's table under the default checker (the policy): say what to set
+    with pytest.raises(OperatorError, match=r'set \[auth\] checker = "passwd-file"'):
+        assemble(config_with('[auth.passwd-file]\npath = "users"\n', tmp_path))
 
 
 def test_reload_keeps_a_checker_configured_again(tmp_path):

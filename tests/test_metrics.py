@@ -118,3 +118,18 @@ def test_reloads_are_counted_once_per_sighup_with_workers(tmp_path):
         after = scrape(port)
     assert value(after, "kumoauth_reloads_total", result="success") == 1
     assert value(after, "kumoauth_reloads_total", result="failure") == 1
+
+
+def test_every_metric_is_in_the_operations_table():
+    import re
+
+    from kumoauth.ops.metrics import Metrics
+
+    table = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    documented = set(re.findall(r"`(kumoauth_[a-z_]+)`", table))
+    missing = [
+        f.name + ("_total" if f.type == "counter" else "")
+        for f in Metrics().registry.collect()
+        if (f.name + ("_total" if f.type == "counter" else "")) not in documented
+    ]
+    assert missing == [], missing

@@ -158,6 +158,12 @@ def resolve_tables_only(
     """
     for name in tables:
         if name not in RESERVED_TABLES and name not in also:
+            if name in BUILTIN or name in REGISTRY:
+                # The table is there, the choice of checker is not.
+                raise ValueError(
+                    f'[auth.{name}]: the checker is not chosen: set [auth] checker = "{name}" '
+                    "(the policy is the checker now, and this table would be ignored)"
+                )
             raise ValueError(f"[auth.{name}]: no such table (no checker named {name!r})")
 
 

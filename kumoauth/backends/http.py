@@ -147,6 +147,9 @@ factory.validate = validate  # type: ignore[attr-defined]
 
 
 def _check_url(config: Config) -> None:
+    if any(c.isspace() or not c.isprintable() for c in config.url):
+        # Twisted refuses such a URI at each request (a traceback per AUTH).
+        raise ValueError("url: spaces and control characters are not allowed (percent-encode them)")
     try:
         parts = urlsplit(config.url)
         port = parts.port

@@ -69,6 +69,9 @@ from typing import Any, TypeVar
 from kumoauth.config import Config, ConfigError, load
 from kumoauth.relay import service
 from kumoauth.relay.queue import (
+    JOURNAL_RE,
+    LOCK_NAME,
+    SEG_DIR,
     Entry,
     QueueError,
     QueueLocked,
@@ -185,7 +188,22 @@ def locate(args: argparse.Namespace) -> tuple[Path, Config | None]:
     if not path.is_dir():
         why = "not a directory" if path.exists() else "no such spool directory"
         raise CommandError(f"{escape(str(path))}: {why}")
+    if not _is_queue(path):
+        # A mistyped --spool must not turn some directory into a queue
+        # (flush created its lock, journal and seg/ there, and said "0").
+        raise CommandError(
+            f"{escape(str(path))}: not a kumoauth queue (no {SEG_DIR}/, {LOCK_NAME} or journal): "
+            "give the service's [spool] path, or --config"
+        )
     return path, cfg
+
+
+def _is_queue(path: Path) -> bool:
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return True  # QueueStore.open says what is wrong
+    return SEG_DIR in names or LOCK_NAME in names or any(JOURNAL_RE.match(n) for n in names)
 
 
 def open_spool(args: argparse.Namespace) -> Spool:

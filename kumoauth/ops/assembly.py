@@ -140,7 +140,14 @@ def _read_tls(cfg: Config) -> tuple[bytes, bytes]:
     tls = cfg.tls
     assert tls is not None
     if tls.self_signed and not tls.certificate.exists() and not tls.private_key.exists():
-        make_self_signed(tls.certificate, tls.private_key, cfg.server.hostname)
+        try:
+            make_self_signed(tls.certificate, tls.private_key, cfg.server.hostname)
+        except OSError as e:
+            where = e.filename or tls.certificate
+            raise OperatorError(
+                f"{cfg.source}: [tls] self_signed: cannot create the certificate: "
+                f"{where}: {e.strerror or e}"
+            ) from None
         log.warn(
             "created a self-signed certificate at {path} (self_signed = true): "
             "for development only",
