@@ -592,7 +592,8 @@ def parse(
     """
     source = Path(source)
     try:
-        data = tomllib.loads(text)
+        # A byte order mark (Windows editors) is no TOML; not worth refusing.
+        data = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, "", f"TOML syntax error: {e}") from None
 

@@ -627,3 +627,13 @@ def test_twistd_with_the_ldap_checker(tmp_path, slapd, service_pw_file):
         log = srv.log()
     for secret in SECRETS:
         assert secret not in log
+
+
+def test_a_connect_cut_off_at_the_timeout_is_said_in_words():
+    from twisted.internet.address import HostnameAddress
+    from twisted.internet.error import ConnectingCancelledError
+
+    from kumoauth.backends.ldap import describe
+
+    cancelled = ConnectingCancelledError(HostnameAddress(b"192.0.2.9", 389))
+    assert describe(cancelled) == "no connection (timed out)"

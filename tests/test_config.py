@@ -327,6 +327,15 @@ def test_endpoint_that_cannot_bind(tmp_path, certs):
 
 
 @pytest.mark.e2e
+def test_a_unix_listener_in_a_missing_directory(tmp_path, certs):
+    text = listener_config(certs).replace(
+        '"tcp:2525:interface=127.0.0.1"', f'"unix:{tmp_path}/nowhere/smtp.sock"'
+    )
+    assert "unix:" in text
+    assert_operator_error(tmp_path, text, f"no such directory: {tmp_path}/nowhere")
+
+
+@pytest.mark.e2e
 def test_a_start_up_error_is_one_line_where_log_and_stderr_are_one(tmp_path, certs):
     # twistd -n under systemd (or in a terminal): the log and stderr are the
     # same file, and the operator reads the error once.
@@ -345,6 +354,11 @@ def test_a_start_up_error_is_one_line_where_log_and_stderr_are_one(tmp_path, cer
     mentions = [line for line in result.stdout.splitlines() if f"tcp:{port}" in line]
     assert len(mentions) == 1, result.stdout
     assert mentions[0].startswith("kumoauth: error: ") and "cannot listen" in mentions[0]
+
+
+def test_a_byte_order_mark_is_no_syntax_error(tmp_path):
+    cfg = parse("\ufeff" + MINIMAL, tmp_path / "kumoauth.toml")
+    assert cfg.listeners[0].endpoint == "tcp:2525"
 
 
 @pytest.mark.e2e

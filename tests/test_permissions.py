@@ -58,6 +58,10 @@ def test_spool_commands_on_a_queue_nobody_may_read(nobodys: tuple[Path, Any]) ->
         line = one_line(as_nobody([*kumoauth, "spool", "--spool", str(spool), *args], top))
         assert line.startswith("kumoauth: error: ") and "Permission denied" in line, line
         assert str(spool) in line
+    # readable but not this user's to change: say whose it is
+    spool.chmod(0o755)
+    line = one_line(as_nobody([*kumoauth, "spool", "--spool", str(spool), "hold", "0" * 24], top))
+    assert "Permission denied" in line and "run the command as root, or with sudo" in line, line
 
 
 def test_a_server_whose_spool_it_may_not_reach(nobodys: tuple[Path, Any]) -> None:

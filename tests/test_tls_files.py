@@ -125,3 +125,18 @@ def test_bytes_that_are_not_pem_are_named_by_the_configured_file(
         tls.build_context(cfg, pem=(b"not a key", chain))
     assert str(e.value) == f"[tls] private_key: {certs.key}: not a PEM private key"
     assert b"BEGIN" not in str(e.value).encode()
+
+
+def test_an_encrypted_key_is_said_to_be_encrypted(tmp_path: Path, certs: Certs) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    cfg = TLSConfig(certificate=certs.chain, private_key=certs.key)
+    key, chain = tls.read_pem(cfg)
+    encrypted = serialization.load_pem_private_key(key, None).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"a passphrase"),
+    )
+    with pytest.raises(tls.TLSError) as e:
+        tls.build_context(cfg, pem=(encrypted, chain))
+    assert str(e.value).startswith(f"[tls] private_key: {certs.key}: the key is encrypted")

@@ -479,7 +479,13 @@ def describe(reason: Any) -> str:
         return "connection refused"
     if isinstance(value, net_error.DNSLookupError):
         return "host name not found"
-    if isinstance(value, net_error.TimeoutError | defer.TimeoutError):
+    if isinstance(
+        value,
+        net_error.TimeoutError | defer.TimeoutError | net_error.ConnectingCancelledError,
+    ):
+        # A connect cut off at [auth.ldap] timeout is a cancelled connect
+        # (HostnameEndpoint's), which said "ConnectingCancelledError:
+        # HostnameAddress(…)".
         return "no connection (timed out)"
     if isinstance(value, net_error.ConnectionDone):
         return "closed by the server"

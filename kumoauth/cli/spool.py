@@ -198,6 +198,19 @@ def locate(args: argparse.Namespace) -> tuple[Path, Config | None]:
     return path, cfg
 
 
+def _owner_hint(path: Path) -> str:
+    """What to do when this user may not change the queue: be its owner."""
+    if os.access(path, os.W_OK | os.X_OK):
+        return ""
+    try:
+        import pwd
+
+        owner = pwd.getpwuid(path.stat().st_uid).pw_name
+    except (OSError, KeyError):
+        return " (this user may not change the queue: run the command as its owner)"
+    return f" (the queue is {escape(owner)}'s: run the command as {escape(owner)}, or with sudo)"
+
+
 def _is_queue(path: Path) -> bool:
     try:
         names = os.listdir(path)
@@ -361,7 +374,7 @@ def do_action(args: argparse.Namespace, op: str, mid: str | None) -> int:
     except QueueLocked:
         return leave_request(path, op, mid, args.wait)
     except QueueError as e:
-        raise CommandError(str(e)) from None
+        raise CommandError(str(e) + _owner_hint(path)) from None
     for level, text in store.take_notes():  # recovered as a start would: said as it would
         print(f"kumoauth spool: {level}: {text}", file=sys.stderr)
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from twisted.application import service
+from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger, globalLogPublisher, jsonFileLogObserver
@@ -40,6 +41,15 @@ def bind(endpoint: Any, factory: Any, source: str, key: str, description: str) -
     Listen on *endpoint* now; raise :class:`ListenError` (one line naming
     the file and key) if it cannot.
     """
+    address = (
+        getattr(endpoint, "_address", None) if isinstance(endpoint, UNIXServerEndpoint) else None
+    )
+    if isinstance(address, str) and not os.path.isdir(os.path.dirname(address) or "."):
+        # Twisted's own words name its lock file and a process id.
+        where = os.path.dirname(address)
+        raise ListenError(
+            f'{source}: {key} "{description}": cannot listen: no such directory: {where}'
+        )
     result: list[Any] = []
     endpoint.listen(factory).addBoth(result.append)
     if not result or not IListeningPort.providedBy(result[0]):

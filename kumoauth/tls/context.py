@@ -267,6 +267,13 @@ def build_context(cfg: TLSConfig, pem: tuple[bytes, bytes] | None = None) -> Con
     try:
         ctx.use_privatekey_pem(key)
     except ossl.Error:
+        if b"ENCRYPTED" in key:
+            # OpenSSL asked for a passphrase no one can type at start-up.
+            raise TLSError(
+                f"[tls] private_key: {cfg.private_key}: the key is encrypted (a passphrase "
+                "is needed); kumoauth takes an unencrypted key (openssl pkey -in KEY -out NEW), "
+                "readable by the service only"
+            ) from None
         raise TLSError(f"[tls] private_key: {cfg.private_key}: not a PEM private key") from None
     try:
         ctx.use_certificate_chain_pem(chain)
