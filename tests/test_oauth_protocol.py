@@ -134,6 +134,22 @@ def test_cancel_after_the_error_challenge_is_501(oauth_session, key):
     assert s.command("MAIL FROM:<a@example.org>").startswith("530")
 
 
+def test_an_error_challenge_ended_by_a_bad_line_leaves_nothing_for_the_next_auth(
+    oauth_session, key
+):
+    # The refused token's outcome waited for the client's answer; a bare-LF
+    # answer ends the exchange, and the next exchange is checked afresh
+    # (it got the old 535 without its credentials being looked at).
+    s = oauth_session()
+    token = key.sign(claims(exp=int(time.time()) - 3600))
+    s.command("AUTH OAUTHBEARER " + b64(encode_oauthbearer("alice@example.org", token)))
+    assert s.send(b"AQ==\n").startswith("501 5.5.2")
+    assert s.send(b"\r\n") == ""  # the rest of that line
+    assert s.command("AUTH OAUTHBEARER").startswith("334")
+    good = key.sign(claims())
+    assert s.command(b64(encode_oauthbearer("", good))).startswith("235")
+
+
 def test_oauthbearer_as_a_challenge_response(oauth_session, key):
     s = oauth_session()
     assert s.command("AUTH OAUTHBEARER") == "334 \r\n"

@@ -386,6 +386,10 @@ def test_a_line_ended_by_a_bare_lf_is_answered_at_once(make_session):
     # not left to the idle timeout; a protocol error (RFC 5321 §2.3.8).
     s = make_session(server=ServerConfig(hostname=HOST, max_errors=3))
     assert s.send(b"NOOP\n") == "500 5.5.2 Line must end with CRLF\r\n"
+    # What a CRLF then ends is the rest of that line: dropped, unanswered
+    # (a proxy framing on CRLF saw one line, and got its one reply).
+    assert s.send(b"RSET\n") == ""
+    assert s.send(b"RSET\r\n") == ""
     assert s.send(b"NOOP\r\n") == "250 2.0.0 OK\r\n"
     # A bare LF inside a line ends nothing: the line is refused whole (no
     # command smuggled past a proxy that frames on CRLF).

@@ -224,6 +224,44 @@ def test_an_upstream_taking_fewer_recipients_gets_the_rest_at_once(
         assert len(up.sessions) == 1
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
+def test_a_failed_follow_up_never_sends_the_message_twice(reactor, tmp_path, pipelining):
+    # The first transaction delivered; the follow-up's MAIL gets a 421: the
+    # rest are deferred, nothing is sent again to the first ones (a stale
+    # session's reconnect and resend would have), and the session ends.
+    rcpts = ["r0@example.net", "r1@example.net", "r2@example.net", "r3@example.net"]
+    with running_upstream(pipelining=pipelining, max_rcpts=2, mails_per_session=1) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message(*rcpts))
+        assert result.delivered == rcpts[:2]
+        assert result.deferred == rcpts[2:]
+        assert result.recipients["r2@example.net"].line.startswith("451 4.4.2 not sent: ")
+        assert not session.reusable
+        close(session)
+        assert [m.rcpt_tos for m in up.messages] == [rcpts[:2]]
+
+
+def test_follow_ups_stop_at_max_messages_per_session(reactor, tmp_path):
+    rcpts = [f"r{i}@example.net" for i in range(5)]
+    with running_upstream(max_rcpts=2) as up:
+        session = open_session(reactor, settings_for(up, tmp_path, max_messages=2))
+        result = send(session, message(*rcpts))
+        assert result.delivered == rcpts[:4]
+        assert result.deferred == rcpts[4:]
+        close(session)
+        assert [m.rcpt_tos for m in up.messages] == [rcpts[:2], rcpts[2:4]]
+
+
+def test_a_full_mailbox_is_no_reason_for_a_follow_up(reactor, tmp_path):
+    with running_upstream(rcpt_replies={"full@example.net": "452 4.2.2 Mailbox full"}) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message("a@example.net", "full@example.net"))
+        assert result.delivered == ["a@example.net"]
+        assert result.deferred == ["full@example.net"]
+        close(session)
+        assert len(up.messages) == 1 and up.all_verbs().count("MAIL") == 1
+
+
 def test_too_many_recipients_and_nothing_taken_is_deferred(reactor, tmp_path):
     with running_upstream(max_rcpts=0, too_many_reply="552 5.5.3 Too many recipients") as up:
         session = open_session(reactor, settings_for(up, tmp_path))
@@ -587,7 +625,6 @@ def test_auth_refused(reactor, tmp_path, captured_log):
         assert "refused AUTH as kumoauth for scott" in err.reason
         # For one authzid: that user's mail waits, the upstream is not down.
         assert isinstance(err, IdentityRefused)
-        assert not isinstance(connect_error(reactor, settings_for(up, tmp_path)), IdentityRefused)
         # The caller (the scheduler) says it, in its one line per attempt.
         assert not any("refused AUTH" in formatEvent(e) for e in captured_log.events)
         assert "535 5.7.8" in err.reason
@@ -596,6 +633,12 @@ def test_auth_refused(reactor, tmp_path, captured_log):
         assert PASSWORD not in str(err) and PASSWORD not in repr(err)
         assert PASSWORD not in captured_log.text()
         assert "MAIL" not in up.all_verbs()
+        assert not isinstance(connect_error(reactor, settings_for(up, tmp_path)), IdentityRefused)
+    # a 4xx is the upstream's auth service, for everyone: no identity's own
+    with running_upstream(auth_reply="454 4.7.0 Temporary authentication failure") as up:
+        err = connect_error(reactor, settings_for(up, tmp_path), "scott")
+        assert "refused AUTH as kumoauth for scott" in err.reason
+        assert not isinstance(err, IdentityRefused)
 
 
 def test_credentials_quoted_back_by_the_upstream_are_hidden(reactor, tmp_path, captured_log):

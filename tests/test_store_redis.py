@@ -798,6 +798,8 @@ def test_make_store_errors_never_echo_a_password(tail):
         # form), or an option misspelt, is hidden too
         f"redis://127.0.0.1:6379/0?prefix=p:&password={password}",
         f"rediss://h?pasword={password}&timeout=1",
+        # a "?" in the password itself (the review: "redis://:Xy7?k=***")
+        f"redis://:{password}?k=9@host:99999/0",
     ):
         try:
             make_store(spec, None)  # type: ignore[arg-type]

@@ -55,6 +55,7 @@ class SessionRecord:
     authc: str | None = None
     authzid: str | None = None
     messages: int = 0
+    mails: int = 0
 
     def verbs(self) -> list[str]:
         return [verb for verb, _ in self.commands]
@@ -163,6 +164,11 @@ class _Handler:
         if not self.up.eightbitmime and "BODY=8BITMIME" in options:
             return "555 5.5.4 BODY=8BITMIME not supported"
         reply = self.up.mail_reply or "250 2.1.0 OK"
+        if self.up.mails_per_session is not None:
+            record: SessionRecord = server.record  # type: ignore[attr-defined]
+            record.mails += 1
+            if record.mails > self.up.mails_per_session:
+                reply = "421 4.7.0 Too many messages this session"
         if reply.startswith("2"):
             envelope.mail_from = address
             envelope.mail_options.extend(options)
@@ -271,6 +277,8 @@ class Upstream:
     #: recipients taken per transaction; past it each RCPT gets too_many_reply
     max_rcpts: int | None = None
     too_many_reply: str = "452 4.5.3 Too many recipients"
+    #: MAIL commands a session may give; past it MAIL gets a 421 (and the close)
+    mails_per_session: int | None = None
     data_reply: str | None = None
     #: every AUTH gets this reply instead of being checked
     auth_reply: str | None = None

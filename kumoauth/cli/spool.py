@@ -188,9 +188,11 @@ def locate(args: argparse.Namespace) -> tuple[Path, Config | None]:
     if not path.is_dir():
         why = "not a directory" if path.exists() else "no such spool directory"
         raise CommandError(f"{escape(str(path))}: {why}")
-    if not _is_queue(path):
+    if cfg is None and not _is_queue(path):
         # A mistyped --spool must not turn some directory into a queue
-        # (flush created its lock, journal and seg/ there, and said "0").
+        # (flush created its lock, journal and seg/ there, and said "0");
+        # the [spool] path of a configuration is the service's own, which
+        # may be empty before its first start.
         raise CommandError(
             f"{escape(str(path))}: not a kumoauth queue (no {SEG_DIR}/, {LOCK_NAME} or journal): "
             "give the service's [spool] path, or --config"

@@ -123,11 +123,10 @@ def observer_for(options: Any) -> ILogObserver | None:
         out = sys.stdout
     else:
         out = LogFile.fromFullPath(name or "twistd.log")
-        # SIGUSR1 re-opens the file under its name (after logrotate moved
+        # SIGUSR1 re-opens the file under its name (after something moved
         # it), with the JSON log: install_signals.  twistd's own handler
-        # renamed it to NAME.1 instead, which after logrotate's move did
-        # nothing useful.
-        on_reopen(out.reopen)
+        # renamed it to NAME.1 instead.
+        on_reopen(lambda: _reopen(out))
     global _log_fd
     try:
         _log_fd = out.fileno() if out is sys.stdout else out._file.fileno()
@@ -138,6 +137,25 @@ def observer_for(options: Any) -> ILogObserver | None:
 
 #: the descriptor twistd's log is written to, once :func:`observer_for` chose it
 _log_fd: int | None = None
+
+
+def _reopen(log_file: Any) -> None:
+    """
+    ``LogFile.reopen`` closes the file before it opens the new one: a name
+    that cannot be opened any more would leave no log at all.  Tried first.
+    """
+    try:
+        with open(log_file.path, "a"):
+            pass
+    except OSError as e:
+        _log.warn(
+            "cannot re-open {path}: {error}; still writing to the file it was",
+            path=escape(log_file.path),
+            error=escape(e.strerror or str(e)),
+        )
+        return
+    log_file.reopen()
+
 
 #: what SIGUSR1 re-opens (the log files), in order
 _reopeners: list[Callable[[], object]] = []

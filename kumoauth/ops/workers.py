@@ -634,7 +634,8 @@ class Supervisor(service.Service):
     def _reopen_workers_logs(self) -> None:
         """SIGUSR1: each worker re-opens its own JSON log too."""
         for worker in list(self.workers.values()):
-            if worker.pid is not None:
+            # One still starting opens its JSON log after this anyway.
+            if worker.pid is not None and worker.ready:
                 with contextlib.suppress(OSError):
                     os.kill(worker.pid, signal.SIGUSR1)
 
@@ -821,6 +822,9 @@ def worker_main(argv: list[str] | None = None) -> None:
     A worker: receive the configuration and the sockets from the
     supervisor, run the service, exit when it stops.
     """
+    # Until the service's own handler: a SIGUSR1 (logrotate) must not end
+    # a worker that is still starting (its JSON log is opened after it).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner
 

@@ -162,6 +162,15 @@ def _without(reply: Reply, *secrets: str) -> Reply:
     return Reply(reply.code, lines, reply.enhanced)
 
 
+def _too_many(result: RecipientResult) -> bool:
+    """``452`` "too many recipients" (4.5.3, or no enhanced code), not "mailbox full"."""
+    return (
+        result.code == 452
+        and result.enhanced in (None, "4.5.3")
+        and not isinstance(result, NotSent)
+    )
+
+
 def _transient(enhanced: str | None) -> str | None:
     return "4" + enhanced[1:] if enhanced else None
 
@@ -330,8 +339,9 @@ class UpstreamError(Exception):
 
 class IdentityRefused(UpstreamError):
     """
-    The upstream refused AUTH for one authzid (``[relay] identity =
-    "authz"``): that user's mail waits, the upstream is not down.
+    The upstream refused AUTH for one authzid with a 5xx (``[relay]
+    identity = "authz"``): that user's mail waits, the upstream is not
+    down.
     """
 
 
@@ -995,7 +1005,9 @@ class UpstreamSession:
             reply = await self._proto.command(b"*", "AUTH", self._settings.command_timeout)
             raise UpstreamError(f"upstream refused AUTH as {escape(username)}: {reply}")
         if reply.code != 235:
-            refused = IdentityRefused if self.authzid else UpstreamError
+            # A 5xx for an authzid is about that user; a 4xx (the upstream's
+            # auth service down) is about everyone.
+            refused = IdentityRefused if self.authzid and reply.permanent else UpstreamError
             raise refused(
                 f"upstream refused AUTH as {escape(username)}"
                 + (f" for {escape(self.authzid)}" if self.authzid else "")
@@ -1118,7 +1130,7 @@ class UpstreamSession:
         self.messages = self.transactions = self._uses = 0
         self._broken = False
 
-    async def _transaction(self, message: OutboundMessage) -> SendResult:
+    async def _one_transaction(self, message: OutboundMessage) -> SendResult:
         s = self._settings
         proto = self._proto
         recipients = list(dict.fromkeys(message.rcpt_to))
@@ -1200,7 +1212,6 @@ class UpstreamSession:
             return SendResult(self._ordered(recipients, results))
 
         accepted = []
-        too_many = []
         for r, reply in zip(to_send, rcpt_replies, strict=True):
             if reply.code // 100 not in (2, 4, 5):
                 raise UpstreamError(f"protocol error: unexpected reply to RCPT TO: {reply}")
@@ -1212,8 +1223,6 @@ class UpstreamSession:
             results[r] = res
             if res.delivered:
                 accepted.append(r)
-            elif res.code == 452:
-                too_many.append(r)
         result = SendResult(self._ordered(recipients, results))
         if not accepted:
             await self._reset()
@@ -1241,21 +1250,42 @@ class UpstreamSession:
         self.messages += 1
         # RFC 5321 §4.1.1.4: the reply to the end of data ends the
         # transaction; no RSET is needed before the next MAIL.
-        if too_many and final.positive:
-            # RFC 5321 §4.5.3.1.10: the upstream takes fewer recipients per
-            # transaction than this message has; the rest go in another
-            # transaction now, not after a retry delay.  Each round
-            # delivers at least one recipient, so this ends.
-            rest = Message(
+        return result
+
+    async def _transaction(self, message: OutboundMessage) -> SendResult:
+        """
+        One message: a transaction, and while the upstream answered some
+        recipients "too many recipients" (``452 4.5.3``; RFC 821's ``552``
+        is taken as it) and took the message for the others, another
+        transaction for the rest, now (RFC 5321 §4.5.3.1.10), as long as
+        the session may carry one more.  A failure in a follow-up leaves
+        the recipients it was for deferred and ends the session: the ones
+        before have the message, which must not go to them twice.
+        """
+        result = await self._one_transaction(message)
+        sent = list(result.recipients)
+        while not self.exhausted:
+            rest = [r for r in sent if _too_many(result.recipients[r])]
+            if not rest or not any(result.recipients[r].delivered for r in sent):
+                break
+            follow_up = Message(
                 mail_from=message.mail_from,
-                rcpt_to=too_many,
-                body=body,
-                size=size,
+                rcpt_to=rest,
+                body=_body(message),
+                size=int(message.size or 0),
                 smtputf8=bool(message.smtputf8),
                 eightbit=bool(message.eightbit),
             )
-            more = await self._transaction(rest)
+            try:
+                more = await self._one_transaction(follow_up)
+            except UpstreamError as e:
+                self._broken = True
+                self._proto.fail(e)
+                reason = NotSent(451, "4.4.2", f"not sent: {e.reason}")
+                result.recipients.update(dict.fromkeys(rest, reason))
+                break
             result.recipients.update(more.recipients)
+            sent = rest
         return result
 
     @staticmethod

@@ -472,8 +472,9 @@ class Relay(service.Service):
                 try:
                     session = await self.connect(self.reactor, settings, identity)
                 except IdentityRefused:
-                    # This user's authzid, not the upstream: it answers.
-                    self._reachable()
+                    # This user's authzid, not the upstream: no state line
+                    # either way (nor the rush of every deferred message
+                    # that "answers again" starts).
                     raise
                 except Exception as e:
                     self._unreachable(e, started)

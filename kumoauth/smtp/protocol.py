@@ -125,7 +125,8 @@ class SubmissionProtocol(Protocol):
         #: replies held while pipelined commands are answered, sent as one write
         self._out: list[bytes] | None = None
         self._discarding = False
-        self._discard_reply = R_TOO_LONG
+        #: the reply once a discarded line ends (None: already answered)
+        self._discard_reply: bytes | None = R_TOO_LONG
         self._timer: Any = None
         self._handshake_timer: Any = None
         self._pending: defer.Deferred[Any] | None = None
@@ -481,7 +482,8 @@ class SubmissionProtocol(Protocol):
                 del buf[: end + 2]
                 self._discarding = False
                 self._touch()
-                self._overlong()
+                if self._discard_reply is not None:
+                    self._overlong()
                 continue
             end = buf.find(b"\r\n")
             if end < 0:
@@ -490,10 +492,13 @@ class SubmissionProtocol(Protocol):
                     # without -crlf, `nc` without -C, waiting for a reply):
                     # said at once, not left to the idle timeout.  A bare
                     # LF ends no line (RFC 5321 §2.3.8): what a later CRLF
-                    # ends is one line, refused whole as before.
+                    # ends is the rest of this one, dropped unanswered (a
+                    # proxy framing on CRLF saw one line and one reply).
                     buf.clear()
                     self._touch()
                     self._bare_lf()
+                    self._discarding = True
+                    self._discard_reply = None
                     return
                 if len(buf) > self._limit():
                     # Drop what we have and the rest of the line as it comes.
@@ -543,7 +548,7 @@ class SubmissionProtocol(Protocol):
         if self._mode == AUTH:
             self._mode = COMMAND
             self._sasl_done("malformed")
-        self._error(self._discard_reply)
+        self._error(self._discard_reply or R_TOO_LONG)
 
     # --- waiting ----------------------------------------------------------
 
@@ -756,7 +761,12 @@ class SubmissionProtocol(Protocol):
             self._error(b"503 5.5.1 Send EHLO first")
             return
         if self.listener.auth_required and not self.authenticated:
-            if not self._secure and self.listener.tls == "starttls" and self.rt.tls is not None:
+            if (
+                not self._secure
+                and self.listener.tls == "starttls"
+                and self.rt.tls is not None
+                and not self.listener.allow_plaintext_auth
+            ):
                 # RFC 3207 §4: the client's next step is TLS, not a password.
                 self._send(b"530 5.7.0 Must issue a STARTTLS command first")
             else:
@@ -1139,8 +1149,11 @@ class SubmissionProtocol(Protocol):
     def _sasl_done(self, result: str) -> None:
         """
         An exchange that ended before its credentials were checked
-        (malformed, cancelled, too long): log it and forget it.
+        (malformed, cancelled, too long): log it and forget it, and a
+        refused token's outcome that waited for the client's answer (the
+        next exchange must not get it).
         """
+        self._final = None
         exchange, self._sasl = self._sasl, None
         if exchange is not None:
             self.rt.authenticator.log.record(exchange.attempt, result)

@@ -248,10 +248,11 @@ def _safe(spec: str) -> str:
     option that is not one of the known harmless ones is hidden too
     (``?password=secret`` -> ``?password=***``).
     """
-    spec = _safe_query(spec)
     if "@" not in spec:
-        return spec
+        return _safe_query(spec)
     head, _, host = spec.rpartition("@")
+    # Only after the last "@": a "?" before it may be in the password.
+    host = _safe_query(host)
     m = _USER_AND_PASSWORD.match(head)
     if m:
         return f"{m.group(1)}://{m.group(2)}:***@{host}"
