@@ -11,6 +11,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -318,6 +319,18 @@ def busy_port() -> Iterator[int]:
         yield busy.getsockname()[1]
 
 
+def start_on_a_busy_port(
+    tmp_path: Path, certs: Any, twistd_args: list[str], **run: Any
+) -> tuple[int, Path, subprocess.CompletedProcess[str]]:
+    """twistd (*twistd_args*) on a configuration whose port is taken."""
+    with busy_port() as port:
+        config = tmp_path / "kumoauth.toml"
+        config.write_text(listener_config(certs, port=port))
+        command = [*TWISTD, *twistd_args, "kumoauth", "--config", str(config)]
+        result = subprocess.run(command, cwd=tmp_path, text=True, timeout=60, **run)
+    return port, config, result
+
+
 @pytest.mark.e2e
 def test_endpoint_that_cannot_bind(tmp_path, certs):
     with busy_port() as port:
@@ -339,17 +352,9 @@ def test_a_unix_listener_in_a_missing_directory(tmp_path, certs):
 def test_a_start_up_error_is_one_line_where_log_and_stderr_are_one(tmp_path, certs):
     # twistd -n under systemd (or in a terminal): the log and stderr are the
     # same file, and the operator reads the error once.
-    with busy_port() as port:
-        config = tmp_path / "kumoauth.toml"
-        config.write_text(listener_config(certs, port=port))
-        result = subprocess.run(
-            [*TWISTD, "-n", "--pidfile=", "kumoauth", "--config", str(config)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=30,
-        )
+    port, _, result = start_on_a_busy_port(
+        tmp_path, certs, ["-n", "--pidfile="], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     assert result.returncode == 1
     mentions = [line for line in result.stdout.splitlines() if f"tcp:{port}" in line]
     assert len(mentions) == 1, result.stdout
@@ -379,23 +384,8 @@ def test_a_self_signed_certificate_that_cannot_be_created(tmp_path, certs):
 def test_a_daemonized_start_up_error_exits_1_and_says_why(tmp_path, certs):
     # twistd without -n: its parent waits for the daemon's word on a pipe,
     # which a start-up error never wrote (the command hung for good).
-    with busy_port() as port:
-        config = tmp_path / "kumoauth.toml"
-        config.write_text(listener_config(certs, port=port))
-        result = subprocess.run(
-            [
-                *TWISTD,
-                f"--pidfile={tmp_path / 'twistd.pid'}",
-                f"--logfile={tmp_path / 'twistd.log'}",
-                "kumoauth",
-                "--config",
-                str(config),
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    daemon = [f"--pidfile={tmp_path / 'twistd.pid'}", f"--logfile={tmp_path / 'twistd.log'}"]
+    port, config, result = start_on_a_busy_port(tmp_path, certs, daemon, capture_output=True)
     assert result.returncode == 1, result
     lines = result.stderr.splitlines()
     assert lines[0].startswith("kumoauth: error: ") and str(config) in lines[0], lines

@@ -20,6 +20,7 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -794,6 +795,25 @@ def test_the_relay_scans_for_other_writers_on_its_tick_not_per_message(qdir):
     store.close()
 
 
+def started_relay(store: Any, clock: Any, connect: Any, concurrency: int) -> Any:
+    """A running relay scheduler over *store*, its sessions from *connect*."""
+    from kumoauth.config import RelayConfig
+    from kumoauth.ops.metrics import Metrics
+    from kumoauth.relay import scheduler
+
+    relay = scheduler.Relay(
+        store,
+        scheduler.RelaySettings(RelayConfig(host="127.0.0.1", concurrency=concurrency), "k.test"),
+        clock,
+        Metrics(),
+        connect,
+        None,
+        None,
+    )  # type: ignore[arg-type]
+    relay.startService()
+    return relay
+
+
 def test_a_connection_begun_before_the_upstream_answered_does_not_mark_it_down(qdir, captured_log):
     """
     Two sessions being made; the later one is made, then the earlier one
@@ -804,9 +824,6 @@ def test_a_connection_begun_before_the_upstream_answered_does_not_mark_it_down(q
     from twisted.internet.task import Clock
     from twisted.logger import formatEvent
 
-    from kumoauth.config import RelayConfig
-    from kumoauth.ops.metrics import Metrics
-    from kumoauth.relay import scheduler
     from kumoauth.relay.client import RecipientResult, SendResult
 
     class Session:
@@ -826,17 +843,7 @@ def test_a_connection_begun_before_the_upstream_answered_does_not_mark_it_down(q
         return connecting[-1]
 
     clock = Clock()
-    config = RelayConfig(host="127.0.0.1", concurrency=2)
-    relay = scheduler.Relay(
-        store,
-        scheduler.RelaySettings(config, "kumoauth.test"),
-        clock,
-        Metrics(),
-        connect,
-        None,
-        None,
-    )  # type: ignore[arg-type]
-    relay.startService()
+    relay = started_relay(store, clock, connect, concurrency=2)
     store.append_batch(batch(2))
     relay.notify()
     clock.advance(0)
@@ -873,9 +880,6 @@ def test_one_users_refused_authzid_is_not_an_upstream_outage(qdir, captured_log)
     from twisted.internet.task import Clock
     from twisted.logger import formatEvent
 
-    from kumoauth.config import RelayConfig
-    from kumoauth.ops.metrics import Metrics
-    from kumoauth.relay import scheduler
     from kumoauth.relay.client import IdentityRefused, UpstreamError
 
     store = QueueStore.open(qdir)
@@ -890,16 +894,7 @@ def test_one_users_refused_authzid_is_not_an_upstream_outage(qdir, captured_log)
         return defer.fail(next(refusals))
 
     clock = Clock()
-    relay = scheduler.Relay(
-        store,
-        scheduler.RelaySettings(RelayConfig(host="127.0.0.1", concurrency=1), "kumoauth.test"),
-        clock,
-        Metrics(),
-        connect,
-        None,
-        None,
-    )  # type: ignore[arg-type]
-    relay.startService()
+    relay = started_relay(store, clock, connect, concurrency=1)
     store.append_batch(batch(1))
     relay.notify()
     clock.advance(0)
