@@ -58,7 +58,16 @@ def test_key_for(text, key):
 
 
 def test_key_for_refuses_nonsense():
-    for bad in ("", "ip:", "user:", "ip:not-an-address"):
+    # "10.0.0.1/33": a mistyped network, not a user of that name
+    for bad in (
+        "",
+        "ip:",
+        "user:",
+        "ip:not-an-address",
+        "10.0.0.1/33",
+        "2001:db8::/129",
+        "10.0.0/",
+    ):
         with pytest.raises(ValueError):
             key_for(bad, 64)
 

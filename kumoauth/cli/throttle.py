@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import re
 from typing import Any
 
 
@@ -40,6 +41,9 @@ def add_parser(subparsers: Any) -> None:
     clear = actions.add_parser("clear", help="forget the failures of an IP, a prefix or a user")
     clear.add_argument("key", help="IP address, IPv6 network, or user name (ip:… / user:…)")
     parser.set_defaults(run=run)
+
+
+_LOOKS_LIKE_A_NETWORK = re.compile(r"[0-9A-Fa-f.:]*[.:][0-9A-Fa-f.:]*/\d*")
 
 
 def key_for(text: str, ipv6_prefix: int) -> str:
@@ -66,8 +70,12 @@ def key_for(text: str, ipv6_prefix: int) -> str:
     try:
         network = ipaddress.ip_network(value, strict=False)
     except ValueError:
-        if forced:
-            raise ValueError(f"not an IP address or network: {value!r}") from None
+        if forced or _LOOKS_LIKE_A_NETWORK.fullmatch(value):
+            # "10.0.0.1/33" is a mistyped network, not a user of that name
+            # (whose counters would be "nothing to clear", exit 0).
+            raise ValueError(
+                f"not an IP address or network: {value!r} (a user of that name: user:NAME)"
+            ) from None
         return authc_key(user_name(value))
     # The store counts an IPv4 client by its address, an IPv6 one by its
     # /ipv6_prefix: a network inside one of those is that one.
