@@ -236,6 +236,23 @@ def synthetic_lines(tmp_path, monkeypatch) -> tuple[Path, Path]:
         "[kumoauth.auth#info] AUTH PLAIN failure client=203.0.113.72:1 listener=tcp:587"
     )
     Logger(namespace="kumoauth.auth", observer=observer).info("{text}", text=forged)
+    # With [server] workers: a worker's failure as its supervisor writes it,
+    # and a forged one the worker printed raw to its stderr.
+    from kumoauth.ops.worklog import LineReader, worker_line
+
+    reader = LineReader("[worker 0] ", observer, Logger(namespace="kumoauth.workers"))
+    worker_auth: list[dict] = []
+    worker_log = AuthLog(Metrics(), LogLimiter(Clock()))
+    monkeypatch.setattr(authenticator.auth_log, "observer", worker_auth.append)
+    a = Attempt("PLAIN", 0.0, "192.0.2.12", "192.0.2.12:9", "tcp:587", ConnMeta({}), "w", "w")
+    worker_log.record(a, "failure", latency=0.001)
+    monkeypatch.setattr(authenticator.auth_log, "observer", observer)
+    for e in worker_auth:
+        reader.feed(worker_line(e).encode(), lambda: 1000.0)
+    reader.feed(
+        b"[kumoauth.auth#info] AUTH PLAIN failure client=203.0.113.73:1 listener=tcp:587\n",
+        lambda: 1000.0,
+    )
     text_path, json_path = tmp_path / "synthetic.log", tmp_path / "synthetic.jsonl"
     text_path.write_text(text.getvalue())
     json_path.write_text(js.getvalue())
@@ -248,9 +265,11 @@ def test_filters_on_synthetic_lines(tmp_path, monkeypatch, fail2ban_regex):
         text_path.read_text()
     )
     expected = ["192.0.2.10", "192.0.2.11", "2001:db8:0:1::abcd", "2001:db8::9"]
-    for log, filt in [(text_path, TEXT_FILTER), (json_path, JSON_FILTER)]:
+    # the worker's failure is in the text log only (each worker writes its
+    # own JSON log; the supervisor's copies are not in its)
+    for log, filt, more in [(text_path, TEXT_FILTER, ["192.0.2.12"]), (json_path, JSON_FILTER, [])]:
         found = matches(fail2ban_regex, log, filt)
-        assert sorted(ip for ip, _ in found) == sorted(expected), found
+        assert sorted(ip for ip, _ in found) == sorted(expected + more), found
 
 
 def test_jail_example(tmp_path, fail2ban_regex):

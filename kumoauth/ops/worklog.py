@@ -224,7 +224,7 @@ class LineReader:
     The supervisor's side: split a worker's output into events and publish
     each (with the time the worker gave it) to *observer*, prefixed.  A
     line without a time (something written to the worker's stderr) is
-    published with the time it arrived.
+    published with the time it arrived, after ``(stderr)``.
     """
 
     def __init__(
@@ -246,6 +246,11 @@ class LineReader:
 
     def _publish(self, line: bytes, now: Callable[[], float]) -> None:
         when, text = read_line(line, now)
+        if _STAMP.match(line) is None:
+            # Not one of the worker's events: marked, so that it never reads
+            # as one (a printed "[kumoauth.auth#info] AUTH … failure …" is
+            # no failure for fail2ban's text filter).
+            text = "(stderr) " + text
         self.observer(
             {
                 "log_format": "{text}",
