@@ -7,8 +7,11 @@ traceback).
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -390,8 +393,35 @@ def test_a_daemonized_start_up_error_exits_1_and_says_why(tmp_path, certs):
     lines = result.stderr.splitlines()
     assert lines[0].startswith("kumoauth: error: ") and str(config) in lines[0], lines
     assert f"tcp:{port}" in lines[0] and "cannot listen" in lines[0], lines
-    assert lines[1].startswith("An error has occurred: "), lines  # twistd's parent
+    twistd_says = "An error has occurred: b'kumoauth did not start (see the line above)'"
+    assert lines[1] == twistd_says, lines
+    assert not (tmp_path / "twistd.pid").exists()  # no pid left for a later kill $(cat …)
     assert "Traceback" not in result.stderr + (tmp_path / "twistd.log").read_text()
+
+
+@pytest.mark.e2e
+def test_a_daemonized_server_names_its_own_pid_in_the_queue_lock(tmp_path, certs):
+    # The lock file named the pid twistd had before it forked (gone), so
+    # "in use by another kumoauth (pid N)" named no running process.
+    from tests.server import free_port, wait_gone
+
+    config = tmp_path / "kumoauth.toml"
+    config.write_text(listener_config(certs, port=free_port()))
+    pidfile = tmp_path / "twistd.pid"
+    daemon = [f"--pidfile={pidfile}", f"--logfile={tmp_path / 'twistd.log'}"]
+    command = [*TWISTD, *daemon, "kumoauth", "--config", str(config)]
+    assert subprocess.run(command, cwd=tmp_path, timeout=60).returncode == 0
+    pid = int(pidfile.read_text())
+    try:
+        lock = tmp_path / "spool" / "lock"
+        deadline = time.monotonic() + 10
+        while lock.read_text().strip() != str(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lock.read_text().strip() == str(pid)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        if not wait_gone(pid, 20):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.e2e

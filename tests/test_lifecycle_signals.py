@@ -443,3 +443,33 @@ def test_sigusr1_reopens_the_logs_logrotate_moved(tmp_path, workers):
     assert successes(events) == 1
     assert srv.logfile.with_suffix(".log.1").read_text().count("AUTH PLAIN success") == 1
     assert srv.log().count("AUTH PLAIN success") == 1
+
+
+def test_a_worker_starting_when_logrotate_signals_reopens_once_ready(tmp_path):
+    """
+    A worker (re)started just before logrotate's SIGUSR1 had opened the JSON
+    log under its old name and ignored the signal while it started: it
+    wrote to the rotated file until the next rotation.  It re-opens once
+    ready.
+    """
+    certs = make_certs(tmp_path / "certs")
+    events = tmp_path / "events.jsonl"
+    with two_workers(tmp_path / "srv", certs, extra=f'[log]\njson_path = "{events}"') as srv:
+        old = worker_pids(srv)[0]
+        ready = ready_count(srv)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: worker_pids(srv)[0] != old, timeout=30)
+        new = worker_pids(srv)[0]
+
+        def json_logs() -> list[str]:
+            links = []
+            for fd in os.listdir(f"/proc/{new}/fd"):
+                with contextlib.suppress(OSError):
+                    links.append(os.readlink(f"/proc/{new}/fd/{fd}"))
+            return [link for link in links if "events.jsonl" in link]
+
+        wait_for(lambda: bool(json_logs()), timeout=30)  # opened, under its old name
+        events.rename(events.with_suffix(".jsonl.1"))
+        srv.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: ready_count(srv) > ready, timeout=30)
+        wait_for(lambda: json_logs() == [str(events)], timeout=10)

@@ -172,9 +172,9 @@ def test_the_supervisor_logs_a_line_with_the_workers_time():
     reader.feed(b"3 errors\n", lambda: 5.0)
     assert [(e["log_time"], e["text"]) for e in got] == [
         (1_600_000_000.5, "[worker 1] [kumoauth.auth#info] AUTH ok"),
-        (5.0, "[worker 1] (stderr) Traceback written raw to stderr"),
-        (5.0, "[worker 1] (stderr) nan not a time"),
-        (5.0, "[worker 1] (stderr) 3 errors"),
+        (5.0, "[worker 1] (printed) Traceback written raw to stderr"),
+        (5.0, "[worker 1] (printed) nan not a time"),
+        (5.0, "[worker 1] (printed) 3 errors"),
     ]
     assert all(e["log_level"] == LogLevel.info for e in got)
     assert all(e["log_namespace"] == "kumoauth.workers" for e in got)

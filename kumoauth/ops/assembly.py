@@ -468,6 +468,11 @@ def open_queue(cfg: Config, owner: tuple[int, int] | None = None) -> QueueStore:
         except OSError as e:
             queue.close()
             raise OperatorError(f"{cfg.source}: [spool] path: {path}: {e.strerror}") from None
+    from twisted.internet import reactor
+
+    # Once running, this is the daemon's own process (twistd forks after
+    # this): the lock file names it, not the parent that exited.
+    reactor.callWhenRunning(queue.note_pid)
     return queue
 
 

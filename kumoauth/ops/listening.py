@@ -101,16 +101,36 @@ def fail_start(message: str) -> NoReturn:
         log.critical("{message}", message=message)
     line = f"kumoauth: error: {message}\n".encode()
     os.write(2, line)
+    told = False
     if _terminal is not None and not _same_file(_terminal, 2):
         with contextlib.suppress(OSError):
             os.write(_terminal, line)
+            told = True
     pipe = twistd_options.get("statusPipe") if twistd_options is not None else None
     if pipe is not None:
-        # The parent reads 100 bytes and shows them after "An error has occurred:".
+        # The parent reads 100 bytes and shows them after "An error has
+        # occurred:": the whole line is above it, or the start of it here.
+        why = b"kumoauth did not start (see the line above)" if told else message.encode()[:98]
         with contextlib.suppress(OSError):
-            os.write(pipe, b"1 " + message.encode("utf-8", "replace")[:98])
+            os.write(pipe, b"1 " + why)
             os.close(pipe)
+        _remove_pidfile()
     raise SystemExit(1)
+
+
+def _remove_pidfile() -> None:
+    """
+    twistd removes its pid file only after an ``Exception``; a daemon that
+    did not start must not leave its pid there for a later ``kill $(cat
+    …)`` to hit another process.
+    """
+    name = twistd_options.get("pidfile") if twistd_options is not None else None
+    if not name:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        with open(name) as f:
+            if int(f.read().strip()) == os.getpid():
+                os.unlink(name)
 
 
 def _same_file(a: int, b: int) -> bool:

@@ -312,6 +312,8 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.index = index
         self.pid: int | None = None
         self.ready = False
+        #: the supervisor's SIGUSR1 count when this worker was started
+        self.reopens = supervisor.reopens
         #: the configuration generation the worker last said it runs
         self.generation = 0
         self.started_at = 0.0
@@ -347,6 +349,11 @@ class WorkerProcess(protocol.ProcessProtocol):
         if kind == "ready":
             self.ready = True
             self.generation = int(message.get("generation", 0))
+            if self.reopens != self.supervisor.reopens and self.pid is not None:
+                # A SIGUSR1 came while it started (it had opened its JSON
+                # log under the name logrotate then moved): now it can.
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGUSR1)
         elif kind == "reloaded":
             if message.get("ok"):
                 self.generation = int(message.get("generation", 0))
@@ -419,6 +426,8 @@ class Supervisor(service.Service):
         self.metrics: Any = None
         self.ports: list[tuple[ListenerConfig, Any, int]] = []
         self.workers: dict[int, WorkerProcess] = {}
+        #: SIGUSR1s so far (log re-opens), for workers that were starting
+        self.reopens = 0
         self.stopping = False
         self._all_ended: defer.Deferred[None] | None = None
         self._delays: dict[int, float] = {}
@@ -632,10 +641,15 @@ class Supervisor(service.Service):
     # --- stop ----------------------------------------------------------------
 
     def _reopen_workers_logs(self) -> None:
-        """SIGUSR1: each worker re-opens its own JSON log too."""
+        """
+        SIGUSR1: each worker re-opens its own JSON log too; one still
+        starting (which ignores the signal until its handler is there) is
+        signalled once it is ready.
+        """
+        self.reopens += 1
         for worker in list(self.workers.values()):
-            # One still starting opens its JSON log after this anyway.
             if worker.pid is not None and worker.ready:
+                worker.reopens = self.reopens
                 with contextlib.suppress(OSError):
                     os.kill(worker.pid, signal.SIGUSR1)
 

@@ -224,7 +224,7 @@ class LineReader:
     The supervisor's side: split a worker's output into events and publish
     each (with the time the worker gave it) to *observer*, prefixed.  A
     line without a time (something written to the worker's stderr) is
-    published with the time it arrived, after ``(stderr)``.
+    published with the time it arrived, after ``(printed)``.
     """
 
     def __init__(
@@ -250,7 +250,7 @@ class LineReader:
             # Not one of the worker's events: marked, so that it never reads
             # as one (a printed "[kumoauth.auth#info] AUTH … failure …" is
             # no failure for fail2ban's text filter).
-            text = "(stderr) " + text
+            text = "(printed) " + text
         self.observer(
             {
                 "log_format": "{text}",

@@ -861,8 +861,23 @@ class QueueStore:
                 f"{self.path}: the queue is in use by another kumoauth{who}; not starting"
             ) from None
         self._lock_fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.note_pid()
+
+    def note_pid(self) -> None:
+        """
+        Write this process's id into the lock file, for the messages that
+        name the queue's owner.  Again once twistd has daemonized: the
+        lock (``flock``) goes with the forked process, the id written
+        before the fork does not.
+        """
+        fd = self._lock_fd
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # only a message's detail
 
     def _recover(self) -> None:
         self.writer.create()
