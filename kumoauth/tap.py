@@ -4,8 +4,10 @@ The twistd plugin's options and entry point: ``twistd kumoauth --config FILE``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import signal
 import sys
 from typing import Any, NoReturn
 
@@ -29,6 +31,18 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     optParameters = [
         ["config", "c", None, "The TOML configuration file."],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        # twistd chose kumoauth and starts it: from here until the service
+        # installs its handlers, logrotate's SIGUSR1 (systemd's MainPID
+        # postrotate, at any moment) or a SIGHUP must not end the process,
+        # their default action.  Taken and dropped: the files are opened,
+        # and the configuration read, after this anyway.  A handler, not
+        # SIG_IGN, which a child would inherit.
+        for signum in (signal.SIGUSR1, signal.SIGHUP):
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.signal(signum, _during_start_up)
 
     def opt_auth(self, description: str) -> None:
         # Keep the strings too: [server] workers hands them to each worker.
@@ -96,6 +110,10 @@ def owner(options: Any) -> tuple[int, int] | None:
     if uid is not None and gid is None:
         gid = pwd.getpwuid(uid).pw_gid  # as twistd does
     return (-1 if uid is None else uid, -1 if gid is None else gid)
+
+
+def _during_start_up(signum: int, frame: Any) -> None:
+    """SIGUSR1 or SIGHUP before the service's handlers: nothing to do yet."""
 
 
 def makeService(options: Options | dict[str, Any]) -> service.IService:

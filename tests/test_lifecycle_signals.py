@@ -473,3 +473,25 @@ def test_a_worker_starting_when_logrotate_signals_reopens_once_ready(tmp_path):
         srv.proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: ready_count(srv) > ready, timeout=30)
         wait_for(lambda: json_logs() == [str(events)], timeout=10)
+
+
+def test_sigusr1_and_sighup_while_twistd_starts_kumoauth_do_not_end_it():
+    """
+    From the moment twistd makes kumoauth's options (before the
+    configuration is read) until the service's handlers: a SIGUSR1 from
+    logrotate (systemd's MainPID postrotate comes at any moment) or a
+    SIGHUP ended the process, their default action.
+    """
+    from kumoauth import tap
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        tap.Options()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.01)  # delivered (this process is still here)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

@@ -276,3 +276,30 @@ def test_one_write_gathers_this_threads_lines_into_one_write():
         {**base, "text": "two", "log_time": 1_700_000_000.0}
     )
     assert out.writes[3].endswith("] after\n")
+
+
+def test_a_log_that_cannot_be_reopened_keeps_its_file_and_says_so_once(tmp_path, captured_log):
+    from twisted.logger import formatEvent
+
+    from kumoauth.ops.listening import ReopenableFile
+    from kumoauth.ops.logfile import forget_reopen, on_reopen, reopen_logs
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    stream = ReopenableFile(logs / "events.jsonl")
+    on_reopen(stream.reopen)
+    try:
+        stream.write("before\n")
+        stream.flush()
+        logs.rename(tmp_path / "moved")
+        (tmp_path / "logs").write_text("")  # where the directory was: no re-open
+        reopen_logs()
+        stream.write("after\n")
+        stream.flush()
+    finally:
+        forget_reopen(stream.reopen)
+        stream.close()
+    texts = [formatEvent(e) for e in captured_log.events]
+    assert sum("cannot re-open" in t for t in texts) == 1, texts
+    assert not any("re-opened" in t for t in texts), texts
+    assert (tmp_path / "moved" / "events.jsonl").read_text() == "before\nafter\n"

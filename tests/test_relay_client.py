@@ -651,6 +651,13 @@ def test_credentials_quoted_back_by_the_upstream_are_hidden(reactor, tmp_path, c
         assert err.reply is not None
         shown = [str(err), repr(err), str(err.reply), repr(err.reply), captured_log.text()]
         assert not any(blob in t or PASSWORD in t for t in shown), shown
+    # in a later reply too (a bounce would have mailed it to the user)
+    with running_upstream(mail_reply=f"550 5.7.1 not for: AUTH PLAIN {blob} {PASSWORD}") as up:
+        session = open_session(reactor, settings_for(up, tmp_path), "scott")
+        result = send(session, message("a@example.net"))
+        close(session)
+        line = result.recipients["a@example.net"].line
+        assert line == "550 5.7.1 not for: AUTH PLAIN *** ***", line
 
 
 def test_auth_reply_is_escaped_to_one_line(reactor, tmp_path):

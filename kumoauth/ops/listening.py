@@ -296,7 +296,7 @@ class ReopenableFile:
     def flush(self) -> None:
         self.file.flush()
 
-    def reopen(self) -> None:
+    def reopen(self) -> bool:
         try:
             fresh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         except OSError as e:
@@ -305,9 +305,10 @@ class ReopenableFile:
                 path=escape(str(self.path)),
                 error=escape(e.strerror or str(e)),
             )
-            return
+            return False
         old, self.file = self.file, fresh
         old.close()
+        return True
 
     def close(self) -> None:
         self.file.close()

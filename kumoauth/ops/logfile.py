@@ -139,7 +139,7 @@ def observer_for(options: Any) -> ILogObserver | None:
 _log_fd: int | None = None
 
 
-def _reopen(log_file: Any) -> None:
+def _reopen(log_file: Any) -> bool:
     """
     ``LogFile.reopen`` closes the file before it opens the new one: a name
     that cannot be opened any more would leave no log at all.  Tried first.
@@ -153,8 +153,9 @@ def _reopen(log_file: Any) -> None:
             path=escape(log_file.path),
             error=escape(e.strerror or str(e)),
         )
-        return
+        return False
     log_file.reopen()
+    return True
 
 
 #: what SIGUSR1 re-opens (the log files), in order
@@ -177,13 +178,17 @@ def reopen_logs() -> None:
     moved it (``postrotate``: ``kill -USR1``); with workers, the
     supervisor passes the signal on to them.
     """
+    done = True
     for fn in list(_reopeners):
         try:
-            fn()
+            if fn() is False:
+                done = False  # it said why, in one line
         except Exception:
             _log.failure("re-opening a log file")
-    # In the new files: what a look after the rotation finds.
-    _log.info("log files re-opened (SIGUSR1)")
+            done = False
+    if done:
+        # In the new files: what a look after the rotation finds.
+        _log.info("log files re-opened (SIGUSR1)")
 
 
 def log_is_stderr() -> bool:

@@ -154,12 +154,15 @@ def _decode(raw: bytes) -> str:
 
 
 def _without(reply: Reply, *secrets: str) -> Reply:
-    """*reply* with each of *secrets* (4 characters or more) shown as ``***``."""
+    """
+    *reply* with each of *secrets* shown as ``***`` (but one of one or two
+    characters, which would blot out the text around it as well).
+    """
     lines = reply.lines
     for secret in secrets:
-        if len(secret) >= 4:
+        if len(secret) >= 3 and any(secret in line for line in lines):
             lines = tuple(line.replace(secret, "***") for line in lines)
-    return Reply(reply.code, lines, reply.enhanced)
+    return Reply(reply.code, lines, reply.enhanced) if lines is not reply.lines else reply
 
 
 def _too_many(result: RecipientResult) -> bool:
@@ -590,6 +593,9 @@ class _ClientProtocol(TwistedProtocol):
         self.closing = False
         #: replies received so far (to tell which command a failure came at)
         self.replies = 0
+        #: what no reply may show (the AUTH blob, the relay password), from
+        #: AUTH on: an upstream that quotes a command back, in any reply
+        self.secrets: tuple[str, ...] = ()
         self._lost_waiters: list[defer.Deferred[None]] = []
 
     # -- Twisted ----------------------------------------------------------
@@ -627,6 +633,8 @@ class _ClientProtocol(TwistedProtocol):
                 self.fail(UpstreamError(f"protocol error: {e}"))
                 return
             if reply is not None:
+                if self.secrets:
+                    reply = _without(reply, *self.secrets)
                 self._deliver(reply)
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
@@ -994,11 +1002,11 @@ class UpstreamSession:
             raise UpstreamError("relay user name, authzid or password unusable for SASL PLAIN")
         encoded = base64.b64encode(blob)
         line = b"AUTH PLAIN " + encoded
+        # An upstream that quotes what it was sent ("… for: AUTH PLAIN
+        # <blob>"), in its reply to AUTH or any later one, must not put the
+        # credentials in the log, the queue or a bounce.
+        self._proto.secrets = (encoded.decode(), password)
         reply = await self._proto.command(line, "AUTH", self._settings.command_timeout)
-        if reply.code != 235:
-            # An upstream that quotes what it was sent ("… for: AUTH PLAIN
-            # <blob>") must not put the credentials in the log or the queue.
-            reply = _without(reply, encoded.decode(), password)
         if reply.code == 334:
             # We gave the initial response; a challenge means it was not
             # understood.  Cancel (RFC 4954 §4) and give up.
