@@ -4,10 +4,8 @@ The twistd plugin's options and entry point: ``twistd kumoauth --config FILE``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
-import signal
 import sys
 from typing import Any, NoReturn
 
@@ -17,6 +15,7 @@ from twisted.python import usage
 
 from kumoauth.ops.assembly import OperatorError, check_json_log, load_config
 from kumoauth.ops.heap import settle_when_running
+from kumoauth.ops.listening import hold_start_up_signals
 from kumoauth.ops.logfile import ApplicationLog, observer_for
 from kumoauth.textsafe import escape
 
@@ -34,15 +33,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def __init__(self) -> None:
         super().__init__()
-        # twistd chose kumoauth and starts it: from here until the service
-        # installs its handlers, logrotate's SIGUSR1 (systemd's MainPID
-        # postrotate, at any moment) or a SIGHUP must not end the process,
-        # their default action.  Taken and dropped: the files are opened,
-        # and the configuration read, after this anyway.  A handler, not
-        # SIG_IGN, which a child would inherit.
-        for signum in (signal.SIGUSR1, signal.SIGHUP):
-            with contextlib.suppress(ValueError):  # not the main thread
-                signal.signal(signum, _during_start_up)
+        # twistd chose kumoauth and starts it: the earliest kumoauth runs.
+        hold_start_up_signals()
 
     def opt_auth(self, description: str) -> None:
         # Keep the strings too: [server] workers hands them to each worker.
@@ -110,10 +102,6 @@ def owner(options: Any) -> tuple[int, int] | None:
     if uid is not None and gid is None:
         gid = pwd.getpwuid(uid).pw_gid  # as twistd does
     return (-1 if uid is None else uid, -1 if gid is None else gid)
-
-
-def _during_start_up(signum: int, frame: Any) -> None:
-    """SIGUSR1 or SIGHUP before the service's handlers: nothing to do yet."""
 
 
 def makeService(options: Options | dict[str, Any]) -> service.IService:

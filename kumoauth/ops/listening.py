@@ -229,6 +229,24 @@ class ListenerService(service.Service):
         return self.stop_listening()
 
 
+def hold_start_up_signals() -> None:
+    """
+    From now until :func:`install_signals`: a SIGUSR1 (logrotate's
+    postrotate, which systemd's MainPID form sends at any moment) or a
+    SIGHUP is taken and dropped, not left to its default action, which ends
+    the process.  The log files are opened, and the configuration read,
+    after this anyway.  A handler, not SIG_IGN, which a child would
+    inherit.
+    """
+    for signum in (signal.SIGUSR1, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signum, _dropped)
+
+
+def _dropped(signum: int, frame: Any) -> None:
+    """A signal before the service's handlers: nothing to do yet."""
+
+
 def install_signals(reactor: Any, on_hup: Callable[[], object]) -> None:
     """
     SIGHUP calls *on_hup*, SIGUSR1 re-opens the log files

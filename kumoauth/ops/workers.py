@@ -94,6 +94,7 @@ from kumoauth.ops.listening import (
     bind,
     close_json_log,
     fail_start,
+    hold_start_up_signals,
     install_signals,
     open_json_log,
 )
@@ -836,9 +837,9 @@ def worker_main(argv: list[str] | None = None) -> None:
     A worker: receive the configuration and the sockets from the
     supervisor, run the service, exit when it stops.
     """
-    # Until the service's own handler: a SIGUSR1 (logrotate) must not end
-    # a worker that is still starting (its JSON log is opened after it).
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # A worker still starting opens its JSON log after this; the
+    # supervisor signals it once it is ready if logrotate came meanwhile.
+    hold_start_up_signals()
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner
 

@@ -210,12 +210,15 @@ def classic_lines(data: bytes) -> bytes:
 
 def read_line(line: bytes, now: Callable[[], float]) -> tuple[float, str]:
     """
-    (time, text) of one wire line; a line without a time (something
-    written to the worker's stderr) is taken as it is, at *now()*.
+    (time, text) of one wire line; a line without a time (something the
+    worker printed rather than logged) is taken at *now()*, after
+    ``(printed)``, so that it never reads as one of the worker's events (a
+    printed "[kumoauth.auth#info] AUTH … failure …" is no failure for
+    fail2ban's text filter).
     """
     stamped = _STAMP.match(line)
     if stamped is None:
-        return now(), line.decode("utf-8", "replace")
+        return now(), "(printed) " + line.decode("utf-8", "replace")
     return float(stamped.group(1)), _unescape(line[stamped.end() :].decode("utf-8", "replace"))
 
 
@@ -246,11 +249,6 @@ class LineReader:
 
     def _publish(self, line: bytes, now: Callable[[], float]) -> None:
         when, text = read_line(line, now)
-        if _STAMP.match(line) is None:
-            # Not one of the worker's events: marked, so that it never reads
-            # as one (a printed "[kumoauth.auth#info] AUTH … failure …" is
-            # no failure for fail2ban's text filter).
-            text = "(printed) " + text
         self.observer(
             {
                 "log_format": "{text}",

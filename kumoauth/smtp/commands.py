@@ -20,12 +20,15 @@ MAX_COMMAND_LINE = 1000
 
 class CommandError(ValueError):
     """
-    A syntactically bad command; ``reply`` is the full SMTP reply line.
+    A command refused; ``reply`` is the full SMTP reply line.  A syntax
+    error is a *protocol_error* (it counts toward ``max_errors``); a
+    refused size or address is not.
     """
 
-    def __init__(self, reply: bytes) -> None:
+    def __init__(self, reply: bytes, protocol_error: bool = True) -> None:
         super().__init__(reply.decode("ascii", "replace"))
         self.reply = reply
+        self.protocol_error = protocol_error
 
 
 def parse_command(line: bytes) -> tuple[str, bytes]:
@@ -215,7 +218,7 @@ def check_mail_params(params: dict[str, str | None], max_size: int, esmtp: bool 
             if value is None or not value.isdigit() or len(value) > 20:
                 raise CommandError(b"501 5.5.4 Bad SIZE parameter")
             if int(value) > max_size:
-                raise CommandError(b"552 5.3.4 Message size exceeds fixed limit")
+                raise CommandError(b"552 5.3.4 Message size exceeds fixed limit", False)
         elif key == "BODY":
             if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                 raise CommandError(b"501 5.5.4 Bad BODY parameter")

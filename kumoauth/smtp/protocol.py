@@ -78,6 +78,9 @@ COMMAND, AUTH, DATA = range(3)
 R_TOO_LONG = b"500 5.5.2 Line too long"
 R_UNKNOWN = b"500 5.5.2 Command unrecognized"
 R_BARE_LF = b"500 5.5.2 Line must end with CRLF"
+R_BARE_LF_AUTH = b"501 5.5.2 Line must end with CRLF"
+#: RFC 6531 §3.4: UTF-8 addresses only with SMTPUTF8 (one address refused)
+R_NEEDS_SMTPUTF8 = b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter"
 #: replies held for one write at most (an EHLO's is ~200 octets)
 _GATHER_MAX = 64
 R_NO_ARGS = b"501 5.5.4 Syntax error: no arguments allowed"
@@ -416,6 +419,13 @@ class SubmissionProtocol(Protocol):
         # stopped reading would keep its slot forever.
         self._timer = self.rt.clock.callLater(abort_after, self.transport.abortConnection)
 
+    def _refused(self, e: CommandError) -> None:
+        """A command refused: a protocol error, or a refusal like a policy's."""
+        if e.protocol_error:
+            self._error(e.reply)
+        else:
+            self._send(e.reply)
+
     def _error(self, reply: bytes) -> None:
         """
         A client's protocol error: reply, and close at ``max_errors``.
@@ -483,7 +493,7 @@ class SubmissionProtocol(Protocol):
                 self._discarding = False
                 self._touch()
                 if self._discard_reply is not None:
-                    self._overlong()
+                    self._malformed(self._discard_reply)
                 continue
             end = buf.find(b"\r\n")
             if end < 0:
@@ -496,7 +506,8 @@ class SubmissionProtocol(Protocol):
                     # proxy framing on CRLF saw one line and one reply).
                     buf.clear()
                     self._touch()
-                    self._bare_lf()
+                    in_auth = self._mode == AUTH  # RFC 4954 §4: a malformed response is a 501
+                    self._malformed(R_BARE_LF_AUTH if in_auth else R_BARE_LF)
                     self._discarding = True
                     self._discard_reply = None
                     return
@@ -510,8 +521,7 @@ class SubmissionProtocol(Protocol):
             del buf[: end + 2]
             self._touch()
             if len(line) > self._limit():
-                self._discard_reply = self._overlong_reply(line[:5])
-                self._overlong()
+                self._malformed(self._overlong_reply(line[:5]))
                 continue
             if self._mode == AUTH or line[:5].upper() == b"AUTH ":
                 slicer = self.rt.process.slicer
@@ -535,20 +545,12 @@ class SubmissionProtocol(Protocol):
             return sasl.too_long().reply
         return R_TOO_LONG
 
-    def _bare_lf(self) -> None:
-        if self._mode == AUTH:
-            # RFC 4954 §4: a malformed response is a 501.
-            self._mode = COMMAND
-            self._sasl_done("malformed")
-            self._error(b"501 5.5.2 Line must end with CRLF")
-        else:
-            self._error(R_BARE_LF)
-
-    def _overlong(self) -> None:
+    def _malformed(self, reply: bytes) -> None:
+        """A line too long or ended by a bare LF: an AUTH exchange ends with it."""
         if self._mode == AUTH:
             self._mode = COMMAND
             self._sasl_done("malformed")
-        self._error(self._discard_reply or R_TOO_LONG)
+        self._error(reply)
 
     # --- waiting ----------------------------------------------------------
 
@@ -781,13 +783,9 @@ class SubmissionProtocol(Protocol):
             smtputf8 = "SMTPUTF8" in path.params
             if not smtputf8 and not path.address.isascii():
                 # RFC 6531 §3.4: UTF-8 addresses only with SMTPUTF8.
-                raise CommandError(b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter")
+                raise CommandError(R_NEEDS_SMTPUTF8, False)
         except CommandError as e:
-            if e.reply.startswith((b"552", b"553")):
-                # A refused address or size, not a protocol mistake.
-                self._send(e.reply)
-            else:
-                self._error(e.reply)
+            self._refused(e)
             return
 
         def accept() -> None:
@@ -845,12 +843,9 @@ class SubmissionProtocol(Protocol):
             if path.params:
                 raise CommandError(b"555 5.5.4 RCPT TO parameters are not supported")
             if not self._smtputf8 and not path.address.isascii():
-                raise CommandError(b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter")
+                raise CommandError(R_NEEDS_SMTPUTF8, False)
         except CommandError as e:
-            if e.reply.startswith(b"553"):
-                self._send(e.reply)  # one refused address, as a policy's would be
-            else:
-                self._error(e.reply)
+            self._refused(e)
             return
         if len(self._rcpts) >= self.rt.server.max_recipients:
             self._send(b"452 4.5.3 Too many recipients")
