@@ -56,6 +56,16 @@ def test_parse_command_never_raises(line):
             {"SIZE": "100", "BODY": "8bitmime"},
         ),
         (b"FROM:<a@example.com> AUTH=<>", "a@example.com", {"AUTH": "<>"}),
+        (b"FROM:<a@[IPv6:2001:db8::1]>", "a@[IPv6:2001:db8::1]", {}),
+        (b"FROM:<a@[ipv6:::ffff:192.0.2.1]>", "a@[ipv6:::ffff:192.0.2.1]", {}),
+        # The same parameter twice with the same value is taken once:
+        # smtplib's send_message adds SMTPUTF8 and BODY=8BITMIME to its
+        # caller's options.
+        (
+            b"FROM:<a@example.com> size=9 SMTPUTF8 SMTPUTF8 BODY=8BITMIME body=8bitmime",
+            "a@example.com",
+            {"SIZE": "9", "SMTPUTF8": None, "BODY": "8BITMIME"},
+        ),
     ],
 )
 def test_parse_mail_path(arg, address, params):
@@ -77,6 +87,13 @@ def test_parse_mail_path(arg, address, params):
         (b"FROM:<\xc3\xa9@example.com>", b"501 5.1.7"),
         (b"FROM:<a@example.com> SIZE=1 SIZE=2", b"501 5.5.4"),
         (b"FROM:<a@example.com> =x", b"501 5.5.4"),
+        (b"FROM:<a@example.com> BODY=7BIT body=8bitmime", b"501 5.5.4 Conflicting"),
+        # Address literals are IPv4 or IPv6 (RFC 5321 §4.1.3).
+        (b"FROM:<a@[foo]>", b"501 5.1.7"),
+        (b"FROM:<a@[192.0.2.256]>", b"501 5.1.7"),
+        (b"FROM:<a@[IPv6:192.0.2.1]>", b"501 5.1.7"),
+        (b"FROM:<a@[IPv6:fe80::1%eth0]>", b"501 5.1.7"),
+        (b"FROM:<a@[x-tag:content]>", b"501 5.1.7"),
     ],
 )
 def test_bad_mail_paths(arg, code):

@@ -6,6 +6,7 @@ a real ``twistd kumoauth`` on 127.0.0.1 with real TLS and real clients.
 from __future__ import annotations
 
 import base64
+import email.message
 import re
 import signal
 import smtplib
@@ -125,6 +126,23 @@ def test_smtputf8_with_smtplib(tmp_path, certs):
         assert msg.envelope["mail_from"] == "jürgen@bücher.example"
         assert msg.meta["smtputf8"] is True
         assert b"with UTF8SMTPSA id" in msg.read_bytes()
+
+
+def test_smtplib_send_message_with_its_own_smtputf8_option(tmp_path, certs):
+    # send_message adds SMTPUTF8 and BODY=8BITMIME for a UTF-8 address to
+    # the options it is given, so the command carries SMTPUTF8 twice.
+    message = email.message.EmailMessage()
+    message["From"] = "jürgen@bücher.example"
+    message["To"] = "用户@例子.广告"
+    message["Subject"] = "Grüße"
+    message.set_content("hallo")
+    with running_server(tmp_path, certs, POLICY) as srv:
+        with starttls_client(srv) as s:
+            s.login("scott", "tiger")
+            assert s.send_message(message, mail_options=["SMTPUTF8", "BODY=8BITMIME"]) == {}
+        (msg,) = Spool(srv.spool)
+        assert msg.envelope["rcpt_to"] == ["用户@例子.广告"]
+        assert msg.meta["smtputf8"] is True
 
 
 def test_smtplib_typos_do_not_lock_the_user_out(tmp_path, certs):

@@ -8,6 +8,7 @@ UTF-8 addresses by RFC 6531 §3.3; the MAIL parameters known here are SIZE
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -92,15 +93,40 @@ def is_mailbox(address: str, utf8: bool = False) -> bool:
     if len(address.encode("utf-8")) > 254:
         return False
     if address.isascii():
-        return _MAILBOX.fullmatch(address) is not None
-    if not utf8 or not address.isprintable() or _U_MAILBOX.fullmatch(address) is None:
+        if _MAILBOX.fullmatch(address) is None:
+            return False
+    elif not utf8 or not address.isprintable() or _U_MAILBOX.fullmatch(address) is None:
         return False
     domain = address.rpartition("@")[2]
-    if domain.startswith("[") or domain.isascii():
+    if domain.startswith("["):
+        return is_address_literal(domain)
+    if domain.isascii():
         return True
     try:
         idna.encode(domain.rstrip("."), uts46=True)
     except idna.IDNAError:
+        return False
+    return True
+
+
+def is_address_literal(literal: str) -> bool:
+    """
+    True if *literal* (with its brackets) is an IPv4 or IPv6 address
+    literal (RFC 5321 §4.1.3).  The grammar's general form (``[tag:…]``)
+    has no registered tag but ``IPv6``, so it is refused, as Postfix does:
+    no upstream could deliver to it.
+    """
+    inner = literal[1:-1]
+    if inner[:5].upper() == "IPV6:":
+        kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address] = ipaddress.IPv6Address
+        inner = inner[5:]
+    else:
+        kind = ipaddress.IPv4Address
+    if not inner.isascii() or "%" in inner:
+        return False
+    try:
+        kind(inner)
+    except ValueError:
         return False
     return True
 
@@ -167,6 +193,12 @@ def parse_path(arg: bytes, keyword: bytes, allow_null: bool, utf8: bool = False)
 def parse_params(tail: bytes) -> dict[str, str | None]:
     """
     Parse ``esmtp-param *(SP esmtp-param)`` (RFC 5321 §4.1.2).
+
+    A parameter given twice with the same value counts once: Python's
+    ``smtplib`` adds ``SMTPUTF8 BODY=8BITMIME`` (and ``SIZE``) to the
+    options its caller passes, so ``send_message(msg,
+    mail_options=["SMTPUTF8"])`` repeats one.  Two different values are
+    refused: which one the client meant is not ours to guess.
     """
     params: dict[str, str | None] = {}
     for word in tail.split():
@@ -174,11 +206,18 @@ def parse_params(tail: bytes) -> dict[str, str | None]:
         if m is None:
             raise CommandError(b"501 5.5.4 Malformed parameter")
         key = m.group(1).decode("ascii").upper()
-        if key in params:
-            raise CommandError(b"501 5.5.4 Duplicate parameter")
         value = m.group(2)
-        params[key] = value.decode("ascii") if value is not None else None
+        text = value.decode("ascii") if value is not None else None
+        if key in params:
+            if _folded(params[key]) != _folded(text):
+                raise CommandError(b"501 5.5.4 Conflicting values for parameter " + m.group(1))
+            continue
+        params[key] = text
     return params
+
+
+def _folded(value: str | None) -> str | None:
+    return value.upper() if value is not None else None
 
 
 def _path_end(rest: bytes) -> int:
