@@ -170,6 +170,8 @@ class AuthConfig:
     max_failures: int = 3
     max_in_flight: int = 100
     threads: int = 10
+    #: a file of locked users (kumoauth.auth.locked), or None
+    locked_users: Path | None = None
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     #: ``[auth.cache]``, or None without the table (no cache)
     cache: CacheConfig | None = None
@@ -452,6 +454,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_failures": _int(1),
         "max_in_flight": _int(1),
         "threads": _int(1),
+        "locked_users": _str,
     },
     "auth.throttle": {
         "window": _number(1.0),
@@ -692,8 +695,18 @@ def parse(
     if isinstance(raw_auth, dict):
         for name in [k for k, v in raw_auth.items() if isinstance(v, dict)]:
             tables[name] = raw_auth.pop(name)
+    a = _section(source, "auth", raw_auth)
+    if "locked_users" in a:
+        a["locked_users"] = _path(source, a["locked_users"])
+        if read_files:
+            from kumoauth.auth import locked
+
+            try:
+                locked.read(a["locked_users"])
+            except locked.LockedFileError as e:
+                raise ConfigError(source, "[auth] locked_users", str(e)) from None
     auth = AuthConfig(
-        **_section(source, "auth", raw_auth),
+        **a,
         throttle=throttle,
         cache=cache,
         oauth=oauth,

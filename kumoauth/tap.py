@@ -7,17 +7,22 @@ from __future__ import annotations
 import os
 import pwd
 import sys
+import warnings
 from typing import Any, NoReturn
 
 from twisted.application import service
 from twisted.cred import strcred
+from twisted.logger import Logger
 from twisted.python import usage
 
+from kumoauth import __version__
 from kumoauth.ops.assembly import OperatorError, check_json_log, load_config
 from kumoauth.ops.heap import settle_when_running
 from kumoauth.ops.listening import hold_start_up_signals
 from kumoauth.ops.logfile import ApplicationLog, observer_for
 from kumoauth.textsafe import escape
+
+log = Logger()
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -117,25 +122,40 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
     listening.twistd_options = parent = getattr(options, "parent", None)
     if parent is not None and not parent.get("nodaemon"):
         listening.keep_terminal(reactor)
-    try:
-        cfg = load_config(options["config"])
-        check_json_log(cfg, owner(options))
-        checkers = options.get("credCheckers")
-        top: ApplicationLog
-        if cfg.server.workers > 1:
-            from kumoauth.ops.workers import make_supervisor
-
-            top = make_supervisor(
-                cfg, reactor, checkers, options.get("authArgs") or [], owner=owner(options)
+    # Warnings while the configuration and its modules load (a custom
+    # checker importing one of 0.1's module names) become log lines; before
+    # twistd's log begins, Python would print each as two raw lines.
+    with warnings.catch_warnings(record=True) as said:
+        try:
+            cfg = load_config(options["config"])
+            check_json_log(cfg, owner(options))
+            log.info(
+                "kumoauth {version} starting with {path}", version=__version__, path=str(cfg.source)
             )
-            slicer = None  # a supervisor serves no sessions: no AUTH bursts here
-        else:
-            from kumoauth.ops.service import make_service_from_config
+            checkers = options.get("credCheckers")
+            top: ApplicationLog
+            if cfg.server.workers > 1:
+                from kumoauth.ops.workers import make_supervisor
 
-            single = make_service_from_config(cfg, reactor, checkers, owner=owner(options))
-            top, slicer = single, single.process.slicer
-    except OperatorError as e:
-        operator_error(str(e))
+                top = make_supervisor(
+                    cfg, reactor, checkers, options.get("authArgs") or [], owner=owner(options)
+                )
+                slicer = None  # a supervisor serves no sessions: no AUTH bursts here
+            else:
+                from kumoauth.ops.service import make_service_from_config
+
+                single = make_service_from_config(cfg, reactor, checkers, owner=owner(options))
+                top, slicer = single, single.process.slicer
+        except OperatorError as e:
+            operator_error(str(e))
+    for w in said:
+        log.warn(
+            "{file}:{line}: {category}: {message}",
+            file=w.filename,
+            line=w.lineno,
+            category=w.category.__name__,
+            message=str(w.message),
+        )
     # twistd's log, in its format, formatted faster (kumoauth/ops/logfile.py)
     top.log_observer = observer_for(getattr(options, "parent", None))
     # Dispatch without the legacy log context, pool threads that do not

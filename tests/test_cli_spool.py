@@ -457,3 +457,55 @@ def test_show_into_a_reader_that_stops_early(tmp_path):
         proc.stdout.close()  # before the command writes: its write fails
         assert proc.wait(60) == 0
         assert proc.stderr is not None and proc.stderr.read() == b""
+
+
+# --------------------------------------------------------------------------
+# many messages at once: a phished account's queued spam
+
+
+def spam_queue(path: Path) -> tuple[list[str], list[str]]:
+    """A queue of bob's messages (two senders) among scott's; their ids."""
+    bob = [message("Bob@Acme.Example") for _ in range(5)]
+    bob[3] = Message(new_id(), "", ["x@example.net"], DATA, {"authn_id": "bob@acme.example"})
+    scott = [message("scott") for _ in range(3)]
+    with QueueStore.open(path) as store:
+        store.append_batch([*bob[:2], *scott[:2], *bob[2:], scott[2]])
+    return [m.id for m in bob], [m.id for m in scott]
+
+
+def test_hold_and_delete_by_user_and_by_sender_applied_directly(tmp_path):
+    path = tmp_path / "spool"
+    bob, scott = spam_queue(path)
+    result = run_cli(path, "hold", "--authn", "BOB@acme.example")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hold of 5 message(s) with authn=BOB@acme.example: 5 held\n"
+    assert {e.id for e in QueueReader(path).entries() if e.held} == set(bob)
+    # The null sender is ''; a sender compares without case.
+    result = run_cli(path, "delete", "--from", "")
+    assert result.stdout == "delete of 1 message(s) with from=<>: 1 deleted\n", result.stderr
+    result = run_cli(path, "release", "--from", "<A@Example.COM>")
+    assert result.stdout == "release of 7 message(s) with from=<a@example.com>: 7 released\n"
+    result = run_cli(path, "delete", "--authn", "bob@acme.example")
+    assert result.stdout == "delete of 4 message(s) with authn=bob@acme.example: 4 deleted\n"
+    assert [e.id for e in QueueReader(path).entries()] == scott
+    result = run_cli(path, "hold", "--authn", "nobody")
+    assert (result.returncode, result.stdout) == (0, "hold: no queued message with authn=nobody\n")
+    # Bouncing spam would answer forged senders: not offered in bulk.
+    result = run_cli(path, "bounce", "--authn", "scott")
+    assert result.returncode == 2 and "unrecognized arguments: --authn" in result.stderr
+
+
+def test_a_running_server_applies_a_bulk_request_with_one_line(tmp_path):
+    directory = tmp_path / "srv"
+    bob, scott = spam_queue(directory / "spool")
+    certs = make_certs(tmp_path / "certs")
+    with running_server(directory, certs, None, args=["--auth", "memory:carol:s3cret"]) as srv:
+        result = run_cli(None, "delete", "--authn", "bob@acme.example", config=srv.config)
+        assert result.returncode == 0, (result.stderr, srv.log())
+        assert result.stdout.startswith(
+            "delete of 5 message(s) with authn=bob@acme.example: 5 deleted (taken by the running"
+        )
+        assert [e.id for e in QueueReader(srv.spool).entries()] == scott
+        lines = [x for x in srv.log().splitlines() if "operator request: " in x]
+        assert len(lines) == 1 and "delete of 5 message(s) with authn=bob@acme.example" in lines[0]
+        assert not list((srv.spool / service.CONTROL_DIR).iterdir())

@@ -475,6 +475,33 @@ def test_null_sender_is_allowed_by_default(bound):
         assert msg.envelope["mail_from"] == ""
 
 
+def test_the_null_sender_takes_one_recipient(map_bound):
+    # MAIL FROM:<> binds to nobody: a phished account sent its spam to 100
+    # recipients that way, with no From: for the header check to refuse.
+    with session(map_bound) as s:
+        assert s.mail("")[0] == 250
+        assert s.rcpt("one@example.net")[0] == 250
+        assert s.rcpt("two@example.net") == (
+            550,
+            b"5.7.1 A message from the null sender takes one recipient",
+        )
+        code, reply = s.data(b"Subject: auto\r\n\r\nreport\r\n")
+        assert code == 250
+        msg = Spool(map_bound.spool).read(queued_id(reply))
+        assert msg.envelope["rcpt_to"] == ["one@example.net"]
+
+
+def test_a_loop_of_forged_senders_is_closed_at_max_errors(map_bound):
+    # Refusals counted as errors: 60,000 553s on open sessions, each logged,
+    # ended only when the attacker stopped.
+    replies = []
+    with contextlib.suppress(smtplib.SMTPResponseException), session(map_bound) as s:
+        for _ in range(10):
+            replies.append(s.mail("alice@example.com")[0])
+        replies.append(s.getreply()[0])
+    assert replies == [553] * 10 + [421]
+
+
 def test_smtputf8_address_matches_its_idna_form(bound):
     with session(bound) as s:
         assert s.has_extn("smtputf8")

@@ -56,6 +56,7 @@ from tests.server import (
     write_config,
 )
 from tests.test_e2e import POLICY, implicit_client, login, send, starttls_client
+from tests.test_upgrade import v1_pair
 
 pytestmark = pytest.mark.e2e
 
@@ -456,6 +457,10 @@ def test_single_process_uid_gid_spool(tmp_path):
         directory = top / "srv"
         ports = (free_port(), free_port(), free_port())
         config = write_config(directory, certs, ports, POLICY)
+        # kumoauth 0.1 left a message there (as root): the import at start,
+        # as root too, must leave the segment it writes to nobody.
+        old = "18ecec3b873661d1fd3f2023"
+        v1_pair(directory / "spool", old, ["b@example.net"], b"Subject: 0.1\r\n\r\nold\r\n")
         logfile = directory / "twistd.log"
         proc = subprocess.Popen(
             [*UID_TWISTD, "-n", "--pidfile=", f"--logfile={logfile}", "--uid=nobody"]
@@ -471,6 +476,7 @@ def test_single_process_uid_gid_spool(tmp_path):
             mid = one_session(srv)
             nobody = pwd.getpwnam("nobody")
             assert Spool(srv.spool).read(mid) is not None
+            assert Spool(srv.spool).read(old) is not None
             owned = [srv.spool, *srv.spool.rglob("*")]
             assert any(p.suffix == ".q" for p in owned)
             for p in owned:

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kumoauth.auth.cred import AuthContext, BackendUnavailable, IBearerCredentials
+from kumoauth.auth.locked import LockedUsers
 from kumoauth.auth.mechanisms import REGISTRY
 from kumoauth.auth.throttle import Admission, InFlightKeys, Throttle, Throttled
 from kumoauth.config import AuthConfig
@@ -219,6 +220,7 @@ class Authenticator:
         throttle: Throttle | None = None,
         store_state: StateLog | None = None,
         slicer: Slicer | None = None,
+        locked_users: LockedUsers | None = None,
     ) -> None:
         self.portal = portal
         self.clock = clock
@@ -230,6 +232,8 @@ class Authenticator:
         self.store_state = store_state if store_state is not None else StateLog("failure store")
         #: bursts of attempts (or of answers) handled a slice per reactor iteration
         self.slicer = slicer if slicer is not None else Slicer(clock)
+        #: ``[auth] locked_users``: a right password of one gets 535
+        self.locked_users = locked_users
 
     def authenticate(self, attempt: Attempt, credentials: Any) -> defer.Deferred[Outcome]:
         """
@@ -378,6 +382,13 @@ class Authenticator:
             if bearer:
                 # A bearer checker learns the user from the token only now.
                 attempt.authc, attempt.authz = credentials.authc, credentials.authz
+            locked = self.locked_users
+            if locked is not None and locked.locked(result[1].authn_id):
+                # The right password of a locked account: refused as a
+                # wrong one would be (fail2ban sees a failure), without
+                # counting against the password throttles.
+                self.log.record(attempt, "failure", reason="locked", latency=self._latency(attempt))
+                return Outcome("failure", R_FAILED)
             self.log.record(attempt, "success", latency=self._latency(attempt))
             return Outcome("success", R_SUCCESS, delivery=result[1])
 

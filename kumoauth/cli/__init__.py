@@ -130,6 +130,9 @@ def build_parser(prog: str = "kumoauth") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="kumoauth administration (the server itself is `twistd kumoauth`)"
     )
+    from kumoauth import __version__
+
+    parser.add_argument("--version", action="version", version=f"kumoauth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"kumoauth.cli.{name}").add_parser(sub)

@@ -79,6 +79,7 @@ from kumoauth.relay.queue import (
     QueueStore,
     iso_time,
 )
+from kumoauth.storage import legacy
 from kumoauth.storage.spool import Spool, is_id
 from kumoauth.textsafe import escape, field_value
 
@@ -148,7 +149,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     for name, text in ACTIONS.items():
         action = sub.add_parser(name, parents=[waiting], help=text)
-        action.add_argument("id")
+        if name not in service.BULK:
+            action.add_argument("id")
+            continue
+        which = action.add_mutually_exclusive_group(required=True)
+        which.add_argument("id", nargs="?", help="the message")
+        which.add_argument(
+            "--authn", metavar="USER", help="every queued message of this user (authn_id)"
+        )
+        which.add_argument(
+            "--from",
+            dest="sender",
+            metavar="ADDRESS",
+            help="every queued message with this envelope sender ('' for the null sender)",
+        )
     parser.set_defaults(run=run)
 
 
@@ -188,7 +202,15 @@ def locate(args: argparse.Namespace) -> tuple[Path, Config | None]:
     if not path.is_dir():
         why = "not a directory" if path.exists() else "no such spool directory"
         raise CommandError(f"{escape(str(path))}: {why}")
-    if cfg is None and not _is_queue(path):
+    waiting = legacy.count(path)
+    if waiting:
+        print(
+            f"kumoauth spool: {waiting} message(s) in kumoauth 0.1's format (<id>.eml/<id>.json)"
+            " are not in the queue yet: the service moves them in when it starts (so does a"
+            " spool action other than list and show, with no server running)",
+            file=sys.stderr,
+        )
+    elif cfg is None and not _is_queue(path):
         # A mistyped --spool must not turn some directory into a queue
         # (flush created its lock, journal and seg/ there, and said "0");
         # the [spool] path of a configuration is the service's own, which
@@ -306,6 +328,8 @@ def list_json(mid: str, envelope: dict[str, Any], entry: Entry, now: float) -> s
 def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         return do_list(args)
+    if getattr(args, "authn", None) is not None or getattr(args, "sender", None) is not None:
+        return do_bulk(args, args.action)
     mid = check_id(args.id) if getattr(args, "id", None) is not None else None
     if args.action == "show":
         assert mid is not None
@@ -359,6 +383,91 @@ def do_show(args: argparse.Namespace, mid: str) -> int:
         raise CommandError(f"no message {mid} in the queue") from None
     except QueueError as e:
         raise CommandError(str(e)) from None
+    return EXIT_OK
+
+
+def select(path: Path, authn: str | None, sender: str | None) -> tuple[list[str], str]:
+    """
+    The ids of the queued messages of user *authn* (compared as the
+    throttles and limits compare users) or with envelope sender *sender*
+    (case-insensitively), oldest first; and a label for the choice.
+    """
+    from kumoauth.cli import CommandError
+    from kumoauth.cli.throttle import user_name
+    from kumoauth.stores import fold_user
+
+    try:
+        entries = QueueReader(path).entries()
+    except QueueError as e:
+        raise CommandError(str(e)) from None
+    if authn is not None:
+        try:
+            key = fold_user(user_name(authn))
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        chosen = [e.id for e in entries if e.authn_id is not None and fold_user(e.authn_id) == key]
+        return chosen, f"authn={field_value(authn, ADDRESS_LIMIT)}"
+    assert sender is not None
+    address = sender.strip().removeprefix("<").removesuffix(">").casefold()
+    chosen = [e.id for e in entries if e.mail_from.casefold() == address]
+    return chosen, f"from={field_value('<' + address + '>', ADDRESS_LIMIT + 2)}"
+
+
+def do_bulk(args: argparse.Namespace, op: str) -> int:
+    """
+    ``hold|release|retry|delete --authn USER | --from ADDRESS``: one
+    request for every message chosen, one line for them all (a phished
+    account's queued spam is thousands of messages).
+    """
+    from kumoauth.cli import CommandError
+
+    path, _ = locate(args)
+    ids, label = select(path, args.authn, args.sender)
+    if not ids:
+        print(f"{op}: no queued message with {label}")
+        return EXIT_OK
+    try:
+        store = QueueStore.open(path)
+    except QueueLocked:
+        return leave_bulk(path, op, ids, label, args.wait)
+    except QueueError as e:
+        raise CommandError(str(e) + _owner_hint(path)) from None
+    for level, text in store.take_notes():
+        print(f"kumoauth spool: {level}: {text}", file=sys.stderr)
+    try:
+        what = service.apply_many(store, op, ids, label)
+    finally:
+        store.close()
+    assert isinstance(what, str)  # nothing is being sent without a server
+    print(what)
+    return EXIT_OK
+
+
+def leave_bulk(path: Path, op: str, ids: list[str], label: str, wait: float) -> int:
+    """A server holds the queue: one request for all of *ids*, its answer awaited."""
+    from kumoauth.cli import CommandError
+
+    try:
+        req = service.request(path, op, None, answer=wait > 0, many=(ids, label))
+    except OSError as e:
+        raise CommandError(f"{path / service.CONTROL_DIR}: cannot leave the request: {e}") from None
+    owner = _owner(path)
+    what = f"{op} of {len(ids)} message(s) with {label}"
+    if wait <= 0:
+        print(f"{what}: queued for the running server{owner} ({req})")
+        return EXIT_OK
+    answered = _answered(service.answer_path(req), time.monotonic() + wait)
+    if answered is None:
+        taken = not req.exists()
+        print(
+            f"{what}: the running server{owner} "
+            + ("took the request but has not answered" if taken else "has not taken the request")
+            + f" within {wait:g}s"
+            + ("" if taken else f"; it is still queued ({req}): delete that file to cancel it"),
+            file=sys.stderr,
+        )
+        return EXIT_PENDING
+    print(f"{answered} (taken by the running server{owner})")
     return EXIT_OK
 
 

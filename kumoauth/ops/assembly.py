@@ -19,6 +19,7 @@ from typing import Any
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.logger import Logger
 
+from kumoauth.auth import locked
 from kumoauth.auth.checkers import CheckerSpec, build, resolve, resolve_tables_only
 from kumoauth.auth.cred import PolicyChecker, make_portal
 from kumoauth.auth.throttle import Throttle, make_store
@@ -374,6 +375,11 @@ def build_runtime(
             clock,
         )
     binding, gate = _sender_gate(cfg, process, policy, invoker)
+    locked_path = cfg.auth.locked_users
+    try:
+        locked_now = locked.read(locked_path) if locked_path is not None else None
+    except locked.LockedFileError as e:
+        raise OperatorError(f"{cfg.source}: [auth] locked_users: {e}") from None
     runtime = Runtime(
         process=process,
         server=cfg.server,
@@ -405,6 +411,7 @@ def build_runtime(
             old.close()  # a store no longer named (a shared one's connection)
     process.failure_stores.clear()
     process.failure_stores.update(stores)
+    process.locked_users.use(locked_path, locked_now)
     if binding is not process.sender_binding:
         if process.sender_binding is not None:
             process.sender_binding[1].stop()
@@ -465,6 +472,9 @@ def open_queue(cfg: Config, owner: tuple[int, int] | None = None) -> QueueStore:
             for p in path.iterdir():
                 if p.name in ("seg", "lock", DAMAGED_DIR) or p.name.startswith("journal-"):
                     os.chown(p, *owner)
+            # and the segments, which 0.1's messages may have gone into
+            for p in (path / "seg").iterdir():
+                os.chown(p, *owner)
         except OSError as e:
             queue.close()
             raise OperatorError(f"{cfg.source}: [spool] path: {path}: {e.strerror}") from None

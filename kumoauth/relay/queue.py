@@ -83,6 +83,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
 from kumoauth.stamps import PerSecond
+from kumoauth.storage import legacy
 
 MAGIC = b"KQr1"
 HEADER = struct.Struct("<4sIIQIII")
@@ -700,7 +701,8 @@ class SegmentWriter:
                 addresses = [message.sender, *message.recipients]
                 envelope = {
                     "id": mid,
-                    "received_at": _received_at(),
+                    # a message imported from 0.1's spool keeps its own
+                    "received_at": getattr(message, "received_at", None) or _received_at(),
                     "mail_from": message.sender,
                     "rcpt_to": list(message.recipients),
                     "meta": meta,
@@ -795,7 +797,7 @@ class QueueStore:
         self.writer = SegmentWriter(self.path, writer, lock_batches=False)
         self._lock_fd: int | None = None
         #: what recovery found that the operator should read: (level, line)
-        #: pairs, "warn" or "error", for the caller to log
+        #: pairs, "info", "warn" or "error", for the caller to log
         self.recovery_notes: list[tuple[str, str]] = []
         self._index: dict[str, Entry] = {}
         # segment name -> [bytes scanned, ids still live]
@@ -833,6 +835,7 @@ class QueueStore:
         try:
             store._lock()
             store._recover()
+            store._import_legacy()
         except QueueError:
             store.close()
             raise
@@ -901,6 +904,68 @@ class QueueStore:
         for mid in sorted(self._index):
             self._schedule(self._index[mid])
         self._open_journal(rewrite)
+
+    def _import_legacy(self) -> None:
+        """
+        Move the messages kumoauth 0.1 left in this directory
+        (:mod:`kumoauth.storage.legacy`) into the queue, each pair removed
+        once the queue has synced it, and say so in one note.  One that
+        cannot be read stays where it is, named in a note; a write that
+        fails stops the import (the rest is tried at the next start).
+        """
+        ids = legacy.pairs(self.path)
+        removed = legacy.remove_incomplete(self.path)
+        if not ids and not removed:
+            return
+        moved = 0
+        left: list[str] = []
+        stopped = ""
+        for group in legacy.batches(self.path, ids):
+            loaded: list[legacy.LegacyMessage] = []
+            for mid in group:
+                try:
+                    loaded.append(legacy.load(self.path, mid))
+                except (OSError, ValueError) as e:
+                    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    left.append(f"{mid} ({why})")
+            results = self.append_batch(loaded)
+            for message, result in zip(loaded, results, strict=True):
+                if isinstance(result, QueueError) and not self._has(message.id):
+                    stopped = str(result)
+                    continue
+                legacy.remove(self.path, message.id)  # queued now, or before a crash
+                moved += 1
+            _fsync_dir(self.path)
+            if stopped:
+                break
+        text = (
+            f"{self.path}: moved {moved} message(s) kumoauth 0.1 had accepted into the queue"
+            f" (its <id>.eml/<id>.json spool format)"
+        )
+        if removed:
+            text += f"; removed {removed} file(s) of messages 0.1 never acknowledged"
+        if moved or removed:
+            self.recovery_notes.append(("info", text))
+        if left:
+            self.recovery_notes.append(
+                (
+                    "warn",
+                    f"{self.path}: {len(left)} kumoauth 0.1 message(s) cannot be read and stay"
+                    f" where they are: {', '.join(left[:5])}{' …' if len(left) > 5 else ''}",
+                )
+            )
+        if stopped:
+            self.recovery_notes.append(
+                (
+                    "warn",
+                    f"{self.path}: moving kumoauth 0.1's messages stopped: {stopped}; the rest"
+                    " stay where they are and are moved at the next start",
+                )
+            )
+
+    def _has(self, mid: str) -> bool:
+        with self._mutex:
+            return mid in self._index or mid in self._done
 
     def _remove_stale_new(self) -> None:
         for n in os.listdir(self.seg_dir):

@@ -37,6 +37,13 @@ ANSWER_SUFFIX = ".answer"
 ANSWER_KEPT = 3600.0
 #: operator requests: what each does to one message (or all: flush)
 OPERATIONS = ("flush", "retry", "hold", "release", "delete", "bounce")
+#: the operations one request may apply to many messages (``kumoauth spool
+#: hold --authn USER``); not bounce: bouncing spam answers forged senders
+BULK = ("retry", "hold", "release", "delete")
+#: a request taken from control/: operation, id, where to answer, and
+#: for a bulk one the ids and what chose them
+Request = tuple[str, str | None, Path | None, tuple[list[str], str] | None]
+
 #: seconds between flushes of the journal, looks at control/, metrics
 HOUSEKEEPING = 1.0
 #: seconds between compactions
@@ -45,18 +52,29 @@ COMPACT_EVERY = 10.0
 GAUGES_EVERY = 10.0
 
 
-def request(queue_path: Path, op: str, mid: str | None, answer: bool = False) -> Path:
+def request(
+    queue_path: Path,
+    op: str,
+    mid: str | None,
+    answer: bool = False,
+    many: tuple[list[str], str] | None = None,
+) -> Path:
     """
     Leave a request for the running owner of *queue_path*.  Returns its path.
     With *answer*, the owner writes what came of it to :func:`answer_path`
     once it is done (some requests wait for a delivery attempt to end).
+    *many* (ids, and what chose them) applies a :data:`BULK` operation to
+    each of those messages, with one line for them all.
     """
-    if op not in OPERATIONS:
+    if op not in OPERATIONS or (many is not None and op not in BULK):
         raise ValueError(f"unknown operation {op!r}")
     directory = queue_path / CONTROL_DIR
     directory.mkdir(mode=0o750, exist_ok=True)
     path = directory / f"{time.time_ns():016x}-{os.getpid()}-{op}.json"
-    _write_whole(path, json.dumps({"op": op, "id": mid, "answer": answer}))
+    record: dict[str, Any] = {"op": op, "id": mid, "answer": answer}
+    if many is not None:
+        record["ids"], record["label"] = many
+    _write_whole(path, json.dumps(record))
     return path
 
 
@@ -155,6 +173,51 @@ _ENDED = {
 #: unknown id, an operation the queue refuses, the queue closed meanwhile,
 #: a journal that cannot be written
 REFUSED = (KeyError, ValueError, QueueError, OSError)
+
+
+def apply_many(
+    queue: QueueStore, op: str, ids: list[str], label: str, relay: Any = None
+) -> str | defer.Deferred[str]:
+    """
+    Apply the :data:`BULK` *op* to each of *ids* (chosen by *label*, say
+    ``authn=bob``); one line for them all, or a Deferred of it when a
+    delete waits for an attempt under way.
+    """
+    counts = {"done": 0, "gone": 0, "not done": 0}
+    waiting: list[defer.Deferred[str]] = []
+
+    def count(what: str) -> str:
+        counts["not done" if " not done: " in what else "done"] += 1
+        return what
+
+    for mid in ids:
+        try:
+            what = apply(queue, op, mid, relay)
+        except KeyError:
+            counts["gone"] += 1  # it left the queue since it was chosen
+            continue
+        except REFUSED:
+            counts["not done"] += 1
+            continue
+        if isinstance(what, defer.Deferred):
+            waiting.append(what.addCallback(count))
+        else:
+            count(what)
+
+    def summary(_: object = None) -> str:
+        parts = [f"{counts['done']} {_PAST[op]}"]
+        if counts["gone"]:
+            parts.append(f"{counts['gone']} no longer queued")
+        if counts["not done"]:
+            parts.append(f"{counts['not done']} not done (delivered meanwhile, or see the log)")
+        return f"{op} of {len(ids)} message(s) with {escape(label)}: {', '.join(parts)}"
+
+    if waiting:
+        return defer.gatherResults(waiting, consumeErrors=True).addBoth(summary)
+    return summary()
+
+
+_PAST = {"retry": "due now", "hold": "held", "release": "released", "delete": "deleted"}
 
 
 def not_done(op: str, mid: str | None, e: Exception) -> str:
@@ -259,12 +322,12 @@ class QueueService(service.MultiService):
         if gauges:
             self._last_gauges = now
 
-        def then(done: tuple[list[tuple[str, str | None, Path | None]], OSError | None]) -> None:
+        def then(done: tuple[list[Request], OSError | None]) -> None:
             requests, problem = done
             for level, text in self.queue.take_notes():  # what compaction found
                 getattr(log, level)("{text}", text=text)
-            for op, mid, answer in requests:
-                self._apply(op, mid, answer)
+            for op, mid, answer, many in requests:
+                self._apply(op, mid, answer, many)
             if requests and self.relay is not None:
                 self.relay.notify()
             if problem is not None:
@@ -288,7 +351,7 @@ class QueueService(service.MultiService):
 
     def housekeeping_work(
         self, compact: bool, gauges: bool
-    ) -> tuple[list[tuple[str, str | None, Path | None]], OSError | None]:
+    ) -> tuple[list[Request], OSError | None]:
         """
         Off the reactor thread: sync the journal, compact, update the gauges,
         take the operator's requests; and the journal's problem, if it
@@ -310,13 +373,22 @@ class QueueService(service.MultiService):
             self._gauges()
         return self._take_requests(), problem
 
-    def _apply(self, op: str, mid: str | None, answer: Path | None = None) -> None:
+    def _apply(
+        self,
+        op: str,
+        mid: str | None,
+        answer: Path | None = None,
+        many: tuple[list[str], str] | None = None,
+    ) -> None:
         """
         One operator request, logged once it is done (some wait), and
         answered in a file next to the request when it asked (*answer*).
         """
         try:
-            what = apply(self.queue, op, mid, self.relay)
+            if many is not None:
+                what = apply_many(self.queue, op, *many, relay=self.relay)
+            else:
+                what = apply(self.queue, op, mid, self.relay)
         except REFUSED as e:
             what = not_done(op, mid, e)
         if not isinstance(what, defer.Deferred):
@@ -336,7 +408,7 @@ class QueueService(service.MultiService):
             lambda f: log.failure("operator request {op} {id}", f, op=op, id=mid)
         )
 
-    def _take_requests(self) -> list[tuple[str, str | None, Path | None]]:
+    def _take_requests(self) -> list[Request]:
         directory = self.queue.path / CONTROL_DIR
         try:
             names = sorted(os.listdir(directory))
@@ -357,9 +429,12 @@ class QueueService(service.MultiService):
             try:
                 req = json.loads(path.read_text())
                 op, mid = str(req["op"]), req.get("id")
-                if op in OPERATIONS:
+                many = None
+                if "ids" in req:
+                    many = ([str(i) for i in req["ids"]], str(req.get("label", "")))
+                if op in OPERATIONS and (many is None or op in BULK):
                     answer = path if req.get("answer") is True else None
-                    out.append((op, str(mid) if mid is not None else None, answer))
+                    out.append((op, str(mid) if mid is not None else None, answer, many))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 log.warn("ignored a malformed operator request {name}", name=name)
             try:

@@ -53,6 +53,7 @@ from kumoauth.smtp.runtime import Runtime, limit_key
 from kumoauth.smtp.sender_gate import failed_reply
 from kumoauth.storage.delivery import Delivery, Message
 from kumoauth.storage.spool import SpoolError, new_id
+from kumoauth.textsafe import field_value
 from kumoauth.tls.context import describe
 from kumoauth.tls.direct import DirectTLSFactory
 
@@ -777,6 +778,8 @@ class SubmissionProtocol(Protocol):
         if self._mail_from is not None:
             self._error(b"503 5.5.1 Nested MAIL command")
             return
+        if self._locked_out():
+            return
         try:
             path = parse_path(arg, b"FROM", allow_null=True, utf8=True)
             check_mail_params(path.params, self.rt.server.max_message_size, self._esmtp)
@@ -807,6 +810,31 @@ class SubmissionProtocol(Protocol):
             return
         self._through_gate(gate.envelope(authz, path.address, self.conn_meta), bound, "envelope")
 
+    def _bound(self) -> bool:
+        """Whether ``[sender_binding]`` applies to this session's user."""
+        return (
+            self.rt.sender_gate is not None
+            and self.delivery is not None
+            and self.delivery.authz_id is not None
+        )
+
+    def _locked_out(self) -> bool:
+        """
+        Whether this session's user is in ``[auth] locked_users`` now: if
+        so the session is closed, once logged.  A lock reaches sessions
+        that authenticated before it (a phished account's open sessions).
+        """
+        delivery = self.delivery
+        if delivery is None or not self.rt.process.locked_users.locked(delivery.authn_id):
+            return False
+        log.warn(
+            "closing {client}: user {user} is locked ([auth] locked_users)",
+            client=self.client,
+            user=field_value(delivery.authn_id),
+        )
+        self._close(b"421 4.7.0 Account locked, closing connection")
+        return True
+
     def _through_gate(
         self, d: defer.Deferred[bytes | None], then: Callable[[], None], where: str
     ) -> None:
@@ -820,6 +848,11 @@ class SubmissionProtocol(Protocol):
         def decided(reply: bytes | None) -> None:
             if reply is None:
                 then()
+            elif reply[:1] == b"5":
+                # A refused sender counts toward max_errors: a client that
+                # tries forged senders in a loop is closed, not answered
+                # (and logged) for ever.
+                self._error(reply)
             else:
                 self._send(reply)
 
@@ -849,6 +882,12 @@ class SubmissionProtocol(Protocol):
             return
         if len(self._rcpts) >= self.rt.server.max_recipients:
             self._send(b"452 4.5.3 Too many recipients")
+            return
+        if self._mail_from == "" and self._rcpts and self._bound():
+            # A report (DSN, MDN, vacation reply) has one recipient; under
+            # [sender_binding] the null sender, which binds to nobody, must
+            # not carry a phished account's spam to a hundred.
+            self._send(b"550 5.7.1 A message from the null sender takes one recipient")
             return
 
         def accept() -> None:
@@ -926,6 +965,9 @@ class SubmissionProtocol(Protocol):
         self._mode = COMMAND
         sender, recipients, smtputf8 = self._mail_from or "", self._rcpts, self._smtputf8
         self._reset_transaction()
+        if self._locked_out():
+            self._reader = None
+            return
         reader, self._reader = self._reader, None
         assert reader is not None
         # The limit is on the message, not its dot-stuffed wire form.
@@ -955,14 +997,12 @@ class SubmissionProtocol(Protocol):
             size, n = len(message.data), len(message.recipients)
             self.rt.metrics.messages_spooled.inc()
             self.rt.metrics.bytes_spooled.inc(size)
-            log.info(
-                "{text}",
-                text=f"spooled {mid} from {self.client} ({size} bytes, {n} recipients)",
-                id=mid,
-                client=self.client,
-                size=size,
-                n=n,
-            )
+            text = f"spooled {mid} from {self.client} ({size} bytes, {n} recipients)"
+            authn = delivery.authn_id
+            if authn is not None:
+                # who sent it, for a phished account's post-mortem
+                text += f" authn={field_value(authn)}"
+            log.info("{text}", text=text, id=mid, client=self.client, size=size, n=n, authn=authn)
             self._send(b"250 2.0.0 OK queued as " + mid.encode())
             self.rt.process.spool_state.succeeded()
 

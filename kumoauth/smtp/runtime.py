@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from kumoauth.auth.authenticator import Authenticator, AuthLog, InFlight
+from kumoauth.auth.locked import LockedUsers
 from kumoauth.auth.throttle import Throttle, WriteState
 from kumoauth.config import AuthConfig, ListenerConfig, ServerConfig
 from kumoauth.ops.cooperate import Slicer
@@ -179,10 +180,13 @@ class ProcessState:
     #: re-read), in a thread of its own (a BlockingPool): a credential store
     #: holding every checker thread must not hold it up
     parse_pool: Any = None
+    #: ``[auth] locked_users``: its file's watch, kept across reloads
+    locked_users: LockedUsers = field(init=False)
 
     def __post_init__(self) -> None:
         self.log_limiter = LogLimiter(self.clock)
         self.slicer = Slicer(self.clock)
+        self.locked_users = LockedUsers(self.clock)
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,7 @@ class Runtime:
             throttle=self.throttle,
             store_state=process.failure_store_state,
             slicer=process.slicer,
+            locked_users=process.locked_users,
         )
         object.__setattr__(self, "authenticator", authenticator)
 

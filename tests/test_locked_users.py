@@ -1,0 +1,139 @@
+"""
+``[auth] locked_users``: a phished account is stopped at once, including
+the sessions it already has open, without a reload.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+
+from kumoauth.auth import locked
+from kumoauth.storage.spool import Spool
+from tests.server import Certs, run_twistd, running_server, write_config
+from tests.test_e2e import POLICY, send, starttls_client
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def test_parse_names_comments_and_spellings() -> None:
+    text = "# phished 2026-11-30\nBob@Acme.Example  # ticket 123\n\n  scott \n"
+    assert locked.parse(text, "f") == frozenset({"bob@acme.example", "scott"})
+    with pytest.raises(locked.LockedFileError, match=r"^f:2: not a user name"):
+        locked.parse("ok\nbad\x00name\n", "f")
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
+def test_parse_takes_any_text_or_names_its_line(text: str) -> None:
+    try:
+        names = locked.parse(text, "f")
+    except locked.LockedFileError as e:
+        assert str(e).startswith("f:")
+    else:
+        assert all(n == n.strip() and n for n in names)
+
+
+def test_the_file_is_looked_at_once_a_second_and_kept_when_it_breaks(tmp_path: Path) -> None:
+    path = tmp_path / "locked"
+    path.write_text("")
+    clock = Clock()
+    users = locked.LockedUsers(clock)
+    users.use(path, locked.read(path))
+    assert not users.locked("bob")
+    path.write_text("bob\n")
+    assert not users.locked("bob")  # looked at less than a second ago
+    clock.advance(1)
+    assert users.locked("BOB") and users.locked("bob") and not users.locked("scott")
+    path.write_bytes(b"bob\n\xff\n")  # half an editor's save: not UTF-8
+    clock.advance(1)
+    assert users.locked("bob")  # what was read before stays locked
+    assert users.state.down
+    path.write_text("")
+    clock.advance(1)
+    assert not users.locked("bob") and not users.state.down
+    users.use(None, None)
+    path.write_text("bob\n")
+    clock.advance(1)
+    assert not users.locked("bob")
+
+
+def test_a_lock_closes_open_sessions_and_refuses_logins(tmp_path: Path, certs: Certs) -> None:
+    directory = tmp_path / "srv"
+    directory.mkdir()
+    lockfile = directory / "locked"
+    lockfile.write_text("# none yet\n")
+    with running_server(directory, certs, POLICY, auth='locked_users = "locked"') as srv:
+        # Two sessions of the account, open before the lock: one between
+        # messages, one in the middle of its DATA.
+        idle = starttls_client(srv)
+        idle.login("scott", "tiger")
+        send(idle)
+        busy = starttls_client(srv)
+        busy.login("scott", "tiger")
+        busy.mail("scott@example.com")
+        busy.rcpt("b@example.net")
+        assert busy.docmd("DATA")[0] == 354
+        busy.send(b"Subject: spam\r\n\r\nhalf of it\r\n")
+        other = starttls_client(srv)
+        other.login("alice", "wonder land")
+        lockfile.write_text("# phished\nSCOTT\n")
+        time.sleep(1.2)
+        # The next MAIL, and the end of the message under way: 421, closed.
+        code, reply = idle.docmd("MAIL FROM:<scott@example.com>")
+        assert (code, reply) == (421, b"4.7.0 Account locked, closing connection")
+        busy.send(b".\r\n")
+        assert busy.getreply() == (421, b"4.7.0 Account locked, closing connection")
+        for s in (idle, busy):
+            with pytest.raises((smtplib.SMTPServerDisconnected, ConnectionError, socket.error)):
+                s.noop()
+        # The right password no longer logs in; another user is untouched.
+        with starttls_client(srv) as s, pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            s.login("scott", "tiger")
+        assert e.value.smtp_code == 535
+        send(other)
+        other.quit()
+        # Unlocking is removing the line.
+        lockfile.write_text("")
+        time.sleep(1.2)
+        with starttls_client(srv) as s:
+            assert s.login("scott", "tiger")[0] == 235
+            send(s)
+        log = srv.log()
+    spooled = list(Spool(srv.spool))
+    assert b"half of it" not in b"".join(m.read_bytes() for m in spooled)
+    assert len(spooled) == 3  # scott before the lock, alice, scott after
+    closed = [line for line in log.splitlines() if "is locked ([auth] locked_users)" in line]
+    assert len(closed) == 2 and all("user scott is locked" in x for x in closed)
+    assert any(
+        "AUTH PLAIN failure authc=scott" in x and "reason=locked" in x for x in log.splitlines()
+    )
+    # Each stored message names its sender's account, for the post-mortem.
+    spooled_lines = [x for x in log.splitlines() if "] spooled " in x]
+    assert [x.rsplit(" ", 1)[1] for x in spooled_lines] == ["authn=scott", "authn=alice"] + [
+        "authn=scott"
+    ]
+    assert "Traceback" not in log
+
+
+def test_a_missing_file_stops_start_up_with_one_line(tmp_path: Path, certs: Certs) -> None:
+    ports = (0, 0, 0)
+    config = write_config(tmp_path, certs, ports, POLICY, auth='locked_users = "nowhere"')
+    done = run_twistd(["kumoauth", "--config", str(config)], cwd=tmp_path)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.endswith(f"[auth] locked_users: {tmp_path / 'nowhere'}: No such file or directory")
