@@ -161,6 +161,31 @@ def test_cache_only_when_asked(tmp_path):
     assert no_table.returncode == 2 and "[auth.cache]" in no_table.stderr
 
 
+def test_a_locked_user_and_the_servers_cache_are_said(tmp_path):
+    # "failure" from the store while a running server's cache still took
+    # the old password, and "success" for a user the server refuses, misled.
+    config = passwd_file_config(tmp_path, cache=True)
+    (tmp_path / "locked").write_text("Scott@Example.com\n")
+    config.write_text(
+        config.read_text().replace(
+            'checker = "passwd-file"', 'checker = "passwd-file"\nlocked_users = "locked"'
+        )
+    )
+    locked = run_auth_test(config, "scott@example.com")
+    assert locked.returncode == 1, locked.stderr
+    assert locked.stdout.startswith(
+        "result: failure (535 5.7.8): 'scott@example.com' is in [auth] locked_users"
+    )
+    wrong = run_auth_test(config, "scott@example.com", password="nope")
+    assert wrong.returncode == 1
+    assert wrong.stdout.splitlines()[1] == (
+        "note: a running server's [auth.cache] may take a password it verified before "
+        "for up to 60s more (SIGHUP empties it)"
+    )
+    for result in (locked, wrong):
+        assert_no_secret(result)
+
+
 def test_backend_down_exits_2(tmp_path):
     config = write_config(
         tmp_path,

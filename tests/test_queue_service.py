@@ -37,9 +37,9 @@ def test_requests_are_taken_and_applied(queue):
     qs.request(queue.path, "delete", gone.id)
     owner = qs.QueueService(queue, reactor=None, metrics=Metrics())
     requests = owner._take_requests()
-    assert requests == [("hold", held.id, None), ("delete", gone.id, None)]
+    assert requests == [("hold", held.id, None, None), ("delete", gone.id, None, None)]
     assert list((queue.path / qs.CONTROL_DIR).iterdir()) == []  # taken once
-    for op, mid, _ in requests:
+    for op, mid, _, _ in requests:
         qs.apply(queue, op, mid)
     assert queue.get(held.id).held and gone.id not in queue
 
@@ -105,7 +105,7 @@ def test_a_request_asking_for_an_answer_is_answered_where_the_command_looks(queu
     queue.append_batch([m])
     req = qs.request(queue.path, "hold", m.id, answer=True)
     owner = qs.QueueService(queue, reactor=None, metrics=Metrics())
-    ((op, mid, answer),) = owner._take_requests()
+    ((op, mid, answer, _),) = owner._take_requests()
     assert (op, mid, answer) == ("hold", m.id, req)
     owner._apply(op, mid, answer)
     assert qs.answer_path(req).read_text() == f"{m.id} is held\n"
@@ -139,7 +139,7 @@ def test_housekeeping_compacts_and_answers_while_the_journal_cannot_be_written(
         requests, problem = owner.housekeeping_work(compact=False, gauges=False)
         assert isinstance(problem, OSError)
         assert not (store.seg_dir / first).exists()  # the space came back
-        assert requests == [("hold", other, None)]  # and the request was taken
+        assert requests == [("hold", other, None, None)]  # and the request was taken
         monkeypatch.setattr(store, "_rewrite_journal", real_rewrite)
         store._catch_up_at = 0.0
         requests, problem = owner.housekeeping_work(compact=False, gauges=False)

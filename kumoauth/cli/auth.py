@@ -13,7 +13,11 @@ conn_meta (``authn_id``, ``authz_id`` and any meta the checker adds).
 
 The verified-credential cache is bypassed unless ``--cache`` is given;
 then the attempt runs twice through ``[auth.cache]`` (a miss, then what
-the cache answers), which shows the cache's settings at work.
+the cache answers), which shows the cache's settings at work.  A failure
+with ``[auth.cache]`` configured says that a running server may still
+take a password it verified before, for up to ``ttl``.  A right password
+of a user in ``[auth] locked_users`` is a failure, as the server answers,
+and says so.
 
 The configuration, the user name and ``--cache`` are checked before the
 password is asked for.
@@ -203,6 +207,13 @@ async def _test(
                 assert isinstance(delivery, Delivery)
             except error.UnauthorizedLogin:
                 print(f"{label}: failure (535 5.7.8)")
+                if cfg.auth.cache is not None and not args.cache:
+                    # What the store says now; not what a running server's
+                    # cache still holds (a password just changed, say).
+                    print(
+                        f"note: a running server's [auth.cache] may take a password it verified "
+                        f"before for up to {cfg.auth.cache.ttl:g}s more (SIGHUP empties it)"
+                    )
                 result = EXIT_FAILURE
                 continue
             except defer.TimeoutError:
@@ -219,6 +230,13 @@ async def _test(
             added = {k: v for k, v in meta.values_now().items() if k not in start or start[k] != v}
             added.setdefault("authn_id", delivery.authn_id)
             added.setdefault("authz_id", delivery.authz_id)
+            if _is_locked(cfg, delivery.authn_id):
+                print(
+                    f"{label}: failure (535 5.7.8): {delivery.authn_id!r} is in "
+                    f"[auth] locked_users ({cfg.auth.locked_users}); the password is right"
+                )
+                result = EXIT_FAILURE
+                continue
             print(f"{label}: success (235 2.7.0)")
             print("meta: " + json.dumps(added, sort_keys=True, ensure_ascii=False))
             if n == 0 and cfg.sender_binding is not None:
@@ -230,6 +248,20 @@ async def _test(
             await call_hook(checker, "stop")
         await pool.stop()
     return result
+
+
+def _is_locked(cfg: Any, authn: str | None) -> bool:
+    """Whether the server would refuse *authn* for ``[auth] locked_users``."""
+    from kumoauth.auth import locked
+
+    path = cfg.auth.locked_users
+    if path is None or authn is None:
+        return False
+    try:
+        names = locked.read(path)[1]
+        return locked.user_key(authn) in names
+    except ValueError:
+        return False
 
 
 async def _senders(reactor: Any, cfg: Any, pool: Any, authz: str) -> str:
