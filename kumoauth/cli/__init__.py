@@ -4,6 +4,7 @@
     kumoauth spool --config FILE list [--json]
     kumoauth spool --config FILE show ID [--meta]
     kumoauth spool --config FILE flush | retry ID | hold ID | release ID | delete ID | bounce ID
+    kumoauth spool --config FILE hold|release|retry|delete --authn USER | --from ADDRESS
     kumoauth pw [-s SCHEME]            a password hash in Dovecot {SCHEME} form
     kumoauth auth test --config FILE USER   check a password as a session would
     kumoauth throttle --config FILE list | clear KEY   AUTH failure throttles

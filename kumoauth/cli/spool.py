@@ -5,6 +5,8 @@
     kumoauth spool --config etc/kumoauth.toml show ID [--meta]
     kumoauth spool --config etc/kumoauth.toml flush
     kumoauth spool --config etc/kumoauth.toml retry|hold|release|delete|bounce ID
+    kumoauth spool --config etc/kumoauth.toml retry|hold|release|delete --authn USER
+    kumoauth spool --config etc/kumoauth.toml retry|hold|release|delete --from ADDRESS
     kumoauth spool --spool var/spool list
 
 ``list`` prints one line per message, oldest first: id, received time,
@@ -35,6 +37,9 @@ queue) change the queue, which only the process holding its lock may do:
 
 An ID that is not 24 hex digits is refused before anything is touched; an
 ID not in the queue is refused with one line (and no request is left).
+With ``--authn USER`` or ``--from ADDRESS`` instead of an ID, the action
+applies to every queued message of that user or envelope sender: one
+request (:func:`kumoauth.relay.service.apply_many`), one line for all.
 
 Exit status:
 
