@@ -16,6 +16,8 @@ real redis-server of their own; smtplib as the client.
 from __future__ import annotations
 
 import contextlib
+import re
+import signal
 import smtplib
 import subprocess
 import sys
@@ -282,3 +284,28 @@ def test_a_reload_on_one_instance_clears_every_instances_cache(tmp_path, certs, 
         assert wait_for(lambda: "reloaded configuration" in a.log())
         assert wait_for(lambda: attempt(b, "scott", "old") == 535, timeout=10)
         assert attempt(b, "scott", "new") == 235
+
+
+def test_reloads_of_a_supervisor_leave_no_store_connection_behind(tmp_path, certs, redis):
+    # Each SIGHUP to a supervisor built its workers' stores to check the
+    # configuration and kept them: one more Redis connection per reload,
+    # and its cache's poll logging every outage once more.
+    throttle = f'store = "{store_url(redis, "leak:")}"'
+    extra = "[auth.cache]\nttl = 60\n"
+    with instances(tmp_path, certs, throttle, extra=extra, workers=(2,)) as (srv,):
+        assert wait_for(lambda: srv.log().count("worker ready") == 2)
+        with redis.client() as c:
+
+            def clients() -> int:
+                info = c("INFO", "clients")
+                text = info.decode() if isinstance(info, bytes) else info
+                return int(re.search(r"connected_clients:(\d+)", text)[1])
+
+            time.sleep(1)
+            before = clients()
+            for n in range(1, 6):
+                srv.proc.send_signal(signal.SIGHUP)
+                # Both workers say so for each reload.
+                assert wait_for(lambda n=n: srv.log().count("reloaded configuration") >= 2 * n)
+            time.sleep(1)
+            assert clients() <= before

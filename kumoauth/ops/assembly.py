@@ -306,6 +306,27 @@ def _sender_gate(
     return binding, gate
 
 
+def discard(process: ProcessState) -> None:
+    """
+    Let go of what :func:`build_runtime` opened for *process*, a state that
+    was only built to be thrown away (a supervisor checks a configuration
+    its workers will build): the stores' connections, the cache's poll of
+    the shared store, the sender-binding engine, the token validator.
+    Each SIGHUP to a supervisor left one more Redis connection, and its
+    cache's poll logging every outage again.
+    """
+    for store in process.failure_stores.values():
+        if hasattr(store, "close"):
+            store.close()
+    process.failure_stores.clear()
+    if process.credential_cache is not None:
+        process.credential_cache.stop()
+    if process.sender_binding is not None:
+        process.sender_binding[1].stop()
+    if process.oauth_validator is not None:
+        process.oauth_validator.stop()
+
+
 def build_runtime(
     cfg: Config,
     process: ProcessState,
@@ -344,67 +365,75 @@ def build_runtime(
             stores[spec] = found
         return stores[spec]
 
-    store = store_for(cfg.auth.throttle.store, "[auth.throttle]")
-    limits = None
-    if cfg.limits is not None:
-        limits = SendingLimits(
-            store_for(cfg.limits.store, "[limits]"),
-            cfg.limits,
-            process.limits_store_state,
-            process.log_limiter,
-            process.metrics,
-            policy,
-            invoker,
-        )
-    oauth = cfg.auth.oauth
-    validator = None
-    bearer = None
-    if oauth is not None:
-        from kumoauth.auth.bearer import BearerChecker
-        from kumoauth.backends.oauth import TokenValidator
-
-        validator = process.oauth_validator
-        if validator is None:
-            validator = TokenValidator(oauth, reactor=clock, pool=invoker.pool)
-        bearer = BearerChecker(
-            validator,
-            oauth.username_claim,
-            policy.handler("smtp_server_auth_oauth"),
-            invoker,
-            cfg.policy.timeout,
-            clock,
-        )
-    binding, gate = _sender_gate(cfg, process, policy, invoker)
-    locked_path = cfg.auth.locked_users
     try:
-        locked_now = locked.read(locked_path) if locked_path is not None else None
-    except locked.LockedFileError as e:
-        raise OperatorError(f"{cfg.source}: [auth] locked_users: {e}") from None
-    runtime = Runtime(
-        process=process,
-        server=cfg.server,
-        auth=cfg.auth,
-        policy=policy,
-        portal=make_portal(
-            checker_list,
-            process.store,
-            wrap=_cache(cfg, process, checker_list, store),
-            bearer=bearer,
-        ),
-        invoke=invoker,
-        throttle=Throttle(
-            store,
-            cfg.auth.throttle,
-            salt=process.throttle_salt,
-            ipv6_prefix=cfg.auth.throttle.ipv6_prefix,
-            writes=process.throttle_writes,
-        ),
-        policy_timeout=cfg.policy.timeout,
-        handshake_timeout=cfg.tls.handshake_timeout if cfg.tls is not None else 30.0,
-        checker=checker,
-        sending_limits=limits,
-        sender_gate=gate,
-    )
+        store = store_for(cfg.auth.throttle.store, "[auth.throttle]")
+        limits = None
+        if cfg.limits is not None:
+            limits = SendingLimits(
+                store_for(cfg.limits.store, "[limits]"),
+                cfg.limits,
+                process.limits_store_state,
+                process.log_limiter,
+                process.metrics,
+                policy,
+                invoker,
+            )
+        oauth = cfg.auth.oauth
+        validator = None
+        bearer = None
+        if oauth is not None:
+            from kumoauth.auth.bearer import BearerChecker
+            from kumoauth.backends.oauth import TokenValidator
+
+            validator = process.oauth_validator
+            if validator is None:
+                validator = TokenValidator(oauth, reactor=clock, pool=invoker.pool)
+            bearer = BearerChecker(
+                validator,
+                oauth.username_claim,
+                policy.handler("smtp_server_auth_oauth"),
+                invoker,
+                cfg.policy.timeout,
+                clock,
+            )
+        binding, gate = _sender_gate(cfg, process, policy, invoker)
+        locked_path = cfg.auth.locked_users
+        try:
+            locked_now = locked.read(locked_path) if locked_path is not None else None
+        except locked.LockedFileError as e:
+            raise OperatorError(f"{cfg.source}: [auth] locked_users: {e}") from None
+        runtime = Runtime(
+            process=process,
+            server=cfg.server,
+            auth=cfg.auth,
+            policy=policy,
+            portal=make_portal(
+                checker_list,
+                process.store,
+                wrap=_cache(cfg, process, checker_list, store),
+                bearer=bearer,
+            ),
+            invoke=invoker,
+            throttle=Throttle(
+                store,
+                cfg.auth.throttle,
+                salt=process.throttle_salt,
+                ipv6_prefix=cfg.auth.throttle.ipv6_prefix,
+                writes=process.throttle_writes,
+            ),
+            policy_timeout=cfg.policy.timeout,
+            handshake_timeout=cfg.tls.handshake_timeout if cfg.tls is not None else 30.0,
+            checker=checker,
+            sending_limits=limits,
+            sender_gate=gate,
+        )
+    except BaseException:
+        # A reload that fails keeps the running stores; the ones it opened
+        # for itself go (a Redis connection per failed SIGHUP, otherwise).
+        for spec, made in stores.items():
+            if process.failure_stores.get(spec) is not made and hasattr(made, "close"):
+                made.close()
+        raise
     # Nothing can fail from here on.
     for spec, old in process.failure_stores.items():
         if spec not in stores and hasattr(old, "close"):

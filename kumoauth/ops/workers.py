@@ -81,6 +81,7 @@ from kumoauth.ops.assembly import (
     build_policy,
     build_runtime,
     build_tls,
+    discard,
     open_queue,
     parse_validated,
     read_generation_files,
@@ -221,7 +222,10 @@ def validate(
     from kumoauth.storage.spool import SpoolWriter
 
     process = ProcessState(clock=reactor, store=SpoolWriter(spool, reactor).store)
-    build_runtime(cfg, process, checkers, Invoker(), tls=tls, policy=policy)
+    try:
+        build_runtime(cfg, process, checkers, Invoker(), tls=tls, policy=policy)
+    finally:
+        discard(process)
 
 
 @dataclass(frozen=True)
