@@ -190,7 +190,9 @@ class Session:
                 server=server or ServerConfig(hostname="mail.example.com"),
                 auth=auth,
                 policy=policy,
-                portal=make_portal(list(checkers), store, bearer=bearer),
+                portal=make_portal(
+                    list(checkers), store, bearer=bearer, locked=process.locked_users
+                ),
                 throttle=Throttle(MemoryFailureStore(self.clock), auth.throttle),
                 sending_limits=sending_limits,
             )

@@ -226,6 +226,8 @@ def synthetic_lines(tmp_path, monkeypatch) -> tuple[Path, Path]:
     record("2001:db8:0:1::abcd", 5, "failure", latency=None)
     record("::ffff:192.0.2.10", 6, "failure", authc="x client=[2001:db8::66]:1 listener=y")
     record("192.0.2.11", 7, "failure", authc="")
+    # the right password of a user in [auth] locked_users
+    record("192.0.2.13", 8, "failure", reason="locked")
     record("2001:db8::9", 41235, "success")
     record("2001:db8::9", 41236, "throttled", reason="authc")
     record("2001:db8::9", 41237, "tempfail")
@@ -264,7 +266,7 @@ def test_filters_on_synthetic_lines(tmp_path, monkeypatch, fail2ban_regex):
     assert "\n\t2026-01-02T03:04:05+0000 [kumoauth.auth#info] AUTH PLAIN failure" in (
         text_path.read_text()
     )
-    expected = ["192.0.2.10", "192.0.2.11", "2001:db8:0:1::abcd", "2001:db8::9"]
+    expected = ["192.0.2.10", "192.0.2.11", "192.0.2.13", "2001:db8:0:1::abcd", "2001:db8::9"]
     # the worker's failure is in the text log only (each worker writes its
     # own JSON log; the supervisor's copies are not in its)
     for log, filt, more in [(text_path, TEXT_FILTER, ["192.0.2.12"]), (json_path, JSON_FILTER, [])]:

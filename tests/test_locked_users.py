@@ -137,3 +137,53 @@ def test_a_missing_file_stops_start_up_with_one_line(tmp_path: Path, certs: Cert
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert line.endswith(f"[auth] locked_users: {tmp_path / 'nowhere'}: No such file or directory")
+
+
+def test_a_refused_locked_login_stamps_nothing_and_waits_like_a_wrong_one(tmp_path: Path) -> None:
+    # The lock was checked after the avatar had stamped authn_id on the
+    # connection: on a listener without auth_required the 535'd client
+    # then sent mail as the locked user, relayed upstream under that name.
+    # And it answered at once, where a wrong password waits failure_delay.
+    from kumoauth.config import AuthConfig
+    from kumoauth.policy import load_policy
+    from kumoauth.testing import Session, plain_b64
+
+    (tmp_path / "policy.py").write_text(
+        "from kumoauth import kumo\n"
+        "@kumo.on('smtp_server_auth_plain')\n"
+        "def auth(authz, authc, password, conn_meta):\n"
+        "    return password == 'tiger'\n"
+    )
+    lockfile = tmp_path / "locked"
+    lockfile.write_text("scott\n")
+    replies = {}
+    for password in ("tiger", "wrong"):
+        s = Session(
+            load_policy(tmp_path / "policy.py"),
+            spool_dir=tmp_path / f"spool-{password}",
+            auth_required=False,
+            auth=AuthConfig(failure_delay=1.0),
+        )
+        s.runtime.process.locked_users.use(lockfile, locked.read(lockfile))
+        s.command("EHLO client.example")
+        early = s.command("AUTH PLAIN " + plain_b64("", "scott", password))
+        s.clock.advance(0.5)
+        early += s.output()
+        s.clock.advance(0.6)
+        replies[password] = (early, s.output())
+        assert s.meta.get_meta("authn_id") is None and s.meta.get_meta("authz_id") is None
+        assert s.command("MAIL FROM:<x@example.com>").startswith("250")
+        assert s.command("RCPT TO:<y@example.net>").startswith("250")
+        assert s.command("DATA").startswith("354")
+        assert s.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n").startswith("250")
+        (message,) = s.messages()
+        assert "authn_id" not in message.meta
+        s.close()
+    assert (
+        replies["tiger"]
+        == replies["wrong"]
+        == (
+            "",
+            "535 5.7.8 Authentication credentials invalid\r\n",
+        )
+    )

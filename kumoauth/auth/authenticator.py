@@ -24,8 +24,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kumoauth.auth.cred import AuthContext, BackendUnavailable, IBearerCredentials
-from kumoauth.auth.locked import LockedUsers
+from kumoauth.auth.cred import (
+    AccountLocked,
+    AuthContext,
+    BackendUnavailable,
+    IBearerCredentials,
+)
 from kumoauth.auth.mechanisms import REGISTRY
 from kumoauth.auth.throttle import Admission, InFlightKeys, Throttle, Throttled
 from kumoauth.config import AuthConfig
@@ -220,7 +224,6 @@ class Authenticator:
         throttle: Throttle | None = None,
         store_state: StateLog | None = None,
         slicer: Slicer | None = None,
-        locked_users: LockedUsers | None = None,
     ) -> None:
         self.portal = portal
         self.clock = clock
@@ -232,8 +235,6 @@ class Authenticator:
         self.store_state = store_state if store_state is not None else StateLog("failure store")
         #: bursts of attempts (or of answers) handled a slice per reactor iteration
         self.slicer = slicer if slicer is not None else Slicer(clock)
-        #: ``[auth] locked_users``: a right password of one gets 535
-        self.locked_users = locked_users
 
     def authenticate(self, attempt: Attempt, credentials: Any) -> defer.Deferred[Outcome]:
         """
@@ -382,13 +383,6 @@ class Authenticator:
             if bearer:
                 # A bearer checker learns the user from the token only now.
                 attempt.authc, attempt.authz = credentials.authc, credentials.authz
-            locked = self.locked_users
-            if locked is not None and locked.locked(result[1].authn_id):
-                # The right password of a locked account: refused as a
-                # wrong one would be (fail2ban sees a failure), without
-                # counting against the password throttles.
-                self.log.record(attempt, "failure", reason="locked", latency=self._latency(attempt))
-                return Outcome("failure", R_FAILED)
             self.log.record(attempt, "success", latency=self._latency(attempt))
             return Outcome("success", R_SUCCESS, delivery=result[1])
 
@@ -403,7 +397,10 @@ class Authenticator:
             latency = self._latency(attempt)
             if f.check(cred_error.UnauthorizedLogin):
                 challenge = getattr(f.value, "challenge", None)
-                return self._failed(attempt, credentials, latency, challenge, admission)
+                # A locked account's right password: answered as a wrong
+                # one (the same delay, counted), its reason in the log only.
+                reason = "locked" if f.check(AccountLocked) else None
+                return self._failed(attempt, credentials, latency, challenge, admission, reason)
             # Not a failure of the credentials: the attempt does not count.
             self._not_a_failure(admission)
             if f.check(defer.TimeoutError):
@@ -477,6 +474,7 @@ class Authenticator:
         latency: float | None,
         challenge: bytes | None = None,
         admission: Admission | None = None,
+        reason: str | None = None,
     ) -> defer.Deferred[Outcome]:
         """
         535 once ``failure_delay`` has passed since the attempt began (so a
@@ -484,7 +482,7 @@ class Authenticator:
         failure is recorded (if it names a user), then *admission* done.
         """
         self._record_failure(attempt, credentials, admission)
-        self.log.record(attempt, "failure", latency=latency)
+        self.log.record(attempt, "failure", reason=reason, latency=latency)
         outcome = Outcome("failure", R_FAILED, challenge=challenge)
         wait = max(0.0, attempt.started + self.auth.failure_delay - self.clock.seconds())
         if wait <= 0:

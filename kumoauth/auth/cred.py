@@ -252,16 +252,23 @@ class AuthContext:
         return self._authz
 
 
+class AccountLocked(error.UnauthorizedLogin):
+    """The user is in ``[auth] locked_users``: answered as a wrong password."""
+
+
 @implementer(IRealm)
 class SubmissionRealm:
     """
     Gives each authenticated session an ``IMessageDelivery`` avatar that
     stamps ``authn_id`` and ``authz_id`` on its conn_meta and stores
-    messages with *store* (the spool).
+    messages with *store* (the spool).  A user *locked*
+    (:class:`kumoauth.auth.locked.LockedUsers`) gets no avatar: the checker
+    said yes, the session is told no, and nothing is stamped.
     """
 
-    def __init__(self, store: Store | None = None) -> None:
+    def __init__(self, store: Store | None = None, locked: Any = None) -> None:
         self.store = store
+        self.locked = locked
 
     def requestAvatar(
         self, avatarId: Any, mind: object, *interfaces: Any
@@ -270,6 +277,8 @@ class SubmissionRealm:
         if IMessageDelivery not in interfaces:
             raise NotImplementedError("SubmissionRealm only provides IMessageDelivery")
         authn = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else str(avatarId)
+        if self.locked is not None and self.locked.locked(authn):
+            raise AccountLocked()
         delivery = Delivery(mind.conn_meta, authn_id=authn, authz_id=mind.authz, store=self.store)
         return IMessageDelivery, delivery, delivery.logout
 
@@ -314,6 +323,7 @@ def make_portal(
     store: Store | None = None,
     wrap: Callable[[ICredentialsChecker], ICredentialsChecker] | None = None,
     bearer: ICredentialsChecker | None = None,
+    locked: Any = None,
 ) -> Portal:
     """
     The portal over *checkers*, each made to speak ``IPlainCredentials``;
@@ -330,4 +340,4 @@ def make_portal(
         normalized = [wrap(normalized[0])]
     if bearer is not None:
         normalized.append(bearer)
-    return Portal(SubmissionRealm(store), normalized)
+    return Portal(SubmissionRealm(store, locked), normalized)

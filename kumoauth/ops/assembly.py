@@ -412,6 +412,7 @@ def build_runtime(
                 process.store,
                 wrap=_cache(cfg, process, checker_list, store),
                 bearer=bearer,
+                locked=process.locked_users,
             ),
             invoke=invoker,
             throttle=Throttle(

@@ -231,7 +231,6 @@ class Runtime:
             throttle=self.throttle,
             store_state=process.failure_store_state,
             slicer=process.slicer,
-            locked_users=process.locked_users,
         )
         object.__setattr__(self, "authenticator", authenticator)
 
