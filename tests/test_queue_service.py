@@ -219,3 +219,27 @@ def test_roots_request_belongs_to_the_queues_owner(queue):
     st = path.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o640)
     assert [p.name for p in control.iterdir()] == [path.name]  # no temporary left
+
+
+def test_a_bulk_request_syncs_the_journal_once(tmp_path, monkeypatch):
+    # One fdatasync per message, on the reactor thread: 8,600 of them for a
+    # phished account's queue froze every session on a slow disk.
+    queue = QueueStore.open(tmp_path / "q")
+    msgs = [Message(new_id(), "a@example.com", ["b@example.net"], b"x\r\n", {}) for _ in range(50)]
+    queue.append_batch(msgs)
+    syncs = []
+    real = os.fdatasync
+    monkeypatch.setattr(q.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    ids = [m.id for m in msgs]
+    assert qs.apply_many(queue, "hold", ids, "authn=x") == (
+        "hold of 50 message(s) with authn=x: 50 held"
+    )
+    assert len(syncs) == 1
+    assert qs.apply_many(queue, "delete", ids[:10] + ["f" * 24], "from=<a\x1b>") == (
+        "delete of 11 message(s) with from=<a\\x1b>: 10 deleted, 1 no longer queued"
+    )
+    assert len(syncs) == 2
+    queue.close()
+    # Synced: a restart finds them held and deleted.
+    with QueueStore.open(tmp_path / "q") as again:
+        assert len(again) == 40 and all(e.held for e in again.entries())

@@ -190,19 +190,20 @@ def apply_many(
         counts["not done" if " not done: " in what else "done"] += 1
         return what
 
-    for mid in ids:
-        try:
-            what = apply(queue, op, mid, relay)
-        except KeyError:
-            counts["gone"] += 1  # it left the queue since it was chosen
-            continue
-        except REFUSED:
-            counts["not done"] += 1
-            continue
-        if isinstance(what, defer.Deferred):
-            waiting.append(what.addCallback(count))
-        else:
-            count(what)
+    with queue.one_sync():  # one fdatasync for them all, not one each
+        for mid in ids:
+            try:
+                what = apply(queue, op, mid, relay)
+            except KeyError:
+                counts["gone"] += 1  # it left the queue since it was chosen
+                continue
+            except REFUSED:
+                counts["not done"] += 1
+                continue
+            if isinstance(what, defer.Deferred):
+                waiting.append(what.addCallback(count))
+            else:
+                count(what)
 
     def summary(_: object = None) -> str:
         parts = [f"{counts['done']} {_PAST[op]}"]
@@ -210,7 +211,10 @@ def apply_many(
             parts.append(f"{counts['gone']} no longer queued")
         if counts["not done"]:
             parts.append(f"{counts['not done']} not done (delivered meanwhile, or see the log)")
-        return f"{op} of {len(ids)} message(s) with {escape(label)}: {', '.join(parts)}"
+        # The command's label is escaped already; one from a request file
+        # someone else wrote may not be.
+        said = label if label.isprintable() else escape(label)
+        return f"{op} of {len(ids)} message(s) with {said}: {', '.join(parts)}"
 
     if waiting:
         return defer.gatherResults(waiting, consumeErrors=True).addBoth(summary)
