@@ -509,3 +509,50 @@ def test_a_running_server_applies_a_bulk_request_with_one_line(tmp_path):
         lines = [x for x in srv.log().splitlines() if "operator request: " in x]
         assert len(lines) == 1 and "delete of 5 message(s) with authn=bob@acme.example" in lines[0]
         assert not list((srv.spool / service.CONTROL_DIR).iterdir())
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+
+
+@needs_root
+def test_a_spool_action_run_as_root_leaves_the_queue_to_its_owner(tmp_path):
+    # sudo kumoauth spool …, no server running: the lock, journal and an
+    # imported segment were root's, and the service (User=kumoauth) could
+    # not open its queue again.
+    path = tmp_path / "spool"
+    (mid,) = spam_queue(path)[1][:1]
+    v1 = "18ecec3b873661d1fd3f2023"
+    (path / f"{v1}.eml").write_bytes(b"Subject: 0.1\r\n\r\nold\r\n")
+    (path / f"{v1}.json").write_text(
+        json.dumps(
+            {
+                "id": v1,
+                "received_at": "2026-11-28T14:05:13Z",
+                "mail_from": "a@x.example",
+                "rcpt_to": ["b@y.example"],
+                "meta": {},
+            }
+        )
+    )
+    for p in [path, *path.rglob("*")]:
+        os.chown(p, 65534, 65534)
+    result = run_cli(path, "hold", mid)
+    assert result.returncode == 0, result.stderr
+    assert "moved 1 message(s) kumoauth 0.1 had accepted" in result.stderr
+    for p in [path, *path.rglob("*")]:
+        assert (p.stat().st_uid, p.stat().st_gid) == (65534, 65534), p
+
+
+@needs_root
+def test_giving_the_queue_away_never_follows_a_symlink(tmp_path):
+    from kumoauth.relay.queue import give_queue
+
+    path = tmp_path / "spool"
+    QueueStore.open(path).close()
+    victim = tmp_path / "root-only"
+    victim.write_text("secret")
+    (path / "seg" / "planted.q").symlink_to(victim)
+    (path / "journal-9.log").symlink_to(victim)
+    give_queue(path, 65534, 65534)
+    assert victim.stat().st_uid == 0
+    assert (path / "seg" / "planted.q").lstat().st_uid == 65534

@@ -82,6 +82,7 @@ from kumoauth.relay.queue import (
     QueueLocked,
     QueueReader,
     QueueStore,
+    give_queue,
     iso_time,
 )
 from kumoauth.storage import legacy
@@ -443,6 +444,7 @@ def do_bulk(args: argparse.Namespace, op: str) -> int:
         what = service.apply_many(store, op, ids, label)
     finally:
         store.close()
+        keep_owner(path)
     assert isinstance(what, str)  # nothing is being sent without a server
     print(what)
     return EXIT_OK
@@ -507,8 +509,26 @@ def do_action(args: argparse.Namespace, op: str, mid: str | None) -> int:
             raise CommandError(str(e)) from None
     finally:
         store.close()
+        keep_owner(path)
     print(what)
     return EXIT_OK
+
+
+def keep_owner(path: Path) -> None:
+    """
+    Run as root (``sudo kumoauth spool …``) with no server, the command
+    opened the queue itself: what that created or rewrote (its lock, a
+    journal, an imported segment) goes back to the queue directory's
+    owner, the service user, who could not open the queue otherwise.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(path)
+        if st.st_uid != 0:
+            give_queue(path, st.st_uid, st.st_gid)
+    except OSError as e:
+        print(f"kumoauth spool: warning: {escape(str(path))}: {e.strerror or e}", file=sys.stderr)
 
 
 def _owner(path: Path) -> str:

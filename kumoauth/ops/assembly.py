@@ -26,11 +26,11 @@ from kumoauth.auth.throttle import Throttle, make_store
 from kumoauth.config import Config, ConfigError, load, parse
 from kumoauth.policy import Invoker, Policy, PolicyError, load_policy, read_policy
 from kumoauth.relay.queue import (
-    DAMAGED_DIR,
     QueueError,
     QueueLocked,
     QueueStore,
     SegmentWriter,
+    give_queue,
 )
 from kumoauth.relay.scheduler import RelaySettings
 from kumoauth.smtp.limits import SendingLimits
@@ -498,13 +498,7 @@ def open_queue(cfg: Config, owner: tuple[int, int] | None = None) -> QueueStore:
         try:
             for p in created:
                 os.chown(p, *owner)
-            os.chown(path, *owner)
-            for p in path.iterdir():
-                if p.name in ("seg", "lock", DAMAGED_DIR) or p.name.startswith("journal-"):
-                    os.chown(p, *owner)
-            # and the segments, which 0.1's messages may have gone into
-            for p in (path / "seg").iterdir():
-                os.chown(p, *owner)
+            give_queue(path, *owner)
         except OSError as e:
             queue.close()
             raise OperatorError(f"{cfg.source}: [spool] path: {path}: {e.strerror}") from None

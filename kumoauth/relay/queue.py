@@ -487,6 +487,25 @@ def _crc_stream(f: IO[bytes], n: int) -> int:
 # small file helpers
 
 
+def give_queue(path: Path, uid: int, gid: int) -> None:
+    """
+    Make the queue at *path* the files of *uid*:*gid* (what root created
+    there: a start before twistd drops privileges, a ``kumoauth spool``
+    action run with sudo): the directory, its lock, journals, ``seg/``
+    with every segment, ``damaged/``.  A symlink is changed, never what it
+    points to: the service user may have planted one to be given a file of
+    root's.  ``OSError`` if one cannot be changed.
+    """
+    os.chown(path, uid, gid, follow_symlinks=False)
+    for p in path.iterdir():
+        if p.name in (SEG_DIR, LOCK_NAME, DAMAGED_DIR) or p.name.startswith("journal-"):
+            os.chown(p, uid, gid, follow_symlinks=False)
+    seg = path / SEG_DIR
+    if seg.is_dir() and not seg.is_symlink():
+        for p in seg.iterdir():
+            os.chown(p, uid, gid, follow_symlinks=False)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
