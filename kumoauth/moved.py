@@ -30,6 +30,9 @@ MOVED = {
 
 
 class MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self) -> None:
+        self._own: dict[str, Any] = {}
+
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname not in MOVED:
             return None
@@ -42,10 +45,16 @@ class MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             FutureWarning,
             stacklevel=2,
         )
-        return importlib.import_module(new)
+        module = importlib.import_module(new)
+        self._own[spec.name] = module.__spec__
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        pass  # the new module ran when it was imported
+        # The new module ran when it was imported.  importlib has just set
+        # its __spec__ to the old name's: give it its own back (reload()
+        # and tools that read __spec__.name would take it for the alias).
+        name = next(old for old, new in MOVED.items() if new == module.__name__)
+        module.__spec__ = self._own.pop(name)
 
 
 def install() -> None:

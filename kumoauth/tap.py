@@ -84,6 +84,10 @@ def _not_a_readable_file(path: str) -> str | None:
     return None if os.path.isfile(path) else "not a regular file"
 
 
+def _warning_text(w: warnings.WarningMessage) -> str:
+    return f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}"
+
+
 def operator_error(text: str) -> NoReturn:
     """An operator's mistake: one line on stderr, exit status 1."""
     sys.stderr.write(f"kumoauth: error: {text}\n")
@@ -147,15 +151,13 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
                 single = make_service_from_config(cfg, reactor, checkers, owner=owner(options))
                 top, slicer = single, single.process.slicer
         except OperatorError as e:
+            # What was warned on the way may be the clue (a 0.1 checker
+            # using what 0.2 no longer has): on stderr before the error.
+            for w in said:
+                sys.stderr.write(f"kumoauth: warning: {escape(_warning_text(w))}\n")
             operator_error(str(e))
     for w in said:
-        log.warn(
-            "{file}:{line}: {category}: {message}",
-            file=w.filename,
-            line=w.lineno,
-            category=w.category.__name__,
-            message=str(w.message),
-        )
+        log.warn("{text}", text=_warning_text(w))
     # twistd's log, in its format, formatted faster (kumoauth/ops/logfile.py)
     top.log_observer = observer_for(getattr(options, "parent", None))
     # Dispatch without the legacy log context, pool threads that do not

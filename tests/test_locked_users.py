@@ -5,6 +5,7 @@ the sessions it already has open, without a reload.
 
 from __future__ import annotations
 
+import os
 import smtplib
 import socket
 import time
@@ -46,6 +47,16 @@ def test_parse_takes_any_text_or_names_its_line(text: str) -> None:
         assert str(e).startswith("f:")
     else:
         assert all(n == n.strip() and n for n in names)
+
+
+def test_only_a_regular_file_is_read(tmp_path: Path) -> None:
+    # Read on the reactor thread: a FIFO there would block it for good.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(locked.LockedFileError, match="not a regular file"):
+        locked.read(fifo)
+    with pytest.raises(locked.LockedFileError, match="No such file"):
+        locked.read(tmp_path / "absent")
 
 
 def test_the_file_is_looked_at_once_a_second_and_kept_when_it_breaks(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 
 import kumoauth
 from kumoauth.relay.queue import QueueReader, QueueStore
-from tests.server import Certs, running_server
+from tests.server import TWISTD, Certs, running_server, write_config
 from tests.test_e2e import starttls_client
 from tests.test_relay_e2e import relaying, wait_queue_empty, wait_until
 from tests.upstream import running_upstream
@@ -92,7 +92,7 @@ def test_the_owner_moves_01_messages_into_the_queue(tmp_path: Path) -> None:
         " acknowledged",
     ) in notes
     (warning,) = [text for level, text in notes if level == "warn"]
-    assert "1 kumoauth 0.1 message(s) cannot be read and stay where they are" in warning
+    assert "1 of kumoauth 0.1's file(s) stay where they are" in warning
     assert "18ecec3b873661d1fd3f2099 (not JSON" in warning
     left = sorted(p.name for p in spool.iterdir())
     assert [n for n in left if n.endswith((".eml", ".json"))] == [
@@ -108,6 +108,29 @@ def test_the_owner_moves_01_messages_into_the_queue(tmp_path: Path) -> None:
         assert not [t for _, t in store.take_notes() if "moved" in t]
     finally:
         store.close()
+
+
+def test_what_cannot_move_is_named_and_stops_nothing_else(tmp_path: Path) -> None:
+    # A pair the queue refuses (a lone surrogate) stopped the import of the
+    # rest for good; a pair that cannot be removed made the queue unopenable;
+    # a .json without its .eml was not mentioned.
+    spool = tmp_path / "spool"
+    v1_pair(spool, IDS[0], ["a@example.net"], b"one\r\n")
+    (spool / f"{IDS[1]}.eml").write_bytes(b"two\r\n")
+    (spool / f"{IDS[1]}.json").write_text(
+        json.dumps({"mail_from": "\udcff@x", "rcpt_to": ["b@example.net"], "received_at": OLD})
+    )
+    v1_pair(spool, IDS[2], ["c@example.net"], b"three\r\n")
+    (spool / "18ecec3b873661d1fd3f2030.json").write_text("{}")
+    store = QueueStore.open(spool)
+    try:
+        assert sorted(store.ids()) == [IDS[0], IDS[2]]
+        (warning,) = [text for level, text in store.take_notes() if level == "warn"]
+    finally:
+        store.close()
+    assert f"{IDS[1]} (not storable" in warning
+    assert "18ecec3b873661d1fd3f2030 (no .eml)" in warning
+    assert "stopped" not in warning
 
 
 def test_a_pair_left_by_a_crash_after_its_import_is_only_removed(tmp_path: Path) -> None:
@@ -170,6 +193,10 @@ def test_01_module_names_still_import(old: str, new: str) -> None:
         "warnings.simplefilter('ignore')\n"
         f"m = importlib.import_module({old!r})\n"
         f"assert m is importlib.import_module({new!r})\n"
+        # its own spec, not the alias's: reload() works on it
+        f"assert m.__spec__.name == {new!r}\n"
+        "importlib.reload(m)\n"
+        f"assert m.__name__ == {new!r}\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
@@ -204,6 +231,30 @@ def test_a_01_checker_runs_and_its_old_import_is_one_log_line(tmp_path: Path, ce
     )
     assert f"kumoauth {kumoauth.__version__} starting with {srv.config}" in log
     assert "Traceback" not in log
+
+
+def test_a_01_checker_that_cannot_start_shows_the_warning_before_the_error(
+    tmp_path: Path, certs: Certs
+) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "gone.py").write_text("from kumoauth.cred import load_checker_factory\n")
+    config = write_config(tmp_path, certs, (0, 0, 0), None, auth='checker = "gone:factory"')
+    done = subprocess.run(
+        [*TWISTD, "-n", "--pidfile=", "kumoauth", "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(code)},
+    )
+    assert done.returncode == 1
+    warning, error = done.stderr.strip().splitlines()
+    assert warning.startswith("kumoauth: warning: ") and warning.endswith(
+        "gone.py:1: FutureWarning: kumoauth.cred is now kumoauth.auth.cred (moved in kumoauth"
+        " 0.2); the old name goes in 0.3"
+    )
+    assert error.startswith("kumoauth: error: ") and "load_checker_factory" in error
 
 
 def test_kumoauth_version() -> None:

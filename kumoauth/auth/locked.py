@@ -10,7 +10,9 @@ do to sessions already open (Postfix's ``check_sasl_access``).
 
 The file is looked at (``stat``) at most once a second when a check needs
 it and read again when it changed, so an edit reaches every session of
-every worker within a second, without a reload.  Names compare as the
+every worker within a second, without a reload.  Both on the reactor
+thread: it is a local file of a few names (a regular file, at most
+:data:`MAX_SIZE`; a FIFO put there is refused, not waited on).  Names compare as the
 throttles and limits key users: SASLprep'd and case-folded
 (:func:`kumoauth.stores.fold_user`).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,9 @@ from kumoauth.stores import fold_user
 
 #: seconds between looks at the file
 CHECK_EVERY = 1.0
+#: the largest file read (it is read on the reactor thread; a million
+#: names is already far more than a list of locked accounts)
+MAX_SIZE = 16 * 1024 * 1024
 
 
 class LockedFileError(ValueError):
@@ -60,11 +66,18 @@ def parse(text: str, source: str) -> frozenset[str]:
 def read(path: Path) -> tuple[tuple[int, int, int], frozenset[str]]:
     """The file's names and the stat they were read under (blocking)."""
     try:
-        with open(path, "rb") as f:
+        # Non-blocking: a FIFO put there must not hold the reactor thread;
+        # anything but a regular file is refused.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
             st = os.fstat(f.fileno())
-            data = f.read()
+            if not stat.S_ISREG(st.st_mode):
+                raise LockedFileError(f"{path}: not a regular file")
+            data = f.read(MAX_SIZE + 1)
     except OSError as e:
         raise LockedFileError(f"{path}: {e.strerror or e}") from None
+    if len(data) > MAX_SIZE:
+        raise LockedFileError(f"{path}: larger than {MAX_SIZE} bytes")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -935,11 +935,15 @@ class QueueStore:
         fails stops the import (the rest is tried at the next start).
         """
         ids = legacy.pairs(self.path)
-        removed = legacy.remove_incomplete(self.path)
-        if not ids and not removed:
+        left = [f"{mid} (no .eml)" for mid in legacy.unpaired(self.path)]
+        try:
+            removed = legacy.remove_incomplete(self.path)
+        except OSError as e:
+            removed = 0
+            left.append(f"what 0.1 never acknowledged cannot be removed ({e.strerror or e})")
+        if not ids and not removed and not left:
             return
         moved = 0
-        left: list[str] = []
         stopped = ""
         for group in legacy.batches(self.path, ids):
             loaded: list[legacy.LegacyMessage] = []
@@ -954,9 +958,15 @@ class QueueStore:
                 if isinstance(result, QueueError) and not self._has(message.id):
                     stopped = str(result)
                     continue
-                legacy.remove(self.path, message.id)  # queued now, or before a crash
                 moved += 1
-            _fsync_dir(self.path)
+                try:
+                    legacy.remove(self.path, message.id)  # queued now, or before a crash
+                except OSError as e:
+                    # Queued: the next start finds its id queued and only
+                    # tries the removal again; nothing is sent twice.
+                    left.append(f"{message.id} (queued, but not removed: {e.strerror or e})")
+            with contextlib.suppress(OSError):
+                _fsync_dir(self.path)
             if stopped:
                 break
         text = (
@@ -971,8 +981,8 @@ class QueueStore:
             self.recovery_notes.append(
                 (
                     "warn",
-                    f"{self.path}: {len(left)} kumoauth 0.1 message(s) cannot be read and stay"
-                    f" where they are: {', '.join(left[:5])}{' …' if len(left) > 5 else ''}",
+                    f"{self.path}: {len(left)} of kumoauth 0.1's file(s) stay where they are:"
+                    f" {', '.join(left[:5])}{' …' if len(left) > 5 else ''}",
                 )
             )
         if stopped:

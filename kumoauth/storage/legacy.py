@@ -91,6 +91,12 @@ def load(path: Path, mid: str) -> LegacyMessage:
         raise ValueError("meta is not an object")
     if not isinstance(received_at, str):
         raise ValueError("no received_at")
+    try:
+        json.dumps([sender, recipients, meta, received_at], ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        # the queue would refuse it (a lone surrogate, say): not for ever
+        # at every start, stopping the rest
+        raise ValueError(f"not storable ({e})") from None
     data = (path / f"{mid}{EML}").read_bytes()
     return LegacyMessage(mid, sender, list(recipients), data, received_at, dict(meta))
 
@@ -146,6 +152,16 @@ def remove_incomplete(path: Path) -> int:
             (path / n).unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def unpaired(path: Path) -> list[str]:
+    """Ids with a ``.json`` but no ``.eml``: 0.1 never left one (its ``.eml`` came first)."""
+    names = set(os.listdir(path))
+    return sorted(
+        n[: -len(JSON)]
+        for n in names
+        if n.endswith(JSON) and _is_id(n[: -len(JSON)]) and n[: -len(JSON)] + EML not in names
+    )
 
 
 def count(path: Path) -> int:
