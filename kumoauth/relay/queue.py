@@ -934,10 +934,10 @@ class QueueStore:
         cannot be read stays where it is, named in a note; a write that
         fails stops the import (the rest is tried at the next start).
         """
-        ids = legacy.pairs(self.path)
-        left = [f"{mid} (no .eml)" for mid in legacy.unpaired(self.path)]
+        ids, json_only, eml_only = legacy.listing(self.path)
+        left = [f"{mid} (no .eml)" for mid in json_only]
         try:
-            removed = legacy.remove_incomplete(self.path)
+            removed = legacy.remove_incomplete(self.path, eml_only)
         except OSError as e:
             removed = 0
             left.append(f"what 0.1 never acknowledged cannot be removed ({e.strerror or e})")

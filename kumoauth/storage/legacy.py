@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kumoauth.storage.ids import is_id
+
 EML = ".eml"
 JSON = ".json"
 TMP_DIR = "tmp"
@@ -32,21 +34,25 @@ TMP_DIR = "tmp"
 BATCH_BYTES = 32 * 1024 * 1024
 
 
-def _is_id(stem: str) -> bool:
-    return len(stem) == 24 and all(c in "0123456789abcdef" for c in stem)
-
-
-def pairs(path: Path) -> list[str]:
+def listing(path: Path) -> tuple[list[str], list[str], list[str]]:
     """
-    The ids of the complete 0.1 pairs in *path*, oldest first (ids sort by
-    arrival).  ``OSError`` if the directory cannot be listed.
+    What 0.1 left in *path*, as ids oldest first (ids sort by arrival):
+    complete pairs, ``.json`` files without their ``.eml`` (0.1 never left
+    one: its ``.eml`` came first) and ``.eml`` files without their
+    ``.json`` (never acknowledged).  ``OSError`` if it cannot be listed.
     """
-    names = set(os.listdir(path))
-    return sorted(
-        n[: -len(JSON)]
-        for n in names
-        if n.endswith(JSON) and _is_id(n[: -len(JSON)]) and n[: -len(JSON)] + EML in names
-    )
+    stems: dict[str, set[str]] = {}
+    for n in os.listdir(path):
+        stem, dot, suffix = n.rpartition(".")
+        if dot and is_id(stem) and "." + suffix in (EML, JSON):
+            stems.setdefault(stem, set()).add("." + suffix)
+    both: list[str] = []
+    json_only: list[str] = []
+    eml_only: list[str] = []
+    for stem in sorted(stems):
+        have = stems[stem]
+        (both if len(have) == 2 else json_only if JSON in have else eml_only).append(stem)
+    return both, json_only, eml_only
 
 
 @dataclass
@@ -127,46 +133,33 @@ def remove(path: Path, mid: str) -> None:
     (path / f"{mid}{EML}").unlink(missing_ok=True)
 
 
-def remove_incomplete(path: Path) -> int:
+def remove_incomplete(path: Path, eml_only: list[str]) -> int:
     """
     Remove what 0.1 left of messages it never acknowledged, as its own
-    start-up did: ``tmp/*.tmp`` (and ``tmp/`` once empty) and each
-    ``<id>.eml`` without its ``.json``.  Returns how many files went.
-    ``OSError`` if one cannot be removed.
+    start-up did: ``tmp/*.tmp`` (and ``tmp/`` once empty) and the ``.eml``
+    files without a ``.json`` (*eml_only*, from :func:`listing`).  Returns
+    how many files went.  ``OSError`` if one cannot be removed.
     """
     removed = 0
     tmp = path / TMP_DIR
     if tmp.is_dir():
         for p in tmp.iterdir():
-            if p.name.endswith(".tmp") and _is_id(p.name.split(".", 1)[0]):
+            if p.name.endswith(".tmp") and is_id(p.name.split(".", 1)[0]):
                 p.unlink(missing_ok=True)
                 removed += 1
         try:
             tmp.rmdir()
         except OSError:
             pass  # something else is in it: not ours to remove
-    names = set(os.listdir(path))
-    for n in names:
-        stem = n[: -len(EML)]
-        if n.endswith(EML) and _is_id(stem) and stem + JSON not in names:
-            (path / n).unlink(missing_ok=True)
-            removed += 1
+    for stem in eml_only:
+        (path / f"{stem}{EML}").unlink(missing_ok=True)
+        removed += 1
     return removed
-
-
-def unpaired(path: Path) -> list[str]:
-    """Ids with a ``.json`` but no ``.eml``: 0.1 never left one (its ``.eml`` came first)."""
-    names = set(os.listdir(path))
-    return sorted(
-        n[: -len(JSON)]
-        for n in names
-        if n.endswith(JSON) and _is_id(n[: -len(JSON)]) and n[: -len(JSON)] + EML not in names
-    )
 
 
 def count(path: Path) -> int:
     """How many complete 0.1 pairs *path* holds (0 if it cannot be listed)."""
     try:
-        return len(pairs(path))
+        return len(listing(path)[0])
     except OSError:
         return 0

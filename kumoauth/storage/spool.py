@@ -18,9 +18,7 @@ has them.
 from __future__ import annotations
 
 import queue
-import secrets
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +36,7 @@ from kumoauth.relay.queue import (
     QueueStore,
 )
 from kumoauth.storage.delivery import Message
+from kumoauth.storage.ids import is_id, new_id
 
 #: what a reader gets for one message: ``id``, ``envelope``, ``meta``,
 #: ``size``, ``read_bytes()``
@@ -58,18 +57,6 @@ class SpoolError(Exception):
     """
     A message could not be made durable (disk full, permissions, I/O error).
     """
-
-
-def new_id() -> str:
-    """
-    A spool id: 16 hex digits of nanoseconds since the epoch (so ids sort by
-    arrival) and 8 random hex digits (so concurrent writers never collide).
-    """
-    return f"{time.time_ns():016x}{secrets.token_hex(4)}"
-
-
-def is_id(name: str) -> bool:
-    return len(name) == 24 and all(c in "0123456789abcdef" for c in name)
 
 
 class Appender(Protocol):
