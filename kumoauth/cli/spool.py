@@ -425,57 +425,12 @@ def do_bulk(args: argparse.Namespace, op: str) -> int:
     request for every message chosen, one line for them all (a phished
     account's queued spam is thousands of messages).
     """
-    from kumoauth.cli import CommandError
-
     path, _ = locate(args)
     ids, label = select(path, args.authn, args.sender)
     if not ids:
         print(f"{op}: no queued message with {label}")
         return EXIT_OK
-    try:
-        store = QueueStore.open(path)
-    except QueueLocked:
-        return leave_bulk(path, op, ids, label, args.wait)
-    except QueueError as e:
-        raise CommandError(str(e) + _owner_hint(path)) from None
-    for level, text in store.take_notes():
-        print(f"kumoauth spool: {level}: {text}", file=sys.stderr)
-    try:
-        what = service.apply_many(store, op, ids, label)
-    finally:
-        store.close()
-        keep_owner(path)
-    assert isinstance(what, str)  # nothing is being sent without a server
-    print(what)
-    return EXIT_OK
-
-
-def leave_bulk(path: Path, op: str, ids: list[str], label: str, wait: float) -> int:
-    """A server holds the queue: one request for all of *ids*, its answer awaited."""
-    from kumoauth.cli import CommandError
-
-    try:
-        req = service.request(path, op, None, answer=wait > 0, many=(ids, label))
-    except OSError as e:
-        raise CommandError(f"{path / service.CONTROL_DIR}: cannot leave the request: {e}") from None
-    owner = _owner(path)
-    what = f"{op} of {len(ids)} message(s) with {label}"
-    if wait <= 0:
-        print(f"{what}: queued for the running server{owner} ({req})")
-        return EXIT_OK
-    answered = _answered(service.answer_path(req), time.monotonic() + wait)
-    if answered is None:
-        taken = not req.exists()
-        print(
-            f"{what}: the running server{owner} "
-            + ("took the request but has not answered" if taken else "has not taken the request")
-            + f" within {wait:g}s"
-            + ("" if taken else f"; it is still queued ({req}): delete that file to cancel it"),
-            file=sys.stderr,
-        )
-        return EXIT_PENDING
-    print(f"{answered} (taken by the running server{owner})")
-    return EXIT_OK
+    return act(path, op, None, args.wait, many=(ids, label))
 
 
 def do_action(args: argparse.Namespace, op: str, mid: str | None) -> int:
@@ -487,10 +442,22 @@ def do_action(args: argparse.Namespace, op: str, mid: str | None) -> int:
             "bounce needs [relay] (the bounce is sent through the upstream), "
             f"and {escape(str(args.config))} has none"
         )
+    return act(path, op, mid, args.wait)
+
+
+def act(
+    path: Path, op: str, mid: str | None, wait: float, many: tuple[list[str], str] | None = None
+) -> int:
+    """
+    Apply *op* to *mid*, or to each of *many*'s ids: at once when no server
+    holds the queue, else through a request the server applies.
+    """
+    from kumoauth.cli import CommandError
+
     try:
         store = QueueStore.open(path)
     except QueueLocked:
-        return leave_request(path, op, mid, args.wait)
+        return leave_request(path, op, mid, wait, many)
     except QueueError as e:
         raise CommandError(str(e) + _owner_hint(path)) from None
     for level, text in store.take_notes():  # recovered as a start would: said as it would
@@ -502,7 +469,10 @@ def do_action(args: argparse.Namespace, op: str, mid: str | None) -> int:
                 "no server holds the queue; start it, then bounce again"
             )
         try:
-            what = service.apply(store, op, mid)
+            if many is not None:
+                what = service.apply_many(store, op, *many)
+            else:
+                what = service.apply(store, op, mid)
         except KeyError:
             raise CommandError(f"no message {mid} in the queue") from None
         except ValueError as e:
@@ -540,7 +510,9 @@ def _owner(path: Path) -> str:
     return f" (pid {pid})" if pid.isdigit() else ""
 
 
-def leave_request(path: Path, op: str, mid: str | None, wait: float) -> int:
+def leave_request(
+    path: Path, op: str, mid: str | None, wait: float, many: tuple[list[str], str] | None = None
+) -> int:
     """
     A server holds the queue: leave *op* for it in ``control/`` and, for
     up to *wait* seconds, watch it being taken.
@@ -548,7 +520,9 @@ def leave_request(path: Path, op: str, mid: str | None, wait: float) -> int:
     from kumoauth.cli import CommandError
 
     what = op if mid is None else f"{op} {mid}"
-    if mid is not None:
+    if many is not None:
+        what = f"{op} of {len(many[0])} message(s) with {many[1]}"
+    elif mid is not None:
         try:
             QueueReader(path).read(mid)
         except KeyError:
@@ -556,7 +530,7 @@ def leave_request(path: Path, op: str, mid: str | None, wait: float) -> int:
         except QueueError as e:
             raise CommandError(str(e)) from None
     try:
-        req = service.request(path, op, mid, answer=wait > 0)
+        req = service.request(path, op, mid, answer=wait > 0, many=many)
     except OSError as e:
         raise CommandError(f"{path / service.CONTROL_DIR}: cannot leave the request: {e}") from None
     owner = _owner(path)
