@@ -697,14 +697,8 @@ def parse(
             tables[name] = raw_auth.pop(name)
     a = _section(source, "auth", raw_auth)
     if "locked_users" in a:
+        # read (and refused if unusable) where it is used: build_runtime
         a["locked_users"] = _path(source, a["locked_users"])
-        if read_files:
-            from kumoauth.auth import locked
-
-            try:
-                locked.read(a["locked_users"])
-            except locked.LockedFileError as e:
-                raise ConfigError(source, "[auth] locked_users", str(e)) from None
     auth = AuthConfig(
         **a,
         throttle=throttle,

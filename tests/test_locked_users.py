@@ -6,6 +6,7 @@ the sessions it already has open, without a reload.
 from __future__ import annotations
 
 import os
+import signal
 import smtplib
 import socket
 import time
@@ -198,3 +199,23 @@ def test_a_refused_locked_login_stamps_nothing_and_waits_like_a_wrong_one(tmp_pa
             "535 5.7.8 Authentication credentials invalid\r\n",
         )
     )
+
+
+def test_a_reload_with_the_file_gone_keeps_the_configuration(tmp_path: Path, certs: Certs) -> None:
+    directory = tmp_path / "srv"
+    directory.mkdir()
+    lockfile = directory / "locked"
+    lockfile.write_text("scott\n")
+    with running_server(directory, certs, POLICY, auth='locked_users = "locked"') as srv:
+        lockfile.unlink()
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload failed" in srv.log())
+        time.sleep(1.2)  # the file is looked at once a second
+        # The names read before stay locked; the state line says so once.
+        with starttls_client(srv) as s, pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login("scott", "tiger")
+        log = srv.log()
+    (failed,) = [x for x in log.splitlines() if "reload failed" in x]
+    assert failed.endswith(f"[auth] locked_users: {lockfile}: No such file or directory")
+    assert log.count("locked_users file") == 1
+    assert "Traceback" not in log

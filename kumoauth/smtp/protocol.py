@@ -50,7 +50,7 @@ from kumoauth.smtp.data import (
 )
 from kumoauth.smtp.limits import MESSAGES, RECIPIENTS
 from kumoauth.smtp.runtime import Runtime, limit_key
-from kumoauth.smtp.sender_gate import failed_reply
+from kumoauth.smtp.sender_gate import SenderGate, failed_reply
 from kumoauth.storage.delivery import Delivery, Message
 from kumoauth.storage.spool import SpoolError, new_id
 from kumoauth.textsafe import field_value
@@ -803,20 +803,18 @@ class SubmissionProtocol(Protocol):
         def bound() -> None:
             self._call_policy("smtp_server_mail_from", (path.address, self.conn_meta), counted)
 
-        gate = self.rt.sender_gate
-        authz = self.delivery.authz_id if self.delivery is not None else None
-        if gate is None or authz is None:
+        binding = self._binding()
+        if binding is None:
             bound()
             return
+        gate, authz = binding
         self._through_gate(gate.envelope(authz, path.address, self.conn_meta), bound, "envelope")
 
-    def _bound(self) -> bool:
-        """Whether ``[sender_binding]`` applies to this session's user."""
-        return (
-            self.rt.sender_gate is not None
-            and self.delivery is not None
-            and self.delivery.authz_id is not None
-        )
+    def _binding(self) -> tuple[SenderGate, str] | None:
+        """``[sender_binding]``'s gate and the user it binds, if it applies."""
+        gate = self.rt.sender_gate
+        authz = self.delivery.authz_id if self.delivery is not None else None
+        return None if gate is None or authz is None else (gate, authz)
 
     def _locked_out(self) -> bool:
         """
@@ -883,7 +881,7 @@ class SubmissionProtocol(Protocol):
         if len(self._rcpts) >= self.rt.server.max_recipients:
             self._send(b"452 4.5.3 Too many recipients")
             return
-        if self._mail_from == "" and self._rcpts and self._bound():
+        if self._mail_from == "" and self._rcpts and self._binding() is not None:
             # A report (DSN, MDN, vacation reply) has one recipient; under
             # [sender_binding] the null sender, which binds to nobody, must
             # not carry a phished account's spam to a hundred.
@@ -1024,11 +1022,11 @@ class SubmissionProtocol(Protocol):
         def received() -> None:
             self._call_policy("smtp_server_message_received", (message, self.conn_meta), spool)
 
-        gate = self.rt.sender_gate
-        authz = delivery.authz_id
-        if gate is None or authz is None or not gate.check_headers:
+        binding = self._binding()
+        if binding is None or not binding[0].check_headers:
             received()
             return
+        gate, authz = binding
         # From:/Sender: must be the user's too: nothing stored otherwise.
         self._through_gate(gate.headers(authz, body, smtputf8, self.conn_meta), received, "header")
 
