@@ -255,6 +255,10 @@ class AuthContext:
 class AccountLocked(error.UnauthorizedLogin):
     """The user is in ``[auth] locked_users``: answered as a wrong password."""
 
+    def __init__(self, user: str) -> None:
+        super().__init__(user)
+        self.user = user
+
 
 @implementer(IRealm)
 class SubmissionRealm:
@@ -278,7 +282,7 @@ class SubmissionRealm:
             raise NotImplementedError("SubmissionRealm only provides IMessageDelivery")
         authn = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else str(avatarId)
         if self.locked is not None and self.locked.locked(authn):
-            raise AccountLocked()
+            raise AccountLocked(authn)
         delivery = Delivery(mind.conn_meta, authn_id=authn, authz_id=mind.authz, store=self.store)
         return IMessageDelivery, delivery, delivery.logout
 
