@@ -5,11 +5,13 @@ the sessions it already has open, without a reload.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import smtplib
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from twisted.internet.task import Clock
 
 from kumoauth.auth import locked
 from kumoauth.storage.spool import Spool
-from tests.server import Certs, run_twistd, running_server, write_config
+from tests.server import Certs, Server, run_twistd, running_server, write_config
 from tests.test_e2e import POLICY, send, starttls_client
 
 pytestmark = pytest.mark.e2e
@@ -84,12 +86,19 @@ def test_the_file_is_looked_at_once_a_second_and_kept_when_it_breaks(tmp_path: P
     assert not users.locked("bob")
 
 
-def test_a_lock_closes_open_sessions_and_refuses_logins(tmp_path: Path, certs: Certs) -> None:
+@contextlib.contextmanager
+def locking_server(tmp_path: Path, certs: Certs, names: str) -> Iterator[tuple[Server, Path]]:
+    """A real server with ``[auth] locked_users`` holding *names*; its lock file."""
     directory = tmp_path / "srv"
     directory.mkdir()
     lockfile = directory / "locked"
-    lockfile.write_text("# none yet\n")
+    lockfile.write_text(names)
     with running_server(directory, certs, POLICY, auth='locked_users = "locked"') as srv:
+        yield srv, lockfile
+
+
+def test_a_lock_closes_open_sessions_and_refuses_logins(tmp_path: Path, certs: Certs) -> None:
+    with locking_server(tmp_path, certs, "# none yet\n") as (srv, lockfile):
         # Two sessions of the account, open before the lock: one between
         # messages, one in the middle of its DATA.
         idle = starttls_client(srv)
@@ -202,11 +211,7 @@ def test_a_refused_locked_login_stamps_nothing_and_waits_like_a_wrong_one(tmp_pa
 
 
 def test_a_reload_with_the_file_gone_keeps_the_configuration(tmp_path: Path, certs: Certs) -> None:
-    directory = tmp_path / "srv"
-    directory.mkdir()
-    lockfile = directory / "locked"
-    lockfile.write_text("scott\n")
-    with running_server(directory, certs, POLICY, auth='locked_users = "locked"') as srv:
+    with locking_server(tmp_path, certs, "scott\n") as (srv, lockfile):
         lockfile.unlink()
         srv.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "reload failed" in srv.log())
