@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from twisted.internet import defer
 
-from kumoauth.config import LimitsConfig, parse
+from kumoauth.config import LimitsConfig, ServerConfig, parse
 from kumoauth.policy import Policy, Reject
 from kumoauth.smtp.limits import counter_key
 from kumoauth.stores import StoreUnavailable
@@ -49,12 +49,26 @@ def send(s: Session, rcpts: int = 1) -> list[str]:
     return replies
 
 
+def deliver(s: Session, rcpts: int = 1) -> str:
+    """One whole transaction; the reply to the end of DATA."""
+    assert all(r.startswith("250 ") for r in send(s, rcpts))
+    assert s.command("DATA").startswith("354")
+    return s.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+
+
+def counts(s: Session, user: str = "alice") -> tuple[int, int]:
+    """The user's (messages, recipients) counts in the session's limits store."""
+    store = s.runtime.sending_limits.store
+    return tuple(  # type: ignore[return-value]
+        store._counters.get(counter_key(kind, user), [0])[0] for kind in ("messages", "recipients")
+    )
+
+
 def test_message_limit_refuses_mail_with_the_reset_time(make_session, captured_log):
     LIMIT_EVENTS.clear()
     s = session(make_session, LimitsConfig(window=3600, max_messages_per_user=2))
     for _ in range(2):
-        assert send(s)[0].startswith("250 ")
-        s.command("RSET")
+        assert deliver(s).startswith("250 ")
     s.clock.advance(200)
     refused = s.command("MAIL FROM:<a@example.com>")
     assert refused.startswith("451 4.7.1 Sending limit reached (2 messages per 3600 seconds)")
@@ -118,8 +132,7 @@ def test_what_the_policy_refuses_is_not_counted(make_session):
 
 def test_log_line_once_per_user_and_kind(make_session, captured_log):
     s = session(make_session, LimitsConfig(max_messages_per_user=1))
-    send(s)
-    s.command("RSET")
+    deliver(s)
     for _ in range(20):
         s.command("MAIL FROM:<a@example.com>")
     lines = [ln for ln in captured_log.text().splitlines() if ln.startswith("sending limit: user")]
@@ -254,3 +267,50 @@ def test_user_name_variants_share_one_counter_and_one_metric_label(make_session)
         if sample.name == "kumoauth_limit_exceeded_total"
     }
     assert labels == {("messages", "alice smith")}
+
+
+def test_a_transaction_that_ends_without_its_message_gives_the_counts_back(make_session):
+    """
+    RSET, a refusal at the end of DATA and a lost connection give back what
+    the transaction counted; only an accepted message keeps its counts (a
+    client retrying after a 451 used up its budget without sending).
+    """
+    s = session(
+        make_session,
+        LimitsConfig(max_messages_per_user=2, max_recipients_per_user=3),
+        server=ServerConfig(hostname="mail.example.com", max_message_size=100),
+    )
+    send(s, rcpts=2)
+    assert counts(s) == (1, 2)
+    assert s.command("RSET").startswith("250 ")
+    assert counts(s) == (0, 0)
+    # refused at the end of DATA: given back at the next MAIL
+    assert all(r.startswith("250 ") for r in send(s, rcpts=2))
+    assert s.command("DATA").startswith("354")
+    assert s.send(b"Subject: x\r\n\r\n" + b"y" * 200 + b"\r\n.\r\n").startswith("552 ")
+    assert counts(s) == (1, 2)  # held until the next command ends the transaction
+    assert deliver(s, rcpts=3).startswith("250 ")
+    assert counts(s) == (1, 3)
+    # over the recipient limit: 451 at RCPT; the retry after RSET is not refused
+    # for a message budget spent on attempts
+    assert s.command("MAIL FROM:<a@example.com>").startswith("250 ")
+    assert s.command("RCPT TO:<x@example.net>").startswith("451 4.7.1")
+    assert s.command("RSET").startswith("250 ")
+    for _ in range(5):
+        assert s.command("MAIL FROM:<a@example.com>").startswith("250 ")
+        assert s.command("RSET").startswith("250 ")
+    assert counts(s) == (1, 3)
+    # a session lost mid-transaction gives its counts back
+    send(s, rcpts=0)
+    assert counts(s) == (2, 3)
+    s.close()
+    assert counts(s) == (1, 3)
+
+
+def test_an_accepted_message_keeps_its_counts(make_session):
+    s = session(make_session, LimitsConfig(max_messages_per_user=1))
+    assert deliver(s).startswith("250 ")
+    s.command("RSET")
+    s.command("EHLO again.example")
+    assert counts(s) == (1, 0)
+    assert s.command("MAIL FROM:<a@example.com>").startswith("451 4.7.1")

@@ -134,6 +134,15 @@ async def scenario(store: Any, reactor: Any) -> list[Any]:
     trace.append(await store.get(c))
     ok, count, reset_in = await store.add(c, 4, WINDOW, 5)
     trace.append((ok, count, t(reset_in)))
+    # a negative amount gives back: never below zero, never a new window
+    for amount in (-3, -5):
+        ok, count, reset_in = await store.add(c, amount, WINDOW, 5)
+        trace.append((ok, count, t(reset_in)))
+    count, reset_in = await store.get(c)
+    trace.append((count, t(reset_in)))
+    ok, count, reset_in = await store.add("user:carol", -2, WINDOW, 5)
+    trace.append((ok, count, t(reset_in)))
+    trace.append(await store.get("user:carol"))
 
     s1, s2, s3 = await store.secret("salt"), await store.secret("salt"), await store.secret("x")
     trace.append((len(s1), s1 == s2, s1 == s3))
@@ -175,6 +184,11 @@ EXPECTED = [
     (0, 0.0),
     (0, 0.0),
     (True, 4, "in window"),
+    (True, 1, "in window"),
+    (True, 0, "in window"),
+    (0, "in window"),
+    (True, 0, "0"),
+    (0, 0.0),
     (32, True, False),
     0,
     1,

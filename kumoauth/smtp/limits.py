@@ -10,7 +10,11 @@ throttles fold user names (:func:`~kumoauth.stores.fold_user`: case, and
 spaces around and inside), for its counters and its metric label alike.
 A message is counted when MAIL is accepted, a recipient when RCPT is, both
 after the policy's own ``smtp_server_mail_from`` / ``smtp_server_rcpt_to``
-said yes (what the policy refuses costs nothing).
+said yes (what the policy refuses costs nothing), and both are given back
+when the transaction ends without the message accepted (RSET, a refusal or
+a 451 at the end of DATA, the connection lost): what the limit counts is
+mail that left, not attempts (a client retrying after a ``451`` would use up
+its budget faster than it sends).
 Over the limit: ``451 4.7.1`` saying when the window resets, one log line
 per user and kind per minute (repeats are summarised), a metric, and the
 policy event ``smtp_server_limit_exceeded(authn_id, kind, conn_meta)`` so a
@@ -49,6 +53,25 @@ def counter_key(kind: str, user: str) -> str:
     return f"limit:{kind}:{fold_user(user)}"
 
 
+class Charge:
+    """
+    What one transaction has counted against its user so far: given back
+    (:meth:`SendingLimits.give_back`) unless its message is accepted.
+    """
+
+    __slots__ = ("user", "messages", "recipients")
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.messages = 0
+        self.recipients = 0
+
+
+def _unexpected(f: Failure) -> None:
+    if not f.check(StoreUnavailable, defer.TimeoutError, defer.CancelledError):
+        log.failure("sending limits: unexpected error from the store", f)
+
+
 class SendingLimits:
     """
     The ``[limits]`` of one configuration generation over its store.
@@ -84,12 +107,14 @@ class SendingLimits:
         conn_meta: Any,
         timeout: float | None = None,
         clock: Any = None,
+        charge: Charge | None = None,
     ) -> defer.Deferred[bytes | None]:
         """
         Count one more of *kind* for *user*; fire with None when within the
-        limit, else with the reply to send.  A store silent for *timeout*
-        seconds (on *clock*) is down, as if it had refused: its state line
-        and ``on_store_error`` decide, not a traceback.
+        limit, else with the reply to send.  What was counted is added to
+        *charge*.  A store silent for *timeout* seconds (on *clock*) is
+        down, as if it had refused: its state line and ``on_store_error``
+        decide, not a traceback.
         """
         limit = self.limit_of(kind)
         if limit is None:
@@ -103,6 +128,11 @@ class SendingLimits:
             self.state.succeeded()
             allowed, count, reset_in = result
             if allowed:
+                if charge is not None:
+                    if kind == MESSAGES:
+                        charge.messages += 1
+                    else:
+                        charge.recipients += 1
                 return None
             return self._exceeded(kind, user, limit, reset_in, conn_meta)
 
@@ -121,6 +151,19 @@ class SendingLimits:
             return None if open_ else R_STORE_DOWN
 
         return d.addCallbacks(counted, failed)
+
+    def give_back(self, charge: Charge) -> None:
+        """
+        Uncount what *charge* counted: its transaction ended without the
+        message accepted.  Nobody waits for it; a store that is down keeps
+        the count until the window ends (its state line is the checks').
+        """
+        for kind, n in ((MESSAGES, charge.messages), (RECIPIENTS, charge.recipients)):
+            if not n:
+                continue
+            limit = self.limit_of(kind) or 0
+            d = self.store.add(counter_key(kind, charge.user), -n, self.config.window, limit)
+            d.addErrback(_unexpected)
 
     def _exceeded(self, kind: str, user: str, limit: int, reset_in: float, conn_meta: Any) -> bytes:
         wait = max(1, math.ceil(reset_in))

@@ -48,7 +48,7 @@ from kumoauth.smtp.data import (
     strip_identity_header,
     trace_date,
 )
-from kumoauth.smtp.limits import MESSAGES, RECIPIENTS
+from kumoauth.smtp.limits import MESSAGES, RECIPIENTS, Charge, SendingLimits
 from kumoauth.smtp.runtime import Runtime, limit_key
 from kumoauth.smtp.sender_gate import SenderGate, failed_reply
 from kumoauth.storage.delivery import Delivery, Message
@@ -111,7 +111,7 @@ class SubmissionProtocol(Protocol):
         "_timer", "_handshake_timer", "_pending", "_errors", "_auth_failures",
         "_secure", "_greeted", "_esmtp", "_sasl", "_final", "_mail_from",
         "_smtputf8", "_rcpts", "_reader", "_ip", "_initial_meta", "_producing",
-        "_out",
+        "_out", "_charge",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -145,6 +145,8 @@ class SubmissionProtocol(Protocol):
         self._mail_from: str | None = None
         self._smtputf8 = False
         self._rcpts: list[str] = []
+        #: what this transaction counted against [limits], and where
+        self._charge: tuple[SendingLimits, Charge] | None = None
         self._reader: DataReader | None = None
         self._ip = ""
         self.client = ""
@@ -329,6 +331,7 @@ class SubmissionProtocol(Protocol):
             self.rt.limits.release(self._limit_key)
             self.rt.metrics.connections.dec()
             self.rt.sessions.discard(self)
+        self._give_back()
         if self.delivery is not None:
             self.delivery.logout()
         if isinstance(reason, Failure) and _is_tls_failure(reason):
@@ -778,6 +781,7 @@ class SubmissionProtocol(Protocol):
         if self._mail_from is not None:
             self._error(b"503 5.5.1 Nested MAIL command")
             return
+        self._give_back()  # the last message's, if it was not accepted
         if self._locked_out():
             return
         try:
@@ -908,6 +912,10 @@ class SubmissionProtocol(Protocol):
         if limits is None or user is None:
             then()
             return
+        if self._charge is None or self._charge[0] is not limits:
+            self._give_back()  # counted by a generation a reload replaced
+            self._charge = (limits, Charge(user))
+        charge = self._charge[1]
 
         def checked(reply: bytes | None) -> None:
             if reply is None:
@@ -921,7 +929,7 @@ class SubmissionProtocol(Protocol):
 
         timeout = self.rt.policy_timeout
         self._wait(
-            limits.check(kind, user, self.conn_meta, timeout, self.rt.clock),
+            limits.check(kind, user, self.conn_meta, timeout, self.rt.clock, charge),
             checked,
             failed,
             timeout=timeout + STORE_WAIT_GRACE,
@@ -962,7 +970,11 @@ class SubmissionProtocol(Protocol):
     def _end_data(self) -> None:
         self._mode = COMMAND
         sender, recipients, smtputf8 = self._mail_from or "", self._rcpts, self._smtputf8
+        # This message's [limits] count stays until its outcome: kept if it
+        # is accepted, given back at the next MAIL, RSET or disconnect if not.
+        charge, self._charge = self._charge, None
         self._reset_transaction()
+        self._charge = charge
         if self._locked_out():
             self._reader = None
             return
@@ -1001,6 +1013,7 @@ class SubmissionProtocol(Protocol):
                 # who sent it, for a phished account's post-mortem
                 text += f" authn={field_value(authn)}"
             log.info("{text}", text=text, id=mid, client=self.client, size=size, n=n, authn=authn)
+            self._charge = None  # accepted: it counts
             self._send(b"250 2.0.0 OK queued as " + mid.encode())
             self.rt.process.spool_state.succeeded()
 
@@ -1051,6 +1064,14 @@ class SubmissionProtocol(Protocol):
         self._mail_from = None
         self._smtputf8 = False
         self._rcpts = []
+        self._give_back()
+
+    def _give_back(self) -> None:
+        """Uncount a transaction that ended without its message accepted."""
+        if self._charge is not None:
+            limits, charge = self._charge
+            self._charge = None
+            limits.give_back(charge)
 
     # --- AUTH (RFC 4954) -------------------------------------------------
     # The protocol only frames the exchange: the mechanism object decodes

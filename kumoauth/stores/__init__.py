@@ -103,7 +103,9 @@ class ICounterStore(Interface):
         Atomically: if the count under *key* plus *amount* stays within
         *limit*, add *amount* and fire with ``(True, new_count, reset_in)``;
         otherwise add nothing and fire with ``(False, count, reset_in)``.
-        *reset_in* is the seconds until the window ends.
+        *reset_in* is the seconds until the window ends.  A negative
+        *amount* gives back what was counted: never below zero, never
+        starting a window, always ``True``.
         """
 
     def get(key: str) -> defer.Deferred[tuple[int, float]]:

@@ -116,8 +116,13 @@ class MemoryStore:
                 self._counter(k, now)
         entry = self._counter(key, now)
         if entry is None:
+            if amount < 0:
+                return defer.succeed((True, 0, 0.0))
             entry = [0, now + window]
         count, end = int(entry[0]), entry[1]
+        if amount < 0:
+            entry[0] = max(0, count + amount)
+            return defer.succeed((True, int(entry[0]), max(0.0, end - now)))
         if count + amount > limit:
             if count:
                 self._counters[key] = entry

@@ -384,7 +384,8 @@ return {redis.call('ZCARD', key), tonumber(oldest[2]) + window - now}
 """
 )
 
-# KEYS[1] counter; ARGV: amount, window (ms), limit.  -> {allowed, count, ms left}
+# KEYS[1] counter; ARGV: amount (< 0 gives back), window (ms), limit.
+# -> {allowed, count, ms left}
 _ADD = """
 local key = KEYS[1]
 local amount = tonumber(ARGV[1])
@@ -392,6 +393,15 @@ local window = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 local count = tonumber(redis.call('GET', key) or '0')
 local ttl = redis.call('PTTL', key)
+if amount < 0 then
+  if ttl == -2 then return {1, 0, 0} end
+  local n = redis.call('INCRBY', key, amount)
+  if n < 0 then
+    redis.call('INCRBY', key, -n)
+    n = 0
+  end
+  return {1, n, ttl}
+end
 if count + amount > limit then
   if ttl == -1 then
     redis.call('PEXPIRE', key, window)
