@@ -153,7 +153,13 @@ def test_racing_sessions_of_one_user_through_two_instances_stay_within_the_caps(
             f"{prefix}count:limit:messages:scott",
             f"{prefix}count:limit:recipients:scott",
         ], keys
-        assert client("GET", f"{prefix}count:limit:messages:scott") == b"5"
+        # the messages stored keep their counts; a MAIL whose recipients all
+        # lost the race gave its count back when its session ended
+        stored = sum(1 for r in results if r[2] == 250)
+        assert stored in (4, 5), results
+        assert wait_for(
+            lambda: client("GET", f"{prefix}count:limit:messages:scott") == str(stored).encode()
+        )
         assert client("GET", f"{prefix}count:limit:recipients:scott") == b"12"
         assert 0 < client("PTTL", f"{prefix}count:limit:messages:scott") <= 3600_000
         blob = base64.b64encode(b"\0scott\0tiger").decode()
