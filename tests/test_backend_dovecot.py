@@ -17,6 +17,7 @@ The wire format's pure parts with hypothesis.
 from __future__ import annotations
 
 import base64
+import smtplib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields
@@ -166,11 +167,11 @@ def test_empty_password_or_user_is_denied_without_asking(dovecot, stores):
     assert check(nowhere, "", "alice", "") == DENIED
 
 
-def test_dovecot_canonical_user_name_is_meta(dovecot, stores):
+def test_dovecot_canonical_user_name_is_the_account(dovecot, stores):
     # auth_username_format = %Lu: Dovecot says user=alice for ALICE.
     store = stores(dovecot.client_socket)
     assert check(store, "", "ALICE", USERS.plain["alice"]) == Verdict(
-        True, {"dovecot_user": "alice"}
+        True, {"dovecot_user": "alice"}, user="alice"
     )
 
 
@@ -407,6 +408,12 @@ def test_the_built_in_checker_and_the_strcred_argument(dovecot, reactor, tmp_pat
     try:
         creds = PlainCredentials("", "alice", USERS.plain["alice"], conn_meta())
         assert in_reactor(checker.requestAvatarId, creds) == "alice"
+        # the account Dovecot names (auth_username_format = %Lu), not the login
+        creds = PlainCredentials("", "Alice", USERS.plain["alice"], conn_meta())
+        assert in_reactor(checker.requestAvatarId, creds) == "alice"
+        # a master user's login stays the master's: only the target is Dovecot's
+        creds = PlainCredentials("ALICE", "kumoauth", USERS.masters["kumoauth"], conn_meta())
+        assert in_reactor(checker.requestAvatarId, creds) == "kumoauth"
     finally:
         in_reactor(checker.stop)
     assert from_argstring(tcp(dovecot)).socket == tcp(dovecot)
@@ -522,7 +529,7 @@ def test_answers_out_of_order_reach_their_requests(clock):
     assert result_of(ds[0]) == Verdict(True, {}) and result_of(ds[2]) == DENIED
     assert not_fired(ds[1])
     peer.send(f"OK\t{ids[1]}\tuser=U1\textra=field\tpass=notforus")
-    assert result_of(ds[1]) == Verdict(True, {"dovecot_user": "U1"})
+    assert result_of(ds[1]) == Verdict(True, {"dovecot_user": "U1"}, user="U1")
 
 
 @pytest.mark.parametrize(
@@ -830,3 +837,53 @@ def test_request_params_tell_dovecot_the_proxy_as_real_rip():
     assert "rip=198.51.100.7" in params and "real_rip=10.0.0.5" in params
     direct = request_params("smtp", conn_meta(received_from="198.51.100.7:40000"))
     assert not any(p.startswith("real_rip=") for p in direct)
+
+
+def test_a_login_acts_as_the_account_dovecot_names(dovecot, certs, tmp_path):
+    """
+    Through a real ``twistd kumoauth`` with ``checker = "dovecot"``: "ALICE"
+    and "Alice" are Dovecot's alice (``auth_username_format = %Lu``), so
+    the stored identity, the sender binding and ``locked_users`` see that
+    one account.  A postmaster's walkthrough found a locked alice logging
+    in as ALICE, and Alice refused her own address, as Postfix never did.
+    """
+    from tests.server import running_server
+    from tests.test_e2e import login, queued_id, spooled, starttls_client
+
+    locked, senders = tmp_path / "locked", tmp_path / "senders"
+    locked.write_text("")
+    senders.write_text("alice@example.com alice\n")
+    password = USERS.plain["alice"]
+    with running_server(
+        tmp_path / "srv",
+        certs,
+        None,
+        auth=f'checker = "dovecot"\nlocked_users = "{locked}"',
+        extra=(
+            f'[auth.dovecot]\nsocket = "{dovecot.client_socket}"\n'
+            f'[sender_binding]\nmap = "{senders}"\n'
+        ),
+    ) as srv:
+        with starttls_client(srv) as s:
+            assert login(s, "PLAIN", "ALICE", password)[0] == 235
+            assert s.mail("alice@example.com")[0] == 250
+            assert s.rcpt("x@example.net")[0] == 250
+            code, reply = s.data(b"From: alice@example.com\r\nSubject: t\r\n\r\nhi\r\n")
+            assert code == 250, reply
+        meta = spooled(srv, queued_id(reply)).meta
+        assert (meta["authn_id"], meta["authz_id"], meta["dovecot_user"]) == ("alice",) * 3
+        assert "AUTH PLAIN success authc=ALICE authz=ALICE authn=alice " in srv.log()
+        locked.write_text("alice\n")
+        deadline = time.monotonic() + 5
+        while True:
+            with starttls_client(srv) as s:
+                try:
+                    code = login(s, "PLAIN", "Alice", password)[0]
+                except smtplib.SMTPAuthenticationError as e:
+                    code = e.smtp_code
+            if code == 535 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert code == 535
+        assert "reason=locked" in srv.log()
+        assert password not in srv.log() and "Traceback" not in srv.log()

@@ -330,15 +330,17 @@ def test_exact_entries(map_file):
     assert check(b, "carol", "sales@EXAMPLE.COM").allowed
     assert not check(b, "bob", "alice@example.com").allowed
     assert check(b, "john", '"John Doe"@example.com').allowed
-    assert not check(b, "john", '"john doe"@example.com').allowed  # local part exact
+    assert check(b, "john", '"john doe"@example.com').allowed  # the same in another case
+    assert not check(b, "bob", '"john doe"@example.com').allowed
 
 
-def test_local_part_is_case_sensitive_domain_is_not(map_file):
+def test_local_part_and_domain_compare_without_case(map_file):
+    # as Postfix's smtpd_sender_login_maps, whose tables fold case
     b = map_binding(map_file)
     assert check(b, "alice", "alice@EXAMPLE.com").allowed
-    d = check(b, "alice", "Alice@example.com")
-    assert not d.allowed  # "Alice@" is not in the map; @example.com is scott's
-    assert d.rule == 'map line 6: "@example.com scott" (does not list this user)'
+    assert check(b, "alice", "Alice@example.com") == Decision(
+        True, 'map line 2: "alice@example.com alice" (the address in another case)'
+    )
 
 
 def test_domain_wildcard_key(map_file):
@@ -410,14 +412,19 @@ def test_case_variants_of_protected_addresses_with_strip_detail(map_file):
     assert check(b, "scott", "x+y@example.com").allowed
 
 
-def test_case_variants_grant_nothing_new(map_file):
-    """The guard only refuses: local parts still compare exactly to allow."""
+def test_variants_grant_nothing_new(map_file):
+    """
+    Another letter case is the entry's own for the users it lists; any
+    other variant (compatibility forms, invisible characters) only refuses.
+    """
     b = map_binding(map_file)
-    d = check(b, "alice", "Alice@example.com")
-    assert d == Decision(False, 'map line 6: "@example.com scott" (does not list this user)')
-    assert not check(b, "ceo", "CEO@example.com").allowed  # no rule gives ceo that address
+    assert check(b, "ceo", "CEO@example.com").allowed
     assert check(b, "ceo", "ceo@example.com").allowed
-    assert check(b, "carol", "sales@example.com").allowed
+    assert check(b, "carol", "Sales@example.com").allowed
+    for variant in ("\uff43eo@example.com", "c\u200beo@example.com", "CE\u034fO@example.com"):
+        d = check(b, "ceo", variant)
+        assert not d.allowed, variant
+        assert "does not list this user" in d.rule
 
 
 def test_login_domain_wildcard(map_file):
@@ -442,7 +449,8 @@ def test_smtputf8_local_part(tmp_path):
     b = map_binding(path)
     assert check(b, "juergen", "jürgen@xn--bcher-kva.example").allowed
     assert check(b, "juergen", "ju\u0308rgen@bücher.example").allowed  # NFD from a client
-    assert not check(b, "juergen", "JÜRGEN@bücher.example").allowed
+    assert check(b, "juergen", "JÜRGEN@bücher.example").allowed  # letter case only
+    assert not check(b, "juergen", "\uff4a\u00fcrgen@bücher.example").allowed  # fullwidth
 
 
 def test_detail_stripping_off(map_file):
@@ -815,7 +823,10 @@ def test_ldap_several_mail_values(ldap_binding):
         True, "ldap mail=alice@example.test"
     )
     assert real_check(ldap_binding, "alice", "Alice.Smith@EXAMPLE.test").allowed
-    assert not real_check(ldap_binding, "alice", "alice.smith@example.test").allowed
+    assert real_check(ldap_binding, "alice", "alice.smith@example.test") == Decision(
+        True, "ldap mail=Alice.Smith@example.test (the address in another case)"
+    )
+    assert not real_check(ldap_binding, "alice", "alice.smith\u200b@example.test").allowed
     assert real_check(ldap_binding, "alice", "bob@example.test") == Decision(
         False, "no rule for this address"
     )
@@ -992,7 +1003,8 @@ def _sql_checks(b: Any) -> None:
         True, 'sql row "alice@example.com"'
     )
     assert real_check(b, "alice", "Alice.Smith@example.com").allowed
-    assert not real_check(b, "alice", "alice.smith@example.com").allowed
+    assert real_check(b, "alice", "alice.smith@example.com").allowed  # another case
+    assert not real_check(b, "alice", "\uff41lice.smith@example.com").allowed
     assert real_check(b, "bob", "x@shared.example.com") == Decision(
         True, 'sql row "@shared.example.com"'
     )

@@ -159,7 +159,12 @@ class AuthLog:
         result: str,
         reason: str | None = None,
         latency: float | None = None,
+        authn: str | None = None,
     ) -> None:
+        """
+        Count and log one attempt; *authn* is the account a success logged
+        in as, said when the store spells it otherwise than the login.
+        """
         metrics = self.metrics
         metrics.auth_attempts.labels(_mechanism_label(attempt.mechanism), result).inc()
         if result == "throttled" and reason:
@@ -178,6 +183,8 @@ class AuthLog:
             parts.append(f"authc={field_value(attempt.authc)}")
         if attempt.authz is not None:
             parts.append(f"authz={field_value(attempt.authz)}")
+        if authn is not None and authn != attempt.authc:
+            parts.append(f"authn={field_value(authn)}")
         parts.append(f"client={attempt.client} listener={attempt.listener}")
         if latency is not None:
             parts.append(f"checker_latency={latency:.3f}s")
@@ -190,6 +197,7 @@ class AuthLog:
             result=result,
             authc=attempt.authc,
             authz=attempt.authz,
+            authn=authn,
             client=attempt.client,
             listener=attempt.listener,
             checker_latency=latency or 0.0,
@@ -383,8 +391,11 @@ class Authenticator:
             if bearer:
                 # A bearer checker learns the user from the token only now.
                 attempt.authc, attempt.authz = credentials.authc, credentials.authz
-            self.log.record(attempt, "success", latency=self._latency(attempt))
-            return Outcome("success", R_SUCCESS, delivery=result[1])
+            delivery = result[1]
+            self.log.record(
+                attempt, "success", latency=self._latency(attempt), authn=delivery.authn_id
+            )
+            return Outcome("success", R_SUCCESS, delivery=delivery)
 
         def failure(f: Failure) -> Any:
             if f.check(defer.CancelledError):

@@ -283,7 +283,13 @@ class SubmissionRealm:
         authn = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else str(avatarId)
         if self.locked is not None and self.locked.locked(authn):
             raise AccountLocked(authn)
-        delivery = Delivery(mind.conn_meta, authn_id=authn, authz_id=mind.authz, store=self.store)
+        authz = mind.authz
+        credentials = mind.credentials
+        if credentials is not None and authz == credentials.authc:
+            # No other identity asked for: the account's own name, as the
+            # store spells it (Dovecot's user= for "Alice"), not the login's.
+            authz = authn
+        delivery = Delivery(mind.conn_meta, authn_id=authn, authz_id=authz, store=self.store)
         return IMessageDelivery, delivery, delivery.logout
 
 

@@ -29,7 +29,9 @@ and with needless quotes removed (``"alice"@x`` is ``alice@x``).  With
 is looked up again as ``user@domain``.  An exact map entry also guards
 the variants of its address that receiving systems take for it (case,
 compatibility characters: ``CEO@x`` for ``ceo@x``) from its domain's
-wildcard; a variant only ever refuses.
+wildcard; a variant in another letter case only is the entry's own for
+the users it lists (``Alice@x`` for alice, as Postfix's maps fold case),
+any other variant only ever refuses.
 """
 
 from __future__ import annotations
@@ -247,8 +249,9 @@ def _local(local: str) -> str:
 def normalize(address: str) -> str:
     """
     *address* in the form sender binding compares: the local part exactly
-    as given (case kept: ``Alice`` and ``alice`` are two mailboxes, as RFC
-    5321 §2.4 lets only the receiving host decide), after Unicode NFC (an
+    as given (case kept: ``Alice`` and ``alice`` are two keys, as RFC 5321
+    §2.4 lets only the receiving host decide; :meth:`SenderMap.decide`
+    lets a case variant of an entry's address be that entry's), after Unicode NFC (an
     SMTPUTF8 address from a macOS client may come decomposed) and with
     needless quotes removed; the domain lower-cased and, when
     internationalized, IDNA-decoded to U-labels after UTS #46 mapping (the
@@ -342,8 +345,11 @@ class SenderMap:
         systems take ``CEO@example.com`` (or ``ｃeo@example.com`` in
         compatibility characters) for ``ceo@example.com``, so a candidate
         that differs from an exact entry only in case or compatibility
-        form is refused to a user that entry does not list.  It only
-        refuses: to be allowed, the local part must still match exactly.
+        form is refused to a user that entry does not list.  A candidate
+        that differs only in letter case (``Alice@example.com``) is allowed
+        to the users the entry lists, as Postfix's ``smtpd_sender_login_maps``
+        (whose tables fold case) allowed it; a compatibility form or an
+        invisible character never allows.
         """
         login = _login(login)
         login_domain = _login_domain(login)
@@ -351,6 +357,13 @@ class SenderMap:
             rules = self.exact.get(candidate)
             if rules is not None:
                 return _by_rules(rules, login, login_domain)
+        for candidate in candidates:
+            for key in self.variants.get(_variant_key(candidate), ()):
+                if _case_key(key) != _case_key(candidate):
+                    continue
+                for rule in self.exact[key]:
+                    if rule.admits(login, login_domain):
+                        return Decision(True, rule.describe() + " (the address in another case)")
         for candidate in candidates:
             for key in self.variants.get(_variant_key(candidate), ()):
                 rules = self.exact[key]
@@ -386,6 +399,12 @@ class SenderMap:
                 except_ = sorted(refused_in.get(domain, []))
                 out.append(f"@{domain}" + (f" (except {', '.join(except_)})" if except_ else ""))
         return sorted(out)
+
+
+def _case_key(address: str) -> str:
+    """*address* (normalized) with its local part lower-cased: letter case only."""
+    local, at, domain = address.rpartition("@")
+    return f"{local.lower()}{at}{domain}"
 
 
 def _variant_key(address: str) -> str:
@@ -835,13 +854,20 @@ class _ListSource:
         if values is None:
             return Decision(False, f"no {self.kind} entry for this user")
         domain = candidates[0].rpartition("@")[2]
+        folded = {_case_key(c) for c in candidates}
         wildcard: str | None = None
+        other_case: str | None = None
         for value in values:
             n = normalize(value.strip())
             if n in candidates:
                 return Decision(True, self.rule(value))
             if wildcard is None and n.startswith("@") and n[1:] == domain:
                 wildcard = value
+            if other_case is None and "@" in n[1:] and _case_key(n) in folded:
+                other_case = value
+        if other_case is not None:
+            # the user's own address in another letter case (Alice@ for alice@)
+            return Decision(True, self.rule(other_case) + " (the address in another case)")
         if wildcard is not None:
             return Decision(True, self.rule(wildcard))
         return NO_RULE

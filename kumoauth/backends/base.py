@@ -52,11 +52,17 @@ log = Logger(namespace="kumoauth.backends")
 class Verdict:
     """
     A store's answer: *ok*, and on success the meta to merge into conn_meta
-    (an HTTP auth API's ``meta``, a tenant column).  Truthy when ok.
+    (an HTTP auth API's ``meta``, a tenant column), and *user*, the
+    account's own name when the store spells it otherwise than the login
+    (Dovecot's ``user=`` after ``auth_username_format`` and its default
+    realm): that name is the session's ``authn_id``, so locks, limits and
+    sender binding see one account whatever the client typed.  Truthy when
+    ok.
     """
 
     ok: bool
     meta: Mapping[str, Any] = field(default_factory=dict)
+    user: str | None = None
 
     def __bool__(self) -> bool:
         return self.ok
@@ -205,6 +211,9 @@ class StoreChecker:
                         )
                     continue
                 credentials.conn_meta.set_meta(key, value)
+            if verdict.user and credentials.authz == credentials.authc:
+                # The account's own name (the login asked for no other).
+                return verdict.user
             return credentials.authc
 
         def failed(f: Failure) -> Any:

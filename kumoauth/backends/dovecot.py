@@ -828,8 +828,10 @@ class Dovecot:
         verdict = await users.check(authz, authc, password, conn_meta)
 
     - ``OK`` → ``Verdict(True)``; when Dovecot's ``user=`` differs from the
-      identity asked for (``auth_username_format``, a master user), meta
-      ``dovecot_user`` is that user name;
+      identity asked for (``auth_username_format``, a default realm, a
+      master user), meta ``dovecot_user`` is that user name, and it is the
+      verdict's ``user`` (the session's ``authn_id``) for a login that
+      asked for no other identity;
     - ``FAIL`` → :data:`DENIED`, unless it says the failure is temporary
       (``code=temp_fail``, ``temp``): :class:`BackendError`;
     - ``OK`` with ``nologin`` (the passdb says this user may not log in)
@@ -971,8 +973,9 @@ class Dovecot:
         if "nologin" in p:
             return DENIED
         user = p.get("user")
-        meta = {"dovecot_user": user} if user and user != identity else {}
-        return Verdict(True, meta)
+        if not user or user == identity:
+            return Verdict(True, {})
+        return Verdict(True, {"dovecot_user": user}, user=user)
 
     def __repr__(self) -> str:
         return f"<Dovecot {self.client.target}>"
