@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, task
+from twisted.logger import formatEvent
 
 from kumoauth.auth import sasl
 from kumoauth.config import AuthConfig
@@ -474,3 +475,18 @@ def test_one_log_event_per_attempt(make_session, checker, captured_log):
     assert last["client"] == "127.0.0.1:50000"
     assert last["listener"] == "tcp:587"
     assert isinstance(last["checker_latency"], float)
+
+
+def test_a_malformed_attempt_says_why_in_its_log_line(session, checker, captured_log):
+    # an outside test could not tell a prohibited character from bad base64
+    s = session()
+    assert s.command("AUTH PLAIN " + plain_b64("", "a\u202eb", PW)).startswith("501 5.5.2")
+    other = session(client=("127.0.0.2", 50000))  # its own line, not summarised
+    assert other.command("AUTH PLAIN !!!").startswith("501 5.5.2")
+    lines = [
+        formatEvent(e) for e in captured_log.events if "AUTH PLAIN malformed" in formatEvent(e)
+    ]
+    assert len(lines) == 2, lines
+    assert lines[0].endswith(' reason="authcid contains a prohibited character"')
+    assert lines[1].endswith(' reason="Invalid base64 data"')
+    assert "\u202e" not in captured_log.text() and PW not in captured_log.text()

@@ -189,7 +189,7 @@ class AuthLog:
         if latency is not None:
             parts.append(f"checker_latency={latency:.3f}s")
         if reason:
-            parts.append(f"reason={reason}")
+            parts.append(f"reason={field_value(reason)}")
         auth_log.info(
             "{text}",
             text=" ".join(parts),

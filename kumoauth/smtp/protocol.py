@@ -1156,7 +1156,9 @@ class SubmissionProtocol(Protocol):
             creds = credentials_for(result, self.conn_meta)
         except sasl.SASLError as e:
             self._mode = COMMAND
-            self._sasl_done(e.kind)
+            # the reason is kumoauth's own words ("authcid contains a
+            # prohibited character"), never the client's bytes
+            self._sasl_done(e.kind, e.reason if e.kind == "malformed" else None)
             self._error(e.reply)
             return
         self._wait(
@@ -1200,7 +1202,7 @@ class SubmissionProtocol(Protocol):
         log.failure("bug in an AUTH attempt from {client}", f, client=self.client)
         self._send(R_TEMPFAIL)
 
-    def _sasl_done(self, result: str) -> None:
+    def _sasl_done(self, result: str, reason: str | None = None) -> None:
         """
         An exchange that ended before its credentials were checked
         (malformed, cancelled, too long): log it and forget it, and a
@@ -1210,7 +1212,7 @@ class SubmissionProtocol(Protocol):
         self._final = None
         exchange, self._sasl = self._sasl, None
         if exchange is not None:
-            self.rt.authenticator.log.record(exchange.attempt, result)
+            self.rt.authenticator.log.record(exchange.attempt, result, reason=reason)
 
 
 class _SASLExchange:
