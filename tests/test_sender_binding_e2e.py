@@ -994,3 +994,21 @@ def test_postgresql_down_is_451(tmp_path, certs):
         # one line for both lookups: the null sender between them says nothing
         assert log.count("sender binding store unavailable") == 1
         assert "sender binding store available again" not in log
+
+
+def test_a_from_that_bidi_controls_make_read_as_a_protected_address_is_550(bound):
+    # "<RLO>oec<PDF>@scott.example" shows as ceo@scott.example, which only
+    # ceo may use; scott's wildcard let the header through (outside test)
+    before = spooled_ids(bound)
+    with session(bound) as s:
+        for header in (
+            "From: <\u202eoec\u202c@scott.example>",
+            "From: CEO <\u2067oec\u2069@scott.example>",
+            "From: <ceo\u00a0@scott.example>",
+        ):
+            stage, code, text = send(
+                s, "x@scott.example", message(header), ("SMTPUTF8",)
+            )
+            assert (stage, code) == ("data", 550), (header, text)
+        sent(s, bound, "x@scott.example", message("From: <oec@scott.example>"))
+    assert len(spooled_ids(bound) - before) == 1

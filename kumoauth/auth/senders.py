@@ -434,6 +434,20 @@ _IGNORABLE = re.compile(
 )
 
 
+def _deceptive(address: str) -> bool:
+    """
+    Whether *address* holds a character no mailbox needs and a reader may
+    be fooled by: default-ignorables and controls (:data:`_IGNORABLE`,
+    bidi embeddings, overrides and isolates among them) or a separator
+    other than SPACE (NO-BREAK SPACE, LINE SEPARATOR...).
+    """
+    if address.isascii():
+        return _IGNORABLE.search(address) is not None
+    return _IGNORABLE.search(address) is not None or any(
+        c != " " and unicodedata.category(c) in ("Zs", "Zl", "Zp") for c in address
+    )
+
+
 def _visible(text: str) -> str:
     """*text* without default-ignorable and control characters."""
     return _IGNORABLE.sub("", text)
@@ -1060,6 +1074,13 @@ class SenderBinding:
             return Decision(False, "no authenticated user")
         if "@" not in address or address.endswith("@"):
             return Decision(False, "not an address (no @domain)")
+        if _deceptive(address):
+            # RLO "oec" PDF shows as "ceo": no mailbox needs such a character
+            return Decision(
+                False,
+                "an address with a character that shows as nothing, reorders "
+                "the text (bidi control) or is a space or line break other than SPACE",
+            )
         return None
 
     def lookup(self, authz: str, address: str) -> defer.Deferred[Decision]:
