@@ -37,6 +37,7 @@ from kumoauth.relay.client import (
     crlf_body,
     dot_stuff,
     format_reply,
+    headers_need_utf8,
     parse_ehlo,
     parse_replies,
     parse_reply,
@@ -389,6 +390,58 @@ def test_smtputf8_needed_not_offered_bounces_and_sends_nothing(reactor, tmp_path
         assert session.reusable
         close(session)
         assert up.messages == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"Subject: plain\r\n\r\nhello\r\n",
+        "Subject: plain\r\n\r\ncaf\u00e9 body only\r\n".encode(),  # 8-bit body only
+    ],
+)
+def test_smtputf8_asked_for_but_not_needed_goes_to_an_upstream_without_it(reactor, tmp_path, body):
+    # Some clients send SMTPUTF8 on every message once offered: with an
+    # ASCII envelope and ASCII headers nothing needs it (it bounced 5.6.7).
+    with running_upstream(smtputf8=False) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message("b@example.net", body=body, smtputf8=True))
+        assert result.delivered == ["b@example.net"]
+        close(session)
+        [got] = up.messages
+        assert "SMTPUTF8" not in got.mail_options
+        assert ("BODY=8BITMIME" in got.mail_options) == (not body.isascii())
+        assert got.data == body
+
+
+def test_smtputf8_asked_for_is_passed_on_where_offered(reactor, tmp_path):
+    with running_upstream() as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        send(session, message("b@example.net", body=b"Subject: x\r\n\r\nhi\r\n", smtputf8=True))
+        close(session)
+        [got] = up.messages
+        assert "SMTPUTF8" in got.mail_options
+
+
+def test_a_utf8_header_of_a_mime_part_needs_smtputf8(reactor, tmp_path):
+    body = (
+        b'Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n'
+        b"\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\n"
+        + 'Content-Disposition: attachment; filename="grüße.txt"\r\n'.encode()
+        + b"\r\nx\r\n--b--\r\n"
+    )
+    with running_upstream(smtputf8=False) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        result = send(session, message("b@example.net", body=body, smtputf8=True))
+        assert result.recipients["b@example.net"][1] == "5.6.7"
+        close(session)
+        assert up.messages == []
+
+
+def test_headers_need_utf8():
+    assert not headers_need_utf8(b"Subject: a\r\n\r\n\xc3\xa9\r\n")
+    assert headers_need_utf8("Subject: é\r\n\r\nx\r\n".encode())
+    assert headers_need_utf8("From: é@x.example\r\n\r\n".encode())
+    assert not headers_need_utf8(b"no header at all\r\n")
 
 
 def test_8bitmime_needed_and_offered(reactor, tmp_path):

@@ -447,6 +447,25 @@ class OutboundMessage(Protocol):
     def body(self) -> bytes: ...
 
 
+def headers_need_utf8(body: bytes) -> bool:
+    """
+    Whether a header of the message or of one of its MIME parts is not
+    ASCII (RFC 6532 UTF-8 headers): what SMTPUTF8 is needed for, beyond
+    the envelope.
+    """
+    if body.isascii():
+        return False
+    from email import policy
+    from email.parser import BytesParser
+
+    parsed = BytesParser(policy=policy.compat32).parsebytes(body)
+    for part in parsed.walk():
+        # compat32 keeps a header's non-ASCII octets as surrogate escapes
+        if any(not (name + str(value)).isascii() for name, value in part._headers):
+            return True
+    return False
+
+
 def _body(message: Any) -> bytes:
     body = getattr(message, "body", None)
     if body is None:
@@ -1144,11 +1163,13 @@ class UpstreamSession:
         recipients = list(dict.fromkeys(message.rcpt_to))
         results: dict[str, RecipientResult] = {}
         body = _body(message)
-        utf8 = (
-            bool(message.smtputf8)
-            or not message.mail_from.isascii()
-            or not all(r.isascii() for r in recipients)
-        )
+        utf8 = not message.mail_from.isascii() or not all(r.isascii() for r in recipients)
+        if message.smtputf8 and not utf8:
+            # The client asked for SMTPUTF8 (some do for every message once
+            # it is offered): passed on where the upstream has it; where it
+            # has not, needed only if a header is UTF-8 (RFC 6531 §3.2),
+            # else the message goes as it is, as Postfix sends it.
+            utf8 = "SMTPUTF8" in self.extensions or headers_need_utf8(body)
         eightbit = bool(message.eightbit) or not body.isascii()
         data = crlf_body(body)
         size = max(int(message.size or 0), len(data))

@@ -708,7 +708,20 @@ class Relay(service.Service):
             dsn = None
         else:
             if dsn is None:
-                log.info("relay {id}: no bounce (null sender or a delivery report)", id=entry.id)
+                # A report is never bounced (no loops): it is lost, so say so
+                # plainly, with why (a UTF-8 sender behind an upstream
+                # without SMTPUTF8 loses every report this way).
+                reasons = dict.fromkeys(
+                    _shown(str(getattr(r, "line", ""))) for r in failed.values()
+                )
+                reasons.pop("", None)
+                log.warn(
+                    "relay {id}: not delivered to {rcpts} ({why}) and not bounced: it has "
+                    "the null sender or is a delivery report; it is dropped",
+                    id=entry.id,
+                    rcpts=field_value(",".join(failed), MAX_LIST),
+                    why="; ".join(reasons) or "failed",
+                )
         if dsn is not None:
             try:
                 bid = await self.store_bounce(dsn, envelope.get("mail_from", ""))
