@@ -366,3 +366,28 @@ def test_client_ip_reaches_the_checker(tmp_path, ip, received_from):
     )
     result = run_auth_test(config, "--client-ip", ip, "scott")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_piped_password_is_utf8_whatever_the_locale(tmp_path):
+    # A UTF-8 password piped in under a latin-1 locale was read as latin-1
+    # and answered "failure" (outside test with non-ASCII users).
+    users = tmp_path / "users"
+    users.write_text(f"jürgen:{hash_password('pässwort', 'SHA512-CRYPT')}\n", encoding="utf-8")
+    config = write_config(
+        tmp_path, '[auth]\nchecker = "passwd-file"\n[auth.passwd-file]\npath = "users"\n'
+    )
+    command = [sys.executable, "-m", "kumoauth.cli", "auth", "test", "--config", str(config)]
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    ok = subprocess.run(
+        [*command, "jürgen"], input="pässwort\n".encode(), capture_output=True, env=env, timeout=60
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(b"result: success")
+    assert '"authn_id": "jürgen"'.encode("latin-1") in ok.stdout  # in the locale's encoding
+    bad = subprocess.run(
+        [*command, "jürgen"], input=b"p\xe4sswort\n", capture_output=True, env=env, timeout=60
+    )
+    assert bad.returncode == 1
+    assert (
+        bad.stderr.strip() == b"kumoauth: error: the password is not UTF-8 (as SMTP AUTH sends it)"
+    )

@@ -148,7 +148,9 @@ def test_show_escapes_controls_on_a_terminal_and_meta_is_ascii(tmp_path):
     import pty
 
     path = tmp_path / "spool"
-    body = b"Subject: \x1b[31mred\x07\r\n\r\nbody\x1b[2J\r\n"
+    body = b"Subject: \x1b[31mred\x07\r\n\r\nbody\x1b[2J\r\n" + (
+        "From: <\u202eoec\u202c@example.com>\u2028x\r\n".encode()
+    )
     with QueueStore.open(path) as store:
         (mid,) = store.append_batch(
             [Message(new_id(), "a@example.com", ["b@example.net"], body, {})]
@@ -172,6 +174,9 @@ def test_show_escapes_controls_on_a_terminal_and_meta_is_ascii(tmp_path):
             os.close(terminal)
     assert b"\x1b" not in seen and b"\x07" not in seen
     assert b"\\x1b[31mred\\x07" in seen and b"body\\x1b[2J" in seen
+    # as less shows them: what reorders or breaks the text is named, not obeyed
+    assert "\u202e".encode() not in seen and "\u2028".encode() not in seen
+    assert b"From: <<U+202E>oec<U+202C>@example.com><U+2028>x" in seen
     # Piped, the message's own bytes (for re-injection, say).
     piped = subprocess.run(cli_command(path, "show", mid), capture_output=True, timeout=60)
     assert piped.stdout == body
@@ -556,3 +561,22 @@ def test_giving_the_queue_away_never_follows_a_symlink(tmp_path):
     give_queue(path, 65534, 65534)
     assert victim.stat().st_uid == 0
     assert (path / "seg" / "planted.q").lstat().st_uid == 65534
+
+
+def test_a_utf8_address_is_escaped_for_a_locale_that_cannot_show_it(tmp_path):
+    # PYTHONIOENCODING=ascii: spool list died with a UnicodeEncodeError
+    path = tmp_path / "spool"
+    with QueueStore.open(path) as store:
+        store.append_batch(
+            [Message(new_id(), "jürgen@bücher.example", ["b@example.net"], DATA, {})]
+        )
+    result = subprocess.run(
+        cli_command(path, "list"),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONIOENCODING": "ascii"},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "j\\xfcrgen@b\\xfccher.example" in result.stdout
+    assert "Traceback" not in result.stderr

@@ -1006,9 +1006,7 @@ def test_a_from_that_bidi_controls_make_read_as_a_protected_address_is_550(bound
             "From: CEO <\u2067oec\u2069@scott.example>",
             "From: <ceo\u00a0@scott.example>",
         ):
-            stage, code, text = send(
-                s, "x@scott.example", message(header), ("SMTPUTF8",)
-            )
+            stage, code, text = send(s, "x@scott.example", message(header), ("SMTPUTF8",))
             assert (stage, code) == ("data", 550), (header, text)
         sent(s, bound, "x@scott.example", message("From: <oec@scott.example>"))
     assert len(spooled_ids(bound) - before) == 1

@@ -141,6 +141,13 @@ def build_parser(prog: str = "kumoauth") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "kumoauth") -> int:
+    for stream in (sys.stdout, sys.stderr):
+        # A locale that is not UTF-8 (LANG=C on an old system,
+        # PYTHONIOENCODING=latin-1): a UTF-8 address or user name is shown
+        # as \xfc escapes, not a UnicodeEncodeError traceback.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     args = build_parser(prog).parse_args(argv)
     try:
         return int(args.run(args))

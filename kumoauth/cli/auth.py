@@ -94,9 +94,18 @@ def read_password() -> str:
         except EOFError:
             print(file=sys.stderr)  # end the prompt's line
             raise NoPassword() from None
-    line = sys.stdin.readline()
-    if line == "":
+    # Piped, the password's bytes are read as UTF-8, what a client sends
+    # in AUTH, whatever the locale (latin-1 would make "pässwort" another).
+    stream = getattr(sys.stdin, "buffer", None)
+    raw = stream.readline() if stream is not None else sys.stdin.readline().encode()
+    if raw == b"":
         raise NoPassword()
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        from kumoauth.cli import CommandError
+
+        raise CommandError("the password is not UTF-8 (as SMTP AUTH sends it)") from None
     return line.rstrip("\r\n") if line.endswith("\n") else line
 
 

@@ -364,6 +364,10 @@ def do_list(args: argparse.Namespace) -> int:
 
 #: octets a terminal would act on: controls but tab, line feed and CR
 _TERMINAL_UNSAFE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: characters a terminal would not show as themselves: C1 controls, the
+#: bidi embeddings, overrides, isolates and marks, zero-width characters,
+#: LINE and PARAGRAPH SEPARATOR (less shows them as <U+202E>)
+_INVISIBLE = re.compile("[\x80-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def do_show(args: argparse.Namespace, mid: str) -> int:
@@ -382,8 +386,14 @@ def do_show(args: argparse.Namespace, mid: str) -> int:
             data = msg.read_bytes()
             if sys.stdout.isatty():
                 # As less does: a control a client wrote (ESC sequences,
-                # BEL) shown, not obeyed; piped, the bytes are the message's.
+                # BEL) shown, not obeyed, and so is what reorders or breaks
+                # the text (bidi controls, LINE SEPARATOR); piped, the bytes
+                # are the message's.
                 data = _TERMINAL_UNSAFE.sub(lambda m: b"\\x%02x" % m[0][0], data)
+                if not data.isascii():
+                    text = data.decode("utf-8", "surrogateescape")
+                    text = _INVISIBLE.sub(lambda m: f"<U+{ord(m[0]):04X}>", text)
+                    data = text.encode("utf-8", "surrogateescape")
             sys.stdout.buffer.write(data)
     except KeyError:
         raise CommandError(f"no message {mid} in the queue") from None
