@@ -461,7 +461,7 @@ def headers_need_utf8(body: bytes) -> bool:
     parsed = BytesParser(policy=policy.compat32).parsebytes(body)
     for part in parsed.walk():
         # compat32 keeps a header's non-ASCII octets as surrogate escapes
-        if any(not (name + str(value)).isascii() for name, value in part._headers):
+        if any(not (name + str(value)).isascii() for name, value in part.raw_items()):
             return True
     return False
 
