@@ -12,7 +12,9 @@ kumoauth's identity = authz model.
 * :func:`running_dovecot_auth` — ``dovecot -c FILE -F``, auth only (no IMAP,
   POP3, LMTP, ...): passwd-file passdbs (users, and master users with
   ``master = yes`` + ``result_success = continue`` so the target user must
-  exist), static userdb, hashes made by ``doveadm pw -s SHA512-CRYPT``.
+  exist; the same accounts as themselves from 127.0.0.1 only, as
+  docs/relay.md says for kumoauth's bounces), static userdb, hashes made
+  by ``doveadm pw -s SHA512-CRYPT``.
   It exposes three auth-client listeners: ``.socket`` (unix, for Postfix's
   ``smtpd_sasl_type = dovecot``), ``.client_socket`` (unix) and
   ``.client_port`` (TCP on 127.0.0.1) for code that speaks the Dovecot
@@ -242,12 +244,13 @@ def hash_password(password: str, config: Path | None = None) -> str:
     return out
 
 
-def _passwd_file(path: Path, users: Mapping[str, str], config: Path) -> None:
+def _passwd_file(path: Path, users: Mapping[str, str], config: Path, extra: str = "") -> None:
     lines = []
     for name, password in users.items():
         if not name or any(c in name for c in ":\n\r\t\0"):
             raise ValueError(f"user name not usable in a passwd-file: {name!r}")
-        lines.append(f"{name}:{hash_password(password, config)}\n")
+        fields = f"::::::{extra}" if extra else ""
+        lines.append(f"{name}:{hash_password(password, config)}{fields}\n")
     path.write_text("".join(lines))
     path.chmod(0o600)
 
@@ -278,6 +281,12 @@ passdb {{
   args = scheme=SHA512-CRYPT username_format=%u {directory}/master-users
   master = yes
   result_success = continue
+}}
+# The same account logging in as itself (kumoauth's own bounces, no
+# authzid), from kumoauth's address only: docs/relay.md's recipe.
+passdb {{
+  driver = passwd-file
+  args = scheme=SHA512-CRYPT username_format=%u {directory}/service-users
 }}
 passdb {{
   driver = passwd-file
@@ -337,6 +346,7 @@ def running_dovecot_auth(
     )
     _passwd_file(directory / "users", users, config)
     _passwd_file(directory / "master-users", master_users, config)
+    _passwd_file(directory / "service-users", master_users, config, "allow_nets=127.0.0.1/32")
     run = directory / "run"
     for name in ("auth-postfix", "auth-client"):
         if len(str(run / name).encode()) > 100:

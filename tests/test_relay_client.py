@@ -687,6 +687,12 @@ def test_auth_refused(reactor, tmp_path, captured_log):
         assert PASSWORD not in captured_log.text()
         assert "MAIL" not in up.all_verbs()
         assert not isinstance(connect_error(reactor, settings_for(up, tmp_path)), IdentityRefused)
+        # identity = "authz": kumoauth acting for itself (its bounces) is one
+        # identity too; refusing it is no outage (it flapped unreachable /
+        # answers again, a postmaster found, with the users' mail flowing)
+        itself = connect_error(reactor, settings_for(up, tmp_path, for_users=True))
+        assert isinstance(itself, IdentityRefused)
+        assert "refused AUTH as kumoauth for itself (its bounces; see relay.md)" in itself.reason
     # a 4xx is the upstream's auth service, for everyone: no identity's own
     with running_upstream(auth_reply="454 4.7.0 Temporary authentication failure") as up:
         err = connect_error(reactor, settings_for(up, tmp_path), "scott")

@@ -231,6 +231,29 @@ def relaying(
 # 1. delivery, authzid, session reuse
 
 
+def test_an_upstream_size_below_max_message_size_is_said_once(tmp_path: Path, certs: Certs) -> None:
+    # A postmaster's walkthrough: Postfix's 10 MB behind kumoauth's 25 MiB,
+    # and a 12 MB message was taken with 250, then bounced.
+    with running_upstream() as up, relaying(tmp_path, certs, up) as srv:
+        for n in range(3):
+            submit(srv, ["b@example.net"], f"Subject: {n}\r\n\r\nx\r\n".encode())
+        wait_until(lambda: len(up.messages) == 3, what="the messages")
+        said = [ln for ln in srv.log().splitlines() if "(SIZE), less than" in ln]
+        assert len(said) == 1, said
+        assert (
+            f"relay: upstream localhost:{up.port} takes messages of at most {up.size} octets "
+            "(SIZE), less than [server] max_message_size 26214400: larger ones are "
+            f"accepted, then bounced; set max_message_size at or below {up.size}"
+        ) in said[0]
+    with (
+        running_upstream() as up,
+        relaying(tmp_path / "fits", certs, up, server=f"max_message_size = {up.size}") as srv,
+    ):
+        submit(srv, ["b@example.net"], b"Subject: x\r\n\r\nx\r\n")
+        wait_until(lambda: up.messages, what="the message")
+        assert "(SIZE), less than" not in srv.log()
+
+
 def test_a_listener_without_auth_is_said_to_relay_as_the_service_account(
     tmp_path: Path, certs: Certs
 ) -> None:
@@ -892,6 +915,54 @@ def test_real_postfix_authzid_names_the_user(tmp_path: Path, certs: Certs) -> No
             assert envelope.mail_from == SENDER
             postfix.wait_log(r"sasl_method=PLAIN, sasl_username=scott$")
             assert pf.wait_for(lambda: "Master user logging in as scott" in dovecot.log(), 5)
+
+
+def test_real_postfix_takes_kumoauths_own_bounce(tmp_path: Path, certs: Certs) -> None:
+    """
+    relay.md's Postfix + Dovecot recipe carries kumoauth's own bounces (no
+    authzid: kumoauth as itself): its first version had the account only as
+    a master user, which Dovecot skips for such a login (535), and every
+    bounce waited until max_age, then was dropped (a postmaster's
+    walkthrough).
+    """
+    pf.require_postfix()
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    master = "kumoauth-master-secret"
+    with pf.service_directory() as base, pf.RecordingSink() as sink:
+        chain, key = base / "fullchain.pem", base / "privkey.pem"
+        cert.private_key_pem.write_to_path(str(key))
+        chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        with (
+            pf.running_dovecot_auth(
+                base / "dovecot", {"scott": "dovecot-side"}, {"kumoauth": master}
+            ) as dovecot,
+            pf.running_postfix(
+                base / "postfix",
+                port=pf.free_port(),
+                relayhost=sink.address,
+                sasl_socket=dovecot.socket,
+                tls=(chain, key),
+                extra_main={
+                    "smtpd_recipient_restrictions": (
+                        "check_recipient_access "
+                        "inline:{ {nobody@example.net=550 5.1.1 no such user} }"
+                    )
+                },
+            ) as postfix,
+        ):
+            extra = relay_toml(tmp_path / "relay", postfix.port, ca, password=master)
+            with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
+                submit(srv, ["nobody@example.net"], b"Subject: to nobody\r\n\r\nhi\r\n")
+                envelope = sink.wait_for(lambda e: e.mail_from in ("", "<>"), timeout=20)
+                wait_queue_empty(srv)
+                assert "refused AUTH" not in srv.log() and "unreachable" not in srv.log()
+            assert envelope.rcpt_tos == [SENDER]
+            report = email.message_from_bytes(envelope.original_content or b"")
+            assert report.get_content_type() == "multipart/report"
+            assert b"Status: 5.1.1" in (envelope.original_content or b"")
+            assert b"no such user" in (envelope.original_content or b"")
+            postfix.wait_log(r"sasl_method=PLAIN, sasl_username=kumoauth$")
 
 
 # ---------------------------------------------------------------------------

@@ -574,7 +574,11 @@ def relay_settings(cfg: Config) -> RelaySettings | None:
         except ValueError as e:
             raise OperatorError(f"{cfg.source}: [relay] {e}") from None
     return RelaySettings(
-        config=relay, hostname=cfg.server.hostname, password=password, header_key=header_key
+        config=relay,
+        hostname=cfg.server.hostname,
+        password=password,
+        header_key=header_key,
+        max_message_size=cfg.server.max_message_size,
     )
 
 

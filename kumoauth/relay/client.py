@@ -497,6 +497,9 @@ class ClientSettings:
     message (after its final dot; RFC 5321 §4.5.3.2.6 suggests 10 minutes).
     ``max_messages`` is the number of mail transactions one session carries
     before it is no longer :attr:`~UpstreamSession.reusable`.
+    ``for_users``: sessions log in for the submitting user (``identity =
+    "authz"``), so one without an authzid is kumoauth's own account acting
+    for itself (its bounces), and a 5xx to it is about that mail only.
     """
 
     host: str
@@ -512,6 +515,7 @@ class ClientSettings:
     command_timeout: float = 60.0
     data_timeout: float = 600.0
     max_messages: int = 100
+    for_users: bool = False
 
     @classmethod
     def from_config(
@@ -531,6 +535,7 @@ class ClientSettings:
             command_timeout=config.command_timeout,
             data_timeout=config.data_timeout,
             max_messages=config.max_messages_per_session,
+            for_users=config.identity == "authz",
         )
 
 
@@ -1032,12 +1037,19 @@ class UpstreamSession:
             reply = await self._proto.command(b"*", "AUTH", self._settings.command_timeout)
             raise UpstreamError(f"upstream refused AUTH as {escape(username)}: {reply}")
         if reply.code != 235:
-            # A 5xx for an authzid is about that user; a 4xx (the upstream's
-            # auth service down) is about everyone.
-            refused = IdentityRefused if self.authzid and reply.permanent else UpstreamError
+            # A 5xx for an authzid is about that user, and under identity =
+            # "authz" one for kumoauth acting for itself (no authzid) is about
+            # its own mail (bounces): the upstream answers the users, it is
+            # no outage.  A 4xx (the upstream's auth service down) is about
+            # everyone.
+            itself = not self.authzid and self._settings.for_users
+            refused = (
+                IdentityRefused if reply.permanent and (self.authzid or itself) else UpstreamError
+            )
             raise refused(
                 f"upstream refused AUTH as {escape(username)}"
                 + (f" for {escape(self.authzid)}" if self.authzid else "")
+                + (" for itself (its bounces; see relay.md)" if itself else "")
                 + f": {reply}",
                 reply.permanent,
                 reply,

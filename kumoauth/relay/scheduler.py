@@ -73,6 +73,8 @@ class RelaySettings:
     hostname: str
     password: str | None = field(default=None, repr=False)
     header_key: bytes | None = field(default=None, repr=False)
+    #: ``[server] max_message_size``: said once if the upstream takes less
+    max_message_size: int | None = None
 
     def retry_delay(self, attempts: int) -> float:
         schedule = self.config.retry_schedule
@@ -223,6 +225,8 @@ class Relay(service.Service):
         #: since when (monotonic) no session to the upstream could be made,
         #: or None while one can: one line when that changes, either way
         self._down_since: float | None = None
+        #: the upstream SIZE last said to be below max_message_size
+        self._size_said: int | None = None
         #: when a session was last made (monotonic): a connection begun
         #: before that and failing after it says nothing new of the upstream
         self._up_at = -math.inf
@@ -480,6 +484,7 @@ class Relay(service.Service):
                     self._unreachable(e, started)
                     raise
                 self._reachable()
+                self._check_size(session)
             self._connecting.discard(entry.id)
             self.sending[entry.id] = session
             if entry.size <= READ_INLINE:
@@ -544,6 +549,26 @@ class Relay(service.Service):
             due=due,
         )
         self.kick()
+
+    def _check_size(self, session: Any) -> None:
+        """
+        Once per value: the upstream's SIZE is below what kumoauth accepts,
+        so a message in between is taken with 250 and then bounced.
+        """
+        ours = self.settings.max_message_size
+        theirs = getattr(session, "size_limit", None)
+        if ours is None or not isinstance(theirs, int) or theirs >= ours:
+            return
+        if theirs == self._size_said:
+            return
+        self._size_said = theirs
+        self._upstream_state(
+            "takes messages of at most {theirs} octets (SIZE), less than [server] "
+            "max_message_size {ours}: larger ones are accepted, then bounced; set "
+            "max_message_size at or below {theirs}",
+            theirs=theirs,
+            ours=ours,
+        )
 
     def _upstream_state(self, text: str, **fields: Any) -> None:
         config = self.settings.config
