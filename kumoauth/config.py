@@ -22,7 +22,7 @@ import re
 import socket
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,10 @@ class AuthConfig:
     threads: int = 10
     #: a file of locked users (kumoauth.auth.locked), or None
     locked_users: Path | None = None
+    #: Dovecot's auth_username_format and auth_default_realm for logins
+    #: (kumoauth.auth.names), or None
+    username_format: str | None = None
+    default_realm: str | None = None
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     #: ``[auth.cache]``, or None without the table (no cache)
     cache: CacheConfig | None = None
@@ -180,6 +184,13 @@ class AuthConfig:
     oauth: Any = None
     #: ``[auth.<name>]`` tables for checkers, raw (their factory validates)
     tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @functools.cached_property
+    def account(self) -> Callable[[str], str] | None:
+        """The rewriting of a login into its account name, or None (as it comes)."""
+        from kumoauth.auth.names import formatter
+
+        return formatter(self.username_format, self.default_realm)
 
 
 @dataclass(frozen=True)
@@ -312,6 +323,24 @@ def _networks(v: Any) -> tuple[Any, ...]:
         return tuple(ipaddress.ip_network(n, strict=False) for n in v)
     except ValueError as e:
         raise _Bad(_show(str(e))) from None
+
+
+def _username_format(v: Any) -> str:
+    from kumoauth.auth.names import check_format
+
+    try:
+        return check_format(_str(v))
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+
+
+def _realm(v: Any) -> str:
+    from kumoauth.auth.names import check_realm
+
+    try:
+        return check_realm(_str(v))
+    except ValueError as e:
+        raise _Bad(str(e)) from None
 
 
 def _prefix(v: Any) -> int:
@@ -455,6 +484,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_in_flight": _int(1),
         "threads": _int(1),
         "locked_users": _str,
+        "username_format": _username_format,
+        "default_realm": _realm,
     },
     "auth.throttle": {
         "window": _number(1.0),

@@ -115,17 +115,30 @@ class BearerCredentials:
         return f"<BearerCredentials authz={self.authz!r} token=<hidden>>"
 
 
-def credentials_for(result: Any, conn_meta: ConnMeta) -> Any:
+def credentials_for(
+    result: Any, conn_meta: ConnMeta, account: Callable[[str], str] | None = None
+) -> Any:
     """
     The Cred credentials for a finished SASL exchange, with the names
     prepared (SASLprep, RFC 4616 §2) before any checker, log or meta sees
-    them.  Raises :class:`~kumoauth.auth.sasl.SASLError` for a name SASLprep
-    refuses.
+    them, then made account names by *account* (``[auth] username_format``
+    and ``default_realm``: :mod:`kumoauth.auth.names`) if given.  Raises
+    :class:`~kumoauth.auth.sasl.SASLError` for a name SASLprep refuses.
     """
     if isinstance(result, BearerResult):
         return BearerCredentials(prepare_name(result.authz, "authzid"), result.token, conn_meta)
     authc = prepare_name(result.authc, "authcid")
     authz = prepare_name(result.authz, "authzid")
+    if account is not None:
+        named = account(authc), account(authz)
+        if authc and not named[0]:
+            from kumoauth.auth.sasl import SASLError
+
+            raise SASLError(
+                b"501 5.5.2 authcid is empty after username_format",
+                "authcid is empty after username_format",
+            )
+        authc, authz = named
     return PlainCredentials(authz, authc, result.password, conn_meta)
 
 

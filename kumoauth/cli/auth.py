@@ -131,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(e.reply.decode("ascii", "replace"))
     if not authc:
         return _fail("empty user name")
+    if cfg.auth.account is not None:
+        # [auth] username_format / default_realm, as a session applies them
+        authc, authz = cfg.auth.account(authc), cfg.auth.account(authz)
     if args.cache and (cfg.auth.cache is None or not cfg.auth.cache.enabled):
         return _fail("--cache, but the configuration has no [auth.cache] (or both ttls are 0)")
     try:

@@ -1153,7 +1153,7 @@ class SubmissionProtocol(Protocol):
             self._mode = COMMAND
             # RFC 4616 §2 / RFC 4013: names are prepared before any checker,
             # log or meta sees them (a decomposed "jürgen" is "jürgen").
-            creds = credentials_for(result, self.conn_meta)
+            creds = credentials_for(result, self.conn_meta, self.rt.auth.account)
         except sasl.SASLError as e:
             self._mode = COMMAND
             # the reason is kumoauth's own words ("authcid contains a
