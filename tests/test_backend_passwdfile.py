@@ -405,6 +405,30 @@ def test_dovecot_refuses_the_same_lines(tmp_path, reactor):
 # what the operator reads
 
 
+def test_a_name_no_login_can_reach_is_said_with_its_line(tmp_path, captured_log):
+    # An NFD "zoë" (macOS tools write it so) got 535 with the right
+    # password, and the load line only said "3 users" (outside test).
+    path = tmp_path / "users"
+    path.write_text(
+        f"zoe\u0308:{{PLAIN}}{PASSWORD}\n"  # NFD
+        f"\uff46ull:{{PLAIN}}{PASSWORD}\n"  # fullwidth f: NFKC makes it "full"
+        f"j\u00fcrgen:{{PLAIN}}{PASSWORD}\n"  # NFC: fine
+        f"bad\u202e:{{PLAIN}}{PASSWORD}\n",  # a bidi override: never a login
+        encoding="utf-8",
+    )
+    store = store_for(path)
+    assert check(store, "j\u00fcrgen", PASSWORD).ok
+    said = log_lines(captured_log, "can never log in")
+    assert len(said) == 3, said
+    assert f"{path} line 1: user zo\u00eb can never log in" not in said[0]  # shown as stored
+    assert said[0].startswith(f"auth backend passwd-file: {path} line 1: user zoe")
+    assert "a login becomes zo\u00eb (SASLprep: NFKC); write the name in that form" in said[0]
+    assert "line 2:" in said[1] and "a login becomes full" in said[1]
+    assert "line 4:" in said[2] and "contains a prohibited character (SASLprep)" in said[2]
+    assert "\u202e" not in captured_log.text()
+    assert PASSWORD not in captured_log.text()
+
+
 def test_malformed_lines_are_skipped_and_logged_once(tmp_path, captured_log):
     path = tmp_path / "users"
     path.write_text(

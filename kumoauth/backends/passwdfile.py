@@ -256,6 +256,11 @@ def parse(data: bytes, path: Path | str) -> Parsed:
                 "this line is ignored"
             )
             continue
+        unreachable = _unreachable(name)
+        if unreachable:
+            # Kept (a policy may look it up as written), but said: an NFD
+            # "zoë" from a macOS tool got 535 with the right password.
+            problems.append(f"{where}: user {escape(name)} {unreachable}")
         fields = rest.split(":", 6)
         stored = fields[0]
         user = User(stored, number)
@@ -268,6 +273,27 @@ def parse(data: bytes, path: Path | str) -> Parsed:
             samples.setdefault(key, stored)
     sample = samples[by_scheme.most_common(1)[0][0]] if by_scheme else None
     return Parsed(users, problems, sample)
+
+
+def _unreachable(name: str) -> str | None:
+    """
+    Why no login reaches the stored user *name* (a login is SASLprep'd
+    first: :func:`~kumoauth.auth.sasl.prepare_name`), or None if one does.
+    """
+    if name.isascii() and name.isprintable():
+        return None
+    from kumoauth.auth.sasl import SASLError, prepare_name
+
+    try:
+        prepared = prepare_name(name, "user name")
+    except SASLError as e:
+        return f"can never log in: {e.reason} (SASLprep)"
+    if prepared != name:
+        return (
+            f"can never log in: a login becomes {escape(prepared)} (SASLprep: NFKC); "
+            "write the name in that form"
+        )
+    return None
 
 
 def _restrictions(user: User, extra: str, name: str, where: str, problems: list[str]) -> User:
