@@ -1434,3 +1434,15 @@ def test_an_address_that_can_deceive_a_reader_is_refused_even_under_a_wildcard(m
     assert "reorders the text" in d.rule
     assert check(b, "scott", "oec@example.com").allowed
     assert check(b, "john", '"John Doe"@example.com').allowed  # SPACE itself is fine
+
+
+def test_a_login_in_the_map_compares_as_a_prepared_name(tmp_path):
+    # the authz is SASLprep'd (NFKC): a map line's fullwidth or NFD login
+    # never matched it (outside test with non-ASCII users)
+    path = tmp_path / "m"
+    path.write_text(
+        "full@example.com \uff46\uff55\uff4c\uff4c\nzoe@example.com zoe\u0308\n", encoding="utf-8"
+    )
+    b = map_binding(path)
+    assert check(b, "full", "full@example.com").allowed
+    assert check(b, "zo\u00eb", "zoe@example.com").allowed

@@ -282,7 +282,9 @@ def strip_detail(address: str, separators: str) -> str:
 
 
 def _login(name: str) -> str:
-    return unicodedata.normalize("NFC", name)
+    # NFKC, as SASLprep leaves the authz it is compared with: a map line
+    # written "ｆｕｌｌ" (fullwidth) is the login "full"
+    return unicodedata.normalize("NFKC", name)
 
 
 def _login_domain(login: str) -> str | None:
