@@ -681,3 +681,34 @@ def test_reload_leaves_live_sessions_alone(make_session):
     late = make_session(runtime=s.factory.runtime, auth_required=False)
     late.command("EHLO client.example")
     assert late.command("MAIL FROM:<a@example.com>").startswith("250")
+
+
+def test_the_spooled_line_names_the_sender_and_the_message_id(make_session, captured_log):
+    # a Postfix admin traces a message by its Message-ID and sender
+    from twisted.logger import formatEvent
+
+    s = authed(make_session)
+    s.command("MAIL FROM:<scott@example.com>")
+    s.command("RCPT TO:<b@example.net>")
+    s.command("DATA")
+    reply = s.send(b"Subject: x\r\nMessage-ID:\r\n <1234.5678@client.example>\r\n\r\nhi\r\n.\r\n")
+    assert reply.startswith("250 ")
+    s.command("MAIL FROM:<>")
+    s.command("RCPT TO:<b@example.net>")
+    s.command("DATA")
+    assert s.send(b'Message-ID: <a b="c"\x1b[31m>\r\n\r\nhi\r\n.\r\n').startswith("250 ")
+    s.command("MAIL FROM:<scott@example.com>")
+    s.command("RCPT TO:<b@example.net>")
+    s.command("DATA")
+    assert s.send(b"Subject: no id\r\n\r\nhi\r\n.\r\n").startswith("250 ")
+    lines = [formatEvent(e) for e in captured_log.events if "spooled " in formatEvent(e)]
+    assert len(lines) == 3, lines
+    assert lines[0].endswith(
+        " from=<scott@example.com> message_id=<1234.5678@client.example> authn=scott"
+    )
+    # a client's text escaped and quoted: one field, no raw control
+    assert lines[1].endswith(' from=<> message_id="<a b=\\"c\\"\\x1b[31m>" authn=scott')
+    assert lines[2].endswith(" from=<scott@example.com> authn=scott")
+    events = [e for e in captured_log.events if "spooled " in formatEvent(e)]
+    assert events[0]["message_id"] == "<1234.5678@client.example>"
+    assert events[0]["mail_from"] == "scott@example.com"

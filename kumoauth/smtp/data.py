@@ -188,6 +188,24 @@ IDENTITY_HEADER = b"x-kumoauth-identity"
 _IDENTITY_FIELD = re.compile(rb"(?im)^x-kumoauth-identity[ \t]*:")
 
 
+_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
+#: longest Message-ID a log line carries (RFC 5322 puts no bound on it)
+MESSAGE_ID_LIMIT = 256
+
+
+def message_id(message: bytes) -> str | None:
+    """
+    The first ``Message-ID`` field of the header section, unfolded and
+    stripped (as text, for a log line: the caller escapes it), or None.
+    """
+    end = message.find(b"\r\n\r\n")
+    m = _MESSAGE_ID.search(message, 0, len(message) if end < 0 else end + 2)
+    if m is None:
+        return None
+    value = re.sub(rb"\r\n[ \t]", b" ", m[1]).strip()
+    return value[: MESSAGE_ID_LIMIT * 4].decode("utf-8", "replace") or None
+
+
 def strip_identity_header(message: bytes) -> bytes:
     """
     Remove every ``X-Kumoauth-Identity`` field (with its folded lines) from

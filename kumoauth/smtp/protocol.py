@@ -40,8 +40,10 @@ from kumoauth.smtp.commands import (
     reply_lines,
 )
 from kumoauth.smtp.data import (
+    MESSAGE_ID_LIMIT,
     DataReader,
     has_bare_newline,
+    message_id,
     normalize_newlines,
     protocol_type,
     received_header,
@@ -1008,11 +1010,26 @@ class SubmissionProtocol(Protocol):
             self.rt.metrics.messages_spooled.inc()
             self.rt.metrics.bytes_spooled.inc(size)
             text = f"spooled {mid} from {self.client} ({size} bytes, {n} recipients)"
+            # what a Postfix admin greps for: the sender and the Message-ID
+            text += f" from={field_value('<' + sender + '>')}"
+            header_id = message_id(body)
+            if header_id is not None:
+                text += f" message_id={field_value(header_id, MESSAGE_ID_LIMIT)}"
             authn = delivery.authn_id
             if authn is not None:
                 # who sent it, for a phished account's post-mortem
                 text += f" authn={field_value(authn)}"
-            log.info("{text}", text=text, id=mid, client=self.client, size=size, n=n, authn=authn)
+            log.info(
+                "{text}",
+                text=text,
+                id=mid,
+                client=self.client,
+                size=size,
+                n=n,
+                authn=authn,
+                mail_from=sender,
+                message_id=header_id,
+            )
             self._charge = None  # accepted: it counts
             self._send(b"250 2.0.0 OK queued as " + mid.encode())
             self.rt.process.spool_state.succeeded()
