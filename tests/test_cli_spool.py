@@ -250,7 +250,7 @@ def test_unknown_id(queue):
         assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("bad", ["../../etc/passwd", "ABCDEF0123456789ABCDEF01", "0" * 23, "-"])
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "ABCDEF0123456789ABCDEF0G", "0" * 23, "g" * 24])
 def test_bad_id_refused_before_touching_anything(tmp_path, bad):
     missing = tmp_path / "nowhere"
     for action in ("hold", "delete", "bounce", "show"):
@@ -580,3 +580,27 @@ def test_a_utf8_address_is_escaped_for_a_locale_that_cannot_show_it(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "j\\xfcrgen@b\\xfccher.example" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_several_ids_or_standard_input_in_one_request(queue):
+    # postsuper -d - / several ids: one id per call was all there was
+    path, (queued, deferred, held) = queue
+    result = run_cli(path, "hold", queued, deferred.upper())  # a spreadsheet's capitals
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "hold of 2 message(s) with the ids given: 2 held"
+    assert state(path, queued).held and state(path, deferred).held
+    piped = subprocess.run(
+        cli_command(path, "release", "-"),
+        input=f"{queued}\n{deferred} {held}\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.strip() == "release of 3 message(s) with the ids given: 3 released"
+    assert not any(state(path, m).held for m in (queued, deferred, held))
+    bad = run_cli(path, "delete", queued, "not-an-id")
+    assert bad.returncode == 1 and "not-an-id: not a message id" in bad.stderr
+    assert state(path, queued) is not None  # nothing done when one id is bad
+    nothing = run_cli(path, "delete")
+    assert nothing.returncode == 1 and "give a message id" in nothing.stderr

@@ -158,8 +158,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         if name not in service.BULK:
             action.add_argument("id")
             continue
-        which = action.add_mutually_exclusive_group(required=True)
-        which.add_argument("id", nargs="?", help="the message")
+        # the ids stay out of the group: argparse counts an empty nargs="*"
+        # as given, and would refuse --authn beside it (run() checks)
+        action.add_argument(
+            "id",
+            nargs="*",
+            default=None,
+            metavar="ID",
+            help="the message; several ids, or - to read them from standard input "
+            "(kumoauth spool list | awk … | kumoauth spool delete -)",
+        )
+        which = action.add_mutually_exclusive_group()
         which.add_argument(
             "--authn", metavar="USER", help="every queued message of this user (authn_id)"
         )
@@ -256,6 +265,8 @@ def open_spool(args: argparse.Namespace) -> Spool:
 def check_id(mid: str) -> str:
     from kumoauth.cli import CommandError
 
+    if is_id(mid.lower()):
+        return mid.lower()  # as a terminal or a spreadsheet may have changed it
     if not is_id(mid):
         raise CommandError(f"{escape(mid)}: not a message id (24 lowercase hex digits)")
     return mid
@@ -334,9 +345,18 @@ def list_json(mid: str, envelope: dict[str, Any], entry: Entry, now: float) -> s
 def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         return do_list(args)
+    given = getattr(args, "id", None)
     if getattr(args, "authn", None) is not None or getattr(args, "sender", None) is not None:
+        if given:
+            from kumoauth.cli import CommandError
+
+            raise CommandError(f"{args.action}: ids or --authn or --from, not both")
         return do_bulk(args, args.action)
-    mid = check_id(args.id) if getattr(args, "id", None) is not None else None
+    if isinstance(given, list):
+        if len(given) != 1 or given == ["-"]:
+            return do_ids(args, args.action, given)
+        given = given[0]
+    mid = check_id(given) if given is not None else None
     if args.action == "show":
         assert mid is not None
         return do_show(args, mid)
@@ -441,6 +461,29 @@ def do_bulk(args: argparse.Namespace, op: str) -> int:
         print(f"{op}: no queued message with {label}")
         return EXIT_OK
     return act(path, op, None, args.wait, many=(ids, label))
+
+
+def do_ids(args: argparse.Namespace, op: str, given: list[str]) -> int:
+    """
+    ``hold|release|retry|delete ID ID…`` (or ``-``: the ids on standard
+    input, one or more per line): one request for them all, one line, as
+    for ``--authn`` (``postsuper -d -`` in Postfix's words).
+    """
+    from kumoauth.cli import CommandError
+
+    if not given:
+        raise CommandError(
+            f"{op}: give a message id, several, - (standard input), --authn or --from"
+        )
+    words: list[str] = []
+    for word in given:
+        words.extend(sys.stdin.read().split() if word == "-" else [word])
+    ids = list(dict.fromkeys(check_id(w) for w in words))
+    if not ids:
+        print(f"{op}: no message id on standard input")
+        return EXIT_OK
+    path, _ = locate(args)
+    return act(path, op, None, args.wait, many=(ids, "the ids given"))
 
 
 def do_action(args: argparse.Namespace, op: str, mid: str | None) -> int:
