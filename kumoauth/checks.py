@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -124,3 +125,11 @@ def file_problem(path: Path | str) -> str | None:
             else f"cannot be read ({e.strerror or e})"
         )
     return None
+
+
+def _ldap_attribute(v: Any) -> str:
+    text = _str(v)
+    # an attribute description (RFC 4512 §2.5): a name or an OID, options
+    if not re.fullmatch(r"(?:[A-Za-z][A-Za-z0-9-]*|\d+(?:\.\d+)+)(?:;[A-Za-z0-9-]+)*", text):
+        raise _Bad(f'not an LDAP attribute name, got "{escape(text, 80)}"')
+    return text

@@ -193,6 +193,25 @@ def test_plain_ldap_success_by_uid_and_by_mail(make_store, slapd):
     assert len(binds_of(log, f"uid=alice,{PEOPLE}")) == 4  # BIND ... method / mech lines, x2
 
 
+def test_username_attribute_makes_every_login_of_an_entry_one_account(make_store, slapd):
+    # alice, ALICE and alice@example.test are one entry: with the default
+    # each spelling was its own authn_id, with its own [limits] counters
+    # (outside test with non-ASCII users)
+    store = make_store(username_attribute="uid")
+    for login in ("alice", "ALICE", "alice@example.test"):
+        verdict = check(store, login, ALICE_PW)
+        assert verdict.ok and verdict.user == "alice", (login, verdict)
+    assert check(store, "alice", WRONG) == DENIED
+    by_mail = make_store(username_attribute="mail")
+    assert check(by_mail, "bob", BOB_PW).user == "bob@example.test"
+    # without it: the login as typed (no user)
+    assert check(make_store(), "ALICE", ALICE_PW).user is None
+    from kumoauth.backends.ldap import validate
+
+    with pytest.raises(ValueError, match="username_attribute"):
+        validate({"url": "ldap://h", "base": "dc=x", "username_attribute": "ui d"})
+
+
 def test_wrong_password_unknown_user_and_empty_password(make_store, slapd):
     store = make_store()
     assert check(store, "alice", WRONG) == DENIED

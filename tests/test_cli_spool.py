@@ -250,7 +250,9 @@ def test_unknown_id(queue):
         assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("bad", ["../../etc/passwd", "ABCDEF0123456789ABCDEF0G", "0" * 23, "g" * 24])
+@pytest.mark.parametrize(
+    "bad", ["../../etc/passwd", "ABCDEF0123456789ABCDEF0G", "0" * 23, "g" * 24]
+)
 def test_bad_id_refused_before_touching_anything(tmp_path, bad):
     missing = tmp_path / "nowhere"
     for action in ("hold", "delete", "bounce", "show"):

@@ -53,7 +53,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from kumoauth.backends.base import BackendError, ReactorThreads, default_reactor, parse_table
-from kumoauth.checks import _Bad, _bool, _choice, _str
+from kumoauth.checks import _Bad, _bool, _choice, _ldap_attribute, _str
 from kumoauth.ops.loglimit import StateLog
 from kumoauth.ops.threads import QueueFull
 from kumoauth.textsafe import escape
@@ -94,14 +94,6 @@ MAX_VALUES = 10_000
 
 # --------------------------------------------------------------------------
 # configuration
-
-
-def _ldap_attribute(v: Any) -> str:
-    text = _str(v)
-    # an attribute description (RFC 4512 §2.5): a name or an OID, options
-    if not re.fullmatch(r"(?:[A-Za-z][A-Za-z0-9-]*|\d+(?:\.\d+)+)(?:;[A-Za-z0-9-]+)*", text):
-        raise _Bad(f'not an LDAP attribute name, got "{escape(text, 80)}"')
-    return text
 
 
 def _separator(v: Any) -> str:

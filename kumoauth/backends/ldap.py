@@ -64,7 +64,16 @@ from kumoauth.backends.base import (
     parse_table,
     read_secret_file,
 )
-from kumoauth.checks import _LOOPBACK, _Bad, _bool, _choice, _int, _number, _str
+from kumoauth.checks import (
+    _LOOPBACK,
+    _Bad,
+    _bool,
+    _choice,
+    _int,
+    _ldap_attribute,
+    _number,
+    _str,
+)
 from kumoauth.textsafe import escape
 from kumoauth.tls.trust import trust_root
 
@@ -211,6 +220,9 @@ class Config:
     ca_file: Path | None = None
     timeout: float = 5.0
     pool_size: int = 4
+    #: the entry's attribute whose value is the account's name (authn_id),
+    #: or None: the login as typed
+    username_attribute: str | None = None
 
 
 SCHEMA: dict[str, Callable[[Any], Any]] = {
@@ -224,6 +236,7 @@ SCHEMA: dict[str, Callable[[Any], Any]] = {
     "ca_file": _str,
     "timeout": _number(0.1),
     "pool_size": _int(1),
+    "username_attribute": _ldap_attribute,
 }
 
 
@@ -604,6 +617,7 @@ class LDAP:
         ca_file: str | Path | None = None,
         timeout: float = 5.0,
         pool_size: int = 4,
+        username_attribute: str | None = None,
         reactor: Any = None,
         pool: Any = None,
     ) -> None:
@@ -622,6 +636,8 @@ class LDAP:
             raw["bind_password_file"] = str(bind_password_file)
         if ca_file is not None:
             raw["ca_file"] = str(ca_file)
+        if username_attribute is not None:
+            raw["username_attribute"] = username_attribute
         self._setup(validate(raw), reactor, pool)
 
     @classmethod
@@ -686,17 +702,34 @@ class LDAP:
                     user=escape(authc),
                 )
             return DENIED
-        found = await self._on(
-            searches, lambda c: self._search(c, searches.settings, search_filter, _dn)
+        named = self.config.username_attribute
+        if named is None:
+            found = await self._on(
+                searches, lambda c: self._search(c, searches.settings, search_filter, _dn)
+            )
+        else:
+            wanted = named.split(";")[0].lower()
+            found = await self._on(
+                searches,
+                lambda c: self._search(
+                    c,
+                    searches.settings,
+                    search_filter,
+                    lambda m: (_dn(m), _values(m, wanted)),
+                    named,
+                ),
+            )
+        one = self._one_entry(found, authc)
+        dn, account = (
+            (one, None) if named is None or one is None else (one[0], _account(one[1], authc))
         )
-        dn = self._one_entry(found, authc)
         if not dn:
             # as long as a bind takes, with no password sent
             await self._on(binds, lambda c: self._whoami(c, binds.settings))
             return DENIED
         code = await self._on(binds, lambda c: self._bind(c, binds.settings, dn, password))
         if code == SUCCESS:
-            return Verdict(True, {"ldap_dn": dn.decode("utf-8", "replace")})
+            return Verdict(True, {"ldap_dn": dn.decode("utf-8", "replace")}, user=account)
         if code == INVALID_CREDENTIALS:
             return DENIED
         if code in USER_PROBLEMS:
@@ -956,6 +989,20 @@ class LDAP:
 def _dn(message: Any) -> bytes:
     dn = message.objectName
     return dn.encode() if isinstance(dn, str) else bytes(dn)
+
+
+def _account(values: list[str], login: str) -> str | None:
+    """
+    The account name among an entry's ``username_attribute`` *values*: the
+    only one, or the one the login spells in another case, else the first
+    (a ``mail`` attribute with aliases); None without a value (the login).
+    """
+    if not values:
+        return None
+    for value in values:
+        if value.casefold() == login.casefold():
+            return value
+    return values[0]
 
 
 def _values(message: Any, wanted: str) -> list[str]:
