@@ -22,7 +22,8 @@ and says so.
 The configuration, the user name and ``--cache`` are checked before the
 password is asked for.
 
-Exit status: 0 success (235); 1 failure (535); 2 the checker could not
+Exit status: 0 success (235); 1 failure (535, or a user name the server
+answers 501); 2 the checker could not
 decide (454: backend down or erroring, timeout), or the configuration or
 arguments are wrong, or no password was given (end of input: Ctrl-D, an
 empty pipe), with one line on stderr; 130 interrupted (Ctrl-C).
@@ -128,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
         authc = prepare_name(field_text(os.fsencode(args.user), "authcid"), "authcid")
         authz = prepare_name(field_text(os.fsencode(args.authz), "authzid"), "authzid")
     except SASLError as e:
-        return _fail(e.reply.decode("ascii", "replace"))
+        # the name a client could not log in with: a failure (1), as the
+        # server's 501 is, not a configuration error (2)
+        print(f"result: failure ({e.reply.decode('ascii', 'replace')})")
+        return EXIT_FAILURE
     if not authc:
         return _fail("empty user name")
     if cfg.auth.account is not None:
