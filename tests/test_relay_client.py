@@ -41,6 +41,8 @@ from kumoauth.relay.client import (
     parse_ehlo,
     parse_replies,
     parse_reply,
+    xforward_lines,
+    xtext,
 )
 from kumoauth.smtp.data import DataReader, has_bare_newline
 from tests.server import free_port
@@ -1403,3 +1405,32 @@ def test_three_messages_in_a_row_through_the_scheduler(reactor, tmp_path, max_me
             assert second.count("MAIL") == 1
         finally:
             queue.close()
+
+
+def test_xtext_and_xforward_lines():
+    assert xtext("a+b=c d\u00e9") == "a+2Bb+3Dc+20d+C3+A9"
+    attrs = [("NAME", "[UNAVAILABLE]"), ("ADDR", "IPV6:2001:db8::1"), ("IDENT", "x"), ("FOO", "y")]
+    # only what the upstream offered, in one line
+    assert xforward_lines(attrs, "NAME ADDR PROTO HELO SOURCE PORT IDENT") == [
+        b"XFORWARD NAME=[UNAVAILABLE] ADDR=IPV6:2001:db8::1 IDENT=x"
+    ]
+    assert xforward_lines(attrs, "helo") == []
+    # a long HELO: lines of at most 500 octets; one too long for a line is left out
+    long = [("ADDR", "192.0.2.1"), ("HELO", "h" * 480), ("IDENT", "x"), ("NAME", "n" * 600)]
+    lines = xforward_lines(long, "ADDR HELO IDENT NAME")
+    assert lines == [
+        b"XFORWARD ADDR=192.0.2.1",
+        b"XFORWARD HELO=" + b"h" * 480,
+        b"XFORWARD IDENT=x",
+    ]
+    assert all(len(line) <= 500 for line in lines)
+
+
+@given(st.text(max_size=200))
+def test_xtext_is_visible_ascii_without_plus_or_equals_unescaped(value):
+    encoded = xtext(value)
+    assert encoded.isascii() and encoded.isprintable() and " " not in encoded
+    assert "=" not in encoded
+    # and it decodes back (RFC 3461: +HH)
+    raw = re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m[1], 16)), encoded).encode("latin-1")
+    assert raw == value.encode("utf-8", "surrogateescape")

@@ -965,6 +965,49 @@ def test_real_postfix_takes_kumoauths_own_bounce(tmp_path: Path, certs: Certs) -
             postfix.wait_log(r"sasl_method=PLAIN, sasl_username=kumoauth$")
 
 
+def test_real_postfix_gets_the_submitting_client_by_xforward(tmp_path: Path, certs: Certs) -> None:
+    """
+    A Postfix that authorizes kumoauth for XFORWARD (smtpd_authorized_
+    xforward_hosts) logs the submitting client and kumoauth's queue id
+    (orig_queue_id) rather than kumoauth as its client: a postmaster's
+    walkthrough found every message logged as client=unknown[127.0.0.1]
+    with nothing to follow it back.
+    """
+    pf.require_postfix()
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    master = "kumoauth-master-secret"
+    with pf.service_directory() as base, pf.RecordingSink() as sink:
+        chain, key = base / "fullchain.pem", base / "privkey.pem"
+        cert.private_key_pem.write_to_path(str(key))
+        chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        with (
+            pf.running_dovecot_auth(
+                base / "dovecot", {"scott": "dovecot-side"}, {"kumoauth": master}
+            ) as dovecot,
+            pf.running_postfix(
+                base / "postfix",
+                port=pf.free_port(),
+                relayhost=sink.address,
+                sasl_socket=dovecot.socket,
+                tls=(chain, key),
+                extra_main={"smtpd_authorized_xforward_hosts": "127.0.0.0/8"},
+            ) as postfix,
+        ):
+            extra = relay_toml(tmp_path / "relay", postfix.port, ca, password=master)
+            with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
+                with smtplib.SMTP("127.0.0.1", srv.starttls_port, timeout=10) as s:
+                    s.ehlo("mua.client.example")
+                    s.starttls(context=srv.certs.client_context())
+                    s.ehlo("mua.client.example")
+                    s.login("scott", "tiger")
+                    mid = send_on(s, ["someone@example.net"], b"Subject: xf\r\n\r\nhi\r\n")
+                sink.wait_for(lambda e: b"Subject: xf" in (e.original_content or b""), timeout=20)
+                wait_queue_empty(srv)
+            postfix.wait_log(rf"orig_queue_id={mid}, orig_client=unknown\[127\.0\.0\.1\]")
+            postfix.wait_log(r" xforward=1 ")
+
+
 # ---------------------------------------------------------------------------
 # metrics
 

@@ -494,7 +494,10 @@ class Relay(service.Service):
             else:
                 data = await threads.deferToThread(self.queue.read_message, entry.id)
             data = self._outgoing(entry, data)
-            result = await session.transaction(_Outgoing(entry, pending, data))
+            outgoing = _Outgoing(entry, pending, data)
+            if "XFORWARD" in getattr(session, "extensions", {}):
+                outgoing.xforward = xforward_attributes(entry)
+            result = await session.transaction(outgoing)
         except Exception as e:
             self._connecting.discard(entry.id)
             self.sending.pop(entry.id, None)
@@ -854,6 +857,38 @@ class _Outgoing:
         # The client looks at the bytes itself (BODY=8BITMIME if any is
         # 8-bit): no second scan of the message here.
         self.eightbit = False
+        #: the submitting client, for an upstream that offers XFORWARD
+        self.xforward: list[tuple[str, str]] | None = None
+
+
+def xforward_attributes(entry: Any) -> list[tuple[str, str]] | None:
+    """
+    Postfix's XFORWARD attributes for *entry*: its submitting client's
+    address, port and EHLO name, and kumoauth's queue id (Postfix logs it
+    as ``orig_queue_id``); None for kumoauth's own mail (a bounce has no
+    client) or an envelope that cannot be read.
+    """
+    try:
+        meta = entry.envelope.get("meta", {})
+    except Exception:
+        return None
+    received = meta.get("received_from")
+    if not isinstance(received, str) or ":" not in received:
+        return None
+    host, _, port = received.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit():
+        return None
+    helo = meta.get("ehlo_domain")
+    return [
+        ("NAME", "[UNAVAILABLE]"),
+        ("ADDR", f"IPV6:{host}" if ":" in host else host),
+        ("PORT", port),
+        ("HELO", helo if isinstance(helo, str) and helo else "[UNAVAILABLE]"),
+        ("PROTO", "ESMTP"),
+        ("SOURCE", "REMOTE"),
+        ("IDENT", entry.id),
+    ]
 
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
