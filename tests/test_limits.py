@@ -314,3 +314,47 @@ def test_an_accepted_message_keeps_its_counts(make_session):
     s.command("EHLO again.example")
     assert counts(s) == (1, 0)
     assert s.command("MAIL FROM:<a@example.com>").startswith("451 4.7.1")
+
+
+class SlowSpool(Session):
+    """
+    A spool that stores whatever becomes of its Deferred, as the threaded
+    writer does (a cancel does not stop the write): the test fires it.
+    """
+
+    pending: list[defer.Deferred[str]]
+
+    def _store(self, message: Any) -> defer.Deferred[str]:
+        d: defer.Deferred[str] = defer.Deferred(lambda _: None)
+        self.pending.append(d)
+        return d
+
+
+def test_a_client_gone_while_its_message_is_stored_still_has_it_counted(spool_dir):
+    # The review: send the final dot and close at once; the message was
+    # stored and relayed and its counts given back (unlimited sending).
+    SlowSpool.pending = []
+    s = SlowSpool(
+        users_policy(),
+        spool_dir=spool_dir,
+        limits=LimitsConfig(max_messages_per_user=1, max_recipients_per_user=1),
+    )
+    s.command("EHLO client.example")
+    assert s.command("AUTH PLAIN " + plain_b64("", "alice", "pw")).startswith("235 ")
+    send(s)
+    assert s.command("DATA").startswith("354")
+    s.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    assert len(SlowSpool.pending) == 1
+    s.close()  # the write goes on (the cancel only tells the session)
+    assert counts(s) == (1, 1)
+    # one the store refuses is given back
+    SlowSpool.pending = []
+    t = SlowSpool(users_policy(), spool_dir=spool_dir, limits=LimitsConfig(max_messages_per_user=5))
+    t.command("EHLO client.example")
+    assert t.command("AUTH PLAIN " + plain_b64("", "bob", "pw")).startswith("235 ")
+    send(t)
+    t.command("DATA")
+    t.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    SlowSpool.pending[0].errback(RuntimeError("disk"))
+    assert t.output().startswith("451 4.3.0")
+    assert counts(t, "bob") == (0, 0)

@@ -50,7 +50,7 @@ from kumoauth.smtp.data import (
     strip_identity_header,
     trace_date,
 )
-from kumoauth.smtp.limits import MESSAGES, RECIPIENTS, Charge, SendingLimits
+from kumoauth.smtp.limits import MESSAGES, RECIPIENTS, Charge
 from kumoauth.smtp.runtime import Runtime, limit_key
 from kumoauth.smtp.sender_gate import SenderGate, failed_reply
 from kumoauth.storage.delivery import Delivery, Message
@@ -148,7 +148,9 @@ class SubmissionProtocol(Protocol):
         self._smtputf8 = False
         self._rcpts: list[str] = []
         #: what this transaction counted against [limits], and where
-        self._charge: tuple[SendingLimits, Charge] | None = None
+        #: what this transaction counted against its runtime's [limits]
+        #: (a session keeps its runtime: a reload does not change them)
+        self._charge: Charge | None = None
         self._reader: DataReader | None = None
         self._ip = ""
         self.client = ""
@@ -914,10 +916,9 @@ class SubmissionProtocol(Protocol):
         if limits is None or user is None:
             then()
             return
-        if self._charge is None or self._charge[0] is not limits:
-            self._give_back()  # counted by a generation a reload replaced
-            self._charge = (limits, Charge(user))
-        charge = self._charge[1]
+        if self._charge is None:
+            self._charge = Charge(user)
+        charge = self._charge
 
         def checked(reply: bytes | None) -> None:
             if reply is None:
@@ -1005,6 +1006,8 @@ class SubmissionProtocol(Protocol):
         delivery = self.delivery
         assert delivery is not None
 
+        charged: list[Charge] = []
+
         def stored(mid: str) -> None:
             size, n = len(message.data), len(message.recipients)
             self.rt.metrics.messages_spooled.inc()
@@ -1030,11 +1033,11 @@ class SubmissionProtocol(Protocol):
                 mail_from=sender,
                 message_id=header_id,
             )
-            self._charge = None  # accepted: it counts
             self._send(b"250 2.0.0 OK queued as " + mid.encode())
             self.rt.process.spool_state.succeeded()
 
         def not_stored(f: Failure) -> None:
+            self._give_back(charged)  # not stored: it does not count
             self.rt.metrics.spool_errors.inc()
             if f.check(SpoolError):
                 # A full disk: one line when it starts, one when mail is
@@ -1047,6 +1050,12 @@ class SubmissionProtocol(Protocol):
             self._send(b"451 4.3.0 Could not store message, try again later")
 
         def spool() -> None:
+            # From here the message may be stored even if the client goes
+            # (a cancelled write still completes): its [limits] counts go
+            # with it, and come back only if the store refuses it.
+            if self._charge is not None:
+                charged.append(self._charge)
+                self._charge = None
             self._wait(delivery.deliver(message), stored, not_stored)
 
         def received() -> None:
@@ -1083,12 +1092,18 @@ class SubmissionProtocol(Protocol):
         self._rcpts = []
         self._give_back()
 
-    def _give_back(self) -> None:
-        """Uncount a transaction that ended without its message accepted."""
-        if self._charge is not None:
-            limits, charge = self._charge
+    def _give_back(self, charged: list[Charge] | None = None) -> None:
+        """
+        Uncount a transaction that ended without its message accepted: its
+        counts so far, or *charged* (those its message took to the spool).
+        """
+        if charged is None:
+            charged = [self._charge] if self._charge is not None else []
             self._charge = None
-            limits.give_back(charge)
+        limits = self.rt.sending_limits
+        for charge in charged:
+            if limits is not None:
+                limits.give_back(charge)
 
     # --- AUTH (RFC 4954) -------------------------------------------------
     # The protocol only frames the exchange: the mechanism object decodes
