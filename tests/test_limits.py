@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.task import Clock
 
 from kumoauth.config import LimitsConfig, ServerConfig, parse
 from kumoauth.policy import Policy, Reject
@@ -146,10 +147,10 @@ class DownStore(MemoryStore):
 
     down = True
 
-    def add(self, key: str, amount: int, window: float, limit: int) -> Any:
+    def add(self, key: str, amount: int, window: float, limit: int, **kw: Any) -> Any:
         if self.down:
             return defer.fail(StoreUnavailable("connection refused"))
-        return super().add(key, amount, window, limit)
+        return super().add(key, amount, window, limit, **kw)
 
 
 @pytest.mark.parametrize("mode", ["closed", "open"])
@@ -179,7 +180,7 @@ def test_store_outage_follows_on_store_error(make_session, captured_log, mode):
 class SilentStore(MemoryStore):
     """A store that takes the request and never answers (a stalled Redis)."""
 
-    def add(self, key: str, amount: int, window: float, limit: int) -> Any:
+    def add(self, key: str, amount: int, window: float, limit: int, **kw: Any) -> Any:
         return defer.Deferred()
 
 
@@ -358,3 +359,23 @@ def test_a_client_gone_while_its_message_is_stored_still_has_it_counted(spool_di
     SlowSpool.pending[0].errback(RuntimeError("disk"))
     assert t.output().startswith("451 4.3.0")
     assert counts(t, "bob") == (0, 0)
+
+
+def test_a_give_back_goes_to_the_window_it_was_counted_in(make_session):
+    # The review: a MAIL held open past its window, given back after a new
+    # window began, made room for a third message in a 2-per-window window.
+    clock = Clock()
+    store = MemoryStore(clock)
+    limits = LimitsConfig(window=60, max_messages_per_user=2)
+
+    def open_session() -> Session:
+        return session(make_session, limits, limits_store=store, clock=clock)
+
+    a, b = open_session(), open_session()
+    assert a.command("MAIL FROM:<a@example.com>").startswith("250")  # held open
+    assert deliver(b).startswith("250 ")  # window 1: 2 counted
+    clock.advance(61)  # window 1 over
+    a.command("NOOP")
+    assert [deliver(b)[:3] for _ in range(2)] == ["250", "250"]  # window 2 full
+    assert a.command("RSET").startswith("250")  # window 1's count: not window 2's
+    assert b.command("MAIL FROM:<a@example.com>").startswith("451 4.7.1")

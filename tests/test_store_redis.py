@@ -143,6 +143,11 @@ async def scenario(store: Any, reactor: Any) -> list[Any]:
     ok, count, reset_in = await store.add("user:carol", -2, WINDOW, 5)
     trace.append((ok, count, t(reset_in)))
     trace.append(await store.get("user:carol"))
+    # a give-back for another window than the running one changes nothing
+    _, _, reset_in = await store.add(c, 3, WINDOW, 5)
+    ends = time.time() + reset_in
+    trace.append((await store.add(c, -1, WINDOW, 5, until=ends + 3600))[:2])
+    trace.append((await store.add(c, -1, WINDOW, 5, until=ends))[:2])
 
     s1, s2, s3 = await store.secret("salt"), await store.secret("salt"), await store.secret("x")
     trace.append((len(s1), s1 == s2, s1 == s3))
@@ -189,6 +194,8 @@ EXPECTED = [
     (0, "in window"),
     (True, 0, "0"),
     (0, 0.0),
+    (True, 3),
+    (True, 2),
     (32, True, False),
     0,
     1,

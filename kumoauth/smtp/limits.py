@@ -59,12 +59,27 @@ class Charge:
     (:meth:`SendingLimits.give_back`) unless its message is accepted.
     """
 
-    __slots__ = ("user", "messages", "recipients")
+    __slots__ = ("user", "counted")
 
     def __init__(self, user: str) -> None:
         self.user = user
-        self.messages = 0
-        self.recipients = 0
+        #: (kind, the epoch time its window ends) -> how many counted there
+        self.counted: dict[tuple[str, float], int] = {}
+
+    def add(self, kind: str, until: float) -> None:
+        key = (kind, round(until, 3))
+        self.counted[key] = self.counted.get(key, 0) + 1
+
+    def of(self, kind: str) -> int:
+        return sum(n for (k, _), n in self.counted.items() if k == kind)
+
+
+def _now(clock: Any) -> float:
+    if clock is None:
+        from twisted.internet import reactor
+
+        clock = reactor
+    return float(clock.seconds())
 
 
 def _unexpected(f: Failure) -> None:
@@ -129,10 +144,7 @@ class SendingLimits:
             allowed, count, reset_in = result
             if allowed:
                 if charge is not None:
-                    if kind == MESSAGES:
-                        charge.messages += 1
-                    else:
-                        charge.recipients += 1
+                    charge.add(kind, _now(clock) + reset_in)
                 return None
             return self._exceeded(kind, user, limit, reset_in, conn_meta)
 
@@ -158,11 +170,18 @@ class SendingLimits:
         message accepted.  Nobody waits for it; a store that is down keeps
         the count until the window ends (its state line is the checks').
         """
-        for kind, n in ((MESSAGES, charge.messages), (RECIPIENTS, charge.recipients)):
-            if not n:
-                continue
+        for (kind, until), n in charge.counted.items():
             limit = self.limit_of(kind) or 0
-            d = self.store.add(counter_key(kind, charge.user), -n, self.config.window, limit)
+            # to the window it was counted in only: one started since (the
+            # transaction outlived its window) must not get it
+            d = defer.maybeDeferred(
+                self.store.add,
+                counter_key(kind, charge.user),
+                -n,
+                self.config.window,
+                limit,
+                until=until,
+            )
             d.addErrback(_unexpected)
 
     def _exceeded(self, kind: str, user: str, limit: int, reset_in: float, conn_meta: Any) -> bytes:

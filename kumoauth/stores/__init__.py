@@ -97,7 +97,7 @@ class ICounterStore(Interface):
     """
 
     def add(
-        key: str, amount: int, window: float, limit: int
+        key: str, amount: int, window: float, limit: int, until: float | None = None
     ) -> defer.Deferred[tuple[bool, int, float]]:
         """
         Atomically: if the count under *key* plus *amount* stays within
@@ -105,7 +105,9 @@ class ICounterStore(Interface):
         otherwise add nothing and fire with ``(False, count, reset_in)``.
         *reset_in* is the seconds until the window ends.  A negative
         *amount* gives back what was counted: never below zero, never
-        starting a window, always ``True``.
+        starting a window, always ``True``, and with *until* (the epoch
+        time the counted window was to end) only to that window, not to
+        one started since (within a second, or half the window).
         """
 
     def get(key: str) -> defer.Deferred[tuple[int, float]]:

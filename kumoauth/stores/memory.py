@@ -108,7 +108,7 @@ class MemoryStore:
         return entry
 
     def add(
-        self, key: str, amount: int, window: float, limit: int
+        self, key: str, amount: int, window: float, limit: int, until: float | None = None
     ) -> defer.Deferred[tuple[bool, int, float]]:
         now = self.clock.seconds()
         if len(self._counters) > self.SWEEP_EVERY and self._records % 64 == 0:
@@ -121,7 +121,8 @@ class MemoryStore:
             entry = [0, now + window]
         count, end = int(entry[0]), entry[1]
         if amount < 0:
-            entry[0] = max(0, count + amount)
+            if until is None or abs(end - until) <= min(1.0, window / 2):
+                entry[0] = max(0, count + amount)
             return defer.succeed((True, int(entry[0]), max(0.0, end - now)))
         if count + amount > limit:
             if count:

@@ -384,7 +384,8 @@ return {redis.call('ZCARD', key), tonumber(oldest[2]) + window - now}
 """
 )
 
-# KEYS[1] counter; ARGV: amount (< 0 gives back), window (ms), limit.
+# KEYS[1] counter; ARGV: amount (< 0 gives back), window (ms), limit, and for a
+# give-back the epoch ms its window was to end (0: any).
 # -> {allowed, count, ms left}
 _ADD = """
 local key = KEYS[1]
@@ -395,6 +396,15 @@ local count = tonumber(redis.call('GET', key) or '0')
 local ttl = redis.call('PTTL', key)
 if amount < 0 then
   if ttl == -2 then return {1, 0, 0} end
+  local due = tonumber(ARGV[4])
+  if due > 0 and ttl > 0 then
+    -- only to the window it was counted in, not one started since
+    local t = redis.call('TIME')
+    local ends = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
+    if math.abs(ends - due) > math.min(1000, window / 2) then
+      return {1, count, ttl}
+    end
+  end
   local n = redis.call('INCRBY', key, amount)
   if n < 0 then
     redis.call('INCRBY', key, -n)
@@ -883,9 +893,10 @@ class RedisStore:
     # --- ICounterStore -------------------------------------------------------
 
     def add(
-        self, key: str, amount: int, window: float, limit: int
+        self, key: str, amount: int, window: float, limit: int, until: float | None = None
     ) -> defer.Deferred[tuple[bool, int, float]]:
-        d = self._script("add", [self._key("count", key)], [int(amount), _ms(window), int(limit)])
+        argv = [int(amount), _ms(window), int(limit), 0 if until is None else _ms(until)]
+        d = self._script("add", [self._key("count", key)], argv)
         return d.addCallback(lambda r: (bool(int(r[0])), int(r[1]), max(0, int(r[2])) / 1000))
 
     def get(self, key: str) -> defer.Deferred[tuple[int, float]]:
