@@ -301,3 +301,12 @@ def test_strip_identity_header_only_touches_that_field(data):
     )
     if b"kumoauth-identity" not in data.lower():
         assert out == data
+
+
+def test_what_shows_as_nothing_is_escaped_though_printable():
+    # str.isprintable passes variation selectors, the combining grapheme
+    # joiner and Hangul fillers: a log line showed "alice" for them (review)
+    from kumoauth.textsafe import escape
+
+    assert escape("x\U000e0100y\u034fz\u3164") == "x\\U000e0100y\\u034fz\\u3164"
+    assert escape("j\u00fcrgen \u0d05\u0d7b") == "j\u00fcrgen \u0d05\u0d7b"

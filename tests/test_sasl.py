@@ -281,3 +281,25 @@ def test_printable_ascii_fast_path_agrees_with_full_preparation():
         assert unicodedata.normalize("NFKC", c) == c
         assert not stringprep.in_table_c21_c22(c) and not stringprep.in_table_d1(c)
         assert sasl.prepare_name(f"x{c}y", "authcid") == f"x{c}y"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "alice\u2066",  # FIRST STRONG ISOLATE (Unicode 6.3)
+        "alice\u2064",  # INVISIBLE PLUS (5.1)
+        "alice\U000e0100",  # VARIATION SELECTOR-17 (4.0)
+        "alice\U0001bca0",  # SHORTHAND FORMAT LETTER OVERLAP (7.0)
+        "alice\u180f",  # MONGOLIAN FREE VARIATION SELECTOR FOUR (14.0)
+        "alice\u3164",  # HANGUL FILLER (in 3.2, and shows as nothing)
+        "alice\U000e0001",  # LANGUAGE TAG
+        "alice\U0010fffd",  # private use, newer table
+        "alice\U0003ffff",  # unassigned even now
+    ],
+)
+def test_a_query_still_refuses_what_shows_as_nothing(name):
+    # The review: allowing what Unicode 3.2 did not know let "alice\u2066"
+    # through, which MariaDB's collations take for alice (a fresh lock,
+    # limit and throttle key per spelling).
+    with pytest.raises(SASLError):
+        sasl.prepare_name(name, "authcid")

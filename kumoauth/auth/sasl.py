@@ -14,6 +14,8 @@ import stringprep
 import unicodedata
 from dataclasses import dataclass
 
+from kumoauth.textsafe import INVISIBLE
+
 #: RFC 4954 §4: a client response line is at most 12288 octets.
 MAX_RESPONSE = 12288
 
@@ -311,6 +313,11 @@ _PROHIBITED = (
 )
 
 
+#: categories no name may hold: format, control, surrogate, private use,
+#: unassigned, line and paragraph separators
+_NOT_IN_NAMES = frozenset({"Cf", "Cc", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
 def _prohibited(field: str) -> SASLError:
     return _err(f"{field} contains a prohibited character")
 
@@ -370,6 +377,15 @@ def prepare_name(name: str, field: str) -> str:
         raise _err(f"{field} is empty after preparation")
     for c in prepared:
         if any(prohibited(c) for prohibited in _PROHIBITED):
+            raise _prohibited(field)
+        if INVISIBLE.match(c) or (
+            stringprep.in_table_a1(c) and unicodedata.category(c) in _NOT_IN_NAMES
+        ):
+            # What shows as nothing (a Hangul filler, and what is newer
+            # than Unicode 3.2, which no table above knows: bidi isolates,
+            # variation selectors) or is no character (unassigned even
+            # now) would make "alice\u2066" an account a collation merges
+            # with alice (RFC 8265 refuses them too).
             raise _prohibited(field)
     if not all(_bidi_ok(part) for part in prepared.split(" ")):
         raise _prohibited(field)

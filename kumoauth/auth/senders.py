@@ -56,7 +56,7 @@ from kumoauth.backends.base import BackendError, ReactorThreads, default_reactor
 from kumoauth.checks import _Bad, _bool, _choice, _ldap_attribute, _str
 from kumoauth.ops.loglimit import StateLog
 from kumoauth.ops.threads import QueueFull
-from kumoauth.textsafe import escape
+from kumoauth.textsafe import INVISIBLE, escape
 
 log = Logger(namespace="kumoauth.auth")
 
@@ -417,9 +417,8 @@ def _variant_key(address: str) -> str:
     return f"{folded}{at}{domain}"
 
 
-#: Unicode's Default_Ignorable_Code_Point ranges (DerivedCoreProperties):
-#: characters a reader shows as nothing (zero-width space, soft hyphen,
-#: joiners, variation selectors, bidi controls, fillers, tags)
+#: default-ignorables and controls (kept here under its old name)
+_IGNORABLE = INVISIBLE
 _IGNORABLE = re.compile(
     "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
     "\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
