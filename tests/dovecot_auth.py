@@ -97,6 +97,8 @@ auth_mechanisms = plain login
 auth_verbose = yes
 auth_failure_delay = {auth_failure_delay}
 auth_username_format = %Lu
+# "alice*kumoauth": the master user kumoauth logging in as alice
+auth_master_user_separator = *
 
 passdb {{
   driver = passwd-file

@@ -178,7 +178,10 @@ def test_dovecot_canonical_user_name_is_the_account(dovecot, stores):
 def test_proxy_authorization_is_dovecots_decision(dovecot, stores):
     store = stores(dovecot.client_socket)
     master = USERS.masters["kumoauth"]
-    assert check(store, "alice", "kumoauth", master) == Verdict(True, {})
+    # the account is the master's, acting as alice (Dovecot's auth_user= and user=)
+    assert check(store, "alice", "kumoauth", master) == Verdict(
+        True, {}, user="kumoauth", authz="alice"
+    )
     assert pf.wait_for(lambda: "Master user logging in as alice" in dovecot.log(), 5)
     # authz_fail (no such target user), the master's wrong password, and a
     # plain user who is no master user: all denied.
@@ -411,9 +414,11 @@ def test_the_built_in_checker_and_the_strcred_argument(dovecot, reactor, tmp_pat
         # the account Dovecot names (auth_username_format = %Lu), not the login
         creds = PlainCredentials("", "Alice", USERS.plain["alice"], conn_meta())
         assert in_reactor(checker.requestAvatarId, creds) == "alice"
-        # a master user's login stays the master's: only the target is Dovecot's
+        # a master user's login stays the master's, acting as the target
+        # Dovecot names (alice, for ALICE): the avatar carries both
         creds = PlainCredentials("ALICE", "kumoauth", USERS.masters["kumoauth"], conn_meta())
-        assert in_reactor(checker.requestAvatarId, creds) == "kumoauth"
+        avatar = in_reactor(checker.requestAvatarId, creds)
+        assert (avatar, avatar.authz) == ("kumoauth", "alice")
     finally:
         in_reactor(checker.stop)
     assert from_argstring(tcp(dovecot)).socket == tcp(dovecot)
@@ -887,3 +892,46 @@ def test_a_login_acts_as_the_account_dovecot_names(dovecot, certs, tmp_path):
         assert code == 535
         assert "reason=locked" in srv.log()
         assert password not in srv.log() and "Traceback" not in srv.log()
+
+
+def test_a_master_login_is_the_masters_account_acting_as_its_target(dovecot, certs, tmp_path):
+    """
+    The review: Dovecot's separator form ("alice*kumoauth", no authzid) made
+    the master's login alice's account (authn_id alice): a lock on the
+    master never applied and its mail counted as alice's.  Either form is
+    the master's account (authn_id), acting as alice (authz_id).
+    """
+    from tests.server import running_server
+    from tests.test_e2e import queued_id, spooled, starttls_client
+
+    locked = tmp_path / "locked"
+    locked.write_text("")
+    master = USERS.masters["kumoauth"]
+    with running_server(
+        tmp_path / "srv",
+        certs,
+        None,
+        auth=f'checker = "dovecot"\nlocked_users = "{locked}"',
+        extra=f'[auth.dovecot]\nsocket = "{dovecot.client_socket}"\n',
+    ) as srv:
+        for authz, authc in (("", "ALICE*kumoauth"), ("Alice", "kumoauth")):
+            with starttls_client(srv) as s:
+                blob = base64.b64encode(f"{authz}\0{authc}\0{master}".encode()).decode()
+                assert s.docmd("AUTH PLAIN", blob)[0] == 235
+                assert s.mail("alice@example.com")[0] == 250
+                assert s.rcpt("x@example.net")[0] == 250
+                code, reply = s.data(b"Subject: t\r\n\r\nhi\r\n")
+                assert code == 250, reply
+            meta = spooled(srv, queued_id(reply)).meta
+            assert (meta["authn_id"], meta["authz_id"]) == ("kumoauth", "alice"), (authz, authc)
+        locked.write_text("kumoauth\n")
+        deadline = time.monotonic() + 5
+        while True:
+            with starttls_client(srv) as s:
+                blob = base64.b64encode(f"\0alice*kumoauth\0{master}".encode()).decode()
+                code = s.docmd("AUTH PLAIN", blob)[0]
+            if code == 535 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert code == 535
+        assert master not in srv.log() and "Traceback" not in srv.log()

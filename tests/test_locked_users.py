@@ -86,6 +86,39 @@ def test_the_file_is_looked_at_once_a_second_and_kept_when_it_breaks(tmp_path: P
     assert not users.locked("bob")
 
 
+def test_a_lock_holds_on_the_account_and_on_the_login(tmp_path: Path) -> None:
+    """
+    The review: once a store names the account (Dovecot's realm makes
+    "alice" alice@example.com), a lock written before, on "alice", no
+    longer held.  Either name locks.
+    """
+    from kumoauth.auth.cred import AccountLocked, AuthContext, PlainCredentials, SubmissionRealm
+    from kumoauth.meta import ConnMeta
+    from kumoauth.storage.delivery import IMessageDelivery
+
+    path = tmp_path / "locked"
+    users = locked.LockedUsers(Clock())
+    realm = SubmissionRealm(None, users)
+
+    def login(avatar: str, typed: str) -> str:
+        meta = ConnMeta({})
+        creds = PlainCredentials("", typed, "pw", meta)
+        try:
+            realm.requestAvatar(avatar, AuthContext(typed, meta, creds), IMessageDelivery)
+        except AccountLocked as e:
+            return f"locked {e.user}"
+        return "in"
+
+    for names, expected in (
+        ("alice\n", "locked alice"),  # the login, as locks were written before
+        ("alice@example.com\n", "locked alice@example.com"),  # the account
+        ("bob\n", "in"),
+    ):
+        path.write_text(names)
+        users.use(path, locked.read(path))
+        assert login("alice@example.com", "alice") == expected, names
+
+
 @contextlib.contextmanager
 def locking_server(tmp_path: Path, certs: Certs, names: str) -> Iterator[tuple[Server, Path]]:
     """A real server with ``[auth] locked_users`` holding *names*; its lock file."""

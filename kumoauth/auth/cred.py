@@ -294,11 +294,20 @@ class SubmissionRealm:
         if IMessageDelivery not in interfaces:
             raise NotImplementedError("SubmissionRealm only provides IMessageDelivery")
         authn = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else str(avatarId)
-        if self.locked is not None and self.locked.locked(authn):
-            raise AccountLocked(authn)
-        authz = mind.authz
         credentials = mind.credentials
-        if credentials is not None and authz == credentials.authc:
+        if self.locked is not None:
+            # the account the store named, or the name it was logged in
+            # with: a lock written before a store named accounts holds
+            typed = getattr(credentials, "authc", None)
+            for name in (authn, typed):
+                if name and self.locked.locked(name):
+                    raise AccountLocked(name)
+        authz = mind.authz
+        proxied = getattr(avatarId, "authz", None)
+        if isinstance(proxied, str) and proxied:
+            # the store resolved a proxy login: the target it named
+            authz = proxied
+        elif credentials is not None and authz == credentials.authc:
             # No other identity asked for: the account's own name, as the
             # store spells it (Dovecot's user= for "Alice"), not the login's.
             authz = authn

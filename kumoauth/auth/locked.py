@@ -122,7 +122,9 @@ class LockedUsers:
         try:
             return user_key(user) in self._names
         except ValueError:
-            return False
+            # a name a store gave that SASLprep refuses: compared folded
+            # as it is, rather than never locked
+            return fold_user(user) in self._names
 
     def _refresh(self, path: Path) -> None:
         try:

@@ -63,12 +63,31 @@ class Verdict:
     ok: bool
     meta: Mapping[str, Any] = field(default_factory=dict)
     user: str | None = None
+    #: with *user*: the identity the account acts as, when the store
+    #: resolved a proxy login itself (a Dovecot master user: ``user`` its
+    #: own name, ``authz`` the target's), whatever the login asked for
+    authz: str | None = None
 
     def __bool__(self) -> bool:
         return self.ok
 
 
 DENIED = Verdict(False)
+
+
+class AccountName(str):
+    """
+    An avatar id that also names the identity it acts as (``authz``): a
+    store's answer to a proxy login (:attr:`Verdict.authz`).  A ``str``, so
+    the cache and every checker's caller take it as one.
+    """
+
+    authz: str
+
+    def __new__(cls, name: str, authz: str) -> AccountName:
+        value = super().__new__(cls, name)
+        value.authz = authz
+        return value
 
 
 class BackendError(Exception):
@@ -211,6 +230,11 @@ class StoreChecker:
                         )
                     continue
                 credentials.conn_meta.set_meta(key, value)
+            if verdict.user and verdict.authz:
+                # A proxy login the store resolved (Dovecot's master user,
+                # "alice*master" as much as authzid alice): the account is
+                # the master, acting as the target.
+                return AccountName(verdict.user, verdict.authz)
             if verdict.user and credentials.authz == credentials.authc:
                 # The account's own name (the login asked for no other).
                 return verdict.user

@@ -973,6 +973,13 @@ class Dovecot:
         if "nologin" in p:
             return DENIED
         user = p.get("user")
+        master = p.get("auth_user")
+        if user and master and master != user:
+            # A master user logged in as *user* (authzid, or Dovecot's
+            # auth_master_user_separator in the name): the account is the
+            # master's, acting as the target.
+            meta = {"dovecot_user": user} if user != identity else {}
+            return Verdict(True, meta, user=master, authz=user)
         if not user or user == identity:
             return Verdict(True, {})
         return Verdict(True, {"dovecot_user": user}, user=user)

@@ -223,7 +223,9 @@ async def _test(
             }
             meta = ConnMeta(start)
             credentials = PlainCredentials(authz, authc, password, meta)
-            d = portal.login(credentials, AuthContext(credentials.authz, meta), IMessageDelivery)
+            d = portal.login(
+                credentials, AuthContext(credentials.authz, meta, credentials), IMessageDelivery
+            )
             d.addTimeout(cfg.auth.timeout, reactor)
             label = ("first attempt", "second attempt (cache)")[n] if args.cache else "result"
             try:
