@@ -444,6 +444,18 @@ def test_headers_need_utf8():
     assert headers_need_utf8("Subject: é\r\n\r\nx\r\n".encode())
     assert headers_need_utf8("From: é@x.example\r\n\r\n".encode())
     assert not headers_need_utf8(b"no header at all\r\n")
+    head = b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+    nested = (
+        head + b"--b1\r\nContent-Type: multipart/alternative; boundary=b2\r\n\r\n"
+        b"--b2\r\nContent-Type: text/plain\r\n\r\n"
+        + "grüße\r\n-- \r\nsignature ünïcödé\r\n\r\n".encode()
+        + b"--b2--\r\n\r\n--b1--\r\n"
+        + "épilogue\r\n".encode()
+    )
+    # 8-bit text, a signature's "-- " line and the epilogue are no headers
+    assert not headers_need_utf8(nested)
+    deep = nested.replace(b"Content-Type: text/plain", "Content-Type: text/plain; name=é".encode())
+    assert headers_need_utf8(deep)  # a header of a nested part
 
 
 def test_8bitmime_needed_and_offered(reactor, tmp_path):

@@ -485,22 +485,49 @@ def xforward_lines(attributes: Sequence[tuple[str, str]], offered: str) -> list[
     return lines
 
 
+_BOUNDARY = re.compile(rb'(?i)\bboundary[ \t]*=[ \t]*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))')
+#: multipart boundaries followed at most, nested ones included
+MAX_BOUNDARIES = 100
+
+
 def headers_need_utf8(body: bytes) -> bool:
     """
     Whether a header of the message or of one of its MIME parts is not
     ASCII (RFC 6532 UTF-8 headers): what SMTPUTF8 is needed for, beyond
-    the envelope.
+    the envelope.  A byte scan of the header blocks only (the message's,
+    then the one after each boundary its Content-Types declare): it runs
+    on the reactor thread, and a parse of a large message would hold it.
     """
     if body.isascii():
         return False
-    from email import policy
-    from email.parser import BytesParser
-
-    parsed = BytesParser(policy=policy.compat32).parsebytes(body)
-    for part in parsed.walk():
-        # compat32 keeps a header's non-ASCII octets as surrogate escapes
-        if any(not (name + str(value)).isascii() for name, value in part.raw_items()):
-            return True
+    end = body.find(b"\r\n\r\n")
+    head = body if end < 0 else body[:end]
+    if not head.isascii():
+        return True
+    if end < 0:
+        return False
+    todo = [m[1] or m[2] for m in _BOUNDARY.finditer(head)]
+    seen: set[bytes] = set()
+    while todo and len(seen) < MAX_BOUNDARIES:
+        boundary = todo.pop()
+        if boundary in seen:
+            continue
+        seen.add(boundary)
+        marker = b"\r\n--" + boundary
+        pos = end
+        while (at := body.find(marker, pos)) >= 0:
+            after = at + len(marker)
+            line_end = body.find(b"\r\n", after)
+            if line_end < 0:
+                break
+            pos = line_end
+            if body.startswith(b"--", after):
+                continue  # the closing boundary: an epilogue, no headers
+            stop = body.find(b"\r\n\r\n", line_end)
+            block = body[line_end : len(body) if stop < 0 else stop]
+            if not block.isascii():
+                return True
+            todo.extend(m[1] or m[2] for m in _BOUNDARY.finditer(block))
     return False
 
 
