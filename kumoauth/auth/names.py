@@ -9,9 +9,10 @@ throttles, the checker and the log see them: ``Alice``, ``ALICE`` and
 for a Dovecot and a Postfix an operator migrates from.
 
 The variables are Dovecot's short ones: ``%u`` the whole name, ``%n`` the
-part before ``@``, ``%d`` the part after it (empty without one), each
-optionally ``%L…`` (lower case) or ``%U…`` (upper case); ``%%`` is ``%``.
-Anything else in the template is kept as written.  Pure.
+part before the first ``@``, ``%d`` the part after it (empty without one),
+each optionally ``%L…`` (lower case) or ``%U…`` (upper case), of ASCII
+letters only, as Dovecot changes case; ``%%`` is ``%``.  Anything else in
+the template is kept as written.  Pure.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import re
 from collections.abc import Callable
 
 _VARIABLE = re.compile(r"%(%|[LU]?[und])")
+_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _ANY_PERCENT = re.compile(r"%[LU]?.?")
 
 
@@ -57,7 +60,7 @@ def formatter(template: str | None, realm: str | None) -> Callable[[str], str] |
             name = f"{name}@{realm}"
         if template is None:
             return name
-        user, at, domain = name.rpartition("@") if "@" in name else (name, "", "")
+        user, _, domain = name.partition("@")
         parts = {"u": name, "n": user, "d": domain}
 
         def value(m: re.Match[str]) -> str:
@@ -66,9 +69,9 @@ def formatter(template: str | None, realm: str | None) -> Callable[[str], str] |
                 return "%"
             text = parts[spec[-1]]
             if spec[0] == "L":
-                return text.lower()
+                return text.translate(_LOWER)
             if spec[0] == "U":
-                return text.upper()
+                return text.translate(_UPPER)
             return text
 
         return _VARIABLE.sub(value, template)
