@@ -149,7 +149,7 @@ def test_show_escapes_controls_on_a_terminal_and_meta_is_ascii(tmp_path):
 
     path = tmp_path / "spool"
     body = b"Subject: \x1b[31mred\x07\r\n\r\nbody\x1b[2J\r\n" + (
-        "From: <\u202eoec\u202c@example.com>\u2028x\r\n".encode()
+        "From: <\u202eoec\u202c@example.com>\u2028x\r\n".encode() + b"c1 \x9b2J not UTF-8\r\n"
     )
     with QueueStore.open(path) as store:
         (mid,) = store.append_batch(
@@ -177,6 +177,7 @@ def test_show_escapes_controls_on_a_terminal_and_meta_is_ascii(tmp_path):
     # as less shows them: what reorders or breaks the text is named, not obeyed
     assert "\u202e".encode() not in seen and "\u2028".encode() not in seen
     assert b"From: <<U+202E>oec<U+202C>@example.com><U+2028>x" in seen
+    assert b"\x9b" not in seen and b"c1 \\x9b2J not UTF-8" in seen  # a raw C1 byte (CSI)
     # Piped, the message's own bytes (for re-injection, say).
     piped = subprocess.run(cli_command(path, "show", mid), capture_output=True, timeout=60)
     assert piped.stdout == body

@@ -387,7 +387,16 @@ _TERMINAL_UNSAFE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 #: characters a terminal would not show as themselves: C1 controls, the
 #: bidi embeddings, overrides, isolates and marks, zero-width characters,
 #: LINE and PARAGRAPH SEPARATOR (less shows them as <U+202E>)
-_INVISIBLE = re.compile("[\x80-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+_INVISIBLE = re.compile(
+    "[\x80-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\udc80-\udc9f]"
+)
+
+
+def _shown(m: re.Match[str]) -> str:
+    n = ord(m[0])
+    if 0xDC80 <= n <= 0xDC9F:
+        return f"\\x{n - 0xDC00:02x}"  # a C1 byte that is not UTF-8
+    return f"<U+{n:04X}>"
 
 
 def do_show(args: argparse.Namespace, mid: str) -> int:
@@ -412,7 +421,7 @@ def do_show(args: argparse.Namespace, mid: str) -> int:
                 data = _TERMINAL_UNSAFE.sub(lambda m: b"\\x%02x" % m[0][0], data)
                 if not data.isascii():
                     text = data.decode("utf-8", "surrogateescape")
-                    text = _INVISIBLE.sub(lambda m: f"<U+{ord(m[0]):04X}>", text)
+                    text = _INVISIBLE.sub(_shown, text)
                     data = text.encode("utf-8", "surrogateescape")
             sys.stdout.buffer.write(data)
     except KeyError:
