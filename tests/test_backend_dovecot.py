@@ -17,7 +17,6 @@ The wire format's pure parts with hypothesis.
 from __future__ import annotations
 
 import base64
-import smtplib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields
@@ -844,6 +843,34 @@ def test_request_params_tell_dovecot_the_proxy_as_real_rip():
     assert not any(p.startswith("real_rip=") for p in direct)
 
 
+def dovecot_server(dovecot: lab.Dovecot, certs: Any, tmp_path: Path, extra: str = "") -> Any:
+    """A real ``twistd kumoauth`` with ``checker = "dovecot"`` and an empty ``locked_users``."""
+    from tests.server import running_server
+
+    (tmp_path / "locked").write_text("")
+    return running_server(
+        tmp_path / "srv",
+        certs,
+        None,
+        auth=f'checker = "dovecot"\nlocked_users = "{tmp_path / "locked"}"',
+        extra=f'[auth.dovecot]\nsocket = "{dovecot.client_socket}"\n' + extra,
+    )
+
+
+def plain_reply_once_locked(srv: Any, authz: str, authc: str, password: str) -> int:
+    """AUTH PLAIN's code once the lock file's change is seen (within 5 s), or the last."""
+    from tests.test_e2e import starttls_client
+
+    blob = base64.b64encode(f"{authz}\0{authc}\0{password}".encode()).decode()
+    deadline = time.monotonic() + 5
+    while True:
+        with starttls_client(srv) as s:
+            code = s.docmd("AUTH PLAIN", blob)[0]
+        if code == 535 or time.monotonic() > deadline:
+            return int(code)
+        time.sleep(0.2)
+
+
 def test_a_login_acts_as_the_account_dovecot_names(dovecot, certs, tmp_path):
     """
     Through a real ``twistd kumoauth`` with ``checker = "dovecot"``: "ALICE"
@@ -852,23 +879,12 @@ def test_a_login_acts_as_the_account_dovecot_names(dovecot, certs, tmp_path):
     one account.  A postmaster's walkthrough found a locked alice logging
     in as ALICE, and Alice refused her own address, as Postfix never did.
     """
-    from tests.server import running_server
     from tests.test_e2e import login, queued_id, spooled, starttls_client
 
-    locked, senders = tmp_path / "locked", tmp_path / "senders"
-    locked.write_text("")
+    senders = tmp_path / "senders"
     senders.write_text("alice@example.com alice\n")
     password = USERS.plain["alice"]
-    with running_server(
-        tmp_path / "srv",
-        certs,
-        None,
-        auth=f'checker = "dovecot"\nlocked_users = "{locked}"',
-        extra=(
-            f'[auth.dovecot]\nsocket = "{dovecot.client_socket}"\n'
-            f'[sender_binding]\nmap = "{senders}"\n'
-        ),
-    ) as srv:
+    with dovecot_server(dovecot, certs, tmp_path, f'[sender_binding]\nmap = "{senders}"\n') as srv:
         with starttls_client(srv) as s:
             assert login(s, "PLAIN", "ALICE", password)[0] == 235
             assert s.mail("alice@example.com")[0] == 250
@@ -878,18 +894,8 @@ def test_a_login_acts_as_the_account_dovecot_names(dovecot, certs, tmp_path):
         meta = spooled(srv, queued_id(reply)).meta
         assert (meta["authn_id"], meta["authz_id"], meta["dovecot_user"]) == ("alice",) * 3
         assert "AUTH PLAIN success authc=ALICE authz=ALICE authn=alice " in srv.log()
-        locked.write_text("alice\n")
-        deadline = time.monotonic() + 5
-        while True:
-            with starttls_client(srv) as s:
-                try:
-                    code = login(s, "PLAIN", "Alice", password)[0]
-                except smtplib.SMTPAuthenticationError as e:
-                    code = e.smtp_code
-            if code == 535 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert code == 535
+        (tmp_path / "locked").write_text("alice\n")
+        assert plain_reply_once_locked(srv, "", "Alice", password) == 535
         assert "reason=locked" in srv.log()
         assert password not in srv.log() and "Traceback" not in srv.log()
 
@@ -901,19 +907,10 @@ def test_a_master_login_is_the_masters_account_acting_as_its_target(dovecot, cer
     master never applied and its mail counted as alice's.  Either form is
     the master's account (authn_id), acting as alice (authz_id).
     """
-    from tests.server import running_server
     from tests.test_e2e import queued_id, spooled, starttls_client
 
-    locked = tmp_path / "locked"
-    locked.write_text("")
     master = USERS.masters["kumoauth"]
-    with running_server(
-        tmp_path / "srv",
-        certs,
-        None,
-        auth=f'checker = "dovecot"\nlocked_users = "{locked}"',
-        extra=f'[auth.dovecot]\nsocket = "{dovecot.client_socket}"\n',
-    ) as srv:
+    with dovecot_server(dovecot, certs, tmp_path) as srv:
         for authz, authc in (("", "ALICE*kumoauth"), ("Alice", "kumoauth")):
             with starttls_client(srv) as s:
                 blob = base64.b64encode(f"{authz}\0{authc}\0{master}".encode()).decode()
@@ -924,14 +921,6 @@ def test_a_master_login_is_the_masters_account_acting_as_its_target(dovecot, cer
                 assert code == 250, reply
             meta = spooled(srv, queued_id(reply)).meta
             assert (meta["authn_id"], meta["authz_id"]) == ("kumoauth", "alice"), (authz, authc)
-        locked.write_text("kumoauth\n")
-        deadline = time.monotonic() + 5
-        while True:
-            with starttls_client(srv) as s:
-                blob = base64.b64encode(f"\0alice*kumoauth\0{master}".encode()).decode()
-                code = s.docmd("AUTH PLAIN", blob)[0]
-            if code == 535 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert code == 535
+        (tmp_path / "locked").write_text("kumoauth\n")
+        assert plain_reply_once_locked(srv, "", "alice*kumoauth", master) == 535
         assert master not in srv.log() and "Traceback" not in srv.log()

@@ -879,7 +879,16 @@ def test_the_bounce_of_a_utf8_message_gets_through_an_upstream_without_8bitmime(
 # the real Postfix + Dovecot
 
 
-def test_real_postfix_authzid_names_the_user(tmp_path: Path, certs: Certs) -> None:
+@contextlib.contextmanager
+def real_postfix(
+    tmp_path: Path, extra_main: dict[str, str] | None = None
+) -> Iterator[tuple[Any, Any, Any, str]]:
+    """
+    A real Postfix as the upstream, with Dovecot SASL as relay.md's recipe
+    builds it (kumoauth a master user, and itself from its address), and a
+    recording sink as its relayhost: (sink, dovecot, postfix, the
+    ``[relay]`` table for kumoauth).
+    """
     pf.require_postfix()
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
@@ -898,23 +907,33 @@ def test_real_postfix_authzid_names_the_user(tmp_path: Path, certs: Certs) -> No
                 relayhost=sink.address,
                 sasl_socket=dovecot.socket,
                 tls=(chain, key),
+                extra_main=extra_main,
             ) as postfix,
         ):
-            extra = relay_toml(tmp_path / "relay", postfix.port, ca, password=master)
-            with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
-                tag = f"postfix-{os.getpid()}-{time.time_ns()}"
-                body = f"From: {SENDER}\r\nTo: someone@example.net\r\nSubject: {tag}\r\n\r\nhi\r\n"
-                submit(srv, ["someone@example.net"], body.encode())
-                envelope = sink.wait_for(
-                    lambda e: tag.encode() in (e.original_content or b""), timeout=20
-                )
-                wait_queue_empty(srv)
-            relayed = email.message_from_bytes(envelope.original_content or b"")
-            received = relayed.get_all("Received") or []
-            assert "(Authenticated sender: scott)" in received[0].replace("\r\n", ""), received
-            assert envelope.mail_from == SENDER
-            postfix.wait_log(r"sasl_method=PLAIN, sasl_username=scott$")
-            assert pf.wait_for(lambda: "Master user logging in as scott" in dovecot.log(), 5)
+            yield (
+                sink,
+                dovecot,
+                postfix,
+                relay_toml(tmp_path / "relay", postfix.port, ca, password=master),
+            )
+
+
+def test_real_postfix_authzid_names_the_user(tmp_path: Path, certs: Certs) -> None:
+    with real_postfix(tmp_path) as (sink, dovecot, postfix, extra):
+        with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
+            tag = f"postfix-{os.getpid()}-{time.time_ns()}"
+            body = f"From: {SENDER}\r\nTo: someone@example.net\r\nSubject: {tag}\r\n\r\nhi\r\n"
+            submit(srv, ["someone@example.net"], body.encode())
+            envelope = sink.wait_for(
+                lambda e: tag.encode() in (e.original_content or b""), timeout=20
+            )
+            wait_queue_empty(srv)
+        relayed = email.message_from_bytes(envelope.original_content or b"")
+        received = relayed.get_all("Received") or []
+        assert "(Authenticated sender: scott)" in received[0].replace("\r\n", ""), received
+        assert envelope.mail_from == SENDER
+        postfix.wait_log(r"sasl_method=PLAIN, sasl_username=scott$")
+        assert pf.wait_for(lambda: "Master user logging in as scott" in dovecot.log(), 5)
 
 
 def test_real_postfix_takes_kumoauths_own_bounce(tmp_path: Path, certs: Certs) -> None:
@@ -925,44 +944,25 @@ def test_real_postfix_takes_kumoauths_own_bounce(tmp_path: Path, certs: Certs) -
     bounce waited until max_age, then was dropped (a postmaster's
     walkthrough).
     """
-    pf.require_postfix()
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    master = "kumoauth-master-secret"
-    with pf.service_directory() as base, pf.RecordingSink() as sink:
-        chain, key = base / "fullchain.pem", base / "privkey.pem"
-        cert.private_key_pem.write_to_path(str(key))
-        chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-        with (
-            pf.running_dovecot_auth(
-                base / "dovecot", {"scott": "dovecot-side"}, {"kumoauth": master}
-            ) as dovecot,
-            pf.running_postfix(
-                base / "postfix",
-                port=pf.free_port(),
-                relayhost=sink.address,
-                sasl_socket=dovecot.socket,
-                tls=(chain, key),
-                extra_main={
-                    "smtpd_recipient_restrictions": (
-                        "check_recipient_access "
-                        "inline:{ {nobody@example.net=550 5.1.1 no such user} }"
-                    )
-                },
-            ) as postfix,
-        ):
-            extra = relay_toml(tmp_path / "relay", postfix.port, ca, password=master)
-            with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
-                submit(srv, ["nobody@example.net"], b"Subject: to nobody\r\n\r\nhi\r\n")
-                envelope = sink.wait_for(lambda e: e.mail_from in ("", "<>"), timeout=20)
-                wait_queue_empty(srv)
-                assert "refused AUTH" not in srv.log() and "unreachable" not in srv.log()
-            assert envelope.rcpt_tos == [SENDER]
-            report = email.message_from_bytes(envelope.original_content or b"")
-            assert report.get_content_type() == "multipart/report"
-            assert b"Status: 5.1.1" in (envelope.original_content or b"")
-            assert b"no such user" in (envelope.original_content or b"")
-            postfix.wait_log(r"sasl_method=PLAIN, sasl_username=kumoauth$")
+    with real_postfix(
+        tmp_path,
+        {
+            "smtpd_recipient_restrictions": (
+                "check_recipient_access inline:{ {nobody@example.net=550 5.1.1 no such user} }"
+            )
+        },
+    ) as (sink, dovecot, postfix, extra):
+        with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
+            submit(srv, ["nobody@example.net"], b"Subject: to nobody\r\n\r\nhi\r\n")
+            envelope = sink.wait_for(lambda e: e.mail_from in ("", "<>"), timeout=20)
+            wait_queue_empty(srv)
+            assert "refused AUTH" not in srv.log() and "unreachable" not in srv.log()
+        assert envelope.rcpt_tos == [SENDER]
+        report = email.message_from_bytes(envelope.original_content or b"")
+        assert report.get_content_type() == "multipart/report"
+        assert b"Status: 5.1.1" in (envelope.original_content or b"")
+        assert b"no such user" in (envelope.original_content or b"")
+        postfix.wait_log(r"sasl_method=PLAIN, sasl_username=kumoauth$")
 
 
 def test_real_postfix_gets_the_submitting_client_by_xforward(tmp_path: Path, certs: Certs) -> None:
@@ -973,39 +973,23 @@ def test_real_postfix_gets_the_submitting_client_by_xforward(tmp_path: Path, cer
     walkthrough found every message logged as client=unknown[127.0.0.1]
     with nothing to follow it back.
     """
-    pf.require_postfix()
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    master = "kumoauth-master-secret"
-    with pf.service_directory() as base, pf.RecordingSink() as sink:
-        chain, key = base / "fullchain.pem", base / "privkey.pem"
-        cert.private_key_pem.write_to_path(str(key))
-        chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-        with (
-            pf.running_dovecot_auth(
-                base / "dovecot", {"scott": "dovecot-side"}, {"kumoauth": master}
-            ) as dovecot,
-            pf.running_postfix(
-                base / "postfix",
-                port=pf.free_port(),
-                relayhost=sink.address,
-                sasl_socket=dovecot.socket,
-                tls=(chain, key),
-                extra_main={"smtpd_authorized_xforward_hosts": "127.0.0.0/8"},
-            ) as postfix,
-        ):
-            extra = relay_toml(tmp_path / "relay", postfix.port, ca, password=master)
-            with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
-                with smtplib.SMTP("127.0.0.1", srv.starttls_port, timeout=10) as s:
-                    s.ehlo("mua.client.example")
-                    s.starttls(context=srv.certs.client_context())
-                    s.ehlo("mua.client.example")
-                    s.login("scott", "tiger")
-                    mid = send_on(s, ["someone@example.net"], b"Subject: xf\r\n\r\nhi\r\n")
-                sink.wait_for(lambda e: b"Subject: xf" in (e.original_content or b""), timeout=20)
-                wait_queue_empty(srv)
-            postfix.wait_log(rf"orig_queue_id={mid}, orig_client=unknown\[127\.0\.0\.1\]")
-            postfix.wait_log(r" xforward=1 ")
+    with real_postfix(tmp_path, {"smtpd_authorized_xforward_hosts": "127.0.0.0/8"}) as (
+        sink,
+        dovecot,
+        postfix,
+        extra,
+    ):
+        with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
+            with smtplib.SMTP("127.0.0.1", srv.starttls_port, timeout=10) as s:
+                s.ehlo("mua.client.example")
+                s.starttls(context=srv.certs.client_context())
+                s.ehlo("mua.client.example")
+                s.login("scott", "tiger")
+                mid = send_on(s, ["someone@example.net"], b"Subject: xf\r\n\r\nhi\r\n")
+            sink.wait_for(lambda e: b"Subject: xf" in (e.original_content or b""), timeout=20)
+            wait_queue_empty(srv)
+        postfix.wait_log(rf"orig_queue_id={mid}, orig_client=unknown\[127\.0\.0\.1\]")
+        postfix.wait_log(r" xforward=1 ")
 
 
 # ---------------------------------------------------------------------------
