@@ -335,3 +335,22 @@ def test_refusals_wait_the_failure_delay_and_are_counted_like_plain(make_session
         "kumoauth_auth_attempts_total", {"mechanism": "XOAUTH2", "result": "failure"}
     )
     assert value == 1
+
+
+def test_a_locked_users_good_token_gets_the_error_challenge_of_a_bad_one(
+    oauth_session, key, tmp_path, captured_log
+):
+    # A locked XOAUTH2 user got 535 at once, where a bad token gets the
+    # RFC 7628 error challenge first: the token was seen to be good.
+    from kumoauth.auth import locked
+
+    s = oauth_session()
+    path = tmp_path / "locked"
+    path.write_text("alice@example.org\n")
+    s.runtime.process.locked_users.use(path, locked.read(path))
+    token = key.sign(claims())
+    reply = s.command("AUTH XOAUTH2 " + b64(encode_xoauth2("alice@example.org", token)))
+    assert reply == "334 " + b64(ERROR_JSON) + "\r\n"
+    assert s.command("").startswith("535 5.7.8")
+    assert s.meta.get_meta("authn_id") is None
+    assert "reason=locked" in captured_log.text()

@@ -409,8 +409,11 @@ class Authenticator:
             if f.check(cred_error.UnauthorizedLogin):
                 challenge = getattr(f.value, "challenge", None)
                 # A locked account's right password: answered as a wrong
-                # one (the same delay, counted), its reason in the log only.
+                # one (the same delay, counted), its reason in the log only;
+                # its good token, as a bad one (the RFC 7628 error first).
                 reason = "locked" if f.check(AccountLocked) else None
+                if reason and challenge is None:
+                    challenge = getattr(credentials, "refusal", None)
                 return self._failed(attempt, credentials, latency, challenge, admission, reason)
             # Not a failure of the credentials: the attempt does not count.
             self._not_a_failure(admission)

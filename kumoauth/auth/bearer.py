@@ -131,4 +131,7 @@ class BearerChecker:
             raise self._refuse(credentials, "the token is for another user", claims)
         credentials.authz = requested or user
         credentials.authc = user
+        # Refused after this (a locked user), the client gets the error
+        # challenge a bad token gets: nothing tells it the token was good.
+        credentials.refusal = self.validator.error_json(InvalidToken("invalid_token"))
         return user

@@ -102,7 +102,7 @@ class IBearerCredentials(Interface):
 
 @implementer(IBearerCredentials)
 class BearerCredentials:
-    __slots__ = ("authz", "authc", "token", "password", "conn_meta")
+    __slots__ = ("authz", "authc", "token", "password", "conn_meta", "refusal")
 
     def __init__(self, authz: str, token: str, conn_meta: ConnMeta) -> None:
         self.authz = authz
@@ -110,6 +110,9 @@ class BearerCredentials:
         self.token = token
         self.password = token.encode("ascii")
         self.conn_meta = conn_meta
+        #: the RFC 7628 error a refusal after the checker sends (a locked
+        #: user's good token), set by the checker that accepted the token
+        self.refusal: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<BearerCredentials authz={self.authz!r} token=<hidden>>"
