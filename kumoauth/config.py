@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kumoauth.auth.names import check_format, check_realm, formatter
 from kumoauth.checks import (  # noqa: F401  (re-exported for older importers)
     _LOOPBACK,
     Check,
@@ -188,8 +189,6 @@ class AuthConfig:
     @functools.cached_property
     def account(self) -> Callable[[str], str] | None:
         """The rewriting of a login into its account name, or None (as it comes)."""
-        from kumoauth.auth.names import formatter
-
         return formatter(self.username_format, self.default_realm)
 
 
@@ -325,22 +324,16 @@ def _networks(v: Any) -> tuple[Any, ...]:
         raise _Bad(_show(str(e))) from None
 
 
-def _username_format(v: Any) -> str:
-    from kumoauth.auth.names import check_format
+def _login_setting(check: Callable[[str], str]) -> Check:
+    """A string *check* takes (its ValueError is the problem)."""
 
-    try:
-        return check_format(_str(v))
-    except ValueError as e:
-        raise _Bad(str(e)) from None
+    def checked(v: Any) -> str:
+        try:
+            return check(_str(v))
+        except ValueError as e:
+            raise _Bad(str(e)) from None
 
-
-def _realm(v: Any) -> str:
-    from kumoauth.auth.names import check_realm
-
-    try:
-        return check_realm(_str(v))
-    except ValueError as e:
-        raise _Bad(str(e)) from None
+    return checked
 
 
 def _prefix(v: Any) -> int:
@@ -484,8 +477,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_in_flight": _int(1),
         "threads": _int(1),
         "locked_users": _str,
-        "username_format": _username_format,
-        "default_realm": _realm,
+        "username_format": _login_setting(check_format),
+        "default_realm": _login_setting(check_realm),
     },
     "auth.throttle": {
         "window": _number(1.0),

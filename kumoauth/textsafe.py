@@ -19,16 +19,17 @@ from functools import lru_cache
 MAX_LOGGED = 256
 
 #: Unicode's Default_Ignorable_Code_Point ranges (DerivedCoreProperties),
-#: with the C0 and C1 controls: characters a reader shows as nothing
+#: as a regex character-class body: characters a reader shows as nothing
 #: (zero-width space, soft hyphen, joiners, variation selectors, bidi
 #: controls, fillers, tags).  ``str.isprintable`` passes some of them
 #: (variation selectors, the combining grapheme joiner, Hangul fillers).
-INVISIBLE = re.compile(
-    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+IGNORABLE_RANGES = (
+    "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
     "\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
     "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
-    "\x00-\x1f\x7f-\x9f]"
 )
+#: those and the C0 and C1 controls
+INVISIBLE = re.compile(f"[{IGNORABLE_RANGES}\x00-\x1f\x7f-\x9f]")
 
 
 @lru_cache(maxsize=4096)

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from kumoauth.auth.mechanisms import BearerResult
-from kumoauth.auth.sasl import prepare_name
+from kumoauth.auth.sasl import SASLError, prepare_name
 from kumoauth.meta import ConnMeta
 from kumoauth.policy import Handler, Invoke, invoke
 from kumoauth.storage.delivery import Delivery, IMessageDelivery, Store
@@ -130,19 +130,29 @@ def credentials_for(
     """
     if isinstance(result, BearerResult):
         return BearerCredentials(prepare_name(result.authz, "authzid"), result.token, conn_meta)
-    authc = prepare_name(result.authc, "authcid")
-    authz = prepare_name(result.authz, "authzid")
-    if account is not None:
-        named = account(authc), account(authz)
-        if authc and not named[0]:
-            from kumoauth.auth.sasl import SASLError
-
-            raise SASLError(
-                b"501 5.5.2 authcid is empty after username_format",
-                "authcid is empty after username_format",
-            )
-        authc, authz = named
+    authz, authc = login_names(result.authz, result.authc, account)
     return PlainCredentials(authz, authc, result.password, conn_meta)
+
+
+def login_names(
+    authz: str, authc: str, account: Callable[[str], str] | None = None
+) -> tuple[str, str]:
+    """
+    *authz* and *authc* as every checker, log and meta sees them: prepared
+    (SASLprep), then made account names by *account* if given.  A session
+    and ``kumoauth auth test`` both take names through here.
+    """
+    authc = prepare_name(authc, "authcid")
+    authz = prepare_name(authz, "authzid")
+    if account is None:
+        return authz, authc
+    named = account(authz), account(authc)
+    if authc and not named[1]:
+        raise SASLError(
+            b"501 5.5.2 authcid is empty after username_format",
+            "authcid is empty after username_format",
+        )
+    return named
 
 
 class CheckerError(Exception):
@@ -302,7 +312,7 @@ class SubmissionRealm:
             # the account the store named, or the name it was logged in
             # with: a lock written before a store named accounts holds
             typed = getattr(credentials, "authc", None)
-            for name in (authn, typed):
+            for name in dict.fromkeys((authn, typed)):
                 if name and self.locked.locked(name):
                     raise AccountLocked(name)
         authz = mind.authz

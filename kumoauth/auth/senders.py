@@ -417,33 +417,23 @@ def _variant_key(address: str) -> str:
     return f"{folded}{at}{domain}"
 
 
-#: default-ignorables and controls (kept here under its old name)
-_IGNORABLE = INVISIBLE
-_IGNORABLE = re.compile(
-    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
-    "\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
-    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
-    "\x00-\x1f\x7f-\x9f]"
-)
-
-
 def _deceptive(address: str) -> bool:
     """
     Whether *address* holds a character no mailbox needs and a reader may
-    be fooled by: default-ignorables and controls (:data:`_IGNORABLE`,
+    be fooled by: default-ignorables and controls (:data:`~kumoauth.textsafe.INVISIBLE`,
     bidi embeddings, overrides and isolates among them) or a separator
     other than SPACE (NO-BREAK SPACE, LINE SEPARATOR...).
     """
-    if address.isascii():
-        return _IGNORABLE.search(address) is not None
-    return _IGNORABLE.search(address) is not None or any(
+    if INVISIBLE.search(address) is not None:
+        return True
+    return not address.isascii() and any(
         c != " " and unicodedata.category(c) in ("Zs", "Zl", "Zp") for c in address
     )
 
 
 def _visible(text: str) -> str:
     """*text* without default-ignorable and control characters."""
-    return _IGNORABLE.sub("", text)
+    return INVISIBLE.sub("", text)
 
 
 def _by_rules(rules: list[Rule], login: str, login_domain: str | None) -> Decision:

@@ -111,7 +111,8 @@ def read_password() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kumoauth.auth.sasl import SASLError, field_text, prepare_name
+    from kumoauth.auth.cred import login_names
+    from kumoauth.auth.sasl import SASLError, field_text
     from kumoauth.cli import log_errors_to_stderr, react
     from kumoauth.ops.assembly import OperatorError, build_policy, load_config
 
@@ -125,9 +126,13 @@ def run(args: argparse.Namespace) -> int:
     except OperatorError as e:
         return _fail(str(e))
     try:
-        # As a session takes them: the bytes given, then SASLprep.
-        authc = prepare_name(field_text(os.fsencode(args.user), "authcid"), "authcid")
-        authz = prepare_name(field_text(os.fsencode(args.authz), "authzid"), "authzid")
+        # As a session takes them: the bytes given, then SASLprep and
+        # [auth] username_format / default_realm.
+        authz, authc = login_names(
+            field_text(os.fsencode(args.authz), "authzid"),
+            field_text(os.fsencode(args.user), "authcid"),
+            cfg.auth.account,
+        )
     except SASLError as e:
         # the name a client could not log in with: a failure (1), as the
         # server's 501 is, not a configuration error (2)
@@ -135,9 +140,6 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     if not authc:
         return _fail("empty user name")
-    if cfg.auth.account is not None:
-        # [auth] username_format / default_realm, as a session applies them
-        authc, authz = cfg.auth.account(authc), cfg.auth.account(authz)
     if args.cache and (cfg.auth.cache is None or not cfg.auth.cache.enabled):
         return _fail("--cache, but the configuration has no [auth.cache] (or both ttls are 0)")
     try:

@@ -87,7 +87,7 @@ from kumoauth.relay.queue import (
 )
 from kumoauth.storage import legacy
 from kumoauth.storage.spool import Spool, is_id
-from kumoauth.textsafe import escape, field_value
+from kumoauth.textsafe import IGNORABLE_RANGES, escape, field_value
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -384,12 +384,11 @@ def do_list(args: argparse.Namespace) -> int:
 
 #: octets a terminal would act on: controls but tab, line feed and CR
 _TERMINAL_UNSAFE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-#: characters a terminal would not show as themselves: C1 controls, the
-#: bidi embeddings, overrides, isolates and marks, zero-width characters,
-#: LINE and PARAGRAPH SEPARATOR (less shows them as <U+202E>)
-_INVISIBLE = re.compile(
-    "[\x80-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\udc80-\udc9f]"
-)
+#: characters a terminal would not show as themselves (less shows them as
+#: <U+202E>): what shows as nothing (bidi controls among them), C1
+#: controls, LINE and PARAGRAPH SEPARATOR, and C1 bytes that are not UTF-8
+#: (surrogate escapes); C0 controls are the bytes' (_TERMINAL_UNSAFE)
+_INVISIBLE = re.compile(f"[{IGNORABLE_RANGES}\x80-\x9f\u2028\u2029\udc80-\udc9f]")
 
 
 def _shown(m: re.Match[str]) -> str:

@@ -70,9 +70,6 @@ class Charge:
         key = (kind, round(until, 3))
         self.counted[key] = self.counted.get(key, 0) + 1
 
-    def of(self, kind: str) -> int:
-        return sum(n for (k, _), n in self.counted.items() if k == kind)
-
 
 def _now(clock: Any) -> float:
     if clock is None:

@@ -147,7 +147,6 @@ class SubmissionProtocol(Protocol):
         self._mail_from: str | None = None
         self._smtputf8 = False
         self._rcpts: list[str] = []
-        #: what this transaction counted against [limits], and where
         #: what this transaction counted against its runtime's [limits]
         #: (a session keeps its runtime: a reload does not change them)
         self._charge: Charge | None = None
@@ -1006,8 +1005,6 @@ class SubmissionProtocol(Protocol):
         delivery = self.delivery
         assert delivery is not None
 
-        charged: list[Charge] = []
-
         def stored(mid: str) -> None:
             size, n = len(message.data), len(message.recipients)
             self.rt.metrics.messages_spooled.inc()
@@ -1036,8 +1033,8 @@ class SubmissionProtocol(Protocol):
             self._send(b"250 2.0.0 OK queued as " + mid.encode())
             self.rt.process.spool_state.succeeded()
 
-        def not_stored(f: Failure) -> None:
-            self._give_back(charged)  # not stored: it does not count
+        def not_stored(f: Failure, charge: Charge | None) -> None:
+            self._give_back(charge)  # not stored: it does not count
             self.rt.metrics.spool_errors.inc()
             if f.check(SpoolError):
                 # A full disk: one line when it starts, one when mail is
@@ -1053,10 +1050,8 @@ class SubmissionProtocol(Protocol):
             # From here the message may be stored even if the client goes
             # (a cancelled write still completes): its [limits] counts go
             # with it, and come back only if the store refuses it.
-            if self._charge is not None:
-                charged.append(self._charge)
-                self._charge = None
-            self._wait(delivery.deliver(message), stored, not_stored)
+            charge, self._charge = self._charge, None
+            self._wait(delivery.deliver(message), stored, lambda f: not_stored(f, charge))
 
         def received() -> None:
             self._call_policy("smtp_server_message_received", (message, self.conn_meta), spool)
@@ -1092,18 +1087,17 @@ class SubmissionProtocol(Protocol):
         self._rcpts = []
         self._give_back()
 
-    def _give_back(self, charged: list[Charge] | None = None) -> None:
+    def _give_back(self, charge: Charge | None = None) -> None:
         """
-        Uncount a transaction that ended without its message accepted: its
-        counts so far, or *charged* (those its message took to the spool).
+        Uncount a transaction that ended without its message accepted:
+        *charge* (what a message took to the spool), else this
+        transaction's counts so far.
         """
-        if charged is None:
-            charged = [self._charge] if self._charge is not None else []
-            self._charge = None
+        if charge is None:
+            charge, self._charge = self._charge, None
         limits = self.rt.sending_limits
-        for charge in charged:
-            if limits is not None:
-                limits.give_back(charge)
+        if charge is not None and limits is not None:
+            limits.give_back(charge)
 
     # --- AUTH (RFC 4954) -------------------------------------------------
     # The protocol only frames the exchange: the mechanism object decodes
