@@ -1446,3 +1446,27 @@ def test_xtext_is_visible_ascii_without_plus_or_equals_unescaped(value):
     # and it decodes back (RFC 3461: +HH)
     raw = re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m[1], 16)), encoded).encode("latin-1")
     assert raw == value.encode("utf-8", "surrogateescape")
+
+
+def test_xforward_attributes_of_a_queued_message():
+    from types import SimpleNamespace
+
+    from kumoauth.relay.scheduler import xforward_attributes
+
+    def entry(meta: dict[str, str]) -> Any:
+        return SimpleNamespace(id="18ecf40d45c84aa9688bede9", envelope={"meta": meta})
+
+    v4 = dict(
+        xforward_attributes(entry({"received_from": "192.0.2.7:50123", "ehlo_domain": "mua"}))
+    )
+    assert (v4["ADDR"], v4["PORT"], v4["HELO"], v4["IDENT"]) == (
+        "192.0.2.7",
+        "50123",
+        "mua",
+        "18ecf40d45c84aa9688bede9",
+    )
+    v6 = dict(xforward_attributes(entry({"received_from": "[2001:db8::1]:587"})))
+    assert (v6["ADDR"], v6["PORT"], v6["HELO"]) == ("IPV6:2001:db8::1", "587", "[UNAVAILABLE]")
+    # kumoauth's own mail (a bounce) and a unix-socket client have none to forward
+    assert xforward_attributes(entry({})) is None
+    assert xforward_attributes(entry({"received_from": "unix"})) is None
