@@ -79,6 +79,8 @@ class ServerConfig:
     workers: int = 1
     #: RFC 5321 §2.3.8: what to do with a bare CR or LF inside DATA
     bare_newlines: str = "normalize"
+    #: RFC 3461: offer DSN (NOTIFY, ORCPT, RET, ENVID) and honour it
+    dsn: bool = True
 
 
 @dataclass(frozen=True)
@@ -449,6 +451,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "shutdown_grace": _number(0.0),
         "workers": _workers,
         "bare_newlines": _choice(*BARE_NEWLINES),
+        "dsn": _bool,
     },
     "tls": {
         "certificate": _str,

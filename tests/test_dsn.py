@@ -48,6 +48,7 @@ TOP_FIELDS = [
     "Content-Type",
 ]
 RECIPIENT_FIELDS = {
+    "Original-Recipient",
     "Final-Recipient",
     "Action",
     "Status",
@@ -673,6 +674,8 @@ recipient = st.builds(
     diagnostic=diagnostics,
     remote_mta=st.one_of(st.none(), st.text(max_size=40)),
     last_attempt=moments,
+    # an ORCPT as dsnparams decodes it (any address: the report must hold)
+    original=st.one_of(st.none(), st.tuples(st.sampled_from(["rfc822", "utf-8"]), addresses)),
 ) | st.builds(
     FailedRecipient,
     address=addresses,
@@ -710,14 +713,18 @@ def _might_be_a_report(original: bytes) -> bool:
     st.booleans(),
     st.sampled_from(["headers", "full"]),
     st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=60),
+    st.one_of(
+        st.none(), st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=100)
+    ),
 )
-def test_any_report_is_well_formed(recipients, original, smtputf8, what, message_id):
+def test_any_report_is_well_formed(recipients, original, smtputf8, what, message_id, envid):
     raw = build(
         *recipients,
         original=original,
         smtputf8=smtputf8,
         return_content=what,
         message_id=message_id,
+        envid=envid,
     )
     if raw is None:
         assert _might_be_a_report(original)
@@ -730,12 +737,26 @@ def test_any_report_is_well_formed(recipients, original, smtputf8, what, message
         assert raw.isascii()
 
     per_message, *blocks = status_blocks(raw)
-    assert [n for n, _ in per_message] == ["Reporting-MTA", "X-Kumoauth-Queue-ID", "Arrival-Date"]
+    first = [] if envid is None else ["Original-Envelope-Id"]
+    assert [n for n, _ in per_message] == [
+        *first,
+        "Reporting-MTA",
+        "X-Kumoauth-Queue-ID",
+        "Arrival-Date",
+    ]
     assert len(blocks) == len(recipients)
     for block, r in zip(blocks, recipients, strict=True):
         names = [n for n, _ in block]
         assert len(names) == len(set(names))
         assert set(names) <= RECIPIENT_FIELDS
+        if r.original is not None:
+            assert names[0] == "Original-Recipient"
+            names = names[1:]
+            kind, address = r.original
+            value = field(block, "Original-Recipient")
+            assert value is not None
+            if kind == "utf-8" or not address.isascii():
+                assert decode_recipient(value) == address
         assert names[:3] == ["Final-Recipient", "Action", "Status"]
         value = field(block, "Final-Recipient")
         assert value is not None
@@ -756,3 +777,67 @@ def test_any_report_is_well_formed(recipients, original, smtputf8, what, message
 
     section = header_section(re.sub(rb"\r\n|\r|\n", b"\r\n", original))
     assert returned(raw) in (section, re.sub(rb"\r\n|\r|\n", b"\r\n", original))
+
+
+# -- the DSN extension's fields (RFC 3461 via RFC 3464) ---------------------
+
+
+def relayed(address: str = "bob@example.net", **kw: object) -> FailedRecipient:
+    args: dict = {
+        "status": "2.0.0",
+        "action": "relayed",
+        "diagnostic": "250 2.0.0 Ok: queued as 4Zx",
+    }
+    args.update(kw)
+    return failed(address, **args)
+
+
+def test_envid_and_orcpt_are_returned_as_given():
+    raw = built(
+        failed(original=("rfc822", "bob.alias@example.net")),
+        failed("carol@example.net", original=("utf-8", "пётр@example.net")),
+        envid="QQ314159+x",
+    )
+    assert_well_formed(raw)
+    head, bob, carol = status_blocks(raw)
+    assert head[0] == ("Original-Envelope-Id", "QQ314159+x")
+    assert field(bob, "Original-Recipient") == "rfc822; bob.alias@example.net"
+    assert bob[0][0] == "Original-Recipient"  # before Final-Recipient (RFC 3464 §2.3)
+    # a 7-bit report: the utf-8 address type in its \x{HEX} form
+    value = field(carol, "Original-Recipient")
+    assert value == r"utf-8; \x{43F}\x{451}\x{442}\x{440}@example.net"
+    assert decode_recipient(value) == "пётр@example.net"
+
+
+def test_without_envid_or_orcpt_there_are_no_such_fields():
+    raw = built(failed())
+    head, bob = status_blocks(raw)
+    assert field(head, "Original-Envelope-Id") is None
+    assert field(bob, "Original-Recipient") is None
+
+
+def test_a_utf8_orcpt_in_a_global_report_is_unitext():
+    raw = built(failed(original=("utf-8", "пётр+1@example.net")), smtputf8=True)
+    _, bob = status_blocks(raw)
+    assert field(bob, "Original-Recipient") == r"utf-8; пётр\x{2B}1@example.net"
+
+
+def test_a_relayed_report_returns_headers_only_whatever_ret_says():
+    raw = built(relayed(), return_content="full", envid="e1")
+    assert_well_formed(raw)
+    msg = parse(raw)
+    assert msg["Subject"] == "Successful Mail Relay Report"
+    _, bob = status_blocks(raw)
+    assert field(bob, "Action") == "relayed"
+    assert field(bob, "Status") == "2.0.0"
+    assert returned(raw) == header_section(ORIGINAL)
+    assert "handed on" in human_text(raw)
+
+
+def test_relayed_recipients_are_not_reported_with_failed_ones():
+    with pytest.raises(ValueError, match="apart"):
+        build(relayed(), failed("carol@example.net"))
+    with pytest.raises(ValueError, match="2.x.x"):
+        relayed(status="5.0.0")
+    with pytest.raises(ValueError, match="only a relayed"):
+        failed(status="2.0.0")

@@ -58,6 +58,7 @@ def test_ehlo_before_tls_offers_starttls_not_auth(make_session):
         "ENHANCEDSTATUSCODES",
         "SMTPUTF8",
         "SIZE 26214400",
+        "DSN",
         "STARTTLS",
     ]
     assert lines[-2].startswith("250 STARTTLS")
@@ -712,3 +713,85 @@ def test_the_spooled_line_names_the_sender_and_the_message_id(make_session, capt
     events = [e for e in captured_log.events if "spooled " in formatEvent(e)]
     assert events[0]["message_id"] == "<1234.5678@client.example>"
     assert events[0]["mail_from"] == "scott@example.com"
+
+
+# -- the DSN extension (RFC 3461) --------------------------------------------
+
+
+def test_dsn_parameters_are_stored_with_the_message(make_session):
+    s = authed(make_session)
+    assert s.command("MAIL FROM:<a@example.com> RET=FULL ENVID=QQ+2B1").startswith("250 ")
+    assert s.command(
+        "RCPT TO:<b@example.net> NOTIFY=success,failure ORCPT=rfc822;orig+2B1@example.net"
+    ).startswith("250 ")
+    assert s.command("RCPT TO:<c@example.net>").startswith("250 ")
+    assert s.command("RCPT TO:<d@example.net> NOTIFY=NEVER").startswith("250 ")
+    s.command("DATA")
+    assert s.send(b"Subject: dsn\r\n\r\nhi\r\n.\r\n").startswith("250 ")
+    (msg,) = s.messages()
+    assert msg.envelope["dsn"] == {
+        "ret": "FULL",
+        "envid": "QQ+1",
+        "rcpt": {
+            "b@example.net": {
+                "notify": "SUCCESS,FAILURE",
+                "orcpt": ["rfc822", "orig+1@example.net"],
+            },
+            "d@example.net": {"notify": "NEVER"},
+        },
+    }
+    assert msg.entry.dsn is not None and msg.entry.dsn.envid == "QQ+1"
+
+
+def test_a_transaction_without_dsn_parameters_stores_none(make_session):
+    s = authed(make_session)
+    # RSET forgets the last transaction's parameters
+    s.command("MAIL FROM:<a@example.com> RET=HDRS")
+    s.command("RCPT TO:<b@example.net> NOTIFY=NEVER")
+    assert s.command("RSET").startswith("250 ")
+    s.command("MAIL FROM:<a@example.com>")
+    s.command("RCPT TO:<b@example.net>")
+    s.command("DATA")
+    assert s.send(b"Subject: plain\r\n\r\nhi\r\n.\r\n").startswith("250 ")
+    (msg,) = s.messages()
+    assert "dsn" not in msg.envelope
+    assert msg.entry.dsn is None
+
+
+def test_a_malformed_dsn_parameter_is_501_and_refuses_only_that_command(make_session):
+    s = authed(make_session)
+    assert s.command("MAIL FROM:<a@example.com> RET=ALL") == ("501 5.5.4 Bad RET parameter\r\n")
+    assert s.command("MAIL FROM:<a@example.com> ENVID=a+0Db") == (
+        "501 5.5.4 Bad ENVID parameter\r\n"
+    )
+    assert s.command("MAIL FROM:<a@example.com> ENVID=e1").startswith("250 ")
+    assert s.command("RCPT TO:<b@example.net> NOTIFY=NEVER,SUCCESS") == (
+        "501 5.5.4 Bad NOTIFY parameter\r\n"
+    )
+    assert s.command("RCPT TO:<b@example.net> ORCPT=b@example.net") == (
+        "501 5.5.4 Bad ORCPT parameter\r\n"
+    )
+    assert s.command("RCPT TO:<b@example.net> FOO=1") == ("555 5.5.4 Unsupported parameter FOO\r\n")
+    assert s.command("RCPT TO:<b@example.net> NOTIFY=DELAY").startswith("250 ")
+
+
+def test_dsn_off_is_not_offered_and_its_parameters_are_refused(make_session):
+    s = authed(make_session, server=ServerConfig(hostname=HOST, dsn=False))
+    assert "DSN" not in s.command("EHLO client.example")
+    assert s.command("MAIL FROM:<a@example.com> RET=FULL") == (
+        "555 5.5.4 Unsupported parameter RET\r\n"
+    )
+    s.command("MAIL FROM:<a@example.com>")
+    assert s.command("RCPT TO:<b@example.net> NOTIFY=NEVER") == (
+        "555 5.5.4 Unsupported parameter NOTIFY\r\n"
+    )
+
+
+def test_dsn_parameters_need_ehlo(make_session):
+    # RFC 5321 §2.2.1: after HELO a NOTIFY=NEVER must not silence bounces
+    s = authed(make_session)
+    s.command("HELO client.example")
+    assert s.command("MAIL FROM:<a@example.com>").startswith("250 ")
+    assert s.command("RCPT TO:<b@example.net> NOTIFY=NEVER") == (
+        "555 5.5.4 RCPT parameters need EHLO\r\n"
+    )

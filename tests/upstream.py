@@ -2,8 +2,9 @@
 A scripted upstream MTA for relay tests: aiosmtpd on 127.0.0.1 (a free
 port) in a thread of its own, with real TLS (STARTTLS or implicit) from a
 trustme CA, AUTH PLAIN that records the SASL authzid, scripted replies per
-recipient and for MAIL and DATA, optional SMTPUTF8 / 8BITMIME / SIZE, and a
-record of every session and every message exactly as it arrived.
+recipient and for MAIL and DATA, optional SMTPUTF8 / 8BITMIME / SIZE / DSN,
+and a record of every session and every message exactly as it arrived
+(with its MAIL and RCPT command lines as they came).
 
     with running_upstream(rcpt_replies={"b@example.net": "550 5.1.1 no such user"}) as up:
         ...  # relay to 127.0.0.1:up.port, trusting up.ca
@@ -56,6 +57,11 @@ class SessionRecord:
     authzid: str | None = None
     messages: int = 0
     mails: int = 0
+    #: every MAIL and RCPT command line as it arrived (the verb as aiosmtpd
+    #: upper-cases it, the rest untouched), DSN parameters included
+    lines: list[str] = field(default_factory=list)
+    #: the current transaction's lines: from its MAIL on
+    transaction: list[str] = field(default_factory=list)
 
     def verbs(self) -> list[str]:
         return [verb for verb, _ in self.commands]
@@ -79,6 +85,9 @@ class Received:
     #: the reply the upstream gave to the end of data
     reply: str
     session: SessionRecord = field(repr=False)
+    #: this transaction's MAIL and RCPT command lines as they arrived (the
+    #: refused RCPTs too), e.g. ``"MAIL FROM:<a@b> RET=FULL ENVID=x+2By"``
+    lines: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------
@@ -126,6 +135,8 @@ class _Handler:
         out = [r for r in responses if r[4:].split(" ")[0].upper() not in drop]
         if self.up.pipelining:
             out.insert(1, "250-PIPELINING")
+        if self.up.dsn:
+            out.insert(1, "250-DSN")
         return out
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
@@ -200,6 +211,7 @@ class _Handler:
                 tls_version=_tls_version(server),
                 reply=reply,
                 session=record,
+                lines=list(record.transaction),
             )
         )
         return self._answer(server, reply)
@@ -214,6 +226,23 @@ class _Handler:
 def _close(server: SMTP) -> None:
     if server.transport is not None:
         server.transport.close()
+
+
+#: RFC 3461's parameters, which aiosmtpd does not know: taken off a MAIL or
+#: RCPT line (when the upstream offers DSN) before aiosmtpd parses it
+_DSN_PARAMS = {"MAIL": ("RET", "ENVID"), "RCPT": ("NOTIFY", "ORCPT")}
+
+
+def _without_dsn(verb: str, arg: str) -> str:
+    """
+    *arg* of a MAIL or RCPT line without its DSN parameters: the path ends
+    at the first "> " (an xtext value may hold a ">", a path rarely "> ").
+    """
+    end = arg.find("> ")
+    path_end = end + 1 if end >= 0 else len(arg)
+    path, params = arg[:path_end], arg[path_end:].split()
+    keep = [p for p in params if p.partition("=")[0].upper() not in _DSN_PARAMS[verb]]
+    return " ".join([path, *keep])
 
 
 class _SMTP(SMTP):
@@ -245,6 +274,14 @@ class _SMTP(SMTP):
             if verb == self.upstream.stall_on:
                 await asyncio.sleep(3600)
                 return None
+            if verb in _DSN_PARAMS and arg is not None:
+                line = f"{verb} {arg}"
+                self.record.lines.append(line)
+                if verb == "MAIL":
+                    self.record.transaction = []
+                self.record.transaction.append(line)
+                if self.upstream.dsn:
+                    arg = _without_dsn(verb, arg)
             return await method(arg)
 
         return wrapper
@@ -284,6 +321,10 @@ class Upstream:
     auth_reply: str | None = None
     smtputf8: bool = True
     eightbitmime: bool = True
+    #: DSN (RFC 3461) advertised, and RET/ENVID on MAIL and NOTIFY/ORCPT on
+    #: RCPT taken (and only recorded, in the lines); without it aiosmtpd
+    #: refuses them with 555
+    dsn: bool = False
     pipelining: bool = False
     starttls_offered: bool = True
     #: SIZE advertised and enforced; None: no SIZE extension

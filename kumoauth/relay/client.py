@@ -48,6 +48,7 @@ from kumoauth.config import RelayConfig
 from kumoauth.ops.transport import make_eager_connection
 from kumoauth.smtp.commands import is_mailbox
 from kumoauth.smtp.data import normalize_newlines
+from kumoauth.smtp.dsnparams import Requested, mail_params, rcpt_params, xtext
 from kumoauth.textsafe import escape
 from kumoauth.tls.trust import trust_root
 
@@ -407,12 +408,15 @@ class SendResult:
     recipient accepted at RCPT the reply to DATA or to the end of data; a
     failed MAIL or a local refusal (SIZE, SMTPUTF8, 8BITMIME) applies to all.
     ``data_sent`` is True when the message bytes went to the upstream and
-    ``final`` is the reply to them.
+    ``final`` is the reply to them.  ``dsn`` is True when the upstream
+    offered DSN (RFC 3461): the sender's NOTIFY went with the recipients,
+    and reports from here on are the upstream's to send.
     """
 
     recipients: dict[str, RecipientResult]
     data_sent: bool = False
     final: RecipientResult | None = None
+    dsn: bool = False
 
     @property
     def delivered(self) -> list[str]:
@@ -450,14 +454,6 @@ class OutboundMessage(Protocol):
 #: octets of one XFORWARD command line, CRLF excluded (Postfix's limit is
 #: the 512 of RFC 5321 command lines)
 XFORWARD_LINE = 500
-
-
-def xtext(value: str) -> str:
-    """*value* in RFC 3461's xtext: ``+`` and ``=`` and what is not visible ASCII as ``+HH``."""
-    return "".join(
-        chr(b) if 33 <= b <= 126 and b not in (43, 61) else f"+{b:02X}"
-        for b in value.encode("utf-8", "surrogateescape")
-    )
 
 
 def xforward_lines(attributes: Sequence[tuple[str, str]], offered: str) -> list[bytes]:
@@ -548,6 +544,8 @@ class Message:
     size: int = 0
     smtputf8: bool = False
     eightbit: bool = False
+    #: the sender's DSN parameters (RFC 3461), passed where DSN is offered
+    dsn: Requested | None = None
 
 
 @dataclass(frozen=True)
@@ -1251,9 +1249,11 @@ class UpstreamSession:
         data = crlf_body(body)
         size = max(int(message.size or 0), len(data))
 
+        requested: Requested | None = getattr(message, "dsn", None)
+        dsn = "DSN" in self.extensions
         refusal = self._refusal(message, utf8, eightbit, size)
         if refusal is not None:
-            return SendResult({r: refusal for r in recipients})
+            return SendResult({r: refusal for r in recipients}, dsn=dsn)
         to_send = []
         for r in recipients:
             if _valid_address(r) and r:
@@ -1261,7 +1261,7 @@ class UpstreamSession:
             else:
                 results[r] = NotSent(553, "5.1.3", "invalid recipient address")
         if not to_send:
-            return SendResult(results)
+            return SendResult(results, dsn=dsn)
 
         params = []
         if "SIZE" in self.extensions:
@@ -1270,9 +1270,14 @@ class UpstreamSession:
             params.append("BODY=8BITMIME")
         if utf8:
             params.append("SMTPUTF8")
+        if dsn and requested is not None:
+            # RFC 3461 §5.2: the sender's wishes travel with the message.
+            params += mail_params(requested)
         mail = " ".join([f"MAIL FROM:<{message.mail_from}>", *params]).encode("utf-8")
 
         def rcpt(r: str) -> bytes:
+            if dsn and requested is not None:
+                return " ".join([f"RCPT TO:<{r}>", *rcpt_params(requested, r)]).encode()
             return f"RCPT TO:<{r}>".encode()
 
         # The submitting client, for an upstream that asks for it (Postfix's
@@ -1330,7 +1335,7 @@ class UpstreamSession:
             for r in to_send:
                 results[r] = RecipientResult.of(mail_reply)
             await self._reset()
-            return SendResult(self._ordered(recipients, results))
+            return SendResult(self._ordered(recipients, results), dsn=dsn)
 
         accepted = []
         for r, reply in zip(to_send, rcpt_replies, strict=True):
@@ -1344,7 +1349,7 @@ class UpstreamSession:
             results[r] = res
             if res.delivered:
                 accepted.append(r)
-        result = SendResult(self._ordered(recipients, results))
+        result = SendResult(self._ordered(recipients, results), dsn=dsn)
         if not accepted:
             await self._reset()
             return result
@@ -1396,6 +1401,7 @@ class UpstreamSession:
                 size=int(message.size or 0),
                 smtputf8=bool(message.smtputf8),
                 eightbit=bool(message.eightbit),
+                dsn=getattr(message, "dsn", None),
             )
             try:
                 more = await self._one_transaction(follow_up)

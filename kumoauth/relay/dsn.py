@@ -5,7 +5,9 @@ RFC 6533 for SMTPUTF8 mail.
 
 The relay calls :func:`build_dsn` when recipients failed for good (a 5xx
 reply, a 4xx one that outlived the queue's maximum age, or a reason of the
-relay's own such as an upstream without SMTPUTF8) or are delayed, and sends
+relay's own such as an upstream without SMTPUTF8) or are delayed, or were
+relayed to an upstream without DSN while the sender asked to hear of
+success (RFC 3461 §5.2.2, ``NOTIFY=SUCCESS``), and sends
 what it returns from the null reverse-path ``<>`` to the envelope sender,
 through the same upstream.  ``None`` means "send nothing": a bounce is never
 bounced (RFC 5321 §6.1, RFC 3834 §2).
@@ -31,6 +33,8 @@ from email.policy import compat32, default
 from email.utils import format_datetime
 from typing import Literal
 
+from kumoauth.smtp.dsnparams import utf8_address
+
 #: RFC 5322 §2.1.1: the hard limit on a line, CRLF excluded.
 MAX_LINE = 998
 
@@ -49,7 +53,7 @@ STATUS_EXPIRED = "4.4.7"  # §3.5: delivery time expired (with Action: failed)
 STATUS_TOO_BIG = "5.3.4"  # §3.4: message too big for system
 STATUS_NEEDS_SMTPUTF8 = "5.6.7"  # RFC 6531 (registered per RFC 5248): non-ASCII not permitted
 
-Action = Literal["failed", "delayed"]
+Action = Literal["failed", "delayed", "relayed"]
 ReturnContent = Literal["headers", "full"]
 
 #: RFC 3463 §2: class "." subject "." detail.
@@ -94,7 +98,8 @@ class FailedRecipient:
     address: str
     #: RFC 3463 enhanced status code, e.g. "5.1.1"
     status: str
-    #: RFC 3464 §2.3.3: "failed" (given up) or "delayed" (still retrying)
+    #: RFC 3464 §2.3.3: "failed" (given up), "delayed" (still retrying) or
+    #: "relayed" (handed to a system that reports no further)
     action: Action = "failed"
     #: the upstream's reply, e.g. "550 5.1.1 no such user", or a reason of
     #: the relay's own; None if there is none
@@ -105,14 +110,22 @@ class FailedRecipient:
     last_attempt: datetime | None = None
     #: for "delayed": when the relay gives up (RFC 3464 §2.3.9)
     will_retry_until: datetime | None = None
+    #: the sender's ORCPT (RFC 3461 §4.2) as (address type, address)
+    original: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
-        if self.action not in ("failed", "delayed"):
-            raise ValueError(f"action must be 'failed' or 'delayed', not {self.action!r}")
+        if self.action not in ("failed", "delayed", "relayed"):
+            raise ValueError(
+                f"action must be 'failed', 'delayed' or 'relayed', not {self.action!r}"
+            )
         if not _STATUS.fullmatch(self.status):
             raise ValueError(f"not an RFC 3463 status code: {self.status!r}")
         if self.action == "delayed" and not self.status.startswith("4"):
             raise ValueError("a delayed recipient needs a 4.x.x status (RFC 3464 §2.3.4)")
+        if self.action == "relayed" and not self.status.startswith("2"):
+            raise ValueError("a relayed recipient needs a 2.x.x status (RFC 3464 §2.3.4)")
+        if (self.action == "relayed") != (self.status[0] == "2"):
+            raise ValueError("only a relayed recipient has a 2.x.x status")
 
 
 def build_dsn(
@@ -126,6 +139,7 @@ def build_dsn(
     return_content: ReturnContent = "headers",
     now: datetime | None = None,
     smtputf8: bool = False,
+    envid: str | None = None,
 ) -> bytes | None:
     """
     The delivery status notification for *recipients* of the message queued
@@ -158,11 +172,21 @@ def build_dsn(
     return of an 8-bit original, which needs BODY=8BITMIME (RFC 6152):
     check ``result.isascii()``.
 
-    Raises ValueError if *recipients* is empty or *reporting_mta* is not a
-    host name.
+    *envid* is the sender's ENVID (RFC 3461 §4.4), returned as
+    ``Original-Envelope-Id``; a recipient's ``original`` (its ORCPT) as
+    its ``Original-Recipient``.  A report on relayed recipients returns
+    only the original's header section, whatever *return_content* says.
+
+    Raises ValueError if *recipients* is empty, mixes relayed recipients
+    with others, or *reporting_mta* is not a host name.
     """
     if not recipients:
         raise ValueError("a delivery status notification needs at least one recipient")
+    relayed = [r.action == "relayed" for r in recipients]
+    if any(relayed) and not all(relayed):
+        raise ValueError("relayed recipients are reported apart from failed or delayed ones")
+    if relayed[0]:
+        return_content = "headers"
     if not _HOSTNAME.fullmatch(reporting_mta):
         raise ValueError(f"reporting MTA is not a host name: {reporting_mta!r}")
     sender = envelope_from.strip()
@@ -180,16 +204,16 @@ def build_dsn(
 
     returned, whole = _returned_part(original, headers, return_content, utf8)
     text = _human_part(reporting_mta, message_id, arrival, recipients, whole)
-    status = _status_part(reporting_mta, message_id, arrival, recipients, utf8)
+    status = _status_part(reporting_mta, message_id, arrival, recipients, utf8, envid)
     parts = [text, status, returned]
 
     boundary = _boundary(p.body for p in parts)
-    delayed_only = all(r.action == "delayed" for r in recipients)
-    subject = (
-        "Delayed Mail (still being retried)"
-        if delayed_only
-        else "Undelivered Mail Returned to Sender"
-    )
+    if relayed[0]:
+        subject = "Successful Mail Relay Report"
+    elif all(r.action == "delayed" for r in recipients):
+        subject = "Delayed Mail (still being retried)"
+    else:
+        subject = "Undelivered Mail Returned to Sender"
     eight_bit = any(p.encoding == "8bit" for p in parts)
     top = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
@@ -270,15 +294,18 @@ def encode_address(address: str, utf8: bool) -> str:
     """
     if address and all("!" <= ch <= "~" for ch in address):
         return "rfc822; " + address
-    out = []
-    for ch in address:
-        if "!" <= ch <= "~" and ch not in "+=\\":
-            out.append(ch)
-        elif utf8 and ord(ch) > 0x7F and ch.isprintable():
-            out.append(ch)
-        else:
-            out.append(f"\\x{{{ord(ch):X}}}")
-    return "utf-8; " + "".join(out)
+    return "utf-8; " + utf8_address(address, utf8)
+
+
+def _original(kind: str, address: str, utf8: bool) -> str:
+    """
+    An ORCPT as an Original-Recipient value (RFC 3464 §2.3.1): its type and
+    address as the sender gave them, a ``utf-8`` one as :func:`encode_address`
+    writes it.
+    """
+    if kind == "utf-8" or not address.isascii():
+        return "utf-8; " + utf8_address(address, utf8)
+    return f"{_clean(kind, ascii_only=True)}; {_clean(address, ascii_only=True)}"
 
 
 @dataclass(frozen=True)
@@ -301,7 +328,16 @@ def _human_part(
     """
     failed = [r for r in recipients if r.action == "failed"]
     delayed = [r for r in recipients if r.action == "delayed"]
+    relayed = [r for r in recipients if r.action == "relayed"]
     lines = [f"This is the mail delivery system at {reporting_mta}.", ""]
+    if relayed:
+        lines += [
+            "Your message was handed on for the recipients below, as you asked to "
+            "be told. The system it went to sends no delivery reports, so this may "
+            "be the last you hear of it; a failure further on may still be reported.",
+            "",
+        ]
+        lines += _describe(relayed)
     if failed:
         lines += [
             "Your message could not be delivered to the recipients below. "
@@ -340,6 +376,8 @@ def _describe(recipients: Iterable[FailedRecipient]) -> list[str]:
     lines = []
     for r in recipients:
         detail = _STATUS_TEXT.get(r.status.split(".", 1)[1], "")
+        if r.action == "relayed":
+            detail = "relayed"
         what = f"{r.status} {detail}".rstrip()
         lines.append(f"<{_clean(r.address, ascii_only=False)}>: {what}")
         said = _clean(r.diagnostic or "", ascii_only=False, limit=MAX_DIAGNOSTIC)
@@ -361,21 +399,28 @@ def _status_part(
     arrival: datetime,
     recipients: Sequence[FailedRecipient],
     utf8: bool,
+    envid: str | None = None,
 ) -> _Part:
     """
     RFC 3464 §2.1: the per-message fields, then one block per recipient,
     each block ending with an empty line.
     """
     ascii_only = not utf8
-    blocks = [
-        [
-            f"Reporting-MTA: dns; {reporting_mta}",
-            f"X-Kumoauth-Queue-ID: {_clean(message_id, ascii_only)}",
-            f"Arrival-Date: {format_datetime(_aware(arrival))}",
-        ]
+    fields = []
+    if envid is not None:
+        # RFC 3464 §2.2.1: the ENVID, decoded (printable ASCII: dsnparams)
+        fields.append(f"Original-Envelope-Id: {_clean(envid, ascii_only=True)}")
+    fields += [
+        f"Reporting-MTA: dns; {reporting_mta}",
+        f"X-Kumoauth-Queue-ID: {_clean(message_id, ascii_only)}",
+        f"Arrival-Date: {format_datetime(_aware(arrival))}",
     ]
+    blocks = [fields]
     for r in recipients:
-        block = [
+        block = []
+        if r.original is not None:
+            block.append(f"Original-Recipient: {_original(*r.original, utf8)}")
+        block += [
             f"Final-Recipient: {encode_address(r.address, utf8)}",
             f"Action: {r.action}",
             f"Status: {r.status}",

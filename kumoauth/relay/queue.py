@@ -82,6 +82,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
+from kumoauth.smtp.dsnparams import Requested
 from kumoauth.stamps import PerSecond
 from kumoauth.storage import legacy
 
@@ -186,6 +187,8 @@ class Entry:
     last_error: str | None = None
     rcpts: dict[str, str] | None = None  # rcpt -> status, as the scheduler wrote it
     held: bool = False
+    #: the sender's DSN parameters (RFC 3461); None when none were given
+    dsn: Requested | None = None
 
     @property
     def size(self) -> int:
@@ -342,6 +345,7 @@ def _entry(seg_dir: Path, name: str, offset: int, header: Header, env: dict[str,
         rcpt_to=tuple(sys.intern(str(r)) for r in rcpts),
         smtputf8=bool(env.get("smtputf8")),
         authn_id=_authn_id(env.get("meta")),
+        dsn=Requested.of(env["dsn"]) if "dsn" in env else None,
     )
 
 
@@ -729,6 +733,10 @@ class SegmentWriter:
                     or not all(a.isascii() for a in addresses),
                     "size": len(data),
                 }
+                dsn = getattr(message, "dsn", None)
+                if dsn:
+                    # RFC 3461's RET, ENVID, NOTIFY and ORCPT, for the relay
+                    envelope["dsn"] = dsn
                 encoded.append((len(results), envelope, encode_envelope(envelope), data))
                 results.append(QueueError(f"cannot queue {mid}: not written"))
             except (ValueError, TypeError, AttributeError) as e:

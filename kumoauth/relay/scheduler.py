@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from kumoauth.config import RelayConfig
 from kumoauth.relay.client import IdentityRefused, NotSent, UpstreamError
+from kumoauth.smtp.dsnparams import NOTHING
 from kumoauth.textsafe import escape, field_value, unescape
 
 log = Logger(namespace="kumoauth.relay")
@@ -624,6 +625,10 @@ class Relay(service.Service):
             expired = {rcpt: _Expired(reply=reply) for rcpt, reply in later.items()}
             later = {}
         self._log_attempt(entry, done, failed, later, expired, result, started)
+        if done and entry.dsn is not None and not getattr(result, "dsn", False):
+            # RFC 3461 §5.2.2: the upstream takes no NOTIFY, so a sender who
+            # asked to hear of success hears it from here, as "relayed".
+            await self._report_relayed(entry, done, result)
         for rcpt in done:
             entry.set_rcpt(rcpt, "done")
         failed.update(expired)
@@ -684,14 +689,87 @@ class Relay(service.Service):
     def _too_old(self, entry: Any) -> bool:
         return time.time() - entry.arrival >= self.settings.config.max_age
 
+    async def _report_relayed(self, entry: Any, done: list[str], result: Any) -> None:
+        """
+        The "relayed" report for the recipients in *done* whose NOTIFY
+        asked for SUCCESS.  Not stored is one warning, and not a reason
+        to send the message again: the upstream has it.
+        """
+        from kumoauth.relay.dsn import FailedRecipient
+
+        requested = entry.dsn
+        wanted = [r for r in done if requested.wants(r, "SUCCESS")]
+        if not wanted:
+            return
+        final = getattr(result, "final", None)
+        recipients = [
+            FailedRecipient(
+                address=rcpt,
+                status="2.0.0",
+                action="relayed",
+                diagnostic=_raw(getattr(result.recipients.get(rcpt) or final, "line", "")),
+                remote_mta=self.settings.config.host,
+                last_attempt=datetime.now(UTC),
+                original=requested.rcpt(rcpt).orcpt,
+            )
+            for rcpt in wanted
+        ]
+        try:
+            report = self.build_bounce(
+                reporting_mta=self.settings.hostname,
+                message_id=entry.id,
+                envelope_from=entry.mail_from,
+                arrival=datetime.fromtimestamp(entry.arrival, UTC),
+                recipients=recipients,
+                original=self.queue.read_message(entry.id),
+                smtputf8=entry.smtputf8,
+                envid=requested.envid,
+            )
+            if report is None:
+                return
+            bid = await self.store_bounce(report, entry.mail_from)
+        except Exception as e:
+            log.warn(
+                "relay {id}: the success report (NOTIFY=SUCCESS) for {rcpts} could not be "
+                "stored ({why}); the message was relayed and is not sent again",
+                id=entry.id,
+                rcpts=field_value(",".join(wanted), MAX_LIST),
+                why=escape(str(e) or type(e).__name__),
+            )
+            return
+        log.info(
+            "relay {id}: success report {bid} queued for {rcpts} (NOTIFY=SUCCESS; the "
+            "upstream offers no DSN)",
+            id=entry.id,
+            bid=bid,
+            rcpts=field_value(",".join(wanted), MAX_LIST),
+        )
+
     async def _bounce(self, entry: Any, failed: dict[str, Any]) -> bool:
         """
         Store the bounce for *failed* and mark them failed.  True once it
         is stored (or there is none to store: null sender, a report, a
-        bounce that cannot be built); False, logged in one line, if it
-        could not be stored: the recipients stay as they were.
+        bounce that cannot be built, recipients whose NOTIFY leaves out
+        FAILURE); False, logged in one line, if it could not be stored:
+        the recipients stay as they were.
         """
         from kumoauth.relay.dsn import STATUS_NEEDS_SMTPUTF8, FailedRecipient
+
+        requested = entry.dsn or NOTHING
+        unwanted = [rcpt for rcpt in failed if not requested.wants(rcpt, "FAILURE")]
+        if unwanted:
+            # RFC 3461 §4.1: NOTIFY=NEVER (or a list without FAILURE)
+            log.info(
+                "relay {id}: not delivered to {rcpts}; no bounce, as the sender asked "
+                "(NOTIFY without FAILURE)",
+                id=entry.id,
+                rcpts=field_value(",".join(unwanted), MAX_LIST),
+            )
+            for rcpt in unwanted:
+                entry.set_rcpt(rcpt, "failed")
+            failed = {rcpt: reply for rcpt, reply in failed.items() if rcpt not in unwanted}
+            if not failed:
+                return True
 
         # The upstream takes no SMTPUTF8 (why these failed): a report in its
         # global, 8-bit form would not get through it either, so this one is
@@ -712,6 +790,7 @@ class Relay(service.Service):
                     else None
                 ),
                 last_attempt=datetime.now(UTC),
+                original=requested.rcpt(rcpt).orcpt,
             )
             for rcpt, reply in failed.items()
         ]
@@ -729,6 +808,8 @@ class Relay(service.Service):
                 recipients=recipients,
                 original=original,
                 smtputf8=bool(envelope.get("smtputf8")) and not no_smtputf8,
+                return_content="full" if requested.ret == "FULL" else "headers",
+                envid=requested.envid,
             )
         except Exception:
             # Not a reason to send the message again and again.
@@ -854,6 +935,8 @@ class _Outgoing:
         self.data = data
         self.size = len(data)
         self.smtputf8 = entry.smtputf8
+        #: the sender's RET, ENVID, NOTIFY and ORCPT (RFC 3461), or None
+        self.dsn = entry.dsn
         # The client looks at the bytes itself (BODY=8BITMIME if any is
         # 8-bit): no second scan of the message here.
         self.eightbit = False

@@ -3,7 +3,9 @@ SMTP command-line parsing and reply formatting: pure functions, no I/O.
 
 Grammar from RFC 5321 §4.1 (commands, paths, parameters), extended for
 UTF-8 addresses by RFC 6531 §3.3; the MAIL parameters known here are SIZE
-(RFC 1870), BODY (RFC 6152), AUTH (RFC 4954 §5) and SMTPUTF8 (RFC 6531).
+(RFC 1870), BODY (RFC 6152), AUTH (RFC 4954 §5), SMTPUTF8 (RFC 6531) and
+the DSN extension's RET and ENVID (RFC 3461), whose NOTIFY and ORCPT are
+the RCPT parameters (:mod:`kumoauth.smtp.dsnparams` decodes them).
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import idna
+
+from kumoauth.smtp import dsnparams
 
 #: RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF; we
 #: allow 1000 (the text-line limit of §4.5.3.1.6) as SPEC §6 says.
@@ -209,11 +214,16 @@ def parse_params(tail: bytes) -> dict[str, str | None]:
         value = m.group(2)
         text = value.decode("ascii") if value is not None else None
         if key in params:
-            if _folded(params[key]) != _folded(text):
+            same = params[key] == text if key in _EXACT else _folded(params[key]) == _folded(text)
+            if not same:
                 raise CommandError(b"501 5.5.4 Conflicting values for parameter " + m.group(1))
             continue
         params[key] = text
     return params
+
+
+#: parameters whose values are case-sensitive (RFC 3461's xtext)
+_EXACT = frozenset({"ENVID", "ORCPT"})
 
 
 def _folded(value: str | None) -> str | None:
@@ -243,12 +253,15 @@ def _path_end(rest: bytes) -> int:
     return -1
 
 
-def check_mail_params(params: dict[str, str | None], max_size: int, esmtp: bool = True) -> None:
+def check_mail_params(
+    params: dict[str, str | None], max_size: int, esmtp: bool = True, dsn: bool = False
+) -> None:
     """
     Validate MAIL FROM parameters: SIZE (RFC 1870 §6), BODY (RFC 6152 §2),
-    AUTH (RFC 4954 §5, accepted; the identity comes from the session).
-    After HELO (*esmtp* false) no extension was announced, so none of
-    their parameters may be used (RFC 5321 §2.2.1).
+    AUTH (RFC 4954 §5, accepted; the identity comes from the session),
+    and with *dsn* (the extension offered) RET and ENVID (RFC 3461 §4.3,
+    §4.4).  After HELO (*esmtp* false) no extension was announced, so none
+    of their parameters may be used (RFC 5321 §2.2.1).
     """
     if params and not esmtp:
         raise CommandError(b"555 5.5.4 MAIL parameters need EHLO")
@@ -267,8 +280,42 @@ def check_mail_params(params: dict[str, str | None], max_size: int, esmtp: bool 
         elif key == "SMTPUTF8":
             if value is not None:
                 raise CommandError(b"501 5.5.4 SMTPUTF8 takes no value")
+        elif key == "RET" and dsn:
+            _dsn_param(dsnparams.parse_ret, value, b"RET")
+        elif key == "ENVID" and dsn:
+            _dsn_param(dsnparams.parse_envid, value, b"ENVID")
         else:
             raise CommandError(b"555 5.5.4 Unsupported parameter " + key.encode())
+
+
+def check_rcpt_params(
+    params: dict[str, str | None], dsn: bool, esmtp: bool = True
+) -> dsnparams.Rcpt | None:
+    """
+    RCPT TO parameters: with *dsn* (the extension offered) NOTIFY and
+    ORCPT (RFC 3461 §4.1, §4.2), returned decoded; no others, and none
+    after HELO (*esmtp* false: RFC 5321 §2.2.1).
+    """
+    if params and not esmtp:
+        raise CommandError(b"555 5.5.4 RCPT parameters need EHLO")
+    notify = orcpt = None
+    for key, value in params.items():
+        if key == "NOTIFY" and dsn:
+            notify = _dsn_param(dsnparams.parse_notify, value, b"NOTIFY")
+        elif key == "ORCPT" and dsn:
+            orcpt = _dsn_param(dsnparams.parse_orcpt, value, b"ORCPT")
+        else:
+            raise CommandError(b"555 5.5.4 Unsupported parameter " + key.encode())
+    if notify is None and orcpt is None:
+        return None
+    return dsnparams.Rcpt(notify, orcpt)
+
+
+def _dsn_param(parse: Any, value: str | None, name: bytes) -> Any:
+    try:
+        return parse(value)
+    except dsnparams.ParamError:
+        raise CommandError(b"501 5.5.4 Bad " + name + b" parameter") from None
 
 
 def reply_lines(code: int, lines: list[str]) -> bytes:

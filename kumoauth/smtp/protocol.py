@@ -30,10 +30,12 @@ from kumoauth.auth.mechanisms import REGISTRY, Mechanism
 from kumoauth.meta import ConnMeta
 from kumoauth.ops.transport import corked
 from kumoauth.policy import Reject
+from kumoauth.smtp import dsnparams
 from kumoauth.smtp.commands import (
     MAX_COMMAND_LINE,
     CommandError,
     check_mail_params,
+    check_rcpt_params,
     is_helo_domain,
     parse_command,
     parse_path,
@@ -113,7 +115,7 @@ class SubmissionProtocol(Protocol):
         "_timer", "_handshake_timer", "_pending", "_errors", "_auth_failures",
         "_secure", "_greeted", "_esmtp", "_sasl", "_final", "_mail_from",
         "_smtputf8", "_rcpts", "_reader", "_ip", "_initial_meta", "_producing",
-        "_out", "_charge",
+        "_out", "_charge", "_dsn",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -147,6 +149,8 @@ class SubmissionProtocol(Protocol):
         self._mail_from: str | None = None
         self._smtputf8 = False
         self._rcpts: list[str] = []
+        #: the transaction's DSN parameters (RET, ENVID, each NOTIFY/ORCPT)
+        self._dsn: tuple[str | None, str | None, dict[str, dsnparams.Rcpt]] | None = None
         #: what this transaction counted against its runtime's [limits]
         #: (a session keeps its runtime: a reload does not change them)
         self._charge: Charge | None = None
@@ -789,7 +793,8 @@ class SubmissionProtocol(Protocol):
             return
         try:
             path = parse_path(arg, b"FROM", allow_null=True, utf8=True)
-            check_mail_params(path.params, self.rt.server.max_message_size, self._esmtp)
+            dsn = self.rt.server.dsn
+            check_mail_params(path.params, self.rt.server.max_message_size, self._esmtp, dsn)
             smtputf8 = "SMTPUTF8" in path.params
             if not smtputf8 and not path.address.isascii():
                 # RFC 6531 §3.4: UTF-8 addresses only with SMTPUTF8.
@@ -798,10 +803,15 @@ class SubmissionProtocol(Protocol):
             self._refused(e)
             return
 
+        params = path.params
+        ret = dsnparams.parse_ret(params["RET"]) if "RET" in params else None
+        envid = dsnparams.parse_envid(params["ENVID"]) if "ENVID" in params else None
+
         def accept() -> None:
             self._mail_from = path.address
             self._smtputf8 = smtputf8
             self._rcpts = []
+            self._dsn = (ret, envid, {}) if ret or envid else None
             self._send(b"250 2.1.0 Sender OK")
 
         def counted() -> None:
@@ -878,8 +888,8 @@ class SubmissionProtocol(Protocol):
             return
         try:
             path = parse_path(arg, b"TO", allow_null=False, utf8=True)
-            if path.params:
-                raise CommandError(b"555 5.5.4 RCPT TO parameters are not supported")
+            params = path.params
+            dsn = check_rcpt_params(params, self.rt.server.dsn, self._esmtp) if params else None
             if not self._smtputf8 and not path.address.isascii():
                 raise CommandError(R_NEEDS_SMTPUTF8, False)
         except CommandError as e:
@@ -897,6 +907,10 @@ class SubmissionProtocol(Protocol):
 
         def accept() -> None:
             self._rcpts.append(path.address)
+            if dsn is not None:
+                if self._dsn is None:
+                    self._dsn = (None, None, {})
+                self._dsn[2][path.address] = dsn
             self._send(b"250 2.1.5 Recipient OK")
 
         def counted() -> None:
@@ -972,6 +986,7 @@ class SubmissionProtocol(Protocol):
     def _end_data(self) -> None:
         self._mode = COMMAND
         sender, recipients, smtputf8 = self._mail_from or "", self._rcpts, self._smtputf8
+        dsn = self._dsn
         # This message's [limits] count stays until its outcome: kept if it
         # is accepted, given back at the next MAIL, RSET or disconnect if not.
         charge, self._charge = self._charge, None
@@ -1002,6 +1017,8 @@ class SubmissionProtocol(Protocol):
         message = Message(mid, sender, recipients, data, self.conn_meta.snapshot())
         if smtputf8:
             message.set_meta("smtputf8", True)
+        if dsn is not None:
+            message.dsn = dsnparams.stored(*dsn)
         delivery = self.delivery
         assert delivery is not None
 
@@ -1085,6 +1102,7 @@ class SubmissionProtocol(Protocol):
         self._mail_from = None
         self._smtputf8 = False
         self._rcpts = []
+        self._dsn = None
         self._give_back()
 
     def _give_back(self, charge: Charge | None = None) -> None:

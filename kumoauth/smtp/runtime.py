@@ -277,6 +277,8 @@ class Runtime:
             "SMTPUTF8",
             f"SIZE {self.server.max_message_size}",
         ]
+        if self.server.dsn:
+            words.append("DSN")
         if listener.tls == "starttls" and not secure:
             words.append("STARTTLS")
         if secure or listener.allow_plaintext_auth:

@@ -28,10 +28,12 @@ class Message(Meta):
     A message at the end of DATA, as given to ``smtp_server_message_received``.
 
     ``get_meta``/``set_meta`` work on the message's own meta, which starts
-    as a snapshot of conn_meta.
+    as a snapshot of conn_meta.  ``dsn`` is what the client asked of the
+    DSN extension (RFC 3461), as :func:`kumoauth.smtp.dsnparams.stored`
+    made it, or None.
     """
 
-    __slots__ = ("sender", "recipients", "data", "id", "_headers")
+    __slots__ = ("sender", "recipients", "data", "id", "dsn", "_headers")
 
     def __init__(
         self, id: str, sender: str, recipients: list[str], data: bytes, meta: dict[str, Any]
@@ -41,6 +43,7 @@ class Message(Meta):
         self.sender = sender
         self.recipients = list(recipients)
         self.data = data
+        self.dsn: dict[str, Any] | None = None
         self._headers: EmailMessage | None = None
 
     @property
