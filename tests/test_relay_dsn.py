@@ -264,3 +264,35 @@ def test_real_postfix_gets_the_parameters_and_reports_relayed_itself(
         reports = [e for e in list(sink.messages) if e.mail_from in ("", "<>")]
         assert len(reports) == 1, [e.original_content for e in reports]
         assert tag.encode() in data
+
+
+def test_nodemailer_dsn_options_reach_the_upstream(tmp_path: Path, certs: Certs) -> None:
+    """A real client's DSN request (nodemailer's `dsn` option) reaches an upstream with DSN."""
+    import json
+    import subprocess
+
+    from tests.test_oauth_e2e import NODE_DIR, require_nodemailer
+
+    node = require_nodemailer()
+    with running_upstream(dsn=True) as up, relaying(tmp_path, certs, up) as srv:
+        ca = tmp_path / "client-ca.pem"
+        srv.certs.ca.cert_pem.write_to_path(str(ca))
+        result = subprocess.run(
+            [node, "send_dsn.js", str(srv.starttls_port), str(ca), "scott"],
+            input="tiger",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=NODE_DIR,
+        )
+        assert result.returncode == 0, result.stderr
+        outcome = json.loads(result.stdout.strip().splitlines()[-1])
+        assert outcome["ok"], outcome
+        (m,) = wait_until(lambda: with_tag(up, "nodemailer asking for DSN"), what="the message")
+        wait_queue_empty(srv)
+    # nodemailer's xtext (ENVID "nm+env=1") arrives as it sent it
+    mail_line(m, "RET=HDRS ENVID=nm+2Benv+3D1")
+    assert m.lines[1] == (
+        "RCPT TO:<rcpt@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;orig@example.net"
+    )
+    assert not bounces(up)  # the upstream offers DSN: the reports are its own
