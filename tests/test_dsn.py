@@ -841,3 +841,20 @@ def test_relayed_recipients_are_not_reported_with_failed_ones():
         relayed(status="5.0.0")
     with pytest.raises(ValueError, match="only a relayed"):
         failed(status="2.0.0")
+
+
+def test_the_envid_is_returned_with_its_spaces():
+    # RFC 3464 §2.2.1: "original case and spelling"
+    raw = built(failed(), envid=" a  b ")
+    assert b"\r\nOriginal-Envelope-Id:  a  b \r\n" in raw
+
+
+def test_ret_full_of_a_large_original_returns_its_headers_and_says_why():
+    big = ORIGINAL + b"x" * dsn.FULL_RETURN_LIMIT + b"\r\n"
+    raw = built(failed(), original=big, return_content="full")
+    assert_well_formed(raw)
+    assert returned(raw) == header_section(ORIGINAL)
+    assert "too large to be returned whole" in human_text(raw)
+    line = b"x" * 98 + b"\r\n"
+    at_limit = ORIGINAL + line * ((dsn.FULL_RETURN_LIMIT - len(ORIGINAL)) // len(line))
+    assert returned(built(failed(), original=at_limit, return_content="full")) == at_limit

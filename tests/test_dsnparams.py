@@ -248,3 +248,31 @@ def test_an_envid_or_orcpt_given_twice_must_be_the_same_in_case_too():
     assert parse_params(b"ENVID=abc ENVID=abc") == {"ENVID": "abc"}
     # other values still fold: smtplib repeats BODY=8BITMIME as it likes
     assert parse_params(b"BODY=8bitmime BODY=8BITMIME") == {"BODY": "8bitmime"}
+
+
+def test_the_utf8_type_takes_hex_digits_in_either_case():
+    assert dsnparams.parse_orcpt("utf-8;p\\x{e9}ter@x") == ("utf-8", "péter@x")
+
+
+@pytest.mark.parametrize(
+    "one",
+    [
+        {"notify": "FOO"},
+        {"notify": "SUCCESS\r\nRSET"},
+        {"orcpt": ["rfc822\r\nX: y", "a@x"]},
+        {"orcpt": ["rfc822", "a\r\nb@x"]},
+        {"orcpt": ["rfc822", "a@x", "extra"]},
+    ],
+)
+def test_a_damaged_recipient_value_reads_as_not_given(one):
+    requested = Requested.of({"rcpt": {"a@x": one}})
+    assert requested.rcpt("a@x") == Rcpt()
+    # the default, not silence: a failure is still reported
+    assert requested.wants("a@x", "FAILURE")
+    assert dsnparams.rcpt_params(requested, "a@x") == []
+
+
+def test_a_damaged_envid_reads_as_not_given():
+    assert Requested.of({"envid": "a\r\nX-Injected: 1"}).envid is None
+    assert Requested.of({"envid": "x" * 101}).envid is None
+    assert Requested.of({"envid": "a  b"}).envid == "a  b"

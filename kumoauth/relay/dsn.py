@@ -48,10 +48,16 @@ HUMAN_WIDTH = 72
 #: says all it has to say well before this.
 MAX_DIAGNOSTIC = 2000
 
+#: Largest original returned whole (RFC 3461's RET=FULL), in octets, as
+#: Postfix's ``bounce_size_limit``: a larger one returns its header
+#: section, so that a report stays small enough to be delivered.
+FULL_RETURN_LIMIT = 50_000
+
 #: RFC 3463 status codes for failures of the relay's own making.
 STATUS_EXPIRED = "4.4.7"  # §3.5: delivery time expired (with Action: failed)
 STATUS_TOO_BIG = "5.3.4"  # §3.4: message too big for system
 STATUS_NEEDS_SMTPUTF8 = "5.6.7"  # RFC 6531 (registered per RFC 5248): non-ASCII not permitted
+STATUS_NEEDS_8BITMIME = "5.6.3"  # §3.6: conversion required but not supported
 
 Action = Literal["failed", "delayed", "relayed"]
 ReturnContent = Literal["headers", "full"]
@@ -82,7 +88,7 @@ _STATUS_TEXT = {
 }
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
-_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
+_ENVID = "Original-Envelope-Id:"
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.:\[\]-]+")
 _QUEUE_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -175,7 +181,9 @@ def build_dsn(
     *envid* is the sender's ENVID (RFC 3461 §4.4), returned as
     ``Original-Envelope-Id``; a recipient's ``original`` (its ORCPT) as
     its ``Original-Recipient``.  A report on relayed recipients returns
-    only the original's header section, whatever *return_content* says.
+    only the original's header section, whatever *return_content* says,
+    and so does one whose original is over :data:`FULL_RETURN_LIMIT`
+    octets (its human part says so).
 
     Raises ValueError if *recipients* is empty, mixes relayed recipients
     with others, or *reporting_mta* is not a host name.
@@ -186,6 +194,9 @@ def build_dsn(
     if any(relayed) and not all(relayed):
         raise ValueError("relayed recipients are reported apart from failed or delayed ones")
     if relayed[0]:
+        return_content = "headers"
+    too_large = return_content == "full" and len(original) > FULL_RETURN_LIMIT
+    if too_large:
         return_content = "headers"
     if not _HOSTNAME.fullmatch(reporting_mta):
         raise ValueError(f"reporting MTA is not a host name: {reporting_mta!r}")
@@ -203,7 +214,7 @@ def build_dsn(
     utf8 = smtputf8 or not sender.isascii()
 
     returned, whole = _returned_part(original, headers, return_content, utf8)
-    text = _human_part(reporting_mta, message_id, arrival, recipients, whole)
+    text = _human_part(reporting_mta, message_id, arrival, recipients, whole, too_large)
     status = _status_part(reporting_mta, message_id, arrival, recipients, utf8, envid)
     parts = [text, status, returned]
 
@@ -321,6 +332,7 @@ def _human_part(
     arrival: datetime,
     recipients: Sequence[FailedRecipient],
     whole: bool,
+    too_large: bool = False,
 ) -> _Part:
     """
     RFC 6522 §3: the first part, for people; *whole* if the whole message
@@ -356,7 +368,8 @@ def _human_part(
         f"Queue ID: {_clean(message_id, ascii_only=False)}",
         f"Arrived: {format_datetime(_aware(arrival))}",
         "",
-        "A technical report and "
+        ("Your message is too large to be returned whole. " if too_large else "")
+        + "A technical report and "
         + ("your message" if whole else "the header section of your message")
         + " follow.",
     ]
@@ -409,7 +422,11 @@ def _status_part(
     fields = []
     if envid is not None:
         # RFC 3464 §2.2.1: the ENVID, decoded (printable ASCII: dsnparams)
-        fields.append(f"Original-Envelope-Id: {_clean(envid, ascii_only=True)}")
+        # as given, spaces included (RFC 3464 §2.2.1: "original case and
+        # spelling"): dsnparams lets only printable ASCII and SPACE through
+        if not (envid.isascii() and envid.isprintable()):
+            envid = _clean(envid, ascii_only=True)
+        fields.append(f"{_ENVID} {envid}")
     fields += [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Kumoauth-Queue-ID: {_clean(message_id, ascii_only)}",
@@ -437,7 +454,11 @@ def _status_part(
         if r.will_retry_until is not None:
             block.append(f"Will-Retry-Until: {format_datetime(_aware(r.will_retry_until))}")
         blocks.append(block)
-    body = "\r\n".join("".join(_fold(f) for f in block) for block in blocks)
+    # The envelope id goes as it was given (at most 100 characters: no
+    # folding, which would make its runs of spaces one).
+    body = "\r\n".join(
+        "".join(f + "\r\n" if f.startswith(_ENVID) else _fold(f) for f in block) for block in blocks
+    )
     data = body.encode("utf-8")
     kind = "message/global-delivery-status" if utf8 else "message/delivery-status"
     head = f"Content-Type: {kind}\r\n"
@@ -498,13 +519,18 @@ def _fits(data: bytes, kind: Literal["7bit", "8bit", "utf-8"]) -> bool:
     7bit or §2.8's 8bit data: no NUL, no control other than tab, lines at
     most 998 octets; for "7bit" only ASCII, for "utf-8" valid UTF-8.
     """
-    if _LONG_LINE.search(data) or _CONTROL.search(data):
+    if _CONTROL.search(data) or _longest_line(data) > MAX_LINE:
         return False
     if kind == "7bit":
         return data.isascii()
     if kind == "utf-8":
         return _is_utf8(data)
     return True
+
+
+def _longest_line(data: bytes) -> int:
+    """The longest line of *data* (CRLF line ends), CRLF excluded: linear."""
+    return max(map(len, data.split(b"\r\n")), default=0)
 
 
 def _is_utf8(data: bytes) -> bool:

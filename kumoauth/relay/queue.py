@@ -82,7 +82,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
-from kumoauth.smtp.dsnparams import Requested
+from kumoauth.smtp.dsnparams import NOTHING, Requested
 from kumoauth.stamps import PerSecond
 from kumoauth.storage import legacy
 
@@ -187,8 +187,9 @@ class Entry:
     last_error: str | None = None
     rcpts: dict[str, str] | None = None  # rcpt -> status, as the scheduler wrote it
     held: bool = False
-    #: the sender's DSN parameters (RFC 3461); None when none were given
-    dsn: Requested | None = None
+    #: the envelope holds DSN parameters (RFC 3461; read them from disk
+    #: with :func:`kumoauth.relay.queue.dsn_of`: the index stays lean)
+    dsn: bool = False
 
     @property
     def size(self) -> int:
@@ -229,6 +230,19 @@ class Entry:
 
 # --------------------------------------------------------------------------
 # records
+
+
+def dsn_of(entry: Entry) -> Requested:
+    """
+    What *entry*'s sender asked of the DSN extension, read from its
+    envelope on disk (nothing asked if it has none or it cannot be read).
+    """
+    if not entry.dsn:
+        return NOTHING
+    try:
+        return Requested.of(entry.envelope.get("dsn"))
+    except Exception:
+        return NOTHING
 
 
 def encode_envelope(envelope: dict[str, Any]) -> bytes:
@@ -345,7 +359,7 @@ def _entry(seg_dir: Path, name: str, offset: int, header: Header, env: dict[str,
         rcpt_to=tuple(sys.intern(str(r)) for r in rcpts),
         smtputf8=bool(env.get("smtputf8")),
         authn_id=_authn_id(env.get("meta")),
-        dsn=Requested.of(env["dsn"]) if "dsn" in env else None,
+        dsn="dsn" in env,
     )
 
 
@@ -1438,6 +1452,23 @@ class QueueStore:
         with self._mutex:
             entry = self._index[mid]
         return _read_body(self.seg_dir, entry)
+
+    def read_head(self, mid: str, limit: int) -> bytes:
+        """
+        At most the first *limit* bytes of *mid*'s message, not checksummed:
+        enough for a report that returns the header section, without
+        reading a large message whole.
+        """
+        with self._mutex:
+            e = self._index[mid]
+        try:
+            fd = os.open(self.seg_dir / e.segment, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KeyError(mid) from None
+        try:
+            return os.pread(fd, min(limit, e.body_len), e.body_offset)
+        finally:
+            os.close(fd)
 
     @_locked
     def read_envelope(self, mid: str) -> dict[str, Any]:

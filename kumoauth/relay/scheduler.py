@@ -41,7 +41,8 @@ from twisted.python.failure import Failure
 
 from kumoauth.config import RelayConfig
 from kumoauth.relay.client import IdentityRefused, NotSent, UpstreamError
-from kumoauth.smtp.dsnparams import NOTHING
+from kumoauth.relay.queue import dsn_of
+from kumoauth.smtp.dsnparams import Requested
 from kumoauth.textsafe import escape, field_value, unescape
 
 log = Logger(namespace="kumoauth.relay")
@@ -51,6 +52,11 @@ READ_INLINE = 256 * 1024
 #: seconds between looks at the queue for messages other processes stored
 #: (workers) and for retries that came due
 TICK = 0.5
+
+#: octets of a message read for a report that returns its header section:
+#: more than dsn.FULL_RETURN_LIMIT, so that a RET=FULL original read only
+#: this far is still seen to be too large to return whole
+REPORT_HEAD = 64 * 1024
 #: longest recipient list, escaped, in an attempt's log line
 MAX_LIST = 8192
 #: after a send ends, other writers' records are looked for if the last
@@ -599,7 +605,26 @@ class Relay(service.Service):
 
     async def _record(self, entry: Any, pending: list[str], result: Any, started: float) -> None:
         """
-        Per-recipient results of one attempt.  A bounce is stored before
+        Per-recipient results of one attempt (:meth:`_outcome`), then, once
+        they are recorded, the "relayed" report the sender asked for (RFC
+        3461 §5.2.2: an upstream that takes no NOTIFY, so the success report
+        is ours): a report that fails or hangs never sends the message again.
+        """
+        report = None
+        if entry.dsn and not getattr(result, "dsn", False):
+            # read now: a message whose outcome is recorded may leave the queue
+            requested = dsn_of(entry)
+            report = (requested, self._original(entry, requested, whole=False))
+        done = await self._outcome(entry, pending, result, started)
+        if done and report is not None:
+            await self._report_relayed(entry, done, result, *report)
+
+    async def _outcome(
+        self, entry: Any, pending: list[str], result: Any, started: float
+    ) -> list[str]:
+        """
+        Record one attempt's per-recipient results; the recipients that
+        have the message now.  A bounce is stored before
         the message leaves the queue: a crash in between sends it again,
         it never loses the bounce.  If the bounce cannot be stored, its
         recipients stay pending and the message is deferred: the next
@@ -625,21 +650,18 @@ class Relay(service.Service):
             expired = {rcpt: _Expired(reply=reply) for rcpt, reply in later.items()}
             later = {}
         self._log_attempt(entry, done, failed, later, expired, result, started)
-        if done and entry.dsn is not None and not getattr(result, "dsn", False):
-            # RFC 3461 §5.2.2: the upstream takes no NOTIFY, so a sender who
-            # asked to hear of success hears it from here, as "relayed".
-            await self._report_relayed(entry, done, result)
         for rcpt in done:
             entry.set_rcpt(rcpt, "done")
         failed.update(expired)
         if failed and not await self._bounce(entry, failed):
             self._defer(entry, "the bounce could not be stored")
-            return
+            return done
         if later:
             reason = next((_raw(r.line) for r in later.values() if r is not None), "deferred")
             self._defer(entry, reason)
         else:
             self._finish(entry, "delivered" if not failed else "bounced")
+        return done
 
     async def _deferred(self, entry: Any, pending: list[str], reason: str, started: float) -> None:
         """
@@ -689,7 +711,9 @@ class Relay(service.Service):
     def _too_old(self, entry: Any) -> bool:
         return time.time() - entry.arrival >= self.settings.config.max_age
 
-    async def _report_relayed(self, entry: Any, done: list[str], result: Any) -> None:
+    async def _report_relayed(
+        self, entry: Any, done: list[str], result: Any, requested: Requested, original: bytes
+    ) -> None:
         """
         The "relayed" report for the recipients in *done* whose NOTIFY
         asked for SUCCESS.  Not stored is one warning, and not a reason
@@ -697,7 +721,6 @@ class Relay(service.Service):
         """
         from kumoauth.relay.dsn import FailedRecipient
 
-        requested = entry.dsn
         wanted = [r for r in done if requested.wants(r, "SUCCESS")]
         if not wanted:
             return
@@ -721,7 +744,7 @@ class Relay(service.Service):
                 envelope_from=entry.mail_from,
                 arrival=datetime.fromtimestamp(entry.arrival, UTC),
                 recipients=recipients,
-                original=self.queue.read_message(entry.id),
+                original=original,
                 smtputf8=entry.smtputf8,
                 envid=requested.envid,
             )
@@ -753,9 +776,13 @@ class Relay(service.Service):
         FAILURE); False, logged in one line, if it could not be stored:
         the recipients stay as they were.
         """
-        from kumoauth.relay.dsn import STATUS_NEEDS_SMTPUTF8, FailedRecipient
+        from kumoauth.relay.dsn import (
+            STATUS_NEEDS_8BITMIME,
+            STATUS_NEEDS_SMTPUTF8,
+            FailedRecipient,
+        )
 
-        requested = entry.dsn or NOTHING
+        requested = dsn_of(entry)
         unwanted = [rcpt for rcpt in failed if not requested.wants(rcpt, "FAILURE")]
         if unwanted:
             # RFC 3461 §4.1: NOTIFY=NEVER (or a list without FAILURE)
@@ -765,10 +792,10 @@ class Relay(service.Service):
                 id=entry.id,
                 rcpts=field_value(",".join(unwanted), MAX_LIST),
             )
-            for rcpt in unwanted:
-                entry.set_rcpt(rcpt, "failed")
             failed = {rcpt: reply for rcpt, reply in failed.items() if rcpt not in unwanted}
             if not failed:
+                for rcpt in unwanted:
+                    entry.set_rcpt(rcpt, "failed")
                 return True
 
         # The upstream takes no SMTPUTF8 (why these failed): a report in its
@@ -777,6 +804,12 @@ class Relay(service.Service):
         no_smtputf8 = any(
             isinstance(r, NotSent) and r.enhanced == STATUS_NEEDS_SMTPUTF8 for r in failed.values()
         )
+        # Nor 8BITMIME: an 8-bit original returned whole would fail the same
+        # way, and a failed report is dropped, so it returns its headers.
+        no_8bitmime = any(
+            isinstance(r, NotSent) and r.enhanced == STATUS_NEEDS_8BITMIME for r in failed.values()
+        )
+        whole = requested.ret == "FULL" and not no_8bitmime
         recipients = [
             FailedRecipient(
                 address=rcpt,
@@ -794,10 +827,7 @@ class Relay(service.Service):
             )
             for rcpt, reply in failed.items()
         ]
-        try:
-            original = self.queue.read_message(entry.id)
-        except Exception:
-            original = b""
+        original = self._original(entry, requested, whole)
         try:
             envelope = entry.envelope
             dsn = self.build_bounce(
@@ -808,7 +838,7 @@ class Relay(service.Service):
                 recipients=recipients,
                 original=original,
                 smtputf8=bool(envelope.get("smtputf8")) and not no_smtputf8,
-                return_content="full" if requested.ret == "FULL" else "headers",
+                return_content="full" if whole else "headers",
                 envid=requested.envid,
             )
         except Exception:
@@ -844,9 +874,26 @@ class Relay(service.Service):
                 )
                 return False
             log.info("relay {id}: bounce {bid} queued", id=entry.id, bid=bid)
-        for rcpt in failed:
+        for rcpt in [*failed, *unwanted]:
             entry.set_rcpt(rcpt, "failed")
         return True
+
+    def _original(self, entry: Any, requested: Requested, whole: bool) -> bytes:
+        """
+        What a report returns of *entry*'s message: the whole of it for
+        RET=FULL when it is small enough to be returned
+        (:data:`~kumoauth.relay.dsn.FULL_RETURN_LIMIT`), else only its
+        beginning, which holds the header section: a large message is not
+        read whole on the reactor for a report that returns its headers.
+        """
+        from kumoauth.relay.dsn import FULL_RETURN_LIMIT
+
+        try:
+            if whole and entry.size <= FULL_RETURN_LIMIT:
+                return bytes(self.queue.read_message(entry.id))
+            return bytes(self.queue.read_head(entry.id, REPORT_HEAD))
+        except Exception:
+            return b""
 
     def _log_attempt(
         self,
@@ -936,7 +983,7 @@ class _Outgoing:
         self.size = len(data)
         self.smtputf8 = entry.smtputf8
         #: the sender's RET, ENVID, NOTIFY and ORCPT (RFC 3461), or None
-        self.dsn = entry.dsn
+        self.dsn = dsn_of(entry) if entry.dsn else None
         # The client looks at the bytes itself (BODY=8BITMIME if any is
         # 8-bit): no second scan of the message here.
         self.eightbit = False

@@ -27,8 +27,9 @@ NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 _HEXCHAR = re.compile(r"\+([0-9A-F]{2})")
-#: RFC 6533 §3: EmbeddedUnicodeChar, 1-6 upper-case hex digits
-_UNICODE_CHAR = re.compile(r"\\x\{([0-9A-F]{1,6})\}")
+#: RFC 6533 §3: EmbeddedUnicodeChar, 1-6 hex digits (ABNF's HEXDIG
+#: takes either case; RFC 3461's "+HH" is upper-case only)
+_UNICODE_CHAR = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
 #: RFC 3464 §2.1.2: address-type = atom (IANA names: rfc822, utf-8, x400…)
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,31}")
 
@@ -185,7 +186,10 @@ def stored(ret: str | None, envid: str | None, rcpts: Mapping[str, Rcpt]) -> dic
 class Requested:
     """
     What a queued message's sender asked for, read back from its envelope's
-    ``dsn`` value (anything malformed there reads as not given).
+    ``dsn`` value.  Each value is checked again as a client's would be (a
+    queue is a file: what goes to an upstream's command line from it must
+    be what the parser lets through); anything malformed reads as not
+    given.
     """
 
     ret: str | None = None
@@ -196,25 +200,17 @@ class Requested:
     def of(cls, value: object) -> Requested:
         if not isinstance(value, dict):
             return NOTHING
-        ret = value.get("ret")
-        envid = value.get("envid")
         rcpts: dict[str, Rcpt] = {}
         per = value.get("rcpt")
         if isinstance(per, dict):
             for address, one in per.items():
-                if not isinstance(one, dict):
-                    continue
-                notify = one.get("notify")
-                orcpt = one.get("orcpt")
-                rcpts[str(address)] = Rcpt(
-                    notify if isinstance(notify, str) else None,
-                    (str(orcpt[0]), str(orcpt[1]))
-                    if isinstance(orcpt, list) and len(orcpt) == 2
-                    else None,
-                )
+                if isinstance(one, dict):
+                    notify = _checked(parse_notify, one.get("notify"))
+                    rcpts[str(address)] = Rcpt(notify, _stored_orcpt(one.get("orcpt")))
+        ret = value.get("ret")
         return cls(
             ret if ret in ("FULL", "HDRS") else None,
-            envid if isinstance(envid, str) else None,
+            _checked(lambda v: parse_envid(xtext(v)), value.get("envid")),
             rcpts or None,
         )
 
@@ -231,6 +227,27 @@ class Requested:
         if notify is None:
             return event == "FAILURE"
         return event in notify.split(",")
+
+
+def _checked(parse: Any, value: object) -> Any:
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse(value)
+    except ParamError:
+        return None
+
+
+def _stored_orcpt(value: object) -> tuple[str, str] | None:
+    """A stored ORCPT, if it is one a client could have given."""
+    if not (isinstance(value, list) and len(value) == 2):
+        return None
+    kind, address = value
+    if not (isinstance(kind, str) and isinstance(address, str)):
+        return None
+    if not _ADDR_TYPE.fullmatch(kind):
+        return None
+    return _checked(parse_orcpt, orcpt_xtext(kind.lower(), address))
 
 
 NO_RCPT = Rcpt()

@@ -1,0 +1,255 @@
+"""
+The relay scheduler's side of the DSN extension, in memory: a real queue in
+a temporary directory, the real report builder, a fake upstream session and
+a Twisted Clock.  What the end-to-end tests cannot arrange: a report whose
+store hangs while the relay stops, a bounce store that fails, a queue file
+whose DSN values were tampered with, and large or 8-bit originals asked
+back whole.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from kumoauth.config import RelayConfig
+from kumoauth.ops.metrics import Metrics
+from kumoauth.relay import dsn, scheduler
+from kumoauth.relay.client import NotSent, RecipientResult, SendResult
+from kumoauth.relay.queue import QueueStore
+from kumoauth.storage.delivery import Message
+from kumoauth.storage.spool import new_id
+
+OK = RecipientResult(250, "2.0.0", "Ok: queued as 4Zx")
+NO_SUCH_USER = RecipientResult(550, "5.1.1", "no such user")
+
+
+class Session:
+    """An upstream session that answers each recipient as scripted."""
+
+    reusable = False
+    extensions: dict[str, str] = {}
+
+    def __init__(self, replies: dict[str, RecipientResult], dsn: bool = False) -> None:
+        self.replies = replies
+        self.dsn = dsn
+        self.sent: list[Any] = []
+
+    async def transaction(self, message: Any) -> SendResult:
+        self.sent.append(message)
+        return SendResult(
+            {r: self.replies.get(r, OK) for r in message.rcpt_to},
+            data_sent=True,
+            final=OK,
+            dsn=self.dsn,
+        )
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+def queue_one(
+    store: QueueStore,
+    rcpts: list[str],
+    dsn_value: dict[str, Any],
+    body: bytes = b"Subject: t\r\n\r\nbody\r\n",
+) -> str:
+    message = Message(new_id(), "a@example.com", rcpts, body, {"authn_id": "scott"})
+    message.dsn = dsn_value
+    (result,) = store.append_batch([message])
+    assert not isinstance(result, Exception), result
+    return message.id
+
+
+def make_relay(
+    store: QueueStore,
+    clock: Clock,
+    store_bounce: Callable[[bytes, str], defer.Deferred[str]],
+    session: Session | None = None,
+) -> scheduler.Relay:
+    def connect(*args: object, **kwargs: object) -> defer.Deferred[object]:
+        assert session is not None
+        return defer.succeed(session)
+
+    settings = scheduler.RelaySettings(RelayConfig(host="127.0.0.1"), "relay.test")
+    relay = scheduler.Relay(store, settings, clock, Metrics(), connect, store_bounce, dsn.build_dsn)
+    if session is not None:
+        relay.startService()
+        clock.advance(0)
+    return relay
+
+
+def stored(reports: list[bytes]) -> Callable[[bytes, str], defer.Deferred[str]]:
+    def store_bounce(data: bytes, sender: str) -> defer.Deferred[str]:
+        reports.append(data)
+        return defer.succeed(f"B{len(reports)}")
+
+    return store_bounce
+
+
+def parts(report: bytes) -> list[Any]:
+    return list(email.message_from_bytes(report, policy=email.policy.default).iter_parts())
+
+
+def test_a_relayed_report_whose_store_hangs_never_sends_the_message_again(tmp_path: Path):
+    store = QueueStore.open(tmp_path / "q")
+    clock = Clock()
+    hanging: list[defer.Deferred[str]] = []
+
+    def store_bounce(data: bytes, sender: str) -> defer.Deferred[str]:
+        hanging.append(defer.Deferred())
+        return hanging[-1]
+
+    session = Session({})
+    mid = queue_one(store, ["b@example.net"], {"rcpt": {"b@example.net": {"notify": "SUCCESS"}}})
+    relay = make_relay(store, clock, store_bounce, session)
+    assert len(session.sent) == 1 and len(hanging) == 1
+    # The upstream has it, and that is recorded before the report is stored.
+    assert mid not in store or store.get(mid).rcpt_status() == {"b@example.net": "done"}
+    relay.stopService()
+    clock.advance(scheduler.STOP_WITHIN + 1)
+    assert mid not in store
+    store.close()
+    again = QueueStore.open(tmp_path / "q")
+    assert mid not in again  # nothing to send after a restart
+    again.close()
+
+
+def test_an_operator_bounce_that_cannot_be_stored_leaves_never_recipients_pending(
+    tmp_path: Path,
+):
+    store = QueueStore.open(tmp_path / "q")
+    clock = Clock()
+
+    def store_bounce(data: bytes, sender: str) -> defer.Deferred[str]:
+        return defer.fail(OSError("disk full"))
+
+    rcpts = ["b@example.net", "c@example.net"]
+    mid = queue_one(store, rcpts, {"rcpt": {"b@example.net": {"notify": "NEVER"}}})
+    relay = make_relay(store, clock, store_bounce)
+    outcome: list[object] = []
+    relay.bounce_now(store.get(mid), "5.0.0", "bounced by the operator").addBoth(outcome.append)
+    clock.advance(0)
+    assert outcome == [False]
+    # "stays queued, unchanged": the NEVER recipient too
+    assert store.get(mid).rcpt_status() == dict.fromkeys(rcpts, "pending")
+    store.close()
+
+
+def test_an_operator_bounce_of_never_recipients_only_sends_nothing(tmp_path: Path):
+    store = QueueStore.open(tmp_path / "q")
+    reports: list[bytes] = []
+    mid = queue_one(store, ["b@example.net"], {"rcpt": {"b@example.net": {"notify": "NEVER"}}})
+    relay = make_relay(store, Clock(), stored(reports))
+    outcome: list[object] = []
+    relay.bounce_now(store.get(mid), "5.0.0", "bounced by the operator").addBoth(outcome.append)
+    assert outcome == [True] and reports == [] and mid not in store
+    store.close()
+
+
+def test_dsn_values_tampered_with_in_the_queue_reach_neither_upstream_nor_report(
+    tmp_path: Path,
+):
+    store = QueueStore.open(tmp_path / "q")
+    reports: list[bytes] = []
+    session = Session({}, dsn=False)
+    queue_one(
+        store,
+        ["b@example.net"],
+        {
+            "envid": "a\r\nX-Injected: 1",
+            "rcpt": {
+                "b@example.net": {
+                    "notify": "SUCCESS\r\nRSET",
+                    "orcpt": ["rfc822\r\nX: y", "q\r\nZ: 1"],
+                }
+            },
+        },
+    )
+    make_relay(store, Clock(), stored(reports), session)
+    (sent,) = session.sent
+    # read as not given: defaults (no success report), nothing to send on
+    assert sent.dsn.envid is None
+    assert sent.dsn.rcpt("b@example.net").notify is None
+    assert sent.dsn.rcpt("b@example.net").orcpt is None
+    assert reports == []
+    store.close()
+
+
+def test_ret_full_of_a_large_message_returns_its_headers_and_says_why(tmp_path: Path, monkeypatch):
+    # the relay reads a large message in a thread: here, in line
+    monkeypatch.setattr(scheduler.threads, "deferToThread", defer.maybeDeferred)
+    store = QueueStore.open(tmp_path / "q")
+    reports: list[bytes] = []
+    # 4 MB of 997-octet lines
+    body = b"Subject: big\r\n\r\n" + (b"a" * 997 + b"\r\n") * 4000
+    queue_one(store, ["x@example.net"], {"ret": "FULL"}, body)
+    make_relay(store, Clock(), stored(reports), Session({"x@example.net": NO_SUCH_USER}))
+    (report,) = reports
+    assert len(report) < 10_000
+    human, status, returned = parts(report)
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert "too large to be returned whole" in human.get_content()
+    assert b"Subject: big" in report and b"a" * 997 not in report
+    store.close()
+
+
+def test_ret_full_of_a_small_message_returns_it_whole(tmp_path: Path):
+    store = QueueStore.open(tmp_path / "q")
+    reports: list[bytes] = []
+    queue_one(store, ["x@example.net"], {"ret": "FULL"})
+    make_relay(store, Clock(), stored(reports), Session({"x@example.net": NO_SUCH_USER}))
+    (report,) = reports
+    assert parts(report)[2].get_content_type() == "message/rfc822"
+    assert b"\r\nbody\r\n" in report
+    store.close()
+
+
+def test_ret_full_of_an_8bit_message_behind_an_upstream_without_8bitmime_returns_headers(
+    tmp_path: Path,
+):
+    # The whole original would need 8BITMIME too, and a report that fails
+    # is dropped: the sender would hear nothing.
+    store = QueueStore.open(tmp_path / "q")
+    reports: list[bytes] = []
+    refused = NotSent(554, "5.6.3", "upstream does not offer 8BITMIME, which this message needs")
+    body = "Subject: caf\u00e9\r\n\r\nd\u00e9j\u00e0 vu\r\n".encode()
+    queue_one(store, ["x@example.net"], {"ret": "FULL"}, body)
+    make_relay(store, Clock(), stored(reports), Session({"x@example.net": refused}))
+    (report,) = reports
+    assert report.isascii()
+    assert parts(report)[2].get_content_type() == "text/rfc822-headers"
+    store.close()
+
+
+def test_one_attempt_with_a_success_and_a_failure_makes_two_reports(tmp_path: Path):
+    store = QueueStore.open(tmp_path / "q")
+    reports: list[bytes] = []
+    notify = {"notify": "SUCCESS,FAILURE"}
+    queue_one(
+        store,
+        ["ok@example.net", "bad@example.net"],
+        {"envid": "E1", "rcpt": {"ok@example.net": notify, "bad@example.net": notify}},
+    )
+    make_relay(store, Clock(), stored(reports), Session({"bad@example.net": NO_SUCH_USER}))
+    subjects = sorted(
+        email.message_from_bytes(r, policy=email.policy.default)["Subject"] for r in reports
+    )
+    assert subjects == ["Successful Mail Relay Report", "Undelivered Mail Returned to Sender"]
+    assert all(b"Original-Envelope-Id: E1\r\n" in r for r in reports)
+    store.close()
+
+
+def test_the_head_read_for_a_report_is_longer_than_a_whole_return():
+    # else a large RET=FULL original, read only this far, would be returned
+    # cut off as if whole
+    assert scheduler.REPORT_HEAD > dsn.FULL_RETURN_LIMIT
