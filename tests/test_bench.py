@@ -132,3 +132,23 @@ def test_ab_runs_both_builds_and_cleans_up():
     ratio = re.fullmatch(r"this tree / .+: (\d+\.\d+)×", lines[-1])
     assert ratio and float(ratio.group(1)) > 0
     assert set(Path(tempfile.gettempdir()).glob("kumoauth-ab-*")) == before
+
+
+def test_reports_bench_measures_every_case():
+    # bench.reports --quick: a figure for each 4 MB case, and the report a
+    # RET=FULL of 4 MB gets is the header-section one (FULL_RETURN_LIMIT)
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.reports", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    assert len(figures) == 4
+    for name, figure in figures.items():
+        assert figure["cpu_s"] >= 0, name
+        assert 0 < figure["report_octets"] < 10_000, name
