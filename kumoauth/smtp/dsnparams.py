@@ -256,20 +256,16 @@ NOTHING = Requested()
 
 def mail_params(requested: Requested) -> list[str]:
     """``RET=`` and ``ENVID=`` for the relay's MAIL FROM, as given."""
-    out = []
-    if requested.ret is not None:
-        out.append(f"RET={requested.ret}")
-    if requested.envid is not None:
-        out.append(f"ENVID={xtext(requested.envid)}")
-    return out
+    envid = requested.envid
+    return _params(("RET", requested.ret), ("ENVID", None if envid is None else xtext(envid)))
 
 
 def rcpt_params(requested: Requested, address: str) -> list[str]:
     """``NOTIFY=`` and ``ORCPT=`` for the relay's RCPT TO *address*, as given."""
     r = requested.rcpt(address)
-    out = []
-    if r.notify is not None:
-        out.append(f"NOTIFY={r.notify}")
-    if r.orcpt is not None:
-        out.append(f"ORCPT={orcpt_xtext(*r.orcpt)}")
-    return out
+    orcpt = None if r.orcpt is None else orcpt_xtext(*r.orcpt)
+    return _params(("NOTIFY", r.notify), ("ORCPT", orcpt))
+
+
+def _params(*pairs: tuple[str, str | None]) -> list[str]:
+    return [f"{name}={value}" for name, value in pairs if value is not None]
