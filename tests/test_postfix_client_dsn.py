@@ -178,19 +178,30 @@ def the_message(up: Any, tag: str) -> Received:
     return m
 
 
-def test_postfix_null_client_dsn_reaches_the_upstream(tmp_path: Path, certs: Certs) -> None:
-    """Postfix's sendmail -N/-V/-R: RET, ENVID, NOTIFY, ORCPT cross kumoauth to the upstream."""
+@contextlib.contextmanager
+def sent_through(tmp_path: Path, certs: Certs, server: str = "") -> Iterator[Any]:
+    """
+    A message with DSN requests from the client Postfix through kumoauth
+    (``[server]`` settings *server*) to an upstream with DSN, once there:
+    (up, srv, postfix, tag, envid, the message, kumoauth's queue id).
+    """
     require_client_postfix()
-    tag = f"nullclient-dsn-{os.getpid()}-{time.time_ns()}"
+    tag = f"nullclient-{os.getpid()}-{time.time_ns()}"
     envid = f"nc+{time.time_ns()}=1"
     with (
         running_upstream(dsn=True) as up,
-        relaying(tmp_path, certs, up) as srv,
+        relaying(tmp_path, certs, up, server=server) as srv,
         null_client(srv) as postfix,
     ):
         sendmail(postfix, tag, envid)
         m = the_message(up, tag)
         mid = relayed_to_kumoauth(postfix, srv.starttls_port)
+        yield up, srv, postfix, tag, envid, m, mid
+
+
+def test_postfix_null_client_dsn_reaches_the_upstream(tmp_path: Path, certs: Certs) -> None:
+    """Postfix's sendmail -N/-V/-R: RET, ENVID, NOTIFY, ORCPT cross kumoauth to the upstream."""
+    with sent_through(tmp_path, certs) as (up, srv, postfix, tag, envid, m, mid):
         wait_queue_empty(srv, TIMEOUT)
         time.sleep(1.2)  # a report of kumoauth's own, or of Postfix's, would show now
         log = srv.log()
@@ -228,17 +239,7 @@ def test_postfix_null_client_dsn_reaches_the_upstream(tmp_path: Path, certs: Cer
 
 def test_postfix_null_client_dsn_off_in_kumoauth(tmp_path: Path, certs: Certs) -> None:
     """``[server] dsn = false``: the upstream gets no DSN parameters; Postfix reports 'relayed'."""
-    require_client_postfix()
-    tag = f"nullclient-nodsn-{os.getpid()}-{time.time_ns()}"
-    envid = f"nc+{time.time_ns()}=0"
-    with (
-        running_upstream(dsn=True) as up,
-        relaying(tmp_path, certs, up, server="dsn = false") as srv,
-        null_client(srv) as postfix,
-    ):
-        sendmail(postfix, tag, envid)
-        m = the_message(up, tag)
-        mid = relayed_to_kumoauth(postfix, srv.starttls_port)
+    with sent_through(tmp_path, certs, "dsn = false") as (up, srv, postfix, tag, envid, m, mid):
         # The next hop offers no DSN: the client Postfix itself tells scott
         # the message was relayed, through kumoauth (MAIL FROM:<>, AUTH scott).
         postfix.wait_log(r"sender delivery status notification: \w+", TIMEOUT)

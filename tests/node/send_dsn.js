@@ -6,37 +6,20 @@
 // The password is read from standard input, never from a command line.
 "use strict";
 const fs = require("fs");
-const nodemailer = require("nodemailer");
+const submit = require("./submit");
 
 const [port, caFile, user] = process.argv.slice(2);
 const pass = fs.readFileSync(0, "utf8").trim();
 
-const transport = nodemailer.createTransport({
-  host: "127.0.0.1",
-  port: Number(port),
-  secure: false,
-  requireTLS: true,
-  tls: { ca: fs.readFileSync(caFile), servername: "localhost" },
-  auth: { user, pass },
+submit(port, caFile, { user, pass }, {
+  from: "scott@example.com",
+  to: "rcpt@example.net",
+  subject: "nodemailer asking for DSN",
+  text: "hello from nodemailer\n",
+  dsn: {
+    id: "nm+env=1",
+    return: "headers",
+    notify: ["success", "failure"],
+    recipient: "orig@example.net",
+  },
 });
-
-transport
-  .sendMail({
-    from: "scott@example.com",
-    to: "rcpt@example.net",
-    subject: "nodemailer asking for DSN",
-    text: "hello from nodemailer\n",
-    dsn: {
-      id: "nm+env=1",
-      return: "headers",
-      notify: ["success", "failure"],
-      recipient: "orig@example.net",
-    },
-  })
-  .then((info) => {
-    console.log(JSON.stringify({ ok: true, response: info.response }));
-  })
-  .catch((err) => {
-    console.log(JSON.stringify({ ok: false, code: err.responseCode || null, response: err.response || String(err.message) }));
-  })
-  .finally(() => transport.close());
