@@ -240,7 +240,17 @@ def test_real_postfix_gets_the_parameters_and_reports_relayed_itself(
             tag = f"dsn-postfix-{time.time_ns()}"
             mid = submit_dsn(
                 srv,
-                [("someone@example.net", ["NOTIFY=SUCCESS", "ORCPT=rfc822;orig+2Bpf@example.net"])],
+                [
+                    (
+                        "someone@example.net",
+                        ["NOTIFY=SUCCESS", "ORCPT=rfc822;orig+2Bpf@example.net"],
+                    ),
+                    # RFC 6533's utf-8 type, in the ASCII form kumoauth sends on
+                    (
+                        "other@example.net",
+                        ["NOTIFY=SUCCESS", "ORCPT=utf-8;bj\\x{F8}rn@example.net"],
+                    ),
+                ],
                 f"Subject: {tag}\r\n\r\nbody\r\n".encode(),
                 ["RET=HDRS", "ENVID=pf+2Benv"],
             )
@@ -257,9 +267,11 @@ def test_real_postfix_gets_the_parameters_and_reports_relayed_itself(
         _, blocks = dsn_blocks(data)
         assert blocks[0]["Original-Envelope-Id"] == "pf+env"
         assert "X-Kumoauth-Queue-ID" not in blocks[0]  # Postfix's, not kumoauth's
-        (r,) = blocks[1:]
-        assert r["Action"] == "relayed"
+        r, other = sorted(blocks[1:], key=lambda b: b["Final-Recipient"], reverse=True)
+        assert r["Action"] == other["Action"] == "relayed"
         assert r["Original-Recipient"] == "rfc822;orig+pf@example.net"
+        # Postfix read the \x{F8} kumoauth sent: its report has the UTF-8
+        assert "\r\nOriginal-Recipient: utf-8;bjørn@example.net\r\n".encode() in data
         # only one report for that message: Postfix's
         reports = [e for e in list(sink.messages) if e.mail_from in ("", "<>")]
         assert len(reports) == 1, [e.original_content for e in reports]
