@@ -308,3 +308,23 @@ def test_nodemailer_dsn_options_reach_the_upstream(tmp_path: Path, certs: Certs)
         "RCPT TO:<rcpt@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;orig@example.net"
     )
     assert not bounces(up)  # the upstream offers DSN: the reports are its own
+
+
+def test_the_parameters_cross_from_a_worker_to_the_relay(tmp_path: Path, certs: Certs) -> None:
+    """With `[server] workers = 2` a worker queues them and the supervisor's relay sends them."""
+    with (
+        running_upstream(dsn=True) as up,
+        relaying(tmp_path, certs, up, server="workers = 2") as srv,
+    ):
+        submit_dsn(
+            srv,
+            [("b@example.net", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;o@example.net"])],
+            b"Subject: dsn-workers\r\n\r\nx\r\n",
+            ["RET=FULL", "ENVID=w1"],
+        )
+        (m,) = wait_until(lambda: with_tag(up, "Subject: dsn-workers"), what="the message")
+        wait_queue_empty(srv)
+    mail_line(m, "RET=FULL ENVID=w1")
+    assert m.lines[1:] == [
+        "RCPT TO:<b@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;o@example.net"
+    ]
