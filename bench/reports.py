@@ -1,7 +1,8 @@
 """
 The relay's delivery reports on large messages: the reactor's CPU for one
-attempt whose only recipient the upstream refuses (``550``), bounce built
-and stored, measured in process.
+attempt whose only recipient the upstream refuses (``550``), the bounce
+built and handed to a store that keeps it in memory (the queue write is
+not counted), measured in process.
 
 The scheduler is kumoauth's own (:class:`kumoauth.relay.scheduler.Relay`)
 over a real queue in a temporary directory, with the real report builder;

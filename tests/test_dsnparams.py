@@ -268,3 +268,10 @@ def test_a_damaged_envid_reads_as_not_given():
     assert Requested.of({"envid": "a\r\nX-Injected: 1"}).envid is None
     assert Requested.of({"envid": "x" * 101}).envid is None
     assert Requested.of({"envid": "a  b"}).envid == "a  b"
+
+
+def test_one_damaged_value_does_not_take_the_others_with_it():
+    # a lone surrogate in ENVID (only a tampered queue file has one)
+    requested = Requested.of({"envid": "a\ud800", "rcpt": {"a@x": {"notify": "NEVER"}}})
+    assert requested.envid is None
+    assert not requested.wants("a@x", "FAILURE")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import email
 import email.policy
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
@@ -125,7 +127,7 @@ def test_a_relayed_report_whose_store_hangs_never_sends_the_message_again(tmp_pa
 
 
 def test_an_operator_bounce_that_cannot_be_stored_leaves_never_recipients_pending(
-    tmp_path: Path,
+    tmp_path: Path, captured_log
 ):
     store = QueueStore.open(tmp_path / "q")
     clock = Clock()
@@ -140,8 +142,9 @@ def test_an_operator_bounce_that_cannot_be_stored_leaves_never_recipients_pendin
     relay.bounce_now(store.get(mid), "5.0.0", "bounced by the operator").addBoth(outcome.append)
     clock.advance(0)
     assert outcome == [False]
-    # "stays queued, unchanged": the NEVER recipient too
+    # "stays queued, unchanged": the NEVER recipient too, and not logged as done with
     assert store.get(mid).rcpt_status() == dict.fromkeys(rcpts, "pending")
+    assert "no bounce, as the sender asked" not in captured_log.text()
     store.close()
 
 
@@ -214,14 +217,20 @@ def test_ret_full_of_a_small_message_returns_it_whole(tmp_path: Path):
     store.close()
 
 
-def test_ret_full_of_an_8bit_message_behind_an_upstream_without_8bitmime_returns_headers(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    "refused",
+    [
+        NotSent(554, "5.6.3", "upstream does not offer 8BITMIME, which this message needs"),
+        NotSent(553, "5.6.7", "upstream does not offer SMTPUTF8, which this message needs"),
+    ],
+)
+def test_ret_full_of_a_message_kumoauth_could_not_send_returns_headers(
+    tmp_path: Path, refused: NotSent
 ):
-    # The whole original would need 8BITMIME too, and a report that fails
+    # The whole original would fail the same way, and a report that fails
     # is dropped: the sender would hear nothing.
     store = QueueStore.open(tmp_path / "q")
     reports: list[bytes] = []
-    refused = NotSent(554, "5.6.3", "upstream does not offer 8BITMIME, which this message needs")
     body = "Subject: caf\u00e9\r\n\r\nd\u00e9j\u00e0 vu\r\n".encode()
     queue_one(store, ["x@example.net"], {"ret": "FULL"}, body)
     make_relay(store, Clock(), stored(reports), Session({"x@example.net": refused}))
@@ -253,3 +262,43 @@ def test_the_head_read_for_a_report_is_longer_than_a_whole_return():
     # else a large RET=FULL original, read only this far, would be returned
     # cut off as if whole
     assert scheduler.REPORT_HEAD > dsn.FULL_RETURN_LIMIT
+
+
+def test_a_long_header_section_is_returned_cut_after_a_whole_line(tmp_path: Path, monkeypatch):
+    # longer than the head a report reads (past Postfix's header_size_limit)
+    monkeypatch.setattr(scheduler.threads, "deferToThread", defer.maybeDeferred)
+    store = QueueStore.open(tmp_path / "q")
+    reports: list[bytes] = []
+    line = b"X-Long: " + b"v" * 90 + b"\r\n"
+    body = b"Subject: long\r\n" + line * (2 * scheduler.REPORT_HEAD // len(line)) + b"\r\nx\r\n"
+    queue_one(store, ["x@example.net"], {}, body)
+    make_relay(store, Clock(), stored(reports), Session({"x@example.net": NO_SUCH_USER}))
+    (report,) = reports
+    returned = parts(report)[2]
+    assert returned.get_content_type() == "text/rfc822-headers"
+    text = returned.get_payload(decode=True)
+    assert text.startswith(b"Subject: long\r\n")
+    assert text.endswith(line)  # no line cut in its middle
+    store.close()
+
+
+def test_dsn_requests_that_cannot_be_read_are_one_warning(tmp_path: Path, captured_log):
+    store = QueueStore.open(tmp_path / "q")
+    reports: list[bytes] = []
+    session = Session({}, dsn=True)
+    mid = queue_one(store, ["b@example.net"], {"rcpt": {"b@example.net": {"notify": "NEVER"}}})
+    entry = store.get(mid)
+    # damage the envelope (its checksum no longer matches); the body is intact
+    fd = os.open(store.seg_dir / entry.segment, os.O_RDWR)
+    try:
+        at = entry.offset + entry.env_len  # inside the envelope, after the header
+        os.pwrite(fd, b"#", at)
+    finally:
+        os.close(fd)
+    make_relay(store, Clock(), stored(reports), session)
+    (sent,) = session.sent
+    assert sent.dsn is not None and sent.dsn.rcpts is None  # sent as if none were asked
+    text = captured_log.text()
+    assert f"relay {mid}: its DSN requests cannot be read" in text
+    assert "Traceback" not in text
+    store.close()

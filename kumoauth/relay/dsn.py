@@ -57,7 +57,6 @@ FULL_RETURN_LIMIT = 50_000
 STATUS_EXPIRED = "4.4.7"  # §3.5: delivery time expired (with Action: failed)
 STATUS_TOO_BIG = "5.3.4"  # §3.4: message too big for system
 STATUS_NEEDS_SMTPUTF8 = "5.6.7"  # RFC 6531 (registered per RFC 5248): non-ASCII not permitted
-STATUS_NEEDS_8BITMIME = "5.6.3"  # §3.6: conversion required but not supported
 
 Action = Literal["failed", "delayed", "relayed"]
 ReturnContent = Literal["headers", "full"]

@@ -235,14 +235,12 @@ class Entry:
 def dsn_of(entry: Entry) -> Requested:
     """
     What *entry*'s sender asked of the DSN extension, read from its
-    envelope on disk (nothing asked if it has none or it cannot be read).
+    envelope on disk (nothing asked if it has none); :class:`QueueCorrupt`
+    or ``KeyError`` if the envelope cannot be read.
     """
     if not entry.dsn:
         return NOTHING
-    try:
-        return Requested.of(entry.envelope.get("dsn"))
-    except Exception:
-        return NOTHING
+    return Requested.of(entry.envelope.get("dsn"))
 
 
 def encode_envelope(envelope: dict[str, Any]) -> bytes:

@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from kumoauth.config import RelayConfig
 from kumoauth.relay.client import IdentityRefused, NotSent, UpstreamError
 from kumoauth.relay.queue import dsn_of
-from kumoauth.smtp.dsnparams import Requested
+from kumoauth.smtp.dsnparams import NOTHING, Requested
 from kumoauth.textsafe import escape, field_value, unescape
 
 log = Logger(namespace="kumoauth.relay")
@@ -56,7 +56,7 @@ TICK = 0.5
 #: octets of a message read for a report that returns its header section:
 #: more than dsn.FULL_RETURN_LIMIT, so that a RET=FULL original read only
 #: this far is still seen to be too large to return whole
-REPORT_HEAD = 64 * 1024
+REPORT_HEAD = 128 * 1024
 #: longest recipient list, escaped, in an attempt's log line
 MAX_LIST = 8192
 #: after a send ends, other writers' records are looked for if the last
@@ -478,6 +478,8 @@ class Relay(service.Service):
         settings = self.settings
         started = time.monotonic()
         pending = [r for r, status in entry.rcpt_status().items() if status == "pending"]
+        # the sender's DSN requests, read from disk once for the attempt
+        requested = self._requested(entry)
         try:
             if session is None:
                 try:
@@ -501,7 +503,7 @@ class Relay(service.Service):
             else:
                 data = await threads.deferToThread(self.queue.read_message, entry.id)
             data = self._outgoing(entry, data)
-            outgoing = _Outgoing(entry, pending, data)
+            outgoing = _Outgoing(entry, pending, data, requested)
             if "XFORWARD" in getattr(session, "extensions", {}):
                 outgoing.xforward = xforward_attributes(entry)
             result = await session.transaction(outgoing)
@@ -511,7 +513,7 @@ class Relay(service.Service):
             self.pool.count -= 1
             if session is not None:
                 _close(session)
-            await self._deferred(entry, pending, _reason(e), started)
+            await self._deferred(entry, pending, _reason(e), started, requested)
             return
         self.sending.pop(entry.id, None)
         latency = time.monotonic() - started
@@ -524,7 +526,7 @@ class Relay(service.Service):
         else:
             self.pool.count -= 1
             _close(session)
-        await self._record(entry, pending, result, started)
+        await self._record(entry, pending, result, started, requested)
 
     def _unreachable(self, e: BaseException, started: float) -> None:
         """
@@ -603,24 +605,32 @@ class Relay(service.Service):
 
     # --- outcomes -------------------------------------------------------
 
-    async def _record(self, entry: Any, pending: list[str], result: Any, started: float) -> None:
+    async def _record(
+        self,
+        entry: Any,
+        pending: list[str],
+        result: Any,
+        started: float,
+        requested: Requested = NOTHING,
+    ) -> None:
         """
         Per-recipient results of one attempt (:meth:`_outcome`), then, once
         they are recorded, the "relayed" report the sender asked for (RFC
         3461 §5.2.2: an upstream that takes no NOTIFY, so the success report
         is ours): a report that fails or hangs never sends the message again.
         """
-        report = None
-        if entry.dsn and not getattr(result, "dsn", False):
+        head = None
+        wanted = [r for r in pending if requested.wants(r, "SUCCESS")] if requested.rcpts else []
+        if wanted and not getattr(result, "dsn", False):
             # read now: a message whose outcome is recorded may leave the queue
-            requested = dsn_of(entry)
-            report = (requested, self._original(entry, requested, whole=False))
-        done = await self._outcome(entry, pending, result, started)
-        if done and report is not None:
-            await self._report_relayed(entry, done, result, *report)
+            head = self._original(entry, whole=False)
+        done = await self._outcome(entry, pending, result, started, requested)
+        relayed = [r for r in wanted if r in done]
+        if relayed and head is not None:
+            await self._report_relayed(entry, relayed, result, requested, head)
 
     async def _outcome(
-        self, entry: Any, pending: list[str], result: Any, started: float
+        self, entry: Any, pending: list[str], result: Any, started: float, requested: Requested
     ) -> list[str]:
         """
         Record one attempt's per-recipient results; the recipients that
@@ -653,7 +663,7 @@ class Relay(service.Service):
         for rcpt in done:
             entry.set_rcpt(rcpt, "done")
         failed.update(expired)
-        if failed and not await self._bounce(entry, failed):
+        if failed and not await self._bounce(entry, failed, requested):
             self._defer(entry, "the bounce could not be stored")
             return done
         if later:
@@ -663,7 +673,14 @@ class Relay(service.Service):
             self._finish(entry, "delivered" if not failed else "bounced")
         return done
 
-    async def _deferred(self, entry: Any, pending: list[str], reason: str, started: float) -> None:
+    async def _deferred(
+        self,
+        entry: Any,
+        pending: list[str],
+        reason: str,
+        started: float,
+        requested: Requested = NOTHING,
+    ) -> None:
         """
         The attempt failed as a whole (*reason*: one printable line).
         """
@@ -677,7 +694,8 @@ class Relay(service.Service):
             text += f"; older than max_age {self.settings.config.max_age:g}s"
         log.info("{text}", text=text + ")", id=entry.id, result=what, reason=reason)
         if too_old:
-            if await self._bounce(entry, {rcpt: _Expired(reason) for rcpt in pending}):
+            expired = {rcpt: _Expired(reason) for rcpt in pending}
+            if await self._bounce(entry, expired, requested):
                 self._finish(entry, "bounced")
                 return
             reason = "the bounce could not be stored"
@@ -712,18 +730,15 @@ class Relay(service.Service):
         return time.time() - entry.arrival >= self.settings.config.max_age
 
     async def _report_relayed(
-        self, entry: Any, done: list[str], result: Any, requested: Requested, original: bytes
+        self, entry: Any, wanted: list[str], result: Any, requested: Requested, original: bytes
     ) -> None:
         """
-        The "relayed" report for the recipients in *done* whose NOTIFY
-        asked for SUCCESS.  Not stored is one warning, and not a reason
-        to send the message again: the upstream has it.
+        The "relayed" report for the recipients in *wanted*, relayed now,
+        whose NOTIFY asked for SUCCESS.  Not stored is one warning, and not
+        a reason to send the message again: the upstream has it.
         """
         from kumoauth.relay.dsn import FailedRecipient
 
-        wanted = [r for r in done if requested.wants(r, "SUCCESS")]
-        if not wanted:
-            return
         final = getattr(result, "final", None)
         recipients = [
             FailedRecipient(
@@ -768,7 +783,9 @@ class Relay(service.Service):
             rcpts=field_value(",".join(wanted), MAX_LIST),
         )
 
-    async def _bounce(self, entry: Any, failed: dict[str, Any]) -> bool:
+    async def _bounce(
+        self, entry: Any, failed: dict[str, Any], requested: Requested | None = None
+    ) -> bool:
         """
         Store the bounce for *failed* and mark them failed.  True once it
         is stored (or there is none to store: null sender, a report, a
@@ -777,25 +794,18 @@ class Relay(service.Service):
         the recipients stay as they were.
         """
         from kumoauth.relay.dsn import (
-            STATUS_NEEDS_8BITMIME,
             STATUS_NEEDS_SMTPUTF8,
             FailedRecipient,
         )
 
-        requested = dsn_of(entry)
+        if requested is None:
+            requested = self._requested(entry)
+        # RFC 3461 §4.1: NOTIFY=NEVER (or a list without FAILURE)
         unwanted = [rcpt for rcpt in failed if not requested.wants(rcpt, "FAILURE")]
         if unwanted:
-            # RFC 3461 §4.1: NOTIFY=NEVER (or a list without FAILURE)
-            log.info(
-                "relay {id}: not delivered to {rcpts}; no bounce, as the sender asked "
-                "(NOTIFY without FAILURE)",
-                id=entry.id,
-                rcpts=field_value(",".join(unwanted), MAX_LIST),
-            )
             failed = {rcpt: reply for rcpt, reply in failed.items() if rcpt not in unwanted}
             if not failed:
-                for rcpt in unwanted:
-                    entry.set_rcpt(rcpt, "failed")
+                self._unreported(entry, unwanted)
                 return True
 
         # The upstream takes no SMTPUTF8 (why these failed): a report in its
@@ -804,12 +814,10 @@ class Relay(service.Service):
         no_smtputf8 = any(
             isinstance(r, NotSent) and r.enhanced == STATUS_NEEDS_SMTPUTF8 for r in failed.values()
         )
-        # Nor 8BITMIME: an 8-bit original returned whole would fail the same
-        # way, and a failed report is dropped, so it returns its headers.
-        no_8bitmime = any(
-            isinstance(r, NotSent) and r.enhanced == STATUS_NEEDS_8BITMIME for r in failed.values()
-        )
-        whole = requested.ret == "FULL" and not no_8bitmime
+        # RET=FULL, unless kumoauth refused to send the message (no 8BITMIME
+        # or SMTPUTF8 upstream, too big for it): the whole original would
+        # fail the same way, and a report that fails is dropped.
+        whole = requested.ret == "FULL" and not any(isinstance(r, NotSent) for r in failed.values())
         recipients = [
             FailedRecipient(
                 address=rcpt,
@@ -827,7 +835,7 @@ class Relay(service.Service):
             )
             for rcpt, reply in failed.items()
         ]
-        original = self._original(entry, requested, whole)
+        original = self._original(entry, whole)
         try:
             envelope = entry.envelope
             dsn = self.build_bounce(
@@ -874,11 +882,39 @@ class Relay(service.Service):
                 )
                 return False
             log.info("relay {id}: bounce {bid} queued", id=entry.id, bid=bid)
-        for rcpt in [*failed, *unwanted]:
+        for rcpt in failed:
             entry.set_rcpt(rcpt, "failed")
+        if unwanted:
+            self._unreported(entry, unwanted)
         return True
 
-    def _original(self, entry: Any, requested: Requested, whole: bool) -> bytes:
+    def _requested(self, entry: Any) -> Requested:
+        """*entry*'s DSN requests; one warning, and none, if they cannot be read."""
+        if not entry.dsn:
+            return NOTHING
+        try:
+            return dsn_of(entry)
+        except Exception as e:
+            log.warn(
+                "relay {id}: its DSN requests cannot be read ({why}); it is handled as "
+                "if it had none",
+                id=entry.id,
+                why=escape(str(e) or type(e).__name__),
+            )
+            return NOTHING
+
+    def _unreported(self, entry: Any, rcpts: list[str]) -> None:
+        """*rcpts* failed, and their sender asked for no report of it."""
+        log.info(
+            "relay {id}: not delivered to {rcpts}; no bounce, as the sender asked "
+            "(NOTIFY without FAILURE)",
+            id=entry.id,
+            rcpts=field_value(",".join(rcpts), MAX_LIST),
+        )
+        for rcpt in rcpts:
+            entry.set_rcpt(rcpt, "failed")
+
+    def _original(self, entry: Any, whole: bool) -> bytes:
         """
         What a report returns of *entry*'s message: the whole of it for
         RET=FULL when it is small enough to be returned
@@ -891,9 +927,14 @@ class Relay(service.Service):
         try:
             if whole and entry.size <= FULL_RETURN_LIMIT:
                 return bytes(self.queue.read_message(entry.id))
-            return bytes(self.queue.read_head(entry.id, REPORT_HEAD))
+            head = bytes(self.queue.read_head(entry.id, REPORT_HEAD))
         except Exception:
             return b""
+        if len(head) < entry.size:
+            # cut after the last whole line (a header section this long is
+            # past Postfix's header_size_limit anyway)
+            head = head[: head.rfind(b"\n") + 1]
+        return head
 
     def _log_attempt(
         self,
@@ -974,7 +1015,9 @@ class _Outgoing:
     What the client sends for one attempt: only the recipients still pending.
     """
 
-    def __init__(self, entry: Any, recipients: list[str], data: bytes) -> None:
+    def __init__(
+        self, entry: Any, recipients: list[str], data: bytes, requested: Requested = NOTHING
+    ) -> None:
         # The index has what the envelope says about these (no disk read).
         self.id = entry.id
         self.mail_from = entry.mail_from
@@ -983,7 +1026,7 @@ class _Outgoing:
         self.size = len(data)
         self.smtputf8 = entry.smtputf8
         #: the sender's RET, ENVID, NOTIFY and ORCPT (RFC 3461), or None
-        self.dsn = dsn_of(entry) if entry.dsn else None
+        self.dsn = requested if entry.dsn else None
         # The client looks at the bytes itself (BODY=8BITMIME if any is
         # 8-bit): no second scan of the message here.
         self.eightbit = False

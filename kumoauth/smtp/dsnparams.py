@@ -234,7 +234,7 @@ def _checked(parse: Any, value: object) -> Any:
         return None
     try:
         return parse(value)
-    except ParamError:
+    except ValueError:  # ParamError, or a lone surrogate xtext cannot encode
         return None
 
 
