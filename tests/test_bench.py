@@ -152,3 +152,23 @@ def test_reports_bench_measures_every_case():
     for name, figure in figures.items():
         assert figure["cpu_s"] >= 0, name
         assert 0 < figure["report_octets"] < 10_000, name
+
+
+def test_scans_bench_measures_every_scan():
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.scans", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    assert [name.split(",")[0] for name in figures] == [
+        "headers_need_utf8",
+        "is_report",
+        "normalize_newlines",
+    ]
+    assert all(seconds >= 0 for seconds in figures.values())

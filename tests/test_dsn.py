@@ -858,3 +858,18 @@ def test_ret_full_of_a_large_original_returns_its_headers_and_says_why():
     line = b"x" * 98 + b"\r\n"
     at_limit = ORIGINAL + line * ((dsn.FULL_RETURN_LIMIT - len(ORIGINAL)) // len(line))
     assert returned(built(failed(), original=at_limit, return_content="full")) == at_limit
+
+
+def test_a_report_type_is_read_from_the_start_of_a_long_content_type():
+    # the stdlib parser is quadratic on some long values: only the first
+    # 2 KiB are parsed, where a real report names its type
+    report = (
+        b"Content-Type: multipart/report; report-type=delivery-status;"
+        + b" x=y;" * 20_000
+        + b"\r\n\r\n"
+    )
+    assert dsn.is_report(report)
+    padded = (
+        b"Content-Type: multipart/report;" + b";" * 50_000 + b" report-type=delivery-status\r\n\r\n"
+    )
+    assert not dsn.is_report(padded)  # past what is looked at: bounced like any message

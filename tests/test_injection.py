@@ -257,6 +257,8 @@ def test_normalize_newlines_leaves_only_crlf(data):
     )
     if not has_bare_newline(data):
         assert out == data
+    # each line end of any kind is one CRLF (the regex it replaced, as reference)
+    assert out == re.sub(rb"\r\n|\r|\n", b"\r\n", data)
 
 
 def test_policy_with_a_reject_text_quoting_the_client(make_session):

@@ -1470,3 +1470,19 @@ def test_xforward_attributes_of_a_queued_message():
     # kumoauth's own mail (a bounce) and a unix-socket client have none to forward
     assert xforward_attributes(entry({})) is None
     assert xforward_attributes(entry({"received_from": "unix"})) is None
+
+
+def test_headers_need_utf8_reads_each_header_block_once():
+    # delimiter lines with no blank line after them (each block runs to the
+    # end of the message), and boundaries that are prefixes of each other:
+    # the same answers as a parse, from one pass forward
+    head = b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    runs = head + b"--b\r\nX-A: 1\r\n" * 2000 + "X-Late: é\r\n".encode()
+    assert headers_need_utf8(runs)  # the last block reaches the é
+    assert not headers_need_utf8(head + b"--b\r\nX-A: 1\r\n" * 2000 + "\r\n\r\né\r\n".encode())
+    prefixes = head + b"--bb\r\n" + "X-Not-A-Part: é\r\n\r\n".encode() + b"--b--\r\n"
+    assert not headers_need_utf8(prefixes)  # "--bb" is not a delimiter of "b"
+    padded = head + b"--b  \r\n" + "X-Part: é\r\n\r\n".encode()
+    assert headers_need_utf8(padded)  # transport padding after the boundary
+    closing = head + b"--b--\r\n" + "X-Epilogue: é\r\n\r\n".encode()
+    assert not headers_need_utf8(closing)

@@ -484,6 +484,13 @@ def xforward_lines(attributes: Sequence[tuple[str, str]], offered: str) -> list[
 _BOUNDARY = re.compile(rb'(?i)\bboundary[ \t]*=[ \t]*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))')
 #: multipart boundaries followed at most, nested ones included
 MAX_BOUNDARIES = 100
+#: part header blocks looked at; past it the message is taken to need
+#: SMTPUTF8 (no real message has this many parts)
+MAX_PARTS = 10_000
+#: a line that may be a delimiter (RFC 2046 §5.1.1): "--", then a
+#: boundary (at most 70 characters; some senders use up to 200) and
+#: perhaps the closing "--" and transport padding
+_DELIMITER = re.compile(rb"\r\n--([^\r\n]{1,210})\r\n")
 
 
 def headers_need_utf8(body: bytes) -> bool:
@@ -502,28 +509,27 @@ def headers_need_utf8(body: bytes) -> bool:
         return True
     if end < 0:
         return False
-    todo = [m[1] or m[2] for m in _BOUNDARY.finditer(head)]
-    seen: set[bytes] = set()
-    while todo and len(seen) < MAX_BOUNDARIES:
-        boundary = todo.pop()
-        if boundary in seen:
-            continue
-        seen.add(boundary)
-        marker = b"\r\n--" + boundary
-        pos = end
-        while (at := body.find(marker, pos)) >= 0:
-            after = at + len(marker)
-            line_end = body.find(b"\r\n", after)
-            if line_end < 0:
-                break
-            pos = line_end
-            if body.startswith(b"--", after):
-                continue  # the closing boundary: an epilogue, no headers
-            stop = body.find(b"\r\n\r\n", line_end)
-            block = body[line_end : len(body) if stop < 0 else stop]
-            if not block.isascii():
-                return True
-            todo.extend(m[1] or m[2] for m in _BOUNDARY.finditer(block))
+    known = {m[1] or m[2] for m in _BOUNDARY.finditer(head)}
+    # One pass forward over the delimiter lines, each header block read
+    # once: a block is never scanned again from a later delimiter (a body
+    # of delimiters without blank lines was quadratic).
+    pos, parts = end, 0
+    while known and (m := _DELIMITER.search(body, pos)):
+        name = m[1].rstrip(b" \t")
+        pos = m.end() - 2  # the CRLF that ends the delimiter line
+        if name not in known:
+            continue  # another line starting "--", or a closing delimiter
+        parts += 1
+        if parts > MAX_PARTS:
+            return True
+        stop = body.find(b"\r\n\r\n", pos)
+        stop = len(body) if stop < 0 else stop
+        block = body[pos:stop]
+        if not block.isascii():
+            return True
+        if len(known) < MAX_BOUNDARIES:
+            known.update(x[1] or x[2] for x in _BOUNDARY.finditer(block))
+        pos = stop
     return False
 
 

@@ -44,6 +44,9 @@ FOLD_WIDTH = 78
 #: Where the human part's lines are wrapped (under quoted-printable's 76).
 HUMAN_WIDTH = 72
 
+#: Longest Content-Type value looked at for a report's type, in characters
+MAX_CONTENT_TYPE = 2048
+
 #: Longest diagnostic kept, in characters: an upstream's multi-line reply
 #: says all it has to say well before this.
 MAX_DIAGNOSTIC = 2000
@@ -282,7 +285,8 @@ def _report_type(content_type: str) -> str | None:
     (RFC 6522 §3), lower case, RFC 2231 continuations and charsets
     undone; None for any other type.
     """
-    unfolded = re.sub(r"\r?\n", "", content_type)
+    # a real one is short; the stdlib parser is quadratic on some long ones
+    unfolded = re.sub(r"\r?\n", "", content_type[:MAX_CONTENT_TYPE])
     try:
         header = default.header_factory("Content-Type", unfolded)
     except Exception:  # the stdlib parser has had crashes on malformed values

@@ -123,9 +123,6 @@ def has_bare_newline(data: bytes) -> bool:
     return data.count(b"\r") != pairs or data.count(b"\n") != pairs
 
 
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-
-
 def normalize_newlines(data: bytes) -> bytes:
     """
     Every bare CR and bare LF becomes CRLF, so the message has one kind of
@@ -134,7 +131,9 @@ def normalize_newlines(data: bytes) -> bytes:
     """
     if not has_bare_newline(data):
         return data
-    return _LINE_END.sub(b"\r\n", data)
+    # byte replacements, not a regex substitution per line end (seconds
+    # for 25 MB of bare CRs)
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
 def protocol_type(esmtp: bool, tls: bool, authenticated: bool, utf8: bool) -> str:

@@ -1,0 +1,57 @@
+"""
+Scans of a whole message that run on a reactor thread, on inputs built to
+be their worst: CPU seconds of one call each, measured in process
+(``time.process_time``).  Prints one JSON object.
+
+* ``headers_need_utf8`` (the relay, for a client's SMTPUTF8 behind an
+  upstream without it): a non-ASCII preamble, then delimiter lines with
+  no blank line after them;
+* ``is_report`` (every bounce): a ``Content-Type`` of 120,000 semicolons;
+* ``normalize_newlines`` (the end of DATA): a message of bare CRs.
+
+    python -m bench.scans [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+from kumoauth.relay.client import headers_need_utf8
+from kumoauth.relay.dsn import is_report
+from kumoauth.smtp.data import normalize_newlines
+
+
+def timed(fn: Callable[[bytes], object], data: bytes) -> float:
+    started = time.process_time()
+    fn(data)
+    return round(time.process_time() - started, 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.scans", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small inputs only")
+    args = parser.parse_args()
+    scale = 1 if args.quick else 8
+    head = b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    delimiters = head + "é\r\n".encode() + b"--b\r\nX: 1\r\n" * (2_700 * scale)
+    semicolons = b"Content-Type: x/y" + b";" * (15_000 * scale) + b"\r\n\r\n"
+    bare_crs = b"Subject: x\r\n\r\n" + b"a\r" * (1_000_000 * scale)
+    out = {
+        f"headers_need_utf8, {len(delimiters) // 1024} KiB of delimiter lines": timed(
+            headers_need_utf8, delimiters
+        ),
+        f"is_report, Content-Type of {len(semicolons) // 1000}k semicolons": timed(
+            is_report, semicolons
+        ),
+        f"normalize_newlines, {len(bare_crs) // 1_000_000} MB of bare CRs": timed(
+            normalize_newlines, bare_crs
+        ),
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
