@@ -134,20 +134,25 @@ def test_ab_runs_both_builds_and_cleans_up():
     assert set(Path(tempfile.gettempdir()).glob("kumoauth-ab-*")) == before
 
 
-def test_reports_bench_measures_every_case():
-    # bench.reports --quick: a figure for each 4 MB case, and the report a
-    # RET=FULL of 4 MB gets is the header-section one (FULL_RETURN_LIMIT)
+def quick_figures(module: str) -> dict:
+    """``python -m MODULE --quick``'s JSON, the run checked."""
     import json
 
     result = subprocess.run(
-        [sys.executable, "-m", "bench.reports", "--quick"],
+        [sys.executable, "-m", module, "--quick"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+def test_reports_bench_measures_every_case():
+    # bench.reports --quick: a figure for each 4 MB case, and the report a
+    # RET=FULL of 4 MB gets is the header-section one (FULL_RETURN_LIMIT)
+    figures = quick_figures("bench.reports")
     assert len(figures) == 4
     for name, figure in figures.items():
         assert figure["cpu_s"] >= 0, name
@@ -155,17 +160,7 @@ def test_reports_bench_measures_every_case():
 
 
 def test_scans_bench_measures_every_scan():
-    import json
-
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.scans", "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(result.stdout)
+    figures = quick_figures("bench.scans")
     assert [name.split(",")[0] for name in figures] == [
         "headers_need_utf8",
         "is_report",
