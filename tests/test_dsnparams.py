@@ -178,7 +178,8 @@ def test_a_damaged_envelope_value_reads_as_nothing_asked(junk):
 
 def test_the_commands_take_the_parameters_only_when_dsn_is_offered():
     mail = parse_params(b"RET=FULL ENVID=QQ+2B1")
-    check_mail_params(mail, MAX, dsn=True)
+    assert check_mail_params(mail, MAX, dsn=True) == ("FULL", "QQ+1")
+    assert check_mail_params(parse_params(b"SIZE=10"), MAX, dsn=True) == (None, None)
     with pytest.raises(CommandError) as e:
         check_mail_params(mail, MAX, dsn=False)
     assert e.value.reply == b"555 5.5.4 Unsupported parameter RET"

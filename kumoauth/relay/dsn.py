@@ -130,10 +130,8 @@ class FailedRecipient:
             raise ValueError(f"not an RFC 3463 status code: {self.status!r}")
         if self.action == "delayed" and not self.status.startswith("4"):
             raise ValueError("a delayed recipient needs a 4.x.x status (RFC 3464 §2.3.4)")
-        if self.action == "relayed" and not self.status.startswith("2"):
-            raise ValueError("a relayed recipient needs a 2.x.x status (RFC 3464 §2.3.4)")
-        if (self.action == "relayed") != (self.status[0] == "2"):
-            raise ValueError("only a relayed recipient has a 2.x.x status")
+        if (self.action == "relayed") != self.status.startswith("2"):
+            raise ValueError("only a relayed recipient has a 2.x.x status, and it must")
 
 
 def build_dsn(
@@ -424,9 +422,9 @@ def _status_part(
     ascii_only = not utf8
     fields = []
     if envid is not None:
-        # RFC 3464 §2.2.1: the ENVID, decoded (printable ASCII: dsnparams)
-        # as given, spaces included (RFC 3464 §2.2.1: "original case and
-        # spelling"): dsnparams lets only printable ASCII and SPACE through
+        # RFC 3464 §2.2.1: the ENVID decoded, in its "original case and
+        # spelling", spaces included (dsnparams lets only printable ASCII
+        # and SPACE through; anything else is escaped)
         if not (envid.isascii() and envid.isprintable()):
             envid = _clean(envid, ascii_only=True)
         fields.append(f"{_ENVID} {envid}")

@@ -255,16 +255,18 @@ def _path_end(rest: bytes) -> int:
 
 def check_mail_params(
     params: dict[str, str | None], max_size: int, esmtp: bool = True, dsn: bool = False
-) -> None:
+) -> tuple[str | None, str | None]:
     """
     Validate MAIL FROM parameters: SIZE (RFC 1870 §6), BODY (RFC 6152 §2),
     AUTH (RFC 4954 §5, accepted; the identity comes from the session),
     and with *dsn* (the extension offered) RET and ENVID (RFC 3461 §4.3,
-    §4.4).  After HELO (*esmtp* false) no extension was announced, so none
-    of their parameters may be used (RFC 5321 §2.2.1).
+    §4.4), returned decoded as (RET, ENVID), None where not given.  After
+    HELO (*esmtp* false) no extension was announced, so none of their
+    parameters may be used (RFC 5321 §2.2.1).
     """
     if params and not esmtp:
         raise CommandError(b"555 5.5.4 MAIL parameters need EHLO")
+    decoded: dict[str, Any] = {}
     for key, value in params.items():
         if key == "SIZE":
             if value is None or not value.isdigit() or len(value) > 20:
@@ -280,12 +282,9 @@ def check_mail_params(
         elif key == "SMTPUTF8":
             if value is not None:
                 raise CommandError(b"501 5.5.4 SMTPUTF8 takes no value")
-        elif key == "RET" and dsn:
-            _dsn_param(dsnparams.parse_ret, value, b"RET")
-        elif key == "ENVID" and dsn:
-            _dsn_param(dsnparams.parse_envid, value, b"ENVID")
         else:
-            raise CommandError(b"555 5.5.4 Unsupported parameter " + key.encode())
+            decoded[key] = _dsn_param(_MAIL_DSN, key, value, dsn)
+    return decoded.get("RET"), decoded.get("ENVID")
 
 
 def check_rcpt_params(
@@ -298,24 +297,26 @@ def check_rcpt_params(
     """
     if params and not esmtp:
         raise CommandError(b"555 5.5.4 RCPT parameters need EHLO")
-    notify = orcpt = None
-    for key, value in params.items():
-        if key == "NOTIFY" and dsn:
-            notify = _dsn_param(dsnparams.parse_notify, value, b"NOTIFY")
-        elif key == "ORCPT" and dsn:
-            orcpt = _dsn_param(dsnparams.parse_orcpt, value, b"ORCPT")
-        else:
-            raise CommandError(b"555 5.5.4 Unsupported parameter " + key.encode())
-    if notify is None and orcpt is None:
+    decoded = {key: _dsn_param(_RCPT_DSN, key, value, dsn) for key, value in params.items()}
+    if not decoded:
         return None
-    return dsnparams.Rcpt(notify, orcpt)
+    return dsnparams.Rcpt(decoded.get("NOTIFY"), decoded.get("ORCPT"))
 
 
-def _dsn_param(parse: Any, value: str | None, name: bytes) -> Any:
+#: the DSN extension's parameters (RFC 3461 §4) by command, and their decoders
+_MAIL_DSN = {"RET": dsnparams.parse_ret, "ENVID": dsnparams.parse_envid}
+_RCPT_DSN = {"NOTIFY": dsnparams.parse_notify, "ORCPT": dsnparams.parse_orcpt}
+
+
+def _dsn_param(known: dict[str, Any], key: str, value: str | None, dsn: bool) -> Any:
+    """A DSN parameter *key* decoded: 555 if unknown (or DSN is off), 501 if malformed."""
+    parse = known.get(key) if dsn else None
+    if parse is None:
+        raise CommandError(b"555 5.5.4 Unsupported parameter " + key.encode())
     try:
         return parse(value)
     except dsnparams.ParamError:
-        raise CommandError(b"501 5.5.4 Bad " + name + b" parameter") from None
+        raise CommandError(b"501 5.5.4 Bad " + key.encode() + b" parameter") from None
 
 
 def reply_lines(code: int, lines: list[str]) -> bytes:

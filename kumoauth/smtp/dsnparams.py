@@ -84,7 +84,7 @@ def parse_notify(value: str | None) -> str:
     words = (value or "").upper().split(",")
     if words == ["NEVER"]:
         return "NEVER"
-    if not words or not set(words) <= NOTIFY_WORDS or len(set(words)) != len(words):
+    if not set(words) <= NOTIFY_WORDS or len(set(words)) != len(words):
         raise ParamError("NOTIFY must be NEVER or a list of SUCCESS, FAILURE and DELAY")
     return ",".join(w for w in ("SUCCESS", "FAILURE", "DELAY") if w in words)
 

@@ -793,8 +793,9 @@ class SubmissionProtocol(Protocol):
             return
         try:
             path = parse_path(arg, b"FROM", allow_null=True, utf8=True)
-            dsn = self.rt.server.dsn
-            check_mail_params(path.params, self.rt.server.max_message_size, self._esmtp, dsn)
+            ret, envid = check_mail_params(
+                path.params, self.rt.server.max_message_size, self._esmtp, self.rt.server.dsn
+            )
             smtputf8 = "SMTPUTF8" in path.params
             if not smtputf8 and not path.address.isascii():
                 # RFC 6531 §3.4: UTF-8 addresses only with SMTPUTF8.
@@ -802,10 +803,6 @@ class SubmissionProtocol(Protocol):
         except CommandError as e:
             self._refused(e)
             return
-
-        params = path.params
-        ret = dsnparams.parse_ret(params["RET"]) if "RET" in params else None
-        envid = dsnparams.parse_envid(params["ENVID"]) if "ENVID" in params else None
 
         def accept() -> None:
             self._mail_from = path.address
