@@ -155,7 +155,7 @@ def test_reports_bench_measures_every_case():
     figures = quick_figures("bench.reports")
     assert len(figures) == 4
     for name, figure in figures.items():
-        assert figure["cpu_s"] >= 0, name
+        assert isinstance(figure["cpu_s"], float), name  # a figure, not a verdict
         assert 0 < figure["report_octets"] < 10_000, name
 
 
@@ -166,4 +166,4 @@ def test_scans_bench_measures_every_scan():
         "is_report",
         "normalize_newlines",
     ]
-    assert all(seconds >= 0 for seconds in figures.values())
+    assert all(isinstance(seconds, float) for seconds in figures.values()), figures

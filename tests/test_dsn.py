@@ -755,7 +755,10 @@ def test_any_report_is_well_formed(recipients, original, smtputf8, what, message
             kind, address = r.original
             value = field(block, "Original-Recipient")
             assert value is not None
-            if kind == "utf-8" or not address.isascii():
+            if kind == "rfc822" and address.isascii() and address.isprintable():
+                # as given, runs of spaces kept (field() strips the ends)
+                assert value == f"rfc822; {address}".rstrip()
+            else:
                 assert decode_recipient(value) == address
         assert names[:3] == ["Final-Recipient", "Action", "Status"]
         value = field(block, "Final-Recipient")
@@ -843,6 +846,12 @@ def test_relayed_recipients_are_not_reported_with_failed_ones():
         failed(status="2.0.0")
 
 
+def test_an_original_recipient_is_returned_with_its_spaces():
+    # RFC 3464 §2.3.1: the address "as specified by the sender"
+    raw = built(failed(original=("rfc822", '"a  b"@example.net')))
+    assert b'\r\nOriginal-Recipient: rfc822; "a  b"@example.net\r\n' in raw
+
+
 def test_the_envid_is_returned_with_its_spaces():
     # RFC 3464 §2.2.1: "original case and spelling"
     raw = built(failed(), envid=" a  b ")
@@ -855,9 +864,23 @@ def test_ret_full_of_a_large_original_returns_its_headers_and_says_why():
     assert_well_formed(raw)
     assert returned(raw) == header_section(ORIGINAL)
     assert "too large to be returned whole" in human_text(raw)
-    line = b"x" * 98 + b"\r\n"
-    at_limit = ORIGINAL + line * ((dsn.FULL_RETURN_LIMIT - len(ORIGINAL)) // len(line))
+    # exactly the limit is returned whole; one octet more is not
+    at_limit = of_size(dsn.FULL_RETURN_LIMIT)
     assert returned(built(failed(), original=at_limit, return_content="full")) == at_limit
+    over = returned(
+        built(failed(), original=of_size(dsn.FULL_RETURN_LIMIT + 1), return_content="full")
+    )
+    assert over == header_section(ORIGINAL)
+
+
+def of_size(size: int) -> bytes:
+    """ORIGINAL and lines of x: exactly *size* octets."""
+    fill = size - len(ORIGINAL)
+    lines, rest = divmod(fill, 100)
+    last = b"y" * (rest + 98) + b"\r\n" if rest else b""
+    body = ORIGINAL + (b"x" * 98 + b"\r\n") * (lines - 1 if rest else lines) + last
+    assert len(body) == size
+    return body
 
 
 def test_a_report_type_is_read_from_the_start_of_a_long_content_type():

@@ -6,6 +6,8 @@ back to the same thing (hypothesis).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,6 +22,16 @@ from kumoauth.smtp.commands import (
 from kumoauth.smtp.dsnparams import ParamError, Rcpt, Requested
 
 MAX = 10_000_000
+
+
+@given(st.text(max_size=200))
+def test_xtext_is_visible_ascii_without_plus_or_equals_unescaped(value):
+    encoded = dsnparams.xtext(value)
+    assert encoded.isascii() and encoded.isprintable() and " " not in encoded
+    assert "=" not in encoded
+    # and it decodes back (RFC 3461: +HH), whatever the octets
+    raw = re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m[1], 16)), encoded).encode("latin-1")
+    assert raw == value.encode("utf-8", "surrogateescape")
 
 
 @given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E)))

@@ -10,11 +10,8 @@ ORCPT.
 from __future__ import annotations
 
 import re
-import smtplib
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -26,6 +23,8 @@ from tests.test_relay_e2e import (
     dsn_blocks,
     real_postfix,
     relaying,
+    send_on,
+    submit,
     wait_queue_empty,
     wait_until,
     with_tag,
@@ -33,28 +32,6 @@ from tests.test_relay_e2e import (
 from tests.upstream import Received, running_upstream
 
 pytestmark = pytest.mark.e2e
-
-#: (recipient, its RCPT parameters)
-Rcpts = Sequence[tuple[str, Sequence[str]]]
-
-
-def send_dsn(s: smtplib.SMTP, rcpts: Rcpts, body: bytes, mail_options: Sequence[str] = ()) -> str:
-    """One message on *s* with MAIL and per-RCPT parameters; its queue id."""
-    code, reply = s.mail(SENDER, list(mail_options))
-    assert code == 250, reply
-    for rcpt, options in rcpts:
-        code, reply = s.rcpt(rcpt, list(options))
-        assert code == 250, reply
-    code, reply = s.data(body)
-    assert code == 250, reply
-    return reply.decode().rsplit(" ", 1)[-1]
-
-
-def submit_dsn(srv: Any, rcpts: Rcpts, body: bytes, mail_options: Sequence[str] = ()) -> str:
-    """One message from scott through the submission port; its queue id."""
-    with starttls_client(srv) as s:
-        s.login("scott", "tiger")
-        return send_dsn(s, rcpts, body, mail_options)
 
 
 def mail_line(m: Received, params: str) -> None:
@@ -70,7 +47,7 @@ def test_upstream_with_dsn_gets_the_parameters_and_kumoauth_reports_nothing(
 ) -> None:
     """An upstream offering DSN gets RET/ENVID/NOTIFY/ORCPT as given; kumoauth sends no report."""
     with running_upstream(dsn=True) as up, relaying(tmp_path, certs, up) as srv:
-        mid = submit_dsn(
+        mid = submit(
             srv,
             [
                 ("b@example.net", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;orig+2Bb@example.net"]),
@@ -79,7 +56,7 @@ def test_upstream_with_dsn_gets_the_parameters_and_kumoauth_reports_nothing(
                 ("e@example.net", []),
             ],
             b"Subject: dsn-upstream\r\n\r\nbody\r\n",
-            ["RET=FULL", "ENVID=id+2B1"],
+            mail_options=["RET=FULL", "ENVID=id+2B1"],
         )
         wait_until(lambda: with_tag(up, "dsn-upstream"), what="the message")
         wait_queue_empty(srv)
@@ -103,14 +80,14 @@ def test_upstream_without_dsn_gets_no_parameters_and_kumoauth_reports_relayed(
     """Without DSN upstream, kumoauth sends none and reports "relayed" to NOTIFY=SUCCESS only."""
     body = b"Subject: dsn-relayed\r\n\r\nthe-secret-body\r\n"
     with running_upstream() as up, relaying(tmp_path, certs, up) as srv:
-        mid = submit_dsn(
+        mid = submit(
             srv,
             [
                 ("b@example.net", ["NOTIFY=SUCCESS", "ORCPT=rfc822;orig+2Bb@example.net"]),
                 ("c@example.net", ["NOTIFY=FAILURE"]),
             ],
             body,
-            ["RET=FULL", "ENVID=env+2Bok"],
+            mail_options=["RET=FULL", "ENVID=env+2Bok"],
         )
         wait_until(lambda: bounces(up), 10, "the relayed report")
         wait_queue_empty(srv)
@@ -150,17 +127,20 @@ def test_a_refused_recipient_is_bounced_as_notify_and_ret_say(tmp_path: Path, ce
     ):
         with starttls_client(srv) as s:
             s.login("scott", "tiger")
-            never = send_dsn(
+            never = send_on(
                 s, [(refused, ["NOTIFY=NEVER"])], b"Subject: tag-never\r\n\r\nbody-never\r\n"
             )
-            full = send_dsn(
+            full = send_on(
                 s,
                 [(refused, ["ORCPT=rfc822;first+2Bx@example.net"])],
                 b"Subject: tag-full\r\n\r\nbody-full\r\n",
-                ["RET=FULL", "ENVID=full+2B1"],
+                mail_options=["RET=FULL", "ENVID=full+2B1"],
             )
-            hdrs = send_dsn(
-                s, [(refused, [])], b"Subject: tag-hdrs\r\n\r\nbody-hdrs\r\n", ["RET=HDRS"]
+            hdrs = send_on(
+                s,
+                [(refused, [])],
+                b"Subject: tag-hdrs\r\n\r\nbody-hdrs\r\n",
+                mail_options=["RET=HDRS"],
             )
         wait_until(lambda: len(bounces(up)) >= 2, 10, "the two bounces")
         wait_queue_empty(srv)  # the bounces are queued, and relayed, too
@@ -238,7 +218,7 @@ def test_real_postfix_gets_the_parameters_and_reports_relayed_itself(
     with real_postfix(tmp_path) as (sink, _dovecot, _postfix, extra):
         with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
             tag = f"dsn-postfix-{time.time_ns()}"
-            mid = submit_dsn(
+            mid = submit(
                 srv,
                 [
                     (
@@ -252,7 +232,7 @@ def test_real_postfix_gets_the_parameters_and_reports_relayed_itself(
                     ),
                 ],
                 f"Subject: {tag}\r\n\r\nbody\r\n".encode(),
-                ["RET=HDRS", "ENVID=pf+2Benv"],
+                mail_options=["RET=HDRS", "ENVID=pf+2Benv"],
             )
             sink.wait_for(
                 lambda e: e.mail_from == SENDER and tag.encode() in (e.original_content or b""),
@@ -316,11 +296,11 @@ def test_the_parameters_cross_from_a_worker_to_the_relay(tmp_path: Path, certs: 
         running_upstream(dsn=True) as up,
         relaying(tmp_path, certs, up, server="workers = 2") as srv,
     ):
-        submit_dsn(
+        submit(
             srv,
             [("b@example.net", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;o@example.net"])],
             b"Subject: dsn-workers\r\n\r\nx\r\n",
-            ["RET=FULL", "ENVID=w1"],
+            mail_options=["RET=FULL", "ENVID=w1"],
         )
         (m,) = wait_until(lambda: with_tag(up, "Subject: dsn-workers"), what="the message")
         wait_queue_empty(srv)

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,12 +87,16 @@ def relay_toml(
     return "[relay]\n" + "".join(f"{k} = {v}\n" for k, v in table.items())
 
 
+#: recipients, each an address or (address, its RCPT parameters)
+Rcpts = Sequence[str | tuple[str, Sequence[str]]]
+
+
 def submit(
     srv: Any,
-    rcpts: list[str],
+    rcpts: Rcpts,
     body: bytes,
     sender: str = SENDER,
-    mail_options: tuple[str, ...] = (),
+    mail_options: Sequence[str] = (),
 ) -> str:
     """One message from scott through the submission port; its queue id."""
     with starttls_client(srv) as s:
@@ -102,15 +106,17 @@ def submit(
 
 def send_on(
     s: smtplib.SMTP,
-    rcpts: list[str],
+    rcpts: Rcpts,
     body: bytes,
     sender: str = SENDER,
-    mail_options: tuple[str, ...] = (),
+    mail_options: Sequence[str] = (),
 ) -> str:
+    """One message on *s*, with MAIL and per-RCPT parameters; its queue id."""
     code, reply = s.mail(sender, list(mail_options))
     assert code == 250, reply
     for rcpt in rcpts:
-        code, reply = s.rcpt(rcpt)
+        address, options = (rcpt, ()) if isinstance(rcpt, str) else rcpt
+        code, reply = s.rcpt(address, list(options))
         assert code == 250, reply
     code, reply = s.data(body)
     assert code == 250, reply

@@ -46,6 +46,7 @@ from zope.interface import implementer
 from kumoauth.auth.sasl import encode_plain
 from kumoauth.config import RelayConfig
 from kumoauth.ops.transport import make_eager_connection
+from kumoauth.relay.dsn import STATUS_NEEDS_8BIT, STATUS_NEEDS_SMTPUTF8, STATUS_TOO_BIG
 from kumoauth.smtp.commands import is_mailbox
 from kumoauth.smtp.data import normalize_newlines
 from kumoauth.smtp.dsnparams import Requested, mail_params, rcpt_params, xtext
@@ -1180,16 +1181,20 @@ class UpstreamSession:
     ) -> RecipientResult | None:
         if utf8 and "SMTPUTF8" not in self.extensions:
             return NotSent(
-                554, "5.6.7", "upstream does not offer SMTPUTF8, which this message needs"
+                554,
+                STATUS_NEEDS_SMTPUTF8,
+                "upstream does not offer SMTPUTF8, which this message needs",
             )
         if eightbit and "8BITMIME" not in self.extensions:
             return NotSent(
-                554, "5.6.3", "upstream does not offer 8BITMIME, which this message needs"
+                554, STATUS_NEEDS_8BIT, "upstream does not offer 8BITMIME, which this message needs"
             )
         limit = self.size_limit
         if limit is not None and size > limit:
             return NotSent(
-                552, "5.3.4", f"message size {size} exceeds the upstream's limit of {limit} octets"
+                552,
+                STATUS_TOO_BIG,
+                f"message size {size} exceeds the upstream's limit of {limit} octets",
             )
         if not _valid_address(message.mail_from):
             return NotSent(553, "5.1.7", "invalid sender address")

@@ -60,6 +60,7 @@ FULL_RETURN_LIMIT = 50_000
 STATUS_EXPIRED = "4.4.7"  # §3.5: delivery time expired (with Action: failed)
 STATUS_TOO_BIG = "5.3.4"  # §3.4: message too big for system
 STATUS_NEEDS_SMTPUTF8 = "5.6.7"  # RFC 6531 (registered per RFC 5248): non-ASCII not permitted
+STATUS_NEEDS_8BIT = "5.6.3"  # §3.7: conversion required but not supported
 
 Action = Literal["failed", "delayed", "relayed"]
 ReturnContent = Literal["headers", "full"]
@@ -91,6 +92,7 @@ _STATUS_TEXT = {
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _ENVID = "Original-Envelope-Id:"
+_ORCPT = "Original-Recipient:"
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.:\[\]-]+")
 _QUEUE_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -312,12 +314,14 @@ def encode_address(address: str, utf8: bool) -> str:
 def _original(kind: str, address: str, utf8: bool) -> str:
     """
     An ORCPT as an Original-Recipient value (RFC 3464 §2.3.1): its type and
-    address as the sender gave them, a ``utf-8`` one as :func:`encode_address`
-    writes it.
+    address as the sender gave them (an ``rfc822`` one holds printable
+    ASCII and SPACE, as dsnparams lets through, runs of spaces kept); a
+    ``utf-8`` one, or an address with anything else, as
+    :func:`encode_address` writes it.
     """
-    if kind == "utf-8" or not address.isascii():
+    if kind == "utf-8" or not (address.isascii() and address.isprintable()):
         return "utf-8; " + utf8_address(address, utf8)
-    return f"{_clean(kind, ascii_only=True)}; {_clean(address, ascii_only=True)}"
+    return f"{_clean(kind, ascii_only=True)}; {address}"
 
 
 @dataclass(frozen=True)
@@ -455,11 +459,9 @@ def _status_part(
         if r.will_retry_until is not None:
             block.append(f"Will-Retry-Until: {format_datetime(_aware(r.will_retry_until))}")
         blocks.append(block)
-    # The envelope id goes as it was given (at most 100 characters: no
-    # folding, which would make its runs of spaces one).
-    body = "\r\n".join(
-        "".join(f + "\r\n" if f.startswith(_ENVID) else _fold(f) for f in block) for block in blocks
-    )
+    # What the sender gave (the envelope id, an original recipient) goes
+    # as given: unfolded, where folding would make its runs of spaces one.
+    body = "\r\n".join("".join(map(_status_field, block)) for block in blocks)
     data = body.encode("utf-8")
     kind = "message/global-delivery-status" if utf8 else "message/delivery-status"
     head = f"Content-Type: {kind}\r\n"
@@ -467,6 +469,13 @@ def _status_part(
         return _Part(head.encode("ascii"), data, "7bit")
     # RFC 6533 §6.4: 8bit is what global reports are meant to use.
     return _Part((head + "Content-Transfer-Encoding: 8bit\r\n").encode("ascii"), data, "8bit")
+
+
+def _status_field(field: str) -> str:
+    """One delivery-status field with CRLF: folded, but a sender's value."""
+    if field.startswith((_ENVID, _ORCPT)) and _octets(field) <= MAX_LINE:
+        return field + "\r\n"
+    return _fold(field)
 
 
 def _returned_part(

@@ -837,15 +837,16 @@ class Relay(service.Service):
         ]
         original = self._original(entry, whole)
         try:
-            envelope = entry.envelope
+            # the sender and SMTPUTF8 from the index: a damaged envelope on
+            # disk does not cost the sender its bounce
             dsn = self.build_bounce(
                 reporting_mta=self.settings.hostname,
                 message_id=entry.id,
-                envelope_from=envelope.get("mail_from", ""),
+                envelope_from=entry.mail_from,
                 arrival=datetime.fromtimestamp(entry.arrival, UTC),
                 recipients=recipients,
                 original=original,
-                smtputf8=bool(envelope.get("smtputf8")) and not no_smtputf8,
+                smtputf8=entry.smtputf8 and not no_smtputf8,
                 return_content="full" if whole else "headers",
                 envid=requested.envid,
             )
@@ -871,13 +872,13 @@ class Relay(service.Service):
                 )
         if dsn is not None:
             try:
-                bid = await self.store_bounce(dsn, envelope.get("mail_from", ""))
+                bid = await self.store_bounce(dsn, entry.mail_from)
             except Exception as e:
                 log.warn(
                     "relay {id}: the bounce for {rcpts} could not be stored ({why}); "
                     "the message stays queued and is tried again",
                     id=entry.id,
-                    rcpts=",".join(escape(r) for r in failed),
+                    rcpts=field_value(",".join(failed), MAX_LIST),
                     why=escape(str(e) or type(e).__name__),
                 )
                 return False
