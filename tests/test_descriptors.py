@@ -37,9 +37,33 @@ def banners(port: int, n: int) -> list[bytes]:
             s.close()
 
 
-def settled_descriptors(pid: int, quiet: float = 0.3, timeout: float = 10) -> int:
-    """How many descriptors *pid* holds, once the count stayed put for *quiet* s."""
+def accepted_connections(ports: tuple[int, ...]) -> int:
+    """
+    TCP connections a server on *ports* accepted and has not closed (its
+    side ESTABLISHED or CLOSE_WAIT: it still holds their descriptors).
+    """
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)  # the heading
+            for line in f:
+                local, state = line.split()[1], line.split()[3]
+                if int(local.rsplit(":", 1)[1], 16) in ports and state in ("01", "08"):
+                    count += 1
+    return count
+
+
+def settled_descriptors(
+    pid: int, ports: tuple[int, ...], quiet: float = 0.3, timeout: float = 10
+) -> int:
+    """
+    How many descriptors *pid* holds once it holds no connection on *ports*
+    (the harness's start-up probes closed) and the count stayed put for
+    *quiet* s.
+    """
     deadline = time.monotonic() + timeout
+    while accepted_connections(ports) and time.monotonic() < deadline:
+        time.sleep(0.02)
     count = len(os.listdir(f"/proc/{pid}/fd"))
     since = time.monotonic()
     while time.monotonic() - since < quiet and time.monotonic() < deadline:
@@ -106,7 +130,7 @@ def test_running_out_at_run_time_is_one_line_each_way(tmp_path: Path, certs) -> 
         # The harness's start-up probes may still hold descriptors for a
         # moment on a busy machine: one freed mid-test lets a client in,
         # and the server rightly says "available again" in between.
-        in_use = settled_descriptors(pid)
+        in_use = settled_descriptors(pid, srv.ports)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 4, before[1]))
         try:
             got = banners(srv.plain_port, 40)
