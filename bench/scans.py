@@ -5,7 +5,7 @@ be their worst: CPU seconds of one call each, measured in process
 
 * ``headers_need_utf8`` (the relay, for a client's SMTPUTF8 behind an
   upstream without it): a non-ASCII preamble, then delimiter lines with
-  no blank line after them;
+  no blank line after them; and a header of boundary parameters;
 * ``is_report`` (every bounce): a ``Content-Type`` of 120,000 semicolons;
 * ``normalize_newlines`` (the end of DATA): a message of bare CRs.
 
@@ -37,11 +37,15 @@ def main() -> None:
     scale = 1 if args.quick else 8
     head = b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
     delimiters = head + "é\r\n".encode() + b"--b\r\nX: 1\r\n" * (2_700 * scale)
+    parameters = b"X: " + b"boundary=n;" * (125_000 * scale) + "\r\n\r\né\r\n".encode()
     semicolons = b"Content-Type: x/y" + b";" * (15_000 * scale) + b"\r\n\r\n"
     bare_crs = b"Subject: x\r\n\r\n" + b"a\r" * (1_000_000 * scale)
     out = {
         f"headers_need_utf8, {len(delimiters) // 1024} KiB of delimiter lines": timed(
             headers_need_utf8, delimiters
+        ),
+        f"headers_need_utf8, {len(parameters) // 1_000_000} MB of boundary parameters": timed(
+            headers_need_utf8, parameters
         ),
         f"is_report, Content-Type of {len(semicolons) // 1000}k semicolons": timed(
             is_report, semicolons

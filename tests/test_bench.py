@@ -163,6 +163,7 @@ def test_scans_bench_measures_every_scan():
     figures = quick_figures("bench.scans")
     assert [name.split(",")[0] for name in figures] == [
         "headers_need_utf8",
+        "headers_need_utf8",
         "is_report",
         "normalize_newlines",
     ]

@@ -93,6 +93,10 @@ def test_ret_and_envid():
         ("utf-8;p\\x{E9}ter@example.net", ("utf-8", "péter@example.net")),
         ("utf-8;a\\x{2B}b@example.net", ("utf-8", "a+b@example.net")),
         ("x400;c+3Dus+3Ba+3Dx", ("x400", "c=us;a=x")),
+        # UTF-8 octets as xtext (nodemailer; Postfix for mail not flagged
+        # SMTPUTF8): an internationalized address, the utf-8 type
+        ("rfc822;bj+C3+B8rn@example.net", ("utf-8", "bjørn@example.net")),
+        ("utf-8;bj+C3+B8rn@ex\\x{E4}mple.net", ("utf-8", "bjørn@exämple.net")),
     ],
 )
 def test_orcpt_decodes(value, decoded):
@@ -113,6 +117,10 @@ def test_orcpt_decodes(value, decoded):
         "utf-8;a\\x{110000}b",
         "utf-8;a\\x{0}b",  # does not print
         "rfc822;" + "a" * 500,
+        "rfc822;bj+C3rn@example.net",  # octets that are not UTF-8
+        "rfc822;a+E2+80+AEb@example.net",  # RIGHT-TO-LEFT OVERRIDE: does not print
+        "rfc822;a+C2+85b@example.net",  # a C1 control
+        "x400;c+3Dj+C3+B8",  # only an address type takes UTF-8
     ],
 )
 def test_orcpt_refuses(value):

@@ -243,6 +243,41 @@ def test_a_refused_locked_login_stamps_nothing_and_waits_like_a_wrong_one(tmp_pa
     )
 
 
+def test_a_lock_on_the_login_closes_a_session_the_store_named_otherwise(tmp_path: Path) -> None:
+    # The review: a lock on "alice" refused her next login, but her open
+    # session, whose account the store had named alice@example.com (as a
+    # Dovecot realm does), went on sending: only the account was looked at.
+    from twisted.cred.checkers import ICredentialsChecker
+    from twisted.internet import defer
+    from zope.interface import implementer
+
+    from kumoauth.auth.cred import IPlainCredentials
+    from kumoauth.testing import Session, plain_b64
+
+    @implementer(ICredentialsChecker)
+    class NamingStore:
+        """A store that knows alice as alice@example.com."""
+
+        credentialInterfaces = (IPlainCredentials,)
+
+        def requestAvatarId(self, credentials: IPlainCredentials) -> defer.Deferred[str]:
+            return defer.succeed(f"{credentials.authc}@example.com")
+
+    lockfile = tmp_path / "locked"
+    lockfile.write_text("# none yet\n")
+    s = Session(spool_dir=tmp_path / "spool", checkers=[NamingStore()])
+    s.runtime.process.locked_users.use(lockfile, locked.read(lockfile))
+    s.command("EHLO client.example")
+    assert s.command("AUTH PLAIN " + plain_b64("", "alice", "pw")).startswith("235")
+    assert s.meta.get_meta("authn_id") == "alice@example.com"
+    lockfile.write_text("# phished\nalice\n")
+    s.clock.advance(locked.CHECK_EVERY)
+    assert s.command("MAIL FROM:<alice@example.com>") == (
+        "421 4.7.0 Account locked, closing connection\r\n"
+    )
+    assert s.closed
+
+
 def test_a_reload_with_the_file_gone_keeps_the_configuration(tmp_path: Path, certs: Certs) -> None:
     with locking_server(tmp_path, certs, "scott\n") as (srv, lockfile):
         lockfile.unlink()

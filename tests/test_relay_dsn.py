@@ -258,7 +258,24 @@ def test_real_postfix_gets_the_parameters_and_reports_relayed_itself(
         assert tag.encode() in data
 
 
-def test_nodemailer_dsn_options_reach_the_upstream(tmp_path: Path, certs: Certs) -> None:
+@pytest.mark.parametrize(
+    ("to", "original", "mail", "orcpt"),
+    [
+        ("rcpt@example.net", "orig@example.net", "", "rfc822;orig@example.net"),
+        # nodemailer sends a UTF-8 original recipient as rfc822 with its
+        # octets as xtext (+C3+B8): taken, and sent on as RFC 6533's utf-8
+        (
+            "bjørn@example.net",
+            "bjørn@example.net",
+            "BODY=8BITMIME SMTPUTF8 ",
+            "utf-8;bj\\x{F8}rn@example.net",
+        ),
+    ],
+    ids=["ascii", "utf8"],
+)
+def test_nodemailer_dsn_options_reach_the_upstream(
+    tmp_path: Path, certs: Certs, to: str, original: str, mail: str, orcpt: str
+) -> None:
     """A real client's DSN request (nodemailer's `dsn` option) reaches an upstream with DSN."""
     import json
     import subprocess
@@ -270,7 +287,7 @@ def test_nodemailer_dsn_options_reach_the_upstream(tmp_path: Path, certs: Certs)
         ca = tmp_path / "client-ca.pem"
         srv.certs.ca.cert_pem.write_to_path(str(ca))
         result = subprocess.run(
-            [node, "send_dsn.js", str(srv.starttls_port), str(ca), "scott"],
+            [node, "send_dsn.js", str(srv.starttls_port), str(ca), "scott", to, original],
             input="tiger",
             capture_output=True,
             text=True,
@@ -283,10 +300,8 @@ def test_nodemailer_dsn_options_reach_the_upstream(tmp_path: Path, certs: Certs)
         (m,) = wait_until(lambda: with_tag(up, "nodemailer asking for DSN"), what="the message")
         wait_queue_empty(srv)
     # nodemailer's xtext (ENVID "nm+env=1") arrives as it sent it
-    mail_line(m, "RET=HDRS ENVID=nm+2Benv+3D1")
-    assert m.lines[1] == (
-        "RCPT TO:<rcpt@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;orig@example.net"
-    )
+    mail_line(m, mail + "RET=HDRS ENVID=nm+2Benv+3D1")
+    assert m.lines[1] == f"RCPT TO:<{to}> NOTIFY=SUCCESS,FAILURE ORCPT={orcpt}"
     assert not bounces(up)  # the upstream offers DSN: the reports are its own
 
 

@@ -308,13 +308,9 @@ class SubmissionRealm:
             raise NotImplementedError("SubmissionRealm only provides IMessageDelivery")
         authn = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else str(avatarId)
         credentials = mind.credentials
-        if self.locked is not None:
-            # the account the store named, or the name it was logged in
-            # with: a lock written before a store named accounts holds
-            typed = getattr(credentials, "authc", None)
-            for name in dict.fromkeys((authn, typed)):
-                if name and self.locked.locked(name):
-                    raise AccountLocked(name)
+        login = getattr(credentials, "authc", None)
+        if self.locked is not None and (name := self.locked.which(authn, login)):
+            raise AccountLocked(name)
         authz = mind.authz
         proxied = getattr(avatarId, "authz", None)
         if isinstance(proxied, str) and proxied:
@@ -324,7 +320,7 @@ class SubmissionRealm:
             # No other identity asked for: the account's own name, as the
             # store spells it (Dovecot's user= for "Alice"), not the login's.
             authz = authn
-        delivery = Delivery(mind.conn_meta, authn_id=authn, authz_id=authz, store=self.store)
+        delivery = Delivery(mind.conn_meta, authn, authz, self.store, login)
         return IMessageDelivery, delivery, delivery.logout
 
 

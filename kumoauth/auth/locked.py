@@ -126,6 +126,19 @@ class LockedUsers:
             # as it is, rather than never locked
             return fold_user(user) in self._names
 
+    def which(self, *names: str | None) -> str | None:
+        """
+        The first of *names* that is locked now, or None: a session's
+        account as the store named it and the name it logged in with, so
+        a lock written before a store named accounts holds.
+        """
+        if self.path is None:
+            return None
+        for name in dict.fromkeys(names):
+            if name and self.locked(name):
+                return name
+        return None
+
     def _refresh(self, path: Path) -> None:
         try:
             st = os.stat(path)

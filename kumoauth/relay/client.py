@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import itertools
 import re
 from collections import deque
 from collections.abc import Coroutine, Sequence
@@ -510,7 +511,7 @@ def headers_need_utf8(body: bytes) -> bool:
         return True
     if end < 0:
         return False
-    known = {m[1] or m[2] for m in _BOUNDARY.finditer(head)}
+    known = {m[1] or m[2] for m in itertools.islice(_BOUNDARY.finditer(head), MAX_BOUNDARIES)}
     # One pass forward over the delimiter lines, each header block read
     # once: a block is never scanned again from a later delimiter (a body
     # of delimiters without blank lines was quadratic).

@@ -46,14 +46,24 @@ def xtext(value: str) -> str:
     )
 
 
-def unxtext(value: str) -> str:
+def unxtext(value: str, utf8: bool = False) -> str:
     """
     Decode RFC 3461 xtext (upper-case ``+HH``, §4); :class:`ParamError` if
-    it is not xtext or decodes to anything but visible ASCII and SPACE.
+    it is not xtext or decodes to anything but visible ASCII and SPACE,
+    or with *utf8* to anything but printable UTF-8 (an address's octets,
+    as clients encode a non-ASCII one).
     """
     if not _XTEXT.fullmatch(value):
         raise ParamError("not xtext")
     out = _HEXCHAR.sub(lambda m: chr(int(m.group(1), 16)), value)
+    if utf8 and not out.isascii():
+        try:
+            out = out.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            raise ParamError("decodes to octets that are not UTF-8") from None
+        if not out.isprintable():
+            raise ParamError("decodes to a character that does not print")
+        return out
     if not all(" " <= ch <= "~" for ch in out):
         raise ParamError("decodes to a control or non-ASCII character")
     return out
@@ -94,7 +104,10 @@ def parse_orcpt(value: str | None) -> tuple[str, str]:
     ``ORCPT=addr-type;xtext`` (RFC 3461 §4.2), as (lower-case type,
     decoded address).  The ``utf-8`` type's address may hold RFC 6533's
     ``\\x{HEX}`` characters, decoded here (its raw-UTF-8 form is not
-    taken: the parameter grammar here is ASCII).
+    taken: the parameter grammar here is ASCII).  An ``rfc822`` address
+    whose xtext decodes to UTF-8 octets (nodemailer's ``+C3+B8``, and
+    Postfix's for mail not flagged SMTPUTF8) is an internationalized
+    address: taken, as the ``utf-8`` type, which is what it is.
     """
     if not value or len(value) > MAX_ORCPT:
         raise ParamError(f"ORCPT needs a value of at most {MAX_ORCPT} characters")
@@ -102,7 +115,9 @@ def parse_orcpt(value: str | None) -> tuple[str, str]:
     if not sep or not _ADDR_TYPE.fullmatch(kind) or not rest:
         raise ParamError("ORCPT must be addr-type;address")
     kind = kind.lower()
-    address = unxtext(rest)
+    address = unxtext(rest, utf8=kind in ("rfc822", "utf-8"))
+    if not address.isascii():
+        kind = "utf-8"
     if kind == "utf-8":
         if "\\" in _UNICODE_CHAR.sub("", address):
             raise ParamError("ORCPT's utf-8 address is not utf-8-addr-xtext")

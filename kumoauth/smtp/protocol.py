@@ -837,12 +837,15 @@ class SubmissionProtocol(Protocol):
         that authenticated before it (a phished account's open sessions).
         """
         delivery = self.delivery
-        if delivery is None or not self.rt.process.locked_users.locked(delivery.authn_id):
+        if delivery is None or delivery.authn_id is None:
+            return False
+        locked = self.rt.process.locked_users.which(delivery.authn_id, delivery.login)
+        if locked is None:
             return False
         log.warn(
             "closing {client}: user {user} is locked ([auth] locked_users)",
             client=self.client,
-            user=field_value(delivery.authn_id),
+            user=field_value(locked),
         )
         self._close(b"421 4.7.0 Account locked, closing connection")
         return True

@@ -92,7 +92,7 @@ class Delivery:
     message to the spool (*store*).
     """
 
-    __slots__ = ("conn_meta", "authn_id", "authz_id", "store")
+    __slots__ = ("conn_meta", "authn_id", "authz_id", "store", "login")
 
     def __init__(
         self,
@@ -100,11 +100,15 @@ class Delivery:
         authn_id: str | None = None,
         authz_id: str | None = None,
         store: Store | None = None,
+        login: str | None = None,
     ) -> None:
         self.conn_meta = conn_meta
         self.authn_id = authn_id
         self.authz_id = authz_id
         self.store = store
+        #: the name the session logged in with (authcid, after
+        #: username_format), where the store named the account otherwise
+        self.login = login
         if authn_id is not None:
             conn_meta.set_meta("authn_id", authn_id)
             conn_meta.set_meta("authz_id", authz_id or authn_id)
