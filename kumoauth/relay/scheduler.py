@@ -753,16 +753,7 @@ class Relay(service.Service):
             for rcpt in wanted
         ]
         try:
-            report = self.build_bounce(
-                reporting_mta=self.settings.hostname,
-                message_id=entry.id,
-                envelope_from=entry.mail_from,
-                arrival=datetime.fromtimestamp(entry.arrival, UTC),
-                recipients=recipients,
-                original=original,
-                smtputf8=entry.smtputf8,
-                envid=requested.envid,
-            )
+            report = self._report(entry, recipients, original, requested.envid)
             if report is None:
                 return
             bid = await self.store_bounce(report, entry.mail_from)
@@ -837,18 +828,8 @@ class Relay(service.Service):
         ]
         original = self._original(entry, whole)
         try:
-            # the sender and SMTPUTF8 from the index: a damaged envelope on
-            # disk does not cost the sender its bounce
-            dsn = self.build_bounce(
-                reporting_mta=self.settings.hostname,
-                message_id=entry.id,
-                envelope_from=entry.mail_from,
-                arrival=datetime.fromtimestamp(entry.arrival, UTC),
-                recipients=recipients,
-                original=original,
-                smtputf8=entry.smtputf8 and not no_smtputf8,
-                return_content="full" if whole else "headers",
-                envid=requested.envid,
+            dsn = self._report(
+                entry, recipients, original, requested.envid, whole, smtputf8=not no_smtputf8
             )
         except Exception:
             # Not a reason to send the message again and again.
@@ -888,6 +869,33 @@ class Relay(service.Service):
         if unwanted:
             self._unreported(entry, unwanted)
         return True
+
+    def _report(
+        self,
+        entry: Any,
+        recipients: list[Any],
+        original: bytes,
+        envid: str | None,
+        whole: bool = False,
+        smtputf8: bool = True,
+    ) -> bytes | None:
+        """
+        A report on *entry* to its sender (:attr:`build_bounce`), in its
+        SMTPUTF8 form if the message had one and *smtputf8* allows it.
+        The sender and SMTPUTF8 come from the index: a damaged envelope on
+        disk does not cost the sender a report.
+        """
+        return self.build_bounce(
+            reporting_mta=self.settings.hostname,
+            message_id=entry.id,
+            envelope_from=entry.mail_from,
+            arrival=datetime.fromtimestamp(entry.arrival, UTC),
+            recipients=recipients,
+            original=original,
+            smtputf8=entry.smtputf8 and smtputf8,
+            return_content="full" if whole else "headers",
+            envid=envid,
+        )
 
     def _requested(self, entry: Any) -> Requested:
         """*entry*'s DSN requests; one warning, and none, if they cannot be read."""
