@@ -57,10 +57,9 @@ class SessionRecord:
     authzid: str | None = None
     messages: int = 0
     mails: int = 0
-    #: every MAIL and RCPT command line as it arrived (the verb as aiosmtpd
-    #: upper-cases it, the rest untouched), DSN parameters included
-    lines: list[str] = field(default_factory=list)
-    #: the current transaction's lines: from its MAIL on
+    #: the current transaction's MAIL and RCPT command lines, from its MAIL
+    #: on, as they arrived (the verb as aiosmtpd upper-cases it, the rest
+    #: untouched, DSN parameters included): each Received keeps its own
     transaction: list[str] = field(default_factory=list)
 
     def verbs(self) -> list[str]:
@@ -276,7 +275,6 @@ class _SMTP(SMTP):
                 return None
             if verb in _DSN_PARAMS and arg is not None:
                 line = f"{verb} {arg}"
-                self.record.lines.append(line)
                 if verb == "MAIL":
                     self.record.transaction = []
                 self.record.transaction.append(line)

@@ -1459,14 +1459,7 @@ class QueueStore:
         """
         with self._mutex:
             e = self._index[mid]
-        try:
-            fd = os.open(self.seg_dir / e.segment, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise KeyError(mid) from None
-        try:
-            return os.pread(fd, min(limit, e.body_len), e.body_offset)
-        finally:
-            os.close(fd)
+        return _read_at(self.seg_dir, e, e.body_offset, min(limit, e.body_len))
 
     @_locked
     def read_envelope(self, mid: str) -> dict[str, Any]:
@@ -1767,38 +1760,38 @@ def _parse_journal(path: Path, states: dict[str, dict[str, Any]]) -> tuple[int, 
     return lines, good_end, bad
 
 
-def _read_body(seg_dir: Path, e: Entry) -> bytes:
+def _read_at(seg_dir: Path, e: Entry, offset: int, size: int) -> bytes:
+    """
+    *size* bytes at *offset* of *e*'s segment (fewer at its end);
+    ``KeyError`` if the segment is gone (the message left the queue).
+    """
     try:
         fd = os.open(seg_dir / e.segment, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise KeyError(e.id) from None
     try:
         parts = []
-        o, n = e.body_offset, e.body_len
-        while n > 0:
-            chunk = os.pread(fd, n, o)
+        while size > 0:
+            chunk = os.pread(fd, size, offset)
             if not chunk:
                 break
             parts.append(chunk)
-            o += len(chunk)
-            n -= len(chunk)
+            offset += len(chunk)
+            size -= len(chunk)
     finally:
         os.close(fd)
-    body = b"".join(parts)
+    return b"".join(parts)
+
+
+def _read_body(seg_dir: Path, e: Entry) -> bytes:
+    body = _read_at(seg_dir, e, e.body_offset, e.body_len)
     if len(body) != e.body_len or zlib.crc32(body) != e.body_crc:
         raise QueueCorrupt(f"{seg_dir / e.segment}@{e.offset}: message {e.id} fails its checksum")
     return body
 
 
 def _read_envelope(seg_dir: Path, e: Entry) -> dict[str, Any]:
-    try:
-        fd = os.open(seg_dir / e.segment, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise KeyError(e.id) from None
-    try:
-        raw = os.pread(fd, HEADER_SIZE + e.env_len, e.offset)
-    finally:
-        os.close(fd)
+    raw = _read_at(seg_dir, e, e.offset, HEADER_SIZE + e.env_len)
     header = decode_header(raw[:HEADER_SIZE])
     env = decode_envelope(header, raw[HEADER_SIZE:]) if header else None
     if env is None or env.get("id") != e.id:

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from kumoauth.config import RelayConfig
 from kumoauth.relay.client import IdentityRefused, NotSent, UpstreamError
+from kumoauth.relay.dsn import FULL_RETURN_LIMIT, STATUS_NEEDS_SMTPUTF8, FailedRecipient
 from kumoauth.relay.queue import dsn_of
 from kumoauth.smtp.dsnparams import NOTHING, Requested
 from kumoauth.textsafe import escape, field_value, unescape
@@ -737,8 +738,6 @@ class Relay(service.Service):
         whose NOTIFY asked for SUCCESS.  Not stored is one warning, and not
         a reason to send the message again: the upstream has it.
         """
-        from kumoauth.relay.dsn import FailedRecipient
-
         final = getattr(result, "final", None)
         recipients = [
             FailedRecipient(
@@ -784,11 +783,6 @@ class Relay(service.Service):
         FAILURE); False, logged in one line, if it could not be stored:
         the recipients stay as they were.
         """
-        from kumoauth.relay.dsn import (
-            STATUS_NEEDS_SMTPUTF8,
-            FailedRecipient,
-        )
-
         if requested is None:
             requested = self._requested(entry)
         # RFC 3461 §4.1: NOTIFY=NEVER (or a list without FAILURE)
@@ -931,8 +925,6 @@ class Relay(service.Service):
         beginning, which holds the header section: a large message is not
         read whole on the reactor for a report that returns its headers.
         """
-        from kumoauth.relay.dsn import FULL_RETURN_LIMIT
-
         try:
             if whole and entry.size <= FULL_RETURN_LIMIT:
                 return bytes(self.queue.read_message(entry.id))
