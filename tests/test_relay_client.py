@@ -367,6 +367,48 @@ def test_mail_refused_applies_to_every_recipient(reactor, tmp_path):
         close(session)
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
+def test_an_upstream_wanting_auth_defers_the_message_instead_of_bouncing_it(
+    reactor, tmp_path, pipelining
+):
+    # [relay] without username to an upstream that requires AUTH: aiosmtpd
+    # answers MAIL "530 5.7.0 Authentication required" (RFC 4954 §6).  The
+    # setting is wrong, not the recipients: the message waits for it (its
+    # bounce would go the same way, and be lost).
+    with running_upstream(pipelining=pipelining) as up:
+        session = open_session(reactor, settings_for(up, tmp_path, username=None))
+        with pytest.raises(UpstreamError, match="530 5.7.0 Authentication required") as info:
+            send(session, message("a@example.net", "b@example.net"))
+        assert "requires authentication or TLS ([relay] username, tls) at MAIL FROM" in str(
+            info.value
+        )
+        assert info.value.permanent and info.value.reply is not None
+        assert info.value.reply.code == 530
+        close(session)
+        assert up.messages == []
+
+
+@pytest.mark.parametrize(
+    ("where", "options"),
+    [
+        (
+            "RCPT TO",
+            {"rcpt_replies": {"b@example.net": "530 5.7.0 Must issue a STARTTLS command first"}},
+        ),
+        ("the end of data", {"data_reply": "530 5.7.0 Must issue a STARTTLS command first"}),
+    ],
+)
+def test_a_530_anywhere_in_the_transaction_defers_the_whole_message(
+    reactor, tmp_path, where, options
+):
+    with running_upstream(**options) as up:
+        session = open_session(reactor, settings_for(up, tmp_path))
+        with pytest.raises(UpstreamError, match=f"at {where}: 530 5.7.0 Must issue") as info:
+            send(session, message("a@example.net", "b@example.net"))
+        assert info.value.permanent
+        close(session)
+
+
 def test_multiline_reply_text(reactor, tmp_path):
     with running_upstream(
         rcpt_replies={"x@example.net": "550-5.1.1 no such user\n550 5.1.1 see the docs"}

@@ -64,9 +64,9 @@ def relay_toml(
     port: int,
     ca: trustme.CA,
     password: str = upstream_module.DEFAULT_USERS["kumoauth"],
-    **settings: str,
+    **settings: str | None,
 ) -> str:
-    """A ``[relay]`` table; *settings* values are TOML already."""
+    """A ``[relay]`` table; *settings* values are TOML already (None: left out)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_file = directory / "upstream-ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
@@ -84,7 +84,7 @@ def relay_toml(
         "command_timeout": "20",
     }
     table.update(settings)
-    return "[relay]\n" + "".join(f"{k} = {v}\n" for k, v in table.items())
+    return "[relay]\n" + "".join(f"{k} = {v}\n" for k, v in table.items() if v is not None)
 
 
 #: recipients, each an address or (address, its RCPT parameters)
@@ -537,6 +537,27 @@ def test_max_age_bounce(tmp_path: Path, certs: Certs) -> None:
 
 # ---------------------------------------------------------------------------
 # 7. an untrusted certificate: deferred, never plaintext
+
+
+def test_an_upstream_wanting_auth_defers_and_loses_nothing(tmp_path: Path, certs: Certs) -> None:
+    # An operator's mistake: [relay] without username (identity = "none")
+    # to an upstream that requires AUTH.  It answered MAIL with 530; the
+    # message used to bounce, and the bounce, refused the same way, was
+    # dropped: the mail was gone.  It waits for the setting to be fixed.
+    with running_upstream() as up:
+        extra = relay_toml(
+            tmp_path / "relay", up.port, up.ca, identity='"none"', username=None, password_file=None
+        )
+        with running_server(tmp_path / "srv", certs, POLICY, extra=extra) as srv:
+            mid = submit(srv, ["b@example.net"], b"Subject: waits\r\n\r\nhi\r\n")
+            pattern = (
+                rf"relay {mid} deferred: upstream requires authentication or TLS "
+                r"\(\[relay\] username, tls\) at MAIL FROM: 530 5\.7\.0 Authentication required"
+            )
+            wait_until(lambda: len(re.findall(pattern, srv.log())) >= 2, 10, "two deferrals")
+            assert queue_ids(srv) == [mid]
+            assert not re.search(r"bounce [0-9a-f]|dropped|not delivered", srv.log())
+        assert not up.messages
 
 
 def test_untrusted_certificate_deferred_never_plaintext(tmp_path: Path, certs: Certs) -> None:

@@ -9,10 +9,11 @@ runs one mail transaction and returns a :class:`SendResult` with the reply
 for each recipient; the session is then reset and can carry the next message
 for the same identity, until it has carried ``max_messages_per_session``
 transactions.  Failures of the session itself (refused, timeout, TLS, AUTH
-refused, 421, connection lost) are :class:`UpstreamError`: the caller
-defers the whole message.  One exception: a reused session that the
-upstream ended before accepting anything of the message is replaced by a
-new connection, once, and the message sent there.
+refused, 421, connection lost, a 530 to a mail command) are
+:class:`UpstreamError`: the caller defers the whole message.  One
+exception: a reused session that the upstream ended before accepting
+anything of the message is replaced by a new connection, once, and the
+message sent there.
 
 Why our own client rather than ``twisted.mail.smtp.ESMTPSenderFactory``:
 that factory sends one message per connection, reports recipients only as a
@@ -968,6 +969,22 @@ def _raise_421(reply: Reply, what: str) -> None:
         )
 
 
+def _raise_530(reply: Reply, what: str) -> None:
+    """
+    A 530 is about the session, not the message or a recipient: the
+    upstream wants AUTH (RFC 4954 §6, "Authentication required") or TLS
+    (RFC 3207, "Must issue a STARTTLS command first") that ``[relay]``
+    does not give it.  The message is deferred whole, as when AUTH is
+    refused, not bounced: its bounce would go the same way and be lost.
+    """
+    if reply.code == 530:
+        raise UpstreamError(
+            f"upstream requires authentication or TLS ([relay] username, tls) at {what}: {reply}",
+            True,
+            reply,
+        )
+
+
 class UpstreamSession:
     """
     One authenticated SMTP session to the upstream, for one identity
@@ -1342,6 +1359,9 @@ class UpstreamSession:
             # lone dot; nothing is delivered whatever the reply.
             await proto.send_data(b".\r\n", s.data_timeout)
             go = None
+        _raise_530(mail_reply, "MAIL FROM")
+        for each in rcpt_replies:
+            _raise_530(each, "RCPT TO")
 
         if not mail_reply.positive:
             for r in to_send:
@@ -1369,6 +1389,7 @@ class UpstreamSession:
         if go is None:
             go = await proto.command(b"DATA", "DATA", t)
         _raise_421(go, "DATA")
+        _raise_530(go, "DATA")
         if go.code != 354:
             if go.positive:
                 raise UpstreamError(f"protocol error: unexpected reply to DATA: {go}")
@@ -1379,6 +1400,7 @@ class UpstreamSession:
 
         final = await proto.send_data(_stuff(data), s.data_timeout)
         _raise_421(final, "the end of data")
+        _raise_530(final, "the end of data")
         if final.code // 100 not in (2, 4, 5):
             raise UpstreamError(f"protocol error: unexpected reply to the end of data: {final}")
         result.data_sent = True
