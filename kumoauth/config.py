@@ -593,6 +593,29 @@ def _fingerprint_key(source: Path, path: Path) -> bytes:
     return data
 
 
+def _spool_directory(source: Path, path: Path) -> None:
+    """
+    ``[spool] path`` is a directory, or not there yet (the queue makes it);
+    a file there is the operator's mistake, said as one (the queue's
+    ``mkdir`` said "File exists").  What else is wrong with it (no
+    permission) the queue says when it opens it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise ConfigError(
+            source, "[spool] path", f"{path}: not a directory (a part of the path is a file)"
+        ) from None
+    except OSError:
+        return
+    if not stat.S_ISDIR(mode):
+        raise ConfigError(
+            source, "[spool] path", f"{path}: not a directory (the queue is a directory)"
+        )
+
+
 def _path(source: Path, value: str) -> Path:
     p = Path(value).expanduser()
     if not p.is_absolute():
@@ -631,8 +654,11 @@ def parse(
         if key in EXTERNAL_SECTIONS:
             continue
         if key not in SCHEMA or "." in key:
+            # [[listener]]: an array of tables, as it is written
             known = ", ".join(
-                f"[{k}]" for k in (*SCHEMA, *sorted(EXTERNAL_SECTIONS)) if "." not in k
+                f"[[{k}]]" if k in ARRAY_SECTIONS else f"[{k}]"
+                for k in (*SCHEMA, *sorted(EXTERNAL_SECTIONS))
+                if "." not in k
             )
             raise ConfigError(source, f"[{key}]", f"unknown section (known: {known})")
 
@@ -665,6 +691,9 @@ def parse(
                 'ssl: is not supported: use tcp: with tls = "implicit" '
                 "(the certificate and key come from [tls])",
             )
+        port_problem = _port_problem(address)
+        if port_problem is not None:
+            raise ConfigError(source, where, f"{_show(listener.endpoint)}: {port_problem}")
         if address is not None:
             for j, other in bound.items():
                 if _same_socket(address, other):
@@ -752,6 +781,8 @@ def parse(
         raise ConfigError(source, "[spool] path", "required key is missing")
     s = _section(source, "spool", data["spool"])
     spool = SpoolConfig(path=_path(source, s["path"]))
+    if read_files:
+        _spool_directory(source, spool.path)
 
     raw_log = _section(source, "log", data.get("log", {}))
     log = LogConfig(
@@ -763,6 +794,7 @@ def parse(
     sender_binding = None
     if "sender_binding" in data:
         sender_binding = _sender_binding(source, data["sender_binding"], auth, read_files)
+    _auth_table_names(source, auth, sender_binding)
     limits = None
     if "limits" in data:
         raw_limits = _section(source, "limits", data["limits"])
@@ -788,6 +820,42 @@ def parse(
 
 #: sections validated by the module that owns them (imported only when present)
 EXTERNAL_SECTIONS = frozenset({"sender_binding"})
+
+#: sections written as arrays of tables (``[[listener]]``)
+ARRAY_SECTIONS = frozenset({"listener"})
+
+
+def _auth_table_names(source: Path, auth: AuthConfig, sender_binding: Any) -> None:
+    """
+    An ``[auth.<name>]`` table that no one reads and whose name is a near
+    miss of one that someone would (``[auth.throtle]``): an unknown table,
+    said as one, whatever ``[auth] checker`` is.  Other names are left to
+    the checker's resolution (:func:`kumoauth.auth.checkers.resolve`),
+    which knows the factories.
+    """
+    if not auth.tables:
+        return
+    import difflib
+
+    from kumoauth.auth.checkers import BUILTIN
+
+    known = ("throttle", "cache", "oauth", *BUILTIN)
+    checker = auth.checker
+    factory_table = checker.partition(":")[2]  # "package.module:name" reads [auth.name]
+    read = {checker, factory_table}
+    if sender_binding is not None:
+        read.add(sender_binding.source)
+    for name in auth.tables:
+        if name in known or name in read:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        if close:
+            listed = ", ".join(f"[auth.{k}]" for k in (*known, factory_table) if k)
+            raise ConfigError(
+                source,
+                f"[auth.{name}]",
+                f"unknown table: did you mean [auth.{close[0]}]? (known: {listed})",
+            )
 
 
 def _store_files(source: Path, spec: str) -> str:
@@ -943,6 +1011,24 @@ def _bind_address(endpoint: str) -> tuple[str, str, str] | None:
     if interface in ("0.0.0.0", "::"):
         interface = ""
     return "ssl" if kind == "ssl" else family, where, interface
+
+
+def _port_problem(address: tuple[str, str, str] | None) -> str | None:
+    """
+    What is wrong with the port of a ``tcp:``, ``tcp6:`` or ``ssl:``
+    endpoint (:func:`_bind_address`), or None: Twisted's own error for
+    ``tcp:notaport`` is ``invalid literal for int() with base 10``.
+    """
+    if address is None or address[0] == "unix":
+        return None
+    port = address[1]
+    if not port:
+        return "no port (tcp:587, say)"
+    if not (port.isascii() and port.isdigit()):
+        return f"the port {_show(port)} is not a number"
+    if int(port) > 65535:
+        return f"the port {port} is out of range (0 to 65535)"
+    return None
 
 
 def _same_socket(a: tuple[str, str, str], b: tuple[str, str, str]) -> bool:

@@ -448,8 +448,27 @@ def test_wait_must_be_a_finite_number_of_seconds(queue, wait):
     path, (queued, *_) = queue
     result = run_cli(path, "hold", queued, "--wait", wait)
     assert result.returncode == 2
-    assert f"argument --wait: {wait!r}: not a number of seconds from 0 to 86400" in result.stderr
+    assert (
+        f"argument --wait: {wait!r}: not a number of seconds more than 0, at most 86400"
+        in result.stderr
+    )
     assert not state(path, queued).held
+
+
+@pytest.mark.parametrize("zero", ["0", "0.0", "-0"])
+def test_wait_0_is_wrong_usage_no_wait_says_it(queue, idle_owner, zero):
+    # --wait 0 said "queued for the running server" and exit 0, nothing
+    # taken: exit 0 is "done" (or --no-wait, which says what it means).
+    path, (queued, *_) = queue
+    control = path / service.CONTROL_DIR
+    result = run_cli(path, "release", queued, "--wait", zero)
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert f"argument --wait: {zero!r}: not a wait; use --no-wait" in result.stderr
+    assert not list(control.glob("*.json"))  # nothing left for the server either
+    result = run_cli(path, "release", queued, "--no-wait")
+    assert result.returncode == 0 and "queued for the running server" in result.stdout
+    assert len(list(control.glob("*.json"))) == 1
 
 
 def test_show_into_a_reader_that_stops_early(tmp_path):
@@ -607,3 +626,127 @@ def test_several_ids_or_standard_input_in_one_request(queue):
     assert state(path, queued) is not None  # nothing done when one id is bad
     nothing = run_cli(path, "delete")
     assert nothing.returncode == 1 and "give a message id" in nothing.stderr
+
+
+# --------------------------------------------------------------------------
+# what an operator's walkthrough found
+
+
+def test_an_empty_standard_input_is_nothing_to_do_once_the_spool_is_checked(queue, tmp_path):
+    # `… list --json | jq … | kumoauth spool delete -` that chose nothing:
+    # nothing to do (exit 0, on stdout), as --authn matching nothing is.
+    path, (queued, *_) = queue
+    for op in ("hold", "release", "retry", "delete"):
+        result = subprocess.run(
+            cli_command(path, op, "-"), input="\n  \n", capture_output=True, text=True, timeout=60
+        )
+        assert (result.returncode, result.stderr) == (0, ""), result
+        assert result.stdout == f"{op}: no message id on standard input: nothing to do\n"
+    assert not state(path, queued).held
+    # ... but a wrong --spool is a mistake whatever standard input holds,
+    # as it is for --authn (it was not looked at: exit 0)
+    for where in ("nowhere", "home"):
+        (tmp_path / "home").mkdir(exist_ok=True)
+        result = subprocess.run(
+            cli_command(tmp_path / where, "delete", "-"),
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1 and result.stdout == "", result
+        assert result.stderr.count("\n") == 1, result
+    # no id at all is still wrong usage of the command line
+    result = run_cli(path, "hold")
+    assert result.returncode == 1 and "give a message id" in result.stderr
+
+
+def test_a_bad_id_says_hex_digits_as_capitals_are_taken(queue):
+    path, (queued, *_) = queue
+    result = run_cli(path, "hold", "zzz")
+    assert result.returncode == 1
+    assert result.stderr == "kumoauth: error: zzz: not a message id (24 hex digits)\n"
+    result = run_cli(path, "hold", queued.upper())
+    assert result.returncode == 0 and result.stdout == f"{queued} is held\n"
+
+
+@pytest.mark.parametrize(
+    "args,usage,wrong",
+    [
+        (
+            ["spool", "--spool", "S", "bounce", "--authn", "scott"],
+            "kumoauth spool bounce",
+            "--authn",
+        ),
+        (["spool", "--spool", "S", "hold", "--bogus"], "kumoauth spool hold", "--bogus"),
+        (["spool", "--spool", "S", "--bogus", "list"], "kumoauth spool", "--bogus"),
+        (["auth", "test", "--config", "K", "--bogus", "u"], "kumoauth auth test", "--bogus"),
+        (["throttle", "--config", "K", "list", "x"], "kumoauth throttle list", "x"),
+        (["pw", "extra"], "kumoauth pw", "extra"),
+    ],
+)
+def test_a_subcommand_mistake_shows_the_subcommands_usage(args, usage, wrong):
+    # It showed "usage: kumoauth [-h] [--version] COMMAND ...", which says
+    # nothing of what the subcommand takes.
+    result = subprocess.run(
+        [sys.executable, "-m", "kumoauth.cli", *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"usage: {usage} ["), result.stderr
+    assert result.stderr.endswith(f"{usage}: error: unrecognized arguments: {wrong}\n")
+    assert "COMMAND ..." not in result.stderr
+
+
+class StoringRelay:
+    """What bounce asks of the relay: the bounce stored (or not), the message gone."""
+
+    def __init__(self, store: QueueStore, stored: bool = True) -> None:
+        self.store, self.stored = store, stored
+
+    def bounce_now(self, entry, status, text):
+        from twisted.internet import defer
+
+        if self.stored:
+            self.store.done(entry.id, "bounced")
+        return defer.succeed(self.stored)
+
+
+def test_the_bounce_answer_does_not_promise_a_bounce(queue):
+    # "ID is bounced" and exit 0, when every recipient had NOTIFY=NEVER and
+    # no bounce went out ("no bounce, as the sender asked" in the log).
+    path, (queued, deferred, _) = queue
+    with QueueStore.open(path) as store:
+        said = []
+        service.apply(store, "bounce", queued, StoringRelay(store)).addCallback(said.append)
+        (text,) = said
+        assert text.startswith(f"{queued} is bounced: failed and out of the queue; ")
+        assert "whose NOTIFY leaves out FAILURE" in text and "null sender" in text
+        assert "\n" not in text and queued not in store
+        said = []
+        service.apply(store, "bounce", deferred, StoringRelay(store, False)).addCallback(
+            said.append
+        )
+        assert said == [
+            f"bounce {deferred} not done: its bounce could not be stored; it stays queued"
+        ]
+    # The command puts who took it after what was done, before the rest.
+    from kumoauth.cli.spool import _with_taken
+
+    taken = "(taken by the running server (pid 7))"
+    assert _with_taken(text, taken, queued) == text.replace(
+        f"{queued} is bounced: ", f"{queued} is bounced {taken}: "
+    )
+    assert _with_taken(f"{queued} is held", taken, queued) == f"{queued} is held {taken}"
+    bulk = "hold of 2 message(s) with authn=a: 2 held"
+    assert _with_taken(bulk, taken, None) == f"{bulk} {taken}"
+
+
+def test_operations_md_says_what_the_commands_do():
+    text = (Path(__file__).resolve().parent.parent / "docs/operations.md").read_text()
+    # DSN is RFC 3461's delivery status notification in these docs
+    assert "credentials or database connection strings" in text and "DSNs" not in text
+    assert "24 lowercase hex digits" not in text  # capitals are taken
+    assert "from 0 to 86400" not in text and "`--wait 0`" in text
+    assert "no message id on standard input: nothing to do" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| `bounce ID` |")]
+    assert "NOTIFY" in row and "no bounce, as the sender asked" in row

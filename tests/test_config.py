@@ -313,6 +313,127 @@ def test_endpoint_that_does_not_parse(tmp_path, certs):
     )
 
 
+# --- start-up mistakes that were one line, but misleading --------------------
+
+
+def test_a_spool_path_that_is_a_file_is_not_a_directory(tmp_path):
+    # It said: cannot open the queue: [Errno 17] File exists: '…/policy.py'
+    (tmp_path / "policy.py").write_text("")
+    for path, why in (
+        ("policy.py", "not a directory (the queue is a directory)"),
+        ("policy.py/spool", "not a directory (a part of the path is a file)"),
+    ):
+        text = MINIMAL.replace('path = "spool"', f'path = "{path}"')
+        with pytest.raises(ConfigError) as e:
+            parse(text, tmp_path / "kumoauth.toml")
+        assert str(e.value) == (
+            f"{tmp_path / 'kumoauth.toml'}: [spool] path: {tmp_path / path}: {why}"
+        )
+    # not there yet (the queue makes it), or a directory: fine; and a
+    # worker's parse (read_files=False) does not look
+    parse(MINIMAL, tmp_path / "kumoauth.toml")
+    (tmp_path / "spool").mkdir()
+    parse(MINIMAL, tmp_path / "kumoauth.toml")
+    parse(MINIMAL.replace('"spool"', '"policy.py"'), tmp_path / "k.toml", read_files=False)
+
+
+@pytest.mark.parametrize(
+    "tables,checker",
+    [
+        ("[auth.throtle]\nwindow = 60\n", ""),
+        ("[auth.throtle]\nwindow = 60\n", 'checker = "passwd-file"\n'),
+        ("[auth.cach]\nttl = 60\n", ""),
+        ("[auth.passwd_file]\npath = 'users'\n", 'checker = "passwd-file"\n'),
+    ],
+)
+def test_a_mistyped_auth_table_is_an_unknown_table(tables, checker):
+    # It said "[auth] checker: [auth.throtle]: no such table (no checker
+    # named 'throtle')", with no checker set.
+    text = MINIMAL + "[auth]\n" + checker + tables
+    with pytest.raises(ConfigError) as e:
+        parse(text, "/etc/kumoauth.toml")
+    name = tables.split("]")[0] + "]"
+    meant = {"[auth.throtle]": "throttle", "[auth.cach]": "cache"}.get(name, "passwd-file")
+    assert str(e.value).startswith(
+        f"/etc/kumoauth.toml: {name}: unknown table: did you mean [auth.{meant}]? (known: "
+        "[auth.throttle], [auth.cache], [auth.oauth], [auth.passwd-file], "
+    )
+    assert "\n" not in str(e.value)
+    if not checker:
+        assert "checker" not in str(e.value)
+
+
+def test_the_tables_a_checker_reads_are_not_unknown():
+    # the store's own table, a factory's table, the table [sender_binding] reads
+    cfg = parse(
+        MINIMAL + '[auth]\nchecker = "passwd-file"\n[auth.passwd-file]\npath = "users"\n',
+        "/etc/kumoauth.toml",
+    )
+    assert set(cfg.auth.tables) == {"passwd-file"}
+    cfg = parse(
+        MINIMAL + '[auth]\nchecker = "tests.checkers:throttler"\n[auth.throttler]\nx = 1\n',
+        "/etc/kumoauth.toml",
+    )
+    assert set(cfg.auth.tables) == {"throttler"}
+
+
+@pytest.mark.parametrize(
+    "endpoint,problem",
+    [
+        ("tcp:notaport", 'the port "notaport" is not a number'),
+        ("tcp:notaport:interface=127.0.0.1", 'the port "notaport" is not a number'),
+        ("haproxy:tcp:port=x25", 'the port "x25" is not a number'),
+        ("tcp6:25a", 'the port "25a" is not a number'),
+        ("tcp:", "no port (tcp:587, say)"),
+        ("tcp:70000", "the port 70000 is out of range (0 to 65535)"),
+    ],
+)
+def test_a_listener_port_that_is_not_a_number(endpoint, problem):
+    # It said: cannot parse: invalid literal for int() with base 10: 'notaport'
+    with pytest.raises(ConfigError) as e:
+        parse(MINIMAL.replace('"tcp:2525"', f'"{endpoint}"'), "/etc/kumoauth.toml")
+    assert str(e.value) == (
+        f'/etc/kumoauth.toml: [[listener]] #1 endpoint: "{endpoint}": {problem}'
+    )
+
+
+def test_unknown_section_lists_listener_as_it_is_written():
+    with pytest.raises(ConfigError) as e:
+        parse("[bogus]\n" + MINIMAL, "/etc/kumoauth.toml")
+    assert "[[listener]]" in str(e.value) and ", [listener]," not in str(e.value)
+    assert str(e.value).startswith(
+        "/etc/kumoauth.toml: [bogus]: unknown section (known: [server], [tls], [[listener]], "
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (
+            ('path = "spool"', 'path = "policy.py"'),
+            ["[spool] path: ", "policy.py: not a directory"],
+        ),
+        (
+            ("[spool]", "[auth.throtle]\nwindow = 60\n[spool]"),
+            ["[auth.throtle]: unknown table: did you mean [auth.throttle]?"],
+        ),
+        (
+            ("tcp:2525:interface=127.0.0.1", "tcp:notaport"),
+            ['[[listener]] #1 endpoint: "tcp:notaport": the port "notaport" is not a number'],
+        ),
+        (("[spool]", "[bogus]\n[spool]"), ["[bogus]: unknown section", ", [[listener]], "]),
+    ],
+    ids=["spool-path-a-file", "auth-table-typo", "port-not-a-number", "unknown-section"],
+)
+def test_start_up_mistakes_say_what_is_wrong(tmp_path, certs, change, expected):
+    (tmp_path / "policy.py").write_text("")
+    text = listener_config(certs).replace(*change)
+    line = assert_operator_error(tmp_path, text, *expected)
+    assert "Errno" not in line and "int()" not in line
+    assert "checker" not in line and "cannot open the queue" not in line
+
+
 @contextlib.contextmanager
 def busy_port() -> Iterator[int]:
     """A port on 127.0.0.1 something else listens on."""

@@ -15,8 +15,12 @@ Each subcommand is a module of this package with ``add_parser(subparsers)``
 (which registers its arguments and sets ``run``) and a ``run(args) -> int``;
 later ones (``pw``, ``auth test``, ``throttle``, queue actions) are new
 modules listed in :data:`COMMANDS`, not branches here.  Exit status: 0 for
-success, 1 for an operator's mistake (one line on stderr), 130 after
-Ctrl-C (no traceback), other values as each subcommand documents.
+success, 1 for an operator's mistake (one line on stderr), 2 for wrong
+usage (argparse: the usage of the subcommand at fault), 130 after Ctrl-C
+(no traceback), other values as each subcommand documents.  A standard
+output closed early (``| head``, ``| grep -q``, ``| true``) is no error:
+the rest of the output is dropped and the status is 0, whatever the
+subcommand (:data:`EXIT_PIPE_CLOSED`), without a traceback.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ COMMANDS = ("spool", "pw", "auth", "throttle", "limits", "sender")
 
 #: exit status after Ctrl-C (128 + SIGINT, as a shell reports it)
 EXIT_INTERRUPTED = 130
+
+#: exit status once standard output is closed by its reader (`| head`):
+#: the reader has what it wanted, as `kumoauth spool list | head` always had
+EXIT_PIPE_CLOSED = 0
 
 
 class CommandError(Exception):
@@ -55,6 +63,8 @@ def react(action: Callable[[Any], Awaitable[int]], failed: int = 1) -> int:
 
     code = [failed]
     interrupted: list[int] = []
+    #: standard output closed under the action (`kumoauth auth test … | true`)
+    closed: list[BrokenPipeError] = []
 
     def main(reactor: Any) -> defer.Deferred[None]:
         done: list[defer.Deferred[None]] = []
@@ -80,6 +90,11 @@ def react(action: Callable[[Any], Awaitable[int]], failed: int = 1) -> int:
             except defer.CancelledError:
                 if not interrupted:
                     raise
+            except BrokenPipeError as e:
+                # Not the reactor's error (a traceback, exit *failed*):
+                # the action's own clean-up ran on the way here, and
+                # main() ends as for any command whose reader went away.
+                closed.append(e)
 
         done.append(defer.Deferred.fromCoroutine(go()))
         return done[0]
@@ -91,6 +106,8 @@ def react(action: Callable[[Any], Awaitable[int]], failed: int = 1) -> int:
             return EXIT_INTERRUPTED
         if e.code not in (0, None):
             return failed
+    if closed and not interrupted:
+        raise closed[0]  # for main(), as if the action had run without a reactor
     return EXIT_INTERRUPTED if interrupted else code[0]
 
 
@@ -127,6 +144,25 @@ def os_error(e: OSError) -> str:
     return f"{escape(str(e.filename))}: {escape(reason)}"
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """
+    The parser of a subcommand (``spool``, ``spool bounce``, ``auth test``
+    …): an argument it does not know is its own usage error, with its own
+    usage line (``usage: kumoauth spool bounce …``), not the top-level
+    parser's ``usage: kumoauth [-h] [--version] COMMAND ...``, to which
+    argparse hands a subparser's leftovers.  Subcommands of a subcommand
+    are of this class too (argparse gives them their parent's).
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Any = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def build_parser(prog: str = "kumoauth") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="kumoauth administration (the server itself is `twistd kumoauth`)"
@@ -134,10 +170,28 @@ def build_parser(prog: str = "kumoauth") -> argparse.ArgumentParser:
     from kumoauth import __version__
 
     parser.add_argument("--version", action="version", version=f"kumoauth {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=SubcommandParser
+    )
     for name in COMMANDS:
         importlib.import_module(f"kumoauth.cli.{name}").add_parser(sub)
     return parser
+
+
+def _stdout_to_devnull() -> None:
+    """
+    Standard output is closed by its reader: the rest of what is written
+    goes nowhere, and the flush at exit finds nothing to complain about.
+    """
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _flush_stdout() -> None:
+    """Flush standard output; if its reader has gone, see :func:`_stdout_to_devnull`."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
 
 
 def main(argv: list[str] | None = None, prog: str = "kumoauth") -> int:
@@ -148,16 +202,26 @@ def main(argv: list[str] | None = None, prog: str = "kumoauth") -> int:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
-    args = build_parser(prog).parse_args(argv)
     try:
-        return int(args.run(args))
+        args = build_parser(prog).parse_args(argv)
+    except SystemExit:
+        _flush_stdout()  # --help or --version into `| head`
+        raise
+    try:
+        code = int(args.run(args))
+        # What is still buffered (stdout to a pipe, without
+        # PYTHONUNBUFFERED) meets a closed pipe here, not at the exit,
+        # where Python would print "Exception ignored" and exit 120.
+        sys.stdout.flush()
+        return code
     except CommandError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        # `kumoauth spool show ID | head`: the reader has what it wanted.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        # `kumoauth spool show ID | head`, `kumoauth auth test … | true`:
+        # the reader has what it wanted.
+        _stdout_to_devnull()
+        return EXIT_PIPE_CLOSED
     except OSError as e:
         # A file the command may not read (run as a user other than the
         # server's) or cannot write: the file and why, not a traceback.

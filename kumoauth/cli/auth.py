@@ -26,7 +26,9 @@ Exit status: 0 success (235); 1 failure (535, or a user name the server
 answers 501); 2 the checker could not
 decide (454: backend down or erroring, timeout), or the configuration or
 arguments are wrong, or no password was given (end of input: Ctrl-D, an
-empty pipe), with one line on stderr; 130 interrupted (Ctrl-C).
+empty pipe), with one line on stderr; 130 interrupted (Ctrl-C).  A
+standard output its reader closed (``| head``, ``| true``) ends the
+command quietly with 0, as for every ``kumoauth`` command.
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ JSON object per message and line instead.  ``show ID`` prints the message,
 Both only read (no lock), so they are safe while a server runs.
 
 The actions (``flush``: every deferred message is due now; ``retry ID``;
-``hold ID``; ``release ID``; ``delete ID``; ``bounce ID``: a bounce to the
-sender for every recipient still pending, and the message leaves the
-queue) change the queue, which only the process holding its lock may do:
+``hold ID``; ``release ID``; ``delete ID``; ``bounce ID``: every
+recipient still pending fails, with a bounce to the sender for those whose
+RFC 3461 ``NOTIFY`` asks for failures (the default), and the message leaves
+the queue) change the queue, which only the process holding its lock may do:
 
 - **No server running** (the lock is free): the command takes the lock,
   applies the change (:func:`kumoauth.relay.service.apply`) and lets go at
@@ -29,9 +30,10 @@ queue) change the queue, which only the process holding its lock may do:
 - **A server running** (:class:`~kumoauth.relay.queue.QueueLocked`): the
   command leaves a request file in ``<spool>/control/``
   (:func:`kumoauth.relay.service.request`), which the server applies
-  within a second.  With ``--wait SECONDS`` (the default, 5 s) it waits
-  until the server has taken the request and reports what it shows in the
-  queue; ``--no-wait`` leaves it and returns.  A request nobody took stays
+  within a second.  With ``--wait SECONDS`` (the default, 5 s; more than
+  0) it waits until the server has taken the request and reports what it
+  shows in the queue; ``--no-wait`` leaves it and returns (``--wait 0`` is
+  refused as wrong usage: it would not wait).  A request nobody took stays
   in ``control/`` and is applied by the next start (delete the file to
   cancel it).
 
@@ -40,6 +42,8 @@ ID not in the queue is refused with one line (and no request is left).
 With ``--authn USER`` or ``--from ADDRESS`` instead of an ID, the action
 applies to every queued message of that user or envelope sender: one
 request (:func:`kumoauth.relay.service.apply_many`), one line for all.
+No message chosen (none of that user, or ``-`` with nothing on standard
+input) is nothing to do: one line on stdout, exit status 0.
 
 Exit status:
 
@@ -47,7 +51,7 @@ Exit status:
 - 1: an operator's mistake or an unusable spool, one line on stderr (bad
   or unknown ID, no such spool, configuration error, ``bounce`` without a
   running server or without ``[relay]``);
-- 2: wrong usage (argparse);
+- 2: wrong usage (argparse; ``--wait 0`` too);
 - 3: the request was left for the running server, which did not take it
   within ``--wait`` seconds (it is still in ``control/``: the line says
   which file), or took it but the queue does not show the change soon
@@ -109,7 +113,8 @@ ACTIONS = {
     "hold": "keep a message from being relayed until released",
     "release": "let a held message be relayed again",
     "delete": "remove a message from the queue without sending it",
-    "bounce": "bounce a message to its sender now (needs the running service and [relay])",
+    "bounce": "fail a message now, with a bounce to its sender for the recipients whose "
+    "NOTIFY asks for failures (needs the running service and [relay])",
 }
 
 #: longest address or identity shown in a list line
@@ -141,7 +146,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=seconds,
         default=WAIT,
         metavar="SECONDS",
-        help=f"with a server running, wait this long for it to take the request (default {WAIT:g})",
+        help="with a server running, wait this long (more than 0, at most "
+        f"{MAX_WAIT:g}) for it to take the request (default {WAIT:g})",
     )
     group.add_argument(
         "--no-wait",
@@ -186,14 +192,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def seconds(text: str) -> float:
-    """``--wait``'s value: a finite number of seconds, 0 or more."""
+    """
+    ``--wait``'s value: a finite number of seconds, more than 0.  Not 0:
+    "wait 0 s" would return before any server could take the request, and
+    some tools read 0 as "for ever"; ``--no-wait`` says which.
+    """
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 <= value <= MAX_WAIT:  # NaN fails too
+    if value == 0:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: not a number of seconds from 0 to {MAX_WAIT:g}"
+            f"{text!r}: not a wait; use --no-wait to leave the request and return at once"
+        )
+    if not 0 < value <= MAX_WAIT:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: not a number of seconds more than 0, at most {MAX_WAIT:g}"
         )
     return value
 
@@ -263,13 +277,12 @@ def open_spool(args: argparse.Namespace) -> Spool:
 
 
 def check_id(mid: str) -> str:
+    """*mid* as the queue spells it (lowercase); ``CommandError`` if it is no id."""
     from kumoauth.cli import CommandError
 
-    if is_id(mid.lower()):
-        return mid.lower()  # as a terminal or a spreadsheet may have changed it
-    if not is_id(mid):
-        raise CommandError(f"{escape(mid)}: not a message id (24 lowercase hex digits)")
-    return mid
+    if not is_id(mid.lower()):
+        raise CommandError(f"{escape(mid)}: not a message id (24 hex digits)")
+    return mid.lower()  # as a terminal or a spreadsheet may have changed it
 
 
 # --------------------------------------------------------------------------
@@ -487,10 +500,15 @@ def do_ids(args: argparse.Namespace, op: str, given: list[str]) -> int:
     for word in given:
         words.extend(sys.stdin.read().split() if word == "-" else [word])
     ids = list(dict.fromkeys(check_id(w) for w in words))
-    if not ids:
-        print(f"{op}: no message id on standard input")
-        return EXIT_OK
+    # The spool is checked first, as for --authn: a wrong --spool or
+    # --config is a mistake whether or not there is anything to do.
     path, _ = locate(args)
+    if not ids:
+        # `… list --json | jq … | kumoauth spool delete -` with nothing
+        # chosen: nothing to do, as for --authn matching no message (and
+        # xargs -r, postsuper -d -), not a mistake.
+        print(f"{op}: no message id on standard input: nothing to do")
+        return EXIT_OK
     return act(path, op, None, args.wait, many=(ids, "the ids given"))
 
 
@@ -617,13 +635,25 @@ def leave_request(
         # message the attempt under way delivered, say).
         done = " not done: " not in answered
         print(
-            f"{answered} (taken by the running server{owner})",
+            _with_taken(answered, f"(taken by the running server{owner})", mid),
             file=sys.stdout if done else sys.stderr,
         )
         return EXIT_OK if done else EXIT_PENDING
     line, seen = confirm(path, op, mid, owner)
     print(line, file=sys.stdout if seen else sys.stderr)
     return EXIT_OK if seen else EXIT_PENDING
+
+
+def _with_taken(answered: str, taken: str, mid: str | None) -> str:
+    """
+    The server's *answered* with the note *taken*: after what was done
+    (``ID is bounced (taken …): failed and out of the queue; …``), at the
+    end when the answer says no more.
+    """
+    head, sep, rest = answered.partition(": ")
+    if mid is not None and sep and head.startswith(f"{mid} is "):
+        return f"{head} {taken}{sep}{rest}"
+    return f"{answered} {taken}"
 
 
 T = TypeVar("T")

@@ -164,9 +164,18 @@ _ENDED = {
     "delivered": "it was delivered by the attempt under way when the request came",
     "bounced": (
         "the attempt under way when the request came ended it: the upstream "
-        "refused it and the sender gets a bounce"
+        "refused it, and the sender gets a bounce unless NOTIFY left out FAILURE"
     ),
 }
+
+#: the answer to ``bounce ID`` once the message has left the queue: the
+#: relay does not say whether a bounce was stored (RFC 3461 NOTIFY without
+#: FAILURE, a null sender or no recipient still pending: none), its log does
+BOUNCED = (
+    "{mid} is bounced: failed and out of the queue; its sender gets a bounce for the "
+    "recipients still pending, except those whose NOTIFY leaves out FAILURE (none to a "
+    "null sender): the log says when none is sent"
+)
 
 
 #: what an operator request may meet that leaves the queue as it was: an
@@ -248,11 +257,11 @@ def _remove(queue: QueueStore, op: str, mid: str, relay: Any) -> str | defer.Def
         return f"{mid} is deleted"
     result = relay.bounce_now(queue.get(mid), "5.0.0", "bounced by the operator")
     if not isinstance(result, defer.Deferred):
-        return f"{mid} is bounced"
+        return BOUNCED.format(mid=mid)
 
     def said(stored: bool) -> str:
         if stored:
-            return f"{mid} is bounced"
+            return BOUNCED.format(mid=mid)
         return f"bounce {mid} not done: its bounce could not be stored; it stays queued"
 
     return result.addCallback(said)
