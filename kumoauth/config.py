@@ -73,6 +73,8 @@ class ServerConfig:
     max_connections_per_ip: int = 50
     idle_timeout: float = 300.0
     max_message_size: int = 26214400
+    #: the largest header section accepted (Exim's header_maxsize); 0: any
+    max_header_size: int = 1048576
     max_recipients: int = 100
     max_errors: int = 10
     shutdown_grace: float = 30.0
@@ -446,6 +448,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "max_connections_per_ip": _int(1),
         "idle_timeout": _number(0.001),
         "max_message_size": _int(1),
+        "max_header_size": _int(0),
         "max_recipients": _int(1),
         "max_errors": _int(1),
         "shutdown_grace": _number(0.0),

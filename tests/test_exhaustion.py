@@ -107,6 +107,30 @@ def test_one_octet_over_the_limit_is_refused(make_session):
     assert len(s.messages()) == 1
 
 
+def test_a_header_section_over_max_header_size_is_refused(make_session):
+    s = authed(make_session, server=ServerConfig(hostname=HOST, max_header_size=1000))
+    field = b"X-Pad: " + b"p" * 91 + b"\r\n"  # 100 octets
+    assert send_message(s, field * 10 + b"\r\nbody\r\n.\r\n").startswith("250 ")
+    reply = send_message(s, field * 10 + b"X: 1\r\n\r\nbody\r\n.\r\n")
+    assert reply == "552 5.3.4 Message header exceeds fixed limit\r\n"
+    # folded lines are the header's too; a large body is not, nor is text
+    # without header fields
+    folded = b"Subject: x\r\n" + b" folded\r\n" * 200 + b"\r\nbody\r\n"
+    assert send_message(s, folded + b".\r\n").startswith("552 5.3.4")
+    big_body = b"Subject: big\r\n\r\n" + (b"y" * 98 + b"\r\n") * 100
+    assert send_message(s, big_body + b".\r\n").startswith("250 ")
+    text = b"no header fields, only text\r\n" * 100
+    assert send_message(s, text + b".\r\n").startswith("250 ")
+    assert len(s.messages()) == 3
+    # the session goes on
+    assert s.command("NOOP").startswith("250")
+
+
+def test_max_header_size_0_turns_the_check_off(make_session):
+    s = authed(make_session, server=ServerConfig(hostname=HOST, max_header_size=0))
+    assert send_message(s, b"X: y\r\n" * 300_000 + b"\r\n.\r\n").startswith("250 ")
+
+
 def test_reader_memory_is_bounded_by_the_limit():
     reader = DataReader(10_000)
     buf = bytearray()

@@ -11,7 +11,13 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kumoauth.smtp.data import MESSAGE_ID_LIMIT, message_id, strip_identity_header
+from kumoauth.smtp.data import (
+    HEADER_LINE,
+    MESSAGE_ID_LIMIT,
+    header_section_over,
+    message_id,
+    strip_identity_header,
+)
 
 
 def fields(message: bytes) -> tuple[list[list[bytes]], bytes]:
@@ -117,3 +123,49 @@ def test_a_message_id_of_millions_of_folds_is_read_as_far_as_it_is_logged():
 def test_an_identity_field_of_millions_of_folds_goes_whole():
     message = b"A: 1\r\nX-Kumoauth-Identity: forged" + b"\r\n x" * 2_000_000 + b"\r\nB: 2\r\n\r\nhi"
     assert strip_identity_header(message) == b"A: 1\r\nB: 2\r\n\r\nhi"
+
+
+def reference_header_length(message: bytes) -> int:
+    """The octets of the lines before the first that is no header line."""
+    length = 0
+    for line in message.splitlines(keepends=True):
+        # splitlines also splits at a bare CR; HEADER_END's "^" only follows LF
+        if HEADER_LINE.match(line) is None:
+            break
+        length += len(line)
+    return length
+
+
+any_lines = st.lists(
+    st.one_of(field, values, st.sampled_from([b"", b"From x", b"x", b" y", b"a b: c"])),
+    max_size=12,
+)
+
+
+@given(any_lines, st.sampled_from([b"\r\n", b"\n"]), st.integers(0, 200))
+def test_the_header_section_is_over_the_limit_exactly_when_its_lines_are(lines, eol, limit):
+    message = eol.join(lines)
+    expected = reference_header_length(message.replace(b"\r", b"\x00")) > limit
+    assert header_section_over(message, limit) is expected
+
+
+def test_a_header_line_cut_by_the_limit_still_counts():
+    # the bound falls inside "X-Long-Name: v": cut there it looked like no
+    # header line ("X-Lo"), read whole it is one
+    message = b"A: 1\r\nX-Long-Name: v\r\n\r\nbody"
+    assert header_section_over(message, 10)
+    assert not header_section_over(b"A: 1\r\nno header line, the body\r\n", 10)
+
+
+def test_a_header_section_of_exactly_the_limit_is_not_over_it():
+    assert not header_section_over(b"A: 1\r\n", 6)  # all header
+    assert not header_section_over(b"A: 1\r\nbody\r\n", 6)  # then the body
+    assert not header_section_over(b"A: 1\r\n\r\nbody\r\n", 6)
+    assert header_section_over(b"A: 1\r\nB: 2\r\n", 6)
+    assert header_section_over(b"A: 1\r\n", 5)
+
+
+def test_a_message_without_header_fields_has_an_empty_header_section():
+    text = b"just text, no header\r\n" * 100_000
+    assert not header_section_over(text, 1024)
+    assert header_section_over(b"X: " + b"y" * 2000 + b"\r\n\r\nbody", 1024)

@@ -743,10 +743,11 @@ _HEADER_LINES = st.sampled_from(
 def test_property_the_header_is_cut_where_the_parser_ends_it(lines):
     from email.parser import HeaderParser
 
-    from kumoauth.auth.senders import _HEADER_END, _OBS_COLON
+    from kumoauth.auth.senders import _OBS_COLON
+    from kumoauth.smtp.data import HEADER_END
 
     raw = ("\r\n".join(lines) + "\r\nFrom: late@x.example\r\n").encode("utf-8")
-    end = _HEADER_END.search(raw)
+    end = HEADER_END.search(raw)
     cut = raw[: end.start()] if end is not None else raw
 
     def fields(data: bytes) -> list[tuple[str, str]]:

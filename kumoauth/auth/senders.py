@@ -56,6 +56,7 @@ from kumoauth.backends.base import BackendError, ReactorThreads, default_reactor
 from kumoauth.checks import _Bad, _bool, _choice, _ldap_attribute, _str
 from kumoauth.ops.loglimit import StateLog
 from kumoauth.ops.threads import QueueFull
+from kumoauth.smtp.data import HEADER_END
 from kumoauth.textsafe import INVISIBLE, escape
 
 log = Logger(namespace="kumoauth.auth")
@@ -619,12 +620,6 @@ _ADDRESS_LIKE = re.compile(
     r"(?<![^\s<>()\[\],;:\"\\@])[^\s<>()\[\],;:\"\\@]+@[^\s<>()\[\],;:\"\\@]+"
 )
 
-#: the first line the stdlib parser would not take for a header line (its
-#: ``headerRE``: a field, with :data:`_OBS_COLON`'s spaces before the colon,
-#: a continuation or a ``From `` line), an empty one included: where it
-#: ends the header, found in the bytes without splitting them in lines
-_HEADER_END = re.compile(rb"^(?!From |[\x21-\x39\x3b-\x7e]*[ \t]*:|[\t ])", re.MULTILINE)
-
 
 def header_addresses(header_block: bytes, smtputf8: bool) -> list[str] | None:
     """
@@ -658,7 +653,7 @@ def header_addresses(header_block: bytes, smtputf8: bool) -> list[str] | None:
         # where the parser would stop anyway, looked for in the first
         # MAX_HEADER_BYTES only (a message without a blank line is long)
         bound = MAX_HEADER_BYTES + 1
-        end = _HEADER_END.search(header_block, 0, bound)
+        end = HEADER_END.search(header_block, 0, bound)
         if end is not None:
             cut = end.start()
             if cut < len(header_block) and header_block.find(b"\n", cut, bound) < 0:

@@ -136,6 +136,34 @@ def normalize_newlines(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
+#: a line that belongs to the header section: a field (a name, then the
+#: spaces or tabs before its colon that RFC 5322 §4.5's obsolete syntax
+#: allows), a folded continuation, or an mbox ``From `` line
+HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*[ \t]*:|[\t ]")
+#: the first line that does not (an empty one included): where the header
+#: section ends, as the stdlib parser and Postfix's cleanup read it
+HEADER_END = re.compile(rb"^(?!" + HEADER_LINE.pattern + rb")", re.MULTILINE)
+
+
+def header_section_over(message: bytes, limit: int) -> bool:
+    """
+    True when the header section of *message* (its lines up to the first
+    that is not a header line, :data:`HEADER_END`) is longer than *limit*
+    octets.  Reads the first *limit* + 1 octets, and at most a line more.
+    """
+    if len(message) <= limit:
+        return False
+    end = HEADER_END.search(message, 0, limit + 1)
+    if end is None or end.start() > limit:
+        return True
+    cut = end.start()
+    if message.find(b"\n", cut, limit + 1) >= 0:
+        return False  # a whole line that is no header line: the end
+    # The bound cut that line short, and it only looked like no header
+    # line: it is one if its name and colon come within a line's length.
+    return HEADER_LINE.match(message, cut, cut + 1000) is not None
+
+
 def protocol_type(esmtp: bool, tls: bool, authenticated: bool, utf8: bool) -> str:
     """
     The ``with`` keyword of a Received header: RFC 3848 (ESMTP, ESMTPS,

@@ -45,6 +45,7 @@ from kumoauth.smtp.data import (
     MESSAGE_ID_LIMIT,
     DataReader,
     has_bare_newline,
+    header_section_over,
     message_id,
     normalize_newlines,
     protocol_type,
@@ -1009,6 +1010,13 @@ class SubmissionProtocol(Protocol):
                 self._send(b"550 5.6.0 Message contains bare CR or LF characters")
                 return
             body = normalize_newlines(body)
+        limit = self.rt.server.max_header_size
+        if limit and header_section_over(body, limit):
+            # Exim's header_maxsize: a header section this large is no
+            # mail's, and every scan of it (here, the policy's, the
+            # upstream's) would pay for it.
+            self._send(b"552 5.3.4 Message header exceeds fixed limit")
+            return
         # Only kumoauth writes the identity header it signs for the
         # upstream ([relay] identity = "header"): never a client's copy.
         body = strip_identity_header(body)
