@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kumoauth.config import AuthConfig, ServerConfig, ThrottleConfig
-from kumoauth.smtp.data import DataReader
+from kumoauth.smtp.data import DataReader, has_bare_newline, normalize_newlines
 from kumoauth.testing import Session, plain_b64
 from tests.test_protocol import HOST, authed, scott_policy, send_message
 
@@ -194,12 +194,21 @@ lines = st.lists(
 )
 
 
+#: how long a line without CRLF grows before the reader takes part of it
+pieces = st.sampled_from([5, 6, 9, 65536])
+
+
 @settings(max_examples=300)
-@given(lines, st.lists(st.integers(1, 7), min_size=1, max_size=30), st.binary(max_size=10))
-def test_reader_gives_back_exactly_the_message(parts, sizes, tail):
+@given(
+    lines,
+    st.lists(st.integers(1, 7), min_size=1, max_size=30),
+    st.binary(max_size=10),
+    pieces,
+)
+def test_reader_gives_back_exactly_the_message(parts, sizes, tail, piece):
     message = b"".join(p + b"\r\n" for p in parts)
     wire = stuff(message) + b".\r\n" + tail
-    reader = DataReader(10_000)
+    reader = DataReader(10_000, piece=piece)
     buf = bytearray()
     pos = i = 0
     while True:
@@ -213,6 +222,27 @@ def test_reader_gives_back_exactly_the_message(parts, sizes, tail):
     assert reader.message() == message
     assert reader.message_size == len(message)
     assert bytes(buf) + wire[pos:] == tail
+
+
+@settings(max_examples=300)
+@given(lines, st.lists(st.integers(1, 7), min_size=1, max_size=30), st.booleans(), pieces)
+def test_the_reader_finds_and_rewrites_bare_line_ends_as_the_whole_message_would(
+    parts, sizes, normalize, piece
+):
+    # pieces fed at random cuts: what the reader finds and rewrites line by
+    # line is what has_bare_newline and normalize_newlines say of the whole
+    message = b"".join(p + b"\r\n" for p in parts)
+    wire = stuff(message) + b".\r\n"
+    reader = DataReader(10_000, normalize=normalize, piece=piece)
+    buf = bytearray()
+    pos = i = 0
+    while not reader.feed(buf):
+        buf += wire[pos : pos + sizes[i % len(sizes)]]
+        pos += sizes[i % len(sizes)]
+        i += 1
+    assert reader.bare is has_bare_newline(message)
+    assert reader.message() == (normalize_newlines(message) if normalize else message)
+    assert reader.message_size == len(message)  # the limit is on what came
 
 
 @given(lines)

@@ -28,12 +28,35 @@ class DataReader:
     message is over *max_size* nothing more is kept but the few bytes the
     terminator search needs.  A bare CR or LF never ends or splits a line
     here; see :func:`has_bare_newline`.
+
+    Bare line ends are found as the lines come (:attr:`bare`) and, with
+    *normalize*, rewritten there (:func:`normalize_newlines`): no piece
+    taken parts a CR from the LF after it, so each can be looked at alone,
+    and the end of DATA does not go over a whole message again (a tenth
+    of a second for 24 MB, half a second for 24 MB of bare line ends, with
+    every other session waiting).  A piece ends before a CRLF, or inside
+    a line longer than *piece* that has none.
     """
 
-    __slots__ = ("max_size", "_body", "_raw", "_scanned", "size", "too_big")
+    __slots__ = (
+        "max_size",
+        "normalize",
+        "piece",
+        "bare",
+        "_body",
+        "_raw",
+        "_scanned",
+        "size",
+        "too_big",
+    )
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, normalize: bool = False, piece: int = 65536) -> None:
         self.max_size = max_size
+        self.normalize = normalize
+        #: how long a line without CRLF grows before it is taken in part
+        self.piece = piece
+        #: a bare CR or LF was seen (RFC 5321 §2.3.8)
+        self.bare = False
         self._body = bytearray()
         # Unprocessed wire bytes, always starting at a line boundary: a CRLF
         # sentinel first, so the first line is no exception and an empty
@@ -73,6 +96,14 @@ class DataReader:
         cut = raw.rfind(b"\r\n", max(0, start - 1))
         if cut > 0:
             self._take(cut)
+        elif len(raw) > max(self.piece, 6):
+            # A line without CRLF (24 MB of bare CRs is one) is taken in
+            # pieces as it comes, not rewritten whole at the end of DATA.
+            # What stays starts mid-line (past the line's first octet, so
+            # no dot there is a stuffed one); the last 4 octets stay for
+            # the terminator's start, and no CR is parted from an LF (there
+            # is no CRLF here but at the start).
+            self._take(len(raw) - 4)
         self._scanned = len(raw)
         # The partial line loses at most its one stuffed dot.
         if self.size + len(raw) - 3 > self.max_size:
@@ -85,8 +116,15 @@ class DataReader:
             return
         chunk = bytes(self._raw[:n]).replace(b"\r\n.", b"\r\n")
         del self._raw[:n]
+        first = self.size == 0
         self.size += len(chunk)
+        if has_bare_newline(chunk):
+            self.bare = True
+            if self.normalize:
+                chunk = normalize_newlines(chunk)
         self._body += chunk
+        if first:
+            del self._body[:2]  # the CRLF sentinel (O(1) at a bytearray's start)
         if self.size - 2 > self.max_size:
             self._overflow()
 
@@ -96,14 +134,16 @@ class DataReader:
         del self._raw[:-4]
         self._scanned = len(self._raw)
 
-    def message(self) -> bytes:
+    def message(self) -> bytearray:
         """
-        The unstuffed message, each line ending as received, once
-        :meth:`feed` returned True; empty if it was too big.
+        The unstuffed message, each line ending as received (with
+        *normalize*, as CRLF), once :meth:`feed` returned True; empty if it
+        was too big.  It is the reader's own buffer, not a copy: as bytes
+        it would be one more copy of the whole message on the reactor.
         """
         if self.too_big:
-            return b""
-        return bytes(self._body[2:])
+            return bytearray()
+        return self._body
 
     @property
     def message_size(self) -> int:
@@ -145,7 +185,7 @@ HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*[ \t]*:|[\t ]")
 HEADER_END = re.compile(rb"^(?!" + HEADER_LINE.pattern + rb")", re.MULTILINE)
 
 
-def header_section_over(message: bytes, limit: int) -> bool:
+def header_section_over(message: bytes | bytearray, limit: int) -> bool:
     """
     True when the header section of *message* (its lines up to the first
     that is not a header line, :data:`HEADER_END`) is longer than *limit*
@@ -236,7 +276,7 @@ MESSAGE_ID_LIMIT = 256
 _MESSAGE_ID_READ = MESSAGE_ID_LIMIT * 16
 
 
-def _header_section(message: bytes) -> tuple[bytes, int]:
+def _header_section(message: bytes | bytearray) -> tuple[bytes, int]:
     """
     The header section with a CRLF put before it, so that every field
     starts after one, and where it ends in *message*: after the CRLF of
@@ -247,7 +287,7 @@ def _header_section(message: bytes) -> tuple[bytes, int]:
     return b"\r\n" + message[:head_end], head_end
 
 
-def message_id(message: bytes) -> str | None:
+def message_id(message: bytes | bytearray) -> str | None:
     """
     The first ``Message-ID`` field of the header section, unfolded and
     stripped (as text, for a log line: the caller escapes it), or None.
@@ -262,7 +302,7 @@ def message_id(message: bytes) -> str | None:
     return value[: MESSAGE_ID_LIMIT * 4].decode("utf-8", "replace") or None
 
 
-def strip_identity_header(message: bytes) -> bytes:
+def strip_identity_header(message: bytes | bytearray) -> bytes | bytearray:
     """
     Remove every ``X-Kumoauth-Identity`` field (with its folded lines) from
     the header section: only kumoauth writes that header, so a client must

@@ -44,10 +44,8 @@ from kumoauth.smtp.commands import (
 from kumoauth.smtp.data import (
     MESSAGE_ID_LIMIT,
     DataReader,
-    has_bare_newline,
     header_section_over,
     message_id,
-    normalize_newlines,
     protocol_type,
     received_header,
     strip_identity_header,
@@ -965,7 +963,8 @@ class SubmissionProtocol(Protocol):
             self._send(b"554 5.5.1 No valid recipients")
             return
         self._mode = DATA
-        self._reader = DataReader(self.rt.server.max_message_size)
+        server = self.rt.server
+        self._reader = DataReader(server.max_message_size, server.bare_newlines == "normalize")
         self._send(b"354 End data with <CR><LF>.<CR><LF>")
 
     def _data_chunk(self, buf: bytearray) -> bool:
@@ -1002,14 +1001,13 @@ class SubmissionProtocol(Protocol):
         if reader.too_big or reader.message_size > self.rt.server.max_message_size:
             self._send(b"552 5.3.4 Message size exceeds fixed limit")
             return
-        body = reader.message()
-        if has_bare_newline(body):
-            # RFC 5321 §2.3.8; passed on raw, bare line ends are the stuff
-            # of SMTP smuggling at the next hop.
-            if self.rt.server.bare_newlines == "reject":
-                self._send(b"550 5.6.0 Message contains bare CR or LF characters")
-                return
-            body = normalize_newlines(body)
+        # RFC 5321 §2.3.8; passed on raw, bare line ends are the stuff of
+        # SMTP smuggling at the next hop.  The reader rewrote them as they
+        # came, unless the setting is to refuse the message for them.
+        if reader.bare and not reader.normalize:
+            self._send(b"550 5.6.0 Message contains bare CR or LF characters")
+            return
+        body: bytes | bytearray = reader.message()
         limit = self.rt.server.max_header_size
         if limit and header_section_over(body, limit):
             # Exim's header_maxsize: a header section this large is no

@@ -81,7 +81,7 @@ class SenderGate:
         return defer.Deferred.fromCoroutine(self._decide(authz, [sender], conn_meta, "envelope"))
 
     def headers(
-        self, authz: str, body: bytes, smtputf8: bool, conn_meta: Any
+        self, authz: str, body: bytes | bytearray, smtputf8: bool, conn_meta: Any
     ) -> defer.Deferred[bytes | None]:
         """
         None when every address the message's Sender: (or else From:)
@@ -90,11 +90,11 @@ class SenderGate:
         limit = self._senders.MAX_HEADER_BYTES
         end = body.find(b"\r\n\r\n", 0, limit + 4)
         if end >= 0:
-            head = body[: end + 4]
+            head = bytes(body[: end + 4])
         elif len(body) <= limit:
-            head = body + b"\r\n\r\n"
+            head = bytes(body) + b"\r\n\r\n"
         else:
-            head = body[: limit + 1]  # header_addresses says it is too large
+            head = bytes(body[: limit + 1])  # header_addresses says it is too large
         # The stdlib's header parser is slow on crafted fields (tens of ms
         # for a few KiB): never on the reactor thread.  In a thread of its
         # own, not behind the checks (a hung store holds all of those);
