@@ -32,11 +32,11 @@ import ipaddress
 import itertools
 import re
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
-from twisted.internet import defer, error, ssl
+from twisted.internet import defer, error, ssl, task, threads
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory
@@ -90,6 +90,42 @@ def _stuff(data: bytes) -> bytes:
     if data.startswith(b"."):
         data = b"." + data
     return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+#: a message at least this long is made ready to send in a thread, a
+#: piece of about this many octets at a time, and written a piece per
+#: reactor turn: on the reactor, a 24 MB message's line ends, dot-stuffing
+#: and TLS held every other session for 0.07 to 0.26 s
+PIECE = 1 << 20
+
+
+def wire_pieces(body: bytes, piece: int = PIECE) -> tuple[int, list[bytes]]:
+    """
+    What :func:`crlf_body` and :func:`dot_stuff` make of *body*, made a
+    piece at a time: the length of ``crlf_body(body)`` (the SIZE to
+    declare) and ``dot_stuff(body)`` as a list of pieces.  Each piece of
+    *body* ends before a CRLF (or at its end), so none parts a CR from its
+    LF, and the next starts with that CRLF, so a dot after it is stuffed
+    in the same piece.  No call on the whole message: run in a thread, it
+    lets the reactor have the interpreter between pieces.
+    """
+    out: list[bytes] = []
+    length = start = 0
+    while start < len(body):
+        cut = body.find(b"\r\n", start + piece)
+        end = len(body) if cut < 0 else cut
+        chunk = normalize_newlines(body[start:end])
+        if start == 0 and chunk.startswith(b"."):
+            chunk = b"." + chunk
+            length -= 1  # the added dot is stuffing, not the message
+        length += len(chunk)
+        out.append(chunk.replace(b"\r\n.", b"\r\n.."))
+        start = end
+    if out and not out[-1].endswith(b"\r\n"):
+        out[-1] += b"\r\n"
+        length += 2
+    out.append(b".\r\n")
+    return length, out
 
 
 def dot_stuff(body: bytes) -> bytes:
@@ -823,10 +859,25 @@ class _ClientProtocol(TwistedProtocol):
         self._await(_Waiter(d, last, timeout, False, group))
         return d
 
-    def send_data(self, wire: bytes, timeout: float) -> defer.Deferred[Reply]:
+    def send_data(self, wire: bytes | list[bytes], timeout: float) -> defer.Deferred[Reply]:
+        """
+        Write *wire* (the bytes after 354, or a list of pieces of them:
+        one per reactor turn, :data:`PIECE`) and wait for the reply.
+        """
+        if isinstance(wire, bytes):
+            wire = [wire]
         if self.error is None:
-            self.transport.write(wire)  # type: ignore[union-attr]
+            self.transport.write(wire[0])  # type: ignore[union-attr]
+            if len(wire) > 1:
+                task.cooperate(self._write_each(wire[1:]))
         return self.expect("the end of data", timeout)
+
+    def _write_each(self, pieces: list[bytes]) -> Iterator[None]:
+        for each in pieces:
+            if self.error is not None or self.transport is None:
+                return  # the session failed: its waiter has the error
+            self.transport.write(each)
+            yield None
 
     def fail(self, err: UpstreamError) -> None:
         """Fail every waiter with *err* and drop the connection."""
@@ -1275,8 +1326,12 @@ class UpstreamSession:
             # else the message goes as it is, as Postfix sends it.
             utf8 = "SMTPUTF8" in self.extensions or headers_need_utf8(body)
         eightbit = bool(message.eightbit) or not body.isascii()
-        data = crlf_body(body)
-        size = max(int(message.size or 0), len(data))
+        if len(body) < PIECE:
+            data = crlf_body(body)
+            length, wire = len(data), [_stuff(data)]
+        else:
+            length, wire = await threads.deferToThread(wire_pieces, body)
+        size = max(int(message.size or 0), length)
 
         requested: Requested | None = getattr(message, "dsn", None)
         dsn = "DSN" in self.extensions
@@ -1398,7 +1453,7 @@ class UpstreamSession:
             await self._reset()
             return result
 
-        final = await proto.send_data(_stuff(data), s.data_timeout)
+        final = await proto.send_data(wire, s.data_timeout)
         _raise_421(final, "the end of data")
         _raise_530(final, "the end of data")
         if final.code // 100 not in (2, 4, 5):
