@@ -171,3 +171,21 @@ def test_scans_bench_measures_every_scan():
         "strip_identity_header",
     ]
     assert all(isinstance(seconds, float) for seconds in figures.values()), figures
+
+
+def test_stalls_bench_measures_each_server_on_each_shape():
+    # bench.stalls --quick: every server on every shape, the relayed
+    # kumoauth included; kumoauth refuses the header shape (max_header_size)
+    figures = quick_figures("bench.stalls")
+    assert list(figures) == [
+        "ordinary (1 MB)",
+        "dot_lines (1 MB)",
+        "bare_lf (1 MB)",
+        "header (1 MB)",
+    ]
+    for name, row in figures.items():
+        assert set(row) == {"kumoauth", "aiosmtpd", "twisted.mail"}, name
+        for server, figure in row.items():
+            assert figure["worst_ms"] > 0, (name, server)
+    assert figures["header (1 MB)"]["kumoauth"]["reply"] == "552"
+    assert figures["ordinary (1 MB)"]["kumoauth"]["reply"] == "250"

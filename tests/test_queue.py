@@ -10,12 +10,14 @@ import contextlib
 import hashlib
 import json
 import os
+import queue as queue_module
 import random
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -646,6 +648,54 @@ def test_compaction(qdir, monkeypatch):
     store.close()
     store = QueueStore.open(qdir)
     assert len(store) == 0
+    store.close()
+
+
+def test_housekeepings_syncs_do_not_hold_the_queue(qdir, monkeypatch):
+    # Under a burst of 24 MB messages the disk took seconds to sync even the
+    # small journal (its file system journal commits wait for the data
+    # before them), and the housekeeping thread held the store's mutex
+    # meanwhile: the reactor's next call (a delivery's done, a new message's
+    # index entry) waited as long.  Each sync here waits until it is let go.
+    monkeypatch.setattr(q, "SEGMENT_MAX", 4000)
+    store = QueueStore.open(qdir)
+    ids: list[str] = []
+    for _ in range(3):
+        ids += store.append_batch(batch(3, size=600))
+    first = store.get(ids[0]).segment
+    for m in ids:
+        if store.get(m).segment == first:
+            store.done(m)  # journal lines to sync, and a dead segment
+    rest = [m for m in ids if m in store]
+    entered: queue_module.Queue[str] = queue_module.Queue()
+    let_go: queue_module.Queue[None] = queue_module.Queue()
+
+    def held(name: str, real: Any) -> Any:
+        def sync(fd_or_path: Any) -> None:
+            entered.put(name)
+            let_go.get(timeout=10)
+            real(fd_or_path)
+
+        return sync
+
+    monkeypatch.setattr(q.os, "fdatasync", held("the journal", os.fdatasync))
+    monkeypatch.setattr(q, "_fsync_dir", held("the directory", q._fsync_dir))
+    housekeeping = threading.Thread(target=store.compact)
+    housekeeping.start()
+    for expected in ("the journal", "the directory"):
+        assert entered.get(timeout=5) == expected
+        answered = threading.Event()
+
+        def reactor(mid: str = rest.pop(), answered: threading.Event = answered) -> None:
+            assert store.claim(mid)
+            store.release_claim(mid)
+            answered.set()
+
+        threading.Thread(target=reactor, daemon=True).start()
+        assert answered.wait(2), f"the queue was held while {expected} was synced"
+        let_go.put(None)
+    housekeeping.join(10)
+    assert not (qdir / "seg" / first).exists()
     store.close()
 
 

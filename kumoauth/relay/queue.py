@@ -1324,17 +1324,33 @@ class QueueStore:
         with contextlib.suppress(OSError):
             self._journal(record, sync=False)
 
-    @_locked
     def flush(self) -> None:
         """
         Make every journal line written so far durable (one fdatasync).
+
+        The sync runs without the store's mutex, on a descriptor of its
+        own: under a burst of large messages the disk can take seconds to
+        sync even a small file (its size changed: the file system's journal
+        commits, and waits for the data written before it), and every call
+        of the reactor thread (a delivery's ``done``, a new message's
+        index entry) would wait on the mutex as long.
         """
-        if self.journal_behind is not None and self._journal_fd is not None:
-            self._catch_up()
-            return
-        if self._journal_dirty and self._journal_fd is not None:
-            os.fdatasync(self._journal_fd)
-            self._journal_dirty = False
+        with self._mutex:
+            if self.journal_behind is not None and self._journal_fd is not None:
+                self._catch_up()
+                return
+            if not self._journal_dirty or self._journal_fd is None:
+                return
+            fd = os.dup(self._journal_fd)
+            self._journal_dirty = False  # lines written from here on set it again
+        try:
+            os.fdatasync(fd)
+        except OSError:
+            with self._mutex:
+                self._journal_dirty = True
+            raise
+        finally:
+            os.close(fd)
 
     # -- appending and tailing ----------------------------------------
 
@@ -1591,7 +1607,6 @@ class QueueStore:
 
     # -- compaction ----------------------------------------------------
 
-    @_locked
     def compact(self) -> tuple[list[str], bool]:
         """
         Delete every segment whose messages have all left the queue (and
@@ -1601,10 +1616,23 @@ class QueueStore:
         A journal that cannot be written (a full disk) does not keep the
         segments: a deleted segment's messages are gone whatever the
         journal says of them, and their space may be what it needs.
+
+        The journal's and the directory's syncs run without the mutex
+        (:meth:`flush` says why).
         """
         if self.journal_behind is None:  # lagging, the catch-up below is tried
             with contextlib.suppress(OSError):
                 self.flush()
+        with self._mutex:
+            removed = self._remove_dead_segments()
+        if removed:
+            # Segments go before the journal forgets their done ids: a crash
+            # in between must not bring delivered messages back.
+            _fsync_dir(self.seg_dir)
+        with self._mutex:
+            return removed, self._forget_segments(removed)
+
+    def _remove_dead_segments(self) -> list[str]:
         removed = []
         for name, info in list(self._segs.items()):
             if info.live or name == self.writer.current:
@@ -1622,11 +1650,16 @@ class QueueStore:
                 os.close(fd)
             del self._segs[name]
             removed.append(name)
+        return removed
+
+    def _forget_segments(self, removed: list[str]) -> bool:
+        """
+        The done ids of the *removed* segments (their removal synced) leave
+        memory, and the journal is rewritten if more than half of it is
+        dead: whether it was.
+        """
         if removed:
             self._catch_up_at = 0.0  # space freed: a lagging journal may fit now
-            # Segments go before the journal forgets their done ids: a crash
-            # in between must not bring delivered messages back.
-            _fsync_dir(self.seg_dir)
             gone = set(removed)
             self._done = {m: s for m, s in self._done.items() if s not in gone}
         live = len(self._done) + sum(
@@ -1639,7 +1672,7 @@ class QueueStore:
             self._catch_up()  # raises while it still cannot be written
         elif rewrite:
             self._rewrite_journal()
-        return removed, rewrite
+        return rewrite
 
     def _only_a_tail(self, fd: int, name: str, scanned: int, size: int) -> bool:
         """
