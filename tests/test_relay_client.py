@@ -859,11 +859,8 @@ def test_dropped_connection_mid_session(reactor, tmp_path):
         in_reactor(session.when_closed)
 
 
-def test_smuggling_payload_arrives_as_one_message_with_crlf_lines(reactor, tmp_path):
-    body = (
-        b"Subject: smuggle\n\nhello\n.\nMAIL FROM:<evil@example.com>\n"
-        b"RCPT TO:<victim@example.net>\nDATA\nforged\r.\r\n.\nend"
-    )
+def delivered_once(reactor: Any, tmp_path: Path, body: bytes) -> Any:
+    """*body* sent to b@example.net over a new session: what the upstream got, once."""
     with running_upstream() as up:
         session = open_session(reactor, settings_for(up, tmp_path))
         result = send(session, message("b@example.net", body=body))
@@ -871,11 +868,20 @@ def test_smuggling_payload_arrives_as_one_message_with_crlf_lines(reactor, tmp_p
         close(session)
         [got] = up.messages
         assert up.all_verbs().count("MAIL") == 1
-        assert not has_bare_newline(got.data)
-        assert got.data == (
-            b"Subject: smuggle\r\n\r\nhello\r\n.\r\nMAIL FROM:<evil@example.com>\r\n"
-            b"RCPT TO:<victim@example.net>\r\nDATA\r\nforged\r\n.\r\n.\r\nend\r\n"
-        )
+    return got
+
+
+def test_smuggling_payload_arrives_as_one_message_with_crlf_lines(reactor, tmp_path):
+    body = (
+        b"Subject: smuggle\n\nhello\n.\nMAIL FROM:<evil@example.com>\n"
+        b"RCPT TO:<victim@example.net>\nDATA\nforged\r.\r\n.\nend"
+    )
+    got = delivered_once(reactor, tmp_path, body)
+    assert not has_bare_newline(got.data)
+    assert got.data == (
+        b"Subject: smuggle\r\n\r\nhello\r\n.\r\nMAIL FROM:<evil@example.com>\r\n"
+        b"RCPT TO:<victim@example.net>\r\nDATA\r\nforged\r\n.\r\n.\r\nend\r\n"
+    )
 
 
 def test_leading_dots_survive(reactor, tmp_path):
@@ -978,12 +984,7 @@ def test_a_large_message_goes_out_in_pieces_exactly_as_made(reactor, tmp_path):
     # turn; the upstream gets the same bytes as for a small one.
     line = b".dot line, then a bare LF\n and more\r\n"
     body = b"Subject: large\r\n\r\n" + line * (3 * PIECE // len(line))
-    with running_upstream() as up:
-        session = open_session(reactor, settings_for(up, tmp_path))
-        result = send(session, message("b@example.net", body=body))
-        assert result.delivered == ["b@example.net"]
-        close(session)
-        [got] = up.messages
+    got = delivered_once(reactor, tmp_path, body)
     assert got.data == crlf_body(body)
     assert f"SIZE={len(crlf_body(body))}" in got.mail_options
 
