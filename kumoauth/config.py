@@ -793,6 +793,12 @@ def parse(
     )
 
     metrics = MetricsConfig(**_section(source, "metrics", data.get("metrics", {})))
+    if metrics.endpoint is not None:
+        port_problem = _port_problem(_bind_address(metrics.endpoint))
+        if port_problem is not None:
+            raise ConfigError(
+                source, "[metrics] endpoint", f"{_show(metrics.endpoint)}: {port_problem}"
+            )
     relay = _relay(source, data["relay"]) if "relay" in data else None
     sender_binding = None
     if "sender_binding" in data:

@@ -397,6 +397,18 @@ def test_a_listener_port_that_is_not_a_number(endpoint, problem):
     )
 
 
+def test_a_metrics_port_that_is_not_a_number():
+    # It said: cannot parse: invalid literal for int() with base 10: 'notaport'
+    with pytest.raises(ConfigError) as e:
+        parse(MINIMAL + '\n[metrics]\nendpoint = "tcp:notaport"\n', "/etc/kumoauth.toml")
+    assert str(e.value) == (
+        '/etc/kumoauth.toml: [metrics] endpoint: "tcp:notaport": '
+        'the port "notaport" is not a number'
+    )
+    config = parse(MINIMAL + '\n[metrics]\nendpoint = "tcp:9100"\n', "/etc/kumoauth.toml")
+    assert config.metrics.endpoint == "tcp:9100"
+
+
 def test_unknown_section_lists_listener_as_it_is_written():
     with pytest.raises(ConfigError) as e:
         parse("[bogus]\n" + MINIMAL, "/etc/kumoauth.toml")
