@@ -521,10 +521,14 @@ def test_smtputf8_asked_for_is_passed_on_where_offered(reactor, tmp_path):
         assert "SMTPUTF8" in got.mail_options
 
 
-def test_a_utf8_header_of_a_mime_part_needs_smtputf8(reactor, tmp_path):
+@pytest.mark.parametrize("padding", [0, PIECE], ids=["small", "large"])
+def test_a_utf8_header_of_a_mime_part_needs_smtputf8(reactor, tmp_path, padding):
+    # large: the walk over the parts' headers runs in a thread
     body = (
         b'Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n'
-        b"\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\n"
+        b"\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+        + "é\r\n".encode() * (padding // 4)
+        + b"--b\r\n"
         + 'Content-Disposition: attachment; filename="grüße.txt"\r\n'.encode()
         + b"\r\nx\r\n--b--\r\n"
     )
