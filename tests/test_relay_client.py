@@ -993,6 +993,28 @@ def test_a_large_message_goes_out_in_pieces_exactly_as_made(reactor, tmp_path):
     assert f"SIZE={len(crlf_body(body))}" in got.mail_options
 
 
+def test_the_reply_to_a_message_in_pieces_waits_for_its_last_piece():
+    # An upstream that answers before the end of data (a 552 as soon as it
+    # sees the size) must not get the next command between two pieces.
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from kumoauth.relay.client import _ClientProtocol
+
+    clock = Clock()
+    proto = _ClientProtocol(clock)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    d = proto.send_data([b"one\r\n", b"two\r\n", b".\r\n"], 10)
+    assert transport.value() == b"one\r\n"
+    proto.dataReceived(b"552 5.3.4 too big, said early\r\n")
+    assert not d.called
+    for _ in range(3):
+        clock.advance(0)
+    assert transport.value() == b"one\r\ntwo\r\n.\r\n"
+    assert str(d.result) == "552 5.3.4 too big, said early"
+
+
 def test_dot_stuff_examples():
     assert dot_stuff(b"a\nb") == b"a\r\nb\r\n.\r\n"
     assert dot_stuff(b".a\r\n.\r\n") == b"..a\r\n..\r\n.\r\n"

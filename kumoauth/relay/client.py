@@ -868,9 +868,16 @@ class _ClientProtocol(TwistedProtocol):
             wire = [wire]
         if self.error is None:
             self.transport.write(wire[0])  # type: ignore[union-attr]
-            if len(wire) > 1:
-                task.cooperate(self._write_each(wire[1:]))
-        return self.expect("the end of data", timeout)
+        reply = self.expect("the end of data", timeout)
+        if self.error is not None or len(wire) == 1:
+            return reply
+        # a piece per turn of this session's reactor (a Clock in tests)
+        turns = task.Cooperator(scheduler=lambda step: self._reactor.callLater(0, step))
+        written = turns.cooperate(self._write_each(wire[1:])).whenDone()
+        # The reply is not taken before the last piece is out: after an
+        # upstream that answers early, the next command must not go out
+        # between two pieces of the message.
+        return written.addCallback(lambda _: reply)
 
     def _write_each(self, pieces: list[bytes]) -> Iterator[None]:
         for each in pieces:
