@@ -157,6 +157,14 @@ def test_a_header_line_cut_by_the_limit_still_counts():
     assert not header_section_over(b"A: 1\r\nno header line, the body\r\n", 10)
 
 
+def test_a_long_field_name_across_the_limit_is_still_a_header_line():
+    # a review: a name of 1,200 octets starting just before the limit hid a
+    # header section of any size behind it
+    message = b"A: x\r\n" * 20 + b"B" * 1200 + b": y\r\n" + b"C: z\r\n" * 10 + b"\r\nbody"
+    assert header_section_over(message, 130)  # 120 octets, then the long name
+    assert not header_section_over(b"A: x\r\n" * 20 + b"B" * 1200 + b" no colon\r\n", 130)
+
+
 def test_a_header_section_of_exactly_the_limit_is_not_over_it():
     assert not header_section_over(b"A: 1\r\n", 6)  # all header
     assert not header_section_over(b"A: 1\r\nbody\r\n", 6)  # then the body

@@ -699,6 +699,67 @@ def test_housekeepings_syncs_do_not_hold_the_queue(qdir, monkeypatch):
     store.close()
 
 
+def test_a_second_flush_waits_for_the_sync_under_way(qdir, monkeypatch):
+    # a review: the second returned at once, before the first's sync was
+    # done (the stop path's flush could not see that sync fail)
+    store = QueueStore.open(qdir)
+    (mid,) = store.append_batch(batch(1))
+    store.done(mid)
+    entered, let_go = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def held(fd: int) -> None:
+        entered.set()
+        let_go.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(q.os, "fdatasync", held)
+    first = threading.Thread(target=store.flush)
+    first.start()
+    assert entered.wait(5)
+    second_done = threading.Event()
+    threading.Thread(target=lambda: (store.flush(), second_done.set()), daemon=True).start()
+    assert not second_done.wait(0.5)
+    let_go.set()
+    first.join(10)
+    assert second_done.wait(5)
+    store.close()
+
+
+def test_a_store_closed_during_compaction_writes_no_journal(qdir, monkeypatch):
+    monkeypatch.setattr(q, "SEGMENT_MAX", 4000)
+    monkeypatch.setattr(q, "JOURNAL_COMPACT_MIN", 1)
+    store = QueueStore.open(qdir)
+    ids: list[str] = []
+    for _ in range(3):
+        ids += store.append_batch(batch(3, size=600))
+    first = store.get(ids[0]).segment
+    for m in ids:
+        if store.get(m).segment == first:
+            store.done(m)
+    store.flush()
+    entered, let_go = threading.Event(), threading.Event()
+    real = q._fsync_dir
+
+    def held(path: Path) -> None:
+        entered.set()
+        let_go.wait(10)
+        real(path)
+
+    monkeypatch.setattr(q, "_fsync_dir", held)
+    result: list[Any] = []
+    housekeeping = threading.Thread(target=lambda: result.append(store.compact()))
+    housekeeping.start()
+    assert entered.wait(5)
+    journals = sorted(qdir.glob("journal-*.log"))
+    store.close()  # SIGTERM while the housekeeping thread syncs
+    let_go.set()
+    housekeeping.join(10)
+    assert result == [([first], False)]
+    assert store._journal_fd is None
+    assert sorted(qdir.glob("journal-*.log")) == journals
+
+
 def test_compaction_spares_a_live_writers_segment(qdir):
     store = QueueStore.open(qdir)
     other = SegmentWriter(qdir, "w1")

@@ -862,6 +862,9 @@ class QueueStore:
         #: inside one_sync(): synced lines wait for its one fdatasync
         self._sync_later = False
         self._mutex = threading.RLock()
+        #: one flush at a time: a second waits for the first's sync, which
+        #: runs without the mutex, instead of returning before it is done
+        self._flushing = threading.Lock()
 
     # -- opening -------------------------------------------------------
 
@@ -1335,22 +1338,23 @@ class QueueStore:
         of the reactor thread (a delivery's ``done``, a new message's
         index entry) would wait on the mutex as long.
         """
-        with self._mutex:
-            if self.journal_behind is not None and self._journal_fd is not None:
-                self._catch_up()
-                return
-            if not self._journal_dirty or self._journal_fd is None:
-                return
-            fd = os.dup(self._journal_fd)
-            self._journal_dirty = False  # lines written from here on set it again
-        try:
-            os.fdatasync(fd)
-        except OSError:
+        with self._flushing:
             with self._mutex:
-                self._journal_dirty = True
-            raise
-        finally:
-            os.close(fd)
+                if self.journal_behind is not None and self._journal_fd is not None:
+                    self._catch_up()
+                    return
+                if not self._journal_dirty or self._journal_fd is None:
+                    return
+                fd = os.dup(self._journal_fd)
+                self._journal_dirty = False  # lines written from here on set it again
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                with self._mutex:
+                    self._journal_dirty = True
+                raise
+            finally:
+                os.close(fd)
 
     # -- appending and tailing ----------------------------------------
 
@@ -1662,6 +1666,8 @@ class QueueStore:
             self._catch_up_at = 0.0  # space freed: a lagging journal may fit now
             gone = set(removed)
             self._done = {m: s for m, s in self._done.items() if s not in gone}
+        if self._lock_fd is None:
+            return False  # closed during the directory's sync: no journal to write
         live = len(self._done) + sum(
             1
             for e in self._index.values()

@@ -189,7 +189,8 @@ def header_section_over(message: bytes | bytearray, limit: int) -> bool:
     """
     True when the header section of *message* (its lines up to the first
     that is not a header line, :data:`HEADER_END`) is longer than *limit*
-    octets.  Reads the first *limit* + 1 octets, and at most a line more.
+    octets.  Reads the first *limit* + 1 octets, and the rest of the line
+    they end in.
     """
     if len(message) <= limit:
         return False
@@ -200,8 +201,10 @@ def header_section_over(message: bytes | bytearray, limit: int) -> bool:
     if message.find(b"\n", cut, limit + 1) >= 0:
         return False  # a whole line that is no header line: the end
     # The bound cut that line short, and it only looked like no header
-    # line: it is one if its name and colon come within a line's length.
-    return HEADER_LINE.match(message, cut, cut + 1000) is not None
+    # line: read whole (one scan to its end), it may be one, with a long
+    # name; then the header section goes on past the limit.
+    line_end = message.find(b"\n", cut)
+    return HEADER_LINE.match(message, cut, len(message) if line_end < 0 else line_end) is not None
 
 
 def protocol_type(esmtp: bool, tls: bool, authenticated: bool, utf8: bool) -> str:
