@@ -651,12 +651,8 @@ def test_compaction(qdir, monkeypatch):
     store.close()
 
 
-def test_housekeepings_syncs_do_not_hold_the_queue(qdir, monkeypatch):
-    # Under a burst of 24 MB messages the disk took seconds to sync even the
-    # small journal (its file system journal commits wait for the data
-    # before them), and the housekeeping thread held the store's mutex
-    # meanwhile: the reactor's next call (a delivery's done, a new message's
-    # index entry) waited as long.  Each sync here waits until it is let go.
+def with_a_dead_segment(qdir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, str, list[str]]:
+    """A store of 3 small segments whose first has only delivered messages."""
     monkeypatch.setattr(q, "SEGMENT_MAX", 4000)
     store = QueueStore.open(qdir)
     ids: list[str] = []
@@ -665,8 +661,17 @@ def test_housekeepings_syncs_do_not_hold_the_queue(qdir, monkeypatch):
     first = store.get(ids[0]).segment
     for m in ids:
         if store.get(m).segment == first:
-            store.done(m)  # journal lines to sync, and a dead segment
-    rest = [m for m in ids if m in store]
+            store.done(m)
+    return store, first, [m for m in ids if m in store]
+
+
+def test_housekeepings_syncs_do_not_hold_the_queue(qdir, monkeypatch):
+    # Under a burst of 24 MB messages the disk took seconds to sync even the
+    # small journal (its file system journal commits wait for the data
+    # before them), and the housekeeping thread held the store's mutex
+    # meanwhile: the reactor's next call (a delivery's done, a new message's
+    # index entry) waited as long.  Each sync here waits until it is let go.
+    store, first, rest = with_a_dead_segment(qdir, monkeypatch)  # journal lines to sync too
     entered: queue_module.Queue[str] = queue_module.Queue()
     let_go: queue_module.Queue[None] = queue_module.Queue()
 
@@ -699,61 +704,52 @@ def test_housekeepings_syncs_do_not_hold_the_queue(qdir, monkeypatch):
     store.close()
 
 
+class HeldSync:
+    """A sync (of a descriptor or a directory) that waits until the test lets it go."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.entered, self.let_go = threading.Event(), threading.Event()
+
+    def __call__(self, target: Any) -> None:
+        self.entered.set()
+        self.let_go.wait(10)
+        self.real(target)
+
+
 def test_a_second_flush_waits_for_the_sync_under_way(qdir, monkeypatch):
     # a review: the second returned at once, before the first's sync was
     # done (the stop path's flush could not see that sync fail)
     store = QueueStore.open(qdir)
     (mid,) = store.append_batch(batch(1))
     store.done(mid)
-    entered, let_go = threading.Event(), threading.Event()
-    real = os.fdatasync
-
-    def held(fd: int) -> None:
-        entered.set()
-        let_go.wait(10)
-        real(fd)
-
+    held = HeldSync(os.fdatasync)
     monkeypatch.setattr(q.os, "fdatasync", held)
     first = threading.Thread(target=store.flush)
     first.start()
-    assert entered.wait(5)
+    assert held.entered.wait(5)
     second_done = threading.Event()
     threading.Thread(target=lambda: (store.flush(), second_done.set()), daemon=True).start()
     assert not second_done.wait(0.5)
-    let_go.set()
+    held.let_go.set()
     first.join(10)
     assert second_done.wait(5)
     store.close()
 
 
 def test_a_store_closed_during_compaction_writes_no_journal(qdir, monkeypatch):
-    monkeypatch.setattr(q, "SEGMENT_MAX", 4000)
     monkeypatch.setattr(q, "JOURNAL_COMPACT_MIN", 1)
-    store = QueueStore.open(qdir)
-    ids: list[str] = []
-    for _ in range(3):
-        ids += store.append_batch(batch(3, size=600))
-    first = store.get(ids[0]).segment
-    for m in ids:
-        if store.get(m).segment == first:
-            store.done(m)
+    store, first, _ = with_a_dead_segment(qdir, monkeypatch)
     store.flush()
-    entered, let_go = threading.Event(), threading.Event()
-    real = q._fsync_dir
-
-    def held(path: Path) -> None:
-        entered.set()
-        let_go.wait(10)
-        real(path)
-
+    held = HeldSync(q._fsync_dir)
     monkeypatch.setattr(q, "_fsync_dir", held)
     result: list[Any] = []
     housekeeping = threading.Thread(target=lambda: result.append(store.compact()))
     housekeeping.start()
-    assert entered.wait(5)
+    assert held.entered.wait(5)
     journals = sorted(qdir.glob("journal-*.log"))
     store.close()  # SIGTERM while the housekeeping thread syncs
-    let_go.set()
+    held.let_go.set()
     housekeeping.join(10)
     assert result == [([first], False)]
     assert store._journal_fd is None
