@@ -85,13 +85,6 @@ def crlf_body(body: bytes) -> bytes:
     return data
 
 
-def _stuff(data: bytes) -> bytes:
-    # *data* is CRLF-only and ends with CRLF (or is empty).
-    if data.startswith(b"."):
-        data = b"." + data
-    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
-
-
 #: a message at least this long is made ready to send in a thread, a
 #: piece of about this many octets at a time, and written a piece per
 #: reactor turn: on the reactor, a 24 MB message's line ends, dot-stuffing
@@ -103,11 +96,12 @@ def wire_pieces(body: bytes, piece: int = PIECE) -> tuple[int, list[bytes]]:
     """
     What :func:`crlf_body` and :func:`dot_stuff` make of *body*, made a
     piece at a time: the length of ``crlf_body(body)`` (the SIZE to
-    declare) and ``dot_stuff(body)`` as a list of pieces.  Each piece of
-    *body* ends before a CRLF (or at its end), so none parts a CR from its
-    LF, and the next starts with that CRLF, so a dot after it is stuffed
-    in the same piece.  No call on the whole message: run in a thread, it
-    lets the reactor have the interpreter between pieces.
+    declare) and ``dot_stuff(body)`` as a list of pieces, the terminator
+    ending the last (a body under *piece* octets is one piece).  Each
+    piece of *body* ends before a CRLF (or at its end), so none parts a CR
+    from its LF, and the next starts with that CRLF, so a dot after it is
+    stuffed in the same piece.  No call on the whole message: run in a
+    thread, it lets the reactor have the interpreter between pieces.
     """
     out: list[bytes] = []
     length = start = 0
@@ -121,10 +115,12 @@ def wire_pieces(body: bytes, piece: int = PIECE) -> tuple[int, list[bytes]]:
         length += len(chunk)
         out.append(chunk.replace(b"\r\n.", b"\r\n.."))
         start = end
-    if out and not out[-1].endswith(b"\r\n"):
+    if not out:
+        return 0, [b".\r\n"]  # the CRLF before it ended the DATA command
+    if not out[-1].endswith(b"\r\n"):
         out[-1] += b"\r\n"
         length += 2
-    out.append(b".\r\n")
+    out[-1] += b".\r\n"
     return length, out
 
 
@@ -137,7 +133,7 @@ def dot_stuff(body: bytes) -> bytes:
     with CRLF "." CRLF, except for an empty body, which is just "." CRLF
     (the CRLF before it is the one that ended the DATA command).
     """
-    return _stuff(crlf_body(body))
+    return b"".join(wire_pieces(body)[1])
 
 
 class ReplyError(ValueError):
@@ -1340,8 +1336,7 @@ class UpstreamSession:
             )
         eightbit = bool(message.eightbit) or not body.isascii()
         if len(body) < PIECE:
-            data = crlf_body(body)
-            length, wire = len(data), [_stuff(data)]
+            length, wire = wire_pieces(body)  # one piece: no thread round trip
         else:
             length, wire = await threads.deferToThread(wire_pieces, body)
         size = max(int(message.size or 0), length)
