@@ -694,9 +694,7 @@ def parse(
                 'ssl: is not supported: use tcp: with tls = "implicit" '
                 "(the certificate and key come from [tls])",
             )
-        port_problem = _port_problem(address)
-        if port_problem is not None:
-            raise ConfigError(source, where, f"{_show(listener.endpoint)}: {port_problem}")
+        _check_port(source, where, listener.endpoint, address)
         if address is not None:
             for j, other in bound.items():
                 if _same_socket(address, other):
@@ -794,11 +792,7 @@ def parse(
 
     metrics = MetricsConfig(**_section(source, "metrics", data.get("metrics", {})))
     if metrics.endpoint is not None:
-        port_problem = _port_problem(_bind_address(metrics.endpoint))
-        if port_problem is not None:
-            raise ConfigError(
-                source, "[metrics] endpoint", f"{_show(metrics.endpoint)}: {port_problem}"
-            )
+        _check_port(source, "[metrics] endpoint", metrics.endpoint, _bind_address(metrics.endpoint))
     relay = _relay(source, data["relay"]) if "relay" in data else None
     sender_binding = None
     if "sender_binding" in data:
@@ -1022,22 +1016,26 @@ def _bind_address(endpoint: str) -> tuple[str, str, str] | None:
     return "ssl" if kind == "ssl" else family, where, interface
 
 
-def _port_problem(address: tuple[str, str, str] | None) -> str | None:
+def _check_port(
+    source: Path, where: str, endpoint: str, address: tuple[str, str, str] | None
+) -> None:
     """
-    What is wrong with the port of a ``tcp:``, ``tcp6:`` or ``ssl:``
-    endpoint (:func:`_bind_address`), or None: Twisted's own error for
+    A ``tcp:``, ``tcp6:`` or ``ssl:`` *endpoint* (its :func:`_bind_address`)
+    whose port is wrong is one line naming *where*: Twisted's own error for
     ``tcp:notaport`` is ``invalid literal for int() with base 10``.
     """
     if address is None or address[0] == "unix":
-        return None
+        return
     port = address[1]
+    problem = None
     if not port:
-        return "no port (tcp:587, say)"
-    if not (port.isascii() and port.isdigit()):
-        return f"the port {_show(port)} is not a number"
-    if int(port) > 65535:
-        return f"the port {port} is out of range (0 to 65535)"
-    return None
+        problem = "no port (tcp:587, say)"
+    elif not (port.isascii() and port.isdigit()):
+        problem = f"the port {_show(port)} is not a number"
+    elif int(port) > 65535:
+        problem = f"the port {port} is out of range (0 to 65535)"
+    if problem is not None:
+        raise ConfigError(source, where, f"{_show(endpoint)}: {problem}")
 
 
 def _same_socket(a: tuple[str, str, str], b: tuple[str, str, str]) -> bool:
